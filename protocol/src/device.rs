@@ -1,0 +1,255 @@
+//! Bodies of the device API: enrollment, check-in, status reports and telemetry.
+//!
+//! Every type here is a [`Message`](crate::Message) with its own frame cap. Signed documents
+//! travel inside these messages as opaque byte strings and are verified by [`crate::trust`], never
+//! trusted because of the message that carried them.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::keys::{PublicKey, Sha256};
+use crate::name::Label;
+use crate::trust::{message, AgentVersion, Arch, DType, ManifestRef, Slot};
+use crate::{Message, MessageKind};
+
+/// A device's id, assigned by the hub at enrollment.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DeviceId(pub [u8; 16]);
+
+impl DeviceId {
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(text: &str) -> Option<DeviceId> {
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(text, &mut out).ok()?;
+        Some(DeviceId(out))
+    }
+}
+
+impl fmt::Debug for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "device:{}", self.to_hex())
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Sent once, with an enrollment token, to become a device of the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub token: String,
+    /// The device's own key; every later request is signed with its private half.
+    pub public_key: PublicKey,
+    pub arch: Arch,
+    pub agent_version: AgentVersion,
+    /// Labels the device reports about itself; the token's labels are added to them.
+    pub labels: Vec<Label>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub device_id: DeviceId,
+    /// The labels the hub recorded: the device's own and the token's.
+    pub labels: Vec<Label>,
+    pub hub_time: u64,
+}
+
+/// The model a device is running, by the manifest it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningModel {
+    pub name: String,
+    pub version: u64,
+    pub manifest_sha256: Sha256,
+}
+
+/// What the agent is doing, as far as the hub needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AgentState {
+    /// Serving its active model, or idle with none yet.
+    Steady,
+    Downloading,
+    /// Running the validation set on a candidate.
+    Probation,
+    /// Could not apply what the hub asked for; see the last status report.
+    Degraded,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckIn {
+    pub state: AgentState,
+    pub active: Option<RunningModel>,
+    /// Highest root version the device trusts, so the hub sends only newer roots.
+    pub root_version: u64,
+    /// Highest plan sequence the device has accepted.
+    pub plan_sequence: Option<u64>,
+    pub agent_version: AgentVersion,
+    /// Telemetry records dropped under the disk cap since enrollment.
+    pub dropped_records: u64,
+    pub queue_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckInResponse {
+    pub hub_time: u64,
+    /// Signed roots newer than the device's, oldest first.
+    pub roots: Vec<ByteBuf>,
+    /// The signed plan that applies to this device, if any.
+    pub plan: Option<ByteBuf>,
+    /// The signed manifest the device should run now, and which slot of the plan it is.
+    pub manifest: Option<(Slot, ByteBuf)>,
+    /// Seconds until the next check-in the hub would like.
+    pub poll_after_secs: u32,
+}
+
+/// A step of applying a manifest, reported to the hub as it happens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    Downloaded,
+    Activating,
+    /// The model passed probation and serves requests.
+    Committed,
+    Failed {
+        reason: String,
+    },
+    RolledBack {
+        reason: String,
+    },
+    /// The chain of trust or a compatibility check refused the document or artifact.
+    Refused {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub plan_sequence: Option<u64>,
+    pub manifest: Option<ManifestRef>,
+    pub status: Status,
+    /// Device time of the event, Unix seconds.
+    pub at: u64,
+}
+
+/// Upper bounds, in microseconds, of the latency histogram buckets; a last bucket counts the rest.
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Inference counters for one model version over one window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InferenceWindow {
+    pub model: String,
+    pub version: u64,
+    pub start: u64,
+    pub end: u64,
+    pub count: u64,
+    pub errors: u64,
+    /// One count per [`LATENCY_BUCKETS_US`] bucket plus the overflow bucket.
+    pub latency_buckets: Vec<u64>,
+}
+
+/// A batch of telemetry. `(device, sequence)` is its idempotency key: the hub stores a resent batch
+/// once and acknowledges it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelemetryBatch {
+    pub sequence: u64,
+    pub windows: Vec<InferenceWindow>,
+    /// Records dropped under the disk cap since the previous batch.
+    pub dropped_records: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelemetryAck {
+    pub sequence: u64,
+    /// The hub had already stored this batch.
+    pub duplicate: bool,
+}
+
+/// The body of every non-2xx device API response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    pub status: u16,
+    pub message: String,
+}
+
+/// A dense tensor, little-endian, row-major.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    /// Checks that `data` holds exactly the elements `shape` calls for.
+    pub fn check(&self) -> Result<(), String> {
+        let elements = self
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, dim| acc.checked_mul(*dim))
+            .ok_or_else(|| format!("tensor {:?}: shape {:?} overflows", self.name, self.shape))?;
+        let expected = elements.checked_mul(self.dtype.size() as u64);
+        if expected != Some(self.data.len() as u64) {
+            return Err(format!(
+                "tensor {:?}: shape {:?} of {} needs {} bytes, has {}",
+                self.name,
+                self.shape,
+                self.dtype.as_str(),
+                expected.map_or("too many".to_owned(), |n| n.to_string()),
+                self.data.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One golden case: inputs and the outputs the model must produce for them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidationCase {
+    pub inputs: Vec<Tensor>,
+    pub outputs: Vec<Tensor>,
+}
+
+/// The validation-set artifact. Its hash is signed in the manifest, so its tolerances are too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidationSet {
+    /// An output passes when `|got - want| <= abs_tolerance + rel_tolerance * |want|`.
+    pub abs_tolerance: f64,
+    pub rel_tolerance: f64,
+    pub cases: Vec<ValidationCase>,
+}
+
+message!(EnrollRequest, EnrollRequest, "enroll request", 8 * 1024);
+message!(EnrollResponse, EnrollResponse, "enroll response", 8 * 1024);
+message!(CheckIn, CheckIn, "check-in", 4 * 1024);
+message!(
+    CheckInResponse,
+    CheckInResponse,
+    "check-in response",
+    512 * 1024
+);
+message!(StatusReport, StatusReport, "status report", 8 * 1024);
+message!(
+    TelemetryBatch,
+    TelemetryBatch,
+    "telemetry batch",
+    1024 * 1024
+);
+message!(TelemetryAck, TelemetryAck, "telemetry ack", 64);
+message!(ErrorResponse, ErrorResponse, "error response", 8 * 1024);
+message!(
+    ValidationSet,
+    ValidationSet,
+    "validation set",
+    64 * 1024 * 1024
+);

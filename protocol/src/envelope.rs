@@ -1,0 +1,222 @@
+//! Framing for every message between device and hub.
+//!
+//! A frame is a four-byte header — magic `b"OP"`, protocol version, message kind — followed by the
+//! postcard encoding of exactly one message, with nothing after it. Each message type declares the
+//! largest frame it may arrive in; [`decode`] refuses a longer frame before it reads a single field,
+//! so a peer can never make us decode (or allocate for) more than that cap.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// The two bytes every frame starts with.
+pub const MAGIC: [u8; 2] = *b"OP";
+/// The protocol version this build speaks. A frame of another version is refused, not guessed at.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Bytes of header before the postcard body.
+pub const HEADER_LEN: usize = 4;
+
+/// The type tag in a frame's header. Signing covers the header too, so a signature over one kind of
+/// document can never be replayed as another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MessageKind {
+    SignedRoot = 1,
+    SignedManifest = 2,
+    SignedPlan = 3,
+    RootBody = 4,
+    ManifestBody = 5,
+    PlanBody = 6,
+    ValidationSet = 7,
+    EnrollRequest = 10,
+    EnrollResponse = 11,
+    CheckIn = 12,
+    CheckInResponse = 13,
+    StatusReport = 14,
+    TelemetryBatch = 15,
+    TelemetryAck = 16,
+    ErrorResponse = 17,
+}
+
+impl MessageKind {
+    const ALL: [MessageKind; 15] = [
+        MessageKind::SignedRoot,
+        MessageKind::SignedManifest,
+        MessageKind::SignedPlan,
+        MessageKind::RootBody,
+        MessageKind::ManifestBody,
+        MessageKind::PlanBody,
+        MessageKind::ValidationSet,
+        MessageKind::EnrollRequest,
+        MessageKind::EnrollResponse,
+        MessageKind::CheckIn,
+        MessageKind::CheckInResponse,
+        MessageKind::StatusReport,
+        MessageKind::TelemetryBatch,
+        MessageKind::TelemetryAck,
+        MessageKind::ErrorResponse,
+    ];
+
+    pub fn from_byte(byte: u8) -> Option<MessageKind> {
+        Self::ALL.into_iter().find(|kind| *kind as u8 == byte)
+    }
+}
+
+/// A type that travels in a frame.
+pub trait Message: Serialize + DeserializeOwned {
+    const KIND: MessageKind;
+    /// Human name used in errors, e.g. `"check-in"`.
+    const NAME: &'static str;
+    /// Largest frame, header included, that [`decode`] accepts for this type.
+    const MAX_FRAME: usize;
+}
+
+/// Why a frame could not be decoded. Always paired with the message name in [`DecodeError`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeReason {
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    Oversized { len: usize, max: usize },
+    #[error("frame of {len} bytes is shorter than the {HEADER_LEN}-byte header")]
+    TruncatedHeader { len: usize },
+    #[error("bad magic bytes {found:02x?}")]
+    BadMagic { found: [u8; 2] },
+    #[error("protocol version {found} is not supported (this build speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion { found: u8 },
+    #[error("frame holds a {found} message")]
+    WrongKind { found: String },
+    #[error("body ends early")]
+    Truncated,
+    #[error("body is malformed: {0}")]
+    Malformed(postcard::Error),
+    #[error("{count} unexpected bytes after the body")]
+    TrailingBytes { count: usize },
+}
+
+/// A frame that could not be decoded as the message it was expected to be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot decode {message}: {reason}")]
+pub struct DecodeError {
+    pub message: &'static str,
+    #[source]
+    pub reason: DecodeReason,
+}
+
+/// A message that cannot be framed: it would exceed its own type's cap, so the peer would refuse it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("{message} encodes to {len} bytes, over its {max}-byte limit")]
+    TooLarge {
+        message: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("cannot encode {message}: {source}")]
+    Serialize {
+        message: &'static str,
+        #[source]
+        source: postcard::Error,
+    },
+}
+
+/// Frames `message`. Refuses to produce a frame the receiving side would reject as oversized.
+pub fn encode<M: Message>(message: &M) -> Result<Vec<u8>, EncodeError> {
+    let header = vec![MAGIC[0], MAGIC[1], PROTOCOL_VERSION, M::KIND as u8];
+    let frame = postcard::to_extend(message, header).map_err(|source| EncodeError::Serialize {
+        message: M::NAME,
+        source,
+    })?;
+    if frame.len() > M::MAX_FRAME {
+        return Err(EncodeError::TooLarge {
+            message: M::NAME,
+            len: frame.len(),
+            max: M::MAX_FRAME,
+        });
+    }
+    Ok(frame)
+}
+
+/// Decodes one frame holding exactly one `M`. The length cap is checked first, then the header,
+/// then the body; trailing bytes are an error rather than silently ignored.
+pub fn decode<M: Message>(frame: &[u8]) -> Result<M, DecodeError> {
+    let fail = |reason| DecodeError {
+        message: M::NAME,
+        reason,
+    };
+    if frame.len() > M::MAX_FRAME {
+        return Err(fail(DecodeReason::Oversized {
+            len: frame.len(),
+            max: M::MAX_FRAME,
+        }));
+    }
+    let Some((header, body)) = frame.split_first_chunk::<HEADER_LEN>() else {
+        return Err(fail(DecodeReason::TruncatedHeader { len: frame.len() }));
+    };
+    let [m0, m1, version, kind] = *header;
+    if [m0, m1] != MAGIC {
+        return Err(fail(DecodeReason::BadMagic { found: [m0, m1] }));
+    }
+    if version != PROTOCOL_VERSION {
+        return Err(fail(DecodeReason::UnsupportedVersion { found: version }));
+    }
+    if kind != M::KIND as u8 {
+        let found = match MessageKind::from_byte(kind) {
+            Some(other) => format!("{other:?}"),
+            None => format!("unknown kind {kind}"),
+        };
+        return Err(fail(DecodeReason::WrongKind { found }));
+    }
+    let mut deserializer = postcard::Deserializer::from_flavor(NoPreallocation(body));
+    let decoded = M::deserialize(&mut deserializer)
+        .and_then(|message| Ok((message, deserializer.finalize()?)));
+    match decoded {
+        Ok((message, [])) => Ok(message),
+        Ok((_, rest)) => Err(fail(DecodeReason::TrailingBytes { count: rest.len() })),
+        Err(postcard::Error::DeserializeUnexpectedEnd) => Err(fail(DecodeReason::Truncated)),
+        Err(other) => Err(fail(DecodeReason::Malformed(other))),
+    }
+}
+
+/// postcard input over a byte slice that never offers a size hint. postcard passes a sequence's
+/// length, read off the wire, to serde as a capacity hint whenever the bytes left could hold it;
+/// reporting zero bytes left makes it withhold the hint, so every `Vec` starts empty and grows only
+/// with elements that actually decode.
+struct NoPreallocation<'de>(&'de [u8]);
+
+impl<'de> postcard::de_flavors::Flavor<'de> for NoPreallocation<'de> {
+    type Remainder = &'de [u8];
+    type Source = &'de [u8];
+
+    fn pop(&mut self) -> postcard::Result<u8> {
+        let (first, rest) = self
+            .0
+            .split_first()
+            .ok_or(postcard::Error::DeserializeUnexpectedEnd)?;
+        self.0 = rest;
+        Ok(*first)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(0)
+    }
+
+    fn try_take_n(&mut self, count: usize) -> postcard::Result<&'de [u8]> {
+        if count > self.0.len() {
+            return Err(postcard::Error::DeserializeUnexpectedEnd);
+        }
+        let (taken, rest) = self.0.split_at(count);
+        self.0 = rest;
+        Ok(taken)
+    }
+
+    fn finalize(self) -> postcard::Result<&'de [u8]> {
+        Ok(self.0)
+    }
+}
+
+/// Reads the kind from a frame's header without decoding the body, for routing and for errors.
+pub fn peek_kind(frame: &[u8]) -> Option<MessageKind> {
+    match frame {
+        [m0, m1, PROTOCOL_VERSION, kind, ..] if [*m0, *m1] == MAGIC => {
+            MessageKind::from_byte(*kind)
+        }
+        _ => None,
+    }
+}
