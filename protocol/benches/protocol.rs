@@ -1,1 +1,65 @@
-fn main(){}
+//! How much a device and the hub pay per message: signature verification of manifests and plans,
+//! and framing of the messages exchanged on every check-in and telemetry upload.
+//!
+//! The numbers feed `docs/BENCHMARKS.md`. They are most useful as ratios within one run, because
+//! the machines that run them are shared and noisy.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use outpost_protocol::device::{CheckIn, CheckInResponse, TelemetryBatch};
+use outpost_protocol::{decode, encode, Message};
+
+// The same realistic messages the round-trip and robustness suites use, so the benchmarks measure
+// the shapes the tests pin.
+#[path = "../tests/samples/mod.rs"]
+mod samples;
+
+use samples::*;
+
+/// Signature checking dominates verification, so it is measured with one signer and with a
+/// quorum of three out of five keys.
+fn verification(c: &mut Criterion) {
+    let floor = floor();
+    for (n_keys, threshold) in [(1, 1), (5, 3)] {
+        let root = verified_root(n_keys, threshold);
+        let manifest = manifest_frame(7, n_keys, threshold);
+        c.bench_function(&format!("verify_manifest/{threshold}-of-{n_keys}"), |b| {
+            b.iter(|| {
+                root.verify_manifest(black_box(&manifest), &floor, Some(6))
+                    .expect("sample manifest verifies")
+            })
+        });
+        let plan = plan_frame(n_keys, threshold);
+        c.bench_function(&format!("verify_plan/{threshold}-of-{n_keys}"), |b| {
+            b.iter(|| {
+                root.verify_plan(black_box(&plan), &floor, Some(41))
+                    .expect("sample plan verifies")
+            })
+        });
+    }
+}
+
+/// Benchmarks encoding and decoding one message as `label`.
+fn framing<M: Message + PartialEq + std::fmt::Debug>(c: &mut Criterion, label: &str, message: &M) {
+    let frame = encode(message).expect("sample encodes");
+    c.bench_function(&format!("encode/{label}"), |b| {
+        b.iter(|| encode(black_box(message)).expect("sample encodes"))
+    });
+    c.bench_function(&format!("decode/{label}"), |b| {
+        b.iter(|| decode::<M>(black_box(&frame)).expect("sample decodes"))
+    });
+}
+
+fn envelope(c: &mut Criterion) {
+    framing::<CheckIn>(c, "check_in", &check_in());
+    // The response a device gets when a rollout reaches it: a signed plan and manifest (5 keys,
+    // 3 signatures each), no root rotation.
+    let mut response = check_in_response();
+    response.roots.clear();
+    framing::<CheckInResponse>(c, "check_in_response_plan_manifest", &response);
+    framing::<TelemetryBatch>(c, "telemetry_batch_100", &telemetry_batch(100));
+}
+
+criterion_group!(benches, verification, envelope);
+criterion_main!(benches);

@@ -1,0 +1,195 @@
+//! Every message type survives encode → decode unchanged, and re-encodes to the same bytes.
+//!
+//! Signatures cover exact bytes, so a type whose encoding drifted between encode and decode (a
+//! skipped field, a lossy conversion) would silently break verification in the field. These tests
+//! pin that each wire type is a faithful, canonical round trip, and that [`encode`] refuses to
+//! produce a frame the peer would reject as oversized.
+
+mod samples;
+
+use std::fmt::Debug;
+
+use outpost_protocol::device::{ErrorResponse, TelemetryBatch};
+use outpost_protocol::envelope::{peek_kind, HEADER_LEN};
+use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed};
+use outpost_protocol::{decode, encode, EncodeError, Message};
+
+use samples::*;
+
+/// Encodes `message`, decodes the frame, and checks the value, the header and the re-encoding.
+#[track_caller]
+fn assert_round_trip<M: Message + PartialEq + Debug>(message: &M) {
+    let frame = encode(message).expect("sample message encodes");
+    assert!(
+        frame.len() <= M::MAX_FRAME,
+        "{} frame over its cap",
+        M::NAME
+    );
+    assert!(frame.len() > HEADER_LEN, "{} frame has no body", M::NAME);
+    assert_eq!(peek_kind(&frame), Some(M::KIND));
+    let decoded: M = decode(&frame).expect("own frame decodes");
+    assert_eq!(&decoded, message);
+    assert_eq!(encode(&decoded).expect("decoded message encodes"), frame);
+}
+
+#[test]
+fn signed_root_round_trips() {
+    assert_round_trip(&signed_root(1, 1, 1));
+    assert_round_trip(&signed_root(2, 5, 3));
+    // The payload inside a signed document is itself a frame, and must round-trip too.
+    let signed = signed_root(3, 5, 3);
+    let body: RootBody = signed.decode_unverified().expect("payload decodes");
+    assert_eq!(body, root_body(3, 5, 3));
+}
+
+#[test]
+fn signed_manifest_round_trips() {
+    let keys = release_keys(5);
+    let signed = sign_with(&manifest_body(7), &keys, 3);
+    assert_eq!(signed.signatures.len(), 3);
+    assert_round_trip(&signed);
+    assert_eq!(
+        signed.decode_unverified().expect("payload decodes"),
+        manifest_body(7)
+    );
+}
+
+#[test]
+fn signed_plan_round_trips() {
+    let frame = plan_frame(5, 3);
+    let signed: Signed<PlanBody> = decode(&frame).expect("sample plan decodes");
+    assert_eq!(signed.signatures.len(), 3);
+    assert_round_trip(&signed);
+    let body = signed.decode_unverified().expect("payload decodes");
+    assert_eq!(body.sequence, 42);
+    assert!(body.fallback.is_some());
+}
+
+#[test]
+fn root_body_round_trips() {
+    assert_round_trip(&root_body(1, 1, 1));
+    assert_round_trip(&root_body(9, 5, 3));
+}
+
+#[test]
+fn manifest_body_round_trips() {
+    assert_round_trip::<ManifestBody>(&manifest_body(7));
+}
+
+#[test]
+fn plan_body_round_trips() {
+    let target = manifest_ref(&manifest_frame(7, 1, 1), 7);
+    let fallback = manifest_ref(&manifest_frame(6, 1, 1), 6);
+    assert_round_trip(&plan_body(target.clone(), Some(fallback)));
+    // A first release has no fallback and no drift gate; both options must survive as `None`.
+    let mut first_release = plan_body(target, None);
+    first_release.gates.max_drift_psi = None;
+    assert_round_trip(&first_release);
+}
+
+#[test]
+fn validation_set_round_trips() {
+    let set = validation_set();
+    for case in &set.cases {
+        for tensor in case.inputs.iter().chain(&case.outputs) {
+            tensor.check().expect("sample tensors are consistent");
+        }
+    }
+    assert_round_trip(&set);
+}
+
+#[test]
+fn enroll_request_round_trips() {
+    assert_round_trip(&enroll_request());
+}
+
+#[test]
+fn enroll_response_round_trips() {
+    assert_round_trip(&enroll_response());
+}
+
+#[test]
+fn check_in_round_trips() {
+    assert_round_trip(&check_in());
+    // A freshly enrolled device runs nothing and has accepted no plan yet.
+    let mut fresh = check_in();
+    fresh.active = None;
+    fresh.plan_sequence = None;
+    assert_round_trip(&fresh);
+}
+
+#[test]
+fn check_in_response_round_trips() {
+    let response = check_in_response();
+    assert_eq!(response.roots.len(), 2);
+    assert_round_trip(&response);
+    let mut idle = check_in_response();
+    idle.roots.clear();
+    idle.plan = None;
+    idle.manifest = None;
+    assert_round_trip(&idle);
+}
+
+#[test]
+fn status_report_round_trips_every_status() {
+    let reports = status_reports();
+    assert_eq!(reports.len(), 6, "one sample per Status variant");
+    for report in &reports {
+        assert_round_trip(report);
+    }
+}
+
+#[test]
+fn telemetry_batch_round_trips() {
+    assert_round_trip(&telemetry_batch(100));
+    assert_round_trip(&telemetry_batch(0));
+}
+
+#[test]
+fn telemetry_ack_round_trips() {
+    assert_round_trip(&telemetry_ack());
+}
+
+#[test]
+fn error_response_round_trips() {
+    assert_round_trip(&error_response());
+}
+
+#[test]
+fn encode_refuses_a_message_over_its_cap() {
+    let huge = ErrorResponse {
+        status: 500,
+        message: "x".repeat(ErrorResponse::MAX_FRAME),
+    };
+    match encode(&huge) {
+        Err(EncodeError::TooLarge { message, len, max }) => {
+            assert_eq!(message, "error response");
+            assert_eq!(max, ErrorResponse::MAX_FRAME);
+            assert!(len > max);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    // A batch grown past the 1 MiB telemetry cap is refused rather than sent to be rejected.
+    let Err(EncodeError::TooLarge { message, max, .. }) = encode(&telemetry_batch(20_000)) else {
+        panic!("a 20k-window telemetry batch must be too large");
+    };
+    assert_eq!(
+        (message, max),
+        ("telemetry batch", TelemetryBatch::MAX_FRAME)
+    );
+    // Exactly at the cap is still allowed, by encode and decode alike: the limit is inclusive.
+    let overhead = encode(&ErrorResponse {
+        status: 500,
+        message: String::new(),
+    })
+    .expect("empty error encodes")
+    .len();
+    // The length prefix of an 8 KiB string takes two varint bytes, one more than an empty one.
+    let fitting = ErrorResponse {
+        status: 500,
+        message: "x".repeat(ErrorResponse::MAX_FRAME - overhead - 1),
+    };
+    let frame = encode(&fitting).expect("a message exactly at the cap encodes");
+    assert_eq!(frame.len(), ErrorResponse::MAX_FRAME);
+    assert_eq!(decode::<ErrorResponse>(&frame), Ok(fitting));
+}

@@ -1,0 +1,340 @@
+//! Realistic, fully-populated values of every wire message, shared by the round-trip and
+//! robustness suites and by the benchmarks, so all of them exercise the shapes a real fleet sends
+//! rather than empty defaults that would hide length-prefix and option handling.
+//!
+//! Keys come from fixed seeds so every run builds byte-identical documents.
+
+// Each test binary and the benchmark include this module and use a different subset of it.
+#![allow(dead_code)]
+
+use outpost_protocol::device::{
+    AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse, ErrorResponse,
+    InferenceWindow, RunningModel, Status, StatusReport, TelemetryAck, TelemetryBatch, Tensor,
+    ValidationCase, ValidationSet, LATENCY_BUCKETS_US,
+};
+use outpost_protocol::trust::{
+    Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody, ManifestRef,
+    PlanBody, RootBody, Signed, Slot, TensorSpec,
+};
+use outpost_protocol::{
+    encode, sha256, AgentVersion, Arch, Label, SecretKey, TimeFloor, VerifiedRoot,
+};
+
+/// 2026-01-01T00:00:00Z: the "now" every document is built around.
+pub const NOW: u64 = 1_767_225_600;
+pub const DAY: u64 = 86_400;
+
+/// The `index`-th release key of the fleet.
+pub fn release_key(index: u8) -> SecretKey {
+    SecretKey::from_seed([0x40 + index; 32])
+}
+
+/// The first `n_keys` release keys.
+pub fn release_keys(n_keys: u8) -> Vec<SecretKey> {
+    (0..n_keys).map(release_key).collect()
+}
+
+pub fn device_key() -> SecretKey {
+    SecretKey::from_seed([0xd0; 32])
+}
+
+/// A clock that agrees with the documents: everything here is fresh at this floor.
+pub fn floor() -> TimeFloor {
+    TimeFloor {
+        wall_clock: NOW,
+        newest_signed: NOW - DAY,
+        hub_time: NOW + 5,
+    }
+}
+
+pub fn agent_version() -> AgentVersion {
+    AgentVersion {
+        major: 0,
+        minor: 4,
+        patch: 2,
+    }
+}
+
+pub fn labels() -> Vec<Label> {
+    ["site=berlin", "hw=pi4", "line=3"]
+        .into_iter()
+        .map(|text| Label::parse(text).expect("sample labels are valid"))
+        .collect()
+}
+
+pub fn root_body(version: u64, n_keys: u8, threshold: u32) -> RootBody {
+    RootBody {
+        version,
+        created: NOW - 30 * DAY,
+        expires: NOW + 365 * DAY,
+        threshold,
+        keys: release_keys(n_keys).iter().map(SecretKey::public).collect(),
+    }
+}
+
+/// Signs `body` with the first `n_signers` of `keys`.
+pub fn sign_with<B: outpost_protocol::trust::SignedBody>(
+    body: &B,
+    keys: &[SecretKey],
+    n_signers: usize,
+) -> Signed<B> {
+    let mut signed = Signed::new(body).expect("sample bodies fit their frames");
+    for key in &keys[..n_signers] {
+        signed.sign(key);
+    }
+    signed
+}
+
+/// A root of `n_keys` release keys with a `threshold`, signed by exactly `threshold` of them.
+pub fn signed_root(version: u64, n_keys: u8, threshold: u32) -> Signed<RootBody> {
+    sign_with(
+        &root_body(version, n_keys, threshold),
+        &release_keys(n_keys),
+        threshold as usize,
+    )
+}
+
+pub fn verified_root(n_keys: u8, threshold: u32) -> VerifiedRoot {
+    let frame = encode(&signed_root(1, n_keys, threshold)).expect("sample root fits its frame");
+    VerifiedRoot::verify_initial(&frame, &floor()).expect("sample root verifies")
+}
+
+pub fn manifest_body(version: u64) -> ManifestBody {
+    let spec = |name: &str, shape: Vec<Dim>| TensorSpec {
+        name: name.to_owned(),
+        dtype: DType::F32,
+        shape,
+    };
+    ManifestBody {
+        name: "keyword-spotter".to_owned(),
+        version,
+        created: NOW - DAY,
+        expires: NOW + 180 * DAY,
+        artifacts: vec![
+            Artifact {
+                role: ArtifactRole::Model,
+                sha256: sha256(b"keyword-spotter.onnx"),
+                length: 4_812_345,
+            },
+            Artifact {
+                role: ArtifactRole::Profile,
+                sha256: sha256(b"keyword-spotter.profile"),
+                length: 18_204,
+            },
+            Artifact {
+                role: ArtifactRole::Validation,
+                sha256: sha256(b"keyword-spotter.validation"),
+                length: 31_590,
+            },
+        ],
+        inputs: vec![spec(
+            "mel",
+            vec![Dim::Batch, Dim::Fixed(40), Dim::Fixed(98)],
+        )],
+        outputs: vec![spec("logits", vec![Dim::Batch, Dim::Fixed(12)])],
+        archs: vec![Arch::Aarch64, Arch::Armv7, Arch::X86_64],
+        min_agent_version: AgentVersion {
+            major: 0,
+            minor: 4,
+            patch: 0,
+        },
+    }
+}
+
+/// A manifest signed by the first `threshold` of `n_keys` release keys, as a complete frame.
+pub fn manifest_frame(version: u64, n_keys: u8, threshold: u32) -> Vec<u8> {
+    let signed = sign_with(
+        &manifest_body(version),
+        &release_keys(n_keys),
+        threshold as usize,
+    );
+    encode(&signed).expect("sample manifest fits its frame")
+}
+
+pub fn manifest_ref(frame: &[u8], version: u64) -> ManifestRef {
+    ManifestRef {
+        name: "keyword-spotter".to_owned(),
+        version,
+        manifest_sha256: sha256(frame),
+    }
+}
+
+/// A staged rollout from version 6 to version 7 of the sample model.
+pub fn plan_body(target: ManifestRef, fallback: Option<ManifestRef>) -> PlanBody {
+    PlanBody {
+        sequence: 42,
+        created: NOW - DAY,
+        expires: NOW + 30 * DAY,
+        target,
+        fallback,
+        stages: vec![1, 10, 50, 100],
+        selector: labels()[..2].to_vec(),
+        gates: GatePolicy {
+            bake_secs: 3_600,
+            device_timeout_secs: 900,
+            max_failure_pct: 2.0,
+            max_error_rate: 0.01,
+            max_p95_regression_pct: 15.0,
+            max_drift_psi: Some(0.2),
+            on_breach: BreachAction::Rollback,
+            auto_advance: true,
+        },
+    }
+}
+
+/// A plan over `manifest_frame(7, ..)` with `manifest_frame(6, ..)` as fallback, as a frame.
+pub fn plan_frame(n_keys: u8, threshold: u32) -> Vec<u8> {
+    let target = manifest_ref(&manifest_frame(7, n_keys, threshold), 7);
+    let fallback = manifest_ref(&manifest_frame(6, n_keys, threshold), 6);
+    let signed = sign_with(
+        &plan_body(target, Some(fallback)),
+        &release_keys(n_keys),
+        threshold as usize,
+    );
+    encode(&signed).expect("sample plan fits its frame")
+}
+
+/// Little-endian `f32`s, as a tensor's data holds them.
+fn f32_bytes(count: usize, scale: f32) -> Vec<u8> {
+    (0..count)
+        .flat_map(|i| ((i % 97) as f32 * scale).to_le_bytes())
+        .collect()
+}
+
+/// Two golden cases for the sample model: a 40x98 mel spectrogram in, 12 logits out.
+pub fn validation_set() -> ValidationSet {
+    let case = |scale: f32| ValidationCase {
+        inputs: vec![Tensor {
+            name: "mel".to_owned(),
+            dtype: DType::F32,
+            shape: vec![1, 40, 98],
+            data: f32_bytes(40 * 98, scale),
+        }],
+        outputs: vec![Tensor {
+            name: "logits".to_owned(),
+            dtype: DType::F32,
+            shape: vec![1, 12],
+            data: f32_bytes(12, -scale),
+        }],
+    };
+    ValidationSet {
+        abs_tolerance: 1e-4,
+        rel_tolerance: 1e-3,
+        cases: vec![case(0.25), case(-1.5)],
+    }
+}
+
+pub fn enroll_request() -> EnrollRequest {
+    EnrollRequest {
+        token: "enr_7f3a9c2e51d84b06a1e0c4f2d9b86e13".to_owned(),
+        public_key: device_key().public(),
+        arch: Arch::Aarch64,
+        agent_version: agent_version(),
+        labels: labels(),
+    }
+}
+
+pub fn device_id() -> DeviceId {
+    DeviceId::from_hex("5c1e0a7b93d24f68a0b1c2d3e4f50617").expect("sample device id is hex")
+}
+
+pub fn enroll_response() -> EnrollResponse {
+    EnrollResponse {
+        device_id: device_id(),
+        labels: labels(),
+        hub_time: NOW,
+    }
+}
+
+pub fn check_in() -> CheckIn {
+    CheckIn {
+        state: AgentState::Steady,
+        active: Some(RunningModel {
+            name: "keyword-spotter".to_owned(),
+            version: 6,
+            manifest_sha256: sha256(&manifest_frame(6, 1, 1)),
+        }),
+        root_version: 1,
+        plan_sequence: Some(41),
+        agent_version: agent_version(),
+        dropped_records: 12,
+        queue_bytes: 48_213,
+    }
+}
+
+/// A response that rotates the device's root twice and hands it a plan and its target manifest.
+pub fn check_in_response() -> CheckInResponse {
+    let root_frame =
+        |version| encode(&signed_root(version, 5, 3)).expect("sample root fits its frame");
+    CheckInResponse {
+        hub_time: NOW + 5,
+        roots: vec![root_frame(2).into(), root_frame(3).into()],
+        plan: Some(plan_frame(5, 3).into()),
+        manifest: Some((Slot::Target, manifest_frame(7, 5, 3).into())),
+        poll_after_secs: 60,
+    }
+}
+
+/// One status report per [`Status`] variant, so every variant's encoding is exercised.
+pub fn status_reports() -> Vec<StatusReport> {
+    let manifest = manifest_ref(&manifest_frame(7, 1, 1), 7);
+    [
+        Status::Downloaded,
+        Status::Activating,
+        Status::Committed,
+        Status::Failed {
+            reason: "model artifact hashes to 9f2c…, the manifest signs 41ab…".to_owned(),
+        },
+        Status::RolledBack {
+            reason: "validation case 2: output logits[3] off by 0.031".to_owned(),
+        },
+        Status::Refused {
+            reason: "model needs agent 0.5.0 or newer, this agent is 0.4.2".to_owned(),
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(offset, status)| StatusReport {
+        plan_sequence: Some(42),
+        manifest: Some(manifest.clone()),
+        status,
+        at: NOW + offset as u64 * 30,
+    })
+    .collect()
+}
+
+/// A batch of `n_windows` one-minute inference windows, alternating two model versions.
+pub fn telemetry_batch(n_windows: u64) -> TelemetryBatch {
+    let windows = (0..n_windows)
+        .map(|index| InferenceWindow {
+            model: "keyword-spotter".to_owned(),
+            version: 6 + index % 2,
+            start: NOW + index * 60,
+            end: NOW + (index + 1) * 60,
+            count: 3_000 + index * 7,
+            errors: index % 3,
+            latency_buckets: (0..=LATENCY_BUCKETS_US.len() as u64)
+                .map(|bucket| (bucket * 37 + index) % 500)
+                .collect(),
+        })
+        .collect();
+    TelemetryBatch {
+        sequence: 1_234,
+        windows,
+        dropped_records: 17,
+    }
+}
+
+pub fn telemetry_ack() -> TelemetryAck {
+    TelemetryAck {
+        sequence: 1_234,
+        duplicate: true,
+    }
+}
+
+pub fn error_response() -> ErrorResponse {
+    ErrorResponse {
+        status: 409,
+        message: "plan sequence 40 is below sequence 41 already seen".to_owned(),
+    }
+}
