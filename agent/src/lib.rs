@@ -1,1 +1,24 @@
+//! The Outpost agent: what runs on every device.
+//!
+//! - [`cli`]: the agent's commands.
+//! - [`check`]: the device-side decision on signed documents — the same code path the service
+//!   uses, exposed offline so an operator can ask "would this device accept these files?".
 
+pub mod check;
+pub mod cli;
+
+/// This agent's version, as compared against a manifest's `min_agent_version`.
+pub fn agent_version() -> outpost_protocol::AgentVersion {
+    outpost_protocol::AgentVersion {
+        major: env!("CARGO_PKG_VERSION_MAJOR").parse().unwrap_or(0),
+        minor: env!("CARGO_PKG_VERSION_MINOR").parse().unwrap_or(0),
+        patch: env!("CARGO_PKG_VERSION_PATCH").parse().unwrap_or(0),
+    }
+}
+
+/// Unix seconds now, by the device's clock.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}

@@ -1,1 +1,101 @@
+//! Helpers for end-to-end tests that drive the real `outpost-hub` and `outpost-agent` binaries.
+//!
+//! The binaries belong to other packages, so Cargo does not hand their paths to this crate's
+//! tests. [`bin`] builds them once per test process with the same cargo and profile, then runs
+//! them from the shared target directory.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// Path to a workspace binary (`outpost-hub`, `outpost-agent`), built on first use.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--bins",
+                "-p",
+                "outpost-hub",
+                "-p",
+                "outpost-agent",
+            ])
+            .current_dir(workspace_root())
+            .status()
+            .expect("running cargo build for the binaries under test");
+        assert!(
+            status.success(),
+            "building outpost-hub and outpost-agent failed"
+        );
+        // Test executables live in target/<profile>/deps; the binaries one level up.
+        let exe = std::env::current_exe().expect("locating the test executable");
+        exe.parent()
+            .and_then(Path::parent)
+            .expect("test executable is inside target/<profile>/deps")
+            .to_path_buf()
+    });
+    dir.join(name)
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate sits in the workspace root")
+        .to_path_buf()
+}
+
+/// A finished command, with its output as text for assertions.
+#[derive(Debug)]
+pub struct Run {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(output: Output) -> Run {
+        Run {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Panics with both streams unless the command succeeded.
+    pub fn ok(self) -> Run {
+        assert!(
+            self.success,
+            "command failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Panics unless the command failed with `needle` in its error output.
+    pub fn fails_with(self, needle: &str) -> Run {
+        assert!(
+            !self.success,
+            "command succeeded, expected failure\nstdout:\n{}",
+            self.stdout
+        );
+        assert!(
+            self.stderr.contains(needle),
+            "stderr does not mention {needle:?}:\n{}",
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Runs a workspace binary with `args` in `dir`.
+pub fn run(name: &str, dir: &Path, args: &[&str]) -> Run {
+    let output = Command::new(bin(name))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap_or_else(|error| panic!("running {name}: {error}"));
+    Run::from_output(output)
+}

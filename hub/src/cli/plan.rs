@@ -1,0 +1,146 @@
+//! `outpost-hub plan`: sign rollout plans.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Subcommand, ValueEnum};
+use outpost_protocol::trust::{
+    BreachAction, GatePolicy, ManifestBody, ManifestRef, PlanBody, Signed,
+};
+use outpost_protocol::{sha256, Label};
+
+use super::{parse_duration, read_frame, sign_to_file, SigningKeys};
+use crate::unix_now;
+
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// Write a signed rollout plan naming a target and an optional fallback manifest.
+    Sign(SignArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnBreach {
+    Pause,
+    Rollback,
+}
+
+/// Gate limits, signed into the plan so that a hub cannot loosen them.
+#[derive(Debug, clap::Args)]
+pub struct GateArgs {
+    /// Cumulative stage percentages.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
+    pub stages: Vec<u8>,
+    /// Only devices with all of these labels take part (k=v,...).
+    #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+    pub selector: Vec<Label>,
+    /// How long each stage must hold its gates before it advances.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub bake: Duration,
+    /// A device silent for this long counts as failed.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    pub device_timeout: Duration,
+    #[arg(long, default_value_t = 5.0)]
+    pub max_failure_pct: f64,
+    /// Largest fraction of inferences that may error.
+    #[arg(long, default_value_t = 0.05)]
+    pub max_error_rate: f64,
+    /// Largest p95 latency increase over devices on the fallback, in percent.
+    #[arg(long, default_value_t = 50.0)]
+    pub max_p95_regression_pct: f64,
+    /// Largest drift (PSI) any feature may show on the target.
+    #[arg(long)]
+    pub max_drift_psi: Option<f64>,
+    #[arg(long, value_enum, default_value = "pause")]
+    pub on_breach: OnBreach,
+    /// Wait for `rollout advance` instead of advancing once a stage has baked.
+    #[arg(long)]
+    pub manual_advance: bool,
+}
+
+impl GateArgs {
+    pub fn policy(&self) -> GatePolicy {
+        GatePolicy {
+            bake_secs: self.bake.as_secs(),
+            device_timeout_secs: self.device_timeout.as_secs(),
+            max_failure_pct: self.max_failure_pct,
+            max_error_rate: self.max_error_rate,
+            max_p95_regression_pct: self.max_p95_regression_pct,
+            max_drift_psi: self.max_drift_psi,
+            on_breach: match self.on_breach {
+                OnBreach::Pause => BreachAction::Pause,
+                OnBreach::Rollback => BreachAction::Rollback,
+            },
+            auto_advance: !self.manual_advance,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SignArgs {
+    /// Plan sequence; must be higher than every plan signed before.
+    #[arg(long)]
+    pub sequence: u64,
+    /// The signed manifest to roll out.
+    #[arg(long)]
+    pub target: PathBuf,
+    /// The signed manifest devices return to on rollback.
+    #[arg(long)]
+    pub fallback: Option<PathBuf>,
+    #[command(flatten)]
+    pub gates: GateArgs,
+    /// How long the plan stays valid.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub expires: Duration,
+    #[command(flatten)]
+    pub signing: SigningKeys,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl PlanCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            PlanCommand::Sign(args) => {
+                let keys = args.signing.load()?;
+                let target = manifest_ref(&args.target)?;
+                let fallback = args
+                    .fallback
+                    .as_ref()
+                    .map(|path| manifest_ref(path))
+                    .transpose()?;
+                let created = unix_now();
+                let body = PlanBody {
+                    sequence: args.sequence,
+                    created,
+                    expires: created + args.expires.as_secs(),
+                    target,
+                    fallback,
+                    stages: args.gates.stages.clone(),
+                    selector: args.gates.selector.clone(),
+                    gates: args.gates.policy(),
+                };
+                sign_to_file(&body, &keys, &args.out)?;
+                println!("wrote plan {} to {}", body.sequence, args.out.display());
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Refers to a signed manifest file by the hash of its exact bytes.
+pub fn manifest_ref(path: &Path) -> anyhow::Result<ManifestRef> {
+    let (bytes, signed) = read_frame::<Signed<ManifestBody>>(path)?;
+    let body = signed
+        .decode_unverified()
+        .with_context(|| format!("reading manifest in {}", path.display()))?;
+    Ok(ManifestRef {
+        name: body.name,
+        version: body.version,
+        manifest_sha256: sha256(&bytes),
+    })
+}
+
+pub fn parse_label(text: &str) -> Result<Label, String> {
+    Label::parse(text).map_err(|error| format!("label {text:?}: {error} (expected key=value)"))
+}

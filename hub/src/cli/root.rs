@@ -1,0 +1,132 @@
+//! `outpost-hub root`: create the trust root and rotate it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use outpost_protocol::trust::{RootBody, Signed};
+use outpost_protocol::{PublicKey, VerifiedRoot, VerifyError};
+
+use super::{parse_duration, read_frame, sign_to_file, SigningKeys};
+use crate::{keyfile, unix_now};
+
+#[derive(Debug, Subcommand)]
+pub enum RootCommand {
+    /// Create root version 1, listing the given keys and signed by those with private halves here.
+    Init(InitArgs),
+    /// Create the next root version: signed by a threshold of the current keys and of the new ones.
+    Rotate(RotateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeySet {
+    /// Public key (or private key) files of keys the new root lists but that do not sign here.
+    #[arg(long = "public-key", value_delimiter = ',')]
+    pub public_keys: Vec<PathBuf>,
+    /// Signature threshold of the new root.
+    #[arg(long)]
+    pub threshold: u32,
+    /// How long the new root stays valid.
+    #[arg(long, default_value = "365d", value_parser = parse_duration)]
+    pub expires: Duration,
+    /// Where to write the signed root.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub signing: SigningKeys,
+    #[command(flatten)]
+    pub keys: KeySet,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RotateArgs {
+    /// The currently trusted signed root.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Private keys of the current root that sign the rotation.
+    #[arg(long = "old-key", value_delimiter = ',', required = true)]
+    pub old_keys: Vec<PathBuf>,
+    /// Private keys listed by, and signing, the new root.
+    #[command(flatten)]
+    pub signing: SigningKeys,
+    #[command(flatten)]
+    pub keys: KeySet,
+}
+
+impl RootCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            RootCommand::Init(args) => {
+                let signers = args.signing.load()?;
+                let body = new_body(1, &signers, &args.keys)?;
+                let bytes = sign_to_file(&body, &signers, &args.keys.out)?;
+                report_threshold(VerifiedRoot::load_trusted(&bytes), &args.keys.out);
+                Ok(())
+            }
+            RootCommand::Rotate(args) => {
+                let (current_bytes, _) = read_frame::<Signed<RootBody>>(&args.root)?;
+                let current = VerifiedRoot::load_trusted(&current_bytes)
+                    .with_context(|| format!("verifying current root {}", args.root.display()))?;
+                let new_signers = args.signing.load()?;
+                let body = new_body(current.version() + 1, &new_signers, &args.keys)?;
+                let mut signers = keyfile::load_all_private(&args.old_keys)?;
+                signers.extend(new_signers);
+                let bytes = sign_to_file(&body, &signers, &args.keys.out)?;
+                report_threshold(current.verify_rotation(&bytes), &args.keys.out);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn new_body(
+    version: u64,
+    signers: &[outpost_protocol::SecretKey],
+    set: &KeySet,
+) -> anyhow::Result<RootBody> {
+    let mut keys: Vec<PublicKey> = signers.iter().map(|key| key.public()).collect();
+    for path in &set.public_keys {
+        let key = keyfile::load_public(path)?;
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    if set.threshold == 0 || set.threshold as usize > keys.len() {
+        bail!(
+            "--threshold {} must be between 1 and the {} key(s) listed",
+            set.threshold,
+            keys.len()
+        );
+    }
+    let created = unix_now();
+    Ok(RootBody {
+        version,
+        created,
+        expires: created + set.expires.as_secs(),
+        threshold: set.threshold,
+        keys,
+    })
+}
+
+/// Says whether the document just written is complete, or which signatures it still needs.
+fn report_threshold(outcome: Result<VerifiedRoot, VerifyError>, out: &std::path::Path) {
+    match outcome {
+        Ok(root) => println!(
+            "wrote root version {} ({}-of-{}) to {}",
+            root.version(),
+            root.body().threshold,
+            root.body().keys.len(),
+            out.display()
+        ),
+        Err(error) => println!(
+            "wrote {} but it is not yet valid: {error}\nadd signatures with `outpost-hub sign --in {} --key KEY`",
+            out.display(),
+            out.display()
+        ),
+    }
+}
