@@ -3,9 +3,15 @@
 //! - [`cli`]: the agent's commands.
 //! - [`check`]: the device-side decision on signed documents — the same code path the service
 //!   uses, exposed offline so an operator can ask "would this device accept these files?".
+//! - [`inference`]: loading, running and validating an ONNX model with tract — the one inference
+//!   path, shared by probation, the local inference API and the hub's publish gate.
+//! - [`example_model`]: small deterministic ONNX models built in Rust, for tests, the quickstart
+//!   and benchmarks.
 
 pub mod check;
 pub mod cli;
+pub mod example_model;
+pub mod inference;
 
 /// This agent's version, as compared against a manifest's `min_agent_version`.
 pub fn agent_version() -> outpost_protocol::AgentVersion {

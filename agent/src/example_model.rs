@@ -1,0 +1,301 @@
+//! Small, deterministic ONNX models built in Rust, for tests, the quickstart and benchmarks.
+//!
+//! Outpost needs real ONNX bytes to exercise signing, publishing, probation and inference, and a
+//! checked-in binary or a Python exporter would hide what the model is. These builders write the
+//! ONNX protobuf directly with tract's generated types, with weights from a seeded PRNG: the same
+//! arguments always give the same bytes. Two seeds give two models with the same specs and
+//! different outputs, which is how tests get a "bad" model version that fails validation.
+
+use outpost_protocol::device::{Tensor, ValidationCase, ValidationSet};
+use outpost_protocol::trust::{DType, Dim, TensorSpec};
+use prost::Message as _;
+use tract_onnx::pb::attribute_proto::AttributeType;
+use tract_onnx::pb::tensor_proto::DataType;
+use tract_onnx::pb::tensor_shape_proto::{dimension, Dimension};
+use tract_onnx::pb::{
+    type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
+};
+
+use crate::inference::{InferenceError, LoadedModel};
+
+/// The ONNX operator set the builders target.
+const OPSET: i64 = 13;
+/// ONNX IR version 7 is the one that goes with opset 13.
+const IR_VERSION: i64 = 7;
+
+/// A two-layer perceptron classifier: `x` `[N, n_inputs]` f32 → Gemm → Relu → Gemm → Softmax →
+/// `y` `[N, n_outputs]` f32, each row of `y` a probability distribution.
+pub fn mlp(n_inputs: usize, hidden: usize, n_outputs: usize, seed: u64) -> Vec<u8> {
+    let mut rng = SplitMix64(seed);
+    let initializers = vec![
+        f32_initializer("w1", &[n_inputs, hidden], &mut rng),
+        f32_initializer("b1", &[hidden], &mut rng),
+        f32_initializer("w2", &[hidden, n_outputs], &mut rng),
+        f32_initializer("b2", &[n_outputs], &mut rng),
+    ];
+    let nodes = vec![
+        node("Gemm", &["x", "w1", "b1"], "hidden", vec![]),
+        node("Relu", &["hidden"], "activated", vec![]),
+        node("Gemm", &["activated", "w2", "b2"], "logits", vec![]),
+        node("Softmax", &["logits"], "y", vec![int_attribute("axis", -1)]),
+    ];
+    let (inputs, outputs) = mlp_specs(n_inputs, n_outputs);
+    encode("mlp", nodes, initializers, &inputs, &outputs)
+}
+
+/// The specs [`mlp`] declares.
+pub fn mlp_specs(n_inputs: usize, n_outputs: usize) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
+    (
+        vec![TensorSpec {
+            name: "x".to_owned(),
+            dtype: DType::F32,
+            shape: vec![Dim::Batch, Dim::Fixed(n_inputs as u64)],
+        }],
+        vec![TensorSpec {
+            name: "y".to_owned(),
+            dtype: DType::F32,
+            shape: vec![Dim::Batch, Dim::Fixed(n_outputs as u64)],
+        }],
+    )
+}
+
+/// A model that touches every [`DType`]: inputs `pixels` `[N, width]` u8 and `offset` `[N, 1]`
+/// i64; outputs `scaled` f32 (`pixels / 255`), `shifted` i64 (`pixels + offset`), `wide` f64 and
+/// `narrow` i32 (`pixels` cast).
+pub fn byte_casts(width: usize) -> Vec<u8> {
+    let scale = TensorProto {
+        name: "scale".to_owned(),
+        dims: vec![],
+        data_type: DataType::Float as i32,
+        raw_data: 255f32.to_le_bytes().to_vec(),
+        ..TensorProto::default()
+    };
+    let cast = |input: &str, output: &str, to: DataType| {
+        node(
+            "Cast",
+            &[input],
+            output,
+            vec![int_attribute("to", to as i64)],
+        )
+    };
+    let nodes = vec![
+        cast("pixels", "pixels_f32", DataType::Float),
+        node("Div", &["pixels_f32", "scale"], "scaled", vec![]),
+        cast("pixels", "pixels_i64", DataType::Int64),
+        node("Add", &["pixels_i64", "offset"], "shifted", vec![]),
+        cast("pixels", "wide", DataType::Double),
+        cast("pixels", "narrow", DataType::Int32),
+    ];
+    let (inputs, outputs) = byte_casts_specs(width);
+    encode("byte_casts", nodes, vec![scale], &inputs, &outputs)
+}
+
+/// The specs [`byte_casts`] declares.
+pub fn byte_casts_specs(width: usize) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
+    let spec = |name: &str, dtype, last: u64| TensorSpec {
+        name: name.to_owned(),
+        dtype,
+        shape: vec![Dim::Batch, Dim::Fixed(last)],
+    };
+    let width = width as u64;
+    (
+        vec![
+            spec("pixels", DType::U8, width),
+            spec("offset", DType::I64, 1),
+        ],
+        vec![
+            spec("scaled", DType::F32, width),
+            spec("shifted", DType::I64, width),
+            spec("wide", DType::F64, width),
+            spec("narrow", DType::I32, width),
+        ],
+    )
+}
+
+/// Deterministic request tensors for `specs`, with every batch axis of size `batch`.
+///
+/// Floats are uniform in [-1, 1), integers in [0, 10), bytes over their whole range. Integer
+/// inputs that a model uses as indices may need other values; these models have none.
+pub fn example_inputs(specs: &[TensorSpec], batch: u64, seed: u64) -> Vec<Tensor> {
+    let mut rng = SplitMix64(seed);
+    specs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<u64> = spec
+                .shape
+                .iter()
+                .map(|dim| match dim {
+                    Dim::Fixed(size) => *size,
+                    Dim::Batch => batch,
+                })
+                .collect();
+            let elements = shape.iter().product::<u64>();
+            let mut data = Vec::with_capacity(elements as usize * spec.dtype.size());
+            for _ in 0..elements {
+                match spec.dtype {
+                    DType::F32 => data.extend_from_slice(&(rng.unit() as f32).to_le_bytes()),
+                    DType::F64 => data.extend_from_slice(&rng.unit().to_le_bytes()),
+                    DType::I32 => {
+                        data.extend_from_slice(&((rng.next_u64() % 10) as i32).to_le_bytes())
+                    }
+                    DType::I64 => {
+                        data.extend_from_slice(&((rng.next_u64() % 10) as i64).to_le_bytes())
+                    }
+                    DType::U8 => data.push(rng.next_u64() as u8),
+                }
+            }
+            Tensor {
+                name: spec.name.clone(),
+                dtype: spec.dtype,
+                shape,
+                data,
+            }
+        })
+        .collect()
+}
+
+/// A validation set whose expected outputs are what `onnx` computes on [`example_inputs`].
+///
+/// Case `i` has batch size `1 + i % 4`, so a set also exercises the batch axis. The set only pins
+/// the model's current behaviour: it is the golden output of this model, not ground truth.
+pub fn validation_set_for(
+    onnx: &[u8],
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+    n_cases: usize,
+    seed: u64,
+    abs_tolerance: f64,
+    rel_tolerance: f64,
+) -> Result<ValidationSet, InferenceError> {
+    let model = LoadedModel::load(onnx, inputs, outputs, 1)?;
+    let mut seeds = SplitMix64(seed);
+    let cases = (0..n_cases)
+        .map(|case_ix| {
+            let batch = 1 + (case_ix % 4) as u64;
+            let inputs = example_inputs(inputs, batch, seeds.next_u64());
+            let outputs = model.run(&inputs)?;
+            Ok(ValidationCase { inputs, outputs })
+        })
+        .collect::<Result<_, InferenceError>>()?;
+    Ok(ValidationSet {
+        abs_tolerance,
+        rel_tolerance,
+        cases,
+    })
+}
+
+fn encode(
+    name: &str,
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+) -> Vec<u8> {
+    let model = ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        producer_name: "outpost-example".to_owned(),
+        producer_version: env!("CARGO_PKG_VERSION").to_owned(),
+        graph: Some(GraphProto {
+            name: name.to_owned(),
+            node: nodes,
+            initializer: initializers,
+            input: inputs.iter().map(value_info).collect(),
+            output: outputs.iter().map(value_info).collect(),
+            ..GraphProto::default()
+        }),
+        ..ModelProto::default()
+    };
+    model.encode_to_vec()
+}
+
+fn node(op_type: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        name: output.to_owned(),
+        op_type: op_type.to_owned(),
+        input: inputs.iter().map(|&input| input.to_owned()).collect(),
+        output: vec![output.to_owned()],
+        attribute,
+        ..NodeProto::default()
+    }
+}
+
+fn int_attribute(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.to_owned(),
+        r#type: AttributeType::Int as i32,
+        i: value,
+        ..AttributeProto::default()
+    }
+}
+
+/// Weights uniform in ±1/√fan-in, the usual scale that keeps activations near 1.
+fn f32_initializer(name: &str, dims: &[usize], rng: &mut SplitMix64) -> TensorProto {
+    let fan_in = dims.first().copied().unwrap_or(1).max(1);
+    let scale = 1.0 / (fan_in as f64).sqrt();
+    let count: usize = dims.iter().product();
+    let raw_data = (0..count)
+        .flat_map(|_| ((rng.unit() * scale) as f32).to_le_bytes())
+        .collect();
+    TensorProto {
+        name: name.to_owned(),
+        dims: dims.iter().map(|&dim| dim as i64).collect(),
+        data_type: DataType::Float as i32,
+        raw_data,
+        ..TensorProto::default()
+    }
+}
+
+fn value_info(spec: &TensorSpec) -> ValueInfoProto {
+    let elem_type = match spec.dtype {
+        DType::F32 => DataType::Float,
+        DType::F64 => DataType::Double,
+        DType::I32 => DataType::Int32,
+        DType::I64 => DataType::Int64,
+        DType::U8 => DataType::Uint8,
+    };
+    let dim = spec
+        .shape
+        .iter()
+        .map(|dim| Dimension {
+            value: Some(match dim {
+                Dim::Fixed(size) => dimension::Value::DimValue(*size as i64),
+                Dim::Batch => dimension::Value::DimParam("N".to_owned()),
+            }),
+            ..Dimension::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: spec.name.clone(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: elem_type as i32,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..TypeProto::default()
+        }),
+        ..ValueInfoProto::default()
+    }
+}
+
+/// splitmix64: tiny, fast, and the same on every platform, which is all example weights need.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1), from the top 53 bits.
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+}

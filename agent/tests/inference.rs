@@ -1,0 +1,649 @@
+//! The inference path through its public API: loading, describing, running, validating, and every
+//! refusal a caller acts on.
+
+use std::time::{Duration, Instant};
+
+use outpost_agent::example_model::{
+    byte_casts, byte_casts_specs, example_inputs, mlp, mlp_specs, validation_set_for,
+};
+use outpost_agent::inference::{
+    validate, InferenceError, LoadedModel, TensorKind, ValidationError,
+};
+use outpost_protocol::device::{Tensor, ValidationSet};
+use outpost_protocol::trust::{DType, Dim, TensorSpec};
+
+const N_INPUTS: usize = 4;
+const HIDDEN: usize = 8;
+const N_OUTPUTS: usize = 3;
+
+fn far_deadline() -> Instant {
+    Instant::now() + Duration::from_secs(60)
+}
+
+fn mlp_model(seed: u64) -> LoadedModel {
+    let (inputs, outputs) = mlp_specs(N_INPUTS, N_OUTPUTS);
+    LoadedModel::load(
+        &mlp(N_INPUTS, HIDDEN, N_OUTPUTS, seed),
+        &inputs,
+        &outputs,
+        1,
+    )
+    .expect("example mlp loads")
+}
+
+fn mlp_set(seed: u64, n_cases: usize, abs_tolerance: f64, rel_tolerance: f64) -> ValidationSet {
+    let (inputs, outputs) = mlp_specs(N_INPUTS, N_OUTPUTS);
+    validation_set_for(
+        &mlp(N_INPUTS, HIDDEN, N_OUTPUTS, seed),
+        &inputs,
+        &outputs,
+        n_cases,
+        99,
+        abs_tolerance,
+        rel_tolerance,
+    )
+    .expect("validation set builds")
+}
+
+fn f32s(tensor: &Tensor) -> Vec<f32> {
+    assert_eq!(tensor.dtype, DType::F32);
+    tensor
+        .data
+        .chunks_exact(4)
+        .map(|bytes| f32::from_le_bytes(bytes.try_into().expect("4 bytes")))
+        .collect()
+}
+
+fn f32_tensor(name: &str, shape: &[u64], values: &[f32]) -> Tensor {
+    Tensor {
+        name: name.to_owned(),
+        dtype: DType::F32,
+        shape: shape.to_vec(),
+        data: values
+            .iter()
+            .flat_map(|value| value.to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Overwrites one f32 element of an expected output.
+fn set_f32(tensor: &mut Tensor, element: usize, value: f32) {
+    tensor.data[element * 4..element * 4 + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+#[test]
+fn mlp_runs_on_a_dynamic_batch_and_softmax_rows_sum_to_one() {
+    let model = mlp_model(1);
+    let (inputs, _) = mlp_specs(N_INPUTS, N_OUTPUTS);
+    for batch in [1u64, 5] {
+        let outputs = model.run(&example_inputs(&inputs, batch, 3)).expect("runs");
+        assert_eq!(outputs.len(), 1);
+        let y = &outputs[0];
+        assert_eq!(y.name, "y");
+        assert_eq!(y.shape, vec![batch, N_OUTPUTS as u64]);
+        let values = f32s(y);
+        for row in values.chunks(N_OUTPUTS) {
+            assert!(row.iter().all(|p| *p > 0.0 && *p < 1.0), "{row:?}");
+            let sum: f32 = row.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "row {row:?} sums to {sum}");
+        }
+        // Rows come from different inputs, so a model ignoring its input would show here.
+        if batch > 1 {
+            assert_ne!(values[..N_OUTPUTS], values[N_OUTPUTS..2 * N_OUTPUTS]);
+        }
+    }
+}
+
+#[test]
+fn batch_rows_match_single_row_runs() {
+    let model = mlp_model(1);
+    let (inputs, _) = mlp_specs(N_INPUTS, N_OUTPUTS);
+    let batch = example_inputs(&inputs, 3, 11);
+    let batched = f32s(&model.run(&batch).expect("runs")[0]);
+    let x = f32s(&batch[0]);
+    for (row, chunk) in x.chunks(N_INPUTS).enumerate() {
+        let single = model
+            .run(&[f32_tensor("x", &[1, N_INPUTS as u64], chunk)])
+            .expect("runs");
+        let got = f32s(&single[0]);
+        let want = &batched[row * N_OUTPUTS..(row + 1) * N_OUTPUTS];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "row {row}: {got:?} vs {want:?}");
+        }
+    }
+}
+
+#[test]
+fn two_threads_give_the_same_outputs_as_one() {
+    let (inputs, outputs) = mlp_specs(N_INPUTS, N_OUTPUTS);
+    let onnx = mlp(N_INPUTS, HIDDEN, N_OUTPUTS, 1);
+    let single = LoadedModel::load(&onnx, &inputs, &outputs, 1).expect("loads");
+    let pooled = LoadedModel::load(&onnx, &inputs, &outputs, 2).expect("loads");
+    assert_eq!(pooled.threads(), 2);
+    let request = example_inputs(&inputs, 4, 5);
+    assert_eq!(
+        single.run(&request).expect("runs"),
+        pooled.run(&request).expect("runs")
+    );
+}
+
+#[test]
+fn validation_set_built_from_the_model_passes() {
+    let model = mlp_model(1);
+    let set = mlp_set(1, 6, 1e-6, 1e-5);
+    let report = validate(&model, &set, far_deadline()).expect("passes");
+    assert_eq!(report.cases, 6);
+    // Batches 1, 2, 3, 4, 1, 2 of three outputs each.
+    assert_eq!(report.elements, (1 + 2 + 3 + 4 + 1 + 2) * N_OUTPUTS as u64);
+    assert!(report.max_abs_difference <= 1e-6);
+}
+
+#[test]
+fn validation_set_fails_on_a_model_with_other_weights() {
+    let set = mlp_set(1, 4, 1e-4, 1e-4);
+    let other = mlp_model(2);
+    let error = validate(&other, &set, far_deadline()).expect_err("other weights fail");
+    let ValidationError::Mismatch {
+        case,
+        output,
+        element,
+        index,
+        got,
+        want,
+        difference,
+        tolerance,
+    } = &error
+    else {
+        panic!("expected a mismatch, got {error:?}");
+    };
+    assert_eq!(*case, 0);
+    assert_eq!(output, "y");
+    let got_values = f32s(&other.run(&set.cases[0].inputs).expect("runs")[0]);
+    let want_values = f32s(&set.cases[0].outputs[0]);
+    assert_eq!(*got, f64::from(got_values[*element]));
+    assert_eq!(*want, f64::from(want_values[*element]));
+    assert_eq!(*difference, (got - want).abs());
+    assert!(*difference > *tolerance);
+    // Case 0 has batch 1, so element `e` is row 0, column `e`.
+    assert_eq!(index, &vec![0, *element as u64]);
+    // Every element before the reported one was within tolerance.
+    for earlier in 0..*element {
+        let (g, w) = (got_values[earlier], want_values[earlier]);
+        assert!(f64::from((g - w).abs()) <= 1e-4 + 1e-4 * f64::from(w.abs()));
+    }
+    let message = error.to_string();
+    assert!(
+        message.starts_with(&format!("case 0, output \"y\", element {element}")),
+        "{message}"
+    );
+}
+
+#[test]
+fn absolute_tolerance_is_respected() {
+    let model = mlp_model(1);
+    let mut set = mlp_set(1, 3, 1e-3, 0.0);
+    let want = f32s(&set.cases[1].outputs[0])[2];
+    set_f32(&mut set.cases[1].outputs[0], 2, want + 5e-4);
+    validate(&model, &set, far_deadline()).expect("within the absolute tolerance");
+
+    set_f32(&mut set.cases[1].outputs[0], 2, want + 2e-3);
+    let error = validate(&model, &set, far_deadline()).expect_err("beyond the tolerance");
+    assert!(
+        matches!(
+            &error,
+            ValidationError::Mismatch { case: 1, element: 2, output, .. } if output == "y"
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn relative_tolerance_is_respected() {
+    let model = mlp_model(1);
+    let mut set = mlp_set(1, 2, 0.0, 1e-2);
+    let want = f32s(&set.cases[0].outputs[0])[1];
+    // The tolerance is relative to the stored (perturbed) value.
+    set_f32(&mut set.cases[0].outputs[0], 1, want * 1.005);
+    validate(&model, &set, far_deadline()).expect("within the relative tolerance");
+
+    set_f32(&mut set.cases[0].outputs[0], 1, want * 1.03);
+    let error = validate(&model, &set, far_deadline()).expect_err("beyond the tolerance");
+    assert!(
+        matches!(
+            error,
+            ValidationError::Mismatch {
+                case: 0,
+                element: 1,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn nan_never_passes() {
+    let model = mlp_model(1);
+    let mut set = mlp_set(1, 1, 1e9, 1e9);
+    set_f32(&mut set.cases[0].outputs[0], 0, f32::NAN);
+    let error = validate(&model, &set, far_deadline()).expect_err("nan fails");
+    assert!(
+        matches!(
+            error,
+            ValidationError::Mismatch {
+                case: 0,
+                element: 0,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn a_deadline_in_the_past_times_out() {
+    let model = mlp_model(1);
+    let set = mlp_set(1, 2, 1e-6, 1e-5);
+    let error = validate(&model, &set, Instant::now()).expect_err("no time to run");
+    assert!(
+        matches!(
+            error,
+            ValidationError::Timeout {
+                completed: 0,
+                total: 2,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn malformed_validation_sets_are_refused() {
+    let model = mlp_model(1);
+    let mut set = mlp_set(1, 2, 1e-6, 1e-5);
+
+    let mut empty = set.clone();
+    empty.cases.clear();
+    let error = validate(&model, &empty, far_deadline()).expect_err("no cases");
+    assert!(matches!(error, ValidationError::NoCases), "{error:?}");
+
+    let mut negative = set.clone();
+    negative.abs_tolerance = -1.0;
+    let error = validate(&model, &negative, far_deadline()).expect_err("negative tolerance");
+    assert!(
+        matches!(error, ValidationError::BadTolerance { .. }),
+        "{error:?}"
+    );
+
+    set.cases[1].outputs[0].name = "z".to_owned();
+    let error = validate(&model, &set, far_deadline()).expect_err("unknown output");
+    assert!(
+        matches!(&error, ValidationError::UnknownOutput { case: 1, output } if output == "z"),
+        "{error:?}"
+    );
+
+    set.cases[1].outputs.clear();
+    let error = validate(&model, &set, far_deadline()).expect_err("missing output");
+    assert!(
+        matches!(&error, ValidationError::MissingOutput { case: 1, output } if output == "y"),
+        "{error:?}"
+    );
+
+    set.cases[0].inputs[0].name = "z".to_owned();
+    let error = validate(&model, &set, far_deadline()).expect_err("bad inputs");
+    assert!(
+        matches!(
+            &error,
+            ValidationError::Inference { case: 0, source: InferenceError::UnknownInput { name } }
+                if name == "z"
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn requests_are_checked_against_the_specs_before_running() {
+    let model = mlp_model(1);
+    let ones = [1.0f32; N_INPUTS];
+    let x = f32_tensor("x", &[1, N_INPUTS as u64], &ones);
+
+    let error = model
+        .run(&[f32_tensor("z", &[1, N_INPUTS as u64], &ones)])
+        .expect_err("unknown name");
+    assert!(
+        matches!(&error, InferenceError::UnknownInput { name } if name == "z"),
+        "{error:?}"
+    );
+
+    let error = model.run(&[]).expect_err("missing input");
+    assert!(
+        matches!(&error, InferenceError::MissingInput { name } if name == "x"),
+        "{error:?}"
+    );
+
+    let error = model.run(&[x.clone(), x.clone()]).expect_err("duplicate");
+    assert!(
+        matches!(&error, InferenceError::DuplicateInput { name } if name == "x"),
+        "{error:?}"
+    );
+
+    let as_f64 = Tensor {
+        dtype: DType::F64,
+        data: ones
+            .iter()
+            .flat_map(|v| f64::from(*v).to_le_bytes())
+            .collect(),
+        ..x.clone()
+    };
+    let error = model.run(&[as_f64]).expect_err("wrong dtype");
+    assert!(
+        matches!(
+            &error,
+            InferenceError::WrongDType { name, expected: DType::F32, got: DType::F64 } if name == "x"
+        ),
+        "{error:?}"
+    );
+
+    let error = model
+        .run(&[f32_tensor("x", &[N_INPUTS as u64], &ones)])
+        .expect_err("wrong rank");
+    assert!(
+        matches!(&error, InferenceError::WrongRank { name, expected: 2, got: 1 } if name == "x"),
+        "{error:?}"
+    );
+
+    let error = model
+        .run(&[f32_tensor("x", &[1, 5], &[1.0; 5])])
+        .expect_err("wrong size");
+    assert!(
+        matches!(
+            &error,
+            InferenceError::WrongDim { name, axis: 1, expected: 4, got: 5 } if name == "x"
+        ),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "input \"x\" has size 5 on axis 1, the model takes 4"
+    );
+
+    let error = model
+        .run(&[f32_tensor("x", &[0, N_INPUTS as u64], &[])])
+        .expect_err("empty batch");
+    assert!(
+        matches!(&error, InferenceError::EmptyBatch { name, axis: 0 } if name == "x"),
+        "{error:?}"
+    );
+
+    let short = Tensor {
+        data: x.data[..x.data.len() - 1].to_vec(),
+        ..x.clone()
+    };
+    let error = model.run(&[short]).expect_err("short data");
+    assert!(
+        matches!(&error, InferenceError::BadData { name, .. } if name == "x"),
+        "{error:?}"
+    );
+
+    model.run(&[x]).expect("the well-formed request still runs");
+}
+
+#[test]
+fn inputs_must_agree_on_the_batch_size() {
+    let (inputs, outputs) = byte_casts_specs(3);
+    let model = LoadedModel::load(&byte_casts(3), &inputs, &outputs, 1).expect("loads");
+    let mut request = example_inputs(&inputs, 2, 1);
+    request[1] = example_inputs(&inputs[1..], 3, 1).remove(0);
+    let error = model.run(&request).expect_err("batch 2 and 3");
+    assert!(
+        matches!(
+            &error,
+            InferenceError::BatchMismatch { name, axis: 0, expected: 2, got: 3 } if name == "offset"
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn every_dtype_goes_in_and_out() {
+    let (inputs, outputs) = byte_casts_specs(3);
+    let model = LoadedModel::load(&byte_casts(3), &inputs, &outputs, 1).expect("loads");
+    let pixels = Tensor {
+        name: "pixels".to_owned(),
+        dtype: DType::U8,
+        shape: vec![2, 3],
+        data: vec![0, 128, 255, 1, 2, 3],
+    };
+    let offset = Tensor {
+        name: "offset".to_owned(),
+        dtype: DType::I64,
+        shape: vec![2, 1],
+        data: [10i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    // Inputs in the opposite order of the specs: matched by name, not position.
+    let got = model.run(&[offset, pixels]).expect("runs");
+    let names: Vec<&str> = got.iter().map(|tensor| tensor.name.as_str()).collect();
+    assert_eq!(names, ["scaled", "shifted", "wide", "narrow"]);
+    assert!(got.iter().all(|tensor| tensor.shape == [2, 3]));
+
+    let scaled = f32s(&got[0]);
+    let want = [
+        0.0,
+        128.0 / 255.0,
+        1.0,
+        1.0 / 255.0,
+        2.0 / 255.0,
+        3.0 / 255.0,
+    ];
+    for (g, w) in scaled.iter().zip(want) {
+        assert!((g - w).abs() < 1e-7, "{scaled:?}");
+    }
+    let shifted: Vec<i64> = got[1]
+        .data
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect();
+    assert_eq!(shifted, [10, 138, 265, 0, 1, 2]);
+    let wide: Vec<f64> = got[2]
+        .data
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect();
+    assert_eq!(wide, [0.0, 128.0, 255.0, 1.0, 2.0, 3.0]);
+    let narrow: Vec<i32> = got[3]
+        .data
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
+    assert_eq!(narrow, [0, 128, 255, 1, 2, 3]);
+    assert_eq!(got[1].dtype, DType::I64);
+    assert_eq!(got[2].dtype, DType::F64);
+    assert_eq!(got[3].dtype, DType::I32);
+
+    let set =
+        validation_set_for(&byte_casts(3), &inputs, &outputs, 3, 4, 0.0, 0.0).expect("builds");
+    validate(&model, &set, far_deadline()).expect("exact integer outputs pass a zero tolerance");
+}
+
+#[test]
+fn describe_reads_the_model_declarations() {
+    let described = LoadedModel::describe(&mlp(N_INPUTS, HIDDEN, N_OUTPUTS, 1)).expect("describes");
+    assert_eq!(described, mlp_specs(N_INPUTS, N_OUTPUTS));
+    assert_eq!(described.0[0].shape[0], Dim::Batch);
+
+    let described = LoadedModel::describe(&byte_casts(5)).expect("describes");
+    assert_eq!(described, byte_casts_specs(5));
+}
+
+#[test]
+fn specs_that_disagree_with_the_model_are_refused_at_load() {
+    let onnx = mlp(N_INPUTS, HIDDEN, N_OUTPUTS, 1);
+    let (inputs, outputs) = mlp_specs(N_INPUTS, N_OUTPUTS);
+
+    let error = LoadedModel::load(&onnx, &inputs, &outputs, 0).expect_err("zero threads");
+    assert!(matches!(error, InferenceError::ZeroThreads), "{error:?}");
+
+    let mut renamed = inputs.clone();
+    renamed[0].name = "z".to_owned();
+    let error = LoadedModel::load(&onnx, &renamed, &outputs, 1).expect_err("unknown input");
+    assert!(
+        matches!(&error, InferenceError::UnknownSpec { kind: TensorKind::Input, name } if name == "z"),
+        "{error:?}"
+    );
+
+    let error = LoadedModel::load(&onnx, &inputs, &[], 1).expect_err("no output spec");
+    assert!(
+        matches!(
+            &error,
+            InferenceError::UnspecifiedTensor { kind: TensorKind::Output, name } if name == "y"
+        ),
+        "{error:?}"
+    );
+
+    let doubled = [outputs.clone(), outputs.clone()].concat();
+    let error = LoadedModel::load(&onnx, &inputs, &doubled, 1).expect_err("duplicate spec");
+    assert!(
+        matches!(
+            &error,
+            InferenceError::DuplicateSpec {
+                kind: TensorKind::Output,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+
+    let mut retyped = inputs.clone();
+    retyped[0].dtype = DType::F64;
+    let error = LoadedModel::load(&onnx, &retyped, &outputs, 1).expect_err("wrong dtype");
+    assert!(
+        matches!(&error, InferenceError::SpecMismatch { kind: TensorKind::Input, name, .. } if name == "x"),
+        "{error:?}"
+    );
+
+    let mut resized = inputs.clone();
+    resized[0].shape[1] = Dim::Fixed(5);
+    let error = LoadedModel::load(&onnx, &resized, &outputs, 1).expect_err("wrong size");
+    assert!(
+        matches!(
+            &error,
+            InferenceError::SpecMismatch {
+                kind: TensorKind::Input,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+
+    let mut wrong_output: Vec<TensorSpec> = outputs.clone();
+    wrong_output[0].shape[1] = Dim::Fixed(7);
+    let error = LoadedModel::load(&onnx, &inputs, &wrong_output, 1).expect_err("output size");
+    assert!(
+        matches!(&error, InferenceError::SpecMismatch { kind: TensorKind::Output, name, .. } if name == "y"),
+        "{error:?}"
+    );
+
+    // A batch axis may be pinned to a fixed size: the model then takes exactly that batch.
+    let mut pinned = inputs.clone();
+    pinned[0].shape[0] = Dim::Fixed(2);
+    let model = LoadedModel::load(&onnx, &pinned, &outputs, 1).expect("a fixed batch loads");
+    let error = model
+        .run(&example_inputs(&inputs, 3, 1))
+        .expect_err("batch 3 on a model pinned to 2");
+    assert!(
+        matches!(
+            error,
+            InferenceError::WrongDim {
+                axis: 0,
+                expected: 2,
+                got: 3,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn garbage_and_truncated_models_are_errors() {
+    let (inputs, outputs) = mlp_specs(N_INPUTS, N_OUTPUTS);
+    let garbage: Vec<u8> = (0..997u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let error = LoadedModel::load(&garbage, &inputs, &outputs, 1).expect_err("garbage");
+    assert!(matches!(error, InferenceError::Decode(_)), "{error:?}");
+    assert!(LoadedModel::describe(&garbage).is_err());
+    assert!(LoadedModel::load(&[], &inputs, &outputs, 1).is_err());
+
+    let onnx = mlp(N_INPUTS, HIDDEN, N_OUTPUTS, 1);
+    for cut in [1, 2, 10, onnx.len() / 3, onnx.len() / 2, onnx.len() - 1] {
+        let result = LoadedModel::load(&onnx[..cut], &inputs, &outputs, 1);
+        assert!(
+            result.is_err(),
+            "truncated at {cut} of {} loaded",
+            onnx.len()
+        );
+        assert!(LoadedModel::describe(&onnx[..cut]).is_err(), "cut {cut}");
+    }
+}
+
+/// A well-formed protobuf whose graph names an output no node produces: tract 0.23.9 indexes a
+/// map with that name and panics, which must come back as an error.
+#[test]
+fn a_graph_that_makes_tract_panic_is_an_error() {
+    use outpost_agent::example_model::mlp as build;
+    use prost::Message as _;
+    use tract_onnx::pb::ModelProto;
+
+    let mut proto = ModelProto::decode(build(N_INPUTS, HIDDEN, N_OUTPUTS, 1).as_slice())
+        .expect("example decodes");
+    let graph = proto.graph.as_mut().expect("has a graph");
+    graph.output[0].name = "nowhere".to_owned();
+    let onnx = proto.encode_to_vec();
+    let (inputs, mut outputs) = mlp_specs(N_INPUTS, N_OUTPUTS);
+    outputs[0].name = "nowhere".to_owned();
+    let error = LoadedModel::load(&onnx, &inputs, &outputs, 1).expect_err("broken graph");
+    assert!(
+        matches!(
+            error,
+            InferenceError::Panicked {
+                stage: "parsing the model",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    let error = LoadedModel::describe(&onnx).expect_err("broken graph");
+    assert!(
+        matches!(error, InferenceError::Panicked { .. }),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn one_loaded_model_serves_concurrent_requests() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<LoadedModel>();
+
+    let model = mlp_model(1);
+    let (inputs, _) = mlp_specs(N_INPUTS, N_OUTPUTS);
+    let requests: Vec<Vec<Tensor>> = (0..4)
+        .map(|seed| example_inputs(&inputs, 2, seed))
+        .collect();
+    let sequential: Vec<Vec<Tensor>> = requests
+        .iter()
+        .map(|request| model.run(request).expect("runs"))
+        .collect();
+    let concurrent: Vec<Vec<Tensor>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|request| scope.spawn(|| model.run(request).expect("runs")))
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("thread finishes"))
+            .collect()
+    });
+    assert_eq!(sequential, concurrent);
+}
