@@ -3,10 +3,19 @@
 //! - [`cli`]: one module per command group, each an `Args` struct with `run()`.
 //! - [`keyfile`]: release-key files on the operator's machine. Private keys never leave it.
 //! - [`fsutil`]: crash-safe file writes.
+//! - [`rollout`]: the rollout engine, pure logic: stages, health gates and decisions.
+//! - [`client`]: the CLI's HTTP client of a hub's admin API.
 
+pub mod api;
+pub mod artifacts;
+pub mod audit;
 pub mod cli;
+pub mod client;
 pub mod fsutil;
 pub mod keyfile;
+pub mod rollout;
+pub mod server;
+pub mod store;
 
 /// Unix seconds now, by this machine's clock.
 pub fn unix_now() -> u64 {

@@ -1,8 +1,11 @@
 //! The `outpost-hub` command line: one module per command group.
 //!
-//! The signing commands (`keys`, `root`, `model sign`, `plan sign`, `sign`) work on local files
-//! only: they load release keys from the operator's disk and write signed documents, and never
-//! talk to a hub.
+//! The signing commands (`keys`, `root init|rotate`, `model sign`, `plan sign`, `sign`) work on
+//! local files only: they load release keys from the operator's disk and write signed documents,
+//! and never talk to a hub. The hub commands (`whoami`, `admin-token`, `token`, `root
+//! upload|list`, `model publish|list|show`, `device`, `rollout`, `audit`) talk to a hub's admin
+//! API through [`crate::client`], connected by [`connection::HubArgs`]; the two that sign
+//! (`model publish`, `rollout create`) still sign here, and only signed bytes leave the machine.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,12 +17,22 @@ use outpost_protocol::{Message, SecretKey};
 
 use crate::fsutil;
 
+pub mod admin_token;
+pub mod audit;
+pub mod connection;
+pub mod device;
+pub mod example;
 pub mod inspect;
 pub mod keys;
 pub mod model;
 pub mod plan;
+pub mod rollout;
 pub mod root;
+pub mod serve;
 pub mod sign;
+pub mod table;
+pub mod token;
+pub mod whoami;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,10 +50,10 @@ pub enum Command {
     /// Generate release keys (offline).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
-    /// Create and rotate the trust root (offline).
+    /// Create and rotate the trust root (offline); upload and list a hub's roots.
     #[command(subcommand)]
     Root(root::RootCommand),
-    /// Sign model manifests (offline).
+    /// Sign model manifests (offline); publish, list and show a hub's models.
     #[command(subcommand)]
     Model(model::ModelCommand),
     /// Sign rollout plans (offline).
@@ -50,6 +63,30 @@ pub enum Command {
     Sign(sign::Args),
     /// Print a signed document or frame in readable form.
     Inspect(inspect::Args),
+    /// Show which hub and admin token the CLI uses, and the token's role.
+    Whoami(whoami::Args),
+    /// Create admin-API tokens.
+    #[command(subcommand)]
+    AdminToken(admin_token::AdminTokenCommand),
+    /// Create and list device enrollment tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// List, inspect, relabel and revoke devices.
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
+    /// Create, watch and steer rollouts.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
+    /// Read and check the hub's audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+    /// Run the hub server.
+    Serve(serve::ServeArgs),
+    /// Write a small example ONNX model and its validation set.
+    ExampleModel(example::Args),
+    /// Commands run on the hub host against its data directory.
+    #[command(subcommand)]
+    Admin(serve::AdminCommand),
 }
 
 impl Command {
@@ -61,6 +98,15 @@ impl Command {
             Command::Plan(command) => command.run(),
             Command::Sign(args) => args.run(),
             Command::Inspect(args) => args.run(),
+            Command::Whoami(args) => args.run(),
+            Command::AdminToken(command) => command.run(),
+            Command::Token(command) => command.run(),
+            Command::Device(command) => command.run(),
+            Command::Rollout(command) => command.run(),
+            Command::Audit(command) => command.run(),
+            Command::Serve(args) => args.run(),
+            Command::ExampleModel(args) => args.run(),
+            Command::Admin(command) => command.run(),
         }
     }
 }
@@ -81,9 +127,28 @@ pub fn print_stdout(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Writes a progress note to stderr, keeping stdout for the command's result (and `--json`).
+/// A stderr that cannot be written loses the note, nothing more.
+pub fn print_stderr(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
 /// Parses `30m`, `15m`, `365d` and the like.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|error| format!("{text:?}: {error}"))
+}
+
+/// Signs `body` with every key and returns the signed document's bytes.
+pub fn sign_document<B: SignedBody>(body: &B, keys: &[SecretKey]) -> anyhow::Result<Vec<u8>>
+where
+    Signed<B>: Message,
+{
+    let mut signed = Signed::new(body).context("encoding document")?;
+    for key in keys {
+        signed.sign(key);
+    }
+    outpost_protocol::encode(&signed).context("encoding signed document")
 }
 
 /// Signs `body` with every key and writes the signed document to `out`.
@@ -95,11 +160,7 @@ pub fn sign_to_file<B: SignedBody>(
 where
     Signed<B>: Message,
 {
-    let mut signed = Signed::new(body).context("encoding document")?;
-    for key in keys {
-        signed.sign(key);
-    }
-    let bytes = outpost_protocol::encode(&signed).context("encoding signed document")?;
+    let bytes = sign_document(body, keys)?;
     fsutil::write_atomic(out, &bytes, 0o644)?;
     Ok(bytes)
 }
@@ -123,5 +184,18 @@ pub struct SigningKeys {
 impl SigningKeys {
     pub fn load(&self) -> anyhow::Result<Vec<SecretKey>> {
         crate::keyfile::load_all_private(&self.keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn every_command_is_well_formed() {
+        // Catches flags that two flattened argument groups both define.
+        Cli::command().debug_assert();
     }
 }

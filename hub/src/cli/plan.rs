@@ -109,22 +109,33 @@ impl PlanCommand {
                     .as_ref()
                     .map(|path| manifest_ref(path))
                     .transpose()?;
-                let created = unix_now();
-                let body = PlanBody {
-                    sequence: args.sequence,
-                    created,
-                    expires: created + args.expires.as_secs(),
-                    target,
-                    fallback,
-                    stages: args.gates.stages.clone(),
-                    selector: args.gates.selector.clone(),
-                    gates: args.gates.policy(),
-                };
+                let body = build_plan(args.sequence, target, fallback, &args.gates, args.expires);
                 sign_to_file(&body, &keys, &args.out)?;
                 println!("wrote plan {} to {}", body.sequence, args.out.display());
                 Ok(())
             }
         }
+    }
+}
+
+/// The plan body `plan sign` and `rollout create` sign: valid from now for `valid_for`.
+pub fn build_plan(
+    sequence: u64,
+    target: ManifestRef,
+    fallback: Option<ManifestRef>,
+    gates: &GateArgs,
+    valid_for: Duration,
+) -> PlanBody {
+    let created = unix_now();
+    PlanBody {
+        sequence,
+        created,
+        expires: created.saturating_add(valid_for.as_secs()),
+        target,
+        fallback,
+        stages: gates.stages.clone(),
+        selector: gates.selector.clone(),
+        gates: gates.policy(),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `outpost-hub root`: create the trust root and rotate it.
+//! `outpost-hub root`: create the trust root and rotate it (offline), upload it to a hub and list
+//! the roots a hub holds.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +9,10 @@ use clap::Subcommand;
 use outpost_protocol::trust::{RootBody, Signed};
 use outpost_protocol::{PublicKey, VerifiedRoot, VerifyError};
 
+use super::connection::HubArgs;
+use super::table::{self, OutputArgs, Table};
 use super::{parse_duration, read_frame, sign_to_file, SigningKeys};
+use crate::api::RootInfo;
 use crate::{keyfile, unix_now};
 
 #[derive(Debug, Subcommand)]
@@ -17,6 +21,10 @@ pub enum RootCommand {
     Init(InitArgs),
     /// Create the next root version: signed by a threshold of the current keys and of the new ones.
     Rotate(RotateArgs),
+    /// Upload a signed root (the first one, or the next rotation) to a hub.
+    Upload(UploadArgs),
+    /// List the roots a hub holds.
+    List(ListArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +66,24 @@ pub struct RotateArgs {
     pub keys: KeySet,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct UploadArgs {
+    /// The signed root file.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
 impl RootCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
@@ -79,6 +105,33 @@ impl RootCommand {
                 let bytes = sign_to_file(&body, &signers, &args.keys.out)?;
                 report_threshold(current.verify_rotation(&bytes), &args.keys.out);
                 Ok(())
+            }
+            RootCommand::Upload(args) => {
+                let (bytes, _) = read_frame::<Signed<RootBody>>(&args.file)?;
+                // A root short of its own threshold would only be refused by the hub; say so here,
+                // where the operator can still add signatures.
+                VerifiedRoot::load_trusted(&bytes).with_context(|| {
+                    format!(
+                        "{} is not a complete root; add signatures with `outpost-hub sign`",
+                        args.file.display()
+                    )
+                })?;
+                let client = args.hub.connect()?;
+                let root: RootInfo = client.post_bytes("/roots", &bytes)?;
+                args.output.print(&root, |root| {
+                    format!(
+                        "hub now holds root version {} ({}-of-{}, expires {})\n",
+                        root.version,
+                        root.threshold,
+                        root.key_ids.len(),
+                        table::time(root.expires)
+                    )
+                })
+            }
+            RootCommand::List(args) => {
+                let client = args.hub.connect()?;
+                let roots: Vec<RootInfo> = client.get_json("/roots")?;
+                args.output.print(&roots, |roots| render_list(roots))
             }
         }
     }
@@ -111,6 +164,19 @@ fn new_body(
         threshold: set.threshold,
         keys,
     })
+}
+
+fn render_list(roots: &[RootInfo]) -> String {
+    let mut out = Table::new(&["VERSION", "THRESHOLD", "EXPIRES", "KEYS"]);
+    for root in roots {
+        out.row(vec![
+            root.version.to_string(),
+            format!("{}-of-{}", root.threshold, root.key_ids.len()),
+            table::time(root.expires),
+            root.key_ids.join(","),
+        ]);
+    }
+    out.render()
 }
 
 /// Says whether the document just written is complete, or which signatures it still needs.

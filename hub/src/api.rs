@@ -1,0 +1,315 @@
+//! The admin API's JSON bodies and paths, shared by the server's handlers and the CLI's client.
+//!
+//! These are the hub's own types, not wire types of the device protocol: the admin API is JSON
+//! over HTTPS, spoken by `outpost-hub` to `outpost-hub serve`. Signed documents (roots, manifests,
+//! plans) and artifacts are uploaded as raw bytes (`application/octet-stream`), never re-encoded.
+
+use serde::{Deserialize, Serialize};
+
+/// Every admin path starts with this.
+pub const PREFIX: &str = "/admin/v1";
+
+/// Roles, weakest first: each can do everything the ones before it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything.
+    Viewer,
+    /// Drives rollouts.
+    Operator,
+    /// Publishes models and roots.
+    Publisher,
+    /// Manages tokens and devices.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Publisher => "publisher",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "publisher" => Some(Role::Publisher),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// Body of every non-2xx admin response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// `GET /whoami`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    pub token_id: String,
+    pub name: String,
+    pub role: Role,
+}
+
+/// `POST /admin-tokens` (admin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateAdminToken {
+    pub name: String,
+    pub role: Role,
+}
+
+/// A token as created; `token` is shown once and stored only hashed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub id: String,
+    pub token: String,
+}
+
+/// `GET /roots`, `POST /roots` (publisher; body: a signed root).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootInfo {
+    pub version: u64,
+    pub threshold: u32,
+    pub key_ids: Vec<String>,
+    pub expires: u64,
+}
+
+/// One artifact of a model version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactInfo {
+    /// `model`, `profile` or `validation`.
+    pub role: String,
+    pub sha256: String,
+    pub length: u64,
+}
+
+/// A tensor as the admin API shows it: `x FP32 [N,4]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorInfo {
+    pub name: String,
+    pub datatype: String,
+    /// Sizes, with -1 for the batch axis.
+    pub shape: Vec<i64>,
+}
+
+/// `GET /models/{name}/{version}`; `POST /models` (publisher; body: a signed manifest) answers
+/// with one too. The signed bytes themselves: `GET /models/{name}/{version}/manifest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelVersionInfo {
+    pub name: String,
+    pub version: u64,
+    pub manifest_sha256: String,
+    pub created: u64,
+    pub expires: u64,
+    pub artifacts: Vec<ArtifactInfo>,
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+    pub archs: Vec<String>,
+    pub min_agent_version: String,
+    /// True when this exact manifest was already stored (an idempotent re-publish).
+    #[serde(default)]
+    pub already_published: bool,
+}
+
+/// `GET /models`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    pub name: String,
+    pub latest_version: u64,
+    pub versions: usize,
+}
+
+/// `GET /models/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelDetail {
+    pub name: String,
+    pub versions: Vec<ModelVersionInfo>,
+}
+
+/// `POST /enroll-tokens` (admin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateEnrollToken {
+    /// `key=value` labels given to every device that enrolls with the token.
+    pub labels: Vec<String>,
+    /// Seconds from now until the token stops working.
+    pub expires_in_secs: u64,
+    /// How many devices may enroll with it.
+    pub uses: u32,
+}
+
+/// `GET /enroll-tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollTokenInfo {
+    pub id: String,
+    pub labels: Vec<String>,
+    pub expires: u64,
+    pub uses_left: u32,
+}
+
+/// A device's model, by name and version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: u64,
+}
+
+/// `GET /devices?selector=k=v,k=v`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSummary {
+    pub id: String,
+    pub labels: Vec<String>,
+    pub arch: String,
+    pub agent_version: String,
+    /// `steady`, `downloading`, `probation`, `degraded`, `silent` or `revoked`.
+    pub state: String,
+    pub active: Option<ModelRef>,
+    pub enrolled_at: u64,
+    pub last_checkin: Option<u64>,
+    pub revoked: bool,
+}
+
+/// One thing that happened to a device: an activation, a refusal, a rollback, a label change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceEvent {
+    pub at: u64,
+    /// `downloaded`, `activating`, `committed`, `failed`, `rolled_back`, `refused`, `enrolled`,
+    /// `labels`, `revoked`.
+    pub kind: String,
+    pub plan_sequence: Option<u64>,
+    pub model: Option<ModelRef>,
+    pub detail: String,
+}
+
+/// `GET /devices/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDetail {
+    pub device: DeviceSummary,
+    pub public_key: String,
+    pub plan_sequence: Option<u64>,
+    pub dropped_records: u64,
+    pub events: Vec<DeviceEvent>,
+}
+
+/// `POST /devices/{id}/labels` (admin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabelChange {
+    /// `key=value` labels to set (replacing any value of the same key).
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// Keys to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Active,
+    Paused,
+    RolledBack,
+    Completed,
+    /// A newer plan took over.
+    Superseded,
+}
+
+impl RolloutState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RolloutState::Active => "active",
+            RolloutState::Paused => "paused",
+            RolloutState::RolledBack => "rolled_back",
+            RolloutState::Completed => "completed",
+            RolloutState::Superseded => "superseded",
+        }
+    }
+}
+
+/// Device counts of one stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageProgress {
+    pub percent: u8,
+    /// Selected devices whose bucket falls in this stage's cumulative percentage.
+    pub devices: u64,
+    /// Reported the target committed after probation.
+    pub succeeded: u64,
+    /// Reported a failure, a refusal or a rollback.
+    pub failed: u64,
+    /// Silent for longer than the device timeout without committing.
+    pub silent: u64,
+    pub pending: u64,
+}
+
+/// One gate's measured figure against its signed limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateFigure {
+    /// `failure_pct`, `error_rate`, `p95_regression_pct`, `drift_psi`.
+    pub gate: String,
+    /// None when there is not yet data to measure it.
+    pub value: Option<f64>,
+    pub limit: f64,
+    pub breached: bool,
+    /// What the figure was computed from, for humans: "3 of 40 devices", "p95 12ms vs 10ms".
+    pub detail: String,
+}
+
+/// A decision the rollout engine or an operator took, with the figures that caused it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub at: u64,
+    /// `advance`, `pause`, `resume`, `rollback`, `complete`, `superseded`.
+    pub action: String,
+    /// `engine` or the token name of the operator.
+    pub by: String,
+    pub stage_index: usize,
+    pub reason: String,
+    pub figures: Vec<GateFigure>,
+}
+
+/// `GET /rollouts/{sequence}`; `POST /rollouts` (operator; body: a signed plan) answers with one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutInfo {
+    pub sequence: u64,
+    pub target: ModelRef,
+    pub fallback: Option<ModelRef>,
+    pub selector: Vec<String>,
+    pub state: RolloutState,
+    pub stage_index: usize,
+    pub stage_started_at: u64,
+    pub stages: Vec<StageProgress>,
+    pub gates: Vec<GateFigure>,
+    pub decisions: Vec<Decision>,
+    pub created: u64,
+}
+
+/// One entry of the hash-chained audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub at: u64,
+    /// Token name of whoever acted, or `engine`, or `bootstrap`.
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+    /// Hex SHA-256 of the previous entry's `hash` (zeros for the first).
+    pub prev_hash: String,
+    /// Hex SHA-256 over this entry's fields and `prev_hash`.
+    pub hash: String,
+}
+
+/// `GET /audit/verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerdict {
+    pub entries: u64,
+    pub intact: bool,
+    /// What is wrong, naming the first bad entry.
+    pub problem: Option<String>,
+}

@@ -1,0 +1,305 @@
+//! `outpost-hub device`: see the fleet, relabel devices and revoke them.
+
+use anyhow::bail;
+use outpost_protocol::Label;
+
+use crate::api::{DeviceDetail, DeviceEvent, DeviceSummary, LabelChange, ModelRef};
+use crate::client::path_segment;
+use crate::unix_now;
+
+use super::connection::HubArgs;
+use super::plan::parse_label;
+use super::table::{self, fields, OutputArgs, Table};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DeviceCommand {
+    /// List devices, optionally only those carrying every label of a selector.
+    List(ListArgs),
+    /// Show one device and what happened to it.
+    Show(ShowArgs),
+    /// Set or remove labels of a device (needs an admin token).
+    Label(LabelArgs),
+    /// Revoke a device: the hub refuses it from now on (needs an admin token).
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Only devices with all of these labels (k=v,...).
+    #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+    pub selector: Vec<Label>,
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// Device id.
+    pub id: String,
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LabelArgs {
+    /// Device id.
+    pub id: String,
+    /// Labels to set, replacing any value of the same key (k=v,...).
+    #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+    pub set: Vec<Label>,
+    /// Label keys to remove (k,...).
+    #[arg(long, value_delimiter = ',', value_parser = parse_label_key)]
+    pub remove: Vec<String>,
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RevokeArgs {
+    /// Device id.
+    pub id: String,
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+impl DeviceCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            DeviceCommand::List(args) => {
+                let client = args.hub.connect()?;
+                let devices: Vec<DeviceSummary> = client.get_json(&list_path(&args.selector))?;
+                args.output
+                    .print(&devices, |devices| render_list(devices, unix_now()))
+            }
+            DeviceCommand::Show(args) => {
+                let client = args.hub.connect()?;
+                let detail: DeviceDetail =
+                    client.get_json(&format!("/devices/{}", path_segment(&args.id)))?;
+                args.output
+                    .print(&detail, |detail| render_detail(detail, unix_now()))
+            }
+            DeviceCommand::Label(args) => {
+                if args.set.is_empty() && args.remove.is_empty() {
+                    bail!("give labels to change with --set k=v,... and/or --remove k,...");
+                }
+                if let Some(label) = args
+                    .set
+                    .iter()
+                    .find(|label| args.remove.contains(&label.key))
+                {
+                    bail!("label key {:?} is both set and removed", label.key);
+                }
+                let client = args.hub.connect()?;
+                let change = LabelChange {
+                    set: args.set.iter().map(Label::to_string).collect(),
+                    remove: args.remove.clone(),
+                };
+                let device: DeviceSummary = client.post_json(
+                    &format!("/devices/{}/labels", path_segment(&args.id)),
+                    &change,
+                )?;
+                args.output.print(&device, |device| {
+                    format!("{} labels: {}\n", device.id, device.labels.join(","))
+                })
+            }
+            DeviceCommand::Revoke(args) => {
+                let client = args.hub.connect()?;
+                let device: DeviceSummary = client.post_json(
+                    &format!("/devices/{}/revoke", path_segment(&args.id)),
+                    &serde_json::json!({}),
+                )?;
+                args.output.print(&device, |device| {
+                    format!("revoked {} (state {})\n", device.id, device.state)
+                })
+            }
+        }
+    }
+}
+
+/// `/devices`, with `?selector=k=v,k=v` when there is a selector.
+pub fn list_path(selector: &[Label]) -> String {
+    if selector.is_empty() {
+        return "/devices".to_owned();
+    }
+    let joined = selector
+        .iter()
+        .map(Label::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    format!("/devices?selector={}", path_segment(&joined))
+}
+
+/// A label key on its own, checked by the same rules as a `key=value` label's key.
+pub fn parse_label_key(text: &str) -> Result<String, String> {
+    Label::new(text, "x")
+        .map(|label| label.key)
+        .map_err(|error| format!("label key {text:?}: {error}"))
+}
+
+pub fn model_ref(model: &Option<ModelRef>) -> String {
+    model.as_ref().map_or_else(
+        || "-".to_owned(),
+        |model| format!("{}@{}", model.name, model.version),
+    )
+}
+
+fn render_list(devices: &[DeviceSummary], now: u64) -> String {
+    let mut out = Table::new(&[
+        "ID",
+        "STATE",
+        "MODEL",
+        "ARCH",
+        "AGENT",
+        "LAST CHECK-IN",
+        "LABELS",
+    ]);
+    for device in devices {
+        out.row(vec![
+            device.id.clone(),
+            device.state.clone(),
+            model_ref(&device.active),
+            device.arch.clone(),
+            device.agent_version.clone(),
+            device
+                .last_checkin
+                .map_or_else(|| "never".to_owned(), |at| table::ago(at, now)),
+            device.labels.join(","),
+        ]);
+    }
+    out.render()
+}
+
+fn render_detail(detail: &DeviceDetail, now: u64) -> String {
+    let device = &detail.device;
+    let mut text = fields(&[
+        ("device", device.id.clone()),
+        ("state", device.state.clone()),
+        (
+            "revoked",
+            if device.revoked { "yes" } else { "no" }.to_owned(),
+        ),
+        ("labels", device.labels.join(",")),
+        ("arch", device.arch.clone()),
+        ("agent", device.agent_version.clone()),
+        ("active model", model_ref(&device.active)),
+        (
+            "plan",
+            detail
+                .plan_sequence
+                .map_or_else(|| "-".to_owned(), |sequence| sequence.to_string()),
+        ),
+        ("enrolled", table::time(device.enrolled_at)),
+        (
+            "last check-in",
+            device.last_checkin.map_or_else(
+                || "never".to_owned(),
+                |at| format!("{} ({})", table::time(at), table::ago(at, now)),
+            ),
+        ),
+        ("public key", detail.public_key.clone()),
+        ("dropped records", detail.dropped_records.to_string()),
+    ]);
+    text.push('\n');
+    text.push_str(&render_events(&detail.events));
+    text
+}
+
+fn render_events(events: &[DeviceEvent]) -> String {
+    let mut out = Table::new(&["AT", "EVENT", "PLAN", "MODEL", "DETAIL"]);
+    for event in events {
+        out.row(vec![
+            table::time(event.at),
+            event.kind.clone(),
+            event
+                .plan_sequence
+                .map_or_else(|| "-".to_owned(), |sequence| sequence.to_string()),
+            model_ref(&event.model),
+            event.detail.clone(),
+        ]);
+    }
+    out.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_become_one_encoded_query_value() {
+        assert_eq!(list_path(&[]), "/devices");
+        let selector = vec![
+            parse_label("site=berlin").unwrap(),
+            parse_label("tier=canary").unwrap(),
+        ];
+        assert_eq!(
+            list_path(&selector),
+            "/devices?selector=site%3Dberlin%2Ctier%3Dcanary"
+        );
+    }
+
+    #[test]
+    fn labels_and_keys_are_checked_locally() {
+        assert_eq!(parse_label("site=a").unwrap().to_string(), "site=a");
+        assert!(parse_label("site").unwrap_err().contains("key=value"));
+        assert!(parse_label("site=a/b").is_err());
+        assert!(parse_label("=a").is_err());
+        assert_eq!(parse_label_key("site").unwrap(), "site");
+        assert!(parse_label_key("").is_err());
+        assert!(parse_label_key("a=b").is_err());
+        assert!(parse_label_key("../x").is_err());
+    }
+
+    #[test]
+    fn device_detail_shows_fields_and_events() {
+        let detail = DeviceDetail {
+            device: DeviceSummary {
+                id: "d1".into(),
+                labels: vec!["site=a".into()],
+                arch: "x86_64".into(),
+                agent_version: "0.1.0".into(),
+                state: "steady".into(),
+                active: Some(ModelRef {
+                    name: "iris".into(),
+                    version: 2,
+                }),
+                enrolled_at: 0,
+                last_checkin: Some(940),
+                revoked: false,
+            },
+            public_key: "ab".into(),
+            plan_sequence: Some(3),
+            dropped_records: 0,
+            events: vec![DeviceEvent {
+                at: 60,
+                kind: "committed".into(),
+                plan_sequence: Some(3),
+                model: Some(ModelRef {
+                    name: "iris".into(),
+                    version: 2,
+                }),
+                detail: "probation passed".into(),
+            }],
+        };
+        let text = render_detail(&detail, 1000);
+        assert!(text.contains("active model     iris@2\n"), "{text}");
+        assert!(
+            text.contains("last check-in    1970-01-01T00:15:40Z (1m ago)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "AT                    EVENT      PLAN  MODEL   DETAIL\n\
+                 1970-01-01T00:01:00Z  committed  3     iris@2  probation passed\n"
+            ),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! `outpost-hub serve` and `outpost-hub admin bootstrap`: the commands that run on the hub host.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+
+use super::parse_duration;
+use crate::server::{self, ServerConfig};
+use crate::{audit, fsutil, store::Store, unix_now};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Data directory: the embedded store and the artifacts.
+    #[arg(long, env = "OUTPOST_HUB_DATA")]
+    pub data: PathBuf,
+    /// Address to listen on; port 0 picks a free port (see --address-file).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain for HTTPS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on a non-loopback address. Devices and tokens then travel in the clear.
+    #[arg(long)]
+    pub insecure_http: bool,
+    /// How often the rollout engine evaluates its gates.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub tick: Duration,
+    /// Seconds devices wait between check-ins.
+    #[arg(long, default_value_t = 30)]
+    pub poll_secs: u32,
+    /// Largest artifact accepted, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub max_artifact_mib: u64,
+    /// Time limit for a request to produce its response.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Write the bound address (`host:port`) to this file once listening.
+    #[arg(long)]
+    pub address_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    pub fn run(self) -> anyhow::Result<()> {
+        let tls = self.tls_cert.clone().zip(self.tls_key.clone());
+        if tls.is_none() && !self.listen.ip().is_loopback() {
+            if !self.insecure_http {
+                bail!(
+                    "plain HTTP is only allowed on a loopback address; give --tls-cert and --tls-key, or --insecure-http"
+                );
+            }
+            log::warn!(
+                "serving plain HTTP on {}: device traffic and admin tokens are not encrypted",
+                self.listen
+            );
+        }
+        std::fs::create_dir_all(&self.data)
+            .with_context(|| format!("creating data directory {}", self.data.display()))?;
+        let config = ServerConfig {
+            data_dir: self.data.clone(),
+            tls,
+            tick: self.tick,
+            poll_secs: self.poll_secs,
+            max_artifact_bytes: self.max_artifact_mib.saturating_mul(1024 * 1024),
+            request_timeout: self.request_timeout,
+            drain_timeout: self.drain_timeout,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind(self.listen)
+                .await
+                .with_context(|| format!("listening on {}", self.listen))?;
+            let local = listener.local_addr().context("reading the bound address")?;
+            if let Some(path) = &self.address_file {
+                fsutil::write_atomic(path, local.to_string().as_bytes(), 0o644)?;
+            }
+            server::run(config, listener, server::shutdown_signal()).await
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create the first admin token, on the hub host, from its data directory (hub stopped).
+    Bootstrap(BootstrapArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BootstrapArgs {
+    #[arg(long, env = "OUTPOST_HUB_DATA")]
+    pub data: PathBuf,
+    /// Name recorded for the token in the audit log.
+    #[arg(long, default_value = "admin")]
+    pub name: String,
+}
+
+impl AdminCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            AdminCommand::Bootstrap(args) => {
+                std::fs::create_dir_all(&args.data)
+                    .with_context(|| format!("creating data directory {}", args.data.display()))?;
+                let store = Store::open(&args.data).with_context(|| {
+                    format!(
+                        "opening the store in {} (stop the hub first)",
+                        args.data.display()
+                    )
+                })?;
+                if store.admin_token_count() > 0 {
+                    bail!("this hub already has admin tokens; create more with `outpost-hub admin-token create`");
+                }
+                let created = server::new_admin_token(&store, &args.name, crate::api::Role::Admin)?;
+                audit::append(
+                    &store,
+                    unix_now(),
+                    "bootstrap",
+                    "admin-token create",
+                    &created.id,
+                    &format!("{} as admin", args.name),
+                )?;
+                store.flush_blocking()?;
+                println!("{}", created.token);
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,635 @@
+//! The device API: postcard over HTTP(S), under `/device/v1`.
+//!
+//! Enrollment is authorised by an enrollment token. Every other request is signed by the device's
+//! own key over method, path, body hash, timestamp and nonce ([`outpost_protocol::auth`]); the
+//! hub refuses stale timestamps, replayed nonces, unknown and revoked devices, each with its own
+//! reason. Errors are postcard [`ErrorResponse`]s with the matching HTTP status.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use outpost_protocol::auth::{
+    RequestToSign, HEADER_DEVICE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+    MAX_CLOCK_SKEW_SECS,
+};
+use outpost_protocol::device::{
+    AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse, ErrorResponse,
+    Status, StatusReport, TelemetryAck, TelemetryBatch, LATENCY_BUCKETS_US,
+};
+use outpost_protocol::keys::SignatureBytes;
+use outpost_protocol::trust::Slot;
+use outpost_protocol::{sha256, Label, Message, ModelName, PublicKey, Sha256};
+use serde_bytes::ByteBuf;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tower_http::timeout::TimeoutLayer;
+
+use super::metrics::Metrics;
+use super::SharedHub;
+use crate::store::{
+    DeviceRecord, EventRecord, OutcomeRecord, RunningRecord, TokenRefusal, WindowInput,
+};
+use crate::unix_now;
+
+/// Most windows one telemetry batch may carry.
+const MAX_WINDOWS: usize = 4096;
+/// Most distinct nonces remembered at once; past this the hub sheds load rather than grow.
+const MAX_NONCES: usize = 2_000_000;
+
+pub fn routes(hub: SharedHub) -> Router {
+    let timeout = hub.config.request_timeout;
+    let limited = |max: usize| DefaultBodyLimit::max(max);
+    Router::new()
+        .route(
+            "/device/v1/enroll",
+            post(enroll).layer(limited(EnrollRequest::MAX_FRAME)),
+        )
+        .route(
+            "/device/v1/checkin",
+            post(check_in).layer(limited(CheckIn::MAX_FRAME)),
+        )
+        .route(
+            "/device/v1/status",
+            post(status).layer(limited(StatusReport::MAX_FRAME)),
+        )
+        .route(
+            "/device/v1/telemetry",
+            post(telemetry).layer(limited(TelemetryBatch::MAX_FRAME)),
+        )
+        .route(
+            "/device/v1/artifacts/{sha256}",
+            get(artifact).layer(limited(0)),
+        )
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .with_state(hub)
+}
+
+/// A refusal or failure, sent as a postcard [`ErrorResponse`].
+#[derive(Debug)]
+pub struct DeviceError {
+    status: StatusCode,
+    message: String,
+}
+
+impl DeviceError {
+    fn new(status: StatusCode, message: impl Into<String>) -> DeviceError {
+        DeviceError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn unauthorized(message: impl Into<String>) -> DeviceError {
+        DeviceError::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    fn bad_request(message: impl Into<String>) -> DeviceError {
+        DeviceError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn internal(error: impl std::fmt::Display) -> DeviceError {
+        log::error!("device request failed: {error}");
+        DeviceError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the hub's log",
+        )
+    }
+}
+
+impl From<BytesRejection> for DeviceError {
+    fn from(rejection: BytesRejection) -> DeviceError {
+        DeviceError::new(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<crate::store::StoreError> for DeviceError {
+    fn from(error: crate::store::StoreError) -> DeviceError {
+        DeviceError::internal(error)
+    }
+}
+
+impl From<outpost_protocol::DecodeError> for DeviceError {
+    fn from(error: outpost_protocol::DecodeError) -> DeviceError {
+        DeviceError::bad_request(error.to_string())
+    }
+}
+
+impl IntoResponse for DeviceError {
+    fn into_response(self) -> Response {
+        let body = ErrorResponse {
+            status: self.status.as_u16(),
+            message: self.message,
+        };
+        // An error message too long for its frame is cut rather than turned into a second error.
+        let frame = outpost_protocol::encode(&body).unwrap_or_else(|_| {
+            outpost_protocol::encode(&ErrorResponse {
+                status: body.status,
+                message: body.message.chars().take(1000).collect(),
+            })
+            .unwrap_or_default()
+        });
+        (self.status, postcard_headers(), frame).into_response()
+    }
+}
+
+fn postcard_headers() -> [(header::HeaderName, &'static str); 1] {
+    [(header::CONTENT_TYPE, "application/x-outpost-postcard")]
+}
+
+fn reply<M: Message>(message: &M) -> Result<Response, DeviceError> {
+    let frame = outpost_protocol::encode(message).map_err(DeviceError::internal)?;
+    Ok((StatusCode::OK, postcard_headers(), frame).into_response())
+}
+
+/// Nonces seen within the clock-skew window, per device.
+#[derive(Debug, Default)]
+pub struct NonceCache {
+    /// (device, nonce) → Unix second after which the entry may be forgotten.
+    seen: HashMap<([u8; 16], [u8; 16]), u64>,
+    last_prune: u64,
+}
+
+impl NonceCache {
+    /// Records a nonce; false when it was already seen (a replay).
+    fn insert(
+        &mut self,
+        device: [u8; 16],
+        nonce: [u8; 16],
+        timestamp: u64,
+        now: u64,
+    ) -> Result<bool, DeviceError> {
+        if now != self.last_prune {
+            self.seen.retain(|_, forget_after| *forget_after >= now);
+            self.last_prune = now;
+        }
+        if self.seen.len() >= MAX_NONCES {
+            return Err(DeviceError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "replay cache is full; retry shortly",
+            ));
+        }
+        let forget_after = timestamp + MAX_CLOCK_SKEW_SECS;
+        Ok(self.seen.insert((device, nonce), forget_after).is_none())
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, DeviceError> {
+    headers
+        .get(name)
+        .ok_or_else(|| DeviceError::unauthorized(format!("missing {name} header")))?
+        .to_str()
+        .map_err(|_| DeviceError::unauthorized(format!("{name} header is not text")))
+}
+
+fn header_hex<const N: usize>(headers: &HeaderMap, name: &str) -> Result<[u8; N], DeviceError> {
+    let mut out = [0u8; N];
+    hex::decode_to_slice(header_str(headers, name)?, &mut out).map_err(|_| {
+        DeviceError::unauthorized(format!("{name} header is not {N} hex-encoded bytes"))
+    })?;
+    Ok(out)
+}
+
+/// Checks a signed device request and returns the device that sent it.
+fn authenticate(
+    hub: &SharedHub,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<DeviceRecord, DeviceError> {
+    let device_id: [u8; 16] = header_hex(headers, HEADER_DEVICE)?;
+    let timestamp: u64 = header_str(headers, HEADER_TIMESTAMP)?
+        .parse()
+        .map_err(|_| DeviceError::unauthorized(format!("{HEADER_TIMESTAMP} is not a number")))?;
+    let nonce: [u8; 16] = header_hex(headers, HEADER_NONCE)?;
+    let signature = SignatureBytes(header_hex(headers, HEADER_SIGNATURE)?);
+    let now = unix_now();
+    if timestamp.abs_diff(now) > MAX_CLOCK_SKEW_SECS {
+        return Err(DeviceError::unauthorized(format!(
+            "stale timestamp {timestamp}: hub time is {now}, allowed skew {MAX_CLOCK_SKEW_SECS}s"
+        )));
+    }
+    if timestamp < hub.started_at {
+        return Err(DeviceError::unauthorized(
+            "request was signed before the hub started; sign it again",
+        ));
+    }
+    let Some(device) = hub.store.device(&device_id)? else {
+        return Err(DeviceError::unauthorized(format!(
+            "unknown device {}",
+            hex::encode(device_id)
+        )));
+    };
+    let request = RequestToSign {
+        method: method.as_str(),
+        path_and_query: uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()),
+        body_sha256: sha256(body),
+        timestamp,
+        nonce,
+    };
+    if !request.verify(&PublicKey(device.public_key), &signature) {
+        return Err(DeviceError::unauthorized("bad request signature"));
+    }
+    if device.revoked {
+        return Err(DeviceError::new(StatusCode::FORBIDDEN, "device is revoked"));
+    }
+    let fresh = hub
+        .nonces
+        .lock()
+        .map_err(|_| DeviceError::internal("nonce cache lock poisoned"))?
+        .insert(device_id, nonce, timestamp, now)?;
+    if !fresh {
+        return Err(DeviceError::unauthorized(
+            "replayed request: nonce already used",
+        ));
+    }
+    Ok(device)
+}
+
+pub fn labels_of(device: &DeviceRecord) -> Vec<Label> {
+    device
+        .labels
+        .iter()
+        .map(|(key, value)| Label {
+            key: key.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
+/// The state shown to operators: what the device last reported, unless it has gone quiet.
+pub fn display_state(device: &DeviceRecord, now: u64) -> String {
+    if device.revoked {
+        return "revoked".to_owned();
+    }
+    match device.last_checkin {
+        Some(at) if now.saturating_sub(at) > SILENT_AFTER.as_secs() => "silent".to_owned(),
+        None => "enrolled".to_owned(),
+        Some(_) => device.state.clone(),
+    }
+}
+
+async fn enroll(
+    State(hub): State<SharedHub>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, DeviceError> {
+    let request: EnrollRequest = outpost_protocol::decode(&body?)?;
+    if !request.public_key.is_valid() {
+        return Err(DeviceError::bad_request(
+            "public key is not a valid ed25519 key",
+        ));
+    }
+    for label in &request.labels {
+        label
+            .validate()
+            .map_err(|error| DeviceError::bad_request(format!("label {label}: {error}")))?;
+    }
+    let mut device_id = [0u8; 16];
+    getrandom::getrandom(&mut device_id).map_err(DeviceError::internal)?;
+    let now = unix_now();
+    let token_hash = sha256(request.token.as_bytes()).0;
+    let event = EventRecord {
+        at: now,
+        kind: "enrolled".into(),
+        plan_sequence: None,
+        model: None,
+        detail: format!("{} agent {}", request.arch, request.agent_version),
+    };
+    let outcome = hub.store.enroll(
+        &token_hash,
+        now,
+        |token| {
+            // The token's labels win over labels the device claims for itself.
+            let mut labels: Vec<(String, String)> = token.labels.clone();
+            for label in &request.labels {
+                if !labels.iter().any(|(key, _)| *key == label.key) {
+                    labels.push((label.key.clone(), label.value.clone()));
+                }
+            }
+            labels.sort();
+            DeviceRecord {
+                id: device_id,
+                public_key: request.public_key.0,
+                arch: request.arch.to_string(),
+                agent_version: request.agent_version.to_string(),
+                labels,
+                enrolled_at: now,
+                revoked: false,
+                last_checkin: None,
+                state: "steady".into(),
+                active: None,
+                plan_sequence: None,
+                dropped_records: 0,
+                queue_bytes: 0,
+            }
+        },
+        &event,
+    )?;
+    let device = outcome.map_err(|refusal| {
+        DeviceError::unauthorized(match refusal {
+            TokenRefusal::Unknown => "unknown enrollment token",
+            TokenRefusal::Expired => "enrollment token has expired",
+            TokenRefusal::UsedUp => "enrollment token has no uses left",
+        })
+    })?;
+    hub.store.flush().await?;
+    Metrics::bump(&hub.metrics.enrollments, 1);
+    log::info!("device {} enrolled", hex::encode(device.id));
+    reply(&EnrollResponse {
+        device_id: DeviceId(device.id),
+        labels: labels_of(&device),
+        hub_time: now,
+    })
+}
+
+fn state_name(state: AgentState) -> &'static str {
+    match state {
+        AgentState::Steady => "steady",
+        AgentState::Downloading => "downloading",
+        AgentState::Probation => "probation",
+        AgentState::Degraded => "degraded",
+    }
+}
+
+async fn check_in(
+    State(hub): State<SharedHub>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, DeviceError> {
+    let body = body?;
+    let mut device = authenticate(&hub, &method, &uri, &headers, &body)?;
+    let report: CheckIn = outpost_protocol::decode(&body)?;
+    let now = unix_now();
+    device.last_checkin = Some(now);
+    device.state = state_name(report.state).to_owned();
+    device.active = report.active.as_ref().map(|running| RunningRecord {
+        name: running.name.clone(),
+        version: running.version,
+        manifest_sha256: running.manifest_sha256.0,
+    });
+    device.plan_sequence = report.plan_sequence;
+    device.agent_version = report.agent_version.to_string();
+    device.queue_bytes = report.queue_bytes;
+    // Check-in state is refreshed by the next check-in, so it is not flushed on its own: the store
+    // flushes on a short timer and before every acknowledged write.
+    hub.store.put_device(&device)?;
+
+    let roots = hub
+        .store
+        .roots()?
+        .into_iter()
+        .filter(|(version, _)| *version > report.root_version)
+        .map(|(_, bytes)| ByteBuf::from(bytes))
+        .collect();
+    let labels = labels_of(&device);
+    let live = hub
+        .live
+        .read()
+        .map_err(|_| DeviceError::internal("rollout cache lock poisoned"))?
+        .clone();
+    let id = DeviceId(device.id);
+    let mut plan = None;
+    let mut manifest = None;
+    if let Some(rollout) = live
+        .iter()
+        .rev()
+        .find(|rollout| rollout.applies_to(&labels))
+    {
+        plan = Some(ByteBuf::from(rollout.signed_plan.as_ref().clone()));
+        manifest = match crate::rollout::slot_for(&rollout.rollout, &id, &labels) {
+            Some(Slot::Target) => Some((
+                Slot::Target,
+                ByteBuf::from(rollout.target_manifest.as_ref().clone()),
+            )),
+            Some(Slot::Fallback) => rollout
+                .fallback_manifest
+                .as_ref()
+                .map(|bytes| (Slot::Fallback, ByteBuf::from(bytes.as_ref().clone()))),
+            None => None,
+        };
+    }
+    Metrics::bump(&hub.metrics.check_ins, 1);
+    reply(&CheckInResponse {
+        hub_time: now,
+        roots,
+        plan,
+        manifest,
+        poll_after_secs: hub.config.poll_secs,
+    })
+}
+
+async fn status(
+    State(hub): State<SharedHub>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, DeviceError> {
+    let body = body?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body)?;
+    let report: StatusReport = outpost_protocol::decode(&body)?;
+    let (kind, reason, committed) = match &report.status {
+        Status::Downloaded => ("downloaded", String::new(), None),
+        Status::Activating => ("activating", String::new(), None),
+        Status::Committed => ("committed", String::new(), Some(true)),
+        Status::Failed { reason } => ("failed", reason.clone(), Some(false)),
+        Status::RolledBack { reason } => ("rolled_back", reason.clone(), Some(false)),
+        Status::Refused { reason } => ("refused", reason.clone(), Some(false)),
+    };
+    // Only a report about the plan's own target decides the device's outcome in that rollout.
+    let about_target = match (report.plan_sequence, &report.manifest) {
+        (Some(sequence), Some(reference)) => hub
+            .store
+            .rollout(sequence)?
+            .and_then(|rollout| super::engine::target_digest(&rollout))
+            .is_some_and(|target| target == reference.manifest_sha256.0),
+        _ => false,
+    };
+    let now = unix_now();
+    let outcome = committed
+        .filter(|_| about_target)
+        .map(|committed| OutcomeRecord {
+            committed,
+            at: now,
+            reason: reason.clone(),
+        });
+    let event = EventRecord {
+        at: now,
+        kind: kind.to_owned(),
+        plan_sequence: report.plan_sequence,
+        model: report
+            .manifest
+            .as_ref()
+            .map(|reference| (reference.name.clone(), reference.version)),
+        detail: reason,
+    };
+    hub.store
+        .record_status(&device.id, report.plan_sequence, outcome.as_ref(), &event)?;
+    hub.store.flush().await?;
+    Metrics::bump(&hub.metrics.status_reports, 1);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn telemetry(
+    State(hub): State<SharedHub>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, DeviceError> {
+    let body = body?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body)?;
+    let batch: TelemetryBatch = outpost_protocol::decode(&body)?;
+    if batch.windows.len() > MAX_WINDOWS {
+        return Err(DeviceError::bad_request(format!(
+            "batch has {} windows, at most {MAX_WINDOWS} are accepted",
+            batch.windows.len()
+        )));
+    }
+    let mut windows = Vec::with_capacity(batch.windows.len());
+    for (index, window) in batch.windows.iter().enumerate() {
+        ModelName::new(&window.model).map_err(|error| {
+            DeviceError::bad_request(format!("window {index}: model name: {error}"))
+        })?;
+        if window.latency_buckets.len() > LATENCY_BUCKETS_US.len() + 1 {
+            return Err(DeviceError::bad_request(format!(
+                "window {index}: {} latency buckets, at most {}",
+                window.latency_buckets.len(),
+                LATENCY_BUCKETS_US.len() + 1
+            )));
+        }
+        if window.errors > window.count || window.end < window.start {
+            return Err(DeviceError::bad_request(format!(
+                "window {index}: counts or times do not add up"
+            )));
+        }
+        windows.push(WindowInput {
+            model: window.model.clone(),
+            version: window.version,
+            count: window.count,
+            errors: window.errors,
+            latency_buckets: window.latency_buckets.clone(),
+        });
+    }
+    let duplicate = hub.store.ingest_telemetry(
+        &device.id,
+        batch.sequence,
+        &windows,
+        batch.dropped_records,
+        unix_now(),
+    )?;
+    hub.store.flush().await?;
+    if duplicate {
+        Metrics::bump(&hub.metrics.telemetry_duplicates, 1);
+    } else {
+        Metrics::bump(&hub.metrics.telemetry_batches, 1);
+        Metrics::bump(&hub.metrics.telemetry_windows, windows.len() as u64);
+    }
+    reply(&TelemetryAck {
+        sequence: batch.sequence,
+        duplicate,
+    })
+}
+
+/// Parses a single `bytes=START-` or `bytes=START-END` range against a file of `len` bytes.
+fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
+    let spec = value.strip_prefix("bytes=")?;
+    let (start, end) = spec.split_once('-')?;
+    let start: u64 = start.trim().parse().ok()?;
+    let end: u64 = match end.trim() {
+        "" => len.checked_sub(1)?,
+        end => end.parse::<u64>().ok()?.min(len.checked_sub(1)?),
+    };
+    (start <= end && start < len).then_some((start, end))
+}
+
+async fn artifact(
+    State(hub): State<SharedHub>,
+    Path(digest): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, DeviceError> {
+    authenticate(&hub, &method, &uri, &headers, &[])?;
+    let digest = Sha256::from_hex(&digest)
+        .ok_or_else(|| DeviceError::bad_request("artifact name is not a hex sha256"))?;
+    let path = hub.artifacts.path(&digest);
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Err(DeviceError::new(
+                StatusCode::NOT_FOUND,
+                format!("no artifact {digest}"),
+            ));
+        }
+        Err(error) => return Err(DeviceError::internal(error)),
+    };
+    let len = file.metadata().await.map_err(DeviceError::internal)?.len();
+    let range = match headers.get(header::RANGE) {
+        None => None,
+        Some(value) => {
+            let parsed = value.to_str().ok().and_then(|text| parse_range(text, len));
+            if parsed.is_none() {
+                return Ok((
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+                )
+                    .into_response());
+            }
+            parsed
+        }
+    };
+    let (start, end) = range.unwrap_or((0, len.saturating_sub(1)));
+    let count = if len == 0 { 0 } else { end - start + 1 };
+    file.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(DeviceError::internal)?;
+    Metrics::bump(&hub.metrics.artifact_bytes_served, count);
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file.take(count),
+        64 * 1024,
+    ));
+    let mut response = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_LENGTH, count);
+    response = match range {
+        Some(_) => response
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}")),
+        None => response.status(StatusCode::OK),
+    };
+    response.body(body).map_err(DeviceError::internal)
+}
+
+/// How long a device may go without a check-in before operators see it as silent, whatever its
+/// poll interval.
+pub const SILENT_AFTER: Duration = Duration::from_secs(600);
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-", 10), Some((0, 9)));
+        assert_eq!(parse_range("bytes=4-", 10), Some((4, 9)));
+        assert_eq!(parse_range("bytes=2-5", 10), Some((2, 5)));
+        assert_eq!(parse_range("bytes=2-50", 10), Some((2, 9)));
+        assert_eq!(parse_range("bytes=10-", 10), None);
+        assert_eq!(parse_range("bytes=5-2", 10), None);
+        assert_eq!(parse_range("items=0-1", 10), None);
+        assert_eq!(parse_range("bytes=-5", 10), None);
+    }
+}

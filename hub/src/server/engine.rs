@@ -1,0 +1,270 @@
+//! Runs the rollout engine ([`crate::rollout`]) against the store: a tick that evaluates every
+//! active or paused rollout and persists the engine's decisions, the cache of rollouts that
+//! check-ins read, and the facts the engine needs about each device.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use outpost_protocol::device::DeviceId;
+use outpost_protocol::name::selector_matches;
+use outpost_protocol::trust::{ManifestRef, PlanBody, Signed};
+use outpost_protocol::Label;
+
+use super::SharedHub;
+use crate::api::{Decision, ModelRef, RolloutInfo, RolloutState};
+use crate::rollout::{self, DeviceFacts, InferenceStats, NoDriftGate, Outcome, Rollout};
+use crate::store::{RolloutRecord, StatsRecord};
+use crate::{audit, unix_now};
+
+/// A rollout as check-ins see it, with the exact signed bytes to hand devices.
+#[derive(Debug, Clone)]
+pub struct LiveRollout {
+    pub sequence: u64,
+    pub rollout: Rollout,
+    pub signed_plan: Arc<Vec<u8>>,
+    pub target_manifest: Arc<Vec<u8>>,
+    pub fallback_manifest: Option<Arc<Vec<u8>>>,
+}
+
+impl LiveRollout {
+    /// True when this plan is the one to hand a device with these labels.
+    pub fn applies_to(&self, labels: &[Label]) -> bool {
+        self.rollout.state != RolloutState::Superseded
+            && selector_matches(&self.rollout.plan.selector, labels)
+    }
+}
+
+/// The plan body of a stored rollout. Its signatures were verified when it was uploaded.
+pub fn plan_of(record: &RolloutRecord) -> anyhow::Result<PlanBody> {
+    let signed: Signed<PlanBody> = outpost_protocol::decode(&record.signed_plan)
+        .with_context(|| format!("stored plan {} is unreadable", record.sequence))?;
+    signed
+        .decode_unverified()
+        .with_context(|| format!("stored plan {} is unreadable", record.sequence))
+}
+
+pub fn to_rollout(record: &RolloutRecord) -> anyhow::Result<Rollout> {
+    Ok(Rollout {
+        plan: plan_of(record)?,
+        state: record.state,
+        stage_index: record.stage_index,
+        stage_started: record.stage_started.clone(),
+    })
+}
+
+pub fn target_digest(record: &RolloutRecord) -> Option<[u8; 32]> {
+    plan_of(record)
+        .ok()
+        .map(|plan| plan.target.manifest_sha256.0)
+}
+
+pub fn stage_percent(record: &RolloutRecord) -> u8 {
+    plan_of(record)
+        .ok()
+        .and_then(|plan| plan.stages.get(record.stage_index).copied())
+        .unwrap_or(0)
+}
+
+fn manifest_bytes(hub: &SharedHub, reference: &ManifestRef) -> anyhow::Result<Arc<Vec<u8>>> {
+    let record = hub
+        .store
+        .manifest(&reference.name, reference.version)?
+        .with_context(|| {
+            format!(
+                "manifest {}@{} is missing",
+                reference.name, reference.version
+            )
+        })?;
+    Ok(Arc::new(record.signed))
+}
+
+/// Rebuilds the check-in cache from the store, oldest rollout first.
+pub fn reload(hub: &SharedHub) -> anyhow::Result<()> {
+    let mut live = Vec::new();
+    for record in hub.store.rollouts()? {
+        let rollout = to_rollout(&record)?;
+        let target_manifest = manifest_bytes(hub, &rollout.plan.target)?;
+        let fallback_manifest = rollout
+            .plan
+            .fallback
+            .as_ref()
+            .map(|fallback| manifest_bytes(hub, fallback))
+            .transpose()?;
+        live.push(LiveRollout {
+            sequence: record.sequence,
+            rollout,
+            signed_plan: Arc::new(record.signed_plan),
+            target_manifest,
+            fallback_manifest,
+        });
+    }
+    *hub.live
+        .write()
+        .map_err(|_| anyhow::anyhow!("rollout cache lock poisoned"))? = Arc::new(live);
+    Ok(())
+}
+
+fn stats(record: StatsRecord) -> InferenceStats {
+    InferenceStats {
+        count: record.count,
+        errors: record.errors,
+        latency_buckets: record.latency_buckets,
+    }
+}
+
+/// What the engine needs to know about every device, for one rollout.
+pub fn device_facts(
+    hub: &SharedHub,
+    sequence: u64,
+    plan: &PlanBody,
+) -> anyhow::Result<Vec<DeviceFacts>> {
+    let outcomes: std::collections::HashMap<[u8; 16], _> =
+        hub.store.outcomes(sequence)?.into_iter().collect();
+    let mut facts = Vec::new();
+    for device in hub.store.devices()? {
+        let labels = super::device::labels_of(&device);
+        if device.revoked || !selector_matches(&plan.selector, &labels) {
+            continue;
+        }
+        let outcome = outcomes.get(&device.id).map(|outcome| {
+            if outcome.committed {
+                Outcome::Committed { at: outcome.at }
+            } else {
+                Outcome::Failed {
+                    at: outcome.at,
+                    reason: outcome.reason.clone(),
+                }
+            }
+        });
+        let target_stats = stats(hub.store.stats(
+            &device.id,
+            &plan.target.name,
+            plan.target.version,
+        )?);
+        let fallback_stats = match &plan.fallback {
+            Some(fallback) => stats(hub.store.stats(
+                &device.id,
+                &fallback.name,
+                fallback.version,
+            )?),
+            None => InferenceStats::default(),
+        };
+        facts.push(DeviceFacts {
+            id: DeviceId(device.id),
+            labels,
+            revoked: device.revoked,
+            enrolled_at: device.enrolled_at,
+            last_seen: device.last_checkin,
+            outcome,
+            target_stats,
+            fallback_stats,
+        });
+    }
+    Ok(facts)
+}
+
+/// The engine's clock: evaluates every rollout each tick until the task is aborted.
+pub async fn run(hub: SharedHub) {
+    let mut interval = tokio::time::interval(hub.config.tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if let Err(error) = tick(&hub).await {
+            log::error!("rollout engine: {error:#}");
+        }
+    }
+}
+
+/// One evaluation of every active rollout; decisions are stored, audited and flushed.
+pub async fn tick(hub: &SharedHub) -> anyhow::Result<()> {
+    let _guard = hub.rollout_lock.lock().await;
+    let now = unix_now();
+    let mut changed = false;
+    for mut record in hub.store.rollouts()? {
+        if record.state != RolloutState::Active {
+            continue;
+        }
+        let mut rollout = to_rollout(&record)?;
+        let facts = device_facts(hub, record.sequence, &rollout.plan)?;
+        let evaluation = rollout::evaluate(&rollout, &facts, now, &NoDriftGate);
+        if let Some(decision) = evaluation.decision {
+            persist_decision(hub, &mut record, &mut rollout, decision)?;
+            changed = true;
+        }
+    }
+    if changed {
+        hub.store.flush().await?;
+        reload(hub)?;
+    }
+    Ok(())
+}
+
+/// Applies a decision to a rollout, stores it and writes it to the audit log.
+pub fn persist_decision(
+    hub: &SharedHub,
+    record: &mut RolloutRecord,
+    rollout: &mut Rollout,
+    decision: Decision,
+) -> anyhow::Result<()> {
+    rollout::apply(rollout, &decision);
+    record.state = rollout.state;
+    record.stage_index = rollout.stage_index;
+    record.stage_started = rollout.stage_started.clone();
+    let level =
+        if decision.by == "engine" && matches!(decision.action.as_str(), "pause" | "rollback") {
+            log::Level::Warn
+        } else {
+            log::Level::Info
+        };
+    log::log!(
+        level,
+        "rollout {}: {} by {}: {}",
+        record.sequence,
+        decision.action,
+        decision.by,
+        decision.reason
+    );
+    audit::append(
+        &hub.store,
+        decision.at,
+        &decision.by,
+        &format!("rollout {}", decision.action),
+        &format!("rollout {}", record.sequence),
+        &decision.reason,
+    )?;
+    record.decisions.push(decision);
+    hub.store.put_rollout(record)?;
+    Ok(())
+}
+
+fn model_ref(reference: &ManifestRef) -> ModelRef {
+    ModelRef {
+        name: reference.name.clone(),
+        version: reference.version,
+    }
+}
+
+/// A rollout as the admin API shows it, with live progress and gate figures.
+pub fn info(hub: &SharedHub, record: &RolloutRecord) -> anyhow::Result<RolloutInfo> {
+    let rollout = to_rollout(record)?;
+    let facts = device_facts(hub, record.sequence, &rollout.plan)?;
+    let evaluation = rollout::evaluate(&rollout, &facts, unix_now(), &NoDriftGate);
+    Ok(RolloutInfo {
+        sequence: record.sequence,
+        target: model_ref(&rollout.plan.target),
+        fallback: rollout.plan.fallback.as_ref().map(model_ref),
+        selector: rollout
+            .plan
+            .selector
+            .iter()
+            .map(|label| label.to_string())
+            .collect(),
+        state: record.state,
+        stage_index: record.stage_index,
+        stage_started_at: rollout.current_stage_started(),
+        stages: evaluation.stages,
+        gates: evaluation.gates,
+        decisions: record.decisions.clone(),
+        created: record.created,
+    })
+}

@@ -1,0 +1,225 @@
+//! `GET /metrics` in the Prometheus text format, and the middleware that times every request.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use super::SharedHub;
+
+/// Upper bounds of the request latency histogram, in seconds.
+const LATENCY_BOUNDS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Debug, Default)]
+struct RouteStats {
+    /// Requests per status code.
+    by_status: BTreeMap<u16, u64>,
+    buckets: [u64; LATENCY_BOUNDS.len()],
+    count: u64,
+    sum_secs: f64,
+}
+
+/// Counters the handlers bump; gauges are read from the store at scrape time.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    routes: Mutex<BTreeMap<String, RouteStats>>,
+    pub check_ins: AtomicU64,
+    pub enrollments: AtomicU64,
+    pub status_reports: AtomicU64,
+    pub telemetry_batches: AtomicU64,
+    pub telemetry_duplicates: AtomicU64,
+    pub telemetry_windows: AtomicU64,
+    pub artifact_bytes_served: AtomicU64,
+}
+
+impl Metrics {
+    pub fn bump(counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+
+    fn record(&self, route: &str, status: u16, seconds: f64) {
+        let Ok(mut routes) = self.routes.lock() else {
+            return;
+        };
+        let stats = routes.entry(route.to_owned()).or_default();
+        *stats.by_status.entry(status).or_default() += 1;
+        stats.count += 1;
+        stats.sum_secs += seconds;
+        if let Some(bucket) = LATENCY_BOUNDS.iter().position(|bound| seconds <= *bound) {
+            stats.buckets[bucket] += 1;
+        }
+    }
+}
+
+/// Middleware: counts and times each request under its route pattern, never its raw path, so
+/// device ids and hashes do not explode the label space.
+pub async fn track(State(hub): State<SharedHub>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_owned(), |path| path.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    hub.metrics.record(
+        &route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+pub fn routes(hub: SharedHub) -> Router {
+    Router::new().route("/metrics", get(render)).with_state(hub)
+}
+
+async fn render(State(hub): State<SharedHub>) -> Response {
+    match render_text(&hub) {
+        Ok(text) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(error) => {
+            log::error!("rendering metrics failed: {error:#}");
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "metrics unavailable",
+            )
+                .into_response()
+        }
+    }
+}
+
+fn render_text(hub: &SharedHub) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let now = crate::unix_now();
+
+    let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+    for device in hub.store.devices()? {
+        *by_state
+            .entry(super::device::display_state(&device, now))
+            .or_default() += 1;
+    }
+    writeln!(out, "# HELP outpost_hub_devices Enrolled devices by state.")?;
+    writeln!(out, "# TYPE outpost_hub_devices gauge")?;
+    for (state, count) in &by_state {
+        writeln!(out, "outpost_hub_devices{{state=\"{state}\"}} {count}")?;
+    }
+
+    writeln!(
+        out,
+        "# HELP outpost_hub_rollout_stage Current stage percentage of each rollout."
+    )?;
+    writeln!(out, "# TYPE outpost_hub_rollout_stage gauge")?;
+    for rollout in hub.store.rollouts()? {
+        let percent = super::engine::stage_percent(&rollout);
+        writeln!(
+            out,
+            "outpost_hub_rollout_stage{{sequence=\"{}\",state=\"{}\"}} {percent}",
+            rollout.sequence,
+            rollout.state.as_str()
+        )?;
+    }
+
+    let counters = [
+        (
+            "outpost_hub_check_ins_total",
+            "Device check-ins served.",
+            &hub.metrics.check_ins,
+        ),
+        (
+            "outpost_hub_enrollments_total",
+            "Devices enrolled.",
+            &hub.metrics.enrollments,
+        ),
+        (
+            "outpost_hub_status_reports_total",
+            "Status reports stored.",
+            &hub.metrics.status_reports,
+        ),
+        (
+            "outpost_hub_ingest_batches_total",
+            "Telemetry batches stored.",
+            &hub.metrics.telemetry_batches,
+        ),
+        (
+            "outpost_hub_ingest_duplicate_batches_total",
+            "Telemetry batches resent and acknowledged again.",
+            &hub.metrics.telemetry_duplicates,
+        ),
+        (
+            "outpost_hub_ingest_windows_total",
+            "Inference windows stored.",
+            &hub.metrics.telemetry_windows,
+        ),
+        (
+            "outpost_hub_artifact_bytes_served_total",
+            "Artifact bytes sent to devices.",
+            &hub.metrics.artifact_bytes_served,
+        ),
+    ];
+    for (name, help, counter) in counters {
+        writeln!(out, "# HELP {name} {help}")?;
+        writeln!(out, "# TYPE {name} counter")?;
+        writeln!(out, "{name} {}", counter.load(Ordering::Relaxed))?;
+    }
+
+    let routes = hub
+        .metrics
+        .routes
+        .lock()
+        .map_err(|_| anyhow::anyhow!("metrics lock poisoned"))?;
+    writeln!(
+        out,
+        "# HELP outpost_hub_http_requests_total Requests by route and status."
+    )?;
+    writeln!(out, "# TYPE outpost_hub_http_requests_total counter")?;
+    for (route, stats) in routes.iter() {
+        for (status, count) in &stats.by_status {
+            writeln!(
+                out,
+                "outpost_hub_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {count}"
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "# HELP outpost_hub_http_request_duration_seconds Request latency by route."
+    )?;
+    writeln!(
+        out,
+        "# TYPE outpost_hub_http_request_duration_seconds histogram"
+    )?;
+    for (route, stats) in routes.iter() {
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BOUNDS.iter().zip(stats.buckets) {
+            cumulative += count;
+            writeln!(
+                out,
+                "outpost_hub_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {cumulative}"
+            )?;
+        }
+        writeln!(
+            out,
+            "outpost_hub_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+            stats.count
+        )?;
+        writeln!(
+            out,
+            "outpost_hub_http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
+            stats.sum_secs
+        )?;
+        writeln!(
+            out,
+            "outpost_hub_http_request_duration_seconds_count{{route=\"{route}\"}} {}",
+            stats.count
+        )?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,197 @@
+//! `outpost-hub serve`: the HTTP(S) server, its shared state, and the rollout engine's clock.
+//!
+//! One listener serves the device API (postcard, under `/device/v1`), the admin API (JSON, under
+//! `/admin/v1`) and `/metrics`. Every route has a body limit and a timeout. On shutdown the
+//! listener closes, in-flight requests drain, and the store is flushed.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+use crate::artifacts::ArtifactStore;
+use crate::store::Store;
+
+mod admin;
+mod device;
+mod engine;
+mod metrics;
+mod tls;
+
+pub use admin::new_admin_token;
+pub use engine::LiveRollout;
+pub use metrics::Metrics;
+
+/// Everything `serve` needs, validated by the CLI.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// PEM certificate chain and private key; None serves plain HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// How often the rollout engine evaluates gates.
+    pub tick: Duration,
+    /// Seconds a device is told to wait between check-ins.
+    pub poll_secs: u32,
+    pub max_artifact_bytes: u64,
+    /// Time limit for a request to produce its response.
+    pub request_timeout: Duration,
+    /// Time limit for in-flight requests once shutdown begins.
+    pub drain_timeout: Duration,
+}
+
+/// The state every handler shares.
+#[derive(Debug)]
+pub struct Hub {
+    pub store: Store,
+    pub artifacts: ArtifactStore,
+    pub metrics: Metrics,
+    pub config: ServerConfig,
+    /// Requests signed before this instant are refused: nonces are remembered in memory only, so
+    /// a request captured before a restart must not become replayable after it.
+    pub started_at: u64,
+    pub nonces: Mutex<device::NonceCache>,
+    /// Rollouts as devices see them, rebuilt whenever one changes.
+    pub live: RwLock<Arc<Vec<LiveRollout>>>,
+    /// Serialises rollout changes between the engine and operators.
+    pub rollout_lock: tokio::sync::Mutex<()>,
+}
+
+pub type SharedHub = Arc<Hub>;
+
+impl Hub {
+    pub fn open(config: ServerConfig) -> anyhow::Result<SharedHub> {
+        let store = Store::open(&config.data_dir).with_context(|| {
+            format!(
+                "opening the store in {} (is another hub running on it?)",
+                config.data_dir.display()
+            )
+        })?;
+        let artifacts = ArtifactStore::open(&config.data_dir).context("opening artifact store")?;
+        let hub = Arc::new(Hub {
+            store,
+            artifacts,
+            metrics: Metrics::default(),
+            config,
+            started_at: crate::unix_now(),
+            nonces: Mutex::new(device::NonceCache::default()),
+            live: RwLock::new(Arc::new(Vec::new())),
+            rollout_lock: tokio::sync::Mutex::new(()),
+        });
+        engine::reload(&hub)?;
+        Ok(hub)
+    }
+}
+
+pub fn router(hub: SharedHub) -> Router {
+    Router::new()
+        .merge(device::routes(hub.clone()))
+        .merge(admin::routes(hub.clone()))
+        .merge(metrics::routes(hub.clone()))
+        .layer(axum::middleware::from_fn_with_state(hub, metrics::track))
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains and flushes.
+pub async fn run(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let local = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    let acceptor = match &config.tls {
+        Some((cert, key)) => Some(tls::acceptor(cert, key)?),
+        None => None,
+    };
+    let hub = Hub::open(config)?;
+    let engine_task = tokio::spawn(engine::run(hub.clone()));
+    let app = router(hub.clone());
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    log::info!("hub serving on {scheme}://{local}");
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    log::warn!("accepting a connection failed: {error}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let result = match acceptor {
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(tls_stream)) => {
+                            let connection =
+                                builder.serve_connection(TokioIo::new(tls_stream), service);
+                            watcher.watch(connection.into_owned()).await
+                        }
+                        Ok(Err(error)) => return log_handshake(peer, &error),
+                        Err(_) => return log::debug!("tls handshake from {peer} timed out"),
+                    }
+                }
+                None => {
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+            };
+            if let Err(error) = result {
+                log::debug!("connection from {peer} ended: {error}");
+            }
+        });
+    }
+    drop(listener);
+    log::info!("shutting down: draining in-flight requests");
+    engine_task.abort();
+    let drain = hub.config.drain_timeout;
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        log::warn!("requests still in flight after {drain:?}; closing them");
+    }
+    hub.store.flush().await.context("flushing the store")?;
+    log::info!("hub stopped");
+    Ok(())
+}
+
+fn log_handshake(peer: SocketAddr, error: &std::io::Error) {
+    log::debug!("tls handshake from {peer} failed: {error}");
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            log::error!("cannot listen for SIGTERM: {error}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

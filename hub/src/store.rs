@@ -1,0 +1,606 @@
+//! The hub's embedded store: sled `=0.34.7` in the data directory, behind this one module.
+//!
+//! Handlers never see sled. They call the domain operations below, each of which is atomic (a
+//! sled transaction where it spans trees), and [`Store::flush`] before acknowledging anything a
+//! client must be able to rely on after a crash. A second backend would implement the same
+//! operations.
+//!
+//! Records are the hub's own storage types, serialized with postcard and converted by hand from
+//! wire types, so the device protocol can evolve without rewriting stored data.
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::api::{Decision, Role, RolloutState};
+
+/// Why the store failed. Distinct from refusals, which operations return as values.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored {tree} record is unreadable: {reason}")]
+    Corrupt { tree: &'static str, reason: String },
+    #[error("cannot encode {tree} record: {reason}")]
+    Encode { tree: &'static str, reason: String },
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(error: TransactionError<StoreError>) -> StoreError {
+        match error {
+            TransactionError::Abort(inner) => inner,
+            TransactionError::Storage(inner) => StoreError::Sled(inner),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+fn encode<T: Serialize>(tree: &'static str, value: &T) -> Result<Vec<u8>> {
+    postcard::to_stdvec(value).map_err(|error| StoreError::Encode {
+        tree,
+        reason: error.to_string(),
+    })
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|error| StoreError::Corrupt {
+        tree,
+        reason: error.to_string(),
+    })
+}
+
+fn abort(error: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(error)
+}
+
+/// An admin API token, stored under the SHA-256 of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminTokenRecord {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created: u64,
+}
+
+/// An enrollment token, stored under the SHA-256 of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollTokenRecord {
+    pub id: String,
+    pub labels: Vec<(String, String)>,
+    pub expires: u64,
+    pub uses_left: u32,
+    pub created: u64,
+}
+
+/// A model a device runs, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningRecord {
+    pub name: String,
+    pub version: u64,
+    pub manifest_sha256: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: [u8; 16],
+    pub public_key: [u8; 32],
+    pub arch: String,
+    pub agent_version: String,
+    pub labels: Vec<(String, String)>,
+    pub enrolled_at: u64,
+    pub revoked: bool,
+    pub last_checkin: Option<u64>,
+    /// `steady`, `downloading`, `probation` or `degraded`, as last reported.
+    pub state: String,
+    pub active: Option<RunningRecord>,
+    pub plan_sequence: Option<u64>,
+    pub dropped_records: u64,
+    pub queue_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub at: u64,
+    pub kind: String,
+    pub plan_sequence: Option<u64>,
+    pub model: Option<(String, u64)>,
+    pub detail: String,
+}
+
+/// A device's latest result for a plan's target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeRecord {
+    pub committed: bool,
+    pub at: u64,
+    pub reason: String,
+}
+
+/// Inference counters of one device on one model version.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsRecord {
+    pub count: u64,
+    pub errors: u64,
+    pub latency_buckets: Vec<u64>,
+}
+
+impl StatsRecord {
+    pub fn add(&mut self, count: u64, errors: u64, buckets: &[u64]) {
+        self.count = self.count.saturating_add(count);
+        self.errors = self.errors.saturating_add(errors);
+        if self.latency_buckets.len() < buckets.len() {
+            self.latency_buckets.resize(buckets.len(), 0);
+        }
+        for (mine, theirs) in self.latency_buckets.iter_mut().zip(buckets) {
+            *mine = mine.saturating_add(*theirs);
+        }
+    }
+}
+
+/// One inference window of a telemetry batch, as ingested.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowInput {
+    pub model: String,
+    pub version: u64,
+    pub count: u64,
+    pub errors: u64,
+    pub latency_buckets: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    pub signed: Vec<u8>,
+    pub sha256: [u8; 32],
+    pub published_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub sequence: u64,
+    pub signed_plan: Vec<u8>,
+    pub state: RolloutState,
+    pub stage_index: usize,
+    pub stage_started: Vec<u64>,
+    pub decisions: Vec<Decision>,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at: u64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+/// Why an enrollment token could not be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    Unknown,
+    Expired,
+    UsedUp,
+}
+
+fn manifest_key(name: &str, version: u64) -> Vec<u8> {
+    [name.as_bytes(), &[0], &version.to_be_bytes()].concat()
+}
+
+fn stats_key(device: &[u8; 16], name: &str, version: u64) -> Vec<u8> {
+    [
+        device.as_slice(),
+        name.as_bytes(),
+        &[0],
+        &version.to_be_bytes(),
+    ]
+    .concat()
+}
+
+const AUDIT_HEAD: &[u8] = b"audit_head";
+
+/// The last audit entry's sequence number and hash, kept beside the log.
+pub type AuditHead = (u64, [u8; 32]);
+
+/// The hub's state on disk.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: sled::Db,
+    admin_tokens: sled::Tree,
+    enroll_tokens: sled::Tree,
+    devices: sled::Tree,
+    events: sled::Tree,
+    outcomes: sled::Tree,
+    stats: sled::Tree,
+    telemetry_seen: sled::Tree,
+    roots: sled::Tree,
+    manifests: sled::Tree,
+    rollouts: sled::Tree,
+    audit: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir/db`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .flush_every_ms(Some(200))
+            .open()?;
+        let tree = |name: &str| db.open_tree(name);
+        Ok(Store {
+            admin_tokens: tree("admin_tokens")?,
+            enroll_tokens: tree("enroll_tokens")?,
+            devices: tree("devices")?,
+            events: tree("events")?,
+            outcomes: tree("outcomes")?,
+            stats: tree("stats")?,
+            telemetry_seen: tree("telemetry_seen")?,
+            roots: tree("roots")?,
+            manifests: tree("manifests")?,
+            rollouts: tree("rollouts")?,
+            audit: tree("audit")?,
+            meta: tree("meta")?,
+            db,
+        })
+    }
+
+    /// Makes every write so far durable. Called before acknowledging a write to a client.
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Blocking flush, for shutdown and for commands outside the server.
+    pub fn flush_blocking(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    // Admin tokens.
+
+    pub fn admin_token(&self, token_hash: &[u8; 32]) -> Result<Option<AdminTokenRecord>> {
+        self.admin_tokens
+            .get(token_hash)?
+            .map(|bytes| decode("admin_tokens", &bytes))
+            .transpose()
+    }
+
+    pub fn insert_admin_token(
+        &self,
+        token_hash: &[u8; 32],
+        record: &AdminTokenRecord,
+    ) -> Result<()> {
+        self.admin_tokens
+            .insert(token_hash, encode("admin_tokens", record)?)?;
+        Ok(())
+    }
+
+    pub fn admin_token_count(&self) -> usize {
+        self.admin_tokens.len()
+    }
+
+    // Enrollment.
+
+    pub fn insert_enroll_token(
+        &self,
+        token_hash: &[u8; 32],
+        record: &EnrollTokenRecord,
+    ) -> Result<()> {
+        self.enroll_tokens
+            .insert(token_hash, encode("enroll_tokens", record)?)?;
+        Ok(())
+    }
+
+    pub fn enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>> {
+        self.enroll_tokens
+            .iter()
+            .values()
+            .map(|bytes| decode("enroll_tokens", &bytes?))
+            .collect()
+    }
+
+    /// Uses one count of an enrollment token and stores the new device, atomically: a token with
+    /// one use left enrolls exactly one device however many try at once. `make_device` receives the
+    /// token's labels.
+    pub fn enroll(
+        &self,
+        token_hash: &[u8; 32],
+        now: u64,
+        make_device: impl Fn(&EnrollTokenRecord) -> DeviceRecord,
+        event: &EventRecord,
+    ) -> Result<std::result::Result<DeviceRecord, TokenRefusal>> {
+        let event_id = self.db.generate_id()?;
+        let outcome = (&self.enroll_tokens, &self.devices, &self.events).transaction(
+            |(tokens, devices, events)| {
+                let Some(bytes) = tokens.get(token_hash)? else {
+                    return Ok(Err(TokenRefusal::Unknown));
+                };
+                let mut token: EnrollTokenRecord =
+                    decode("enroll_tokens", &bytes).map_err(abort)?;
+                if token.expires <= now {
+                    return Ok(Err(TokenRefusal::Expired));
+                }
+                if token.uses_left == 0 {
+                    return Ok(Err(TokenRefusal::UsedUp));
+                }
+                token.uses_left -= 1;
+                tokens.insert(token_hash, encode("enroll_tokens", &token).map_err(abort)?)?;
+                let device = make_device(&token);
+                devices.insert(&device.id, encode("devices", &device).map_err(abort)?)?;
+                let event_key = [device.id.as_slice(), &event_id.to_be_bytes()].concat();
+                events.insert(event_key, encode("events", event).map_err(abort)?)?;
+                Ok(Ok(device))
+            },
+        )?;
+        Ok(outcome)
+    }
+
+    // Devices.
+
+    pub fn device(&self, id: &[u8; 16]) -> Result<Option<DeviceRecord>> {
+        self.devices
+            .get(id)?
+            .map(|bytes| decode("devices", &bytes))
+            .transpose()
+    }
+
+    pub fn put_device(&self, device: &DeviceRecord) -> Result<()> {
+        self.devices.insert(device.id, encode("devices", device)?)?;
+        Ok(())
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        self.devices
+            .iter()
+            .values()
+            .map(|bytes| decode("devices", &bytes?))
+            .collect()
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn add_event(&self, device: &[u8; 16], event: &EventRecord) -> Result<()> {
+        let key = [device.as_slice(), &self.db.generate_id()?.to_be_bytes()].concat();
+        self.events.insert(key, encode("events", event)?)?;
+        Ok(())
+    }
+
+    /// A device's events, oldest first, at most the `limit` newest.
+    pub fn events(&self, device: &[u8; 16], limit: usize) -> Result<Vec<EventRecord>> {
+        let mut events = self
+            .events
+            .scan_prefix(device)
+            .values()
+            .rev()
+            .take(limit)
+            .map(|bytes| decode("events", &bytes?))
+            .collect::<Result<Vec<EventRecord>>>()?;
+        events.reverse();
+        Ok(events)
+    }
+
+    /// Stores a status report: the device's outcome for the plan (when it is one) and the event,
+    /// atomically.
+    pub fn record_status(
+        &self,
+        device: &[u8; 16],
+        plan_sequence: Option<u64>,
+        outcome: Option<&OutcomeRecord>,
+        event: &EventRecord,
+    ) -> Result<()> {
+        let event_key = [device.as_slice(), &self.db.generate_id()?.to_be_bytes()].concat();
+        (&self.outcomes, &self.events).transaction(|(outcomes, events)| {
+            if let (Some(sequence), Some(outcome)) = (plan_sequence, outcome) {
+                let key = [sequence.to_be_bytes().as_slice(), device.as_slice()].concat();
+                outcomes.insert(key, encode("outcomes", outcome).map_err(abort)?)?;
+            }
+            events.insert(
+                event_key.as_slice(),
+                encode("events", event).map_err(abort)?,
+            )?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Every device's outcome for a plan.
+    pub fn outcomes(&self, plan_sequence: u64) -> Result<Vec<([u8; 16], OutcomeRecord)>> {
+        self.outcomes
+            .scan_prefix(plan_sequence.to_be_bytes())
+            .map(|entry| {
+                let (key, value) = entry?;
+                let device = key
+                    .get(8..24)
+                    .and_then(|id| <[u8; 16]>::try_from(id).ok())
+                    .ok_or(StoreError::Corrupt {
+                        tree: "outcomes",
+                        reason: "short key".into(),
+                    })?;
+                Ok((device, decode("outcomes", &value)?))
+            })
+            .collect()
+    }
+
+    // Telemetry.
+
+    /// Stores a telemetry batch exactly once: the idempotency key `(device, sequence)` and the
+    /// counters it adds are written in one transaction. Returns true when the batch had already
+    /// been stored (and nothing was added).
+    pub fn ingest_telemetry(
+        &self,
+        device: &[u8; 16],
+        sequence: u64,
+        windows: &[WindowInput],
+        dropped_records: u64,
+        now: u64,
+    ) -> Result<bool> {
+        let seen_key = [device.as_slice(), &sequence.to_be_bytes()].concat();
+        let duplicate = (&self.telemetry_seen, &self.stats, &self.devices).transaction(
+            |(seen, stats, devices)| {
+                if seen.get(&seen_key)?.is_some() {
+                    return Ok(true);
+                }
+                seen.insert(seen_key.as_slice(), &now.to_be_bytes())?;
+                for window in windows {
+                    let key = stats_key(device, &window.model, window.version);
+                    let mut record: StatsRecord = match stats.get(&key)? {
+                        Some(bytes) => decode("stats", &bytes).map_err(abort)?,
+                        None => StatsRecord::default(),
+                    };
+                    record.add(window.count, window.errors, &window.latency_buckets);
+                    stats.insert(key, encode("stats", &record).map_err(abort)?)?;
+                }
+                if dropped_records > 0 {
+                    if let Some(bytes) = devices.get(device)? {
+                        let mut record: DeviceRecord = decode("devices", &bytes).map_err(abort)?;
+                        record.dropped_records =
+                            record.dropped_records.saturating_add(dropped_records);
+                        devices.insert(device, encode("devices", &record).map_err(abort)?)?;
+                    }
+                }
+                Ok(false)
+            },
+        )?;
+        Ok(duplicate)
+    }
+
+    /// A device's inference counters on one model version.
+    pub fn stats(&self, device: &[u8; 16], name: &str, version: u64) -> Result<StatsRecord> {
+        Ok(self
+            .stats
+            .get(stats_key(device, name, version))?
+            .map(|bytes| decode("stats", &bytes))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    // Roots.
+
+    pub fn put_root(&self, version: u64, signed: &[u8]) -> Result<()> {
+        self.roots.insert(version.to_be_bytes(), signed)?;
+        Ok(())
+    }
+
+    /// Every stored root, oldest first.
+    pub fn roots(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.roots
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                let version = <[u8; 8]>::try_from(key.as_ref())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        tree: "roots",
+                        reason: "bad key".into(),
+                    })?;
+                Ok((version, value.to_vec()))
+            })
+            .collect()
+    }
+
+    // Manifests.
+
+    pub fn put_manifest(&self, name: &str, version: u64, record: &ManifestRecord) -> Result<()> {
+        self.manifests
+            .insert(manifest_key(name, version), encode("manifests", record)?)?;
+        Ok(())
+    }
+
+    pub fn manifest(&self, name: &str, version: u64) -> Result<Option<ManifestRecord>> {
+        self.manifests
+            .get(manifest_key(name, version))?
+            .map(|bytes| decode("manifests", &bytes))
+            .transpose()
+    }
+
+    /// Every version of every model, as (name, version, record), by name then version.
+    pub fn manifests(&self) -> Result<Vec<(String, u64, ManifestRecord)>> {
+        self.manifests
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                let corrupt = || StoreError::Corrupt {
+                    tree: "manifests",
+                    reason: "bad key".into(),
+                };
+                let split = key.len().checked_sub(9).ok_or_else(corrupt)?;
+                let name = std::str::from_utf8(&key[..split]).map_err(|_| corrupt())?;
+                let version = <[u8; 8]>::try_from(&key[split + 1..])
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| corrupt())?;
+                Ok((name.to_owned(), version, decode("manifests", &value)?))
+            })
+            .collect()
+    }
+
+    // Rollouts.
+
+    pub fn put_rollout(&self, record: &RolloutRecord) -> Result<()> {
+        self.rollouts
+            .insert(record.sequence.to_be_bytes(), encode("rollouts", record)?)?;
+        Ok(())
+    }
+
+    pub fn rollout(&self, sequence: u64) -> Result<Option<RolloutRecord>> {
+        self.rollouts
+            .get(sequence.to_be_bytes())?
+            .map(|bytes| decode("rollouts", &bytes))
+            .transpose()
+    }
+
+    /// Every rollout, oldest first.
+    pub fn rollouts(&self) -> Result<Vec<RolloutRecord>> {
+        self.rollouts
+            .iter()
+            .values()
+            .map(|bytes| decode("rollouts", &bytes?))
+            .collect()
+    }
+
+    // Audit log.
+
+    /// Appends to the hash chain: `make` gets the previous entry's (seq, hash) and returns the new
+    /// entry. The entry and the chain head are written in one transaction.
+    pub fn append_audit(&self, make: impl Fn(u64, [u8; 32]) -> AuditRecord) -> Result<AuditRecord> {
+        let record = (&self.audit, &self.meta).transaction(|(audit, meta)| {
+            let (prev_seq, prev_hash) = match meta.get(AUDIT_HEAD)? {
+                Some(bytes) => decode::<(u64, [u8; 32])>("meta", &bytes).map_err(abort)?,
+                None => (0, [0u8; 32]),
+            };
+            let record = make(prev_seq, prev_hash);
+            audit.insert(
+                &record.seq.to_be_bytes(),
+                encode("audit", &record).map_err(abort)?,
+            )?;
+            meta.insert(
+                AUDIT_HEAD,
+                encode("meta", &(record.seq, record.hash)).map_err(abort)?,
+            )?;
+            Ok(record)
+        })?;
+        Ok(record)
+    }
+
+    /// Audit entries with `seq > since`, oldest first, and the recorded chain head.
+    pub fn audit_entries(&self, since: u64) -> Result<(Vec<AuditRecord>, Option<AuditHead>)> {
+        let entries = self
+            .audit
+            .range((since.saturating_add(1)).to_be_bytes()..)
+            .values()
+            .map(|bytes| decode("audit", &bytes?))
+            .collect::<Result<Vec<AuditRecord>>>()?;
+        let head = self
+            .meta
+            .get(AUDIT_HEAD)?
+            .map(|bytes| decode("meta", &bytes))
+            .transpose()?;
+        Ok((entries, head))
+    }
+}
