@@ -31,6 +31,7 @@ pub mod root;
 pub mod serve;
 pub mod sign;
 pub mod table;
+pub mod tls;
 pub mod token;
 pub mod whoami;
 
@@ -84,6 +85,9 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Write a small example ONNX model and its validation set.
     ExampleModel(example::Args),
+    /// Make a private CA and a certificate for the hub.
+    #[command(subcommand)]
+    Tls(tls::TlsCommand),
     /// Commands run on the hub host against its data directory.
     #[command(subcommand)]
     Admin(serve::AdminCommand),
@@ -106,6 +110,7 @@ impl Command {
             Command::Audit(command) => command.run(),
             Command::Serve(args) => args.run(),
             Command::ExampleModel(args) => args.run(),
+            Command::Tls(command) => command.run(),
             Command::Admin(command) => command.run(),
         }
     }
