@@ -17,8 +17,41 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Generate this device's key, enroll with the hub, and store the identity.
+    Enroll(EnrollArgs),
+    /// Run the agent service.
+    Run(RunArgs),
+    /// Show the active and previous model, pending state, last check-in and telemetry queue.
+    Status(StatusArgs),
     /// Check, offline, whether this device would accept signed documents, and say why not.
     Verify(VerifyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EnrollArgs {
+    /// The hub to enroll with, e.g. https://hub.example.com:8443.
+    #[arg(long)]
+    pub hub: String,
+    /// The enrollment token from `outpost-hub token create`.
+    #[arg(long, env = "OUTPOST_ENROLL_TOKEN")]
+    pub token: String,
+    #[arg(long, default_value = "/etc/outpost/agent.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[arg(long, default_value = "/etc/outpost/agent.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[arg(long, default_value = "/etc/outpost/agent.toml")]
+    pub config: PathBuf,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,6 +77,14 @@ pub struct VerifyArgs {
 impl Command {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
+            Command::Enroll(args) => {
+                let config = crate::config::load(&args.config)?;
+                let id = crate::service::enroll(&config, &args.hub, &args.token)?;
+                println!("enrolled as device {id}");
+                Ok(())
+            }
+            Command::Run(args) => crate::service::run(crate::config::load(&args.config)?),
+            Command::Status(args) => args.run(),
             Command::Verify(args) => args.run(),
         }
     }
@@ -105,6 +146,60 @@ impl VerifyArgs {
                 manifest.name(),
                 manifest.version()
             );
+        }
+        Ok(())
+    }
+}
+
+impl StatusArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let config = crate::config::load(&self.config)?;
+        let path = crate::sync::status_path(&config);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let enrolled = crate::service::load_identity(&config.data_dir).is_ok();
+                bail!(
+                    "the agent has not run yet ({} is missing); enrolled: {}",
+                    path.display(),
+                    if enrolled { "yes" } else { "no" }
+                );
+            }
+            Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+        };
+        if self.json {
+            println!("{}", text.trim_end());
+            return Ok(());
+        }
+        let status: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let field = |key: &str| match &status[key] {
+            serde_json::Value::Null => "-".to_owned(),
+            serde_json::Value::String(text) => text.clone(),
+            serde_json::Value::Array(items) if items.is_empty() => "-".to_owned(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|item| item.as_str().unwrap_or_default().to_owned())
+                .collect::<Vec<_>>()
+                .join(", "),
+            other => other.to_string(),
+        };
+        for (label, key) in [
+            ("device", "device_id"),
+            ("hub", "hub_url"),
+            ("active", "active"),
+            ("previous", "previous"),
+            ("pending", "pending"),
+            ("last check-in", "last_checkin"),
+            ("last error", "last_error"),
+            ("root version", "root_version"),
+            ("plan", "plan_sequence"),
+            ("queue bytes", "queue_bytes"),
+            ("queued windows", "queued_windows"),
+            ("dropped records", "dropped_records"),
+            ("undelivered reports", "undelivered_reports"),
+        ] {
+            println!("{label:<20} {}", field(key));
         }
         Ok(())
     }

@@ -7,11 +7,28 @@
 //!   path, shared by probation, the local inference API and the hub's publish gate.
 //! - [`example_model`]: small deterministic ONNX models built in Rust, for tests, the quickstart
 //!   and benchmarks.
+//! - [`api`]: the local inference API (Open Inference Protocol / KServe v2 REST) over the active
+//!   model, with hot swap that never fails an in-flight request, and `/metrics`.
+//! - [`cache`]: the telemetry cache — closed inference windows on disk (sled) until the hub
+//!   acknowledges them, under a byte cap, with crash-safe upload batches.
 
+pub mod api;
+pub mod cache;
 pub mod check;
 pub mod cli;
+pub mod config;
+pub mod download;
 pub mod example_model;
+pub mod fsutil;
+pub mod hub_client;
 pub mod inference;
+pub mod notify;
+pub mod service;
+pub mod slot;
+pub mod state;
+pub mod sync;
+pub mod telemetry;
+pub mod versions;
 
 /// This agent's version, as compared against a manifest's `min_agent_version`.
 pub fn agent_version() -> outpost_protocol::AgentVersion {

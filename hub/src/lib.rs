@@ -11,8 +11,10 @@ pub mod artifacts;
 pub mod audit;
 pub mod cli;
 pub mod client;
-pub mod fsutil;
 pub mod keyfile;
+/// Crash-safe file writes, shared with the agent (the hub links the agent's library already, for
+/// its inference code).
+pub use outpost_agent::fsutil;
 pub mod rollout;
 pub mod server;
 pub mod store;

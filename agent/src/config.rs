@@ -1,0 +1,372 @@
+//! The agent's TOML configuration: [`RawConfig`] mirrors the file, [`Config`] is what the agent
+//! runs on, built once by [`load`]. A bad file fails at start with an error naming the key.
+//!
+//! ```toml
+//! hub_url = "https://hub.example.com:8443"
+//! ca_bundle = "/etc/outpost/ca.pem"        # optional: trust this CA for the hub
+//! trust_root = "/etc/outpost/root.bin"     # the initial signed trust root
+//! data_dir = "/var/lib/outpost"
+//! labels = ["site=berlin", "line=3"]
+//!
+//! [sync]
+//! poll_interval = "30s"
+//! poll_jitter = "5s"
+//! max_backoff = "5m"
+//! connect_timeout = "10s"
+//! read_timeout = "30s"
+//! download_deadline = "30m"
+//! min_download_rate = "1KiB"               # per second, judged after 10 s
+//! telemetry_flush = "60s"
+//!
+//! [inference]
+//! listen = "127.0.0.1:8080"
+//! threads = 1
+//! probation_timeout = "2m"
+//!
+//! [storage]
+//! telemetry_cap = "64MiB"
+//! max_model_size = "512MiB"
+//! keep_versions = 2
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use outpost_protocol::Label;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: `{key}` {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub hub_url: String,
+    pub ca_bundle: Option<PathBuf>,
+    pub trust_root: PathBuf,
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub sync: RawSync,
+    #[serde(default)]
+    pub inference: RawInference,
+    #[serde(default)]
+    pub storage: RawStorage,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSync {
+    pub poll_interval: Option<String>,
+    pub poll_jitter: Option<String>,
+    pub max_backoff: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub read_timeout: Option<String>,
+    pub download_deadline: Option<String>,
+    pub min_download_rate: Option<String>,
+    pub telemetry_flush: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInference {
+    pub listen: Option<String>,
+    pub threads: Option<usize>,
+    pub probation_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    pub telemetry_cap: Option<String>,
+    pub max_model_size: Option<String>,
+    pub keep_versions: Option<usize>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub hub_url: String,
+    pub ca_bundle: Option<PathBuf>,
+    pub trust_root: PathBuf,
+    pub data_dir: PathBuf,
+    pub labels: Vec<Label>,
+    pub poll_interval: Duration,
+    pub poll_jitter: Duration,
+    pub max_backoff: Duration,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub download_deadline: Duration,
+    /// Bytes per second below which a download is abandoned as too slow.
+    pub min_download_rate: u64,
+    pub telemetry_flush: Duration,
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub probation_timeout: Duration,
+    pub telemetry_cap: u64,
+    pub max_model_size: u64,
+    pub keep_versions: usize,
+}
+
+/// Parses `512`, `64KiB`, `64MiB`, `1GiB`, `10MB`.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+/// Reads and validates the config at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let raw: RawConfig = toml::from_str(&text).map_err(|error| ConfigError::Parse {
+        path: path.to_owned(),
+        message: error.to_string(),
+    })?;
+    validate(raw, path)
+}
+
+pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+    let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        key,
+        reason,
+    };
+    let duration = |key: &'static str, value: &Option<String>, default: &str| {
+        let text = value.as_deref().unwrap_or(default);
+        humantime::parse_duration(text)
+            .map_err(|error| invalid(key, format!("{text:?} is not a duration: {error}")))
+    };
+    let size = |key: &'static str, value: &Option<String>, default: &str| {
+        let text = value.as_deref().unwrap_or(default);
+        parse_size(text).ok_or_else(|| {
+            invalid(
+                key,
+                format!("{text:?} is not a size (e.g. 512, 64KiB, 64MiB, 1GiB)"),
+            )
+        })
+    };
+
+    let hub_url = raw.hub_url.trim_end_matches('/').to_owned();
+    let host = hub_url
+        .strip_prefix("https://")
+        .or_else(|| hub_url.strip_prefix("http://"))
+        .ok_or_else(|| {
+            invalid(
+                "hub_url",
+                format!("{hub_url:?} must start with https:// or http://"),
+            )
+        })?;
+    if hub_url.starts_with("http://") && !is_loopback_authority(host) {
+        return Err(invalid(
+            "hub_url",
+            "uses plain http to a non-loopback host; device traffic must use https".into(),
+        ));
+    }
+    let labels = raw
+        .labels
+        .iter()
+        .map(|text| {
+            Label::parse(text).map_err(|error| invalid("labels", format!("{text:?}: {error}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let listen_text = raw.inference.listen.as_deref().unwrap_or("127.0.0.1:8080");
+    let listen: SocketAddr = listen_text.parse().map_err(|_| {
+        invalid(
+            "inference.listen",
+            format!("{listen_text:?} is not an address like 127.0.0.1:8080"),
+        )
+    })?;
+    let threads = raw.inference.threads.unwrap_or(1);
+    if threads == 0 || threads > 256 {
+        return Err(invalid(
+            "inference.threads",
+            format!("{threads} is not within 1..=256"),
+        ));
+    }
+    let keep_versions = raw.storage.keep_versions.unwrap_or(2);
+    if keep_versions > 32 {
+        return Err(invalid(
+            "storage.keep_versions",
+            format!("{keep_versions} is more than 32"),
+        ));
+    }
+    let poll_interval = duration("sync.poll_interval", &raw.sync.poll_interval, "30s")?;
+    if poll_interval.is_zero() {
+        return Err(invalid("sync.poll_interval", "must be positive".into()));
+    }
+    let telemetry_cap = size("storage.telemetry_cap", &raw.storage.telemetry_cap, "64MiB")?;
+    if telemetry_cap < 4 * 1024 {
+        return Err(invalid(
+            "storage.telemetry_cap",
+            "must be at least 4KiB".into(),
+        ));
+    }
+    let relative = |key: &'static str, path: &PathBuf| {
+        if path.as_os_str().is_empty() {
+            return Err(invalid(key, "is empty".into()));
+        }
+        Ok(path.clone())
+    };
+    Ok(Config {
+        path: path.to_owned(),
+        hub_url,
+        ca_bundle: raw
+            .ca_bundle
+            .as_ref()
+            .map(|ca| relative("ca_bundle", ca))
+            .transpose()?,
+        trust_root: relative("trust_root", &raw.trust_root)?,
+        data_dir: relative("data_dir", &raw.data_dir)?,
+        labels,
+        poll_interval,
+        poll_jitter: duration("sync.poll_jitter", &raw.sync.poll_jitter, "5s")?,
+        max_backoff: duration("sync.max_backoff", &raw.sync.max_backoff, "5m")?,
+        connect_timeout: duration("sync.connect_timeout", &raw.sync.connect_timeout, "10s")?,
+        read_timeout: duration("sync.read_timeout", &raw.sync.read_timeout, "30s")?,
+        download_deadline: duration("sync.download_deadline", &raw.sync.download_deadline, "30m")?,
+        min_download_rate: size(
+            "sync.min_download_rate",
+            &raw.sync.min_download_rate,
+            "1KiB",
+        )?,
+        telemetry_flush: duration("sync.telemetry_flush", &raw.sync.telemetry_flush, "60s")?,
+        listen,
+        threads,
+        probation_timeout: duration(
+            "inference.probation_timeout",
+            &raw.inference.probation_timeout,
+            "2m",
+        )?,
+        telemetry_cap,
+        max_model_size: size(
+            "storage.max_model_size",
+            &raw.storage.max_model_size,
+            "512MiB",
+        )?,
+        keep_versions,
+    })
+}
+
+/// True for `localhost`, `127.x.y.z` and `[::1]`, with or without a port.
+fn is_loopback_authority(authority: &str) -> bool {
+    let host = authority.split('/').next().unwrap_or_default();
+    let host = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(host, _)| host)
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: "t.toml".into(),
+            message: error.to_string(),
+        })?;
+        validate(raw, Path::new("t.toml"))
+    }
+
+    const BASE: &str =
+        "hub_url = \"https://hub:8443\"\ntrust_root = \"root.bin\"\ndata_dir = \"data\"\n";
+
+    #[test]
+    fn defaults_apply() {
+        let config = parse(BASE).unwrap();
+        assert_eq!(config.poll_interval, Duration::from_secs(30));
+        assert_eq!(config.keep_versions, 2);
+        assert_eq!(config.telemetry_cap, 64 << 20);
+        assert!(config.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let error = parse(&format!("{BASE}[sync]\npoll_interval = \"soon\"\n")).unwrap_err();
+        assert!(
+            error.to_string().contains("`sync.poll_interval`"),
+            "{error}"
+        );
+        let error = parse(&format!("{BASE}[storage]\ntelemetry_cap = \"lots\"\n")).unwrap_err();
+        assert!(
+            error.to_string().contains("`storage.telemetry_cap`"),
+            "{error}"
+        );
+        let error = parse(&format!("{BASE}labels = [\"a b\"]\n")).unwrap_err();
+        assert!(error.to_string().contains("`labels`"), "{error}");
+        let error = parse(&format!("{BASE}[inference]\nthreads = 0\n")).unwrap_err();
+        assert!(error.to_string().contains("`inference.threads`"), "{error}");
+        let error = parse(&format!("{BASE}colour = \"blue\"\n")).unwrap_err();
+        assert!(error.to_string().contains("colour"), "{error}");
+        let error =
+            parse("hub_url = \"http://hub.example.com\"\ntrust_root = \"r\"\ndata_dir = \"d\"\n")
+                .unwrap_err();
+        assert!(error.to_string().contains("`hub_url`"), "{error}");
+        assert!(
+            parse("hub_url = \"http://127.0.0.1:9\"\ntrust_root = \"r\"\ndata_dir = \"d\"\n")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("64KiB"), Some(65536));
+        assert_eq!(parse_size("2 MB"), Some(2_000_000));
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("99999999999999GiB"), None);
+    }
+}
+
+#[cfg(test)]
+mod shipped_example {
+    /// The example config shipped for packages must stay valid.
+    #[test]
+    fn example_config_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/agent.toml");
+        let config = super::load(&path).unwrap();
+        assert_eq!(config.keep_versions, 2);
+        assert_eq!(config.labels.len(), 1);
+    }
+}

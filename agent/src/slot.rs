@@ -1,0 +1,52 @@
+//! The model currently serving requests, swappable while requests are in flight.
+//!
+//! A request takes an `Arc` of the active model when it starts and finishes on that model; a swap
+//! only changes which model the *next* request takes. So no request is dropped or fails because
+//! of a swap, and the old model is freed when its last request ends.
+
+use std::sync::{Arc, RwLock};
+
+use outpost_protocol::Sha256;
+
+use crate::inference::LoadedModel;
+
+/// A committed model version, loaded and ready.
+#[derive(Debug)]
+pub struct ActiveModel {
+    pub name: String,
+    pub version: u64,
+    /// SHA-256 of the signed manifest it came from.
+    pub manifest_sha256: Sha256,
+    pub model: LoadedModel,
+}
+
+/// Holds the active model. Cheap to read on every request.
+#[derive(Debug, Default)]
+pub struct ModelSlot {
+    current: RwLock<Option<Arc<ActiveModel>>>,
+}
+
+impl ModelSlot {
+    pub fn new() -> ModelSlot {
+        ModelSlot::default()
+    }
+
+    /// The model new requests should use, if any.
+    pub fn current(&self) -> Option<Arc<ActiveModel>> {
+        // A poisoned lock only means a writer panicked mid-swap; the value is a whole Arc either
+        // way, so serving it is safe.
+        match self.current.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Makes `model` the one new requests use, returning the one it replaces.
+    pub fn swap(&self, model: Arc<ActiveModel>) -> Option<Arc<ActiveModel>> {
+        let mut guard = match self.current.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        guard.replace(model)
+    }
+}

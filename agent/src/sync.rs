@@ -1,0 +1,760 @@
+//! The agent's conversation with the hub, one cycle at a time: deliver queued status reports,
+//! check in, walk any new roots, verify the plan and the manifest it allows, download, install
+//! and put a candidate on probation, commit or abandon it, and upload telemetry.
+//!
+//! Activation never leaves the device without a working model: the candidate is installed beside
+//! the active version, a persisted `pending` marker is set, the candidate must load and pass its
+//! signed validation set within a deadline, and only then does the active pointer move and the
+//! serving slot swap. A crash during probation finds the marker at start and reverts.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use outpost_protocol::device::{
+    AgentState, CheckIn, CheckInResponse, RunningModel, Status, StatusReport, TelemetryAck,
+    TelemetryBatch,
+};
+use outpost_protocol::trust::{ManifestBody, ManifestRef, Signed};
+use outpost_protocol::{Arch, Sha256, TimeFloor, VerifiedManifest, VerifiedRoot};
+use serde::Serialize;
+
+use crate::api::QueueStats;
+use crate::cache::TelemetryCache;
+use crate::config::Config;
+use crate::download::{self, Limits};
+use crate::hub_client::{HubClient, HubError};
+use crate::inference::{validate, LoadedModel};
+use crate::notify::Notifier;
+use crate::slot::{ActiveModel, ModelSlot};
+use crate::state::{DeviceState, Pending, QueuedReport, StateFiles, VersionRef};
+use crate::telemetry::Recorder;
+use crate::versions::{Installed, Versions};
+use crate::{agent_version, unix_now};
+
+/// Most windows uploaded in one telemetry batch.
+const MAX_BATCH_WINDOWS: usize = 1000;
+
+/// What `outpost-agent status` shows, written after every cycle.
+#[derive(Debug, Serialize)]
+pub struct StatusFile {
+    pub device_id: String,
+    pub hub_url: String,
+    pub active: Option<String>,
+    pub previous: Vec<String>,
+    pub pending: Option<String>,
+    pub last_checkin: Option<u64>,
+    pub last_error: Option<String>,
+    pub root_version: u64,
+    pub plan_sequence: Option<u64>,
+    pub queue_bytes: u64,
+    pub queued_windows: u64,
+    pub dropped_records: u64,
+    pub undelivered_reports: usize,
+    pub updated_at: u64,
+}
+
+/// What the sync loop shares with the rest of the service.
+#[derive(Debug)]
+pub struct Shared {
+    pub slot: Arc<ModelSlot>,
+    pub recorder: Arc<Recorder>,
+    pub cache: Arc<TelemetryCache>,
+    pub queue: Arc<QueueStats>,
+    pub notifier: Arc<Notifier>,
+}
+
+pub fn status_path(config: &Config) -> PathBuf {
+    config.data_dir.join("status.json")
+}
+
+#[derive(Debug)]
+pub struct Syncer {
+    config: Config,
+    device_id: String,
+    client: HubClient,
+    files: StateFiles,
+    state: DeviceState,
+    root: VerifiedRoot,
+    versions: Versions,
+    slot: Arc<ModelSlot>,
+    recorder: Arc<Recorder>,
+    cache: Arc<TelemetryCache>,
+    queue: Arc<QueueStats>,
+    notifier: Arc<Notifier>,
+    agent_state: AgentState,
+    last_error: Option<String>,
+    last_telemetry_flush: Instant,
+}
+
+fn to_ref(manifest: &VerifiedManifest) -> VersionRef {
+    VersionRef {
+        name: manifest.name().as_str().to_owned(),
+        version: manifest.version(),
+        manifest_sha256: manifest.digest().0,
+    }
+}
+
+fn wire_ref(version: &VersionRef) -> ManifestRef {
+    ManifestRef {
+        name: version.name.clone(),
+        version: version.version,
+        manifest_sha256: Sha256(version.manifest_sha256),
+    }
+}
+
+impl Syncer {
+    /// Loads the trust root and state, recovers from a crash during probation, and puts the
+    /// active model (or, if it no longer loads, the newest previous one) into `slot`.
+    pub fn start(
+        config: Config,
+        client: HubClient,
+        device_id: String,
+        shared: Shared,
+    ) -> anyhow::Result<Syncer> {
+        let Shared {
+            slot,
+            recorder,
+            cache,
+            queue,
+            notifier,
+        } = shared;
+        let files = StateFiles::new(&config.data_dir)?;
+        let mut state = files.load()?;
+        let floor = TimeFloor {
+            wall_clock: unix_now(),
+            newest_signed: state.newest_signed,
+            hub_time: state.hub_time,
+        };
+        let root = match files.load_root()? {
+            Some(bytes) => VerifiedRoot::load_trusted(&bytes).context("the stored trust root")?,
+            None => {
+                let bytes = crate::fsutil::read_capped(&config.trust_root, 64 * 1024)?;
+                let root = VerifiedRoot::verify_initial(&bytes, &floor).with_context(|| {
+                    format!("the initial trust root {}", config.trust_root.display())
+                })?;
+                files.save_root(&bytes)?;
+                root
+            }
+        };
+        let versions = Versions::open(&config.data_dir)?;
+        if let Some(pending) = state.pending.take() {
+            let reverted_to = state
+                .active
+                .as_ref()
+                .map_or("no model".to_owned(), ToString::to_string);
+            let reason = format!(
+                "agent restarted during probation of {}; reverted to {reverted_to}",
+                pending.candidate
+            );
+            log::warn!("{reason}");
+            DeviceState::remember(&mut state.failed, pending.candidate.manifest_sha256);
+            state.queue(QueuedReport {
+                plan_sequence: pending.plan_sequence,
+                manifest: Some(pending.candidate),
+                kind: "rolled_back".into(),
+                reason,
+                at: unix_now(),
+            });
+            files.save(&state)?;
+        }
+        let mut syncer = Syncer {
+            device_id,
+            client,
+            files,
+            state,
+            root,
+            versions,
+            slot,
+            recorder,
+            cache,
+            queue,
+            notifier,
+            agent_state: AgentState::Steady,
+            last_error: None,
+            last_telemetry_flush: Instant::now(),
+            config,
+        };
+        syncer.load_active()?;
+        syncer.write_status();
+        Ok(syncer)
+    }
+
+    /// Serves the newest committed version that still loads and verifies on disk.
+    fn load_active(&mut self) -> anyhow::Result<()> {
+        let candidates: Vec<VersionRef> = self
+            .state
+            .active
+            .iter()
+            .chain(&self.state.previous)
+            .cloned()
+            .collect();
+        for (index, version) in candidates.iter().enumerate() {
+            match self.load_model(version) {
+                Ok(model) => {
+                    if index > 0 {
+                        // The active version is damaged on disk: fall back and say so.
+                        let reason = format!(
+                            "active version {} no longer loads; serving {version}",
+                            candidates[0]
+                        );
+                        log::error!("{reason}");
+                        self.queue(None, Some(candidates[0].clone()), "rolled_back", reason);
+                        self.state.previous.retain(|kept| kept != version);
+                        self.state.active = Some(version.clone());
+                        self.files.save(&self.state)?;
+                    }
+                    self.slot.swap(Arc::new(model));
+                    log::info!("serving {version}");
+                    return Ok(());
+                }
+                Err(error) => log::error!("cannot load {version}: {error:#}"),
+            }
+        }
+        if !candidates.is_empty() {
+            log::error!(
+                "no installed model version loads; serving nothing until the hub sends one"
+            );
+        }
+        Ok(())
+    }
+
+    fn load_model(&self, version: &VersionRef) -> anyhow::Result<ActiveModel> {
+        let installed = self.versions.load(&version.manifest_sha256)?;
+        let model = LoadedModel::load(
+            &installed.model,
+            &installed.manifest.inputs,
+            &installed.manifest.outputs,
+            self.config.threads,
+        )?;
+        Ok(ActiveModel {
+            name: version.name.clone(),
+            version: version.version,
+            manifest_sha256: Sha256(version.manifest_sha256),
+            model,
+        })
+    }
+
+    fn floor(&self) -> TimeFloor {
+        TimeFloor {
+            wall_clock: unix_now(),
+            newest_signed: self.state.newest_signed,
+            hub_time: self.state.hub_time,
+        }
+    }
+
+    fn queue(
+        &mut self,
+        plan_sequence: Option<u64>,
+        manifest: Option<VersionRef>,
+        kind: &str,
+        reason: String,
+    ) {
+        self.state.queue(QueuedReport {
+            plan_sequence,
+            manifest,
+            kind: kind.to_owned(),
+            reason,
+            at: unix_now(),
+        });
+    }
+
+    /// Runs cycles until `shutdown` receives or its sender is dropped, backing off on errors.
+    /// Telemetry moves from memory to the disk cache on its own clock, whether or not the hub can
+    /// be reached: an outage must not leave it in memory only.
+    pub fn run(mut self, shutdown: Receiver<()>) {
+        let mut backoff = Duration::ZERO;
+        let mut next_cycle = Instant::now();
+        loop {
+            self.notifier.watchdog();
+            if self.last_telemetry_flush.elapsed() >= self.config.telemetry_flush {
+                self.flush_telemetry();
+            }
+            if Instant::now() >= next_cycle {
+                let wait = match self.cycle() {
+                    Ok(poll_after) => {
+                        backoff = Duration::ZERO;
+                        self.last_error = None;
+                        poll_after
+                    }
+                    Err(error) => {
+                        backoff = (backoff * 2)
+                            .max(Duration::from_secs(1))
+                            .min(self.config.max_backoff);
+                        log::warn!(
+                            "sync with {} failed, retrying in {backoff:?}: {error:#}",
+                            self.client.base_url()
+                        );
+                        self.last_error = Some(format!("{error:#}"));
+                        backoff
+                    }
+                };
+                if let Err(error) = self.files.save(&self.state) {
+                    log::error!("saving agent state: {error:#}");
+                }
+                self.write_status();
+                next_cycle = Instant::now() + wait + self.jitter();
+            }
+            let next_flush = self.last_telemetry_flush + self.config.telemetry_flush;
+            let wake = next_cycle.min(next_flush);
+            match shutdown.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Err(RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.flush_telemetry();
+        if let Err(error) = self.files.save(&self.state) {
+            log::error!("saving agent state: {error:#}");
+        }
+        self.write_status();
+    }
+
+    /// A random share of the configured jitter, so a fleet does not check in in lockstep.
+    fn jitter(&self) -> Duration {
+        let mut bytes = [0u8; 8];
+        let _ = getrandom::getrandom(&mut bytes);
+        let max = self.config.poll_jitter.as_millis() as u64;
+        Duration::from_millis(if max == 0 {
+            0
+        } else {
+            u64::from_le_bytes(bytes) % max
+        })
+    }
+
+    /// One round with the hub. Errors are transport-level; refusals are reported, not returned.
+    pub fn cycle(&mut self) -> anyhow::Result<Duration> {
+        self.deliver_reports()?;
+        let stats = self.cache.stats();
+        let check_in = CheckIn {
+            state: self.agent_state,
+            active: self.state.active.as_ref().map(|active| RunningModel {
+                name: active.name.clone(),
+                version: active.version,
+                manifest_sha256: Sha256(active.manifest_sha256),
+            }),
+            root_version: self.root.version(),
+            plan_sequence: self.state.highest_plan,
+            agent_version: agent_version(),
+            dropped_records: stats.dropped_total,
+            queue_bytes: stats.queue_bytes,
+        };
+        let response: CheckInResponse = self.client.call("/device/v1/checkin", &check_in)?;
+        self.state.hub_time = self.state.hub_time.max(response.hub_time);
+        self.state.last_checkin = Some(unix_now());
+        self.apply(response.clone());
+        self.deliver_reports()?;
+        self.upload_telemetry()?;
+        Ok(Duration::from_secs(u64::from(
+            response.poll_after_secs.max(1),
+        )))
+    }
+
+    fn refuse(
+        &mut self,
+        plan_sequence: Option<u64>,
+        manifest: Option<VersionRef>,
+        digest: [u8; 32],
+        reason: String,
+    ) {
+        if self.state.refused.contains(&digest) {
+            return;
+        }
+        log::warn!("refused: {reason}");
+        DeviceState::remember(&mut self.state.refused, digest);
+        self.queue(plan_sequence, manifest, "refused", reason);
+    }
+
+    fn apply(&mut self, response: CheckInResponse) {
+        let floor = self.floor();
+        let roots: Vec<Vec<u8>> = response
+            .roots
+            .into_iter()
+            .map(|root| root.into_vec())
+            .collect();
+        if !roots.is_empty() {
+            match self.root.update(&roots, &floor) {
+                Ok(root) if root.version() > self.root.version() => {
+                    if let Err(error) = self.files.save_root(root.signed_bytes()) {
+                        log::error!("saving the rotated root: {error:#}");
+                        return;
+                    }
+                    log::info!("trust root rotated to version {}", root.version());
+                    self.root = root;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    let digest = outpost_protocol::sha256(roots.concat().as_slice()).0;
+                    self.refuse(None, None, digest, format!("root rotation: {error}"));
+                    return;
+                }
+            }
+        }
+        let Some(plan_bytes) = response.plan else {
+            return;
+        };
+        let plan = match self
+            .root
+            .verify_plan(&plan_bytes, &floor, self.state.highest_plan)
+        {
+            Ok(plan) => plan,
+            Err(error) => {
+                let digest = outpost_protocol::sha256(&plan_bytes).0;
+                self.refuse(None, None, digest, format!("plan: {error}"));
+                return;
+            }
+        };
+        let sequence = plan.sequence();
+        self.state.highest_plan = Some(self.state.highest_plan.unwrap_or(0).max(sequence));
+        self.state.newest_signed = self.state.newest_signed.max(plan.body().created);
+        let Some((_, manifest_bytes)) = response.manifest else {
+            return;
+        };
+        // The name only picks the rollback floor; verification checks everything else.
+        let claimed_name = outpost_protocol::decode::<Signed<ManifestBody>>(&manifest_bytes)
+            .ok()
+            .and_then(|signed| signed.decode_unverified().ok())
+            .map(|body| body.name)
+            .unwrap_or_default();
+        let highest = self.state.highest_manifest(&claimed_name);
+        let digest = outpost_protocol::sha256(&manifest_bytes).0;
+        let (slot, manifest) =
+            match plan.verify_manifest(&self.root, &manifest_bytes, &floor, highest) {
+                Ok(verified) => verified,
+                Err(error) => {
+                    self.refuse(Some(sequence), None, digest, format!("manifest: {error}"));
+                    return;
+                }
+            };
+        let candidate = to_ref(&manifest);
+        let Some(arch) = Arch::current() else {
+            self.refuse(
+                Some(sequence),
+                Some(candidate),
+                digest,
+                "this CPU architecture is not supported".into(),
+            );
+            return;
+        };
+        if let Err(error) = manifest.check_compatible(arch, agent_version()) {
+            self.refuse(
+                Some(sequence),
+                Some(candidate),
+                digest,
+                format!("manifest: {error}"),
+            );
+            return;
+        }
+        self.state.note_manifest(&candidate.name, candidate.version);
+        self.state.newest_signed = self.state.newest_signed.max(manifest.body().created);
+        if self
+            .state
+            .active
+            .as_ref()
+            .is_some_and(|active| active.manifest_sha256 == digest)
+        {
+            if self.state.committed_report != Some((sequence, digest)) {
+                self.state.committed_report = Some((sequence, digest));
+                self.queue(Some(sequence), Some(candidate), "committed", String::new());
+            }
+            return;
+        }
+        if self.state.failed.contains(&digest) {
+            return;
+        }
+        log::info!("activating {candidate} ({slot:?} of plan {sequence})");
+        self.activate(sequence, candidate, &manifest);
+    }
+
+    fn activate(&mut self, sequence: u64, candidate: VersionRef, manifest: &VerifiedManifest) {
+        let digest = candidate.manifest_sha256;
+        if !self.versions.has(&digest) {
+            if let Some(model) = manifest.artifact(outpost_protocol::trust::ArtifactRole::Model) {
+                if model.length > self.config.max_model_size {
+                    let reason = format!(
+                        "model is {} bytes, over this device's max_model_size of {}",
+                        model.length, self.config.max_model_size
+                    );
+                    self.refuse(Some(sequence), Some(candidate), digest, reason);
+                    return;
+                }
+            }
+            self.agent_state = AgentState::Downloading;
+            let downloads = self.config.data_dir.join("downloads");
+            let limits = Limits {
+                deadline: self.config.download_deadline,
+                min_rate: self.config.min_download_rate,
+            };
+            let notifier = self.notifier.clone();
+            let mut files = Vec::new();
+            for artifact in &manifest.body().artifacts {
+                match download::fetch(&self.client, artifact, &downloads, limits, &|| {
+                    notifier.watchdog()
+                }) {
+                    Ok(path) => files.push((artifact.role, path)),
+                    Err(error) if error.is_refusal() => {
+                        self.agent_state = AgentState::Steady;
+                        self.refuse(Some(sequence), Some(candidate), digest, error.to_string());
+                        return;
+                    }
+                    Err(error) => {
+                        // Network trouble: keep the partial file and resume next cycle.
+                        self.agent_state = AgentState::Steady;
+                        log::warn!("{error}");
+                        self.last_error = Some(error.to_string());
+                        return;
+                    }
+                }
+            }
+            if let Err(error) = self
+                .versions
+                .install(&digest, manifest.signed_bytes(), &files)
+            {
+                self.agent_state = AgentState::Degraded;
+                log::error!("installing {candidate}: {error:#}");
+                self.queue(
+                    Some(sequence),
+                    Some(candidate),
+                    "failed",
+                    format!("install: {error:#}"),
+                );
+                return;
+            }
+            self.queue(
+                Some(sequence),
+                Some(candidate.clone()),
+                "downloaded",
+                String::new(),
+            );
+        }
+
+        self.agent_state = AgentState::Probation;
+        self.state.pending = Some(Pending {
+            candidate: candidate.clone(),
+            plan_sequence: Some(sequence),
+            started_at: unix_now(),
+        });
+        self.queue(
+            Some(sequence),
+            Some(candidate.clone()),
+            "activating",
+            String::new(),
+        );
+        if let Err(error) = self.files.save(&self.state) {
+            // Without the marker on disk a crash could not be recovered from: do not go on.
+            log::error!("saving the probation marker: {error:#}");
+            self.state.pending = None;
+            self.agent_state = AgentState::Degraded;
+            return;
+        }
+        self.write_status();
+        let _ = self.deliver_reports();
+
+        match self.probation(&candidate) {
+            Ok(model) => {
+                let previous = self.state.active.replace(candidate.clone());
+                if let Some(previous) = previous {
+                    self.state
+                        .previous
+                        .retain(|kept| kept.manifest_sha256 != digest);
+                    self.state.previous.insert(0, previous);
+                }
+                self.state
+                    .previous
+                    .retain(|kept| kept.manifest_sha256 != digest);
+                self.state.previous.truncate(self.config.keep_versions);
+                self.state.pending = None;
+                self.state.committed_report = Some((sequence, digest));
+                if let Err(error) = self.files.save(&self.state) {
+                    log::error!("saving the commit of {candidate}: {error:#}");
+                }
+                self.slot.swap(Arc::new(model));
+                self.agent_state = AgentState::Steady;
+                log::info!("committed {candidate}");
+                self.queue(Some(sequence), Some(candidate), "committed", String::new());
+                let keep: Vec<[u8; 32]> = self
+                    .state
+                    .active
+                    .iter()
+                    .chain(&self.state.previous)
+                    .map(|version| version.manifest_sha256)
+                    .collect();
+                if let Err(error) = self.versions.retain(&keep) {
+                    log::warn!("removing old versions: {error:#}");
+                }
+            }
+            Err(reason) => {
+                log::warn!("{candidate} failed probation: {reason}");
+                self.state.pending = None;
+                DeviceState::remember(&mut self.state.failed, digest);
+                self.agent_state = AgentState::Steady;
+                if let Err(error) = self.files.save(&self.state) {
+                    log::error!("saving agent state: {error:#}");
+                }
+                self.queue(Some(sequence), Some(candidate), "failed", reason);
+            }
+        }
+    }
+
+    /// Loads the candidate and runs its signed validation set, on a separate thread bounded by
+    /// the probation timeout: a model that hangs fails like one that answers wrongly.
+    fn probation(&self, candidate: &VersionRef) -> Result<ActiveModel, String> {
+        let installed: Installed = self
+            .versions
+            .load(&candidate.manifest_sha256)
+            .map_err(|error| format!("reading the installed files: {error:#}"))?;
+        let threads = self.config.threads;
+        let timeout = self.config.probation_timeout;
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + timeout;
+            let outcome = LoadedModel::load(
+                &installed.model,
+                &installed.manifest.inputs,
+                &installed.manifest.outputs,
+                threads,
+            )
+            .map_err(|error| format!("loading: {error}"))
+            .and_then(|model| match &installed.validation {
+                Some(set) => validate(&model, set, deadline)
+                    .map(|_| model)
+                    .map_err(|error| format!("validation: {error}")),
+                None => Ok(model),
+            });
+            let _ = done.send(outcome);
+        });
+        let model = match result.recv_timeout(timeout) {
+            Ok(outcome) => outcome?,
+            Err(_) => return Err(format!("probation did not finish within {timeout:?}")),
+        };
+        Ok(ActiveModel {
+            name: candidate.name.clone(),
+            version: candidate.version,
+            manifest_sha256: Sha256(candidate.manifest_sha256),
+            model,
+        })
+    }
+
+    /// Sends queued status reports in order. A transport failure stops and is returned, so the
+    /// caller backs off; a report the hub refuses outright is dropped with a warning.
+    fn deliver_reports(&mut self) -> Result<(), HubError> {
+        while let Some(report) = self.state.outbox.first().cloned() {
+            let status = match report.kind.as_str() {
+                "downloaded" => Status::Downloaded,
+                "activating" => Status::Activating,
+                "committed" => Status::Committed,
+                "rolled_back" => Status::RolledBack {
+                    reason: report.reason.clone(),
+                },
+                "refused" => Status::Refused {
+                    reason: report.reason.clone(),
+                },
+                _ => Status::Failed {
+                    reason: report.reason.clone(),
+                },
+            };
+            let wire = StatusReport {
+                plan_sequence: report.plan_sequence,
+                manifest: report.manifest.as_ref().map(wire_ref),
+                status,
+                at: report.at,
+            };
+            match self.client.send("/device/v1/status", &wire) {
+                Ok(()) => {}
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => log::warn!("hub refused a status report, dropping it: {error}"),
+            }
+            self.state.outbox.remove(0);
+        }
+        Ok(())
+    }
+
+    /// Moves finished in-memory windows into the disk cache.
+    fn flush_telemetry(&mut self) {
+        let windows = self.recorder.take_all();
+        if !windows.is_empty() {
+            if let Err(error) = self.cache.append(&windows) {
+                log::error!("caching {} telemetry windows: {error}", windows.len());
+            }
+        }
+        self.last_telemetry_flush = Instant::now();
+    }
+
+    fn upload_telemetry(&mut self) -> Result<(), HubError> {
+        let batch = match self.cache.pending(MAX_BATCH_WINDOWS) {
+            Ok(Some(batch)) => batch,
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                log::error!("reading the telemetry cache: {error}");
+                return Ok(());
+            }
+        };
+        let sequence = batch.sequence;
+        let ack: TelemetryAck = self.client.call(
+            "/device/v1/telemetry",
+            &TelemetryBatch {
+                sequence,
+                windows: batch.windows,
+                dropped_records: batch.dropped_records,
+            },
+        )?;
+        if ack.sequence == sequence {
+            if let Err(error) = self.cache.acknowledge(sequence) {
+                log::error!("acknowledging telemetry batch {sequence}: {error}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues an event for the hub that is not about a rollout (a quarantined cache, say).
+    pub fn report_event(&mut self, kind: &str, reason: String) {
+        self.queue(None, None, kind, reason);
+    }
+
+    fn write_status(&self) {
+        let stats = self.cache.stats();
+        use std::sync::atomic::Ordering;
+        self.queue
+            .queue_bytes
+            .store(stats.queue_bytes, Ordering::Relaxed);
+        self.queue
+            .dropped_records
+            .store(stats.dropped_total, Ordering::Relaxed);
+        let status = StatusFile {
+            device_id: self.device_id.clone(),
+            hub_url: self.client.base_url().to_owned(),
+            active: self.state.active.as_ref().map(ToString::to_string),
+            previous: self
+                .state
+                .previous
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            pending: self
+                .state
+                .pending
+                .as_ref()
+                .map(|pending| pending.candidate.to_string()),
+            last_checkin: self.state.last_checkin,
+            last_error: self.last_error.clone(),
+            root_version: self.root.version(),
+            plan_sequence: self.state.highest_plan,
+            queue_bytes: stats.queue_bytes,
+            queued_windows: stats.queued_windows,
+            dropped_records: stats.dropped_total,
+            undelivered_reports: self.state.outbox.len(),
+            updated_at: unix_now(),
+        };
+        match serde_json::to_vec_pretty(&status) {
+            Ok(bytes) => {
+                if let Err(error) =
+                    crate::fsutil::write_atomic(&status_path(&self.config), &bytes, 0o644)
+                {
+                    log::warn!("writing the status file: {error:#}");
+                }
+            }
+            Err(error) => log::warn!("encoding the status file: {error}"),
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Per-inference telemetry, kept in memory: counters and a latency histogram per model version and
+//! hourly window. Nothing here touches the disk; whole windows are handed to the cache in batches,
+//! never one inference at a time.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use outpost_protocol::device::{InferenceWindow, LATENCY_BUCKETS_US};
+
+/// Length of a telemetry window: aligned UTC hours.
+pub const WINDOW_SECS: u64 = 3600;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct WindowKey {
+    model: String,
+    version: u64,
+    start: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Counters {
+    count: u64,
+    errors: u64,
+    /// One slot per [`LATENCY_BUCKETS_US`] bound plus the overflow slot.
+    latency: [u64; LATENCY_BUCKETS_US.len() + 1],
+}
+
+/// Collects inference outcomes. Shared by every request handler; cheap to call.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    open: Mutex<HashMap<WindowKey, Counters>>,
+}
+
+fn bucket_of(latency: Duration) -> usize {
+    let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+    LATENCY_BUCKETS_US
+        .iter()
+        .position(|bound| micros <= *bound)
+        .unwrap_or(LATENCY_BUCKETS_US.len())
+}
+
+impl Recorder {
+    pub fn new() -> Recorder {
+        Recorder::default()
+    }
+
+    /// Counts one inference at Unix second `now`.
+    pub fn record(&self, model: &str, version: u64, latency: Duration, ok: bool, now: u64) {
+        let key = WindowKey {
+            model: model.to_owned(),
+            version,
+            start: now - now % WINDOW_SECS,
+        };
+        let mut open = match self.open.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let counters = open.entry(key).or_default();
+        counters.count += 1;
+        if !ok {
+            counters.errors += 1;
+        }
+        counters.latency[bucket_of(latency)] += 1;
+    }
+
+    /// Removes and returns the windows that ended at or before `now`.
+    pub fn take_closed(&self, now: u64) -> Vec<InferenceWindow> {
+        self.take(|key| key.start + WINDOW_SECS <= now)
+    }
+
+    /// Removes and returns every window, open or not: for shutdown, and for uploading a partial
+    /// window. A later call starts counting the same window afresh; the hub adds the parts.
+    pub fn take_all(&self) -> Vec<InferenceWindow> {
+        self.take(|_| true)
+    }
+
+    fn take(&self, wanted: impl Fn(&WindowKey) -> bool) -> Vec<InferenceWindow> {
+        let mut open = match self.open.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let keys: Vec<WindowKey> = open.keys().filter(|key| wanted(key)).cloned().collect();
+        keys.into_iter()
+            .filter_map(|key| {
+                let counters = open.remove(&key)?;
+                Some(InferenceWindow {
+                    model: key.model,
+                    version: key.version,
+                    start: key.start,
+                    end: key.start + WINDOW_SECS,
+                    count: counters.count,
+                    errors: counters.errors,
+                    latency_buckets: counters.latency.to_vec(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_count_and_close() {
+        let recorder = Recorder::new();
+        recorder.record("m", 1, Duration::from_micros(80), true, 7200);
+        recorder.record("m", 1, Duration::from_millis(3), false, 7300);
+        recorder.record("m", 2, Duration::from_secs(60), true, 10_800);
+        assert!(recorder.take_closed(10_799).is_empty());
+        let closed = recorder.take_closed(10_800);
+        assert_eq!(closed.len(), 1);
+        let window = &closed[0];
+        assert_eq!(
+            (window.start, window.end, window.count, window.errors),
+            (7200, 10_800, 2, 1)
+        );
+        assert_eq!(window.latency_buckets[0], 1);
+        assert_eq!(window.latency_buckets[5], 1);
+        let rest = recorder.take_all();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].latency_buckets[LATENCY_BUCKETS_US.len()], 1);
+        assert!(recorder.take_all().is_empty());
+    }
+}

@@ -1,0 +1,176 @@
+//! Installed model versions: `DATA/versions/<manifest sha256>/` holding `manifest.bin` and one
+//! file per artifact role. A version directory appears only complete: it is assembled under a
+//! temporary name, every file and the directory fsynced, then renamed into place and the parent
+//! fsynced. Loading re-checks every artifact against the signed manifest, so a file damaged on
+//! disk is never run.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use outpost_protocol::device::ValidationSet;
+use outpost_protocol::keys::StreamingSha256;
+use outpost_protocol::trust::{ArtifactRole, ManifestBody, Signed};
+use outpost_protocol::{Message, Sha256};
+
+#[derive(Debug, Clone)]
+pub struct Versions {
+    dir: PathBuf,
+}
+
+/// An installed version, read back and checked against its manifest.
+#[derive(Debug)]
+pub struct Installed {
+    pub manifest: ManifestBody,
+    pub model: Vec<u8>,
+    pub validation: Option<ValidationSet>,
+}
+
+pub fn artifact_file(role: ArtifactRole) -> &'static str {
+    match role {
+        ArtifactRole::Model => "model.onnx",
+        ArtifactRole::Profile => "profile.bin",
+        ArtifactRole::Validation => "validation.bin",
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Streams a file through SHA-256.
+pub fn hash_file(path: &Path) -> std::io::Result<(u64, Sha256)> {
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let mut hasher = StreamingSha256::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut length = 0u64;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        length += n as u64;
+    }
+    Ok((length, hasher.finish()))
+}
+
+impl Versions {
+    pub fn open(data_dir: &Path) -> anyhow::Result<Versions> {
+        let dir = data_dir.join("versions");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Half-assembled versions from a crash are never under a final name; clear them away.
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(".staging-"))
+            {
+                let _ = fs::remove_dir_all(&path);
+            }
+        }
+        Ok(Versions { dir })
+    }
+
+    pub fn path(&self, manifest_sha256: &[u8; 32]) -> PathBuf {
+        self.dir.join(hex::encode(manifest_sha256))
+    }
+
+    pub fn has(&self, manifest_sha256: &[u8; 32]) -> bool {
+        self.path(manifest_sha256).join("manifest.bin").is_file()
+    }
+
+    /// Installs a version from downloaded artifact files, which are moved (not copied) in.
+    pub fn install(
+        &self,
+        manifest_sha256: &[u8; 32],
+        signed_manifest: &[u8],
+        artifacts: &[(ArtifactRole, PathBuf)],
+    ) -> anyhow::Result<()> {
+        let final_dir = self.path(manifest_sha256);
+        if final_dir.exists() {
+            return Ok(());
+        }
+        let staging = self
+            .dir
+            .join(format!(".staging-{}", hex::encode(manifest_sha256)));
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
+        let result = (|| {
+            for (role, source) in artifacts {
+                let target = staging.join(artifact_file(*role));
+                fs::rename(source, &target)
+                    .with_context(|| format!("moving {} into place", source.display()))?;
+                File::open(&target)?.sync_all()?;
+            }
+            crate::fsutil::write_atomic(&staging.join("manifest.bin"), signed_manifest, 0o644)?;
+            sync_dir(&staging)?;
+            fs::rename(&staging, &final_dir)
+                .with_context(|| format!("installing {}", final_dir.display()))?;
+            sync_dir(&self.dir).context("syncing the versions directory")
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        result
+    }
+
+    /// Reads an installed version back, checking every artifact's length and hash against the
+    /// manifest stored beside it, and that manifest against the digest it is filed under.
+    pub fn load(&self, manifest_sha256: &[u8; 32]) -> anyhow::Result<Installed> {
+        let dir = self.path(manifest_sha256);
+        let signed_bytes = crate::fsutil::read_capped(
+            &dir.join("manifest.bin"),
+            Signed::<ManifestBody>::MAX_FRAME as u64,
+        )?;
+        if outpost_protocol::sha256(&signed_bytes).0 != *manifest_sha256 {
+            bail!("{}: manifest does not match its digest", dir.display());
+        }
+        let signed: Signed<ManifestBody> = outpost_protocol::decode(&signed_bytes)?;
+        let manifest = signed.decode_unverified()?;
+        let mut model = None;
+        let mut validation = None;
+        for artifact in &manifest.artifacts {
+            let path = dir.join(artifact_file(artifact.role));
+            let (length, digest) =
+                hash_file(&path).with_context(|| format!("reading {}", path.display()))?;
+            if length != artifact.length || digest != artifact.sha256 {
+                bail!("{} does not match its signed hash", path.display());
+            }
+            match artifact.role {
+                ArtifactRole::Model => model = Some(fs::read(&path)?),
+                ArtifactRole::Validation => {
+                    let bytes = fs::read(&path)?;
+                    validation = Some(outpost_protocol::decode::<ValidationSet>(&bytes)?);
+                }
+                ArtifactRole::Profile => {}
+            }
+        }
+        let model = model.with_context(|| format!("{} has no model", dir.display()))?;
+        Ok(Installed {
+            manifest,
+            model,
+            validation,
+        })
+    }
+
+    /// Removes every installed version not in `keep`.
+    pub fn retain(&self, keep: &[[u8; 32]]) -> anyhow::Result<()> {
+        let keep: Vec<String> = keep.iter().map(hex::encode).collect();
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.len() == 64 && !keep.contains(&name) {
+                fs::remove_dir_all(&path)
+                    .with_context(|| format!("removing old version {}", path.display()))?;
+                log::info!("removed old model version {name}");
+            }
+        }
+        sync_dir(&self.dir)?;
+        Ok(())
+    }
+}
