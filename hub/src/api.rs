@@ -187,13 +187,24 @@ pub struct DeviceEvent {
     pub detail: String,
 }
 
+/// Inferences a device reported for one model version, as ingested from its telemetry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InferenceCounts {
+    pub model: ModelRef,
+    pub count: u64,
+    pub errors: u64,
+}
+
 /// `GET /devices/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceDetail {
     pub device: DeviceSummary,
     pub public_key: String,
     pub plan_sequence: Option<u64>,
+    /// Telemetry records the device dropped under its disk cap, as it reported them.
     pub dropped_records: u64,
+    #[serde(default)]
+    pub inferences: Vec<InferenceCounts>,
     pub events: Vec<DeviceEvent>,
 }
 

@@ -9,6 +9,8 @@
 //! wire types, so the device protocol can evolve without rewriting stored data.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -222,6 +224,11 @@ pub struct Store {
     rollouts: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
+    /// Serialises flushes; see [`Store::flush`].
+    flush_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Flushes begun so far, and the number of the last one that finished.
+    flushes_begun: Arc<AtomicU64>,
+    flush_done: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -246,12 +253,29 @@ impl Store {
             audit: tree("audit")?,
             meta: tree("meta")?,
             db,
+            flush_lock: Arc::new(tokio::sync::Mutex::new(())),
+            flushes_begun: Arc::new(AtomicU64::new(0)),
+            flush_done: Arc::new(AtomicU64::new(0)),
         })
     }
 
     /// Makes every write so far durable. Called before acknowledging a write to a client.
+    ///
+    /// One flush runs at a time. sled 0.34.7 deadlocks when several `flush_async` calls run at
+    /// once (spacejam/sled#1308, fixed only on sled's unreleased main; by our reading each one
+    /// blocks a thread of sled's small I/O pool waiting for a log write queued behind them on that
+    /// same pool), which hung the hub under 16 concurrent telemetry clients. Serialising them also groups them: a caller that finds a flush begun
+    /// after it arrived, and finished, is covered by it, since sled's flush covers every write
+    /// made before it began.
     pub async fn flush(&self) -> Result<()> {
+        let begun_before_arrival = self.flushes_begun.load(Ordering::SeqCst);
+        let _guard = self.flush_lock.lock().await;
+        if self.flush_done.load(Ordering::SeqCst) > begun_before_arrival {
+            return Ok(());
+        }
+        let number = self.flushes_begun.fetch_add(1, Ordering::SeqCst) + 1;
         self.db.flush_async().await?;
+        self.flush_done.store(number, Ordering::SeqCst);
         Ok(())
     }
 
@@ -479,6 +503,27 @@ impl Store {
             .map(|bytes| decode("stats", &bytes))
             .transpose()?
             .unwrap_or_default())
+    }
+
+    /// Every model version a device reported inferences for, with its counters.
+    pub fn device_stats(&self, device: &[u8; 16]) -> Result<Vec<(String, u64, StatsRecord)>> {
+        self.stats
+            .scan_prefix(device)
+            .map(|entry| {
+                let (key, value) = entry?;
+                let corrupt = || StoreError::Corrupt {
+                    tree: "stats",
+                    reason: "bad key".into(),
+                };
+                let rest = key.get(16..).ok_or_else(corrupt)?;
+                let split = rest.len().checked_sub(9).ok_or_else(corrupt)?;
+                let name = std::str::from_utf8(&rest[..split]).map_err(|_| corrupt())?;
+                let version = <[u8; 8]>::try_from(&rest[split + 1..])
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| corrupt())?;
+                Ok((name.to_owned(), version, decode("stats", &value)?))
+            })
+            .collect()
     }
 
     // Roots.

@@ -206,6 +206,24 @@ fn render_detail(detail: &DeviceDetail, now: u64) -> String {
         ),
         ("public key", detail.public_key.clone()),
         ("dropped records", detail.dropped_records.to_string()),
+        (
+            "inferences",
+            if detail.inferences.is_empty() {
+                "-".to_owned()
+            } else {
+                detail
+                    .inferences
+                    .iter()
+                    .map(|counts| {
+                        format!(
+                            "{}@{}: {} ({} errors)",
+                            counts.model.name, counts.model.version, counts.count, counts.errors
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
     ]);
     text.push('\n');
     text.push_str(&render_events(&detail.events));
@@ -277,6 +295,7 @@ mod tests {
             public_key: "ab".into(),
             plan_sequence: Some(3),
             dropped_records: 0,
+            inferences: Vec::new(),
             events: vec![DeviceEvent {
                 at: 60,
                 kind: "committed".into(),

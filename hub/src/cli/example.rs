@@ -26,6 +26,9 @@ pub struct Args {
     pub hidden: usize,
     #[arg(long, default_value_t = 3)]
     pub outputs: usize,
+    /// Cases in the validation set.
+    #[arg(long, default_value_t = 8)]
+    pub cases: usize,
 }
 
 impl Args {
@@ -40,9 +43,10 @@ impl Args {
             self.validation_seed.unwrap_or(self.seed),
         );
         let (inputs, outputs) = example_model::mlp_specs(self.inputs, self.outputs);
-        let validation =
-            example_model::validation_set_for(&reference, &inputs, &outputs, 8, self.seed, 1e-5, 1e-4)
-                .context("computing the validation set")?;
+        let validation = example_model::validation_set_for(
+            &reference, &inputs, &outputs, self.cases, self.seed, 1e-5, 1e-4,
+        )
+        .context("computing the validation set")?;
         let model_path = self.out.join("model.onnx");
         let validation_path = self.out.join("validation.bin");
         fsutil::write_atomic(&model_path, &model, 0o644)?;
@@ -51,7 +55,11 @@ impl Args {
             &outpost_protocol::encode(&validation).context("encoding the validation set")?,
             0o644,
         )?;
-        println!("wrote {} and {}", model_path.display(), validation_path.display());
+        println!(
+            "wrote {} and {}",
+            model_path.display(),
+            validation_path.display()
+        );
         Ok(())
     }
 }

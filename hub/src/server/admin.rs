@@ -786,11 +786,22 @@ async fn show_device(
             detail: event.detail,
         })
         .collect();
+    let inferences = hub
+        .store
+        .device_stats(&device.id)?
+        .into_iter()
+        .map(|(name, version, stats)| InferenceCounts {
+            model: ModelRef { name, version },
+            count: stats.count,
+            errors: stats.errors,
+        })
+        .collect();
     Ok(Json(DeviceDetail {
         device: device_summary(&device, unix_now()),
         public_key: hex::encode(device.public_key),
         plan_sequence: device.plan_sequence,
         dropped_records: device.dropped_records,
+        inferences,
         events,
     }))
 }
