@@ -3,10 +3,18 @@
 //! The binaries belong to other packages, so Cargo does not hand their paths to this crate's
 //! tests. [`bin`] builds them once per test process with the same cargo and profile, then runs
 //! them from the shared target directory.
+//!
+//! - [`hub`]: a real `outpost-hub serve` in a child process, driven through the real CLI.
+//! - [`device_sim`]: simulated devices speaking the device API, built on `outpost-protocol`.
+
+pub mod agent;
+pub mod device_sim;
+pub mod hub;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Path to a workspace binary (`outpost-hub`, `outpost-agent`), built on first use.
 pub fn bin(name: &str) -> PathBuf {
@@ -98,4 +106,19 @@ pub fn run(name: &str, dir: &Path, args: &[&str]) -> Run {
         .output()
         .unwrap_or_else(|error| panic!("running {name}: {error}"));
     Run::from_output(output)
+}
+
+/// Polls `check` every 50 ms until it returns a value; panics naming `what` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -1,0 +1,762 @@
+//! Load generator for the hub's device API (issue 3): how many signed check-ins and telemetry
+//! batches one `outpost-hub serve` answers per second, and at what latency.
+//!
+//! It starts a real release-built hub on loopback with a fresh data directory, signs a 2-of-2
+//! root, publishes two example model versions and starts a rollout from one to the other, so
+//! every check-in answer carries a signed plan and a signed manifest as in production. It then
+//! enrolls `OUTPOST_LOAD_DEVICES` simulated devices (not timed) and, for each client count in
+//! `OUTPOST_LOAD_CLIENTS`, runs each scenario for `OUTPOST_LOAD_SECS` seconds after a one-second
+//! warm-up: that many client threads, each with its own keep-alive HTTP connection, sign and send
+//! requests back to back for the devices they own. Every request is signed with a fresh nonce and
+//! every telemetry batch has a new sequence number, so the hub does its full work each time.
+//!
+//! The client shares the machine with the hub, so the bench also reads both processes' CPU time
+//! from `/proc/<pid>/stat` and reports the hub's CPU cost per request, which does not depend on
+//! how much of the machine the client took.
+//!
+//! ```sh
+//! cargo bench -p outpost-tests --bench hub_load
+//! ```
+//!
+//! The hub binary is `target/release/outpost-hub`, rebuilt first with `cargo build --release`,
+//! unless `OUTPOST_HUB_BIN` names another one. This is a measurement, never a pass/fail test.
+
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_protocol::device::{
+    AgentState, CheckIn, CheckInResponse, InferenceWindow, TelemetryAck, TelemetryBatch,
+    LATENCY_BUCKETS_US,
+};
+use outpost_protocol::Message;
+use outpost_tests::device_sim::{agent_version, unix_now, SimDevice, POSTCARD};
+use outpost_tests::workspace_root;
+
+/// The model the bench publishes and rolls out.
+const MODEL: &str = "bench-model";
+/// Inference windows in one telemetry batch; see [`telemetry_batch`].
+const WINDOWS_PER_BATCH: u64 = 100;
+/// Most requests one scenario may send, whatever the duration, to bound memory for latencies.
+const MAX_REQUESTS_PER_SCENARIO: usize = 5_000_000;
+/// How long the hub may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Threads that enroll devices before the measurement.
+const ENROLL_THREADS: usize = 8;
+/// Telemetry sequence numbers handed out so far.
+static NEXT_SEQUENCE: AtomicU64 = AtomicU64::new(1);
+/// Linux reports process CPU time in `/proc` in units of USER_HZ, which is 100 on every
+/// architecture Outpost builds for.
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
+fn env_number(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={text:?} is not a whole number")),
+        Err(_) => default,
+    }
+}
+
+/// Run parameters, from the environment.
+#[derive(Debug)]
+struct Settings {
+    n_devices: usize,
+    client_counts: Vec<usize>,
+    duration: Duration,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let client_counts = std::env::var("OUTPOST_LOAD_CLIENTS")
+            .unwrap_or_else(|_| "16".to_owned())
+            .split(',')
+            .map(|text| {
+                text.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("OUTPOST_LOAD_CLIENTS: {text:?} is not a number"))
+            })
+            .collect::<Vec<usize>>();
+        let n_devices = usize::try_from(env_number("OUTPOST_LOAD_DEVICES", 1000))
+            .expect("OUTPOST_LOAD_DEVICES fits in usize");
+        assert!(
+            client_counts
+                .iter()
+                .all(|&clients| clients > 0 && clients <= n_devices.min(1024)),
+            "every client count must be between 1 and min(devices, 1024)"
+        );
+        Settings {
+            n_devices,
+            client_counts,
+            duration: Duration::from_secs(env_number("OUTPOST_LOAD_SECS", 10).clamp(1, 600)),
+        }
+    }
+}
+
+/// The hub binary under test: `OUTPOST_HUB_BIN`, or a fresh release build.
+fn hub_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("OUTPOST_HUB_BIN") {
+        // The CLI runs in the hub's temporary directory, so a relative path would not resolve.
+        return std::fs::canonicalize(&path)
+            .unwrap_or_else(|error| panic!("OUTPOST_HUB_BIN={path}: {error}"));
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "outpost-hub",
+            "--bin",
+            "outpost-hub",
+        ])
+        .current_dir(workspace_root())
+        .status()
+        .expect("running cargo build --release for outpost-hub");
+    assert!(status.success(), "building the release outpost-hub failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    target.join("release").join("outpost-hub")
+}
+
+/// A `serve` process on loopback with its own temporary directory, killed when dropped.
+///
+/// The tests' `TestHub` runs the build profile of the test executable and a fast engine tick for
+/// quick rollouts; the bench needs the release binary and the default tick, so it has its own.
+#[derive(Debug)]
+struct BenchHub {
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    token: String,
+    address: String,
+    child: Child,
+}
+
+impl BenchHub {
+    fn start(binary: PathBuf) -> BenchHub {
+        let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
+        let data = dir.path().join("data");
+        let bootstrap = Command::new(&binary)
+            .args(["admin", "bootstrap", "--data"])
+            .arg(&data)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("running outpost-hub admin bootstrap");
+        assert!(
+            bootstrap.status.success(),
+            "admin bootstrap failed: {}",
+            String::from_utf8_lossy(&bootstrap.stderr)
+        );
+        let token = String::from_utf8_lossy(&bootstrap.stdout).trim().to_owned();
+        let address_file = dir.path().join("address");
+        let log = File::create(dir.path().join("hub.log")).expect("creating the hub's log");
+        let child = Command::new(&binary)
+            .args(["serve", "--data"])
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0", "--address-file"])
+            .arg(&address_file)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting outpost-hub serve");
+        let started = Instant::now();
+        let address = loop {
+            if let Ok(text) = std::fs::read_to_string(&address_file) {
+                if !text.trim().is_empty() {
+                    break text.trim().to_owned();
+                }
+            }
+            assert!(
+                started.elapsed() < START_TIMEOUT,
+                "outpost-hub serve did not start listening within {START_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        BenchHub {
+            binary,
+            dir,
+            token,
+            address,
+            child,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_string_lossy().into_owned()
+    }
+
+    /// Runs the operator CLI against this hub and returns what it printed; panics on failure.
+    fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new(&self.binary)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("OUTPOST_HUB", self.url())
+            .env("OUTPOST_TOKEN", &self.token)
+            .env("RUST_LOG", "warn")
+            .env_remove("OUTPOST_CA")
+            .env_remove("OUTPOST_CLI_CONFIG")
+            .output()
+            .unwrap_or_else(|error| panic!("running outpost-hub {args:?}: {error}"));
+        assert!(
+            output.status.success(),
+            "outpost-hub {args:?} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Release keys, a 2-of-2 root, versions 1 and 2 of [`MODEL`], and a rollout from 1 to 2.
+    /// Returns the root's bytes, which devices trust.
+    fn prepare_fleet(&self) -> Vec<u8> {
+        let keys_dir = self.dir.path().join("keys");
+        let keys_arg = keys_dir.to_string_lossy().into_owned();
+        self.cli(&["keys", "generate", "--out", &keys_arg, "--count", "2"]);
+        let mut keys: Vec<String> = std::fs::read_dir(&keys_dir)
+            .expect("listing generated keys")
+            .map(|entry| entry.expect("reading a key entry").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "key"))
+            .map(|path| path.to_string_lossy().into_owned())
+            .collect();
+        keys.sort();
+        let keys = keys.join(",");
+        let root = self.path("root.bin");
+        self.cli(&[
+            "root",
+            "init",
+            "--key",
+            &keys,
+            "--threshold",
+            "2",
+            "--out",
+            &root,
+        ]);
+        self.cli(&["root", "upload", &root]);
+        for version in [1u64, 2] {
+            let out = self.path(&format!("model-{version}"));
+            self.cli(&[
+                "example-model",
+                "--out",
+                &out,
+                "--seed",
+                &version.to_string(),
+            ]);
+            self.cli(&[
+                "model",
+                "publish",
+                &format!("{out}/model.onnx"),
+                "--name",
+                MODEL,
+                "--version",
+                &version.to_string(),
+                "--validation",
+                &format!("{out}/validation.bin"),
+                "--key",
+                &keys,
+            ]);
+        }
+        self.cli(&[
+            "rollout",
+            "create",
+            "--model",
+            MODEL,
+            "--version",
+            "2",
+            "--fallback",
+            "1",
+            "--root",
+            &root,
+            "--key",
+            &keys,
+        ]);
+        std::fs::read(&root).expect("reading the signed root")
+    }
+
+    fn enroll_token(&self, uses: usize) -> String {
+        let output = self.cli(&[
+            "token",
+            "create",
+            "--expires",
+            "1d",
+            "--uses",
+            &uses.to_string(),
+            "--json",
+        ]);
+        let created: outpost_hub::api::CreatedToken =
+            serde_json::from_str(&output).expect("token create printed its JSON");
+        created.token
+    }
+}
+
+impl Drop for BenchHub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// User plus system CPU time of a process so far, in seconds.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|error| panic!("reading /proc/{pid}/stat: {error}"));
+    // The command name in parentheses may contain spaces; fields are counted after it.
+    let after_name = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: u64 = fields[11].parse::<u64>().expect("utime is a number")
+        + fields[12].parse::<u64>().expect("stime is a number");
+    ticks as f64 / CLOCK_TICKS_PER_SEC
+}
+
+/// Busy and total CPU time of the whole machine so far, in seconds, from `/proc/stat`.
+fn machine_cpu_seconds() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").expect("reading /proc/stat");
+    let line = stat.lines().next().expect("/proc/stat has a cpu line");
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|field| field.parse().expect("cpu times are numbers"))
+        .collect();
+    let total: u64 = ticks.iter().sum();
+    // idle and iowait.
+    let idle = ticks[3] + ticks.get(4).copied().unwrap_or(0);
+    (
+        (total - idle) as f64 / CLOCK_TICKS_PER_SEC,
+        total as f64 / CLOCK_TICKS_PER_SEC,
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    CheckIn,
+    Telemetry,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::CheckIn => "check-in",
+            Scenario::Telemetry => "telemetry (100 windows)",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Scenario::CheckIn => "/device/v1/checkin",
+            Scenario::Telemetry => "/device/v1/telemetry",
+        }
+    }
+}
+
+/// The check-in a steady device running version 1 sends.
+fn check_in_body(plan_sequence: Option<u64>) -> Vec<u8> {
+    outpost_protocol::encode(&CheckIn {
+        state: AgentState::Steady,
+        active: None,
+        root_version: 1,
+        plan_sequence,
+        agent_version: agent_version(),
+        dropped_records: 0,
+        queue_bytes: 0,
+    })
+    .expect("encoding a check-in")
+}
+
+/// A batch standing in for a 100-feature drift summary until those exist: 100 inference windows
+/// of one minute each, alternating between the rollout's two versions, each with 17 latency
+/// buckets (about 6 KB framed, the size of the protocol bench's `telemetry_batch_100`).
+fn telemetry_batch(sequence: u64) -> TelemetryBatch {
+    let now = unix_now();
+    let windows = (0..WINDOWS_PER_BATCH)
+        .map(|index| InferenceWindow {
+            model: MODEL.to_owned(),
+            version: 1 + index % 2,
+            start: now + index * 60,
+            end: now + (index + 1) * 60,
+            count: 3_000 + index * 7,
+            errors: index % 3,
+            latency_buckets: (0..=LATENCY_BUCKETS_US.len() as u64)
+                .map(|bucket| (bucket * 37 + index) % 500)
+                .collect(),
+        })
+        .collect();
+    TelemetryBatch {
+        sequence,
+        windows,
+        dropped_records: 0,
+    }
+}
+
+/// What one client thread saw.
+#[derive(Debug, Default)]
+struct ClientResult {
+    /// Latency of each successful request in the measured window, in microseconds.
+    latencies_us: Vec<u32>,
+    errors: u64,
+    first_error: Option<String>,
+    request_bytes: usize,
+    response_bytes: usize,
+}
+
+/// One client thread: a keep-alive connection, sending requests for `devices` in turn.
+fn client(
+    scenario: Scenario,
+    url: &str,
+    devices: &[&SimDevice],
+    warm_up_until: Instant,
+    stop_at: Instant,
+    budget: &AtomicU64,
+) -> ClientResult {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .new_agent();
+    let target = format!("{url}{}", scenario.path());
+    let check_in = check_in_body(None);
+    let mut batch = telemetry_batch(0);
+    let mut result = ClientResult::default();
+    let mut turn = 0usize;
+    loop {
+        let now = Instant::now();
+        if now >= stop_at {
+            break;
+        }
+        let measured = now >= warm_up_until;
+        if measured && budget.fetch_sub(1, Ordering::Relaxed) == 0 {
+            break;
+        }
+        let device = devices[turn % devices.len()];
+        turn += 1;
+        let body = match scenario {
+            Scenario::CheckIn => check_in.clone(),
+            Scenario::Telemetry => {
+                // One counter for the whole run keeps `(device, sequence)` unique across scenarios,
+                // so no batch is taken for a resend.
+                batch.sequence = NEXT_SEQUENCE.fetch_add(1, Ordering::Relaxed);
+                outpost_protocol::encode(&batch).expect("encoding a telemetry batch")
+            }
+        };
+        let started = Instant::now();
+        let signed = device.sign("POST", scenario.path(), Some(&body));
+        let mut request = agent.post(&target).header("content-type", POSTCARD);
+        for (name, value) in &signed.headers {
+            request = request.header(name, value);
+        }
+        let outcome = request.send(&body[..]).map_err(|error| error.to_string());
+        let outcome = outcome.and_then(|mut response| {
+            let status = response.status().as_u16();
+            let bytes = response
+                .body_mut()
+                .read_to_vec()
+                .map_err(|error| error.to_string())?;
+            if status != 200 {
+                return Err(format!(
+                    "status {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ));
+            }
+            check_response(scenario, &bytes)?;
+            Ok(bytes.len())
+        });
+        let elapsed = started.elapsed();
+        match outcome {
+            Ok(response_len) => {
+                result.request_bytes = body.len();
+                result.response_bytes = response_len;
+                if measured {
+                    result
+                        .latencies_us
+                        .push(u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX));
+                }
+            }
+            Err(error) => {
+                result.errors += 1;
+                result.first_error.get_or_insert(error);
+            }
+        }
+    }
+    result
+}
+
+/// Decodes the hub's answer and checks it is the full one: a plan and a manifest for a check-in,
+/// a fresh (not duplicate) acknowledgement for a batch.
+fn check_response(scenario: Scenario, bytes: &[u8]) -> Result<(), String> {
+    fn decode<M: Message>(bytes: &[u8]) -> Result<M, String> {
+        outpost_protocol::decode(bytes).map_err(|error| error.to_string())
+    }
+    match scenario {
+        Scenario::CheckIn => {
+            let response: CheckInResponse = decode(bytes)?;
+            if response.plan.is_none() || response.manifest.is_none() {
+                return Err("check-in answer carries no plan or manifest".to_owned());
+            }
+        }
+        Scenario::Telemetry => {
+            let ack: TelemetryAck = decode(bytes)?;
+            if ack.duplicate {
+                return Err(format!("batch {} was taken for a duplicate", ack.sequence));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One row of the results table.
+#[derive(Debug)]
+struct Measurement {
+    scenario: Scenario,
+    clients: usize,
+    requests: usize,
+    errors: u64,
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    request_bytes: usize,
+    response_bytes: usize,
+    /// Hub CPU time per request, in microseconds.
+    hub_cpu_us: f64,
+    /// Shares of the machine's CPU time over the measured window.
+    hub_share: f64,
+    client_share: f64,
+    other_share: f64,
+}
+
+fn percentile_ms(sorted_us: &[u32], quantile: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted_us.len() as f64 * quantile).ceil() as usize).clamp(1, sorted_us.len());
+    f64::from(sorted_us[index - 1]) / 1000.0
+}
+
+fn measure(
+    scenario: Scenario,
+    hub: &BenchHub,
+    devices: &[SimDevice],
+    clients: usize,
+    duration: Duration,
+) -> Measurement {
+    let url = hub.url();
+    let hub_pid = hub.child.id().to_string();
+    let budget = Arc::new(AtomicU64::new(MAX_REQUESTS_PER_SCENARIO as u64));
+    let warm_up_until = Instant::now() + Duration::from_secs(1);
+    let stop_at = warm_up_until + duration;
+    let (results, before, after) = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|thread| {
+                let owned: Vec<&SimDevice> = devices.iter().skip(thread).step_by(clients).collect();
+                let (url, budget) = (&url, &budget);
+                scope.spawn(move || client(scenario, url, &owned, warm_up_until, stop_at, budget))
+            })
+            .collect();
+        // Sample CPU counters at the edges of the measured window, not of the warm-up.
+        std::thread::sleep(warm_up_until.saturating_duration_since(Instant::now()));
+        let before = (
+            cpu_seconds(&hub_pid),
+            cpu_seconds("self"),
+            machine_cpu_seconds(),
+        );
+        std::thread::sleep(stop_at.saturating_duration_since(Instant::now()));
+        let after = (
+            cpu_seconds(&hub_pid),
+            cpu_seconds("self"),
+            machine_cpu_seconds(),
+        );
+        let results: Vec<ClientResult> = handles
+            .into_iter()
+            .map(|handle| handle.join().expect("a client thread panicked"))
+            .collect();
+        (results, before, after)
+    });
+    let ((hub0, client0, (busy0, total0)), (hub1, client1, (busy1, total1))) = (before, after);
+    let mut latencies: Vec<u32> = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    let (mut request_bytes, mut response_bytes) = (0, 0);
+    for result in results {
+        latencies.extend(result.latencies_us);
+        errors += result.errors;
+        first_error = first_error.or(result.first_error);
+        request_bytes = request_bytes.max(result.request_bytes);
+        response_bytes = response_bytes.max(result.response_bytes);
+    }
+    if let Some(error) = first_error {
+        eprintln!(
+            "{} with {clients} clients: {errors} failed requests; first: {error}",
+            scenario.name()
+        );
+    }
+    latencies.sort_unstable();
+    let requests = latencies.len();
+    let seconds = duration.as_secs_f64();
+    let (hub_cpu, client_cpu) = (hub1 - hub0, client1 - client0);
+    let total = (total1 - total0).max(f64::EPSILON);
+    Measurement {
+        scenario,
+        clients,
+        requests,
+        errors,
+        per_second: requests as f64 / seconds,
+        p50_ms: percentile_ms(&latencies, 0.50),
+        p99_ms: percentile_ms(&latencies, 0.99),
+        max_ms: percentile_ms(&latencies, 1.0),
+        request_bytes,
+        response_bytes,
+        hub_cpu_us: hub_cpu * 1e6 / (requests.max(1) as f64),
+        hub_share: hub_cpu / total,
+        client_share: client_cpu / total,
+        other_share: ((busy1 - busy0) - hub_cpu - client_cpu).max(0.0) / total,
+    }
+}
+
+/// Enrolls `n_devices` devices in parallel (not timed).
+fn enroll(hub: &BenchHub, n_devices: usize, root: &[u8]) -> Vec<SimDevice> {
+    let token = hub.enroll_token(n_devices);
+    let url = hub.url();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..ENROLL_THREADS)
+            .map(|thread| {
+                let count =
+                    n_devices / ENROLL_THREADS + usize::from(thread < n_devices % ENROLL_THREADS);
+                let (url, token) = (&url, &token);
+                scope.spawn(move || {
+                    (0..count)
+                        .map(|_| SimDevice::enroll(url, token, &[], root))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| handle.join().expect("an enrolling thread panicked"))
+            .collect()
+    })
+}
+
+fn first_line(path: &Path, prefix: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.split_once(':'))
+        .map_or_else(
+            || "unknown".to_owned(),
+            |(_, value)| value.trim().to_owned(),
+        )
+}
+
+fn machine_description() -> String {
+    let cpu = first_line(Path::new("/proc/cpuinfo"), "model name");
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let memory = first_line(Path::new("/proc/meminfo"), "MemTotal");
+    let rustc = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned()))
+        .arg("-V")
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "rustc unknown".to_owned());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "{cpu}, {cpus} CPUs, {memory} RAM, {rustc}; load average before the run {}",
+        load.join(" ")
+    )
+}
+
+fn print_table(measurements: &[Measurement]) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "| Scenario | Clients | Requests | Errors | Per second | p50 | p99 | max | Request / response bytes | Hub CPU per request | CPU share hub / client / other |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for row in measurements {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} ms | {} / {} | {:.0} µs | {:.0}% / {:.0}% / {:.0}% |",
+            row.scenario.name(),
+            row.clients,
+            row.requests,
+            row.errors,
+            row.per_second,
+            row.p50_ms,
+            row.p99_ms,
+            row.max_ms,
+            row.request_bytes,
+            row.response_bytes,
+            row.hub_cpu_us,
+            row.hub_share * 100.0,
+            row.client_share * 100.0,
+            row.other_share * 100.0,
+        );
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter or other flags mean nothing here.
+    let settings = Settings::from_env();
+    let binary = hub_binary();
+    println!("hub_load: {}", machine_description());
+    println!(
+        "hub binary {}; {} devices; clients {:?}; {:?} per scenario after a 1 s warm-up",
+        binary.display(),
+        settings.n_devices,
+        settings.client_counts,
+        settings.duration
+    );
+    let hub = BenchHub::start(binary);
+    let root = hub.prepare_fleet();
+    let started = Instant::now();
+    let devices = enroll(&hub, settings.n_devices, &root);
+    println!(
+        "enrolled {} devices in {:.1} s",
+        devices.len(),
+        started.elapsed().as_secs_f64()
+    );
+    // Prove the answers the bench counts are the real thing: the plan and manifest verify under
+    // the fleet's root, as a device would check them.
+    let offer = devices[0].verify_offer(&devices[0].check_in(AgentState::Steady));
+    assert!(offer.is_some(), "check-ins carry no rollout");
+
+    let mut measurements = Vec::new();
+    for &clients in &settings.client_counts {
+        for scenario in [Scenario::CheckIn, Scenario::Telemetry] {
+            let row = measure(scenario, &hub, &devices, clients, settings.duration);
+            eprintln!(
+                "{} with {clients} clients: {:.0}/s",
+                scenario.name(),
+                row.per_second
+            );
+            measurements.push(row);
+        }
+    }
+    println!();
+    print_table(&measurements);
+    println!();
+    for pair in measurements.chunks(2) {
+        if let [check_in, telemetry] = pair {
+            println!(
+                "{} clients: telemetry batches/s ÷ check-ins/s = {:.2}; hub CPU per batch ÷ per check-in = {:.2}",
+                check_in.clients,
+                telemetry.per_second / check_in.per_second,
+                telemetry.hub_cpu_us / check_in.hub_cpu_us,
+            );
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! A real `outpost-agent run` process for end-to-end tests: its config, trust root and data
+//! directory in a temp dir, enrolled with a [`TestHub`], its inference API on a free loopback
+//! port, and its `status --json` as a value.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::hub::{Fleet, TestHub};
+use crate::{bin, run, wait_until};
+
+/// How long an agent may take to reach a state a test waits for.
+pub const AGENT_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+pub struct TestAgent {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    /// `127.0.0.1:PORT` of the inference API.
+    pub listen: String,
+    child: Option<Child>,
+}
+
+/// A free loopback port, found by binding port 0 and letting it go.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("finding a free port")
+}
+
+impl TestAgent {
+    /// Writes a config pointing at `hub` (with `extra` TOML appended to its sections) and the
+    /// fleet's root, then enrolls with a fresh token carrying `labels`.
+    pub fn enroll(hub: &TestHub, fleet: &Fleet, labels: &str, extra: &str) -> TestAgent {
+        let dir = tempfile::tempdir().expect("creating the agent's temporary directory");
+        std::fs::write(dir.path().join("root.bin"), &fleet.root).expect("writing the trust root");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join("agent.toml");
+        let text = format!(
+            "hub_url = \"{hub}\"\ntrust_root = \"{root}\"\ndata_dir = \"{data}\"\n\
+             {extra}\n\
+             [sync]\npoll_jitter = \"100ms\"\ntelemetry_flush = \"300ms\"\nmax_backoff = \"1s\"\n\
+             [inference]\nlisten = \"{listen}\"\n",
+            hub = hub.url(),
+            root = dir.path().join("root.bin").display(),
+            data = dir.path().join("data").display(),
+        );
+        std::fs::write(&config, text).expect("writing the agent config");
+        let token = hub.enroll_token(labels, 1);
+        run(
+            "outpost-agent",
+            dir.path(),
+            &[
+                "enroll",
+                "--hub",
+                &hub.url(),
+                "--token",
+                &token,
+                "--config",
+                &config.to_string_lossy(),
+            ],
+        )
+        .ok();
+        TestAgent {
+            dir,
+            config,
+            listen,
+            child: None,
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    /// Rewrites the config's hub URL (after the hub restarted on another port).
+    pub fn point_at(&self, hub: &TestHub) {
+        let text = std::fs::read_to_string(&self.config).expect("reading the agent config");
+        let rewritten: Vec<String> = text
+            .lines()
+            .map(|line| {
+                if line.starts_with("hub_url") {
+                    format!("hub_url = \"{}\"", hub.url())
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect();
+        std::fs::write(&self.config, rewritten.join("\n")).expect("rewriting the agent config");
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "the agent is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file())
+            .expect("opening the agent log");
+        let child = Command::new(bin("outpost-agent"))
+            .args(["run", "--config", &self.config.to_string_lossy()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting outpost-agent run");
+        self.child = Some(child);
+        let address = self.listen.clone();
+        wait_until(AGENT_WAIT, "the agent's inference API to listen", || {
+            std::net::TcpStream::connect(&address).ok()
+        });
+    }
+
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("the agent is not running");
+        child.kill().expect("sending SIGKILL to the agent");
+        child.wait().expect("reaping the agent");
+    }
+
+    /// SIGTERM, and the exit status once it stopped.
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the agent is not running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("running kill -TERM");
+        assert!(status.success());
+        wait_until(AGENT_WAIT, "the agent to exit after SIGTERM", || {
+            child.try_wait().expect("polling the agent")
+        })
+    }
+
+    /// `outpost-agent status --json`, or Null before the first status file.
+    pub fn status(&self) -> Value {
+        let out = run(
+            "outpost-agent",
+            self.dir.path(),
+            &[
+                "status",
+                "--json",
+                "--config",
+                &self.config.to_string_lossy(),
+            ],
+        );
+        if !out.success {
+            return Value::Null;
+        }
+        serde_json::from_str(&out.stdout).expect("status --json prints JSON")
+    }
+
+    /// Waits until `field` of the status equals `want`.
+    pub fn wait_status(&self, field: &str, want: Value) -> Value {
+        wait_until(
+            AGENT_WAIT,
+            &format!("agent status {field} = {want}"),
+            || {
+                let status = self.status();
+                (status[field] == want).then_some(status)
+            },
+        )
+    }
+
+    /// Sends one inference request to the example MLP; returns (status code, body).
+    pub fn infer(&self, http: &ureq::Agent, x: [f32; 4]) -> (u16, Value) {
+        let body = serde_json::json!({
+            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x}]
+        });
+        match http
+            .post(format!("http://{}/v2/models/demo/infer", self.listen))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+        {
+            Ok(mut response) => {
+                let status = response.status().as_u16();
+                let text = response.body_mut().read_to_string().unwrap_or_default();
+                (
+                    status,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                )
+            }
+            Err(error) => (0, Value::String(error.to_string())),
+        }
+    }
+}
+
+/// A plain HTTP client for the agent's inference API that reports status codes as values.
+pub fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .new_agent()
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- outpost-agent log ----\n{}", self.log());
+        }
+    }
+}

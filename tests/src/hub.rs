@@ -1,0 +1,361 @@
+//! A real `outpost-hub serve` in a child process, and the operator's side of it.
+//!
+//! [`TestHub`] bootstraps a fresh data directory, starts `serve` on `127.0.0.1:0` and learns the
+//! port from `--address-file`, so tests run in parallel without port clashes. The operator side is
+//! the real CLI with `OUTPOST_HUB` and `OUTPOST_TOKEN` set. [`Fleet`] does the key ceremony once
+//! per hub: release keys, a 2-of-2 root uploaded to the hub, and example models published with it.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use outpost_hub::api::{CreatedToken, RolloutInfo};
+use serde::de::DeserializeOwned;
+
+use crate::{bin, wait_until, Run};
+
+/// How long `serve` may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `serve` may take to exit after SIGTERM or SIGKILL.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running hub with its own temporary directory, killed when dropped.
+#[derive(Debug)]
+pub struct TestHub {
+    /// Holds the data directory, the hub's log and any files a test writes (keys, roots).
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    /// The bootstrap admin token.
+    token: String,
+    /// `127.0.0.1:PORT` of the running serve; changes on restart.
+    address: String,
+    child: Option<Child>,
+}
+
+impl TestHub {
+    /// Bootstraps a new data directory and starts `serve` on it.
+    pub fn start() -> TestHub {
+        let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
+        let data = dir.path().join("data");
+        let data_arg = data.to_string_lossy().into_owned();
+        let token = crate::run(
+            "outpost-hub",
+            dir.path(),
+            &["admin", "bootstrap", "--data", &data_arg],
+        )
+        .ok()
+        .stdout
+        .trim()
+        .to_owned();
+        assert!(!token.is_empty(), "admin bootstrap printed no token");
+        let mut hub = TestHub {
+            dir,
+            data,
+            token,
+            address: String::new(),
+            child: None,
+        };
+        hub.spawn();
+        hub
+    }
+
+    fn address_file(&self) -> PathBuf {
+        self.dir.path().join("address")
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.dir.path().join("hub.log")
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the hub is already running");
+        let address_file = self.address_file();
+        match std::fs::remove_file(&address_file) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => panic!("removing {}: {error}", address_file.display()),
+        }
+        // Appending keeps the log of every run of this hub, for the failure report.
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_file())
+            .expect("opening the hub's log file");
+        let child = Command::new(bin("outpost-hub"))
+            .args(["serve", "--data"])
+            .arg(&self.data)
+            .args(["--listen", "127.0.0.1:0", "--address-file"])
+            .arg(&address_file)
+            .args(["--tick", "200ms", "--poll-secs", "1"])
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting outpost-hub serve");
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&address_file) {
+                if !text.trim().is_empty() {
+                    self.address = text.trim().to_owned();
+                    return;
+                }
+            }
+            if let Some(status) = self
+                .child_mut()
+                .try_wait()
+                .expect("polling the hub process")
+            {
+                self.child = None;
+                panic!(
+                    "outpost-hub serve exited with {status} before listening; its log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                started.elapsed() < START_TIMEOUT,
+                "outpost-hub serve did not write its address within {START_TIMEOUT:?}; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("the hub is not running")
+    }
+
+    /// Everything the hub has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    /// `http://127.0.0.1:PORT`, the base URL of both APIs.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// The bootstrap admin token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The temporary directory the CLI runs in; tests put their files here.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn data(&self) -> &Path {
+        &self.data
+    }
+
+    /// Runs the CLI against this hub as the bootstrap admin.
+    pub fn cli(&self, args: &[&str]) -> Run {
+        self.cli_as(&self.token, args)
+    }
+
+    /// Runs the CLI against this hub with another admin token.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Run {
+        let output = Command::new(bin("outpost-hub"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("OUTPOST_HUB", self.url())
+            .env("OUTPOST_TOKEN", token)
+            .env("RUST_LOG", "warn")
+            .env_remove("OUTPOST_CA")
+            .env_remove("OUTPOST_CLI_CONFIG")
+            .output()
+            .unwrap_or_else(|error| panic!("running outpost-hub {args:?}: {error}"));
+        Run::from_output(output)
+    }
+
+    /// Runs the CLI with `--json` added, requires success, and parses what it printed.
+    pub fn cli_json<T: DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let run = self.cli(&args).ok();
+        serde_json::from_str(&run.stdout).unwrap_or_else(|error| {
+            panic!(
+                "outpost-hub {args:?} printed no JSON ({error}):\n{}",
+                run.stdout
+            )
+        })
+    }
+
+    /// An enrollment token for `uses` devices, with the given `key=value` labels (comma-separated).
+    pub fn enroll_token(&self, labels: &str, uses: u32) -> String {
+        let uses = uses.to_string();
+        let mut args = vec!["token", "create", "--expires", "1d", "--uses", &uses];
+        if !labels.is_empty() {
+            args.extend(["--labels", labels]);
+        }
+        self.cli_json::<CreatedToken>(&args).token
+    }
+
+    /// `rollout status SEQUENCE --json`.
+    pub fn rollout(&self, sequence: u64) -> RolloutInfo {
+        self.cli_json(&["rollout", "status", &sequence.to_string()])
+    }
+
+    /// The hub's process id; panics when it is not running.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the hub is not running").id()
+    }
+
+    /// Kills the hub with SIGKILL, as a power cut would, and reaps it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("the hub is not running");
+        child.kill().expect("sending SIGKILL to the hub");
+        child.wait().expect("reaping the killed hub");
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the hub to exit; returns how it exited.
+    pub fn sigterm(&mut self) -> ExitStatus {
+        let pid = self.pid().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("running kill -TERM");
+        assert!(status.success(), "kill -TERM {pid} failed");
+        let mut child = self.child.take().expect("the hub is not running");
+        wait_until(EXIT_TIMEOUT, "the hub to exit after SIGTERM", || {
+            child.try_wait().expect("polling the hub process")
+        })
+    }
+
+    /// Starts `serve` again on the same data directory (after [`TestHub::kill9`] or
+    /// [`TestHub::sigterm`]). The port changes.
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- outpost-hub serve log ({}) ----\n{}",
+                self.log_file().display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// The release keys and root of a hub's fleet, and the models published with them.
+#[derive(Debug)]
+pub struct Fleet {
+    /// Both private keys, comma-separated, as `--key` takes them.
+    pub keys: String,
+    /// The signed root file, as `--root` takes it.
+    pub root_path: PathBuf,
+    /// The root's bytes: what a device is given out of band and trusts.
+    pub root: Vec<u8>,
+}
+
+impl Fleet {
+    /// Generates two release keys, signs a 2-of-2 root with them and uploads it.
+    pub fn new(hub: &TestHub) -> Fleet {
+        let keys_dir = hub.dir().join("keys");
+        let keys_arg = keys_dir.to_string_lossy().into_owned();
+        hub.cli(&["keys", "generate", "--out", &keys_arg, "--count", "2"])
+            .ok();
+        let mut keys: Vec<String> = std::fs::read_dir(&keys_dir)
+            .expect("listing generated keys")
+            .map(|entry| entry.expect("reading a key entry").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "key"))
+            .map(|path| path.to_string_lossy().into_owned())
+            .collect();
+        keys.sort();
+        assert_eq!(keys.len(), 2, "keys generate wrote {keys:?}");
+        let keys = keys.join(",");
+        let root_path = hub.dir().join("root.bin");
+        let root_arg = root_path.to_string_lossy().into_owned();
+        hub.cli(&[
+            "root",
+            "init",
+            "--key",
+            &keys,
+            "--threshold",
+            "2",
+            "--out",
+            &root_arg,
+        ])
+        .ok();
+        hub.cli(&["root", "upload", &root_arg]).ok();
+        let root = std::fs::read(&root_path).expect("reading the signed root");
+        Fleet {
+            keys,
+            root_path,
+            root,
+        }
+    }
+
+    /// Publishes an example model (deterministic from `seed`) as `name` `version`.
+    pub fn publish_example(&self, hub: &TestHub, name: &str, version: u64, seed: u64) {
+        let out = hub.dir().join(format!("model-{name}-{version}"));
+        let out_arg = out.to_string_lossy().into_owned();
+        hub.cli(&[
+            "example-model",
+            "--out",
+            &out_arg,
+            "--seed",
+            &seed.to_string(),
+        ])
+        .ok();
+        let model = out.join("model.onnx").to_string_lossy().into_owned();
+        let validation = out.join("validation.bin").to_string_lossy().into_owned();
+        hub.cli(&[
+            "model",
+            "publish",
+            &model,
+            "--name",
+            name,
+            "--version",
+            &version.to_string(),
+            "--validation",
+            &validation,
+            "--key",
+            &self.keys,
+        ])
+        .ok();
+    }
+
+    /// Signs and creates a rollout of `model` from `fallback` to `version`; `extra` adds gate
+    /// flags (`--stages`, `--bake`, ...).
+    pub fn create_rollout(
+        &self,
+        hub: &TestHub,
+        model: &str,
+        version: u64,
+        fallback: u64,
+        extra: &[&str],
+    ) -> RolloutInfo {
+        let version = version.to_string();
+        let fallback = fallback.to_string();
+        let root = self.root_path.to_string_lossy().into_owned();
+        let mut args = vec![
+            "rollout",
+            "create",
+            "--model",
+            model,
+            "--version",
+            &version,
+            "--fallback",
+            &fallback,
+            "--root",
+            &root,
+            "--key",
+            &self.keys,
+        ];
+        args.extend_from_slice(extra);
+        hub.cli_json(&args)
+    }
+}

@@ -1,0 +1,475 @@
+//! The real agent against a real hub: enrollment, activation under probation, the local inference
+//! API through a version change, reverts after failed validation and after a crash in probation,
+//! and refusal of a model for another architecture.
+
+// Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use outpost_hub::api::DeviceDetail;
+use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
+use outpost_tests::hub::{Fleet, TestHub};
+use outpost_tests::wait_until;
+use serde_json::{json, Value};
+
+/// Starts a rollout of `demo@version` to every device, with no fallback.
+fn first_rollout(hub: &TestHub, fleet: &Fleet, version: u64) {
+    let root = fleet.root_path.to_string_lossy().into_owned();
+    hub.cli(&[
+        "rollout",
+        "create",
+        "--model",
+        "demo",
+        "--version",
+        &version.to_string(),
+        "--root",
+        &root,
+        "--stages",
+        "100",
+        "--bake",
+        "1s",
+        "--key",
+        &fleet.keys,
+    ])
+    .ok();
+}
+
+fn device(hub: &TestHub, agent: &TestAgent) -> DeviceDetail {
+    let id = agent.status()["device_id"].as_str().unwrap().to_owned();
+    hub.cli_json(&["device", "show", &id])
+}
+
+/// A hub with demo@1 published and rolled out, and an agent serving it.
+fn serving_v1() -> (TestHub, Fleet, TestAgent) {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "demo", 1, 1);
+    first_rollout(&hub, &fleet, 1);
+    let mut agent = TestAgent::enroll(&hub, &fleet, "site=lab", "");
+    agent.start();
+    agent.wait_status("active", json!("demo@1"));
+    (hub, fleet, agent)
+}
+
+#[test]
+fn enrolls_activates_and_serves_inference() {
+    let (hub, _fleet, agent) = serving_v1();
+    let client = http();
+    let ready = client
+        .get(format!("http://{}/v2/health/ready", agent.listen))
+        .call()
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    let (status, body) = agent.infer(&client, [0.5, -1.0, 2.0, 0.25]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model_version"], "1");
+    assert_eq!(body["outputs"][0]["shape"], json!([1, 3]));
+    let sum: f64 = body["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!((sum - 1.0).abs() < 1e-4, "softmax row sums to {sum}");
+    // The hub counts the device a success only once it committed.
+    let rollout = hub.rollout(1);
+    assert_eq!(rollout.stages[0].succeeded, 1, "{rollout:?}");
+    // The hub learns what the device runs from its next check-in.
+    let detail = wait_until(AGENT_WAIT, "the hub to see demo@1 active", || {
+        let detail = device(&hub, &agent);
+        (detail.device.active.as_ref().map(|m| m.version) == Some(1)).then_some(detail)
+    });
+    let kinds: Vec<&str> = detail.events.iter().map(|e| e.kind.as_str()).collect();
+    for kind in ["enrolled", "downloaded", "activating", "committed"] {
+        assert!(kinds.contains(&kind), "events {kinds:?} lack {kind}");
+    }
+}
+
+#[test]
+fn a_new_version_under_load_fails_no_request() {
+    let (hub, fleet, agent) = serving_v1();
+    fleet.publish_example(&hub, "demo", 2, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let agent = Arc::new(agent);
+    let client_thread = {
+        let (stop, agent) = (stop.clone(), agent.clone());
+        std::thread::spawn(move || {
+            let client = http();
+            let (mut failures, mut versions) = (Vec::new(), std::collections::BTreeSet::new());
+            let mut sent = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let (status, body) = agent.infer(&client, [1.0, 2.0, 3.0, 4.0]);
+                sent += 1;
+                if status == 200 {
+                    versions.insert(body["model_version"].as_str().unwrap_or("?").to_owned());
+                } else {
+                    failures.push((status, body));
+                }
+            }
+            (sent, failures, versions)
+        })
+    };
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+    agent.wait_status("active", json!("demo@2"));
+    // Keep sending for a moment after the swap, so requests straddle it.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, failures, versions) = client_thread.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(
+        versions.contains("1") && versions.contains("2"),
+        "served versions {versions:?} over {sent} requests"
+    );
+    assert_eq!(agent.status()["previous"], json!(["demo@1"]));
+}
+
+/// Publishes demo@`version` whose validation set expects another model's outputs, bypassing the
+/// CLI's own validation gate (as a publisher with a modified tool could): the device must still
+/// refuse to commit it.
+fn publish_unvalidated(hub: &TestHub, fleet: &Fleet, version: u64) {
+    let dir = hub.dir().join(format!("bad-{version}"));
+    let dir_arg = dir.to_string_lossy().into_owned();
+    hub.cli(&[
+        "example-model",
+        "--out",
+        &dir_arg,
+        "--seed",
+        "7",
+        "--validation-seed",
+        "8",
+    ])
+    .ok();
+    let model = dir.join("model.onnx");
+    let validation = dir.join("validation.bin");
+    let manifest = dir.join("manifest.bin");
+    hub.cli(&[
+        "model",
+        "sign",
+        "--name",
+        "demo",
+        "--version",
+        &version.to_string(),
+        "--model",
+        &model.to_string_lossy(),
+        "--validation",
+        &validation.to_string_lossy(),
+        "--input",
+        "x:FP32:N,4",
+        "--output",
+        "y:FP32:N,3",
+        "--key",
+        &fleet.keys,
+        "--out",
+        &manifest.to_string_lossy(),
+    ])
+    .ok();
+    let client = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let auth = format!("Bearer {}", hub.token());
+    for file in [&model, &validation] {
+        let bytes = std::fs::read(file).unwrap();
+        let digest = outpost_protocol::sha256(&bytes).to_hex();
+        let response = client
+            .put(format!("{}/admin/v1/artifacts/{digest}", hub.url()))
+            .header("Authorization", &auth)
+            .send(&bytes[..])
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "artifact upload: {}",
+            response.status()
+        );
+    }
+    let response = client
+        .post(format!("{}/admin/v1/models", hub.url()))
+        .header("Authorization", &auth)
+        .send(&std::fs::read(&manifest).unwrap()[..])
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201, "manifest upload");
+}
+
+#[test]
+fn a_candidate_failing_validation_is_reverted_and_reported() {
+    let (hub, fleet, agent) = serving_v1();
+    publish_unvalidated(&hub, &fleet, 2);
+    fleet.create_rollout(
+        &hub,
+        "demo",
+        2,
+        1,
+        &["--stages", "100", "--bake", "1s", "--on-breach", "rollback"],
+    );
+    let detail = wait_until(
+        AGENT_WAIT,
+        "the device to report the failed candidate",
+        || {
+            let detail = device(&hub, &agent);
+            detail
+                .events
+                .iter()
+                .any(|e| e.kind == "failed")
+                .then_some(detail)
+        },
+    );
+    let failed = detail.events.iter().find(|e| e.kind == "failed").unwrap();
+    assert!(failed.detail.contains("validation"), "{failed:?}");
+    assert_eq!(failed.model.as_ref().map(|m| m.version), Some(2));
+    // The device kept serving the old version throughout.
+    let status = agent.status();
+    assert_eq!(status["active"], "demo@1");
+    assert_eq!(status["pending"], Value::Null);
+    let (code, body) = agent.infer(&http(), [1.0, 0.0, 0.0, 0.0]);
+    assert_eq!((code, body["model_version"].clone()), (200, json!("1")));
+    // And the rollout, with one of one device failed, rolled back.
+    wait_until(AGENT_WAIT, "the rollout to roll back", || {
+        (hub.rollout(2).state == outpost_hub::api::RolloutState::RolledBack).then_some(())
+    });
+}
+
+#[test]
+fn a_crash_during_probation_reverts_at_restart() {
+    let (hub, fleet, mut agent) = serving_v1();
+    // A validation set long enough that probation takes a while on this machine.
+    let dir = hub.dir().join("slow");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    hub.cli(&[
+        "example-model",
+        "--out",
+        &dir_arg,
+        "--seed",
+        "3",
+        "--hidden",
+        "256",
+        "--cases",
+        "40000",
+    ])
+    .ok();
+    hub.cli(&[
+        "model",
+        "publish",
+        &dir.join("model.onnx").to_string_lossy(),
+        "--name",
+        "demo",
+        "--version",
+        "2",
+        "--validation",
+        &dir.join("validation.bin").to_string_lossy(),
+        "--key",
+        &fleet.keys,
+    ])
+    .ok();
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+    wait_until(AGENT_WAIT, "the candidate to enter probation", || {
+        (agent.status()["pending"] == "demo@2").then_some(())
+    });
+    agent.kill9();
+    // Start again without the hub offering anything new: the marker alone must revert.
+    agent.start();
+    agent.wait_status("pending", Value::Null);
+    assert_eq!(agent.status()["active"], "demo@1");
+    let (code, body) = agent.infer(&http(), [0.0, 1.0, 0.0, 1.0]);
+    assert_eq!((code, body["model_version"].clone()), (200, json!("1")));
+    let detail = wait_until(AGENT_WAIT, "the revert to be reported", || {
+        let detail = device(&hub, &agent);
+        detail
+            .events
+            .iter()
+            .any(|e| e.kind == "rolled_back")
+            .then_some(detail)
+    });
+    let event = detail
+        .events
+        .iter()
+        .find(|e| e.kind == "rolled_back")
+        .unwrap();
+    assert!(
+        event.detail.contains("restarted during probation"),
+        "{event:?}"
+    );
+}
+
+#[test]
+fn a_model_for_another_architecture_is_refused() {
+    let (hub, fleet, agent) = serving_v1();
+    let dir = hub.dir().join("arm");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    hub.cli(&["example-model", "--out", &dir_arg, "--seed", "4"])
+        .ok();
+    hub.cli(&[
+        "model",
+        "publish",
+        &dir.join("model.onnx").to_string_lossy(),
+        "--name",
+        "demo",
+        "--version",
+        "2",
+        "--validation",
+        &dir.join("validation.bin").to_string_lossy(),
+        "--arch",
+        "aarch64",
+        "--key",
+        &fleet.keys,
+    ])
+    .ok();
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+    let detail = wait_until(AGENT_WAIT, "the refusal to be reported", || {
+        let detail = device(&hub, &agent);
+        detail
+            .events
+            .iter()
+            .any(|e| e.kind == "refused")
+            .then_some(detail)
+    });
+    let event = detail.events.iter().find(|e| e.kind == "refused").unwrap();
+    assert!(event.detail.contains("this device is x86_64"), "{event:?}");
+    assert_eq!(agent.status()["active"], "demo@1");
+    assert!(!agent
+        .data()
+        .join("versions")
+        .read_dir()
+        .unwrap()
+        .any(|entry| {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            std::fs::read(
+                agent
+                    .data()
+                    .join("versions")
+                    .join(&name)
+                    .join("manifest.bin"),
+            )
+            .is_ok_and(|bytes| bytes.windows(4).any(|w| w == b"arm\0"))
+        }));
+}
+
+/// Inferences the hub has counted for the device on demo@`version`.
+fn hub_count(hub: &TestHub, agent: &TestAgent, version: u64) -> u64 {
+    device(hub, agent)
+        .inferences
+        .iter()
+        .filter(|counts| counts.model.name == "demo" && counts.model.version == version)
+        .map(|counts| counts.count)
+        .sum()
+}
+
+fn infer_n(agent: &TestAgent, n: usize) {
+    let client = http();
+    for i in 0..n {
+        let (status, body) = agent.infer(&client, [i as f32, 1.0, 0.0, -1.0]);
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+#[test]
+fn telemetry_survives_a_hub_outage_and_arrives_exactly_once() {
+    let (mut hub, _fleet, mut agent) = serving_v1();
+    infer_n(&agent, 25);
+    wait_until(AGENT_WAIT, "the first 25 inferences at the hub", || {
+        (hub_count(&hub, &agent, 1) == 25).then_some(())
+    });
+
+    // The hub goes away for the rest of the window; the agent keeps serving and caching.
+    assert!(hub.sigterm().success());
+    infer_n(&agent, 40);
+    wait_until(
+        AGENT_WAIT,
+        "the agent to cache telemetry while the hub is down",
+        || {
+            let status = agent.status();
+            (status["queued_windows"].as_u64().unwrap_or(0) > 0 && !status["last_error"].is_null())
+                .then_some(())
+        },
+    );
+    // The agent restarts too (a power cycle) before the hub returns: the cache is on disk.
+    assert!(agent.sigterm().success());
+    hub.restart();
+    agent.point_at(&hub);
+    agent.start();
+    wait_until(AGENT_WAIT, "all 65 inferences at the hub", || {
+        (hub_count(&hub, &agent, 1) >= 65).then_some(())
+    });
+    agent.wait_status("queued_windows", json!(0));
+    // Resends after acknowledgements must not count again: the total stays exact.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(hub_count(&hub, &agent, 1), 65);
+}
+
+/// A tiny cache through an outage: same-day windows roll up into daily ones instead of being
+/// dropped, so the cache stays within its cap and the hub still gets every inference. (Dropping
+/// the oldest windows with exact counts, once roll-ups no longer suffice, is pinned on real files
+/// in `agent/tests/cache.rs`.)
+#[test]
+fn a_small_cache_stays_under_its_cap_without_losing_inferences() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "demo", 1, 1);
+    first_rollout(&hub, &fleet, 1);
+    let mut agent = TestAgent::enroll(&hub, &fleet, "", "[storage]\ntelemetry_cap = \"4KiB\"");
+    agent.start();
+    agent.wait_status("active", json!("demo@1"));
+    let mut hub = hub;
+    assert!(hub.sigterm().success());
+    // One inference per telemetry flush, so each lands in its own cached record.
+    for _ in 0..40 {
+        infer_n(&agent, 1);
+        std::thread::sleep(std::time::Duration::from_millis(350));
+    }
+    assert!(agent.sigterm().success());
+    let status = agent.status();
+    assert!(status["queue_bytes"].as_u64().unwrap() <= 4096, "{status}");
+    assert_eq!(status["dropped_records"], 0, "{status}");
+    hub.restart();
+    agent.point_at(&hub);
+    agent.start();
+    agent.wait_status("queued_windows", json!(0));
+    wait_until(AGENT_WAIT, "all 40 inferences at the hub", || {
+        (hub_count(&hub, &agent, 1) == 40).then_some(())
+    });
+    assert_eq!(device(&hub, &agent).dropped_records, 0);
+}
+
+#[test]
+fn a_corrupted_cache_is_quarantined_and_the_agent_recovers() {
+    let (hub, _fleet, mut agent) = serving_v1();
+    assert!(agent.sigterm().success());
+    let cache = agent.data().join("telemetry");
+    let mut corrupted = 0;
+    for entry in std::fs::read_dir(&cache).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::write(&path, b"\xff\xfenot a sled file at all\x00\x01").unwrap();
+            corrupted += 1;
+        }
+    }
+    assert!(corrupted > 0, "no files in {}", cache.display());
+    agent.start();
+    let (code, _) = agent.infer(&http(), [1.0, 1.0, 1.0, 1.0]);
+    assert_eq!(code, 200, "inference keeps working");
+    let quarantined: Vec<String> = std::fs::read_dir(agent.data())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("telemetry.quarantined-"))
+        .collect();
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    let detail = wait_until(AGENT_WAIT, "the quarantine to be reported", || {
+        let detail = device(&hub, &agent);
+        detail
+            .events
+            .iter()
+            .any(|e| e.detail.contains("quarantined"))
+            .then_some(detail)
+    });
+    assert!(detail.events.iter().any(|e| e.kind == "failed"));
+    // The new cache works: the inference above reaches the hub.
+    wait_until(AGENT_WAIT, "telemetry from the new cache", || {
+        (hub_count(&hub, &agent, 1) >= 1).then_some(())
+    });
+}

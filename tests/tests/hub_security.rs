@@ -1,0 +1,376 @@
+//! The hub's refusals, end to end: device request authentication, revocation, the admin API's
+//! roles, tamper evidence of the audit log and hostile input, against a real hub process.
+
+// Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use outpost_hub::api::{AuditEntry, AuditVerdict, CreatedToken, DeviceSummary, Role};
+use outpost_protocol::auth::{HEADER_DEVICE, HEADER_SIGNATURE};
+use outpost_protocol::device::AgentState;
+use outpost_protocol::SecretKey;
+use outpost_tests::device_sim::{http_agent, unix_now, SimDevice};
+use outpost_tests::hub::{Fleet, TestHub};
+
+fn hub_with_device() -> (TestHub, Fleet, SimDevice) {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    let token = hub.enroll_token("site=lab", 10);
+    let device = SimDevice::enroll(&hub.url(), &token, &[], &fleet.root);
+    (hub, fleet, device)
+}
+
+#[test]
+fn device_requests_must_be_fresh_signed_and_from_known_devices() {
+    let (_hub, _fleet, device) = hub_with_device();
+    let body = device.check_in_body(AgentState::Steady);
+
+    // The exact same signed request twice: the second is a replay.
+    let request = device.sign("POST", "/device/v1/checkin", Some(&body));
+    assert_eq!(request.send().status, 200);
+    request.send().refused(401, "replayed");
+
+    // Signed ten minutes ago, beyond the allowed clock skew.
+    device
+        .sign_at("POST", "/device/v1/checkin", Some(&body), unix_now() - 600)
+        .send()
+        .refused(401, "stale");
+
+    // A signature that does not cover the body sent.
+    let mut tampered = device.sign("POST", "/device/v1/checkin", Some(&body));
+    let mut other_body = body.clone();
+    *other_body.last_mut().unwrap() ^= 1;
+    tampered.body = Some(other_body);
+    tampered.send().refused(401, "bad request signature");
+
+    // A signature by another key.
+    let impostor = SecretKey::from_seed([7; 32]);
+    let forged = device.sign("POST", "/device/v1/checkin", Some(&body));
+    let signature = outpost_protocol::auth::RequestToSign {
+        method: "POST",
+        path_and_query: "/device/v1/checkin",
+        body_sha256: outpost_protocol::sha256(&body),
+        timestamp: unix_now(),
+        nonce: [1; 16],
+    }
+    .sign(&impostor);
+    let signature = hex::encode(signature.0);
+    forged
+        .with_header(HEADER_SIGNATURE, &signature)
+        .send()
+        .refused(401, "bad request signature");
+
+    // A device id the hub never issued.
+    device
+        .sign("POST", "/device/v1/checkin", Some(&body))
+        .with_header(HEADER_DEVICE, &"ab".repeat(16))
+        .send()
+        .refused(401, &format!("unknown device {}", "ab".repeat(16)));
+
+    // None of that got in the way of the real device.
+    device.check_in(AgentState::Steady);
+}
+
+#[test]
+fn revoked_device_is_refused() {
+    let (hub, _fleet, device) = hub_with_device();
+    device.check_in(AgentState::Steady);
+    let id = device.id.to_hex();
+    let revoked: DeviceSummary = hub.cli_json(&["device", "revoke", &id]);
+    assert!(revoked.revoked);
+    assert_eq!(revoked.state, "revoked");
+
+    let body = device.check_in_body(AgentState::Steady);
+    device
+        .sign("POST", "/device/v1/checkin", Some(&body))
+        .send()
+        .refused(403, "revoked");
+    let download = device.signed_request(
+        "GET",
+        &format!("/device/v1/artifacts/{}", "00".repeat(32)),
+        None,
+    );
+    download.refused(403, "revoked");
+}
+
+/// One admin request and the status it answered with.
+fn admin_status(hub: &TestHub, token: Option<&str>, method: &str, path: &str, body: &Body) -> u16 {
+    let agent = http_agent();
+    let url = format!("{}/admin/v1{path}", hub.url());
+    let result = match method {
+        "GET" => {
+            let mut request = agent.get(&url);
+            if let Some(token) = token {
+                request = request.header("Authorization", format!("Bearer {token}"));
+            }
+            request.call()
+        }
+        _ => {
+            let mut request = agent.post(&url);
+            if let Some(token) = token {
+                request = request.header("Authorization", format!("Bearer {token}"));
+            }
+            match body {
+                Body::Json(value) => request
+                    .header("content-type", "application/json")
+                    .send(serde_json::to_vec(value).unwrap().as_slice()),
+                Body::Bytes(bytes) => request
+                    .header("content-type", "application/octet-stream")
+                    .send(bytes.as_slice()),
+                Body::None => request.send_empty(),
+            }
+        }
+    };
+    result.unwrap().status().as_u16()
+}
+
+#[derive(Debug)]
+enum Body {
+    None,
+    Json(serde_json::Value),
+    Bytes(Vec<u8>),
+}
+
+#[test]
+fn every_admin_action_needs_its_role() {
+    let (hub, fleet, device) = hub_with_device();
+    fleet.publish_example(&hub, "demo", 1, 1);
+    fleet.publish_example(&hub, "demo", 2, 2);
+    let rollout = fleet.create_rollout(
+        &hub,
+        "demo",
+        2,
+        1,
+        &["--stages", "50,100", "--bake", "1h", "--manual-advance"],
+    );
+    let manifest = http_agent()
+        .get(format!("{}/admin/v1/models/demo/1/manifest", hub.url()))
+        .header("Authorization", format!("Bearer {}", hub.token()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_vec()
+        .unwrap();
+
+    let roles = [Role::Viewer, Role::Operator, Role::Publisher, Role::Admin];
+    let tokens: Vec<(Role, String)> = roles
+        .iter()
+        .map(|role| {
+            let created: CreatedToken = hub.cli_json(&[
+                "admin-token",
+                "create",
+                "--name",
+                &format!("as-{}", role.as_str()),
+                "--role",
+                role.as_str(),
+            ]);
+            (*role, created.token)
+        })
+        .collect();
+
+    let pause = format!("/rollouts/{}/pause", rollout.sequence);
+    let resume = format!("/rollouts/{}/resume", rollout.sequence);
+    let revoke = format!("/devices/{}/revoke", device.id.to_hex());
+    // (name, method, path, body, weakest role allowed, status when allowed)
+    let actions: Vec<(&str, &str, &str, Body, Role, u16)> = vec![
+        ("whoami", "GET", "/whoami", Body::None, Role::Viewer, 200),
+        (
+            "model list",
+            "GET",
+            "/models",
+            Body::None,
+            Role::Viewer,
+            200,
+        ),
+        (
+            "rollout pause",
+            "POST",
+            &pause,
+            Body::None,
+            Role::Operator,
+            200,
+        ),
+        // A re-publish of the exact manifest and root already stored is accepted as a no-op.
+        (
+            "model publish",
+            "POST",
+            "/models",
+            Body::Bytes(manifest),
+            Role::Publisher,
+            200,
+        ),
+        (
+            "root upload",
+            "POST",
+            "/roots",
+            Body::Bytes(fleet.root.clone()),
+            Role::Publisher,
+            200,
+        ),
+        (
+            "token create",
+            "POST",
+            "/enroll-tokens",
+            Body::Json(serde_json::json!({"labels": [], "expires_in_secs": 3600, "uses": 1})),
+            Role::Admin,
+            201,
+        ),
+        (
+            "device revoke",
+            "POST",
+            &revoke,
+            Body::None,
+            Role::Admin,
+            200,
+        ),
+        (
+            "admin-token create",
+            "POST",
+            "/admin-tokens",
+            Body::Json(serde_json::json!({"name": "made-by-test", "role": "viewer"})),
+            Role::Admin,
+            201,
+        ),
+    ];
+
+    let mut failures = Vec::new();
+    for (name, method, path, body, needs, allowed_status) in &actions {
+        for (role, token) in &tokens {
+            let expected = if role >= needs { *allowed_status } else { 403 };
+            let got = admin_status(&hub, Some(token), method, path, body);
+            if got != expected {
+                failures.push(format!(
+                    "{name} as {}: expected {expected}, got {got}",
+                    role.as_str()
+                ));
+            }
+            if *name == "rollout pause" && got == 200 {
+                let resumed = admin_status(&hub, Some(hub.token()), "POST", &resume, &Body::None);
+                assert_eq!(resumed, 200, "resuming after {name} as {}", role.as_str());
+            }
+        }
+        for token in [None, Some("not-a-token")] {
+            let got = admin_status(&hub, token, method, path, body);
+            if got != 401 {
+                failures.push(format!(
+                    "{name} with token {token:?}: expected 401, got {got}"
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "RBAC mismatches:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn tampering_with_the_audit_log_is_detected() {
+    let mut hub = TestHub::start();
+    for name in ["alice", "bob", "carol"] {
+        hub.cli(&["admin-token", "create", "--name", name, "--role", "viewer"])
+            .ok();
+    }
+    let verdict: AuditVerdict = hub.cli_json(&["audit", "verify"]);
+    assert!(verdict.intact, "{verdict:?}");
+    let entries: Vec<AuditEntry> = hub.cli_json(&["audit", "log"]);
+    let bob = entries
+        .iter()
+        .find(|entry| entry.detail == "bob as viewer")
+        .unwrap_or_else(|| panic!("no audit entry for bob: {entries:#?}"))
+        .seq;
+    let alice = entries
+        .iter()
+        .find(|entry| entry.detail == "alice as viewer")
+        .unwrap()
+        .seq;
+
+    // Alter bob's entry: "bob as viewer" becomes "rob as viewer", same length, valid postcard.
+    assert!(hub.sigterm().success());
+    let original = edit_audit(hub.data(), |tree| {
+        let (key, value) = find_entry(tree, b"bob as viewer");
+        let mut altered = value.to_vec();
+        let at = find(&altered, b"bob as viewer").unwrap();
+        altered[at] = b'r';
+        tree.insert(&key, altered).unwrap();
+        (key, value)
+    });
+    hub.restart();
+    hub.cli(&["audit", "verify"])
+        .fails_with(&format!("entry {bob} was altered"));
+
+    // Put bob's entry back and delete alice's, from the middle of the chain, instead.
+    assert!(hub.sigterm().success());
+    edit_audit(hub.data(), |tree| {
+        tree.insert(&original.0, original.1.clone()).unwrap();
+        let (key, _) = find_entry(tree, b"alice as viewer");
+        tree.remove(key).unwrap();
+    });
+    hub.restart();
+    hub.cli(&["audit", "verify"])
+        .fails_with(&format!("entry {alice} is missing"));
+}
+
+/// Opens the stopped hub's store and runs `edit` on its audit tree.
+fn edit_audit<T>(data: &std::path::Path, edit: impl FnOnce(&sled::Tree) -> T) -> T {
+    let db = sled::open(data.join("db")).unwrap();
+    let tree = db.open_tree("audit").unwrap();
+    let result = edit(&tree);
+    db.flush().unwrap();
+    result
+}
+
+fn find_entry(tree: &sled::Tree, needle: &[u8]) -> (sled::IVec, sled::IVec) {
+    tree.iter()
+        .map(Result::unwrap)
+        .find(|(_, value)| find(value, needle).is_some())
+        .unwrap_or_else(|| {
+            panic!(
+                "no audit record contains {:?}",
+                String::from_utf8_lossy(needle)
+            )
+        })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+#[test]
+fn hostile_device_input_is_refused() {
+    let (hub, _fleet, device) = hub_with_device();
+
+    // Over the check-in frame cap (4 KiB), signed correctly: refused before it is decoded.
+    let oversized = vec![0u8; 64 * 1024];
+    let reply = device.signed_request("POST", "/device/v1/checkin", Some(&oversized));
+    assert_eq!(
+        reply.status,
+        413,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+
+    // Signed garbage: authentic, but not a check-in.
+    let garbage = b"\x07this is not postcard".to_vec();
+    device
+        .signed_request("POST", "/device/v1/checkin", Some(&garbage))
+        .refused(400, "check-in");
+
+    // Enrollment with a token the hub never issued.
+    let key = SecretKey::from_seed([9; 32]);
+    SimDevice::enroll_request(&hub.url(), "not-a-real-token", &key, &[])
+        .refused(401, "unknown enrollment token");
+
+    // Garbage instead of an enrollment request.
+    let reply = outpost_tests::device_sim::send(
+        &format!("{}/device/v1/enroll", hub.url()),
+        &[],
+        Some(b"garbage"),
+    );
+    reply.refused(400, "enroll request");
+
+    // The hub is still serving the real device.
+    device.check_in(AgentState::Steady);
+}
