@@ -2,7 +2,6 @@
 //! signed with the device key ([`outpost_protocol::auth`]), over HTTPS with the configured CA.
 
 use std::io::Read;
-use std::time::Duration;
 
 use outpost_protocol::auth::{
     RequestToSign, HEADER_DEVICE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP,
@@ -242,9 +241,4 @@ impl HubClient {
             body: Box::new(response.into_body().into_reader()),
         })
     }
-}
-
-/// Waits `duration`, for callers that back off between attempts.
-pub fn pause(duration: Duration) {
-    std::thread::sleep(duration);
 }

@@ -21,18 +21,14 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        // The same build `cargo test --workspace` (the README's test command) does, so under it
+        // this is a no-op. `cargo build -p ...` would resolve features differently and rebuild
+        // tract, rustls and the rest once per run, then overwrite the binaries.
         let status = Command::new(cargo)
-            .args([
-                "build",
-                "--bins",
-                "-p",
-                "outpost-hub",
-                "-p",
-                "outpost-agent",
-            ])
+            .args(["test", "--workspace", "--no-run", "--quiet"])
             .current_dir(workspace_root())
             .status()
-            .expect("running cargo build for the binaries under test");
+            .expect("running cargo to build the binaries under test");
         assert!(
             status.success(),
             "building outpost-hub and outpost-agent failed"
