@@ -40,7 +40,15 @@ pub fn bin(name: &str) -> PathBuf {
             .expect("test executable is inside target/<profile>/deps")
             .to_path_buf()
     });
-    dir.join(name)
+    let path = dir.join(name);
+    // `cargo test` builds a package's binaries only for that package's own integration tests, so
+    // `hub/tests` and `agent/tests` must exist for the paths above to be filled.
+    assert!(
+        path.is_file(),
+        "{} was not built by `cargo test --workspace --no-run`",
+        path.display()
+    );
+    path
 }
 
 pub fn workspace_root() -> PathBuf {

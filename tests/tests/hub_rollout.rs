@@ -151,6 +151,44 @@ fn rollout_goes_through_every_stage_and_completes() {
         let active = device.active.expect("the hub knows what every device runs");
         assert_eq!((active.name.as_str(), active.version), ("demo", 2));
     }
+
+    // The same picture in Prometheus form: devices by state, the rollout's stage, the device
+    // requests by route, and the counters the handlers bump.
+    let metrics = outpost_tests::device_sim::http_agent()
+        .get(&format!("{}/metrics", hub.url()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("outpost_hub_devices{state=\"steady\"}"), 30.0);
+    assert_eq!(
+        value(&format!(
+            "outpost_hub_rollout_stage{{sequence=\"{sequence}\",state=\"completed\"}}"
+        )),
+        100.0
+    );
+    assert_eq!(value("outpost_hub_enrollments_total"), 30.0);
+    let check_ins = value("outpost_hub_check_ins_total");
+    assert!(check_ins >= 30.0, "{check_ins} check-ins");
+    assert_eq!(
+        value("outpost_hub_http_requests_total{route=\"/device/v1/checkin\",status=\"200\"}"),
+        check_ins
+    );
+    assert_eq!(
+        value("outpost_hub_http_request_duration_seconds_count{route=\"/device/v1/checkin\"}"),
+        check_ins
+    );
+    // Every device reported at least downloaded and committed.
+    assert!(value("outpost_hub_status_reports_total") >= 60.0);
 }
 
 #[test]
