@@ -35,6 +35,17 @@ impl TestAgent {
     /// Writes a config pointing at `hub` (with `extra` TOML appended to its sections) and the
     /// fleet's root, then enrolls with a fresh token carrying `labels`.
     pub fn enroll(hub: &TestHub, fleet: &Fleet, labels: &str, extra: &str) -> TestAgent {
+        TestAgent::enroll_at(&hub.url(), hub, fleet, labels, extra)
+    }
+
+    /// [`TestAgent::enroll`], reaching the hub at `url` (a [`crate::proxy::Proxy`] in front of it).
+    pub fn enroll_at(
+        url: &str,
+        hub: &TestHub,
+        fleet: &Fleet,
+        labels: &str,
+        extra: &str,
+    ) -> TestAgent {
         let dir = tempfile::tempdir().expect("creating the agent's temporary directory");
         std::fs::write(dir.path().join("root.bin"), &fleet.root).expect("writing the trust root");
         let listen = format!("127.0.0.1:{}", free_port());
@@ -44,7 +55,7 @@ impl TestAgent {
              {extra}\n\
              [sync]\npoll_jitter = \"100ms\"\ntelemetry_flush = \"300ms\"\nmax_backoff = \"1s\"\n\
              [inference]\nlisten = \"{listen}\"\n",
-            hub = hub.url(),
+            hub = url,
             root = dir.path().join("root.bin").display(),
             data = dir.path().join("data").display(),
         );
@@ -56,7 +67,7 @@ impl TestAgent {
             &[
                 "enroll",
                 "--hub",
-                &hub.url(),
+                url,
                 "--token",
                 &token,
                 "--config",
@@ -89,13 +100,13 @@ impl TestAgent {
     }
 
     /// Rewrites the config's hub URL (after the hub restarted on another port).
-    pub fn point_at(&self, hub: &TestHub) {
+    pub fn point_at(&self, url: &str) {
         let text = std::fs::read_to_string(&self.config).expect("reading the agent config");
         let rewritten: Vec<String> = text
             .lines()
             .map(|line| {
                 if line.starts_with("hub_url") {
-                    format!("hub_url = \"{}\"", hub.url())
+                    format!("hub_url = \"{url}\"")
                 } else {
                     line.to_owned()
                 }

@@ -6,10 +6,14 @@
 //!
 //! - [`hub`]: a real `outpost-hub serve` in a child process, driven through the real CLI.
 //! - [`device_sim`]: simulated devices speaking the device API, built on `outpost-protocol`.
+//! - [`agent`]: a real `outpost-agent run` with its config and data in a temp dir.
+//! - [`proxy`]: a man in the middle between an agent and a hub that can replay, alter or cut
+//!   answers.
 
 pub mod agent;
 pub mod device_sim;
 pub mod hub;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,16 +1,21 @@
 //! The real agent against a real hub: enrollment, activation under probation, the local inference
 //! API through a version change, reverts after failed validation and after a crash in probation,
-//! and refusal of a model for another architecture.
+//! telemetry through a hub outage and a full cache, and, through a proxy between agent and hub,
+//! a download broken off and resumed and the refusal of a replayed or badly signed plan.
 
 // Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use outpost_hub::api::DeviceDetail;
+use outpost_protocol::device::CheckInResponse;
+use outpost_protocol::trust::{PlanBody, Signed};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::hub::{Fleet, TestHub};
+use outpost_tests::proxy::{Exchange, Proxy, Verdict};
 use outpost_tests::wait_until;
 use serde_json::{json, Value};
 
@@ -391,7 +396,7 @@ fn telemetry_survives_a_hub_outage_and_arrives_exactly_once() {
     // The agent restarts too (a power cycle) before the hub returns: the cache is on disk.
     assert!(agent.sigterm().success());
     hub.restart();
-    agent.point_at(&hub);
+    agent.point_at(&hub.url());
     agent.start();
     wait_until(AGENT_WAIT, "all 65 inferences at the hub", || {
         (hub_count(&hub, &agent, 1) >= 65).then_some(())
@@ -427,7 +432,7 @@ fn a_small_cache_stays_under_its_cap_without_losing_inferences() {
     assert!(status["queue_bytes"].as_u64().unwrap() <= 4096, "{status}");
     assert_eq!(status["dropped_records"], 0, "{status}");
     hub.restart();
-    agent.point_at(&hub);
+    agent.point_at(&hub.url());
     agent.start();
     agent.wait_status("queued_windows", json!(0));
     wait_until(AGENT_WAIT, "all 40 inferences at the hub", || {
@@ -472,4 +477,174 @@ fn a_corrupted_cache_is_quarantined_and_the_agent_recovers() {
     wait_until(AGENT_WAIT, "telemetry from the new cache", || {
         (hub_count(&hub, &agent, 1) >= 1).then_some(())
     });
+}
+
+/// A hub with demo@1 published and rolled out, and an agent serving it that reaches the hub
+/// through a proxy.
+fn serving_v1_via_proxy() -> (TestHub, Fleet, Proxy, TestAgent) {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "demo", 1, 1);
+    first_rollout(&hub, &fleet, 1);
+    let proxy = Proxy::start(&hub.url());
+    let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "site=lab", "");
+    agent.start();
+    agent.wait_status("active", json!("demo@1"));
+    (hub, fleet, proxy, agent)
+}
+
+const CHECK_IN: &str = "/device/v1/checkin";
+const ARTIFACTS: &str = "/device/v1/artifacts/";
+
+/// Rewrites the hub's check-in answers with `change`; other answers pass unchanged.
+fn rewrite_check_ins(proxy: &Proxy, mut change: impl FnMut(&mut CheckInResponse) + Send + 'static) {
+    proxy.set_hook(move |request, mut response| {
+        if request.path == CHECK_IN && response.status == 200 {
+            let mut answer: CheckInResponse = outpost_protocol::decode(&response.body).unwrap();
+            change(&mut answer);
+            response.body = outpost_protocol::encode(&answer).unwrap();
+        }
+        Verdict::Forward(response)
+    });
+}
+
+/// Waits for the hub to hold a `refused` event for the agent's device, and returns its detail.
+fn refusal(hub: &TestHub, agent: &TestAgent) -> String {
+    wait_until(AGENT_WAIT, "the refusal to be reported", || {
+        device(hub, agent)
+            .events
+            .into_iter()
+            .find(|event| event.kind == "refused")
+            .map(|event| event.detail)
+    })
+}
+
+#[test]
+fn an_interrupted_download_resumes_where_it_stopped() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "demo", 1, 1);
+    let proxy = Proxy::start(&hub.url());
+    // The first answer for each artifact breaks off halfway through its body.
+    let mut cut = HashSet::new();
+    proxy.set_hook(move |request, response| {
+        if request.path.starts_with(ARTIFACTS)
+            && response.status == 200
+            && cut.insert(request.path.clone())
+        {
+            let half = response.body.len() / 2;
+            return Verdict::Cut(response, half);
+        }
+        Verdict::Forward(response)
+    });
+    let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "site=lab", "");
+    agent.start();
+    first_rollout(&hub, &fleet, 1);
+    agent.wait_status("active", json!("demo@1"));
+
+    let mut by_artifact: BTreeMap<String, Vec<Exchange>> = BTreeMap::new();
+    for exchange in proxy.log() {
+        if exchange.request.path.starts_with(ARTIFACTS) {
+            by_artifact
+                .entry(exchange.request.path.clone())
+                .or_default()
+                .push(exchange);
+        }
+    }
+    assert!(!by_artifact.is_empty(), "no artifact was downloaded");
+    for (path, exchanges) in &by_artifact {
+        let [first, resumed] = exchanges.as_slice() else {
+            panic!("{path}: expected a cut download and one resumption: {exchanges:#?}");
+        };
+        let length = first.body_len;
+        assert!(length > 1, "{path} is {length} bytes");
+        assert_eq!(first.request.header("range"), None, "{path}");
+        assert_eq!(first.body_sent, length / 2, "{path}");
+        // The second request asks only for what is missing, and gets just that.
+        let range = format!("bytes={}-", length / 2);
+        assert_eq!(
+            resumed.request.header("range"),
+            Some(range.as_str()),
+            "{path}"
+        );
+        assert_eq!(resumed.status, 206, "{path}");
+        assert_eq!(
+            first.body_sent + resumed.body_sent,
+            length,
+            "{path}: every byte crossed once"
+        );
+    }
+    let (status, _) = agent.infer(&http(), [1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_replayed_older_plan_is_refused_and_reported() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy();
+    // Keep plan 1 and its manifest as the hub hands them out now.
+    let old: Arc<Mutex<Option<CheckInResponse>>> = Arc::default();
+    {
+        let old = old.clone();
+        rewrite_check_ins(&proxy, move |answer| {
+            *old.lock().unwrap() = Some(answer.clone());
+        });
+    }
+    let old = wait_until(AGENT_WAIT, "a check-in carrying plan 1", || {
+        old.lock().unwrap().clone()
+    });
+    assert!(old.plan.is_some() && old.manifest.is_some());
+
+    fleet.publish_example(&hub, "demo", 2, 2);
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+    agent.wait_status("active", json!("demo@2"));
+
+    // A hub (or anyone between) now answers with the older plan, still validly signed.
+    rewrite_check_ins(&proxy, move |answer| {
+        answer.plan = old.plan.clone();
+        answer.manifest = old.manifest.clone();
+    });
+    let detail = refusal(&hub, &agent);
+    assert!(
+        detail.contains("plan sequence 1 is below sequence 2"),
+        "{detail}"
+    );
+    let status = agent.status();
+    assert_eq!(status["active"], "demo@2", "{status:#}");
+    assert_eq!(status["pending"], Value::Null, "{status:#}");
+}
+
+#[test]
+fn a_plan_with_a_broken_signature_is_refused_and_reported() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy();
+    // From now on one of the plan's two signatures no longer matches what it signs.
+    rewrite_check_ins(&proxy, |answer| {
+        if let Some(plan) = &answer.plan {
+            let mut signed: Signed<PlanBody> = outpost_protocol::decode(plan).unwrap();
+            signed.signatures.last_mut().unwrap().signature.0[0] ^= 1;
+            answer.plan = Some(outpost_protocol::encode(&signed).unwrap().into());
+        }
+    });
+    let artifacts_before = proxy
+        .log()
+        .iter()
+        .filter(|exchange| exchange.request.path.starts_with(ARTIFACTS))
+        .count();
+    fleet.publish_example(&hub, "demo", 2, 2);
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+
+    let detail = refusal(&hub, &agent);
+    assert!(
+        detail.contains("1 valid signature(s)") && detail.contains("2 required"),
+        "{detail}"
+    );
+    assert!(detail.contains("1 invalid"), "{detail}");
+    // Refused before anything was fetched for it.
+    let status = agent.status();
+    assert_eq!(status["active"], "demo@1", "{status:#}");
+    let artifacts_after = proxy
+        .log()
+        .iter()
+        .filter(|exchange| exchange.request.path.starts_with(ARTIFACTS))
+        .count();
+    assert_eq!(artifacts_before, artifacts_after);
 }
