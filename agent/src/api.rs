@@ -107,6 +107,78 @@ impl ApiState {
     }
 }
 
+/// The API served on a runtime of its own thread: for embedding it in a program that is not async
+/// (tests, benches). [`BackgroundApi::stop`] or dropping it shuts it down gracefully.
+#[derive(Debug)]
+pub struct BackgroundApi {
+    address: std::net::SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl BackgroundApi {
+    /// Binds `address` (port 0 picks one) and serves `state` with `workers` runtime threads.
+    pub fn start(
+        address: std::net::SocketAddr,
+        state: Arc<ApiState>,
+        workers: usize,
+    ) -> std::io::Result<BackgroundApi> {
+        let listener = std::net::TcpListener::bind(address)?;
+        listener.set_nonblocking(true)?;
+        let address = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .thread_name("outpost-api")
+            .enable_all()
+            .build()?;
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("outpost-api".to_owned())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    serve(listener, state, async {
+                        let _ = stop.await;
+                    })
+                    .await
+                })
+            })?;
+        Ok(BackgroundApi {
+            address,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+
+    /// The bound address.
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.address
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and returns what the server returned.
+    pub fn stop(mut self) -> std::io::Result<()> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> std::io::Result<()> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the API thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for BackgroundApi {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, then lets in-flight requests finish
 /// (for at most the request timeout plus a short grace) and returns.
 pub async fn serve(
@@ -422,13 +494,24 @@ fn run_request(
             state
                 .totals
                 .record(&active.name, active.version, latency, true);
-            state.recorder.record(
-                &active.name,
-                active.version,
-                latency,
-                true,
-                crate::unix_now(),
-            );
+            match &active.drift {
+                Some(drift) => state.recorder.record_with_drift(
+                    &active.name,
+                    active.version,
+                    drift,
+                    latency,
+                    crate::unix_now(),
+                    &request.inputs,
+                    &outputs,
+                ),
+                None => state.recorder.record(
+                    &active.name,
+                    active.version,
+                    latency,
+                    true,
+                    crate::unix_now(),
+                ),
+            }
             outputs
         }
         Err(error) if is_request_error(&error) => {

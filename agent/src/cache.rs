@@ -65,6 +65,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use outpost_protocol::device::InferenceWindow;
+use outpost_protocol::drift::DriftSummary;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
@@ -135,8 +136,17 @@ pub struct AppendOutcome {
     pub dropped_windows: u64,
 }
 
+/// What [`TelemetryCache::refused`] did with a batch the hub will never take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its drift summaries were removed; the batch is sent again with its counters.
+    DriftStripped,
+    /// It was dropped; its windows count as dropped.
+    Dropped { windows: u64 },
+}
+
 /// One upload batch; becomes a `TelemetryBatch` with the same three fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PendingBatch {
     /// The idempotency sequence: the same for every resend until acknowledged.
     pub sequence: u64,
@@ -177,6 +187,35 @@ struct StoredWindow {
     count: u64,
     errors: u64,
     latency_buckets: Vec<u64>,
+    /// The window's drift summary as its protocol frame, when the model has a profile.
+    drift: Option<Vec<u8>>,
+}
+
+/// A window as format V1 stored it, before drift summaries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredWindowV1 {
+    model: String,
+    version: u64,
+    start: u64,
+    end: u64,
+    count: u64,
+    errors: u64,
+    latency_buckets: Vec<u64>,
+}
+
+impl From<StoredWindowV1> for StoredWindow {
+    fn from(old: StoredWindowV1) -> StoredWindow {
+        StoredWindow {
+            model: old.model,
+            version: old.version,
+            start: old.start,
+            end: old.end,
+            count: old.count,
+            errors: old.errors,
+            latency_buckets: old.latency_buckets,
+            drift: None,
+        }
+    }
 }
 
 impl StoredWindow {
@@ -189,6 +228,11 @@ impl StoredWindow {
             count: window.count,
             errors: window.errors,
             latency_buckets: window.latency_buckets.clone(),
+            drift: window.drift.as_ref().and_then(|summary| {
+                outpost_protocol::encode(summary)
+                    .map_err(|error| log::error!("encoding a drift summary for the cache: {error}"))
+                    .ok()
+            }),
         }
     }
 
@@ -201,7 +245,19 @@ impl StoredWindow {
             count: self.count,
             errors: self.errors,
             latency_buckets: self.latency_buckets,
+            drift: self.drift.and_then(|bytes| {
+                outpost_protocol::decode::<DriftSummary>(&bytes)
+                    .map_err(|error| {
+                        log::error!("a cached drift summary is unreadable, dropping it: {error}")
+                    })
+                    .ok()
+            }),
         }
+    }
+
+    /// Roughly what this window takes in a batch: its counters plus its drift frame.
+    fn stored_size(&self) -> usize {
+        128 + self.model.len() + self.drift.as_ref().map_or(0, Vec::len)
     }
 
     /// Adds `other`'s counts into this window and widens it to cover both.
@@ -216,12 +272,60 @@ impl StoredWindow {
         for (sum, add) in self.latency_buckets.iter_mut().zip(&other.latency_buckets) {
             *sum = sum.saturating_add(*add);
         }
+        self.drift = merge_drift(self.drift.take(), other.drift.as_deref());
+    }
+}
+
+/// The merge of two windows' drift frames. A frame that does not decode or merge is logged and
+/// the other one kept: the counters of both windows still add, only that summary is lost.
+fn merge_drift(ours: Option<Vec<u8>>, theirs: Option<&[u8]>) -> Option<Vec<u8>> {
+    let Some(theirs) = theirs else {
+        return ours;
+    };
+    let Some(ours) = ours else {
+        return Some(theirs.to_vec());
+    };
+    let merged = outpost_protocol::decode::<DriftSummary>(&ours).and_then(|mut summary| {
+        let other = outpost_protocol::decode::<DriftSummary>(theirs)?;
+        Ok((summary.merge(&other), summary))
+    });
+    match merged {
+        Ok((Ok(()), summary)) => match outpost_protocol::encode(&summary) {
+            Ok(bytes) => Some(bytes),
+            Err(error) => {
+                log::error!("encoding a merged drift summary: {error}");
+                Some(ours)
+            }
+        },
+        Ok((Err(error), _)) => {
+            log::warn!("drift summaries of one window do not merge, keeping one: {error}");
+            Some(ours)
+        }
+        Err(error) => {
+            log::error!("a cached drift summary is unreadable: {error}");
+            Some(ours)
+        }
     }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum StoredRecord {
-    V1 { windows: Vec<StoredWindow> },
+    V1 {
+        windows: Vec<StoredWindowV1>,
+    },
+    /// Windows with their drift summaries.
+    V2 {
+        windows: Vec<StoredWindow>,
+    },
+}
+
+impl StoredRecord {
+    fn into_windows(self) -> Vec<StoredWindow> {
+        match self {
+            StoredRecord::V1 { windows } => windows.into_iter().map(StoredWindow::from).collect(),
+            StoredRecord::V2 { windows } => windows,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -229,9 +333,52 @@ enum StoredOutbox {
     V1 {
         sequence: u64,
         dropped_records: u64,
+        windows: Vec<StoredWindowV1>,
+        keys: Vec<u64>,
+    },
+    V2 {
+        sequence: u64,
+        dropped_records: u64,
         windows: Vec<StoredWindow>,
         keys: Vec<u64>,
     },
+}
+
+/// An outbox batch, whichever format stored it.
+struct OutboxParts {
+    sequence: u64,
+    dropped_records: u64,
+    windows: Vec<StoredWindow>,
+    keys: Vec<u64>,
+}
+
+impl StoredOutbox {
+    fn into_parts(self) -> OutboxParts {
+        match self {
+            StoredOutbox::V1 {
+                sequence,
+                dropped_records,
+                windows,
+                keys,
+            } => OutboxParts {
+                sequence,
+                dropped_records,
+                windows: windows.into_iter().map(StoredWindow::from).collect(),
+                keys,
+            },
+            StoredOutbox::V2 {
+                sequence,
+                dropped_records,
+                windows,
+                keys,
+            } => OutboxParts {
+                sequence,
+                dropped_records,
+                windows,
+                keys,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -270,7 +417,7 @@ fn record_key(key: &[u8]) -> Result<u64, String> {
 fn encode_record(windows: &[StoredWindow]) -> Result<Vec<u8>, CacheError> {
     encode(
         "records",
-        &StoredRecord::V1 {
+        &StoredRecord::V2 {
             windows: windows.to_vec(),
         },
     )
@@ -348,7 +495,7 @@ impl Change {
     ) -> Result<(), CacheError> {
         let value = encode(
             "outbox",
-            &StoredOutbox::V1 {
+            &StoredOutbox::V2 {
                 sequence,
                 dropped_records,
                 windows: windows.to_vec(),
@@ -498,8 +645,9 @@ impl TelemetryCache {
         for entry in records.iter() {
             let (key, value) = entry.map_err(sled_failure)?;
             let key_number = record_key(&key).map_err(OpenFailure::Unreadable)?;
-            let StoredRecord::V1 { windows } =
-                decode("records", &value).map_err(OpenFailure::Unreadable)?;
+            let windows = decode::<StoredRecord>("records", &value)
+                .map_err(OpenFailure::Unreadable)?
+                .into_windows();
             let info = RecordInfo {
                 bytes: (key.len() + value.len()) as u64,
                 windows: windows.len() as u64,
@@ -510,12 +658,14 @@ impl TelemetryCache {
         let outbox_info = match outbox.get(OUTBOX_KEY).map_err(sled_failure)? {
             None => None,
             Some(value) => {
-                let StoredOutbox::V1 {
+                let OutboxParts {
                     sequence,
                     dropped_records,
                     windows,
                     keys: _,
-                } = decode("outbox", &value).map_err(OpenFailure::Unreadable)?;
+                } = decode::<StoredOutbox>("outbox", &value)
+                    .map_err(OpenFailure::Unreadable)?
+                    .into_parts();
                 let info = OutboxInfo {
                     sequence,
                     dropped_records,
@@ -647,12 +797,18 @@ impl TelemetryCache {
         })
     }
 
-    /// The batch to upload: the outbox batch if one awaits acknowledgement (whatever
-    /// `max_windows` is now), else a new batch of at most `max_windows` (at least 1) of the oldest
-    /// windows, persisted and flushed under a new sequence before it is returned. `None` when there
-    /// is nothing to report: no windows and no drops. Callers choose `max_windows` so that a batch
-    /// fits the `TelemetryBatch` frame cap (a window encodes to well under 200 bytes).
-    pub fn pending(&self, max_windows: usize) -> Result<Option<PendingBatch>, CacheError> {
+    /// The batch to upload: the outbox batch if one awaits acknowledgement (whatever the limits
+    /// are now), else a new batch of the oldest windows, at most `max_windows` of them and at most
+    /// about `max_bytes` of stored window (but always at least one window), persisted and flushed
+    /// under a new sequence before it is returned. `None` when there is nothing to report: no
+    /// windows and no drops. Callers choose the limits so that a batch fits the `TelemetryBatch`
+    /// frame cap (a window without drift encodes to well under 200 bytes; its drift summary is
+    /// counted at its stored size).
+    pub fn pending(
+        &self,
+        max_windows: usize,
+        max_bytes: usize,
+    ) -> Result<Option<PendingBatch>, CacheError> {
         let state = self.lock();
         if let Some(info) = state.outbox {
             return self.read_outbox(state, info).map(Some);
@@ -662,13 +818,14 @@ impl TelemetryCache {
         let mut taken: Vec<StoredWindow> = Vec::new();
         let mut keys = Vec::new();
         let mut unreadable_windows = 0u64;
+        let mut taken_bytes = 0usize;
         let queued: Vec<(u64, RecordInfo)> = state
             .index
             .iter()
             .map(|(key, info)| (*key, *info))
             .collect();
         for (key, info) in queued {
-            if taken.len() >= max_windows {
+            if taken.len() >= max_windows || taken_bytes >= max_bytes {
                 break;
             }
             let Some(mut windows) = self.read_record(&change, key)? else {
@@ -676,7 +833,18 @@ impl TelemetryCache {
                 unreadable_windows += info.windows;
                 continue;
             };
-            let room = max_windows - taken.len();
+            let mut room = 0;
+            for window in windows.iter().take(max_windows - taken.len()) {
+                let size = window.stored_size();
+                if (!taken.is_empty() || room > 0) && taken_bytes + size > max_bytes {
+                    break;
+                }
+                taken_bytes += size;
+                room += 1;
+            }
+            if room == 0 {
+                break;
+            }
             keys.push(key);
             if windows.len() <= room {
                 change.remove_record(key);
@@ -735,6 +903,57 @@ impl TelemetryCache {
         self.flush()
     }
 
+    /// The hub refused batch `sequence` outright (a 4xx: it will never take it as it is). A batch
+    /// carrying drift summaries loses them and keeps its sequence and counters, so one summary the
+    /// hub cannot use does not cost the inference counts; a batch without any is dropped, its
+    /// windows counted as dropped and reported with the next batch. Either way the queue moves on.
+    pub fn refused(&self, sequence: u64) -> Result<Refusal, CacheError> {
+        let state = self.lock();
+        let Some(info) = state.outbox.filter(|info| info.sequence == sequence) else {
+            return Err(CacheError::NotPending {
+                acknowledged: sequence,
+                pending: state.outbox.map(|info| info.sequence),
+            });
+        };
+        let parts = match self.outbox.get(OUTBOX_KEY)? {
+            Some(value) => decode::<StoredOutbox>("outbox", &value)
+                .ok()
+                .map(StoredOutbox::into_parts),
+            None => None,
+        };
+        let mut change = Change::new(&state);
+        let outcome = match parts {
+            Some(mut parts) if parts.windows.iter().any(|window| window.drift.is_some()) => {
+                for window in &mut parts.windows {
+                    window.drift = None;
+                }
+                change.put_outbox(
+                    parts.sequence,
+                    parts.dropped_records,
+                    &parts.windows,
+                    &parts.keys,
+                )?;
+                Refusal::DriftStripped
+            }
+            _ => {
+                change.remove_outbox();
+                let meta = &mut change.state.meta;
+                meta.dropped_total = meta.dropped_total.saturating_add(info.windows);
+                // The drops this batch carried are reported again with the next one.
+                meta.dropped_since_batch = meta
+                    .dropped_since_batch
+                    .saturating_add(info.windows)
+                    .saturating_add(info.dropped_records);
+                Refusal::Dropped {
+                    windows: info.windows,
+                }
+            }
+        };
+        self.commit_locked(state, change)?;
+        self.flush()?;
+        Ok(outcome)
+    }
+
     pub fn stats(&self) -> CacheStats {
         let state = self.lock();
         let queued: u64 = state.index.values().map(|info| info.windows).sum();
@@ -760,8 +979,8 @@ impl TelemetryCache {
             Some(value) => decode::<StoredOutbox>("outbox", &value),
             None => Err("outbox batch is missing".to_owned()),
         };
-        match decoded {
-            Ok(StoredOutbox::V1 {
+        match decoded.map(StoredOutbox::into_parts) {
+            Ok(OutboxParts {
                 sequence,
                 dropped_records,
                 windows,
@@ -810,7 +1029,7 @@ impl TelemetryCache {
             },
         };
         match decoded {
-            Ok(StoredRecord::V1 { windows }) => Ok(Some(windows)),
+            Ok(record) => Ok(Some(record.into_windows())),
             Err(reason) => {
                 log::error!("telemetry record {key} is unreadable ({reason}); dropping it");
                 Ok(None)
@@ -885,16 +1104,22 @@ impl TelemetryCache {
         }
         let (mut windows, keys) = match &change.outbox {
             Some(Some(value)) => match decode::<StoredOutbox>("outbox", value) {
-                Ok(StoredOutbox::V1 { windows, keys, .. }) => (windows, keys),
+                Ok(outbox) => {
+                    let parts = outbox.into_parts();
+                    (parts.windows, parts.keys)
+                }
                 Err(_) => (Vec::new(), Vec::new()),
             },
             Some(None) => return Ok(0),
             None => match self
                 .outbox
                 .get(OUTBOX_KEY)?
-                .map(|value| decode("outbox", &value))
+                .map(|value| decode::<StoredOutbox>("outbox", &value))
             {
-                Some(Ok(StoredOutbox::V1 { windows, keys, .. })) => (windows, keys),
+                Some(Ok(outbox)) => {
+                    let parts = outbox.into_parts();
+                    (parts.windows, parts.keys)
+                }
                 _ => (Vec::new(), Vec::new()),
             },
         };
@@ -1120,6 +1345,7 @@ mod tests {
             count: 3,
             errors: 0,
             latency_buckets: vec![3; 17],
+            drift: None,
         }
     }
 
@@ -1163,7 +1389,10 @@ mod tests {
             .records
             .insert(0u64.to_be_bytes(), &[0xff, 0xff, 0xff][..])
             .expect("insert");
-        let batch = cache.pending(10).expect("pending").expect("a batch");
+        let batch = cache
+            .pending(10, usize::MAX)
+            .expect("pending")
+            .expect("a batch");
         assert_eq!(batch.windows, vec![window(2)]);
         assert_eq!(batch.dropped_records, 2);
         assert_eq!(cache.stats().dropped_total, 2);
@@ -1174,17 +1403,26 @@ mod tests {
         let tmp = tempfile::tempdir().expect("temp dir");
         let cache = open(&tmp.path().join("telemetry"));
         cache.append(&[window(0), window(1)]).expect("append");
-        let formed = cache.pending(10).expect("pending").expect("a batch");
+        let formed = cache
+            .pending(10, usize::MAX)
+            .expect("pending")
+            .expect("a batch");
         cache
             .outbox
             .insert(OUTBOX_KEY, &[0xff, 0xff, 0xff][..])
             .expect("insert");
-        let resent = cache.pending(10).expect("pending").expect("a batch");
+        let resent = cache
+            .pending(10, usize::MAX)
+            .expect("pending")
+            .expect("a batch");
         assert_eq!(resent.sequence, formed.sequence);
         assert_eq!((resent.windows.len(), resent.dropped_records), (0, 2));
         assert_eq!(cache.stats().dropped_total, 2);
         // The replacement is durable and stable.
-        assert_eq!(cache.pending(10).expect("pending"), Some(resent));
+        assert_eq!(
+            cache.pending(10, usize::MAX).expect("pending"),
+            Some(resent)
+        );
     }
 
     #[test]

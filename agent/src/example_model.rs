@@ -283,6 +283,22 @@ fn value_info(spec: &TensorSpec) -> ValueInfoProto {
 }
 
 /// splitmix64: tiny, fast, and the same on every platform, which is all example weights need.
+/// `rows × n_inputs` values drawn from a normal distribution with mean `mean` and standard
+/// deviation 1 (Box–Muller over SplitMix64, deterministic from `seed`), row-major: reference data
+/// for the example model, and shifted live inputs in tests and the quickstart.
+pub fn normal_rows(n_inputs: usize, rows: usize, seed: u64, mean: f64) -> Vec<f32> {
+    let mut rng = SplitMix64(seed);
+    (0..rows * n_inputs)
+        .map(|_| {
+            // (0, 1] so the logarithm is finite.
+            let u1 = ((rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+            let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            (mean + z) as f32
+        })
+        .collect()
+}
+
 struct SplitMix64(u64);
 
 impl SplitMix64 {

@@ -3,6 +3,8 @@
 //! - [`cli`]: the agent's commands.
 //! - [`check`]: the device-side decision on signed documents — the same code path the service
 //!   uses, exposed offline so an operator can ask "would this device accept these files?".
+//! - [`drift`]: reading a drift profile's features out of requests and answers, and building a
+//!   profile from reference data (for `outpost-hub profile`).
 //! - [`inference`]: loading, running and validating an ONNX model with tract — the one inference
 //!   path, shared by probation, the local inference API and the hub's publish gate.
 //! - [`example_model`]: small deterministic ONNX models built in Rust, for tests, the quickstart
@@ -18,6 +20,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod download;
+pub mod drift;
 pub mod example_model;
 pub mod fsutil;
 pub mod hub_client;

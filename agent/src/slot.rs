@@ -6,9 +6,20 @@
 
 use std::sync::{Arc, RwLock};
 
+use outpost_protocol::drift::Profile;
 use outpost_protocol::Sha256;
 
+use crate::drift::Extractor;
 use crate::inference::LoadedModel;
+
+/// A model version's drift profile, resolved against the model for the inference path.
+#[derive(Debug)]
+pub struct ModelDrift {
+    pub profile: Profile,
+    /// SHA-256 of the profile artifact, which keys every summary made with it.
+    pub sha256: Sha256,
+    pub extractor: Extractor,
+}
 
 /// A committed model version, loaded and ready.
 #[derive(Debug)]
@@ -18,6 +29,8 @@ pub struct ActiveModel {
     /// SHA-256 of the signed manifest it came from.
     pub manifest_sha256: Sha256,
     pub model: LoadedModel,
+    /// Present when the manifest signs a drift profile.
+    pub drift: Option<ModelDrift>,
 }
 
 /// Holds the active model. Cheap to read on every request.

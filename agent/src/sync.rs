@@ -18,17 +18,18 @@ use outpost_protocol::device::{
     TelemetryBatch,
 };
 use outpost_protocol::trust::{ManifestBody, ManifestRef, Signed};
-use outpost_protocol::{Arch, Sha256, TimeFloor, VerifiedManifest, VerifiedRoot};
+use outpost_protocol::{Arch, Message, Sha256, TimeFloor, VerifiedManifest, VerifiedRoot};
 use serde::Serialize;
 
 use crate::api::QueueStats;
-use crate::cache::TelemetryCache;
+use crate::cache::{Refusal, TelemetryCache};
 use crate::config::Config;
 use crate::download::{self, Limits};
+use crate::drift::Extractor;
 use crate::hub_client::{HubClient, HubError};
 use crate::inference::{validate, LoadedModel};
 use crate::notify::Notifier;
-use crate::slot::{ActiveModel, ModelSlot};
+use crate::slot::{ActiveModel, ModelDrift, ModelSlot};
 use crate::state::{DeviceState, Pending, QueuedReport, StateFiles, VersionRef};
 use crate::telemetry::Recorder;
 use crate::versions::{Installed, Versions};
@@ -36,6 +37,9 @@ use crate::{agent_version, unix_now};
 
 /// Most windows uploaded in one telemetry batch.
 const MAX_BATCH_WINDOWS: usize = 1000;
+/// Stored bytes of windows (drift summaries included) in one telemetry batch: half the frame cap,
+/// so the encoded batch stays well inside it.
+const MAX_BATCH_BYTES: usize = TelemetryBatch::MAX_FRAME / 2;
 
 /// What `outpost-agent status` shows, written after every cycle.
 #[derive(Debug, Serialize)]
@@ -87,6 +91,24 @@ pub struct Syncer {
     agent_state: AgentState,
     last_error: Option<String>,
     last_telemetry_flush: Instant,
+}
+
+/// Resolves a version's drift profile against its loaded model. A profile that does not fit the
+/// model fails the version, as a bad validation set does.
+fn model_drift(
+    profile: Option<(outpost_protocol::drift::Profile, Sha256)>,
+    model: &LoadedModel,
+) -> anyhow::Result<Option<ModelDrift>> {
+    let Some((profile, sha256)) = profile else {
+        return Ok(None);
+    };
+    let extractor =
+        Extractor::new(&profile, model.inputs(), model.outputs()).context("drift profile")?;
+    Ok(Some(ModelDrift {
+        profile,
+        sha256,
+        extractor,
+    }))
 }
 
 fn to_ref(manifest: &VerifiedManifest) -> VersionRef {
@@ -229,11 +251,13 @@ impl Syncer {
             &installed.manifest.outputs,
             self.config.threads,
         )?;
+        let drift = model_drift(installed.profile, &model)?;
         Ok(ActiveModel {
             name: version.name.clone(),
             version: version.version,
             manifest_sha256: Sha256(version.manifest_sha256),
             model,
+            drift,
         })
     }
 
@@ -606,6 +630,7 @@ impl Syncer {
             .map_err(|error| format!("reading the installed files: {error:#}"))?;
         let threads = self.config.threads;
         let timeout = self.config.probation_timeout;
+        let profile = installed.profile.clone();
         let (done, result) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let deadline = Instant::now() + timeout;
@@ -628,11 +653,13 @@ impl Syncer {
             Ok(outcome) => outcome?,
             Err(_) => return Err(format!("probation did not finish within {timeout:?}")),
         };
+        let drift = model_drift(profile, &model).map_err(|error| format!("{error:#}"))?;
         Ok(ActiveModel {
             name: candidate.name.clone(),
             version: candidate.version,
             manifest_sha256: Sha256(candidate.manifest_sha256),
             model,
+            drift,
         })
     }
 
@@ -682,7 +709,7 @@ impl Syncer {
     }
 
     fn upload_telemetry(&mut self) -> Result<(), HubError> {
-        let batch = match self.cache.pending(MAX_BATCH_WINDOWS) {
+        let batch = match self.cache.pending(MAX_BATCH_WINDOWS, MAX_BATCH_BYTES) {
             Ok(Some(batch)) => batch,
             Ok(None) => return Ok(()),
             Err(error) => {
@@ -691,14 +718,33 @@ impl Syncer {
             }
         };
         let sequence = batch.sequence;
-        let ack: TelemetryAck = self.client.call(
+        let sent: Result<TelemetryAck, HubError> = self.client.call(
             "/device/v1/telemetry",
             &TelemetryBatch {
                 sequence,
                 windows: batch.windows,
                 dropped_records: batch.dropped_records,
             },
-        )?;
+        );
+        let ack = match sent {
+            Ok(ack) => ack,
+            Err(error) if error.is_transient() => return Err(error),
+            Err(error) => {
+                // Sending it again would be refused again and hold up the whole queue.
+                let reason = format!("hub refused telemetry batch {sequence}: {error}");
+                match self.cache.refused(sequence) {
+                    Ok(Refusal::DriftStripped) => {
+                        log::error!("{reason}; sending it again without its drift summaries");
+                    }
+                    Ok(Refusal::Dropped { windows }) => {
+                        log::error!("{reason}; dropped it, {windows} windows counted as dropped");
+                    }
+                    Err(cache_error) => log::error!("{reason}; {cache_error}"),
+                }
+                self.report_event("telemetry_refused", reason);
+                return Ok(());
+            }
+        };
         if ack.sequence == sequence {
             if let Err(error) = self.cache.acknowledge(sequence) {
                 log::error!("acknowledging telemetry batch {sequence}: {error}");

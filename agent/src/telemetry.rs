@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use outpost_protocol::device::{InferenceWindow, LATENCY_BUCKETS_US};
+use outpost_protocol::device::{InferenceWindow, Tensor, LATENCY_BUCKETS_US};
+use outpost_protocol::drift::DriftSummary;
+
+use crate::slot::ModelDrift;
 
 /// Length of a telemetry window: aligned UTC hours.
 pub const WINDOW_SECS: u64 = 3600;
@@ -24,6 +27,8 @@ struct Counters {
     errors: u64,
     /// One slot per [`LATENCY_BUCKETS_US`] bound plus the overflow slot.
     latency: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// What the model saw and said in this window, when it has a drift profile.
+    drift: Option<DriftSummary>,
 }
 
 /// Collects inference outcomes. Shared by every request handler; cheap to call.
@@ -64,6 +69,51 @@ impl Recorder {
         counters.latency[bucket_of(latency)] += 1;
     }
 
+    /// Counts one inference like [`Recorder::record`], and adds what it saw and answered to the
+    /// window's drift summary. Only requests that ran go here: a refused request has no answer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_with_drift(
+        &self,
+        model: &str,
+        version: u64,
+        drift: &ModelDrift,
+        latency: Duration,
+        now: u64,
+        inputs: &[Tensor],
+        outputs: &[Tensor],
+    ) {
+        let start = now - now % WINDOW_SECS;
+        let key = WindowKey {
+            model: model.to_owned(),
+            version,
+            start,
+        };
+        let mut open = match self.open.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let counters = open.entry(key).or_default();
+        counters.count += 1;
+        let bucket = bucket_of(latency);
+        counters.latency[bucket] += 1;
+        let summary = counters.drift.get_or_insert_with(|| {
+            DriftSummary::new(
+                model,
+                version,
+                drift.sha256,
+                &drift.profile,
+                start,
+                start + WINDOW_SECS,
+            )
+        });
+        if let Some(slot) = summary.latency_us.get_mut(bucket) {
+            *slot += 1;
+        }
+        drift
+            .extractor
+            .observe(&drift.profile, summary, inputs, outputs);
+    }
+
     /// Removes and returns the windows that ended at or before `now`.
     pub fn take_closed(&self, now: u64) -> Vec<InferenceWindow> {
         self.take(|key| key.start + WINDOW_SECS <= now)
@@ -92,6 +142,7 @@ impl Recorder {
                     count: counters.count,
                     errors: counters.errors,
                     latency_buckets: counters.latency.to_vec(),
+                    drift: counters.drift,
                 })
             })
             .collect()

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use outpost_protocol::device::ValidationSet;
+use outpost_protocol::drift::Profile;
 use outpost_protocol::keys::StreamingSha256;
 use outpost_protocol::trust::{ArtifactRole, ManifestBody, Signed};
 use outpost_protocol::{Message, Sha256};
@@ -24,6 +25,8 @@ pub struct Installed {
     pub manifest: ManifestBody,
     pub model: Vec<u8>,
     pub validation: Option<ValidationSet>,
+    /// The drift profile and its signed hash.
+    pub profile: Option<(Profile, Sha256)>,
 }
 
 pub fn artifact_file(role: ArtifactRole) -> &'static str {
@@ -131,6 +134,7 @@ impl Versions {
         let manifest = signed.decode_unverified()?;
         let mut model = None;
         let mut validation = None;
+        let mut profile = None;
         for artifact in &manifest.artifacts {
             let path = dir.join(artifact_file(artifact.role));
             let (length, digest) =
@@ -144,7 +148,12 @@ impl Versions {
                     let bytes = fs::read(&path)?;
                     validation = Some(outpost_protocol::decode::<ValidationSet>(&bytes)?);
                 }
-                ArtifactRole::Profile => {}
+                ArtifactRole::Profile => {
+                    let bytes = fs::read(&path)?;
+                    let decoded = outpost_protocol::decode::<Profile>(&bytes)
+                        .with_context(|| format!("{} is not a drift profile", path.display()))?;
+                    profile = Some((decoded, artifact.sha256));
+                }
             }
         }
         let model = model.with_context(|| format!("{} has no model", dir.display()))?;
@@ -152,6 +161,7 @@ impl Versions {
             manifest,
             model,
             validation,
+            profile,
         })
     }
 

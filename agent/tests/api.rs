@@ -2,7 +2,6 @@
 //! client gets for a bad request, hot swaps under load, `/metrics`, and an off-the-shelf
 //! `tritonclient` talking to it unchanged.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,11 +9,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use outpost_agent::api::{
-    serve, ApiLimits, ApiState, QueueStats, DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT,
+    ApiLimits, ApiState, BackgroundApi, QueueStats, DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT,
 };
-use outpost_agent::example_model::{byte_casts, byte_casts_specs, example_inputs, mlp, mlp_specs};
+use outpost_agent::drift::{build_profile, Extractor, ProfileOptions};
+use outpost_agent::example_model::{
+    byte_casts, byte_casts_specs, example_inputs, mlp, mlp_specs, normal_rows,
+};
 use outpost_agent::inference::LoadedModel;
-use outpost_agent::slot::{ActiveModel, ModelSlot};
+use outpost_agent::slot::{ActiveModel, ModelDrift, ModelSlot};
 use outpost_agent::telemetry::Recorder;
 use outpost_protocol::device::Tensor;
 use outpost_protocol::trust::DType;
@@ -44,6 +46,7 @@ fn mlp_version(version: u64) -> Arc<ActiveModel> {
         version,
         manifest_sha256: Sha256([version as u8; 32]),
         model: mlp_model(version),
+        drift: None,
     })
 }
 
@@ -55,6 +58,7 @@ fn byte_casts_active(width: usize) -> Arc<ActiveModel> {
         manifest_sha256: Sha256([7; 32]),
         model: LoadedModel::load(&byte_casts(width), &inputs, &outputs, 1)
             .expect("byte_casts loads"),
+        drift: None,
     })
 }
 
@@ -64,8 +68,7 @@ struct Api {
     http: ureq::Agent,
     slot: Arc<ModelSlot>,
     state: Arc<ApiState>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<JoinHandle<std::io::Result<()>>>,
+    server: BackgroundApi,
 }
 
 impl Api {
@@ -84,36 +87,19 @@ impl Api {
             Arc::new(QueueStats::default()),
             limits,
         ));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
-        listener.set_nonblocking(true).expect("non-blocking");
-        let addr: SocketAddr = listener.local_addr().expect("local address");
-        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-        let server_state = state.clone();
-        let server = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                serve(listener, server_state, async {
-                    let _ = stop.await;
-                })
-                .await
-            })
-        });
+        let server = BackgroundApi::start(([127, 0, 0, 1], 0).into(), state.clone(), 2)
+            .expect("starting the API on 127.0.0.1:0");
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .new_agent();
         Api {
-            base: format!("http://{addr}"),
+            base: format!("http://{}", server.address()),
             http,
             slot,
             state,
-            shutdown: Some(shutdown),
-            server: Some(server),
+            server,
         }
     }
 
@@ -156,24 +142,8 @@ impl Api {
     }
 
     /// Stops the server and returns what `serve` returned.
-    fn stop(mut self) -> std::io::Result<()> {
-        self.stop_server()
-    }
-
-    fn stop_server(&mut self) -> std::io::Result<()> {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        match self.server.take() {
-            Some(server) => server.join().expect("server thread does not panic"),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        let _ = self.stop_server();
+    fn stop(self) -> std::io::Result<()> {
+        self.server.stop()
     }
 }
 
@@ -320,6 +290,107 @@ fn assert_outputs_match(response: &Value, expected: &[Tensor]) {
 fn mlp_inputs(batch: u64, seed: u64) -> Vec<Tensor> {
     let (inputs, _) = mlp_specs(N_INPUTS, N_OUTPUTS);
     example_inputs(&inputs, batch, seed)
+}
+
+/// Version `version` of the test model with a drift profile of its inputs and class output.
+fn mlp_version_with_profile(version: u64) -> Arc<ActiveModel> {
+    let model = mlp_model(version);
+    let reference = normal_rows(N_INPUTS, 1000, 5, 0.0);
+    let profile = build_profile(
+        &model,
+        &[Tensor {
+            name: "x".to_owned(),
+            dtype: DType::F32,
+            shape: vec![1000, N_INPUTS as u64],
+            data: reference.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }],
+        &ProfileOptions {
+            class_outputs: vec!["y".to_owned()],
+            ..ProfileOptions::default()
+        },
+    )
+    .expect("profiling the test model");
+    let extractor =
+        Extractor::new(&profile, model.inputs(), model.outputs()).expect("the profile fits");
+    Arc::new(ActiveModel {
+        name: MODEL.to_owned(),
+        version,
+        manifest_sha256: Sha256([version as u8; 32]),
+        model,
+        drift: Some(ModelDrift {
+            profile,
+            sha256: Sha256([9; 32]),
+            extractor,
+        }),
+    })
+}
+
+#[test]
+fn served_requests_fill_the_windows_drift_summary() {
+    let api = Api::start();
+    api.slot.swap(mlp_version_with_profile(1));
+    // Five requests of two rows. JSON has no NaN, so the last goes through the binary tensor
+    // extension, with x1 of its second row NaN.
+    for index in 0..5u64 {
+        let mut rows = normal_rows(N_INPUTS, 2, 100 + index, 0.0);
+        let reply = if index < 4 {
+            api.infer(&json!({"inputs": [{
+                "name": "x", "shape": [2, N_INPUTS], "datatype": "FP32", "data": rows
+            }]}))
+        } else {
+            rows[N_INPUTS + 1] = f32::NAN;
+            let header = json!({"inputs": [{
+                "name": "x", "shape": [2, N_INPUTS], "datatype": "FP32",
+                "parameters": {"binary_data_size": 2 * N_INPUTS * 4}
+            }]})
+            .to_string();
+            let mut body = header.clone().into_bytes();
+            body.extend(rows.iter().flat_map(|v| v.to_le_bytes()));
+            api.post_with(
+                &format!("/v2/models/{MODEL}/infer"),
+                &body,
+                Some(header.len()),
+            )
+        };
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+    // A refused request has no answer and is not summarised.
+    let refused = api.infer(
+        &json!({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}),
+    );
+    assert_eq!(refused.status, 400);
+
+    let windows = api.state.recorder.take_all();
+    let [window] = windows.as_slice() else {
+        panic!("one window: {windows:?}");
+    };
+    assert_eq!(window.count, 5);
+    let drift = window
+        .drift
+        .as_ref()
+        .expect("the window carries a drift summary");
+    assert_eq!((drift.model.as_str(), drift.version), (MODEL, 1));
+    assert_eq!(drift.profile_sha256, Sha256([9; 32]));
+    assert_eq!(drift.window_end - drift.window_start, 3600);
+    assert_eq!(drift.features.len(), N_INPUTS);
+    for (index, feature) in drift.features.iter().enumerate() {
+        let (finite, nan) = if index == 1 { (9, 1) } else { (10, 0) };
+        assert_eq!((feature.n, feature.nan), (finite, nan), "feature {index}");
+        assert_eq!(
+            feature.below + feature.bins.iter().sum::<u64>() + feature.above,
+            finite
+        );
+    }
+    let [classes] = drift.classes.as_slice() else {
+        panic!("one class output");
+    };
+    assert_eq!(classes.counts.iter().sum::<u64>() + classes.unseen, 10);
+    assert_eq!(drift.latency_us.iter().sum::<u64>(), 5);
 }
 
 #[test]

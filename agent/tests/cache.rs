@@ -24,6 +24,7 @@ fn window(model: &str, start: u64, count: u64, bucket: usize) -> InferenceWindow
         count,
         errors: 1,
         latency_buckets,
+        drift: None,
     }
 }
 
@@ -51,7 +52,7 @@ fn open(path: &Path, cap_bytes: u64) -> TelemetryCache {
 
 fn pending(cache: &TelemetryCache, max_windows: usize) -> PendingBatch {
     cache
-        .pending(max_windows)
+        .pending(max_windows, usize::MAX)
         .expect("pending")
         .expect("a batch")
 }
@@ -88,9 +89,9 @@ fn quarantined_siblings(path: &Path) -> Vec<PathBuf> {
 fn nothing_pending_in_an_empty_cache() {
     let dir = dir();
     let cache = open(&dir.path, BIG);
-    assert_eq!(cache.pending(10).expect("pending"), None);
+    assert_eq!(cache.pending(10, usize::MAX).expect("pending"), None);
     assert_eq!(cache.append(&[]).expect("append").appended_windows, 0);
-    assert_eq!(cache.pending(10).expect("pending"), None);
+    assert_eq!(cache.pending(10, usize::MAX).expect("pending"), None);
 }
 
 #[test]
@@ -125,7 +126,7 @@ fn a_batch_is_resent_unchanged_until_acknowledged_even_across_reopen() {
             if acknowledged == first.sequence && pending == second.sequence
     ));
     cache.acknowledge(second.sequence).expect("acknowledge");
-    assert_eq!(cache.pending(10).expect("pending"), None);
+    assert_eq!(cache.pending(10, usize::MAX).expect("pending"), None);
     assert!(matches!(
         cache.acknowledge(second.sequence),
         Err(CacheError::NotPending { pending: None, .. })
@@ -162,7 +163,7 @@ fn max_windows_splits_a_record_oldest_first() {
         .append(&[daily(2), daily(0), daily(4), daily(1), daily(3)])
         .expect("append");
     let mut seen = Vec::new();
-    while let Some(batch) = cache.pending(2).expect("pending") {
+    while let Some(batch) = cache.pending(2, usize::MAX).expect("pending") {
         assert!(batch.windows.len() <= 2);
         seen.extend(batch.windows.clone());
         cache.acknowledge(batch.sequence).expect("acknowledge");
@@ -386,7 +387,7 @@ fn assert_quarantined_and_fresh(path: &Path) {
     assert!(quarantine.moved_to.join("db").exists());
     // The new cache is empty and works.
     assert_eq!(cache.stats().queued_windows, 0);
-    assert_eq!(cache.pending(10).expect("pending"), None);
+    assert_eq!(cache.pending(10, usize::MAX).expect("pending"), None);
     cache.append(&[daily(7)]).expect("append");
     let batch = pending(&cache, 10);
     assert_eq!(batch.windows, vec![daily(7)]);
@@ -456,4 +457,155 @@ fn a_database_that_comes_back_empty_is_quarantined() {
         .collect();
     fs::write(&db, garbage).expect("overwrite");
     assert_quarantined_and_fresh(&dir.path);
+}
+
+/// A one-feature profile with edges 0..=10, and an hourly summary of `values` for model "m".
+fn drift_profile() -> outpost_protocol::drift::Profile {
+    use outpost_protocol::drift::{
+        FeatureSource, FeatureSummary, NumericProfile, Profile, TensorSide, Thresholds,
+    };
+    let edges: Vec<f64> = (0..=10).map(f64::from).collect();
+    Profile {
+        features: vec![NumericProfile {
+            name: "x[0]".to_owned(),
+            side: TensorSide::Input,
+            source: FeatureSource::Column {
+                tensor: "x".to_owned(),
+                index: 0,
+            },
+            reference: FeatureSummary::new(&edges),
+            edges,
+        }],
+        classes: vec![],
+        thresholds: Thresholds::default(),
+    }
+}
+
+fn drifted(hour: u64, values: &[f64]) -> InferenceWindow {
+    use outpost_protocol::drift::DriftSummary;
+    let profile = drift_profile();
+    let start = DAY0 + hour * HOUR;
+    let mut summary = DriftSummary::new(
+        "m",
+        1,
+        outpost_protocol::Sha256([3; 32]),
+        &profile,
+        start,
+        start + HOUR,
+    );
+    for value in values {
+        summary.features[0].observe(*value, &profile.features[0].edges);
+    }
+    InferenceWindow {
+        drift: Some(summary),
+        ..window("m", start, values.len() as u64, 0)
+    }
+}
+
+#[test]
+fn drift_summaries_travel_with_their_windows_and_merge_in_roll_ups() {
+    let dir = dir();
+    let hours: Vec<InferenceWindow> = (0..24)
+        .map(|hour| {
+            let values: Vec<f64> = (0..50)
+                .map(|i| ((i * 7 + hour * 3) % 120) as f64 / 10.0 - 0.5)
+                .collect();
+            drifted(hour, &values)
+        })
+        .collect();
+    // A cap that forces roll-ups: each drift-carrying window takes a few hundred bytes.
+    let cache = open(&dir.path, 2_000);
+    for hour in &hours {
+        let outcome = cache.append(std::slice::from_ref(hour)).expect("append");
+        assert_eq!(outcome.dropped_windows, 0);
+    }
+    assert!(cache.stats().merged_total > 0, "the cap forced roll-ups");
+    let batch = pending(&cache, 100);
+    let mut want = hours[0].drift.clone().expect("drift");
+    for hour in &hours[1..] {
+        want.merge(hour.drift.as_ref().expect("drift"))
+            .expect("same profile");
+    }
+    let mut got = batch.windows[0]
+        .drift
+        .clone()
+        .expect("the daily window keeps its drift");
+    for window in &batch.windows[1..] {
+        got.merge(window.drift.as_ref().expect("drift"))
+            .expect("same profile");
+    }
+    let (got, want) = (&got.features[0], &want.features[0]);
+    assert_eq!(got.n, 24 * 50);
+    assert_eq!(
+        (got.n, got.below, got.above, &got.bins, got.min, got.max),
+        (want.n, want.below, want.above, &want.bins, want.min, want.max)
+    );
+    assert!((got.mean - want.mean).abs() <= 1e-9 * want.mean.abs().max(1.0));
+    assert!((got.m2 - want.m2).abs() <= 1e-9 * want.m2.abs().max(1.0));
+}
+
+#[test]
+fn a_byte_budget_splits_batches_of_large_summaries() {
+    let dir = dir();
+    let cache = open(&dir.path, BIG);
+    let values: Vec<f64> = (0..10).map(f64::from).collect();
+    let windows: Vec<InferenceWindow> = (0..6).map(|hour| drifted(hour, &values)).collect();
+    cache.append(&windows).expect("append");
+    let mut seen = Vec::new();
+    // Room for about two windows per batch, and never fewer than one.
+    while let Some(batch) = cache.pending(100, 700).expect("pending") {
+        assert!(
+            (1..=2).contains(&batch.windows.len()),
+            "{} windows",
+            batch.windows.len()
+        );
+        seen.extend(batch.windows.clone());
+        cache.acknowledge(batch.sequence).expect("acknowledge");
+    }
+    assert_eq!(seen, windows);
+    cache.append(&windows[..1]).expect("append");
+    let one = cache.pending(100, 1).expect("pending").expect("a batch");
+    assert_eq!(
+        one.windows.len(),
+        1,
+        "a window bigger than the budget still goes alone"
+    );
+}
+
+#[test]
+fn a_refused_batch_loses_its_drift_then_is_dropped_and_counted() {
+    use outpost_agent::cache::Refusal;
+    let dir = dir();
+    let cache = open(&dir.path, BIG);
+    let values: Vec<f64> = (0..10).map(f64::from).collect();
+    cache
+        .append(&[drifted(0, &values), daily(1)])
+        .expect("append");
+    let first = pending(&cache, 10);
+    assert!(first.windows[0].drift.is_some());
+    // The hub refused it: the same batch comes back without drift, counters intact.
+    assert_eq!(
+        cache.refused(first.sequence).expect("refused"),
+        Refusal::DriftStripped
+    );
+    let stripped = pending(&cache, 10);
+    assert_eq!(stripped.sequence, first.sequence);
+    assert_eq!(stripped.windows.len(), 2);
+    assert!(stripped.windows.iter().all(|window| window.drift.is_none()));
+    assert_eq!(stripped.windows[0].count, first.windows[0].count);
+    // Refused again: dropped, and its two windows are reported with the next batch.
+    assert_eq!(
+        cache.refused(first.sequence).expect("refused"),
+        Refusal::Dropped { windows: 2 }
+    );
+    assert_eq!(cache.stats().dropped_total, 2);
+    cache.append(&[daily(2)]).expect("append");
+    let next = pending(&cache, 10);
+    assert_ne!(next.sequence, first.sequence);
+    assert_eq!(next.dropped_records, 2);
+    assert_eq!(next.windows, vec![daily(2)]);
+    assert!(matches!(
+        cache.refused(first.sequence),
+        Err(CacheError::NotPending { .. })
+    ));
 }

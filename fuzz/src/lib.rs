@@ -6,6 +6,10 @@
 //! signature, so each verify target also signs the input as a document payload with that key: the
 //! fuzzer then reaches the payload decoder and the structural, expiry and rollback checks behind
 //! the signature check.
+//!
+//! The drift targets go one step past decoding: a decoded summary is validated against a small
+//! fixed profile, and a decoded profile that passes its check is used to summarise and judge fixed
+//! values (see `drift.rs`).
 
 use std::sync::OnceLock;
 
@@ -17,6 +21,10 @@ use outpost_protocol::trust::{
 use outpost_protocol::{
     encode, sha256, AgentVersion, Arch, Message, SecretKey, TimeFloor, VerifiedRoot,
 };
+
+mod drift;
+
+pub use drift::{decode_drift_summary, decode_profile};
 
 /// Defines a fuzz target that decodes its input as one message type.
 #[macro_export]

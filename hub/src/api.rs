@@ -324,3 +324,74 @@ pub struct AuditVerdict {
     /// What is wrong, naming the first bad entry.
     pub problem: Option<String>,
 }
+
+/// `GET /drift/{model}?version=V&selector=k=v,...&device=ID&since_secs=S` (viewer): the drift of
+/// one model version's features and outputs, from the summaries of the devices in scope whose
+/// windows end within the last `since_secs` seconds (default a day). Without `version`, the
+/// latest published version with a drift profile. Revoked devices are left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftReport {
+    pub model: String,
+    pub version: u64,
+    /// Hex SHA-256 of the profile the summaries were judged against.
+    pub profile_sha256: String,
+    /// The label group reported on (`key=value`); empty for every device.
+    pub selector: Vec<String>,
+    /// The one device reported on, when the report was asked for one.
+    pub device: Option<String>,
+    /// Summaries of windows ending after this Unix second count.
+    pub since: u64,
+    /// When the report was made, Unix seconds.
+    pub until: u64,
+    /// Earliest start and latest end of the windows merged; none without data.
+    pub window_start: Option<u64>,
+    pub window_end: Option<u64>,
+    /// Devices whose summaries were merged.
+    pub devices: u64,
+    /// Stored summaries merged (one per device and window, each the merge of its uploads).
+    pub summaries: u64,
+    /// Every numeric feature and class output, most severe first.
+    pub features: Vec<FeatureDriftInfo>,
+    /// Each device's most drifted feature, most severe first.
+    pub by_device: Vec<DeviceDriftInfo>,
+}
+
+/// The drift of one numeric feature or class output against the profile's reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureDriftInfo {
+    pub name: String,
+    /// `numeric` or `class`.
+    pub kind: String,
+    /// The metric the status is judged on: `psi` for numeric features, `js` for class outputs.
+    pub metric: String,
+    pub value: f64,
+    /// The flag threshold that applied to `value` at this sample size.
+    pub threshold: f64,
+    /// `ok`, `warn` or `alert`.
+    pub status: String,
+    /// Values (numeric) or outputs (class) counted.
+    pub n: u64,
+    pub psi: f64,
+    pub js: f64,
+    pub hellinger: f64,
+    pub chi_square: f64,
+    pub ks: f64,
+    /// Data-quality issues: NaN or infinite values, values out of range, unseen classes, missing
+    /// values.
+    pub quality: Vec<String>,
+}
+
+/// One device's most drifted feature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceDriftInfo {
+    pub device: String,
+    pub labels: Vec<String>,
+    /// Stored summaries of this device merged.
+    pub summaries: u64,
+    /// `ok`, `warn` or `alert`: the status of its most drifted feature.
+    pub status: String,
+    pub feature: String,
+    pub metric: String,
+    pub value: f64,
+    pub n: u64,
+}

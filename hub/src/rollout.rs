@@ -12,7 +12,11 @@
 //! device keeps its place while a rollout widens, and each new plan reshuffles the fleet: the same
 //! devices are not always the first to take the risk of a new model.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use outpost_protocol::device::{DeviceId, InferenceWindow, LATENCY_BUCKETS_US};
+use outpost_protocol::drift::{chi_square_quantile, psi, DriftSummary, Profile, TensorSide};
 use outpost_protocol::name::{selector_matches, Label};
 use outpost_protocol::sha256;
 use outpost_protocol::trust::{BreachAction, PlanBody, Slot};
@@ -33,6 +37,14 @@ pub const LATENCY_SLOTS: usize = LATENCY_BUCKETS_US.len() + 1;
 /// What [`InferenceStats::p95_us`] reports when the 95th percentile is in the overflow slot, which
 /// has no upper bound: slower than every bounded bucket, so it always compares as a regression.
 pub const UNBOUNDED_US: u64 = u64::MAX;
+
+/// Fewest values a feature needs on the target before the drift gate judges it, and on the
+/// fallback before the fallback, rather than the reference, is what the target is compared with.
+/// Below about this many, PSI over twenty-odd bins is mostly noise.
+pub const MIN_DRIFT_SAMPLES: u64 = 200;
+/// Confidence of the drift gate's noise floor: a feature counts as drifted only when its PSI is
+/// above what two samples of one distribution reach this often.
+pub const DRIFT_NOISE_CONFIDENCE: f64 = 0.99;
 
 /// Gate names, as they appear in [`GateFigure::gate`].
 pub const GATE_FAILURE_PCT: &str = "failure_pct";
@@ -259,10 +271,17 @@ pub struct DeviceFacts {
     pub fallback_stats: InferenceStats,
 }
 
-/// The drift gate's seam: the figure for gate `drift_psi`, or `None` when drift is not configured
-/// or has no data yet. The engine judges `breached` itself, as `value > limit`, like every gate.
+/// The drift gate's seam: the figure for gate `drift_psi`, or `None` when drift is not configured.
+/// `assigned` are the participating devices on the target, `control` those still on the fallback.
+/// The engine judges `breached` itself, as `value > limit`, like every gate.
 pub trait DriftGate {
-    fn figure(&self, rollout: &Rollout, assigned: &[&DeviceFacts], now: u64) -> Option<GateFigure>;
+    fn figure(
+        &self,
+        rollout: &Rollout,
+        assigned: &[&DeviceFacts],
+        control: &[&DeviceFacts],
+        now: u64,
+    ) -> Option<GateFigure>;
 }
 
 /// A drift gate that never has a figure.
@@ -270,8 +289,260 @@ pub trait DriftGate {
 pub struct NoDriftGate;
 
 impl DriftGate for NoDriftGate {
-    fn figure(&self, _: &Rollout, _: &[&DeviceFacts], _: u64) -> Option<GateFigure> {
+    fn figure(
+        &self,
+        _: &Rollout,
+        _: &[&DeviceFacts],
+        _: &[&DeviceFacts],
+        _: u64,
+    ) -> Option<GateFigure> {
         None
+    }
+}
+
+/// The drift gate of a rollout that has ended: its limit is still listed, nothing is measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EndedDriftGate;
+
+impl DriftGate for EndedDriftGate {
+    fn figure(
+        &self,
+        rollout: &Rollout,
+        _: &[&DeviceFacts],
+        _: &[&DeviceFacts],
+        _: u64,
+    ) -> Option<GateFigure> {
+        let limit = rollout.plan.gates.max_drift_psi?;
+        let detail = format!("not measured once a rollout is {}", rollout.state.as_str());
+        Some(figure(GATE_DRIFT_PSI, None, limit, detail))
+    }
+}
+
+/// The drift gate over stored drift summaries, which the server loads into it.
+///
+/// The rule: the target devices' summaries of the target version since the current stage began
+/// are merged, and so are the control devices' summaries of the fallback version. Each numeric
+/// feature and class output of the target with at least [`MIN_DRIFT_SAMPLES`] values is compared
+/// by PSI. An input is compared with the fallback's merged summary of the same input when that has
+/// as many values and the same bins, so a shift of the whole fleet's inputs is not blamed on the
+/// new version; otherwise, and for every output (a new version is meant to answer differently from
+/// the old one), with the target profile's reference. A comparison counts only above its
+/// noise floor, `χ²(B − 1, 0.99) · (1/n_target + 1/n_baseline)` for `B` bins, since two samples of
+/// one distribution show about that much PSI by chance. The figure is the largest PSI that counts;
+/// the detail names every feature over the limit with its PSI and sample sizes.
+#[derive(Debug, Clone, Default)]
+pub struct SummaryDriftGate {
+    /// The target version's profile; `None` when its manifest signs none.
+    pub target_profile: Option<Arc<Profile>>,
+    /// The fallback version's profile, when there is a fallback with one.
+    pub fallback_profile: Option<Arc<Profile>>,
+    /// Each device's summaries of the target version since the current stage began, merged.
+    pub target: HashMap<DeviceId, DriftSummary>,
+    /// Each device's summaries of the fallback version since the current stage began, merged.
+    pub fallback: HashMap<DeviceId, DriftSummary>,
+}
+
+/// Where a compared feature's baseline came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Baseline {
+    Fallback,
+    Reference,
+}
+
+/// One feature of the target compared with its baseline.
+#[derive(Debug, Clone, PartialEq)]
+struct Comparison {
+    name: String,
+    psi: f64,
+    n: u64,
+    baseline: Baseline,
+    baseline_n: u64,
+    noise: f64,
+}
+
+impl Comparison {
+    fn new(
+        name: &str,
+        baseline_bins: &[u64],
+        target_bins: &[u64],
+        baseline: Baseline,
+    ) -> Comparison {
+        let total = |bins: &[u64]| bins.iter().fold(0u64, |sum, n| sum.saturating_add(*n));
+        let (n, baseline_n) = (total(target_bins), total(baseline_bins));
+        let dof = (target_bins.len() as u64).saturating_sub(1);
+        let spread = 1.0 / n.max(1) as f64 + 1.0 / baseline_n.max(1) as f64;
+        Comparison {
+            name: name.to_owned(),
+            psi: psi(baseline_bins, target_bins),
+            n,
+            baseline,
+            baseline_n,
+            noise: chi_square_quantile(dof, DRIFT_NOISE_CONFIDENCE) * spread,
+        }
+    }
+
+    /// Above the noise floor. NaN (bins of different lengths) never counts.
+    fn counts(&self) -> bool {
+        self.psi > self.noise
+    }
+
+    fn describe(&self) -> String {
+        let baseline = match self.baseline {
+            Baseline::Fallback => "fallback",
+            Baseline::Reference => "reference",
+        };
+        format!(
+            "{} psi {} (n {} vs {baseline} n {})",
+            self.name,
+            format_number(self.psi),
+            self.n,
+            self.baseline_n
+        )
+    }
+}
+
+/// Merges the summaries of `devices` found in `summaries`. Summaries that do not merge (counts
+/// that would overflow) are left out and logged: one device must not blind the gate.
+fn merge_of(
+    devices: &[&DeviceFacts],
+    summaries: &HashMap<DeviceId, DriftSummary>,
+) -> Option<DriftSummary> {
+    let mut merged: Option<DriftSummary> = None;
+    for summary in devices
+        .iter()
+        .filter_map(|device| summaries.get(&device.id))
+    {
+        match &mut merged {
+            None => merged = Some(summary.clone()),
+            Some(merged) => {
+                if let Err(error) = merged.merge(summary) {
+                    log::warn!("drift gate: leaving out a summary that does not merge: {error}");
+                }
+            }
+        }
+    }
+    merged
+}
+
+impl SummaryDriftGate {
+    /// Every feature and class output of `target` with enough values, compared with its baseline.
+    fn compare(
+        &self,
+        profile: &Profile,
+        target: &DriftSummary,
+        fallback: Option<&DriftSummary>,
+    ) -> (Vec<Comparison>, usize) {
+        let fallback_profile = self.fallback_profile.as_deref();
+        let mut comparisons = Vec::new();
+        let mut too_few = 0;
+        for (feature, current) in profile.features.iter().zip(&target.features) {
+            if current.n < MIN_DRIFT_SAMPLES {
+                too_few += 1;
+                continue;
+            }
+            // The fallback's summary of the same input, when it was binned alike. Outputs are
+            // the new version's own answers and are judged against its own reference.
+            let input = feature.side == TensorSide::Input;
+            let on_fallback =
+                fallback_profile
+                    .zip(fallback)
+                    .filter(|_| input)
+                    .and_then(|(other, summary)| {
+                        let index = other.features.iter().position(|candidate| {
+                            candidate.name == feature.name && candidate.edges == feature.edges
+                        })?;
+                        summary
+                            .features
+                            .get(index)
+                            .filter(|summary| summary.n >= MIN_DRIFT_SAMPLES)
+                    });
+            comparisons.push(match on_fallback {
+                Some(baseline) => Comparison::new(
+                    &feature.name,
+                    &baseline.metric_bins(),
+                    &current.metric_bins(),
+                    Baseline::Fallback,
+                ),
+                None => Comparison::new(
+                    &feature.name,
+                    &feature.reference.metric_bins(),
+                    &current.metric_bins(),
+                    Baseline::Reference,
+                ),
+            });
+        }
+        for (class, current) in profile.classes.iter().zip(&target.classes) {
+            if current.total() < MIN_DRIFT_SAMPLES {
+                too_few += 1;
+                continue;
+            }
+            comparisons.push(Comparison::new(
+                &class.name,
+                &class.reference.metric_bins(),
+                &current.metric_bins(),
+                Baseline::Reference,
+            ));
+        }
+        (comparisons, too_few)
+    }
+}
+
+impl DriftGate for SummaryDriftGate {
+    fn figure(
+        &self,
+        rollout: &Rollout,
+        assigned: &[&DeviceFacts],
+        control: &[&DeviceFacts],
+        _now: u64,
+    ) -> Option<GateFigure> {
+        let limit = rollout.plan.gates.max_drift_psi?;
+        let target_ref = &rollout.plan.target;
+        let Some(profile) = self.target_profile.as_deref() else {
+            let detail = format!(
+                "{}@{} has no drift profile",
+                target_ref.name, target_ref.version
+            );
+            return Some(figure(GATE_DRIFT_PSI, None, limit, detail));
+        };
+        let Some(target) = merge_of(assigned, &self.target) else {
+            let detail = "no drift summaries from devices on the target yet".to_owned();
+            return Some(figure(GATE_DRIFT_PSI, None, limit, detail));
+        };
+        let fallback = merge_of(control, &self.fallback);
+        let (mut comparisons, too_few) = self.compare(profile, &target, fallback.as_ref());
+        if comparisons.is_empty() {
+            let detail = format!(
+                "{too_few} features with fewer than {MIN_DRIFT_SAMPLES} values on the target yet"
+            );
+            return Some(figure(GATE_DRIFT_PSI, None, limit, detail));
+        }
+        comparisons.sort_by(|a, b| b.psi.total_cmp(&a.psi));
+        let value = comparisons
+            .iter()
+            .filter(|comparison| comparison.counts())
+            .map(|comparison| comparison.psi)
+            .fold(0.0, f64::max);
+        let over: Vec<String> = comparisons
+            .iter()
+            .filter(|comparison| comparison.counts() && comparison.psi > limit)
+            .map(Comparison::describe)
+            .collect();
+        let detail = if over.is_empty() {
+            let largest = comparisons
+                .first()
+                .map(|comparison| {
+                    format!(
+                        "{}, noise floor {}",
+                        comparison.describe(),
+                        format_number(comparison.noise)
+                    )
+                })
+                .unwrap_or_default();
+            format!("{} features compared; largest {largest}", comparisons.len())
+        } else {
+            format!("{} over the limit: {}", over.len(), over.join("; "))
+        };
+        Some(figure(GATE_DRIFT_PSI, Some(value), limit, detail))
     }
 }
 
@@ -427,7 +698,12 @@ pub fn evaluate(
         p95_figure(plan, &assigned, &placed),
     ];
     let assigned_facts: Vec<&DeviceFacts> = assigned.iter().map(|device| device.facts).collect();
-    if let Some(mut figure) = drift.figure(rollout, &assigned_facts, now) {
+    let control_facts: Vec<&DeviceFacts> = placed
+        .iter()
+        .filter(|device| !device.assigned)
+        .map(|device| device.facts)
+        .collect();
+    if let Some(mut figure) = drift.figure(rollout, &assigned_facts, &control_facts, now) {
         figure.breached = is_breached(figure.value, figure.limit);
         gates.push(figure);
     }
@@ -1426,6 +1702,7 @@ mod tests {
             count: 7,
             errors: 2,
             latency_buckets: vec![0, 7],
+            drift: None,
         };
         let from_window = InferenceStats::from_window(&window);
         assert_eq!((from_window.count, from_window.errors), (7, 2));
@@ -1596,6 +1873,7 @@ mod tests {
             &self,
             rollout: &Rollout,
             assigned: &[&DeviceFacts],
+            _: &[&DeviceFacts],
             _: u64,
         ) -> Option<GateFigure> {
             let limit = rollout.plan.gates.max_drift_psi?;
@@ -1632,5 +1910,217 @@ mod tests {
             assert!(!calm.gates[3].breached);
             assert_eq!(action(&calm), Some("advance"));
         }
+    }
+
+    /// A profile of features `x0..x3`, each from 2000 standard normal reference values.
+    fn drift_profile() -> Profile {
+        use outpost_protocol::drift::{FeatureSource, NumericProfile, Thresholds};
+        let rows = outpost_agent::example_model::normal_rows(4, 2000, 11, 0.0);
+        let features = (0..4)
+            .map(|column| {
+                let values: Vec<f64> = rows
+                    .iter()
+                    .skip(column)
+                    .step_by(4)
+                    .map(|value| f64::from(*value))
+                    .collect();
+                NumericProfile::from_values(
+                    &format!("x{column}"),
+                    TensorSide::Input,
+                    FeatureSource::Column {
+                        tensor: "x".to_owned(),
+                        index: column as u32,
+                    },
+                    &values,
+                )
+                .unwrap()
+            })
+            .collect();
+        Profile {
+            features,
+            classes: Vec::new(),
+            thresholds: Thresholds::default(),
+        }
+    }
+
+    /// `rows` observations of standard normal inputs from `seed`, with `shift` added to the
+    /// columns in `shifted`, summarised against `profile`.
+    fn drift_summary(
+        profile: &Profile,
+        rows: usize,
+        seed: u64,
+        shifted: &[usize],
+        shift: f64,
+    ) -> DriftSummary {
+        let mut summary = DriftSummary::new("vad", 2, Sha256([9; 32]), profile, 0, 3_600);
+        let values = outpost_agent::example_model::normal_rows(4, rows, seed, 0.0);
+        for row in values.chunks(4) {
+            for (column, (feature, value)) in profile.features.iter().zip(row).enumerate() {
+                let offset = if shifted.contains(&column) {
+                    shift
+                } else {
+                    0.0
+                };
+                summary.features[column].observe(f64::from(*value) + offset, &feature.edges);
+            }
+        }
+        summary
+    }
+
+    /// A drift gate with `target` summaries from every assigned device and `fallback` summaries
+    /// from every other one, each from its own seed.
+    fn drift_gate(
+        rollout: &Rollout,
+        devices: &[DeviceFacts],
+        rows: usize,
+        target_shift: (&[usize], f64),
+        fallback_shift: (&[usize], f64),
+    ) -> SummaryDriftGate {
+        let profile = Arc::new(drift_profile());
+        let mut gate = SummaryDriftGate {
+            target_profile: Some(profile.clone()),
+            fallback_profile: Some(profile.clone()),
+            ..SummaryDriftGate::default()
+        };
+        for (seed, device) in devices.iter().enumerate() {
+            let seed = 1_000 + seed as u64;
+            if is_assigned(rollout, device) {
+                let summary = drift_summary(&profile, rows, seed, target_shift.0, target_shift.1);
+                gate.target.insert(device.id, summary);
+            } else {
+                let summary =
+                    drift_summary(&profile, rows, seed, fallback_shift.0, fallback_shift.1);
+                gate.fallback.insert(device.id, summary);
+            }
+        }
+        gate
+    }
+
+    #[test]
+    fn drift_gate_names_the_shifted_features_and_rolls_back() {
+        let rollout = Rollout::new(plan(&[50, 100], true, BreachAction::Rollback), T0);
+        let mut devices = fleet(40);
+        commit_assigned(&rollout, &mut devices, T0 + 1);
+        let gate = drift_gate(&rollout, &devices, 60, (&[1, 3], 1.5), (&[], 0.0));
+        let evaluation = evaluate(&rollout, &devices, T0 + 10, &gate);
+        let figure = gate_figure(&evaluation);
+        assert!(figure.breached, "{figure:?}");
+        assert!(figure.value.unwrap() > 1.0, "{figure:?}");
+        assert!(
+            figure.detail.starts_with("2 over the limit: x"),
+            "{}",
+            figure.detail
+        );
+        for name in ["x1 psi", "x3 psi"] {
+            assert!(figure.detail.contains(name), "{}", figure.detail);
+        }
+        for name in ["x0", "x2"] {
+            assert!(!figure.detail.contains(name), "{}", figure.detail);
+        }
+        // The fallback devices were binned alike and have enough values: they are the baseline.
+        assert!(figure.detail.contains("vs fallback n"), "{}", figure.detail);
+        assert_eq!(action(&evaluation), Some("rollback"));
+        let reason = &evaluation.decision.as_ref().unwrap().reason;
+        assert!(
+            reason.contains("drift_psi") && reason.contains("x1 psi"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn drift_gate_holds_when_target_and_fallback_drift_alike() {
+        let rollout = Rollout::new(plan(&[50, 100], true, BreachAction::Rollback), T0);
+        let mut devices = fleet(40);
+        commit_assigned(&rollout, &mut devices, T0 + 1);
+        // The whole fleet's inputs moved: not the new version's doing.
+        let gate = drift_gate(&rollout, &devices, 60, (&[1], 1.5), (&[1], 1.5));
+        let evaluation = evaluate(&rollout, &devices, T0 + 10, &gate);
+        let figure = gate_figure(&evaluation);
+        assert!(!figure.breached, "{figure:?}");
+        assert!(
+            figure.detail.starts_with("4 features compared"),
+            "{}",
+            figure.detail
+        );
+
+        // Without a fallback profile binned alike, the reference is the baseline, and it shows.
+        let mut against_reference = gate.clone();
+        against_reference.fallback_profile = None;
+        let evaluation = evaluate(&rollout, &devices, T0 + 10, &against_reference);
+        let figure = gate_figure(&evaluation);
+        assert!(figure.breached, "{figure:?}");
+        assert!(figure.detail.contains("x1 psi"), "{}", figure.detail);
+        assert!(
+            figure.detail.contains("vs reference n 2000"),
+            "{}",
+            figure.detail
+        );
+    }
+
+    #[test]
+    fn drift_gate_needs_samples_and_a_profile() {
+        let rollout = Rollout::new(plan(&[50, 100], true, BreachAction::Pause), T0);
+        let mut devices = fleet(40);
+        commit_assigned(&rollout, &mut devices, T0 + 1);
+
+        // Two rows a device: far below the minimum on the target, however shifted.
+        let sparse = drift_gate(&rollout, &devices, 2, (&[0, 1, 2, 3], 5.0), (&[], 0.0));
+        let figure = gate_figure(&evaluate(&rollout, &devices, T0 + 10, &sparse)).clone();
+        assert_eq!(figure.value, None);
+        assert!(!figure.breached);
+        assert_eq!(
+            figure.detail,
+            "4 features with fewer than 200 values on the target yet"
+        );
+
+        let empty = SummaryDriftGate {
+            target_profile: sparse.target_profile.clone(),
+            ..SummaryDriftGate::default()
+        };
+        let figure = gate_figure(&evaluate(&rollout, &devices, T0 + 10, &empty)).clone();
+        assert_eq!(figure.value, None);
+        assert_eq!(
+            figure.detail,
+            "no drift summaries from devices on the target yet"
+        );
+
+        let figure = gate_figure(&evaluate(
+            &rollout,
+            &devices,
+            T0 + 10,
+            &SummaryDriftGate::default(),
+        ))
+        .clone();
+        assert_eq!(figure.value, None);
+        assert_eq!(figure.detail, "vad@2 has no drift profile");
+
+        let mut ended = rollout.clone();
+        ended.state = RolloutState::Completed;
+        let figure = gate_figure(&evaluate(&ended, &devices, T0 + 10, &EndedDriftGate)).clone();
+        assert_eq!(figure.value, None);
+        assert_eq!(figure.detail, "not measured once a rollout is completed");
+
+        // Without a drift limit in the plan there is no figure at all.
+        let mut unlimited = plan(&[50, 100], true, BreachAction::Pause);
+        unlimited.gates.max_drift_psi = None;
+        let evaluation = evaluate(&Rollout::new(unlimited, T0), &devices, T0 + 10, &sparse);
+        assert_eq!(evaluation.gates.len(), 3);
+    }
+
+    #[test]
+    fn drift_noise_floor_keeps_unshifted_samples_quiet() {
+        let rollout = Rollout::new(plan(&[50, 100], true, BreachAction::Pause), T0);
+        let mut devices = fleet(40);
+        commit_assigned(&rollout, &mut devices, T0 + 1);
+        // About 200 values on each side: two samples of one distribution differ by PSI ~0.2 by
+        // chance, which a limit of 0.2 must not take for drift.
+        let gate = drift_gate(&rollout, &devices, 12, (&[], 0.0), (&[], 0.0));
+        let figure = gate_figure(&evaluate(&rollout, &devices, T0 + 10, &gate)).clone();
+        assert!(!figure.breached, "{figure:?}");
+        assert_eq!(figure.value, Some(0.0), "{figure:?}");
+    }
+
+    fn gate_figure(evaluation: &Evaluation) -> &GateFigure {
+        gate(evaluation, GATE_DRIFT_PSI)
     }
 }

@@ -12,6 +12,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+
+use outpost_protocol::drift::DriftSummary;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
@@ -142,13 +145,77 @@ impl StatsRecord {
 }
 
 /// One inference window of a telemetry batch, as ingested.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WindowInput {
     pub model: String,
     pub version: u64,
     pub count: u64,
     pub errors: u64,
     pub latency_buckets: Vec<u64>,
+    /// The window's drift summary, already validated against its version's profile.
+    pub drift: Option<DriftSummary>,
+}
+
+/// What [`Store::ingest_telemetry`] did with a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingested {
+    /// The batch was new and is stored.
+    Stored,
+    /// The batch had been stored before; nothing was added.
+    Duplicate,
+    /// A drift summary of window `window` (its index in the batch) does not merge with what is
+    /// stored or with another part of the batch; nothing of the batch was stored.
+    Refused { window: usize, reason: String },
+}
+
+/// One device's drift summary of one model version over one window, as stored: every part the
+/// device uploaded for that window, merged.
+///
+/// The summary is kept as its protocol frame, which carries its own format version: the protocol
+/// already promises to read its frames, and a hand-made copy of a summary's twenty-odd fields
+/// would only be a second format to keep in step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftRecord {
+    /// `outpost_protocol::encode` of the merged [`DriftSummary`].
+    pub frame: Vec<u8>,
+    /// How many uploads were merged into it.
+    pub parts: u64,
+    /// Unix second of the last upload merged in.
+    pub updated: u64,
+}
+
+/// A window's drift summary while a batch is merged into the store.
+struct MergedDrift {
+    summary: DriftSummary,
+    parts: u64,
+    /// Index in the batch of the last window merged in, to name in a refusal.
+    window: usize,
+}
+
+/// Reads a stored drift record as the start of a merge for the batch's window `window`.
+fn stored_drift_part(bytes: &[u8], window: usize) -> Result<MergedDrift> {
+    let record: DriftRecord = decode("drift", bytes)?;
+    let summary = outpost_protocol::decode::<DriftSummary>(&record.frame).map_err(|error| {
+        StoreError::Corrupt {
+            tree: "drift",
+            reason: error.to_string(),
+        }
+    })?;
+    Ok(MergedDrift {
+        summary,
+        parts: record.parts,
+        window,
+    })
+}
+
+/// A stored drift summary with the device and window it belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDrift {
+    pub device: [u8; 16],
+    pub window_start: u64,
+    pub window_end: u64,
+    pub parts: u64,
+    pub summary: DriftSummary,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +270,42 @@ fn stats_key(device: &[u8; 16], name: &str, version: u64) -> Vec<u8> {
     .concat()
 }
 
+/// `name \0 version`: every drift key of one model version starts with it.
+fn drift_prefix(name: &str, version: u64) -> Vec<u8> {
+    [name.as_bytes(), &[0], &version.to_be_bytes()].concat()
+}
+
+/// `name \0 version window_end window_start device`. The window's end comes first so that the
+/// summaries overlapping a time range `(since, now]` are one range scan: every key from `since + 1`
+/// on. Parts of one device's window share a key and merge.
+fn drift_key(
+    name: &str,
+    version: u64,
+    window_end: u64,
+    window_start: u64,
+    device: &[u8; 16],
+) -> Vec<u8> {
+    [
+        drift_prefix(name, version).as_slice(),
+        &window_end.to_be_bytes(),
+        &window_start.to_be_bytes(),
+        device.as_slice(),
+    ]
+    .concat()
+}
+
+/// The window end, window start and device of a drift key, given its prefix's length.
+fn parse_drift_key(key: &[u8], prefix_len: usize) -> Option<(u64, u64, [u8; 16])> {
+    let rest = key.get(prefix_len..)?;
+    if rest.len() != 32 {
+        return None;
+    }
+    let end = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let start = u64::from_be_bytes(rest.get(8..16)?.try_into().ok()?);
+    let device = rest.get(16..32)?.try_into().ok()?;
+    Some((end, start, device))
+}
+
 const AUDIT_HEAD: &[u8] = b"audit_head";
 
 /// The last audit entry's sequence number and hash, kept beside the log.
@@ -218,6 +321,8 @@ pub struct Store {
     events: sled::Tree,
     outcomes: sled::Tree,
     stats: sled::Tree,
+    /// Drift summaries under [`drift_key`].
+    drift: sled::Tree,
     telemetry_seen: sled::Tree,
     roots: sled::Tree,
     manifests: sled::Tree,
@@ -246,6 +351,7 @@ impl Store {
             events: tree("events")?,
             outcomes: tree("outcomes")?,
             stats: tree("stats")?,
+            drift: tree("drift")?,
             telemetry_seen: tree("telemetry_seen")?,
             roots: tree("roots")?,
             manifests: tree("manifests")?,
@@ -412,25 +518,40 @@ impl Store {
 
     /// Stores a status report: the device's outcome for the plan (when it is one) and the event,
     /// atomically.
+    /// Stores a status report: the device's outcome in a plan, the event, and, for a committed
+    /// model, what the device now runs (so the fleet view does not wait for its next check-in).
     pub fn record_status(
         &self,
         device: &[u8; 16],
         plan_sequence: Option<u64>,
         outcome: Option<&OutcomeRecord>,
         event: &EventRecord,
+        now_running: Option<&RunningRecord>,
     ) -> Result<()> {
         let event_key = [device.as_slice(), &self.db.generate_id()?.to_be_bytes()].concat();
-        (&self.outcomes, &self.events).transaction(|(outcomes, events)| {
-            if let (Some(sequence), Some(outcome)) = (plan_sequence, outcome) {
-                let key = [sequence.to_be_bytes().as_slice(), device.as_slice()].concat();
-                outcomes.insert(key, encode("outcomes", outcome).map_err(abort)?)?;
-            }
-            events.insert(
-                event_key.as_slice(),
-                encode("events", event).map_err(abort)?,
-            )?;
-            Ok(())
-        })?;
+        (&self.outcomes, &self.events, &self.devices).transaction(
+            |(outcomes, events, devices)| {
+                if let (Some(sequence), Some(outcome)) = (plan_sequence, outcome) {
+                    let key = [sequence.to_be_bytes().as_slice(), device.as_slice()].concat();
+                    outcomes.insert(key, encode("outcomes", outcome).map_err(abort)?)?;
+                }
+                if let Some(running) = now_running {
+                    if let Some(bytes) = devices.get(device)? {
+                        let mut record: DeviceRecord = decode("devices", &bytes).map_err(abort)?;
+                        record.active = Some(running.clone());
+                        devices.insert(
+                            device.as_slice(),
+                            encode("devices", &record).map_err(abort)?,
+                        )?;
+                    }
+                }
+                events.insert(
+                    event_key.as_slice(),
+                    encode("events", event).map_err(abort)?,
+                )?;
+                Ok(())
+            },
+        )?;
         Ok(())
     }
 
@@ -454,9 +575,11 @@ impl Store {
 
     // Telemetry.
 
-    /// Stores a telemetry batch exactly once: the idempotency key `(device, sequence)` and the
-    /// counters it adds are written in one transaction. Returns true when the batch had already
-    /// been stored (and nothing was added).
+    /// Stores a telemetry batch exactly once: the idempotency key `(device, sequence)`, the
+    /// counters it adds and its drift summaries, each merged with the parts of the same window
+    /// stored before, are written in one transaction. A resent batch adds nothing. A drift summary
+    /// that does not merge (its counts would overflow) refuses the whole batch, and nothing of it
+    /// is written, not even its idempotency key.
     pub fn ingest_telemetry(
         &self,
         device: &[u8; 16],
@@ -464,13 +587,82 @@ impl Store {
         windows: &[WindowInput],
         dropped_records: u64,
         now: u64,
-    ) -> Result<bool> {
+    ) -> Result<Ingested> {
         let seen_key = [device.as_slice(), &sequence.to_be_bytes()].concat();
-        let duplicate = (&self.telemetry_seen, &self.stats, &self.devices).transaction(
-            |(seen, stats, devices)| {
+        let outcome = (
+            &self.telemetry_seen,
+            &self.stats,
+            &self.devices,
+            &self.drift,
+        )
+            .transaction(|(seen, stats, devices, drift)| {
                 if seen.get(&seen_key)?.is_some() {
-                    return Ok(true);
+                    return Ok(Ingested::Duplicate);
                 }
+                // Every drift merge is worked out before anything is written, so a refusal leaves
+                // the store as it was.
+                let mut merged: BTreeMap<Vec<u8>, MergedDrift> = BTreeMap::new();
+                for (index, window) in windows.iter().enumerate() {
+                    let Some(summary) = &window.drift else {
+                        continue;
+                    };
+                    let key = drift_key(
+                        &window.model,
+                        window.version,
+                        summary.window_end,
+                        summary.window_start,
+                        device,
+                    );
+                    let before = match merged.remove(&key) {
+                        Some(part) => Some(part),
+                        None => drift
+                            .get(&key)?
+                            .map(|bytes| stored_drift_part(&bytes, index))
+                            .transpose()
+                            .map_err(abort)?,
+                    };
+                    let part = match before {
+                        None => MergedDrift {
+                            summary: summary.clone(),
+                            parts: 1,
+                            window: index,
+                        },
+                        Some(mut part) => {
+                            if let Err(error) = part.summary.merge(summary) {
+                                return Ok(Ingested::Refused {
+                                    window: index,
+                                    reason: format!(
+                                        "drift summary does not merge with the parts of its \
+                                         window stored before: {error}"
+                                    ),
+                                });
+                            }
+                            part.parts = part.parts.saturating_add(1);
+                            part.window = index;
+                            part
+                        }
+                    };
+                    merged.insert(key, part);
+                }
+                let mut records = Vec::with_capacity(merged.len());
+                for (key, part) in merged {
+                    let frame = match outpost_protocol::encode(&part.summary) {
+                        Ok(frame) => frame,
+                        Err(error) => {
+                            return Ok(Ingested::Refused {
+                                window: part.window,
+                                reason: format!("merged drift summary: {error}"),
+                            })
+                        }
+                    };
+                    let record = DriftRecord {
+                        frame,
+                        parts: part.parts,
+                        updated: now,
+                    };
+                    records.push((key, encode("drift", &record).map_err(abort)?));
+                }
+
                 seen.insert(seen_key.as_slice(), &now.to_be_bytes())?;
                 for window in windows {
                     let key = stats_key(device, &window.model, window.version);
@@ -481,6 +673,9 @@ impl Store {
                     record.add(window.count, window.errors, &window.latency_buckets);
                     stats.insert(key, encode("stats", &record).map_err(abort)?)?;
                 }
+                for (key, record) in records {
+                    drift.insert(key, record)?;
+                }
                 if dropped_records > 0 {
                     if let Some(bytes) = devices.get(device)? {
                         let mut record: DeviceRecord = decode("devices", &bytes).map_err(abort)?;
@@ -489,10 +684,45 @@ impl Store {
                         devices.insert(device, encode("devices", &record).map_err(abort)?)?;
                     }
                 }
-                Ok(false)
-            },
-        )?;
-        Ok(duplicate)
+                Ok(Ingested::Stored)
+            })?;
+        Ok(outcome)
+    }
+
+    /// Every device's drift summaries of one model version whose windows end after `since`, in
+    /// the order of their windows' ends.
+    pub fn drift_summaries(
+        &self,
+        name: &str,
+        version: u64,
+        since: u64,
+    ) -> Result<Vec<StoredDrift>> {
+        let prefix = drift_prefix(name, version);
+        let from = [prefix.as_slice(), &since.saturating_add(1).to_be_bytes()].concat();
+        let corrupt = |reason: String| StoreError::Corrupt {
+            tree: "drift",
+            reason,
+        };
+        let mut summaries = Vec::new();
+        for entry in self.drift.range(from..) {
+            let (key, value) = entry?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let (window_end, window_start, device) =
+                parse_drift_key(&key, prefix.len()).ok_or_else(|| corrupt("bad key".to_owned()))?;
+            let record: DriftRecord = decode("drift", &value)?;
+            let summary = outpost_protocol::decode::<DriftSummary>(&record.frame)
+                .map_err(|error| corrupt(error.to_string()))?;
+            summaries.push(StoredDrift {
+                device,
+                window_start,
+                window_end,
+                parts: record.parts,
+                summary,
+            });
+        }
+        Ok(summaries)
     }
 
     /// A device's inference counters on one model version.
@@ -647,5 +877,140 @@ impl Store {
             .map(|bytes| decode("meta", &bytes))
             .transpose()?;
         Ok((entries, head))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use outpost_protocol::drift::{FeatureSource, NumericProfile, Profile, TensorSide, Thresholds};
+    use outpost_protocol::Sha256;
+
+    use super::*;
+
+    const DEVICE: [u8; 16] = [7; 16];
+
+    fn profile() -> Profile {
+        let values: Vec<f64> = (0..100).map(f64::from).collect();
+        Profile {
+            features: vec![NumericProfile::from_values(
+                "x0",
+                TensorSide::Input,
+                FeatureSource::Column {
+                    tensor: "x".to_owned(),
+                    index: 0,
+                },
+                &values,
+            )
+            .unwrap()],
+            classes: Vec::new(),
+            thresholds: Thresholds::default(),
+        }
+    }
+
+    /// A summary of `values` over the hour starting at `start`.
+    fn summary(profile: &Profile, start: u64, values: &[f64]) -> DriftSummary {
+        let mut summary =
+            DriftSummary::new("demo", 1, Sha256([3; 32]), profile, start, start + 3600);
+        for value in values {
+            summary.features[0].observe(*value, &profile.features[0].edges);
+        }
+        summary
+    }
+
+    fn window(drift: DriftSummary) -> WindowInput {
+        WindowInput {
+            model: "demo".to_owned(),
+            version: 1,
+            count: drift.features[0].n,
+            errors: 0,
+            latency_buckets: Vec::new(),
+            drift: Some(drift),
+        }
+    }
+
+    fn n_of(stored: &[StoredDrift]) -> Vec<(u64, u64, u64)> {
+        stored
+            .iter()
+            .map(|s| (s.window_start, s.summary.features[0].n, s.parts))
+            .collect()
+    }
+
+    #[test]
+    fn drift_parts_merge_once_per_batch_and_range_by_window_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let profile = profile();
+        let first = [window(summary(&profile, 3600, &[1.0, 2.0]))];
+        assert_eq!(
+            store.ingest_telemetry(&DEVICE, 1, &first, 0, 10).unwrap(),
+            Ingested::Stored
+        );
+        // Resent: stored once.
+        assert_eq!(
+            store.ingest_telemetry(&DEVICE, 1, &first, 0, 11).unwrap(),
+            Ingested::Duplicate
+        );
+        // Another part of the same hour, twice in one batch, and the next hour.
+        let second = [
+            window(summary(&profile, 3600, &[3.0])),
+            window(summary(&profile, 3600, &[4.0, 5.0])),
+            window(summary(&profile, 7200, &[6.0])),
+        ];
+        assert_eq!(
+            store.ingest_telemetry(&DEVICE, 2, &second, 0, 12).unwrap(),
+            Ingested::Stored
+        );
+
+        let all = store.drift_summaries("demo", 1, 0).unwrap();
+        assert_eq!(n_of(&all), [(3600, 5, 3), (7200, 1, 1)]);
+        assert_eq!(all[0].device, DEVICE);
+        assert_eq!(all[0].window_end, 7200);
+        // Windows ending at or before `since` are left out.
+        assert_eq!(
+            n_of(&store.drift_summaries("demo", 1, 7200).unwrap()),
+            [(7200, 1, 1)]
+        );
+        assert!(store.drift_summaries("demo", 1, 10_800).unwrap().is_empty());
+        assert!(store.drift_summaries("demo", 2, 0).unwrap().is_empty());
+        assert!(store.drift_summaries("dem", 1, 0).unwrap().is_empty());
+        assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, 6);
+    }
+
+    #[test]
+    fn a_summary_that_does_not_merge_refuses_the_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let profile = profile();
+        let mut huge = summary(&profile, 3600, &[1.0]);
+        huge.features[0].n = u64::MAX;
+        huge.features[0].bins[0] = u64::MAX;
+        assert_eq!(
+            store
+                .ingest_telemetry(&DEVICE, 1, &[window(huge)], 0, 10)
+                .unwrap(),
+            Ingested::Stored
+        );
+        let batch = [
+            window(summary(&profile, 7200, &[2.0])),
+            window(summary(&profile, 3600, &[3.0])),
+        ];
+        match store.ingest_telemetry(&DEVICE, 2, &batch, 0, 11).unwrap() {
+            Ingested::Refused { window, reason } => {
+                assert_eq!(window, 1);
+                assert!(reason.contains("overflow"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // Nothing of batch 2 was stored, not even its idempotency key.
+        assert_eq!(
+            n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
+            [(3600, u64::MAX, 1)]
+        );
+        assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, u64::MAX);
+        let retry = [window(summary(&profile, 7200, &[2.0]))];
+        assert_eq!(
+            store.ingest_telemetry(&DEVICE, 2, &retry, 0, 12).unwrap(),
+            Ingested::Stored
+        );
     }
 }

@@ -1,13 +1,15 @@
 //! How much a device and the hub pay per message: signature verification of manifests and plans,
-//! and framing of the messages exchanged on every check-in and telemetry upload.
+//! framing of the messages exchanged on every check-in and telemetry upload, and the drift
+//! summary's hot path and the hub's judgement of it.
 //!
 //! The numbers feed `docs/BENCHMARKS.md`. They are most useful as ratios within one run, because
 //! the machines that run them are shared and noisy.
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use outpost_protocol::device::{CheckIn, CheckInResponse, TelemetryBatch};
+use outpost_protocol::drift::{assess, FeatureSummary};
 use outpost_protocol::{decode, encode, Message};
 
 // The same realistic messages the round-trip and robustness suites use, so the benchmarks measure
@@ -61,5 +63,33 @@ fn envelope(c: &mut Criterion) {
     framing::<TelemetryBatch>(c, "telemetry_batch_100", &telemetry_batch(100));
 }
 
-criterion_group!(benches, verification, envelope);
+/// A device summarises every value its model sees, so `observe_f32` must keep up with inference
+/// (the budget is 10 million values a second on one core); the hub judges every stored summary.
+fn drift(c: &mut Criterion) {
+    let mut profile = drift_profile_with(100, 10_000);
+    profile.classes.clear();
+    let feature = &profile.features[0];
+    let mut rng = SplitMix::new(1);
+    let values: Vec<f32> = feature_values(&mut rng, 0, 100_000, 0.0)
+        .into_iter()
+        .map(|value| value as f32)
+        .collect();
+    let mut group = c.benchmark_group("drift");
+    group.throughput(Throughput::Elements(values.len() as u64));
+    group.bench_function("observe_f32_100k", |b| {
+        b.iter(|| {
+            let mut summary = FeatureSummary::new(&feature.edges);
+            summary.observe_f32(black_box(&values), &feature.edges);
+            summary
+        })
+    });
+    let summary = drift_summary_of(&profile, 1_000, 0, 2);
+    group.throughput(Throughput::Elements(profile.features.len() as u64));
+    group.bench_function("assess_100_features", |b| {
+        b.iter(|| assess(&profile, black_box(&summary)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, verification, envelope, drift);
 criterion_main!(benches);

@@ -9,6 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use crate::drift::DriftSummary;
 use crate::keys::{PublicKey, Sha256};
 use crate::name::Label;
 use crate::trust::{message, AgentVersion, Arch, DType, ManifestRef, Slot};
@@ -144,7 +145,7 @@ pub const LATENCY_BUCKETS_US: [u64; 16] = [
 ];
 
 /// Inference counters for one model version over one window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InferenceWindow {
     pub model: String,
     pub version: u64,
@@ -154,11 +155,14 @@ pub struct InferenceWindow {
     pub errors: u64,
     /// One count per [`LATENCY_BUCKETS_US`] bucket plus the overflow bucket.
     pub latency_buckets: Vec<u64>,
+    /// What the model saw and said over the window, when its manifest signs a drift profile. It
+    /// travels, is capped, dropped and de-duplicated with the window's counters.
+    pub drift: Option<DriftSummary>,
 }
 
 /// A batch of telemetry. `(device, sequence)` is its idempotency key: the hub stores a resent batch
 /// once and acknowledges it again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TelemetryBatch {
     pub sequence: u64,
     pub windows: Vec<InferenceWindow>,

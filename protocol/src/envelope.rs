@@ -34,10 +34,12 @@ pub enum MessageKind {
     TelemetryBatch = 15,
     TelemetryAck = 16,
     ErrorResponse = 17,
+    Profile = 18,
+    DriftSummary = 19,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 15] = [
+    const ALL: [MessageKind; 17] = [
         MessageKind::SignedRoot,
         MessageKind::SignedManifest,
         MessageKind::SignedPlan,
@@ -53,6 +55,8 @@ impl MessageKind {
         MessageKind::TelemetryBatch,
         MessageKind::TelemetryAck,
         MessageKind::ErrorResponse,
+        MessageKind::Profile,
+        MessageKind::DriftSummary,
     ];
 
     pub fn from_byte(byte: u8) -> Option<MessageKind> {

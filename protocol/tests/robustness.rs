@@ -23,6 +23,7 @@ use outpost_protocol::device::{
     CheckIn, CheckInResponse, EnrollRequest, EnrollResponse, ErrorResponse, StatusReport,
     TelemetryBatch, ValidationSet,
 };
+use outpost_protocol::drift::{DriftSummary, Profile};
 use outpost_protocol::envelope::{HEADER_LEN, MAGIC, PROTOCOL_VERSION};
 use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed};
 use outpost_protocol::{
@@ -135,6 +136,8 @@ static DECODERS: LazyLock<Vec<Decoder>> = LazyLock::new(|| {
         decoder(&telemetry_batch(100)),
         decoder(&telemetry_ack()),
         decoder(&error_response()),
+        decoder(&drift_profile()),
+        decoder(&drift_summary()),
     ];
     decoders.extend(status_reports().iter().map(decoder));
     decoders
@@ -143,7 +146,7 @@ static DECODERS: LazyLock<Vec<Decoder>> = LazyLock::new(|| {
 #[test]
 fn decoders_cover_every_message_kind() {
     let kinds: HashSet<MessageKind> = DECODERS.iter().map(|decoder| decoder.kind).collect();
-    assert_eq!(kinds.len(), 15);
+    assert_eq!(kinds.len(), 17);
     for decoder in DECODERS.iter() {
         assert_eq!(
             (decoder.decode)(&decoder.sample),
@@ -301,6 +304,16 @@ fn hostile_frames() -> Vec<HostileFrame> {
     let mut one_signature = vec![0x00, 0x01];
     one_signature.extend_from_slice(&key_id);
     let zero_f64s = [0u8; 16];
+    // A drift summary up to its feature list: empty model name, version 1, a profile hash, and a
+    // one-hour window.
+    let mut summary_head = vec![0, 1];
+    summary_head.extend_from_slice(&[0x11; 32]);
+    summary_head.extend_from_slice(&[0, 1]);
+    // ...and into its first feature's bins: seven counts and five moments.
+    let mut summary_bins = summary_head.clone();
+    summary_bins.push(1);
+    summary_bins.extend_from_slice(&[0; 7]);
+    summary_bins.extend_from_slice(&[0; 40]);
     let mut tensor_data = zero_f64s.to_vec();
     tensor_data.extend_from_slice(&[1, 1, 0, 0, 0]);
     vec![
@@ -322,6 +335,12 @@ fn hostile_frames() -> Vec<HostileFrame> {
         hostile::<TelemetryBatch>(&[0], "telemetry window list"),
         hostile::<TelemetryBatch>(&[0, 1, 0, 0, 0, 0, 0, 0], "telemetry latency buckets"),
         hostile::<ErrorResponse>(&[0x99, 0x03], "error response message"),
+        hostile::<Profile>(&[], "profile feature list"),
+        hostile::<Profile>(&[1], "profile feature name"),
+        hostile::<Profile>(&[0], "profile class list"),
+        hostile::<DriftSummary>(&[], "drift summary model name"),
+        hostile::<DriftSummary>(&summary_head, "drift summary feature list"),
+        hostile::<DriftSummary>(&summary_bins, "drift summary bins"),
     ]
 }
 
@@ -461,7 +480,7 @@ fn hostile_frames_name_their_message() {
         .iter()
         .map(|(frame, decode, place)| decode(frame).expect_err(place).message)
         .collect();
-    assert_eq!(names.len(), 18);
+    assert_eq!(names.len(), 24);
     for ((frame, _, place), name) in hostile_frames().iter().zip(names) {
         let decoder = DECODERS
             .iter()

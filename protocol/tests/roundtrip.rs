@@ -156,6 +156,21 @@ fn error_response_round_trips() {
 }
 
 #[test]
+fn drift_profile_round_trips() {
+    assert_round_trip(&drift_profile());
+    // A profile of a hundred features with full edges is a realistic large one.
+    assert_round_trip(&drift_profile_with(100, 1_000));
+}
+
+#[test]
+fn drift_summary_round_trips() {
+    assert_round_trip(&drift_summary());
+    // An hour in which nothing was served: empty summaries, min/max at ±inf.
+    let profile = drift_profile();
+    assert_round_trip(&drift_summary_of(&profile, 0, 3, 1));
+}
+
+#[test]
 fn encode_refuses_a_message_over_its_cap() {
     let huge = ErrorResponse {
         status: 500,

@@ -389,6 +389,7 @@ fn telemetry_batch(sequence: u64) -> TelemetryBatch {
             latency_buckets: (0..=LATENCY_BUCKETS_US.len() as u64)
                 .map(|bucket| (bucket * 37 + index) % 500)
                 .collect(),
+            drift: None,
         })
         .collect();
     TelemetryBatch {

@@ -83,6 +83,11 @@ impl TestAgent {
         }
     }
 
+    /// The running agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent is not running").id()
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }

@@ -300,28 +300,82 @@ impl Fleet {
 
     /// Publishes an example model (deterministic from `seed`) as `name` `version`.
     pub fn publish_example(&self, hub: &TestHub, name: &str, version: u64, seed: u64) {
+        self.publish_example_with(hub, name, version, seed, false, &[]);
+    }
+
+    /// Publishes an example model like [`Fleet::publish_example`], with the drift profile
+    /// `example-model` writes (features `x0..x3`, class output `y`, from standard normal
+    /// reference data). Returns the directory holding `profile.bin` and the other files.
+    pub fn publish_example_with_profile(
+        &self,
+        hub: &TestHub,
+        name: &str,
+        version: u64,
+        seed: u64,
+    ) -> PathBuf {
+        self.publish_example_with(hub, name, version, seed, true, &[])
+    }
+
+    /// Writes an example model with `example_args` added to `example-model` (`--hidden 4096`,
+    /// say) into `model-NAME-VERSION/` and publishes it, with its profile if `with_profile`.
+    /// Returns that directory.
+    pub fn publish_example_with(
+        &self,
+        hub: &TestHub,
+        name: &str,
+        version: u64,
+        seed: u64,
+        with_profile: bool,
+        example_args: &[&str],
+    ) -> PathBuf {
         let out = hub.dir().join(format!("model-{name}-{version}"));
         let out_arg = out.to_string_lossy().into_owned();
-        hub.cli(&[
-            "example-model",
-            "--out",
-            &out_arg,
-            "--seed",
-            &seed.to_string(),
-        ])
-        .ok();
+        let seed = seed.to_string();
+        let mut example = vec!["example-model", "--out", &out_arg, "--seed", &seed];
+        example.extend_from_slice(example_args);
+        hub.cli(&example).ok();
         let model = out.join("model.onnx").to_string_lossy().into_owned();
         let validation = out.join("validation.bin").to_string_lossy().into_owned();
-        hub.cli(&[
+        let profile = out.join("profile.bin").to_string_lossy().into_owned();
+        let version = version.to_string();
+        let mut args = vec![
             "model",
             "publish",
             &model,
             "--name",
             name,
             "--version",
-            &version.to_string(),
+            &version,
             "--validation",
             &validation,
+            "--key",
+            &self.keys,
+        ];
+        if with_profile {
+            args.extend(["--profile", &profile]);
+        }
+        hub.cli(&args).ok();
+        out
+    }
+
+    /// Signs and creates a first rollout of `model` `version` to every device in one stage, with
+    /// no fallback (nothing ran before it).
+    pub fn first_rollout(&self, hub: &TestHub, model: &str, version: u64) {
+        let version = version.to_string();
+        let root = self.root_path.to_string_lossy().into_owned();
+        hub.cli(&[
+            "rollout",
+            "create",
+            "--model",
+            model,
+            "--version",
+            &version,
+            "--root",
+            &root,
+            "--stages",
+            "100",
+            "--bake",
+            "1s",
             "--key",
             &self.keys,
         ])

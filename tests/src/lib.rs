@@ -20,10 +20,18 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// Where [`bin`] takes the binaries from, when a bench chose it with [`use_binaries_from`].
+static BIN_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes [`bin`] run the binaries in `dir` (a bench's release build) instead of building the
+/// test profile's. Call it before the first [`bin`]; later calls are ignored.
+pub fn use_binaries_from(dir: PathBuf) {
+    let _ = BIN_DIR.set(dir);
+}
+
 /// Path to a workspace binary (`outpost-hub`, `outpost-agent`), built on first use.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
+    let dir = BIN_DIR.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         // The same build `cargo test --workspace` (the README's test command) does, so under it
         // this is a no-op. `cargo build -p ...` would resolve features differently and rebuild

@@ -19,28 +19,6 @@ use outpost_tests::proxy::{Exchange, Proxy, Verdict};
 use outpost_tests::wait_until;
 use serde_json::{json, Value};
 
-/// Starts a rollout of `demo@version` to every device, with no fallback.
-fn first_rollout(hub: &TestHub, fleet: &Fleet, version: u64) {
-    let root = fleet.root_path.to_string_lossy().into_owned();
-    hub.cli(&[
-        "rollout",
-        "create",
-        "--model",
-        "demo",
-        "--version",
-        &version.to_string(),
-        "--root",
-        &root,
-        "--stages",
-        "100",
-        "--bake",
-        "1s",
-        "--key",
-        &fleet.keys,
-    ])
-    .ok();
-}
-
 fn device(hub: &TestHub, agent: &TestAgent) -> DeviceDetail {
     let id = agent.status()["device_id"].as_str().unwrap().to_owned();
     hub.cli_json(&["device", "show", &id])
@@ -51,7 +29,7 @@ fn serving_v1() -> (TestHub, Fleet, TestAgent) {
     let hub = TestHub::start();
     let fleet = Fleet::new(&hub);
     fleet.publish_example(&hub, "demo", 1, 1);
-    first_rollout(&hub, &fleet, 1);
+    fleet.first_rollout(&hub, "demo", 1);
     let mut agent = TestAgent::enroll(&hub, &fleet, "site=lab", "");
     agent.start();
     agent.wait_status("active", json!("demo@1"));
@@ -416,7 +394,7 @@ fn a_small_cache_stays_under_its_cap_without_losing_inferences() {
     let hub = TestHub::start();
     let fleet = Fleet::new(&hub);
     fleet.publish_example(&hub, "demo", 1, 1);
-    first_rollout(&hub, &fleet, 1);
+    fleet.first_rollout(&hub, "demo", 1);
     let mut agent = TestAgent::enroll(&hub, &fleet, "", "[storage]\ntelemetry_cap = \"4KiB\"");
     agent.start();
     agent.wait_status("active", json!("demo@1"));
@@ -485,7 +463,7 @@ fn serving_v1_via_proxy() -> (TestHub, Fleet, Proxy, TestAgent) {
     let hub = TestHub::start();
     let fleet = Fleet::new(&hub);
     fleet.publish_example(&hub, "demo", 1, 1);
-    first_rollout(&hub, &fleet, 1);
+    fleet.first_rollout(&hub, "demo", 1);
     let proxy = Proxy::start(&hub.url());
     let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "site=lab", "");
     agent.start();
@@ -539,7 +517,7 @@ fn an_interrupted_download_resumes_where_it_stopped() {
     });
     let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "site=lab", "");
     agent.start();
-    first_rollout(&hub, &fleet, 1);
+    fleet.first_rollout(&hub, "demo", 1);
     agent.wait_status("active", json!("demo@1"));
 
     let mut by_artifact: BTreeMap<String, Vec<Exchange>> = BTreeMap::new();

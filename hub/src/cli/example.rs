@@ -1,10 +1,15 @@
-//! `outpost-hub example-model`: writes a small real ONNX model and its validation set, for trying
-//! Outpost end to end without a model of one's own (the quickstart and the tests use it).
+//! `outpost-hub example-model`: writes a small real ONNX model, its validation set, reference data
+//! and the drift profile of that data, for trying Outpost end to end without a model of one's own
+//! (the quickstart and the tests use it).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
+use outpost_agent::drift::{build_profile, ProfileOptions};
 use outpost_agent::example_model;
+use outpost_agent::inference::LoadedModel;
+use outpost_protocol::device::Tensor;
+use outpost_protocol::trust::DType;
 
 use crate::fsutil;
 
@@ -29,6 +34,10 @@ pub struct Args {
     /// Cases in the validation set.
     #[arg(long, default_value_t = 8)]
     pub cases: usize,
+    /// Rows of reference data (standard normal inputs) in `reference.csv`, which `profile.bin`
+    /// summarises.
+    #[arg(long, default_value_t = 2000)]
+    pub reference_rows: usize,
 }
 
 impl Args {
@@ -55,10 +64,54 @@ impl Args {
             &outpost_protocol::encode(&validation).context("encoding the validation set")?,
             0o644,
         )?;
+
+        // Reference data and its profile, made the way `outpost-hub profile` makes one.
+        let reference_path = self.out.join("reference.csv");
+        let profile_path = self.out.join("profile.bin");
+        let rows =
+            example_model::normal_rows(self.inputs, self.reference_rows.max(1), self.seed, 0.0);
+        let mut csv = (0..self.inputs)
+            .map(|column| format!("x{column}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        csv.push('\n');
+        for row in rows.chunks(self.inputs.max(1)) {
+            let fields: Vec<String> = row.iter().map(f32::to_string).collect();
+            csv.push_str(&fields.join(","));
+            csv.push('\n');
+        }
+        fsutil::write_atomic(&reference_path, csv.as_bytes(), 0o644)?;
+        let loaded =
+            LoadedModel::load(&model, &inputs, &outputs, 1).context("loading the example model")?;
+        let data = Tensor {
+            name: "x".to_owned(),
+            dtype: DType::F32,
+            shape: vec![(rows.len() / self.inputs.max(1)) as u64, self.inputs as u64],
+            data: rows.iter().flat_map(|value| value.to_le_bytes()).collect(),
+        };
+        let options = ProfileOptions {
+            column_names: vec![(
+                "x".to_owned(),
+                (0..self.inputs)
+                    .map(|column| format!("x{column}"))
+                    .collect(),
+            )],
+            class_outputs: vec!["y".to_owned()],
+            ..ProfileOptions::default()
+        };
+        let profile =
+            build_profile(&loaded, &[data], &options).context("profiling the example model")?;
+        fsutil::write_atomic(
+            &profile_path,
+            &outpost_protocol::encode(&profile).context("encoding the profile")?,
+            0o644,
+        )?;
         println!(
-            "wrote {} and {}",
+            "wrote {}, {}, {} and {}",
             model_path.display(),
-            validation_path.display()
+            validation_path.display(),
+            reference_path.display(),
+            profile_path.display()
         );
         Ok(())
     }

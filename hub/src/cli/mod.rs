@@ -3,9 +3,10 @@
 //! The signing commands (`keys`, `root init|rotate`, `model sign`, `plan sign`, `sign`) work on
 //! local files only: they load release keys from the operator's disk and write signed documents,
 //! and never talk to a hub. The hub commands (`whoami`, `admin-token`, `token`, `root
-//! upload|list`, `model publish|list|show`, `device`, `rollout`, `audit`) talk to a hub's admin
-//! API through [`crate::client`], connected by [`connection::HubArgs`]; the two that sign
-//! (`model publish`, `rollout create`) still sign here, and only signed bytes leave the machine.
+//! upload|list`, `model publish|list|show`, `device`, `rollout`, `drift`, `audit`) talk to a
+//! hub's admin API through [`crate::client`], connected by [`connection::HubArgs`]; the two that
+//! sign (`model publish`, `rollout create`) still sign here, and only signed bytes leave the
+//! machine.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,11 +22,13 @@ pub mod admin_token;
 pub mod audit;
 pub mod connection;
 pub mod device;
+pub mod drift;
 pub mod example;
 pub mod inspect;
 pub mod keys;
 pub mod model;
 pub mod plan;
+pub mod profile;
 pub mod rollout;
 pub mod root;
 pub mod serve;
@@ -78,6 +81,9 @@ pub enum Command {
     /// Create, watch and steer rollouts.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
+    /// Report how far devices' inputs and outputs have drifted from a model's reference.
+    #[command(subcommand)]
+    Drift(drift::DriftCommand),
     /// Read and check the hub's audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -85,6 +91,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Write a small example ONNX model and its validation set.
     ExampleModel(example::Args),
+    /// Build a model's drift reference profile from a reference dataset (offline).
+    Profile(profile::Args),
     /// Make a private CA and a certificate for the hub.
     #[command(subcommand)]
     Tls(tls::TlsCommand),
@@ -107,9 +115,11 @@ impl Command {
             Command::Token(command) => command.run(),
             Command::Device(command) => command.run(),
             Command::Rollout(command) => command.run(),
+            Command::Drift(command) => command.run(),
             Command::Audit(command) => command.run(),
             Command::Serve(args) => args.run(),
             Command::ExampleModel(args) => args.run(),
+            Command::Profile(args) => args.run(),
             Command::Tls(command) => command.run(),
             Command::Admin(command) => command.run(),
         }

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
+use outpost_agent::drift::Extractor;
 use outpost_agent::inference::{validate, LoadedModel, ValidationReport};
 use outpost_protocol::device::ValidationSet;
+use outpost_protocol::drift::Profile;
 use outpost_protocol::keys::StreamingSha256;
 use outpost_protocol::trust::{Artifact, ArtifactRole, DType, Dim, ManifestBody, TensorSpec};
 use outpost_protocol::{AgentVersion, Arch, Message, ModelName};
@@ -26,7 +28,7 @@ use crate::client::{format_bytes, path_segment, Progress};
 use crate::{fsutil, unix_now};
 
 /// Largest model `model publish` loads to check and validate. ONNX protobufs cannot exceed 2 GiB.
-const MAX_MODEL_IN_MEMORY: u64 = 2 * 1024 * 1024 * 1024;
+pub const MAX_MODEL_IN_MEMORY: u64 = 2 * 1024 * 1024 * 1024;
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -190,6 +192,12 @@ impl ManifestArgs {
         }
         let mut artifacts = vec![hash_artifact(ArtifactRole::Model, model)?];
         if let Some(path) = &self.profile {
+            // Devices refuse a version whose profile does not fit its model; refuse it here first.
+            let bytes = fsutil::read_capped(path, Profile::MAX_FRAME as u64)?;
+            let profile = outpost_protocol::decode::<Profile>(&bytes)
+                .with_context(|| format!("--profile {}", path.display()))?;
+            Extractor::new(&profile, &self.inputs, &self.outputs)
+                .with_context(|| format!("--profile {}", path.display()))?;
             artifacts.push(hash_artifact(ArtifactRole::Profile, path)?);
         }
         if let Some(path) = &self.validation {

@@ -1,8 +1,9 @@
 //! The admin API: JSON over HTTP(S), under `/admin/v1`, behind bearer tokens with roles.
 //!
-//! Reads need `viewer`; rollout control `operator`; roots, artifacts and manifests `publisher`;
-//! tokens and devices `admin`. A missing or unknown token is 401, a role too weak 403. Every
-//! change is written to the hash-chained audit log under the acting token's name.
+//! Reads need `viewer` (drift reports included); rollout control `operator`; roots, artifacts and
+//! manifests `publisher`; tokens and devices `admin`. A missing or unknown token is 401, a role
+//! too weak 403. Every change is written to the hash-chained audit log under the acting token's
+//! name.
 //!
 //! The hub checks every uploaded document against its root before storing it. Devices verify
 //! everything again themselves; the hub's checks keep junk out of the registry and give the
@@ -20,11 +21,14 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::TryStreamExt;
 use outpost_protocol::name::selector_matches;
-use outpost_protocol::trust::{Dim, ManifestBody, PlanBody, RootBody, Signed, TensorSpec};
+use outpost_protocol::trust::{
+    ArtifactRole, Dim, ManifestBody, PlanBody, RootBody, Signed, TensorSpec,
+};
 use outpost_protocol::{sha256, Label, Message, Sha256, TimeFloor, VerifiedRoot};
 use serde::Deserialize;
 use tower_http::timeout::TimeoutLayer;
 
+use super::drift::{self, ProfileLookup};
 use super::engine;
 use super::SharedHub;
 use crate::api::*;
@@ -78,6 +82,7 @@ pub fn routes(hub: SharedHub) -> Router {
             "/admin/v1/rollouts/{sequence}/{action}",
             post(rollout_action),
         )
+        .route("/admin/v1/drift/{model}", get(drift_report))
         .route("/admin/v1/audit", get(audit_log))
         .route("/admin/v1/audit/verify", get(audit_verify))
         .layer(DefaultBodyLimit::max(MAX_JSON))
@@ -292,6 +297,16 @@ fn parse_labels(texts: &[String]) -> Result<Vec<Label>, AdminError> {
             })
         })
         .collect()
+}
+
+/// A `k=v,k=v` selector from a query string; none selects every device.
+fn parse_selector(text: Option<&str>) -> Result<Vec<Label>, AdminError> {
+    match text {
+        Some(text) if !text.is_empty() => {
+            parse_labels(&text.split(',').map(str::to_owned).collect::<Vec<_>>())
+        }
+        _ => Ok(Vec::new()),
+    }
 }
 
 fn enroll_token_info(record: &EnrollTokenRecord) -> EnrollTokenInfo {
@@ -614,6 +629,12 @@ async fn publish_manifest(
                 artifact.role, artifact.sha256, artifact.length
             )));
         }
+        // Devices would refuse to summarise against a profile they cannot read, and the hub could
+        // judge no summary with it: keep such a version out of the registry.
+        if artifact.role == ArtifactRole::Profile {
+            drift::read_profile(&hub.artifacts, artifact)
+                .map_err(|error| AdminError::bad_request(format!("manifest refused: {error:#}")))?;
+        }
     }
     let record = ManifestRecord {
         signed: bytes.to_vec(),
@@ -739,12 +760,7 @@ async fn list_devices(
     Query(query): Query<DeviceQuery>,
 ) -> Reply<Vec<DeviceSummary>> {
     require(&hub, &headers, Role::Viewer)?;
-    let selector = match &query.selector {
-        Some(text) if !text.is_empty() => {
-            parse_labels(&text.split(',').map(str::to_owned).collect::<Vec<_>>())?
-        }
-        _ => Vec::new(),
-    };
+    let selector = parse_selector(query.selector.as_deref())?;
     let now = unix_now();
     let devices = hub
         .store
@@ -1033,6 +1049,79 @@ async fn rollout_action(
     hub.store.flush().await?;
     engine::reload(&hub)?;
     Ok(Json(engine::info(&hub, &record)?))
+}
+
+#[derive(Debug, Deserialize)]
+struct DriftQuery {
+    version: Option<u64>,
+    selector: Option<String>,
+    device: Option<String>,
+    /// How far back, in seconds; a day when absent.
+    since_secs: Option<u64>,
+}
+
+/// Default reach of a drift report: the last day.
+const DRIFT_DEFAULT_SECS: u64 = 86_400;
+
+async fn drift_report(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+    Query(query): Query<DriftQuery>,
+) -> Reply<DriftReport> {
+    require(&hub, &headers, Role::Viewer)?;
+    let selector = parse_selector(query.selector.as_deref())?;
+    let device = match &query.device {
+        Some(id) => Some(find_device(&hub, id)?.id),
+        None => None,
+    };
+    let version = match query.version {
+        Some(version) => version,
+        None => latest_profiled_version(&hub, &model)?,
+    };
+    let loaded = match drift::profile(&hub, &model, version)? {
+        ProfileLookup::Found(loaded) => loaded,
+        ProfileLookup::NotPublished => {
+            return Err(AdminError::not_found(format!("no model {model}@{version}")))
+        }
+        ProfileLookup::NoProfile => {
+            return Err(AdminError::not_found(format!(
+                "{model}@{version} has no drift profile; publish it with `model publish --profile`"
+            )))
+        }
+    };
+    let now = unix_now();
+    let scope = drift::Scope {
+        selector,
+        device,
+        since: now.saturating_sub(query.since_secs.unwrap_or(DRIFT_DEFAULT_SECS)),
+    };
+    Ok(Json(drift::report(
+        &hub, &model, version, &loaded, &scope, now,
+    )?))
+}
+
+/// The highest published version of `model` whose manifest signs a drift profile.
+fn latest_profiled_version(hub: &SharedHub, model: &str) -> Result<u64, AdminError> {
+    let mut versions: Vec<u64> = hub
+        .store
+        .manifests()?
+        .into_iter()
+        .filter(|(name, _, _)| name == model)
+        .map(|(_, version, _)| version)
+        .collect();
+    if versions.is_empty() {
+        return Err(AdminError::not_found(format!("no model named {model:?}")));
+    }
+    versions.sort_unstable();
+    for version in versions.into_iter().rev() {
+        if let ProfileLookup::Found(_) = drift::profile(hub, model, version)? {
+            return Ok(version);
+        }
+    }
+    Err(AdminError::not_found(format!(
+        "no version of {model} has a drift profile; publish one with `model publish --profile`"
+    )))
 }
 
 #[derive(Debug, Deserialize)]

@@ -30,10 +30,11 @@ use serde_bytes::ByteBuf;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tower_http::timeout::TimeoutLayer;
 
+use super::drift::{check_summary, SummaryError};
 use super::metrics::Metrics;
 use super::SharedHub;
 use crate::store::{
-    DeviceRecord, EventRecord, OutcomeRecord, RunningRecord, TokenRefusal, WindowInput,
+    DeviceRecord, EventRecord, Ingested, OutcomeRecord, RunningRecord, TokenRefusal, WindowInput,
 };
 use crate::unix_now;
 
@@ -474,8 +475,21 @@ async fn status(
             .map(|reference| (reference.name.clone(), reference.version)),
         detail: reason,
     };
-    hub.store
-        .record_status(&device.id, report.plan_sequence, outcome.as_ref(), &event)?;
+    let now_running = match (&report.status, &report.manifest) {
+        (Status::Committed, Some(reference)) => Some(RunningRecord {
+            name: reference.name.clone(),
+            version: reference.version,
+            manifest_sha256: reference.manifest_sha256.0,
+        }),
+        _ => None,
+    };
+    hub.store.record_status(
+        &device.id,
+        report.plan_sequence,
+        outcome.as_ref(),
+        &event,
+        now_running.as_ref(),
+    )?;
     hub.store.flush().await?;
     Metrics::bump(&hub.metrics.status_reports, 1);
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -514,21 +528,50 @@ async fn telemetry(
                 "window {index}: counts or times do not add up"
             )));
         }
+        // A summary the hub would not store refuses the whole batch, so that nothing of it is
+        // stored and the device learns which window is wrong.
+        check_summary(&hub, window).map_err(|error| match error {
+            SummaryError::Refused(reason) => DeviceError::bad_request(format!(
+                "window {index} ({}@{} from {}): {reason}",
+                window.model, window.version, window.start
+            )),
+            SummaryError::Internal(error) => DeviceError::internal(format!("{error:#}")),
+        })?;
         windows.push(WindowInput {
             model: window.model.clone(),
             version: window.version,
             count: window.count,
             errors: window.errors,
             latency_buckets: window.latency_buckets.clone(),
+            drift: window.drift.clone(),
         });
     }
-    let duplicate = hub.store.ingest_telemetry(
+    let ingested = hub.store.ingest_telemetry(
         &device.id,
         batch.sequence,
         &windows,
         batch.dropped_records,
         unix_now(),
     )?;
+    let duplicate = match ingested {
+        Ingested::Stored => false,
+        Ingested::Duplicate => true,
+        Ingested::Refused { window, reason } => {
+            let name = batch
+                .windows
+                .get(window)
+                .map(|window| {
+                    format!(
+                        " ({}@{} from {})",
+                        window.model, window.version, window.start
+                    )
+                })
+                .unwrap_or_default();
+            return Err(DeviceError::bad_request(format!(
+                "window {window}{name}: {reason}"
+            )));
+        }
+    };
     hub.store.flush().await?;
     if duplicate {
         Metrics::bump(&hub.metrics.telemetry_duplicates, 1);

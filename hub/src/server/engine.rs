@@ -1,6 +1,7 @@
 //! Runs the rollout engine ([`crate::rollout`]) against the store: a tick that evaluates every
 //! active or paused rollout and persists the engine's decisions, the cache of rollouts that
-//! check-ins read, and the facts the engine needs about each device.
+//! check-ins read, and the facts the engine needs about each device (drift summaries for the
+//! drift gate come from [`super::drift::gate`]).
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use outpost_protocol::Label;
 
 use super::SharedHub;
 use crate::api::{Decision, ModelRef, RolloutInfo, RolloutState};
-use crate::rollout::{self, DeviceFacts, InferenceStats, NoDriftGate, Outcome, Rollout};
+use crate::rollout::{self, DeviceFacts, InferenceStats, Outcome, Rollout};
 use crate::store::{RolloutRecord, StatsRecord};
 use crate::{audit, unix_now};
 
@@ -186,7 +187,19 @@ pub async fn tick(hub: &SharedHub) -> anyhow::Result<()> {
         }
         let mut rollout = to_rollout(&record)?;
         let facts = device_facts(hub, record.sequence, &rollout.plan)?;
-        let evaluation = rollout::evaluate(&rollout, &facts, now, &NoDriftGate);
+        // A rollout whose drift evidence cannot be read is not evaluated at all this tick: it
+        // must not advance past a gate nobody measured.
+        let drift = match super::drift::gate(hub, &rollout) {
+            Ok(drift) => drift,
+            Err(error) => {
+                log::error!(
+                    "rollout {}: reading drift summaries: {error:#}",
+                    record.sequence
+                );
+                continue;
+            }
+        };
+        let evaluation = rollout::evaluate(&rollout, &facts, now, drift.as_ref());
         if let Some(decision) = evaluation.decision {
             persist_decision(hub, &mut record, &mut rollout, decision)?;
             changed = true;
@@ -248,7 +261,8 @@ fn model_ref(reference: &ManifestRef) -> ModelRef {
 pub fn info(hub: &SharedHub, record: &RolloutRecord) -> anyhow::Result<RolloutInfo> {
     let rollout = to_rollout(record)?;
     let facts = device_facts(hub, record.sequence, &rollout.plan)?;
-    let evaluation = rollout::evaluate(&rollout, &facts, unix_now(), &NoDriftGate);
+    let drift = super::drift::gate(hub, &rollout)?;
+    let evaluation = rollout::evaluate(&rollout, &facts, unix_now(), drift.as_ref());
     Ok(RolloutInfo {
         sequence: record.sequence,
         target: model_ref(&rollout.plan.target),

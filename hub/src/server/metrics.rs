@@ -127,6 +127,8 @@ fn render_text(hub: &SharedHub) -> anyhow::Result<String> {
         )?;
     }
 
+    super::drift::write_metrics(hub, now, &mut out)?;
+
     let counters = [
         (
             "outpost_hub_check_ins_total",

@@ -21,6 +21,7 @@ use crate::store::Store;
 
 mod admin;
 mod device;
+mod drift;
 mod engine;
 mod metrics;
 mod tls;
@@ -61,6 +62,8 @@ pub struct Hub {
     pub live: RwLock<Arc<Vec<LiveRollout>>>,
     /// Serialises rollout changes between the engine and operators.
     pub rollout_lock: tokio::sync::Mutex<()>,
+    /// Drift profiles of published versions, read once.
+    pub profiles: drift::ProfileCache,
 }
 
 pub type SharedHub = Arc<Hub>;
@@ -83,6 +86,7 @@ impl Hub {
             nonces: Mutex::new(device::NonceCache::default()),
             live: RwLock::new(Arc::new(Vec::new())),
             rollout_lock: tokio::sync::Mutex::new(()),
+            profiles: drift::ProfileCache::default(),
         });
         engine::reload(&hub)?;
         Ok(hub)

@@ -7,6 +7,11 @@
 // Each test binary and the benchmark include this module and use a different subset of it.
 #![allow(dead_code)]
 
+mod drift;
+
+#[allow(unused_imports)]
+pub use drift::*;
+
 use outpost_protocol::device::{
     AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse, ErrorResponse,
     InferenceWindow, RunningModel, Status, StatusReport, TelemetryAck, TelemetryBatch, Tensor,
@@ -316,6 +321,7 @@ pub fn telemetry_batch(n_windows: u64) -> TelemetryBatch {
             latency_buckets: (0..=LATENCY_BUCKETS_US.len() as u64)
                 .map(|bucket| (bucket * 37 + index) % 500)
                 .collect(),
+            drift: None,
         })
         .collect();
     TelemetryBatch {

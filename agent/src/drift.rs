@@ -1,0 +1,738 @@
+//! Drift on the device: reading each profile feature's values out of a request and its answer,
+//! and building a reference profile from a dataset.
+//!
+//! One [`Extractor`] serves both ends, so the bins a device fills are exactly the ones the profile
+//! was made with: `outpost-hub profile` runs a model over a reference dataset and
+//! [`build_profile`] summarises what the extractor reads; on the device,
+//! [`Extractor::observe`] feeds every served request into the window's
+//! [`DriftSummary`].
+//!
+//! What a feature is (see [`FeatureSource`]):
+//! - a tabular tensor `[N, F]` (or `[N]`) gives one feature per column;
+//! - an image-like tensor `[N, C, ...]` gives two per channel: the mean and the standard
+//!   deviation of that channel in each sample;
+//! - a class output gives class counts and a top-1 confidence histogram ([`ClassSource`]).
+
+use std::collections::BTreeSet;
+
+use outpost_protocol::device::Tensor;
+use outpost_protocol::drift::{
+    ClassProfile, ClassSource, ClassSummary, DriftSummary, FeatureSource, FeatureSummary,
+    NumericProfile, Profile, TensorSide, Thresholds,
+};
+use outpost_protocol::trust::{DType, Dim, TensorSpec};
+
+use crate::inference::{InferenceError, LoadedModel};
+
+/// Most distinct labels a label output may have in a profile.
+pub const MAX_CLASSES: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("profile feature {feature:?}: {reason}")]
+    Feature { feature: String, reason: String },
+    #[error("profile does not fit the model: {0}")]
+    Mismatch(String),
+    #[error("reference data: {0}")]
+    Data(String),
+    #[error(transparent)]
+    Inference(#[from] InferenceError),
+}
+
+/// One thing to read out of a tensor, for a numeric feature or a class output.
+#[derive(Debug, Clone)]
+enum Read {
+    /// Column `index` of rows `width` wide.
+    Column { index: usize, width: usize },
+    /// Channel `channel` of `channels`, each `plane` elements per sample.
+    ChannelMean {
+        channel: usize,
+        channels: usize,
+        plane: usize,
+    },
+    ChannelStd {
+        channel: usize,
+        channels: usize,
+        plane: usize,
+    },
+    /// argmax over rows `width` wide.
+    Argmax { width: usize },
+    /// One integer label per row.
+    Label,
+}
+
+/// Where each profile entry is read from, resolved against the model's specs once.
+#[derive(Debug, Clone)]
+struct Binding {
+    side: TensorSide,
+    tensor: String,
+    read: Read,
+}
+
+/// Reads a profile's features out of requests and answers of one model.
+#[derive(Debug, Clone)]
+pub struct Extractor {
+    features: Vec<Binding>,
+    classes: Vec<Binding>,
+}
+
+/// What one value read out of a request or answer is for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Observation {
+    Feature {
+        index: usize,
+        value: f64,
+    },
+    Class {
+        index: usize,
+        class: i64,
+        confidence: Option<f32>,
+    },
+}
+
+fn spec_of<'a>(
+    specs: &'a [TensorSpec],
+    side: TensorSide,
+    name: &str,
+) -> Result<&'a TensorSpec, String> {
+    let side_name = match side {
+        TensorSide::Input => "input",
+        TensorSide::Output => "output",
+    };
+    specs
+        .iter()
+        .find(|spec| spec.name == name)
+        .ok_or_else(|| format!("the model has no {side_name} {name:?}"))
+}
+
+/// Sizes of the fixed axes after the batch axis; the first axis must be the batch axis.
+fn row_shape(spec: &TensorSpec) -> Result<Vec<usize>, String> {
+    let mut dims = spec.shape.iter();
+    if !matches!(dims.next(), Some(Dim::Batch)) {
+        return Err(format!(
+            "tensor {:?} has no batch axis first, so it has no rows to summarise",
+            spec.name
+        ));
+    }
+    dims.map(|dim| match dim {
+        Dim::Fixed(size) => usize::try_from(*size)
+            .map_err(|_| format!("tensor {:?} has an axis too large", spec.name)),
+        Dim::Batch => Err(format!("tensor {:?} has a second batch axis", spec.name)),
+    })
+    .collect()
+}
+
+fn resolve_feature(
+    source: &FeatureSource,
+    side: TensorSide,
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+) -> Result<Binding, String> {
+    let specs = match side {
+        TensorSide::Input => inputs,
+        TensorSide::Output => outputs,
+    };
+    let (tensor, read) = match source {
+        FeatureSource::Column { tensor, index } => {
+            let row = row_shape(spec_of(specs, side, tensor)?)?;
+            let width = match row.as_slice() {
+                [] => 1,
+                [width] => *width,
+                _ => {
+                    return Err(format!(
+                        "column features need a [N] or [N, F] tensor, {tensor:?} has rank {}",
+                        row.len() + 1
+                    ))
+                }
+            };
+            let index = *index as usize;
+            if index >= width {
+                return Err(format!(
+                    "column {index} is past the {width} columns of {tensor:?}"
+                ));
+            }
+            (tensor, Read::Column { index, width })
+        }
+        FeatureSource::ChannelMean { tensor, channel }
+        | FeatureSource::ChannelStd { tensor, channel } => {
+            let row = row_shape(spec_of(specs, side, tensor)?)?;
+            let [channels, rest @ ..] = row.as_slice() else {
+                return Err(format!(
+                    "channel features need a [N, C, ...] tensor, {tensor:?} is [N]"
+                ));
+            };
+            if rest.is_empty() {
+                return Err(format!(
+                    "channel features need a [N, C, ...] tensor, {tensor:?} is [N, C]"
+                ));
+            }
+            let plane = rest.iter().product::<usize>();
+            let channel = *channel as usize;
+            if channel >= *channels {
+                return Err(format!(
+                    "channel {channel} is past the {channels} channels of {tensor:?}"
+                ));
+            }
+            let read = if matches!(source, FeatureSource::ChannelMean { .. }) {
+                Read::ChannelMean {
+                    channel,
+                    channels: *channels,
+                    plane,
+                }
+            } else {
+                Read::ChannelStd {
+                    channel,
+                    channels: *channels,
+                    plane,
+                }
+            };
+            (tensor, read)
+        }
+    };
+    Ok(Binding {
+        side,
+        tensor: tensor.clone(),
+        read,
+    })
+}
+
+fn resolve_class(source: &ClassSource, outputs: &[TensorSpec]) -> Result<Binding, String> {
+    let (tensor, read) = match source {
+        ClassSource::Argmax { tensor } => {
+            let row = row_shape(spec_of(outputs, TensorSide::Output, tensor)?)?;
+            match row.as_slice() {
+                [width] if *width >= 1 => (tensor, Read::Argmax { width: *width }),
+                _ => {
+                    return Err(format!(
+                        "argmax classes need a [N, K] output, {tensor:?} has another shape"
+                    ))
+                }
+            }
+        }
+        ClassSource::Label { tensor } => {
+            let row = row_shape(spec_of(outputs, TensorSide::Output, tensor)?)?;
+            match row.as_slice() {
+                [] | [1] => (tensor, Read::Label),
+                _ => {
+                    return Err(format!(
+                        "label classes need a [N] or [N, 1] output, {tensor:?} has another shape"
+                    ))
+                }
+            }
+        }
+    };
+    Ok(Binding {
+        side: TensorSide::Output,
+        tensor: tensor.clone(),
+        read,
+    })
+}
+
+impl Extractor {
+    /// Resolves every feature and class of `profile` against the model's input and output specs.
+    pub fn new(
+        profile: &Profile,
+        inputs: &[TensorSpec],
+        outputs: &[TensorSpec],
+    ) -> Result<Extractor, ProfileError> {
+        let features = profile
+            .features
+            .iter()
+            .map(|feature| {
+                resolve_feature(&feature.source, feature.side, inputs, outputs).map_err(|reason| {
+                    ProfileError::Feature {
+                        feature: feature.name.clone(),
+                        reason,
+                    }
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let classes = profile
+            .classes
+            .iter()
+            .map(|class| {
+                resolve_class(&class.source, outputs).map_err(|reason| ProfileError::Feature {
+                    feature: class.name.clone(),
+                    reason,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Extractor { features, classes })
+    }
+
+    /// Calls `sink` with every value of every feature and class in one request and its answer.
+    /// Tensors the model did not see (a wrong name) are skipped; the caller passes only requests
+    /// that ran.
+    pub fn for_each(
+        &self,
+        inputs: &[Tensor],
+        outputs: &[Tensor],
+        mut sink: impl FnMut(Observation),
+    ) {
+        for (index, binding) in self.features.iter().enumerate() {
+            let Some(tensor) = find(binding, inputs, outputs) else {
+                continue;
+            };
+            read_numeric(&binding.read, tensor, &mut |value| {
+                sink(Observation::Feature { index, value });
+            });
+        }
+        for (index, binding) in self.classes.iter().enumerate() {
+            let Some(tensor) = find(binding, inputs, outputs) else {
+                continue;
+            };
+            read_classes(&binding.read, tensor, &mut |class, confidence| {
+                sink(Observation::Class {
+                    index,
+                    class,
+                    confidence,
+                });
+            });
+        }
+    }
+
+    /// Adds one served request to `summary`, whose features and classes follow `profile`.
+    pub fn observe(
+        &self,
+        profile: &Profile,
+        summary: &mut DriftSummary,
+        inputs: &[Tensor],
+        outputs: &[Tensor],
+    ) {
+        self.for_each(inputs, outputs, |observation| match observation {
+            Observation::Feature { index, value } => {
+                if let (Some(feature), Some(summary)) =
+                    (profile.features.get(index), summary.features.get_mut(index))
+                {
+                    summary.observe(value, &feature.edges);
+                }
+            }
+            Observation::Class {
+                index,
+                class,
+                confidence,
+            } => {
+                if let (Some(profile), Some(summary)) =
+                    (profile.classes.get(index), summary.classes.get_mut(index))
+                {
+                    summary.observe(class, confidence, &profile.classes);
+                }
+            }
+        });
+    }
+}
+
+fn find<'a>(binding: &Binding, inputs: &'a [Tensor], outputs: &'a [Tensor]) -> Option<&'a Tensor> {
+    let tensors = match binding.side {
+        TensorSide::Input => inputs,
+        TensorSide::Output => outputs,
+    };
+    tensors.iter().find(|tensor| tensor.name == binding.tensor)
+}
+
+/// Element `index` of `tensor` as f64, or None past its end.
+fn element(tensor: &Tensor, index: usize) -> Option<f64> {
+    let size = tensor.dtype.size();
+    let start = index.checked_mul(size)?;
+    let bytes = tensor.data.get(start..start.checked_add(size)?)?;
+    Some(match tensor.dtype {
+        DType::F32 => f64::from(f32::from_le_bytes(bytes.try_into().ok()?)),
+        DType::F64 => f64::from_le_bytes(bytes.try_into().ok()?),
+        DType::I32 => f64::from(i32::from_le_bytes(bytes.try_into().ok()?)),
+        DType::I64 => i64::from_le_bytes(bytes.try_into().ok()?) as f64,
+        DType::U8 => f64::from(*bytes.first()?),
+    })
+}
+
+fn element_count(tensor: &Tensor) -> usize {
+    tensor.data.len() / tensor.dtype.size().max(1)
+}
+
+fn read_numeric(read: &Read, tensor: &Tensor, sink: &mut dyn FnMut(f64)) {
+    let total = element_count(tensor);
+    match *read {
+        Read::Column { index, width } => {
+            let mut at = index;
+            while at < total {
+                if let Some(value) = element(tensor, at) {
+                    sink(value);
+                }
+                at += width;
+            }
+        }
+        Read::ChannelMean {
+            channel,
+            channels,
+            plane,
+        }
+        | Read::ChannelStd {
+            channel,
+            channels,
+            plane,
+        } => {
+            let sample = channels * plane;
+            if sample == 0 {
+                return;
+            }
+            let want_mean = matches!(read, Read::ChannelMean { .. });
+            for row in 0..total / sample {
+                let start = row * sample + channel * plane;
+                let (mut mean, mut m2) = (0.0f64, 0.0f64);
+                for (k, at) in (start..start + plane).enumerate() {
+                    let value = element(tensor, at).unwrap_or(f64::NAN);
+                    let delta = value - mean;
+                    mean += delta / (k + 1) as f64;
+                    m2 += delta * (value - mean);
+                }
+                sink(if want_mean {
+                    mean
+                } else {
+                    (m2 / plane as f64).sqrt()
+                });
+            }
+        }
+        Read::Argmax { .. } | Read::Label => {}
+    }
+}
+
+fn read_classes(read: &Read, tensor: &Tensor, sink: &mut dyn FnMut(i64, Option<f32>)) {
+    let total = element_count(tensor);
+    match *read {
+        Read::Argmax { width } => {
+            for row in 0..total / width.max(1) {
+                let mut best: Option<(usize, f64)> = None;
+                for class in 0..width {
+                    let Some(value) = element(tensor, row * width + class) else {
+                        continue;
+                    };
+                    if value.is_nan() {
+                        continue;
+                    }
+                    if best.is_none_or(|(_, top)| value > top) {
+                        best = Some((class, value));
+                    }
+                }
+                // A row of NaN has no top class: it counts as unseen.
+                match best {
+                    Some((class, top)) => sink(class as i64, Some(top.clamp(0.0, 1.0) as f32)),
+                    None => sink(-1, None),
+                }
+            }
+        }
+        Read::Label => {
+            for at in 0..total {
+                if let Some(value) = element(tensor, at) {
+                    // Non-integral labels cannot be a reference class.
+                    let class = if value.fract() == 0.0 && value.abs() < 9.0e15 {
+                        value as i64
+                    } else {
+                        i64::MIN
+                    };
+                    sink(class, None);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Choices for [`build_profile`].
+#[derive(Debug, Clone, Default)]
+pub struct ProfileOptions {
+    /// Outputs to treat as classes (argmax of a `[N, K]` output, or a `[N]` label). Integer
+    /// outputs of shape `[N]` or `[N, 1]` are labels without being named.
+    pub class_outputs: Vec<String>,
+    /// Display names of the columns of each input, in order (from a CSV header).
+    pub column_names: Vec<(String, Vec<String>)>,
+    /// Null (missing) counts per column of each input; those entries are NaN in the data.
+    pub null_counts: Vec<(String, Vec<u64>)>,
+    pub thresholds: Thresholds,
+    /// Rows per model run; 0 means 256.
+    pub batch_rows: usize,
+}
+
+/// A profile's entries before any data is seen: names and sources of its numeric features, and
+/// of its class outputs.
+type ProfilePlan = (
+    Vec<(String, TensorSide, FeatureSource)>,
+    Vec<(String, ClassSource)>,
+);
+
+/// The features and classes a profile of this model has, before any data is seen.
+fn plan_profile(
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+    options: &ProfileOptions,
+) -> Result<ProfilePlan, ProfileError> {
+    let mut features = Vec::new();
+    let mut classes = Vec::new();
+    let mismatch = ProfileError::Mismatch;
+    for (side, specs) in [(TensorSide::Input, inputs), (TensorSide::Output, outputs)] {
+        for spec in specs {
+            let row = row_shape(spec).map_err(mismatch)?;
+            let is_output = side == TensorSide::Output;
+            let integer = !matches!(spec.dtype, DType::F32 | DType::F64);
+            let named_class = is_output && options.class_outputs.contains(&spec.name);
+            if named_class || (is_output && integer && matches!(row.as_slice(), [] | [1])) {
+                let source = match row.as_slice() {
+                    [] | [1] => ClassSource::Label {
+                        tensor: spec.name.clone(),
+                    },
+                    _ => ClassSource::Argmax {
+                        tensor: spec.name.clone(),
+                    },
+                };
+                classes.push((spec.name.clone(), source));
+                continue;
+            }
+            let names = options
+                .column_names
+                .iter()
+                .find(|(tensor, _)| tensor == &spec.name)
+                .map(|(_, names)| names.as_slice());
+            match row.as_slice() {
+                [] => features.push((
+                    spec.name.clone(),
+                    side,
+                    FeatureSource::Column {
+                        tensor: spec.name.clone(),
+                        index: 0,
+                    },
+                )),
+                [width] => {
+                    for index in 0..*width {
+                        let name = names
+                            .and_then(|names| names.get(index))
+                            .filter(|name| !name.is_empty())
+                            .cloned()
+                            .unwrap_or_else(|| format!("{}[{index}]", spec.name));
+                        features.push((
+                            name,
+                            side,
+                            FeatureSource::Column {
+                                tensor: spec.name.clone(),
+                                index: index as u32,
+                            },
+                        ));
+                    }
+                }
+                [channels, ..] => {
+                    for channel in 0..*channels as u32 {
+                        let tensor = spec.name.clone();
+                        features.push((
+                            format!("{}.mean[{channel}]", spec.name),
+                            side,
+                            FeatureSource::ChannelMean {
+                                tensor: tensor.clone(),
+                                channel,
+                            },
+                        ));
+                        features.push((
+                            format!("{}.std[{channel}]", spec.name),
+                            side,
+                            FeatureSource::ChannelStd { tensor, channel },
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(missing) = options
+        .class_outputs
+        .iter()
+        .find(|name| !outputs.iter().any(|spec| &spec.name == *name))
+    {
+        return Err(ProfileError::Mismatch(format!(
+            "--classes names {missing:?}, which is not an output of the model"
+        )));
+    }
+    Ok((features, classes))
+}
+
+/// Runs `model` over the reference `data` (one tensor per model input, all with the same number
+/// of rows) and summarises every feature and class it reads, with quantile edges from the data.
+pub fn build_profile(
+    model: &LoadedModel,
+    data: &[Tensor],
+    options: &ProfileOptions,
+) -> Result<Profile, ProfileError> {
+    let (feature_plan, class_plan) = plan_profile(model.inputs(), model.outputs(), options)?;
+    let rows = check_data(model.inputs(), data)?;
+    let batch_rows = if options.batch_rows == 0 {
+        256
+    } else {
+        options.batch_rows
+    };
+
+    // A provisional profile only to resolve the extractor; edges and references come later.
+    let provisional = Profile {
+        features: feature_plan
+            .iter()
+            .map(|(name, side, source)| NumericProfile {
+                name: name.clone(),
+                side: *side,
+                source: source.clone(),
+                edges: vec![0.0, 1.0],
+                reference: FeatureSummary::new(&[0.0, 1.0]),
+            })
+            .collect(),
+        classes: class_plan
+            .iter()
+            .map(|(name, source)| ClassProfile {
+                name: name.clone(),
+                source: source.clone(),
+                classes: Vec::new(),
+                reference: ClassSummary::new(0),
+            })
+            .collect(),
+        thresholds: options.thresholds.clone(),
+    };
+    let extractor = Extractor::new(&provisional, model.inputs(), model.outputs())?;
+
+    let mut values: Vec<Vec<f64>> = vec![Vec::new(); feature_plan.len()];
+    let mut labels: Vec<Vec<(i64, Option<f32>)>> = vec![Vec::new(); class_plan.len()];
+    let mut start = 0;
+    while start < rows {
+        let end = (start + batch_rows).min(rows);
+        let batch: Vec<Tensor> = data
+            .iter()
+            .map(|tensor| slice_rows(tensor, rows, start, end))
+            .collect();
+        let outputs = model.run(&batch)?;
+        extractor.for_each(&batch, &outputs, |observation| match observation {
+            Observation::Feature { index, value } => {
+                if let Some(values) = values.get_mut(index) {
+                    values.push(value);
+                }
+            }
+            Observation::Class {
+                index,
+                class,
+                confidence,
+            } => {
+                if let Some(labels) = labels.get_mut(index) {
+                    labels.push((class, confidence));
+                }
+            }
+        });
+        start = end;
+    }
+
+    let mut features = Vec::with_capacity(feature_plan.len());
+    for ((name, side, source), values) in feature_plan.into_iter().zip(values) {
+        let mut feature = NumericProfile::from_values(&name, side, source, &values)
+            .map_err(|error| ProfileError::Data(error.to_string()))?;
+        let reference = &mut feature.reference;
+        // Missing entries were fed to the model as NaN; the profile counts them as nulls.
+        if let (FeatureSource::Column { tensor, index }, TensorSide::Input) =
+            (&feature.source, feature.side)
+        {
+            let nulls = options
+                .null_counts
+                .iter()
+                .find(|(name, _)| name == tensor)
+                .and_then(|(_, counts)| counts.get(*index as usize))
+                .copied()
+                .unwrap_or(0)
+                .min(reference.nan);
+            reference.nan -= nulls;
+            reference.null += nulls;
+        }
+        features.push(feature);
+    }
+
+    let mut classes = Vec::with_capacity(class_plan.len());
+    for ((name, source), labels) in class_plan.into_iter().zip(labels) {
+        let known: Vec<i64> = match &source {
+            ClassSource::Argmax { tensor } => {
+                let width = model
+                    .outputs()
+                    .iter()
+                    .find(|spec| &spec.name == tensor)
+                    .and_then(|spec| row_shape(spec).ok())
+                    .and_then(|row| row.first().copied())
+                    .unwrap_or(0);
+                (0..width as i64).collect()
+            }
+            ClassSource::Label { .. } => {
+                let seen: BTreeSet<i64> = labels
+                    .iter()
+                    .map(|(class, _)| *class)
+                    .filter(|class| *class != i64::MIN)
+                    .collect();
+                if seen.len() > MAX_CLASSES {
+                    return Err(ProfileError::Data(format!(
+                        "output {name:?} has {} distinct labels, at most {MAX_CLASSES}",
+                        seen.len()
+                    )));
+                }
+                seen.into_iter().collect()
+            }
+        };
+        let mut reference = ClassSummary::new(known.len());
+        for (class, confidence) in &labels {
+            reference.observe(*class, *confidence, &known);
+        }
+        classes.push(ClassProfile {
+            name,
+            source,
+            classes: known,
+            reference,
+        });
+    }
+    Ok(Profile {
+        features,
+        classes,
+        thresholds: options.thresholds.clone(),
+    })
+}
+
+/// Checks the reference tensors against the model's inputs; returns the row count.
+fn check_data(inputs: &[TensorSpec], data: &[Tensor]) -> Result<usize, ProfileError> {
+    let mut rows = None;
+    for spec in inputs {
+        let tensor = data
+            .iter()
+            .find(|tensor| tensor.name == spec.name)
+            .ok_or_else(|| ProfileError::Data(format!("no data for input {:?}", spec.name)))?;
+        tensor.check().map_err(ProfileError::Data)?;
+        let n = tensor.shape.first().copied().unwrap_or(0);
+        if n == 0 {
+            return Err(ProfileError::Data(format!(
+                "input {:?} has no rows",
+                spec.name
+            )));
+        }
+        match rows {
+            None => rows = Some(n),
+            Some(rows) if rows != n => {
+                return Err(ProfileError::Data(format!(
+                    "input {:?} has {n} rows, another input has {rows}",
+                    spec.name
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let rows = rows.ok_or_else(|| ProfileError::Data("the model has no inputs".to_owned()))?;
+    usize::try_from(rows).map_err(|_| ProfileError::Data("too many rows".to_owned()))
+}
+
+/// Rows `start..end` of a tensor with `rows` rows.
+fn slice_rows(tensor: &Tensor, rows: usize, start: usize, end: usize) -> Tensor {
+    let row_bytes = tensor.data.len() / rows.max(1);
+    let mut shape = tensor.shape.clone();
+    if let Some(first) = shape.first_mut() {
+        *first = (end - start) as u64;
+    }
+    Tensor {
+        name: tensor.name.clone(),
+        dtype: tensor.dtype,
+        shape,
+        data: tensor
+            .data
+            .get(start * row_bytes..end * row_bytes)
+            .unwrap_or_default()
+            .to_vec(),
+    }
+}

@@ -1,0 +1,345 @@
+//! `outpost-hub profile`: the drift reference profile of a model, made by running it over a
+//! reference dataset (its training or validation data) with the agent's own inference and
+//! feature-reading code, so devices fill exactly the bins the profile was made with.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use outpost_agent::drift::{build_profile, ProfileOptions};
+use outpost_agent::inference::LoadedModel;
+use outpost_protocol::dataset::{parse_csv, parse_npy, NdArray, Table};
+use outpost_protocol::device::Tensor;
+use outpost_protocol::drift::{Profile, Thresholds};
+use outpost_protocol::trust::{DType, Dim, TensorSpec};
+use outpost_protocol::Message;
+
+use super::model::{parse_tensor_spec, MAX_MODEL_IN_MEMORY};
+use super::print_stderr;
+use crate::fsutil;
+
+/// Largest reference data file read.
+const MAX_DATA_FILE: u64 = 2 * 1024 * 1024 * 1024;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The ONNX model.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Reference data: a `.csv` table or `.npy` tensor for a model with one input, or
+    /// INPUT=FILE for each input. Rows are samples; CSV columns are the input's features.
+    #[arg(long = "data", required = true)]
+    pub data: Vec<String>,
+    /// Where to write the profile (give it to `model publish --profile`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Input tensor as NAME:DTYPE:DIMS, as `model publish` takes it; default: the model's own.
+    #[arg(long = "input", value_parser = parse_tensor_spec)]
+    pub inputs: Vec<TensorSpec>,
+    /// Output tensor, same form as --input.
+    #[arg(long = "output", value_parser = parse_tensor_spec)]
+    pub outputs: Vec<TensorSpec>,
+    /// Outputs to summarise as classes (argmax of [N, K] scores, or [N] labels). Integer outputs of
+    /// shape [N] are labels without this.
+    #[arg(long = "classes", value_delimiter = ',')]
+    pub classes: Vec<String>,
+    /// PSI from which a numeric feature warns (when also above the sampling-noise bound).
+    #[arg(long, default_value_t = Thresholds::default().psi_warn)]
+    pub psi_warn: f64,
+    /// PSI from which a numeric feature alerts.
+    #[arg(long, default_value_t = Thresholds::default().psi_alert)]
+    pub psi_alert: f64,
+    /// Confidence of the chi-square sampling-noise bound on PSI.
+    #[arg(long, default_value_t = Thresholds::default().confidence)]
+    pub confidence: f64,
+    /// Jensen–Shannon distance from which a class output is flagged.
+    #[arg(long, default_value_t = Thresholds::default().js_flag)]
+    pub js_flag: f64,
+    /// A missing share above the reference's times this is flagged.
+    #[arg(long, default_value_t = Thresholds::default().missing_factor)]
+    pub missing_factor: f64,
+    /// Rows per model run.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+}
+
+impl Args {
+    pub fn run(self) -> anyhow::Result<()> {
+        let thresholds = self.thresholds()?;
+        let onnx = fsutil::read_capped(&self.model, MAX_MODEL_IN_MEMORY)?;
+        let (mut inputs, mut outputs) = (self.inputs.clone(), self.outputs.clone());
+        if inputs.is_empty() || outputs.is_empty() {
+            let (declared_inputs, declared_outputs) = LoadedModel::describe(&onnx)
+                .with_context(|| {
+                    format!(
+                        "reading the inputs and outputs {} declares; give them with --input and --output",
+                        self.model.display()
+                    )
+                })?;
+            if inputs.is_empty() {
+                inputs = declared_inputs;
+            }
+            if outputs.is_empty() {
+                outputs = declared_outputs;
+            }
+        }
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let model = LoadedModel::load(&onnx, &inputs, &outputs, threads)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        drop(onnx);
+
+        let mut options = ProfileOptions {
+            class_outputs: self.classes.clone(),
+            thresholds,
+            batch_rows: self.batch,
+            ..ProfileOptions::default()
+        };
+        let mut data = Vec::new();
+        for (spec, path) in self.data_files(&inputs)? {
+            let tensor = load_data(spec, &path, &mut options)
+                .with_context(|| format!("--data {}", path.display()))?;
+            data.push(tensor);
+        }
+        let rows = data
+            .first()
+            .and_then(|tensor| tensor.shape.first())
+            .copied()
+            .unwrap_or(0);
+        let profile = build_profile(&model, &data, &options).context("building the profile")?;
+        let bytes = outpost_protocol::encode(&profile).context("encoding the profile")?;
+        if bytes.len() > Profile::MAX_FRAME {
+            bail!(
+                "the profile is {} bytes, more than the {} a device accepts; summarise fewer features",
+                bytes.len(),
+                Profile::MAX_FRAME
+            );
+        }
+        fsutil::write_atomic(&self.out, &bytes, 0o644)?;
+        print_stderr(&format!(
+            "wrote {}: {} numeric feature(s), {} class output(s), from {rows} reference rows ({} bytes)\n",
+            self.out.display(),
+            profile.features.len(),
+            profile.classes.len(),
+            bytes.len()
+        ));
+        Ok(())
+    }
+
+    fn thresholds(&self) -> anyhow::Result<Thresholds> {
+        let checks = [
+            ("--psi-warn", self.psi_warn),
+            ("--psi-alert", self.psi_alert),
+            ("--js-flag", self.js_flag),
+            ("--missing-factor", self.missing_factor),
+        ];
+        for (flag, value) in checks {
+            if !(value.is_finite() && value > 0.0) {
+                bail!("{flag} {value} must be a positive number");
+            }
+        }
+        if self.psi_alert < self.psi_warn {
+            bail!(
+                "--psi-alert {} is below --psi-warn {}",
+                self.psi_alert,
+                self.psi_warn
+            );
+        }
+        if !(self.confidence > 0.0 && self.confidence < 1.0) {
+            bail!("--confidence {} must be between 0 and 1", self.confidence);
+        }
+        Ok(Thresholds {
+            psi_warn: self.psi_warn,
+            psi_alert: self.psi_alert,
+            confidence: self.confidence,
+            js_flag: self.js_flag,
+            missing_factor: self.missing_factor,
+        })
+    }
+
+    /// Pairs every model input with its data file.
+    fn data_files<'a>(
+        &self,
+        inputs: &'a [TensorSpec],
+    ) -> anyhow::Result<Vec<(&'a TensorSpec, PathBuf)>> {
+        if let [only] = inputs {
+            if let [file] = self.data.as_slice() {
+                let path = file
+                    .strip_prefix(&format!("{}=", only.name))
+                    .unwrap_or(file);
+                return Ok(vec![(only, PathBuf::from(path))]);
+            }
+        }
+        let mut pairs = Vec::new();
+        for spec in inputs {
+            let prefix = format!("{}=", spec.name);
+            let path = self
+                .data
+                .iter()
+                .find_map(|entry| entry.strip_prefix(&prefix))
+                .with_context(|| {
+                    format!(
+                        "the model has {} inputs: give --data {}=FILE for each",
+                        inputs.len(),
+                        spec.name
+                    )
+                })?;
+            pairs.push((spec, PathBuf::from(path)));
+        }
+        if let Some(extra) = self.data.iter().find(|entry| {
+            !inputs
+                .iter()
+                .any(|spec| entry.starts_with(&format!("{}=", spec.name)))
+        }) {
+            bail!("--data {extra}: the model has no such input");
+        }
+        Ok(pairs)
+    }
+}
+
+/// Reads one input's reference data as a tensor of that input's type.
+fn load_data(
+    spec: &TensorSpec,
+    path: &Path,
+    options: &mut ProfileOptions,
+) -> anyhow::Result<Tensor> {
+    let bytes = fsutil::read_capped(path, MAX_DATA_FILE)?;
+    if bytes.starts_with(b"\x93NUMPY") {
+        let array = parse_npy(&bytes)?;
+        return npy_tensor(spec, &array);
+    }
+    let is_npy = path.extension().is_some_and(|ext| ext == "npy");
+    if is_npy {
+        bail!("not an .npy file (no \\x93NUMPY magic)");
+    }
+    let table = parse_csv(&bytes)?;
+    csv_tensor(spec, table, options)
+}
+
+/// Fixed sizes of a spec's axes after the batch axis.
+fn row_dims(spec: &TensorSpec) -> anyhow::Result<Vec<u64>> {
+    let mut dims = spec.shape.iter();
+    if !matches!(dims.next(), Some(Dim::Batch)) {
+        bail!(
+            "input {:?} has no batch axis first; reference data needs one row per sample",
+            spec.name
+        );
+    }
+    dims.map(|dim| match dim {
+        Dim::Fixed(size) => Ok(*size),
+        Dim::Batch => bail!("input {:?} has two batch axes", spec.name),
+    })
+    .collect()
+}
+
+fn csv_tensor(
+    spec: &TensorSpec,
+    table: Table,
+    options: &mut ProfileOptions,
+) -> anyhow::Result<Tensor> {
+    let row = row_dims(spec)?;
+    let width = match row.as_slice() {
+        [] => 1,
+        [width] => *width,
+        _ => bail!(
+            "a CSV table feeds [N] or [N, F] inputs; {:?} has rank {}: use an .npy file",
+            spec.name,
+            row.len() + 1
+        ),
+    };
+    if table.columns as u64 != width {
+        bail!(
+            "the table has {} columns, input {:?} takes {width} per row",
+            table.columns,
+            spec.name
+        );
+    }
+    let mut nulls = vec![0u64; table.columns];
+    let mut values = Vec::with_capacity(table.values.len());
+    for (at, value) in table.values.iter().enumerate() {
+        match value {
+            Some(value) => values.push(*value),
+            None => {
+                if !matches!(spec.dtype, DType::F32 | DType::F64) {
+                    bail!(
+                        "data row {}, column {}: missing value for {} input {:?}",
+                        at / table.columns + 1,
+                        at % table.columns + 1,
+                        spec.dtype.as_str(),
+                        spec.name
+                    );
+                }
+                nulls[at % table.columns] += 1;
+                values.push(f64::NAN);
+            }
+        }
+    }
+    if let Some(names) = table.names.clone() {
+        options.column_names.push((spec.name.clone(), names));
+    }
+    options.null_counts.push((spec.name.clone(), nulls));
+    let rows = table.rows() as u64;
+    let mut shape = vec![rows];
+    shape.extend(row);
+    typed_tensor(spec, shape, &values)
+}
+
+fn npy_tensor(spec: &TensorSpec, array: &NdArray) -> anyhow::Result<Tensor> {
+    let row = row_dims(spec)?;
+    let shape: Vec<u64> = array.shape.iter().map(|&dim| dim as u64).collect();
+    let fits = shape.len() == row.len() + 1 && shape[1..] == row[..];
+    if !fits || shape.first().is_none_or(|&rows| rows == 0) {
+        bail!(
+            "the array's shape is {:?}, input {:?} takes [N, {}] with N ≥ 1",
+            array.shape,
+            spec.name,
+            row.iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    typed_tensor(spec, shape, &array.to_f64())
+}
+
+/// Encodes `values` as the spec's element type, refusing values that type cannot hold.
+fn typed_tensor(spec: &TensorSpec, shape: Vec<u64>, values: &[f64]) -> anyhow::Result<Tensor> {
+    let mut data = Vec::with_capacity(values.len() * spec.dtype.size());
+    let integral = |at: usize, value: f64, min: f64, max: f64| -> anyhow::Result<f64> {
+        if value.fract() != 0.0 || !(min..=max).contains(&value) {
+            bail!(
+                "element {at} of input {:?}: {value} is not a valid {}",
+                spec.name,
+                spec.dtype.as_str()
+            );
+        }
+        Ok(value)
+    };
+    for (at, &value) in values.iter().enumerate() {
+        match spec.dtype {
+            DType::F32 => data.extend_from_slice(&(value as f32).to_le_bytes()),
+            DType::F64 => data.extend_from_slice(&value.to_le_bytes()),
+            DType::I32 => {
+                let value = integral(at, value, f64::from(i32::MIN), f64::from(i32::MAX))?;
+                data.extend_from_slice(&(value as i32).to_le_bytes());
+            }
+            DType::I64 => {
+                let value = integral(
+                    at,
+                    value,
+                    -9.007_199_254_740_992e15,
+                    9.007_199_254_740_992e15,
+                )?;
+                data.extend_from_slice(&(value as i64).to_le_bytes());
+            }
+            DType::U8 => {
+                let value = integral(at, value, 0.0, 255.0)?;
+                data.push(value as u8);
+            }
+        }
+    }
+    Ok(Tensor {
+        name: spec.name.clone(),
+        dtype: spec.dtype,
+        shape,
+        data,
+    })
+}

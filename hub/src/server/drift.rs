@@ -1,0 +1,567 @@
+//! Drift on the hub: the profiles that summaries are judged against, the checks a summary passes
+//! before it is stored, and the stored summaries merged per device, label group, model version and
+//! time range, for `drift report`, `/metrics` and the rollout engine's drift gate.
+//!
+//! A model version's profile is the `profile` artifact its signed manifest pins. Manifests never
+//! change once published, so a version's profile is read, checked and cached once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use outpost_protocol::device::{DeviceId, InferenceWindow};
+use outpost_protocol::drift::{
+    assess, DriftStatus, DriftSummary, FeatureDrift, Profile, QualityIssue,
+};
+use outpost_protocol::name::selector_matches;
+use outpost_protocol::trust::{Artifact, ArtifactRole, ManifestBody, Signed};
+use outpost_protocol::{Label, Message, Sha256};
+
+use super::Hub;
+use crate::api::{DeviceDriftInfo, DriftReport, FeatureDriftInfo, RolloutState};
+use crate::artifacts::ArtifactStore;
+use crate::rollout::{DriftGate, EndedDriftGate, NoDriftGate, Rollout, SummaryDriftGate};
+use crate::store::{ManifestRecord, StoredDrift};
+
+/// How far back `/metrics` looks: the last day.
+pub const METRICS_WINDOW_SECS: u64 = 86_400;
+
+/// A model version's drift profile, checked, with the hash of its artifact.
+#[derive(Debug)]
+pub struct LoadedProfile {
+    pub profile: Arc<Profile>,
+    pub sha256: Sha256,
+}
+
+/// What the hub knows of a model version's profile.
+#[derive(Debug, Clone)]
+pub enum ProfileLookup {
+    /// No manifest of that version is published.
+    NotPublished,
+    /// The manifest signs no profile.
+    NoProfile,
+    Found(Arc<LoadedProfile>),
+}
+
+/// A published version's profile, or `None` when its manifest signs none; keyed by (model,
+/// version).
+type ProfileEntries = HashMap<(String, u64), Option<Arc<LoadedProfile>>>;
+
+/// Profiles of published versions, read once. Versions that are not published are not remembered,
+/// so a device naming made-up versions cannot grow it.
+#[derive(Debug, Default)]
+pub struct ProfileCache {
+    entries: Mutex<ProfileEntries>,
+}
+
+/// Reads and checks the profile artifact `artifact` from the artifact store.
+pub fn read_profile(artifacts: &ArtifactStore, artifact: &Artifact) -> anyhow::Result<Profile> {
+    let bytes =
+        crate::fsutil::read_capped(&artifacts.path(&artifact.sha256), Profile::MAX_FRAME as u64)?;
+    let found = outpost_protocol::sha256(&bytes);
+    anyhow::ensure!(
+        found == artifact.sha256,
+        "profile artifact {} hashes to {found}",
+        artifact.sha256
+    );
+    let profile: Profile = outpost_protocol::decode(&bytes).with_context(|| {
+        format!(
+            "profile artifact {} is not a drift profile",
+            artifact.sha256
+        )
+    })?;
+    profile.check().with_context(|| {
+        format!(
+            "profile artifact {} is not a valid drift profile",
+            artifact.sha256
+        )
+    })?;
+    Ok(profile)
+}
+
+/// The manifest body of a stored manifest, whose signatures were checked when it was published.
+fn manifest_body(record: &ManifestRecord) -> anyhow::Result<ManifestBody> {
+    let signed: Signed<ManifestBody> =
+        outpost_protocol::decode(&record.signed).context("stored manifest is unreadable")?;
+    signed
+        .decode_unverified()
+        .context("stored manifest is unreadable")
+}
+
+/// The profile of `name@version`, from the cache or read now.
+pub fn profile(hub: &Hub, name: &str, version: u64) -> anyhow::Result<ProfileLookup> {
+    let key = (name.to_owned(), version);
+    if let Some(entry) = lock(&hub.profiles.entries)?.get(&key) {
+        return Ok(match entry {
+            Some(loaded) => ProfileLookup::Found(loaded.clone()),
+            None => ProfileLookup::NoProfile,
+        });
+    }
+    let Some(record) = hub.store.manifest(name, version)? else {
+        return Ok(ProfileLookup::NotPublished);
+    };
+    let body = manifest_body(&record).with_context(|| format!("{name}@{version}"))?;
+    let loaded = match body
+        .artifacts
+        .iter()
+        .find(|artifact| artifact.role == ArtifactRole::Profile)
+    {
+        Some(artifact) => Some(Arc::new(LoadedProfile {
+            profile: Arc::new(
+                read_profile(&hub.artifacts, artifact)
+                    .with_context(|| format!("loading the profile of {name}@{version}"))?,
+            ),
+            sha256: artifact.sha256,
+        })),
+        None => None,
+    };
+    lock(&hub.profiles.entries)?.insert(key, loaded.clone());
+    Ok(match loaded {
+        Some(loaded) => ProfileLookup::Found(loaded),
+        None => ProfileLookup::NoProfile,
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> anyhow::Result<std::sync::MutexGuard<'_, T>> {
+    mutex
+        .lock()
+        .map_err(|_| anyhow::anyhow!("profile cache lock poisoned"))
+}
+
+/// Why a telemetry window's drift summary is not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum SummaryError {
+    /// The device sent something the hub will not store; the message says what.
+    #[error("{0}")]
+    Refused(String),
+    /// The hub could not check it.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// Checks the drift summary of a telemetry window, if it has one: it is of the window's model
+/// version and within its window, that version is published with a profile, and the summary
+/// passes [`DriftSummary::validate`] against it (profile hash, counts that add up, finite moments,
+/// shapes) and fits its frame.
+pub fn check_summary(hub: &Hub, window: &InferenceWindow) -> Result<(), SummaryError> {
+    let Some(summary) = &window.drift else {
+        return Ok(());
+    };
+    let refuse = |message: String| Err(SummaryError::Refused(message));
+    if summary.model != window.model || summary.version != window.version {
+        return refuse(format!(
+            "drift summary is of {}@{}, the window of {}@{}",
+            summary.model, summary.version, window.model, window.version
+        ));
+    }
+    if summary.window_start < window.start || summary.window_end > window.end {
+        return refuse(format!(
+            "drift summary covers {}..{}, outside its window {}..{}",
+            summary.window_start, summary.window_end, window.start, window.end
+        ));
+    }
+    let loaded = match profile(hub, &window.model, window.version)? {
+        ProfileLookup::Found(loaded) => loaded,
+        ProfileLookup::NotPublished => {
+            return refuse(format!(
+                "drift summary for {}@{}, which is not published",
+                window.model, window.version
+            ))
+        }
+        ProfileLookup::NoProfile => {
+            return refuse(format!(
+                "drift summary for {}@{}, which has no drift profile",
+                window.model, window.version
+            ))
+        }
+    };
+    if let Err(error) = summary.validate(&loaded.profile, &loaded.sha256) {
+        return refuse(format!("drift summary refused: {error}"));
+    }
+    if let Err(error) = outpost_protocol::encode(summary) {
+        return refuse(format!("drift summary refused: {error}"));
+    }
+    Ok(())
+}
+
+/// Which devices' summaries a report merges.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// Devices carrying all of these labels; empty for every device.
+    pub selector: Vec<Label>,
+    /// Only this device.
+    pub device: Option<[u8; 16]>,
+    /// Summaries of windows ending after this Unix second.
+    pub since: u64,
+}
+
+/// Stored summaries merged, overall and per device.
+#[derive(Debug, Default)]
+struct Aggregate {
+    merged: Option<DriftSummary>,
+    /// Each device's summaries merged, and how many there were.
+    by_device: BTreeMap<[u8; 16], (DriftSummary, u64)>,
+    /// Stored summaries merged in all.
+    summaries: u64,
+}
+
+impl Aggregate {
+    fn add(&mut self, stored: StoredDrift) {
+        let StoredDrift {
+            device, summary, ..
+        } = stored;
+        if let Err(error) = merge_into(&mut self.merged, &summary) {
+            log::warn!(
+                "drift: leaving out a summary of {} that does not merge: {error}",
+                hex::encode(device)
+            );
+            return;
+        }
+        let entry = self.by_device.entry(device);
+        match entry {
+            std::collections::btree_map::Entry::Vacant(vacant) => {
+                vacant.insert((summary, 1));
+            }
+            std::collections::btree_map::Entry::Occupied(mut occupied) => {
+                let (merged, count) = occupied.get_mut();
+                // Merges with the overall summary succeeded, so this one's counts fit too.
+                if merged.merge(&summary).is_ok() {
+                    *count += 1;
+                }
+            }
+        }
+        self.summaries += 1;
+    }
+}
+
+/// Adds `summary` to `merged`, starting it when empty.
+fn merge_into(
+    merged: &mut Option<DriftSummary>,
+    summary: &DriftSummary,
+) -> Result<(), outpost_protocol::drift::DriftError> {
+    match merged {
+        Some(merged) => merged.merge(summary),
+        None => {
+            *merged = Some(summary.clone());
+            Ok(())
+        }
+    }
+}
+
+/// Every device's labels and whether it is revoked, by id.
+type DeviceLabels = HashMap<[u8; 16], (Vec<Label>, bool)>;
+
+fn device_labels(hub: &Hub) -> anyhow::Result<DeviceLabels> {
+    Ok(hub
+        .store
+        .devices()?
+        .iter()
+        .map(|device| {
+            (
+                device.id,
+                (super::device::labels_of(device), device.revoked),
+            )
+        })
+        .collect())
+}
+
+/// Merges the stored summaries of `name@version` in `scope`. Revoked devices are left out.
+fn aggregate(
+    hub: &Hub,
+    devices: &DeviceLabels,
+    name: &str,
+    version: u64,
+    scope: &Scope,
+) -> anyhow::Result<Aggregate> {
+    let mut aggregate = Aggregate::default();
+    for stored in hub.store.drift_summaries(name, version, scope.since)? {
+        if scope.device.is_some_and(|device| device != stored.device) {
+            continue;
+        }
+        let in_scope = devices
+            .get(&stored.device)
+            .is_some_and(|(labels, revoked)| !revoked && selector_matches(&scope.selector, labels));
+        if in_scope {
+            aggregate.add(stored);
+        }
+    }
+    Ok(aggregate)
+}
+
+/// `ok`, `warn` or `alert`.
+pub fn status_name(status: DriftStatus) -> &'static str {
+    match status {
+        DriftStatus::Ok => "ok",
+        DriftStatus::Warn => "warn",
+        DriftStatus::Alert => "alert",
+    }
+}
+
+/// 0, 1 or 2, for `/metrics`.
+fn status_level(status: DriftStatus) -> u8 {
+    match status {
+        DriftStatus::Ok => 0,
+        DriftStatus::Warn => 1,
+        DriftStatus::Alert => 2,
+    }
+}
+
+fn quality_text(issue: &QualityIssue) -> String {
+    match issue {
+        QualityIssue::Nan { count } => format!("{count} NaN"),
+        QualityIssue::Infinite { count } => format!("{count} infinite"),
+        QualityIssue::OutOfRange { below, above } => {
+            format!("out of the reference's range: {below} below, {above} above")
+        }
+        QualityIssue::Unseen { count } => format!("{count} of classes the reference never saw"),
+        QualityIssue::Missing {
+            share,
+            reference_share,
+        } => format!(
+            "{:.1}% missing (reference {:.1}%)",
+            share * 100.0,
+            reference_share * 100.0
+        ),
+    }
+}
+
+fn feature_info(drift: &FeatureDrift) -> FeatureDriftInfo {
+    FeatureDriftInfo {
+        name: drift.name.clone(),
+        kind: drift.kind.clone(),
+        metric: drift.metric.clone(),
+        value: drift.value,
+        threshold: drift.threshold,
+        status: status_name(drift.status).to_owned(),
+        n: drift.n,
+        psi: drift.psi,
+        js: drift.js,
+        hellinger: drift.hellinger,
+        chi_square: drift.chi_square,
+        ks: drift.ks,
+        quality: drift.quality.iter().map(quality_text).collect(),
+    }
+}
+
+/// The drift report of `name@version` over `scope`, judged against `loaded`.
+pub fn report(
+    hub: &Hub,
+    name: &str,
+    version: u64,
+    loaded: &LoadedProfile,
+    scope: &Scope,
+    now: u64,
+) -> anyhow::Result<DriftReport> {
+    let labels = device_labels(hub)?;
+    let aggregate = aggregate(hub, &labels, name, version, scope)?;
+    let features = match &aggregate.merged {
+        Some(merged) => assess(&loaded.profile, merged)
+            .iter()
+            .map(feature_info)
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut by_device: Vec<(DriftStatus, DeviceDriftInfo)> = aggregate
+        .by_device
+        .iter()
+        .filter_map(|(device, (summary, count))| {
+            let worst = assess(&loaded.profile, summary).into_iter().next()?;
+            let info = DeviceDriftInfo {
+                device: hex::encode(device),
+                labels: labels
+                    .get(device)
+                    .map(|(labels, _)| labels.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default(),
+                summaries: *count,
+                status: status_name(worst.status).to_owned(),
+                feature: worst.name,
+                metric: worst.metric,
+                value: worst.value,
+                n: worst.n,
+            };
+            Some((worst.status, info))
+        })
+        .collect();
+    by_device.sort_by(|(a_status, a), (b_status, b)| {
+        b_status
+            .cmp(a_status)
+            .then_with(|| b.value.total_cmp(&a.value))
+    });
+    Ok(DriftReport {
+        model: name.to_owned(),
+        version,
+        profile_sha256: loaded.sha256.to_hex(),
+        selector: scope.selector.iter().map(ToString::to_string).collect(),
+        device: scope.device.map(hex::encode),
+        since: scope.since,
+        until: now,
+        window_start: aggregate.merged.as_ref().map(|merged| merged.window_start),
+        window_end: aggregate.merged.as_ref().map(|merged| merged.window_end),
+        devices: aggregate.by_device.len() as u64,
+        summaries: aggregate.summaries,
+        features,
+        by_device: by_device.into_iter().map(|(_, info)| info).collect(),
+    })
+}
+
+/// The drift gate for `rollout`: for a live rollout with a drift limit, each device's summaries
+/// of the target and the fallback version since the current stage began; for one that has ended,
+/// a gate that lists the limit without measuring it.
+pub fn gate(hub: &Hub, rollout: &Rollout) -> anyhow::Result<Box<dyn DriftGate + Send + Sync>> {
+    if rollout.plan.gates.max_drift_psi.is_none() {
+        return Ok(Box::new(NoDriftGate));
+    }
+    if !matches!(rollout.state, RolloutState::Active | RolloutState::Paused) {
+        return Ok(Box::new(EndedDriftGate));
+    }
+    let mut gate = SummaryDriftGate::default();
+    let since = rollout.current_stage_started();
+    let target = &rollout.plan.target;
+    if let ProfileLookup::Found(loaded) = profile(hub, &target.name, target.version)? {
+        gate.target_profile = Some(loaded.profile.clone());
+        gate.target = per_device(
+            hub.store
+                .drift_summaries(&target.name, target.version, since)?,
+        );
+    }
+    if let Some(fallback) = &rollout.plan.fallback {
+        if let ProfileLookup::Found(loaded) = profile(hub, &fallback.name, fallback.version)? {
+            gate.fallback_profile = Some(loaded.profile.clone());
+            gate.fallback = per_device(hub.store.drift_summaries(
+                &fallback.name,
+                fallback.version,
+                since,
+            )?);
+        }
+    }
+    Ok(Box::new(gate))
+}
+
+/// Stored summaries merged per device.
+fn per_device(stored: Vec<StoredDrift>) -> HashMap<DeviceId, DriftSummary> {
+    let mut merged: HashMap<DeviceId, DriftSummary> = HashMap::new();
+    for StoredDrift {
+        device, summary, ..
+    } in stored
+    {
+        match merged.entry(DeviceId(device)) {
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                vacant.insert(summary);
+            }
+            std::collections::hash_map::Entry::Occupied(mut occupied) => {
+                if let Err(error) = occupied.get_mut().merge(&summary) {
+                    log::warn!(
+                        "drift gate: leaving out a summary of {} that does not merge: {error}",
+                        hex::encode(device)
+                    );
+                }
+            }
+        }
+    }
+    merged
+}
+
+/// Escapes a Prometheus label value: backslash, double quote and newline.
+fn label_value(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+/// Writes the drift of every published version with a profile over the last day, all devices
+/// merged: `outpost_hub_drift_status` (0 ok, 1 warn, 2 alert), `outpost_hub_drift_value` (the
+/// metric the status is judged on) and `outpost_hub_drift_samples` per feature.
+pub fn write_metrics(hub: &Hub, now: u64, out: &mut String) -> anyhow::Result<()> {
+    let scope = Scope {
+        since: now.saturating_sub(METRICS_WINDOW_SECS),
+        ..Scope::default()
+    };
+    let devices = device_labels(hub)?;
+    let mut rows: Vec<(String, u64, FeatureDrift)> = Vec::new();
+    for (name, version, _) in hub.store.manifests()? {
+        // One unreadable profile must not take every other metric down with it.
+        let loaded = match profile(hub, &name, version) {
+            Ok(ProfileLookup::Found(loaded)) => loaded,
+            Ok(ProfileLookup::NotPublished | ProfileLookup::NoProfile) => continue,
+            Err(error) => {
+                log::error!("drift metrics of {name}@{version}: {error:#}");
+                continue;
+            }
+        };
+        let Some(merged) = aggregate(hub, &devices, &name, version, &scope)?.merged else {
+            continue;
+        };
+        for drift in assess(&loaded.profile, &merged) {
+            rows.push((name.clone(), version, drift));
+        }
+    }
+    let labels = |name: &str, version: u64, drift: &FeatureDrift| {
+        format!(
+            "model=\"{}\",version=\"{version}\",feature=\"{}\"",
+            label_value(name),
+            label_value(&drift.name)
+        )
+    };
+    writeln!(
+        out,
+        "# HELP outpost_hub_drift_status Drift status per feature over the last day: \
+         0 ok, 1 warn, 2 alert."
+    )?;
+    writeln!(out, "# TYPE outpost_hub_drift_status gauge")?;
+    for (name, version, drift) in &rows {
+        writeln!(
+            out,
+            "outpost_hub_drift_status{{{}}} {}",
+            labels(name, *version, drift),
+            status_level(drift.status)
+        )?;
+    }
+    writeln!(
+        out,
+        "# HELP outpost_hub_drift_value Drift metric per feature over the last day: \
+         PSI for numeric features, Jensen-Shannon distance for class outputs."
+    )?;
+    writeln!(out, "# TYPE outpost_hub_drift_value gauge")?;
+    for (name, version, drift) in &rows {
+        writeln!(
+            out,
+            "outpost_hub_drift_value{{{},metric=\"{}\"}} {}",
+            labels(name, *version, drift),
+            label_value(&drift.metric),
+            drift.value
+        )?;
+    }
+    writeln!(
+        out,
+        "# HELP outpost_hub_drift_samples Values counted per feature over the last day."
+    )?;
+    writeln!(out, "# TYPE outpost_hub_drift_samples gauge")?;
+    for (name, version, drift) in &rows {
+        writeln!(
+            out,
+            "outpost_hub_drift_samples{{{}}} {}",
+            labels(name, *version, drift),
+            drift.n
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::label_value;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("x[0]"), "x[0]");
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,480 @@
+//! Drift end to end: hostile drift summaries refused over real HTTP without touching what the hub
+//! stored; and real agents, a canary group of them fed shifted inputs, whose drift the hub
+//! reports per feature and label group, exports in `/metrics`, and turns into the rollback of a
+//! rollout whose canary stage runs on them.
+
+// Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use outpost_agent::example_model::normal_rows;
+use outpost_hub::api::{CreatedToken, DeviceDetail, DriftReport, FeatureDriftInfo, RolloutState};
+use outpost_protocol::device::{InferenceWindow, TelemetryAck, TelemetryBatch, LATENCY_BUCKETS_US};
+use outpost_protocol::drift::{DriftSummary, FeatureSource, Profile, TensorSide};
+use outpost_protocol::{sha256, Sha256};
+use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
+use outpost_tests::device_sim::{unix_now, Reply, SimDevice};
+use outpost_tests::hub::{Fleet, TestHub};
+use outpost_tests::wait_until;
+use serde_json::json;
+
+/// How far the canary group's x1 and x3 are shifted: one and a half standard deviations.
+const SHIFT: f32 = 1.5;
+
+/// `drift report --model demo ARGS --json`.
+fn report(hub: &TestHub, args: &[&str]) -> DriftReport {
+    let mut all = vec!["drift", "report", "--model", "demo"];
+    all.extend_from_slice(args);
+    hub.cli_json(&all)
+}
+
+fn feature<'a>(report: &'a DriftReport, name: &str) -> &'a FeatureDriftInfo {
+    report
+        .features
+        .iter()
+        .find(|feature| feature.name == name)
+        .unwrap_or_else(|| panic!("the report has no feature {name}: {report:#?}"))
+}
+
+fn metrics(hub: &TestHub) -> String {
+    http()
+        .get(format!("{}/metrics", hub.url()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+/// The demo@1 profile `example-model` wrote, and the hash its manifest signs.
+fn load_profile(dir: &std::path::Path) -> (Profile, Sha256) {
+    let bytes = std::fs::read(dir.join("profile.bin")).unwrap();
+    (outpost_protocol::decode(&bytes).unwrap(), sha256(&bytes))
+}
+
+/// A summary of `rows` standard normal input rows from `seed`, as an agent serving demo@1 would
+/// make it over the hour starting at `start`.
+fn summary(
+    profile: &Profile,
+    profile_sha256: Sha256,
+    start: u64,
+    rows: usize,
+    seed: u64,
+) -> DriftSummary {
+    let mut summary = DriftSummary::new("demo", 1, profile_sha256, profile, start, start + 3600);
+    for row in normal_rows(4, rows, seed, 0.0).chunks(4) {
+        for (feature, counts) in profile.features.iter().zip(summary.features.iter_mut()) {
+            if let (TensorSide::Input, FeatureSource::Column { index, .. }) =
+                (feature.side, &feature.source)
+            {
+                counts.observe(f64::from(row[*index as usize]), &feature.edges);
+            }
+        }
+    }
+    summary
+}
+
+fn window(model: &str, version: u64, start: u64, drift: DriftSummary) -> InferenceWindow {
+    let count = drift.features[0].n;
+    let mut latency_buckets = vec![0; LATENCY_BUCKETS_US.len() + 1];
+    latency_buckets[0] = count;
+    InferenceWindow {
+        model: model.to_owned(),
+        version,
+        start,
+        end: start + 3600,
+        count,
+        errors: 0,
+        latency_buckets,
+        drift: Some(drift),
+    }
+}
+
+/// The drift summary of a window built by [`window`].
+fn drift(window: &mut InferenceWindow) -> &mut DriftSummary {
+    window.drift.as_mut().unwrap()
+}
+
+fn send(device: &SimDevice, sequence: u64, windows: Vec<InferenceWindow>) -> Reply {
+    let body = outpost_protocol::encode(&TelemetryBatch {
+        sequence,
+        windows,
+        dropped_records: 0,
+    })
+    .unwrap();
+    device.signed_request("POST", "/device/v1/telemetry", Some(&body))
+}
+
+/// What the hub holds for demo@1 from the device: the drift report's counts and the inference
+/// counters.
+fn stored(hub: &TestHub, device: &SimDevice) -> (u64, Vec<(String, u64)>, u64) {
+    let report = report(hub, &["--version", "1"]);
+    let counts = report
+        .features
+        .iter()
+        .map(|feature| (feature.name.clone(), feature.n))
+        .collect();
+    let detail: DeviceDetail = hub.cli_json(&["device", "show", &device.id.to_hex()]);
+    let inferences = detail
+        .inferences
+        .iter()
+        .find(|counts| counts.model.name == "demo" && counts.model.version == 1)
+        .map_or(0, |counts| counts.count);
+    (report.summaries, counts, inferences)
+}
+
+#[test]
+fn hostile_summaries_are_refused_whole_and_change_nothing() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    let dir = fleet.publish_example_with_profile(&hub, "demo", 1, 1);
+    fleet.publish_example(&hub, "demo", 2, 2);
+    let (profile, profile_sha256) = load_profile(&dir);
+    let token = hub.enroll_token("site=lab", 1);
+    let device = SimDevice::enroll(&hub.url(), &token, &[], &fleet.root);
+    let start = unix_now() / 3600 * 3600;
+    let good = |seed| {
+        window(
+            "demo",
+            1,
+            start,
+            summary(&profile, profile_sha256, start, 100, seed),
+        )
+    };
+
+    let ack: TelemetryAck = send(&device, 1, vec![good(1)]).decode();
+    assert!(!ack.duplicate);
+    // A resent batch is acknowledged again and stored once.
+    let ack: TelemetryAck = send(&device, 1, vec![good(1)]).decode();
+    assert!(ack.duplicate);
+    let before = stored(&hub, &device);
+    assert_eq!(before.0, 1, "{before:?}");
+    assert!(before.1.contains(&("x0".to_owned(), 100)), "{before:?}");
+    assert_eq!(before.2, 100);
+
+    let hostile = |change: &dyn Fn(&mut InferenceWindow)| {
+        let mut window = good(2);
+        change(&mut window);
+        window
+    };
+    let features = profile.features.len();
+    let cases: Vec<(&str, InferenceWindow, String)> = vec![
+        (
+            "wrong profile hash",
+            hostile(&|w| drift(w).profile_sha256 = Sha256([0xee; 32])),
+            "was made against profile eeee".to_owned(),
+        ),
+        (
+            "counts that do not add up",
+            hostile(&|w| drift(w).features[1].n += 1),
+            "feature 1 (\"x1\"): n is 101 but below + bins + above is 100".to_owned(),
+        ),
+        (
+            "NaN in the moments",
+            hostile(&|w| drift(w).features[2].mean = f64::NAN),
+            "feature 2 (\"x2\"): mean is NaN, not finite".to_owned(),
+        ),
+        (
+            "oversized bins",
+            hostile(&|w| drift(w).features[0].bins = vec![0; 300_000]),
+            "feature 0 (\"x0\"): 300000 bins, expected".to_owned(),
+        ),
+        (
+            "too many features",
+            hostile(&|w| {
+                let extra = drift(w).features[0].clone();
+                drift(w).features.resize(1000, extra);
+            }),
+            format!("1000 feature summaries, expected {features}"),
+        ),
+        (
+            "a version without a profile",
+            hostile(&|w| {
+                w.version = 2;
+                drift(w).version = 2;
+            }),
+            "drift summary for demo@2, which has no drift profile".to_owned(),
+        ),
+        (
+            "a version that is not published",
+            hostile(&|w| {
+                w.version = 9;
+                drift(w).version = 9;
+            }),
+            "drift summary for demo@9, which is not published".to_owned(),
+        ),
+        (
+            "another model's summary",
+            hostile(&|w| w.version = 2),
+            "drift summary is of demo@1, the window of demo@2".to_owned(),
+        ),
+        (
+            "a window not on whole hours",
+            hostile(&|w| drift(w).window_end = start + 1800),
+            "does not start and end on whole UTC hours".to_owned(),
+        ),
+    ];
+    for (what, bad, needle) in cases {
+        // A good window first: the whole batch goes, not only the bad window.
+        let reply = send(&device, 2, vec![good(3), bad]);
+        let message = reply.error_message();
+        assert_eq!(reply.status, 400, "{what}: {message}");
+        assert!(message.starts_with("window 1 (demo@"), "{what}: {message}");
+        assert!(
+            message.contains(&needle),
+            "{what}: {message:?} lacks {needle:?}"
+        );
+        assert_eq!(
+            stored(&hub, &device),
+            before,
+            "{what} changed what the hub stored"
+        );
+    }
+
+    // Sequence 2 was never recorded as seen: the device's corrected batch is stored in full, its
+    // part of the hour merged with the first.
+    let ack: TelemetryAck = send(&device, 2, vec![good(3)]).decode();
+    assert!(!ack.duplicate);
+    let after = stored(&hub, &device);
+    assert_eq!(
+        after.0, 1,
+        "parts of one window merge into one summary: {after:?}"
+    );
+    assert!(after.1.contains(&("x0".to_owned(), 200)), "{after:?}");
+    assert_eq!(after.2, 200);
+    // Reports are for viewers and up, and for no one without a token.
+    let viewer: CreatedToken = hub.cli_json(&[
+        "admin-token",
+        "create",
+        "--name",
+        "watcher",
+        "--role",
+        "viewer",
+    ]);
+    let run = hub
+        .cli_as(
+            &viewer.token,
+            &["drift", "report", "--model", "demo", "--json"],
+        )
+        .ok();
+    let as_viewer: DriftReport = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(as_viewer.summaries, 1);
+    let anonymous = http()
+        .get(format!("{}/admin/v1/drift/demo", hub.url()))
+        .call()
+        .unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+    let text = metrics(&hub);
+    assert!(
+        text.contains("outpost_hub_drift_samples{model=\"demo\",version=\"1\",feature=\"x0\"} 200"),
+        "{text}"
+    );
+}
+
+/// Sends `rows` standard normal rows from `seed` to the agent's model, with x1 and x3 shifted by
+/// [`SHIFT`] when `shifted`.
+fn feed(agent: &TestAgent, rows: usize, seed: u64, shifted: bool) {
+    let client = http();
+    for row in normal_rows(4, rows, seed, 0.0).chunks(4) {
+        let mut x = [row[0], row[1], row[2], row[3]];
+        if shifted {
+            x[1] += SHIFT;
+            x[3] += SHIFT;
+        }
+        let (status, body) = agent.infer(&client, x);
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// Waits until the report for `args` counts `n` values of x0.
+fn report_with(hub: &TestHub, args: &[&str], n: u64) -> DriftReport {
+    wait_until(
+        AGENT_WAIT,
+        &format!("a drift report {args:?} over {n} rows"),
+        || {
+            let report = report(hub, args);
+            let counted = report
+                .features
+                .iter()
+                .find(|feature| feature.name == "x0")
+                .map_or(0, |feature| feature.n);
+            assert!(counted <= n, "more rows counted than sent: {report:#?}");
+            (counted == n).then_some(report)
+        },
+    )
+}
+
+#[test]
+fn a_drifting_canary_group_is_reported_and_rolls_its_rollout_back() {
+    const ROWS: usize = 300;
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example_with_profile(&hub, "demo", 1, 1);
+    fleet.publish_example_with_profile(&hub, "demo", 2, 2);
+    fleet.first_rollout(&hub, "demo", 1);
+    let mut canary: Vec<TestAgent> = (0..2)
+        .map(|_| TestAgent::enroll(&hub, &fleet, "tier=canary", ""))
+        .collect();
+    let mut main: Vec<TestAgent> = (0..2)
+        .map(|_| TestAgent::enroll(&hub, &fleet, "tier=main", ""))
+        .collect();
+    for agent in canary.iter_mut().chain(main.iter_mut()) {
+        agent.start();
+    }
+    for agent in canary.iter().chain(&main) {
+        agent.wait_status("active", json!("demo@1"));
+    }
+
+    for (index, agent) in canary.iter().enumerate() {
+        feed(agent, ROWS, 10 + index as u64, true);
+    }
+    for (index, agent) in main.iter().enumerate() {
+        feed(agent, ROWS, 20 + index as u64, false);
+    }
+
+    // The canary group's report names the shifted features, and only those of the inputs.
+    let canary_report = report_with(&hub, &["--version", "1", "--selector", "tier=canary"], 600);
+    assert_eq!(canary_report.devices, 2, "{canary_report:#?}");
+    for name in ["x1", "x3"] {
+        let drift = feature(&canary_report, name);
+        assert_eq!(drift.status, "alert", "{drift:?}");
+        assert!(drift.value > 1.0, "{drift:?}");
+    }
+    for name in ["x0", "x2"] {
+        assert_eq!(
+            feature(&canary_report, name).status,
+            "ok",
+            "{canary_report:#?}"
+        );
+    }
+    let severest: Vec<&str> = canary_report.features[..2]
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert!(
+        severest.contains(&"x1") && severest.contains(&"x3"),
+        "{canary_report:#?}"
+    );
+    assert!(canary_report
+        .by_device
+        .iter()
+        .all(|device| device.status == "alert"));
+    let text = hub
+        .cli(&[
+            "drift",
+            "report",
+            "--model",
+            "demo",
+            "--version",
+            "1",
+            "--selector",
+            "tier=canary",
+        ])
+        .ok()
+        .stdout;
+    assert!(text.contains("model    demo@1\n"), "{text}");
+    assert!(text.contains("ALERT"), "{text}");
+
+    // Without --version, the report is on the latest version with a profile.
+    assert_eq!(report(&hub, &[]).version, 2);
+
+    // The other group has not drifted at all.
+    let main_report = report_with(&hub, &["--version", "1", "--selector", "tier=main"], 600);
+    for drift in &main_report.features {
+        assert_eq!(drift.status, "ok", "{main_report:#?}");
+    }
+    // Over the whole fleet, as /metrics shows it.
+    report_with(&hub, &["--version", "1"], 1200);
+    let text = metrics(&hub);
+    for (name, level) in [("x0", 0), ("x1", 2), ("x2", 0), ("x3", 2)] {
+        let line = format!(
+            "outpost_hub_drift_status{{model=\"demo\",version=\"1\",feature=\"{name}\"}} {level}\n"
+        );
+        assert!(text.contains(&line), "{line} missing from\n{text}");
+    }
+    assert!(
+        text.contains(
+            "outpost_hub_drift_samples{model=\"demo\",version=\"1\",feature=\"x1\"} 1200"
+        ),
+        "{text}"
+    );
+
+    // A rollout of demo@2 to the canary group, which keeps its shifted inputs.
+    let created = fleet.create_rollout(
+        &hub,
+        "demo",
+        2,
+        1,
+        &[
+            "--selector",
+            "tier=canary",
+            "--stages",
+            "100",
+            "--bake",
+            "1h",
+            "--device-timeout",
+            "1h",
+            "--max-p95-regression-pct",
+            "100000",
+            "--max-drift-psi",
+            "0.25",
+            "--on-breach",
+            "rollback",
+        ],
+    );
+    for agent in &canary {
+        agent.wait_status("active", json!("demo@2"));
+    }
+    assert_eq!(hub.rollout(created.sequence).state, RolloutState::Active);
+    for (index, agent) in canary.iter().enumerate() {
+        feed(agent, ROWS, 30 + index as u64, true);
+    }
+
+    let rolled_back = wait_until(
+        AGENT_WAIT,
+        "the drift gate to roll the rollout back",
+        || {
+            let rollout = hub.rollout(created.sequence);
+            (rollout.state == RolloutState::RolledBack).then_some(rollout)
+        },
+    );
+    let decision = rolled_back
+        .decisions
+        .iter()
+        .find(|decision| decision.action == "rollback")
+        .unwrap();
+    assert_eq!(decision.by, "engine", "{decision:#?}");
+    assert!(decision.reason.contains("drift_psi"), "{decision:#?}");
+    let figure = decision
+        .figures
+        .iter()
+        .find(|figure| figure.gate == "drift_psi")
+        .unwrap();
+    assert!(figure.breached, "{figure:#?}");
+    assert!(figure.value.unwrap() > 0.25, "{figure:#?}");
+    for name in ["x1 psi", "x3 psi"] {
+        assert!(figure.detail.contains(name), "{figure:#?}");
+    }
+    for name in ["x0 psi", "x2 psi"] {
+        assert!(!figure.detail.contains(name), "{figure:#?}");
+    }
+    assert!(figure.detail.contains("vs reference"), "{figure:#?}");
+    // Once ended, the rollout lists its drift limit without measuring it.
+    let listed = rolled_back
+        .gates
+        .iter()
+        .find(|figure| figure.gate == "drift_psi")
+        .unwrap();
+    assert_eq!(listed.value, None);
+    assert_eq!(listed.detail, "not measured once a rollout is rolled_back");
+    // No other gate had a hand in it.
+    for other in decision
+        .figures
+        .iter()
+        .filter(|figure| figure.gate != "drift_psi")
+    {
+        assert!(!other.breached, "{other:#?}");
+    }
+    for agent in &canary {
+        agent.wait_status("active", json!("demo@1"));
+    }
+}

@@ -1,0 +1,216 @@
+//! `outpost-hub profile` through the real binary: a drift profile made from reference data, the
+//! errors a bad dataset gets, and `model sign` refusing a profile that does not fit its model.
+
+// Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use outpost_protocol::drift::{ClassSource, FeatureSource, Profile, TensorSide};
+use outpost_tests::{run, Run};
+
+fn hub(dir: &Path, args: &[&str]) -> Run {
+    run("outpost-hub", dir, args)
+}
+
+/// `example-model` into `dir/name` with `inputs` input columns.
+fn example(dir: &Path, name: &str, inputs: usize) {
+    hub(
+        dir,
+        &[
+            "example-model",
+            "--out",
+            name,
+            "--inputs",
+            &inputs.to_string(),
+            "--reference-rows",
+            "500",
+        ],
+    )
+    .ok();
+}
+
+fn profile_of(path: &Path) -> Profile {
+    outpost_protocol::decode(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_profile_summarises_every_column_and_the_class_output() {
+    let dir = tempfile::tempdir().unwrap();
+    example(dir.path(), "ex", 4);
+    let made = hub(
+        dir.path(),
+        &[
+            "profile",
+            "--model",
+            "ex/model.onnx",
+            "--data",
+            "ex/reference.csv",
+            "--classes",
+            "y",
+            "--psi-warn",
+            "0.15",
+            "--out",
+            "profile.bin",
+        ],
+    )
+    .ok();
+    assert!(
+        made.stderr
+            .contains("4 numeric feature(s), 1 class output(s), from 500 reference rows"),
+        "{}",
+        made.stderr
+    );
+    let profile = profile_of(&dir.path().join("profile.bin"));
+    let names: Vec<&str> = profile.features.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["x0", "x1", "x2", "x3"],
+        "names come from the CSV header"
+    );
+    for (index, feature) in profile.features.iter().enumerate() {
+        assert_eq!(feature.side, TensorSide::Input);
+        assert_eq!(
+            feature.source,
+            FeatureSource::Column {
+                tensor: "x".to_owned(),
+                index: index as u32
+            }
+        );
+        assert_eq!(feature.edges.len(), 20, "{}", feature.name);
+        assert!(feature.edges.windows(2).all(|pair| pair[0] < pair[1]));
+        // Every reference row is in the bins: edges run from the minimum to the maximum.
+        assert_eq!(feature.reference.n, 500);
+        assert_eq!(feature.reference.bins.iter().sum::<u64>(), 500);
+        assert_eq!((feature.reference.below, feature.reference.above), (0, 0));
+        // Standard normal reference data.
+        assert!(
+            feature.reference.mean.abs() < 0.2,
+            "{}",
+            feature.reference.mean
+        );
+    }
+    let [class] = profile.classes.as_slice() else {
+        panic!("one class output: {:?}", profile.classes);
+    };
+    assert_eq!(
+        class.source,
+        ClassSource::Argmax {
+            tensor: "y".to_owned()
+        }
+    );
+    assert_eq!(class.classes, [0, 1, 2]);
+    assert_eq!(class.reference.counts.iter().sum::<u64>(), 500);
+    assert_eq!(profile.thresholds.psi_warn, 0.15);
+
+    // The example's own profile is made by the same code from the same data.
+    let again = hub(
+        dir.path(),
+        &[
+            "profile",
+            "--model",
+            "ex/model.onnx",
+            "--data",
+            "x=ex/reference.csv",
+            "--classes",
+            "y",
+            "--out",
+            "again.bin",
+        ],
+    );
+    again.ok();
+    assert_eq!(
+        std::fs::read(dir.path().join("again.bin")).unwrap(),
+        std::fs::read(dir.path().join("ex/profile.bin")).unwrap()
+    );
+}
+
+#[test]
+fn bad_reference_data_is_refused_naming_where() {
+    let dir = tempfile::tempdir().unwrap();
+    example(dir.path(), "ex", 4);
+    let write = |name: &str, bytes: &[u8]| std::fs::write(dir.path().join(name), bytes).unwrap();
+    write("bad.csv", b"x0,x1,x2,x3\n1,2,3,4\n1,2,x,4\n");
+    write("narrow.csv", b"a,b\n1,2\n");
+    write("short.csv", b"1,2,3,4\n5,6,7\n");
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 5), }".to_owned();
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    npy.extend_from_slice(&[0; 60]);
+    write("wide.npy", &npy);
+    write("broken.npy", &npy[..npy.len() - 54]);
+
+    let profile = |data: &str| {
+        hub(
+            dir.path(),
+            &[
+                "profile",
+                "--model",
+                "ex/model.onnx",
+                "--data",
+                data,
+                "--out",
+                "p.bin",
+            ],
+        )
+    };
+    profile("bad.csv").fails_with("--data bad.csv: CSV line 3: column 3: \"x\" is not a number");
+    profile("narrow.csv").fails_with("the table has 2 columns, input \"x\" takes 4 per row");
+    profile("short.csv").fails_with("CSV line 2: 3 fields, the first line has 4");
+    profile("wide.npy").fails_with("the array's shape is [3, 5], input \"x\" takes [N, 4]");
+    profile("broken.npy").fails_with("shape [3, 5] of float32 needs 60 data bytes, the file has 6");
+    profile("nothing.csv").fails_with("nothing.csv");
+    assert!(!dir.path().join("p.bin").exists(), "no profile was written");
+}
+
+#[test]
+fn model_sign_refuses_a_profile_of_another_model() {
+    let dir = tempfile::tempdir().unwrap();
+    example(dir.path(), "four", 4);
+    example(dir.path(), "six", 6);
+    hub(
+        dir.path(),
+        &["keys", "generate", "--out", "keys", "--count", "1"],
+    )
+    .ok();
+    let key = std::fs::read_dir(dir.path().join("keys"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "key"))
+        .unwrap();
+    let sign = |profile: &str| {
+        hub(
+            dir.path(),
+            &[
+                "model",
+                "sign",
+                "--model",
+                "four/model.onnx",
+                "--name",
+                "demo",
+                "--version",
+                "1",
+                "--input",
+                "x:FP32:N,4",
+                "--output",
+                "y:FP32:N,3",
+                "--profile",
+                profile,
+                "--key",
+                &key.to_string_lossy(),
+                "--out",
+                "manifest.bin",
+            ],
+        )
+    };
+    sign("six/profile.bin").fails_with("column 4 is past the 4 columns of \"x\"");
+    assert!(!dir.path().join("manifest.bin").exists());
+    sign("six/reference.csv").fails_with("--profile six/reference.csv");
+    sign("four/profile.bin").ok();
+    assert!(dir.path().join("manifest.bin").exists());
+}
