@@ -29,6 +29,7 @@ pub mod keys;
 pub mod model;
 pub mod plan;
 pub mod profile;
+pub mod quickstart;
 pub mod rollout;
 pub mod root;
 pub mod serve;
@@ -96,6 +97,11 @@ pub enum Command {
     /// Make a private CA and a certificate for the hub.
     #[command(subcommand)]
     Tls(tls::TlsCommand),
+    /// Run a hub and agents on this machine and roll a model out to them, end to end.
+    Quickstart(quickstart::Args),
+    /// The agent's own commands (`outpost-agent`), so the quickstart needs only this binary.
+    #[command(subcommand, hide = true)]
+    Agent(outpost_agent::cli::Command),
     /// Commands run on the hub host against its data directory.
     #[command(subcommand)]
     Admin(serve::AdminCommand),
@@ -122,6 +128,8 @@ impl Command {
             Command::Profile(args) => args.run(),
             Command::Tls(command) => command.run(),
             Command::Admin(command) => command.run(),
+            Command::Quickstart(args) => args.run(),
+            Command::Agent(command) => command.run(),
         }
     }
 }
