@@ -139,7 +139,12 @@ impl fmt::Display for TensorKind {
 /// `run` takes `&self` and builds fresh state per call, so one `LoadedModel` serves concurrent
 /// requests.
 pub struct LoadedModel {
+    /// Runs any batch size: every batch axis is the symbol `N`.
     plan: std::sync::Arc<TypedSimplePlan>,
+    /// The same model planned for a batch of exactly 1, the common case on a device: tract picks
+    /// faster kernels for concrete shapes (about 20% on a matrix-vector model). `None` when the
+    /// model has no batch axis, so `plan` is already concrete.
+    single: Option<std::sync::Arc<TypedSimplePlan>>,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
     /// For each model input, in the model's order, the index of its spec in `inputs`.
@@ -174,26 +179,42 @@ impl LoadedModel {
         threads: usize,
     ) -> Result<LoadedModel, InferenceError> {
         let executor = executor(threads)?;
-        let mut model = parse(onnx)?;
+        let model = parse(onnx)?;
         let input_spec_of = match_specs(TensorKind::Input, &input_names(&model)?, inputs)?;
         let output_spec_of = match_specs(TensorKind::Output, &output_names(&model)?, outputs)?;
-        let typed = catch_panic("optimizing the model", || {
-            fix_input_facts(&mut model, inputs, &input_spec_of)?;
-            let optimized = model.into_optimized().map_err(InferenceError::Optimize)?;
-            check_output_facts(&optimized, outputs, &output_spec_of)?;
-            Ok(optimized)
-        })?;
         let options = RunOptions {
             executor,
             ..RunOptions::default()
         };
-        let plan = catch_panic("planning the model", || {
-            typed
-                .into_runnable_with_options(&options)
-                .map_err(InferenceError::Optimize)
-        })?;
+        let has_batch = inputs
+            .iter()
+            .chain(outputs)
+            .any(|spec| spec.shape.contains(&Dim::Batch));
+        let single = if has_batch {
+            Some(plan_for(
+                model.clone(),
+                inputs,
+                outputs,
+                &input_spec_of,
+                &output_spec_of,
+                Some(1),
+                &options,
+            )?)
+        } else {
+            None
+        };
+        let plan = plan_for(
+            model,
+            inputs,
+            outputs,
+            &input_spec_of,
+            &output_spec_of,
+            None,
+            &options,
+        )?;
         Ok(LoadedModel {
             plan,
+            single,
             inputs: inputs.to_vec(),
             outputs: outputs.to_vec(),
             input_spec_of,
@@ -219,7 +240,7 @@ impl LoadedModel {
         let output_names = output_names(&model)?;
         let typed = catch_panic("typing the model", || {
             let identity: Vec<usize> = (0..inputs.len()).collect();
-            fix_input_facts(&mut model, &inputs, &identity)?;
+            fix_input_facts(&mut model, &inputs, &identity, None)?;
             model.into_typed().map_err(InferenceError::Optimize)
         })?;
         let mut outputs = Vec::with_capacity(output_names.len());
@@ -294,8 +315,12 @@ impl LoadedModel {
             .filter_map(|&spec_ix| by_spec.get_mut(spec_ix).and_then(Option::take))
             .map(TValue::from)
             .collect();
+        let plan = match (&self.single, batch) {
+            (Some(single), Some(1)) => single,
+            _ => &self.plan,
+        };
         let results = catch_panic("running the model", || {
-            self.plan.run(ordered).map_err(InferenceError::Run)
+            plan.run(ordered).map_err(InferenceError::Run)
         })?;
         let mut outputs: Vec<Option<Tensor>> = vec![None; self.outputs.len()];
         for (value, &spec_ix) in results.iter().zip(&self.output_spec_of) {
@@ -555,6 +580,29 @@ fn unravel(mut flat: usize, shape: &[u64]) -> Vec<u64> {
     index
 }
 
+/// Fixes the input facts (every batch axis to `batch`, or to the symbol `N`), optimizes and plans.
+fn plan_for(
+    mut model: InferenceModel,
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+    input_spec_of: &[usize],
+    output_spec_of: &[usize],
+    batch: Option<i64>,
+    options: &RunOptions,
+) -> Result<std::sync::Arc<TypedSimplePlan>, InferenceError> {
+    let typed = catch_panic("optimizing the model", || {
+        fix_input_facts(&mut model, inputs, input_spec_of, batch)?;
+        let optimized = model.into_optimized().map_err(InferenceError::Optimize)?;
+        check_output_facts(&optimized, outputs, output_spec_of)?;
+        Ok(optimized)
+    })?;
+    catch_panic("planning the model", || {
+        typed
+            .into_runnable_with_options(options)
+            .map_err(InferenceError::Optimize)
+    })
+}
+
 fn executor(threads: usize) -> Result<Option<Executor>, InferenceError> {
     match threads {
         0 => Err(InferenceError::ZeroThreads),
@@ -656,8 +704,12 @@ fn fix_input_facts(
     model: &mut InferenceModel,
     specs: &[TensorSpec],
     spec_of: &[usize],
+    batch: Option<i64>,
 ) -> Result<(), InferenceError> {
-    let batch = TDim::from(model.symbols.sym(BATCH_SYMBOL));
+    let batch = match batch {
+        Some(size) => TDim::Val(size),
+        None => TDim::from(model.symbols.sym(BATCH_SYMBOL)),
+    };
     for (ix, &spec_ix) in spec_of.iter().enumerate() {
         let spec = &specs[spec_ix];
         let declared = model.input_fact(ix).map_err(InferenceError::Parse)?;
