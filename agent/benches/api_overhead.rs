@@ -20,7 +20,11 @@
 //! and `OUTPOST_BENCH_HIDDEN` (default 4096) tune it.
 
 use std::sync::Arc;
+mod support;
+
 use std::time::{Duration, Instant};
+
+use support::{env_usize, interleave, Variant};
 
 use outpost_agent::api::{
     ApiLimits, ApiState, BackgroundApi, QueueStats, DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT,
@@ -39,24 +43,6 @@ use tract_onnx::prelude::*;
 const N_INPUTS: usize = 256;
 const N_OUTPUTS: usize = 16;
 const MODEL: &str = "wide-mlp";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(text) => text
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={text:?} is not a whole number")),
-        Err(_) => default,
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn micros(duration: Duration) -> String {
-    format!("{:.1} µs", duration.as_secs_f64() * 1e6)
-}
 
 fn main() -> anyhow::Result<()> {
     let rounds = env_usize("OUTPOST_BENCH_ROUNDS", 2000);
@@ -213,50 +199,19 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     };
 
-    type Run<'a> = (&'a str, &'a dyn Fn() -> anyhow::Result<()>);
-    let variants: [Run; 5] = [
+    let variants: [Variant; 5] = [
         ("bare tract", &run_bare),
         ("bare tract, symbolic batch axis", &run_symbolic),
         ("agent path (LoadedModel::run + telemetry)", &run_path),
         ("local API, KServe v2 JSON", &run_json),
         ("local API, binary tensor extension", &run_binary),
     ];
-    // Warm up every path (allocator, caches, connection) before timing.
-    for _ in 0..rounds.div_ceil(10) {
-        for (_, run) in &variants {
-            run()?;
-        }
-    }
-    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds); variants.len()];
-    for _ in 0..rounds {
-        for ((_, run), times) in variants.iter().zip(&mut times) {
-            let started = Instant::now();
-            run()?;
-            times.push(started.elapsed());
-        }
-    }
-    server.stop()?;
-
-    for times in &mut times {
-        times.sort_unstable();
-    }
-    let base = percentile(&times[0], 0.5).as_secs_f64();
     println!(
         "model: MLP {N_INPUTS} → {hidden} → {N_OUTPUTS} (f32, {} bytes), batch 1, 1 thread; {rounds} interleaved rounds",
         onnx.len()
     );
     println!();
-    println!("| Variant | min | p50 | p99 | p50 ÷ bare tract |");
-    println!("|---|---:|---:|---:|---:|");
-    for ((name, _), times) in variants.iter().zip(&times) {
-        let p50 = percentile(times, 0.5);
-        println!(
-            "| {name} | {} | {} | {} | {:.3} |",
-            micros(times[0]),
-            micros(p50),
-            micros(percentile(times, 0.99)),
-            p50.as_secs_f64() / base
-        );
-    }
+    interleave(rounds, &variants)?;
+    server.stop()?;
     Ok(())
 }
