@@ -24,7 +24,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{env_usize, interleave, Variant};
+use support::{env_usize, interleave, post_binary, post_json, Variant};
 
 use outpost_agent::api::{
     ApiLimits, ApiState, BackgroundApi, QueueStats, DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT,
@@ -173,12 +173,7 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     };
     let run_json = || -> anyhow::Result<()> {
-        let mut response = http
-            .post(&url)
-            .header("content-type", "application/json")
-            .send(&json_body[..])?;
-        let answer: serde_json::Value =
-            serde_json::from_slice(&response.body_mut().read_to_vec()?)?;
+        let answer = post_json(&http, &url, &json_body)?;
         anyhow::ensure!(
             answer["outputs"][0]["data"].as_array().map(Vec::len) == Some(N_OUTPUTS),
             "API JSON answer: {answer}"
@@ -186,19 +181,10 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     };
     let run_binary = || -> anyhow::Result<()> {
-        let mut response = http
-            .post(&url)
-            .header("content-type", "application/octet-stream")
-            .header(
-                "inference-header-content-length",
-                binary_header.len().to_string(),
-            )
-            .send(&binary_body[..])?;
-        let bytes = response.body_mut().read_to_vec()?;
+        let bytes = post_binary(&http, &url, binary_header.len(), &binary_body)?;
         anyhow::ensure!(bytes.len() > N_OUTPUTS * 4, "API binary answer");
         Ok(())
     };
-
     let variants: [Variant; 5] = [
         ("bare tract", &run_bare),
         ("bare tract, symbolic batch axis", &run_symbolic),

@@ -31,7 +31,7 @@ use outpost_agent::telemetry::Recorder;
 use outpost_protocol::device::Tensor;
 use outpost_protocol::trust::DType;
 use outpost_protocol::Sha256;
-use support::{env_usize, interleave, Variant};
+use support::{env_usize, interleave, post_binary, post_json, Variant};
 // Explicit imports above (`Tensor`) take precedence over this glob.
 use tract_onnx::prelude::*;
 
@@ -180,12 +180,7 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     };
     let run_json = || -> anyhow::Result<()> {
-        let mut response = http
-            .post(&url)
-            .header("content-type", "application/json")
-            .send(&json_body[..])?;
-        let answer: serde_json::Value =
-            serde_json::from_slice(&response.body_mut().read_to_vec()?)?;
+        let answer = post_json(&http, &url, &json_body)?;
         anyhow::ensure!(
             answer["outputs"].as_array().map(Vec::len) == Some(3),
             "API JSON answer: {answer}"
@@ -193,15 +188,8 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     };
     let run_binary = || -> anyhow::Result<()> {
-        let mut response = http
-            .post(&url)
-            .header("content-type", "application/octet-stream")
-            .header(
-                "inference-header-content-length",
-                binary_header.len().to_string(),
-            )
-            .send(&binary_body[..])?;
-        anyhow::ensure!(!response.body_mut().read_to_vec()?.is_empty(), "API answer");
+        let bytes = post_binary(&http, &url, binary_header.len(), &binary_body)?;
+        anyhow::ensure!(!bytes.is_empty(), "API answer");
         Ok(())
     };
     let variants: [Variant; 4] = [

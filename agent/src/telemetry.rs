@@ -52,21 +52,7 @@ impl Recorder {
 
     /// Counts one inference at Unix second `now`.
     pub fn record(&self, model: &str, version: u64, latency: Duration, ok: bool, now: u64) {
-        let key = WindowKey {
-            model: model.to_owned(),
-            version,
-            start: now - now % WINDOW_SECS,
-        };
-        let mut open = match self.open.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let counters = open.entry(key).or_default();
-        counters.count += 1;
-        if !ok {
-            counters.errors += 1;
-        }
-        counters.latency[bucket_of(latency)] += 1;
+        self.count(model, version, latency, ok, now, |_, _, _| {});
     }
 
     /// Counts one inference like [`Recorder::record`], and adds what it saw and answered to the
@@ -82,6 +68,44 @@ impl Recorder {
         inputs: &[Tensor],
         outputs: &[Tensor],
     ) {
+        self.count(
+            model,
+            version,
+            latency,
+            true,
+            now,
+            |start, bucket, counters| {
+                let summary = counters.drift.get_or_insert_with(|| {
+                    DriftSummary::new(
+                        model,
+                        version,
+                        drift.sha256,
+                        &drift.profile,
+                        start,
+                        start + WINDOW_SECS,
+                    )
+                });
+                if let Some(slot) = summary.latency_us.get_mut(bucket) {
+                    *slot += 1;
+                }
+                drift
+                    .extractor
+                    .observe(&drift.profile, summary, inputs, outputs);
+            },
+        );
+    }
+
+    /// Adds one inference to its window's counters, then hands the window (its start, the
+    /// latency bucket and the counters) to `then` under the same lock.
+    fn count(
+        &self,
+        model: &str,
+        version: u64,
+        latency: Duration,
+        ok: bool,
+        now: u64,
+        then: impl FnOnce(u64, usize, &mut Counters),
+    ) {
         let start = now - now % WINDOW_SECS;
         let key = WindowKey {
             model: model.to_owned(),
@@ -92,26 +116,14 @@ impl Recorder {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
+        let bucket = bucket_of(latency);
         let counters = open.entry(key).or_default();
         counters.count += 1;
-        let bucket = bucket_of(latency);
-        counters.latency[bucket] += 1;
-        let summary = counters.drift.get_or_insert_with(|| {
-            DriftSummary::new(
-                model,
-                version,
-                drift.sha256,
-                &drift.profile,
-                start,
-                start + WINDOW_SECS,
-            )
-        });
-        if let Some(slot) = summary.latency_us.get_mut(bucket) {
-            *slot += 1;
+        if !ok {
+            counters.errors += 1;
         }
-        drift
-            .extractor
-            .observe(&drift.profile, summary, inputs, outputs);
+        counters.latency[bucket] += 1;
+        then(start, bucket, counters);
     }
 
     /// Removes and returns the windows that ended at or before `now`.

@@ -57,3 +57,28 @@ pub fn interleave(rounds: usize, variants: &[Variant]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// POSTs a KServe v2 JSON request and returns the decoded answer.
+pub fn post_json(http: &ureq::Agent, url: &str, body: &[u8]) -> anyhow::Result<serde_json::Value> {
+    let mut response = http
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body)?;
+    Ok(serde_json::from_slice(&response.body_mut().read_to_vec()?)?)
+}
+
+/// POSTs a request in the binary tensor extension (`header_len` bytes of JSON, then raw tensors)
+/// and returns the answer's bytes.
+pub fn post_binary(
+    http: &ureq::Agent,
+    url: &str,
+    header_len: usize,
+    body: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    let mut response = http
+        .post(url)
+        .header("content-type", "application/octet-stream")
+        .header("inference-header-content-length", header_len.to_string())
+        .send(body)?;
+    Ok(response.body_mut().read_to_vec()?)
+}

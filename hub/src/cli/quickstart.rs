@@ -280,7 +280,7 @@ impl Tour {
             self.dir.display()
         ));
         let data = self.dir.join("hub");
-        let token = self.output(&["admin", "bootstrap", "--data", &path(&data)])?;
+        let token = self.cli(&["admin", "bootstrap", "--data", &path(&data)])?;
         self.token = token.trim().to_owned();
         crate::fsutil::write_atomic(&self.dir.join("admin.token"), self.token.as_bytes(), 0o600)?;
         let address_file = self.dir.join("hub.address");
@@ -413,7 +413,7 @@ impl Tour {
 
     fn agent_status(&self, index: usize) -> anyhow::Result<serde_json::Value> {
         let config = self.dir.join(format!("agent-{index}")).join("agent.toml");
-        let text = self.output(&["agent", "status", "--json", "--config", &path(&config)])?;
+        let text = self.cli(&["agent", "status", "--json", "--config", &path(&config)])?;
         serde_json::from_str(&text).context("reading agent status --json")
     }
 
@@ -480,10 +480,6 @@ impl Tour {
 
     fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         self.run_checked(args, args.first().copied().unwrap_or("a command"))
-    }
-
-    fn output(&self, args: &[&str]) -> anyhow::Result<String> {
-        self.cli(args)
     }
 
     fn cli_json<T: DeserializeOwned>(&self, args: &[&str]) -> anyhow::Result<T> {
