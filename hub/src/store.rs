@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use outpost_protocol::drift::DriftSummary;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
+use sled::{IVec, Transactional};
 
 use crate::api::{Decision, Role, RolloutState};
 
@@ -190,6 +190,26 @@ struct MergedDrift {
     parts: u64,
     /// Index in the batch of the last window merged in, to name in a refusal.
     window: usize,
+}
+
+/// A stored root as (version, signed bytes).
+fn root_entry(entry: sled::Result<(IVec, IVec)>) -> Result<(u64, Vec<u8>)> {
+    let (key, value) = entry?;
+    let version = <[u8; 8]>::try_from(key.as_ref())
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            tree: "roots",
+            reason: "bad key".into(),
+        })?;
+    Ok((version, value.to_vec()))
+}
+
+/// A window's merged drift record, ready to write if the part it was merged from is still there.
+struct DriftWrite {
+    key: Vec<u8>,
+    /// The stored record the merge started from, as read; none for a new window.
+    read: Option<IVec>,
+    record: Vec<u8>,
 }
 
 /// Reads a stored drift record as the start of a merge for the batch's window `window`.
@@ -580,6 +600,12 @@ impl Store {
     /// stored before, are written in one transaction. A resent batch adds nothing. A drift summary
     /// that does not merge (its counts would overflow) refuses the whole batch, and nothing of it
     /// is written, not even its idempotency key.
+    ///
+    /// The merging (decoding the stored parts, adding, encoding) is the costly part, and sled
+    /// runs one transaction at a time, so it is done before the transaction, from the parts as
+    /// they were read. The transaction then only checks that every part it read is still the one
+    /// stored and writes; if another batch of the same device changed one meanwhile, the merge is
+    /// done again from the new part.
     pub fn ingest_telemetry(
         &self,
         device: &[u8; 16],
@@ -589,104 +615,138 @@ impl Store {
         now: u64,
     ) -> Result<Ingested> {
         let seen_key = [device.as_slice(), &sequence.to_be_bytes()].concat();
-        let outcome = (
-            &self.telemetry_seen,
-            &self.stats,
-            &self.devices,
-            &self.drift,
-        )
-            .transaction(|(seen, stats, devices, drift)| {
-                if seen.get(&seen_key)?.is_some() {
-                    return Ok(Ingested::Duplicate);
-                }
-                // Every drift merge is worked out before anything is written, so a refusal leaves
-                // the store as it was.
-                let mut merged: BTreeMap<Vec<u8>, MergedDrift> = BTreeMap::new();
-                for (index, window) in windows.iter().enumerate() {
-                    let Some(summary) = &window.drift else {
-                        continue;
-                    };
-                    let key = drift_key(
-                        &window.model,
-                        window.version,
-                        summary.window_end,
-                        summary.window_start,
-                        device,
-                    );
-                    let before = match merged.remove(&key) {
-                        Some(part) => Some(part),
-                        None => drift
-                            .get(&key)?
-                            .map(|bytes| stored_drift_part(&bytes, index))
-                            .transpose()
-                            .map_err(abort)?,
-                    };
-                    let part = match before {
-                        None => MergedDrift {
-                            summary: summary.clone(),
-                            parts: 1,
-                            window: index,
-                        },
-                        Some(mut part) => {
-                            if let Err(error) = part.summary.merge(summary) {
-                                return Ok(Ingested::Refused {
-                                    window: index,
-                                    reason: format!(
-                                        "drift summary does not merge with the parts of its \
-                                         window stored before: {error}"
-                                    ),
-                                });
-                            }
-                            part.parts = part.parts.saturating_add(1);
-                            part.window = index;
-                            part
-                        }
-                    };
-                    merged.insert(key, part);
-                }
-                let mut records = Vec::with_capacity(merged.len());
-                for (key, part) in merged {
-                    let frame = match outpost_protocol::encode(&part.summary) {
-                        Ok(frame) => frame,
-                        Err(error) => {
-                            return Ok(Ingested::Refused {
-                                window: part.window,
-                                reason: format!("merged drift summary: {error}"),
-                            })
-                        }
-                    };
-                    let record = DriftRecord {
-                        frame,
-                        parts: part.parts,
-                        updated: now,
-                    };
-                    records.push((key, encode("drift", &record).map_err(abort)?));
-                }
-
-                seen.insert(seen_key.as_slice(), &now.to_be_bytes())?;
-                for window in windows {
-                    let key = stats_key(device, &window.model, window.version);
-                    let mut record: StatsRecord = match stats.get(&key)? {
-                        Some(bytes) => decode("stats", &bytes).map_err(abort)?,
-                        None => StatsRecord::default(),
-                    };
-                    record.add(window.count, window.errors, &window.latency_buckets);
-                    stats.insert(key, encode("stats", &record).map_err(abort)?)?;
-                }
-                for (key, record) in records {
-                    drift.insert(key, record)?;
-                }
-                if dropped_records > 0 {
-                    if let Some(bytes) = devices.get(device)? {
-                        let mut record: DeviceRecord = decode("devices", &bytes).map_err(abort)?;
-                        record.dropped_records =
-                            record.dropped_records.saturating_add(dropped_records);
-                        devices.insert(device, encode("devices", &record).map_err(abort)?)?;
+        loop {
+            if self.telemetry_seen.get(&seen_key)?.is_some() {
+                return Ok(Ingested::Duplicate);
+            }
+            let merged = match self.merge_drift(device, windows, now)? {
+                Ok(merged) => merged,
+                Err(refused) => return Ok(refused),
+            };
+            let outcome = (
+                &self.telemetry_seen,
+                &self.stats,
+                &self.devices,
+                &self.drift,
+            )
+                .transaction(|(seen, stats, devices, drift)| {
+                    if seen.get(&seen_key)?.is_some() {
+                        return Ok(Some(Ingested::Duplicate));
                     }
+                    for part in &merged {
+                        if drift.get(&part.key)? != part.read {
+                            // Another batch of this device changed the window since it was read.
+                            return Ok(None);
+                        }
+                    }
+                    seen.insert(seen_key.as_slice(), &now.to_be_bytes())?;
+                    for window in windows {
+                        let key = stats_key(device, &window.model, window.version);
+                        let mut record: StatsRecord = match stats.get(&key)? {
+                            Some(bytes) => decode("stats", &bytes).map_err(abort)?,
+                            None => StatsRecord::default(),
+                        };
+                        record.add(window.count, window.errors, &window.latency_buckets);
+                        stats.insert(key, encode("stats", &record).map_err(abort)?)?;
+                    }
+                    for part in &merged {
+                        drift.insert(part.key.as_slice(), part.record.as_slice())?;
+                    }
+                    if dropped_records > 0 {
+                        if let Some(bytes) = devices.get(device)? {
+                            let mut record: DeviceRecord =
+                                decode("devices", &bytes).map_err(abort)?;
+                            record.dropped_records =
+                                record.dropped_records.saturating_add(dropped_records);
+                            devices.insert(device, encode("devices", &record).map_err(abort)?)?;
+                        }
+                    }
+                    Ok(Some(Ingested::Stored))
+                })?;
+            if let Some(outcome) = outcome {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Merges a batch's drift summaries with the parts of their windows stored now, and encodes
+    /// the records to write; a summary that does not merge refuses the batch.
+    fn merge_drift(
+        &self,
+        device: &[u8; 16],
+        windows: &[WindowInput],
+        now: u64,
+    ) -> Result<std::result::Result<Vec<DriftWrite>, Ingested>> {
+        // Key → (the stored record as read, the merge so far).
+        let mut merged: BTreeMap<Vec<u8>, (Option<IVec>, MergedDrift)> = BTreeMap::new();
+        for (index, window) in windows.iter().enumerate() {
+            let Some(summary) = &window.drift else {
+                continue;
+            };
+            let key = drift_key(
+                &window.model,
+                window.version,
+                summary.window_end,
+                summary.window_start,
+                device,
+            );
+            let (read, before) = match merged.remove(&key) {
+                Some((read, part)) => (read, Some(part)),
+                None => {
+                    let read = self.drift.get(&key)?;
+                    let part = read
+                        .as_ref()
+                        .map(|bytes| stored_drift_part(bytes, index))
+                        .transpose()?;
+                    (read, part)
                 }
-                Ok(Ingested::Stored)
-            })?;
-        Ok(outcome)
+            };
+            let part = match before {
+                None => MergedDrift {
+                    summary: summary.clone(),
+                    parts: 1,
+                    window: index,
+                },
+                Some(mut part) => {
+                    if let Err(error) = part.summary.merge(summary) {
+                        return Ok(Err(Ingested::Refused {
+                            window: index,
+                            reason: format!(
+                                "drift summary does not merge with the parts of its window \
+                                 stored before: {error}"
+                            ),
+                        }));
+                    }
+                    part.parts = part.parts.saturating_add(1);
+                    part.window = index;
+                    part
+                }
+            };
+            merged.insert(key, (read, part));
+        }
+        let mut writes = Vec::with_capacity(merged.len());
+        for (key, (read, part)) in merged {
+            let frame = match outpost_protocol::encode(&part.summary) {
+                Ok(frame) => frame,
+                Err(error) => {
+                    return Ok(Err(Ingested::Refused {
+                        window: part.window,
+                        reason: format!("merged drift summary: {error}"),
+                    }))
+                }
+            };
+            let record = DriftRecord {
+                frame,
+                parts: part.parts,
+                updated: now,
+            };
+            writes.push(DriftWrite {
+                key,
+                read,
+                record: encode("drift", &record)?,
+            });
+        }
+        Ok(Ok(writes))
     }
 
     /// Every device's drift summaries of one model version whose windows end after `since`, in
@@ -765,18 +825,18 @@ impl Store {
 
     /// Every stored root, oldest first.
     pub fn roots(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.roots.iter().map(root_entry).collect()
+    }
+
+    /// Signed roots with a version above `version`, oldest first: what a device that trusts root
+    /// `version` needs next (for a device up to date, one lookup that finds nothing).
+    pub fn roots_after(&self, version: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        let Some(from) = version.checked_add(1) else {
+            return Ok(Vec::new());
+        };
         self.roots
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                let version = <[u8; 8]>::try_from(key.as_ref())
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| StoreError::Corrupt {
-                        tree: "roots",
-                        reason: "bad key".into(),
-                    })?;
-                Ok((version, value.to_vec()))
-            })
+            .range(from.to_be_bytes()..)
+            .map(root_entry)
             .collect()
     }
 
@@ -974,6 +1034,34 @@ mod tests {
         assert!(store.drift_summaries("demo", 2, 0).unwrap().is_empty());
         assert!(store.drift_summaries("dem", 1, 0).unwrap().is_empty());
         assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, 6);
+    }
+
+    #[test]
+    fn concurrent_batches_of_one_window_all_count_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let profile = profile();
+        let (threads, batches) = (4u64, 100u64);
+        std::thread::scope(|scope| {
+            for thread in 0..threads {
+                let (store, profile) = (&store, &profile);
+                scope.spawn(move || {
+                    for batch in 0..batches {
+                        let sequence = thread * batches + batch;
+                        let windows = [window(summary(profile, 3600, &[sequence as f64]))];
+                        let outcome = store.ingest_telemetry(&DEVICE, sequence, &windows, 0, 10);
+                        assert_eq!(outcome.unwrap(), Ingested::Stored);
+                    }
+                });
+            }
+        });
+        // Every batch merged into the one window exactly once, whichever raced.
+        let total = threads * batches;
+        assert_eq!(
+            n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
+            [(3600, total, total)]
+        );
+        assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, total);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! and a random nonce. The hub refuses timestamps outside [`MAX_CLOCK_SKEW_SECS`] and any nonce it
 //! has seen within that window, so a captured request cannot be replayed.
 
-use crate::keys::{PublicKey, SecretKey, Sha256, SignatureBytes};
+use crate::keys::{PreparedKey, PublicKey, SecretKey, Sha256, SignatureBytes};
 
 pub const HEADER_DEVICE: &str = "x-outpost-device";
 pub const HEADER_TIMESTAMP: &str = "x-outpost-timestamp";
@@ -46,6 +46,11 @@ impl RequestToSign<'_> {
     }
 
     pub fn verify(&self, key: &PublicKey, signature: &SignatureBytes) -> bool {
+        key.verify(&self.message(), signature)
+    }
+
+    /// [`RequestToSign::verify`] with a key decompressed beforehand, as a hub does per device.
+    pub fn verify_prepared(&self, key: &PreparedKey, signature: &SignatureBytes) -> bool {
         key.verify(&self.message(), signature)
     }
 }

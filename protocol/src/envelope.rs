@@ -122,19 +122,34 @@ pub enum EncodeError {
 
 /// Frames `message`. Refuses to produce a frame the receiving side would reject as oversized.
 pub fn encode<M: Message>(message: &M) -> Result<Vec<u8>, EncodeError> {
-    let header = vec![MAGIC[0], MAGIC[1], PROTOCOL_VERSION, M::KIND as u8];
-    let frame = postcard::to_extend(message, header).map_err(|source| EncodeError::Serialize {
+    let len = encoded_len(message)?;
+    let mut header = Vec::with_capacity(len);
+    header.extend_from_slice(&[MAGIC[0], MAGIC[1], PROTOCOL_VERSION, M::KIND as u8]);
+    postcard::to_extend(message, header).map_err(|source| EncodeError::Serialize {
         message: M::NAME,
         source,
+    })
+}
+
+/// The length of `message`'s frame, header included, without building it; an error when
+/// [`encode`] would refuse it. Measuring first costs a pass over the message and saves the
+/// reallocations of growing the frame.
+pub fn encoded_len<M: Message>(message: &M) -> Result<usize, EncodeError> {
+    let body = postcard::experimental::serialized_size(message).map_err(|source| {
+        EncodeError::Serialize {
+            message: M::NAME,
+            source,
+        }
     })?;
-    if frame.len() > M::MAX_FRAME {
+    let len = HEADER_LEN + body;
+    if len > M::MAX_FRAME {
         return Err(EncodeError::TooLarge {
             message: M::NAME,
-            len: frame.len(),
+            len,
             max: M::MAX_FRAME,
         });
     }
-    Ok(frame)
+    Ok(len)
 }
 
 /// Decodes one frame holding exactly one `M`. The length cap is checked first, then the header,

@@ -21,8 +21,10 @@ pub mod keys;
 pub mod name;
 pub mod trust;
 
-pub use envelope::{decode, encode, DecodeError, DecodeReason, EncodeError, Message, MessageKind};
-pub use keys::{sha256, KeyId, PublicKey, SecretKey, Sha256};
+pub use envelope::{
+    decode, encode, encoded_len, DecodeError, DecodeReason, EncodeError, Message, MessageKind,
+};
+pub use keys::{sha256, KeyId, PreparedKey, PublicKey, SecretKey, Sha256};
 pub use name::{Label, ModelName, NameError};
 pub use trust::{
     AgentVersion, Arch, TimeFloor, VerifiedManifest, VerifiedPlan, VerifiedRoot, VerifyError,

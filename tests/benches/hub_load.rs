@@ -22,25 +22,34 @@
 //! unless `OUTPOST_HUB_BIN` names another one. This is a measurement, never a pass/fail test.
 
 use std::fs::File;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use outpost_agent::example_model::normal_rows;
 use outpost_protocol::device::{
     AgentState, CheckIn, CheckInResponse, InferenceWindow, TelemetryAck, TelemetryBatch,
     LATENCY_BUCKETS_US,
 };
-use outpost_protocol::Message;
-use outpost_tests::device_sim::{agent_version, unix_now, SimDevice, POSTCARD};
+use outpost_protocol::drift::{DriftSummary, FeatureSource, Profile, TensorSide};
+use outpost_protocol::{sha256, Message};
+use outpost_tests::device_sim::{agent_version, unix_now, SignedRequest, SimDevice, POSTCARD};
 use outpost_tests::workspace_root;
 
 /// The model the bench publishes and rolls out.
 const MODEL: &str = "bench-model";
-/// Inference windows in one telemetry batch; see [`telemetry_batch`].
-const WINDOWS_PER_BATCH: u64 = 100;
+/// Input features of the published model, each a numeric feature of its drift profile.
+const MODEL_INPUTS: usize = 100;
+/// Outputs of the published model.
+const MODEL_OUTPUTS: usize = 3;
+/// Inference rows summarised in each telemetry batch's drift summary.
+const ROWS_PER_SUMMARY: usize = 1000;
+/// Check-ins signed ahead per second of a scenario, over all clients: more than the hub answers.
+const PRESIGNED_PER_SECOND: usize = 30_000;
 /// Most requests one scenario may send, whatever the duration, to bound memory for latencies.
 const MAX_REQUESTS_PER_SCENARIO: usize = 5_000_000;
 /// How long the hub may take to start listening.
@@ -66,6 +75,7 @@ fn env_number(name: &str, default: u64) -> u64 {
 /// Run parameters, from the environment.
 #[derive(Debug)]
 struct Settings {
+    scenarios: Vec<Scenario>,
     n_devices: usize,
     client_counts: Vec<usize>,
     duration: Duration,
@@ -90,7 +100,14 @@ impl Settings {
                 .all(|&clients| clients > 0 && clients <= n_devices.min(1024)),
             "every client count must be between 1 and min(devices, 1024)"
         );
+        let scenarios = match std::env::var("OUTPOST_LOAD_SCENARIOS").as_deref() {
+            Err(_) | Ok("all") => vec![Scenario::CheckIn, Scenario::Telemetry],
+            Ok("check-in") => vec![Scenario::CheckIn],
+            Ok("drift") => vec![Scenario::Telemetry],
+            Ok(other) => panic!("OUTPOST_LOAD_SCENARIOS={other:?}: say all, check-in or drift"),
+        };
         Settings {
+            scenarios,
             n_devices,
             client_counts,
             duration: Duration::from_secs(env_number("OUTPOST_LOAD_SECS", 10).clamp(1, 600)),
@@ -251,6 +268,10 @@ impl BenchHub {
                 &out,
                 "--seed",
                 &version.to_string(),
+                "--inputs",
+                &MODEL_INPUTS.to_string(),
+                "--outputs",
+                &MODEL_OUTPUTS.to_string(),
             ]);
             self.cli(&[
                 "model",
@@ -262,6 +283,8 @@ impl BenchHub {
                 &version.to_string(),
                 "--validation",
                 &format!("{out}/validation.bin"),
+                "--profile",
+                &format!("{out}/profile.bin"),
                 "--key",
                 &keys,
             ]);
@@ -281,6 +304,13 @@ impl BenchHub {
             &keys,
         ]);
         std::fs::read(&root).expect("reading the signed root")
+    }
+
+    /// The drift profile version 1 was published with, and its hash.
+    fn profile(&self) -> (Profile, outpost_protocol::Sha256) {
+        let bytes = std::fs::read(self.path("model-1/profile.bin")).expect("reading profile.bin");
+        let profile = outpost_protocol::decode(&bytes).expect("decoding profile.bin");
+        (profile, sha256(&bytes))
     }
 
     fn enroll_token(&self, uses: usize) -> String {
@@ -347,7 +377,7 @@ impl Scenario {
     fn name(self) -> &'static str {
         match self {
             Scenario::CheckIn => "check-in",
-            Scenario::Telemetry => "telemetry (100 windows)",
+            Scenario::Telemetry => "drift summary batch",
         }
     }
 
@@ -373,29 +403,137 @@ fn check_in_body(plan_sequence: Option<u64>) -> Vec<u8> {
     .expect("encoding a check-in")
 }
 
-/// A batch standing in for a 100-feature drift summary until those exist: 100 inference windows
-/// of one minute each, alternating between the rollout's two versions, each with 17 latency
-/// buckets (about 6 KB framed, the size of the protocol bench's `telemetry_batch_100`).
-fn telemetry_batch(sequence: u64) -> TelemetryBatch {
-    let now = unix_now();
-    let windows = (0..WINDOWS_PER_BATCH)
-        .map(|index| InferenceWindow {
-            model: MODEL.to_owned(),
-            version: 1 + index % 2,
-            start: now + index * 60,
-            end: now + (index + 1) * 60,
-            count: 3_000 + index * 7,
-            errors: index % 3,
-            latency_buckets: (0..=LATENCY_BUCKETS_US.len() as u64)
-                .map(|bucket| (bucket * 37 + index) % 500)
-                .collect(),
-            drift: None,
+/// The window an agent serving version 1 sends: [`ROWS_PER_SUMMARY`] inference rows of standard
+/// normal inputs summarised over every feature of the profile (inputs observed, numeric outputs
+/// filled with the same kind of values), in the current hour, with its latency histogram.
+fn drift_window(profile: &Profile, profile_sha256: outpost_protocol::Sha256) -> InferenceWindow {
+    let start = unix_now() / 3600 * 3600;
+    let mut summary = DriftSummary::new(MODEL, 1, profile_sha256, profile, start, start + 3600);
+    let rows = normal_rows(profile.features.len(), ROWS_PER_SUMMARY, 7, 0.0);
+    for row in rows.chunks(profile.features.len()) {
+        for (index, (feature, counts)) in profile
+            .features
+            .iter()
+            .zip(summary.features.iter_mut())
+            .enumerate()
+        {
+            let value = match (feature.side, &feature.source) {
+                (TensorSide::Input, FeatureSource::Column { index, .. }) => row[*index as usize],
+                _ => row[index],
+            };
+            counts.observe(f64::from(value), &feature.edges);
+        }
+    }
+    let count = ROWS_PER_SUMMARY as u64;
+    let mut latency_buckets = vec![0; LATENCY_BUCKETS_US.len() + 1];
+    latency_buckets[3] = count;
+    InferenceWindow {
+        model: MODEL.to_owned(),
+        version: 1,
+        start,
+        end: start + 3600,
+        count,
+        errors: 0,
+        latency_buckets,
+        drift: Some(summary),
+    }
+}
+
+/// One HTTP/1.1 request as it goes on the wire.
+fn http_request(host: &str, signed: &SignedRequest, body: &[u8]) -> Vec<u8> {
+    let path = signed
+        .url
+        .find("/device/")
+        .map_or("/", |at| &signed.url[at..]);
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {POSTCARD}\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in &signed.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// Signs `count` check-ins for `devices` in turn, as a fleet of devices would on their own CPUs,
+/// and lays each out as the bytes of its HTTP request.
+fn presign_check_ins(host: &str, devices: &[&SimDevice], count: usize) -> Vec<Vec<u8>> {
+    let body = check_in_body(None);
+    let path = Scenario::CheckIn.path();
+    (0..count)
+        .map(|turn| {
+            http_request(
+                host,
+                &devices[turn % devices.len()].sign("POST", path, Some(&body)),
+                &body,
+            )
         })
-        .collect();
-    TelemetryBatch {
-        sequence,
-        windows,
-        dropped_records: 0,
+        .collect()
+}
+
+/// A keep-alive HTTP/1.1 connection that sends requests already laid out as bytes and reads the
+/// answers, so that what the bench measures is the hub rather than an HTTP client library (a
+/// ureq client took as much CPU per request as the hub).
+struct Connection {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl Connection {
+    fn open(address: &str) -> std::io::Result<Connection> {
+        let stream = TcpStream::connect(address)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Connection {
+            stream,
+            buffer: Vec::with_capacity(16 * 1024),
+        })
+    }
+
+    /// Sends one request and returns the answer's status and body.
+    fn round_trip(&mut self, request: &[u8]) -> Result<(u16, Vec<u8>), String> {
+        self.stream
+            .write_all(request)
+            .map_err(|error| format!("sending: {error}"))?;
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut response = httparse::Response::new(&mut headers);
+            let parsed = response
+                .parse(&self.buffer)
+                .map_err(|error| format!("answer is not HTTP/1.1: {error}"))?;
+            if let httparse::Status::Complete(head_len) = parsed {
+                let status = response.code.unwrap_or(0);
+                let length = response
+                    .headers
+                    .iter()
+                    .find(|header| header.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|header| {
+                        std::str::from_utf8(header.value)
+                            .ok()?
+                            .parse::<usize>()
+                            .ok()
+                    })
+                    .ok_or("answer has no content-length")?;
+                let end = head_len + length;
+                if self.buffer.len() >= end {
+                    let body = self.buffer[head_len..end].to_vec();
+                    self.buffer.drain(..end);
+                    return Ok((status, body));
+                }
+            }
+            let filled = self.buffer.len();
+            self.buffer.resize(filled + 16 * 1024, 0);
+            let read = self.stream.read(&mut self.buffer[filled..]);
+            self.buffer.truncate(filled + *read.as_ref().unwrap_or(&0));
+            match read {
+                Ok(0) => return Err("the hub closed the connection".to_owned()),
+                Ok(_) => {}
+                Err(error) => return Err(format!("reading: {error}")),
+            }
+        }
     }
 }
 
@@ -408,27 +546,31 @@ struct ClientResult {
     first_error: Option<String>,
     request_bytes: usize,
     response_bytes: usize,
+    /// Check-ins signed inside the measured loop because those signed ahead ran out.
+    signed_late: u64,
+}
+
+/// What a client sends: check-ins signed ahead, or drift windows signed as they go.
+enum Work<'a> {
+    CheckIns(std::vec::IntoIter<Vec<u8>>),
+    Drift(&'a InferenceWindow),
 }
 
 /// One client thread: a keep-alive connection, sending requests for `devices` in turn.
 fn client(
-    scenario: Scenario,
-    url: &str,
+    mut work: Work<'_>,
+    host: &str,
     devices: &[&SimDevice],
     warm_up_until: Instant,
     stop_at: Instant,
     budget: &AtomicU64,
 ) -> ClientResult {
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .new_agent();
-    let target = format!("{url}{}", scenario.path());
-    let check_in = check_in_body(None);
-    let mut batch = telemetry_batch(0);
+    let scenario = match work {
+        Work::CheckIns(_) => Scenario::CheckIn,
+        Work::Drift(_) => Scenario::Telemetry,
+    };
     let mut result = ClientResult::default();
+    let mut connection = None;
     let mut turn = 0usize;
     loop {
         let now = Instant::now();
@@ -441,28 +583,42 @@ fn client(
         }
         let device = devices[turn % devices.len()];
         turn += 1;
-        let body = match scenario {
-            Scenario::CheckIn => check_in.clone(),
-            Scenario::Telemetry => {
+        let request = match &mut work {
+            Work::CheckIns(presigned) => presigned.next().unwrap_or_else(|| {
+                // Ran past what was signed ahead: sign here, and say so in the results.
+                result.signed_late += 1;
+                let body = check_in_body(None);
+                http_request(
+                    host,
+                    &device.sign("POST", scenario.path(), Some(&body)),
+                    &body,
+                )
+            }),
+            Work::Drift(window) => {
                 // One counter for the whole run keeps `(device, sequence)` unique across scenarios,
                 // so no batch is taken for a resend.
-                batch.sequence = NEXT_SEQUENCE.fetch_add(1, Ordering::Relaxed);
-                outpost_protocol::encode(&batch).expect("encoding a telemetry batch")
+                let batch = TelemetryBatch {
+                    sequence: NEXT_SEQUENCE.fetch_add(1, Ordering::Relaxed),
+                    windows: vec![(*window).clone()],
+                    dropped_records: 0,
+                };
+                let body = outpost_protocol::encode(&batch).expect("encoding a telemetry batch");
+                http_request(
+                    host,
+                    &device.sign("POST", scenario.path(), Some(&body)),
+                    &body,
+                )
             }
         };
         let started = Instant::now();
-        let signed = device.sign("POST", scenario.path(), Some(&body));
-        let mut request = agent.post(&target).header("content-type", POSTCARD);
-        for (name, value) in &signed.headers {
-            request = request.header(name, value);
+        let outcome = match &mut connection {
+            Some(connection) => Ok(connection),
+            None => Connection::open(host)
+                .map(|opened| connection.insert(opened))
+                .map_err(|error| format!("connecting: {error}")),
         }
-        let outcome = request.send(&body[..]).map_err(|error| error.to_string());
-        let outcome = outcome.and_then(|mut response| {
-            let status = response.status().as_u16();
-            let bytes = response
-                .body_mut()
-                .read_to_vec()
-                .map_err(|error| error.to_string())?;
+        .and_then(|connection| connection.round_trip(&request))
+        .and_then(|(status, bytes)| {
             if status != 200 {
                 return Err(format!(
                     "status {status}: {}",
@@ -475,7 +631,7 @@ fn client(
         let elapsed = started.elapsed();
         match outcome {
             Ok(response_len) => {
-                result.request_bytes = body.len();
+                result.request_bytes = request.len();
                 result.response_bytes = response_len;
                 if measured {
                     result
@@ -484,6 +640,8 @@ fn client(
                 }
             }
             Err(error) => {
+                // A broken connection is not reused.
+                connection = None;
                 result.errors += 1;
                 result.first_error.get_or_insert(error);
             }
@@ -548,20 +706,44 @@ fn measure(
     scenario: Scenario,
     hub: &BenchHub,
     devices: &[SimDevice],
+    window: &InferenceWindow,
     clients: usize,
     duration: Duration,
 ) -> Measurement {
-    let url = hub.url();
+    let host: &str = &hub.address;
     let hub_pid = hub.child.id().to_string();
     let budget = Arc::new(AtomicU64::new(MAX_REQUESTS_PER_SCENARIO as u64));
+    let owned: Vec<Vec<&SimDevice>> = (0..clients)
+        .map(|thread| devices.iter().skip(thread).step_by(clients).collect())
+        .collect();
+    // Signing ahead takes a few seconds of both cores; it is done before the clock starts.
+    let per_client = PRESIGNED_PER_SECOND * (duration.as_secs() as usize + 1) / clients + 1;
+    let mut work: Vec<Work<'_>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = owned
+            .iter()
+            .map(|devices| {
+                scope.spawn(move || match scenario {
+                    Scenario::CheckIn => {
+                        Work::CheckIns(presign_check_ins(host, devices, per_client).into_iter())
+                    }
+                    Scenario::Telemetry => Work::Drift(window),
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("a signing thread panicked"))
+            .collect()
+    });
     let warm_up_until = Instant::now() + Duration::from_secs(1);
     let stop_at = warm_up_until + duration;
     let (results, before, after) = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..clients)
-            .map(|thread| {
-                let owned: Vec<&SimDevice> = devices.iter().skip(thread).step_by(clients).collect();
-                let (url, budget) = (&url, &budget);
-                scope.spawn(move || client(scenario, url, &owned, warm_up_until, stop_at, budget))
+        let handles: Vec<_> = owned
+            .iter()
+            .zip(work.drain(..))
+            .map(|(devices, work)| {
+                let budget = &budget;
+                scope.spawn(move || client(work, host, devices, warm_up_until, stop_at, budget))
             })
             .collect();
         // Sample CPU counters at the edges of the measured window, not of the warm-up.
@@ -587,8 +769,9 @@ fn measure(
     let mut latencies: Vec<u32> = Vec::new();
     let mut errors = 0;
     let mut first_error = None;
-    let (mut request_bytes, mut response_bytes) = (0, 0);
+    let (mut request_bytes, mut response_bytes, mut signed_late) = (0, 0, 0);
     for result in results {
+        signed_late += result.signed_late;
         latencies.extend(result.latencies_us);
         errors += result.errors;
         first_error = first_error.or(result.first_error);
@@ -598,6 +781,12 @@ fn measure(
     if let Some(error) = first_error {
         eprintln!(
             "{} with {clients} clients: {errors} failed requests; first: {error}",
+            scenario.name()
+        );
+    }
+    if signed_late > 0 {
+        eprintln!(
+            "{} with {clients} clients: {signed_late} check-ins were signed in the loop",
             scenario.name()
         );
     }
@@ -735,10 +924,25 @@ fn main() {
     let offer = devices[0].verify_offer(&devices[0].check_in(AgentState::Steady));
     assert!(offer.is_some(), "check-ins carry no rollout");
 
+    let (profile, profile_sha256) = hub.profile();
+    let window = drift_window(&profile, profile_sha256);
+    println!(
+        "drift summary: {} numeric features, {} class outputs, {} rows",
+        profile.features.len(),
+        profile.classes.len(),
+        ROWS_PER_SUMMARY
+    );
     let mut measurements = Vec::new();
     for &clients in &settings.client_counts {
-        for scenario in [Scenario::CheckIn, Scenario::Telemetry] {
-            let row = measure(scenario, &hub, &devices, clients, settings.duration);
+        for scenario in settings.scenarios.iter().copied() {
+            let row = measure(
+                scenario,
+                &hub,
+                &devices,
+                &window,
+                clients,
+                settings.duration,
+            );
             eprintln!(
                 "{} with {clients} clients: {:.0}/s",
                 scenario.name(),

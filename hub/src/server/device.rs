@@ -5,7 +5,7 @@
 //! hub refuses stale timestamps, replayed nonces, unknown and revoked devices, each with its own
 //! reason. Errors are postcard [`ErrorResponse`]s with the matching HTTP status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -25,7 +25,7 @@ use outpost_protocol::device::{
 };
 use outpost_protocol::keys::SignatureBytes;
 use outpost_protocol::trust::Slot;
-use outpost_protocol::{sha256, Label, Message, ModelName, PublicKey, Sha256};
+use outpost_protocol::{sha256, Label, Message, ModelName, PreparedKey, PublicKey, Sha256};
 use serde_bytes::ByteBuf;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tower_http::timeout::TimeoutLayer;
@@ -42,6 +42,8 @@ use crate::unix_now;
 const MAX_WINDOWS: usize = 4096;
 /// Most distinct nonces remembered at once; past this the hub sheds load rather than grow.
 const MAX_NONCES: usize = 2_000_000;
+/// Most device keys kept decompressed; past this the cache starts over (about 200 bytes each).
+const MAX_PREPARED_KEYS: usize = 1_000_000;
 
 pub fn routes(hub: SharedHub) -> Router {
     let timeout = hub.config.request_timeout;
@@ -151,16 +153,47 @@ fn reply<M: Message>(message: &M) -> Result<Response, DeviceError> {
     Ok((StatusCode::OK, postcard_headers(), frame).into_response())
 }
 
+/// Seconds of `forget_after` that share one bucket of the nonce cache.
+const NONCE_BUCKET_SECS: u64 = 10;
+/// Buckets in the ring: more than the `2 * MAX_CLOCK_SKEW_SECS / NONCE_BUCKET_SECS + 1` epochs a
+/// live entry can fall in, so two live epochs never share a slot.
+const NONCE_BUCKETS: usize = (2 * MAX_CLOCK_SKEW_SECS / NONCE_BUCKET_SECS) as usize + 4;
+
 /// Nonces seen within the clock-skew window, per device.
-#[derive(Debug, Default)]
+///
+/// A nonce must be remembered until its request's timestamp leaves the skew window
+/// (`forget_after`). Entries are kept in a ring of buckets by `forget_after`, so expired ones go a
+/// whole bucket at a time instead of by a scan of every entry (which, once a second under load,
+/// held the lock for milliseconds). A replay carries the same signed timestamp as the original,
+/// so it always lands in the original's bucket.
+#[derive(Debug)]
 pub struct NonceCache {
-    /// (device, nonce) → Unix second after which the entry may be forgotten.
-    seen: HashMap<([u8; 16], [u8; 16]), u64>,
-    last_prune: u64,
+    buckets: Vec<NonceBucket>,
+    /// Entries in all buckets.
+    len: usize,
+    last_sweep: u64,
+}
+
+#[derive(Debug, Default)]
+struct NonceBucket {
+    /// `forget_after / NONCE_BUCKET_SECS` of every entry.
+    epoch: u64,
+    seen: HashSet<([u8; 16], [u8; 16])>,
+}
+
+impl Default for NonceCache {
+    fn default() -> NonceCache {
+        NonceCache {
+            buckets: (0..NONCE_BUCKETS).map(|_| NonceBucket::default()).collect(),
+            len: 0,
+            last_sweep: 0,
+        }
+    }
 }
 
 impl NonceCache {
-    /// Records a nonce; false when it was already seen (a replay).
+    /// Records a nonce of a request whose timestamp is within the skew window of `now`; false when
+    /// it was already seen (a replay).
     fn insert(
         &mut self,
         device: [u8; 16],
@@ -168,18 +201,58 @@ impl NonceCache {
         timestamp: u64,
         now: u64,
     ) -> Result<bool, DeviceError> {
-        if now != self.last_prune {
-            self.seen.retain(|_, forget_after| *forget_after >= now);
-            self.last_prune = now;
+        debug_assert!(timestamp.abs_diff(now) <= MAX_CLOCK_SKEW_SECS);
+        if now != self.last_sweep {
+            // Empty the buckets whose every entry has expired, so `len` counts live entries only.
+            for bucket in &mut self.buckets {
+                if (bucket.epoch + 1) * NONCE_BUCKET_SECS <= now && !bucket.seen.is_empty() {
+                    self.len -= bucket.seen.len();
+                    bucket.seen = HashSet::new();
+                }
+            }
+            self.last_sweep = now;
         }
-        if self.seen.len() >= MAX_NONCES {
+        let epoch = (timestamp + MAX_CLOCK_SKEW_SECS) / NONCE_BUCKET_SECS;
+        let bucket = &mut self.buckets[(epoch % NONCE_BUCKETS as u64) as usize];
+        if bucket.epoch != epoch {
+            // Live epochs span fewer slots than the ring has, so the slot's other epoch is at least
+            // a full turn old: every entry in it is past its `forget_after`.
+            self.len -= bucket.seen.len();
+            bucket.seen = HashSet::new();
+            bucket.epoch = epoch;
+        }
+        if self.len >= MAX_NONCES {
             return Err(DeviceError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "replay cache is full; retry shortly",
             ));
         }
-        let forget_after = timestamp + MAX_CLOCK_SKEW_SECS;
-        Ok(self.seen.insert((device, nonce), forget_after).is_none())
+        let fresh = bucket.seen.insert((device, nonce));
+        self.len += usize::from(fresh);
+        Ok(fresh)
+    }
+}
+
+/// Device keys decompressed once each. A device's key never changes after enrollment, so an entry
+/// never goes stale; revocation is read from the device record on every request.
+#[derive(Debug, Default)]
+pub struct KeyCache {
+    keys: HashMap<[u8; 16], PreparedKey>,
+}
+
+impl KeyCache {
+    fn get(hub: &SharedHub, device: &DeviceRecord) -> Option<PreparedKey> {
+        if let Some(key) = hub.keys.read().ok()?.keys.get(&device.id) {
+            return Some(key.clone());
+        }
+        let key = PublicKey(device.public_key).prepare()?;
+        if let Ok(mut cache) = hub.keys.write() {
+            if cache.keys.len() >= MAX_PREPARED_KEYS {
+                cache.keys.clear();
+            }
+            cache.keys.insert(device.id, key.clone());
+        }
+        Some(key)
     }
 }
 
@@ -237,7 +310,9 @@ fn authenticate(
         timestamp,
         nonce,
     };
-    if !request.verify(&PublicKey(device.public_key), &signature) {
+    let verified =
+        KeyCache::get(hub, &device).is_some_and(|key| request.verify_prepared(&key, &signature));
+    if !verified {
         return Err(DeviceError::unauthorized("bad request signature"));
     }
     if device.revoked {
@@ -388,9 +463,8 @@ async fn check_in(
 
     let roots = hub
         .store
-        .roots()?
+        .roots_after(report.root_version)?
         .into_iter()
-        .filter(|(version, _)| *version > report.root_version)
         .map(|(_, bytes)| ByteBuf::from(bytes))
         .collect();
     let labels = labels_of(&device);
@@ -504,7 +578,7 @@ async fn telemetry(
 ) -> Result<Response, DeviceError> {
     let body = body?;
     let device = authenticate(&hub, &method, &uri, &headers, &body)?;
-    let batch: TelemetryBatch = outpost_protocol::decode(&body)?;
+    let mut batch: TelemetryBatch = outpost_protocol::decode(&body)?;
     if batch.windows.len() > MAX_WINDOWS {
         return Err(DeviceError::bad_request(format!(
             "batch has {} windows, at most {MAX_WINDOWS} are accepted",
@@ -512,7 +586,7 @@ async fn telemetry(
         )));
     }
     let mut windows = Vec::with_capacity(batch.windows.len());
-    for (index, window) in batch.windows.iter().enumerate() {
+    for (index, window) in batch.windows.iter_mut().enumerate() {
         ModelName::new(&window.model).map_err(|error| {
             DeviceError::bad_request(format!("window {index}: model name: {error}"))
         })?;
@@ -543,7 +617,8 @@ async fn telemetry(
             count: window.count,
             errors: window.errors,
             latency_buckets: window.latency_buckets.clone(),
-            drift: window.drift.clone(),
+            // Moved, not copied: a summary is most of a batch. The window keeps what names it.
+            drift: window.drift.take(),
         });
     }
     let ingested = hub.store.ingest_telemetry(
@@ -662,7 +737,49 @@ pub const SILENT_AFTER: Duration = Duration::from_secs(600);
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{parse_range, NonceCache, MAX_CLOCK_SKEW_SECS, NONCE_BUCKET_SECS};
+
+    #[test]
+    fn nonces_are_refused_again_until_their_timestamp_leaves_the_window() {
+        let mut cache = NonceCache::default();
+        let (device, other) = ([1; 16], [2; 16]);
+        let start = 1_000_000;
+        assert!(cache.insert(device, [7; 16], start, start).unwrap());
+        assert!(cache.insert(other, [7; 16], start, start).unwrap());
+        // Replayed at any moment the timestamp is still acceptable.
+        for now in [start, start + 1, start + MAX_CLOCK_SKEW_SECS] {
+            assert!(!cache.insert(device, [7; 16], start, now).unwrap());
+        }
+        // One request a second for several turns of the ring, each signed somewhere in the skew
+        // window; a replay is refused as long as the hub would still accept its timestamp.
+        let skew = MAX_CLOCK_SKEW_SECS;
+        let signed_at = |step: u64| start + step + step * 37 % (2 * skew + 1) - skew;
+        let nonce = |step: u64| -> [u8; 16] { step.to_le_bytes().repeat(2).try_into().unwrap() };
+        for step in 1..3_000u64 {
+            let now = start + step;
+            assert!(cache
+                .insert(device, nonce(step), signed_at(step), now)
+                .unwrap());
+            for earlier in [step.saturating_sub(10), step.saturating_sub(400)] {
+                if earlier > 0 && signed_at(earlier) + skew >= now {
+                    assert!(
+                        !cache
+                            .insert(device, nonce(earlier), signed_at(earlier), now)
+                            .unwrap(),
+                        "the nonce of step {earlier} was forgotten at step {step}"
+                    );
+                }
+            }
+        }
+        // Expired entries leave within a bucket's span: what is counted is at most the requests of
+        // the last window and a bucket, not of the whole run.
+        let bound = (2 * skew + NONCE_BUCKET_SECS) as usize + 1;
+        assert!(
+            cache.len <= bound,
+            "{} entries kept, at most {bound} live",
+            cache.len
+        );
+    }
 
     #[test]
     fn ranges() {

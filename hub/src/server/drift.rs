@@ -179,7 +179,7 @@ pub fn check_summary(hub: &Hub, window: &InferenceWindow) -> Result<(), SummaryE
     if let Err(error) = summary.validate(&loaded.profile, &loaded.sha256) {
         return refuse(format!("drift summary refused: {error}"));
     }
-    if let Err(error) = outpost_protocol::encode(summary) {
+    if let Err(error) = outpost_protocol::encoded_len(summary) {
         return refuse(format!("drift summary refused: {error}"));
     }
     Ok(())

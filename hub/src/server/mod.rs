@@ -58,6 +58,7 @@ pub struct Hub {
     /// a request captured before a restart must not become replayable after it.
     pub started_at: u64,
     pub nonces: Mutex<device::NonceCache>,
+    pub keys: RwLock<device::KeyCache>,
     /// Rollouts as devices see them, rebuilt whenever one changes.
     pub live: RwLock<Arc<Vec<LiveRollout>>>,
     /// Serialises rollout changes between the engine and operators.
@@ -84,6 +85,7 @@ impl Hub {
             config,
             started_at: crate::unix_now(),
             nonces: Mutex::new(device::NonceCache::default()),
+            keys: RwLock::new(device::KeyCache::default()),
             live: RwLock::new(Arc::new(Vec::new())),
             rollout_lock: tokio::sync::Mutex::new(()),
             profiles: drift::ProfileCache::default(),
