@@ -390,6 +390,7 @@ fn telemetry_batch(sequence: u64) -> TelemetryBatch {
                 .map(|bucket| (bucket * 37 + index) % 500)
                 .collect(),
             drift: None,
+            shadow: None,
         })
         .collect();
     TelemetryBatch {
