@@ -47,6 +47,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::inference::{InferenceError, LoadedModel};
+use crate::shadow::Shadow;
 use crate::slot::{ActiveModel, ModelSlot};
 use crate::telemetry::Recorder;
 
@@ -87,6 +88,8 @@ pub struct ApiState {
     pub recorder: Arc<Recorder>,
     pub queue: Arc<QueueStats>,
     pub limits: ApiLimits,
+    /// Where answered requests are offered to a shadow model, when the service runs one.
+    shadow: Option<Arc<Shadow>>,
     totals: Totals,
 }
 
@@ -102,8 +105,15 @@ impl ApiState {
             recorder,
             queue,
             limits,
+            shadow: None,
             totals: Totals::default(),
         }
+    }
+
+    /// Offers every answered request to `shadow`, off the request path.
+    pub fn with_shadow(mut self, shadow: Arc<Shadow>) -> ApiState {
+        self.shadow = Some(shadow);
+        self
     }
 }
 
@@ -511,6 +521,9 @@ fn run_request(
                     true,
                     crate::unix_now(),
                 ),
+            }
+            if let Some(shadow) = &state.shadow {
+                shadow.offer(active, &request.inputs, &outputs, crate::unix_now());
             }
             outputs
         }

@@ -64,8 +64,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use outpost_protocol::device::InferenceWindow;
+use outpost_protocol::device::{InferenceWindow, ShadowReport};
 use outpost_protocol::drift::DriftSummary;
+use outpost_protocol::trust::ManifestRef;
+use outpost_protocol::Sha256;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
@@ -139,7 +141,8 @@ pub struct AppendOutcome {
 /// What [`TelemetryCache::refused`] did with a batch the hub will never take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// Its drift summaries were removed; the batch is sent again with its counters.
+    /// Its drift summaries and shadow reports were removed; the batch is sent again with its
+    /// counters.
     DriftStripped,
     /// It was dropped; its windows count as dropped.
     Dropped { windows: u64 },
@@ -178,7 +181,7 @@ pub struct CacheStats {
 // Storage records: the agent's own types, converted by hand from the wire types. The outer enums
 // carry a format version so a later agent can still read what an older one wrote.
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct StoredWindow {
     model: String,
     version: u64,
@@ -189,6 +192,93 @@ struct StoredWindow {
     latency_buckets: Vec<u64>,
     /// The window's drift summary as its protocol frame, when the model has a profile.
     drift: Option<Vec<u8>>,
+    /// A shadow window's comparisons.
+    shadow: Option<StoredShadow>,
+}
+
+/// A shadow report as the cache keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct StoredShadow {
+    target_name: String,
+    target_version: u64,
+    target_sha256: [u8; 32],
+    compared: u64,
+    top1_agreed: u64,
+    errors: u64,
+    abs_diff_sum: f64,
+    abs_diff_values: u64,
+    dropped: u64,
+}
+
+impl StoredShadow {
+    fn from_wire(report: &ShadowReport) -> StoredShadow {
+        StoredShadow {
+            target_name: report.target.name.clone(),
+            target_version: report.target.version,
+            target_sha256: report.target.manifest_sha256.0,
+            compared: report.compared,
+            top1_agreed: report.top1_agreed,
+            errors: report.errors,
+            abs_diff_sum: report.abs_diff_sum,
+            abs_diff_values: report.abs_diff_values,
+            dropped: report.dropped,
+        }
+    }
+
+    fn into_wire(self) -> ShadowReport {
+        ShadowReport {
+            target: ManifestRef {
+                name: self.target_name,
+                version: self.target_version,
+                manifest_sha256: Sha256(self.target_sha256),
+            },
+            compared: self.compared,
+            top1_agreed: self.top1_agreed,
+            errors: self.errors,
+            abs_diff_sum: self.abs_diff_sum,
+            abs_diff_values: self.abs_diff_values,
+            dropped: self.dropped,
+        }
+    }
+
+    /// Adds `other`'s counts; windows are grouped by target before they merge.
+    fn merge(&mut self, other: &StoredShadow) {
+        self.compared = self.compared.saturating_add(other.compared);
+        self.top1_agreed = self.top1_agreed.saturating_add(other.top1_agreed);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.abs_diff_sum += other.abs_diff_sum;
+        self.abs_diff_values = self.abs_diff_values.saturating_add(other.abs_diff_values);
+        self.dropped = self.dropped.saturating_add(other.dropped);
+    }
+}
+
+/// A window as format V2 stored it, before shadow reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredWindowV2 {
+    model: String,
+    version: u64,
+    start: u64,
+    end: u64,
+    count: u64,
+    errors: u64,
+    latency_buckets: Vec<u64>,
+    drift: Option<Vec<u8>>,
+}
+
+impl From<StoredWindowV2> for StoredWindow {
+    fn from(old: StoredWindowV2) -> StoredWindow {
+        StoredWindow {
+            model: old.model,
+            version: old.version,
+            start: old.start,
+            end: old.end,
+            count: old.count,
+            errors: old.errors,
+            latency_buckets: old.latency_buckets,
+            drift: old.drift,
+            shadow: None,
+        }
+    }
 }
 
 /// A window as format V1 stored it, before drift summaries.
@@ -214,6 +304,7 @@ impl From<StoredWindowV1> for StoredWindow {
             errors: old.errors,
             latency_buckets: old.latency_buckets,
             drift: None,
+            shadow: None,
         }
     }
 }
@@ -233,6 +324,7 @@ impl StoredWindow {
                     .map_err(|error| log::error!("encoding a drift summary for the cache: {error}"))
                     .ok()
             }),
+            shadow: window.shadow.as_ref().map(StoredShadow::from_wire),
         }
     }
 
@@ -252,12 +344,18 @@ impl StoredWindow {
                     })
                     .ok()
             }),
+            shadow: self.shadow.map(StoredShadow::into_wire),
         }
     }
 
-    /// Roughly what this window takes in a batch: its counters plus its drift frame.
+    /// Roughly what this window takes in a batch: its counters plus its drift frame and shadow
+    /// report.
     fn stored_size(&self) -> usize {
-        128 + self.model.len() + self.drift.as_ref().map_or(0, Vec::len)
+        let shadow = self
+            .shadow
+            .as_ref()
+            .map_or(0, |shadow| 128 + shadow.target_name.len());
+        128 + self.model.len() + self.drift.as_ref().map_or(0, Vec::len) + shadow
     }
 
     /// Adds `other`'s counts into this window and widens it to cover both.
@@ -273,6 +371,17 @@ impl StoredWindow {
             *sum = sum.saturating_add(*add);
         }
         self.drift = merge_drift(self.drift.take(), other.drift.as_deref());
+        match (&mut self.shadow, &other.shadow) {
+            (Some(ours), Some(theirs)) => ours.merge(theirs),
+            (ours @ None, Some(theirs)) => *ours = Some(theirs.clone()),
+            (_, None) => {}
+        }
+    }
+
+    /// What windows must share, besides model, version and day, to be rolled up into one: the
+    /// shadow target they compared, if any.
+    fn shadow_target(&self) -> Option<[u8; 32]> {
+        self.shadow.as_ref().map(|shadow| shadow.target_sha256)
     }
 }
 
@@ -315,6 +424,10 @@ enum StoredRecord {
     },
     /// Windows with their drift summaries.
     V2 {
+        windows: Vec<StoredWindowV2>,
+    },
+    /// Windows with their drift summaries and shadow reports.
+    V3 {
         windows: Vec<StoredWindow>,
     },
 }
@@ -323,7 +436,8 @@ impl StoredRecord {
     fn into_windows(self) -> Vec<StoredWindow> {
         match self {
             StoredRecord::V1 { windows } => windows.into_iter().map(StoredWindow::from).collect(),
-            StoredRecord::V2 { windows } => windows,
+            StoredRecord::V2 { windows } => windows.into_iter().map(StoredWindow::from).collect(),
+            StoredRecord::V3 { windows } => windows,
         }
     }
 }
@@ -337,6 +451,12 @@ enum StoredOutbox {
         keys: Vec<u64>,
     },
     V2 {
+        sequence: u64,
+        dropped_records: u64,
+        windows: Vec<StoredWindowV2>,
+        keys: Vec<u64>,
+    },
+    V3 {
         sequence: u64,
         dropped_records: u64,
         windows: Vec<StoredWindow>,
@@ -367,6 +487,17 @@ impl StoredOutbox {
                 keys,
             },
             StoredOutbox::V2 {
+                sequence,
+                dropped_records,
+                windows,
+                keys,
+            } => OutboxParts {
+                sequence,
+                dropped_records,
+                windows: windows.into_iter().map(StoredWindow::from).collect(),
+                keys,
+            },
+            StoredOutbox::V3 {
                 sequence,
                 dropped_records,
                 windows,
@@ -417,7 +548,7 @@ fn record_key(key: &[u8]) -> Result<u64, String> {
 fn encode_record(windows: &[StoredWindow]) -> Result<Vec<u8>, CacheError> {
     encode(
         "records",
-        &StoredRecord::V2 {
+        &StoredRecord::V3 {
             windows: windows.to_vec(),
         },
     )
@@ -495,7 +626,7 @@ impl Change {
     ) -> Result<(), CacheError> {
         let value = encode(
             "outbox",
-            &StoredOutbox::V2 {
+            &StoredOutbox::V3 {
                 sequence,
                 dropped_records,
                 windows: windows.to_vec(),
@@ -904,8 +1035,8 @@ impl TelemetryCache {
     }
 
     /// The hub refused batch `sequence` outright (a 4xx: it will never take it as it is). A batch
-    /// carrying drift summaries loses them and keeps its sequence and counters, so one summary the
-    /// hub cannot use does not cost the inference counts; a batch without any is dropped, its
+    /// carrying drift summaries or shadow reports loses them and keeps its sequence and counters,
+    /// so one summary or report the hub cannot use does not cost the inference counts; a batch without any is dropped, its
     /// windows counted as dropped and reported with the next batch. Either way the queue moves on.
     pub fn refused(&self, sequence: u64) -> Result<Refusal, CacheError> {
         let state = self.lock();
@@ -923,9 +1054,15 @@ impl TelemetryCache {
         };
         let mut change = Change::new(&state);
         let outcome = match parts {
-            Some(mut parts) if parts.windows.iter().any(|window| window.drift.is_some()) => {
+            Some(mut parts)
+                if parts
+                    .windows
+                    .iter()
+                    .any(|window| window.drift.is_some() || window.shadow.is_some()) =>
+            {
                 for window in &mut parts.windows {
                     window.drift = None;
+                    window.shadow = None;
                 }
                 change.put_outbox(
                     parts.sequence,
@@ -1158,7 +1295,8 @@ impl TelemetryCache {
             .map(|(key, info)| (*key, *info))
             .collect();
         let mut contents: BTreeMap<u64, Vec<StoredWindow>> = BTreeMap::new();
-        let mut owners: HashMap<(String, u64, u64), (u64, usize)> = HashMap::new();
+        type Group = (String, u64, u64, Option<[u8; 32]>);
+        let mut owners: HashMap<Group, (u64, usize)> = HashMap::new();
         let mut changed = Vec::new();
         let mut merged = 0u64;
         let mut unreadable = 0u64;
@@ -1174,6 +1312,7 @@ impl TelemetryCache {
                     window.model.clone(),
                     window.version,
                     window.start / DAY_SECS,
+                    window.shadow_target(),
                 );
                 match owners.get(&group) {
                     Some(&(owner, position)) => {
@@ -1346,6 +1485,7 @@ mod tests {
             errors: 0,
             latency_buckets: vec![3; 17],
             drift: None,
+            shadow: None,
         }
     }
 

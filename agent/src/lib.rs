@@ -11,6 +11,8 @@
 //!   and benchmarks.
 //! - [`api`]: the local inference API (Open Inference Protocol / KServe v2 REST) over the active
 //!   model, with hot swap that never fails an in-flight request, and `/metrics`.
+//! - [`shadow`]: the target of a plan's shadow stage, run beside the active model on copies of
+//!   live inputs off the request path, its answers compared with the active model's.
 //! - [`cache`]: the telemetry cache — closed inference windows on disk (sled) until the hub
 //!   acknowledges them, under a byte cap, with crash-safe upload batches.
 
@@ -27,6 +29,7 @@ pub mod hub_client;
 pub mod inference;
 pub mod notify;
 pub mod service;
+pub mod shadow;
 pub mod slot;
 pub mod state;
 pub mod sync;

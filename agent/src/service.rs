@@ -14,6 +14,7 @@ use crate::cache::TelemetryCache;
 use crate::config::Config;
 use crate::hub_client::{DeviceIdentity, HubClient};
 use crate::notify::Notifier;
+use crate::shadow::{self, Shadow};
 use crate::slot::ModelSlot;
 use crate::sync::{Shared, Syncer};
 use crate::telemetry::Recorder;
@@ -101,6 +102,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let notifier = Arc::new(Notifier::from_env());
     let slot = Arc::new(ModelSlot::new());
     let recorder = Arc::new(Recorder::new());
+    let shadow = Arc::new(
+        Shadow::start(recorder.clone(), shadow::QUEUE_CAPACITY)
+            .context("starting the shadow thread")?,
+    );
     let queue = Arc::new(QueueStats::default());
     let (cache, quarantine) =
         TelemetryCache::open(&config.data_dir.join("telemetry"), config.telemetry_cap)
@@ -117,6 +122,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         cache: Arc::new(cache),
         queue: queue.clone(),
         notifier: notifier.clone(),
+        shadow: shadow.clone(),
     };
     let mut syncer = Syncer::start(config, client, device_id.clone(), shared)?;
     if let Some(quarantine) = quarantine {
@@ -155,7 +161,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
         log::info!("agent {device_id} running");
         notifier.ready();
-        let state = Arc::new(ApiState::new(slot, recorder, queue, limits));
+        let state = Arc::new(ApiState::new(slot, recorder, queue, limits).with_shadow(shadow));
         let served = api::serve(listener, state, shutdown_signal()).await;
         notifier.stopping();
         log::info!("stopping: finishing the sync cycle and saving telemetry");

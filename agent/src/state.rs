@@ -40,7 +40,7 @@ pub struct Pending {
 pub struct QueuedReport {
     pub plan_sequence: Option<u64>,
     pub manifest: Option<VersionRef>,
-    /// `downloaded`, `activating`, `committed`, `failed`, `rolled_back`, `refused`.
+    /// `downloaded`, `activating`, `committed`, `shadowing`, `failed`, `rolled_back`, `refused`.
     pub kind: String,
     pub reason: String,
     pub at: u64,

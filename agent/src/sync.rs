@@ -6,6 +6,11 @@
 //! the active version, a persisted `pending` marker is set, the candidate must load and pass its
 //! signed validation set within a deadline, and only then does the active pointer move and the
 //! serving slot swap. A crash during probation finds the marker at start and reverts.
+//!
+//! A shadow model (the target of a plan's shadow stage) is verified, downloaded, installed and
+//! validated the same way, but never activated: it only goes to the [`Shadow`] runner, and is
+//! taken off it as soon as a check-in no longer asks for it. It is kept in memory only; after a
+//! restart the next check-in sets it again.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -18,7 +23,9 @@ use outpost_protocol::device::{
     TelemetryBatch,
 };
 use outpost_protocol::trust::{ManifestBody, ManifestRef, Signed};
-use outpost_protocol::{Arch, Message, Sha256, TimeFloor, VerifiedManifest, VerifiedRoot};
+use outpost_protocol::{
+    Arch, Message, Sha256, TimeFloor, VerifiedManifest, VerifiedPlan, VerifiedRoot,
+};
 use serde::Serialize;
 
 use crate::api::QueueStats;
@@ -29,6 +36,7 @@ use crate::drift::Extractor;
 use crate::hub_client::{HubClient, HubError};
 use crate::inference::{validate, LoadedModel};
 use crate::notify::Notifier;
+use crate::shadow::Shadow;
 use crate::slot::{ActiveModel, ModelDrift, ModelSlot};
 use crate::state::{DeviceState, Pending, QueuedReport, StateFiles, VersionRef};
 use crate::telemetry::Recorder;
@@ -49,6 +57,8 @@ pub struct StatusFile {
     pub active: Option<String>,
     pub previous: Vec<String>,
     pub pending: Option<String>,
+    /// The plan's target running in shadow beside the active model, if any.
+    pub shadow: Option<String>,
     pub last_checkin: Option<u64>,
     pub last_error: Option<String>,
     pub root_version: u64,
@@ -68,6 +78,7 @@ pub struct Shared {
     pub cache: Arc<TelemetryCache>,
     pub queue: Arc<QueueStats>,
     pub notifier: Arc<Notifier>,
+    pub shadow: Arc<Shadow>,
 }
 
 pub fn status_path(config: &Config) -> PathBuf {
@@ -88,6 +99,7 @@ pub struct Syncer {
     cache: Arc<TelemetryCache>,
     queue: Arc<QueueStats>,
     notifier: Arc<Notifier>,
+    shadow: Arc<Shadow>,
     agent_state: AgentState,
     last_error: Option<String>,
     last_telemetry_flush: Instant,
@@ -142,6 +154,7 @@ impl Syncer {
             cache,
             queue,
             notifier,
+            shadow,
         } = shared;
         let files = StateFiles::new(&config.data_dir)?;
         let mut state = files.load()?;
@@ -194,6 +207,7 @@ impl Syncer {
             cache,
             queue,
             notifier,
+            shadow,
             agent_state: AgentState::Steady,
             last_error: None,
             last_telemetry_flush: Instant::now(),
@@ -416,6 +430,7 @@ impl Syncer {
             }
         }
         let Some(plan_bytes) = response.plan else {
+            self.stop_shadow("no plan applies to this device any more");
             return;
         };
         let plan = match self
@@ -426,25 +441,40 @@ impl Syncer {
             Err(error) => {
                 let digest = outpost_protocol::sha256(&plan_bytes).0;
                 self.refuse(None, None, digest, format!("plan: {error}"));
+                self.stop_shadow("the hub's plan was refused");
                 return;
             }
         };
         let sequence = plan.sequence();
         self.state.highest_plan = Some(self.state.highest_plan.unwrap_or(0).max(sequence));
         self.state.newest_signed = self.state.newest_signed.max(plan.body().created);
-        let Some((_, manifest_bytes)) = response.manifest else {
-            return;
-        };
-        // The name only picks the rollback floor; verification checks everything else.
-        let claimed_name = outpost_protocol::decode::<Signed<ManifestBody>>(&manifest_bytes)
+        if let Some((_, manifest_bytes)) = response.manifest {
+            self.apply_manifest(&plan, &manifest_bytes, &floor);
+        }
+        match response.shadow {
+            Some(shadow_bytes) => self.apply_shadow(&plan, &shadow_bytes, &floor),
+            None => self.stop_shadow("the plan no longer has this device shadow its target"),
+        }
+    }
+
+    /// The highest version of the model a manifest claims to be seen here: the rollback floor. The
+    /// name is only read to pick the floor; verification checks everything else.
+    fn highest_for(&self, manifest_bytes: &[u8]) -> Option<u64> {
+        let claimed_name = outpost_protocol::decode::<Signed<ManifestBody>>(manifest_bytes)
             .ok()
             .and_then(|signed| signed.decode_unverified().ok())
             .map(|body| body.name)
             .unwrap_or_default();
-        let highest = self.state.highest_manifest(&claimed_name);
-        let digest = outpost_protocol::sha256(&manifest_bytes).0;
+        self.state.highest_manifest(&claimed_name)
+    }
+
+    /// Verifies, and unless it runs already, activates the manifest the hub says to serve.
+    fn apply_manifest(&mut self, plan: &VerifiedPlan, manifest_bytes: &[u8], floor: &TimeFloor) {
+        let sequence = plan.sequence();
+        let highest = self.highest_for(manifest_bytes);
+        let digest = outpost_protocol::sha256(manifest_bytes).0;
         let (slot, manifest) =
-            match plan.verify_manifest(&self.root, &manifest_bytes, &floor, highest) {
+            match plan.verify_manifest(&self.root, manifest_bytes, floor, highest) {
                 Ok(verified) => verified,
                 Err(error) => {
                     self.refuse(Some(sequence), None, digest, format!("manifest: {error}"));
@@ -452,22 +482,7 @@ impl Syncer {
                 }
             };
         let candidate = to_ref(&manifest);
-        let Some(arch) = Arch::current() else {
-            self.refuse(
-                Some(sequence),
-                Some(candidate),
-                digest,
-                "this CPU architecture is not supported".into(),
-            );
-            return;
-        };
-        if let Err(error) = manifest.check_compatible(arch, agent_version()) {
-            self.refuse(
-                Some(sequence),
-                Some(candidate),
-                digest,
-                format!("manifest: {error}"),
-            );
+        if !self.check_compatible(sequence, &candidate, &manifest, "manifest") {
             return;
         }
         self.state.note_manifest(&candidate.name, candidate.version);
@@ -491,66 +506,168 @@ impl Syncer {
         self.activate(sequence, candidate, &manifest);
     }
 
-    fn activate(&mut self, sequence: u64, candidate: VersionRef, manifest: &VerifiedManifest) {
+    /// Refuses, and reports, a manifest this device cannot run. `what` names it in the report.
+    fn check_compatible(
+        &mut self,
+        sequence: u64,
+        candidate: &VersionRef,
+        manifest: &VerifiedManifest,
+        what: &str,
+    ) -> bool {
         let digest = candidate.manifest_sha256;
-        if !self.versions.has(&digest) {
-            if let Some(model) = manifest.artifact(outpost_protocol::trust::ArtifactRole::Model) {
-                if model.length > self.config.max_model_size {
-                    let reason = format!(
-                        "model is {} bytes, over this device's max_model_size of {}",
-                        model.length, self.config.max_model_size
-                    );
-                    self.refuse(Some(sequence), Some(candidate), digest, reason);
-                    return;
-                }
-            }
-            self.agent_state = AgentState::Downloading;
-            let downloads = self.config.data_dir.join("downloads");
-            let limits = Limits {
-                deadline: self.config.download_deadline,
-                min_rate: self.config.min_download_rate,
-            };
-            let notifier = self.notifier.clone();
-            let mut files = Vec::new();
-            for artifact in &manifest.body().artifacts {
-                match download::fetch(&self.client, artifact, &downloads, limits, &|| {
-                    notifier.watchdog()
-                }) {
-                    Ok(path) => files.push((artifact.role, path)),
-                    Err(error) if error.is_refusal() => {
-                        self.agent_state = AgentState::Steady;
-                        self.refuse(Some(sequence), Some(candidate), digest, error.to_string());
-                        return;
-                    }
-                    Err(error) => {
-                        // Network trouble: keep the partial file and resume next cycle.
-                        self.agent_state = AgentState::Steady;
-                        log::warn!("{error}");
-                        self.last_error = Some(error.to_string());
-                        return;
-                    }
-                }
-            }
-            if let Err(error) = self
-                .versions
-                .install(&digest, manifest.signed_bytes(), &files)
-            {
-                self.agent_state = AgentState::Degraded;
-                log::error!("installing {candidate}: {error:#}");
-                self.queue(
-                    Some(sequence),
-                    Some(candidate),
-                    "failed",
-                    format!("install: {error:#}"),
-                );
+        let refusal = match Arch::current() {
+            None => "this CPU architecture is not supported".to_owned(),
+            Some(arch) => match manifest.check_compatible(arch, agent_version()) {
+                Ok(()) => return true,
+                Err(error) => format!("{what}: {error}"),
+            },
+        };
+        self.refuse(Some(sequence), Some(candidate.clone()), digest, refusal);
+        false
+    }
+
+    /// Verifies the plan's target as a shadow model and, unless it runs in shadow already, or
+    /// failed here before, downloads, installs and validates it exactly as for an activation,
+    /// then hands it to the shadow runner. The active model keeps serving throughout.
+    fn apply_shadow(&mut self, plan: &VerifiedPlan, manifest_bytes: &[u8], floor: &TimeFloor) {
+        let sequence = plan.sequence();
+        let digest = outpost_protocol::sha256(manifest_bytes).0;
+        if self
+            .shadow
+            .current()
+            .is_some_and(|running| running.manifest_sha256.0 == digest)
+        {
+            return;
+        }
+        if self.state.failed.contains(&digest) || self.state.refused.contains(&digest) {
+            self.stop_shadow("the new shadow model failed or was refused here");
+            return;
+        }
+        let highest = self.highest_for(manifest_bytes);
+        let manifest = match plan.verify_shadow_manifest(&self.root, manifest_bytes, floor, highest)
+        {
+            Ok(manifest) => manifest,
+            Err(error) => {
+                self.stop_shadow("the hub's shadow manifest was refused");
+                let reason = format!("shadow manifest: {error}");
+                self.refuse(Some(sequence), None, digest, reason);
                 return;
             }
+        };
+        let candidate = to_ref(&manifest);
+        if !self.check_compatible(sequence, &candidate, &manifest, "shadow manifest") {
+            self.stop_shadow("the new shadow model cannot run here");
+            return;
+        }
+        if self.state.active.is_none() {
+            // Nothing serves, so there is nothing to compare with.
+            return;
+        }
+        if !self.install(sequence, &candidate, &manifest) {
+            return;
+        }
+        self.agent_state = AgentState::Steady;
+        match self.probation(&candidate) {
+            Ok(model) => {
+                log::info!("running {candidate} in shadow (plan {sequence})");
+                self.stop_shadow("another shadow model replaces it");
+                self.shadow.set(Some(Arc::new(model)));
+                self.queue(Some(sequence), Some(candidate), "shadowing", String::new());
+            }
+            Err(reason) => {
+                log::warn!("{candidate} failed as a shadow model: {reason}");
+                self.stop_shadow("the new shadow model failed");
+                DeviceState::remember(&mut self.state.failed, digest);
+                let reason = format!("shadow: {reason}");
+                self.queue(Some(sequence), Some(candidate), "failed", reason);
+            }
+        }
+    }
+
+    /// Takes the shadow model, if any, off the shadow runner.
+    fn stop_shadow(&self, why: &str) {
+        if let Some(stopped) = self.shadow.set(None) {
+            log::info!(
+                "stopped running {}@{} in shadow: {why}",
+                stopped.name,
+                stopped.version
+            );
+        }
+    }
+
+    /// Downloads and installs the manifest's artifacts unless the version is installed already.
+    /// False when it is not installed now: refused and reported, failed and reported, or held up
+    /// by the network (to be resumed next cycle).
+    fn install(
+        &mut self,
+        sequence: u64,
+        candidate: &VersionRef,
+        manifest: &VerifiedManifest,
+    ) -> bool {
+        let digest = candidate.manifest_sha256;
+        if self.versions.has(&digest) {
+            return true;
+        }
+        let candidate = candidate.clone();
+        if let Some(model) = manifest.artifact(outpost_protocol::trust::ArtifactRole::Model) {
+            if model.length > self.config.max_model_size {
+                let reason = format!(
+                    "model is {} bytes, over this device's max_model_size of {}",
+                    model.length, self.config.max_model_size
+                );
+                self.refuse(Some(sequence), Some(candidate), digest, reason);
+                return false;
+            }
+        }
+        self.agent_state = AgentState::Downloading;
+        let downloads = self.config.data_dir.join("downloads");
+        let limits = Limits {
+            deadline: self.config.download_deadline,
+            min_rate: self.config.min_download_rate,
+        };
+        let notifier = self.notifier.clone();
+        let mut files = Vec::new();
+        for artifact in &manifest.body().artifacts {
+            match download::fetch(&self.client, artifact, &downloads, limits, &|| {
+                notifier.watchdog()
+            }) {
+                Ok(path) => files.push((artifact.role, path)),
+                Err(error) if error.is_refusal() => {
+                    self.agent_state = AgentState::Steady;
+                    self.refuse(Some(sequence), Some(candidate), digest, error.to_string());
+                    return false;
+                }
+                Err(error) => {
+                    // Network trouble: keep the partial file and resume next cycle.
+                    self.agent_state = AgentState::Steady;
+                    log::warn!("{error}");
+                    self.last_error = Some(error.to_string());
+                    return false;
+                }
+            }
+        }
+        if let Err(error) = self
+            .versions
+            .install(&digest, manifest.signed_bytes(), &files)
+        {
+            self.agent_state = AgentState::Degraded;
+            log::error!("installing {candidate}: {error:#}");
             self.queue(
                 Some(sequence),
-                Some(candidate.clone()),
-                "downloaded",
-                String::new(),
+                Some(candidate),
+                "failed",
+                format!("install: {error:#}"),
             );
+            return false;
+        }
+        self.queue(Some(sequence), Some(candidate), "downloaded", String::new());
+        true
+    }
+
+    fn activate(&mut self, sequence: u64, candidate: VersionRef, manifest: &VerifiedManifest) {
+        let digest = candidate.manifest_sha256;
+        if !self.install(sequence, &candidate, manifest) {
+            return;
         }
 
         self.agent_state = AgentState::Probation;
@@ -597,13 +714,14 @@ impl Syncer {
                 self.agent_state = AgentState::Steady;
                 log::info!("committed {candidate}");
                 self.queue(Some(sequence), Some(candidate), "committed", String::new());
-                let keep: Vec<[u8; 32]> = self
+                let mut keep: Vec<[u8; 32]> = self
                     .state
                     .active
                     .iter()
                     .chain(&self.state.previous)
                     .map(|version| version.manifest_sha256)
                     .collect();
+                keep.extend(self.shadow.current().map(|shadow| shadow.manifest_sha256.0));
                 if let Err(error) = self.versions.retain(&keep) {
                     log::warn!("removing old versions: {error:#}");
                 }
@@ -671,6 +789,7 @@ impl Syncer {
                 "downloaded" => Status::Downloaded,
                 "activating" => Status::Activating,
                 "committed" => Status::Committed,
+                "shadowing" => Status::Shadowing,
                 "rolled_back" => Status::RolledBack {
                     reason: report.reason.clone(),
                 },
@@ -782,6 +901,10 @@ impl Syncer {
                 .pending
                 .as_ref()
                 .map(|pending| pending.candidate.to_string()),
+            shadow: self
+                .shadow
+                .current()
+                .map(|shadow| format!("{}@{}", shadow.name, shadow.version)),
             last_checkin: self.state.last_checkin,
             last_error: self.last_error.clone(),
             root_version: self.root.version(),

@@ -1,14 +1,17 @@
 //! Per-inference telemetry, kept in memory: counters and a latency histogram per model version and
-//! hourly window. Nothing here touches the disk; whole windows are handed to the cache in batches,
+//! hourly window, and the comparisons of a shadow model with the model that served, in windows of
+//! their own. Nothing here touches the disk; whole windows are handed to the cache in batches,
 //! never one inference at a time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use outpost_protocol::device::{InferenceWindow, Tensor, LATENCY_BUCKETS_US};
+use outpost_protocol::device::{InferenceWindow, ShadowReport, Tensor, LATENCY_BUCKETS_US};
 use outpost_protocol::drift::DriftSummary;
+use outpost_protocol::trust::ManifestRef;
 
+use crate::shadow::Comparison;
 use crate::slot::ModelDrift;
 
 /// Length of a telemetry window: aligned UTC hours.
@@ -31,10 +34,18 @@ struct Counters {
     drift: Option<DriftSummary>,
 }
 
+/// A shadow window: the serving model's window and the shadow model's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ShadowKey {
+    window: WindowKey,
+    target: (String, u64, [u8; 32]),
+}
+
 /// Collects inference outcomes. Shared by every request handler; cheap to call.
 #[derive(Debug, Default)]
 pub struct Recorder {
     open: Mutex<HashMap<WindowKey, Counters>>,
+    shadow: Mutex<HashMap<ShadowKey, ShadowReport>>,
 }
 
 fn bucket_of(latency: Duration) -> usize {
@@ -126,6 +137,44 @@ impl Recorder {
         then(start, bucket, counters);
     }
 
+    /// Adds a shadow comparison (or a dropped input) of `target` beside `model` `version` to the
+    /// shadow window of Unix second `now`.
+    pub fn record_shadow(
+        &self,
+        model: &str,
+        version: u64,
+        target: &ManifestRef,
+        comparison: &Comparison,
+        now: u64,
+    ) {
+        let key = ShadowKey {
+            window: WindowKey {
+                model: model.to_owned(),
+                version,
+                start: now - now % WINDOW_SECS,
+            },
+            target: (
+                target.name.clone(),
+                target.version,
+                target.manifest_sha256.0,
+            ),
+        };
+        let mut open = match self.shadow.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let report = open.entry(key).or_insert_with(|| ShadowReport {
+            target: target.clone(),
+            compared: 0,
+            top1_agreed: 0,
+            errors: 0,
+            abs_diff_sum: 0.0,
+            abs_diff_values: 0,
+            dropped: 0,
+        });
+        comparison.add_to(report);
+    }
+
     /// Removes and returns the windows that ended at or before `now`.
     pub fn take_closed(&self, now: u64) -> Vec<InferenceWindow> {
         self.take(|key| key.start + WINDOW_SECS <= now)
@@ -143,7 +192,8 @@ impl Recorder {
             Err(poisoned) => poisoned.into_inner(),
         };
         let keys: Vec<WindowKey> = open.keys().filter(|key| wanted(key)).cloned().collect();
-        keys.into_iter()
+        let mut windows: Vec<InferenceWindow> = keys
+            .into_iter()
             .filter_map(|key| {
                 let counters = open.remove(&key)?;
                 Some(InferenceWindow {
@@ -155,9 +205,38 @@ impl Recorder {
                     errors: counters.errors,
                     latency_buckets: counters.latency.to_vec(),
                     drift: counters.drift,
+                    shadow: None,
                 })
             })
-            .collect()
+            .collect();
+        drop(open);
+        let mut shadow = match self.shadow.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let keys: Vec<ShadowKey> = shadow
+            .keys()
+            .filter(|key| wanted(&key.window))
+            .cloned()
+            .collect();
+        for key in keys {
+            let Some(report) = shadow.remove(&key) else {
+                continue;
+            };
+            // A shadow window counts no inference of its own: the serving model's window does.
+            windows.push(InferenceWindow {
+                model: key.window.model,
+                version: key.window.version,
+                start: key.window.start,
+                end: key.window.start + WINDOW_SECS,
+                count: 0,
+                errors: 0,
+                latency_buckets: Vec::new(),
+                drift: None,
+                shadow: Some(report),
+            });
+        }
+        windows
     }
 }
 

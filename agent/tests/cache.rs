@@ -5,7 +5,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use outpost_agent::cache::{CacheError, PendingBatch, TelemetryCache};
-use outpost_protocol::device::{InferenceWindow, LATENCY_BUCKETS_US};
+use outpost_protocol::device::{InferenceWindow, ShadowReport, LATENCY_BUCKETS_US};
+use outpost_protocol::trust::ManifestRef;
+use outpost_protocol::Sha256;
 
 /// A UTC midnight; every start below is a 5-byte varint, so same-shaped windows encode alike.
 const DAY0: u64 = 1_700_006_400;
@@ -25,6 +27,7 @@ fn window(model: &str, start: u64, count: u64, bucket: usize) -> InferenceWindow
         errors: 1,
         latency_buckets,
         drift: None,
+        shadow: None,
     }
 }
 
@@ -499,6 +502,70 @@ fn drifted(hour: u64, values: &[f64]) -> InferenceWindow {
     InferenceWindow {
         drift: Some(summary),
         ..window("m", start, values.len() as u64, 0)
+    }
+}
+
+/// A shadow window of hour `hour` of day 0: `compared` comparisons of target `target`.
+fn shadowed(hour: u64, target: u8, compared: u64) -> InferenceWindow {
+    InferenceWindow {
+        count: 0,
+        errors: 0,
+        latency_buckets: Vec::new(),
+        shadow: Some(ShadowReport {
+            target: ManifestRef {
+                name: "m".to_owned(),
+                version: 2,
+                manifest_sha256: Sha256([target; 32]),
+            },
+            compared,
+            top1_agreed: compared - 1,
+            errors: 1,
+            abs_diff_sum: 0.25,
+            abs_diff_values: compared * 3,
+            dropped: 2,
+        }),
+        ..window("m", DAY0 + hour * HOUR, 0, 0)
+    }
+}
+
+#[test]
+fn shadow_reports_travel_with_their_windows_and_add_up_per_target_in_roll_ups() {
+    let dir = dir();
+    let size = record_size();
+    let cache = open(&dir.path, 10 * size);
+    // Hours of one day: a serving window and shadow windows of two targets each.
+    for hour in 0..8 {
+        let windows = [
+            window("m", DAY0 + hour * HOUR, 5, 0),
+            shadowed(hour, 1, 10),
+            shadowed(hour, 2, 20),
+        ];
+        let outcome = cache.append(&windows).expect("append");
+        assert_eq!(outcome.dropped_windows, 0);
+    }
+    assert!(cache.stats().merged_total > 0, "the cap forced roll-ups");
+    let batch = pending(&cache, 100);
+    let served: u64 = batch.windows.iter().map(|w| w.count).sum();
+    assert_eq!(served, 40);
+    for (target, compared) in [(1u8, 10u64), (2, 20)] {
+        let reports: Vec<&ShadowReport> = batch
+            .windows
+            .iter()
+            .filter_map(|w| w.shadow.as_ref())
+            .filter(|r| r.target.manifest_sha256 == Sha256([target; 32]))
+            .collect();
+        let sum = |field: fn(&ShadowReport) -> u64| reports.iter().map(|r| field(r)).sum::<u64>();
+        assert_eq!(sum(|r| r.compared), 8 * compared, "target {target}");
+        assert_eq!(sum(|r| r.top1_agreed), 8 * (compared - 1));
+        assert_eq!(sum(|r| r.errors), 8);
+        assert_eq!(sum(|r| r.abs_diff_values), 8 * compared * 3);
+        assert_eq!(sum(|r| r.dropped), 16);
+        let diff: f64 = reports.iter().map(|r| r.abs_diff_sum).sum();
+        assert!((diff - 2.0).abs() < 1e-12);
+    }
+    // A serving window never absorbs a shadow report, nor the other way round.
+    for window in &batch.windows {
+        assert!(window.shadow.is_none() || window.count == 0, "{window:?}");
     }
 }
 

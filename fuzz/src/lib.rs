@@ -37,6 +37,15 @@ macro_rules! fuzz_decode {
     };
 }
 
+/// Decodes a telemetry batch and checks each window's shadow report as the hub does.
+pub fn decode_telemetry_batch(frame: &[u8]) {
+    if let Ok(batch) = outpost_protocol::decode::<outpost_protocol::device::TelemetryBatch>(frame) {
+        for report in batch.windows.iter().filter_map(|window| window.shadow.as_ref()) {
+            let _ = report.validate();
+        }
+    }
+}
+
 /// 2026-01-01T00:00:00Z, the clock every verification runs at.
 const NOW: u64 = 1_767_225_600;
 
@@ -114,6 +123,7 @@ fn fixture() -> &'static Fixture {
                 on_breach: BreachAction::Pause,
                 auto_advance: false,
             },
+            shadow: None,
         };
         Fixture {
             key,
@@ -153,6 +163,9 @@ pub fn verify_plan(data: &[u8]) {
     let fixture = fixture();
     let _ = fixture.root.verify_plan(data, &fixture.floor, Some(5));
     if let Some(document) = signed_payload(&fixture.plan, data, &fixture.key) {
-        let _ = fixture.root.verify_plan(&document, &fixture.floor, Some(5));
+        if let Ok(plan) = fixture.root.verify_plan(&document, &fixture.floor, Some(5)) {
+            // A plan that verifies is asked to authorise the input as its shadow model too.
+            let _ = plan.verify_shadow_manifest(&fixture.root, data, &fixture.floor, None);
+        }
     }
 }

@@ -179,8 +179,8 @@ pub struct DeviceSummary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceEvent {
     pub at: u64,
-    /// `downloaded`, `activating`, `committed`, `failed`, `rolled_back`, `refused`, `enrolled`,
-    /// `labels`, `revoked`.
+    /// `downloaded`, `activating`, `committed`, `shadowing`, `failed`, `rolled_back`, `refused`,
+    /// `enrolled`, `labels`, `revoked`.
     pub kind: String,
     pub plan_sequence: Option<u64>,
     pub model: Option<ModelRef>,
@@ -247,6 +247,10 @@ impl RolloutState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageProgress {
     pub percent: u8,
+    /// The plan's shadow stage: its devices run the target beside the fallback, serving the
+    /// fallback; `succeeded` counts those that loaded and validated it.
+    #[serde(default)]
+    pub shadow: bool,
     /// Selected devices whose bucket falls in this stage's cumulative percentage.
     pub devices: u64,
     /// Reported the target committed after probation.
@@ -261,7 +265,8 @@ pub struct StageProgress {
 /// One gate's measured figure against its signed limit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GateFigure {
-    /// `failure_pct`, `error_rate`, `p95_regression_pct`, `drift_psi`.
+    /// `failure_pct`, `error_rate`, `p95_regression_pct`, `drift_psi`, and in a shadow stage
+    /// `shadow_top1_agreement` (a floor, breached below its limit) and `shadow_mean_abs_diff`.
     pub gate: String,
     /// None when there is not yet data to measure it.
     pub value: Option<f64>,

@@ -11,15 +11,20 @@
 //! Devices are placed into stages by a hash of their id and the plan's sequence ([`bucket`]), so a
 //! device keeps its place while a rollout widens, and each new plan reshuffles the fleet: the same
 //! devices are not always the first to take the risk of a new model.
+//!
+//! A plan with a shadow stage starts with it as stage 0: the devices of its bucket keep serving the
+//! fallback and run the target beside it ([`shadow_for`]); the plan's own stages follow from
+//! index 1. The shadow stage is left only once its signed gate ([`shadow_figures`]) has enough
+//! comparisons and holds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use outpost_protocol::device::{DeviceId, InferenceWindow, LATENCY_BUCKETS_US};
+use outpost_protocol::device::{DeviceId, InferenceWindow, ShadowReport, LATENCY_BUCKETS_US};
 use outpost_protocol::drift::{chi_square_quantile, psi, DriftSummary, Profile, TensorSide};
 use outpost_protocol::name::{selector_matches, Label};
 use outpost_protocol::sha256;
-use outpost_protocol::trust::{BreachAction, PlanBody, Slot};
+use outpost_protocol::trust::{BreachAction, PlanBody, ShadowStage, Slot};
 
 use crate::api::{Decision, GateFigure, RolloutState, StageProgress};
 
@@ -51,6 +56,10 @@ pub const GATE_FAILURE_PCT: &str = "failure_pct";
 pub const GATE_ERROR_RATE: &str = "error_rate";
 pub const GATE_P95_REGRESSION_PCT: &str = "p95_regression_pct";
 pub const GATE_DRIFT_PSI: &str = "drift_psi";
+/// The shadow stage's gates: a floor on top-1 agreement and a ceiling on the mean absolute
+/// difference. The first is breached *below* its limit.
+pub const GATE_SHADOW_TOP1_AGREEMENT: &str = "shadow_top1_agreement";
+pub const GATE_SHADOW_MEAN_ABS_DIFF: &str = "shadow_mean_abs_diff";
 
 /// A rollout as the engine sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,7 +67,8 @@ pub struct Rollout {
     /// The verified plan body.
     pub plan: PlanBody,
     pub state: RolloutState,
-    /// Index into `plan.stages` of the stage the rollout has reached.
+    /// Index of the stage the rollout has reached: into `plan.stages`, or, when the plan has a
+    /// shadow stage, into the shadow stage followed by `plan.stages`.
     pub stage_index: usize,
     /// When each stage up to `stage_index` began; `stage_index + 1` entries.
     pub stage_started: Vec<u64>,
@@ -91,18 +101,49 @@ impl Rollout {
             .unwrap_or(self.plan.created)
     }
 
+    /// Stages before the plan's own: 1 when the plan has a shadow stage, else 0.
+    fn shadow_offset(&self) -> usize {
+        usize::from(self.plan.shadow.is_some())
+    }
+
+    /// Every stage of the rollout: the shadow stage, if any, and the plan's stages.
+    pub fn stage_count(&self) -> usize {
+        self.shadow_offset() + self.plan.stages.len()
+    }
+
+    /// The plan's shadow stage while the rollout is in it.
+    pub fn in_shadow_stage(&self) -> Option<&ShadowStage> {
+        self.plan.shadow.as_ref().filter(|_| self.stage_index == 0)
+    }
+
     /// Whether devices whose bucket falls in stage `stage` have been moved to the target. A stage
-    /// index equal to `stages.len()` means the device is beyond the last stage and never moves.
+    /// index equal to `stage_count()` means the device is beyond the last stage and never moves.
+    /// The shadow stage moves no one: [`Rollout::stage_of_device`] never places a device in it.
     fn reached(&self, stage: usize) -> bool {
-        stage < self.plan.stages.len() && stage <= self.stage_index
+        stage < self.stage_count() && stage <= self.stage_index
     }
 
+    /// The first of the plan's stages whose percentage covers the device, counted after the
+    /// shadow stage.
     fn stage_of_device(&self, device: &DeviceId) -> usize {
-        stage_of(bucket(device, self.plan.sequence), &self.plan.stages)
+        self.shadow_offset() + stage_of(bucket(device, self.plan.sequence), &self.plan.stages)
     }
 
-    fn stage_percent(&self, index: usize) -> u8 {
-        self.plan.stages.get(index).copied().unwrap_or(0)
+    /// Whether the device's bucket falls in the shadow stage's percentage, whichever stage the
+    /// rollout is at.
+    fn in_shadow_bucket(&self, device: &DeviceId) -> bool {
+        self.plan.shadow.as_ref().is_some_and(|shadow| {
+            u32::from(shadow.percent) * 100 > bucket(device, self.plan.sequence)
+        })
+    }
+
+    /// The cumulative percentage of stage `index` (the shadow stage's own percentage for it).
+    pub fn stage_percent(&self, index: usize) -> u8 {
+        match (&self.plan.shadow, index.checked_sub(self.shadow_offset())) {
+            (Some(shadow), None) => shadow.percent,
+            (_, Some(index)) => self.plan.stages.get(index).copied().unwrap_or(0),
+            (None, None) => 0,
+        }
     }
 }
 
@@ -156,6 +197,17 @@ pub fn slot_for(rollout: &Rollout, device: &DeviceId, labels: &[Label]) -> Optio
             }
         }
     }
+}
+
+/// Whether the device runs the plan's target in shadow now: the rollout is active or paused in its
+/// shadow stage, the device's labels match the selector and its bucket falls in the stage's
+/// percentage. It keeps serving what [`slot_for`] says meanwhile (the fallback, as no stage is
+/// reached yet). Revocation is not known here; the caller checks it.
+pub fn shadow_for(rollout: &Rollout, device: &DeviceId, labels: &[Label]) -> bool {
+    rollout.in_shadow_stage().is_some()
+        && matches!(rollout.state, RolloutState::Active | RolloutState::Paused)
+        && selector_matches(&rollout.plan.selector, labels)
+        && rollout.in_shadow_bucket(device)
 }
 
 /// [`slot_for`] for a device the hub knows in full: a revoked device gets nothing.
@@ -243,11 +295,54 @@ impl InferenceStats {
     }
 }
 
+/// Shadow comparisons of the plan's target with its fallback, summed over reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShadowStats {
+    pub compared: u64,
+    pub top1_agreed: u64,
+    pub errors: u64,
+    pub abs_diff_sum: f64,
+    pub abs_diff_values: u64,
+    pub dropped: u64,
+}
+
+impl ShadowStats {
+    /// The figures of one (validated) report.
+    pub fn from_report(report: &ShadowReport) -> ShadowStats {
+        ShadowStats {
+            compared: report.compared,
+            top1_agreed: report.top1_agreed,
+            errors: report.errors,
+            abs_diff_sum: report.abs_diff_sum,
+            abs_diff_values: report.abs_diff_values,
+            dropped: report.dropped,
+        }
+    }
+
+    /// Adds `other`'s figures. Counts saturate: absurd numbers skew a device's own figures, they
+    /// never make the hub panic.
+    pub fn merge(&mut self, other: &ShadowStats) {
+        self.compared = self.compared.saturating_add(other.compared);
+        self.top1_agreed = self.top1_agreed.saturating_add(other.top1_agreed);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.abs_diff_sum += other.abs_diff_sum;
+        self.abs_diff_values = self.abs_diff_values.saturating_add(other.abs_diff_values);
+        self.dropped = self.dropped.saturating_add(other.dropped);
+    }
+
+    /// Comparisons the top-1 agreement is judged over: errors count as disagreements.
+    pub fn judged(&self) -> u64 {
+        self.compared.saturating_add(self.errors)
+    }
+}
+
 /// What a device last reported about this plan's target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Committed the target after probation.
     Committed { at: u64 },
+    /// Loaded the target, passed its validation set and runs it in shadow.
+    Shadowing { at: u64 },
     /// Failed to activate, refused the target, or rolled back from it.
     Failed { at: u64, reason: String },
 }
@@ -269,6 +364,8 @@ pub struct DeviceFacts {
     pub target_stats: InferenceStats,
     /// Inference counters on the fallback version since the rollout began.
     pub fallback_stats: InferenceStats,
+    /// Shadow comparisons of the target with the fallback since the rollout began.
+    pub shadow: ShadowStats,
 }
 
 /// The drift gate's seam: the figure for gate `drift_psi`, or `None` when drift is not configured.
@@ -640,19 +737,26 @@ enum Standing {
 struct Placed<'a> {
     facts: &'a DeviceFacts,
     stage: usize,
+    /// On the target, or, in the shadow stage, running it in shadow: what the gates judge.
     assigned: bool,
+    /// In the shadow stage's bucket, whichever stage the rollout is at.
+    shadow_bucket: bool,
     standing: Standing,
 }
 
 fn place<'a>(rollout: &Rollout, facts: &'a DeviceFacts, now: u64) -> Placed<'a> {
     let stage = rollout.stage_of_device(&facts.id);
-    let assigned = rollout.reached(stage);
+    let shadow_bucket = rollout.in_shadow_bucket(&facts.id);
+    let shadowing = shadow_bucket && rollout.in_shadow_stage().is_some();
+    let assigned = shadowing || rollout.reached(stage);
     let standing = match &facts.outcome {
         Some(Outcome::Committed { .. }) => Standing::Succeeded,
+        Some(Outcome::Shadowing { .. }) if shadowing => Standing::Succeeded,
         Some(Outcome::Failed { .. }) => Standing::Failed,
-        None if assigned => {
+        _ if assigned => {
             // A device that enrolled after its stage began was assigned when it enrolled.
-            let assigned_at = rollout.stage_start(stage).max(facts.enrolled_at);
+            let stage_began = rollout.stage_start(if shadowing { 0 } else { stage });
+            let assigned_at = stage_began.max(facts.enrolled_at);
             // saturating_sub: a clock that steps back makes devices pending, never silent.
             if now.saturating_sub(assigned_at) > rollout.plan.gates.device_timeout_secs {
                 Standing::Silent
@@ -660,12 +764,13 @@ fn place<'a>(rollout: &Rollout, facts: &'a DeviceFacts, now: u64) -> Placed<'a> 
                 Standing::Pending
             }
         }
-        None => Standing::Pending,
+        _ => Standing::Pending,
     };
     Placed {
         facts,
         stage,
         assigned,
+        shadow_bucket,
         standing,
     }
 }
@@ -687,8 +792,11 @@ pub fn evaluate(
         .map(|facts| place(rollout, facts, now))
         .collect();
 
-    let stages = (0..plan.stages.len())
-        .map(|index| stage_progress(&placed, index, rollout.stage_percent(index)))
+    let stages = (0..rollout.stage_count())
+        .map(|index| {
+            let shadow = plan.shadow.is_some() && index == 0;
+            stage_progress(&placed, index, rollout.stage_percent(index), shadow)
+        })
         .collect::<Vec<_>>();
 
     let assigned: Vec<&Placed<'_>> = placed.iter().filter(|device| device.assigned).collect();
@@ -707,6 +815,9 @@ pub fn evaluate(
         figure.breached = is_breached(figure.value, figure.limit);
         gates.push(figure);
     }
+    if let Some(shadow) = rollout.in_shadow_stage() {
+        gates.extend(shadow_figures(shadow, &assigned_facts));
+    }
 
     let decision = if rollout.state == RolloutState::Active {
         engine_decision(rollout, &stages, &gates, now)
@@ -720,16 +831,26 @@ pub fn evaluate(
     }
 }
 
-fn stage_progress(placed: &[Placed<'_>], index: usize, percent: u8) -> StageProgress {
+/// Device counts of stage `index`: the devices of its bucket and of every stage before it, or, for
+/// the shadow stage, the devices of the shadow bucket.
+fn stage_progress(placed: &[Placed<'_>], index: usize, percent: u8, shadow: bool) -> StageProgress {
     let mut progress = StageProgress {
         percent,
+        shadow,
         devices: 0,
         succeeded: 0,
         failed: 0,
         silent: 0,
         pending: 0,
     };
-    for device in placed.iter().filter(|device| device.stage <= index) {
+    let in_stage = |device: &&Placed<'_>| {
+        if shadow {
+            device.shadow_bucket
+        } else {
+            device.stage <= index
+        }
+    };
+    for device in placed.iter().filter(in_stage) {
         progress.devices += 1;
         match device.standing {
             Standing::Succeeded => progress.succeeded += 1,
@@ -847,6 +968,53 @@ fn p95_figure(
     figure(GATE_P95_REGRESSION_PCT, Some(value), limit, detail)
 }
 
+/// The shadow stage's two gate figures over the shadowing devices' comparisons. Neither has a
+/// value before `min_comparisons` comparisons were reported, so a handful of early inputs can
+/// neither breach the gate nor let the stage be left.
+pub fn shadow_figures(shadow: &ShadowStage, shadowing: &[&DeviceFacts]) -> [GateFigure; 2] {
+    let mut stats = ShadowStats::default();
+    for device in shadowing {
+        stats.merge(&device.shadow);
+    }
+    let judged = stats.judged();
+    let enough = judged >= shadow.min_comparisons;
+    let reporting = shadowing
+        .iter()
+        .filter(|device| device.shadow.judged() > 0)
+        .count();
+    let detail = if enough {
+        format!(
+            "{} agreed of {judged} comparisons on {reporting} devices, {} failed on the target; \
+             mean |diff| over {} values; {} inputs not shadowed (queue full)",
+            stats.top1_agreed, stats.errors, stats.abs_diff_values, stats.dropped
+        )
+    } else {
+        format!(
+            "{judged} of {} comparisons needed yet, on {reporting} devices",
+            shadow.min_comparisons
+        )
+    };
+    let agreement = enough.then(|| stats.top1_agreed as f64 / judged as f64);
+    let mean_diff = (enough && stats.abs_diff_values > 0)
+        .then(|| stats.abs_diff_sum / stats.abs_diff_values as f64);
+    [
+        GateFigure {
+            gate: GATE_SHADOW_TOP1_AGREEMENT.to_owned(),
+            value: agreement,
+            limit: shadow.min_top1_agreement,
+            // A floor: breached below its limit.
+            breached: agreement.is_some_and(|value| value < shadow.min_top1_agreement),
+            detail: detail.clone(),
+        },
+        figure(
+            GATE_SHADOW_MEAN_ABS_DIFF,
+            mean_diff,
+            shadow.max_mean_abs_diff,
+            detail,
+        ),
+    ]
+}
+
 fn engine_decision(
     rollout: &Rollout,
     stages: &[StageProgress],
@@ -858,8 +1026,13 @@ fn engine_decision(
         .iter()
         .filter(|figure| figure.breached)
         .map(|figure| {
+            let side = if figure.gate == GATE_SHADOW_TOP1_AGREEMENT {
+                "under"
+            } else {
+                "over"
+            };
             format!(
-                "{} {} over limit {} ({})",
+                "{} {} {side} limit {} ({})",
                 figure.gate,
                 figure.value.map_or_else(|| "-".to_owned(), format_number),
                 format_number(figure.limit),
@@ -894,12 +1067,25 @@ fn engine_decision(
     if baked_for < plan.gates.bake_secs || current.pending > 0 {
         return None;
     }
+    // The shadow stage is left only on enough comparisons, whatever else has baked.
+    let shadow_measured = gates
+        .iter()
+        .filter(|figure| figure.gate.starts_with("shadow_"))
+        .all(|figure| figure.value.is_some());
+    if rollout.in_shadow_stage().is_some() && !shadow_measured {
+        return None;
+    }
     let held = format!(
         "baked {baked_for}s with every gate held: {} succeeded, {} failed, {} silent of {} devices",
         current.succeeded, current.failed, current.silent, current.devices
     );
     let next = rollout.stage_index + 1;
-    Some(if next >= plan.stages.len() {
+    let stage = if rollout.in_shadow_stage().is_some() {
+        "shadow stage"
+    } else {
+        "stage"
+    };
+    Some(if next >= rollout.stage_count() {
         decide(
             Action::Complete,
             format!("last stage ({}%) {held}", current.percent),
@@ -908,7 +1094,7 @@ fn engine_decision(
         decide(
             Action::Advance,
             format!(
-                "stage {}% {held}; advancing to {}%",
+                "{stage} {}% {held}; advancing to {}%",
                 current.percent,
                 rollout.stage_percent(next)
             ),
@@ -933,7 +1119,7 @@ pub fn apply(rollout: &mut Rollout, decision: &Decision) {
         Action::Superseded => rollout.state = RolloutState::Superseded,
         Action::Advance => {
             let next = rollout.stage_index + 1;
-            if decision.stage_index == rollout.stage_index && next < rollout.plan.stages.len() {
+            if decision.stage_index == rollout.stage_index && next < rollout.stage_count() {
                 rollout.stage_started.truncate(next);
                 rollout.stage_index = next;
                 rollout.stage_started.push(decision.at);
@@ -977,7 +1163,7 @@ pub fn operator_decision(
         OperatorAction::Resume => return refuse("a paused rollout"),
         OperatorAction::Advance if matches!(state, Active | Paused) => {
             let next = rollout.stage_index + 1;
-            if next >= rollout.plan.stages.len() {
+            if next >= rollout.stage_count() {
                 return Err(format!(
                     "cannot advance rollout {}: it is at its last stage ({percent}%)",
                     rollout.plan.sequence
@@ -1081,6 +1267,7 @@ mod tests {
             stages: stages.to_vec(),
             selector: vec![berlin()],
             gates: gates(on_breach),
+            shadow: None,
         }
     }
 
@@ -1105,6 +1292,7 @@ mod tests {
             outcome: None,
             target_stats: InferenceStats::default(),
             fallback_stats: InferenceStats::default(),
+            shadow: ShadowStats::default(),
         }
     }
 
@@ -1703,6 +1891,7 @@ mod tests {
             errors: 2,
             latency_buckets: vec![0, 7],
             drift: None,
+            shadow: None,
         };
         let from_window = InferenceStats::from_window(&window);
         assert_eq!((from_window.count, from_window.errors), (7, 2));
@@ -2122,5 +2311,201 @@ mod tests {
 
     fn gate_figure(evaluation: &Evaluation) -> &GateFigure {
         gate(evaluation, GATE_DRIFT_PSI)
+    }
+
+    /// A rollout whose plan starts with a 20% shadow stage needing 500 comparisons, 90% top-1
+    /// agreement and a mean absolute difference of at most 0.05.
+    fn shadow_rollout(on_breach: BreachAction) -> Rollout {
+        let mut plan = plan(&[50, 100], true, on_breach);
+        plan.shadow = Some(ShadowStage {
+            percent: 20,
+            min_comparisons: 500,
+            min_top1_agreement: 0.9,
+            max_mean_abs_diff: 0.05,
+        });
+        Rollout::new(plan, T0)
+    }
+
+    /// Every device in the shadow bucket reports shadowing, and `compared` comparisons of which
+    /// `agreed` agree, with a mean absolute difference of `diff`.
+    fn shadow_all(
+        rollout: &Rollout,
+        devices: &mut [DeviceFacts],
+        compared: u64,
+        agreed: u64,
+        diff: f64,
+    ) {
+        for device in devices
+            .iter_mut()
+            .filter(|d| rollout.in_shadow_bucket(&d.id))
+        {
+            device.outcome = Some(Outcome::Shadowing { at: T0 + 1 });
+            device.shadow = ShadowStats {
+                compared,
+                top1_agreed: agreed,
+                errors: 0,
+                abs_diff_sum: diff * (compared * 3) as f64,
+                abs_diff_values: compared * 3,
+                dropped: 0,
+            };
+        }
+    }
+
+    #[test]
+    fn the_shadow_stage_comes_first_and_moves_no_one_to_the_target() {
+        let rollout = shadow_rollout(BreachAction::Pause);
+        let devices = fleet(100);
+        let labels = [berlin()];
+        let shadowing: Vec<&DeviceFacts> = devices
+            .iter()
+            .filter(|d| shadow_for(&rollout, &d.id, &labels))
+            .collect();
+        assert!((8..=35).contains(&shadowing.len()), "{}", shadowing.len());
+        for device in &devices {
+            // Everyone serves the fallback while the target is only shadowed.
+            assert_eq!(
+                slot_for(&rollout, &device.id, &labels),
+                Some(Slot::Fallback)
+            );
+        }
+        // Not outside the selector, and not once the rollout ended.
+        assert!(!shadow_for(&rollout, &shadowing[0].id, &[]));
+        let mut ended = rollout.clone();
+        ended.state = RolloutState::RolledBack;
+        assert!(!shadow_for(&ended, &shadowing[0].id, &labels));
+
+        let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
+        assert_eq!(evaluation.stages.len(), 3);
+        assert!(evaluation.stages[0].shadow);
+        assert_eq!(evaluation.stages[0].percent, 20);
+        assert_eq!(evaluation.stages[0].devices, shadowing.len() as u64);
+        assert_eq!(evaluation.stages[0].pending, shadowing.len() as u64);
+        assert!(!evaluation.stages[1].shadow);
+        assert_eq!(evaluation.stages[2].devices, 100);
+        let agreement = gate(&evaluation, GATE_SHADOW_TOP1_AGREEMENT);
+        assert_eq!(agreement.value, None);
+        assert_eq!(agreement.limit, 0.9);
+        assert_eq!(
+            agreement.detail,
+            "0 of 500 comparisons needed yet, on 0 devices"
+        );
+        assert_eq!(gate(&evaluation, GATE_SHADOW_MEAN_ABS_DIFF).limit, 0.05);
+    }
+
+    #[test]
+    fn the_shadow_stage_holds_until_enough_comparisons_then_advances() {
+        let mut rollout = shadow_rollout(BreachAction::Pause);
+        let mut devices = fleet(100);
+        // Every shadowing device loaded the target, but too few comparisons came in yet.
+        shadow_all(&rollout, &mut devices, 10, 10, 0.0);
+        let evaluation = evaluate(&rollout, &devices, T0 + 10 * BAKE, &NoDriftGate);
+        assert_eq!(evaluation.stages[0].succeeded, evaluation.stages[0].devices);
+        assert_eq!(gate(&evaluation, GATE_SHADOW_MEAN_ABS_DIFF).value, None);
+        assert_eq!(action(&evaluation), None, "{evaluation:#?}");
+
+        shadow_all(&rollout, &mut devices, 100, 97, 0.01);
+        let early = evaluate(&rollout, &devices, T0 + BAKE - 1, &NoDriftGate);
+        assert_eq!(action(&early), None);
+        let evaluation = evaluate(&rollout, &devices, T0 + BAKE, &NoDriftGate);
+        let agreement = gate(&evaluation, GATE_SHADOW_TOP1_AGREEMENT);
+        assert_eq!(agreement.value, Some(0.97));
+        assert!(!agreement.breached);
+        let shadowing = evaluation.stages[0].devices;
+        let expected = format!(
+            "{} agreed of {} comparisons on {shadowing} devices, 0 failed on the target; \
+             mean |diff| over {} values; 0 inputs not shadowed (queue full)",
+            97 * shadowing,
+            100 * shadowing,
+            300 * shadowing
+        );
+        assert_eq!(agreement.detail, expected);
+        let diff = gate(&evaluation, GATE_SHADOW_MEAN_ABS_DIFF);
+        assert!((diff.value.unwrap() - 0.01).abs() < 1e-12, "{diff:?}");
+        let decision = evaluation.decision.clone().unwrap();
+        assert_eq!(decision.action, "advance");
+        assert!(
+            decision.reason.starts_with("shadow stage 20% baked"),
+            "{}",
+            decision.reason
+        );
+        assert!(
+            decision.reason.ends_with("advancing to 50%"),
+            "{}",
+            decision.reason
+        );
+
+        apply(&mut rollout, &decision);
+        assert_eq!(rollout.stage_index, 1);
+        assert_eq!(rollout.in_shadow_stage(), None);
+        let labels = [berlin()];
+        for device in &devices {
+            assert!(!shadow_for(&rollout, &device.id, &labels));
+            let expected = if is_assigned(&rollout, device) {
+                Slot::Target
+            } else {
+                Slot::Fallback
+            };
+            assert_eq!(slot_for(&rollout, &device.id, &labels), Some(expected));
+        }
+        // The shadow gate is gone with its stage; shadowing is no success on the target.
+        let evaluation = evaluate(&rollout, &devices, T0 + BAKE + 1, &NoDriftGate);
+        assert!(evaluation
+            .gates
+            .iter()
+            .all(|figure| !figure.gate.starts_with("shadow_")));
+        assert_eq!(evaluation.stages[1].succeeded, 0);
+    }
+
+    #[test]
+    fn a_shadow_gate_breach_takes_the_configured_action() {
+        for (on_breach, expected) in [
+            (BreachAction::Pause, "pause"),
+            (BreachAction::Rollback, "rollback"),
+        ] {
+            let rollout = shadow_rollout(on_breach);
+            let mut devices = fleet(100);
+            shadow_all(&rollout, &mut devices, 100, 60, 0.01);
+            let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
+            assert!(gate(&evaluation, GATE_SHADOW_TOP1_AGREEMENT).breached);
+            assert!(!gate(&evaluation, GATE_SHADOW_MEAN_ABS_DIFF).breached);
+            assert_eq!(action(&evaluation), Some(expected));
+            let reason = &evaluation.decision.as_ref().unwrap().reason;
+            assert!(
+                reason.starts_with("gate breached: shadow_top1_agreement 0.6 under limit 0.9 ("),
+                "{reason}"
+            );
+
+            shadow_all(&rollout, &mut devices, 100, 100, 0.2);
+            let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
+            assert!(gate(&evaluation, GATE_SHADOW_MEAN_ABS_DIFF).breached);
+            assert_eq!(action(&evaluation), Some(expected));
+            let reason = &evaluation.decision.as_ref().unwrap().reason;
+            assert!(
+                reason.contains("shadow_mean_abs_diff 0.2 over limit 0.05"),
+                "{reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_target_that_fails_on_shadow_devices_breaches_the_failure_gate() {
+        let rollout = shadow_rollout(BreachAction::Rollback);
+        let mut devices = fleet(100);
+        shadow_all(&rollout, &mut devices, 100, 100, 0.0);
+        // Two of them could not load or validate it.
+        for device in devices
+            .iter_mut()
+            .filter(|d| rollout.in_shadow_bucket(&d.id))
+            .take(2)
+        {
+            device.outcome = failed(T0 + 2);
+        }
+        let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
+        assert!(
+            gate(&evaluation, GATE_FAILURE_PCT).breached,
+            "{evaluation:#?}"
+        );
+        assert_eq!(evaluation.stages[0].failed, 2);
+        assert_eq!(action(&evaluation), Some("rollback"));
     }
 }

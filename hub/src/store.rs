@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use std::collections::BTreeMap;
 
+use outpost_protocol::device::ShadowReport;
 use outpost_protocol::drift::DriftSummary;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -118,9 +119,22 @@ pub struct EventRecord {
 /// A device's latest result for a plan's target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutcomeRecord {
-    pub committed: bool,
+    pub kind: OutcomeKind,
     pub at: u64,
     pub reason: String,
+}
+
+/// What a device's latest result for a plan's target was.
+///
+/// This field was a `committed: bool` before shadow stages; postcard writes a bool as one byte 0
+/// or 1 and an enum's variant as a varint index, so `Failed` and `Committed` must stay the first
+/// two variants, in this order, for outcome records stored before to read back unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutcomeKind {
+    Failed,
+    Committed,
+    /// Runs the target in shadow after passing its validation set.
+    Shadowing,
 }
 
 /// Inference counters of one device on one model version.
@@ -149,11 +163,16 @@ impl StatsRecord {
 pub struct WindowInput {
     pub model: String,
     pub version: u64,
+    /// The window's start and end, Unix seconds.
+    pub start: u64,
+    pub end: u64,
     pub count: u64,
     pub errors: u64,
     pub latency_buckets: Vec<u64>,
     /// The window's drift summary, already validated against its version's profile.
     pub drift: Option<DriftSummary>,
+    /// The window's shadow comparisons, already validated.
+    pub shadow: Option<ShadowReport>,
 }
 
 /// What [`Store::ingest_telemetry`] did with a batch.
@@ -236,6 +255,43 @@ pub struct StoredDrift {
     pub window_end: u64,
     pub parts: u64,
     pub summary: DriftSummary,
+}
+
+/// One device's shadow comparisons of one target manifest with one active model version over
+/// one window, as stored: every part the device uploaded for that window, added up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowRecord {
+    pub compared: u64,
+    pub top1_agreed: u64,
+    pub errors: u64,
+    pub abs_diff_sum: f64,
+    pub abs_diff_values: u64,
+    pub dropped: u64,
+    /// How many uploads were added into it.
+    pub parts: u64,
+}
+
+impl ShadowRecord {
+    fn add(&mut self, report: &ShadowReport) {
+        self.compared = self.compared.saturating_add(report.compared);
+        self.top1_agreed = self.top1_agreed.saturating_add(report.top1_agreed);
+        self.errors = self.errors.saturating_add(report.errors);
+        self.abs_diff_sum += report.abs_diff_sum;
+        self.abs_diff_values = self.abs_diff_values.saturating_add(report.abs_diff_values);
+        self.dropped = self.dropped.saturating_add(report.dropped);
+        self.parts = self.parts.saturating_add(1);
+    }
+}
+
+/// A stored shadow record with what it compared and when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredShadow {
+    pub device: [u8; 16],
+    pub window_start: u64,
+    pub window_end: u64,
+    /// The model that served while the target ran in shadow.
+    pub active: (String, u64),
+    pub record: ShadowRecord,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,6 +382,46 @@ fn parse_drift_key(key: &[u8], prefix_len: usize) -> Option<(u64, u64, [u8; 16])
     Some((end, start, device))
 }
 
+/// `target manifest sha256, window_end, window_start, device, active name \0 active version`.
+/// Like drift keys, the window's end comes first so that the comparisons of one target over a
+/// time range are one range scan. Parts of one window from one device share a key and add.
+fn shadow_key(
+    target: &[u8; 32],
+    window: (u64, u64),
+    device: &[u8; 16],
+    active: (&str, u64),
+) -> Vec<u8> {
+    [
+        target.as_slice(),
+        &window.1.to_be_bytes(),
+        &window.0.to_be_bytes(),
+        device.as_slice(),
+        active.0.as_bytes(),
+        &[0],
+        &active.1.to_be_bytes(),
+    ]
+    .concat()
+}
+
+/// The stored shadow record `record` under `key`: the key names its window, device and active
+/// model.
+fn parse_shadow_key(key: &[u8], record: ShadowRecord) -> Option<StoredShadow> {
+    let end = u64::from_be_bytes(key.get(32..40)?.try_into().ok()?);
+    let start = u64::from_be_bytes(key.get(40..48)?.try_into().ok()?);
+    let device = key.get(48..64)?.try_into().ok()?;
+    let active = key.get(64..)?;
+    let split = active.len().checked_sub(9)?;
+    let name = std::str::from_utf8(active.get(..split)?).ok()?;
+    let version = u64::from_be_bytes(active.get(split + 1..)?.try_into().ok()?);
+    Some(StoredShadow {
+        device,
+        window_start: start,
+        window_end: end,
+        active: (name.to_owned(), version),
+        record,
+    })
+}
+
 const AUDIT_HEAD: &[u8] = b"audit_head";
 
 /// The last audit entry's sequence number and hash, kept beside the log.
@@ -343,6 +439,8 @@ pub struct Store {
     stats: sled::Tree,
     /// Drift summaries under [`drift_key`].
     drift: sled::Tree,
+    /// Shadow comparisons under [`shadow_key`].
+    shadow: sled::Tree,
     telemetry_seen: sled::Tree,
     roots: sled::Tree,
     manifests: sled::Tree,
@@ -372,6 +470,7 @@ impl Store {
             outcomes: tree("outcomes")?,
             stats: tree("stats")?,
             drift: tree("drift")?,
+            shadow: tree("shadow")?,
             telemetry_seen: tree("telemetry_seen")?,
             roots: tree("roots")?,
             manifests: tree("manifests")?,
@@ -596,8 +695,9 @@ impl Store {
     // Telemetry.
 
     /// Stores a telemetry batch exactly once: the idempotency key `(device, sequence)`, the
-    /// counters it adds and its drift summaries, each merged with the parts of the same window
-    /// stored before, are written in one transaction. A resent batch adds nothing. A drift summary
+    /// counters it adds, its drift summaries, each merged with the parts of the same window
+    /// stored before, and its shadow comparisons, added likewise, are written in one transaction.
+    /// A resent batch adds nothing. A drift summary
     /// that does not merge (its counts would overflow) refuses the whole batch, and nothing of it
     /// is written, not even its idempotency key.
     ///
@@ -628,8 +728,9 @@ impl Store {
                 &self.stats,
                 &self.devices,
                 &self.drift,
+                &self.shadow,
             )
-                .transaction(|(seen, stats, devices, drift)| {
+                .transaction(|(seen, stats, devices, drift, shadow)| {
                     if seen.get(&seen_key)?.is_some() {
                         return Ok(Some(Ingested::Duplicate));
                     }
@@ -651,6 +752,29 @@ impl Store {
                     }
                     for part in &merged {
                         drift.insert(part.key.as_slice(), part.record.as_slice())?;
+                    }
+                    let mut shadows: BTreeMap<Vec<u8>, ShadowRecord> = BTreeMap::new();
+                    for window in windows {
+                        let Some(report) = &window.shadow else {
+                            continue;
+                        };
+                        let key = shadow_key(
+                            &report.target.manifest_sha256.0,
+                            (window.start, window.end),
+                            device,
+                            (&window.model, window.version),
+                        );
+                        let record = match shadows.remove(&key) {
+                            Some(record) => record,
+                            None => match shadow.get(&key)? {
+                                Some(bytes) => decode("shadow", &bytes).map_err(abort)?,
+                                None => ShadowRecord::default(),
+                            },
+                        };
+                        shadows.entry(key).or_insert(record).add(report);
+                    }
+                    for (key, record) in shadows {
+                        shadow.insert(key, encode("shadow", &record).map_err(abort)?)?;
                     }
                     if dropped_records > 0 {
                         if let Some(bytes) = devices.get(device)? {
@@ -783,6 +907,27 @@ impl Store {
             });
         }
         Ok(summaries)
+    }
+
+    /// Every device's shadow comparisons of the target manifest `target` whose windows end after
+    /// `since`, in the order of their windows' ends.
+    pub fn shadow_reports(&self, target: &[u8; 32], since: u64) -> Result<Vec<StoredShadow>> {
+        let from = [target.as_slice(), &since.saturating_add(1).to_be_bytes()].concat();
+        let mut reports = Vec::new();
+        for entry in self.shadow.range(from..) {
+            let (key, value) = entry?;
+            if !key.starts_with(target) {
+                break;
+            }
+            let stored = parse_shadow_key(&key, decode("shadow", &value)?).ok_or_else(|| {
+                StoreError::Corrupt {
+                    tree: "shadow",
+                    reason: "bad key".to_owned(),
+                }
+            })?;
+            reports.push(stored);
+        }
+        Ok(reports)
     }
 
     /// A device's inference counters on one model version.
@@ -981,10 +1126,13 @@ mod tests {
         WindowInput {
             model: "demo".to_owned(),
             version: 1,
+            start: drift.window_start,
+            end: drift.window_end,
             count: drift.features[0].n,
             errors: 0,
             latency_buckets: Vec::new(),
             drift: Some(drift),
+            shadow: None,
         }
     }
 
@@ -1034,6 +1182,105 @@ mod tests {
         assert!(store.drift_summaries("demo", 2, 0).unwrap().is_empty());
         assert!(store.drift_summaries("dem", 1, 0).unwrap().is_empty());
         assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, 6);
+    }
+
+    /// A window of `compared` shadow comparisons of target `[5; 32]` beside demo@1, `agreed` of
+    /// them agreeing.
+    fn shadow_window(start: u64, compared: u64, agreed: u64) -> WindowInput {
+        use outpost_protocol::trust::ManifestRef;
+        WindowInput {
+            model: "demo".to_owned(),
+            version: 1,
+            start,
+            end: start + 3600,
+            count: 0,
+            errors: 0,
+            latency_buckets: Vec::new(),
+            drift: None,
+            shadow: Some(ShadowReport {
+                target: ManifestRef {
+                    name: "demo".to_owned(),
+                    version: 2,
+                    manifest_sha256: Sha256([5; 32]),
+                },
+                compared,
+                top1_agreed: agreed,
+                errors: 1,
+                abs_diff_sum: 0.5,
+                abs_diff_values: compared * 3,
+                dropped: 2,
+            }),
+        }
+    }
+
+    #[test]
+    fn shadow_parts_add_once_per_batch_and_range_by_window_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let first = [shadow_window(3600, 10, 9)];
+        assert_eq!(
+            store.ingest_telemetry(&DEVICE, 1, &first, 0, 10).unwrap(),
+            Ingested::Stored
+        );
+        assert_eq!(
+            store.ingest_telemetry(&DEVICE, 1, &first, 0, 11).unwrap(),
+            Ingested::Duplicate
+        );
+        let second = [
+            shadow_window(3600, 5, 5),
+            shadow_window(3600, 1, 0),
+            shadow_window(7200, 4, 4),
+        ];
+        assert_eq!(
+            store.ingest_telemetry(&DEVICE, 2, &second, 0, 12).unwrap(),
+            Ingested::Stored
+        );
+        let all = store.shadow_reports(&[5; 32], 0).unwrap();
+        let figures: Vec<_> = all
+            .iter()
+            .map(|s| {
+                let r = &s.record;
+                (
+                    s.window_start,
+                    s.window_end,
+                    r.compared,
+                    r.top1_agreed,
+                    r.errors,
+                    r.parts,
+                )
+            })
+            .collect();
+        assert_eq!(
+            figures,
+            [(3600, 7200, 16, 14, 3, 3), (7200, 10_800, 4, 4, 1, 1)]
+        );
+        assert_eq!(all[0].device, DEVICE);
+        assert_eq!(all[0].active, ("demo".to_owned(), 1));
+        assert_eq!(all[0].record.abs_diff_values, 48);
+        assert_eq!(all[0].record.dropped, 6);
+        assert_eq!(store.shadow_reports(&[5; 32], 7200).unwrap().len(), 1);
+        assert!(store.shadow_reports(&[6; 32], 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn outcome_records_stored_as_a_bool_still_read() {
+        // Before shadow stages the outcome's first field was `committed: bool`.
+        #[derive(Serialize)]
+        struct Before {
+            committed: bool,
+            at: u64,
+            reason: String,
+        }
+        for (committed, kind) in [(false, OutcomeKind::Failed), (true, OutcomeKind::Committed)] {
+            let bytes = postcard::to_stdvec(&Before {
+                committed,
+                at: 9,
+                reason: "r".to_owned(),
+            })
+            .unwrap();
+            let read: OutcomeRecord = decode("outcomes", &bytes).unwrap();
+            assert_eq!((read.kind, read.at, read.reason.as_str()), (kind, 9, "r"));
+        }
     }
 
     #[test]

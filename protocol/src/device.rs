@@ -108,6 +108,10 @@ pub struct CheckInResponse {
     pub manifest: Option<(Slot, ByteBuf)>,
     /// Seconds until the next check-in the hub would like.
     pub poll_after_secs: u32,
+    /// The signed manifest a device in the plan's shadow stage runs beside its active model,
+    /// without serving it. Only the target of a plan with a shadow stage is ever accepted
+    /// ([`crate::trust::VerifiedPlan::verify_shadow_manifest`]); `manifest` stays what it serves.
+    pub shadow: Option<ByteBuf>,
 }
 
 /// A step of applying a manifest, reported to the hub as it happens.
@@ -127,6 +131,9 @@ pub enum Status {
     Refused {
         reason: String,
     },
+    /// The plan's target passed its validation set and runs in shadow beside the active model;
+    /// it serves no request.
+    Shadowing,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +165,60 @@ pub struct InferenceWindow {
     /// What the model saw and said over the window, when its manifest signs a drift profile. It
     /// travels, is capped, dropped and de-duplicated with the window's counters.
     pub drift: Option<DriftSummary>,
+    /// How the target of a shadow stage compared with this window's model, which kept serving.
+    /// A window carrying one counts no inference of its own (`count` 0).
+    pub shadow: Option<ShadowReport>,
+}
+
+/// Comparisons of a shadow model with the active model over one window, on the same live inputs.
+///
+/// A comparison is one row of the first output (one batch item, or the whole output when it has
+/// no batch axis): `top1_agreed` of them had the same argmax in both models. Every value of every
+/// output both models produced as finite numbers adds its absolute difference to `abs_diff_sum`
+/// and one to `abs_diff_values`. Rows the shadow model failed on (an error, an output of another
+/// shape, a NaN or infinity where the active model had none) are `errors`, not comparisons.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowReport {
+    /// The shadow model, as its plan names it.
+    pub target: ManifestRef,
+    pub compared: u64,
+    pub top1_agreed: u64,
+    pub errors: u64,
+    pub abs_diff_sum: f64,
+    pub abs_diff_values: u64,
+    /// Inputs not shadowed because the shadow queue was full; the request was served regardless.
+    pub dropped: u64,
+}
+
+impl ShadowReport {
+    /// Checks that the counts add up, for a receiver that must not store nonsense.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.top1_agreed > self.compared {
+            return Err(format!(
+                "{} top-1 agreements in {} comparisons",
+                self.top1_agreed, self.compared
+            ));
+        }
+        if !self.abs_diff_sum.is_finite() || self.abs_diff_sum < 0.0 {
+            return Err(format!(
+                "absolute difference sum {} is not a finite non-negative number",
+                self.abs_diff_sum
+            ));
+        }
+        if self.compared > 0 && self.abs_diff_values < self.compared {
+            // Every compared row has at least one value in the first output.
+            return Err(format!(
+                "{} values differenced over {} comparisons",
+                self.abs_diff_values, self.compared
+            ));
+        }
+        if self.abs_diff_values == 0 && self.abs_diff_sum != 0.0 {
+            return Err("an absolute difference sum over no values".to_owned());
+        }
+        crate::ModelName::new(&self.target.name)
+            .map_err(|error| format!("target model name: {error}"))?;
+        Ok(())
+    }
 }
 
 /// A batch of telemetry. `(device, sequence)` is its idempotency key: the hub stores a resent batch

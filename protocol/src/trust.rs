@@ -394,6 +394,29 @@ pub struct PlanBody {
     /// Devices that carry every one of these labels take part; empty selects all.
     pub selector: Vec<Label>,
     pub gates: GatePolicy,
+    /// An optional first stage in which devices run the target beside the fallback, without
+    /// serving it, and report how often the two agree. Signed, so that a hub can neither invent a
+    /// shadow stage nor loosen its gate.
+    pub shadow: Option<ShadowStage>,
+}
+
+/// The shadow stage of a plan and its signed gate.
+///
+/// Devices in the stage's bucket keep serving the fallback and run the target on copies of their
+/// live inputs, off the request path, comparing both answers. The rollout leaves the stage only
+/// once at least `min_comparisons` comparisons were reported and both limits hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowStage {
+    /// Percent of the selected fleet that shadows, in 1..=100.
+    pub percent: u8,
+    /// Fewest comparisons (output rows), over every shadowing device, before the gate is judged
+    /// and the stage may be left; at least 1.
+    pub min_comparisons: u64,
+    /// Smallest share, in 0..=1, of comparisons in which the target's top-1 (the argmax of the
+    /// first output) is the fallback's. A comparison the target failed on counts against it.
+    pub min_top1_agreement: f64,
+    /// Largest mean absolute difference between the target's and the fallback's output values.
+    pub max_mean_abs_diff: f64,
 }
 
 /// Why a document, artifact or plan decision was refused.
@@ -443,6 +466,14 @@ pub enum VerifyError {
     },
     #[error("manifest {name} version {version} is neither the target nor the fallback of plan {sequence}")]
     ManifestNotInPlan {
+        name: String,
+        version: u64,
+        sequence: u64,
+    },
+    #[error("plan {sequence} has no shadow stage, so it authorises no shadow model")]
+    NoShadowStage { sequence: u64 },
+    #[error("shadow manifest {name} version {version} is not the target of plan {sequence}")]
+    ShadowNotTarget {
         name: String,
         version: u64,
         sequence: u64,
@@ -794,8 +825,34 @@ fn validate_plan(body: &PlanBody) -> Result<(), VerifyError> {
             return invalid(format!("{what} must be a finite non-negative number"));
         }
     }
+    if let Some(shadow) = &body.shadow {
+        validate_shadow(shadow, body.fallback.is_some())?;
+    }
     if body.expires <= body.created {
         return invalid("expires before it is created".into());
+    }
+    Ok(())
+}
+
+fn validate_shadow(shadow: &ShadowStage, has_fallback: bool) -> Result<(), VerifyError> {
+    let invalid = |reason: &str| Err(VerifyError::InvalidPlan(format!("shadow stage {reason}")));
+    if !has_fallback {
+        // The target is compared with what devices serve meanwhile: the plan's fallback.
+        return invalid("needs a fallback to compare the target with");
+    }
+    if !(1..=100).contains(&shadow.percent) {
+        return invalid("percentage must be within 1..=100");
+    }
+    if shadow.min_comparisons == 0 {
+        return invalid("needs at least 1 comparison");
+    }
+    let agreement = shadow.min_top1_agreement;
+    if !agreement.is_finite() || !(0.0..=1.0).contains(&agreement) {
+        return invalid("minimum top-1 agreement must be a number within 0..=1");
+    }
+    let diff = shadow.max_mean_abs_diff;
+    if !diff.is_finite() || diff < 0.0 {
+        return invalid("maximum mean absolute difference must be a finite non-negative number");
     }
     Ok(())
 }
@@ -893,6 +950,16 @@ impl VerifiedManifest {
     }
 }
 
+/// The name and version a manifest claims, decoded only to name a stray manifest in an error:
+/// nothing here is trusted.
+fn claimed_identity(bytes: &[u8]) -> (String, u64) {
+    envelope::decode::<Signed<ManifestBody>>(bytes)
+        .ok()
+        .and_then(|signed| signed.decode_unverified().ok())
+        .map(|body| (body.name, body.version))
+        .unwrap_or_else(|| ("<undecodable>".to_owned(), 0))
+}
+
 /// Which manifest of a plan a device runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Slot {
@@ -946,12 +1013,7 @@ impl VerifiedPlan {
         {
             Slot::Fallback
         } else {
-            // Decode only to name the stray manifest in the error; nothing here is trusted.
-            let (name, version) = envelope::decode::<Signed<ManifestBody>>(bytes)
-                .ok()
-                .and_then(|signed| signed.decode_unverified().ok())
-                .map(|body| (body.name, body.version))
-                .unwrap_or_else(|| ("<undecodable>".to_owned(), 0));
+            let (name, version) = claimed_identity(bytes);
             return Err(VerifyError::ManifestNotInPlan {
                 name,
                 version,
@@ -964,5 +1026,31 @@ impl VerifiedPlan {
         };
         let manifest = root.verify_manifest(bytes, floor, floor_for_rollback)?;
         Ok((slot, manifest))
+    }
+
+    /// Verifies a manifest the hub says this device should run in shadow, beside its active
+    /// model. Only a plan with a shadow stage authorises one, and only its target, which must not
+    /// be below `highest_seen` either: shadowing downloads and runs the model like an activation.
+    pub fn verify_shadow_manifest(
+        &self,
+        root: &VerifiedRoot,
+        bytes: &[u8],
+        floor: &TimeFloor,
+        highest_seen: Option<u64>,
+    ) -> Result<VerifiedManifest, VerifyError> {
+        if self.body.shadow.is_none() {
+            return Err(VerifyError::NoShadowStage {
+                sequence: self.body.sequence,
+            });
+        }
+        if sha256(bytes) != self.body.target.manifest_sha256 {
+            let (name, version) = claimed_identity(bytes);
+            return Err(VerifyError::ShadowNotTarget {
+                name,
+                version,
+                sequence: self.body.sequence,
+            });
+        }
+        root.verify_manifest(bytes, floor, highest_seen)
     }
 }

@@ -436,6 +436,7 @@ fn drift_window(profile: &Profile, profile_sha256: outpost_protocol::Sha256) -> 
         errors: 0,
         latency_buckets,
         drift: Some(summary),
+        shadow: None,
     }
 }
 

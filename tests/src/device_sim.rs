@@ -336,6 +336,24 @@ impl SimDevice {
         })
     }
 
+    /// Verifies the manifest a check-in answer hands over to run in shadow, as a device would:
+    /// under the offered plan, which must authorise it. Panics on anything that does not verify.
+    pub fn verify_shadow(&self, response: &CheckInResponse) -> Option<VerifiedManifest> {
+        let bytes = response.shadow.as_ref()?;
+        let offer = self
+            .verify_offer(response)
+            .expect("the hub sent a shadow manifest without a plan and a manifest to serve");
+        let floor = TimeFloor {
+            wall_clock: unix_now(),
+            ..TimeFloor::default()
+        };
+        let manifest = offer
+            .plan
+            .verify_shadow_manifest(&self.root, bytes, &floor, None)
+            .unwrap_or_else(|error| panic!("the hub's shadow manifest does not verify: {error}"));
+        Some(manifest)
+    }
+
     /// Sends a status report; panics unless the hub answers 204.
     pub fn report(
         &self,
@@ -361,6 +379,11 @@ impl SimDevice {
 
     /// Sends a telemetry batch and returns the hub's acknowledgement.
     pub fn telemetry(&self, sequence: u64, windows: Vec<InferenceWindow>) -> TelemetryAck {
+        self.send_telemetry(sequence, windows).decode()
+    }
+
+    /// Sends a telemetry batch and returns the hub's answer, whatever it is.
+    pub fn send_telemetry(&self, sequence: u64, windows: Vec<InferenceWindow>) -> Reply {
         let body = outpost_protocol::encode(&TelemetryBatch {
             sequence,
             windows,
@@ -368,7 +391,6 @@ impl SimDevice {
         })
         .expect("encoding a telemetry batch");
         self.signed_request("POST", "/device/v1/telemetry", Some(&body))
-            .decode()
     }
 
     /// Downloads an artifact by its hash; panics unless the hub answers 200.

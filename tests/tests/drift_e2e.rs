@@ -8,7 +8,7 @@
 
 use outpost_agent::example_model::normal_rows;
 use outpost_hub::api::{CreatedToken, DeviceDetail, DriftReport, FeatureDriftInfo, RolloutState};
-use outpost_protocol::device::{InferenceWindow, TelemetryAck, TelemetryBatch, LATENCY_BUCKETS_US};
+use outpost_protocol::device::{InferenceWindow, TelemetryAck, LATENCY_BUCKETS_US};
 use outpost_protocol::drift::{DriftSummary, FeatureSource, Profile, TensorSide};
 use outpost_protocol::{sha256, Sha256};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
@@ -86,6 +86,7 @@ fn window(model: &str, version: u64, start: u64, drift: DriftSummary) -> Inferen
         errors: 0,
         latency_buckets,
         drift: Some(drift),
+        shadow: None,
     }
 }
 
@@ -95,13 +96,7 @@ fn drift(window: &mut InferenceWindow) -> &mut DriftSummary {
 }
 
 fn send(device: &SimDevice, sequence: u64, windows: Vec<InferenceWindow>) -> Reply {
-    let body = outpost_protocol::encode(&TelemetryBatch {
-        sequence,
-        windows,
-        dropped_records: 0,
-    })
-    .unwrap();
-    device.signed_request("POST", "/device/v1/telemetry", Some(&body))
+    device.send_telemetry(sequence, windows)
 }
 
 /// What the hub holds for demo@1 from the device: the drift report's counts and the inference

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
 use outpost_protocol::trust::{
-    BreachAction, GatePolicy, ManifestBody, ManifestRef, PlanBody, Signed,
+    BreachAction, GatePolicy, ManifestBody, ManifestRef, PlanBody, ShadowStage, Signed,
 };
 use outpost_protocol::{sha256, Label};
 
@@ -56,6 +56,19 @@ pub struct GateArgs {
     /// Wait for `rollout advance` instead of advancing once a stage has baked.
     #[arg(long)]
     pub manual_advance: bool,
+    /// Start with a shadow stage over this percentage of the fleet: its devices keep serving the
+    /// fallback and run the target beside it on their live inputs, comparing both answers.
+    #[arg(long, value_name = "PERCENT")]
+    pub shadow_pct: Option<u8>,
+    /// Fewest comparisons the shadow stage needs before it may be left [default: 1000].
+    #[arg(long, requires = "shadow_pct")]
+    pub shadow_min_comparisons: Option<u64>,
+    /// Smallest share (0 to 1) of comparisons whose top-1 class agrees [default: 0.95].
+    #[arg(long, requires = "shadow_pct")]
+    pub shadow_min_top1_agreement: Option<f64>,
+    /// Largest mean absolute difference between the two models' outputs [default: 0.05].
+    #[arg(long, requires = "shadow_pct")]
+    pub shadow_max_mean_abs_diff: Option<f64>,
 }
 
 impl GateArgs {
@@ -73,6 +86,16 @@ impl GateArgs {
             },
             auto_advance: !self.manual_advance,
         }
+    }
+
+    /// The shadow stage, when `--shadow-pct` asks for one.
+    pub fn shadow(&self) -> Option<ShadowStage> {
+        Some(ShadowStage {
+            percent: self.shadow_pct?,
+            min_comparisons: self.shadow_min_comparisons.unwrap_or(1000),
+            min_top1_agreement: self.shadow_min_top1_agreement.unwrap_or(0.95),
+            max_mean_abs_diff: self.shadow_max_mean_abs_diff.unwrap_or(0.05),
+        })
     }
 }
 
@@ -136,6 +159,7 @@ pub fn build_plan(
         stages: gates.stages.clone(),
         selector: gates.selector.clone(),
         gates: gates.policy(),
+        shadow: gates.shadow(),
     }
 }
 

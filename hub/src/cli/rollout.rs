@@ -234,7 +234,10 @@ fn stage_position(rollout: &RolloutInfo) -> String {
     let percent = rollout
         .stages
         .get(rollout.stage_index)
-        .map_or_else(String::new, |stage| format!(" ({}%)", stage.percent));
+        .map_or_else(String::new, |stage| {
+            let shadow = if stage.shadow { "shadow " } else { "" };
+            format!(" ({shadow}{}%)", stage.percent)
+        });
     format!(
         "{}/{}{percent}",
         rollout.stage_index.saturating_add(1),
@@ -296,7 +299,11 @@ pub fn render_status(rollout: &RolloutInfo, now: u64) -> String {
                 ""
             }
             .to_owned(),
-            (index + 1).to_string(),
+            if stage.shadow {
+                "shadow".to_owned()
+            } else {
+                (index + 1).to_string()
+            },
             format!("{}%", stage.percent),
             stage.devices.to_string(),
             stage.succeeded.to_string(),
@@ -394,6 +401,7 @@ mod tests {
             stages: vec![
                 StageProgress {
                     percent: 10,
+                    shadow: false,
                     devices: 4,
                     succeeded: 4,
                     failed: 0,
@@ -402,6 +410,7 @@ mod tests {
                 },
                 StageProgress {
                     percent: 100,
+                    shadow: false,
                     devices: 40,
                     succeeded: 10,
                     failed: 3,

@@ -1041,7 +1041,7 @@ async fn rollout_action(
     let _guard = hub.rollout_lock.lock().await;
     let mut record = find_rollout(&hub, sequence)?;
     let mut rollout = engine::to_rollout(&record)?;
-    let facts = engine::device_facts(&hub, sequence, &rollout.plan)?;
+    let facts = engine::device_facts(&hub, sequence, &rollout)?;
     let decision =
         crate::rollout::operator_decision(&rollout, action, &actor.name, unix_now(), &facts)
             .map_err(AdminError::conflict)?;

@@ -34,7 +34,8 @@ use super::drift::{check_summary, SummaryError};
 use super::metrics::Metrics;
 use super::SharedHub;
 use crate::store::{
-    DeviceRecord, EventRecord, Ingested, OutcomeRecord, RunningRecord, TokenRefusal, WindowInput,
+    DeviceRecord, EventRecord, Ingested, OutcomeKind, OutcomeRecord, RunningRecord, TokenRefusal,
+    WindowInput,
 };
 use crate::unix_now;
 
@@ -476,6 +477,7 @@ async fn check_in(
     let id = DeviceId(device.id);
     let mut plan = None;
     let mut manifest = None;
+    let mut shadow = None;
     if let Some(rollout) = live
         .iter()
         .rev()
@@ -493,6 +495,9 @@ async fn check_in(
                 .map(|bytes| (Slot::Fallback, ByteBuf::from(bytes.as_ref().clone()))),
             None => None,
         };
+        if crate::rollout::shadow_for(&rollout.rollout, &id, &labels) {
+            shadow = Some(ByteBuf::from(rollout.target_manifest.as_ref().clone()));
+        }
     }
     Metrics::bump(&hub.metrics.check_ins, 1);
     reply(&CheckInResponse {
@@ -501,6 +506,7 @@ async fn check_in(
         plan,
         manifest,
         poll_after_secs: hub.config.poll_secs,
+        shadow,
     })
 }
 
@@ -514,13 +520,14 @@ async fn status(
     let body = body?;
     let device = authenticate(&hub, &method, &uri, &headers, &body)?;
     let report: StatusReport = outpost_protocol::decode(&body)?;
-    let (kind, reason, committed) = match &report.status {
+    let (kind, reason, outcome_kind) = match &report.status {
         Status::Downloaded => ("downloaded", String::new(), None),
         Status::Activating => ("activating", String::new(), None),
-        Status::Committed => ("committed", String::new(), Some(true)),
-        Status::Failed { reason } => ("failed", reason.clone(), Some(false)),
-        Status::RolledBack { reason } => ("rolled_back", reason.clone(), Some(false)),
-        Status::Refused { reason } => ("refused", reason.clone(), Some(false)),
+        Status::Committed => ("committed", String::new(), Some(OutcomeKind::Committed)),
+        Status::Shadowing => ("shadowing", String::new(), Some(OutcomeKind::Shadowing)),
+        Status::Failed { reason } => ("failed", reason.clone(), Some(OutcomeKind::Failed)),
+        Status::RolledBack { reason } => ("rolled_back", reason.clone(), Some(OutcomeKind::Failed)),
+        Status::Refused { reason } => ("refused", reason.clone(), Some(OutcomeKind::Failed)),
     };
     // Only a report about the plan's own target decides the device's outcome in that rollout.
     let about_target = match (report.plan_sequence, &report.manifest) {
@@ -532,10 +539,10 @@ async fn status(
         _ => false,
     };
     let now = unix_now();
-    let outcome = committed
+    let outcome = outcome_kind
         .filter(|_| about_target)
-        .map(|committed| OutcomeRecord {
-            committed,
+        .map(|kind| OutcomeRecord {
+            kind,
             at: now,
             reason: reason.clone(),
         });
@@ -602,6 +609,12 @@ async fn telemetry(
                 "window {index}: counts or times do not add up"
             )));
         }
+        if let Some(Err(reason)) = window.shadow.as_ref().map(|report| report.validate()) {
+            return Err(DeviceError::bad_request(format!(
+                "window {index} ({}@{} from {}): shadow report: {reason}",
+                window.model, window.version, window.start
+            )));
+        }
         // A summary the hub would not store refuses the whole batch, so that nothing of it is
         // stored and the device learns which window is wrong.
         check_summary(&hub, window).map_err(|error| match error {
@@ -614,11 +627,14 @@ async fn telemetry(
         windows.push(WindowInput {
             model: window.model.clone(),
             version: window.version,
+            start: window.start,
+            end: window.end,
             count: window.count,
             errors: window.errors,
             latency_buckets: window.latency_buckets.clone(),
             // Moved, not copied: a summary is most of a batch. The window keeps what names it.
             drift: window.drift.take(),
+            shadow: window.shadow.clone(),
         });
     }
     let ingested = hub.store.ingest_telemetry(

@@ -13,8 +13,8 @@ use outpost_protocol::Label;
 
 use super::SharedHub;
 use crate::api::{Decision, ModelRef, RolloutInfo, RolloutState};
-use crate::rollout::{self, DeviceFacts, InferenceStats, Outcome, Rollout};
-use crate::store::{RolloutRecord, StatsRecord};
+use crate::rollout::{self, DeviceFacts, InferenceStats, Outcome, Rollout, ShadowStats};
+use crate::store::{OutcomeKind, RolloutRecord, ShadowRecord, StatsRecord};
 use crate::{audit, unix_now};
 
 /// A rollout as check-ins see it, with the exact signed bytes to hand devices.
@@ -60,9 +60,8 @@ pub fn target_digest(record: &RolloutRecord) -> Option<[u8; 32]> {
 }
 
 pub fn stage_percent(record: &RolloutRecord) -> u8 {
-    plan_of(record)
-        .ok()
-        .and_then(|plan| plan.stages.get(record.stage_index).copied())
+    to_rollout(record)
+        .map(|rollout| rollout.stage_percent(rollout.stage_index))
         .unwrap_or(0)
 }
 
@@ -113,29 +112,65 @@ fn stats(record: StatsRecord) -> InferenceStats {
     }
 }
 
+fn shadow_stats(record: &ShadowRecord) -> ShadowStats {
+    ShadowStats {
+        compared: record.compared,
+        top1_agreed: record.top1_agreed,
+        errors: record.errors,
+        abs_diff_sum: record.abs_diff_sum,
+        abs_diff_values: record.abs_diff_values,
+        dropped: record.dropped,
+    }
+}
+
+/// Each device's shadow comparisons of the plan's target with its fallback, over windows ending
+/// since the rollout began. Comparisons beside any other model do not count: the signed gate is
+/// about the target against the fallback.
+fn shadow_by_device(
+    hub: &SharedHub,
+    rollout: &Rollout,
+) -> anyhow::Result<std::collections::HashMap<[u8; 16], ShadowStats>> {
+    let mut by_device = std::collections::HashMap::new();
+    let (Some(_), Some(fallback)) = (&rollout.plan.shadow, &rollout.plan.fallback) else {
+        return Ok(by_device);
+    };
+    let since = rollout.stage_started.first().copied().unwrap_or(0);
+    let target = &rollout.plan.target.manifest_sha256.0;
+    for stored in hub.store.shadow_reports(target, since)? {
+        if stored.active != (fallback.name.clone(), fallback.version) {
+            continue;
+        }
+        by_device
+            .entry(stored.device)
+            .or_default()
+            .merge(&shadow_stats(&stored.record));
+    }
+    Ok(by_device)
+}
+
 /// What the engine needs to know about every device, for one rollout.
 pub fn device_facts(
     hub: &SharedHub,
     sequence: u64,
-    plan: &PlanBody,
+    rollout: &Rollout,
 ) -> anyhow::Result<Vec<DeviceFacts>> {
+    let plan = &rollout.plan;
     let outcomes: std::collections::HashMap<[u8; 16], _> =
         hub.store.outcomes(sequence)?.into_iter().collect();
+    let shadows = shadow_by_device(hub, rollout)?;
     let mut facts = Vec::new();
     for device in hub.store.devices()? {
         let labels = super::device::labels_of(&device);
         if device.revoked || !selector_matches(&plan.selector, &labels) {
             continue;
         }
-        let outcome = outcomes.get(&device.id).map(|outcome| {
-            if outcome.committed {
-                Outcome::Committed { at: outcome.at }
-            } else {
-                Outcome::Failed {
-                    at: outcome.at,
-                    reason: outcome.reason.clone(),
-                }
-            }
+        let outcome = outcomes.get(&device.id).map(|outcome| match outcome.kind {
+            OutcomeKind::Committed => Outcome::Committed { at: outcome.at },
+            OutcomeKind::Shadowing => Outcome::Shadowing { at: outcome.at },
+            OutcomeKind::Failed => Outcome::Failed {
+                at: outcome.at,
+                reason: outcome.reason.clone(),
+            },
         });
         let target_stats = stats(hub.store.stats(
             &device.id,
@@ -159,6 +194,7 @@ pub fn device_facts(
             outcome,
             target_stats,
             fallback_stats,
+            shadow: shadows.get(&device.id).cloned().unwrap_or_default(),
         });
     }
     Ok(facts)
@@ -186,7 +222,7 @@ pub async fn tick(hub: &SharedHub) -> anyhow::Result<()> {
             continue;
         }
         let mut rollout = to_rollout(&record)?;
-        let facts = device_facts(hub, record.sequence, &rollout.plan)?;
+        let facts = device_facts(hub, record.sequence, &rollout)?;
         // A rollout whose drift evidence cannot be read is not evaluated at all this tick: it
         // must not advance past a gate nobody measured.
         let drift = match super::drift::gate(hub, &rollout) {
@@ -260,7 +296,7 @@ fn model_ref(reference: &ManifestRef) -> ModelRef {
 /// A rollout as the admin API shows it, with live progress and gate figures.
 pub fn info(hub: &SharedHub, record: &RolloutRecord) -> anyhow::Result<RolloutInfo> {
     let rollout = to_rollout(record)?;
-    let facts = device_facts(hub, record.sequence, &rollout.plan)?;
+    let facts = device_facts(hub, record.sequence, &rollout)?;
     let drift = super::drift::gate(hub, &rollout)?;
     let evaluation = rollout::evaluate(&rollout, &facts, unix_now(), drift.as_ref());
     Ok(RolloutInfo {

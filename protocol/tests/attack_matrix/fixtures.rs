@@ -10,7 +10,7 @@ use outpost_protocol::envelope::{self, Message};
 use outpost_protocol::keys::{sha256, SecretKey};
 use outpost_protocol::trust::{
     AgentVersion, Arch, Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody,
-    ManifestRef, PlanBody, RootBody, Signed, SignedBody, TensorSpec,
+    ManifestRef, PlanBody, RootBody, ShadowStage, Signed, SignedBody, TensorSpec,
 };
 use outpost_protocol::TimeFloor;
 
@@ -162,6 +162,11 @@ const TABLE: &[(&str, &str, BuildFn)] = &[
         "manifest_not_in_plan",
         "validly signed manifests that are neither target nor fallback of the plan: `ManifestNotInPlan`",
         manifest_not_in_plan,
+    ),
+    (
+        "shadow_not_authorised",
+        "a shadow manifest under a plan without a shadow stage: `NoShadowStage`; the fallback or a stray manifest under one with: `ShadowNotTarget`",
+        shadow_not_authorised,
     ),
     (
         "fallback_below_highest",
@@ -324,6 +329,7 @@ fn plan_body(sequence: u64, expires: u64, target: &[u8], fallback: Option<&[u8]>
             on_breach: BreachAction::Rollback,
             auto_advance: false,
         },
+        shadow: None,
     }
 }
 
@@ -571,6 +577,30 @@ fn manifest_not_in_plan() -> Files {
         ("plan.bin", plan),
         ("stray_manifest.bin", manifest(MODEL, 3)),
         ("other_model_manifest.bin", manifest(OTHER_MODEL, 2)),
+    ]
+}
+
+fn shadow_not_authorised() -> Files {
+    let target = manifest(MODEL, 2);
+    let fallback = manifest(MODEL, 1);
+    let plain = sign(
+        &plan_body(5, GOOD_EXPIRY, &target, Some(&fallback)),
+        SIGNERS,
+    );
+    let mut body = plan_body(6, GOOD_EXPIRY, &target, Some(&fallback));
+    body.shadow = Some(ShadowStage {
+        percent: 5,
+        min_comparisons: 500,
+        min_top1_agreement: 0.95,
+        max_mean_abs_diff: 0.05,
+    });
+    vec![
+        ("root.bin", good_root()),
+        ("plan_without_shadow.bin", plain),
+        ("plan_with_shadow.bin", sign(&body, SIGNERS)),
+        ("manifest.bin", target),
+        ("fallback_manifest.bin", fallback),
+        ("stray_manifest.bin", manifest(MODEL, 3)),
     ]
 }
 

@@ -713,6 +713,60 @@ fn manifest_outside_the_plan_is_refused() {
 }
 
 #[test]
+fn only_a_shadow_stage_authorises_its_target_in_shadow() {
+    let scenario = "shadow_not_authorised";
+    let root = root(scenario);
+    let target = read(scenario, "manifest.bin");
+
+    // A plan without a shadow stage authorises no shadow model, not even its own target.
+    let plain = root
+        .verify_plan(&read(scenario, "plan_without_shadow.bin"), &FLOOR, None)
+        .expect("plan without shadow");
+    let err = plain
+        .verify_shadow_manifest(&root, &target, &FLOOR, None)
+        .unwrap_err();
+    assert_eq!(err, VerifyError::NoShadowStage { sequence: 5 });
+
+    let plan = root
+        .verify_plan(&read(scenario, "plan_with_shadow.bin"), &FLOOR, None)
+        .expect("plan with shadow");
+    let shadow = plan
+        .verify_shadow_manifest(&root, &target, &FLOOR, Some(2))
+        .expect("the plan's target in shadow");
+    assert_eq!((shadow.name().as_str(), shadow.version()), (MODEL, 2));
+    // Shadowing runs the model like an activation: the version floor still holds.
+    let err = plan
+        .verify_shadow_manifest(&root, &target, &FLOOR, Some(3))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VerifyError::ManifestRollback {
+                offered: 2,
+                highest: 3,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Only the target: neither the fallback nor a validly signed stray manifest.
+    for (file, version) in [("fallback_manifest.bin", 1), ("stray_manifest.bin", 3)] {
+        let err = plan
+            .verify_shadow_manifest(&root, &read(scenario, file), &FLOOR, None)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            VerifyError::ShadowNotTarget {
+                name: MODEL.to_owned(),
+                version,
+                sequence: 6,
+            },
+            "{file}"
+        );
+    }
+}
+
+#[test]
 fn signed_fallback_may_go_below_highest_seen() {
     let root = root("fallback_below_highest");
     let plan = root

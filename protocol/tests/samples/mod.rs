@@ -14,12 +14,12 @@ pub use drift::*;
 
 use outpost_protocol::device::{
     AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse, ErrorResponse,
-    InferenceWindow, RunningModel, Status, StatusReport, TelemetryAck, TelemetryBatch, Tensor,
-    ValidationCase, ValidationSet, LATENCY_BUCKETS_US,
+    InferenceWindow, RunningModel, ShadowReport, Status, StatusReport, TelemetryAck,
+    TelemetryBatch, Tensor, ValidationCase, ValidationSet, LATENCY_BUCKETS_US,
 };
 use outpost_protocol::trust::{
     Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody, ManifestRef,
-    PlanBody, RootBody, Signed, Slot, TensorSpec,
+    PlanBody, RootBody, ShadowStage, Signed, Slot, TensorSpec,
 };
 use outpost_protocol::{
     encode, sha256, AgentVersion, Arch, Label, SecretKey, TimeFloor, VerifiedRoot,
@@ -184,6 +184,12 @@ pub fn plan_body(target: ManifestRef, fallback: Option<ManifestRef>) -> PlanBody
             on_breach: BreachAction::Rollback,
             auto_advance: true,
         },
+        shadow: Some(ShadowStage {
+            percent: 2,
+            min_comparisons: 10_000,
+            min_top1_agreement: 0.97,
+            max_mean_abs_diff: 0.02,
+        }),
     }
 }
 
@@ -267,7 +273,8 @@ pub fn check_in() -> CheckIn {
     }
 }
 
-/// A response that rotates the device's root twice and hands it a plan and its target manifest.
+/// A response that rotates the device's root twice and hands it a plan, its fallback manifest to
+/// serve and its target manifest to shadow.
 pub fn check_in_response() -> CheckInResponse {
     let root_frame =
         |version| encode(&signed_root(version, 5, 3)).expect("sample root fits its frame");
@@ -275,8 +282,9 @@ pub fn check_in_response() -> CheckInResponse {
         hub_time: NOW + 5,
         roots: vec![root_frame(2).into(), root_frame(3).into()],
         plan: Some(plan_frame(5, 3).into()),
-        manifest: Some((Slot::Target, manifest_frame(7, 5, 3).into())),
+        manifest: Some((Slot::Fallback, manifest_frame(6, 5, 3).into())),
         poll_after_secs: 60,
+        shadow: Some(manifest_frame(7, 5, 3).into()),
     }
 }
 
@@ -296,6 +304,7 @@ pub fn status_reports() -> Vec<StatusReport> {
         Status::Refused {
             reason: "model needs agent 0.5.0 or newer, this agent is 0.4.2".to_owned(),
         },
+        Status::Shadowing,
     ]
     .into_iter()
     .enumerate()
@@ -322,6 +331,16 @@ pub fn telemetry_batch(n_windows: u64) -> TelemetryBatch {
                 .map(|bucket| (bucket * 37 + index) % 500)
                 .collect(),
             drift: None,
+            // Every third window is a shadow window: no inference of its own, a comparison.
+            shadow: (index % 3 == 2).then(|| ShadowReport {
+                target: manifest_ref(&manifest_frame(7, 1, 1), 7),
+                compared: 2_900 + index,
+                top1_agreed: 2_850 + index,
+                errors: index % 2,
+                abs_diff_sum: 12.5 + index as f64 / 8.0,
+                abs_diff_values: (2_900 + index) * 12,
+                dropped: index % 5,
+            }),
         })
         .collect();
     TelemetryBatch {
