@@ -381,9 +381,13 @@ fn real_agents_promote_a_target_that_agrees_and_roll_back_one_that_does_not() {
         rollback.reason.contains("shadow_mean_abs_diff"),
         "{rollback:#?}"
     );
+    // The gate may have enough comparisons from one agent before the other's first batch lands,
+    // so the figure names however many devices it counted, never none.
     let comparisons = figure(&rollback.figures, "shadow_top1_agreement");
     assert!(
-        comparisons.detail.contains("on 2 devices"),
+        ["on 1 devices", "on 2 devices"]
+            .iter()
+            .any(|devices| comparisons.detail.contains(devices)),
         "{comparisons:#?}"
     );
     // The shadow model is gone, and version 2 served every request throughout and still does.
