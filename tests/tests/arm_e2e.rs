@@ -8,7 +8,7 @@
 //!
 //! ```sh
 //! cargo test -p outpost-protocol -p outpost-agent --target aarch64-unknown-linux-gnu --no-run
-//! cargo test -p outpost-tests --test arm_e2e -- --ignored
+//! cargo test --workspace --test arm_e2e -- --ignored
 //! ```
 //!
 //! `OUTPOST_AARCH64_AGENT` names another agent binary; `OUTPOST_AARCH64_RUNNER` another emulator
@@ -140,7 +140,8 @@ fn assert_serves(agent: &TestAgent, version: u64, model_dir: &std::path::Path, x
 }
 
 #[test]
-#[ignore = "needs the aarch64 agent and qemu-user: see this file's docs; .ci/run runs it"]
+#[ignore = "needs the cross-built aarch64 agent and qemu-user (.ci/run has both): \
+            cargo test --workspace --test arm_e2e -- --ignored, see tests/tests/arm_e2e.rs"]
 fn an_aarch64_agent_under_qemu_rolls_out_and_serves_against_an_x86_64_hub() {
     let program = aarch64_agent();
     let started = Instant::now();
