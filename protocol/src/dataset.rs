@@ -327,16 +327,30 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NdArray, DatasetError> {
             "Fortran-ordered arrays are not supported; save with np.ascontiguousarray",
         ));
     }
-    let count = shape
+    // Sizes stay u64 until capped, so a 32-bit device refuses an oversized shape by the same cap
+    // and message as a 64-bit one, not as a number it cannot parse.
+    shape
         .iter()
-        .try_fold(1usize, |acc, &dim| acc.checked_mul(dim))
-        .filter(|&count| count <= MAX_VALUES)
+        .try_fold(1u64, |acc, &dim| acc.checked_mul(dim))
+        .filter(|&count| count <= MAX_VALUES as u64)
         .ok_or_else(|| {
             npy_error(
                 header_start,
                 format!("shape {shape:?} holds more than {MAX_VALUES} values"),
             )
         })?;
+    // Under the cap, only an axis of an empty array can still be beyond usize.
+    let shape = shape
+        .iter()
+        .map(|&dim| usize::try_from(dim))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(|_| {
+            npy_error(
+                header_start,
+                format!("shape {shape:?} has an axis longer than this device can address"),
+            )
+        })?;
+    let count: usize = shape.iter().product();
     let data = bytes.get(data_start..).unwrap_or_default();
     let expected = count * dtype.size();
     if data.len() != expected {
@@ -356,7 +370,7 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NdArray, DatasetError> {
 }
 
 /// Reads `{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }`.
-fn parse_header(header: &str) -> Result<(NpyType, bool, Vec<usize>), String> {
+fn parse_header(header: &str) -> Result<(NpyType, bool, Vec<u64>), String> {
     let body = header
         .trim()
         .strip_prefix('{')
@@ -400,7 +414,7 @@ fn parse_header(header: &str) -> Result<(NpyType, bool, Vec<usize>), String> {
             return Err(format!("more than {MAX_NPY_RANK} axes"));
         }
         dims.push(
-            part.parse::<usize>()
+            part.parse::<u64>()
                 .map_err(|_| format!("shape entry {part:?} is not a size"))?,
         );
     }

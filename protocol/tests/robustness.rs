@@ -3,7 +3,7 @@
 //!
 //! Every frame a device or hub decodes came from the network or disk, so these tests feed each
 //! decoder truncated, oversized, mislabelled and random input and check the exact [`DecodeReason`]
-//! it answers with. A length prefix claiming 2^64-1 elements must not make the decoder reserve
+//! it answers with. A length prefix claiming `usize::MAX` elements must not make the decoder reserve
 //! memory for them; a counting global allocator in this test binary checks that.
 
 // The counting allocator below must implement `GlobalAlloc`, an unsafe trait, and forward to
@@ -279,14 +279,18 @@ fn trailing_bytes_are_refused() {
     }
 }
 
-/// The postcard varint of 2^64-1: the largest length prefix a hostile peer can write.
-const HUGE_LENGTH: [u8; 10] = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+/// The postcard varint of `usize::MAX` (2^64-1 on 64-bit targets): the largest length prefix the
+/// decoder reads as a length. Postcard reads lengths as `usize`, so on a 32-bit device (armv7)
+/// anything longer is a bad varint, refused before it is a length at all.
+fn huge_length() -> Vec<u8> {
+    postcard::to_allocvec(&usize::MAX).expect("a usize encodes")
+}
 
-/// A frame of `M` whose body is `fields` followed by [`HUGE_LENGTH`].
+/// A frame of `M` whose body is `fields` followed by [`huge_length`].
 fn huge_length_frame<M: Message>(fields: &[u8]) -> Vec<u8> {
     let mut frame = vec![MAGIC[0], MAGIC[1], PROTOCOL_VERSION, M::KIND as u8];
     frame.extend_from_slice(fields);
-    frame.extend_from_slice(&HUGE_LENGTH);
+    frame.extend_from_slice(&huge_length());
     frame
 }
 
@@ -297,7 +301,7 @@ fn hostile<M: Message>(fields: &[u8], place: &'static str) -> HostileFrame {
     (huge_length_frame::<M>(fields), decode_as::<M>, place)
 }
 
-/// Frames with a 2^64-1 length where a `Vec`, byte string or `String` length goes, reached through
+/// Frames with a `usize::MAX` length where a `Vec`, byte string or `String` length goes, reached through
 /// the fields that precede it (small varints, `None`/`Some` tags, enum variant indices).
 fn hostile_frames() -> Vec<HostileFrame> {
     let key_id = [0x33; 32];

@@ -1,6 +1,7 @@
 //! A real `outpost-agent run` process for end-to-end tests: its config, trust root and data
 //! directory in a temp dir, enrolled with a [`TestHub`], its inference API on a free loopback
-//! port, and its `status --json` as a value.
+//! port, and its `status --json` as a value. The agent is the host build, or
+//! ([`AgentProgram::emulated`]) another architecture's binary run under qemu-user.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,15 +10,72 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::hub::{Fleet, TestHub};
-use crate::{bin, run, wait_until};
+use crate::{bin, wait_until, Run};
 
 /// How long an agent may take to reach a state a test waits for.
 pub const AGENT_WAIT: Duration = Duration::from_secs(60);
+
+/// The `outpost-agent` binary a [`TestAgent`] runs, and how it is started.
+#[derive(Debug, Clone)]
+pub struct AgentProgram {
+    /// The emulator and its arguments put before the binary (`qemu-aarch64 -L SYSROOT`); empty
+    /// for the host build.
+    launcher: Vec<String>,
+    binary: PathBuf,
+    /// How long the agent may take to reach a state a test waits for: [`AGENT_WAIT`] natively,
+    /// more under an emulator.
+    pub wait: Duration,
+}
+
+impl AgentProgram {
+    /// The host's `outpost-agent`, built by [`bin`].
+    pub fn host() -> AgentProgram {
+        AgentProgram {
+            launcher: Vec::new(),
+            binary: bin("outpost-agent"),
+            wait: AGENT_WAIT,
+        }
+    }
+
+    /// `binary` run as `launcher... binary ARGS`, waited for up to `wait`.
+    pub fn emulated(launcher: Vec<String>, binary: PathBuf, wait: Duration) -> AgentProgram {
+        AgentProgram {
+            launcher,
+            binary,
+            wait,
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = match self.launcher.split_first() {
+            Some((emulator, arguments)) => {
+                let mut command = Command::new(emulator);
+                command.args(arguments).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
+        command.env("RUST_LOG", "warn");
+        command
+    }
+
+    /// Runs the agent with `args` in `dir` and waits for it.
+    fn run(&self, dir: &Path, args: &[&str]) -> Run {
+        let output = self
+            .command()
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|error| panic!("running {self:?} {args:?}: {error}"));
+        Run::from_output(output)
+    }
+}
 
 #[derive(Debug)]
 pub struct TestAgent {
     dir: tempfile::TempDir,
     config: PathBuf,
+    program: AgentProgram,
     /// `127.0.0.1:PORT` of the inference API.
     pub listen: String,
     child: Option<Child>,
@@ -46,6 +104,19 @@ impl TestAgent {
         labels: &str,
         extra: &str,
     ) -> TestAgent {
+        TestAgent::enroll_program(AgentProgram::host(), url, hub, fleet, labels, extra)
+    }
+
+    /// [`TestAgent::enroll_at`] with `program` as the agent, for this enrollment and every later
+    /// run.
+    pub fn enroll_program(
+        program: AgentProgram,
+        url: &str,
+        hub: &TestHub,
+        fleet: &Fleet,
+        labels: &str,
+        extra: &str,
+    ) -> TestAgent {
         let dir = tempfile::tempdir().expect("creating the agent's temporary directory");
         std::fs::write(dir.path().join("root.bin"), &fleet.root).expect("writing the trust root");
         let listen = format!("127.0.0.1:{}", free_port());
@@ -61,23 +132,24 @@ impl TestAgent {
         );
         std::fs::write(&config, text).expect("writing the agent config");
         let token = hub.enroll_token(labels, 1);
-        run(
-            "outpost-agent",
-            dir.path(),
-            &[
-                "enroll",
-                "--hub",
-                url,
-                "--token",
-                &token,
-                "--config",
-                &config.to_string_lossy(),
-            ],
-        )
-        .ok();
+        program
+            .run(
+                dir.path(),
+                &[
+                    "enroll",
+                    "--hub",
+                    url,
+                    "--token",
+                    &token,
+                    "--config",
+                    &config.to_string_lossy(),
+                ],
+            )
+            .ok();
         TestAgent {
             dir,
             config,
+            program,
             listen,
             child: None,
         }
@@ -127,7 +199,9 @@ impl TestAgent {
             .append(true)
             .open(self.log_file())
             .expect("opening the agent log");
-        let child = Command::new(bin("outpost-agent"))
+        let child = self
+            .program
+            .command()
             .args(["run", "--config", &self.config.to_string_lossy()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -136,9 +210,11 @@ impl TestAgent {
             .expect("starting outpost-agent run");
         self.child = Some(child);
         let address = self.listen.clone();
-        wait_until(AGENT_WAIT, "the agent's inference API to listen", || {
-            std::net::TcpStream::connect(&address).ok()
-        });
+        wait_until(
+            self.program.wait,
+            "the agent's inference API to listen",
+            || std::net::TcpStream::connect(&address).ok(),
+        );
     }
 
     pub fn kill9(&mut self) {
@@ -155,15 +231,14 @@ impl TestAgent {
             .status()
             .expect("running kill -TERM");
         assert!(status.success());
-        wait_until(AGENT_WAIT, "the agent to exit after SIGTERM", || {
+        wait_until(self.program.wait, "the agent to exit after SIGTERM", || {
             child.try_wait().expect("polling the agent")
         })
     }
 
     /// `outpost-agent status --json`, or Null before the first status file.
     pub fn status(&self) -> Value {
-        let out = run(
-            "outpost-agent",
+        let out = self.program.run(
             self.dir.path(),
             &[
                 "status",
@@ -181,7 +256,7 @@ impl TestAgent {
     /// Waits until `field` of the status equals `want`.
     pub fn wait_status(&self, field: &str, want: Value) -> Value {
         wait_until(
-            AGENT_WAIT,
+            self.program.wait,
             &format!("agent status {field} = {want}"),
             || {
                 let status = self.status();

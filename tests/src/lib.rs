@@ -36,9 +36,30 @@ pub fn bin(name: &str) -> PathBuf {
         // The same build `cargo test --workspace` (the README's test command) does, so under it
         // this is a no-op. `cargo build -p ...` would resolve features differently and rebuild
         // tract, rustls and the rest once per run, then overwrite the binaries.
-        let status = Command::new(cargo)
+        let mut command = Command::new(cargo);
+        command
             .args(["test", "--workspace", "--no-run", "--quiet"])
-            .current_dir(workspace_root())
+            .current_dir(workspace_root());
+        // Cargo gives this test process the variables it gives a crate (CARGO_MANIFEST_DIR,
+        // CARGO_PKG_NAME, ...). Build scripts that rerun when those change (ring's does) would see
+        // them here and not under the outer `cargo test`, so each of the two builds would redo
+        // ring, rustls and everything above them for the other.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || key.starts_with("CARGO_BIN_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .contains(&key.as_ref())
+            {
+                command.env_remove(key.as_ref());
+            }
+        }
+        let status = command
             .status()
             .expect("running cargo to build the binaries under test");
         assert!(
