@@ -358,6 +358,73 @@ impl Fleet {
         out
     }
 
+    /// Publishes `name` `version` with a validation set that expects another model's outputs,
+    /// bypassing the CLI's own validation gate (as a publisher with a modified tool could): the
+    /// manifest is validly signed, so only a device's own validation can refuse to commit it.
+    pub fn publish_unvalidated(&self, hub: &TestHub, name: &str, version: u64) {
+        let dir = hub.dir().join(format!("unvalidated-{name}-{version}"));
+        let dir_arg = dir.to_string_lossy().into_owned();
+        hub.cli(&[
+            "example-model",
+            "--out",
+            &dir_arg,
+            "--seed",
+            "7",
+            "--validation-seed",
+            "8",
+        ])
+        .ok();
+        let model = dir.join("model.onnx");
+        let validation = dir.join("validation.bin");
+        let manifest = dir.join("manifest.bin");
+        hub.cli(&[
+            "model",
+            "sign",
+            "--name",
+            name,
+            "--version",
+            &version.to_string(),
+            "--model",
+            &model.to_string_lossy(),
+            "--validation",
+            &validation.to_string_lossy(),
+            "--input",
+            "x:FP32:N,4",
+            "--output",
+            "y:FP32:N,3",
+            "--key",
+            &self.keys,
+            "--out",
+            &manifest.to_string_lossy(),
+        ])
+        .ok();
+        let client = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let auth = format!("Bearer {}", hub.token());
+        for file in [&model, &validation] {
+            let bytes = std::fs::read(file).expect("read an unvalidated artifact");
+            let digest = outpost_protocol::sha256(&bytes).to_hex();
+            let response = client
+                .put(format!("{}/admin/v1/artifacts/{digest}", hub.url()))
+                .header("Authorization", &auth)
+                .send(&bytes[..])
+                .expect("upload an unvalidated artifact");
+            assert!(
+                response.status().is_success(),
+                "artifact upload: {}",
+                response.status()
+            );
+        }
+        let response = client
+            .post(format!("{}/admin/v1/models", hub.url()))
+            .header("Authorization", &auth)
+            .send(&std::fs::read(&manifest).expect("read the manifest")[..])
+            .expect("upload the manifest");
+        assert_eq!(response.status().as_u16(), 201, "manifest upload");
+    }
+
     /// Signs and creates a first rollout of `model` `version` to every device in one stage, with
     /// no fallback (nothing ran before it).
     pub fn first_rollout(&self, hub: &TestHub, model: &str, version: u64) {

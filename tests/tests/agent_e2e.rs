@@ -113,77 +113,10 @@ fn a_new_version_under_load_fails_no_request() {
     assert_eq!(agent.status()["previous"], json!(["demo@1"]));
 }
 
-/// Publishes demo@`version` whose validation set expects another model's outputs, bypassing the
-/// CLI's own validation gate (as a publisher with a modified tool could): the device must still
-/// refuse to commit it.
-fn publish_unvalidated(hub: &TestHub, fleet: &Fleet, version: u64) {
-    let dir = hub.dir().join(format!("bad-{version}"));
-    let dir_arg = dir.to_string_lossy().into_owned();
-    hub.cli(&[
-        "example-model",
-        "--out",
-        &dir_arg,
-        "--seed",
-        "7",
-        "--validation-seed",
-        "8",
-    ])
-    .ok();
-    let model = dir.join("model.onnx");
-    let validation = dir.join("validation.bin");
-    let manifest = dir.join("manifest.bin");
-    hub.cli(&[
-        "model",
-        "sign",
-        "--name",
-        "demo",
-        "--version",
-        &version.to_string(),
-        "--model",
-        &model.to_string_lossy(),
-        "--validation",
-        &validation.to_string_lossy(),
-        "--input",
-        "x:FP32:N,4",
-        "--output",
-        "y:FP32:N,3",
-        "--key",
-        &fleet.keys,
-        "--out",
-        &manifest.to_string_lossy(),
-    ])
-    .ok();
-    let client = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .new_agent();
-    let auth = format!("Bearer {}", hub.token());
-    for file in [&model, &validation] {
-        let bytes = std::fs::read(file).unwrap();
-        let digest = outpost_protocol::sha256(&bytes).to_hex();
-        let response = client
-            .put(format!("{}/admin/v1/artifacts/{digest}", hub.url()))
-            .header("Authorization", &auth)
-            .send(&bytes[..])
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "artifact upload: {}",
-            response.status()
-        );
-    }
-    let response = client
-        .post(format!("{}/admin/v1/models", hub.url()))
-        .header("Authorization", &auth)
-        .send(&std::fs::read(&manifest).unwrap()[..])
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 201, "manifest upload");
-}
-
 #[test]
 fn a_candidate_failing_validation_is_reverted_and_reported() {
     let (hub, fleet, agent) = serving_v1();
-    publish_unvalidated(&hub, &fleet, 2);
+    fleet.publish_unvalidated(&hub, "demo", 2);
     fleet.create_rollout(
         &hub,
         "demo",
