@@ -176,6 +176,20 @@ impl TestAgent {
         std::fs::read_to_string(self.log_file()).unwrap_or_default()
     }
 
+    /// Sets `key = value` (`value` in TOML syntax) in the config's `[section]`, adding the section
+    /// if it is missing; it takes effect at the next start.
+    pub fn set_option(&self, section: &str, key: &str, value: &str) {
+        let config = std::fs::read_to_string(&self.config).expect("reading the agent config");
+        let header = format!("[{section}]");
+        let setting = format!("{key} = {value}");
+        let mut lines: Vec<String> = config.lines().map(str::to_owned).collect();
+        match lines.iter().position(|line| *line == header) {
+            Some(at) => lines.insert(at + 1, setting),
+            None => lines.extend([header, setting]),
+        }
+        std::fs::write(&self.config, lines.join("\n") + "\n").expect("rewriting the agent config");
+    }
+
     /// Rewrites the config's hub URL (after the hub restarted on another port).
     pub fn point_at(&self, url: &str) {
         let text = std::fs::read_to_string(&self.config).expect("reading the agent config");
@@ -265,13 +279,19 @@ impl TestAgent {
         )
     }
 
-    /// Sends one inference request to the example MLP; returns (status code, body).
+    /// Sends one inference request to the example MLP `demo`; returns (status code, body).
     pub fn infer(&self, http: &ureq::Agent, x: [f32; 4]) -> (u16, Value) {
+        self.infer_row(http, "demo", &x)
+    }
+
+    /// Sends one row `x` to the example MLP `model` (of `x.len()` inputs); returns (status code,
+    /// body).
+    pub fn infer_row(&self, http: &ureq::Agent, model: &str, x: &[f32]) -> (u16, Value) {
         let body = serde_json::json!({
-            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x}]
+            "inputs": [{"name": "x", "shape": [1, x.len()], "datatype": "FP32", "data": x}]
         });
         match http
-            .post(format!("http://{}/v2/models/demo/infer", self.listen))
+            .post(format!("http://{}/v2/models/{model}/infer", self.listen))
             .header("Content-Type", "application/json")
             .send(body.to_string())
         {

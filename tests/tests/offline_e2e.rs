@@ -1,0 +1,135 @@
+//! An agent cut off from its hub for longer than its telemetry cap holds: it keeps serving, drops
+//! what does not fit, and the hub, once back, counts every delivered inference once and exactly
+//! as many dropped records as the agent dropped. (An outage the cap absorbs through roll-ups, with
+//! no drop at all, is in `agent_e2e.rs`; the cache's drop order on real files in
+//! `agent/tests/cache.rs`.)
+
+// Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use outpost_hub::api::DeviceDetail;
+use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
+use outpost_tests::hub::{Fleet, TestHub};
+use outpost_tests::proxy::{Proxy, Verdict};
+use outpost_tests::wait_until;
+use serde_json::{json, Value};
+
+/// Inputs of the example model: enough that one window's drift summary takes well over half of
+/// the smallest cap the agent accepts (4 KiB), so two windows never fit together.
+const INPUTS: &str = "64";
+const WIDE: usize = 64;
+const TELEMETRY: &str = "/device/v1/telemetry";
+
+fn device(hub: &TestHub, agent: &TestAgent) -> DeviceDetail {
+    let id = agent.status()["device_id"].as_str().unwrap().to_owned();
+    hub.cli_json(&["device", "show", &id])
+}
+
+fn hub_count(detail: &DeviceDetail) -> u64 {
+    detail.inferences.iter().map(|counts| counts.count).sum()
+}
+
+/// One inference, then a wait past the telemetry flush (300 ms) so it lands in a window of its
+/// own.
+fn infer_alone(agent: &TestAgent, row: &[f32]) {
+    let (code, body) = agent.infer_row(&http(), "wide", row);
+    assert_eq!(code, 200, "{body}");
+    std::thread::sleep(Duration::from_millis(400));
+}
+
+fn stat(status: &Value, field: &str) -> u64 {
+    status[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {status:#}"))
+}
+
+#[test]
+fn an_outage_beyond_the_cap_drops_windows_and_the_hub_counts_them_exactly() {
+    let mut hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example_with(&hub, "wide", 1, 1, true, &["--inputs", INPUTS]);
+    fleet.first_rollout(&hub, "wide", 1);
+    let proxy = Proxy::start(&hub.url());
+    let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "", "");
+    // Uploads follow each other closely, so the outage's steps do not wait on the clock.
+    agent.set_option("sync", "poll_interval", "\"1s\"");
+    agent.start();
+    agent.wait_status("active", json!("wide@1"));
+    let row: Vec<f32> = (0..WIDE).map(|i| (i as f32 / 10.0).sin()).collect();
+
+    // Online, one inference reaches the hub.
+    infer_alone(&agent, &row);
+    wait_until(AGENT_WAIT, "the first inference at the hub", || {
+        (hub_count(&device(&hub, &agent)) == 1).then_some(())
+    });
+
+    // The hub starts failing: first its telemetry acknowledgements are lost (so one more window
+    // waits in the agent's outbox, sent but unacknowledged), then all of it goes down.
+    let uploads = || {
+        proxy
+            .log()
+            .iter()
+            .filter(|exchange| exchange.request.path == TELEMETRY)
+            .count()
+    };
+    let before = uploads();
+    proxy.set_hook(|request, mut response| {
+        if request.path == TELEMETRY {
+            response.status = 503;
+            response.reason = "Service Unavailable".into();
+            response.body = b"overloaded".to_vec();
+        }
+        Verdict::Forward(response)
+    });
+    infer_alone(&agent, &row);
+    wait_until(AGENT_WAIT, "a telemetry upload to fail", || {
+        (uploads() > before + 1).then_some(())
+    });
+    assert!(hub.sigterm().success());
+    // That window alone sets the cap for the rest of the outage: one and a half windows, so
+    // every later window overflows (same-day windows roll up into one, which fits no better).
+    assert!(agent.sigterm().success());
+    let status = agent.status();
+    assert_eq!(stat(&status, "queued_windows"), 1, "{status:#}");
+    let one_window = stat(&status, "queue_bytes");
+    let cap = one_window * 3 / 2;
+    assert!(
+        cap >= 4096,
+        "one window is {one_window} bytes: widen the model"
+    );
+    agent.set_option("storage", "telemetry_cap", &format!("\"{cap}B\""));
+    agent.start();
+
+    // Offline, the agent serves every request and drops each window that does not fit.
+    const OFFLINE: u64 = 6;
+    for _ in 0..OFFLINE {
+        infer_alone(&agent, &row);
+    }
+    let status = wait_until(AGENT_WAIT, "every overflowing window to be dropped", || {
+        let status = agent.status();
+        (stat(&status, "dropped_records") == OFFLINE).then_some(status)
+    });
+    assert!(stat(&status, "queue_bytes") <= cap, "{status:#}");
+    assert_eq!(stat(&status, "queued_windows"), 1, "{status:#}");
+
+    // The hub returns: it takes the waiting window, then a batch carrying the drop count.
+    hub.restart();
+    assert!(agent.sigterm().success());
+    agent.point_at(&hub.url());
+    agent.start();
+    let detail = wait_until(AGENT_WAIT, "the drops to reach the hub", || {
+        let detail = device(&hub, &agent);
+        (detail.dropped_records > 0 && hub_count(&detail) == 2).then_some(detail)
+    });
+    assert_eq!(detail.dropped_records, OFFLINE, "{detail:#?}");
+    agent.wait_status("queued_windows", json!(0));
+    // Resends after acknowledgements count nothing twice, and serving goes on.
+    infer_alone(&agent, &row);
+    wait_until(AGENT_WAIT, "the next inference at the hub", || {
+        (hub_count(&device(&hub, &agent)) == 3).then_some(())
+    });
+    let detail = device(&hub, &agent);
+    assert_eq!(detail.dropped_records, OFFLINE, "{detail:#?}");
+}
