@@ -102,6 +102,10 @@ pub struct Syncer {
     shadow: Arc<Shadow>,
     agent_state: AgentState,
     last_error: Option<String>,
+    /// A download this cycle broke off on the network, a deadline or a throughput floor. The
+    /// cycle then counts as failed, so the loop backs off before the next attempt: a hub that
+    /// stalls its artifacts must not get a fresh attempt at every poll it asks for.
+    download_held_up: Option<download::DownloadError>,
     last_telemetry_flush: Instant,
 }
 
@@ -210,6 +214,7 @@ impl Syncer {
             shadow,
             agent_state: AgentState::Steady,
             last_error: None,
+            download_held_up: None,
             last_telemetry_flush: Instant::now(),
             config,
         };
@@ -361,7 +366,8 @@ impl Syncer {
         })
     }
 
-    /// One round with the hub. Errors are transport-level; refusals are reported, not returned.
+    /// One round with the hub. Errors are transport-level, a download held up included, and make
+    /// the caller back off; refusals are reported, not returned.
     pub fn cycle(&mut self) -> anyhow::Result<Duration> {
         self.deliver_reports()?;
         let stats = self.cache.stats();
@@ -384,6 +390,10 @@ impl Syncer {
         self.apply(response.clone());
         self.deliver_reports()?;
         self.upload_telemetry()?;
+        if let Some(error) = self.download_held_up.take() {
+            // Reports and telemetry went out above; only the download waits for the backoff.
+            return Err(error.into());
+        }
         Ok(Duration::from_secs(u64::from(
             response.poll_after_secs.max(1),
         )))
@@ -638,10 +648,9 @@ impl Syncer {
                     return false;
                 }
                 Err(error) => {
-                    // Network trouble: keep the partial file and resume next cycle.
+                    // Network trouble: keep the partial file and resume after a backoff.
                     self.agent_state = AgentState::Steady;
-                    log::warn!("{error}");
-                    self.last_error = Some(error.to_string());
+                    self.download_held_up = Some(error);
                     return false;
                 }
             }
