@@ -173,6 +173,19 @@ fn hijack_downloads(
     });
 }
 
+/// Waits for the agent to have backed off twice, the wait doubling, after a failed cycle whose
+/// error starts with `error`: a hub must not get a fresh attempt at every poll it asks for.
+fn wait_for_backoff(agent: &TestAgent, error: &str) {
+    let (first, second) = (
+        format!("retrying in 1s: {error}"),
+        format!("retrying in 2s: {error}"),
+    );
+    wait_until(AGENT_WAIT, &format!("the agent to log {second:?}"), || {
+        let log = agent.log();
+        (log.contains(&first) && log.contains(&second)).then_some(())
+    });
+}
+
 /// Writes `bytes` into the hub's directory as `name` and returns the path as an argument.
 fn write_file(hub: &TestHub, name: &str, bytes: &[u8]) -> String {
     let path: PathBuf = hub.dir().join(name);
@@ -372,7 +385,7 @@ fn a_valid_manifest_with_a_swapped_artifact_is_refused_and_reported() {
 #[test]
 fn an_artifact_longer_than_signed_is_cut_off_and_refused() {
     const PADDING: usize = 8 * 1024 * 1024;
-    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("[sync]\nmax_backoff = \"4s\"\n");
     let versions_before = installed(&agent);
     fleet.publish_example(&hub, "demo", 2, 2);
     let (v2_model, v2_path) = published_model(&hub, 2);
@@ -391,6 +404,8 @@ fn an_artifact_longer_than_signed_is_cut_off_and_refused() {
         refusal.detail,
         format!("hub sent more than the {signed} signed bytes of model artifact {sha}")
     );
+    // The refused download fails the cycle, so the next attempt waits out a growing backoff.
+    wait_for_backoff(&agent, "hub sent more than the");
     let downloads = exchanges(&proxy, &v2_path);
     assert!(!downloads.is_empty());
     for download in &downloads {
@@ -466,12 +481,7 @@ fn an_artifact_at_one_byte_per_second_hits_the_deadline_and_is_resumed_after_a_b
         "{first:?}\n{second:?}"
     );
     // Each stalled attempt doubles the wait before the next one.
-    wait_until(AGENT_WAIT, "the agent to back off twice", || {
-        let log = agent.log();
-        (log.contains("retrying in 1s: download of model artifact")
-            && log.contains("retrying in 2s: download of model artifact"))
-        .then_some(())
-    });
+    wait_for_backoff(&agent, "download of model artifact");
 
     // Once the hub sends at full speed again, the download completes from where it stopped.
     trickling.store(false, Ordering::Relaxed);
