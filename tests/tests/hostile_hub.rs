@@ -13,7 +13,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -188,7 +187,7 @@ fn wait_for_backoff(agent: &TestAgent, error: &str) {
 
 /// Writes `bytes` into the hub's directory as `name` and returns the path as an argument.
 fn write_file(hub: &TestHub, name: &str, bytes: &[u8]) -> String {
-    let path: PathBuf = hub.dir().join(name);
+    let path = hub.dir().join(name);
     std::fs::write(&path, bytes).unwrap();
     path.to_string_lossy().into_owned()
 }
@@ -237,7 +236,8 @@ fn unix_now() -> u64 {
 fn an_older_signed_version_is_refused_and_reported() {
     let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
     let v1 = check_in_with_plan(&proxy, 1);
-    // Plan 2 moves the device to demo@2 with no fallback: no plan since allows demo@1.
+    // Plan 2 (signed by `first_rollout`, without a fallback) moves the device to demo@2, and no
+    // plan from then on lets it run demo@1 again.
     fleet.publish_example(&hub, "demo", 2, 2);
     fleet.first_rollout(&hub, "demo", 2);
     agent.wait_status("active", json!("demo@2"));
@@ -257,8 +257,9 @@ fn an_older_signed_version_is_refused_and_reported() {
     );
     assert_serving(&agent, 2);
 
-    // A newer plan the release keys did sign, whose target is demo@1 signed afresh: only a
-    // plan's fallback may lead below a version the device has seen.
+    // A newer plan the release keys did sign, whose target is demo@1: only a plan's fallback may
+    // lead below a version the device has seen. The manifest is signed afresh, so that it is not
+    // the document refused above (a device reports each refused document once).
     let model_dir = hub.dir().join("model-demo-1");
     let resigned = hub.dir().join("demo-1-resigned.bin");
     let resigned_arg = resigned.to_string_lossy().into_owned();
