@@ -111,6 +111,8 @@ pub struct Config {
     pub labels: Vec<Label>,
     pub poll_interval: Duration,
     pub poll_jitter: Duration,
+    /// Longest wait after a failed cycle (the hub unreachable, a download broken off or refused);
+    /// the wait doubles from one second up to it.
     pub max_backoff: Duration,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,

@@ -102,6 +102,11 @@ pub struct Syncer {
     shadow: Arc<Shadow>,
     agent_state: AgentState,
     last_error: Option<String>,
+    /// A download this cycle broke off (the network, a deadline, a throughput floor) or was
+    /// refused (more bytes than signed, the wrong hash). The cycle then counts as failed, so the
+    /// loop backs off before the next attempt: a hub must not get the device to fetch again at
+    /// every poll it asks for, whether it stalls its artifacts or serves bad ones.
+    download_failed: Option<download::DownloadError>,
     last_telemetry_flush: Instant,
 }
 
@@ -210,6 +215,7 @@ impl Syncer {
             shadow,
             agent_state: AgentState::Steady,
             last_error: None,
+            download_failed: None,
             last_telemetry_flush: Instant::now(),
             config,
         };
@@ -361,7 +367,8 @@ impl Syncer {
         })
     }
 
-    /// One round with the hub. Errors are transport-level; refusals are reported, not returned.
+    /// One round with the hub. Errors are transport-level or a failed download, and make the
+    /// caller back off; refusals are reported, and returned only when they were of a download.
     pub fn cycle(&mut self) -> anyhow::Result<Duration> {
         self.deliver_reports()?;
         let stats = self.cache.stats();
@@ -384,6 +391,11 @@ impl Syncer {
         self.apply(response.clone());
         self.deliver_reports()?;
         self.upload_telemetry()?;
+        if let Some(error) = self.download_failed.take() {
+            // Reports (a refusal among them) and telemetry went out above; only the next download
+            // attempt waits for the backoff.
+            return Err(error.into());
+        }
         Ok(Duration::from_secs(u64::from(
             response.poll_after_secs.max(1),
         )))
@@ -635,13 +647,13 @@ impl Syncer {
                 Err(error) if error.is_refusal() => {
                     self.agent_state = AgentState::Steady;
                     self.refuse(Some(sequence), Some(candidate), digest, error.to_string());
+                    self.download_failed = Some(error);
                     return false;
                 }
                 Err(error) => {
-                    // Network trouble: keep the partial file and resume next cycle.
+                    // Network trouble: keep the partial file and resume after a backoff.
                     self.agent_state = AgentState::Steady;
-                    log::warn!("{error}");
-                    self.last_error = Some(error.to_string());
+                    self.download_failed = Some(error);
                     return false;
                 }
             }

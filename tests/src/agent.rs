@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use outpost_hub::api::DeviceDetail;
 use serde_json::Value;
 
 use crate::hub::{Fleet, TestHub};
@@ -81,6 +82,43 @@ pub struct TestAgent {
     child: Option<Child>,
 }
 
+/// The `[sync]` settings every test agent gets: quick polls, flushes and retries.
+const SYNC_DEFAULTS: [(&str, &str); 3] = [
+    ("poll_jitter", "\"100ms\""),
+    ("telemetry_flush", "\"300ms\""),
+    ("max_backoff", "\"1s\""),
+];
+
+/// Splits a test's extra config into the lines of the `[sync]` table, with [`SYNC_DEFAULTS`] for
+/// the keys it does not set, and everything else. TOML allows a table only once, so a test's own
+/// `[sync]` keys must join the defaults rather than follow them in a second table.
+fn split_sync(extra: &str) -> (String, String) {
+    let (mut sync, mut rest) = (String::new(), String::new());
+    let mut in_sync = false;
+    for line in extra.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            in_sync = trimmed == "[sync]";
+            if in_sync {
+                continue;
+            }
+        }
+        let out = if in_sync { &mut sync } else { &mut rest };
+        out.push_str(line);
+        out.push('\n');
+    }
+    let set = |key: &str| {
+        sync.lines()
+            .any(|line| line.split('=').next().map(str::trim) == Some(key))
+    };
+    let defaults: String = SYNC_DEFAULTS
+        .iter()
+        .filter(|(key, _)| !set(key))
+        .map(|(key, value)| format!("{key} = {value}\n"))
+        .collect();
+    (defaults + &sync, rest)
+}
+
 /// A free loopback port, found by binding port 0 and letting it go.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -90,8 +128,9 @@ fn free_port() -> u16 {
 }
 
 impl TestAgent {
-    /// Writes a config pointing at `hub` (with `extra` TOML appended to its sections) and the
-    /// fleet's root, then enrolls with a fresh token carrying `labels`.
+    /// Writes a config pointing at `hub` (with `extra` TOML appended to its sections; keys of its
+    /// own `[sync]` table replace the test defaults) and the fleet's root, then enrolls with a
+    /// fresh token carrying `labels`.
     pub fn enroll(hub: &TestHub, fleet: &Fleet, labels: &str, extra: &str) -> TestAgent {
         TestAgent::enroll_at(&hub.url(), hub, fleet, labels, extra)
     }
@@ -121,10 +160,11 @@ impl TestAgent {
         std::fs::write(dir.path().join("root.bin"), &fleet.root).expect("writing the trust root");
         let listen = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("agent.toml");
+        let (sync, extra) = split_sync(extra);
         let text = format!(
             "hub_url = \"{hub}\"\ntrust_root = \"{root}\"\ndata_dir = \"{data}\"\n\
              {extra}\n\
-             [sync]\npoll_jitter = \"100ms\"\ntelemetry_flush = \"300ms\"\nmax_backoff = \"1s\"\n\
+             [sync]\n{sync}\
              [inference]\nlisten = \"{listen}\"\n",
             hub = url,
             root = dir.path().join("root.bin").display(),
@@ -153,6 +193,16 @@ impl TestAgent {
             listen,
             child: None,
         }
+    }
+
+    /// The hub's view of this device (`device show --json`): its events, running model and
+    /// telemetry counts.
+    pub fn hub_detail(&self, hub: &TestHub) -> DeviceDetail {
+        let id = self.status()["device_id"]
+            .as_str()
+            .expect("the agent's status names its device id")
+            .to_owned();
+        hub.cli_json(&["device", "show", &id])
     }
 
     /// The running agent's process id.

@@ -11,6 +11,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use outpost_hub::api::{CreatedToken, RolloutInfo};
+use outpost_protocol::trust::{Signed, SignedBody};
+use outpost_protocol::{Message, SecretKey};
 use serde::de::DeserializeOwned;
 
 use crate::{bin, wait_until, Run};
@@ -296,6 +298,27 @@ impl Fleet {
             root_path,
             root,
         }
+    }
+
+    /// The release keys' private halves, read from their files as the signing commands read
+    /// them, for a test that signs a document no command would (a backdated manifest, say).
+    pub fn release_keys(&self) -> Vec<SecretKey> {
+        self.keys
+            .split(',')
+            .map(|path| {
+                outpost_hub::keyfile::load_private(Path::new(path))
+                    .unwrap_or_else(|error| panic!("loading release key {path}: {error:#}"))
+            })
+            .collect()
+    }
+
+    /// `body` signed by both release keys, as the signed document's bytes.
+    pub fn sign<B: SignedBody>(&self, body: &B) -> Vec<u8>
+    where
+        Signed<B>: Message,
+    {
+        outpost_hub::cli::sign_document(body, &self.release_keys())
+            .expect("signing a test document with the release keys")
     }
 
     /// Publishes an example model (deterministic from `seed`) as `name` `version`.

@@ -3,21 +3,25 @@
 //!
 //! [`Proxy`] listens on loopback and forwards each HTTP/1.1 request to the hub on a fresh
 //! connection. A test's hook sees every answer before the agent does, and may pass it on, change
-//! it (a replayed or re-signed document), or cut the connection partway through the body. Every
-//! exchange is logged with the request's headers and the body bytes actually sent, so a test can
-//! assert what crossed the wire.
+//! it (a replayed or re-signed document), cut the connection partway through the body, or
+//! trickle the body at a set rate (a stalling hub, or one pushing more bytes than it should).
+//! Every exchange is logged with the request's headers and the body bytes actually sent, so a
+//! test can assert what crossed the wire.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest request or response head the proxy reads.
 const MAX_HEAD: usize = 64 * 1024;
 /// Largest body the proxy buffers; test artifacts are far smaller.
 const MAX_BODY: usize = 64 * 1024 * 1024;
+/// Largest piece of a body written at once. Small, so that when the agent closes the connection
+/// the proxy learns of it, and stops counting bytes as sent, within a few writes.
+const WRITE_CHUNK: usize = 16 * 1024;
 
 /// One request as the agent sent it.
 #[derive(Debug, Clone)]
@@ -52,6 +56,9 @@ pub enum Verdict {
     Forward(Response),
     /// Announce the full body, send only this many bytes of it, and close the connection.
     Cut(Response, usize),
+    /// Announce the full body and send it at this many bytes per second, until it is all sent,
+    /// the agent closes the connection or the proxy is dropped.
+    Trickle(Response, u64),
 }
 
 /// A finished exchange, for assertions.
@@ -61,8 +68,11 @@ pub struct Exchange {
     pub status: u16,
     /// The body's full length as the hub sent it.
     pub body_len: usize,
-    /// Body bytes the agent was sent.
+    /// Body bytes written to the agent's connection before the answer ended or the agent closed
+    /// it. Socket buffers hold a little more than the agent read when it closed.
     pub body_sent: usize,
+    /// From the request's arrival to the end of the answer (or of the connection).
+    pub elapsed: Duration,
 }
 
 type Hook = Box<dyn FnMut(&Request, Response) -> Verdict + Send>;
@@ -170,6 +180,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// One request on one client connection, then close.
 fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let arrived = Instant::now();
     client.set_nonblocking(false)?;
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(client.try_clone()?);
@@ -206,14 +217,18 @@ fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
         let mut hook = shared.hook.lock().map_err(|_| invalid("hook lock"))?;
         hook(&request, response)
     };
-    let (response, sent) = match verdict {
+    let (response, keep, rate) = match verdict {
         Verdict::Forward(response) => {
             let len = response.body.len();
-            (response, len)
+            (response, len, None)
         }
         Verdict::Cut(response, keep) => {
             let keep = keep.min(response.body.len());
-            (response, keep)
+            (response, keep, None)
+        }
+        Verdict::Trickle(response, rate) => {
+            let len = response.body.len();
+            (response, len, Some(rate.max(1)))
         }
     };
     let mut out = format!("HTTP/1.1 {} {}\r\n", response.status, response.reason);
@@ -230,10 +245,16 @@ fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
         response.body.len()
     ));
     let mut client = client;
-    let written = client
-        .write_all(out.as_bytes())
-        .and_then(|()| client.write_all(&response.body[..sent]))
-        .and_then(|()| client.flush());
+    let mut sent = 0;
+    let written = client.write_all(out.as_bytes()).and_then(|()| {
+        send_body(
+            &mut client,
+            &response.body[..keep],
+            rate,
+            &shared.stop,
+            &mut sent,
+        )
+    });
     let _ = client.shutdown(Shutdown::Both);
     shared
         .log
@@ -244,8 +265,39 @@ fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
             status,
             body_len,
             body_sent: sent,
+            elapsed: arrived.elapsed(),
         });
     written
+}
+
+/// Writes `body` in small pieces, at `rate` bytes per second when one is given, counting in
+/// `sent` what the connection took. Stops early, without error, when the proxy is dropped.
+fn send_body(
+    client: &mut TcpStream,
+    body: &[u8],
+    rate: Option<u64>,
+    stop: &AtomicBool,
+    sent: &mut usize,
+) -> std::io::Result<()> {
+    let started = Instant::now();
+    // Twenty pieces a second at most when paced, so a slow rate still sends in whole bytes.
+    let chunk = rate.map_or(WRITE_CHUNK, |rate| {
+        usize::try_from(rate / 20).map_or(WRITE_CHUNK, |piece| piece.clamp(1, WRITE_CHUNK))
+    });
+    for piece in body.chunks(chunk) {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        client.write_all(piece)?;
+        *sent += piece.len();
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64(*sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    client.flush()
 }
 
 fn invalid(message: impl Into<String>) -> std::io::Error {

@@ -1,0 +1,653 @@
+//! Attacks by a hostile hub (issue 6): a real hub and a real agent on loopback, with a
+//! [`Proxy`] between them that rewrites, swaps, pads or stalls the hub's answers the way a
+//! compromised hub, or anyone between it and the device, could.
+//!
+//! The hub is an untrusted mirror: it may pick when a device moves between the target and the
+//! fallback of a validly signed plan, and nothing else. For each attack the test asserts that the
+//! agent refused it, that the active model did not change (through `status --json`, the
+//! inference API and the versions on disk), and that the refusal reached the hub as a `refused`
+//! event of the device (`device show --json`). A download stalled past its deadline is not a
+//! refusal but network trouble: the agent keeps serving, backs off and resumes it.
+
+// Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_hub::api::DeviceEvent;
+use outpost_protocol::device::CheckInResponse;
+use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, Slot};
+use outpost_protocol::{Arch, SecretKey};
+use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
+use outpost_tests::hub::{Fleet, TestHub};
+use outpost_tests::proxy::{Exchange, Proxy, Response, Verdict};
+use outpost_tests::wait_until;
+use serde_bytes::ByteBuf;
+use serde_json::{json, Value};
+
+const CHECK_IN: &str = "/device/v1/checkin";
+const ARTIFACTS: &str = "/device/v1/artifacts/";
+const DAY: u64 = 24 * 60 * 60;
+
+/// A hub with demo@1 published and rolled out, and an agent serving it that reaches the hub only
+/// through a proxy, with `extra` added to its config.
+fn serving_v1_via_proxy(extra: &str) -> (TestHub, Fleet, Proxy, TestAgent) {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "demo", 1, 1);
+    fleet.first_rollout(&hub, "demo", 1);
+    let proxy = Proxy::start(&hub.url());
+    let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "site=lab", extra);
+    agent.start();
+    agent.wait_status("active", json!("demo@1"));
+    (hub, fleet, proxy, agent)
+}
+
+/// Rewrites the hub's check-in answers with `change`; other answers pass unchanged.
+fn rewrite_check_ins(proxy: &Proxy, mut change: impl FnMut(&mut CheckInResponse) + Send + 'static) {
+    proxy.set_hook(move |request, mut response| {
+        if request.path == CHECK_IN && response.status == 200 {
+            let mut answer: CheckInResponse = outpost_protocol::decode(&response.body).unwrap();
+            change(&mut answer);
+            response.body = outpost_protocol::encode(&answer).unwrap();
+        }
+        Verdict::Forward(response)
+    });
+}
+
+/// Passes every answer on unchanged and waits for a check-in answer carrying plan `sequence`,
+/// which a hostile hub may keep and replay, or take apart, later.
+fn check_in_with_plan(proxy: &Proxy, sequence: u64) -> CheckInResponse {
+    let latest: Arc<Mutex<Option<CheckInResponse>>> = Arc::default();
+    {
+        let latest = latest.clone();
+        rewrite_check_ins(proxy, move |answer| {
+            *latest.lock().unwrap() = Some(answer.clone());
+        });
+    }
+    wait_until(
+        AGENT_WAIT,
+        &format!("a check-in answer carrying plan {sequence}"),
+        || {
+            latest.lock().unwrap().clone().filter(|answer| {
+                answer.plan.as_ref().map(|plan| plan_body(plan).sequence) == Some(sequence)
+            })
+        },
+    )
+}
+
+fn plan_body(bytes: &[u8]) -> PlanBody {
+    outpost_protocol::decode::<Signed<PlanBody>>(bytes)
+        .unwrap()
+        .decode_unverified()
+        .unwrap()
+}
+
+fn manifest_body(bytes: &[u8]) -> ManifestBody {
+    outpost_protocol::decode::<Signed<ManifestBody>>(bytes)
+        .unwrap()
+        .decode_unverified()
+        .unwrap()
+}
+
+/// The answer's manifest bytes; panics when it carries none.
+fn manifest_of(answer: &CheckInResponse) -> Vec<u8> {
+    let (_, bytes) = answer
+        .manifest
+        .as_ref()
+        .expect("the answer carries a manifest");
+    bytes.to_vec()
+}
+
+/// Waits for the hub to hold a `refused` event for the agent's device whose detail is not among
+/// `seen`, and returns it.
+fn next_refusal(hub: &TestHub, agent: &TestAgent, seen: &[String]) -> DeviceEvent {
+    wait_until(AGENT_WAIT, "a new refusal to be reported", || {
+        agent
+            .hub_detail(hub)
+            .events
+            .into_iter()
+            .find(|event| event.kind == "refused" && !seen.contains(&event.detail))
+    })
+}
+
+/// Asserts the agent still serves demo@`version`, with nothing on probation, to the inference
+/// API as in its status.
+fn assert_serving(agent: &TestAgent, version: u64) {
+    let status = agent.status();
+    assert_eq!(status["active"], format!("demo@{version}"), "{status:#}");
+    assert_eq!(status["pending"], Value::Null, "{status:#}");
+    let (code, body) = agent.infer(&http(), [1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["model_version"], version.to_string(), "{body}");
+}
+
+/// The model versions installed on the agent's disk, by manifest digest.
+fn installed(agent: &TestAgent) -> BTreeSet<String> {
+    std::fs::read_dir(agent.data().join("versions"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Exchanges so far whose request path starts with `prefix`.
+fn exchanges(proxy: &Proxy, prefix: &str) -> Vec<Exchange> {
+    proxy
+        .log()
+        .into_iter()
+        .filter(|exchange| exchange.request.path.starts_with(prefix))
+        .collect()
+}
+
+/// The bytes of demo@`version`'s model as published by [`Fleet::publish_example`], and the
+/// device API path it is downloaded from.
+fn published_model(hub: &TestHub, version: u64) -> (Vec<u8>, String) {
+    let bytes = std::fs::read(
+        hub.dir()
+            .join(format!("model-demo-{version}"))
+            .join("model.onnx"),
+    )
+    .unwrap();
+    let path = format!("{ARTIFACTS}{}", outpost_protocol::sha256(&bytes).to_hex());
+    (bytes, path)
+}
+
+/// Has the proxy decide with `answer` what becomes of each successful download of `path`, and
+/// pass every other answer on unchanged.
+fn hijack_downloads(
+    proxy: &Proxy,
+    path: &str,
+    mut answer: impl FnMut(Response) -> Verdict + Send + 'static,
+) {
+    let path = path.to_owned();
+    proxy.set_hook(move |request, response| {
+        if request.path == path && (200..300).contains(&response.status) {
+            answer(response)
+        } else {
+            Verdict::Forward(response)
+        }
+    });
+}
+
+/// Waits for the agent to have backed off twice, the wait doubling, after a failed cycle whose
+/// error starts with `error`: a hub must not get a fresh attempt at every poll it asks for.
+fn wait_for_backoff(agent: &TestAgent, error: &str) {
+    let (first, second) = (
+        format!("retrying in 1s: {error}"),
+        format!("retrying in 2s: {error}"),
+    );
+    wait_until(AGENT_WAIT, &format!("the agent to log {second:?}"), || {
+        let log = agent.log();
+        (log.contains(&first) && log.contains(&second)).then_some(())
+    });
+}
+
+/// Writes `bytes` into the hub's directory as `name` and returns the path as an argument.
+fn write_file(hub: &TestHub, name: &str, bytes: &[u8]) -> String {
+    let path = hub.dir().join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Signs plan `sequence` offline with the release keys, as `outpost-hub plan sign` does,
+/// targeting the manifest file `target` with an optional fallback; returns the plan's bytes.
+fn sign_plan(
+    hub: &TestHub,
+    fleet: &Fleet,
+    sequence: u64,
+    target: &str,
+    fallback: Option<&str>,
+) -> Vec<u8> {
+    let out = hub.dir().join(format!("plan-{sequence}.bin"));
+    let out_arg = out.to_string_lossy().into_owned();
+    let sequence = sequence.to_string();
+    let mut args = vec![
+        "plan",
+        "sign",
+        "--sequence",
+        &sequence,
+        "--target",
+        target,
+        "--stages",
+        "100",
+        "--key",
+        &fleet.keys,
+        "--out",
+        &out_arg,
+    ];
+    if let Some(fallback) = fallback {
+        args.extend(["--fallback", fallback]);
+    }
+    hub.cli(&args).ok();
+    std::fs::read(&out).unwrap()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn an_older_signed_version_is_refused_and_reported() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let v1 = check_in_with_plan(&proxy, 1);
+    // Plan 2 (signed by `first_rollout`, without a fallback) moves the device to demo@2, and no
+    // plan from then on lets it run demo@1 again.
+    fleet.publish_example(&hub, "demo", 2, 2);
+    fleet.first_rollout(&hub, "demo", 2);
+    agent.wait_status("active", json!("demo@2"));
+    check_in_with_plan(&proxy, 2);
+    let versions_before = installed(&agent);
+    let artifacts_before = exchanges(&proxy, ARTIFACTS).len();
+
+    // The current plan, with demo@1's validly signed manifest beside it.
+    let v1_manifest = v1.manifest.clone();
+    rewrite_check_ins(&proxy, move |answer| {
+        answer.manifest = v1_manifest.clone();
+    });
+    let not_in_plan = next_refusal(&hub, &agent, &[]);
+    assert_eq!(
+        not_in_plan.detail,
+        "manifest: manifest demo version 1 is neither the target nor the fallback of plan 2"
+    );
+    assert_serving(&agent, 2);
+
+    // A newer plan the release keys did sign, whose target is demo@1: only a plan's fallback may
+    // lead below a version the device has seen. The manifest is signed afresh, so that it is not
+    // the document refused above (a device reports each refused document once).
+    let model_dir = hub.dir().join("model-demo-1");
+    let resigned = hub.dir().join("demo-1-resigned.bin");
+    let resigned_arg = resigned.to_string_lossy().into_owned();
+    hub.cli(&[
+        "model",
+        "sign",
+        "--name",
+        "demo",
+        "--version",
+        "1",
+        "--model",
+        &model_dir.join("model.onnx").to_string_lossy(),
+        "--validation",
+        &model_dir.join("validation.bin").to_string_lossy(),
+        "--input",
+        "x:FP32:N,4",
+        "--output",
+        "y:FP32:N,3",
+        "--key",
+        &fleet.keys,
+        "--out",
+        &resigned_arg,
+    ])
+    .ok();
+    let plan = sign_plan(&hub, &fleet, 3, &resigned_arg, None);
+    let manifest = std::fs::read(&resigned).unwrap();
+    rewrite_check_ins(&proxy, move |answer| {
+        answer.plan = Some(ByteBuf::from(plan.clone()));
+        answer.manifest = Some((Slot::Target, ByteBuf::from(manifest.clone())));
+    });
+    let below = next_refusal(&hub, &agent, &[not_in_plan.detail]);
+    assert_eq!(
+        below.detail,
+        "manifest: manifest demo version 1 is below version 2 already seen"
+    );
+    assert_serving(&agent, 2);
+    assert_eq!(installed(&agent), versions_before);
+    assert_eq!(exchanges(&proxy, ARTIFACTS).len(), artifacts_before);
+}
+
+#[test]
+fn a_replayed_older_plan_is_refused_and_reported() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let old = check_in_with_plan(&proxy, 1);
+    assert!(old.manifest.is_some());
+    fleet.publish_example(&hub, "demo", 2, 2);
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+    agent.wait_status("active", json!("demo@2"));
+
+    // The hub (or anyone between) now answers with the older plan, still validly signed.
+    rewrite_check_ins(&proxy, move |answer| {
+        answer.plan = old.plan.clone();
+        answer.manifest = old.manifest.clone();
+    });
+    let refusal = next_refusal(&hub, &agent, &[]);
+    assert_eq!(
+        refusal.detail,
+        "plan: plan sequence 1 is below sequence 2 already seen"
+    );
+    assert_serving(&agent, 2);
+    assert_eq!(agent.status()["plan_sequence"], 2);
+}
+
+#[test]
+fn an_expired_manifest_is_refused_and_reported() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let v1 = check_in_with_plan(&proxy, 1);
+    let v1_manifest = manifest_of(&v1);
+    // demo@2, validly signed by the release keys, but a day past its expiry, named by a fresh
+    // plan that is itself valid.
+    let mut body = manifest_body(&v1_manifest);
+    body.version = 2;
+    body.created = unix_now() - 2 * DAY;
+    body.expires = unix_now() - DAY;
+    let expired = fleet.sign(&body);
+    let target = write_file(&hub, "expired.bin", &expired);
+    let fallback = write_file(&hub, "v1.bin", &v1_manifest);
+    let plan = sign_plan(&hub, &fleet, 2, &target, Some(&fallback));
+    let versions_before = installed(&agent);
+    let artifacts_before = exchanges(&proxy, ARTIFACTS).len();
+
+    rewrite_check_ins(&proxy, move |answer| {
+        answer.plan = Some(ByteBuf::from(plan.clone()));
+        answer.manifest = Some((Slot::Target, ByteBuf::from(expired.clone())));
+    });
+    let refusal = next_refusal(&hub, &agent, &[]);
+    let expected = format!("manifest: manifest expired at {}, now is ", body.expires);
+    assert!(refusal.detail.starts_with(&expected), "{refusal:?}");
+    // The plan itself was sound and is accepted; only its target was refused.
+    assert_eq!(agent.status()["plan_sequence"], 2);
+    assert_serving(&agent, 1);
+    assert_eq!(installed(&agent), versions_before);
+    assert_eq!(exchanges(&proxy, ARTIFACTS).len(), artifacts_before);
+}
+
+#[test]
+fn a_valid_manifest_with_a_swapped_artifact_is_refused_and_reported() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let versions_before = installed(&agent);
+    let (v1_model, _) = published_model(&hub, 1);
+    fleet.publish_example(&hub, "demo", 2, 2);
+    let (v2_model, v2_path) = published_model(&hub, 2);
+    // Same length, other bytes: only the signed hash tells them apart.
+    assert_eq!(v1_model.len(), v2_model.len());
+    assert_ne!(v1_model, v2_model);
+    hijack_downloads(&proxy, &v2_path, move |mut response| {
+        response.body = v1_model.clone();
+        Verdict::Forward(response)
+    });
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+
+    let refusal = next_refusal(&hub, &agent, &[]);
+    let sha = v2_path.strip_prefix(ARTIFACTS).unwrap();
+    assert_eq!(
+        refusal.detail,
+        format!("model artifact {sha} does not hash to its signed value")
+    );
+    assert_eq!(refusal.model.map(|model| model.version), Some(2));
+    assert!(!exchanges(&proxy, &v2_path).is_empty());
+    assert_serving(&agent, 1);
+    assert_eq!(installed(&agent), versions_before);
+}
+
+#[test]
+fn an_artifact_longer_than_signed_is_cut_off_and_refused() {
+    const PADDING: usize = 8 * 1024 * 1024;
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("[sync]\nmax_backoff = \"4s\"\n");
+    let versions_before = installed(&agent);
+    fleet.publish_example(&hub, "demo", 2, 2);
+    let (v2_model, v2_path) = published_model(&hub, 2);
+    let signed = v2_model.len();
+    hijack_downloads(&proxy, &v2_path, |mut response| {
+        // The signed bytes, then far more, all announced in content-length. Paced so that the
+        // proxy sees the agent close before the socket buffers swallow the padding.
+        response.body.resize(response.body.len() + PADDING, 0xAB);
+        Verdict::Trickle(response, 4 * 1024 * 1024)
+    });
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+
+    let refusal = next_refusal(&hub, &agent, &[]);
+    let sha = v2_path.strip_prefix(ARTIFACTS).unwrap();
+    assert_eq!(
+        refusal.detail,
+        format!("hub sent more than the {signed} signed bytes of model artifact {sha}")
+    );
+    // The refused download fails the cycle, so the next attempt waits out a growing backoff.
+    wait_for_backoff(&agent, "hub sent more than the");
+    let downloads = exchanges(&proxy, &v2_path);
+    assert!(!downloads.is_empty());
+    for download in &downloads {
+        assert_eq!(
+            download.body_len, signed,
+            "the hub's own answer: {download:?}"
+        );
+        // The proxy announced and offered the signed length plus the padding. The agent stopped
+        // reading at about the signed length; socket buffers account for the rest of what the
+        // proxy managed to write before the agent closed the connection.
+        assert!(
+            download.body_sent <= signed + 1024 * 1024,
+            "the agent let {} of {} bytes through: {download:?}",
+            download.body_sent,
+            download.body_len
+        );
+    }
+    // Nothing past the signed length reached the disk, even mid-way through a retry.
+    let partial = agent
+        .data()
+        .join("downloads")
+        .join(format!("{sha}.partial"));
+    if let Ok(metadata) = std::fs::metadata(&partial) {
+        assert!(metadata.len() <= signed as u64, "{}", partial.display());
+    }
+    assert_serving(&agent, 1);
+    assert_eq!(installed(&agent), versions_before);
+}
+
+#[test]
+fn an_artifact_at_one_byte_per_second_hits_the_deadline_and_is_resumed_after_a_backoff() {
+    let (hub, fleet, proxy, agent) =
+        serving_v1_via_proxy("[sync]\ndownload_deadline = \"2s\"\nmax_backoff = \"4s\"\n");
+    fleet.publish_example(&hub, "demo", 2, 2);
+    let (v2_model, v2_path) = published_model(&hub, 2);
+    let trickling = Arc::new(AtomicBool::new(true));
+    {
+        let trickling = trickling.clone();
+        hijack_downloads(&proxy, &v2_path, move |response| {
+            if trickling.load(Ordering::Relaxed) {
+                Verdict::Trickle(response, 1)
+            } else {
+                Verdict::Forward(response)
+            }
+        });
+    }
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+
+    let stalled = wait_until(AGENT_WAIT, "two stalled downloads", || {
+        let downloads = exchanges(&proxy, &v2_path);
+        (downloads.len() >= 2).then_some(downloads)
+    });
+    // Under attack the device keeps serving what it had, and says why it has nothing new.
+    assert_serving(&agent, 1);
+    let status = agent.status();
+    let last_error = status["last_error"].as_str().unwrap_or_default();
+    assert!(last_error.contains("passed its 2s deadline"), "{status:#}");
+
+    let (first, second) = (&stalled[0], &stalled[1]);
+    assert_eq!(first.request.header("range"), None, "{first:?}");
+    assert!(first.body_sent < first.body_len, "{first:?}");
+    assert!(first.elapsed >= Duration::from_secs(2), "{first:?}");
+    // The second attempt resumes from what the first one kept, no further than was sent.
+    let resumed_at: usize = second
+        .request
+        .header("range")
+        .and_then(|range| range.strip_prefix("bytes="))
+        .and_then(|range| range.strip_suffix('-'))
+        .and_then(|offset| offset.parse().ok())
+        .unwrap_or_else(|| panic!("the retry is no range request: {second:?}"));
+    assert!(
+        (1..=first.body_sent).contains(&resumed_at),
+        "{first:?}\n{second:?}"
+    );
+    // Each stalled attempt doubles the wait before the next one.
+    wait_for_backoff(&agent, "download of model artifact");
+
+    // Once the hub sends at full speed again, the download completes from where it stopped.
+    trickling.store(false, Ordering::Relaxed);
+    agent.wait_status("active", json!("demo@2"));
+    let downloads = exchanges(&proxy, &v2_path);
+    let last = downloads.last().unwrap();
+    assert_eq!(last.status, 206, "{last:?}");
+    assert_eq!(last.body_sent, last.body_len, "{last:?}");
+    assert!(last.body_len < v2_model.len(), "{last:?}");
+    assert_serving(&agent, 2);
+}
+
+#[test]
+fn a_model_for_another_architecture_is_refused_and_reported() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let versions_before = installed(&agent);
+    let artifacts_before = exchanges(&proxy, ARTIFACTS).len();
+    let this = Arch::current().unwrap();
+    let other = if this == Arch::Aarch64 {
+        Arch::X86_64
+    } else {
+        Arch::Aarch64
+    };
+    let dir = hub.dir().join("other-arch");
+    let dir_arg = dir.to_string_lossy().into_owned();
+    hub.cli(&["example-model", "--out", &dir_arg, "--seed", "4"])
+        .ok();
+    hub.cli(&[
+        "model",
+        "publish",
+        &dir.join("model.onnx").to_string_lossy(),
+        "--name",
+        "demo",
+        "--version",
+        "2",
+        "--validation",
+        &dir.join("validation.bin").to_string_lossy(),
+        "--arch",
+        other.as_str(),
+        "--key",
+        &fleet.keys,
+    ])
+    .ok();
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+
+    let refusal = next_refusal(&hub, &agent, &[]);
+    assert_eq!(
+        refusal.detail,
+        format!("manifest: model supports [{other:?}], this device is {this}")
+    );
+    assert_eq!(refusal.model.map(|model| model.version), Some(2));
+    assert_serving(&agent, 1);
+    assert_eq!(installed(&agent), versions_before);
+    assert_eq!(exchanges(&proxy, ARTIFACTS).len(), artifacts_before);
+}
+
+/// A key no root lists: what a hub that signs for itself holds.
+fn attacker_key(seed: u8) -> SecretKey {
+    SecretKey::from_seed([seed; 32])
+}
+
+#[test]
+fn a_plan_signed_below_threshold_is_refused_and_reported() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let versions_before = installed(&agent);
+    let artifacts_before = exchanges(&proxy, ARTIFACTS).len();
+    // Each forgery leaves plan 2 with one valid signature of the two the root requires, and the
+    // exact counts the refusal must give.
+    type Forgery = fn(&mut Signed<PlanBody>);
+    let forgeries: [(&str, Forgery, &str); 4] = [
+        (
+            "one signature dropped",
+            |plan| {
+                plan.signatures.pop();
+            },
+            "0 by unknown keys, 0 invalid, 0 duplicate",
+        ),
+        (
+            "one signature corrupted",
+            |plan| {
+                plan.signatures.last_mut().unwrap().signature.0[0] ^= 1;
+            },
+            "0 by unknown keys, 1 invalid, 0 duplicate",
+        ),
+        (
+            "one key's signature twice",
+            |plan| {
+                plan.signatures[1] = plan.signatures[0].clone();
+            },
+            "0 by unknown keys, 0 invalid, 1 duplicate",
+        ),
+        (
+            "one signature by a key the root does not list",
+            |plan| {
+                plan.signatures.pop();
+                plan.sign(&attacker_key(7));
+            },
+            "1 by unknown keys, 0 invalid, 0 duplicate",
+        ),
+    ];
+    let mut seen = Vec::new();
+    for (index, (what, forge, counts)) in forgeries.into_iter().enumerate() {
+        rewrite_check_ins(&proxy, move |answer| {
+            let Some(bytes) = &answer.plan else {
+                return;
+            };
+            if plan_body(bytes).sequence == 2 {
+                let mut plan: Signed<PlanBody> = outpost_protocol::decode(bytes).unwrap();
+                forge(&mut plan);
+                answer.plan = Some(ByteBuf::from(outpost_protocol::encode(&plan).unwrap()));
+            }
+        });
+        if index == 0 {
+            fleet.publish_example(&hub, "demo", 2, 2);
+            fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+        }
+        let refusal = next_refusal(&hub, &agent, &seen);
+        assert_eq!(
+            refusal.detail,
+            format!(
+                "plan: plan has 1 valid signature(s) from distinct trusted keys, 2 required ({counts})"
+            ),
+            "{what}"
+        );
+        seen.push(refusal.detail);
+    }
+    // Refused before anything was fetched for it.
+    assert_eq!(agent.status()["plan_sequence"], 1);
+    assert_serving(&agent, 1);
+    assert_eq!(installed(&agent), versions_before);
+    assert_eq!(exchanges(&proxy, ARTIFACTS).len(), artifacts_before);
+}
+
+#[test]
+fn a_rotation_signed_by_the_new_keys_only_is_refused_and_reported() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let new_keys = [attacker_key(7), attacker_key(8)];
+    let now = unix_now();
+    let rotation = RootBody {
+        version: 2,
+        created: now,
+        expires: now + DAY,
+        threshold: 2,
+        keys: new_keys.iter().map(SecretKey::public).collect(),
+    };
+    let rotation = outpost_hub::cli::sign_document(&rotation, &new_keys).unwrap();
+    rewrite_check_ins(&proxy, move |answer| {
+        answer.roots = vec![ByteBuf::from(rotation.clone())];
+    });
+
+    let refusal = next_refusal(&hub, &agent, &[]);
+    assert_eq!(
+        refusal.detail,
+        "root rotation: root has 0 valid signature(s) from distinct trusted keys, 2 required \
+         (2 by unknown keys, 0 invalid, 0 duplicate)"
+    );
+    assert_eq!(agent.status()["root_version"], 1);
+    let trusted = std::fs::read(agent.data().join("trust").join("root.bin")).unwrap();
+    assert!(trusted == fleet.root, "the stored trust root changed");
+    assert_serving(&agent, 1);
+
+    // The old keys still rule: once the hub stops, their next plan is followed.
+    proxy.set_hook(|_, response| Verdict::Forward(response));
+    fleet.publish_example(&hub, "demo", 2, 2);
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+    agent.wait_status("active", json!("demo@2"));
+    assert_eq!(agent.status()["root_version"], 1);
+}
