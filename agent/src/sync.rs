@@ -107,6 +107,9 @@ pub struct Syncer {
     /// loop backs off before the next attempt: a hub must not get the device to fetch again at
     /// every poll it asks for, whether it stalls its artifacts or serves bad ones.
     download_failed: Option<download::DownloadError>,
+    /// The candidate (manifest digest) whose stalled download was last reported, so retries of
+    /// the same one are not reported again.
+    stall_reported: Option<[u8; 32]>,
     last_telemetry_flush: Instant,
 }
 
@@ -216,6 +219,7 @@ impl Syncer {
             agent_state: AgentState::Steady,
             last_error: None,
             download_failed: None,
+            stall_reported: None,
             last_telemetry_flush: Instant::now(),
             config,
         };
@@ -651,8 +655,20 @@ impl Syncer {
                     return false;
                 }
                 Err(error) => {
-                    // Network trouble: keep the partial file and resume after a backoff.
+                    // Network trouble: keep the partial file and resume after a backoff. A hub
+                    // too slow for the limits hears of it, once per candidate: a stalled rollout
+                    // then shows why in the device's history, not only in its silence.
                     self.agent_state = AgentState::Steady;
+                    let stalled = matches!(
+                        error,
+                        download::DownloadError::Deadline { .. }
+                            | download::DownloadError::TooSlow { .. }
+                    );
+                    if stalled && self.stall_reported != Some(digest) {
+                        self.stall_reported = Some(digest);
+                        let reason = format!("{error}; resuming after a backoff");
+                        self.queue(Some(sequence), Some(candidate), "stalled", reason);
+                    }
                     self.download_failed = Some(error);
                     return false;
                 }
@@ -806,6 +822,9 @@ impl Syncer {
                     reason: report.reason.clone(),
                 },
                 "refused" => Status::Refused {
+                    reason: report.reason.clone(),
+                },
+                "stalled" => Status::Stalled {
                     reason: report.reason.clone(),
                 },
                 _ => Status::Failed {

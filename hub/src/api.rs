@@ -180,7 +180,7 @@ pub struct DeviceSummary {
 pub struct DeviceEvent {
     pub at: u64,
     /// `downloaded`, `activating`, `committed`, `shadowing`, `failed`, `rolled_back`, `refused`,
-    /// `enrolled`, `labels`, `revoked`.
+    /// `stalled`, `enrolled`, `labels`, `revoked`.
     pub kind: String,
     pub plan_sequence: Option<u64>,
     pub model: Option<ModelRef>,

@@ -134,6 +134,12 @@ pub enum Status {
     /// The plan's target passed its validation set and runs in shadow beside the active model;
     /// it serves no request.
     Shadowing,
+    /// A download of the document's artifacts broke off on its deadline or throughput floor; the
+    /// device keeps what it has, backs off and resumes. Not an outcome: a device that never
+    /// finishes counts as silent once the plan's device timeout passes.
+    Stalled {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

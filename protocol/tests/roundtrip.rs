@@ -133,7 +133,7 @@ fn check_in_response_round_trips() {
 #[test]
 fn status_report_round_trips_every_status() {
     let reports = status_reports();
-    assert_eq!(reports.len(), 7, "one sample per Status variant");
+    assert_eq!(reports.len(), 8, "one sample per Status variant");
     for report in &reports {
         assert_round_trip(report);
     }

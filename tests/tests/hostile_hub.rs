@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outpost_hub::api::DeviceEvent;
+use outpost_hub::api::{DeviceEvent, RolloutState};
 use outpost_protocol::device::CheckInResponse;
 use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, Slot};
 use outpost_protocol::{Arch, SecretKey};
@@ -464,6 +464,16 @@ fn an_artifact_at_one_byte_per_second_hits_the_deadline_and_is_resumed_after_a_b
     let status = agent.status();
     let last_error = status["last_error"].as_str().unwrap_or_default();
     assert!(last_error.contains("passed its 2s deadline"), "{status:#}");
+    // And it tells the hub, where an operator sees why the rollout is not moving.
+    let stall = wait_until(AGENT_WAIT, "the stall to be reported", || {
+        stalls(&hub, &agent).into_iter().next()
+    });
+    assert!(stall.detail.contains("passed its 2s deadline"), "{stall:?}");
+    assert_eq!(
+        stall.model.as_ref().map(|m| m.version),
+        Some(2),
+        "{stall:?}"
+    );
 
     let (first, second) = (&stalled[0], &stalled[1]);
     assert_eq!(first.request.header("range"), None, "{first:?}");
@@ -493,6 +503,22 @@ fn an_artifact_at_one_byte_per_second_hits_the_deadline_and_is_resumed_after_a_b
     assert_eq!(last.body_sent, last.body_len, "{last:?}");
     assert!(last.body_len < v2_model.len(), "{last:?}");
     assert_serving(&agent, 2);
+    // One report for the candidate however many attempts stalled, and a stall is no failure:
+    // the rollout completes.
+    assert_eq!(stalls(&hub, &agent).len(), 1);
+    wait_until(AGENT_WAIT, "the rollout to complete", || {
+        (hub.rollout(2).state == RolloutState::Completed).then_some(())
+    });
+}
+
+/// The `stalled` events the hub holds for the agent's device.
+fn stalls(hub: &TestHub, agent: &TestAgent) -> Vec<DeviceEvent> {
+    agent
+        .hub_detail(hub)
+        .events
+        .into_iter()
+        .filter(|event| event.kind == "stalled")
+        .collect()
 }
 
 #[test]

@@ -22,11 +22,6 @@ const INPUTS: &str = "64";
 const WIDE: usize = 64;
 const TELEMETRY: &str = "/device/v1/telemetry";
 
-fn device(hub: &TestHub, agent: &TestAgent) -> DeviceDetail {
-    let id = agent.status()["device_id"].as_str().unwrap().to_owned();
-    hub.cli_json(&["device", "show", &id])
-}
-
 fn hub_count(detail: &DeviceDetail) -> u64 {
     detail.inferences.iter().map(|counts| counts.count).sum()
 }
@@ -62,7 +57,7 @@ fn an_outage_beyond_the_cap_drops_windows_and_the_hub_counts_them_exactly() {
     // Online, one inference reaches the hub.
     infer_alone(&agent, &row);
     wait_until(AGENT_WAIT, "the first inference at the hub", || {
-        (hub_count(&device(&hub, &agent)) == 1).then_some(())
+        (hub_count(&agent.hub_detail(&hub)) == 1).then_some(())
     });
 
     // The hub starts failing: first its telemetry acknowledgements are lost (so one more window
@@ -120,7 +115,7 @@ fn an_outage_beyond_the_cap_drops_windows_and_the_hub_counts_them_exactly() {
     agent.point_at(&hub.url());
     agent.start();
     let detail = wait_until(AGENT_WAIT, "the drops to reach the hub", || {
-        let detail = device(&hub, &agent);
+        let detail = agent.hub_detail(&hub);
         (detail.dropped_records > 0 && hub_count(&detail) == 2).then_some(detail)
     });
     assert_eq!(detail.dropped_records, OFFLINE, "{detail:#?}");
@@ -128,8 +123,8 @@ fn an_outage_beyond_the_cap_drops_windows_and_the_hub_counts_them_exactly() {
     // Resends after acknowledgements count nothing twice, and serving goes on.
     infer_alone(&agent, &row);
     wait_until(AGENT_WAIT, "the next inference at the hub", || {
-        (hub_count(&device(&hub, &agent)) == 3).then_some(())
+        (hub_count(&agent.hub_detail(&hub)) == 3).then_some(())
     });
-    let detail = device(&hub, &agent);
+    let detail = agent.hub_detail(&hub);
     assert_eq!(detail.dropped_records, OFFLINE, "{detail:#?}");
 }

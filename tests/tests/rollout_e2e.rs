@@ -42,10 +42,6 @@ fn device_id(agent: &TestAgent) -> String {
     agent.status()["device_id"].as_str().unwrap().to_owned()
 }
 
-fn device(hub: &TestHub, agent: &TestAgent) -> DeviceDetail {
-    hub.cli_json(&["device", "show", &device_id(agent)])
-}
-
 /// The agent's bucket (0..10000) in the plan with [`SEQUENCE`].
 fn agent_bucket(agent: &TestAgent) -> u32 {
     bucket(&DeviceId::from_hex(&device_id(agent)).unwrap(), SEQUENCE)
@@ -106,7 +102,8 @@ fn a_good_model_reaches_every_device_stage_by_stage() {
         let status = agent.wait_status("active", json!("demo@2"));
         assert_eq!(status["pending"], json!(null), "{status:#}");
         serves(agent, "2");
-        assert!(device(&hub, agent)
+        assert!(agent
+            .hub_detail(&hub)
             .events
             .iter()
             .any(|event| event.kind == "committed"
@@ -170,7 +167,7 @@ fn a_model_failing_validation_rolls_back_at_the_first_stage() {
         let status = agent.wait_status("active", json!("demo@1"));
         assert_eq!(status["pending"], json!(null), "{status:#}");
         serves(agent, "1");
-        let detail = device(&hub, agent);
+        let detail = agent.hub_detail(&hub);
         if canaries.iter().any(|canary| canary.pid() == agent.pid()) {
             let failed = detail
                 .events

@@ -528,6 +528,7 @@ async fn status(
         Status::Failed { reason } => ("failed", reason.clone(), Some(OutcomeKind::Failed)),
         Status::RolledBack { reason } => ("rolled_back", reason.clone(), Some(OutcomeKind::Failed)),
         Status::Refused { reason } => ("refused", reason.clone(), Some(OutcomeKind::Failed)),
+        Status::Stalled { reason } => ("stalled", reason.clone(), None),
     };
     // Only a report about the plan's own target decides the device's outcome in that rollout.
     let about_target = match (report.plan_sequence, &report.manifest) {

@@ -305,6 +305,10 @@ pub fn status_reports() -> Vec<StatusReport> {
             reason: "model needs agent 0.5.0 or newer, this agent is 0.4.2".to_owned(),
         },
         Status::Shadowing,
+        Status::Stalled {
+            reason: "download of model 9f2c… passed its 10m deadline at 812 of 4096 bytes"
+                .to_owned(),
+        },
     ]
     .into_iter()
     .enumerate()
