@@ -7,7 +7,8 @@
 //! agent refused it, that the active model did not change (through `status --json`, the
 //! inference API and the versions on disk), and that the refusal reached the hub as a `refused`
 //! event of the device (`device show --json`). A download stalled past its deadline is not a
-//! refusal but network trouble: the agent keeps serving, backs off and resumes it.
+//! refusal but network trouble: the agent keeps serving, reports the stall once (a `stalled`
+//! event, which is no failure), backs off and resumes it.
 
 // Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
 #![allow(clippy::unwrap_used)]
