@@ -328,6 +328,23 @@ impl Catalogue {
         installed.sort_unstable();
         installed
     }
+
+    /// Checks that no write the agent began before `pid` (its running process) left a temporary
+    /// file next to its state, trust root or status file.
+    fn verify_no_stale_temporaries(data: &Path, pid: u32, context: &str) {
+        let own = format!(".tmp-{pid}");
+        for dir in [data.to_owned(), data.join("trust")] {
+            let stale: Vec<String> = file_names(&dir)
+                .into_iter()
+                .filter(|name| name.contains(".tmp-") && !name.ends_with(&own))
+                .collect();
+            assert!(
+                stale.is_empty(),
+                "{context}: interrupted writes left {stale:?} in {}",
+                dir.display()
+            );
+        }
+    }
 }
 
 /// Where a kill of the agent is aimed: anywhere in a whole update cycle, or a random moment
@@ -541,6 +558,7 @@ fn an_agent_killed_at_random_moments_serves_the_old_or_the_new_model() {
         );
         agent.wait_status("active", json!(format!("demo@{settled}")));
         let installed = catalogue.verify_agent_files(&agent.data(), true, &context);
+        Catalogue::verify_no_stale_temporaries(&agent.data(), agent.pid(), &context);
         assert!(
             installed.contains(&settled),
             "{context}: demo@{settled} is active but not installed: {installed:?}"
