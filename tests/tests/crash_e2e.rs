@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use outpost_agent::example_model::SplitMix64;
 use outpost_agent::state::{DeviceState, StateFiles};
 use outpost_agent::versions::artifact_file;
-use outpost_hub::api::{AuditVerdict, ModelDetail, ModelSummary, ModelVersionInfo, RolloutState};
+use outpost_hub::api::{
+    AuditVerdict, DeviceSummary, ModelDetail, ModelSummary, ModelVersionInfo, RolloutState,
+};
 use outpost_protocol::trust::{ManifestBody, Signed};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::hub::{Fleet, TestHub};
@@ -926,5 +928,14 @@ fn a_hub_killed_during_a_rollout_brings_every_agent_to_the_target() {
         );
         assert!(agent.exited().is_none(), "{context}: an agent exited");
     }
+    // And the hub knows it: every device's next check-in reports the target.
+    wait_until(HUB_WAIT, "the hub to see every device on demo@2", || {
+        let devices: Vec<DeviceSummary> = hub.cli_json(&["device", "list"]);
+        assert_eq!(devices.len(), agents.len(), "{context}: {devices:#?}");
+        devices
+            .iter()
+            .all(|device| device.active.as_ref().is_some_and(|m| m.version == 2))
+            .then_some(())
+    });
     verify_hub_files(&hub, &context);
 }
