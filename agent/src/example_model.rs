@@ -282,7 +282,6 @@ fn value_info(spec: &TensorSpec) -> ValueInfoProto {
     }
 }
 
-/// splitmix64: tiny, fast, and the same on every platform, which is all example weights need.
 /// `rows × n_inputs` values drawn from a normal distribution with mean `mean` and standard
 /// deviation 1 (Box–Muller over SplitMix64, deterministic from `seed`), row-major: reference data
 /// for the example model, and shifted live inputs in tests and the quickstart.
@@ -299,10 +298,17 @@ pub fn normal_rows(n_inputs: usize, rows: usize, seed: u64, mean: f64) -> Vec<f3
         .collect()
 }
 
-struct SplitMix64(u64);
+/// SplitMix64 (Steele, Lea and Flood): tiny, fast, and the same on every platform, which is all
+/// example weights need, and the end-to-end tests' seeded kill schedules.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub fn new(seed: u64) -> SplitMix64 {
+        SplitMix64(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

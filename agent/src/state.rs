@@ -128,6 +128,22 @@ impl StateFiles {
         })
     }
 
+    /// Removes what a crash during a write left next to the state, the trust root and the status
+    /// file. For the service at start only: it must be the one process writing there. A failure
+    /// only costs disk space, so it is logged and the agent starts all the same.
+    pub fn remove_stale_temporaries(&self) {
+        for dir in [self.dir.clone(), self.dir.join("trust")] {
+            match fsutil::remove_stale_temporaries(&dir) {
+                Ok(0) => {}
+                Ok(removed) => log::warn!(
+                    "removed {removed} temporary file(s) an interrupted write left in {}",
+                    dir.display()
+                ),
+                Err(error) => log::warn!("{error:#}"),
+            }
+        }
+    }
+
     fn state_path(&self) -> PathBuf {
         self.dir.join("state.bin")
     }

@@ -165,6 +165,7 @@ impl Syncer {
             shadow,
         } = shared;
         let files = StateFiles::new(&config.data_dir)?;
+        files.remove_stale_temporaries();
         let mut state = files.load()?;
         let floor = TimeFloor {
             wall_clock: unix_now(),

@@ -1,8 +1,9 @@
 //! Installed model versions: `DATA/versions/<manifest sha256>/` holding `manifest.bin` and one
 //! file per artifact role. A version directory appears only complete: it is assembled under a
 //! temporary name, every file and the directory fsynced, then renamed into place and the parent
-//! fsynced. Loading re-checks every artifact against the signed manifest, so a file damaged on
-//! disk is never run.
+//! fsynced. It disappears the same way: renamed out of place first, then deleted, so a crash
+//! mid-removal never leaves part of a version under its final name. Loading re-checks every
+//! artifact against the signed manifest, so a file damaged on disk is never run.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -37,6 +38,11 @@ pub fn artifact_file(role: ArtifactRole) -> &'static str {
     }
 }
 
+/// Name prefix of a version being assembled.
+const STAGING: &str = ".staging-";
+/// Name prefix of a version being removed.
+const REMOVING: &str = ".removing-";
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -63,13 +69,14 @@ impl Versions {
     pub fn open(data_dir: &Path) -> anyhow::Result<Versions> {
         let dir = data_dir.join("versions");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        // Half-assembled versions from a crash are never under a final name; clear them away.
+        // Versions half assembled or half removed when the agent died are never under a final
+        // name; clear them away.
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
-            if path
-                .file_name()
-                .is_some_and(|name| name.to_string_lossy().starts_with(".staging-"))
-            {
+            if path.file_name().is_some_and(|name| {
+                let name = name.to_string_lossy();
+                name.starts_with(STAGING) || name.starts_with(REMOVING)
+            }) {
                 let _ = fs::remove_dir_all(&path);
             }
         }
@@ -97,7 +104,7 @@ impl Versions {
         }
         let staging = self
             .dir
-            .join(format!(".staging-{}", hex::encode(manifest_sha256)));
+            .join(format!("{STAGING}{}", hex::encode(manifest_sha256)));
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
         let result = (|| {
@@ -165,9 +172,12 @@ impl Versions {
         })
     }
 
-    /// Removes every installed version not in `keep`.
+    /// Removes every installed version not in `keep`. Each is renamed out of place before its
+    /// files are deleted: deleting in place, a crash could leave a `manifest.bin` without its
+    /// model under the final name, which [`Versions::has`] would take for an installed version.
     pub fn retain(&self, keep: &[[u8; 32]]) -> anyhow::Result<()> {
         let keep: Vec<String> = keep.iter().map(hex::encode).collect();
+        let mut removed = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
             let name = path
@@ -175,12 +185,82 @@ impl Versions {
                 .map(|name| name.to_string_lossy().into_owned())
                 .unwrap_or_default();
             if name.len() == 64 && !keep.contains(&name) {
-                fs::remove_dir_all(&path)
-                    .with_context(|| format!("removing old version {}", path.display()))?;
-                log::info!("removed old model version {name}");
+                let removing = self.dir.join(format!("{REMOVING}{name}"));
+                fs::rename(&path, &removing)
+                    .with_context(|| format!("moving old version {} away", path.display()))?;
+                removed.push((name, removing));
             }
         }
         sync_dir(&self.dir)?;
+        for (name, removing) in removed {
+            fs::remove_dir_all(&removing)
+                .with_context(|| format!("removing old version {}", removing.display()))?;
+            log::info!("removed old model version {name}");
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Installs a version with one model file whose bytes are `model`, filed under `digest`.
+    fn install(versions: &Versions, downloads: &Path, digest: [u8; 32], model: &[u8]) {
+        let source = downloads.join(hex::encode(digest));
+        fs::write(&source, model).unwrap();
+        versions
+            .install(
+                &digest,
+                b"signed manifest",
+                &[(ArtifactRole::Model, source)],
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn retain_removes_versions_not_kept_and_nothing_else() {
+        let data = tempfile::tempdir().unwrap();
+        let downloads = data.path().join("downloads");
+        fs::create_dir(&downloads).unwrap();
+        let versions = Versions::open(data.path()).unwrap();
+        for digest in [[1u8; 32], [2; 32], [3; 32]] {
+            install(&versions, &downloads, digest, b"onnx");
+        }
+        versions.retain(&[[1; 32], [3; 32]]).unwrap();
+        let mut left: Vec<String> = fs::read_dir(data.path().join("versions"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [hex::encode([1u8; 32]), hex::encode([3u8; 32])]);
+        assert!(versions.has(&[1; 32]) && !versions.has(&[2; 32]));
+    }
+
+    // Regression: `retain` deleted versions in place, so an agent killed mid-removal left a
+    // directory holding only `manifest.bin` under the version's final name. `has` took it for
+    // installed, and offering that version again failed it for want of its model. Now what a
+    // crash leaves is a `.removing-` directory, which the next start clears like a `.staging-`
+    // one.
+    #[test]
+    fn open_clears_versions_left_half_assembled_or_half_removed() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("versions");
+        let kept = hex::encode([7u8; 32]);
+        for name in [
+            format!("{STAGING}{}", hex::encode([8u8; 32])),
+            format!("{REMOVING}{}", hex::encode([9u8; 32])),
+            kept.clone(),
+        ] {
+            fs::create_dir_all(dir.join(&name)).unwrap();
+            fs::write(dir.join(&name).join("manifest.bin"), b"manifest").unwrap();
+        }
+        let versions = Versions::open(data.path()).unwrap();
+        let left: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, [kept]);
+        assert!(versions.has(&[7; 32]));
     }
 }

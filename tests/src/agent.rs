@@ -277,8 +277,28 @@ impl TestAgent {
         wait_until(
             self.program.wait,
             "the agent's inference API to listen",
-            || std::net::TcpStream::connect(&address).ok(),
+            || {
+                // An agent that dies at start fails here at once, with its log, not at the timeout.
+                if let Some(status) = self.exited() {
+                    panic!("the agent exited with {status} before listening");
+                }
+                std::net::TcpStream::connect(&address).ok()
+            },
         );
+    }
+
+    /// How the agent process ended, or None while it runs. Panics when it was never started.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self
+            .child
+            .as_mut()
+            .expect("the agent is not running")
+            .try_wait()
+            .expect("polling the agent");
+        if status.is_some() {
+            self.child = None;
+        }
+        status
     }
 
     pub fn kill9(&mut self) {

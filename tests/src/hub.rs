@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use outpost_hub::api::{CreatedToken, RolloutInfo};
+use outpost_hub::api::{CreatedToken, ModelVersionInfo, RolloutInfo};
 use outpost_protocol::trust::{Signed, SignedBody};
 use outpost_protocol::{Message, SecretKey};
 use serde::de::DeserializeOwned;
@@ -58,7 +58,7 @@ impl TestHub {
             address: String::new(),
             child: None,
         };
-        hub.spawn();
+        hub.spawn("127.0.0.1:0");
         hub
     }
 
@@ -70,7 +70,8 @@ impl TestHub {
         self.dir.path().join("hub.log")
     }
 
-    fn spawn(&mut self) {
+    /// Starts `serve` listening on `listen` and waits until it wrote the address it bound.
+    fn spawn(&mut self, listen: &str) {
         assert!(self.child.is_none(), "the hub is already running");
         let address_file = self.address_file();
         match std::fs::remove_file(&address_file) {
@@ -87,7 +88,7 @@ impl TestHub {
         let child = Command::new(bin("outpost-hub"))
             .args(["serve", "--data"])
             .arg(&self.data)
-            .args(["--listen", "127.0.0.1:0", "--address-file"])
+            .args(["--listen", listen, "--address-file"])
             .arg(&address_file)
             .args(["--tick", "200ms", "--poll-secs", "1"])
             .current_dir(self.dir.path())
@@ -161,17 +162,30 @@ impl TestHub {
 
     /// Runs the CLI against this hub with another admin token.
     pub fn cli_as(&self, token: &str, args: &[&str]) -> Run {
-        let output = Command::new(bin("outpost-hub"))
+        let output = self
+            .cli_command_as(token, args)
+            .output()
+            .unwrap_or_else(|error| panic!("running outpost-hub {args:?}: {error}"));
+        Run::from_output(output)
+    }
+
+    /// The CLI command [`TestHub::cli`] runs, for a test that starts it in the background (to
+    /// kill the hub while the command is under way).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        self.cli_command_as(&self.token, args)
+    }
+
+    fn cli_command_as(&self, token: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(bin("outpost-hub"));
+        command
             .args(args)
             .current_dir(self.dir.path())
             .env("OUTPOST_HUB", self.url())
             .env("OUTPOST_TOKEN", token)
             .env("RUST_LOG", "warn")
             .env_remove("OUTPOST_CA")
-            .env_remove("OUTPOST_CLI_CONFIG")
-            .output()
-            .unwrap_or_else(|error| panic!("running outpost-hub {args:?}: {error}"));
-        Run::from_output(output)
+            .env_remove("OUTPOST_CLI_CONFIG");
+        command
     }
 
     /// Runs the CLI with `--json` added, requires success, and parses what it printed.
@@ -231,7 +245,19 @@ impl TestHub {
     /// Starts `serve` again on the same data directory (after [`TestHub::kill9`] or
     /// [`TestHub::sigterm`]). The port changes.
     pub fn restart(&mut self) {
-        self.spawn();
+        self.spawn("127.0.0.1:0");
+    }
+
+    /// Starts `serve` again on the same data directory and the same address, so running agents
+    /// find it again without a change of config. The port was freed by the kill, and the hub
+    /// binds with `SO_REUSEADDR`, so connections left in `TIME_WAIT` do not hold it.
+    pub fn restart_at_same_address(&mut self) {
+        let address = self.address.clone();
+        self.spawn(&address);
+        assert_eq!(
+            self.address, address,
+            "the hub came back on another address"
+        );
     }
 }
 
@@ -357,26 +383,12 @@ impl Fleet {
         let mut example = vec!["example-model", "--out", &out_arg, "--seed", &seed];
         example.extend_from_slice(example_args);
         hub.cli(&example).ok();
-        let model = out.join("model.onnx").to_string_lossy().into_owned();
-        let validation = out.join("validation.bin").to_string_lossy().into_owned();
-        let profile = out.join("profile.bin").to_string_lossy().into_owned();
-        let version = version.to_string();
-        let mut args = vec![
-            "model",
-            "publish",
-            &model,
-            "--name",
-            name,
-            "--version",
-            &version,
-            "--validation",
-            &validation,
-            "--key",
-            &self.keys,
-        ];
+        let mut args = self.publish_args(&out, name, version);
         if with_profile {
-            args.extend(["--profile", &profile]);
+            args.push("--profile".into());
+            args.push(out.join("profile.bin").to_string_lossy().into_owned());
         }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         hub.cli(&args).ok();
         out
     }
@@ -446,6 +458,39 @@ impl Fleet {
             .send(&std::fs::read(&manifest).expect("read the manifest")[..])
             .expect("upload the manifest");
         assert_eq!(response.status().as_u16(), 201, "manifest upload");
+    }
+
+    /// The `model publish` arguments for the model and validation set `example-model` wrote into
+    /// `dir`, as `name` `version`, for a test that runs the command its own way.
+    pub fn publish_args(&self, dir: &Path, name: &str, version: u64) -> Vec<String> {
+        let path = |file: &str| dir.join(file).to_string_lossy().into_owned();
+        vec![
+            "model".into(),
+            "publish".into(),
+            path("model.onnx"),
+            "--name".into(),
+            name.into(),
+            "--version".into(),
+            version.to_string(),
+            "--validation".into(),
+            path("validation.bin"),
+            "--key".into(),
+            self.keys.clone(),
+        ]
+    }
+
+    /// Publishes the files `example-model` wrote into `dir` as `name` `version`; returns what
+    /// the hub stored (or already held: publishing is idempotent).
+    pub fn publish_dir(
+        &self,
+        hub: &TestHub,
+        dir: &Path,
+        name: &str,
+        version: u64,
+    ) -> ModelVersionInfo {
+        let args = self.publish_args(dir, name, version);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        hub.cli_json(&args)
     }
 
     /// Signs and creates a first rollout of `model` `version` to every device in one stage, with

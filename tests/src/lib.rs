@@ -146,7 +146,18 @@ pub fn run(name: &str, dir: &Path, args: &[&str]) -> Run {
 }
 
 /// Polls `check` every 50 ms until it returns a value; panics naming `what` after `timeout`.
-pub fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn wait_until<T>(timeout: Duration, what: &str, check: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, Duration::from_millis(50), what, check)
+}
+
+/// [`wait_until`], polling `every` so often: a test that must catch a process in a phase of a
+/// few milliseconds polls every millisecond.
+pub fn poll_until<T>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let started = Instant::now();
     loop {
         if let Some(value) = check() {
@@ -156,6 +167,6 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
             started.elapsed() < timeout,
             "timed out after {timeout:?} waiting for {what}"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(every);
     }
 }
