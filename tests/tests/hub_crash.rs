@@ -1,5 +1,6 @@
 //! The hub's durability across process death: SIGKILL mid-rollout loses nothing it acknowledged,
-//! and SIGTERM shuts it down cleanly.
+//! SIGTERM shuts it down cleanly, and a copy of a stopped hub's data directory restores it as it
+//! was (the backup of `docs/operations.md`).
 
 // Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
 #![allow(clippy::unwrap_used)]
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use outpost_hub::api::{RolloutInfo, RolloutState};
 use outpost_hub::rollout::{bucket, stage_of};
+use outpost_protocol::device::AgentState;
 use outpost_protocol::trust::Slot;
 use outpost_tests::device_sim::{Behaviour, SimDevice};
 use outpost_tests::hub::{Fleet, TestHub};
@@ -170,4 +172,80 @@ fn sigterm_stops_serve_cleanly() {
     let verdict: outpost_hub::api::AuditVerdict = hub.cli_json(&["audit", "verify"]);
     assert!(verdict.intact, "{verdict:?}");
     assert_eq!(hub.sigterm().code(), Some(0));
+}
+
+/// Copies the directory tree at `from` to `to`, which must not exist yet.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_copy_of_the_stopped_hub_restores_it_as_it_was() {
+    let mut hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "demo", 1, 1);
+    fleet.first_rollout(&hub, "demo", 1);
+    let token = hub.enroll_token("site=lab", 10);
+    let mut device = SimDevice::enroll(&hub.url(), &token, &[], &fleet.root);
+    let started = Instant::now();
+    while hub.rollout(1).state != RolloutState::Completed {
+        device.step(Behaviour::Commit);
+        assert!(started.elapsed() < TIMEOUT, "{:#?}", hub.rollout(1));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The backup: stop, copy the data directory, start again.
+    assert!(hub.sigterm().success());
+    let backup = hub.dir().join("backup");
+    copy_tree(hub.data(), &backup);
+    hub.restart();
+    device.set_hub_url(&hub.url());
+    let backed_up = snapshot(&hub, 1);
+
+    // Life goes on: another version rolls out, and another device enrolls.
+    fleet.publish_example(&hub, "demo", 2, 2);
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+    let late = SimDevice::enroll(&hub.url(), &token, &[], &fleet.root);
+    assert_ne!(
+        snapshot(&hub, 1),
+        backed_up,
+        "nothing changed after the backup"
+    );
+
+    // The restore: stop, put the copy in place, start.
+    assert!(hub.sigterm().success());
+    std::fs::remove_dir_all(hub.data()).unwrap();
+    copy_tree(&backup, hub.data());
+    hub.restart();
+    let restored = snapshot(&hub, 1);
+    for ((name, backed_up), (_, restored)) in backed_up.iter().zip(&restored) {
+        assert_eq!(
+            backed_up, restored,
+            "{name} differs from the backup:\nbackup: {backed_up:#}\nrestored: {restored:#}"
+        );
+    }
+
+    // The restored hub serves its fleet as of the backup: the first device is handed demo@1
+    // again, and the device enrolled after the backup is unknown to it.
+    device.set_hub_url(&hub.url());
+    let offer = device.step(Behaviour::Commit).unwrap();
+    assert_eq!(
+        (offer.slot, offer.manifest.body().version),
+        (Slot::Target, 1)
+    );
+    let mut late = late;
+    late.set_hub_url(&hub.url());
+    let body = late.check_in_body(AgentState::Steady);
+    late.sign("POST", "/device/v1/checkin", Some(&body))
+        .send()
+        .refused(401, "unknown device");
 }
