@@ -206,7 +206,10 @@ pub enum Ingested {
 /// would only be a second format to keep in step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DriftRecord {
-    /// `outpost_protocol::encode` of the merged [`DriftSummary`].
+    /// `outpost_protocol::encode` of the merged [`DriftSummary`]. Serialized as bytes, which
+    /// postcard writes exactly as the sequence of `u8` it was before (a length, then the bytes),
+    /// but copies whole instead of one element at a time: it is read and written on every batch.
+    #[serde(with = "serde_bytes")]
     pub frame: Vec<u8>,
     /// How many uploads were merged into it.
     pub parts: u64,
@@ -1913,6 +1916,30 @@ mod tests {
             decode_applied::<DeviceRecord>("devices", &bytes).unwrap().1,
             Some(1)
         );
+    }
+
+    #[test]
+    fn drift_frames_written_as_a_sequence_of_u8_read_the_same() {
+        // Before the frame was serialized as bytes, it was a plain `Vec<u8>`.
+        #[derive(Serialize)]
+        struct Before {
+            frame: Vec<u8>,
+            parts: u64,
+            updated: u64,
+        }
+        let frame: Vec<u8> = (0..=255).cycle().take(700).collect();
+        let before = old_form(&Before {
+            frame: frame.clone(),
+            parts: 3,
+            updated: 9,
+        });
+        let record = DriftRecord {
+            frame,
+            parts: 3,
+            updated: 9,
+        };
+        assert_eq!(encode("drift", &record).unwrap(), before);
+        assert_eq!(decode::<DriftRecord>("drift", &before).unwrap(), record);
     }
 
     #[test]
