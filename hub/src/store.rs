@@ -5,6 +5,12 @@
 //! client must be able to rely on after a crash. A second backend would implement the same
 //! operations.
 //!
+//! Telemetry ingest is the exception, and the hot path: in sled 0.34 a transaction stops every
+//! other read and write in the process while it runs (a process-wide lock), which serialised the
+//! hub's ingest. So [`Store::ingest_telemetry`] is exactly-once without one: each record a batch
+//! adds to carries the sequence of the last batch applied to it and is updated by
+//! compare-and-swap, and the batch's idempotency key is written last.
+//!
 //! Records are the hub's own storage types, serialized with postcard and converted by hand from
 //! wire types, so the device protocol can evolve without rewriting stored data.
 
@@ -185,6 +191,11 @@ pub enum Ingested {
     /// A drift summary of window `window` (its index in the batch) does not merge with what is
     /// stored or with another part of the batch; nothing of the batch was stored.
     Refused { window: usize, reason: String },
+    /// The batch is not stored and a later batch of its device, `highest`, is: a device's
+    /// sequences only increase, so the batch is refused and nothing of it is stored. (Only a batch
+    /// racing a later one of its device, which an agent cannot send, may have added to some
+    /// records before the later one was found.)
+    OutOfOrder { highest: u64 },
 }
 
 /// One device's drift summary of one model version over one window, as stored: every part the
@@ -195,20 +206,15 @@ pub enum Ingested {
 /// would only be a second format to keep in step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DriftRecord {
-    /// `outpost_protocol::encode` of the merged [`DriftSummary`].
+    /// `outpost_protocol::encode` of the merged [`DriftSummary`]. Serialized as bytes, which
+    /// postcard writes exactly as the sequence of `u8` it was before (a length, then the bytes),
+    /// but copies whole instead of one element at a time: it is read and written on every batch.
+    #[serde(with = "serde_bytes")]
     pub frame: Vec<u8>,
     /// How many uploads were merged into it.
     pub parts: u64,
     /// Unix second of the last upload merged in.
     pub updated: u64,
-}
-
-/// A window's drift summary while a batch is merged into the store.
-struct MergedDrift {
-    summary: DriftSummary,
-    parts: u64,
-    /// Index in the batch of the last window merged in, to name in a refusal.
-    window: usize,
 }
 
 /// A stored root as (version, signed bytes).
@@ -223,28 +229,214 @@ fn root_entry(entry: sled::Result<(IVec, IVec)>) -> Result<(u64, Vec<u8>)> {
     Ok((version, value.to_vec()))
 }
 
-/// A window's merged drift record, ready to write if the part it was merged from is still there.
-struct DriftWrite {
-    key: Vec<u8>,
-    /// The stored record the merge started from, as read; none for a new window.
-    read: Option<IVec>,
-    record: Vec<u8>,
+/// A record telemetry batches add to (stats, drift, shadow, device), as stored since batches are
+/// applied record by record: the record's own postcard encoding followed by the sequence of the
+/// last batch of its device added into it (postcard writes a struct's fields one after another
+/// with nothing around them).
+///
+/// Records written before carry no sequence: their bytes are the record alone. Reading one as an
+/// `Applied` runs out of bytes where the sequence would start, so [`decode_applied`] reads it in the
+/// old form, with no batch known to be applied: every batch stored before has its idempotency key,
+/// which is checked first. A hub of the previous version reads the new form too, since postcard
+/// ignores bytes after a value.
+#[derive(Serialize, Deserialize)]
+struct Applied<R> {
+    record: R,
+    /// Sequence of the last batch of the record's device added into it.
+    sequence: u64,
 }
 
-/// Reads a stored drift record as the start of a merge for the batch's window `window`.
-fn stored_drift_part(bytes: &[u8], window: usize) -> Result<MergedDrift> {
-    let record: DriftRecord = decode("drift", bytes)?;
-    let summary = outpost_protocol::decode::<DriftSummary>(&record.frame).map_err(|error| {
-        StoreError::Corrupt {
-            tree: "drift",
-            reason: error.to_string(),
+/// Reads a record telemetry batches add to, in either form, with the sequence of the last batch
+/// known to be added into it.
+fn decode_applied<T: DeserializeOwned>(
+    tree: &'static str,
+    bytes: &[u8],
+) -> Result<(T, Option<u64>)> {
+    match postcard::from_bytes::<Applied<T>>(bytes) {
+        Ok(applied) => Ok((applied.record, Some(applied.sequence))),
+        Err(_) => Ok((decode(tree, bytes)?, None)),
+    }
+}
+
+/// [`decode_applied`] for a reader, which needs no sequence.
+fn decode_applied_record<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T> {
+    decode_applied(tree, bytes).map(|(record, _)| record)
+}
+
+/// Writes a record telemetry batches add to; with no batch applied, in the old form.
+fn encode_applied<T: Serialize>(
+    tree: &'static str,
+    record: &T,
+    sequence: Option<u64>,
+) -> Result<Vec<u8>> {
+    match sequence {
+        Some(sequence) => encode(tree, &Applied { record, sequence }),
+        None => encode(tree, record),
+    }
+}
+
+/// `device sequence`, the idempotency key of a telemetry batch; a device's keys are in sequence
+/// order.
+fn telemetry_seen_key(device: &[u8; 16], sequence: u64) -> Vec<u8> {
+    [device.as_slice(), &sequence.to_be_bytes()].concat()
+}
+
+/// Why a telemetry batch stopped before its idempotency key was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stop {
+    /// A record carries batch `highest` of the same device, later than this one.
+    Overtaken { highest: u64 },
+    /// A drift summary does not merge; see [`Ingested::Refused`].
+    Refused { window: usize, reason: String },
+}
+
+/// What a telemetry batch makes of one record, worked out from the record as stored.
+enum Plan {
+    /// These bytes replace the record read.
+    Write(Vec<u8>),
+    /// Nothing to write: the batch was added before, or there is nothing to add to.
+    Leave,
+    Stop(Stop),
+}
+
+/// The plan for a record that carries a batch at or after `sequence`, if it does.
+fn plan_if_applied(applied: Option<u64>, sequence: u64) -> Option<Plan> {
+    match applied {
+        Some(applied) if applied == sequence => Some(Plan::Leave),
+        Some(applied) if applied > sequence => {
+            Some(Plan::Stop(Stop::Overtaken { highest: applied }))
         }
-    })?;
-    Ok(MergedDrift {
-        summary,
-        parts: record.parts,
-        window,
-    })
+        _ => None,
+    }
+}
+
+/// One stored record a telemetry batch adds to, with what it adds.
+enum BatchRecord<'a> {
+    /// A window's drift summary: the batch's parts of it (with their index in the batch), and the
+    /// merged record worked out from `read`, the record as read (none for a new window).
+    Drift {
+        key: Vec<u8>,
+        parts: Vec<(usize, &'a DriftSummary)>,
+        read: Option<IVec>,
+        planned: Vec<u8>,
+    },
+    /// A model version's counters and the windows that add to them.
+    Stats {
+        key: Vec<u8>,
+        windows: Vec<&'a WindowInput>,
+    },
+    /// A window's shadow comparisons and the reports that add to them.
+    Shadow {
+        key: Vec<u8>,
+        reports: Vec<&'a ShadowReport>,
+    },
+    /// The device record's count of windows the device dropped.
+    Dropped { count: u64 },
+}
+
+/// Writes `key` by compare-and-swap: `plan` works out the new record from the stored one, and
+/// works it out again whenever another writer changed the record in between.
+fn apply_record(
+    tree: &sled::Tree,
+    key: &[u8],
+    mut plan: impl FnMut(Option<&IVec>) -> Result<Plan>,
+) -> Result<std::result::Result<(), Stop>> {
+    let read = tree.get(key)?;
+    let planned = plan(read.as_ref())?;
+    apply_planned(tree, key, read, planned, plan)
+}
+
+/// [`apply_record`] with the first plan already worked out from `read`.
+fn apply_planned(
+    tree: &sled::Tree,
+    key: &[u8],
+    mut read: Option<IVec>,
+    mut planned: Plan,
+    mut plan: impl FnMut(Option<&IVec>) -> Result<Plan>,
+) -> Result<std::result::Result<(), Stop>> {
+    loop {
+        let bytes = match planned {
+            Plan::Write(bytes) => bytes,
+            Plan::Leave => return Ok(Ok(())),
+            Plan::Stop(stop) => return Ok(Err(stop)),
+        };
+        match tree.compare_and_swap(key, read.as_ref(), Some(bytes))? {
+            Ok(()) => return Ok(Ok(())),
+            Err(conflict) => {
+                read = conflict.current;
+                planned = plan(read.as_ref())?;
+            }
+        }
+    }
+}
+
+/// Merges the batch's `parts` of one window into the drift record `current` (none for a new
+/// window) and encodes the result, unless the record has the batch already. A part that does not
+/// merge stops the batch, naming its window.
+fn plan_drift(
+    current: Option<&IVec>,
+    parts: &[(usize, &DriftSummary)],
+    sequence: u64,
+    now: u64,
+) -> Result<Plan> {
+    let mut merged: Option<(DriftSummary, u64)> = match current {
+        None => None,
+        Some(bytes) => {
+            let (record, applied) = decode_applied::<DriftRecord>("drift", bytes)?;
+            if let Some(plan) = plan_if_applied(applied, sequence) {
+                return Ok(plan);
+            }
+            let summary =
+                outpost_protocol::decode::<DriftSummary>(&record.frame).map_err(|error| {
+                    StoreError::Corrupt {
+                        tree: "drift",
+                        reason: error.to_string(),
+                    }
+                })?;
+            Some((summary, record.parts))
+        }
+    };
+    let mut last_window = 0;
+    for &(window, summary) in parts {
+        last_window = window;
+        merged = Some(match merged {
+            None => (summary.clone(), 1),
+            Some((mut stored, n_parts)) => {
+                if let Err(error) = stored.merge(summary) {
+                    return Ok(Plan::Stop(Stop::Refused {
+                        window,
+                        reason: format!(
+                            "drift summary does not merge with the parts of its window stored \
+                             before: {error}"
+                        ),
+                    }));
+                }
+                (stored, n_parts.saturating_add(1))
+            }
+        });
+    }
+    let Some((summary, n_parts)) = merged else {
+        return Ok(Plan::Leave);
+    };
+    let frame = match outpost_protocol::encode(&summary) {
+        Ok(frame) => frame,
+        Err(error) => {
+            return Ok(Plan::Stop(Stop::Refused {
+                window: last_window,
+                reason: format!("merged drift summary: {error}"),
+            }))
+        }
+    };
+    let record = DriftRecord {
+        frame,
+        parts: n_parts,
+        updated: now,
+    };
+    Ok(Plan::Write(encode_applied(
+        "drift",
+        &record,
+        Some(sequence),
+    )?))
 }
 
 /// A stored drift summary with the device and window it belongs to.
@@ -580,7 +772,10 @@ impl Store {
                 token.uses_left -= 1;
                 tokens.insert(token_hash, encode("enroll_tokens", &token).map_err(abort)?)?;
                 let device = make_device(&token);
-                devices.insert(&device.id, encode("devices", &device).map_err(abort)?)?;
+                devices.insert(
+                    &device.id,
+                    encode_applied("devices", &device, None).map_err(abort)?,
+                )?;
                 let event_key = [device.id.as_slice(), &event_id.to_be_bytes()].concat();
                 events.insert(event_key, encode("events", event).map_err(abort)?)?;
                 Ok(Ok(device))
@@ -594,20 +789,43 @@ impl Store {
     pub fn device(&self, id: &[u8; 16]) -> Result<Option<DeviceRecord>> {
         self.devices
             .get(id)?
-            .map(|bytes| decode("devices", &bytes))
+            .map(|bytes| decode_applied_record("devices", &bytes))
             .transpose()
     }
 
+    /// Stores `device`, except its `dropped_records`: telemetry batches count those into the
+    /// stored record, so the stored count is kept, not the one in the caller's copy, which may
+    /// have been read before a batch counted more.
     pub fn put_device(&self, device: &DeviceRecord) -> Result<()> {
-        self.devices.insert(device.id, encode("devices", device)?)?;
-        Ok(())
+        let mut read = self.devices.get(device.id)?;
+        loop {
+            let (dropped_records, applied) = match &read {
+                Some(bytes) => {
+                    let (stored, applied) = decode_applied::<DeviceRecord>("devices", bytes)?;
+                    (stored.dropped_records, applied)
+                }
+                None => (device.dropped_records, None),
+            };
+            let record = DeviceRecord {
+                dropped_records,
+                ..device.clone()
+            };
+            let bytes = encode_applied("devices", &record, applied)?;
+            match self
+                .devices
+                .compare_and_swap(device.id, read.as_ref(), Some(bytes))?
+            {
+                Ok(()) => return Ok(()),
+                Err(conflict) => read = conflict.current,
+            }
+        }
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
         self.devices
             .iter()
             .values()
-            .map(|bytes| decode("devices", &bytes?))
+            .map(|bytes| decode_applied_record("devices", &bytes?))
             .collect()
     }
 
@@ -656,11 +874,12 @@ impl Store {
                 }
                 if let Some(running) = now_running {
                     if let Some(bytes) = devices.get(device)? {
-                        let mut record: DeviceRecord = decode("devices", &bytes).map_err(abort)?;
+                        let (mut record, applied) =
+                            decode_applied::<DeviceRecord>("devices", &bytes).map_err(abort)?;
                         record.active = Some(running.clone());
                         devices.insert(
                             device.as_slice(),
-                            encode("devices", &record).map_err(abort)?,
+                            encode_applied("devices", &record, applied).map_err(abort)?,
                         )?;
                     }
                 }
@@ -694,18 +913,26 @@ impl Store {
 
     // Telemetry.
 
-    /// Stores a telemetry batch exactly once: the idempotency key `(device, sequence)`, the
-    /// counters it adds, its drift summaries, each merged with the parts of the same window
-    /// stored before, and its shadow comparisons, added likewise, are written in one transaction.
-    /// A resent batch adds nothing. A drift summary
-    /// that does not merge (its counts would overflow) refuses the whole batch, and nothing of it
-    /// is written, not even its idempotency key.
+    /// Stores a telemetry batch exactly once, without a transaction, so that batches of different
+    /// devices (and every other request) run side by side.
     ///
-    /// The merging (decoding the stored parts, adding, encoding) is the costly part, and sled
-    /// runs one transaction at a time, so it is done before the transaction, from the parts as
-    /// they were read. The transaction then only checks that every part it read is still the one
-    /// stored and writes; if another batch of the same device changed one meanwhile, the merge is
-    /// done again from the new part.
+    /// Each record the batch adds to (a model version's counters, a window's drift summary, a
+    /// window's shadow comparisons, the device record's dropped count) is updated on its own by
+    /// compare-and-swap and carries the sequence of the last batch of its device added into it;
+    /// a record that already carries this batch's sequence is left alone. The idempotency key
+    /// `(device, sequence)` is written last. A crash between two records therefore leaves a state
+    /// that the device's resend completes, adding each record's share exactly once; until then the
+    /// batch is not acknowledged.
+    ///
+    /// A device's sequences only increase (the agent forms batch n+1 after n is acknowledged and
+    /// keeps a floor across cache quarantines), so a batch below one already stored for its device,
+    /// and not itself stored, is refused as [`Ingested::OutOfOrder`]; the agent never sends one.
+    ///
+    /// A drift summary that does not merge (its counts would overflow) refuses the whole batch and
+    /// nothing of it is written, not even its idempotency key: every drift merge is worked out from
+    /// the records as read before anything is written. Only if another batch of the same device
+    /// changes a window in between, which an agent cannot do, is that merge redone, and a refusal
+    /// then may come after some records took the batch.
     pub fn ingest_telemetry(
         &self,
         device: &[u8; 16],
@@ -714,163 +941,213 @@ impl Store {
         dropped_records: u64,
         now: u64,
     ) -> Result<Ingested> {
-        let seen_key = [device.as_slice(), &sequence.to_be_bytes()].concat();
-        loop {
-            if self.telemetry_seen.get(&seen_key)?.is_some() {
-                return Ok(Ingested::Duplicate);
-            }
-            let merged = match self.merge_drift(device, windows, now)? {
-                Ok(merged) => merged,
-                Err(refused) => return Ok(refused),
-            };
-            let outcome = (
-                &self.telemetry_seen,
-                &self.stats,
-                &self.devices,
-                &self.drift,
-                &self.shadow,
-            )
-                .transaction(|(seen, stats, devices, drift, shadow)| {
-                    if seen.get(&seen_key)?.is_some() {
-                        return Ok(Some(Ingested::Duplicate));
-                    }
-                    for part in &merged {
-                        if drift.get(&part.key)? != part.read {
-                            // Another batch of this device changed the window since it was read.
-                            return Ok(None);
-                        }
-                    }
-                    seen.insert(seen_key.as_slice(), &now.to_be_bytes())?;
-                    for window in windows {
-                        let key = stats_key(device, &window.model, window.version);
-                        let mut record: StatsRecord = match stats.get(&key)? {
-                            Some(bytes) => decode("stats", &bytes).map_err(abort)?,
-                            None => StatsRecord::default(),
-                        };
-                        record.add(window.count, window.errors, &window.latency_buckets);
-                        stats.insert(key, encode("stats", &record).map_err(abort)?)?;
-                    }
-                    for part in &merged {
-                        drift.insert(part.key.as_slice(), part.record.as_slice())?;
-                    }
-                    let mut shadows: BTreeMap<Vec<u8>, ShadowRecord> = BTreeMap::new();
-                    for window in windows {
-                        let Some(report) = &window.shadow else {
-                            continue;
-                        };
-                        let key = shadow_key(
-                            &report.target.manifest_sha256.0,
-                            (window.start, window.end),
-                            device,
-                            (&window.model, window.version),
-                        );
-                        let record = match shadows.remove(&key) {
-                            Some(record) => record,
-                            None => match shadow.get(&key)? {
-                                Some(bytes) => decode("shadow", &bytes).map_err(abort)?,
-                                None => ShadowRecord::default(),
-                            },
-                        };
-                        shadows.entry(key).or_insert(record).add(report);
-                    }
-                    for (key, record) in shadows {
-                        shadow.insert(key, encode("shadow", &record).map_err(abort)?)?;
-                    }
-                    if dropped_records > 0 {
-                        if let Some(bytes) = devices.get(device)? {
-                            let mut record: DeviceRecord =
-                                decode("devices", &bytes).map_err(abort)?;
-                            record.dropped_records =
-                                record.dropped_records.saturating_add(dropped_records);
-                            devices.insert(device, encode("devices", &record).map_err(abort)?)?;
-                        }
-                    }
-                    Ok(Some(Ingested::Stored))
-                })?;
-            if let Some(outcome) = outcome {
-                return Ok(outcome);
+        let seen_key = telemetry_seen_key(device, sequence);
+        if self.telemetry_seen.get(&seen_key)?.is_some() {
+            return Ok(Ingested::Duplicate);
+        }
+        if let Some(highest) = self.highest_sequence_above(device, sequence)? {
+            // Unless a copy of this batch was stored since the check above.
+            return self.stopped(Stop::Overtaken { highest }, &seen_key);
+        }
+        let records = match self.batch_records(device, sequence, windows, dropped_records, now)? {
+            Ok(records) => records,
+            Err(stop) => return self.stopped(stop, &seen_key),
+        };
+        for record in records {
+            if let Err(stop) = self.apply_batch_record(device, sequence, now, record)? {
+                return self.stopped(stop, &seen_key);
             }
         }
+        // A copy of this batch that raced this one may have finished first; it took the
+        // acknowledgement as new, so this one is the duplicate.
+        let marked = self.telemetry_seen.compare_and_swap(
+            &seen_key,
+            None::<&[u8]>,
+            Some(&now.to_be_bytes()[..]),
+        )?;
+        Ok(match marked {
+            Ok(()) => Ingested::Stored,
+            Err(_) => Ingested::Duplicate,
+        })
     }
 
-    /// Merges a batch's drift summaries with the parts of their windows stored now, and encodes
-    /// the records to write; a summary that does not merge refuses the batch.
-    fn merge_drift(
+    /// The highest sequence of a batch of `device` stored above `sequence`, if there is one.
+    fn highest_sequence_above(&self, device: &[u8; 16], sequence: u64) -> Result<Option<u64>> {
+        let Some(next) = sequence.checked_add(1) else {
+            return Ok(None);
+        };
+        let range = telemetry_seen_key(device, next)..=telemetry_seen_key(device, u64::MAX);
+        let Some(entry) = self.telemetry_seen.range(range).next_back() else {
+            return Ok(None);
+        };
+        let (key, _) = entry?;
+        let highest = key
+            .get(16..)
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| StoreError::Corrupt {
+                tree: "telemetry_seen",
+                reason: "bad key".to_owned(),
+            })?;
+        Ok(Some(highest))
+    }
+
+    /// What to answer for a batch whose ingest stopped before its idempotency key was written.
+    fn stopped(&self, stop: Stop, seen_key: &[u8]) -> Result<Ingested> {
+        Ok(match stop {
+            Stop::Refused { window, reason } => Ingested::Refused { window, reason },
+            // A later batch of the device is stored, or applied to a record. If this batch is
+            // stored too (a copy of it finished, then the device went on while this copy waited),
+            // this is a resend; else it is out of order. Its key is read after the later batch's
+            // trace, and was written before the device formed the later batch.
+            Stop::Overtaken { highest } => {
+                if self.telemetry_seen.get(seen_key)?.is_some() {
+                    Ingested::Duplicate
+                } else {
+                    Ingested::OutOfOrder { highest }
+                }
+            }
+        })
+    }
+
+    /// The records batch `sequence` adds to, with every drift merge worked out from the records
+    /// as read, so that a summary that does not merge stops the batch before anything is written.
+    fn batch_records<'a>(
         &self,
         device: &[u8; 16],
-        windows: &[WindowInput],
+        sequence: u64,
+        windows: &'a [WindowInput],
+        dropped_records: u64,
         now: u64,
-    ) -> Result<std::result::Result<Vec<DriftWrite>, Ingested>> {
-        // Key → (the stored record as read, the merge so far).
-        let mut merged: BTreeMap<Vec<u8>, (Option<IVec>, MergedDrift)> = BTreeMap::new();
+    ) -> Result<std::result::Result<Vec<BatchRecord<'a>>, Stop>> {
+        let mut stats: BTreeMap<Vec<u8>, Vec<&WindowInput>> = BTreeMap::new();
+        let mut drift: BTreeMap<Vec<u8>, Vec<(usize, &DriftSummary)>> = BTreeMap::new();
+        let mut shadow: BTreeMap<Vec<u8>, Vec<&ShadowReport>> = BTreeMap::new();
         for (index, window) in windows.iter().enumerate() {
-            let Some(summary) = &window.drift else {
-                continue;
-            };
-            let key = drift_key(
-                &window.model,
-                window.version,
-                summary.window_end,
-                summary.window_start,
-                device,
-            );
-            let (read, before) = match merged.remove(&key) {
-                Some((read, part)) => (read, Some(part)),
-                None => {
-                    let read = self.drift.get(&key)?;
-                    let part = read
-                        .as_ref()
-                        .map(|bytes| stored_drift_part(bytes, index))
-                        .transpose()?;
-                    (read, part)
-                }
-            };
-            let part = match before {
-                None => MergedDrift {
-                    summary: summary.clone(),
-                    parts: 1,
-                    window: index,
-                },
-                Some(mut part) => {
-                    if let Err(error) = part.summary.merge(summary) {
-                        return Ok(Err(Ingested::Refused {
-                            window: index,
-                            reason: format!(
-                                "drift summary does not merge with the parts of its window \
-                                 stored before: {error}"
-                            ),
-                        }));
-                    }
-                    part.parts = part.parts.saturating_add(1);
-                    part.window = index;
-                    part
-                }
-            };
-            merged.insert(key, (read, part));
+            stats
+                .entry(stats_key(device, &window.model, window.version))
+                .or_default()
+                .push(window);
+            if let Some(summary) = &window.drift {
+                let key = drift_key(
+                    &window.model,
+                    window.version,
+                    summary.window_end,
+                    summary.window_start,
+                    device,
+                );
+                drift.entry(key).or_default().push((index, summary));
+            }
+            if let Some(report) = &window.shadow {
+                let key = shadow_key(
+                    &report.target.manifest_sha256.0,
+                    (window.start, window.end),
+                    device,
+                    (&window.model, window.version),
+                );
+                shadow.entry(key).or_default().push(report);
+            }
         }
-        let mut writes = Vec::with_capacity(merged.len());
-        for (key, (read, part)) in merged {
-            let frame = match outpost_protocol::encode(&part.summary) {
-                Ok(frame) => frame,
-                Err(error) => {
-                    return Ok(Err(Ingested::Refused {
-                        window: part.window,
-                        reason: format!("merged drift summary: {error}"),
-                    }))
-                }
-            };
-            let record = DriftRecord {
-                frame,
-                parts: part.parts,
-                updated: now,
-            };
-            writes.push(DriftWrite {
-                key,
-                read,
-                record: encode("drift", &record)?,
+        let mut records = Vec::with_capacity(stats.len() + drift.len() + shadow.len() + 1);
+        for (key, parts) in drift {
+            let read = self.drift.get(&key)?;
+            match plan_drift(read.as_ref(), &parts, sequence, now)? {
+                Plan::Stop(stop) => return Ok(Err(stop)),
+                Plan::Leave => {}
+                Plan::Write(planned) => records.push(BatchRecord::Drift {
+                    key,
+                    parts,
+                    read,
+                    planned,
+                }),
+            }
+        }
+        records.extend(
+            stats
+                .into_iter()
+                .map(|(key, windows)| BatchRecord::Stats { key, windows }),
+        );
+        records.extend(
+            shadow
+                .into_iter()
+                .map(|(key, reports)| BatchRecord::Shadow { key, reports }),
+        );
+        if dropped_records > 0 {
+            records.push(BatchRecord::Dropped {
+                count: dropped_records,
             });
         }
-        Ok(Ok(writes))
+        Ok(Ok(records))
+    }
+
+    /// Adds batch `sequence`'s share to one record, unless the record has it already.
+    fn apply_batch_record(
+        &self,
+        device: &[u8; 16],
+        sequence: u64,
+        now: u64,
+        record: BatchRecord<'_>,
+    ) -> Result<std::result::Result<(), Stop>> {
+        match record {
+            BatchRecord::Drift {
+                key,
+                parts,
+                read,
+                planned,
+            } => apply_planned(&self.drift, &key, read, Plan::Write(planned), |current| {
+                plan_drift(current, &parts, sequence, now)
+            }),
+            BatchRecord::Stats { key, windows } => apply_record(&self.stats, &key, |current| {
+                let (mut record, applied) = match current {
+                    Some(bytes) => decode_applied::<StatsRecord>("stats", bytes)?,
+                    None => (StatsRecord::default(), None),
+                };
+                if let Some(plan) = plan_if_applied(applied, sequence) {
+                    return Ok(plan);
+                }
+                for window in &windows {
+                    record.add(window.count, window.errors, &window.latency_buckets);
+                }
+                Ok(Plan::Write(encode_applied(
+                    "stats",
+                    &record,
+                    Some(sequence),
+                )?))
+            }),
+            BatchRecord::Shadow { key, reports } => apply_record(&self.shadow, &key, |current| {
+                let (mut record, applied) = match current {
+                    Some(bytes) => decode_applied::<ShadowRecord>("shadow", bytes)?,
+                    None => (ShadowRecord::default(), None),
+                };
+                if let Some(plan) = plan_if_applied(applied, sequence) {
+                    return Ok(plan);
+                }
+                for report in &reports {
+                    record.add(report);
+                }
+                Ok(Plan::Write(encode_applied(
+                    "shadow",
+                    &record,
+                    Some(sequence),
+                )?))
+            }),
+            BatchRecord::Dropped { count } => apply_record(&self.devices, device, |current| {
+                // A batch of a device no longer stored has nowhere to count its drops.
+                let Some(bytes) = current else {
+                    return Ok(Plan::Leave);
+                };
+                let (mut record, applied) = decode_applied::<DeviceRecord>("devices", bytes)?;
+                if let Some(plan) = plan_if_applied(applied, sequence) {
+                    return Ok(plan);
+                }
+                record.dropped_records = record.dropped_records.saturating_add(count);
+                Ok(Plan::Write(encode_applied(
+                    "devices",
+                    &record,
+                    Some(sequence),
+                )?))
+            }),
+        }
     }
 
     /// Every device's drift summaries of one model version whose windows end after `since`, in
@@ -895,7 +1172,7 @@ impl Store {
             }
             let (window_end, window_start, device) =
                 parse_drift_key(&key, prefix.len()).ok_or_else(|| corrupt("bad key".to_owned()))?;
-            let record: DriftRecord = decode("drift", &value)?;
+            let (record, _) = decode_applied::<DriftRecord>("drift", &value)?;
             let summary = outpost_protocol::decode::<DriftSummary>(&record.frame)
                 .map_err(|error| corrupt(error.to_string()))?;
             summaries.push(StoredDrift {
@@ -919,12 +1196,11 @@ impl Store {
             if !key.starts_with(target) {
                 break;
             }
-            let stored = parse_shadow_key(&key, decode("shadow", &value)?).ok_or_else(|| {
-                StoreError::Corrupt {
+            let stored = parse_shadow_key(&key, decode_applied_record("shadow", &value)?)
+                .ok_or_else(|| StoreError::Corrupt {
                     tree: "shadow",
                     reason: "bad key".to_owned(),
-                }
-            })?;
+                })?;
             reports.push(stored);
         }
         Ok(reports)
@@ -935,7 +1211,7 @@ impl Store {
         Ok(self
             .stats
             .get(stats_key(device, name, version))?
-            .map(|bytes| decode("stats", &bytes))
+            .map(|bytes| decode_applied_record("stats", &bytes))
             .transpose()?
             .unwrap_or_default())
     }
@@ -956,7 +1232,11 @@ impl Store {
                 let version = <[u8; 8]>::try_from(&rest[split + 1..])
                     .map(u64::from_be_bytes)
                     .map_err(|_| corrupt())?;
-                Ok((name.to_owned(), version, decode("stats", &value)?))
+                Ok((
+                    name.to_owned(),
+                    version,
+                    decode_applied_record("stats", &value)?,
+                ))
             })
             .collect()
     }
@@ -1283,32 +1563,383 @@ mod tests {
         }
     }
 
+    /// The agent sends a device's batches one after another, but a copy of a batch may race the
+    /// first (a resend after a timeout while the first is still being stored). Here four copies of
+    /// every batch race, each thread going on to the next batch once its copy is answered.
     #[test]
     fn concurrent_batches_of_one_window_all_count_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let profile = profile();
-        let (threads, batches) = (4u64, 100u64);
+        let (copies, batches) = (4, 100u64);
+        let n_stored = AtomicU64::new(0);
         std::thread::scope(|scope| {
-            for thread in 0..threads {
-                let (store, profile) = (&store, &profile);
+            for _ in 0..copies {
+                let (store, profile, n_stored) = (&store, &profile, &n_stored);
                 scope.spawn(move || {
-                    for batch in 0..batches {
-                        let sequence = thread * batches + batch;
+                    for sequence in 1..=batches {
                         let windows = [window(summary(profile, 3600, &[sequence as f64]))];
-                        let outcome = store.ingest_telemetry(&DEVICE, sequence, &windows, 0, 10);
-                        assert_eq!(outcome.unwrap(), Ingested::Stored);
+                        match store.ingest_telemetry(&DEVICE, sequence, &windows, 0, 10) {
+                            Ok(Ingested::Stored) => {
+                                n_stored.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Ok(Ingested::Duplicate) => {}
+                            other => panic!("batch {sequence}: {other:?}"),
+                        }
                     }
                 });
             }
         });
-        // Every batch merged into the one window exactly once, whichever raced.
-        let total = threads * batches;
+        // Each batch was taken as new once and merged into the one window exactly once,
+        // whichever copy raced ahead.
+        assert_eq!(n_stored.load(Ordering::SeqCst), batches);
         assert_eq!(
             n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
-            [(3600, total, total)]
+            [(3600, batches, batches)]
         );
-        assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, total);
+        assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, batches);
+    }
+
+    fn device_record() -> DeviceRecord {
+        DeviceRecord {
+            id: DEVICE,
+            public_key: [1; 32],
+            arch: "x86_64".to_owned(),
+            agent_version: "0.1.0".to_owned(),
+            labels: Vec::new(),
+            enrolled_at: 1,
+            revoked: false,
+            last_checkin: None,
+            state: "steady".to_owned(),
+            active: None,
+            plan_sequence: None,
+            dropped_records: 0,
+            queue_bytes: 0,
+        }
+    }
+
+    /// Every count batch 2 of [`crash_window_batches`] adds to.
+    #[derive(Debug, PartialEq)]
+    struct TelemetryFigures {
+        /// Each drift window's start, values and parts.
+        drift: Vec<(u64, u64, u64)>,
+        inferences: u64,
+        /// Each shadow window's comparisons and parts.
+        shadow: Vec<(u64, u64)>,
+        dropped_records: u64,
+    }
+
+    fn telemetry_figures(store: &Store) -> TelemetryFigures {
+        let shadow = store
+            .shadow_reports(&[5; 32], 0)
+            .unwrap()
+            .iter()
+            .map(|s| (s.record.compared, s.record.parts))
+            .collect();
+        TelemetryFigures {
+            drift: n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
+            inferences: store.stats(&DEVICE, "demo", 1).unwrap().count,
+            shadow,
+            dropped_records: store.device(&DEVICE).unwrap().unwrap().dropped_records,
+        }
+    }
+
+    /// Batch 1, and batch 2 which adds to every kind of record batch 1 wrote (two parts of one
+    /// drift window, a new drift window, the counters, a shadow window, the dropped count).
+    fn crash_window_batches(profile: &Profile) -> (Vec<WindowInput>, Vec<WindowInput>) {
+        let first = vec![
+            window(summary(profile, 3600, &[1.0, 2.0])),
+            shadow_window(3600, 10, 9),
+        ];
+        let second = vec![
+            window(summary(profile, 3600, &[3.0])),
+            window(summary(profile, 3600, &[4.0, 5.0])),
+            window(summary(profile, 7200, &[6.0])),
+            shadow_window(3600, 5, 5),
+        ];
+        (first, second)
+    }
+
+    /// A crash between two records of a batch leaves some records with the batch and its
+    /// idempotency key unwritten; the device then resends the batch. For every point the crash
+    /// can fall at, the resend completes the batch and every count takes it exactly once.
+    #[test]
+    fn a_batch_cut_short_by_a_crash_counts_once_when_resent() {
+        let profile = profile();
+        let (first, second) = crash_window_batches(&profile);
+        let expected = TelemetryFigures {
+            drift: vec![(3600, 5, 3), (7200, 1, 1)],
+            inferences: 6,
+            shadow: vec![(15, 2)],
+            dropped_records: 7 + 4,
+        };
+        let mut n_records = None;
+        let mut cut = 0;
+        while n_records.is_none_or(|n| cut <= n) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            store.put_device(&device_record()).unwrap();
+            assert_eq!(
+                store.ingest_telemetry(&DEVICE, 1, &first, 7, 10).unwrap(),
+                Ingested::Stored
+            );
+            // Batch 2 up to the crash: its first `cut` records, and no idempotency key.
+            let records = store
+                .batch_records(&DEVICE, 2, &second, 4, 11)
+                .unwrap()
+                .unwrap();
+            n_records.get_or_insert(records.len());
+            for record in records.into_iter().take(cut) {
+                assert_eq!(
+                    store.apply_batch_record(&DEVICE, 2, 11, record).unwrap(),
+                    Ok(())
+                );
+            }
+            // The resend is new, completes the batch, and a second resend adds nothing.
+            assert_eq!(
+                store.ingest_telemetry(&DEVICE, 2, &second, 4, 12).unwrap(),
+                Ingested::Stored,
+                "crash after {cut} records"
+            );
+            assert_eq!(
+                telemetry_figures(&store),
+                expected,
+                "crash after {cut} records"
+            );
+            assert_eq!(
+                store.ingest_telemetry(&DEVICE, 2, &second, 4, 13).unwrap(),
+                Ingested::Duplicate
+            );
+            assert_eq!(
+                telemetry_figures(&store),
+                expected,
+                "crash after {cut} records"
+            );
+            cut += 1;
+        }
+        // Two drift windows, the counters, the shadow window and the dropped count.
+        assert_eq!(n_records, Some(5));
+    }
+
+    #[test]
+    fn a_batch_below_the_highest_stored_one_is_refused_and_adds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_device(&device_record()).unwrap();
+        let profile = profile();
+        let batch = |value: f64| [window(summary(&profile, 3600, &[value]))];
+        assert_eq!(
+            store
+                .ingest_telemetry(&DEVICE, 5, &batch(1.0), 1, 10)
+                .unwrap(),
+            Ingested::Stored
+        );
+        let before = (
+            n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
+            store.stats(&DEVICE, "demo", 1).unwrap(),
+            store.device(&DEVICE).unwrap(),
+        );
+        let after = |store: &Store| {
+            (
+                n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
+                store.stats(&DEVICE, "demo", 1).unwrap(),
+                store.device(&DEVICE).unwrap(),
+            )
+        };
+        assert_eq!(
+            store
+                .ingest_telemetry(&DEVICE, 3, &batch(2.0), 1, 11)
+                .unwrap(),
+            Ingested::OutOfOrder { highest: 5 }
+        );
+        assert_eq!(after(&store), before);
+        // Below a later batch that a crash cut short (no idempotency key yet), the records carry
+        // the later batch's sequence; that refuses the batch before anything is written too.
+        for record in store
+            .batch_records(&DEVICE, 9, &batch(3.0), 0, 12)
+            .unwrap()
+            .unwrap()
+        {
+            store
+                .apply_batch_record(&DEVICE, 9, 12, record)
+                .unwrap()
+                .unwrap();
+        }
+        let before = after(&store);
+        assert_eq!(
+            store
+                .ingest_telemetry(&DEVICE, 7, &batch(4.0), 1, 13)
+                .unwrap(),
+            Ingested::OutOfOrder { highest: 9 }
+        );
+        assert_eq!(after(&store), before);
+        // The stored batch is still a duplicate and the later ones are taken.
+        assert_eq!(
+            store
+                .ingest_telemetry(&DEVICE, 5, &batch(1.0), 1, 14)
+                .unwrap(),
+            Ingested::Duplicate
+        );
+        assert_eq!(
+            store
+                .ingest_telemetry(&DEVICE, 9, &batch(3.0), 0, 15)
+                .unwrap(),
+            Ingested::Stored
+        );
+        assert_eq!(
+            store
+                .ingest_telemetry(&DEVICE, 10, &batch(5.0), 0, 16)
+                .unwrap(),
+            Ingested::Stored
+        );
+        assert_eq!(
+            n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
+            [(3600, 3, 3)]
+        );
+        assert_eq!(store.device(&DEVICE).unwrap().unwrap().dropped_records, 1);
+    }
+
+    /// A record as the previous version wrote it: postcard of the record alone.
+    fn old_form<T: Serialize>(record: &T) -> Vec<u8> {
+        postcard::to_stdvec(record).unwrap()
+    }
+
+    /// Records written before batches' sequences were stored with them hold the record alone.
+    #[test]
+    fn records_written_before_sequences_were_stored_read_and_take_new_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let profile = profile();
+        let drift = summary(&profile, 3600, &[1.0, 2.0]);
+        let drift_key = drift_key("demo", 1, 7200, 3600, &DEVICE);
+        let old_drift = DriftRecord {
+            frame: outpost_protocol::encode(&drift).unwrap(),
+            parts: 2,
+            updated: 9,
+        };
+        store
+            .drift
+            .insert(&drift_key, old_form(&old_drift))
+            .unwrap();
+        let stats = StatsRecord {
+            count: 40,
+            errors: 1,
+            latency_buckets: vec![3, 4],
+        };
+        store
+            .stats
+            .insert(stats_key(&DEVICE, "demo", 1), old_form(&stats))
+            .unwrap();
+        let shadow_key = shadow_key(&[5; 32], (3600, 7200), &DEVICE, ("demo", 1));
+        let shadow = ShadowRecord {
+            compared: 8,
+            parts: 1,
+            ..ShadowRecord::default()
+        };
+        store.shadow.insert(&shadow_key, old_form(&shadow)).unwrap();
+        let device = DeviceRecord {
+            dropped_records: 2,
+            ..device_record()
+        };
+        store.devices.insert(DEVICE, old_form(&device)).unwrap();
+        // Batch 1 was stored by the previous version: a resend is still a duplicate.
+        store
+            .telemetry_seen
+            .insert(telemetry_seen_key(&DEVICE, 1), &10u64.to_be_bytes()[..])
+            .unwrap();
+
+        assert_eq!(store.device(&DEVICE).unwrap(), Some(device));
+        assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap(), stats);
+        let batch = [
+            window(summary(&profile, 3600, &[3.0])),
+            shadow_window(3600, 5, 5),
+        ];
+        assert_eq!(
+            store.ingest_telemetry(&DEVICE, 1, &batch, 3, 11).unwrap(),
+            Ingested::Duplicate
+        );
+        assert_eq!(
+            store.ingest_telemetry(&DEVICE, 2, &batch, 3, 11).unwrap(),
+            Ingested::Stored
+        );
+        assert_eq!(
+            n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
+            [(3600, 3, 3)]
+        );
+        assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, 41);
+        let shadows = store.shadow_reports(&[5; 32], 0).unwrap();
+        assert_eq!(
+            (shadows[0].record.compared, shadows[0].record.parts),
+            (13, 2)
+        );
+        assert_eq!(store.device(&DEVICE).unwrap().unwrap().dropped_records, 5);
+        // The previous version reads the new form too: postcard ignores the sequence after it.
+        let stored = store
+            .stats
+            .get(stats_key(&DEVICE, "demo", 1))
+            .unwrap()
+            .unwrap();
+        let read_before: StatsRecord = decode("stats", &stored).unwrap();
+        assert_eq!(read_before.count, 41);
+        assert_eq!(
+            decode_applied::<StatsRecord>("stats", &stored).unwrap().1,
+            Some(2)
+        );
+    }
+
+    /// A handler's copy of a device record, read before a batch counted dropped windows, does
+    /// not undo the count when written back.
+    #[test]
+    fn writing_a_device_back_keeps_the_dropped_count_of_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_device(&device_record()).unwrap();
+        let read_before = store.device(&DEVICE).unwrap().unwrap();
+        assert_eq!(
+            store.ingest_telemetry(&DEVICE, 1, &[], 3, 10).unwrap(),
+            Ingested::Stored
+        );
+        store
+            .put_device(&DeviceRecord {
+                state: "degraded".to_owned(),
+                ..read_before
+            })
+            .unwrap();
+        let stored = store.device(&DEVICE).unwrap().unwrap();
+        assert_eq!(
+            (stored.state.as_str(), stored.dropped_records),
+            ("degraded", 3)
+        );
+        // The batch's sequence stayed with the count: a crash-cut resend would not add again.
+        let bytes = store.devices.get(DEVICE).unwrap().unwrap();
+        assert_eq!(
+            decode_applied::<DeviceRecord>("devices", &bytes).unwrap().1,
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn drift_frames_written_as_a_sequence_of_u8_read_the_same() {
+        // Before the frame was serialized as bytes, it was a plain `Vec<u8>`.
+        #[derive(Serialize)]
+        struct Before {
+            frame: Vec<u8>,
+            parts: u64,
+            updated: u64,
+        }
+        let frame: Vec<u8> = (0..=255).cycle().take(700).collect();
+        let before = old_form(&Before {
+            frame: frame.clone(),
+            parts: 3,
+            updated: 9,
+        });
+        let record = DriftRecord {
+            frame,
+            parts: 3,
+            updated: 9,
+        };
+        assert_eq!(encode("drift", &record).unwrap(), before);
+        assert_eq!(decode::<DriftRecord>("drift", &before).unwrap(), record);
     }
 
     #[test]

@@ -236,6 +236,15 @@ fn hostile_summaries_are_refused_whole_and_change_nothing() {
     );
     assert!(after.1.contains(&("x0".to_owned(), 200)), "{after:?}");
     assert_eq!(after.2, 200);
+    // A device's sequences only increase: a new batch below the highest stored one is refused.
+    let reply = send(&device, 0, vec![good(4)]);
+    let message = reply.error_message();
+    assert_eq!(reply.status, 400, "{message}");
+    assert!(
+        message.contains("batch sequence 0 is below 2, already stored for this device"),
+        "{message}"
+    );
+    assert_eq!(stored(&hub, &device), after);
     // Reports are for viewers and up, and for no one without a token.
     let viewer: CreatedToken = hub.cli_json(&[
         "admin-token",

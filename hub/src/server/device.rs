@@ -663,6 +663,13 @@ async fn telemetry(
                 "window {window}{name}: {reason}"
             )));
         }
+        Ingested::OutOfOrder { highest } => {
+            return Err(DeviceError::bad_request(format!(
+                "batch sequence {} is below {highest}, already stored for this device: a \
+                 device's batch sequences only increase",
+                batch.sequence
+            )));
+        }
     };
     hub.store.flush().await?;
     if duplicate {
