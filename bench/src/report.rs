@@ -28,7 +28,7 @@ impl Timings {
 }
 
 /// Runs every variant `rounds / 10` times (at least 5) to warm up, then times `rounds` rounds of
-/// one call each, always in the same order.
+/// one call each, the order rotated by one every round.
 pub fn interleave(rounds: usize, variants: &[Variant]) -> anyhow::Result<Vec<Timings>> {
     for _ in 0..(rounds / 10).max(5) {
         for (_, run) in variants {
@@ -36,11 +36,15 @@ pub fn interleave(rounds: usize, variants: &[Variant]) -> anyhow::Result<Vec<Tim
         }
     }
     let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds); variants.len()];
-    for _ in 0..rounds {
-        for ((_, run), times) in variants.iter().zip(&mut times) {
+    for round in 0..rounds {
+        // Each round starts one variant further on, so every variant spends as many rounds right
+        // after each other one: a call slowed by what ran just before it (the API's threads
+        // winding down, caches) slows every variant alike instead of whichever sits in that slot.
+        for offset in 0..variants.len() {
+            let index = (round + offset) % variants.len();
             let started = Instant::now();
-            run()?;
-            times.push(started.elapsed());
+            (variants[index].1)()?;
+            times[index].push(started.elapsed());
         }
     }
     Ok(variants
