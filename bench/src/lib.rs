@@ -1,0 +1,438 @@
+//! The side-by-side inference harness of issue 7: the same models and inputs through bare tract,
+//! the agent's inference path, the agent's local HTTP API and ONNX Runtime, in one process,
+//! interleaved call by call, at 1 and 2 threads. It checks that every runtime's outputs agree with
+//! ONNX Runtime's, and reports load times and resident memory per runtime.
+//!
+//! It is a crate of its own so that `ort` never reaches the agent or the hub. Everything it needs
+//! is fetched or generated into `target/bench-cache/` (see [`cache`]); nothing large is committed.
+
+pub mod cache;
+pub mod footprint;
+pub mod models;
+pub mod report;
+pub mod runtimes;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use outpost_agent::api::{
+    ApiLimits, ApiState, BackgroundApi, QueueStats, DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT,
+};
+use outpost_agent::drift::{build_profile, Extractor, ProfileOptions};
+use outpost_agent::example_model::example_inputs;
+use outpost_agent::inference::LoadedModel;
+use outpost_agent::slot::{ActiveModel, ModelDrift, ModelSlot};
+use outpost_agent::telemetry::Recorder;
+use outpost_protocol::device::Tensor;
+use outpost_protocol::Sha256;
+
+use cache::Cache;
+use models::{f32s, BenchModel};
+use report::{interleave, micros, print_table, Variant};
+use runtimes::{BareTract, OnnxRuntime, Outputs};
+
+/// Outputs agree when, for every output tensor, max |x − ort| ≤ `AGREEMENT` · max |ort|.
+pub const AGREEMENT: f64 = 1e-4;
+
+/// What to run, from the environment.
+#[derive(Debug)]
+pub struct Settings {
+    /// `OUTPOST_BENCH_ROUNDS`: timed rounds per model and thread count (default per model).
+    pub rounds: Option<usize>,
+    /// `OUTPOST_BENCH_MODELS`: comma-separated (default all of [`models::NAMES`]).
+    pub models: Vec<String>,
+    /// `OUTPOST_BENCH_THREADS`: comma-separated thread counts (default `1,2`).
+    pub threads: Vec<usize>,
+    /// `OUTPOST_BENCH_FOOTPRINT=0` skips the memory and bandwidth part.
+    pub footprint: bool,
+    pub cache_dir: PathBuf,
+}
+
+fn list<T: std::str::FromStr>(name: &str, default: &str) -> anyhow::Result<Vec<T>> {
+    let text = std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    text.split(',')
+        .map(|item| {
+            item.trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{name}={text:?}: {item:?} is not valid"))
+        })
+        .collect()
+}
+
+impl Settings {
+    pub fn from_env() -> anyhow::Result<Settings> {
+        let rounds = match std::env::var("OUTPOST_BENCH_ROUNDS") {
+            Ok(text) => Some(text.parse().map_err(|_| {
+                anyhow::anyhow!("OUTPOST_BENCH_ROUNDS={text:?} is not a whole number")
+            })?),
+            Err(_) => None,
+        };
+        let threads: Vec<usize> = list("OUTPOST_BENCH_THREADS", "1,2")?;
+        anyhow::ensure!(
+            threads.iter().all(|&n| n > 0),
+            "OUTPOST_BENCH_THREADS must be positive"
+        );
+        Ok(Settings {
+            rounds,
+            models: list("OUTPOST_BENCH_MODELS", &models::NAMES.join(","))?,
+            threads,
+            footprint: std::env::var("OUTPOST_BENCH_FOOTPRINT").as_deref() != Ok("0"),
+            cache_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-cache"),
+        })
+    }
+}
+
+/// Checks `got` against ONNX Runtime's `reference`, output by output; prints the worst relative
+/// difference and fails if any exceeds [`AGREEMENT`] or either side has a NaN.
+fn check_agreement(what: &str, got: &Outputs, reference: &Outputs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        got.len() == reference.len(),
+        "{what}: {} outputs, ONNX Runtime gave {}",
+        got.len(),
+        reference.len()
+    );
+    for (name, expected) in reference {
+        let (_, values) = got
+            .iter()
+            .find(|(other, _)| other == name)
+            .with_context(|| format!("{what}: no output {name:?}"))?;
+        anyhow::ensure!(
+            values.len() == expected.len(),
+            "{what}: output {name:?} has {} elements, ONNX Runtime's {}",
+            values.len(),
+            expected.len()
+        );
+        let nan = values.iter().chain(expected).any(|v| v.is_nan());
+        let magnitude = expected
+            .iter()
+            .fold(0f64, |m, &v| m.max(f64::from(v).abs()));
+        let diff = values.iter().zip(expected).fold(0f64, |m, (&a, &b)| {
+            m.max((f64::from(a) - f64::from(b)).abs())
+        });
+        let relative = if magnitude > 0.0 {
+            diff / magnitude
+        } else {
+            diff
+        };
+        println!(
+            "- {what}, output `{name}`: max |Δ| = {diff:.3e}, max |ort| = {magnitude:.3e}, ratio {relative:.2e}"
+        );
+        anyhow::ensure!(
+            !nan && diff <= AGREEMENT * magnitude,
+            "OUTPUTS DISAGREE: {what}, output {name:?}: max |Δ| {diff:.3e} > {AGREEMENT:e} × \
+             max |ort| {magnitude:.3e}{}",
+            if nan { " (NaN)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn tensors_as_outputs(tensors: &[Tensor]) -> Outputs {
+    tensors
+        .iter()
+        .map(|tensor| (tensor.name.clone(), f32s(&tensor.data)))
+        .collect()
+}
+
+/// A drift profile over the model's inputs and outputs from 16 seeded reference rows, as a
+/// published model has; `None` with the reason when the agent cannot build one for this model.
+fn drift_profile(model: &BenchModel, loaded: &LoadedModel) -> Result<ModelDrift, String> {
+    let reference = example_inputs(&model.inputs, 16, 7);
+    let options = ProfileOptions {
+        class_outputs: model.class_output.iter().map(|&s| s.to_owned()).collect(),
+        ..ProfileOptions::default()
+    };
+    let profile = build_profile(loaded, &reference, &options).map_err(|e| format!("{e:#}"))?;
+    let extractor =
+        Extractor::new(&profile, &model.inputs, &model.outputs).map_err(|e| format!("{e:#}"))?;
+    Ok(ModelDrift {
+        profile,
+        sha256: Sha256([2; 32]),
+        extractor,
+    })
+}
+
+/// The agent's inference path as the API runs it: [`LoadedModel::run`], then the telemetry
+/// [`Recorder`] update with the drift summary when the model has a profile.
+#[derive(Debug)]
+pub struct AgentPath {
+    pub loaded: LoadedModel,
+    drift: Option<ModelDrift>,
+    recorder: Recorder,
+}
+
+impl AgentPath {
+    /// Loads `model` at `threads` with a drift profile if the agent can build one (see
+    /// [`drift_profile`]; printed either way).
+    pub fn load(model: &BenchModel, threads: usize) -> anyhow::Result<AgentPath> {
+        let loaded = LoadedModel::load(&model.onnx, &model.inputs, &model.outputs, threads)?;
+        let drift = match drift_profile(model, &loaded) {
+            Ok(drift) => {
+                println!(
+                    "drift profile: {} features, {} class outputs",
+                    drift.profile.features.len(),
+                    drift.profile.classes.len()
+                );
+                Some(drift)
+            }
+            Err(reason) => {
+                println!("drift profile: none, the agent cannot build one here ({reason})");
+                None
+            }
+        };
+        Ok(AgentPath {
+            loaded,
+            drift,
+            recorder: Recorder::new(),
+        })
+    }
+
+    pub fn run(&self, model: &BenchModel) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let outputs = self.loaded.run(&model.request)?;
+        let latency = started.elapsed();
+        let now = outpost_agent::unix_now();
+        match &self.drift {
+            Some(drift) => self.recorder.record_with_drift(
+                model.name,
+                1,
+                drift,
+                latency,
+                now,
+                &model.request,
+                &outputs,
+            ),
+            None => self.recorder.record(model.name, 1, latency, true, now),
+        }
+        Ok(())
+    }
+
+    /// The model and profile as the agent's slot holds them, for [`LocalApi`].
+    pub fn into_active(self, model: &BenchModel) -> ActiveModel {
+        ActiveModel {
+            name: model.name.to_owned(),
+            version: 1,
+            manifest_sha256: Sha256([1; 32]),
+            model: self.loaded,
+            drift: self.drift,
+        }
+    }
+}
+
+/// The KServe v2 JSON body and binary-extension body (and its JSON header's length) of the request.
+pub fn api_bodies(model: &BenchModel) -> anyhow::Result<(Vec<u8>, Vec<u8>, usize)> {
+    let json = serde_json::json!({"inputs": model.request.iter().enumerate().map(|(i, tensor)| {
+        serde_json::json!({"name": tensor.name, "shape": tensor.shape, "datatype": "FP32",
+                           "data": model.input_values(i)})
+    }).collect::<Vec<_>>()});
+    let header = serde_json::json!({
+        "inputs": model.request.iter().map(|tensor| serde_json::json!({
+            "name": tensor.name, "shape": tensor.shape, "datatype": "FP32",
+            "parameters": {"binary_data_size": tensor.data.len()}})).collect::<Vec<_>>(),
+        "outputs": model.outputs.iter().map(|spec| serde_json::json!({
+            "name": spec.name, "parameters": {"binary_data": true}})).collect::<Vec<_>>(),
+    });
+    let mut binary = serde_json::to_vec(&header)?;
+    let header_len = binary.len();
+    for tensor in &model.request {
+        binary.extend_from_slice(&tensor.data);
+    }
+    Ok((serde_json::to_vec(&json)?, binary, header_len))
+}
+
+/// The agent's local inference API on loopback, serving one model on its own runtime (two
+/// workers) as the agent runs it, and a keep-alive HTTP client for it.
+#[derive(Debug)]
+pub struct LocalApi {
+    server: BackgroundApi,
+    url: String,
+    http: ureq::Agent,
+}
+
+impl LocalApi {
+    pub fn start(active: ActiveModel) -> anyhow::Result<LocalApi> {
+        let url_path = format!("/v2/models/{}/infer", active.name);
+        let slot = Arc::new(ModelSlot::new());
+        slot.swap(Arc::new(active));
+        let state = Arc::new(ApiState::new(
+            slot,
+            Arc::new(Recorder::new()),
+            Arc::new(QueueStats::default()),
+            ApiLimits {
+                max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+                request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            },
+        ));
+        let server = BackgroundApi::start(([127, 0, 0, 1], 0).into(), state, 2)?;
+        let url = format!("http://{}{url_path}", server.address());
+        let http = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .new_agent();
+        Ok(LocalApi { server, url, http })
+    }
+
+    /// POSTs a KServe v2 JSON request and returns the answer's bytes.
+    pub fn post_json(&self, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let mut response = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .send(body)?;
+        Ok(response.body_mut().read_to_vec()?)
+    }
+
+    /// POSTs a request in the binary tensor extension (`header_len` bytes of JSON, then raw
+    /// tensors) and returns the answer's bytes.
+    pub fn post_binary(&self, body: &[u8], header_len: usize) -> anyhow::Result<Vec<u8>> {
+        let mut response = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/octet-stream")
+            .header("inference-header-content-length", header_len.to_string())
+            .send(body)?;
+        Ok(response.body_mut().read_to_vec()?)
+    }
+
+    pub fn stop(self) -> anyhow::Result<()> {
+        Ok(self.server.stop()?)
+    }
+}
+
+/// The time `load` takes, best of three.
+fn best_of_three<T>(mut load: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Duration> {
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let started = Instant::now();
+        drop(load()?);
+        best = best.min(started.elapsed());
+    }
+    Ok(best)
+}
+
+/// Load times of one model: the agent's (verified ONNX bytes to a ready `LoadedModel`, which is
+/// what activation does after the signature check), bare tract's and ONNX Runtime's.
+fn report_loads(model: &BenchModel) -> anyhow::Result<()> {
+    let agent = best_of_three(|| {
+        LoadedModel::load(&model.onnx, &model.inputs, &model.outputs, 1).map_err(Into::into)
+    })?;
+    let bare = best_of_three(|| BareTract::load(model, 1))?;
+    let ort = best_of_three(|| OnnxRuntime::load(model, 1))?;
+    println!(
+        "load (best of 3, 1 thread): agent `LoadedModel::load` {}, bare tract {}, ONNX Runtime session {}",
+        micros(agent),
+        micros(bare),
+        micros(ort)
+    );
+    Ok(())
+}
+
+/// Where bare tract spends a call at one thread, by operator kind (tract's own op names, after
+/// optimisation), from 20 timed runs.
+fn report_profile(model: &BenchModel) -> anyhow::Result<()> {
+    let profile = BareTract::load(model, 1)?.profile(20)?;
+    let total: Duration = profile.iter().map(|(_, time)| *time).sum();
+    let shares: Vec<String> = profile
+        .iter()
+        .take(6)
+        .map(|(op, time)| {
+            format!(
+                "{op} {} ({:.0}%)",
+                micros(*time),
+                100.0 * time.as_secs_f64() / total.as_secs_f64()
+            )
+        })
+        .collect();
+    println!(
+        "tract profile (1 thread, mean per call, {} in all): {}",
+        micros(total),
+        shares.join(", ")
+    );
+    Ok(())
+}
+
+/// Benchmarks one model at one thread count: agreement first, then the interleaved timing.
+fn bench_model(model: &BenchModel, threads: usize, rounds: usize) -> anyhow::Result<()> {
+    println!(
+        "\n#### {} — {threads} thread(s), {rounds} rounds\n",
+        model.name
+    );
+    let bare = BareTract::load(model, threads)?;
+    let ort = OnnxRuntime::load(model, threads)?;
+    let path = AgentPath::load(model, threads)?;
+    let reference = ort.outputs()?;
+    check_agreement("bare tract", &bare.outputs()?, &reference)?;
+    check_agreement(
+        "agent path",
+        &tensors_as_outputs(&path.loaded.run(&model.request)?),
+        &reference,
+    )?;
+    println!();
+
+    let api = LocalApi::start(AgentPath::load(model, threads)?.into_active(model))?;
+    let (json_body, binary_body, header_len) = api_bodies(model)?;
+
+    let run_bare = || bare.run().map(drop);
+    let run_path = || path.run(model);
+    let run_json = || api.post_json(&json_body).map(drop);
+    let run_binary = || api.post_binary(&binary_body, header_len).map(drop);
+    let run_ort = || ort.run();
+    let variants: [Variant; 5] = [
+        ("bare tract", &run_bare),
+        (
+            "agent path (LoadedModel::run + telemetry + drift)",
+            &run_path,
+        ),
+        ("local API, KServe v2 JSON", &run_json),
+        ("local API, binary tensor extension", &run_binary),
+        ("ONNX Runtime", &run_ort),
+    ];
+    let timings = interleave(rounds, &variants)?;
+    api.stop()?;
+    print_table(&timings, &timings[4]);
+    println!(
+        "\nagent path ÷ bare tract at p50: {:.3}",
+        timings[1].p50().as_secs_f64() / timings[0].p50().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs everything [`Settings`] asks for and prints the report (Markdown) to stdout.
+pub fn run(settings: &Settings) -> anyhow::Result<()> {
+    let cache = Cache::prepare(&settings.cache_dir)?;
+    let library = cache.onnxruntime_library()?;
+    runtimes::init_onnxruntime(&library)?;
+    let mut notes = Vec::new();
+    let models = settings
+        .models
+        .iter()
+        .map(|name| BenchModel::load(name, &cache, &mut notes))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    println!("ONNX Runtime: {}", library.display());
+    for note in &notes {
+        println!("note: {note}");
+    }
+    for model in &models {
+        println!(
+            "\n### {}: {} ({} bytes)\n",
+            model.name,
+            model.description,
+            model.onnx.len()
+        );
+        report_loads(model)?;
+        report_profile(model)?;
+        for &threads in &settings.threads {
+            bench_model(
+                model,
+                threads,
+                settings.rounds.unwrap_or(model.default_rounds),
+            )?;
+        }
+    }
+    if settings.footprint {
+        footprint::report(&models)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! Timing: variants interleaved call by call, and their min, p50 and p90.
+
+use std::time::{Duration, Instant};
+
+/// One variant: a name for the table and one call to time.
+pub type Variant<'a> = (&'a str, &'a dyn Fn() -> anyhow::Result<()>);
+
+/// The timings of one variant, sorted.
+#[derive(Debug)]
+pub struct Timings {
+    pub name: String,
+    sorted: Vec<Duration>,
+}
+
+impl Timings {
+    pub fn percentile(&self, p: f64) -> Duration {
+        let rank = ((self.sorted.len() as f64 - 1.0) * p).round() as usize;
+        self.sorted[rank.min(self.sorted.len() - 1)]
+    }
+
+    pub fn min(&self) -> Duration {
+        self.sorted[0]
+    }
+
+    pub fn p50(&self) -> Duration {
+        self.percentile(0.5)
+    }
+}
+
+/// Runs every variant `rounds / 10` times (at least 5) to warm up, then times `rounds` rounds of
+/// one call each, the order rotated by one every round.
+pub fn interleave(rounds: usize, variants: &[Variant]) -> anyhow::Result<Vec<Timings>> {
+    for _ in 0..(rounds / 10).max(5) {
+        for (_, run) in variants {
+            run()?;
+        }
+    }
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds); variants.len()];
+    for round in 0..rounds {
+        // Each round starts one variant further on, so every variant spends as many rounds right
+        // after each other one: a call slowed by what ran just before it (the API's threads
+        // winding down, caches) slows every variant alike instead of whichever sits in that slot.
+        for offset in 0..variants.len() {
+            let index = (round + offset) % variants.len();
+            let started = Instant::now();
+            (variants[index].1)()?;
+            times[index].push(started.elapsed());
+        }
+    }
+    Ok(variants
+        .iter()
+        .zip(times)
+        .map(|((name, _), mut sorted)| {
+            sorted.sort_unstable();
+            Timings {
+                name: (*name).to_owned(),
+                sorted,
+            }
+        })
+        .collect())
+}
+
+pub fn micros(duration: Duration) -> String {
+    let us = duration.as_secs_f64() * 1e6;
+    if us >= 10_000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.1} µs")
+    }
+}
+
+/// Prints a Markdown table: min, p50, p90 and each p50 over `base`'s p50.
+pub fn print_table(timings: &[Timings], base: &Timings) {
+    println!("| Variant | min | p50 | p90 | p50 ÷ {} |", base.name);
+    println!("|---|---:|---:|---:|---:|");
+    for timing in timings {
+        println!(
+            "| {} | {} | {} | {} | {:.2} |",
+            timing.name,
+            micros(timing.min()),
+            micros(timing.p50()),
+            micros(timing.percentile(0.9)),
+            timing.p50().as_secs_f64() / base.p50().as_secs_f64()
+        );
+    }
+}
