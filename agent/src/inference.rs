@@ -8,9 +8,9 @@
 //!
 //! tract is a large parser of untrusted bytes and has a few `panic!`s and index operations on
 //! malformed graphs, so loading and running are wrapped in [`std::panic::catch_unwind`]. That only
-//! helps where panics unwind: the `dist` profile aborts on panic, so there a hostile model that
-//! reaches one of those panics still ends the process (the manifest signature is what keeps such
-//! models out).
+//! helps where panics unwind, which is why every profile, `dist` included, keeps unwinding: with
+//! `panic = "abort"` such a model would end the process instead of being refused (the manifest
+//! signature is what keeps such models out in the first place).
 
 use std::any::Any;
 use std::collections::HashMap;
