@@ -182,6 +182,15 @@ fn an_operator_clicks_through_the_dashboard_in_chromium() {
         .unwrap();
     assert_eq!(refused.status().as_u16(), 401);
     assert!(refused.headers().get("set-cookie").is_none());
+    // Another site's page cannot sign a browser in, even with a good token.
+    let cross_site = http
+        .post(format!("{}/dashboard/login", hub.url()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("origin", "https://evil.example")
+        .send(format!("token={}", viewer.token).as_bytes())
+        .unwrap();
+    assert_eq!(cross_site.status().as_u16(), 403);
+    assert!(cross_site.headers().get("set-cookie").is_none());
 
     let browser = Browser::start();
     browser.goto(&format!("{}/dashboard/fleet", hub.url()));

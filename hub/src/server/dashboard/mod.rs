@@ -188,7 +188,7 @@ fn head(title: &str) -> String {
 }
 
 /// An HTML answer with the headers every page carries: no caching (the pages hold fleet data and
-/// sit behind a cookie), no sniffing, no scripts, no framing.
+/// sit behind a cookie), no sniffing, no scripts, no framing, no referrer to other sites.
 pub fn html_response(status: StatusCode, html: String) -> Response {
     let mut response = (status, html).into_response();
     let headers = response.headers_mut();
@@ -205,9 +205,11 @@ pub fn html_response(status: StatusCode, html: String) -> Response {
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),
     );
+    // Addresses (device ids, filters) go to no other site; `no-referrer` would also make the
+    // browser send `Origin: null` with the sign-in form, which `cross_site` refuses.
     headers.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     response
 }
@@ -354,6 +356,32 @@ fn login_form(status: StatusCode, message: Option<&str>) -> Response {
     html_response(status, html)
 }
 
+/// True when a form was posted from another site: its `Origin` names another host than the one
+/// the request is for. SameSite keeps the cookie from such requests; this keeps another site from
+/// signing a browser in with a token of its choosing, or out. Clients that send no `Origin` (curl)
+/// are not browsers carrying someone's session, and pass.
+fn cross_site(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|origin| origin.split_once("://"))
+        .map(|(_, authority)| authority);
+    !matches!((origin_host, host), (Some(origin), Some(host)) if origin.eq_ignore_ascii_case(host))
+}
+
+fn cross_site_refusal() -> Response {
+    login_form(
+        StatusCode::FORBIDDEN,
+        Some("That form was sent from another site; sign in from this page."),
+    )
+}
+
 #[derive(Debug, Deserialize)]
 struct LoginForm {
     token: String,
@@ -361,8 +389,12 @@ struct LoginForm {
 
 async fn login(
     State(hub): State<SharedHub>,
+    headers: HeaderMap,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Response {
+    if cross_site(&headers) {
+        return cross_site_refusal();
+    }
     let Ok(Form(form)) = form else {
         return login_form(
             StatusCode::BAD_REQUEST,
@@ -402,7 +434,10 @@ async fn login(
     }
 }
 
-async fn logout(State(hub): State<SharedHub>) -> Response {
+async fn logout(State(hub): State<SharedHub>, headers: HeaderMap) -> Response {
+    if cross_site(&headers) {
+        return cross_site_refusal();
+    }
     let mut response = Redirect::to("/dashboard/login?why=loggedout").into_response();
     response
         .headers_mut()
@@ -439,6 +474,28 @@ mod tests {
         assert_eq!(query_value("env=prod&x"), "env%3Dprod%26x");
         assert_eq!(query_value("a b\"<"), "a%20b%22%3C");
         assert_eq!(query_value("demo@3"), "demo%403");
+    }
+
+    #[test]
+    fn refuses_forms_posted_from_another_site() {
+        let mut headers = HeaderMap::new();
+        assert!(
+            !cross_site(&headers),
+            "no Origin: not a browser's cross-site post"
+        );
+        headers.insert(header::HOST, HeaderValue::from_static("localhost:8443"));
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://localhost:8443"),
+        );
+        assert!(!cross_site(&headers));
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
+        assert!(cross_site(&headers));
+        headers.insert(header::ORIGIN, HeaderValue::from_static("null"));
+        assert!(cross_site(&headers));
     }
 
     #[test]
