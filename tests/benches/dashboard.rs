@@ -1,9 +1,9 @@
 //! How long each dashboard page takes to render against a hub holding a large fleet (issue 8:
 //! "each page under 200 ms with 10,000 devices").
 //!
-//! It starts a real release-built `outpost-hub serve` (through the tests' `TestHub`, so with its
-//! 200 ms engine tick, which re-evaluates the live rollout over every device five times a second
-//! beside the page requests: a pessimistic setting), and seeds it through the real APIs:
+//! It starts a real release-built `outpost-hub serve` (through the tests' `TestHub`, with `serve`'s
+//! default 5 s engine tick, which re-evaluates the live rollout over every device beside the page
+//! requests), and seeds it through the real APIs:
 //! `OUTPOST_DASH_DEVICES` simulated devices (10,000 by default) enrolled through the device API,
 //! `demo@1` with a drift profile rolled out and committed by 200 of them, a rollout of `demo@2` on
 //! which those 200 fail, and `OUTPOST_DASH_DRIFT_HOURS` (24) hourly drift summaries of `demo@1` from
@@ -89,7 +89,7 @@ fn main() {
     );
 
     let seeding = Instant::now();
-    let hub = TestHub::start();
+    let hub = TestHub::start_with_default_tick();
     let fleet = Fleet::new(&hub);
     let model_dir = fleet.publish_example_with_profile(&hub, "demo", 1, 1);
     fleet.publish_example(&hub, "demo", 2, 2);
@@ -195,6 +195,10 @@ fn main() {
             format!("/dashboard/devices/{device_id}"),
         ),
         ("rollouts".to_owned(), "/dashboard/rollouts".to_owned()),
+        (
+            "drift, 6 h (the page's default)".to_owned(),
+            "/dashboard/drift?model=demo&version=1".to_owned(),
+        ),
         (
             format!("drift, {drift_hours} h"),
             format!("/dashboard/drift?model=demo&version=1&hours={drift_hours}"),

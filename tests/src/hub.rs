@@ -17,6 +17,10 @@ use serde::de::DeserializeOwned;
 
 use crate::{bin, wait_until, Run};
 
+/// The engine tick of tests' hubs: rollouts advance within a test's patience.
+const TEST_TICK: &str = "200ms";
+/// `serve`'s own default tick.
+const DEFAULT_TICK: &str = "5s";
 /// How long `serve` may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `serve` may take to exit after SIGTERM or SIGKILL.
@@ -35,21 +39,30 @@ pub struct TestHub {
     child: Option<Child>,
     /// Serves HTTPS with a certificate from `tls generate` when set: the CA's PEM file.
     ca: Option<PathBuf>,
+    /// `serve --tick`: fast for tests' rollouts.
+    tick: &'static str,
 }
 
 impl TestHub {
     /// Bootstraps a new data directory and starts `serve` on it, over plain HTTP.
     pub fn start() -> TestHub {
-        TestHub::start_with(false)
+        TestHub::start_with(false, TEST_TICK)
+    }
+
+    /// Like [`TestHub::start`], with the rollout engine ticking at `serve`'s default pace rather
+    /// than the tests' fast one, for a bench that must not measure a busier engine than
+    /// production runs.
+    pub fn start_with_default_tick() -> TestHub {
+        TestHub::start_with(false, DEFAULT_TICK)
     }
 
     /// Like [`TestHub::start`], over HTTPS with a certificate `tls generate` made for `localhost`;
     /// the CLI trusts its CA, and so do simulated devices ([`crate::device_sim::trust_ca`]).
     pub fn start_tls() -> TestHub {
-        TestHub::start_with(true)
+        TestHub::start_with(true, TEST_TICK)
     }
 
-    fn start_with(tls: bool) -> TestHub {
+    fn start_with(tls: bool, tick: &'static str) -> TestHub {
         let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
         let data = dir.path().join("data");
         let data_arg = data.to_string_lossy().into_owned();
@@ -85,6 +98,7 @@ impl TestHub {
             address: String::new(),
             child: None,
             ca,
+            tick,
         };
         hub.spawn("127.0.0.1:0");
         hub
@@ -119,7 +133,7 @@ impl TestHub {
             .arg(&self.data)
             .args(["--listen", listen, "--address-file"])
             .arg(&address_file)
-            .args(["--tick", "200ms", "--poll-secs", "1"]);
+            .args(["--tick", self.tick, "--poll-secs", "1"]);
         if self.ca.is_some() {
             let certs = self.dir.path().join("certs");
             command

@@ -315,21 +315,26 @@ pub fn history(hub: &Hub, name: &str, version: u64, scope: &Scope) -> anyhow::Re
         if !in_scope(&devices, scope, &stored) {
             continue;
         }
-        if let Err(error) = merge_into(&mut history.merged, &stored.summary) {
+        let window = by_window.entry(stored.window_end).or_default();
+        if let Err(error) = merge_into(window, &stored.summary) {
             log::warn!(
                 "drift: leaving out a summary of {} that does not merge: {error}",
                 hex::encode(stored.device)
             );
             continue;
         }
-        // Merges with the overall summary succeeded, so this one's counts fit too.
-        let _ = merge_into(
-            by_window.entry(stored.window_end).or_default(),
-            &stored.summary,
-        );
         history.summaries += 1;
     }
     history.windows = by_window.into_values().flatten().collect();
+    // The whole range is its windows merged: one merge a window rather than one a summary.
+    for window in &history.windows {
+        if let Err(error) = merge_into(&mut history.merged, window) {
+            log::warn!(
+                "drift: leaving out the window ending {} that does not merge: {error}",
+                window.window_end
+            );
+        }
+    }
     Ok(history)
 }
 

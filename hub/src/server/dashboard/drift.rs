@@ -23,8 +23,9 @@ use crate::server::SharedHub;
 use crate::unix_now;
 
 const TITLE: &str = "Drift";
-/// Hours looked back when the page is not told.
-const DEFAULT_HOURS: u64 = 24;
+/// Hours looked back when the page is not told: every stored summary in range is read and merged
+/// per request, so the default stays short (see `docs/BENCHMARKS.md`); 24 h and a week are links.
+const DEFAULT_HOURS: u64 = 6;
 /// The longest range the page reads: a week of hourly windows.
 pub const MAX_HOURS: u64 = 168;
 
