@@ -24,7 +24,7 @@
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,8 +37,8 @@ use outpost_protocol::device::{
 };
 use outpost_protocol::drift::{DriftSummary, FeatureSource, Profile, TensorSide};
 use outpost_protocol::{sha256, Message};
+use outpost_tests::bench::{env_number, machine_description, release_hub_binary};
 use outpost_tests::device_sim::{agent_version, unix_now, SignedRequest, SimDevice, POSTCARD};
-use outpost_tests::workspace_root;
 
 /// The model the bench publishes and rolls out.
 const MODEL: &str = "bench-model";
@@ -61,16 +61,6 @@ static NEXT_SEQUENCE: AtomicU64 = AtomicU64::new(1);
 /// Linux reports process CPU time in `/proc` in units of USER_HZ, which is 100 on every
 /// architecture Outpost builds for.
 const CLOCK_TICKS_PER_SEC: f64 = 100.0;
-
-fn env_number(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={text:?} is not a whole number")),
-        Err(_) => default,
-    }
-}
 
 /// Run parameters, from the environment.
 #[derive(Debug)]
@@ -113,33 +103,6 @@ impl Settings {
             duration: Duration::from_secs(env_number("OUTPOST_LOAD_SECS", 10).clamp(1, 600)),
         }
     }
-}
-
-/// The hub binary under test: `OUTPOST_HUB_BIN`, or a fresh release build.
-fn hub_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("OUTPOST_HUB_BIN") {
-        // The CLI runs in the hub's temporary directory, so a relative path would not resolve.
-        return std::fs::canonicalize(&path)
-            .unwrap_or_else(|error| panic!("OUTPOST_HUB_BIN={path}: {error}"));
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "outpost-hub",
-            "--bin",
-            "outpost-hub",
-        ])
-        .current_dir(workspace_root())
-        .status()
-        .expect("running cargo build --release for outpost-hub");
-    assert!(status.success(), "building the release outpost-hub failed");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join("target"));
-    target.join("release").join("outpost-hub")
 }
 
 /// A `serve` process on loopback with its own temporary directory, killed when dropped.
@@ -838,35 +801,6 @@ fn enroll(hub: &BenchHub, n_devices: usize, root: &[u8]) -> Vec<SimDevice> {
     })
 }
 
-fn first_line(path: &Path, prefix: &str) -> String {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.split_once(':'))
-        .map_or_else(
-            || "unknown".to_owned(),
-            |(_, value)| value.trim().to_owned(),
-        )
-}
-
-fn machine_description() -> String {
-    let cpu = first_line(Path::new("/proc/cpuinfo"), "model name");
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let memory = first_line(Path::new("/proc/meminfo"), "MemTotal");
-    let rustc = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned()))
-        .arg("-V")
-        .output()
-        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-        .unwrap_or_else(|_| "rustc unknown".to_owned());
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "{cpu}, {cpus} CPUs, {memory} RAM, {rustc}; load average before the run {}",
-        load.join(" ")
-    )
-}
-
 fn print_table(measurements: &[Measurement]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
@@ -902,7 +836,7 @@ fn print_table(measurements: &[Measurement]) {
 fn main() {
     // `cargo bench` passes `--bench`; a filter or other flags mean nothing here.
     let settings = Settings::from_env();
-    let binary = hub_binary();
+    let binary = release_hub_binary();
     println!("hub_load: {}", machine_description());
     println!(
         "hub binary {}; {} devices; clients {:?}; {:?} per scenario after a 1 s warm-up",

@@ -14,7 +14,9 @@ use outpost_protocol::auth::{
 use outpost_protocol::device::{
     AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse, ErrorResponse,
     InferenceWindow, RunningModel, Status, StatusReport, TelemetryAck, TelemetryBatch,
+    LATENCY_BUCKETS_US,
 };
+use outpost_protocol::drift::{DriftSummary, FeatureSource, Profile, TensorSide};
 use outpost_protocol::trust::{ArtifactRole, ManifestRef, Slot};
 use outpost_protocol::{
     sha256, AgentVersion, Arch, Label, Message, SecretKey, Sha256, TimeFloor, VerifiedManifest,
@@ -39,14 +41,42 @@ fn random<const N: usize>() -> [u8; N] {
     out
 }
 
-/// An HTTP client that hands back every status instead of turning 4xx into errors.
+/// CA certificates simulated devices trust for HTTPS, set by [`trust_ca`]: a device is given
+/// its hub's CA out of band, as an agent's config names it.
+static TRUSTED_CA: std::sync::Mutex<Vec<ureq::tls::Certificate<'static>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Makes every simulated device (and [`http_agent`]) of this process trust the CA in `pem`.
+pub fn trust_ca(pem: &[u8]) {
+    let certificates = ureq::tls::parse_pem(pem).filter_map(|item| match item {
+        Ok(ureq::tls::PemItem::Certificate(certificate)) => Some(certificate.to_owned()),
+        _ => None,
+    });
+    TRUSTED_CA
+        .lock()
+        .expect("the trusted CA list is not poisoned")
+        .extend(certificates);
+}
+
+/// An HTTP client that hands back every status instead of turning 4xx into errors, and trusts
+/// the CAs given to [`trust_ca`] for HTTPS.
 pub fn http_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
+    let trusted = TRUSTED_CA
+        .lock()
+        .expect("the trusted CA list is not poisoned")
+        .clone();
+    let mut config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .new_agent()
+        .timeout_global(Some(Duration::from_secs(30)));
+    if !trusted.is_empty() {
+        config = config.tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&trusted))
+                .build(),
+        );
+    }
+    config.build().new_agent()
 }
 
 /// A response's status and body.
@@ -462,4 +492,63 @@ impl SimDevice {
 pub fn agent_version() -> AgentVersion {
     AgentVersion::parse(env!("CARGO_PKG_VERSION"))
         .expect("the workspace version is MAJOR.MINOR.PATCH")
+}
+
+/// A telemetry window of `model@version` over the hour from `start`, as an agent serving it with
+/// `profile` (whose artifact hashes to `profile_sha256`) would send it after `rows` inferences on
+/// standard normal inputs from `seed`: the input columns' drift summary, with `shift` added to the
+/// columns it names.
+pub fn drift_window(
+    model: &str,
+    version: u64,
+    (profile, profile_sha256): (&Profile, Sha256),
+    start: u64,
+    rows: usize,
+    seed: u64,
+    shift: &[(usize, f32)],
+) -> InferenceWindow {
+    let mut summary =
+        DriftSummary::new(model, version, profile_sha256, profile, start, start + 3600);
+    let columns = profile.features.len();
+    for row in outpost_agent::example_model::normal_rows(columns, rows, seed, 0.0).chunks(columns) {
+        for (feature, counts) in profile.features.iter().zip(summary.features.iter_mut()) {
+            if let (TensorSide::Input, FeatureSource::Column { index, .. }) =
+                (feature.side, &feature.source)
+            {
+                let index = *index as usize;
+                let shifted = shift
+                    .iter()
+                    .filter(|(column, _)| *column == index)
+                    .map(|(_, by)| by)
+                    .sum::<f32>();
+                counts.observe(f64::from(row[index] + shifted), &feature.edges);
+            }
+        }
+    }
+    summary_window(model, version, start, rows as u64, summary)
+}
+
+/// A telemetry window of `model@version` over the hour from `start`: `count` error-free
+/// inferences, all in the fastest latency bucket, summarised by `drift` (which a hostile test
+/// may make disagree with the window).
+pub fn summary_window(
+    model: &str,
+    version: u64,
+    start: u64,
+    count: u64,
+    drift: DriftSummary,
+) -> InferenceWindow {
+    let mut latency_buckets = vec![0; LATENCY_BUCKETS_US.len() + 1];
+    latency_buckets[0] = count;
+    InferenceWindow {
+        model: model.to_owned(),
+        version,
+        start,
+        end: start + 3600,
+        count,
+        errors: 0,
+        latency_buckets,
+        drift: Some(drift),
+        shadow: None,
+    }
 }

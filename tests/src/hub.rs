@@ -17,6 +17,10 @@ use serde::de::DeserializeOwned;
 
 use crate::{bin, wait_until, Run};
 
+/// The engine tick of tests' hubs: rollouts advance within a test's patience.
+const TEST_TICK: &str = "200ms";
+/// `serve`'s own default tick.
+const DEFAULT_TICK: &str = "5s";
 /// How long `serve` may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `serve` may take to exit after SIGTERM or SIGKILL.
@@ -33,11 +37,32 @@ pub struct TestHub {
     /// `127.0.0.1:PORT` of the running serve; changes on restart.
     address: String,
     child: Option<Child>,
+    /// Serves HTTPS with a certificate from `tls generate` when set: the CA's PEM file.
+    ca: Option<PathBuf>,
+    /// `serve --tick`: fast for tests' rollouts.
+    tick: &'static str,
 }
 
 impl TestHub {
-    /// Bootstraps a new data directory and starts `serve` on it.
+    /// Bootstraps a new data directory and starts `serve` on it, over plain HTTP.
     pub fn start() -> TestHub {
+        TestHub::start_with(false, TEST_TICK)
+    }
+
+    /// Like [`TestHub::start`], with the rollout engine ticking at `serve`'s default pace rather
+    /// than the tests' fast one, for a bench that must not measure a busier engine than
+    /// production runs.
+    pub fn start_with_default_tick() -> TestHub {
+        TestHub::start_with(false, DEFAULT_TICK)
+    }
+
+    /// Like [`TestHub::start`], over HTTPS with a certificate `tls generate` made for `localhost`;
+    /// the CLI trusts its CA, and so do simulated devices ([`crate::device_sim::trust_ca`]).
+    pub fn start_tls() -> TestHub {
+        TestHub::start_with(true, TEST_TICK)
+    }
+
+    fn start_with(tls: bool, tick: &'static str) -> TestHub {
         let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
         let data = dir.path().join("data");
         let data_arg = data.to_string_lossy().into_owned();
@@ -51,12 +76,29 @@ impl TestHub {
         .trim()
         .to_owned();
         assert!(!token.is_empty(), "admin bootstrap printed no token");
+        let ca = tls.then(|| {
+            let certs = dir.path().join("certs");
+            let certs_arg = certs.to_string_lossy().into_owned();
+            crate::run(
+                "outpost-hub",
+                dir.path(),
+                &["tls", "generate", "--out", &certs_arg],
+            )
+            .ok();
+            let ca = certs.join("ca.pem");
+            crate::device_sim::trust_ca(
+                &std::fs::read(&ca).expect("reading the generated CA certificate"),
+            );
+            ca
+        });
         let mut hub = TestHub {
             dir,
             data,
             token,
             address: String::new(),
             child: None,
+            ca,
+            tick,
         };
         hub.spawn("127.0.0.1:0");
         hub
@@ -85,12 +127,22 @@ impl TestHub {
             .append(true)
             .open(self.log_file())
             .expect("opening the hub's log file");
-        let child = Command::new(bin("outpost-hub"))
+        let mut command = Command::new(bin("outpost-hub"));
+        command
             .args(["serve", "--data"])
             .arg(&self.data)
             .args(["--listen", listen, "--address-file"])
             .arg(&address_file)
-            .args(["--tick", "200ms", "--poll-secs", "1"])
+            .args(["--tick", self.tick, "--poll-secs", "1"]);
+        if self.ca.is_some() {
+            let certs = self.dir.path().join("certs");
+            command
+                .arg("--tls-cert")
+                .arg(certs.join("hub.pem"))
+                .arg("--tls-key")
+                .arg(certs.join("hub.key"));
+        }
+        let child = command
             .current_dir(self.dir.path())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -136,9 +188,13 @@ impl TestHub {
         std::fs::read_to_string(self.log_file()).unwrap_or_default()
     }
 
-    /// `http://127.0.0.1:PORT`, the base URL of both APIs.
+    /// `http://127.0.0.1:PORT`, the base URL of both APIs; `https://localhost:PORT` (the name
+    /// the certificate holds) over TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.address)
+        match (&self.ca, self.address.rsplit_once(':')) {
+            (Some(_), Some((_, port))) => format!("https://localhost:{port}"),
+            _ => format!("http://{}", self.address),
+        }
     }
 
     /// The bootstrap admin token.
@@ -185,6 +241,9 @@ impl TestHub {
             .env("RUST_LOG", "warn")
             .env_remove("OUTPOST_CA")
             .env_remove("OUTPOST_CLI_CONFIG");
+        if let Some(ca) = &self.ca {
+            command.env("OUTPOST_CA", ca);
+        }
         command
     }
 
@@ -209,6 +268,11 @@ impl TestHub {
             args.extend(["--labels", labels]);
         }
         self.cli_json::<CreatedToken>(&args).token
+    }
+
+    /// A new admin token named `name` with `role` (`viewer`, `operator`, ...).
+    pub fn admin_token(&self, name: &str, role: &str) -> CreatedToken {
+        self.cli_json(&["admin-token", "create", "--name", name, "--role", role])
     }
 
     /// `rollout status SEQUENCE --json`.

@@ -11,6 +11,8 @@
 //!   answers.
 
 pub mod agent;
+pub mod bench;
+pub mod browser;
 pub mod device_sim;
 pub mod hub;
 pub mod proxy;

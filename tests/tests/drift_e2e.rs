@@ -8,11 +8,11 @@
 
 use outpost_agent::example_model::normal_rows;
 use outpost_hub::api::{CreatedToken, DeviceDetail, DriftReport, FeatureDriftInfo, RolloutState};
-use outpost_protocol::device::{InferenceWindow, TelemetryAck, LATENCY_BUCKETS_US};
+use outpost_protocol::device::{InferenceWindow, TelemetryAck};
 use outpost_protocol::drift::{DriftSummary, FeatureSource, Profile, TensorSide};
 use outpost_protocol::{sha256, Sha256};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
-use outpost_tests::device_sim::{unix_now, Reply, SimDevice};
+use outpost_tests::device_sim::{summary_window, unix_now, Reply, SimDevice};
 use outpost_tests::hub::{Fleet, TestHub};
 use outpost_tests::wait_until;
 use serde_json::json;
@@ -75,19 +75,7 @@ fn summary(
 
 fn window(model: &str, version: u64, start: u64, drift: DriftSummary) -> InferenceWindow {
     let count = drift.features[0].n;
-    let mut latency_buckets = vec![0; LATENCY_BUCKETS_US.len() + 1];
-    latency_buckets[0] = count;
-    InferenceWindow {
-        model: model.to_owned(),
-        version,
-        start,
-        end: start + 3600,
-        count,
-        errors: 0,
-        latency_buckets,
-        drift: Some(drift),
-        shadow: None,
-    }
+    summary_window(model, version, start, count, drift)
 }
 
 /// The drift summary of a window built by [`window`].

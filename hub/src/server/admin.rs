@@ -41,7 +41,7 @@ use crate::{audit, unix_now};
 /// Largest JSON request body.
 const MAX_JSON: usize = 64 * 1024;
 /// Most events shown for one device.
-const MAX_EVENTS: usize = 500;
+pub(super) const MAX_EVENTS: usize = 500;
 
 pub fn routes(hub: SharedHub) -> Router {
     let timeout =
@@ -112,6 +112,11 @@ pub struct AdminError {
 }
 
 impl AdminError {
+    /// The HTTP status this refusal answers with.
+    pub(super) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     fn new(status: StatusCode, message: impl Into<String>) -> AdminError {
         AdminError {
             status,
@@ -193,10 +198,20 @@ fn require(
     let token = value
         .strip_prefix("Bearer ")
         .ok_or_else(|| unauthorized("authorization header is not a bearer token"))?;
+    authorize(hub, token, role)
+}
+
+/// Checks an admin token presented by any means (a bearer header, the dashboard's cookie) and its
+/// role: the one check both front doors share.
+pub(super) fn authorize(
+    hub: &SharedHub,
+    token: &str,
+    role: Role,
+) -> Result<AdminTokenRecord, AdminError> {
     let record = hub
         .store
         .admin_token(&sha256(token.trim().as_bytes()).0)?
-        .ok_or_else(|| unauthorized("unknown token"))?;
+        .ok_or_else(|| AdminError::new(StatusCode::UNAUTHORIZED, "unknown token"))?;
     if record.role < role {
         return Err(AdminError::new(
             StatusCode::FORBIDDEN,
@@ -728,7 +743,7 @@ async fn manifest_bytes(
         .into_response())
 }
 
-fn device_summary(device: &DeviceRecord, now: u64) -> DeviceSummary {
+pub(super) fn device_summary(device: &DeviceRecord, now: u64) -> DeviceSummary {
     DeviceSummary {
         id: hex::encode(device.id),
         labels: device
@@ -1102,7 +1117,7 @@ async fn drift_report(
 }
 
 /// The highest published version of `model` whose manifest signs a drift profile.
-fn latest_profiled_version(hub: &SharedHub, model: &str) -> Result<u64, AdminError> {
+pub(super) fn latest_profiled_version(hub: &SharedHub, model: &str) -> Result<u64, AdminError> {
     let mut versions: Vec<u64> = hub
         .store
         .manifests()?

@@ -276,17 +276,66 @@ fn aggregate(
 ) -> anyhow::Result<Aggregate> {
     let mut aggregate = Aggregate::default();
     for stored in hub.store.drift_summaries(name, version, scope.since)? {
-        if scope.device.is_some_and(|device| device != stored.device) {
-            continue;
-        }
-        let in_scope = devices
-            .get(&stored.device)
-            .is_some_and(|(labels, revoked)| !revoked && selector_matches(&scope.selector, labels));
-        if in_scope {
+        if in_scope(devices, scope, &stored) {
             aggregate.add(stored);
         }
     }
     Ok(aggregate)
+}
+
+/// True when `stored` belongs to a device of `scope` that is not revoked.
+fn in_scope(devices: &DeviceLabels, scope: &Scope, stored: &StoredDrift) -> bool {
+    if scope.device.is_some_and(|device| device != stored.device) {
+        return false;
+    }
+    devices
+        .get(&stored.device)
+        .is_some_and(|(labels, revoked)| !revoked && selector_matches(&scope.selector, labels))
+}
+
+/// A model version's summaries in a scope, merged across devices: all of them, and each window's
+/// apart, for the dashboard's current histograms and PSI over time.
+#[derive(Debug, Default)]
+pub struct History {
+    /// Every summary in scope merged; none without data.
+    pub merged: Option<DriftSummary>,
+    /// One merged summary per window end, oldest first.
+    pub windows: Vec<DriftSummary>,
+    /// Stored summaries merged in all.
+    pub summaries: u64,
+}
+
+/// The summaries of `name@version` in `scope`, merged overall and per window end. Revoked devices
+/// are left out, and so is a summary that does not merge, as in [`report`].
+pub fn history(hub: &Hub, name: &str, version: u64, scope: &Scope) -> anyhow::Result<History> {
+    let devices = device_labels(hub)?;
+    let mut history = History::default();
+    let mut by_window: BTreeMap<u64, Option<DriftSummary>> = BTreeMap::new();
+    for stored in hub.store.drift_summaries(name, version, scope.since)? {
+        if !in_scope(&devices, scope, &stored) {
+            continue;
+        }
+        let window = by_window.entry(stored.window_end).or_default();
+        if let Err(error) = merge_into(window, &stored.summary) {
+            log::warn!(
+                "drift: leaving out a summary of {} that does not merge: {error}",
+                hex::encode(stored.device)
+            );
+            continue;
+        }
+        history.summaries += 1;
+    }
+    history.windows = by_window.into_values().flatten().collect();
+    // The whole range is its windows merged: one merge a window rather than one a summary.
+    for window in &history.windows {
+        if let Err(error) = merge_into(&mut history.merged, window) {
+            log::warn!(
+                "drift: leaving out the window ending {} that does not merge: {error}",
+                window.window_end
+            );
+        }
+    }
+    Ok(history)
 }
 
 /// `ok`, `warn` or `alert`.
@@ -307,7 +356,7 @@ fn status_level(status: DriftStatus) -> u8 {
     }
 }
 
-fn quality_text(issue: &QualityIssue) -> String {
+pub fn quality_text(issue: &QualityIssue) -> String {
     match issue {
         QualityIssue::Nan { count } => format!("{count} NaN"),
         QualityIssue::Infinite { count } => format!("{count} infinite"),

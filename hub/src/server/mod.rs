@@ -1,8 +1,9 @@
 //! `outpost-hub serve`: the HTTP(S) server, its shared state, and the rollout engine's clock.
 //!
 //! One listener serves the device API (postcard, under `/device/v1`), the admin API (JSON, under
-//! `/admin/v1`) and `/metrics`. Every route has a body limit and a timeout. On shutdown the
-//! listener closes, in-flight requests drain, and the store is flushed.
+//! `/admin/v1`), the operator's dashboard (HTML, under `/dashboard`) and `/metrics`. Every route
+//! has a body limit and a timeout. On shutdown the listener closes, in-flight requests drain, and
+//! the store is flushed.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use crate::artifacts::ArtifactStore;
 use crate::store::Store;
 
 mod admin;
+mod dashboard;
 mod device;
 mod drift;
 mod engine;
@@ -100,6 +102,7 @@ pub fn router(hub: SharedHub) -> Router {
         .merge(device::routes(hub.clone()))
         .merge(admin::routes(hub.clone()))
         .merge(metrics::routes(hub.clone()))
+        .merge(dashboard::routes(hub.clone()))
         .layer(axum::middleware::from_fn_with_state(hub, metrics::track))
 }
 
