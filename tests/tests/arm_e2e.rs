@@ -7,7 +7,7 @@
 //! builds the agent and runs it with `--ignored`. By hand:
 //!
 //! ```sh
-//! cargo test -p outpost-protocol -p outpost-agent --target aarch64-unknown-linux-gnu --no-run
+//! cargo test --release -p outpost-protocol -p outpost-agent --target aarch64-unknown-linux-gnu --no-run
 //! cargo test --workspace --test arm_e2e -- --ignored
 //! ```
 //!
@@ -48,12 +48,14 @@ fn aarch64_agent() -> AgentProgram {
             .parent()
             .unwrap()
             .join(TARGET)
-            .join("debug/outpost-agent"),
+            // Release, as `.ci/run` builds it: the arm64 package reuses that build.
+            .join("release/outpost-agent"),
     };
     let header = std::fs::read(&binary).unwrap_or_else(|error| {
         panic!(
-            "no aarch64 agent at {} ({error}): build it with `cargo test -p outpost-protocol \
-             -p outpost-agent --target {TARGET} --no-run`, or set OUTPOST_AARCH64_AGENT",
+            "no aarch64 agent at {} ({error}): build it with `cargo test --release \
+             -p outpost-protocol -p outpost-agent --target {TARGET} --no-run`, or set \
+             OUTPOST_AARCH64_AGENT",
             binary.display()
         )
     });
