@@ -268,6 +268,10 @@ impl Tour {
                 self.hub_url,
                 self.dir.join("admin.token").display()
             );
+            println!(
+                "   web:    {}/dashboard  (sign in with the admin token)",
+                self.hub_url
+            );
             for (index, listen) in listens.iter().enumerate() {
                 println!("   agent {index}: http://{listen}/v2/models/demo/infer");
             }
