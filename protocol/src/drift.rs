@@ -136,21 +136,34 @@ impl DriftSummary {
     /// same shape, merge; the window becomes the union of both (earliest start, latest end). On an
     /// error `self` is left unchanged.
     pub fn merge(&mut self, other: &DriftSummary) -> Result<(), DriftError> {
+        self.check_merge(other)?;
+        // Every count is known to add without overflow: add in place, with no copy of `self`
+        // (the hub merges a stored 100-feature summary on every upload of a window's part).
+        for (ours, theirs) in self.features.iter_mut().zip(&other.features) {
+            ours.merge_checked(theirs);
+        }
+        for (ours, theirs) in self.classes.iter_mut().zip(&other.classes) {
+            ours.merge_checked(theirs);
+        }
+        add_counts_checked(&mut self.latency_us, &other.latency_us);
+        self.window_start = self.window_start.min(other.window_start);
+        self.window_end = self.window_end.max(other.window_end);
+        Ok(())
+    }
+
+    /// `Ok` when [`merge`](Self::merge) would succeed: same model, version, profile and shape,
+    /// and no count that overflows.
+    fn check_merge(&self, other: &DriftSummary) -> Result<(), DriftError> {
         self.check_mergeable(other)?;
-        let mut merged = self.clone();
-        for (index, (ours, theirs)) in merged.features.iter_mut().zip(&other.features).enumerate() {
-            ours.merge(theirs)
+        for (index, (ours, theirs)) in self.features.iter().zip(&other.features).enumerate() {
+            ours.check_merge(theirs)
                 .map_err(|source| DriftError::in_feature(index, "", source))?;
         }
-        for (index, (ours, theirs)) in merged.classes.iter_mut().zip(&other.classes).enumerate() {
-            ours.merge(theirs)
+        for (index, (ours, theirs)) in self.classes.iter().zip(&other.classes).enumerate() {
+            ours.check_merge(theirs)
                 .map_err(|source| DriftError::in_class(index, "", source))?;
         }
-        merged.latency_us = add_counts(&self.latency_us, &other.latency_us)?;
-        merged.window_start = self.window_start.min(other.window_start);
-        merged.window_end = self.window_end.max(other.window_end);
-        *self = merged;
-        Ok(())
+        check_counts_add(&self.latency_us, &other.latency_us)
     }
 
     fn check_mergeable(&self, other: &DriftSummary) -> Result<(), DriftError> {
@@ -250,12 +263,24 @@ impl DriftSummary {
     }
 }
 
-/// Element-wise sum of two count vectors of equal length.
-pub(crate) fn add_counts(ours: &[u64], theirs: &[u64]) -> Result<Vec<u64>, DriftError> {
-    ours.iter()
+/// `Ok` when the element-wise sum of two count vectors of equal length does not overflow.
+pub(crate) fn check_counts_add(ours: &[u64], theirs: &[u64]) -> Result<(), DriftError> {
+    if ours
+        .iter()
         .zip(theirs)
-        .map(|(a, b)| a.checked_add(*b).ok_or(DriftError::CountOverflow))
-        .collect()
+        .all(|(a, b)| a.checked_add(*b).is_some())
+    {
+        Ok(())
+    } else {
+        Err(DriftError::CountOverflow)
+    }
+}
+
+/// Adds `theirs` into `ours` element by element, once [`check_counts_add`] passed.
+pub(crate) fn add_counts_checked(ours: &mut [u64], theirs: &[u64]) {
+    for (a, b) in ours.iter_mut().zip(theirs) {
+        *a = a.saturating_add(*b);
+    }
 }
 
 /// `Ok` when `found == expected`, else the error `mismatch` builds from both.

@@ -1038,6 +1038,14 @@ fn merge_refuses_summaries_that_do_not_belong_together_and_changes_nothing() {
         })
     );
     assert_eq!(ours, summary);
+    // Nor one in the latency histogram, checked after every feature and class.
+    let mut overflowing = summary.clone();
+    overflowing.latency_us[0] = u64::MAX;
+    ours.latency_us[0] = 1;
+    let before = ours.clone();
+    assert_eq!(ours.merge(&overflowing), Err(DriftError::CountOverflow));
+    assert_eq!(ours, before);
+    ours = summary.clone();
     let mut shorter = summary.clone();
     shorter.features[0].bins.pop();
     assert_eq!(

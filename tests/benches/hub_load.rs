@@ -50,6 +50,8 @@ const MODEL_OUTPUTS: usize = 3;
 const ROWS_PER_SUMMARY: usize = 1000;
 /// Check-ins signed ahead per second of a scenario, over all clients: more than the hub answers.
 const PRESIGNED_PER_SECOND: usize = 30_000;
+/// Drift batches signed ahead per second of a run (7.4 KB each: about 650 MB for a 10 s run).
+const PRESIGNED_BATCHES_PER_SECOND: usize = 8_000;
 /// Most requests one scenario may send, whatever the duration, to bound memory for latencies.
 const MAX_REQUESTS_PER_SCENARIO: usize = 5_000_000;
 /// How long the hub may take to start listening.
@@ -58,6 +60,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const ENROLL_THREADS: usize = 8;
 /// Telemetry sequence numbers handed out so far.
 static NEXT_SEQUENCE: AtomicU64 = AtomicU64::new(1);
+/// Hours back from the current one that no earlier run's "new hour" batch has summarised.
+static NEXT_HOUR_BACK: AtomicU64 = AtomicU64::new(0);
 /// Linux reports process CPU time in `/proc` in units of USER_HZ, which is 100 on every
 /// architecture Outpost builds for.
 const CLOCK_TICKS_PER_SEC: f64 = 100.0;
@@ -91,10 +95,17 @@ impl Settings {
             "every client count must be between 1 and min(devices, 1024)"
         );
         let scenarios = match std::env::var("OUTPOST_LOAD_SCENARIOS").as_deref() {
-            Err(_) | Ok("all") => vec![Scenario::CheckIn, Scenario::Telemetry],
+            Err(_) | Ok("all") => vec![
+                Scenario::CheckIn,
+                Scenario::Telemetry,
+                Scenario::TelemetryMerge,
+            ],
             Ok("check-in") => vec![Scenario::CheckIn],
             Ok("drift") => vec![Scenario::Telemetry],
-            Ok(other) => panic!("OUTPOST_LOAD_SCENARIOS={other:?}: say all, check-in or drift"),
+            Ok("drift-merge") => vec![Scenario::TelemetryMerge],
+            Ok(other) => {
+                panic!("OUTPOST_LOAD_SCENARIOS={other:?}: say all, check-in, drift or drift-merge")
+            }
         };
         Settings {
             scenarios,
@@ -333,21 +344,27 @@ fn machine_cpu_seconds() -> (f64, f64) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
     CheckIn,
+    /// Each batch carries its device's summary of another hour, as agents upload closed hourly
+    /// windows (or, after time offline, their backlog of them): every summary is a new record.
     Telemetry,
+    /// Each batch carries its device's summary of the same hour again: every summary is merged
+    /// into the one stored (decoded, added, encoded again), the costliest way to take one.
+    TelemetryMerge,
 }
 
 impl Scenario {
     fn name(self) -> &'static str {
         match self {
             Scenario::CheckIn => "check-in",
-            Scenario::Telemetry => "drift summary batch",
+            Scenario::Telemetry => "drift summary batch, new hour",
+            Scenario::TelemetryMerge => "drift summary batch, same hour",
         }
     }
 
     fn path(self) -> &'static str {
         match self {
             Scenario::CheckIn => "/device/v1/checkin",
-            Scenario::Telemetry => "/device/v1/telemetry",
+            Scenario::Telemetry | Scenario::TelemetryMerge => "/device/v1/telemetry",
         }
     }
 }
@@ -422,20 +439,62 @@ fn http_request(host: &str, signed: &SignedRequest, body: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Signs `count` check-ins for `devices` in turn, as a fleet of devices would on their own CPUs,
-/// and lays each out as the bytes of its HTTP request.
-fn presign_check_ins(host: &str, devices: &[&SimDevice], count: usize) -> Vec<Vec<u8>> {
-    let body = check_in_body(None);
-    let path = Scenario::CheckIn.path();
-    (0..count)
-        .map(|turn| {
-            http_request(
-                host,
-                &devices[turn % devices.len()].sign("POST", path, Some(&body)),
-                &body,
-            )
-        })
-        .collect()
+/// What a client sends, and what it needs to lay out more of it.
+#[derive(Clone, Copy)]
+struct Work<'a> {
+    scenario: Scenario,
+    /// The window the drift scenarios send, before it is moved to its hour.
+    window: &'a InferenceWindow,
+    /// "New hour": the hours before the current one that this run starts from.
+    first_hour_back: u64,
+}
+
+impl Work<'_> {
+    /// The device's `nth` request of this run (`turn` over the client's devices), signed by it and
+    /// laid out as the bytes of its HTTP request, with the hours back its window summarises.
+    fn request(&self, host: &str, devices: &[&SimDevice], turn: usize) -> (Vec<u8>, u64) {
+        let device = devices[turn % devices.len()];
+        let path = self.scenario.path();
+        let (body, hours_back) = match self.scenario {
+            Scenario::CheckIn => (check_in_body(None), 0),
+            Scenario::Telemetry | Scenario::TelemetryMerge => {
+                let mut window = self.window.clone();
+                let mut hours_back = 0;
+                if self.scenario == Scenario::Telemetry {
+                    // The device's n-th batch of this run summarises the hour n hours before the
+                    // first this run may use.
+                    hours_back = self.first_hour_back + (turn / devices.len()) as u64;
+                    let back = hours_back * 3600;
+                    window.start -= back;
+                    window.end -= back;
+                    if let Some(summary) = &mut window.drift {
+                        summary.window_start -= back;
+                        summary.window_end -= back;
+                    }
+                }
+                // One counter for the whole run keeps `(device, sequence)` unique across
+                // scenarios, so no batch is taken for a resend; a device's batches are laid out
+                // in its turn order, so its sequences increase as it sends them.
+                let batch = TelemetryBatch {
+                    sequence: NEXT_SEQUENCE.fetch_add(1, Ordering::Relaxed),
+                    windows: vec![window],
+                    dropped_records: 0,
+                };
+                let body = outpost_protocol::encode(&batch).expect("encoding a telemetry batch");
+                (body, hours_back)
+            }
+        };
+        let request = http_request(host, &device.sign("POST", path, Some(&body)), &body);
+        (request, hours_back)
+    }
+
+    /// The first `count` requests of a client, signed ahead, as a fleet of devices would sign on
+    /// their own CPUs.
+    fn presign(&self, host: &str, devices: &[&SimDevice], count: usize) -> Vec<Vec<u8>> {
+        (0..count)
+            .map(|turn| self.request(host, devices, turn).0)
+            .collect()
+    }
 }
 
 /// A keep-alive HTTP/1.1 connection that sends requests already laid out as bytes and reads the
@@ -512,27 +571,22 @@ struct ClientResult {
     response_bytes: usize,
     /// Check-ins signed inside the measured loop because those signed ahead ran out.
     signed_late: u64,
+    /// Hours back from the current one that this client's batches reached ("new hour" only).
+    hours_back: u64,
 }
 
-/// What a client sends: check-ins signed ahead, or drift windows signed as they go.
-enum Work<'a> {
-    CheckIns(std::vec::IntoIter<Vec<u8>>),
-    Drift(&'a InferenceWindow),
-}
-
-/// One client thread: a keep-alive connection, sending requests for `devices` in turn.
+/// One client thread: a keep-alive connection, sending requests for `devices` in turn: those
+/// signed ahead, then (if the run outlasts them) requests signed as it goes.
 fn client(
-    mut work: Work<'_>,
+    work: Work<'_>,
+    mut presigned: std::vec::IntoIter<Vec<u8>>,
     host: &str,
     devices: &[&SimDevice],
     warm_up_until: Instant,
     stop_at: Instant,
     budget: &AtomicU64,
 ) -> ClientResult {
-    let scenario = match work {
-        Work::CheckIns(_) => Scenario::CheckIn,
-        Work::Drift(_) => Scenario::Telemetry,
-    };
+    let scenario = work.scenario;
     let mut result = ClientResult::default();
     let mut connection = None;
     let mut turn = 0usize;
@@ -545,35 +599,17 @@ fn client(
         if measured && budget.fetch_sub(1, Ordering::Relaxed) == 0 {
             break;
         }
-        let device = devices[turn % devices.len()];
+        let request = presigned.next().unwrap_or_else(|| {
+            // Ran past what was signed ahead: sign here, and say so in the results.
+            result.signed_late += 1;
+            work.request(host, devices, turn).0
+        });
+        if scenario == Scenario::Telemetry {
+            result.hours_back = result
+                .hours_back
+                .max(work.first_hour_back + (turn / devices.len()) as u64 + 1);
+        }
         turn += 1;
-        let request = match &mut work {
-            Work::CheckIns(presigned) => presigned.next().unwrap_or_else(|| {
-                // Ran past what was signed ahead: sign here, and say so in the results.
-                result.signed_late += 1;
-                let body = check_in_body(None);
-                http_request(
-                    host,
-                    &device.sign("POST", scenario.path(), Some(&body)),
-                    &body,
-                )
-            }),
-            Work::Drift(window) => {
-                // One counter for the whole run keeps `(device, sequence)` unique across scenarios,
-                // so no batch is taken for a resend.
-                let batch = TelemetryBatch {
-                    sequence: NEXT_SEQUENCE.fetch_add(1, Ordering::Relaxed),
-                    windows: vec![(*window).clone()],
-                    dropped_records: 0,
-                };
-                let body = outpost_protocol::encode(&batch).expect("encoding a telemetry batch");
-                http_request(
-                    host,
-                    &device.sign("POST", scenario.path(), Some(&body)),
-                    &body,
-                )
-            }
-        };
         let started = Instant::now();
         let outcome = match &mut connection {
             Some(connection) => Ok(connection),
@@ -627,7 +663,7 @@ fn check_response(scenario: Scenario, bytes: &[u8]) -> Result<(), String> {
                 return Err("check-in answer carries no plan or manifest".to_owned());
             }
         }
-        Scenario::Telemetry => {
+        Scenario::Telemetry | Scenario::TelemetryMerge => {
             let ack: TelemetryAck = decode(bytes)?;
             if ack.duplicate {
                 return Err(format!("batch {} was taken for a duplicate", ack.sequence));
@@ -681,18 +717,20 @@ fn measure(
         .map(|thread| devices.iter().skip(thread).step_by(clients).collect())
         .collect();
     // Signing ahead takes a few seconds of both cores; it is done before the clock starts.
-    let per_client = PRESIGNED_PER_SECOND * (duration.as_secs() as usize + 1) / clients + 1;
-    let mut work: Vec<Work<'_>> = std::thread::scope(|scope| {
+    let per_second = match scenario {
+        Scenario::CheckIn => PRESIGNED_PER_SECOND,
+        Scenario::Telemetry | Scenario::TelemetryMerge => PRESIGNED_BATCHES_PER_SECOND,
+    };
+    let per_client = per_second * (duration.as_secs() as usize + 1) / clients + 1;
+    let work = Work {
+        scenario,
+        window,
+        first_hour_back: NEXT_HOUR_BACK.load(Ordering::Relaxed),
+    };
+    let mut presigned: Vec<std::vec::IntoIter<Vec<u8>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = owned
             .iter()
-            .map(|devices| {
-                scope.spawn(move || match scenario {
-                    Scenario::CheckIn => {
-                        Work::CheckIns(presign_check_ins(host, devices, per_client).into_iter())
-                    }
-                    Scenario::Telemetry => Work::Drift(window),
-                })
-            })
+            .map(|devices| scope.spawn(move || work.presign(host, devices, per_client).into_iter()))
             .collect();
         handles
             .into_iter()
@@ -704,10 +742,20 @@ fn measure(
     let (results, before, after) = std::thread::scope(|scope| {
         let handles: Vec<_> = owned
             .iter()
-            .zip(work.drain(..))
-            .map(|(devices, work)| {
+            .zip(presigned.drain(..))
+            .map(|(devices, presigned)| {
                 let budget = &budget;
-                scope.spawn(move || client(work, host, devices, warm_up_until, stop_at, budget))
+                scope.spawn(move || {
+                    client(
+                        work,
+                        presigned,
+                        host,
+                        devices,
+                        warm_up_until,
+                        stop_at,
+                        budget,
+                    )
+                })
             })
             .collect();
         // Sample CPU counters at the edges of the measured window, not of the warm-up.
@@ -735,6 +783,7 @@ fn measure(
     let mut first_error = None;
     let (mut request_bytes, mut response_bytes, mut signed_late) = (0, 0, 0);
     for result in results {
+        NEXT_HOUR_BACK.fetch_max(result.hours_back, Ordering::Relaxed);
         signed_late += result.signed_late;
         latencies.extend(result.latencies_us);
         errors += result.errors;
@@ -889,13 +938,19 @@ fn main() {
     println!();
     print_table(&measurements);
     println!();
-    for pair in measurements.chunks(2) {
-        if let [check_in, telemetry] = pair {
+    // Ratios within one client count, to the check-in measured next to them.
+    let per_count = settings.scenarios.len();
+    for group in measurements.chunks(per_count) {
+        let Some(check_in) = group.iter().find(|row| row.scenario == Scenario::CheckIn) else {
+            continue;
+        };
+        for row in group.iter().filter(|row| row.scenario != Scenario::CheckIn) {
             println!(
-                "{} clients: telemetry batches/s ÷ check-ins/s = {:.2}; hub CPU per batch ÷ per check-in = {:.2}",
+                "{} clients, {}: batches/s ÷ check-ins/s = {:.2}; hub CPU per batch ÷ per check-in = {:.2}",
                 check_in.clients,
-                telemetry.per_second / check_in.per_second,
-                telemetry.hub_cpu_us / check_in.hub_cpu_us,
+                row.scenario.name(),
+                row.per_second / check_in.per_second,
+                row.hub_cpu_us / check_in.hub_cpu_us,
             );
         }
     }

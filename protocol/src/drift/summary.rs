@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{add_counts, check_len, DriftError, CONFIDENCE_BINS};
+use super::{add_counts_checked, check_counts_add, check_len, DriftError, CONFIDENCE_BINS};
 
 /// Values the batch path gathers before folding them into the moments. A chunk lives on the stack.
 const CHUNK: usize = 512;
@@ -246,28 +246,52 @@ impl FeatureSummary {
     /// is an error), the moments combine with Chan's formula, the sums add, min and max take the
     /// extremes. On an error `self` is left unchanged.
     pub fn merge(&mut self, other: &FeatureSummary) -> Result<(), DriftError> {
+        self.check_merge(other)?;
+        self.merge_checked(other);
+        Ok(())
+    }
+
+    /// `Ok` when [`merge`](Self::merge) would succeed: as many bins, and no count that overflows.
+    pub(crate) fn check_merge(&self, other: &FeatureSummary) -> Result<(), DriftError> {
         check_len(self.bins.len(), other.bins.len(), |expected, found| {
             DriftError::BinCount { expected, found }
         })?;
-        let add = |a: u64, b: u64| a.checked_add(b).ok_or(DriftError::CountOverflow);
-        let mut merged = FeatureSummary {
-            n: add(self.n, other.n)?,
-            null: add(self.null, other.null)?,
-            nan: add(self.nan, other.nan)?,
-            pos_inf: add(self.pos_inf, other.pos_inf)?,
-            neg_inf: add(self.neg_inf, other.neg_inf)?,
-            below: add(self.below, other.below)?,
-            above: add(self.above, other.above)?,
-            sum: self.sum + other.sum,
-            mean: 0.0,
-            m2: 0.0,
-            min: self.min.min(other.min),
-            max: self.max.max(other.max),
-            bins: add_counts(&self.bins, &other.bins)?,
-        };
-        merged.set_moments(self.moments().combine(other.moments()));
-        *self = merged;
-        Ok(())
+        check_counts_add(&self.scalar_counts(), &other.scalar_counts())?;
+        check_counts_add(&self.bins, &other.bins)
+    }
+
+    /// [`merge`](Self::merge), in place, once [`check_merge`](Self::check_merge) passed.
+    pub(crate) fn merge_checked(&mut self, other: &FeatureSummary) {
+        let moments = self.moments().combine(other.moments());
+        for (ours, theirs) in [
+            (&mut self.n, other.n),
+            (&mut self.null, other.null),
+            (&mut self.nan, other.nan),
+            (&mut self.pos_inf, other.pos_inf),
+            (&mut self.neg_inf, other.neg_inf),
+            (&mut self.below, other.below),
+            (&mut self.above, other.above),
+        ] {
+            *ours = ours.saturating_add(theirs);
+        }
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        add_counts_checked(&mut self.bins, &other.bins);
+        self.set_moments(moments);
+    }
+
+    /// The counts besides the bins, in a fixed order.
+    fn scalar_counts(&self) -> [u64; 7] {
+        [
+            self.n,
+            self.null,
+            self.nan,
+            self.pos_inf,
+            self.neg_inf,
+            self.below,
+            self.above,
+        ]
     }
 
     /// Population variance of the finite values; `None` before any.
@@ -428,6 +452,14 @@ impl ClassSummary {
     /// Adds `other`, a summary over the same classes, into `self`. On an error `self` is left
     /// unchanged.
     pub fn merge(&mut self, other: &ClassSummary) -> Result<(), DriftError> {
+        self.check_merge(other)?;
+        self.merge_checked(other);
+        Ok(())
+    }
+
+    /// `Ok` when [`merge`](Self::merge) would succeed: the same shape, and no count that
+    /// overflows.
+    pub(crate) fn check_merge(&self, other: &ClassSummary) -> Result<(), DriftError> {
         check_len(self.counts.len(), other.counts.len(), |expected, found| {
             DriftError::ClassCounts { expected, found }
         })?;
@@ -436,16 +468,16 @@ impl ClassSummary {
             other.confidence.len(),
             |expected, found| DriftError::ConfidenceBins { expected, found },
         )?;
-        let merged = ClassSummary {
-            counts: add_counts(&self.counts, &other.counts)?,
-            unseen: self
-                .unseen
-                .checked_add(other.unseen)
-                .ok_or(DriftError::CountOverflow)?,
-            confidence: add_counts(&self.confidence, &other.confidence)?,
-        };
-        *self = merged;
-        Ok(())
+        check_counts_add(&[self.unseen], &[other.unseen])?;
+        check_counts_add(&self.counts, &other.counts)?;
+        check_counts_add(&self.confidence, &other.confidence)
+    }
+
+    /// [`merge`](Self::merge), in place, once [`check_merge`](Self::check_merge) passed.
+    pub(crate) fn merge_checked(&mut self, other: &ClassSummary) {
+        self.unseen = self.unseen.saturating_add(other.unseen);
+        add_counts_checked(&mut self.counts, &other.counts);
+        add_counts_checked(&mut self.confidence, &other.confidence);
     }
 
     /// Checks the summary is shaped for `classes` classes, its counts add up without overflow and
