@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use outpost_protocol::device::{
-    AgentState, CheckIn, CheckInResponse, RunningModel, Status, StatusReport, TelemetryAck,
-    TelemetryBatch,
+    AgentState, CheckIn, CheckInResponse, HeldCheckIn, HeldCheckInResponse, RunningModel, Status,
+    StatusReport, TelemetryAck, TelemetryBatch,
 };
 use outpost_protocol::trust::{ManifestBody, ManifestRef, Signed};
 use outpost_protocol::{
@@ -111,6 +111,13 @@ pub struct Syncer {
     /// the same one are not reported again.
     stall_reported: Option<[u8; 32]>,
     last_telemetry_flush: Instant,
+    /// The plan, manifest and shadow manifest of the last full check-in answer that carried a
+    /// plan (roots left out), held in memory so the hub may answer "unchanged" instead of sending
+    /// them again; they are applied again, and so checked again, at every check-in.
+    held: Option<CheckInResponse>,
+    /// False once the hub answered `/device/v2/checkin` with 404 (a hub older than held
+    /// check-ins): plain check-ins from then on, until the agent restarts.
+    hub_knows_held: bool,
 }
 
 /// Resolves a version's drift profile against its loaded model. A profile that does not fit the
@@ -222,6 +229,8 @@ impl Syncer {
             download_failed: None,
             stall_reported: None,
             last_telemetry_flush: Instant::now(),
+            held: None,
+            hub_knows_held: true,
             config,
         };
         syncer.load_active()?;
@@ -390,7 +399,7 @@ impl Syncer {
             dropped_records: stats.dropped_total,
             queue_bytes: stats.queue_bytes,
         };
-        let response: CheckInResponse = self.client.call("/device/v1/checkin", &check_in)?;
+        let response = self.check_in(check_in)?;
         self.state.hub_time = self.state.hub_time.max(response.hub_time);
         self.state.last_checkin = Some(unix_now());
         self.apply(response.clone());
@@ -404,6 +413,49 @@ impl Syncer {
         Ok(Duration::from_secs(u64::from(
             response.poll_after_secs.max(1),
         )))
+    }
+
+    /// Checks in naming the documents held from the last full answer. An unchanged answer is
+    /// turned back into that answer with the new hub time and poll interval, so the held plan and
+    /// manifests go through exactly the checks (expiry against the hub time among them) they
+    /// would if the hub had sent them again.
+    fn check_in(&mut self, check_in: CheckIn) -> anyhow::Result<CheckInResponse> {
+        if !self.hub_knows_held {
+            return Ok(self.client.call("/device/v1/checkin", &check_in)?);
+        }
+        let request = HeldCheckIn {
+            check_in,
+            held: self.held.as_ref().and_then(CheckInResponse::held_digest),
+        };
+        match self.client.call("/device/v2/checkin", &request) {
+            Ok(HeldCheckInResponse::Full(response)) => {
+                self.held = response.plan.is_some().then(|| CheckInResponse {
+                    roots: Vec::new(),
+                    ..response.clone()
+                });
+                Ok(response)
+            }
+            Ok(HeldCheckInResponse::Unchanged {
+                hub_time,
+                poll_after_secs,
+            }) => match &self.held {
+                Some(held) => Ok(CheckInResponse {
+                    hub_time,
+                    poll_after_secs,
+                    ..held.clone()
+                }),
+                None => anyhow::bail!("the hub answered unchanged, but this device holds no plan"),
+            },
+            Err(HubError::Refused { status: 404, .. }) => {
+                log::info!(
+                    "{} does not know held check-ins; checking in without them",
+                    self.client.base_url()
+                );
+                self.hub_knows_held = false;
+                Ok(self.client.call("/device/v1/checkin", &request.check_in)?)
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     fn refuse(

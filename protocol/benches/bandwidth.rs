@@ -1,12 +1,16 @@
-//! Bytes a device sends and receives per day at default settings, from real frames: the check-in
-//! and the telemetry upload of a model with a 20-feature drift profile, encoded with `protocol`
-//! from the same realistic samples the round-trip tests pin, plus the HTTP/1.1 heads the agent
-//! and hub put around them. Issue 7's goal is ≤ 1 MB a day.
+//! Bytes a device sends and receives per day at default settings, from real frames: the held
+//! check-in and the telemetry upload of a model with a 20-feature drift profile, encoded with
+//! `protocol` from the same realistic samples the round-trip tests pin, plus the HTTP/1.1 heads
+//! the agent and hub put around them, TLS records, and a TCP connection with a resumed TLS 1.3
+//! handshake per check-in. Issue 7's goal is ≤ 1 MB a day.
 //!
-//! Defaults: a check-in every 30 s (the hub's `--poll-secs`); telemetry windows are an hour
+//! Defaults: a check-in every 300 s outside a rollout (the hub's `--poll-secs`) and every 30 s
+//! while an active or paused rollout applies to the device (`--rollout-poll-secs`). A device
+//! holding the plan and manifests the hub would send gets an "unchanged" answer without them; it
+//! gets them in full once per change, which this leaves out. Telemetry windows are an hour
 //! (`telemetry::WINDOW_SECS`), and only closed windows are uploaded, so one batch an hour however
-//! often `sync.telemetry_flush` (60 s) looks. TLS is counted as record overhead only; handshakes
-//! are printed apart (see the note at the end of the output).
+//! often `sync.telemetry_flush` (60 s) looks; it goes out in a check-in's cycle, on its
+//! connection.
 //!
 //! `cargo bench -p outpost-protocol --bench bandwidth`
 
@@ -14,12 +18,15 @@
 mod samples;
 
 use outpost_protocol::auth::{HEADER_DEVICE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
-use outpost_protocol::device::{InferenceWindow, TelemetryBatch, LATENCY_BUCKETS_US};
+use outpost_protocol::device::{
+    HeldCheckIn, HeldCheckInResponse, InferenceWindow, TelemetryBatch, LATENCY_BUCKETS_US,
+};
 use outpost_protocol::{encode, Message};
 use samples::*;
 
 const DAY_SECS: u64 = 86_400;
-const POLL_SECS: u64 = 30;
+const POLL_SECS: u64 = 300;
+const ROLLOUT_POLL_SECS: u64 = 30;
 const WINDOW_SECS: u64 = 3_600;
 const DRIFT_FEATURES: usize = 20;
 /// TLS 1.3 with an AEAD: 5 header bytes, 1 inner content type and a 16-byte tag per record.
@@ -53,28 +60,44 @@ fn response_head(body_len: usize) -> String {
     )
 }
 
-/// Bytes of one exchange: heads, frames and one TLS record each way.
-fn exchange<Q: Message, R: Message>(path: &str, request: &Q, response: &R) -> (u64, u64, u64) {
+/// Bytes of one exchange: frames, heads, and one TLS record each way, plus a new connection
+/// when `connects`.
+fn exchange<Q: Message, R: Message>(
+    path: &str,
+    request: &Q,
+    response: &R,
+    connects: bool,
+) -> [u64; 4] {
     let request = encode(request).expect("sample encodes");
     let response = encode(response).expect("sample encodes");
     let frames = (request.len() + response.len()) as u64;
     let heads =
         (request_head(path, request.len()).len() + response_head(response.len()).len()) as u64;
-    (frames, heads, 2 * TLS_RECORD_OVERHEAD)
+    let connection = if connects {
+        RESUMED_HANDSHAKE + TCP_CONNECTION
+    } else {
+        0
+    };
+    [frames, heads, 2 * TLS_RECORD_OVERHEAD, connection]
 }
 
 fn main() {
-    let check_ins = DAY_SECS / POLL_SECS;
     let batches = DAY_SECS / WINDOW_SECS;
 
-    // In a rollout the hub sends the signed plan and the device's manifest on every check-in; the
-    // sample's are signed by 3 of 5 keys. Outside one, the answer carries neither.
-    let mut in_rollout = check_in_response();
-    in_rollout.roots.clear();
-    in_rollout.shadow = None;
-    let mut idle = in_rollout.clone();
-    idle.plan = None;
-    idle.manifest = None;
+    // The device holds the plan and manifest (signed by 3 of 5 keys) the hub would send, so the
+    // answer is "unchanged"; a full one, sent once per change, is printed for scale.
+    let mut documents = check_in_response();
+    documents.roots.clear();
+    documents.shadow = None;
+    let held = HeldCheckIn {
+        check_in: check_in(),
+        held: documents.held_digest(),
+    };
+    let unchanged = HeldCheckInResponse::Unchanged {
+        hub_time: NOW,
+        poll_after_secs: POLL_SECS as u32,
+    };
+    let full = HeldCheckInResponse::Full(documents);
 
     let profile = drift_profile_with(DRIFT_FEATURES, 10_000);
     let summary = drift_summary_of(&profile, 3_000, 0, 2);
@@ -95,52 +118,61 @@ fn main() {
     };
 
     println!(
-        "| Exchange | frames (B) | HTTP heads (B) | TLS records (B) | per day | bytes a day |"
+        "| Exchange | frames (B) | HTTP heads (B) | TLS records (B) | TCP + TLS resumption (B) | \
+         per day | bytes a day |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
-    for (label, (frames, heads, tls), per_day) in [
+    for (label, bytes, per_day) in [
         (
-            "check-in, in a rollout (plan + manifest)",
-            exchange("/device/v1/checkin", &check_in(), &in_rollout),
-            check_ins,
+            "check-in, unchanged, outside a rollout (300 s)",
+            exchange(CHECK_IN, &held, &unchanged, true),
+            DAY_SECS / POLL_SECS,
         ),
         (
-            "check-in, no rollout",
-            exchange("/device/v1/checkin", &check_in(), &idle),
-            check_ins,
+            "check-in, unchanged, in a rollout (30 s)",
+            exchange(CHECK_IN, &held, &unchanged, true),
+            DAY_SECS / ROLLOUT_POLL_SECS,
         ),
         (
             "telemetry batch: 1 hourly window, 20-feature drift summary",
-            exchange("/device/v1/telemetry", &batch, &telemetry_ack()),
+            exchange(TELEMETRY, &batch, &telemetry_ack(), false),
             batches,
         ),
+        (
+            "check-in with plan + manifest in full (once per change)",
+            exchange(CHECK_IN, &held, &full, true),
+            1,
+        ),
     ] {
-        let daily = (frames + heads + tls) * per_day;
-        println!("| {label} | {frames} | {heads} | {tls} | {per_day} | {daily} |");
+        let [frames, heads, tls, connection] = bytes;
+        let daily = bytes.iter().sum::<u64>() * per_day;
+        println!("| {label} | {frames} | {heads} | {tls} | {connection} | {per_day} | {daily} |");
         rows.push(daily);
     }
-    let (rollout, idle, telemetry) = (rows[0], rows[1], rows[2]);
+    let (idle, rollout, telemetry) = (rows[0], rows[1], rows[2]);
     println!();
     println!(
-        "per device per day: {:.3} MB in a rollout, {:.3} MB outside one (1 MB = 10^6 bytes)",
-        (rollout + telemetry) as f64 / 1e6,
-        (idle + telemetry) as f64 / 1e6
+        "per device per day: {:.3} MB outside a rollout, {:.3} MB on a day spent in one \
+         (1 MB = 10^6 bytes), each plus one full answer per change of plan or slot",
+        (idle + telemetry) as f64 / 1e6,
+        (rollout + telemetry) as f64 / 1e6
     );
     println!(
-        "not counted: TCP/IP headers and TLS handshakes. The agent's client keeps a connection \
-         idle for 15 s, less than the 30 s poll, so each check-in opens a connection: at about \
-         {} B per resumed TLS 1.3 handshake plus ~{} B of TCP set-up and tear-down that adds \
-         {:.3} MB a day",
-        RESUMED_HANDSHAKE,
-        TCP_SETUP,
-        ((RESUMED_HANDSHAKE + TCP_SETUP) * (check_ins + batches)) as f64 / 1e6
+        "a connection costs {RESUMED_HANDSHAKE} B of resumed TLS 1.3 handshake (measured, see \
+         the constant) and {TCP_CONNECTION} B of TCP/IP headers (estimated)"
     );
 }
 
-/// An estimate, not a measurement: a TLS 1.3 PSK resumption (ClientHello with a ticket and key
-/// share, ServerHello, encrypted extensions, finished both ways, a new ticket).
-const RESUMED_HANDSHAKE: u64 = 1_000;
-/// SYN, SYN-ACK, ACK and FIN/ACK both ways, and the IP/TCP headers of about eight data segments,
-/// at 40 bytes of headers each over IPv4.
-const TCP_SETUP: u64 = 560;
+const CHECK_IN: &str = "/device/v2/checkin";
+const TELEMETRY: &str = "/device/v1/telemetry";
+
+/// Measured, once, by hand (see docs/BENCHMARKS.md): a resumed TLS 1.3 connection to
+/// `outpost-hub serve` (rustls) from `openssl s_client -sess_in`, counted by a relay between them:
+/// 442 B up (ClientHello with ticket and key share, Finished, close_notify), 427 B down
+/// (ServerHello, encrypted extensions, Finished, two new tickets). TCP payload only.
+const RESUMED_HANDSHAKE: u64 = 869;
+/// An estimate: SYN, SYN-ACK, ACK and FIN/ACK both ways, and the IP/TCP headers of about eight
+/// data segments, at 40 bytes of headers each over IPv4. The agent's client keeps an idle
+/// connection 15 s, less than either poll interval, so every check-in opens one.
+const TCP_CONNECTION: u64 = 560;

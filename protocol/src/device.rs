@@ -114,6 +114,80 @@ pub struct CheckInResponse {
     pub shadow: Option<ByteBuf>,
 }
 
+/// A check-in that names the signed documents the device already holds, so the hub can leave
+/// them out of its answer when they are still the ones that apply (`/device/v2/checkin`). A hub
+/// that does not know this path answers 404, and the agent falls back to a plain [`CheckIn`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldCheckIn {
+    pub check_in: CheckIn,
+    /// [`held_digest`] of the plan, manifest and shadow manifest of the last full answer, or
+    /// `None` when the device holds no plan (it then always gets a full answer).
+    pub held: Option<Sha256>,
+}
+
+/// The hub's answer to a [`HeldCheckIn`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HeldCheckInResponse {
+    /// The documents the device holds are exactly the ones the hub would send, for the same slot,
+    /// and there is no newer root: the device applies its held documents again, checked against
+    /// this `hub_time` as if they had been sent.
+    Unchanged { hub_time: u64, poll_after_secs: u32 },
+    /// Anything else: the answer a plain check-in gets.
+    Full(CheckInResponse),
+}
+
+/// What a device holds from a check-in answer, as one digest: the SHA-256 of the signed plan, of
+/// the signed manifest with its slot and of the signed shadow manifest, each present or absent,
+/// hashed together unambiguously. Hub and agent compute it the same way from the digests of the
+/// exact bytes.
+pub fn held_digest(
+    plan: &Sha256,
+    manifest: Option<(Slot, &Sha256)>,
+    shadow: Option<&Sha256>,
+) -> Sha256 {
+    let mut bytes = Vec::with_capacity(32 + 34 + 33 + HELD_CONTEXT.len());
+    bytes.extend_from_slice(HELD_CONTEXT);
+    bytes.extend_from_slice(&plan.0);
+    match manifest {
+        Some((slot, digest)) => {
+            bytes.push(match slot {
+                Slot::Target => 1,
+                Slot::Fallback => 2,
+            });
+            bytes.extend_from_slice(&digest.0);
+        }
+        None => bytes.push(0),
+    }
+    match shadow {
+        Some(digest) => {
+            bytes.push(1);
+            bytes.extend_from_slice(&digest.0);
+        }
+        None => bytes.push(0),
+    }
+    crate::sha256(&bytes)
+}
+
+const HELD_CONTEXT: &[u8] = b"outpost held documents v1\0";
+
+impl CheckInResponse {
+    /// The [`held_digest`] of the documents this answer hands the device, or `None` when it
+    /// carries no plan (then there is nothing to hold).
+    pub fn held_digest(&self) -> Option<Sha256> {
+        let plan = crate::sha256(self.plan.as_ref()?);
+        let manifest = self
+            .manifest
+            .as_ref()
+            .map(|(slot, bytes)| (*slot, crate::sha256(bytes)));
+        let shadow = self.shadow.as_ref().map(|bytes| crate::sha256(bytes));
+        Some(held_digest(
+            &plan,
+            manifest.as_ref().map(|(slot, digest)| (*slot, digest)),
+            shadow.as_ref(),
+        ))
+    }
+}
+
 /// A step of applying a manifest, reported to the hub as it happens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
@@ -308,6 +382,14 @@ message!(
     CheckInResponse,
     "check-in response",
     512 * 1024
+);
+message!(HeldCheckIn, HeldCheckIn, "held check-in", 4 * 1024);
+// One byte more than a full check-in response: the variant tag.
+message!(
+    HeldCheckInResponse,
+    HeldCheckInResponse,
+    "held check-in response",
+    512 * 1024 + 1
 );
 message!(StatusReport, StatusReport, "status report", 8 * 1024);
 message!(

@@ -36,10 +36,12 @@ pub enum MessageKind {
     ErrorResponse = 17,
     Profile = 18,
     DriftSummary = 19,
+    HeldCheckIn = 20,
+    HeldCheckInResponse = 21,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 17] = [
+    const ALL: [MessageKind; 19] = [
         MessageKind::SignedRoot,
         MessageKind::SignedManifest,
         MessageKind::SignedPlan,
@@ -57,6 +59,8 @@ impl MessageKind {
         MessageKind::ErrorResponse,
         MessageKind::Profile,
         MessageKind::DriftSummary,
+        MessageKind::HeldCheckIn,
+        MessageKind::HeldCheckInResponse,
     ];
 
     pub fn from_byte(byte: u8) -> Option<MessageKind> {

@@ -9,10 +9,10 @@ mod samples;
 
 use std::fmt::Debug;
 
-use outpost_protocol::device::{ErrorResponse, TelemetryBatch};
+use outpost_protocol::device::{held_digest, ErrorResponse, HeldCheckInResponse, TelemetryBatch};
 use outpost_protocol::envelope::{peek_kind, HEADER_LEN};
-use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed};
-use outpost_protocol::{decode, encode, EncodeError, Message};
+use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, Slot};
+use outpost_protocol::{decode, encode, sha256, EncodeError, Message};
 
 use samples::*;
 
@@ -128,6 +128,41 @@ fn check_in_response_round_trips() {
     idle.plan = None;
     idle.manifest = None;
     assert_round_trip(&idle);
+}
+
+#[test]
+fn held_check_in_round_trips() {
+    assert_round_trip(&held_check_in());
+    let mut nothing_held = held_check_in();
+    nothing_held.held = None;
+    assert_round_trip(&nothing_held);
+}
+
+#[test]
+fn held_check_in_response_round_trips_both_variants() {
+    assert_round_trip(&held_unchanged());
+    assert_round_trip(&HeldCheckInResponse::Full(check_in_response()));
+}
+
+#[test]
+fn held_digest_tells_apart_every_slot_and_absence() {
+    let (plan, manifest, shadow) = (sha256(b"plan"), sha256(b"manifest"), sha256(b"shadow"));
+    let digests = [
+        held_digest(&plan, None, None),
+        held_digest(&plan, Some((Slot::Target, &manifest)), None),
+        held_digest(&plan, Some((Slot::Fallback, &manifest)), None),
+        held_digest(&plan, None, Some(&shadow)),
+        held_digest(&plan, Some((Slot::Target, &manifest)), Some(&shadow)),
+        held_digest(&shadow, Some((Slot::Target, &manifest)), Some(&plan)),
+        held_digest(&manifest, None, None),
+    ];
+    let distinct: std::collections::HashSet<_> = digests.iter().map(|digest| digest.0).collect();
+    assert_eq!(distinct.len(), digests.len());
+    // The same held documents give the same digest on hub and device.
+    assert_eq!(
+        digests[4],
+        held_digest(&plan, Some((Slot::Target, &manifest)), Some(&shadow))
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@ use outpost_protocol::auth::{
 };
 use outpost_protocol::device::{
     AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse, ErrorResponse,
-    InferenceWindow, RunningModel, Status, StatusReport, TelemetryAck, TelemetryBatch,
+    HeldCheckIn, InferenceWindow, RunningModel, Status, StatusReport, TelemetryAck, TelemetryBatch,
     LATENCY_BUCKETS_US,
 };
 use outpost_protocol::drift::{DriftSummary, FeatureSource, Profile, TensorSide};
@@ -307,7 +307,11 @@ impl SimDevice {
 
     /// The check-in body this device would send now.
     pub fn check_in_body(&self, state: AgentState) -> Vec<u8> {
-        outpost_protocol::encode(&CheckIn {
+        outpost_protocol::encode(&self.check_in_message(state)).expect("encoding a check-in")
+    }
+
+    fn check_in_message(&self, state: AgentState) -> CheckIn {
+        CheckIn {
             state,
             active: self.active.clone(),
             root_version: 0,
@@ -315,8 +319,7 @@ impl SimDevice {
             agent_version: agent_version(),
             dropped_records: 0,
             queue_bytes: 0,
-        })
-        .expect("encoding a check-in")
+        }
     }
 
     /// Checks in; panics unless the hub answers 200.
@@ -324,6 +327,22 @@ impl SimDevice {
         let body = self.check_in_body(state);
         self.signed_request("POST", "/device/v1/checkin", Some(&body))
             .decode()
+    }
+
+    /// Checks in on `/device/v2/checkin` naming `held` (a [`CheckInResponse::held_digest`]) as
+    /// the documents this device holds, and returns the hub's answer whatever it is. Unlike
+    /// [`SimDevice::check_in`] it names the version of its trusted root, as an agent does, so it
+    /// is sent only newer roots.
+    pub fn held_check_in(&self, state: AgentState, held: Option<Sha256>) -> Reply {
+        let body = outpost_protocol::encode(&HeldCheckIn {
+            check_in: CheckIn {
+                root_version: self.root.version(),
+                ..self.check_in_message(state)
+            },
+            held,
+        })
+        .expect("encoding a held check-in");
+        self.signed_request("POST", "/device/v2/checkin", Some(&body))
     }
 
     /// Verifies what a check-in answer offers, as a device would: the plan with the trusted root,

@@ -41,28 +41,36 @@ pub struct TestHub {
     ca: Option<PathBuf>,
     /// `serve --tick`: fast for tests' rollouts.
     tick: &'static str,
+    /// `serve --poll-secs` and `--rollout-poll-secs`: 1 second each unless a test asks otherwise.
+    poll_secs: (u32, u32),
 }
 
 impl TestHub {
     /// Bootstraps a new data directory and starts `serve` on it, over plain HTTP.
     pub fn start() -> TestHub {
-        TestHub::start_with(false, TEST_TICK)
+        TestHub::start_with(false, TEST_TICK, (1, 1))
     }
 
     /// Like [`TestHub::start`], with the rollout engine ticking at `serve`'s default pace rather
     /// than the tests' fast one, for a bench that must not measure a busier engine than
     /// production runs.
     pub fn start_with_default_tick() -> TestHub {
-        TestHub::start_with(false, DEFAULT_TICK)
+        TestHub::start_with(false, DEFAULT_TICK, (1, 1))
+    }
+
+    /// Like [`TestHub::start`], telling devices to come back after `quiet` seconds outside a
+    /// rollout and `in_rollout` seconds in one.
+    pub fn start_polling(quiet: u32, in_rollout: u32) -> TestHub {
+        TestHub::start_with(false, TEST_TICK, (quiet, in_rollout))
     }
 
     /// Like [`TestHub::start`], over HTTPS with a certificate `tls generate` made for `localhost`;
     /// the CLI trusts its CA, and so do simulated devices ([`crate::device_sim::trust_ca`]).
     pub fn start_tls() -> TestHub {
-        TestHub::start_with(true, TEST_TICK)
+        TestHub::start_with(true, TEST_TICK, (1, 1))
     }
 
-    fn start_with(tls: bool, tick: &'static str) -> TestHub {
+    fn start_with(tls: bool, tick: &'static str, poll_secs: (u32, u32)) -> TestHub {
         let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
         let data = dir.path().join("data");
         let data_arg = data.to_string_lossy().into_owned();
@@ -99,6 +107,7 @@ impl TestHub {
             child: None,
             ca,
             tick,
+            poll_secs,
         };
         hub.spawn("127.0.0.1:0");
         hub
@@ -133,7 +142,11 @@ impl TestHub {
             .arg(&self.data)
             .args(["--listen", listen, "--address-file"])
             .arg(&address_file)
-            .args(["--tick", self.tick, "--poll-secs", "1"]);
+            .args(["--tick", self.tick])
+            .arg("--poll-secs")
+            .arg(self.poll_secs.0.to_string())
+            .arg("--rollout-poll-secs")
+            .arg(self.poll_secs.1.to_string());
         if self.ca.is_some() {
             let certs = self.dir.path().join("certs");
             command
@@ -560,9 +573,14 @@ impl Fleet {
     /// Signs and creates a first rollout of `model` `version` to every device in one stage, with
     /// no fallback (nothing ran before it).
     pub fn first_rollout(&self, hub: &TestHub, model: &str, version: u64) {
+        self.first_rollout_with(hub, model, version, &[]);
+    }
+
+    /// [`Fleet::first_rollout`] with `extra` flags for `rollout create` (`--expires`, ...).
+    pub fn first_rollout_with(&self, hub: &TestHub, model: &str, version: u64, extra: &[&str]) {
         let version = version.to_string();
         let root = self.root_path.to_string_lossy().into_owned();
-        hub.cli(&[
+        let mut args = vec![
             "rollout",
             "create",
             "--model",
@@ -577,8 +595,9 @@ impl Fleet {
             "1s",
             "--key",
             &self.keys,
-        ])
-        .ok();
+        ];
+        args.extend_from_slice(extra);
+        hub.cli(&args).ok();
     }
 
     /// Signs and creates a rollout of `model` from `fallback` to `version`; `extra` adds gate

@@ -24,12 +24,29 @@ use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, Slot};
 use outpost_protocol::{Arch, SecretKey};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::hub::{Fleet, TestHub};
-use outpost_tests::proxy::{Exchange, Proxy, Response, Verdict};
+use outpost_tests::proxy::{Exchange, Proxy, Request, Response, Verdict};
 use outpost_tests::wait_until;
 use serde_bytes::ByteBuf;
 use serde_json::{json, Value};
 
 const CHECK_IN: &str = "/device/v1/checkin";
+/// The check-in naming held documents. The hostile hub plays a hub older than it (404), so every
+/// answer it tampers with is a full one the agent gets on [`CHECK_IN`].
+const HELD_CHECK_IN: &str = "/device/v2/checkin";
+
+/// Forwards `response`, except that, as a hub older than held check-ins, it answers one with 404.
+fn older_hub(request: &Request, response: Response) -> Verdict {
+    if request.path == HELD_CHECK_IN {
+        return Verdict::Forward(Response {
+            status: 404,
+            reason: "Not Found".to_owned(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        });
+    }
+    Verdict::Forward(response)
+}
+
 const ARTIFACTS: &str = "/device/v1/artifacts/";
 const DAY: u64 = 24 * 60 * 60;
 
@@ -41,6 +58,7 @@ fn serving_v1_via_proxy(extra: &str) -> (TestHub, Fleet, Proxy, TestAgent) {
     fleet.publish_example(&hub, "demo", 1, 1);
     fleet.first_rollout(&hub, "demo", 1);
     let proxy = Proxy::start(&hub.url());
+    proxy.set_hook(older_hub);
     let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "site=lab", extra);
     agent.start();
     agent.wait_status("active", json!("demo@1"));
@@ -55,7 +73,7 @@ fn rewrite_check_ins(proxy: &Proxy, mut change: impl FnMut(&mut CheckInResponse)
             change(&mut answer);
             response.body = outpost_protocol::encode(&answer).unwrap();
         }
-        Verdict::Forward(response)
+        older_hub(request, response)
     });
 }
 

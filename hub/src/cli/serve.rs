@@ -31,9 +31,15 @@ pub struct ServeArgs {
     /// How often the rollout engine evaluates its gates.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub tick: Duration,
-    /// Seconds devices wait between check-ins.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds devices wait between check-ins outside a rollout. At most 300: a device that
+    /// missed one check-in is not yet silent (10 minutes), and a plan's device timeout (default
+    /// 15 minutes) leaves room for the first check-in of a new rollout.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=300))]
     pub poll_secs: u32,
+    /// Seconds devices wait between check-ins while an active or paused rollout applies to them;
+    /// capped at --poll-secs.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=300))]
+    pub rollout_poll_secs: u32,
     /// Largest artifact accepted, in MiB.
     #[arg(long, default_value_t = 1024)]
     pub max_artifact_mib: u64,
@@ -69,6 +75,7 @@ impl ServeArgs {
             tls,
             tick: self.tick,
             poll_secs: self.poll_secs,
+            rollout_poll_secs: self.rollout_poll_secs.min(self.poll_secs),
             max_artifact_bytes: self.max_artifact_mib.saturating_mul(1024 * 1024),
             request_timeout: self.request_timeout,
             drain_timeout: self.drain_timeout,

@@ -21,7 +21,8 @@ use outpost_protocol::auth::{
 };
 use outpost_protocol::device::{
     AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse, ErrorResponse,
-    Status, StatusReport, TelemetryAck, TelemetryBatch, LATENCY_BUCKETS_US,
+    HeldCheckIn, HeldCheckInResponse, Status, StatusReport, TelemetryAck, TelemetryBatch,
+    LATENCY_BUCKETS_US,
 };
 use outpost_protocol::keys::SignatureBytes;
 use outpost_protocol::trust::Slot;
@@ -33,6 +34,7 @@ use tower_http::timeout::TimeoutLayer;
 use super::drift::{check_summary, SummaryError};
 use super::metrics::Metrics;
 use super::SharedHub;
+use crate::api::RolloutState;
 use crate::store::{
     DeviceRecord, EventRecord, Ingested, OutcomeKind, OutcomeRecord, RunningRecord, TokenRefusal,
     WindowInput,
@@ -57,6 +59,10 @@ pub fn routes(hub: SharedHub) -> Router {
         .route(
             "/device/v1/checkin",
             post(check_in).layer(limited(CheckIn::MAX_FRAME)),
+        )
+        .route(
+            "/device/v2/checkin",
+            post(held_check_in).layer(limited(HeldCheckIn::MAX_FRAME)),
         )
         .route(
             "/device/v1/status",
@@ -445,8 +451,45 @@ async fn check_in(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let mut device = authenticate(&hub, &method, &uri, &headers, &body)?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body)?;
     let report: CheckIn = outpost_protocol::decode(&body)?;
+    reply(&answer_check_in(&hub, device, &report)?)
+}
+
+/// A check-in naming what the device holds: when the answer would hand it the very documents it
+/// holds, for the same slot, and no newer root, it gets only the hub time and the poll interval
+/// and applies its held documents again. An older agent keeps using `/device/v1/checkin`.
+async fn held_check_in(
+    State(hub): State<SharedHub>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, DeviceError> {
+    let body = body?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body)?;
+    let request: HeldCheckIn = outpost_protocol::decode(&body)?;
+    let response = answer_check_in(&hub, device, &request.check_in)?;
+    if request.held.is_some() && response.roots.is_empty() && response.held_digest() == request.held
+    {
+        Metrics::bump(&hub.metrics.check_ins_unchanged, 1);
+        return reply(&HeldCheckInResponse::Unchanged {
+            hub_time: response.hub_time,
+            poll_after_secs: response.poll_after_secs,
+        });
+    }
+    reply(&HeldCheckInResponse::Full(response))
+}
+
+/// Records a check-in and works out the full answer: roots newer than the device's, the plan that
+/// applies to it with the manifest of its slot and any shadow manifest, and when to come back —
+/// soon while that plan's rollout is active or paused, so the device follows its stages, and
+/// after the quiet interval otherwise.
+fn answer_check_in(
+    hub: &SharedHub,
+    mut device: DeviceRecord,
+    report: &CheckIn,
+) -> Result<CheckInResponse, DeviceError> {
     let now = unix_now();
     device.last_checkin = Some(now);
     device.state = state_name(report.state).to_owned();
@@ -478,11 +521,18 @@ async fn check_in(
     let mut plan = None;
     let mut manifest = None;
     let mut shadow = None;
+    let mut poll_after_secs = hub.config.poll_secs;
     if let Some(rollout) = live
         .iter()
         .rev()
         .find(|rollout| rollout.applies_to(&labels))
     {
+        if matches!(
+            rollout.rollout.state,
+            RolloutState::Active | RolloutState::Paused
+        ) {
+            poll_after_secs = hub.config.rollout_poll_secs;
+        }
         plan = Some(ByteBuf::from(rollout.signed_plan.as_ref().clone()));
         manifest = match crate::rollout::slot_for(&rollout.rollout, &id, &labels) {
             Some(Slot::Target) => Some((
@@ -500,12 +550,12 @@ async fn check_in(
         }
     }
     Metrics::bump(&hub.metrics.check_ins, 1);
-    reply(&CheckInResponse {
+    Ok(CheckInResponse {
         hub_time: now,
         roots,
         plan,
         manifest,
-        poll_after_secs: hub.config.poll_secs,
+        poll_after_secs,
         shadow,
     })
 }

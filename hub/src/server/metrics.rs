@@ -34,6 +34,8 @@ struct RouteStats {
 pub struct Metrics {
     routes: Mutex<BTreeMap<String, RouteStats>>,
     pub check_ins: AtomicU64,
+    /// Check-ins answered without documents, the device holding them already.
+    pub check_ins_unchanged: AtomicU64,
     pub enrollments: AtomicU64,
     pub status_reports: AtomicU64,
     pub telemetry_batches: AtomicU64,
@@ -134,6 +136,11 @@ fn render_text(hub: &SharedHub) -> anyhow::Result<String> {
             "outpost_hub_check_ins_total",
             "Device check-ins served.",
             &hub.metrics.check_ins,
+        ),
+        (
+            "outpost_hub_check_ins_unchanged_total",
+            "Device check-ins answered without documents: the device held them already.",
+            &hub.metrics.check_ins_unchanged,
         ),
         (
             "outpost_hub_enrollments_total",

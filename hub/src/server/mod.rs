@@ -40,8 +40,12 @@ pub struct ServerConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// How often the rollout engine evaluates gates.
     pub tick: Duration,
-    /// Seconds a device is told to wait between check-ins.
+    /// Seconds a device is told to wait between check-ins when no active or paused rollout
+    /// applies to it.
     pub poll_secs: u32,
+    /// Seconds a device is told to wait while an active or paused rollout applies to it; never
+    /// more than `poll_secs`.
+    pub rollout_poll_secs: u32,
     pub max_artifact_bytes: u64,
     /// Time limit for a request to produce its response.
     pub request_timeout: Duration,

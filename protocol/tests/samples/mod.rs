@@ -13,9 +13,10 @@ mod drift;
 pub use drift::*;
 
 use outpost_protocol::device::{
-    AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse, ErrorResponse,
-    InferenceWindow, RunningModel, ShadowReport, Status, StatusReport, TelemetryAck,
-    TelemetryBatch, Tensor, ValidationCase, ValidationSet, LATENCY_BUCKETS_US,
+    held_digest, AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse,
+    ErrorResponse, HeldCheckIn, HeldCheckInResponse, InferenceWindow, RunningModel, ShadowReport,
+    Status, StatusReport, TelemetryAck, TelemetryBatch, Tensor, ValidationCase, ValidationSet,
+    LATENCY_BUCKETS_US,
 };
 use outpost_protocol::trust::{
     Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody, ManifestRef,
@@ -285,6 +286,27 @@ pub fn check_in_response() -> CheckInResponse {
         manifest: Some((Slot::Fallback, manifest_frame(6, 5, 3).into())),
         poll_after_secs: 60,
         shadow: Some(manifest_frame(7, 5, 3).into()),
+    }
+}
+
+/// A check-in naming the documents of [`check_in_response`] as held.
+pub fn held_check_in() -> HeldCheckIn {
+    let response = check_in_response();
+    let plan = sha256(response.plan.as_deref().expect("sample has a plan"));
+    let (slot, manifest) = response.manifest.as_ref().expect("sample has a manifest");
+    let manifest = sha256(manifest);
+    let shadow = sha256(response.shadow.as_deref().expect("sample has a shadow"));
+    HeldCheckIn {
+        check_in: check_in(),
+        held: Some(held_digest(&plan, Some((*slot, &manifest)), Some(&shadow))),
+    }
+}
+
+/// The hub's answer when nothing the device holds changed.
+pub fn held_unchanged() -> HeldCheckInResponse {
+    HeldCheckInResponse::Unchanged {
+        hub_time: NOW + 5,
+        poll_after_secs: 300,
     }
 }
 
