@@ -9,7 +9,7 @@
 //! labels = ["site=berlin", "line=3"]
 //!
 //! [sync]
-//! poll_interval = "30s"
+//! poll_interval = "5m"                   # the longest wait between check-ins
 //! poll_jitter = "5s"
 //! max_backoff = "5m"
 //! connect_timeout = "10s"
@@ -109,6 +109,8 @@ pub struct Config {
     pub trust_root: PathBuf,
     pub data_dir: PathBuf,
     pub labels: Vec<Label>,
+    /// The longest wait between check-ins: the hub names the wait in every answer (5 minutes
+    /// outside a rollout by default, 30 seconds in one), and the agent waits the shorter of the two.
     pub poll_interval: Duration,
     pub poll_jitter: Duration,
     /// Longest wait after a failed cycle (the hub unreachable, a download broken off or refused);
@@ -227,7 +229,7 @@ pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             format!("{keep_versions} is more than 32"),
         ));
     }
-    let poll_interval = duration("sync.poll_interval", &raw.sync.poll_interval, "30s")?;
+    let poll_interval = duration("sync.poll_interval", &raw.sync.poll_interval, "5m")?;
     if poll_interval.is_zero() {
         return Err(invalid("sync.poll_interval", "must be positive".into()));
     }
@@ -316,7 +318,7 @@ mod tests {
     #[test]
     fn defaults_apply() {
         let config = parse(BASE).unwrap();
-        assert_eq!(config.poll_interval, Duration::from_secs(30));
+        assert_eq!(config.poll_interval, Duration::from_secs(300));
         assert_eq!(config.keep_versions, 2);
         assert_eq!(config.telemetry_cap, 64 << 20);
         assert!(config.listen.ip().is_loopback());

@@ -410,9 +410,11 @@ impl Syncer {
             // attempt waits for the backoff.
             return Err(error.into());
         }
-        Ok(Duration::from_secs(u64::from(
-            response.poll_after_secs.max(1),
-        )))
+        // The hub names the wait; the device's own setting caps it.
+        Ok(
+            Duration::from_secs(u64::from(response.poll_after_secs.max(1)))
+                .min(self.config.poll_interval),
+        )
     }
 
     /// Checks in naming the documents held from the last full answer. An unchanged answer is

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use outpost_hub::api::RolloutState;
 use outpost_protocol::device::{AgentState, CheckInResponse, HeldCheckInResponse};
@@ -177,4 +178,43 @@ fn an_expired_plan_the_agent_holds_is_refused_as_if_the_hub_had_sent_it_again() 
         .count();
     assert_eq!(with_plan, 1, "{answers:?}");
     assert!(unchanged > 0, "{answers:?}");
+}
+
+#[test]
+fn the_agent_waits_the_shorter_of_the_hubs_interval_and_its_own_poll_interval() {
+    // The hub asks for a minute; the device's configuration caps the wait at a second.
+    let hub = TestHub::start_polling(60, 60);
+    let fleet = Fleet::new(&hub);
+    let proxy = Proxy::start(&hub.url());
+    let check_ins: Arc<Mutex<Vec<u32>>> = Arc::default();
+    {
+        let check_ins = check_ins.clone();
+        proxy.set_hook(move |request, response| {
+            if request.path == "/device/v2/checkin" && response.status == 200 {
+                let answer: HeldCheckInResponse = outpost_protocol::decode(&response.body).unwrap();
+                let asked = match answer {
+                    HeldCheckInResponse::Full(full) => full.poll_after_secs,
+                    HeldCheckInResponse::Unchanged {
+                        poll_after_secs, ..
+                    } => poll_after_secs,
+                };
+                check_ins.lock().unwrap().push(asked);
+            }
+            Verdict::Forward(response)
+        });
+    }
+    let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "", "");
+    agent.set_option("sync", "poll_interval", "\"1s\"");
+    agent.start();
+    // A minute apart, three check-ins would take two minutes; a second (and up to five of
+    // jitter) apart, a quarter of that.
+    wait_until(
+        Duration::from_secs(30),
+        "three check-ins a few seconds apart",
+        || (check_ins.lock().unwrap().len() >= 3).then_some(()),
+    );
+    assert!(
+        check_ins.lock().unwrap().iter().all(|asked| *asked == 60),
+        "{check_ins:?}"
+    );
 }
