@@ -562,6 +562,7 @@ fn is_request_error(error: &InferenceError) -> bool {
             | InferenceError::WrongDim { .. }
             | InferenceError::EmptyBatch { .. }
             | InferenceError::BatchMismatch { .. }
+            | InferenceError::BatchOfOneOnly { .. }
             | InferenceError::BadData { .. }
     )
 }

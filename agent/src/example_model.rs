@@ -113,6 +113,82 @@ pub fn byte_casts_specs(width: usize) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
     )
 }
 
+/// A model with batch axes in several places: inputs `x` `[N, 3]`, `s` `[2, N, 4]` (the batch on
+/// the second axis) and `w` `[3]` (no batch axis); outputs `y = x * w` `[N, 3]` and `z = s * s`
+/// `[2, N, 4]`.
+pub fn batch_axes() -> Vec<u8> {
+    let nodes = vec![
+        node("Mul", &["x", "w"], "y", vec![]),
+        node("Mul", &["s", "s"], "z", vec![]),
+    ];
+    let (inputs, outputs) = batch_axes_specs();
+    encode("batch_axes", nodes, vec![], &inputs, &outputs)
+}
+
+/// The specs [`batch_axes`] declares.
+pub fn batch_axes_specs() -> (Vec<TensorSpec>, Vec<TensorSpec>) {
+    let spec = |name: &str, shape: Vec<Dim>| TensorSpec {
+        name: name.to_owned(),
+        dtype: DType::F32,
+        shape,
+    };
+    (
+        vec![
+            spec("x", vec![Dim::Batch, Dim::Fixed(3)]),
+            spec("s", vec![Dim::Fixed(2), Dim::Batch, Dim::Fixed(4)]),
+            spec("w", vec![Dim::Fixed(3)]),
+        ],
+        vec![
+            spec("y", vec![Dim::Batch, Dim::Fixed(3)]),
+            spec("z", vec![Dim::Fixed(2), Dim::Batch, Dim::Fixed(4)]),
+        ],
+    )
+}
+
+/// A model whose rows are not independent: `x` `[N, 3]` → `centred = x − mean of x over the
+/// batch` `[N, 3]`, and with `with_mean` also that mean itself, `mean` `[3]` (no batch axis).
+pub fn batch_mean(with_mean: bool) -> Vec<u8> {
+    let reduce = |output: &str, keepdims: i64| {
+        node(
+            "ReduceMean",
+            &["x"],
+            output,
+            vec![
+                AttributeProto {
+                    name: "axes".to_owned(),
+                    r#type: AttributeType::Ints as i32,
+                    ints: vec![0],
+                    ..AttributeProto::default()
+                },
+                int_attribute("keepdims", keepdims),
+            ],
+        )
+    };
+    let mut nodes = vec![
+        reduce("kept_mean", 1),
+        node("Sub", &["x", "kept_mean"], "centred", vec![]),
+    ];
+    if with_mean {
+        nodes.push(reduce("mean", 0));
+    }
+    let (inputs, outputs) = batch_mean_specs(with_mean);
+    encode("batch_mean", nodes, vec![], &inputs, &outputs)
+}
+
+/// The specs [`batch_mean`] declares.
+pub fn batch_mean_specs(with_mean: bool) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
+    let spec = |name: &str, shape: Vec<Dim>| TensorSpec {
+        name: name.to_owned(),
+        dtype: DType::F32,
+        shape,
+    };
+    let mut outputs = vec![spec("centred", vec![Dim::Batch, Dim::Fixed(3)])];
+    if with_mean {
+        outputs.push(spec("mean", vec![Dim::Fixed(3)]));
+    }
+    (vec![spec("x", vec![Dim::Batch, Dim::Fixed(3)])], outputs)
+}
+
 /// Deterministic request tensors for `specs`, with every batch axis of size `batch`.
 ///
 /// Floats are uniform in [-1, 1), integers in [0, 10), bytes over their whole range. Integer

@@ -106,6 +106,8 @@ pub enum InferenceError {
         expected: u64,
         got: u64,
     },
+    #[error("the request has a batch of {got}; this model answers a batch of 1 only: {reason}")]
+    BatchOfOneOnly { got: u64, reason: String },
     #[error("input {name:?} is malformed: {reason}")]
     BadData { name: String, reason: String },
     #[error("the model failed on this request")]
@@ -139,12 +141,9 @@ impl fmt::Display for TensorKind {
 /// `run` takes `&self` and builds fresh state per call, so one `LoadedModel` serves concurrent
 /// requests.
 pub struct LoadedModel {
-    /// Runs any batch size: every batch axis is the symbol `N`.
+    /// The model's one optimised plan, with every batch axis fixed at 1.
     plan: std::sync::Arc<TypedSimplePlan>,
-    /// The same model planned for a batch of exactly 1, the common case on a device: tract picks
-    /// faster kernels for concrete shapes (about 20% on a matrix-vector model). `None` when the
-    /// model has no batch axis, so `plan` is already concrete.
-    single: Option<std::sync::Arc<TypedSimplePlan>>,
+    batching: Batching,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
     /// For each model input, in the model's order, the index of its spec in `inputs`.
@@ -152,6 +151,88 @@ pub struct LoadedModel {
     /// For each model output, in the model's order, the index of its spec in `outputs`.
     output_spec_of: Vec<usize>,
     threads: usize,
+}
+
+/// How a model with a batch axis runs a batch of more than one.
+///
+/// A model is planned once: a second optimised plan holds a second packed copy of the weights
+/// (+18 MiB on MobileNetV2) and doubles the load time. tract's kernels are much faster on concrete
+/// shapes than on a symbolic batch (a symbolic plan takes 4.9x the batch-1 plan's time on
+/// MobileNetV2 and 1.36x on the Silero sequence export, even at batch 1), so the plan is for
+/// batch 1 and the rows of a larger batch run through it one after the other, which also beats
+/// the symbolic plan at batch 4 on the CNNs (see `docs/BENCHMARKS.md`, "One plan per model").
+/// Rows are independent by the meaning of a batch axis; a validation case with a batch of more
+/// than one runs through this same path, so the publish gate checks what the device runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Batching {
+    /// No input has a batch axis: every request has the plan's one shape.
+    None,
+    /// The plan is for batch 1. For each input spec, its batch axis (`None`: the input has none
+    /// and goes whole to every row); for each output spec, its batch axis, along which the rows'
+    /// outputs are stacked.
+    Rows {
+        input_axes: Vec<Option<usize>>,
+        output_axes: Vec<usize>,
+    },
+    /// An input has several batch axes, or an output has none (an LSTM's state, a reduction
+    /// over the batch), so the rows' outputs cannot be put back together: the model answers a
+    /// batch of 1, and a larger batch is refused with this reason.
+    OneRow { reason: String },
+}
+
+impl Batching {
+    fn of(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Batching {
+        let batch_axes = |spec: &TensorSpec| -> Vec<usize> {
+            spec.shape
+                .iter()
+                .enumerate()
+                .filter_map(|(axis, dim)| (*dim == Dim::Batch).then_some(axis))
+                .collect()
+        };
+        let input_axes: Vec<Vec<usize>> = inputs.iter().map(batch_axes).collect();
+        let output_axes: Vec<Vec<usize>> = outputs.iter().map(batch_axes).collect();
+        // Without a batch axis on an input no request has a batch, whatever the outputs say.
+        if input_axes.iter().all(Vec::is_empty) {
+            return Batching::None;
+        }
+        let one = |axes: &Vec<usize>| match axes.as_slice() {
+            [axis] => Some(*axis),
+            _ => None,
+        };
+        if let Some(spec) = inputs
+            .iter()
+            .zip(&input_axes)
+            .find(|(_, axes)| axes.len() > 1)
+        {
+            return Batching::OneRow {
+                reason: format!("input {:?} has more than one batch axis", spec.0.name),
+            };
+        }
+        if let Some(spec) = outputs
+            .iter()
+            .zip(&output_axes)
+            .find(|(_, axes)| axes.len() != 1)
+        {
+            return Batching::OneRow {
+                reason: format!(
+                    "output {:?} does not have exactly one batch axis to put rows together on",
+                    spec.0.name
+                ),
+            };
+        }
+        Batching::Rows {
+            input_axes: input_axes.iter().map(one).collect(),
+            output_axes: output_axes.iter().filter_map(one).collect(),
+        }
+    }
+
+    /// The size the plan fixes every batch axis at; `None` when no input has one.
+    fn planned_batch(&self) -> Option<i64> {
+        match self {
+            Batching::None => None,
+            Batching::Rows { .. } | Batching::OneRow { .. } => Some(1),
+        }
+    }
 }
 
 impl fmt::Debug for LoadedModel {
@@ -186,35 +267,19 @@ impl LoadedModel {
             executor,
             ..RunOptions::default()
         };
-        let has_batch = inputs
-            .iter()
-            .chain(outputs)
-            .any(|spec| spec.shape.contains(&Dim::Batch));
-        let single = if has_batch {
-            Some(plan_for(
-                model.clone(),
-                inputs,
-                outputs,
-                &input_spec_of,
-                &output_spec_of,
-                Some(1),
-                &options,
-            )?)
-        } else {
-            None
-        };
+        let batching = Batching::of(inputs, outputs);
         let plan = plan_for(
             model,
             inputs,
             outputs,
             &input_spec_of,
             &output_spec_of,
-            None,
+            batching.planned_batch(),
             &options,
         )?;
         Ok(LoadedModel {
             plan,
-            single,
+            batching,
             inputs: inputs.to_vec(),
             outputs: outputs.to_vec(),
             input_spec_of,
@@ -281,7 +346,7 @@ impl LoadedModel {
     /// across inputs, data length) before tract runs. Outputs come back in spec order, named from
     /// the output specs.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
-        let mut by_spec: Vec<Option<tract_onnx::prelude::Tensor>> = vec![None; self.inputs.len()];
+        let mut by_spec: Vec<Option<&Tensor>> = vec![None; self.inputs.len()];
         let mut batch: Option<u64> = None;
         for tensor in inputs {
             let spec_ix = self
@@ -297,30 +362,91 @@ impl LoadedModel {
                 });
             }
             check_input(&self.inputs[spec_ix], tensor, &mut batch)?;
-            by_spec[spec_ix] = Some(to_tract(tensor)?);
+            by_spec[spec_ix] = Some(tensor);
         }
-        if let Some(spec) = by_spec
-            .iter()
+        let by_spec = by_spec
+            .into_iter()
             .zip(&self.inputs)
-            .find_map(|(tensor, spec)| tensor.is_none().then_some(spec))
-        {
-            return Err(InferenceError::MissingInput {
-                name: spec.name.clone(),
-            });
+            .map(|(tensor, spec)| {
+                tensor.ok_or_else(|| InferenceError::MissingInput {
+                    name: spec.name.clone(),
+                })
+            })
+            .collect::<Result<Vec<&Tensor>, _>>()?;
+        match (&self.batching, batch) {
+            (
+                Batching::Rows {
+                    input_axes,
+                    output_axes,
+                },
+                Some(rows),
+            ) if rows > 1 => self.run_rows(&by_spec, input_axes, output_axes, rows),
+            (Batching::OneRow { reason }, Some(rows)) if rows > 1 => {
+                Err(InferenceError::BatchOfOneOnly {
+                    got: rows,
+                    reason: reason.clone(),
+                })
+            }
+            _ => {
+                let ordered = self
+                    .input_spec_of
+                    .iter()
+                    .map(|&spec_ix| to_tract(by_spec[spec_ix]).map(TValue::from))
+                    .collect::<Result<TVec<TValue>, _>>()?;
+                self.run_plan(ordered)
+            }
         }
-        // `input_spec_of` is a permutation, so each tensor moves into its slot exactly once.
-        let ordered: TVec<TValue> = self
-            .input_spec_of
+    }
+
+    /// Runs a batch of `rows` through the batch-1 plan one row at a time and stacks the rows'
+    /// outputs along each output's batch axis (see [`Batching`]).
+    fn run_rows(
+        &self,
+        by_spec: &[&Tensor],
+        input_axes: &[Option<usize>],
+        output_axes: &[usize],
+        rows: u64,
+    ) -> Result<Vec<Tensor>, InferenceError> {
+        // Inputs without a batch axis are the same for every row: converted once.
+        let whole = by_spec
             .iter()
-            .filter_map(|&spec_ix| by_spec.get_mut(spec_ix).and_then(Option::take))
-            .map(TValue::from)
-            .collect();
-        let plan = match (&self.single, batch) {
-            (Some(single), Some(1)) => single,
-            _ => &self.plan,
-        };
+            .zip(input_axes)
+            .map(|(tensor, axis)| match axis {
+                Some(_) => Ok(None),
+                None => to_tract(tensor).map(|tensor| Some(TValue::from(tensor))),
+            })
+            .collect::<Result<Vec<Option<TValue>>, _>>()?;
+        let mut stacks: Vec<Vec<Tensor>> = vec![Vec::new(); self.outputs.len()];
+        for row in 0..rows {
+            let ordered = self
+                .input_spec_of
+                .iter()
+                .map(|&spec_ix| match (&whole[spec_ix], input_axes[spec_ix]) {
+                    (Some(value), _) => Ok(value.clone()),
+                    (None, Some(axis)) => {
+                        to_tract(&take_row(by_spec[spec_ix], axis, row)).map(TValue::from)
+                    }
+                    (None, None) => Err(InferenceError::Run(anyhow::anyhow!(
+                        "input {:?} has neither a batch axis nor a whole value",
+                        by_spec[spec_ix].name
+                    ))),
+                })
+                .collect::<Result<TVec<TValue>, _>>()?;
+            for (stack, output) in stacks.iter_mut().zip(self.run_plan(ordered)?) {
+                stack.push(output);
+            }
+        }
+        stacks
+            .into_iter()
+            .zip(output_axes)
+            .map(|(stack, &axis)| stack_rows(stack, axis))
+            .collect()
+    }
+
+    /// Runs the plan on inputs in the model's order; outputs in spec order.
+    fn run_plan(&self, ordered: TVec<TValue>) -> Result<Vec<Tensor>, InferenceError> {
         let results = catch_panic("running the model", || {
-            plan.run(ordered).map_err(InferenceError::Run)
+            self.plan.run(ordered).map_err(InferenceError::Run)
         })?;
         let mut outputs: Vec<Option<Tensor>> = vec![None; self.outputs.len()];
         for (value, &spec_ix) in results.iter().zip(&self.output_spec_of) {
@@ -593,7 +719,7 @@ fn plan_for(
     let typed = catch_panic("optimizing the model", || {
         fix_input_facts(&mut model, inputs, input_spec_of, batch)?;
         let optimized = model.into_optimized().map_err(InferenceError::Optimize)?;
-        check_output_facts(&optimized, outputs, output_spec_of)?;
+        check_output_facts(&optimized, outputs, output_spec_of, batch)?;
         Ok(optimized)
     })?;
     catch_panic("planning the model", || {
@@ -787,10 +913,13 @@ fn check_declared_input(spec: &TensorSpec, declared: &InferenceFact) -> Result<(
     Ok(())
 }
 
+/// Checks the planned outputs against their specs. With the batch fixed at `batch`, a batch axis
+/// must come out at that size too, or the rows of a larger batch could not be stacked along it.
 fn check_output_facts(
     model: &TypedModel,
     specs: &[TensorSpec],
     spec_of: &[usize],
+    batch: Option<i64>,
 ) -> Result<(), InferenceError> {
     for (ix, &spec_ix) in spec_of.iter().enumerate() {
         let spec = &specs[spec_ix];
@@ -815,12 +944,19 @@ fn check_output_facts(
             )));
         }
         for (axis, (dim, spec_dim)) in fact.shape.iter().zip(&spec.shape).enumerate() {
-            if let Dim::Fixed(size) = spec_dim {
-                if dim.to_i64().ok() != Some(*size as i64) {
+            match (spec_dim, batch) {
+                (Dim::Fixed(size), _) if dim.to_i64().ok() != Some(*size as i64) => {
                     return Err(mismatch(format!(
                         "the model produces size {dim} on axis {axis}, the spec says {size}"
                     )));
                 }
+                (Dim::Batch, Some(batch)) if dim.to_i64().ok() != Some(batch) => {
+                    return Err(mismatch(format!(
+                        "the model produces size {dim} on batch axis {axis} for a batch of \
+                         {batch}"
+                    )));
+                }
+                _ => {}
             }
         }
     }
@@ -919,7 +1055,6 @@ fn check_input(
 trait Element: tract_onnx::prelude::Datum + Copy {
     const SIZE: usize;
     fn from_le(bytes: &[u8]) -> Self;
-    fn put_le(self, out: &mut Vec<u8>);
     fn to_f64(self) -> f64;
 }
 
@@ -931,9 +1066,6 @@ macro_rules! element {
                 let mut array = [0u8; std::mem::size_of::<$t>()];
                 array.copy_from_slice(bytes);
                 <$t>::from_le_bytes(array)
-            }
-            fn put_le(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
             }
             fn to_f64(self) -> f64 {
                 $to_f64(self)
@@ -948,10 +1080,6 @@ element!(i32, f64::from);
 // Exact up to 2^53, which is as close as a tolerance in f64 can compare anyway.
 element!(i64, |value: i64| value as f64);
 element!(u8, f64::from);
-
-fn decode<T: Element>(data: &[u8]) -> Vec<T> {
-    data.chunks_exact(T::SIZE).map(T::from_le).collect()
-}
 
 fn datum_type(dtype: DType) -> DatumType {
     match dtype {
@@ -985,14 +1113,69 @@ fn output_dtype_of(datum: DatumType) -> Option<DType> {
     }
 }
 
-/// Copies a checked protocol tensor into a tract tensor.
-fn to_tract(tensor: &Tensor) -> Result<tract_onnx::prelude::Tensor, InferenceError> {
-    fn build<T: Element>(
-        shape: &[usize],
-        data: &[u8],
-    ) -> anyhow::Result<tract_onnx::prelude::Tensor> {
-        tract_onnx::prelude::Tensor::from_shape(shape, &decode::<T>(data))
+/// For a tensor and one of its axes: the product of the sizes before the axis, the axis's size,
+/// and the bytes of one step along the axis. The tensor has passed [`Tensor::check`], so its sizes
+/// multiply to its data length and fit in memory.
+fn around_axis(tensor: &Tensor, axis: usize) -> (usize, usize, usize) {
+    let product = |dims: &[u64]| dims.iter().product::<u64>() as usize;
+    (
+        product(&tensor.shape[..axis]),
+        tensor.shape[axis] as usize,
+        product(&tensor.shape[axis + 1..]) * tensor.dtype.size(),
+    )
+}
+
+/// Row `row` of a checked input along its batch axis, as a tensor with a batch of 1.
+fn take_row(tensor: &Tensor, axis: usize, row: u64) -> Tensor {
+    let (outer, rows, step) = around_axis(tensor, axis);
+    let mut data = Vec::with_capacity(outer * step);
+    if step > 0 {
+        for block in tensor.data.chunks_exact(rows * step) {
+            let start = row as usize * step;
+            data.extend_from_slice(&block[start..start + step]);
+        }
     }
+    let mut shape = tensor.shape.clone();
+    shape[axis] = 1;
+    Tensor {
+        name: tensor.name.clone(),
+        dtype: tensor.dtype,
+        shape,
+        data,
+    }
+}
+
+/// Stacks the batch-1 outputs of each row along `axis` into one output.
+fn stack_rows(rows: Vec<Tensor>, axis: usize) -> Result<Tensor, InferenceError> {
+    let Some(first) = rows.first() else {
+        return Err(InferenceError::Run(anyhow::anyhow!("a batch with no rows")));
+    };
+    if first.shape.get(axis) != Some(&1) || rows.iter().any(|row| row.shape != first.shape) {
+        return Err(InferenceError::Run(anyhow::anyhow!(
+            "output {:?} came back with shapes that do not stack along batch axis {axis}",
+            first.name
+        )));
+    }
+    let (outer, _, step) = around_axis(first, axis);
+    let mut data = Vec::with_capacity(outer * step * rows.len());
+    for block in 0..outer {
+        for row in &rows {
+            data.extend_from_slice(&row.data[block * step..(block + 1) * step]);
+        }
+    }
+    let mut shape = first.shape.clone();
+    shape[axis] = rows.len() as u64;
+    Ok(Tensor {
+        name: first.name.clone(),
+        dtype: first.dtype,
+        shape,
+        data,
+    })
+}
+
+/// Copies a checked protocol tensor into a tract tensor: one copy of the little-endian bytes
+/// straight into the tensor's buffer, with no intermediate vector (every request pays this).
+fn to_tract(tensor: &Tensor) -> Result<tract_onnx::prelude::Tensor, InferenceError> {
     let bad = |reason: String| InferenceError::BadData {
         name: tensor.name.clone(),
         reason,
@@ -1003,28 +1186,37 @@ fn to_tract(tensor: &Tensor) -> Result<tract_onnx::prelude::Tensor, InferenceErr
         .map(|&dim| usize::try_from(dim))
         .collect::<Result<Vec<usize>, _>>()
         .map_err(|_| bad("an axis does not fit this machine's address space".to_owned()))?;
-    let data = &tensor.data;
-    match tensor.dtype {
-        DType::F32 => build::<f32>(&shape, data),
-        DType::F64 => build::<f64>(&shape, data),
-        DType::I32 => build::<i32>(&shape, data),
-        DType::I64 => build::<i64>(&shape, data),
-        DType::U8 => build::<u8>(&shape, data),
+    let dtype = datum_type(tensor.dtype);
+    let mut out = tract_onnx::prelude::Tensor::zero_dt(dtype, &shape)
+        .map_err(|error| bad(format!("{error:#}")))?;
+    let mut view = out
+        .try_as_plain_ram_mut()
+        .map_err(|error| bad(format!("{error:#}")))?;
+    let bytes = view.as_bytes_mut();
+    if bytes.len() != tensor.data.len() {
+        return Err(bad(format!(
+            "{} bytes of data for {} bytes of tensor",
+            tensor.data.len(),
+            bytes.len()
+        )));
     }
-    .map_err(|error| bad(format!("{error:#}")))
+    bytes.copy_from_slice(&tensor.data);
+    to_native_order(bytes, dtype.size_of());
+    Ok(out)
+}
+
+/// Turns little-endian elements of `size` bytes into this machine's order, and back (the same
+/// swap both ways): nothing to do on little-endian machines.
+fn to_native_order(bytes: &mut [u8], size: usize) {
+    if cfg!(target_endian = "big") {
+        for element in bytes.chunks_exact_mut(size) {
+            element.reverse();
+        }
+    }
 }
 
 /// Copies a tract output into a protocol tensor named and typed by its spec.
 fn from_tract(spec: &TensorSpec, value: &TValue) -> Result<Tensor, InferenceError> {
-    fn encode<T: Element>(tensor: &tract_onnx::prelude::Tensor) -> anyhow::Result<Vec<u8>> {
-        let view = tensor.to_plain_array_view::<T>()?;
-        let mut out = Vec::with_capacity(view.len() * T::SIZE);
-        // The view iterates in logical row-major order whatever the tensor's strides.
-        for element in view.iter() {
-            element.put_le(&mut out);
-        }
-        Ok(out)
-    }
     if output_dtype_of(value.datum_type()) != Some(spec.dtype) {
         return Err(InferenceError::OutputDType {
             name: spec.name.clone(),
@@ -1038,14 +1230,22 @@ fn from_tract(spec: &TensorSpec, value: &TValue) -> Result<Tensor, InferenceErro
     } else {
         std::borrow::Cow::Borrowed(tensor)
     };
-    let data = match spec.dtype {
-        DType::F32 => encode::<f32>(&tensor),
-        DType::F64 => encode::<f64>(&tensor),
-        DType::I32 => encode::<i32>(&tensor),
-        DType::I64 => encode::<i64>(&tensor),
-        DType::U8 => encode::<u8>(&tensor),
+    // A tract tensor is dense and row-major, so its bytes are the elements in logical order.
+    let size = tensor.datum_type().size_of();
+    let mut data = tensor
+        .try_as_plain_ram()
+        .map_err(InferenceError::Run)?
+        .as_bytes()
+        .to_vec();
+    if data.len() != tensor.len() * size {
+        return Err(InferenceError::Run(anyhow::anyhow!(
+            "output {:?} has {} bytes for {} elements",
+            spec.name,
+            data.len(),
+            tensor.len()
+        )));
     }
-    .map_err(InferenceError::Run)?;
+    to_native_order(&mut data, size);
     Ok(Tensor {
         name: spec.name.clone(),
         dtype: spec.dtype,

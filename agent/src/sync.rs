@@ -795,6 +795,7 @@ impl Syncer {
                 }
                 self.slot.swap(Arc::new(model));
                 self.agent_state = AgentState::Steady;
+                self.write_status();
                 log::info!("committed {candidate}");
                 self.queue(Some(sequence), Some(candidate), "committed", String::new());
                 let mut keep: Vec<[u8; 32]> = self
@@ -817,6 +818,9 @@ impl Syncer {
                 if let Err(error) = self.files.save(&self.state) {
                     log::error!("saving agent state: {error:#}");
                 }
+                // Before the report goes out: whoever reads the hub's event then finds the
+                // status file already without the candidate.
+                self.write_status();
                 self.queue(Some(sequence), Some(candidate), "failed", reason);
             }
         }

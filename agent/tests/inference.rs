@@ -4,12 +4,13 @@
 use std::time::{Duration, Instant};
 
 use outpost_agent::example_model::{
-    byte_casts, byte_casts_specs, example_inputs, mlp, mlp_specs, validation_set_for,
+    batch_axes, batch_axes_specs, batch_mean, batch_mean_specs, byte_casts, byte_casts_specs,
+    example_inputs, mlp, mlp_specs, validation_set_for,
 };
 use outpost_agent::inference::{
     validate, InferenceError, LoadedModel, TensorKind, ValidationError,
 };
-use outpost_protocol::device::{Tensor, ValidationSet};
+use outpost_protocol::device::{Tensor, ValidationCase, ValidationSet};
 use outpost_protocol::trust::{DType, Dim, TensorSpec};
 
 const N_INPUTS: usize = 4;
@@ -646,4 +647,101 @@ fn one_loaded_model_serves_concurrent_requests() {
             .collect()
     });
     assert_eq!(sequential, concurrent);
+}
+
+/// `count` distinct values, so a row taken from the wrong place shows.
+fn ramp(count: usize, start: f32) -> Vec<f32> {
+    (0..count).map(|ix| start + ix as f32 * 0.25).collect()
+}
+
+#[test]
+fn batch_axes_anywhere_answer_batch_1_and_n_like_the_arithmetic() {
+    let (inputs, outputs) = batch_axes_specs();
+    let model = LoadedModel::load(&batch_axes(), &inputs, &outputs, 1).expect("loads");
+    let w = [2.0f32, -1.0, 0.5];
+    for batch in [1usize, 4] {
+        let x = ramp(batch * 3, 1.0);
+        let s = ramp(2 * batch * 4, -3.0);
+        let request = vec![
+            f32_tensor("s", &[2, batch as u64, 4], &s),
+            f32_tensor("w", &[3], &w),
+            f32_tensor("x", &[batch as u64, 3], &x),
+        ];
+        let answer = model.run(&request).expect("runs");
+        assert_eq!(answer[0].name, "y");
+        assert_eq!(answer[0].shape, vec![batch as u64, 3]);
+        let want_y: Vec<f32> = x.iter().enumerate().map(|(ix, v)| v * w[ix % 3]).collect();
+        assert_eq!(f32s(&answer[0]), want_y, "y at batch {batch}");
+        assert_eq!(answer[1].name, "z");
+        assert_eq!(answer[1].shape, vec![2, batch as u64, 4]);
+        let want_z: Vec<f32> = s.iter().map(|v| v * v).collect();
+        assert_eq!(f32s(&answer[1]), want_z, "z at batch {batch}");
+    }
+}
+
+/// `x` `[rows, 3]` minus its mean over the rows, and that mean, computed here.
+fn centred(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let rows = x.len() / 3;
+    let mean: Vec<f32> = (0..3)
+        .map(|col| (0..rows).map(|row| x[row * 3 + col]).sum::<f32>() / rows as f32)
+        .collect();
+    let centred = x
+        .iter()
+        .enumerate()
+        .map(|(ix, v)| v - mean[ix % 3])
+        .collect();
+    (centred, mean)
+}
+
+#[test]
+fn a_model_whose_rows_cannot_be_put_back_together_answers_batch_1_and_refuses_more() {
+    // `mean` has no batch axis, so the rows of a larger batch cannot be stacked into it.
+    let (inputs, outputs) = batch_mean_specs(true);
+    let model = LoadedModel::load(&batch_mean(true), &inputs, &outputs, 1).expect("loads");
+    let x = [2.0f32, -1.0, 0.5];
+    let answer = model
+        .run(&[f32_tensor("x", &[1, 3], &x)])
+        .expect("batch 1 runs");
+    assert_eq!(answer[0].shape, vec![1, 3]);
+    assert_eq!(f32s(&answer[0]), vec![0.0; 3], "a row centred on itself");
+    assert_eq!(answer[1].shape, vec![3]);
+    assert_eq!(f32s(&answer[1]), x.to_vec(), "the mean of one row");
+    let error = model
+        .run(&[f32_tensor("x", &[3, 3], &ramp(9, 2.0))])
+        .expect_err("batch 3");
+    assert!(
+        matches!(&error, InferenceError::BatchOfOneOnly { got: 3, reason } if reason.contains("\"mean\"")),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("batch of 1 only"), "{error}");
+}
+
+#[test]
+fn validation_at_batch_n_refuses_a_model_whose_rows_are_not_independent() {
+    // Every output has one batch axis, so a batch runs row by row through the batch-1 plan, and
+    // this model's rows then come out centred on themselves (all zeros). Its exporter's golden
+    // outputs, centred on the batch mean, pass at batch 1 and fail at batch 3: the gate refuses
+    // the model, because validation runs the path the device runs.
+    let (inputs, outputs) = batch_mean_specs(false);
+    let model = LoadedModel::load(&batch_mean(false), &inputs, &outputs, 1).expect("loads");
+    let case = |batch: u64| {
+        let x = ramp(batch as usize * 3, 2.0);
+        let (want, _) = centred(&x);
+        ValidationCase {
+            inputs: vec![f32_tensor("x", &[batch, 3], &x)],
+            outputs: vec![f32_tensor("centred", &[batch, 3], &want)],
+        }
+    };
+    let set = |cases| ValidationSet {
+        abs_tolerance: 1e-6,
+        rel_tolerance: 0.0,
+        cases,
+    };
+    validate(&model, &set(vec![case(1)]), far_deadline()).expect("batch 1 passes");
+    let error =
+        validate(&model, &set(vec![case(1), case(3)]), far_deadline()).expect_err("batch 3 fails");
+    assert!(
+        matches!(error, ValidationError::Mismatch { case: 1, .. }),
+        "{error}"
+    );
 }
