@@ -7,8 +7,12 @@
 //! 2. the small example MLP (4 → 8 → 3) active, then after 1000 inference requests;
 //! 3. a wide MLP (4 → 131072 → 3, about 4 MiB of weights) active, then after 1000 requests.
 //!
+//! Each reading also splits the resident set into anonymous memory (heap, stacks) and file pages
+//! (the binary's code and data), and counts threads; the idle one lists the largest mappings.
+//!
 //! This is a measurement, never a pass/fail test: `cargo bench -p outpost-tests --bench
-//! agent_footprint`.
+//! agent_footprint`. `OUTPOST_FOOTPRINT_AGENT=PATH` runs that agent binary (a `dist` build, say)
+//! against the release hub instead of the release agent.
 
 #![allow(clippy::unwrap_used)]
 
@@ -27,8 +31,16 @@ const REQUESTS: usize = 1000;
 /// Hidden width of the large model.
 const WIDE_HIDDEN: &str = "131072";
 
-/// `VmRSS` and `VmHWM` of `pid`, in KiB.
-fn memory(pid: u32) -> (u64, u64) {
+/// One reading of `/proc/<pid>/status`: sizes in KiB.
+struct Memory {
+    rss: u64,
+    hwm: u64,
+    anon: u64,
+    file: u64,
+    threads: u64,
+}
+
+fn memory(pid: u32) -> Memory {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| -> u64 {
         status
@@ -38,7 +50,39 @@ fn memory(pid: u32) -> (u64, u64) {
             .and_then(|kib| kib.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    Memory {
+        rss: field("VmRSS:"),
+        hwm: field("VmHWM:"),
+        anon: field("RssAnon:"),
+        file: field("RssFile:"),
+        threads: field("Threads:"),
+    }
+}
+
+/// The `count` mappings of `pid` with the largest resident sets: (KiB, mapping), largest first.
+/// Anonymous mappings are named by their size, which tells a thread stack or a malloc arena apart.
+fn largest_mappings(pid: u32, count: usize) -> Vec<(u64, String)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut mappings: Vec<(u64, String)> = Vec::new();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            let kib = rss.trim().trim_end_matches("kB").trim().parse().unwrap();
+            mappings.push((kib, current.clone()));
+        } else if first.contains('-') && !first.ends_with(':') {
+            let (start, end) = first.split_once('-').unwrap();
+            let size =
+                u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
+            let perms = words.next().unwrap_or_default();
+            let name = words.nth(3).unwrap_or("[anon]");
+            current = format!("{name} {perms} ({} KiB mapped)", size / 1024);
+        }
+    }
+    mappings.sort_by_key(|mapping| std::cmp::Reverse(mapping.0));
+    mappings.truncate(count);
+    mappings
 }
 
 fn mib(kib: u64) -> String {
@@ -84,7 +128,28 @@ fn main() {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(Into::into)
         .unwrap_or_else(|| root.join("target"));
-    use_binaries_from(target.join("release"));
+    let release = target.join("release");
+    let agent_binary = match std::env::var_os("OUTPOST_FOOTPRINT_AGENT") {
+        Some(path) => {
+            // The harness runs both binaries from one directory.
+            let dir = target.join("footprint-bins");
+            std::fs::create_dir_all(&dir).unwrap();
+            for (name, from) in [
+                ("outpost-hub", release.join("outpost-hub")),
+                ("outpost-agent", std::path::PathBuf::from(path)),
+            ] {
+                let _ = std::fs::remove_file(dir.join(name));
+                std::os::unix::fs::symlink(std::fs::canonicalize(&from).unwrap(), dir.join(name))
+                    .unwrap_or_else(|e| panic!("linking {}: {e}", from.display()));
+            }
+            use_binaries_from(dir.clone());
+            dir.join("outpost-agent")
+        }
+        None => {
+            use_binaries_from(release.clone());
+            release.join("outpost-agent")
+        }
+    };
 
     let hub = TestHub::start();
     let fleet = Fleet::new(&hub);
@@ -97,7 +162,7 @@ fn main() {
     });
 
     let client = http();
-    let mut rows: Vec<(String, (u64, u64))> = Vec::new();
+    let mut rows: Vec<(String, Memory)> = Vec::new();
     let mut read = |label: String, agent: &TestAgent| {
         std::thread::sleep(SETTLE);
         rows.push((label, memory(agent.pid())));
@@ -111,6 +176,7 @@ fn main() {
     };
 
     read("idle, enrolled, no model".to_owned(), &agent);
+    let idle_mappings = largest_mappings(agent.pid(), 12);
     fleet.first_rollout(&hub, "demo", 1);
     agent.wait_status("active", json!("demo@1"));
     read(format!("small MLP active ({small} B ONNX)"), &agent);
@@ -128,12 +194,28 @@ fn main() {
     serve(&agent);
     read(format!("wide MLP after {REQUESTS} requests"), &agent);
 
-    println!("agent: {}", target.join("release/outpost-agent").display());
+    println!(
+        "agent: {} ({} bytes)",
+        std::fs::canonicalize(&agent_binary).unwrap().display(),
+        std::fs::metadata(&agent_binary).unwrap().len()
+    );
     println!();
-    println!("| Agent state | VmRSS | VmHWM (peak so far) |");
-    println!("|---|---:|---:|");
-    for (label, (rss, hwm)) in &rows {
-        println!("| {label} | {} | {} |", mib(*rss), mib(*hwm));
+    println!("| Agent state | VmRSS | VmHWM (peak so far) | anonymous | file | threads |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (label, m) in &rows {
+        println!(
+            "| {label} | {} | {} | {} | {} | {} |",
+            mib(m.rss),
+            mib(m.hwm),
+            mib(m.anon),
+            mib(m.file),
+            m.threads
+        );
+    }
+    println!();
+    println!("largest mappings when idle (resident KiB, mapping):");
+    for (kib, mapping) in &idle_mappings {
+        println!("  {kib:>6}  {mapping}");
     }
     println!();
     println!(
