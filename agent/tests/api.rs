@@ -13,7 +13,8 @@ use outpost_agent::api::{
 };
 use outpost_agent::drift::{build_profile, Extractor, ProfileOptions};
 use outpost_agent::example_model::{
-    byte_casts, byte_casts_specs, example_inputs, mlp, mlp_specs, normal_rows,
+    batch_mean, batch_mean_specs, byte_casts, byte_casts_specs, example_inputs, mlp, mlp_specs,
+    normal_rows,
 };
 use outpost_agent::inference::LoadedModel;
 use outpost_agent::slot::{ActiveModel, ModelDrift, ModelSlot};
@@ -925,4 +926,32 @@ fn tritonclient_works_unchanged() {
         assert_eq!(got, want, "{mode} transfer");
     }
     assert_eq!(results["shape"], json!([3, N_OUTPUTS]));
+}
+
+#[test]
+fn a_model_answering_batch_1_only_refuses_a_larger_batch_over_http_with_400() {
+    // `batch_mean`'s "mean" output has no batch axis, so rows cannot be stacked into it.
+    let (inputs, outputs) = batch_mean_specs(true);
+    let api = Api::start();
+    api.slot.swap(Arc::new(ActiveModel {
+        name: MODEL.to_owned(),
+        version: 1,
+        manifest_sha256: Sha256([1; 32]),
+        model: LoadedModel::load(&batch_mean(true), &inputs, &outputs, 1).expect("loads"),
+        drift: None,
+    }));
+    let request = |rows: u64| {
+        json!({"inputs": [{
+            "name": "x",
+            "datatype": "FP32",
+            "shape": [rows, 3],
+            "data": vec![1.0f32; rows as usize * 3],
+        }]})
+    };
+    let one = api.infer(&request(1));
+    assert_eq!(one.status, 200, "{}", one.json());
+    api.infer(&request(3))
+        .refused(400, &["batch of 3", "batch of 1 only", "\"mean\""]);
+    // The refusal is the request's fault: the model keeps serving.
+    assert_eq!(api.infer(&request(1)).status, 200);
 }
