@@ -8,9 +8,11 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use outpost_protocol::auth::RequestToSign;
 use outpost_protocol::device::{CheckIn, CheckInResponse, TelemetryBatch};
 use outpost_protocol::drift::{assess, FeatureSummary};
-use outpost_protocol::{decode, encode, Message};
+use outpost_protocol::keys::SignatureBytes;
+use outpost_protocol::{decode, encode, verify_batch, BatchItem, Message, PreparedKey, SecretKey};
 
 // The same realistic messages the round-trip and robustness suites use, so the benchmarks measure
 // the shapes the tests pin.
@@ -91,5 +93,50 @@ fn drift(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, verification, envelope, drift);
+/// The hub's device request signatures: one by one with `verify_strict`, and in batches of the
+/// sizes its verifier sees under load. Throughput is per signature, so the lines compare directly.
+fn request_signatures(c: &mut Criterion) {
+    let signed: Vec<(Vec<u8>, SignatureBytes, PreparedKey)> = (0..64u8)
+        .map(|i| {
+            let key = SecretKey::from_seed([i; 32]);
+            let request = RequestToSign {
+                method: "POST",
+                path_and_query: "/device/v2/checkin",
+                body_sha256: outpost_protocol::sha256(&[i; 40]),
+                timestamp: 1_790_000_000,
+                nonce: [i; 16],
+            };
+            let message = request.message();
+            let signature = key.sign(&message);
+            (
+                message,
+                signature,
+                key.public().prepare().expect("a valid key"),
+            )
+        })
+        .collect();
+    let mut group = c.benchmark_group("request_signatures");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("verify_strict", |b| {
+        let (message, signature, key) = &signed[0];
+        b.iter(|| assert!(key.verify(black_box(message), signature)))
+    });
+    for size in [1usize, 4, 8, 16, 64] {
+        let items: Vec<BatchItem<'_>> = signed[..size]
+            .iter()
+            .map(|(message, signature, key)| BatchItem {
+                message,
+                signature,
+                key,
+            })
+            .collect();
+        group.throughput(Throughput::Elements(size as u64));
+        group.bench_function(format!("verify_batch/{size}"), |b| {
+            b.iter(|| assert!(verify_batch(black_box(&items)).iter().all(|ok| *ok)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, verification, request_signatures, envelope, drift);
 criterion_main!(benches);

@@ -4,7 +4,7 @@
 //! and a random nonce. The hub refuses timestamps outside [`MAX_CLOCK_SKEW_SECS`] and any nonce it
 //! has seen within that window, so a captured request cannot be replayed.
 
-use crate::keys::{PreparedKey, PublicKey, SecretKey, Sha256, SignatureBytes};
+use crate::keys::{PublicKey, SecretKey, Sha256, SignatureBytes};
 
 pub const HEADER_DEVICE: &str = "x-outpost-device";
 pub const HEADER_TIMESTAMP: &str = "x-outpost-timestamp";
@@ -27,8 +27,9 @@ pub struct RequestToSign<'a> {
 }
 
 impl RequestToSign<'_> {
-    /// Unambiguous encoding: every variable-length field is length-prefixed.
-    fn message(&self) -> Vec<u8> {
+    /// The bytes signed, for a verifier that checks them with others
+    /// ([`crate::verify_batch`]). Unambiguous: every variable-length field is length-prefixed.
+    pub fn message(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(CONTEXT.len() + 96 + self.path_and_query.len());
         out.extend_from_slice(CONTEXT);
         for field in [self.method.as_bytes(), self.path_and_query.as_bytes()] {
@@ -46,11 +47,6 @@ impl RequestToSign<'_> {
     }
 
     pub fn verify(&self, key: &PublicKey, signature: &SignatureBytes) -> bool {
-        key.verify(&self.message(), signature)
-    }
-
-    /// [`RequestToSign::verify`] with a key decompressed beforehand, as a hub does per device.
-    pub fn verify_prepared(&self, key: &PreparedKey, signature: &SignatureBytes) -> bool {
         key.verify(&self.message(), signature)
     }
 }

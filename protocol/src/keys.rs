@@ -5,8 +5,10 @@
 //! as one.
 
 use std::fmt;
+use std::sync::OnceLock;
 
-use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use curve25519_dalek::constants::EIGHT_TORSION;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256 as Sha256Hasher};
 
@@ -91,9 +93,110 @@ pub struct PreparedKey(VerifyingKey);
 impl PreparedKey {
     /// [`PublicKey::verify`] without decompressing the key again.
     pub fn verify(&self, message: &[u8], signature: &SignatureBytes) -> bool {
-        let signature = ed25519_dalek::Signature::from_bytes(&signature.0);
+        let signature = Signature::from_bytes(&signature.0);
         self.0.verify_strict(message, &signature).is_ok()
     }
+}
+
+/// One signature for [`verify_batch`]: made by `key` over `message`.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchItem<'a> {
+    pub message: &'a [u8],
+    pub signature: &'a SignatureBytes,
+    pub key: &'a PreparedKey,
+}
+
+/// Checks many signatures, each by its own key over its own message, and says for each whether
+/// it holds: the answer at index `i` is for `items[i]`.
+///
+/// Signatures that [`PreparedKey::verify`] refuses before any arithmetic (an `R` that is a
+/// small-order point, a weak key) are refused here too. The rest are checked together with one
+/// multiscalar multiplication, about half the work of checking them one by one from eight
+/// signatures on. If that fails, each is checked alone with [`PreparedKey::verify`], so a bad
+/// signature fails only itself.
+///
+/// The batch equation, unlike `verify_strict`, can also hold for a signature whose `R` carries a
+/// small-order component. Only the holder of the key can make one, so it forges nothing; it just
+/// means such a signature may pass in a batch and fail alone.
+pub fn verify_batch(items: &[BatchItem<'_>]) -> Vec<bool> {
+    if let [item] = items {
+        return vec![item.key.verify(item.message, item.signature)];
+    }
+    let mut results: Vec<bool> = items
+        .iter()
+        .map(|item| !has_small_order_r(item.signature) && !item.key.0.is_weak())
+        .collect();
+    let checked: Vec<&BatchItem<'_>> = items
+        .iter()
+        .zip(&results)
+        .filter_map(|(item, ok)| ok.then_some(item))
+        .collect();
+    let messages: Vec<&[u8]> = checked.iter().map(|item| item.message).collect();
+    let signatures: Vec<Signature> = checked
+        .iter()
+        .map(|item| Signature::from_bytes(&item.signature.0))
+        .collect();
+    let keys: Vec<VerifyingKey> = checked.iter().map(|item| item.key.0).collect();
+    if checked.len() > 1 && ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok() {
+        return results;
+    }
+    for (item, ok) in items.iter().zip(results.iter_mut()) {
+        if *ok {
+            *ok = item.key.verify(item.message, item.signature);
+        }
+    }
+    results
+}
+
+/// True when the signature's `R` decodes to one of the eight small-order points, which
+/// `verify_strict` refuses. Compared by encoding, so no square root is taken.
+fn has_small_order_r(signature: &SignatureBytes) -> bool {
+    let r: &[u8] = &signature.0[..32];
+    small_order_encodings()
+        .iter()
+        .any(|encoding| encoding.as_slice() == r)
+}
+
+/// Every 32-byte string that decompresses to a small-order point: each point's canonical
+/// encoding; for a `y` below 19, also `y + p` (the field element is reduced on decoding); and where
+/// `x` is 0 (`y` = ±1), both sign bits, since the sign of zero is not checked.
+fn small_order_encodings() -> &'static [[u8; 32]] {
+    static ENCODINGS: OnceLock<Vec<[u8; 32]>> = OnceLock::new();
+    ENCODINGS.get_or_init(|| {
+        let mut out = Vec::new();
+        for point in EIGHT_TORSION {
+            let canonical = point.compress().to_bytes();
+            let sign = canonical[31] & 0x80;
+            let mut y = canonical;
+            y[31] &= 0x7f;
+            let mut ys = vec![y];
+            if y[0] < 19 && y[1..].iter().all(|byte| *byte == 0) {
+                // p = 2^255 - 19: 0xed, then 0xff up to the last byte, 0x7f.
+                let mut alias = [0xff; 32];
+                alias[0] = 0xed + y[0];
+                alias[31] = 0x7f;
+                ys.push(alias);
+            }
+            // x is 0 exactly where y is 1 or p - 1.
+            let mut one = [0; 32];
+            one[0] = 1;
+            let mut minus_one = [0xff; 32];
+            minus_one[0] = 0xec;
+            minus_one[31] = 0x7f;
+            let x_is_zero = y == one || y == minus_one;
+            for y in ys {
+                let signs: &[u8] = if x_is_zero { &[0, 0x80] } else { &[sign] };
+                for bit in signs {
+                    let mut encoding = y;
+                    encoding[31] |= bit;
+                    if !out.contains(&encoding) {
+                        out.push(encoding);
+                    }
+                }
+            }
+        }
+        out
+    })
 }
 
 /// An ed25519 public key as it travels: 32 bytes, checked to be a valid point when used.
@@ -201,5 +304,148 @@ impl<'de> Deserialize<'de> for SignatureBytes {
             }
         }
         deserializer.deserialize_bytes(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
+    use curve25519_dalek::edwards::CompressedEdwardsY;
+    use curve25519_dalek::scalar::Scalar;
+    use curve25519_dalek::traits::{Identity, IsIdentity};
+    use sha2::Sha512;
+
+    use super::*;
+
+    fn signed(count: u8) -> Vec<(Vec<u8>, SignatureBytes, PreparedKey)> {
+        (0..count)
+            .map(|i| {
+                let key = SecretKey::from_seed([i; 32]);
+                let message = format!("POST /device/v2/checkin {i}").into_bytes();
+                let signature = key.sign(&message);
+                (message, signature, key.public().prepare().unwrap())
+            })
+            .collect()
+    }
+
+    fn batch(signed: &[(Vec<u8>, SignatureBytes, PreparedKey)]) -> Vec<bool> {
+        let items: Vec<BatchItem<'_>> = signed
+            .iter()
+            .map(|(message, signature, key)| BatchItem {
+                message,
+                signature,
+                key,
+            })
+            .collect();
+        verify_batch(&items)
+    }
+
+    #[test]
+    fn every_small_order_encoding_is_listed_and_decodes_to_small_order() {
+        let encodings = small_order_encodings();
+        // 8 points: 4 of order 8 (one encoding each), the two with y = 0 (and y + p), the
+        // identity (y = 1 or 1 + p, either sign), and (0, -1) (either sign).
+        assert_eq!(encodings.len(), 14);
+        for encoding in encodings {
+            let point = CompressedEdwardsY(*encoding).decompress().unwrap();
+            assert!(point.is_small_order(), "{}", hex::encode(encoding));
+        }
+        for point in EIGHT_TORSION {
+            assert!(encodings.contains(&point.compress().to_bytes()));
+        }
+        for (_, signature, _) in signed(32) {
+            assert!(!has_small_order_r(&signature));
+        }
+    }
+
+    #[test]
+    fn a_batch_of_good_signatures_all_pass() {
+        assert_eq!(batch(&signed(20)), vec![true; 20]);
+        assert_eq!(batch(&signed(1)), vec![true]);
+        assert!(batch(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_bad_signature_fails_only_itself() {
+        let mut items = signed(16);
+        items[7].0.push(b'!');
+        items[11].1 .0[40] ^= 1;
+        let expected: Vec<bool> = (0..16).map(|i| i != 7 && i != 11).collect();
+        assert_eq!(batch(&items), expected);
+    }
+
+    /// Each is checked in a batch of good signatures, where the batch equation alone would let
+    /// the first two through.
+    #[test]
+    fn what_verify_strict_refuses_up_front_is_refused_in_a_batch() {
+        // A weak key (the identity): R = rB, s = r satisfies the equation for any message.
+        let weak = PublicKey(CompressedEdwardsY::identity().to_bytes())
+            .prepare()
+            .unwrap();
+        let r = Scalar::from(12345u64);
+        let mut forged = [0u8; 64];
+        forged[..32].copy_from_slice(&(r * ED25519_BASEPOINT_POINT).compress().to_bytes());
+        forged[32..].copy_from_slice(r.as_bytes());
+        let weak_key = (b"anything".to_vec(), SignatureBytes(forged), weak);
+
+        // The key's holder signing with R = the identity (non-canonically encoded): s = k·a.
+        let holder = SecretKey::from_seed([9; 32]);
+        let public = holder.public();
+        let expanded = Sha512::digest(holder.seed());
+        let mut a = [0u8; 32];
+        a.copy_from_slice(&expanded[..32]);
+        a[0] &= 248;
+        a[31] &= 127;
+        a[31] |= 64;
+        let a = Scalar::from_bytes_mod_order(a);
+        let identity_r = small_order_encodings()
+            .iter()
+            .find(|encoding| {
+                **encoding != CompressedEdwardsY::identity().to_bytes()
+                    && CompressedEdwardsY(**encoding)
+                        .decompress()
+                        .is_some_and(|point| point.is_identity())
+            })
+            .unwrap();
+        let message = b"POST /device/v2/checkin".to_vec();
+        let mut hash = Sha512::new();
+        hash.update(identity_r);
+        hash.update(public.0);
+        hash.update(&message);
+        let k = Scalar::from_bytes_mod_order_wide(&hash.finalize().into());
+        let mut small_r = [0u8; 64];
+        small_r[..32].copy_from_slice(identity_r);
+        small_r[32..].copy_from_slice((k * a).as_bytes());
+        let small_order_r = (message, SignatureBytes(small_r), public.prepare().unwrap());
+
+        // s not reduced below the group order.
+        let (message, signature, key) = signed(1).remove(0);
+        let mut wide = signature.0;
+        let mut s = [0u8; 32];
+        s.copy_from_slice(&wide[32..]);
+        add_group_order(&mut s);
+        wide[32..].copy_from_slice(&s);
+        let unreduced = (message, SignatureBytes(wide), key);
+
+        for bad in [weak_key, small_order_r, unreduced] {
+            assert!(!bad.2.verify(&bad.0, &bad.1));
+            let mut items = signed(6);
+            items.push(bad);
+            assert_eq!(batch(&items), [vec![true; 6], vec![false]].concat());
+        }
+    }
+
+    /// Adds l = 2^252 + 27742317777372353535851937790883648493 to a little-endian scalar.
+    fn add_group_order(scalar: &mut [u8; 32]) {
+        const L: [u8; 32] = [
+            0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9,
+            0xde, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+        ];
+        let mut carry = 0u16;
+        for (byte, add) in scalar.iter_mut().zip(L) {
+            let sum = u16::from(*byte) + u16::from(add) + carry;
+            *byte = sum as u8;
+            carry = sum >> 8;
+        }
     }
 }

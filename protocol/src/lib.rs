@@ -24,7 +24,7 @@ pub mod trust;
 pub use envelope::{
     decode, encode, encoded_len, DecodeError, DecodeReason, EncodeError, Message, MessageKind,
 };
-pub use keys::{sha256, KeyId, PreparedKey, PublicKey, SecretKey, Sha256};
+pub use keys::{sha256, verify_batch, BatchItem, KeyId, PreparedKey, PublicKey, SecretKey, Sha256};
 pub use name::{Label, ModelName, NameError};
 pub use trust::{
     AgentVersion, Arch, TimeFloor, VerifiedManifest, VerifiedPlan, VerifiedRoot, VerifyError,

@@ -10,6 +10,11 @@
 //! requests back to back for the devices they own. Every request is signed with a fresh nonce and
 //! every telemetry batch has a new sequence number, so the hub does its full work each time.
 //!
+//! Check-ins come two ways: `check-in` on `/device/v1/checkin`, whose answer carries the plan
+//! and manifest in full (an older agent, or a device whose documents changed), and `held
+//! check-in` on `/device/v2/checkin`, where the device names what it holds and the hub answers
+//! "unchanged" — what an agent sends between rollout changes.
+//!
 //! The client shares the machine with the hub, so the bench also reads both processes' CPU time
 //! from `/proc/<pid>/stat` and reports the hub's CPU cost per request, which does not depend on
 //! how much of the machine the client took.
@@ -21,6 +26,7 @@
 //! The hub binary is `target/release/outpost-hub`, rebuilt first with `cargo build --release`,
 //! unless `OUTPOST_HUB_BIN` names another one. This is a measurement, never a pass/fail test.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
@@ -32,11 +38,11 @@ use std::time::{Duration, Instant};
 
 use outpost_agent::example_model::normal_rows;
 use outpost_protocol::device::{
-    AgentState, CheckIn, CheckInResponse, InferenceWindow, TelemetryAck, TelemetryBatch,
-    LATENCY_BUCKETS_US,
+    AgentState, CheckIn, CheckInResponse, HeldCheckIn, HeldCheckInResponse, InferenceWindow,
+    TelemetryAck, TelemetryBatch, LATENCY_BUCKETS_US,
 };
 use outpost_protocol::drift::{DriftSummary, FeatureSource, Profile, TensorSide};
-use outpost_protocol::{sha256, Message};
+use outpost_protocol::{sha256, Message, Sha256};
 use outpost_tests::bench::{env_number, machine_description, release_hub_binary};
 use outpost_tests::device_sim::{agent_version, unix_now, SignedRequest, SimDevice, POSTCARD};
 
@@ -97,14 +103,15 @@ impl Settings {
         let scenarios = match std::env::var("OUTPOST_LOAD_SCENARIOS").as_deref() {
             Err(_) | Ok("all") => vec![
                 Scenario::CheckIn,
+                Scenario::HeldCheckIn,
                 Scenario::Telemetry,
                 Scenario::TelemetryMerge,
             ],
-            Ok("check-in") => vec![Scenario::CheckIn],
+            Ok("check-in") => vec![Scenario::CheckIn, Scenario::HeldCheckIn],
             Ok("drift") => vec![Scenario::Telemetry],
             Ok("drift-merge") => vec![Scenario::TelemetryMerge],
             Ok(other) => {
-                panic!("OUTPOST_LOAD_SCENARIOS={other:?}: say all, check-in, drift or drift-merge")
+                panic!("OUTPOST_LOAD_SCENARIOS={other:?}: say all, check-in (both kinds), drift or drift-merge")
             }
         };
         Settings {
@@ -323,6 +330,27 @@ fn cpu_seconds(pid: &str) -> f64 {
     ticks as f64 / CLOCK_TICKS_PER_SEC
 }
 
+/// The hub's signature-verifier counters from `/metrics`: (batches, signatures). None from a
+/// hub that checks each signature alone (before batches), so the column reads "-".
+fn signature_counters(host: &str) -> Option<(u64, u64)> {
+    let mut stream = TcpStream::connect(host).ok()?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let value = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    };
+    Some((
+        value("outpost_hub_signature_batches_total")?,
+        value("outpost_hub_signatures_checked_total")?,
+    ))
+}
+
 /// Busy and total CPU time of the whole machine so far, in seconds, from `/proc/stat`.
 fn machine_cpu_seconds() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").expect("reading /proc/stat");
@@ -344,6 +372,8 @@ fn machine_cpu_seconds() -> (f64, f64) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
     CheckIn,
+    /// A check-in naming the documents the device holds, answered "unchanged".
+    HeldCheckIn,
     /// Each batch carries its device's summary of another hour, as agents upload closed hourly
     /// windows (or, after time offline, their backlog of them): every summary is a new record.
     Telemetry,
@@ -356,6 +386,7 @@ impl Scenario {
     fn name(self) -> &'static str {
         match self {
             Scenario::CheckIn => "check-in",
+            Scenario::HeldCheckIn => "held check-in",
             Scenario::Telemetry => "drift summary batch, new hour",
             Scenario::TelemetryMerge => "drift summary batch, same hour",
         }
@@ -364,6 +395,7 @@ impl Scenario {
     fn path(self) -> &'static str {
         match self {
             Scenario::CheckIn => "/device/v1/checkin",
+            Scenario::HeldCheckIn => "/device/v2/checkin",
             Scenario::Telemetry | Scenario::TelemetryMerge => "/device/v1/telemetry",
         }
     }
@@ -447,6 +479,8 @@ struct Work<'a> {
     window: &'a InferenceWindow,
     /// "New hour": the hours before the current one that this run starts from.
     first_hour_back: u64,
+    /// What each device holds, by device id, for held check-ins.
+    held: &'a HashMap<[u8; 16], Sha256>,
 }
 
 impl Work<'_> {
@@ -457,6 +491,20 @@ impl Work<'_> {
         let path = self.scenario.path();
         let (body, hours_back) = match self.scenario {
             Scenario::CheckIn => (check_in_body(None), 0),
+            Scenario::HeldCheckIn => {
+                let held = self.held.get(&device.id.0).copied();
+                assert!(
+                    held.is_some(),
+                    "the device's documents were not fetched first"
+                );
+                let body = outpost_protocol::encode(&HeldCheckIn {
+                    check_in: outpost_protocol::decode(&check_in_body(None))
+                        .expect("decoding the check-in just encoded"),
+                    held,
+                })
+                .expect("encoding a held check-in");
+                (body, 0)
+            }
             Scenario::Telemetry | Scenario::TelemetryMerge => {
                 let mut window = self.window.clone();
                 let mut hours_back = 0;
@@ -663,6 +711,12 @@ fn check_response(scenario: Scenario, bytes: &[u8]) -> Result<(), String> {
                 return Err("check-in answer carries no plan or manifest".to_owned());
             }
         }
+        Scenario::HeldCheckIn => {
+            let response: HeldCheckInResponse = decode(bytes)?;
+            if !matches!(response, HeldCheckInResponse::Unchanged { .. }) {
+                return Err("held check-in answered with documents, not \"unchanged\"".to_owned());
+            }
+        }
         Scenario::Telemetry | Scenario::TelemetryMerge => {
             let ack: TelemetryAck = decode(bytes)?;
             if ack.duplicate {
@@ -688,6 +742,8 @@ struct Measurement {
     response_bytes: usize,
     /// Hub CPU time per request, in microseconds.
     hub_cpu_us: f64,
+    /// Signatures the hub checked per batch over the window, when it reports them.
+    signatures_per_batch: Option<f64>,
     /// Shares of the machine's CPU time over the measured window.
     hub_share: f64,
     client_share: f64,
@@ -707,6 +763,7 @@ fn measure(
     hub: &BenchHub,
     devices: &[SimDevice],
     window: &InferenceWindow,
+    held: &HashMap<[u8; 16], Sha256>,
     clients: usize,
     duration: Duration,
 ) -> Measurement {
@@ -718,7 +775,7 @@ fn measure(
         .collect();
     // Signing ahead takes a few seconds of both cores; it is done before the clock starts.
     let per_second = match scenario {
-        Scenario::CheckIn => PRESIGNED_PER_SECOND,
+        Scenario::CheckIn | Scenario::HeldCheckIn => PRESIGNED_PER_SECOND,
         Scenario::Telemetry | Scenario::TelemetryMerge => PRESIGNED_BATCHES_PER_SECOND,
     };
     let per_client = per_second * (duration.as_secs() as usize + 1) / clients + 1;
@@ -726,6 +783,7 @@ fn measure(
         scenario,
         window,
         first_hour_back: NEXT_HOUR_BACK.load(Ordering::Relaxed),
+        held,
     };
     let mut presigned: Vec<std::vec::IntoIter<Vec<u8>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = owned
@@ -760,16 +818,20 @@ fn measure(
             .collect();
         // Sample CPU counters at the edges of the measured window, not of the warm-up.
         std::thread::sleep(warm_up_until.saturating_duration_since(Instant::now()));
+        // The scrapes stay outside the CPU samples, so their work is not counted.
+        let signed = signature_counters(host);
         let before = (
             cpu_seconds(&hub_pid),
             cpu_seconds("self"),
             machine_cpu_seconds(),
+            signed,
         );
         std::thread::sleep(stop_at.saturating_duration_since(Instant::now()));
         let after = (
             cpu_seconds(&hub_pid),
             cpu_seconds("self"),
             machine_cpu_seconds(),
+            signature_counters(host),
         );
         let results: Vec<ClientResult> = handles
             .into_iter()
@@ -777,7 +839,11 @@ fn measure(
             .collect();
         (results, before, after)
     });
-    let ((hub0, client0, (busy0, total0)), (hub1, client1, (busy1, total1))) = (before, after);
+    let ((hub0, client0, (busy0, total0), signed0), (hub1, client1, (busy1, total1), signed1)) =
+        (before, after);
+    let signatures_per_batch = signed0.zip(signed1).map(|((b0, s0), (b1, s1))| {
+        (s1.saturating_sub(s0)) as f64 / (b1.saturating_sub(b0)).max(1) as f64
+    });
     let mut latencies: Vec<u32> = Vec::new();
     let mut errors = 0;
     let mut first_error = None;
@@ -820,6 +886,7 @@ fn measure(
         request_bytes,
         response_bytes,
         hub_cpu_us: hub_cpu * 1e6 / (requests.max(1) as f64),
+        signatures_per_batch,
         hub_share: hub_cpu / total,
         client_share: client_cpu / total,
         other_share: ((busy1 - busy0) - hub_cpu - client_cpu).max(0.0) / total,
@@ -854,16 +921,16 @@ fn print_table(measurements: &[Measurement]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "| Scenario | Clients | Requests | Errors | Per second | p50 | p99 | max | Request / response bytes | Hub CPU per request | CPU share hub / client / other |"
+        "| Scenario | Clients | Requests | Errors | Per second | p50 | p99 | max | Request / response bytes | Hub CPU per request | Signatures per batch | CPU share hub / client / other |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for row in measurements {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} ms | {} / {} | {:.0} µs | {:.0}% / {:.0}% / {:.0}% |",
+            "| {} | {} | {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} ms | {} / {} | {:.0} µs | {} | {:.0}% / {:.0}% / {:.0}% |",
             row.scenario.name(),
             row.clients,
             row.requests,
@@ -875,6 +942,8 @@ fn print_table(measurements: &[Measurement]) {
             row.request_bytes,
             row.response_bytes,
             row.hub_cpu_us,
+            row.signatures_per_batch
+                .map_or("-".to_owned(), |ratio| format!("{ratio:.1}")),
             row.hub_share * 100.0,
             row.client_share * 100.0,
             row.other_share * 100.0,
@@ -907,6 +976,15 @@ fn main() {
     // the fleet's root, as a device would check them.
     let offer = devices[0].verify_offer(&devices[0].check_in(AgentState::Steady));
     assert!(offer.is_some(), "check-ins carry no rollout");
+    // What each device holds once it has applied its answer, for the held check-ins.
+    let held: HashMap<[u8; 16], Sha256> = devices
+        .iter()
+        .map(|device| {
+            let answer = device.check_in(AgentState::Steady);
+            let digest = answer.held_digest().expect("check-ins carry a plan");
+            (device.id.0, digest)
+        })
+        .collect();
 
     let (profile, profile_sha256) = hub.profile();
     let window = drift_window(&profile, profile_sha256);
@@ -924,6 +1002,7 @@ fn main() {
                 &hub,
                 &devices,
                 &window,
+                &held,
                 clients,
                 settings.duration,
             );
@@ -944,7 +1023,10 @@ fn main() {
         let Some(check_in) = group.iter().find(|row| row.scenario == Scenario::CheckIn) else {
             continue;
         };
-        for row in group.iter().filter(|row| row.scenario != Scenario::CheckIn) {
+        let batches = group
+            .iter()
+            .filter(|row| matches!(row.scenario, Scenario::Telemetry | Scenario::TelemetryMerge));
+        for row in batches {
             println!(
                 "{} clients, {}: batches/s ÷ check-ins/s = {:.2}; hub CPU per batch ÷ per check-in = {:.2}",
                 check_in.clients,

@@ -70,6 +70,56 @@ fn device_requests_must_be_fresh_signed_and_from_known_devices() {
     device.check_in(AgentState::Steady);
 }
 
+/// Requests that arrive together have their signatures checked in one batch: a bad one among them
+/// is refused alone, and every good one goes through.
+#[test]
+fn signatures_checked_together_fail_only_their_own_request() {
+    let (hub, fleet, first) = hub_with_device();
+    let token = hub.enroll_token("site=lab", 10);
+    let mut devices = vec![first];
+    for _ in 0..7 {
+        devices.push(SimDevice::enroll(&hub.url(), &token, &[], &fleet.root));
+    }
+    let rounds = 20;
+    std::thread::scope(|scope| {
+        for (index, device) in devices.iter().enumerate() {
+            scope.spawn(move || {
+                let body = device.check_in_body(AgentState::Steady);
+                for round in 0..rounds {
+                    let mut request = device.sign("POST", "/device/v1/checkin", Some(&body));
+                    if (index + round) % 3 == 0 {
+                        let mut other = body.clone();
+                        *other.last_mut().unwrap() ^= 1;
+                        request.body = Some(other);
+                        request.send().refused(401, "bad request signature");
+                    } else {
+                        assert_eq!(request.send().status, 200, "device {index} round {round}");
+                    }
+                }
+            });
+        }
+    });
+    // Every one of those signatures went through the verifier.
+    let metrics = http_agent()
+        .get(format!("{}/metrics", hub.url()))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    assert_eq!(
+        counter("outpost_hub_signatures_checked_total"),
+        devices.len() as u64 * rounds as u64
+    );
+    assert!(counter("outpost_hub_signature_batches_total") >= 1);
+}
+
 #[test]
 fn revoked_device_is_refused() {
     let (hub, _fleet, device) = hub_with_device();

@@ -20,9 +20,9 @@ use outpost_protocol::auth::{
     MAX_CLOCK_SKEW_SECS,
 };
 use outpost_protocol::device::{
-    AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse, ErrorResponse,
-    HeldCheckIn, HeldCheckInResponse, Status, StatusReport, TelemetryAck, TelemetryBatch,
-    LATENCY_BUCKETS_US,
+    held_digest, AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse,
+    ErrorResponse, HeldCheckIn, HeldCheckInResponse, Status, StatusReport, TelemetryAck,
+    TelemetryBatch, LATENCY_BUCKETS_US,
 };
 use outpost_protocol::keys::SignatureBytes;
 use outpost_protocol::trust::Slot;
@@ -32,6 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tower_http::timeout::TimeoutLayer;
 
 use super::drift::{check_summary, SummaryError};
+use super::engine::Document;
 use super::metrics::Metrics;
 use super::SharedHub;
 use crate::api::RolloutState;
@@ -280,7 +281,7 @@ fn header_hex<const N: usize>(headers: &HeaderMap, name: &str) -> Result<[u8; N]
 }
 
 /// Checks a signed device request and returns the device that sent it.
-fn authenticate(
+async fn authenticate(
     hub: &SharedHub,
     method: &Method,
     uri: &Uri,
@@ -317,8 +318,16 @@ fn authenticate(
         timestamp,
         nonce,
     };
-    let verified =
-        KeyCache::get(hub, &device).is_some_and(|key| request.verify_prepared(&key, &signature));
+    let verified = match KeyCache::get(hub, &device) {
+        Some(key) => hub
+            .verifier
+            .verify(request.message(), signature, key)
+            .await
+            .map_err(|stopped| {
+                DeviceError::new(StatusCode::SERVICE_UNAVAILABLE, stopped.to_string())
+            })?,
+        None => false,
+    };
     if !verified {
         return Err(DeviceError::unauthorized("bad request signature"));
     }
@@ -451,9 +460,9 @@ async fn check_in(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let device = authenticate(&hub, &method, &uri, &headers, &body)?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body).await?;
     let report: CheckIn = outpost_protocol::decode(&body)?;
-    reply(&answer_check_in(&hub, device, &report)?)
+    reply(&answer_check_in(&hub, device, &report)?.into_response())
 }
 
 /// A check-in naming what the device holds: when the answer would hand it the very documents it
@@ -467,18 +476,56 @@ async fn held_check_in(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let device = authenticate(&hub, &method, &uri, &headers, &body)?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body).await?;
     let request: HeldCheckIn = outpost_protocol::decode(&body)?;
-    let response = answer_check_in(&hub, device, &request.check_in)?;
-    if request.held.is_some() && response.roots.is_empty() && response.held_digest() == request.held
-    {
+    let answer = answer_check_in(&hub, device, &request.check_in)?;
+    if request.held.is_some() && answer.roots.is_empty() && answer.held_digest() == request.held {
         Metrics::bump(&hub.metrics.check_ins_unchanged, 1);
         return reply(&HeldCheckInResponse::Unchanged {
-            hub_time: response.hub_time,
-            poll_after_secs: response.poll_after_secs,
+            hub_time: answer.hub_time,
+            poll_after_secs: answer.poll_after_secs,
         });
     }
-    reply(&HeldCheckInResponse::Full(response))
+    reply(&HeldCheckInResponse::Full(answer.into_response()))
+}
+
+/// A check-in's answer before it is encoded: the signed documents stay shared, and their digests
+/// are the ones worked out when the rollout cache was built.
+struct Answer {
+    hub_time: u64,
+    roots: Vec<ByteBuf>,
+    plan: Option<Document>,
+    manifest: Option<(Slot, Document)>,
+    shadow: Option<Document>,
+    poll_after_secs: u32,
+}
+
+impl Answer {
+    /// [`CheckInResponse::held_digest`] of the response this answer becomes, without hashing the
+    /// documents again.
+    fn held_digest(&self) -> Option<Sha256> {
+        Some(held_digest(
+            &self.plan.as_ref()?.sha256,
+            self.manifest
+                .as_ref()
+                .map(|(slot, document)| (*slot, &document.sha256)),
+            self.shadow.as_ref().map(|document| &document.sha256),
+        ))
+    }
+
+    fn into_response(self) -> CheckInResponse {
+        let bytes = |document: Document| ByteBuf::from(document.bytes.as_ref().clone());
+        CheckInResponse {
+            hub_time: self.hub_time,
+            roots: self.roots,
+            plan: self.plan.map(bytes),
+            manifest: self
+                .manifest
+                .map(|(slot, document)| (slot, bytes(document))),
+            poll_after_secs: self.poll_after_secs,
+            shadow: self.shadow.map(bytes),
+        }
+    }
 }
 
 /// Records a check-in and works out the full answer: roots newer than the device's, the plan that
@@ -489,7 +536,7 @@ fn answer_check_in(
     hub: &SharedHub,
     mut device: DeviceRecord,
     report: &CheckIn,
-) -> Result<CheckInResponse, DeviceError> {
+) -> Result<Answer, DeviceError> {
     let now = unix_now();
     device.last_checkin = Some(now);
     device.state = state_name(report.state).to_owned();
@@ -533,24 +580,21 @@ fn answer_check_in(
         ) {
             poll_after_secs = hub.config.rollout_poll_secs;
         }
-        plan = Some(ByteBuf::from(rollout.signed_plan.as_ref().clone()));
+        plan = Some(rollout.signed_plan.clone());
         manifest = match crate::rollout::slot_for(&rollout.rollout, &id, &labels) {
-            Some(Slot::Target) => Some((
-                Slot::Target,
-                ByteBuf::from(rollout.target_manifest.as_ref().clone()),
-            )),
+            Some(Slot::Target) => Some((Slot::Target, rollout.target_manifest.clone())),
             Some(Slot::Fallback) => rollout
                 .fallback_manifest
-                .as_ref()
-                .map(|bytes| (Slot::Fallback, ByteBuf::from(bytes.as_ref().clone()))),
+                .clone()
+                .map(|document| (Slot::Fallback, document)),
             None => None,
         };
         if crate::rollout::shadow_for(&rollout.rollout, &id, &labels) {
-            shadow = Some(ByteBuf::from(rollout.target_manifest.as_ref().clone()));
+            shadow = Some(rollout.target_manifest.clone());
         }
     }
     Metrics::bump(&hub.metrics.check_ins, 1);
-    Ok(CheckInResponse {
+    Ok(Answer {
         hub_time: now,
         roots,
         plan,
@@ -568,7 +612,7 @@ async fn status(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let device = authenticate(&hub, &method, &uri, &headers, &body)?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body).await?;
     let report: StatusReport = outpost_protocol::decode(&body)?;
     let (kind, reason, outcome_kind) = match &report.status {
         Status::Downloaded => ("downloaded", String::new(), None),
@@ -635,7 +679,7 @@ async fn telemetry(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let device = authenticate(&hub, &method, &uri, &headers, &body)?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body).await?;
     let mut batch: TelemetryBatch = outpost_protocol::decode(&body)?;
     if batch.windows.len() > MAX_WINDOWS {
         return Err(DeviceError::bad_request(format!(
@@ -753,7 +797,7 @@ async fn artifact(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, DeviceError> {
-    authenticate(&hub, &method, &uri, &headers, &[])?;
+    authenticate(&hub, &method, &uri, &headers, &[]).await?;
     let digest = Sha256::from_hex(&digest)
         .ok_or_else(|| DeviceError::bad_request("artifact name is not a hex sha256"))?;
     let path = hub.artifacts.path(&digest);

@@ -9,7 +9,7 @@ use anyhow::Context;
 use outpost_protocol::device::DeviceId;
 use outpost_protocol::name::selector_matches;
 use outpost_protocol::trust::{ManifestRef, PlanBody, Signed};
-use outpost_protocol::Label;
+use outpost_protocol::{sha256, Label, Sha256};
 
 use super::SharedHub;
 use crate::api::{Decision, ModelRef, RolloutInfo, RolloutState};
@@ -22,9 +22,26 @@ use crate::{audit, unix_now};
 pub struct LiveRollout {
     pub sequence: u64,
     pub rollout: Rollout,
-    pub signed_plan: Arc<Vec<u8>>,
-    pub target_manifest: Arc<Vec<u8>>,
-    pub fallback_manifest: Option<Arc<Vec<u8>>>,
+    pub signed_plan: Document,
+    pub target_manifest: Document,
+    pub fallback_manifest: Option<Document>,
+}
+
+/// Signed bytes handed to devices, shared, with their SHA-256 worked out once: a device that
+/// names what it holds is compared by digest on every check-in.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub bytes: Arc<Vec<u8>>,
+    pub sha256: Sha256,
+}
+
+impl Document {
+    fn new(bytes: Vec<u8>) -> Document {
+        Document {
+            sha256: sha256(&bytes),
+            bytes: Arc::new(bytes),
+        }
+    }
 }
 
 impl LiveRollout {
@@ -65,7 +82,7 @@ pub fn stage_percent(record: &RolloutRecord) -> u8 {
         .unwrap_or(0)
 }
 
-fn manifest_bytes(hub: &SharedHub, reference: &ManifestRef) -> anyhow::Result<Arc<Vec<u8>>> {
+fn manifest_bytes(hub: &SharedHub, reference: &ManifestRef) -> anyhow::Result<Document> {
     let record = hub
         .store
         .manifest(&reference.name, reference.version)?
@@ -75,7 +92,7 @@ fn manifest_bytes(hub: &SharedHub, reference: &ManifestRef) -> anyhow::Result<Ar
                 reference.name, reference.version
             )
         })?;
-    Ok(Arc::new(record.signed))
+    Ok(Document::new(record.signed))
 }
 
 /// Rebuilds the check-in cache from the store, oldest rollout first.
@@ -93,7 +110,7 @@ pub fn reload(hub: &SharedHub) -> anyhow::Result<()> {
         live.push(LiveRollout {
             sequence: record.sequence,
             rollout,
-            signed_plan: Arc::new(record.signed_plan),
+            signed_plan: Document::new(record.signed_plan),
             target_manifest,
             fallback_manifest,
         });

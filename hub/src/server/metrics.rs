@@ -172,6 +172,16 @@ fn render_text(hub: &SharedHub) -> anyhow::Result<String> {
             "Artifact bytes sent to devices.",
             &hub.metrics.artifact_bytes_served,
         ),
+        (
+            "outpost_hub_signature_batches_total",
+            "Batches of device request signatures checked together.",
+            &hub.verifier.stats().batches,
+        ),
+        (
+            "outpost_hub_signatures_checked_total",
+            "Device request signatures checked, in all batches.",
+            &hub.verifier.stats().signatures,
+        ),
     ];
     for (name, help, counter) in counters {
         writeln!(out, "# HELP {name} {help}")?;

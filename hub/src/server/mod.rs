@@ -27,6 +27,7 @@ mod drift;
 mod engine;
 mod metrics;
 mod tls;
+mod verifier;
 
 pub use admin::new_admin_token;
 pub use engine::LiveRollout;
@@ -65,6 +66,8 @@ pub struct Hub {
     pub started_at: u64,
     pub nonces: Mutex<device::NonceCache>,
     pub keys: RwLock<device::KeyCache>,
+    /// Checks device request signatures in batches.
+    pub verifier: verifier::Verifier,
     /// Rollouts as devices see them, rebuilt whenever one changes.
     pub live: RwLock<Arc<Vec<LiveRollout>>>,
     /// Serialises rollout changes between the engine and operators.
@@ -92,6 +95,8 @@ impl Hub {
             started_at: crate::unix_now(),
             nonces: Mutex::new(device::NonceCache::default()),
             keys: RwLock::new(device::KeyCache::default()),
+            verifier: verifier::Verifier::start(verifier::Verifier::threads_for_this_machine())
+                .context("starting the signature verifier threads")?,
             live: RwLock::new(Arc::new(Vec::new())),
             rollout_lock: tokio::sync::Mutex::new(()),
             profiles: drift::ProfileCache::default(),
