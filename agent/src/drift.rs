@@ -374,25 +374,63 @@ fn read_numeric(read: &Read, tensor: &Tensor, sink: &mut dyn FnMut(f64)) {
             if sample == 0 {
                 return;
             }
-            let want_mean = matches!(read, Read::ChannelMean { .. });
+            let want_std = matches!(read, Read::ChannelStd { .. });
             for row in 0..total / sample {
                 let start = row * sample + channel * plane;
-                let (mut mean, mut m2) = (0.0f64, 0.0f64);
-                for (k, at) in (start..start + plane).enumerate() {
-                    let value = element(tensor, at).unwrap_or(f64::NAN);
-                    let delta = value - mean;
-                    mean += delta / (k + 1) as f64;
-                    m2 += delta * (value - mean);
-                }
-                sink(if want_mean {
-                    mean
-                } else {
-                    (m2 / plane as f64).sqrt()
-                });
+                let (mean, std) = plane_moments(tensor, start, plane, want_std);
+                sink(if want_std { std } else { mean });
             }
         }
         Read::Argmax { .. } | Read::Label => {}
     }
+}
+
+/// Independent running sums in [`lane_sum`]: they break the chain of dependent additions, and
+/// the compiler turns them into vector code.
+const LANES: usize = 8;
+
+/// The mean and (when `want_std`) the population standard deviation of the `len` elements from
+/// `start`: a sum, then the squared deviations from the mean, in two passes that each make one
+/// straight run over the bytes. An element that is missing or NaN makes both NaN.
+fn plane_moments(tensor: &Tensor, start: usize, len: usize, want_std: bool) -> (f64, f64) {
+    let count = len as f64;
+    if tensor.dtype == DType::F32 {
+        let span = start
+            .checked_add(len)
+            .and_then(|end| Some(start.checked_mul(4)?..end.checked_mul(4)?));
+        let Some(bytes) = span.and_then(|span| tensor.data.get(span)) else {
+            return (f64::NAN, f64::NAN);
+        };
+        let value = |b: &[u8]| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let mean = lane_sum(bytes, value) / count;
+        if !want_std {
+            return (mean, f64::NAN);
+        }
+        let m2 = lane_sum(bytes, |b| (value(b) - mean).powi(2));
+        return (mean, (m2 / count).sqrt());
+    }
+    let value = |at: usize| element(tensor, at).unwrap_or(f64::NAN);
+    let mean = (start..start + len).map(value).sum::<f64>() / count;
+    if !want_std {
+        return (mean, f64::NAN);
+    }
+    let m2 = (start..start + len)
+        .map(|at| (value(at) - mean).powi(2))
+        .sum::<f64>();
+    (mean, (m2 / count).sqrt())
+}
+
+/// The sum of `f` over the little-endian f32 elements of `bytes`.
+fn lane_sum(bytes: &[u8], f: impl Fn(&[u8]) -> f64) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let mut blocks = bytes.chunks_exact(4 * LANES);
+    for block in &mut blocks {
+        for (lane, element) in lanes.iter_mut().zip(block.chunks_exact(4)) {
+            *lane += f(element);
+        }
+    }
+    let tail: f64 = blocks.remainder().chunks_exact(4).map(f).sum();
+    lanes.iter().sum::<f64>() + tail
 }
 
 fn read_classes(read: &Read, tensor: &Tensor, sink: &mut dyn FnMut(i64, Option<f32>)) {
@@ -734,5 +772,91 @@ fn slice_rows(tensor: &Tensor, rows: usize, start: usize, end: usize) -> Tensor 
             .get(start * row_bytes..end * row_bytes)
             .unwrap_or_default()
             .to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(dtype: DType, shape: &[u64], values: &[f64]) -> Tensor {
+        let data = values
+            .iter()
+            .flat_map(|value| match dtype {
+                DType::F32 => (*value as f32).to_le_bytes().to_vec(),
+                DType::F64 => value.to_le_bytes().to_vec(),
+                _ => unreachable!("only float tensors here"),
+            })
+            .collect();
+        Tensor {
+            name: "x".into(),
+            dtype,
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+
+    fn channel_reads(tensor: &Tensor, channels: usize, plane: usize) -> Vec<(f64, f64)> {
+        (0..channels)
+            .map(|channel| {
+                let mut got = [Vec::new(), Vec::new()];
+                let mean = Read::ChannelMean {
+                    channel,
+                    channels,
+                    plane,
+                };
+                let std = Read::ChannelStd {
+                    channel,
+                    channels,
+                    plane,
+                };
+                read_numeric(&mean, tensor, &mut |value| got[0].push(value));
+                read_numeric(&std, tensor, &mut |value| got[1].push(value));
+                assert_eq!(got[0].len(), 2, "one mean per sample");
+                assert_eq!(got[1].len(), 2, "one std per sample");
+                (got[0][1], got[1][1])
+            })
+            .collect()
+    }
+
+    /// Two samples of 3 channels of 7x11 (not a multiple of the lanes), against the textbook
+    /// formulas; f32 takes the byte-run path, f64 the per-element one.
+    #[test]
+    fn channel_mean_and_std_match_the_definition() {
+        let (channels, plane) = (3, 77);
+        let values: Vec<f64> = (0..2 * channels * plane)
+            .map(|i| ((i * 37 % 101) as f64) * 0.25 - 3.0)
+            .collect();
+        for dtype in [DType::F32, DType::F64] {
+            let input = tensor(dtype, &[2, 3, 7, 11], &values);
+            let got = channel_reads(&input, channels, plane);
+            for (channel, (mean, std)) in got.into_iter().enumerate() {
+                let start = (channels + channel) * plane;
+                let slice = &values[start..start + plane];
+                let want_mean = slice.iter().sum::<f64>() / plane as f64;
+                let want_var =
+                    slice.iter().map(|v| (v - want_mean).powi(2)).sum::<f64>() / plane as f64;
+                assert!(
+                    (mean - want_mean).abs() < 1e-9,
+                    "{dtype:?} mean {mean} vs {want_mean}"
+                );
+                assert!(
+                    (std - want_var.sqrt()).abs() < 1e-9,
+                    "{dtype:?} std {std} vs {}",
+                    want_var.sqrt()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_makes_its_channel_nan() {
+        let mut values = vec![1.0; 2 * 3 * 77];
+        values[3 * 77 + 5] = f64::NAN;
+        let input = tensor(DType::F32, &[2, 3, 7, 11], &values);
+        let (mean, std) = channel_reads(&input, 3, 77)[0];
+        assert!(mean.is_nan() && std.is_nan());
+        let (mean, std) = channel_reads(&input, 3, 77)[1];
+        assert_eq!((mean, std), (1.0, 0.0));
     }
 }
