@@ -180,6 +180,14 @@ enum Batching {
     OneRow { reason: String },
 }
 
+/// How one input reaches each row of a batch run through the batch-1 plan.
+enum RowInput {
+    /// No batch axis: the same converted value for every row.
+    Whole(TValue),
+    /// Cut along its batch axis, one row at a time.
+    Sliced { axis: usize },
+}
+
 impl Batching {
     fn of(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Batching {
         let batch_axes = |spec: &TensorSpec| -> Vec<usize> {
@@ -408,28 +416,24 @@ impl LoadedModel {
         rows: u64,
     ) -> Result<Vec<Tensor>, InferenceError> {
         // Inputs without a batch axis are the same for every row: converted once.
-        let whole = by_spec
+        let per_input = by_spec
             .iter()
             .zip(input_axes)
             .map(|(tensor, axis)| match axis {
-                Some(_) => Ok(None),
-                None => to_tract(tensor).map(|tensor| Some(TValue::from(tensor))),
+                Some(axis) => Ok(RowInput::Sliced { axis: *axis }),
+                None => to_tract(tensor).map(|tensor| RowInput::Whole(TValue::from(tensor))),
             })
-            .collect::<Result<Vec<Option<TValue>>, _>>()?;
+            .collect::<Result<Vec<RowInput>, _>>()?;
         let mut stacks: Vec<Vec<Tensor>> = vec![Vec::new(); self.outputs.len()];
         for row in 0..rows {
             let ordered = self
                 .input_spec_of
                 .iter()
-                .map(|&spec_ix| match (&whole[spec_ix], input_axes[spec_ix]) {
-                    (Some(value), _) => Ok(value.clone()),
-                    (None, Some(axis)) => {
-                        to_tract(&take_row(by_spec[spec_ix], axis, row)).map(TValue::from)
+                .map(|&spec_ix| match &per_input[spec_ix] {
+                    RowInput::Whole(value) => Ok(value.clone()),
+                    RowInput::Sliced { axis } => {
+                        to_tract(&take_row(by_spec[spec_ix], *axis, row)).map(TValue::from)
                     }
-                    (None, None) => Err(InferenceError::Run(anyhow::anyhow!(
-                        "input {:?} has neither a batch axis nor a whole value",
-                        by_spec[spec_ix].name
-                    ))),
                 })
                 .collect::<Result<TVec<TValue>, _>>()?;
             for (stack, output) in stacks.iter_mut().zip(self.run_plan(ordered)?) {
