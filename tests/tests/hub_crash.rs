@@ -249,3 +249,28 @@ fn a_copy_of_the_stopped_hub_restores_it_as_it_was() {
         .send()
         .refused(401, "unknown device");
 }
+
+/// A second hub on a data directory in use refuses to start, says why, and never writes the
+/// address a caller waits on: `--address-file` appears only once the store is open.
+#[test]
+fn a_second_hub_on_the_same_data_refuses_and_writes_no_address() {
+    let hub = TestHub::start();
+    let address_file = hub.dir().join("second.address");
+    let output = std::process::Command::new(outpost_tests::bin("outpost-hub"))
+        .args(["serve", "--data"])
+        .arg(hub.data())
+        .args(["--listen", "127.0.0.1:0", "--address-file"])
+        .arg(&address_file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is another hub running on it?"), "{stderr}");
+    assert!(
+        !address_file.exists(),
+        "the refused hub wrote {}",
+        address_file.display()
+    );
+    // The first hub is untouched.
+    hub.cli(&["device", "list"]).ok();
+}

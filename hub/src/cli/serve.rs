@@ -49,7 +49,7 @@ pub struct ServeArgs {
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// Write the bound address (`host:port`) to this file once listening.
+    /// Write the bound address (`host:port`) to this file once the hub can answer (store open).
     #[arg(long)]
     pub address_file: Option<PathBuf>,
 }
@@ -88,11 +88,12 @@ impl ServeArgs {
             let listener = tokio::net::TcpListener::bind(self.listen)
                 .await
                 .with_context(|| format!("listening on {}", self.listen))?;
-            let local = listener.local_addr().context("reading the bound address")?;
-            if let Some(path) = &self.address_file {
-                fsutil::write_atomic(path, local.to_string().as_bytes(), 0o644)?;
-            }
-            server::run(config, listener, server::shutdown_signal()).await
+            let address_file = self.address_file;
+            let ready = move |local: std::net::SocketAddr| match &address_file {
+                Some(path) => fsutil::write_atomic(path, local.to_string().as_bytes(), 0o644),
+                None => Ok(()),
+            };
+            server::run(config, listener, ready, server::shutdown_signal()).await
         })
     }
 }

@@ -115,10 +115,14 @@ pub fn router(hub: SharedHub) -> Router {
         .layer(axum::middleware::from_fn_with_state(hub, metrics::track))
 }
 
-/// Serves on `listener` until `shutdown` resolves, then drains and flushes.
+/// Serves on `listener` until `shutdown` resolves, then drains and flushes. `ready` is called
+/// with the bound address once the store is open and TLS is loaded, just before the first
+/// connection is accepted: whoever waits for the hub (an `--address-file` reader) learns of it
+/// only when it can answer.
 pub async fn run(
     config: ServerConfig,
     listener: TcpListener,
+    ready: impl FnOnce(std::net::SocketAddr) -> anyhow::Result<()>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let local = listener
@@ -129,6 +133,7 @@ pub async fn run(
         None => None,
     };
     let hub = Hub::open(config)?;
+    ready(local)?;
     let engine_task = tokio::spawn(engine::run(hub.clone()));
     let app = router(hub.clone());
     let scheme = if acceptor.is_some() { "https" } else { "http" };
