@@ -117,6 +117,16 @@ pub struct DeviceRecord {
     pub queue_bytes: u64,
 }
 
+/// A device record as read from the store, with the bytes it came from: what
+/// [`Store::update_device`] compares against before it writes.
+#[derive(Debug, Clone)]
+pub struct DeviceRead {
+    pub record: DeviceRecord,
+    /// The last telemetry batch applied to the record, kept as stored.
+    applied: Option<u64>,
+    stored: IVec,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord {
     pub at: u64,
@@ -797,9 +807,61 @@ impl Store {
             .transpose()
     }
 
-    /// Stores `device`, except its `dropped_records`: telemetry batches count those into the
-    /// stored record, so the stored count is kept, not the one in the caller's copy, which may
-    /// have been read before a batch counted more.
+    /// A device's record with the stored bytes it was decoded from, for [`Store::update_device`].
+    pub fn device_read(&self, id: &[u8; 16]) -> Result<Option<DeviceRead>> {
+        self.devices
+            .get(id)?
+            .map(|stored| {
+                let (record, applied) = decode_applied::<DeviceRecord>("devices", &stored)?;
+                Ok(DeviceRead {
+                    record,
+                    applied,
+                    stored,
+                })
+            })
+            .transpose()
+    }
+
+    /// Applies `change` to a device's record and writes it by compare-and-swap against the bytes
+    /// `read` came from. When another writer got in between (a revocation, a label change,
+    /// telemetry counting dropped records, another check-in), `change` is applied again to the
+    /// record as it now stands, so nobody's change is lost: a check-in never undoes a revocation.
+    /// Returns the record written; `None` if the device's record is gone.
+    pub fn update_device(
+        &self,
+        read: DeviceRead,
+        change: impl Fn(&mut DeviceRecord),
+    ) -> Result<Option<DeviceRecord>> {
+        let DeviceRead {
+            mut record,
+            mut applied,
+            stored,
+        } = read;
+        let id = record.id;
+        let mut expected = Some(stored);
+        loop {
+            change(&mut record);
+            let bytes = encode_applied("devices", &record, applied)?;
+            match self
+                .devices
+                .compare_and_swap(id, expected.as_ref(), Some(bytes))?
+            {
+                Ok(()) => return Ok(Some(record)),
+                Err(conflict) => {
+                    let Some(current) = conflict.current else {
+                        return Ok(None);
+                    };
+                    (record, applied) = decode_applied("devices", &current)?;
+                    expected = Some(current);
+                }
+            }
+        }
+    }
+
+    /// Stores `device`, except its `dropped_records`, which telemetry batches count into the
+    /// stored record. Tests set up records with it; handlers change records with
+    /// [`Store::update_device`].
+    #[cfg(test)]
     pub fn put_device(&self, device: &DeviceRecord) -> Result<()> {
         let mut read = self.devices.get(device.id)?;
         loop {
@@ -1891,28 +1953,51 @@ mod tests {
         );
     }
 
-    /// A handler's copy of a device record, read before a batch counted dropped windows, does
-    /// not undo the count when written back.
+    /// A check-in's read of a device record, taken before a batch counted dropped windows and
+    /// before an operator revoked the device and labelled it, undoes none of them when the
+    /// check-in writes its own fields.
     #[test]
-    fn writing_a_device_back_keeps_the_dropped_count_of_batches() {
+    fn a_stale_read_written_back_loses_nobody_elses_change() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.put_device(&device_record()).unwrap();
-        let read_before = store.device(&DEVICE).unwrap().unwrap();
+        let check_in_read = store.device_read(&DEVICE).unwrap().unwrap();
         assert_eq!(
             store.ingest_telemetry(&DEVICE, 1, &[], 3, 10).unwrap(),
             Ingested::Stored
         );
+        let operator_read = store.device_read(&DEVICE).unwrap().unwrap();
         store
-            .put_device(&DeviceRecord {
-                state: "degraded".to_owned(),
-                ..read_before
+            .update_device(operator_read, |device| {
+                device.revoked = true;
+                device.labels = vec![("site".to_owned(), "north".to_owned())];
             })
+            .unwrap()
+            .unwrap();
+        let written = store
+            .update_device(check_in_read, |device| {
+                device.state = "degraded".to_owned();
+                device.last_checkin = Some(42);
+            })
+            .unwrap()
             .unwrap();
         let stored = store.device(&DEVICE).unwrap().unwrap();
+        assert_eq!(stored, written);
         assert_eq!(
-            (stored.state.as_str(), stored.dropped_records),
-            ("degraded", 3)
+            (
+                stored.state.as_str(),
+                stored.last_checkin,
+                stored.revoked,
+                stored.labels.as_slice(),
+                stored.dropped_records
+            ),
+            (
+                "degraded",
+                Some(42),
+                true,
+                [("site".to_owned(), "north".to_owned())].as_slice(),
+                3
+            )
         );
         // The batch's sequence stayed with the count: a crash-cut resend would not add again.
         let bytes = store.devices.get(DEVICE).unwrap().unwrap();
@@ -1920,6 +2005,11 @@ mod tests {
             decode_applied::<DeviceRecord>("devices", &bytes).unwrap().1,
             Some(1)
         );
+        assert_eq!(
+            store.ingest_telemetry(&DEVICE, 1, &[], 3, 10).unwrap(),
+            Ingested::Duplicate
+        );
+        assert_eq!(store.device(&DEVICE).unwrap().unwrap().dropped_records, 3);
     }
 
     #[test]

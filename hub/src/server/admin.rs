@@ -34,7 +34,8 @@ use super::SharedHub;
 use crate::api::*;
 use crate::artifacts::ArtifactError;
 use crate::store::{
-    AdminTokenRecord, DeviceRecord, EnrollTokenRecord, EventRecord, ManifestRecord, RolloutRecord,
+    AdminTokenRecord, DeviceRead, DeviceRecord, EnrollTokenRecord, EventRecord, ManifestRecord,
+    RolloutRecord,
 };
 use crate::{audit, unix_now};
 
@@ -788,11 +789,28 @@ async fn list_devices(
 }
 
 fn find_device(hub: &SharedHub, id: &str) -> Result<DeviceRecord, AdminError> {
+    Ok(read_device(hub, id)?.record)
+}
+
+/// A device's record as stored, to change with [`crate::store::Store::update_device`].
+fn read_device(hub: &SharedHub, id: &str) -> Result<DeviceRead, AdminError> {
     let parsed = outpost_protocol::device::DeviceId::from_hex(id).ok_or_else(|| {
         AdminError::bad_request(format!("{id:?} is not a device id (32 hex digits)"))
     })?;
     hub.store
-        .device(&parsed.0)?
+        .device_read(&parsed.0)?
+        .ok_or_else(|| AdminError::not_found(format!("no device {id}")))
+}
+
+/// Applies `change` to a device's stored record (again, if a check-in or a telemetry batch
+/// wrote it in between) and returns the record written.
+fn update_device(
+    hub: &SharedHub,
+    id: &str,
+    change: impl Fn(&mut DeviceRecord),
+) -> Result<DeviceRecord, AdminError> {
+    hub.store
+        .update_device(read_device(hub, id)?, change)?
         .ok_or_else(|| AdminError::not_found(format!("no device {id}")))
 }
 
@@ -846,16 +864,16 @@ async fn label_device(
     let actor = require(&hub, &headers, Role::Admin)?;
     let Json(change) = body?;
     let set = parse_labels(&change.set)?;
-    let mut device = find_device(&hub, &id)?;
-    device.labels.retain(|(key, _)| {
-        !change.remove.contains(key) && !set.iter().any(|label| label.key == *key)
-    });
-    device.labels.extend(
-        set.iter()
-            .map(|label| (label.key.clone(), label.value.clone())),
-    );
-    device.labels.sort();
-    hub.store.put_device(&device)?;
+    let device = update_device(&hub, &id, |device| {
+        device.labels.retain(|(key, _)| {
+            !change.remove.contains(key) && !set.iter().any(|label| label.key == *key)
+        });
+        device.labels.extend(
+            set.iter()
+                .map(|label| (label.key.clone(), label.value.clone())),
+        );
+        device.labels.sort();
+    })?;
     let detail = format!("set {:?}, removed {:?}", change.set, change.remove);
     hub.store.add_event(
         &device.id,
@@ -878,9 +896,7 @@ async fn revoke_device(
     Path(id): Path<String>,
 ) -> Reply<DeviceSummary> {
     let actor = require(&hub, &headers, Role::Admin)?;
-    let mut device = find_device(&hub, &id)?;
-    device.revoked = true;
-    hub.store.put_device(&device)?;
+    let device = update_device(&hub, &id, |device| device.revoked = true)?;
     hub.store.add_event(
         &device.id,
         &EventRecord {

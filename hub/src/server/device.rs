@@ -37,8 +37,8 @@ use super::metrics::Metrics;
 use super::SharedHub;
 use crate::api::RolloutState;
 use crate::store::{
-    DeviceRecord, EventRecord, Ingested, OutcomeKind, OutcomeRecord, RunningRecord, TokenRefusal,
-    WindowInput,
+    DeviceRead, DeviceRecord, EventRecord, Ingested, OutcomeKind, OutcomeRecord, RunningRecord,
+    TokenRefusal, WindowInput,
 };
 use crate::unix_now;
 
@@ -287,7 +287,7 @@ async fn authenticate(
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<DeviceRecord, DeviceError> {
+) -> Result<DeviceRead, DeviceError> {
     let device_id: [u8; 16] = header_hex(headers, HEADER_DEVICE)?;
     let timestamp: u64 = header_str(headers, HEADER_TIMESTAMP)?
         .parse()
@@ -305,7 +305,7 @@ async fn authenticate(
             "request was signed before the hub started; sign it again",
         ));
     }
-    let Some(device) = hub.store.device(&device_id)? else {
+    let Some(read) = hub.store.device_read(&device_id)? else {
         return Err(DeviceError::unauthorized(format!(
             "unknown device {}",
             hex::encode(device_id)
@@ -318,7 +318,8 @@ async fn authenticate(
         timestamp,
         nonce,
     };
-    let verified = match KeyCache::get(hub, &device) {
+    let device = &read.record;
+    let verified = match KeyCache::get(hub, device) {
         Some(key) => hub
             .verifier
             .verify(request.message(), signature, key)
@@ -344,7 +345,7 @@ async fn authenticate(
             "replayed request: nonce already used",
         ));
     }
-    Ok(device)
+    Ok(read)
 }
 
 pub fn labels_of(device: &DeviceRecord) -> Vec<Label> {
@@ -460,9 +461,9 @@ async fn check_in(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let device = authenticate(&hub, &method, &uri, &headers, &body).await?;
+    let read = authenticate(&hub, &method, &uri, &headers, &body).await?;
     let report: CheckIn = outpost_protocol::decode(&body)?;
-    reply(&answer_check_in(&hub, device, &report)?.into_response())
+    reply(&answer_check_in(&hub, read, &report)?.into_response())
 }
 
 /// A check-in naming what the device holds: when the answer would hand it the very documents it
@@ -476,9 +477,9 @@ async fn held_check_in(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let device = authenticate(&hub, &method, &uri, &headers, &body).await?;
+    let read = authenticate(&hub, &method, &uri, &headers, &body).await?;
     let request: HeldCheckIn = outpost_protocol::decode(&body)?;
-    let answer = answer_check_in(&hub, device, &request.check_in)?;
+    let answer = answer_check_in(&hub, read, &request.check_in)?;
     if request.held.is_some() && answer.roots.is_empty() && answer.held_digest() == request.held {
         Metrics::bump(&hub.metrics.check_ins_unchanged, 1);
         return reply(&HeldCheckInResponse::Unchanged {
@@ -534,23 +535,27 @@ impl Answer {
 /// after the quiet interval otherwise.
 fn answer_check_in(
     hub: &SharedHub,
-    mut device: DeviceRecord,
+    read: DeviceRead,
     report: &CheckIn,
 ) -> Result<Answer, DeviceError> {
     let now = unix_now();
-    device.last_checkin = Some(now);
-    device.state = state_name(report.state).to_owned();
-    device.active = report.active.as_ref().map(|running| RunningRecord {
-        name: running.name.clone(),
-        version: running.version,
-        manifest_sha256: running.manifest_sha256.0,
-    });
-    device.plan_sequence = report.plan_sequence;
-    device.agent_version = report.agent_version.to_string();
-    device.queue_bytes = report.queue_bytes;
     // Check-in state is refreshed by the next check-in, so it is not flushed on its own: the store
     // flushes on a short timer and before every acknowledged write.
-    hub.store.put_device(&device)?;
+    let device = hub
+        .store
+        .update_device(read, |device| {
+            device.last_checkin = Some(now);
+            device.state = state_name(report.state).to_owned();
+            device.active = report.active.as_ref().map(|running| RunningRecord {
+                name: running.name.clone(),
+                version: running.version,
+                manifest_sha256: running.manifest_sha256.0,
+            });
+            device.plan_sequence = report.plan_sequence;
+            device.agent_version = report.agent_version.to_string();
+            device.queue_bytes = report.queue_bytes;
+        })?
+        .ok_or_else(|| DeviceError::internal("the device's record vanished during its check-in"))?;
 
     let roots = hub
         .store
@@ -612,7 +617,9 @@ async fn status(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let device = authenticate(&hub, &method, &uri, &headers, &body).await?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body)
+        .await?
+        .record;
     let report: StatusReport = outpost_protocol::decode(&body)?;
     let (kind, reason, outcome_kind) = match &report.status {
         Status::Downloaded => ("downloaded", String::new(), None),
@@ -679,7 +686,9 @@ async fn telemetry(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let device = authenticate(&hub, &method, &uri, &headers, &body).await?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body)
+        .await?
+        .record;
     let mut batch: TelemetryBatch = outpost_protocol::decode(&body)?;
     if batch.windows.len() > MAX_WINDOWS {
         return Err(DeviceError::bad_request(format!(
