@@ -74,6 +74,11 @@ struct Binding {
 pub struct Extractor {
     features: Vec<Binding>,
     classes: Vec<Binding>,
+    /// The distinct tensors the bindings read, found by name once per request rather than once
+    /// per feature; `slots[i]` is the index here of the tensor of binding `i` (features, then
+    /// classes).
+    tensors: Vec<(TensorSide, String)>,
+    slots: Vec<usize>,
 }
 
 /// What one value read out of a request or answer is for.
@@ -235,7 +240,7 @@ impl Extractor {
         inputs: &[TensorSpec],
         outputs: &[TensorSpec],
     ) -> Result<Extractor, ProfileError> {
-        let features = profile
+        let features: Vec<Binding> = profile
             .features
             .iter()
             .map(|feature| {
@@ -247,7 +252,7 @@ impl Extractor {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let classes = profile
+        let classes: Vec<Binding> = profile
             .classes
             .iter()
             .map(|class| {
@@ -257,7 +262,27 @@ impl Extractor {
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Extractor { features, classes })
+        let mut tensors: Vec<(TensorSide, String)> = Vec::new();
+        let slots = features
+            .iter()
+            .chain(&classes)
+            .map(|binding| {
+                let tensor = (binding.side, binding.tensor.clone());
+                tensors
+                    .iter()
+                    .position(|known| *known == tensor)
+                    .unwrap_or_else(|| {
+                        tensors.push(tensor);
+                        tensors.len() - 1
+                    })
+            })
+            .collect();
+        Ok(Extractor {
+            features,
+            classes,
+            tensors,
+            slots,
+        })
     }
 
     /// Calls `sink` with every value of every feature and class in one request and its answer.
@@ -269,19 +294,25 @@ impl Extractor {
         outputs: &[Tensor],
         mut sink: impl FnMut(Observation),
     ) {
+        let found: Vec<Option<&Tensor>> = self
+            .tensors
+            .iter()
+            .map(|(side, name)| find(*side, name, inputs, outputs))
+            .collect();
+        let tensor_of = |binding: usize| self.slots.get(binding).and_then(|&slot| found[slot]);
         for (index, binding) in self.features.iter().enumerate() {
-            let Some(tensor) = find(binding, inputs, outputs) else {
+            let Some(tensor) = tensor_of(index) else {
                 continue;
             };
-            read_numeric(&binding.read, tensor, &mut |value| {
+            read_numeric(&binding.read, tensor, |value| {
                 sink(Observation::Feature { index, value });
             });
         }
         for (index, binding) in self.classes.iter().enumerate() {
-            let Some(tensor) = find(binding, inputs, outputs) else {
+            let Some(tensor) = tensor_of(self.features.len() + index) else {
                 continue;
             };
-            read_classes(&binding.read, tensor, &mut |class, confidence| {
+            read_classes(&binding.read, tensor, |class, confidence| {
                 sink(Observation::Class {
                     index,
                     class,
@@ -322,12 +353,17 @@ impl Extractor {
     }
 }
 
-fn find<'a>(binding: &Binding, inputs: &'a [Tensor], outputs: &'a [Tensor]) -> Option<&'a Tensor> {
-    let tensors = match binding.side {
+fn find<'a>(
+    side: TensorSide,
+    name: &str,
+    inputs: &'a [Tensor],
+    outputs: &'a [Tensor],
+) -> Option<&'a Tensor> {
+    let tensors = match side {
         TensorSide::Input => inputs,
         TensorSide::Output => outputs,
     };
-    tensors.iter().find(|tensor| tensor.name == binding.tensor)
+    tensors.iter().find(|tensor| tensor.name == name)
 }
 
 /// Element `index` of `tensor` as f64, or None past its end.
@@ -348,7 +384,7 @@ fn element_count(tensor: &Tensor) -> usize {
     tensor.data.len() / tensor.dtype.size().max(1)
 }
 
-fn read_numeric(read: &Read, tensor: &Tensor, sink: &mut dyn FnMut(f64)) {
+fn read_numeric(read: &Read, tensor: &Tensor, mut sink: impl FnMut(f64)) {
     let total = element_count(tensor);
     match *read {
         Read::Column { index, width } => {
@@ -433,7 +469,7 @@ fn lane_sum(bytes: &[u8], f: impl Fn(&[u8]) -> f64) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
-fn read_classes(read: &Read, tensor: &Tensor, sink: &mut dyn FnMut(i64, Option<f32>)) {
+fn read_classes(read: &Read, tensor: &Tensor, mut sink: impl FnMut(i64, Option<f32>)) {
     let total = element_count(tensor);
     match *read {
         Read::Argmax { width } => {
@@ -810,13 +846,105 @@ mod tests {
                     channels,
                     plane,
                 };
-                read_numeric(&mean, tensor, &mut |value| got[0].push(value));
-                read_numeric(&std, tensor, &mut |value| got[1].push(value));
+                read_numeric(&mean, tensor, |value| got[0].push(value));
+                read_numeric(&std, tensor, |value| got[1].push(value));
                 assert_eq!(got[0].len(), 2, "one mean per sample");
                 assert_eq!(got[1].len(), 2, "one std per sample");
                 (got[0][1], got[1][1])
             })
             .collect()
+    }
+
+    fn spec(name: &str, width: u64) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: vec![Dim::Batch, Dim::Fixed(width)],
+        }
+    }
+
+    fn named(name: &str, width: u64, values: &[f64]) -> Tensor {
+        let rows = values.len() as u64 / width;
+        Tensor {
+            name: name.into(),
+            ..tensor(DType::F32, &[rows, width], values)
+        }
+    }
+
+    /// Features interleaved over two inputs and an output, and a class of the output: each value
+    /// comes from its own tensor, whatever order the request lists them in.
+    #[test]
+    fn features_of_several_tensors_read_each_from_its_own() {
+        let column = |side, tensor: &str, index| NumericProfile {
+            name: format!("{tensor}{index}"),
+            side,
+            source: FeatureSource::Column {
+                tensor: tensor.into(),
+                index,
+            },
+            edges: vec![0.0, 1.0],
+            reference: FeatureSummary::new(&[0.0, 1.0]),
+        };
+        let profile = Profile {
+            features: vec![
+                column(TensorSide::Input, "a", 0),
+                column(TensorSide::Input, "b", 0),
+                column(TensorSide::Output, "y", 2),
+                column(TensorSide::Input, "a", 1),
+            ],
+            classes: vec![ClassProfile {
+                name: "y".into(),
+                source: ClassSource::Argmax { tensor: "y".into() },
+                classes: vec![0, 1, 2],
+                reference: ClassSummary::new(3),
+            }],
+            thresholds: Thresholds::default(),
+        };
+        let extractor =
+            Extractor::new(&profile, &[spec("a", 2), spec("b", 1)], &[spec("y", 3)]).unwrap();
+        let inputs = [
+            named("b", 1, &[5.0, 6.0]),
+            named("a", 2, &[1.0, 2.0, 3.0, 4.0]),
+        ];
+        let outputs = [named("y", 3, &[0.1, 0.7, 0.2, 0.5, 0.25, 0.25])];
+        let mut seen = Vec::new();
+        extractor.for_each(&inputs, &outputs, |observation| seen.push(observation));
+        let feature = |index, value: f32| Observation::Feature {
+            index,
+            value: f64::from(value),
+        };
+        let class = |class, confidence| Observation::Class {
+            index: 0,
+            class,
+            confidence: Some(confidence),
+        };
+        assert_eq!(
+            seen,
+            [
+                feature(0, 1.0),
+                feature(0, 3.0),
+                feature(1, 5.0),
+                feature(1, 6.0),
+                feature(2, 0.2),
+                feature(2, 0.25),
+                feature(3, 2.0),
+                feature(3, 4.0),
+                class(1, 0.7),
+                class(0, 0.5),
+            ]
+        );
+        // A request without one of the tensors skips its features and reads the rest.
+        let mut seen = Vec::new();
+        extractor.for_each(&inputs[1..], &[], |observation| seen.push(observation));
+        assert_eq!(
+            seen,
+            [
+                feature(0, 1.0),
+                feature(0, 3.0),
+                feature(3, 2.0),
+                feature(3, 4.0)
+            ]
+        );
     }
 
     /// Two samples of 3 channels of 7x11 (not a multiple of the lanes), against the textbook
