@@ -801,10 +801,7 @@ impl Store {
     // Devices.
 
     pub fn device(&self, id: &[u8; 16]) -> Result<Option<DeviceRecord>> {
-        self.devices
-            .get(id)?
-            .map(|bytes| decode_applied_record("devices", &bytes))
-            .transpose()
+        Ok(self.device_read(id)?.map(|read| read.record))
     }
 
     /// A device's record with the stored bytes it was decoded from, for [`Store::update_device`].
@@ -834,28 +831,26 @@ impl Store {
     ) -> Result<Option<DeviceRecord>> {
         let DeviceRead {
             mut record,
-            mut applied,
+            applied,
             stored,
         } = read;
         let id = record.id;
-        let mut expected = Some(stored);
-        loop {
+        change(&mut record);
+        let first = Plan::Write(encode_applied("devices", &record, applied)?);
+        let mut written = Some(record);
+        // Never stops: the plans only write or, for a record that is gone, leave.
+        let _ = apply_planned(&self.devices, &id, Some(stored), first, |current| {
+            let Some(bytes) = current else {
+                written = None;
+                return Ok(Plan::Leave);
+            };
+            let (mut record, applied) = decode_applied::<DeviceRecord>("devices", bytes)?;
             change(&mut record);
-            let bytes = encode_applied("devices", &record, applied)?;
-            match self
-                .devices
-                .compare_and_swap(id, expected.as_ref(), Some(bytes))?
-            {
-                Ok(()) => return Ok(Some(record)),
-                Err(conflict) => {
-                    let Some(current) = conflict.current else {
-                        return Ok(None);
-                    };
-                    (record, applied) = decode_applied("devices", &current)?;
-                    expected = Some(current);
-                }
-            }
-        }
+            let plan = Plan::Write(encode_applied("devices", &record, applied)?);
+            written = Some(record);
+            Ok(plan)
+        })?;
+        Ok(written)
     }
 
     /// Stores `device`, except its `dropped_records`, which telemetry batches count into the
