@@ -658,6 +658,9 @@ pub struct Store {
     /// Flushes begun so far, and the number of the last one that finished.
     flushes_begun: Arc<AtomicU64>,
     flush_done: Arc<AtomicU64>,
+    /// The highest root version stored, so that a check-in from a device that already trusts it
+    /// (nearly every check-in) does not search the `roots` tree. Raised after the root is written.
+    newest_root: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -668,6 +671,11 @@ impl Store {
             .flush_every_ms(Some(200))
             .open()?;
         let tree = |name: &str| db.open_tree(name);
+        let roots = tree("roots")?;
+        let newest_root = match roots.last()? {
+            Some(entry) => root_entry(Ok(entry))?.0,
+            None => 0,
+        };
         Ok(Store {
             admin_tokens: tree("admin_tokens")?,
             enroll_tokens: tree("enroll_tokens")?,
@@ -678,7 +686,7 @@ impl Store {
             drift: tree("drift")?,
             shadow: tree("shadow")?,
             telemetry_seen: tree("telemetry_seen")?,
-            roots: tree("roots")?,
+            roots,
             manifests: tree("manifests")?,
             rollouts: tree("rollouts")?,
             audit: tree("audit")?,
@@ -687,6 +695,7 @@ impl Store {
             flush_lock: Arc::new(tokio::sync::Mutex::new(())),
             flushes_begun: Arc::new(AtomicU64::new(0)),
             flush_done: Arc::new(AtomicU64::new(0)),
+            newest_root: Arc::new(AtomicU64::new(newest_root)),
         })
     }
 
@@ -1306,6 +1315,7 @@ impl Store {
 
     pub fn put_root(&self, version: u64, signed: &[u8]) -> Result<()> {
         self.roots.insert(version.to_be_bytes(), signed)?;
+        self.newest_root.fetch_max(version, Ordering::SeqCst);
         Ok(())
     }
 
@@ -1315,8 +1325,11 @@ impl Store {
     }
 
     /// Signed roots with a version above `version`, oldest first: what a device that trusts root
-    /// `version` needs next (for a device up to date, one lookup that finds nothing).
+    /// `version` needs next (for a device up to date, nothing is read).
     pub fn roots_after(&self, version: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        if version >= self.newest_root.load(Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
         let Some(from) = version.checked_add(1) else {
             return Ok(Vec::new());
         };
@@ -1951,6 +1964,34 @@ mod tests {
     /// A check-in's read of a device record, taken before a batch counted dropped windows and
     /// before an operator revoked the device and labelled it, undoes none of them when the
     /// check-in writes its own fields.
+    /// `roots_after` answers from the newest version it knows without a search, so that number
+    /// must follow every stored root, also across a restart.
+    #[test]
+    fn roots_after_sees_roots_stored_before_and_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let versions = |roots: Vec<(u64, Vec<u8>)>| -> Vec<u64> {
+            roots.into_iter().map(|(version, _)| version).collect()
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(versions(store.roots_after(0).unwrap()), Vec::<u64>::new());
+            store.put_root(1, b"root one").unwrap();
+            store.put_root(2, b"root two").unwrap();
+            assert_eq!(versions(store.roots_after(0).unwrap()), [1, 2]);
+            assert_eq!(versions(store.roots_after(2).unwrap()), Vec::<u64>::new());
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.roots_after(1).unwrap(), [(2, b"root two".to_vec())]);
+        assert_eq!(versions(store.roots_after(2).unwrap()), Vec::<u64>::new());
+        store.put_root(3, b"root three").unwrap();
+        assert_eq!(versions(store.roots_after(1).unwrap()), [2, 3]);
+        assert_eq!(
+            versions(store.roots_after(u64::MAX).unwrap()),
+            Vec::<u64>::new()
+        );
+    }
+
     #[test]
     fn a_stale_read_written_back_loses_nobody_elses_change() {
         let dir = tempfile::tempdir().unwrap();

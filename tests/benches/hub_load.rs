@@ -55,7 +55,7 @@ const MODEL_OUTPUTS: usize = 3;
 /// Inference rows summarised in each telemetry batch's drift summary.
 const ROWS_PER_SUMMARY: usize = 1000;
 /// Check-ins signed ahead per second of a scenario, over all clients: more than the hub answers.
-const PRESIGNED_PER_SECOND: usize = 30_000;
+const PRESIGNED_PER_SECOND: usize = 45_000;
 /// Drift batches signed ahead per second of a run (7.4 KB each: about 650 MB for a 10 s run).
 const PRESIGNED_BATCHES_PER_SECOND: usize = 8_000;
 /// Most requests one scenario may send, whatever the duration, to bound memory for latencies.
@@ -748,6 +748,9 @@ struct Measurement {
     hub_share: f64,
     client_share: f64,
     other_share: f64,
+    /// The hub's resident memory at the end of the window, and its peak since it started (over
+    /// every scenario run before this one too), in MiB.
+    hub_rss_mib: (f64, f64),
 }
 
 fn percentile_ms(sorted_us: &[u32], quantile: f64) -> f64 {
@@ -890,7 +893,23 @@ fn measure(
         hub_share: hub_cpu / total,
         client_share: client_cpu / total,
         other_share: ((busy1 - busy0) - hub_cpu - client_cpu).max(0.0) / total,
+        hub_rss_mib: (
+            status_mib(&hub_pid, "VmRSS:"),
+            status_mib(&hub_pid, "VmHWM:"),
+        ),
     }
+}
+
+/// A `kB` line of `/proc/<pid>/status`, in MiB.
+fn status_mib(pid: &str, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|error| panic!("reading /proc/{pid}/status: {error}"));
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("/proc/{pid}/status has no {field} line in kB"));
+    kib / 1024.0
 }
 
 /// Enrolls `n_devices` devices in parallel (not timed).
@@ -921,16 +940,16 @@ fn print_table(measurements: &[Measurement]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "| Scenario | Clients | Requests | Errors | Per second | p50 | p99 | max | Request / response bytes | Hub CPU per request | Signatures per batch | CPU share hub / client / other |"
+        "| Scenario | Clients | Requests | Errors | Per second | p50 | p99 | max | Request / response bytes | Hub CPU per request | Signatures per batch | CPU share hub / client / other | Hub RSS (peak so far) |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for row in measurements {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} ms | {} / {} | {:.0} µs | {} | {:.0}% / {:.0}% / {:.0}% |",
+            "| {} | {} | {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} ms | {} / {} | {:.0} µs | {} | {:.0}% / {:.0}% / {:.0}% | {:.0} MiB ({:.0}) |",
             row.scenario.name(),
             row.clients,
             row.requests,
@@ -947,6 +966,8 @@ fn print_table(measurements: &[Measurement]) {
             row.hub_share * 100.0,
             row.client_share * 100.0,
             row.other_share * 100.0,
+            row.hub_rss_mib.0,
+            row.hub_rss_mib.1,
         );
     }
 }
