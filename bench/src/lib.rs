@@ -47,6 +47,9 @@ pub struct Settings {
     pub threads: Vec<usize>,
     /// `OUTPOST_BENCH_FOOTPRINT=0` skips the memory and bandwidth part.
     pub footprint: bool,
+    /// `OUTPOST_BENCH_F16=1` also times each model translated to f16 (minutes on a CPU without
+    /// f16 arithmetic).
+    pub f16: bool,
     pub cache_dir: PathBuf,
 }
 
@@ -79,43 +82,79 @@ impl Settings {
             models: list("OUTPOST_BENCH_MODELS", &models::NAMES.join(","))?,
             threads,
             footprint: std::env::var("OUTPOST_BENCH_FOOTPRINT").as_deref() != Ok("0"),
+            f16: std::env::var("OUTPOST_BENCH_F16").as_deref() == Ok("1"),
             cache_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-cache"),
         })
     }
 }
 
-/// Checks `got` against ONNX Runtime's `reference`, output by output; prints the worst relative
-/// difference and fails if any exceeds [`AGREEMENT`] or either side has a NaN.
-fn check_agreement(what: &str, got: &Outputs, reference: &Outputs) -> anyhow::Result<()> {
+/// How far one output of a runtime is from the reference's.
+#[derive(Debug)]
+struct Difference {
+    name: String,
+    /// max |got − reference|.
+    diff: f64,
+    /// max |reference|.
+    magnitude: f64,
+    nan: bool,
+}
+
+impl Difference {
+    fn relative(&self) -> f64 {
+        if self.magnitude > 0.0 {
+            self.diff / self.magnitude
+        } else {
+            self.diff
+        }
+    }
+}
+
+/// Compares `got` with `reference`, output by output.
+fn differences(what: &str, got: &Outputs, reference: &Outputs) -> anyhow::Result<Vec<Difference>> {
     anyhow::ensure!(
         got.len() == reference.len(),
-        "{what}: {} outputs, ONNX Runtime gave {}",
+        "{what}: {} outputs, the reference gave {}",
         got.len(),
         reference.len()
     );
-    for (name, expected) in reference {
-        let (_, values) = got
-            .iter()
-            .find(|(other, _)| other == name)
-            .with_context(|| format!("{what}: no output {name:?}"))?;
-        anyhow::ensure!(
-            values.len() == expected.len(),
-            "{what}: output {name:?} has {} elements, ONNX Runtime's {}",
-            values.len(),
-            expected.len()
-        );
-        let nan = values.iter().chain(expected).any(|v| v.is_nan());
-        let magnitude = expected
-            .iter()
-            .fold(0f64, |m, &v| m.max(f64::from(v).abs()));
-        let diff = values.iter().zip(expected).fold(0f64, |m, (&a, &b)| {
-            m.max((f64::from(a) - f64::from(b)).abs())
-        });
-        let relative = if magnitude > 0.0 {
-            diff / magnitude
-        } else {
-            diff
-        };
+    reference
+        .iter()
+        .map(|(name, expected)| {
+            let (_, values) = got
+                .iter()
+                .find(|(other, _)| other == name)
+                .with_context(|| format!("{what}: no output {name:?}"))?;
+            anyhow::ensure!(
+                values.len() == expected.len(),
+                "{what}: output {name:?} has {} elements, the reference's {}",
+                values.len(),
+                expected.len()
+            );
+            Ok(Difference {
+                name: name.clone(),
+                diff: values.iter().zip(expected).fold(0f64, |m, (&a, &b)| {
+                    m.max((f64::from(a) - f64::from(b)).abs())
+                }),
+                magnitude: expected
+                    .iter()
+                    .fold(0f64, |m, &v| m.max(f64::from(v).abs())),
+                nan: values.iter().chain(expected).any(|v| v.is_nan()),
+            })
+        })
+        .collect()
+}
+
+/// Checks `got` against ONNX Runtime's `reference`, output by output; prints the worst relative
+/// difference and fails if any exceeds [`AGREEMENT`] or either side has a NaN.
+fn check_agreement(what: &str, got: &Outputs, reference: &Outputs) -> anyhow::Result<()> {
+    for difference in differences(what, got, reference)? {
+        let relative = difference.relative();
+        let Difference {
+            name,
+            diff,
+            magnitude,
+            nan,
+        } = difference;
         println!(
             "- {what}, output `{name}`: max |Δ| = {diff:.3e}, max |ort| = {magnitude:.3e}, ratio {relative:.2e}"
         );
@@ -127,6 +166,26 @@ fn check_agreement(what: &str, got: &Outputs, reference: &Outputs) -> anyhow::Re
         );
     }
     Ok(())
+}
+
+/// The largest relative difference over the outputs, or NaN if any value is NaN.
+fn worst_relative(what: &str, got: &Outputs, reference: &Outputs) -> anyhow::Result<f64> {
+    Ok(differences(what, got, reference)?
+        .iter()
+        .map(|difference| {
+            if difference.nan {
+                f64::NAN
+            } else {
+                difference.relative()
+            }
+        })
+        .fold(0f64, |worst, relative| {
+            if worst.is_nan() || relative.is_nan() {
+                f64::NAN
+            } else {
+                worst.max(relative)
+            }
+        }))
 }
 
 fn tensors_as_outputs(tensors: &[Tensor]) -> Outputs {
@@ -330,18 +389,83 @@ fn best_of_three<T>(mut load: impl FnMut() -> anyhow::Result<T>) -> anyhow::Resu
 }
 
 /// Load times of one model: the agent's (verified ONNX bytes to a ready `LoadedModel`, which is
-/// what activation does after the signature check), bare tract's and ONNX Runtime's.
+/// what activation does after the signature check), bare tract's, bare tract's from the model's
+/// NNEF archive (the form a device could cache after the first load) and ONNX Runtime's.
 fn report_loads(model: &BenchModel) -> anyhow::Result<()> {
     let agent = best_of_three(|| {
         LoadedModel::load(&model.onnx, &model.inputs, &model.outputs, 1).map_err(Into::into)
     })?;
     let bare = best_of_three(|| BareTract::load(model, 1))?;
+    let nnef = runtimes::nnef();
+    let archive = BareTract::nnef_archive(model, &nnef)?;
+    let from_nnef = best_of_three(|| BareTract::load_nnef(model, &nnef, &archive, 1))?;
     let ort = best_of_three(|| OnnxRuntime::load(model, 1))?;
     println!(
-        "load (best of 3, 1 thread): agent `LoadedModel::load` {}, bare tract {}, ONNX Runtime session {}",
+        "load (best of 3, 1 thread): agent `LoadedModel::load` {}, bare tract {}, bare tract from \
+         its NNEF archive {} ({} bytes against {} of ONNX), ONNX Runtime session {}",
         micros(agent),
         micros(bare),
+        micros(from_nnef),
+        archive.len(),
+        model.onnx.len(),
         micros(ort)
+    );
+    let reference = BareTract::load(model, 1)?.outputs()?;
+    let got = BareTract::load_nnef(model, &nnef, &archive, 1)?.outputs()?;
+    let off = worst_relative("bare tract from NNEF", &got, &reference)?;
+    anyhow::ensure!(
+        off <= AGREEMENT,
+        "the NNEF archive of {} computes other outputs: off by {off:.2e} of their magnitude",
+        model.name
+    );
+    Ok(())
+}
+
+/// tract's f16 translation of the whole model next to f32, at 1 thread: the time of a call and
+/// how far the outputs move. Interleaved over `rounds` calls when f16's first call is within 10x
+/// of f32's best; when it is slower than that (tract has no f16 kernels for the CPU, and a CNN's
+/// call then takes seconds) that one call is the figure. A model tract cannot translate or plan
+/// in f16 is reported as such.
+fn report_f16(model: &BenchModel, rounds: usize) -> anyhow::Result<()> {
+    let single = BareTract::load(model, 1)?;
+    let half = match BareTract::load_f16(model, 1) {
+        Ok(half) => half,
+        Err(error) => {
+            println!("f16: tract does not run this model in f16: {error:#}");
+            return Ok(());
+        }
+    };
+    let best_single = best_of_three(|| single.run())?;
+    let started = Instant::now();
+    let half_outputs = half.outputs()?;
+    let first_half = started.elapsed();
+    let off = worst_relative("bare tract in f16", &half_outputs, &single.outputs()?)?;
+    let (how, half_time, single_time) = if first_half > best_single * 10 {
+        (
+            "one call against f32's best of 3".to_owned(),
+            first_half,
+            best_single,
+        )
+    } else {
+        let timings = interleave(
+            rounds,
+            &[
+                ("f32", &|| single.run().map(drop)),
+                ("f16", &|| half.run().map(drop)),
+            ],
+        )?;
+        (
+            format!("p50 of {rounds} interleaved calls"),
+            timings[1].p50(),
+            timings[0].p50(),
+        )
+    };
+    println!(
+        "f16 (1 thread, {how}): {} against f32 {} ({:.2}x); outputs off by {off:.2e} of their \
+         largest magnitude (the harness's agreement bar is {AGREEMENT:e})",
+        micros(half_time),
+        micros(single_time),
+        half_time.as_secs_f64() / single_time.as_secs_f64()
     );
     Ok(())
 }
@@ -451,6 +575,9 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         );
         report_loads(model)?;
         report_profile(model)?;
+        if settings.f16 {
+            report_f16(model, settings.rounds.unwrap_or(model.default_rounds) / 4)?;
+        }
         for &threads in &settings.threads {
             bench_model(
                 model,

@@ -11,11 +11,13 @@ use anyhow::Context;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor as OrtTensor;
+use tract_nnef::framework::Nnef;
 use tract_onnx::prelude::multithread::Executor;
 use tract_onnx::prelude::{
-    tvec, DatumType, Framework, InferenceFact, InferenceModelExt, RunOptions, TValue, TVec,
-    TypedSimplePlan,
+    tvec, DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, RunOptions,
+    TValue, TVec, TypedModel, TypedSimplePlan, WithOnnx,
 };
+use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
 
 use crate::models::BenchModel;
 
@@ -31,24 +33,79 @@ pub struct BareTract {
     output_names: Vec<String>,
 }
 
+/// tract's NNEF reader and writer, with the extension for operators ONNX has and NNEF lacks.
+pub fn nnef() -> Nnef {
+    tract_nnef::nnef().with_onnx()
+}
+
 impl BareTract {
     pub fn load(model: &BenchModel, threads: usize) -> anyhow::Result<BareTract> {
+        let optimized = Self::parse(model)?.into_optimized()?;
+        Self::plan(model, optimized, DatumType::F32, threads)
+    }
+
+    /// The model as an NNEF archive (a tar): typed and decluttered, every input shape concrete.
+    /// It is the form a device could cache after a model's first load, so that a later
+    /// activation skips the protobuf parse, type inference and decluttering.
+    pub fn nnef_archive(model: &BenchModel, nnef: &Nnef) -> anyhow::Result<Vec<u8>> {
+        let typed = Self::parse(model)?.into_typed()?.into_decluttered()?;
+        nnef.write_to_tar(&typed, Vec::new())
+    }
+
+    /// Loads an archive from [`BareTract::nnef_archive`]: read, optimised, planned.
+    pub fn load_nnef(
+        model: &BenchModel,
+        nnef: &Nnef,
+        archive: &[u8],
+        threads: usize,
+    ) -> anyhow::Result<BareTract> {
+        let optimized = nnef.model_for_read(&mut &archive[..])?.into_optimized()?;
+        Self::plan(model, optimized, DatumType::F32, threads)
+    }
+
+    /// The model with every f32 tensor (inputs, weights, activations, outputs) in f16, by tract's
+    /// `FloatPrecisionTranslator`; the request is cast to f16 and [`BareTract::outputs`] casts
+    /// back.
+    pub fn load_f16(model: &BenchModel, threads: usize) -> anyhow::Result<BareTract> {
+        let mut typed = Self::parse(model)?.into_typed()?.into_decluttered()?;
+        typed.transform(&FloatPrecisionTranslator::new(
+            DatumType::F32,
+            DatumType::F16,
+        ))?;
+        Self::plan(model, typed.into_optimized()?, DatumType::F16, threads)
+    }
+
+    /// The ONNX graph with every input's type and shape fixed from the request.
+    fn parse(model: &BenchModel) -> anyhow::Result<InferenceModel> {
         let mut graph = tract_onnx::onnx().model_for_read(&mut &model.onnx[..])?;
-        let mut inputs = tvec![];
         for (index, tensor) in model.request.iter().enumerate() {
             let shape: Vec<usize> = tensor.shape.iter().map(|&dim| dim as usize).collect();
             graph =
                 graph.with_input_fact(index, InferenceFact::dt_shape(DatumType::F32, &shape))?;
+        }
+        Ok(graph)
+    }
+
+    /// Plans an optimised model; with more than one thread, on a pool of that size like the
+    /// agent's. The request's tensors are made once, in `input_type`.
+    fn plan(
+        model: &BenchModel,
+        optimized: TypedModel,
+        input_type: DatumType,
+        threads: usize,
+    ) -> anyhow::Result<BareTract> {
+        let mut inputs = tvec![];
+        for (index, tensor) in model.request.iter().enumerate() {
+            let shape: Vec<usize> = tensor.shape.iter().map(|&dim| dim as usize).collect();
             let values = model.input_values(index);
-            inputs.push(tract_onnx::prelude::Tensor::from_shape(&shape, &values)?.into());
+            let tensor = tract_onnx::prelude::Tensor::from_shape(&shape, &values)?;
+            inputs.push(tensor.cast_to_dt(input_type)?.into_owned().into());
         }
         let options = RunOptions {
             executor: (threads > 1).then(|| Executor::multithread(threads)),
             ..RunOptions::default()
         };
-        let plan = graph
-            .into_optimized()?
-            .into_runnable_with_options(&options)?;
+        let plan = optimized.into_runnable_with_options(&options)?;
         Ok(BareTract {
             plan,
             inputs,
@@ -86,6 +143,7 @@ impl BareTract {
             .iter()
             .zip(&self.output_names)
             .map(|(value, name)| {
+                let value = value.cast_to::<f32>()?;
                 let view = value.to_plain_array_view::<f32>()?;
                 Ok((name.clone(), view.iter().copied().collect()))
             })
