@@ -74,9 +74,9 @@ struct Binding {
 pub struct Extractor {
     features: Vec<Binding>,
     classes: Vec<Binding>,
-    /// The distinct tensors the bindings read, found by name once per request rather than once
-    /// per feature; `slots[i]` is the index here of the tensor of binding `i` (features, then
-    /// classes).
+    /// The distinct tensors the bindings read; `slots[i]` is the index here of the tensor of
+    /// binding `i` (features, then classes), so that consecutive bindings of one tensor share a
+    /// lookup by name.
     tensors: Vec<(TensorSide, String)>,
     slots: Vec<usize>,
 }
@@ -294,12 +294,22 @@ impl Extractor {
         outputs: &[Tensor],
         mut sink: impl FnMut(Observation),
     ) {
-        let found: Vec<Option<&Tensor>> = self
-            .tensors
-            .iter()
-            .map(|(side, name)| find(*side, name, inputs, outputs))
-            .collect();
-        let tensor_of = |binding: usize| self.slots.get(binding).and_then(|&slot| found[slot]);
+        // Bindings of one tensor mostly follow each other, so a tensor is looked up by name again
+        // only when a binding reads another tensor than the one before it; nothing is allocated
+        // per request.
+        let mut last: Option<(usize, Option<&Tensor>)> = None;
+        let mut tensor_of = |binding: usize| {
+            let slot = *self.slots.get(binding)?;
+            match last {
+                Some((known, tensor)) if known == slot => tensor,
+                _ => {
+                    let (side, name) = self.tensors.get(slot)?;
+                    let tensor = find(*side, name, inputs, outputs);
+                    last = Some((slot, tensor));
+                    tensor
+                }
+            }
+        };
         for (index, binding) in self.features.iter().enumerate() {
             let Some(tensor) = tensor_of(index) else {
                 continue;

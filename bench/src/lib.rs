@@ -170,22 +170,14 @@ fn check_agreement(what: &str, got: &Outputs, reference: &Outputs) -> anyhow::Re
 
 /// The largest relative difference over the outputs, or NaN if any value is NaN.
 fn worst_relative(what: &str, got: &Outputs, reference: &Outputs) -> anyhow::Result<f64> {
-    Ok(differences(what, got, reference)?
+    let differences = differences(what, got, reference)?;
+    if differences.iter().any(|difference| difference.nan) {
+        return Ok(f64::NAN);
+    }
+    Ok(differences
         .iter()
-        .map(|difference| {
-            if difference.nan {
-                f64::NAN
-            } else {
-                difference.relative()
-            }
-        })
-        .fold(0f64, |worst, relative| {
-            if worst.is_nan() || relative.is_nan() {
-                f64::NAN
-            } else {
-                worst.max(relative)
-            }
-        }))
+        .map(Difference::relative)
+        .fold(0.0, f64::max))
 }
 
 fn tensors_as_outputs(tensors: &[Tensor]) -> Outputs {

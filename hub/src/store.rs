@@ -1961,9 +1961,6 @@ mod tests {
         );
     }
 
-    /// A check-in's read of a device record, taken before a batch counted dropped windows and
-    /// before an operator revoked the device and labelled it, undoes none of them when the
-    /// check-in writes its own fields.
     /// `roots_after` answers from the newest version it knows without a search, so that number
     /// must follow every stored root, also across a restart.
     #[test]
@@ -1992,6 +1989,9 @@ mod tests {
         );
     }
 
+    /// A check-in's read of a device record, taken before a batch counted dropped windows and
+    /// before an operator revoked the device and labelled it, undoes none of them when the
+    /// check-in writes its own fields.
     #[test]
     fn a_stale_read_written_back_loses_nobody_elses_change() {
         let dir = tempfile::tempdir().unwrap();

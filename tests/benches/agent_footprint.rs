@@ -21,6 +21,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
+use outpost_tests::bench::proc_status_field;
 use outpost_tests::hub::{Fleet, TestHub};
 use outpost_tests::{use_binaries_from, wait_until, workspace_root};
 use serde_json::json;
@@ -41,15 +42,8 @@ struct Memory {
 }
 
 fn memory(pid: u32) -> Memory {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
+    let pid = pid.to_string();
+    let field = |name: &str| proc_status_field(&pid, name);
     Memory {
         rss: field("VmRSS:"),
         hwm: field("VmHWM:"),

@@ -43,7 +43,9 @@ use outpost_protocol::device::{
 };
 use outpost_protocol::drift::{DriftSummary, FeatureSource, Profile, TensorSide};
 use outpost_protocol::{sha256, Message, Sha256};
-use outpost_tests::bench::{env_number, machine_description, release_hub_binary};
+use outpost_tests::bench::{
+    env_number, machine_description, proc_status_field, release_hub_binary,
+};
 use outpost_tests::device_sim::{agent_version, unix_now, SignedRequest, SimDevice, POSTCARD};
 
 /// The model the bench publishes and rolls out.
@@ -894,22 +896,10 @@ fn measure(
         client_share: client_cpu / total,
         other_share: ((busy1 - busy0) - hub_cpu - client_cpu).max(0.0) / total,
         hub_rss_mib: (
-            status_mib(&hub_pid, "VmRSS:"),
-            status_mib(&hub_pid, "VmHWM:"),
+            proc_status_field(&hub_pid, "VmRSS:") as f64 / 1024.0,
+            proc_status_field(&hub_pid, "VmHWM:") as f64 / 1024.0,
         ),
     }
-}
-
-/// A `kB` line of `/proc/<pid>/status`, in MiB.
-fn status_mib(pid: &str, field: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|error| panic!("reading /proc/{pid}/status: {error}"));
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("/proc/{pid}/status has no {field} line in kB"));
-    kib / 1024.0
 }
 
 /// Enrolls `n_devices` devices in parallel (not timed).

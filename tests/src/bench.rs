@@ -33,6 +33,19 @@ pub fn release_hub_binary() -> PathBuf {
     target.join("release").join("outpost-hub")
 }
 
+/// A number field of `/proc/<pid>/status` (`VmRSS:` and `VmHWM:` in KiB, `Threads:`); `pid` may
+/// be `self`.
+pub fn proc_status_field(pid: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|error| panic!("reading /proc/{pid}/status: {error}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("/proc/{pid}/status has no number for {field}"))
+}
+
 fn first_line(path: &Path, prefix: &str) -> String {
     std::fs::read_to_string(path)
         .unwrap_or_default()
