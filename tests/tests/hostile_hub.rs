@@ -320,19 +320,23 @@ fn an_older_signed_version_is_refused_and_reported() {
 }
 
 #[test]
-fn a_replayed_older_plan_is_refused_and_reported() {
-    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+fn a_replayed_older_plan_is_refused_and_reported_also_after_a_restart() {
+    let (hub, fleet, proxy, mut agent) = serving_v1_via_proxy("");
     let old = check_in_with_plan(&proxy, 1);
     assert!(old.manifest.is_some());
     fleet.publish_example(&hub, "demo", 2, 2);
     fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
     agent.wait_status("active", json!("demo@2"));
 
-    // The hub (or anyone between) now answers with the older plan, still validly signed.
+    // The agent restarts, and from its first check-in on, the hub (or anyone between) answers
+    // with the older plan, still validly signed: the highest sequence seen was kept on disk.
+    let stopped = agent.sigterm();
+    assert!(stopped.success(), "the agent stopped with {stopped}");
     rewrite_check_ins(&proxy, move |answer| {
         answer.plan = old.plan.clone();
         answer.manifest = old.manifest.clone();
     });
+    agent.start();
     let refusal = next_refusal(&hub, &agent, &[]);
     assert_eq!(
         refusal.detail,

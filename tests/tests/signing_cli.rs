@@ -298,12 +298,14 @@ fn rotation_needs_old_and_new_thresholds() {
     let new = keys(d, "new", 2);
     let old_both = old.join(",");
     let new_both = new.join(",");
+    // `--keys` and `--old-keys` (the spellings of the design notes) are aliases of `--key` and
+    // `--old-key`; this test uses both forms.
     hub(
         d,
         &[
             "root",
             "init",
-            "--key",
+            "--keys",
             &old_both,
             "--threshold",
             "2",
@@ -346,9 +348,9 @@ fn rotation_needs_old_and_new_thresholds() {
             "rotate",
             "--root",
             "root1.bin",
-            "--old-key",
+            "--old-keys",
             &old_both,
-            "--key",
+            "--keys",
             &new_both,
             "--threshold",
             "2",

@@ -200,7 +200,12 @@ pub fn read_frame<M: Message>(path: &Path) -> anyhow::Result<(Vec<u8>, M)> {
 #[derive(Debug, clap::Args)]
 pub struct SigningKeys {
     /// Private release-key file to sign with; repeat or separate with commas.
-    #[arg(long = "key", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "key",
+        visible_alias = "keys",
+        value_delimiter = ',',
+        required = true
+    )]
     pub keys: Vec<PathBuf>,
 }
 

@@ -44,6 +44,8 @@ pub enum ModelCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct ManifestArgs {
+    /// Model name: ASCII letters, digits, `-`, `_` and `.`, at most 128 bytes, not starting with `.`
+    /// and never containing `..`.
     #[arg(long)]
     pub name: String,
     /// Version number; must be higher than every earlier version of this name.

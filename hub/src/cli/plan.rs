@@ -117,6 +117,7 @@ pub struct SignArgs {
     pub expires: Duration,
     #[command(flatten)]
     pub signing: SigningKeys,
+    /// Where to write the signed plan.
     #[arg(long)]
     pub out: PathBuf,
 }

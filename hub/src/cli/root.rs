@@ -30,7 +30,11 @@ pub enum RootCommand {
 #[derive(Debug, clap::Args)]
 pub struct KeySet {
     /// Public key (or private key) files of keys the new root lists but that do not sign here.
-    #[arg(long = "public-key", value_delimiter = ',')]
+    #[arg(
+        long = "public-key",
+        visible_alias = "public-keys",
+        value_delimiter = ','
+    )]
     pub public_keys: Vec<PathBuf>,
     /// Signature threshold of the new root.
     #[arg(long)]
@@ -57,7 +61,12 @@ pub struct RotateArgs {
     #[arg(long)]
     pub root: PathBuf,
     /// Private keys of the current root that sign the rotation.
-    #[arg(long = "old-key", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "old-key",
+        visible_alias = "old-keys",
+        value_delimiter = ',',
+        required = true
+    )]
     pub old_keys: Vec<PathBuf>,
     /// Private keys listed by, and signing, the new root.
     #[command(flatten)]
