@@ -56,7 +56,8 @@ pub struct DeviceState {
     pub highest_manifest: Vec<(String, u64)>,
     /// Newest `created` time of any document accepted: part of the time floor.
     pub newest_signed: u64,
-    /// Latest time the hub reported: part of the time floor.
+    /// The time in the hub's latest answer: part of the time floor. Replaced by each answer,
+    /// never ratcheted: a hub clock that once ran ahead must not freeze the device for good.
     pub hub_time: u64,
     pub active: Option<VersionRef>,
     /// Earlier committed versions, newest first, kept on disk for rollbacks without a download.

@@ -48,6 +48,8 @@ const MAX_BATCH_WINDOWS: usize = 1000;
 /// Stored bytes of windows (drift summaries included) in one telemetry batch: half the frame cap,
 /// so the encoded batch stays well inside it.
 const MAX_BATCH_BYTES: usize = TelemetryBatch::MAX_FRAME / 2;
+/// A hub clock further ahead of the device's than this is logged as a warning when it starts.
+const HUB_CLOCK_WARNING: Duration = Duration::from_secs(24 * 3600);
 
 /// What `outpost-agent status` shows, written after every cycle.
 #[derive(Debug, Serialize)]
@@ -295,6 +297,23 @@ impl Syncer {
         })
     }
 
+    /// Takes the hub's time from its latest answer. It is not ratcheted like the newest signed
+    /// time: a hub whose clock once ran far ahead (or that lied) makes every document look
+    /// expired, and would otherwise stop this device's updates for good. Taken this way, updates
+    /// resume as soon as the hub's clock is right again; the signed times the device has seen
+    /// still keep the floor from going back.
+    fn note_hub_time(&mut self, hub_time: u64) {
+        let ahead = |time: u64| time.saturating_sub(unix_now()) > HUB_CLOCK_WARNING.as_secs();
+        if ahead(hub_time) && !ahead(self.state.hub_time) {
+            log::warn!(
+                "the hub reports time {hub_time}, {} ahead of this device's clock; documents are \
+                 judged against it and may look expired until one of the two clocks is corrected",
+                humantime::format_duration(Duration::from_secs(hub_time - unix_now()))
+            );
+        }
+        self.state.hub_time = hub_time;
+    }
+
     fn floor(&self) -> TimeFloor {
         TimeFloor {
             wall_clock: unix_now(),
@@ -400,7 +419,7 @@ impl Syncer {
             queue_bytes: stats.queue_bytes,
         };
         let response = self.check_in(check_in)?;
-        self.state.hub_time = self.state.hub_time.max(response.hub_time);
+        self.note_hub_time(response.hub_time);
         self.state.last_checkin = Some(unix_now());
         self.apply(response.clone());
         self.deliver_reports()?;

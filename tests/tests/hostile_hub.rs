@@ -347,6 +347,35 @@ fn a_replayed_older_plan_is_refused_and_reported_also_after_a_restart() {
 }
 
 #[test]
+fn a_hub_clock_far_ahead_stops_updates_only_while_it_lasts() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    // The hub's answers claim a time ten years ahead: against it the root (valid for a year)
+    // has expired, so the plan it verifies is refused.
+    let future = unix_now() + 3650 * DAY;
+    rewrite_check_ins(&proxy, move |answer| answer.hub_time = future);
+    let refusal = next_refusal(&hub, &agent, &[]);
+    assert!(
+        refusal.detail.starts_with("plan: root expired at ")
+            && refusal.detail.ends_with(&format!(", now is {future}")),
+        "{refusal:?}"
+    );
+    assert_serving(&agent, 1);
+    assert!(
+        agent.log().contains("ahead of this device's clock"),
+        "{}",
+        agent.log()
+    );
+
+    // The hub's clock is right again: the next rollout goes through. Had the device kept the
+    // highest hub time it ever saw, every document would look expired to it for ten years.
+    proxy.set_hook(older_hub);
+    fleet.publish_example(&hub, "demo", 2, 2);
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+    agent.wait_status("active", json!("demo@2"));
+    assert_serving(&agent, 2);
+}
+
+#[test]
 fn an_expired_manifest_is_refused_and_reported() {
     let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
     let v1 = check_in_with_plan(&proxy, 1);
