@@ -28,7 +28,9 @@
 //! When an append takes the cache over the cap:
 //! 1. above [`ROLLUP_PERCENT`] of the cap, hourly windows of the same (model, version, UTC day) in
 //!    the queue are merged into one daily window (counts and latency buckets add); merging loses
-//!    resolution but no inference, and is counted separately from drops;
+//!    resolution but no inference, and is counted separately from drops. The first roll-up after
+//!    open reads every record; later ones read the records appended since and those sharing a day
+//!    with them, and a roll-up holds about a megabyte of records decoded at a time;
 //! 2. while still over the cap, the oldest queued windows are dropped, one window at a time;
 //! 3. only if the queue is empty and the outbox batch alone is over the cap, windows are removed
 //!    from the outbox batch (oldest first) and added to *its* `dropped_records`. The batch keeps
@@ -58,7 +60,7 @@
 //! Every method blocks on disk I/O (`append`, `pending` and `acknowledge` flush); async callers use
 //! `spawn_blocking`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -136,6 +138,9 @@ pub struct AppendOutcome {
     pub merged_windows: u64,
     /// Windows dropped under the cap, oldest first.
     pub dropped_windows: u64,
+    /// Queued records the roll-up read and decoded: 0 below [`ROLLUP_PERCENT`] of the cap; after
+    /// the first roll-up since open, only the new records and those holding windows of their days.
+    pub rolled_up_records: u64,
 }
 
 /// What [`TelemetryCache::refused`] did with a batch the hub will never take.
@@ -554,11 +559,39 @@ fn encode_record(windows: &[StoredWindow]) -> Result<Vec<u8>, CacheError> {
     )
 }
 
-/// Size and window count of one queued record, known without reading it.
+/// Size, window count and UTC days of one queued record, known without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RecordInfo {
     bytes: u64,
     windows: u64,
+    days: DaySpan,
+}
+
+impl RecordInfo {
+    fn new(bytes: u64, windows: &[StoredWindow]) -> RecordInfo {
+        let days = windows.iter().map(|window| window.start / DAY_SECS);
+        RecordInfo {
+            bytes,
+            windows: windows.len() as u64,
+            days: DaySpan {
+                first: days.clone().min().unwrap_or(0),
+                last: days.max().unwrap_or(0),
+            },
+        }
+    }
+}
+
+/// The first and last UTC day (days since the epoch) a record's windows start on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DaySpan {
+    first: u64,
+    last: u64,
+}
+
+impl DaySpan {
+    fn overlaps(&self, other: &DaySpan) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -577,6 +610,10 @@ struct State {
     meta: MetaV1,
     /// Logical bytes: every `RecordInfo::bytes` plus the outbox's.
     total_bytes: u64,
+    /// Every record up to this key was in a finished roll-up: no two of their windows share a
+    /// (model, version, day, shadow target), but where a roll-up let go of a record a later one,
+    /// out of time order, still shared a day with. `None` until the first roll-up since open.
+    rolled_through: Option<u64>,
 }
 
 /// A pending change: the state it leads to and the writes that get there, committed at once.
@@ -598,11 +635,8 @@ impl Change {
         }
     }
 
-    fn put_record(&mut self, key: u64, value: Vec<u8>, windows: u64) {
-        let info = RecordInfo {
-            bytes: 8 + value.len() as u64,
-            windows,
-        };
+    fn put_record(&mut self, key: u64, value: Vec<u8>, windows: &[StoredWindow]) {
+        let info = RecordInfo::new(8 + value.len() as u64, windows);
         if let Some(old) = self.state.index.insert(key, info) {
             self.state.total_bytes -= old.bytes;
         }
@@ -652,6 +686,111 @@ impl Change {
         }
         self.outbox = Some(None);
     }
+}
+
+/// Most bytes of queued records (as stored) a roll-up holds decoded at once; when more, it keeps
+/// only those a later record may still merge into.
+const ROLLUP_HELD_BYTES: u64 = 1024 * 1024;
+
+/// Which windows a roll-up merges into which: (model, version, UTC day, shadow target).
+type Group = (String, u64, u64, Option<[u8; 32]>);
+
+/// The records a roll-up holds decoded, in key order, and where each group's oldest window is.
+#[derive(Debug, Default)]
+struct RollUpPass {
+    held: BTreeMap<u64, (RecordInfo, Vec<StoredWindow>)>,
+    held_bytes: u64,
+    /// Each group's oldest window held: (record key, position in it).
+    owners: HashMap<Group, (u64, usize)>,
+    /// Held records whose windows changed and must be written back.
+    changed: BTreeSet<u64>,
+    merged: u64,
+}
+
+impl RollUpPass {
+    /// Merges `windows`, the next record's, into the oldest held window of their group, and holds
+    /// what is left of them.
+    fn add(&mut self, key: u64, info: RecordInfo, windows: Vec<StoredWindow>) {
+        let mut kept: Vec<StoredWindow> = Vec::new();
+        for window in windows {
+            let group = (
+                window.model.clone(),
+                window.version,
+                window.start / DAY_SECS,
+                window.shadow_target(),
+            );
+            let Some(&(owner, position)) = self.owners.get(&group) else {
+                self.owners.insert(group, (key, kept.len()));
+                kept.push(window);
+                continue;
+            };
+            let target = if owner == key {
+                kept.get_mut(position)
+            } else {
+                self.held
+                    .get_mut(&owner)
+                    .and_then(|(_, windows)| windows.get_mut(position))
+            };
+            match target {
+                Some(target) => {
+                    target.merge(&window);
+                    self.merged += 1;
+                    self.changed.insert(owner);
+                    self.changed.insert(key);
+                }
+                None => kept.push(window),
+            }
+        }
+        self.held_bytes += info.bytes;
+        self.held.insert(key, (info, kept));
+    }
+
+    /// Writes back the changed records among those held that `keep` does not keep, and lets
+    /// them go; keeps none when those kept would hold too much themselves.
+    fn release(
+        &mut self,
+        change: &mut Change,
+        keep: impl Fn(&RecordInfo) -> bool,
+    ) -> Result<(), CacheError> {
+        let kept_bytes: u64 = self
+            .held
+            .values()
+            .filter(|(info, _)| keep(info))
+            .map(|(info, _)| info.bytes)
+            .sum();
+        let keep_any = kept_bytes < ROLLUP_HELD_BYTES / 2;
+        let released: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, (info, _))| !(keep_any && keep(info)))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in released {
+            let Some((info, windows)) = self.held.remove(&key) else {
+                continue;
+            };
+            self.held_bytes -= info.bytes;
+            if self.changed.remove(&key) {
+                if windows.is_empty() {
+                    change.remove_record(key);
+                } else {
+                    change.put_record(key, encode_record(&windows)?, &windows);
+                }
+            }
+        }
+        let held = &self.held;
+        self.owners.retain(|_, (owner, _)| held.contains_key(owner));
+        Ok(())
+    }
+}
+
+/// What one roll-up did: windows merged away, windows of unreadable records dropped, and the
+/// records it read.
+#[derive(Debug, Clone, Copy)]
+struct RollUp {
+    merged: u64,
+    unreadable: u64,
+    records_read: u64,
 }
 
 /// Why an open attempt failed: the data is unreadable (quarantine it) or something else is wrong.
@@ -779,10 +918,7 @@ impl TelemetryCache {
             let windows = decode::<StoredRecord>("records", &value)
                 .map_err(OpenFailure::Unreadable)?
                 .into_windows();
-            let info = RecordInfo {
-                bytes: (key.len() + value.len()) as u64,
-                windows: windows.len() as u64,
-            };
+            let info = RecordInfo::new((key.len() + value.len()) as u64, &windows);
             total_bytes += info.bytes;
             index.insert(key_number, info);
         }
@@ -869,6 +1005,7 @@ impl TelemetryCache {
                 outbox: outbox_info,
                 meta: meta_record,
                 total_bytes,
+                rolled_through: None,
             }),
             db,
         };
@@ -911,20 +1048,20 @@ impl TelemetryCache {
         let mut change = Change::new(&state);
         let key = change.state.meta.next_record;
         change.state.meta.next_record = key.saturating_add(1);
-        change.put_record(key, encode_record(&stored)?, stored.len() as u64);
-        let (merged_windows, dropped_windows) = self.enforce_cap(&mut change)?;
+        change.put_record(key, encode_record(&stored)?, &stored);
+        let outcome = self.enforce_cap(&mut change)?;
         self.commit_locked(state, change)?;
         self.flush()?;
-        if dropped_windows > 0 {
+        if outcome.dropped_windows > 0 {
             log::warn!(
-                "telemetry cache over its cap of {} bytes: dropped the {dropped_windows} oldest windows",
-                self.cap_bytes
+                "telemetry cache over its cap of {} bytes: dropped the {} oldest windows",
+                self.cap_bytes,
+                outcome.dropped_windows
             );
         }
         Ok(AppendOutcome {
             appended_windows: stored.len() as u64,
-            merged_windows,
-            dropped_windows,
+            ..outcome
         })
     }
 
@@ -981,7 +1118,7 @@ impl TelemetryCache {
                 change.remove_record(key);
             } else {
                 let rest = windows.split_off(room);
-                change.put_record(key, encode_record(&rest)?, rest.len() as u64);
+                change.put_record(key, encode_record(&rest)?, &rest);
             }
             taken.append(&mut windows);
         }
@@ -996,7 +1133,7 @@ impl TelemetryCache {
         meta.dropped_since_batch = 0;
         change.put_outbox(sequence, dropped_records, &taken, &keys)?;
         // Forming the batch moves bytes around; the cap still holds for the result.
-        let (_, dropped_now) = self.enforce_cap(&mut change)?;
+        let dropped_now = self.enforce_cap(&mut change)?.dropped_windows;
         let outbox_now = change.state.outbox;
         let next_sequence = change.state.meta.next_sequence;
         self.commit_locked(state, change)?;
@@ -1175,16 +1312,19 @@ impl TelemetryCache {
     }
 
     /// Brings `change` under the cap (module docs, "Size accounting and the cap"). Returns the
-    /// windows merged and dropped; both are added to the persisted counters in `change`.
-    fn enforce_cap(&self, change: &mut Change) -> Result<(u64, u64), CacheError> {
+    /// windows merged and dropped (both also added to the persisted counters in `change`) and the
+    /// records the roll-up read; `appended_windows` is left 0.
+    fn enforce_cap(&self, change: &mut Change) -> Result<AppendOutcome, CacheError> {
         let cap = self.cap_bytes;
         let mut merged = 0u64;
         let mut dropped = 0u64;
+        let mut rolled_up_records = 0u64;
         if u128::from(change.state.total_bytes) * 100 > u128::from(cap) * u128::from(ROLLUP_PERCENT)
         {
-            let (rolled, unreadable) = self.roll_up(change)?;
-            merged += rolled;
-            dropped += unreadable;
+            let rolled = self.roll_up(change)?;
+            merged += rolled.merged;
+            dropped += rolled.unreadable;
+            rolled_up_records = rolled.records_read;
         }
         while change.state.total_bytes > cap {
             let Some((&key, &info)) = change.state.index.iter().next() else {
@@ -1216,7 +1356,7 @@ impl TelemetryCache {
                 let value = encode_record(&windows)?;
                 let bytes = 8 + value.len() as u64;
                 if change.state.total_bytes - info.bytes + bytes <= cap {
-                    change.put_record(key, value, windows.len() as u64);
+                    change.put_record(key, value, &windows);
                     break;
                 }
             }
@@ -1226,7 +1366,12 @@ impl TelemetryCache {
         meta.dropped_total = meta.dropped_total.saturating_add(dropped);
         meta.merged_total = meta.merged_total.saturating_add(merged);
         let from_outbox = self.shrink_outbox(change)?;
-        Ok((merged, dropped + from_outbox))
+        Ok(AppendOutcome {
+            appended_windows: 0,
+            merged_windows: merged,
+            dropped_windows: dropped + from_outbox,
+            rolled_up_records,
+        })
     }
 
     /// Last resort when the outbox batch alone is over the cap: moves its oldest windows into its
@@ -1286,76 +1431,59 @@ impl TelemetryCache {
     }
 
     /// Merges queued windows of the same (model, version, UTC day) into the oldest of them.
-    /// Returns the windows merged away and the windows of unreadable records dropped on the way.
-    fn roll_up(&self, change: &mut Change) -> Result<(u64, u64), CacheError> {
-        let queued: Vec<(u64, RecordInfo)> = change
+    ///
+    /// Only records a roll-up has not seen yet can add a window to a group, and every other window
+    /// of that group starts on the same day: so after the first roll-up since open, a roll-up
+    /// reads the new records and the older ones whose days overlap theirs, not the whole queue.
+    /// Near the cap an append comes every telemetry flush; reading the whole queue each time cost
+    /// seconds of CPU and hundreds of MiB per append on a full 64 MiB cache.
+    fn roll_up(&self, change: &mut Change) -> Result<RollUp, CacheError> {
+        let index = &change.state.index;
+        let unseen_from = change
             .state
-            .index
+            .rolled_through
+            .map_or(0, |key| key.saturating_add(1));
+        let unseen_days: Vec<DaySpan> = index
+            .range(unseen_from..)
+            .map(|(_, info)| info.days)
+            .collect();
+        let queued: Vec<(u64, RecordInfo)> = index
             .iter()
+            .filter(|(key, info)| {
+                **key >= unseen_from || unseen_days.iter().any(|days| days.overlaps(&info.days))
+            })
             .map(|(key, info)| (*key, *info))
             .collect();
-        let mut contents: BTreeMap<u64, Vec<StoredWindow>> = BTreeMap::new();
-        type Group = (String, u64, u64, Option<[u8; 32]>);
-        let mut owners: HashMap<Group, (u64, usize)> = HashMap::new();
-        let mut changed = Vec::new();
-        let mut merged = 0u64;
+        let records_read = queued.len() as u64;
+        let mut pass = RollUpPass::default();
         let mut unreadable = 0u64;
         for (key, info) in queued {
+            if pass.held_bytes >= ROLLUP_HELD_BYTES {
+                // Records are appended in time order, so a later record rarely shares a day with
+                // any but the last few: let go of the others, which bounds the memory of a pass.
+                pass.release(change, |held| held.days.last >= info.days.first)?;
+            }
             let Some(windows) = self.read_record(change, key)? else {
                 change.remove_record(key);
                 unreadable += info.windows;
                 continue;
             };
-            let mut kept = Vec::new();
-            for window in windows {
-                let group = (
-                    window.model.clone(),
-                    window.version,
-                    window.start / DAY_SECS,
-                    window.shadow_target(),
-                );
-                match owners.get(&group) {
-                    Some(&(owner, position)) => {
-                        let target = if owner == key {
-                            kept.get_mut(position)
-                        } else {
-                            contents
-                                .get_mut(&owner)
-                                .and_then(|windows| windows.get_mut(position))
-                        };
-                        if let Some(target) = target {
-                            target.merge(&window);
-                            merged += 1;
-                            changed.push(owner);
-                            changed.push(key);
-                            continue;
-                        }
-                        kept.push(window);
-                    }
-                    None => {
-                        owners.insert(group, (key, kept.len()));
-                        kept.push(window);
-                    }
-                }
-            }
-            contents.insert(key, kept);
+            pass.add(key, info, windows);
         }
-        changed.sort_unstable();
-        changed.dedup();
-        for key in changed {
-            match contents.get(&key) {
-                Some(windows) if !windows.is_empty() => {
-                    change.put_record(key, encode_record(windows)?, windows.len() as u64);
-                }
-                _ => change.remove_record(key),
-            }
-        }
+        pass.release(change, |_| false)?;
+        let merged = pass.merged;
         if merged > 0 {
             log::info!(
                 "telemetry cache near its cap: rolled {merged} hourly windows into daily ones"
             );
         }
-        Ok((merged, unreadable))
+        // Every key so far was either read above or holds no day of an unseen record.
+        change.state.rolled_through = change.state.meta.next_record.checked_sub(1);
+        Ok(RollUp {
+            merged,
+            unreadable,
+            records_read,
+        })
     }
 
     fn commit_locked(

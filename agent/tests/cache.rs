@@ -676,3 +676,81 @@ fn a_refused_batch_loses_its_drift_then_is_dropped_and_counted() {
         Err(CacheError::NotPending { .. })
     ));
 }
+
+#[test]
+fn near_the_cap_a_roll_up_reads_only_the_days_of_new_windows() {
+    let size = record_size();
+    let dir = dir();
+    let cache = open(&dir.path, 50 * size);
+    // One window a day, a record each: nothing to merge. The 41st record takes the queue over 80%
+    // of the cap, and the first roll-up since open reads every record.
+    for day in 0..40 {
+        let outcome = cache.append(&[daily(day)]).expect("append");
+        assert_eq!(outcome.rolled_up_records, 0, "day {day}");
+    }
+    let outcome = cache.append(&[daily(40)]).expect("append");
+    assert_eq!((outcome.rolled_up_records, outcome.merged_windows), (41, 0));
+    // From then on, a window of a new day is read alone...
+    for day in 41..45 {
+        let outcome = cache.append(&[daily(day)]).expect("append");
+        assert_eq!((outcome.rolled_up_records, outcome.merged_windows), (1, 0));
+    }
+    // ...and another hour of a day already queued with the one record holding that day.
+    let outcome = cache
+        .append(&[window("m", DAY0 + 44 * DAY + HOUR, 5, 2)])
+        .expect("append");
+    assert_eq!((outcome.rolled_up_records, outcome.merged_windows), (2, 1));
+    assert_eq!(outcome.dropped_windows, 0);
+    assert_eq!(cache.stats().queued_windows, 45);
+
+    // A reopened cache cannot know what was rolled up: its first roll-up reads everything again.
+    drop(cache);
+    let cache = open(&dir.path, 50 * size);
+    let outcome = cache.append(&[daily(45)]).expect("append");
+    assert_eq!((outcome.rolled_up_records, outcome.merged_windows), (46, 0));
+    let outcome = cache.append(&[daily(46)]).expect("append");
+    assert_eq!(outcome.rolled_up_records, 1);
+}
+
+#[test]
+fn a_roll_up_larger_than_its_memory_bound_still_merges_every_day() {
+    const HOURS_PER_RECORD: u64 = 1001;
+    const RECORDS: u64 = 90;
+    let dir = dir();
+    let queued = {
+        let cache = open(&dir.path, BIG);
+        for record in 0..RECORDS {
+            let hours: Vec<InferenceWindow> = (0..HOURS_PER_RECORD)
+                .map(|hour| {
+                    let hour = record * HOURS_PER_RECORD + hour;
+                    window("m", DAY0 + hour * HOUR, 1, (hour % 17) as usize)
+                })
+                .collect();
+            cache.append(&hours).expect("append");
+        }
+        cache.stats().queue_bytes
+    };
+    // Three times the megabyte a roll-up holds decoded at once, and records share a day at
+    // nearly every boundary (1001 hours are 41 days and 17 hours).
+    assert!(queued > 3 << 20, "{queued} bytes queued");
+    let days = (RECORDS * HOURS_PER_RECORD).div_ceil(24);
+    let cache = open(&dir.path, queued * 100 / 81);
+    let outcome = cache
+        .append(&[window("m", DAY0 + days * DAY, 1, 0)])
+        .expect("append");
+    assert_eq!(outcome.rolled_up_records, RECORDS + 1);
+    assert_eq!(outcome.dropped_windows, 0);
+    assert_eq!(outcome.merged_windows, RECORDS * HOURS_PER_RECORD - days);
+    let stats = cache.stats();
+    assert_eq!(stats.queued_windows, days + 1);
+    // Every inference is still counted, in one window a day.
+    let batch = pending(&cache, 5000);
+    assert_eq!(batch.windows.len() as u64, days + 1);
+    assert_eq!(
+        batch.windows.iter().map(|w| w.count).sum::<u64>(),
+        RECORDS * HOURS_PER_RECORD + 1
+    );
+    let mut starts: Vec<u64> = batch.windows.iter().map(|w| w.start / DAY).collect();
+    starts.dedup();
+    assert_eq!(starts.len() as u64, days + 1);
+}
