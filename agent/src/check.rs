@@ -44,8 +44,13 @@ pub fn check(view: &DeviceView<'_>, offered: &Offered<'_>) -> Result<Verdict, Ve
     let manifest = match (offered.manifest, &plan) {
         (None, _) => None,
         (Some(bytes), Some(plan)) => {
+            // As in the agent: an accepted plan's creation is a signed time seen.
+            let floor = TimeFloor {
+                newest_signed: view.floor.newest_signed.max(plan.body().created),
+                ..view.floor
+            };
             let (slot, manifest) =
-                plan.verify_manifest(&root, bytes, &view.floor, view.highest_manifest)?;
+                plan.verify_manifest(&root, bytes, &floor, view.highest_manifest)?;
             Some((Some(slot), manifest))
         }
         (Some(bytes), None) => Some((
@@ -61,4 +66,62 @@ pub fn check(view: &DeviceView<'_>, offered: &Offered<'_>) -> Result<Verdict, Ve
         plan,
         manifest,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use outpost_protocol::trust::Role;
+
+    use super::*;
+
+    fn fixture(file: &str) -> Vec<u8> {
+        let path: PathBuf = [
+            env!("CARGO_MANIFEST_DIR"),
+            "../protocol/tests/data/time_floor",
+            file,
+        ]
+        .iter()
+        .collect();
+        std::fs::read(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+    }
+
+    /// protocol/tests/data/time_floor: a device whose clock was reset to 1970 is offered a plan
+    /// and, under it, a manifest that expired before the plan was created.
+    #[test]
+    fn a_manifest_is_judged_against_the_creation_of_the_plan_offered_with_it() {
+        let root = fixture("root.bin");
+        let (plan, manifest) = (fixture("plan.bin"), fixture("manifest.bin"));
+        let view = DeviceView {
+            trusted_root: &root,
+            floor: TimeFloor::default(),
+            highest_plan: None,
+            highest_manifest: None,
+            arch: Arch::X86_64,
+            agent: AgentVersion {
+                major: 1,
+                minor: 0,
+                patch: 0,
+            },
+        };
+        let offered = Offered {
+            roots: Vec::new(),
+            plan: Some(&plan),
+            manifest: Some(&manifest),
+        };
+        let error = check(&view, &offered).expect_err("the manifest expired before the plan");
+        let created = VerifiedRoot::load_trusted(&root)
+            .and_then(|root| root.verify_plan(&plan, &TimeFloor::default(), None))
+            .expect("the plan alone is valid")
+            .body()
+            .created;
+        assert!(
+            matches!(
+                error,
+                VerifyError::Expired { role: Role::Manifest, now, .. } if now == created
+            ),
+            "{error:?}"
+        );
+    }
 }

@@ -538,6 +538,9 @@ impl Syncer {
         let sequence = plan.sequence();
         self.state.highest_plan = Some(self.state.highest_plan.unwrap_or(0).max(sequence));
         self.state.newest_signed = self.state.newest_signed.max(plan.body().created);
+        // The plan's creation is now a signed time seen: its manifests are judged against it,
+        // in this answer as in every later one.
+        let floor = self.floor();
         if let Some((_, manifest_bytes)) = response.manifest {
             self.apply_manifest(&plan, &manifest_bytes, &floor);
         }

@@ -408,6 +408,47 @@ fn an_expired_manifest_is_refused_and_reported() {
 }
 
 #[test]
+fn a_manifest_that_expired_before_its_plan_was_signed_is_refused_at_once() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let v1 = check_in_with_plan(&proxy, 1);
+    let v1_manifest = manifest_of(&v1);
+    // demo@2 is valid until tomorrow, and plan 2 names it but was signed the day after: this
+    // device's clock runs days behind. Having accepted the plan, the device knows it is at least
+    // that late, so the manifest is refused in the very answer that brings both.
+    let mut body = manifest_body(&v1_manifest);
+    body.version = 2;
+    body.created = unix_now() - DAY;
+    body.expires = unix_now() + DAY;
+    let manifest = fleet.sign(&body);
+    let target = write_file(&hub, "v2.bin", &manifest);
+    let fallback = write_file(&hub, "v1.bin", &v1_manifest);
+    let mut plan = plan_body(&sign_plan(&hub, &fleet, 2, &target, Some(&fallback)));
+    plan.created = unix_now() + 2 * DAY;
+    plan.expires = plan.created + 30 * DAY;
+    let plan_created = plan.created;
+    let plan = fleet.sign(&plan);
+    let versions_before = installed(&agent);
+    let artifacts_before = exchanges(&proxy, ARTIFACTS).len();
+
+    rewrite_check_ins(&proxy, move |answer| {
+        answer.plan = Some(ByteBuf::from(plan.clone()));
+        answer.manifest = Some((Slot::Target, ByteBuf::from(manifest.clone())));
+    });
+    let refusal = next_refusal(&hub, &agent, &[]);
+    assert_eq!(
+        refusal.detail,
+        format!(
+            "manifest: manifest expired at {}, now is {plan_created}",
+            body.expires
+        )
+    );
+    assert_eq!(agent.status()["plan_sequence"], 2);
+    assert_serving(&agent, 1);
+    assert_eq!(installed(&agent), versions_before);
+    assert_eq!(exchanges(&proxy, ARTIFACTS).len(), artifacts_before);
+}
+
+#[test]
 fn a_valid_manifest_with_a_swapped_artifact_is_refused_and_reported() {
     let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
     let versions_before = installed(&agent);
