@@ -303,12 +303,14 @@ impl Syncer {
     /// resume as soon as the hub's clock is right again; the signed times the device has seen
     /// still keep the floor from going back.
     fn note_hub_time(&mut self, hub_time: u64) {
-        let ahead = |time: u64| time.saturating_sub(unix_now()) > HUB_CLOCK_WARNING.as_secs();
-        if ahead(hub_time) && !ahead(self.state.hub_time) {
+        let now = unix_now();
+        let warn_over = HUB_CLOCK_WARNING.as_secs();
+        let ahead = hub_time.saturating_sub(now);
+        if ahead > warn_over && self.state.hub_time.saturating_sub(now) <= warn_over {
             log::warn!(
                 "the hub reports time {hub_time}, {} ahead of this device's clock; documents are \
                  judged against it and may look expired until one of the two clocks is corrected",
-                humantime::format_duration(Duration::from_secs(hub_time - unix_now()))
+                humantime::format_duration(Duration::from_secs(ahead))
             );
         }
         self.state.hub_time = hub_time;
