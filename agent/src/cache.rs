@@ -588,9 +588,31 @@ struct DaySpan {
     last: u64,
 }
 
-impl DaySpan {
-    fn overlaps(&self, other: &DaySpan) -> bool {
-        self.first <= other.last && other.first <= self.last
+/// Day spans merged into disjoint ones, in order, so that an overlap is one binary search.
+#[derive(Debug, Default)]
+struct DaySpans(Vec<DaySpan>);
+
+impl DaySpans {
+    fn new(spans: impl IntoIterator<Item = DaySpan>) -> DaySpans {
+        let mut sorted: Vec<DaySpan> = spans.into_iter().collect();
+        sorted.sort_unstable_by_key(|span| span.first);
+        let mut merged: Vec<DaySpan> = Vec::with_capacity(sorted.len());
+        for span in sorted {
+            match merged.last_mut() {
+                Some(last) if span.first <= last.last.saturating_add(1) => {
+                    last.last = last.last.max(span.last);
+                }
+                _ => merged.push(span),
+            }
+        }
+        DaySpans(merged)
+    }
+
+    fn overlaps(&self, days: &DaySpan) -> bool {
+        let first_not_before = self.0.partition_point(|span| span.last < days.first);
+        self.0
+            .get(first_not_before)
+            .is_some_and(|span| span.first <= days.last)
     }
 }
 
@@ -1443,15 +1465,10 @@ impl TelemetryCache {
             .state
             .rolled_through
             .map_or(0, |key| key.saturating_add(1));
-        let unseen_days: Vec<DaySpan> = index
-            .range(unseen_from..)
-            .map(|(_, info)| info.days)
-            .collect();
+        let unseen_days = DaySpans::new(index.range(unseen_from..).map(|(_, info)| info.days));
         let queued: Vec<(u64, RecordInfo)> = index
             .iter()
-            .filter(|(key, info)| {
-                **key >= unseen_from || unseen_days.iter().any(|days| days.overlaps(&info.days))
-            })
+            .filter(|(key, info)| **key >= unseen_from || unseen_days.overlaps(&info.days))
             .map(|(key, info)| (*key, *info))
             .collect();
         let records_read = queued.len() as u64;
@@ -1615,6 +1632,32 @@ mod tests {
             drift: None,
             shadow: None,
         }
+    }
+
+    #[test]
+    fn day_spans_merge_and_find_overlaps() {
+        let span = |first, last| DaySpan { first, last };
+        let spans = DaySpans::new([
+            span(20, 20),
+            span(5, 7),
+            span(8, 9),
+            span(6, 6),
+            span(30, 40),
+        ]);
+        assert_eq!(spans.0, [span(5, 9), span(20, 20), span(30, 40)]);
+        for (days, overlaps) in [
+            (span(0, 4), false),
+            (span(0, 5), true),
+            (span(9, 19), true),
+            (span(10, 19), false),
+            (span(21, 29), false),
+            (span(15, 35), true),
+            (span(40, 41), true),
+            (span(41, u64::MAX), false),
+        ] {
+            assert_eq!(spans.overlaps(&days), overlaps, "{days:?}");
+        }
+        assert!(!DaySpans::default().overlaps(&span(0, u64::MAX)));
     }
 
     fn open(dir: &Path) -> TelemetryCache {

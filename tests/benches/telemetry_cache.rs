@@ -6,7 +6,7 @@
 //! flush. For the open and for each append it reports the time, the records the roll-up read, and
 //! the process's resident set, its peak and its anonymous part (`/proc/self/status`).
 //!
-//! A measurement, never a pass/fail test: `cargo bench -p outpost-agent --bench telemetry_cache`.
+//! A measurement, never a pass/fail test: `cargo bench -p outpost-tests --bench telemetry_cache`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use outpost_agent::cache::TelemetryCache;
 use outpost_protocol::device::{InferenceWindow, LATENCY_BUCKETS_US};
+use outpost_tests::bench::proc_status_field;
 
 const CAP: u64 = 64 << 20;
 const DAY: u64 = 86_400;
@@ -40,17 +41,12 @@ fn window(start: u64) -> InferenceWindow {
 
 /// `VmRSS`, `VmHWM` and `RssAnon` of this process, in MiB.
 fn memory() -> String {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let field = |name: &str| -> f64 {
-        let line = status.lines().find(|line| line.starts_with(name)).unwrap();
-        let kib: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        kib / 1024.0
-    };
+    let mib = |field: &str| proc_status_field("self", field) as f64 / 1024.0;
     format!(
         "{:.1} | {:.1} | {:.1}",
-        field("VmRSS:"),
-        field("VmHWM:"),
-        field("RssAnon:")
+        mib("VmRSS:"),
+        mib("VmHWM:"),
+        mib("RssAnon:")
     )
 }
 
