@@ -4,7 +4,8 @@
 //! of `chromium` in it, headless, at 1280x800, accepting the test hub's own CA-signed certificate.
 //! The client is a few JSON calls over `ureq`: navigate, find by CSS, click, type, read text, page
 //! source, cookies and screenshots. Dropping the browser ends the session and kills the driver.
-//! Without `chromium` or `chromedriver` on the machine it panics saying what to install.
+//! Without `chromium` or `chromedriver` on the machine it panics naming the command that installs
+//! them (`cargo xtask install`).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -64,14 +65,14 @@ impl Browser {
     pub fn start() -> Browser {
         let driver_path = find_program("chromedriver").unwrap_or_else(|| {
             panic!(
-                "chromedriver is not on PATH: install Debian's `chromium` and `chromium-driver` \
-                 packages (.ci/run does)"
+                "chromedriver is not on PATH: `cargo xtask install` installs it (Debian's \
+                 `chromium` and `chromium-driver`)"
             )
         });
         assert!(
             Path::new(CHROMIUM).is_file(),
-            "{CHROMIUM} is missing: install Debian's `chromium` and `chromium-driver` packages \
-             (.ci/run does)"
+            "{CHROMIUM} is missing: `cargo xtask install` installs it (Debian's `chromium` \
+             and `chromium-driver`)"
         );
         let port = free_port();
         let driver = Command::new(driver_path)

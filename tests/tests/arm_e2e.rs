@@ -3,12 +3,13 @@
 //! and serves inference through its local HTTP API with the same answers tract gives on the host.
 //!
 //! It needs the cross-built agent and qemu, which `cargo test --workspace` neither builds nor
-//! installs, so it is `#[ignore]`d there (and listed as ignored, never silently passed); `.ci/run`
-//! builds the agent and runs it with `--ignored`. By hand:
+//! installs, so it is built only with the `arm-e2e` feature of `outpost-tests`; `cargo xtask test`
+//! (the README's test command) installs qemu, builds the agent and runs it. By hand:
 //!
 //! ```sh
+//! cargo xtask install
 //! cargo test --release -p outpost-protocol -p outpost-agent --target aarch64-unknown-linux-gnu --no-run
-//! cargo test --workspace --test arm_e2e -- --ignored
+//! cargo test -p outpost-tests --features arm-e2e --test arm_e2e
 //! ```
 //!
 //! `OUTPOST_AARCH64_AGENT` names another agent binary; `OUTPOST_AARCH64_RUNNER` another emulator
@@ -48,14 +49,14 @@ fn aarch64_agent() -> AgentProgram {
             .parent()
             .unwrap()
             .join(TARGET)
-            // Release, as `.ci/run` builds it: the arm64 package reuses that build.
+            // Release, as `cargo xtask test` builds it: the arm64 package reuses that build.
             .join("release/outpost-agent"),
     };
     let header = std::fs::read(&binary).unwrap_or_else(|error| {
         panic!(
-            "no aarch64 agent at {} ({error}): build it with `cargo test --release \
-             -p outpost-protocol -p outpost-agent --target {TARGET} --no-run`, or set \
-             OUTPOST_AARCH64_AGENT",
+            "no aarch64 agent at {} ({error}): `cargo xtask test` builds it, or by hand \
+             `cargo test --release -p outpost-protocol -p outpost-agent --target {TARGET} \
+             --no-run`; or set OUTPOST_AARCH64_AGENT",
             binary.display()
         )
     });
@@ -82,7 +83,7 @@ fn aarch64_agent() -> AgentProgram {
         .arg("--version")
         .output()
         .unwrap_or_else(|error| {
-            panic!("running {runner}: {error} (install qemu-user, or set OUTPOST_AARCH64_RUNNER)")
+            panic!("running {runner}: {error} (`cargo xtask install` installs qemu-user; or set OUTPOST_AARCH64_RUNNER)")
         });
     assert!(
         output.status.success(),
@@ -142,8 +143,6 @@ fn assert_serves(agent: &TestAgent, version: u64, model_dir: &std::path::Path, x
 }
 
 #[test]
-#[ignore = "needs the cross-built aarch64 agent and qemu-user (.ci/run has both): \
-            cargo test --workspace --test arm_e2e -- --ignored, see tests/tests/arm_e2e.rs"]
 fn an_aarch64_agent_under_qemu_rolls_out_and_serves_against_an_x86_64_hub() {
     let program = aarch64_agent();
     let started = Instant::now();

@@ -1,0 +1,215 @@
+//! What the tests need beyond the Rust toolchain, how to tell it is there, and how to install it
+//! from Debian's packages and rustup, saying what and why before anything is installed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::Scope;
+
+/// The Rust targets the ARM suites are built for; `.cargo/config.toml` names their linkers and
+/// qemu runners.
+pub const ARM_TARGETS: [&str; 2] = ["aarch64-unknown-linux-gnu", "armv7-unknown-linux-gnueabihf"];
+
+/// One thing a test needs that the Rust toolchain does not bring.
+#[derive(Debug)]
+struct Prerequisite {
+    /// What is checked for, as a reader would name it.
+    what: &'static str,
+    /// Which tests need it.
+    why: &'static str,
+    /// Whether the machine has it already.
+    present: fn() -> bool,
+    /// The Debian packages that bring it.
+    debian: &'static [&'static str],
+    /// Needed for the host's tests, or only for the ARM suites.
+    scope: Scope,
+}
+
+const PREREQUISITES: &[Prerequisite] = &[
+    Prerequisite {
+        what: "Chromium (/usr/bin/chromium)",
+        why: "the dashboard test (tests/tests/dashboard.rs) clicks through the web dashboard in a \
+              real headless browser",
+        present: || Path::new("/usr/bin/chromium").is_file(),
+        debian: &["chromium"],
+        scope: Scope::Host,
+    },
+    Prerequisite {
+        what: "chromedriver",
+        why: "the dashboard test drives Chromium through it over WebDriver",
+        present: || on_path("chromedriver").is_some(),
+        debian: &["chromium-driver"],
+        scope: Scope::Host,
+    },
+    Prerequisite {
+        what: "the aarch64 cross linker (aarch64-linux-gnu-gcc)",
+        why: "links the protocol's and the agent's test builds for 64-bit ARM",
+        present: || on_path("aarch64-linux-gnu-gcc").is_some(),
+        debian: &["gcc-aarch64-linux-gnu"],
+        scope: Scope::All,
+    },
+    Prerequisite {
+        what: "the armv7 cross linker (arm-linux-gnueabihf-gcc)",
+        why: "links the protocol's and the agent's test builds for 32-bit ARM",
+        present: || on_path("arm-linux-gnueabihf-gcc").is_some(),
+        debian: &["gcc-arm-linux-gnueabihf"],
+        scope: Scope::All,
+    },
+    Prerequisite {
+        what: "the aarch64 C library (/usr/aarch64-linux-gnu)",
+        why: "the aarch64 builds link against it and qemu-aarch64 loads it",
+        present: || Path::new("/usr/aarch64-linux-gnu/lib/crt1.o").is_file(),
+        debian: &["libc6-dev-arm64-cross"],
+        scope: Scope::All,
+    },
+    Prerequisite {
+        what: "the armhf C library (/usr/arm-linux-gnueabihf)",
+        why: "the armv7 builds link against it and qemu-arm loads it",
+        present: || Path::new("/usr/arm-linux-gnueabihf/lib/crt1.o").is_file(),
+        debian: &["libc6-dev-armhf-cross"],
+        scope: Scope::All,
+    },
+    Prerequisite {
+        what: "qemu-user (qemu-aarch64, qemu-arm)",
+        why: "runs the ARM test builds and the aarch64 agent against the host's hub",
+        present: || on_path("qemu-aarch64").is_some() && on_path("qemu-arm").is_some(),
+        debian: &["qemu-user"],
+        scope: Scope::All,
+    },
+];
+
+/// The first file called `name` in a directory of `PATH`.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+fn needed(scope: Scope) -> impl Iterator<Item = &'static Prerequisite> {
+    PREREQUISITES
+        .iter()
+        .filter(move |prerequisite| scope == Scope::All || prerequisite.scope == Scope::Host)
+}
+
+/// Installs whatever `scope`'s tests need and the machine lacks; says what and why first.
+pub fn run(scope: Scope) -> Result<(), String> {
+    let missing: Vec<&Prerequisite> = needed(scope).filter(|p| !(p.present)()).collect();
+    if missing.is_empty() {
+        println!("xtask: the tests' prerequisites are all installed");
+    } else {
+        for prerequisite in &missing {
+            println!(
+                "xtask: installing {} (Debian: {}): {}",
+                prerequisite.what,
+                prerequisite.debian.join(" "),
+                prerequisite.why
+            );
+        }
+        let mut packages: Vec<&str> = missing
+            .iter()
+            .flat_map(|p| p.debian.iter().copied())
+            .collect();
+        packages.dedup();
+        apt_install(&packages)?;
+        let still: Vec<&str> = missing
+            .iter()
+            .filter(|p| !(p.present)())
+            .map(|p| p.what)
+            .collect();
+        if !still.is_empty() {
+            return Err(format!(
+                "installed {} but still missing: {}",
+                packages.join(" "),
+                still.join(", ")
+            ));
+        }
+    }
+    if scope == Scope::All {
+        add_rust_targets()?;
+    }
+    Ok(())
+}
+
+/// Whether this process runs as root, asked of `id` (the std library does not say).
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|output| output.stdout.trim_ascii() == b"0")
+}
+
+fn apt_install(packages: &[&str]) -> Result<(), String> {
+    let by_hand = format!("apt-get install {}", packages.join(" "));
+    if on_path("apt-get").is_none() {
+        return Err(format!(
+            "no apt-get on this machine: install the equivalent of `{by_hand}` by hand"
+        ));
+    }
+    let sudo: &[&str] = if is_root() {
+        &[]
+    } else if on_path("sudo").is_some() {
+        &["sudo"]
+    } else {
+        return Err(format!("not root and no sudo: run `{by_hand}` as root"));
+    };
+    // dpkg's progress goes to stdout and is dropped (a CI log is read back truncated); apt's
+    // errors go to stderr and stay.
+    let run = |args: &[&str]| -> Result<(), String> {
+        let mut line: Vec<&str> = sudo.to_vec();
+        line.extend_from_slice(args);
+        let status = Command::new(line[0])
+            .args(&line[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|error| format!("running {}: {error}", line.join(" ")))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("`{}` failed with {status}", line.join(" ")))
+        }
+    };
+    run(&["apt-get", "update", "-qq"])?;
+    let mut install = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
+    install.extend_from_slice(packages);
+    run(&install)
+}
+
+fn add_rust_targets() -> Result<(), String> {
+    let listed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map_err(|error| {
+            format!(
+                "running rustup: {error} (the ARM suites need the Rust targets {})",
+                ARM_TARGETS.join(" ")
+            )
+        })?;
+    let installed = String::from_utf8_lossy(&listed.stdout);
+    let missing: Vec<&str> = ARM_TARGETS
+        .into_iter()
+        .filter(|target| !installed.lines().any(|line| line.trim() == *target))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "xtask: adding the Rust targets {} (rustup): the protocol and agent suites run on ARM \
+         under qemu-user",
+        missing.join(" ")
+    );
+    let status = Command::new("rustup")
+        .args(["target", "add"])
+        .args(&missing)
+        .status()
+        .map_err(|error| format!("running rustup target add: {error}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`rustup target add {}` failed with {status}",
+            missing.join(" ")
+        ))
+    }
+}
