@@ -70,6 +70,30 @@ impl TestHub {
         TestHub::start_with(true, TEST_TICK, (1, 1))
     }
 
+    /// Starts `serve` on a copy of a hub data directory kept as test data (`fixture/db`, the
+    /// store, and `fixture/admin.token`, a token it holds), over plain HTTP.
+    pub fn start_on_copy_of(fixture: &Path) -> TestHub {
+        let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
+        let data = dir.path().join("data");
+        copy_tree(&fixture.join("db"), &data.join("db"));
+        let token = std::fs::read_to_string(fixture.join("admin.token"))
+            .unwrap_or_else(|error| panic!("reading the fixture's admin.token: {error}"))
+            .trim()
+            .to_owned();
+        let mut hub = TestHub {
+            dir,
+            data,
+            token,
+            address: String::new(),
+            child: None,
+            ca: None,
+            tick: TEST_TICK,
+            poll_secs: (1, 1),
+        };
+        hub.spawn("127.0.0.1:0");
+        hub
+    }
+
     fn start_with(tls: bool, tick: &'static str, poll_secs: (u32, u32)) -> TestHub {
         let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
         let data = dir.path().join("data");
@@ -335,6 +359,29 @@ impl TestHub {
             self.address, address,
             "the hub came back on another address"
         );
+    }
+}
+
+/// Copies the directory tree `from` to `to` (which must not exist yet), files and folders only.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to)
+        .unwrap_or_else(|error| panic!("creating {}: {error}", to.display()));
+    let entries = std::fs::read_dir(from)
+        .unwrap_or_else(|error| panic!("reading {}: {error}", from.display()));
+    for entry in entries {
+        let entry = entry.unwrap_or_else(|error| panic!("reading {}: {error}", from.display()));
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap_or_else(|error| {
+                panic!(
+                    "copying {} to {}: {error}",
+                    entry.path().display(),
+                    target.display()
+                )
+            });
+        }
     }
 }
 

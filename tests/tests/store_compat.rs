@@ -1,0 +1,50 @@
+//! A hub store written by an earlier release still reads, whole and unchanged, through the admin
+//! API of this one.
+//!
+//! `tests/data/hub-store-0.1.0/` is the data directory the quickstart of release 0.1.0 left on
+//! 2026-12-04 (two published versions of `demo`, three devices, two completed staged rollouts with
+//! their decisions and gate figures, the audit chain), with what that release's CLI printed for it
+//! in `expected/`. A change to a storage record that breaks old stores fails here, not in a fleet.
+
+// Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use outpost_tests::hub::TestHub;
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/hub-store-0.1.0")
+}
+
+fn expected(name: &str) -> Value {
+    let path = fixture().join("expected").join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("reading {}: {error}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+}
+
+#[test]
+fn a_store_written_by_release_0_1_0_reads_the_same() {
+    let hub = TestHub::start_on_copy_of(&fixture());
+    let reads: [(&[&str], &str); 8] = [
+        (&["rollout", "list"], "rollout-list.json"),
+        (&["rollout", "status", "1"], "rollout-1.json"),
+        (&["rollout", "status", "2"], "rollout-2.json"),
+        (&["device", "list"], "device-list.json"),
+        (&["model", "list"], "model-list.json"),
+        (&["model", "show", "demo"], "model-demo.json"),
+        (&["audit", "log"], "audit-log.json"),
+        (&["audit", "verify"], "audit-verify.json"),
+    ];
+    for (args, file) in reads {
+        let now: Value = hub.cli_json(args);
+        assert_eq!(
+            now,
+            expected(file),
+            "outpost-hub {} differs from what release 0.1.0 printed ({file})",
+            args.join(" ")
+        );
+    }
+}
