@@ -3,10 +3,10 @@
 //! `tritonclient` talking to it unchanged.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outpost_agent::api::{
     ApiLimits, ApiState, BackgroundApi, QueueStats, DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT,
@@ -718,10 +718,18 @@ fn hot_swap_under_load_fails_no_request() {
     let models: Vec<Arc<ActiveModel>> = (1..=VERSIONS).map(mlp_version).collect();
 
     let stop = Arc::new(AtomicBool::new(false));
+    // Responses so far from each version (index 0 unused), for the swaps to wait on.
+    let answered: Arc<Vec<AtomicU64>> =
+        Arc::new((0..=VERSIONS).map(|_| AtomicU64::new(0)).collect());
     let clients: Vec<JoinHandle<Vec<u64>>> = (0..2)
         .map(|_| {
-            let (api, stop, request, expected) =
-                (api.clone(), stop.clone(), request.clone(), expected.clone());
+            let (api, stop, request, expected, answered) = (
+                api.clone(),
+                stop.clone(),
+                request.clone(),
+                expected.clone(),
+                answered.clone(),
+            );
             std::thread::spawn(move || {
                 let mut versions_seen = Vec::new();
                 let path = format!("/v2/models/{MODEL}/infer");
@@ -738,19 +746,33 @@ fn hot_swap_under_load_fails_no_request() {
                         .map(|value| value.as_f64().expect("number") as f32)
                         .collect();
                     assert_eq!(got, expected[version as usize - 1], "version {version}");
+                    answered[version as usize].fetch_add(1, Ordering::SeqCst);
                     versions_seen.push(version);
                 }
                 versions_seen
             })
         })
         .collect();
+    // Each version serves requests before the next swap: the clients wait on the slot, not the
+    // test on the clock.
+    let serves = |version: u64, since: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while answered[version as usize].load(Ordering::SeqCst) <= since {
+            assert!(
+                Instant::now() < deadline,
+                "no request answered by version {version} within a minute"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    serves(1, 0);
     for round in 0..3 {
-        for model in models.iter().skip(usize::from(round == 0)) {
-            std::thread::sleep(Duration::from_millis(30));
+        for (model, version) in models.iter().zip(1..).skip(usize::from(round == 0)) {
+            let since = answered[version as usize].load(Ordering::SeqCst);
             api.slot.swap(model.clone());
+            serves(version, since);
         }
     }
-    std::thread::sleep(Duration::from_millis(30));
     stop.store(true, Ordering::Relaxed);
     let mut seen = Vec::new();
     for client in clients {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use outpost_hub::api::DeviceDetail;
 use serde_json::Value;
 
+use crate::device_sim::unix_now;
 use crate::hub::{Fleet, TestHub};
 use crate::{bin, wait_until, Run};
 
@@ -347,6 +348,34 @@ impl TestAgent {
                 (status[field] == want).then_some(status)
             },
         )
+    }
+
+    /// The first status the agent writes after this call: at the end of a cycle that finished
+    /// after it (or at a start or a stop). The agent writes its status file once a cycle is over,
+    /// after that cycle's reports and telemetry reached the hub, so a test that has just seen such
+    /// an event at the hub may still read the previous cycle's file with [`TestAgent::status`].
+    /// This one shows at least the state of the cycle the event came from.
+    pub fn next_status(&self) -> Value {
+        self.wait_next_status("a status written after now", |_| true)
+    }
+
+    /// Waits until a status written after this call has `field` equal to `want`: unlike
+    /// [`TestAgent::wait_status`], never satisfied by a file written before an event the test
+    /// has just seen elsewhere.
+    pub fn wait_fresh_status(&self, field: &str, want: Value) -> Value {
+        let what = format!("a status written after now with {field} = {want}");
+        self.wait_next_status(&what, |status| status[field] == want)
+    }
+
+    /// Waits for a status whose `updated_at` (whole Unix seconds) is past the second this call
+    /// began in, so it was written after the call, and that `accept` takes.
+    fn wait_next_status(&self, what: &str, accept: impl Fn(&Value) -> bool) -> Value {
+        let since = unix_now();
+        wait_until(self.program.wait, what, || {
+            let status = self.status();
+            let fresh = status["updated_at"].as_u64().is_some_and(|at| at > since);
+            (fresh && accept(&status)).then_some(status)
+        })
     }
 
     /// Sends one inference request to the example MLP `demo`; returns (status code, body).

@@ -6,10 +6,13 @@
 // Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use outpost_hub::api::ModelVersionInfo;
+use outpost_protocol::device::StatusReport;
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::hub::{Fleet, TestHub};
 use outpost_tests::proxy::{Exchange, Proxy, Verdict};
@@ -48,9 +51,13 @@ fn enrolls_activates_and_serves_inference() {
         .map(|v| v.as_f64().unwrap())
         .sum();
     assert!((sum - 1.0).abs() < 1e-4, "softmax row sums to {sum}");
-    // The hub counts the device a success only once it committed.
-    let rollout = hub.rollout(1);
-    assert_eq!(rollout.stages[0].succeeded, 1, "{rollout:?}");
+    // The hub counts the device a success only once it committed. The agent reports the commit
+    // after it wrote the status file that shows it, so the report may still be on its way.
+    wait_until(AGENT_WAIT, "the hub to count the commit", || {
+        let rollout = hub.rollout(1);
+        assert_eq!(rollout.stages[0].failed, 0, "{rollout:?}");
+        (rollout.stages[0].succeeded == 1).then_some(())
+    });
     // The hub learns what the device runs from its next check-in.
     let detail = wait_until(AGENT_WAIT, "the hub to see demo@1 active", || {
         let detail = agent.hub_detail(&hub);
@@ -67,31 +74,42 @@ fn a_new_version_under_load_fails_no_request() {
     let (hub, fleet, agent) = serving_v1();
     fleet.publish_example(&hub, "demo", 2, 2);
     let stop = Arc::new(AtomicBool::new(false));
+    let versions: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let agent = Arc::new(agent);
     let client_thread = {
-        let (stop, agent) = (stop.clone(), agent.clone());
+        let (stop, agent, versions) = (stop.clone(), agent.clone(), versions.clone());
         std::thread::spawn(move || {
             let client = http();
-            let (mut failures, mut versions) = (Vec::new(), std::collections::BTreeSet::new());
+            let mut failures = Vec::new();
             let mut sent = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 let (status, body) = agent.infer(&client, [1.0, 2.0, 3.0, 4.0]);
                 sent += 1;
                 if status == 200 {
-                    versions.insert(body["model_version"].as_str().unwrap_or("?").to_owned());
+                    let version = body["model_version"].as_str().unwrap_or("?").to_owned();
+                    versions.lock().unwrap().insert(version);
                 } else {
                     failures.push((status, body));
                 }
             }
-            (sent, failures, versions)
+            (sent, failures)
         })
     };
+    // Requests straddle the swap: some are answered before it, and some after it.
+    let answered_by = |version: &str| {
+        wait_until(
+            AGENT_WAIT,
+            &format!("a request answered by {version}"),
+            || versions.lock().unwrap().contains(version).then_some(()),
+        );
+    };
+    answered_by("1");
     fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
     agent.wait_status("active", json!("demo@2"));
-    // Keep sending for a moment after the swap, so requests straddle it.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    answered_by("2");
     stop.store(true, Ordering::Relaxed);
-    let (sent, failures, versions) = client_thread.join().unwrap();
+    let (sent, failures) = client_thread.join().unwrap();
+    let versions = versions.lock().unwrap().clone();
     assert!(
         failures.is_empty(),
         "{} of {sent} requests failed: {:?}",
@@ -143,43 +161,56 @@ fn a_candidate_failing_validation_is_reverted_and_reported() {
     });
 }
 
+const STATUS: &str = "/device/v1/status";
+
 #[test]
 fn a_crash_during_probation_reverts_at_restart() {
-    let (hub, fleet, mut agent) = serving_v1();
-    // A validation set long enough that probation takes a while on this machine.
-    let dir = hub.dir().join("slow");
-    let dir_arg = dir.to_string_lossy().into_owned();
-    hub.cli(&[
-        "example-model",
-        "--out",
-        &dir_arg,
-        "--seed",
-        "3",
-        "--hidden",
-        "256",
-        "--cases",
-        "40000",
-    ])
-    .ok();
-    hub.cli(&[
-        "model",
-        "publish",
-        &dir.join("model.onnx").to_string_lossy(),
-        "--name",
-        "demo",
-        "--version",
-        "2",
-        "--validation",
-        &dir.join("validation.bin").to_string_lossy(),
-        "--key",
-        &fleet.keys,
-    ])
-    .ok();
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "demo", 1, 1);
+    fleet.first_rollout(&hub, "demo", 1);
+    fleet.publish_example(&hub, "demo", 2, 2);
+    // The agent reports the candidate's download once the probation marker is on its disk, and
+    // before it loads the candidate. While `hold` is set, the proxy keeps the hub's answer to the
+    // first report about plan 2 from the agent, so the kill finds it in probation however fast
+    // probation would otherwise go.
+    let proxy = Proxy::start(&hub.url());
+    let hold = Arc::new(AtomicBool::new(false));
+    let holding = Arc::new(AtomicBool::new(false));
+    {
+        let (hold, holding) = (hold.clone(), holding.clone());
+        proxy.set_hook(move |request, response| {
+            if request.path == STATUS && hold.load(Ordering::SeqCst) {
+                let report: StatusReport = outpost_protocol::decode(&request.body).unwrap();
+                if report.plan_sequence == Some(2) {
+                    holding.store(true, Ordering::SeqCst);
+                    let held_since = Instant::now();
+                    while hold.load(Ordering::SeqCst) && held_since.elapsed() < AGENT_WAIT {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+            Verdict::Forward(response)
+        });
+    }
+    // The agent waits for the held answer longer than the test could take to kill it.
+    let mut agent = TestAgent::enroll_at(
+        &proxy.url(),
+        &hub,
+        &fleet,
+        "site=lab",
+        "[sync]\nread_timeout = \"10m\"\n",
+    );
+    agent.start();
+    agent.wait_status("active", json!("demo@1"));
+    hold.store(true, Ordering::SeqCst);
     fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
-    wait_until(AGENT_WAIT, "the candidate to enter probation", || {
-        (agent.status()["pending"] == "demo@2").then_some(())
+    wait_until(AGENT_WAIT, "the agent to report the candidate", || {
+        holding.load(Ordering::SeqCst).then_some(())
     });
+    agent.wait_status("pending", json!("demo@2"));
     agent.kill9();
+    hold.store(false, Ordering::SeqCst);
     // Start again without the hub offering anything new: the marker alone must revert.
     agent.start();
     agent.wait_status("pending", Value::Null);
@@ -253,8 +284,9 @@ fn telemetry_survives_a_hub_outage_and_arrives_exactly_once() {
         (hub_count(&hub, &agent, 1) >= 65).then_some(())
     });
     agent.wait_status("queued_windows", json!(0));
-    // Resends after acknowledgements must not count again: the total stays exact.
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Resends after acknowledgements must not count again: the total stays exact through a
+    // further cycle, which would upload anything still (or again) queued.
+    agent.next_status();
     assert_eq!(hub_count(&hub, &agent, 1), 65);
 }
 
@@ -355,17 +387,37 @@ fn an_interrupted_download_resumes_where_it_stopped() {
     fleet.first_rollout(&hub, "demo", 1);
     agent.wait_status("active", json!("demo@1"));
 
-    let mut by_artifact: BTreeMap<String, Vec<Exchange>> = BTreeMap::new();
-    for exchange in proxy.log() {
-        if exchange.request.path.starts_with(ARTIFACTS) {
-            by_artifact
-                .entry(exchange.request.path.clone())
-                .or_default()
-                .push(exchange);
+    // The proxy logs an exchange once it has closed the connection, which may be after the agent
+    // read the whole body and went on to commit: wait for both downloads of every artifact.
+    let published: ModelVersionInfo = hub.cli_json(&["model", "show", "demo@1"]);
+    let paths: Vec<String> = published
+        .artifacts
+        .iter()
+        .map(|artifact| format!("{ARTIFACTS}{}", artifact.sha256))
+        .collect();
+    let by_artifact = wait_until(AGENT_WAIT, "every download in the proxy's log", || {
+        let mut by_artifact: BTreeMap<String, Vec<Exchange>> = BTreeMap::new();
+        for exchange in proxy.log() {
+            if exchange.request.path.starts_with(ARTIFACTS) {
+                by_artifact
+                    .entry(exchange.request.path.clone())
+                    .or_default()
+                    .push(exchange);
+            }
         }
-    }
-    assert!(!by_artifact.is_empty(), "no artifact was downloaded");
+        paths
+            .iter()
+            .all(|path| {
+                by_artifact
+                    .get(path)
+                    .is_some_and(|logged| logged.len() >= 2)
+            })
+            .then_some(by_artifact)
+    });
     for (path, exchanges) in &by_artifact {
+        // In the order they were made (the log has them in the order they ended).
+        let mut exchanges = exchanges.clone();
+        exchanges.sort_by_key(|exchange| exchange.request.header("range").is_some());
         let [first, resumed] = exchanges.as_slice() else {
             panic!("{path}: expected a cut download and one resumption: {exchanges:#?}");
         };

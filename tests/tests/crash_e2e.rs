@@ -430,10 +430,32 @@ fn an_agent_killed_at_random_moments_serves_the_old_or_the_new_model() {
     let first_aim = schedule.below(AGENT_AIMS.len() as u64) as usize;
     let mut active = 2;
     let mut landed: BTreeMap<Phase, usize> = BTreeMap::new();
-    for iteration in 0..iterations {
+    for iteration in 0.. {
+        // The schedule's kills, then, while they have not spread as the end of the test requires,
+        // kills aimed at a missing phase the moment it is seen: where a delayed kill lands
+        // depends on how fast this run goes next to the undisturbed update, which a busy machine
+        // changes, so the schedule alone cannot promise to hit every phase.
+        let (aim, at_once) = if iteration < iterations {
+            (
+                AGENT_AIMS[(first_aim + iteration) % AGENT_AIMS.len()],
+                false,
+            )
+        } else if spread_enough(&landed) || iteration >= iterations + EXTRA_KILLS {
+            break;
+        } else {
+            let missing = [
+                Phase::Probation,
+                Phase::Committed,
+                Phase::Download,
+                Phase::Install,
+            ]
+            .into_iter()
+            .find(|phase| !landed.contains_key(phase))
+            .expect("kills that have not spread missed one of these phases");
+            (Aim::After(missing), true)
+        };
         let target = iteration as u64 + 3;
         let target_info = catalogue.publish(&hub, &fleet, model_for(target), target);
-        let aim = AGENT_AIMS[(first_aim + iteration) % AGENT_AIMS.len()];
         fleet.create_rollout(
             &hub,
             "demo",
@@ -450,16 +472,20 @@ fn an_agent_killed_at_random_moments_serves_the_old_or_the_new_model() {
                 // Within the first half of the phase's usual length, so that the kill lands in
                 // it even when it goes faster this time; a phase too short to be seen still gets
                 // a millisecond. `Anywhere` covers the rest.
-                let spread = lengths.get(&phase).copied().unwrap_or_default() / 2;
-                std::thread::sleep(schedule.delay_up_to(spread.max(Duration::from_millis(1))));
+                if !at_once {
+                    let spread = lengths.get(&phase).copied().unwrap_or_default() / 2;
+                    let delay = schedule.delay_up_to(spread.max(Duration::from_millis(1)));
+                    std::thread::sleep(delay);
+                }
             }
         }
         agent.kill9();
         let phase = phase_on_disk(&agent.data(), &target_info);
         *landed.entry(phase).or_default() += 1;
         let context = format!(
-            "{seed}, iteration {iteration}: demo@{active} -> demo@{target}, aimed {aim:?}, \
-             killed in {phase:?}"
+            "{seed}, iteration {iteration}: demo@{active} -> demo@{target}, aimed {aim:?}{}, \
+             killed in {phase:?}",
+            if at_once { " at once" } else { "" }
         );
         eprintln!("{context}");
         // What the kill left behind, before the agent's start tidies anything.
@@ -578,11 +604,20 @@ fn an_agent_killed_at_random_moments_serves_the_old_or_the_new_model() {
     // The schedule aims at every phase in turn. Where an aim lands still depends on timing, but
     // the kills must have spread, and have hit the two phases a crash could lose a model in.
     assert!(
-        landed.len() >= 3
-            && landed.contains_key(&Phase::Probation)
-            && landed.contains_key(&Phase::Committed),
+        spread_enough(&landed),
         "{seed}: the kills did not spread over the update: {landed:?}"
     );
+}
+
+/// Most kills added to a test's schedule to reach the phases its delayed kills missed.
+const EXTRA_KILLS: usize = 10;
+
+/// Whether the agent kills landed in enough phases: at least three, among them the two a crash
+/// could lose a model in.
+fn spread_enough(landed: &BTreeMap<Phase, usize>) -> bool {
+    landed.len() >= 3
+        && landed.contains_key(&Phase::Probation)
+        && landed.contains_key(&Phase::Committed)
 }
 
 /// Checks the hub's stored models: no temporary upload file is left, every artifact file hashes
@@ -741,7 +776,18 @@ fn a_hub_killed_during_publish_holds_each_version_whole_or_not_at_all() {
     let first_aim = schedule.below(PUBLISH_AIMS.len() as u64) as usize;
     let mut landed: BTreeMap<&str, usize> = BTreeMap::new();
     let mut version = 1;
-    for attempt in 0..attempts {
+    for attempt in 0.. {
+        // The schedule's kills, then, while none has found an upload under way, kills the moment
+        // one is seen: whether a delayed kill finds it depends on how fast this upload goes next
+        // to the undisturbed one, which a busy machine changes.
+        let (aim, at_once) = if attempt < attempts {
+            let aim = PUBLISH_AIMS[(first_aim + attempt as usize) % PUBLISH_AIMS.len()];
+            (aim, false)
+        } else if landed.contains_key("mid-upload") || attempt >= attempts + EXTRA_KILLS as u64 {
+            break;
+        } else {
+            (PublishAim::Upload, true)
+        };
         version += 1;
         // A model of its own, so that every attempt has a real upload to interrupt.
         let dir = write_example(
@@ -753,7 +799,6 @@ fn a_hub_killed_during_publish_holds_each_version_whole_or_not_at_all() {
         );
         let model_sha = model_sha256(&dir);
         let model_stored = || artifacts.join(&model_sha).exists();
-        let aim = PUBLISH_AIMS[(first_aim + attempt as usize) % PUBLISH_AIMS.len()];
         let publish = spawn_publish(&hub, &fleet, &dir, version);
         match aim {
             PublishAim::Anywhere => std::thread::sleep(schedule.delay_up_to(publish_time)),
@@ -763,7 +808,9 @@ fn a_hub_killed_during_publish_holds_each_version_whole_or_not_at_all() {
                 });
                 // Within the first half of the upload's usual length, so that the kill finds
                 // it under way even when this one goes faster.
-                std::thread::sleep(schedule.delay_up_to(upload_time / 2));
+                if !at_once {
+                    std::thread::sleep(schedule.delay_up_to(upload_time / 2));
+                }
             }
             PublishAim::Manifest => {
                 poll_fast(HUB_WAIT, "the model to be stored", || {
@@ -784,8 +831,9 @@ fn a_hub_killed_during_publish_holds_each_version_whole_or_not_at_all() {
         let (exit, stderr) = finish(publish);
         let acknowledged = exit.success();
         let context = format!(
-            "{seed}, attempt {attempt}: publishing demo@{version}, aimed {aim:?}, killed \
+            "{seed}, attempt {attempt}: publishing demo@{version}, aimed {aim:?}{}, killed \
              {moment}; the command {}: {}",
+            if at_once { " at once" } else { "" },
             if acknowledged { "succeeded" } else { "failed" },
             stderr.trim()
         );

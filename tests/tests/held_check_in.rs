@@ -8,11 +8,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use outpost_hub::api::RolloutState;
 use outpost_protocol::device::{AgentState, CheckInResponse, HeldCheckInResponse};
-use outpost_protocol::trust::Slot;
+use outpost_protocol::trust::{PlanBody, Signed, Slot};
 use outpost_tests::agent::{TestAgent, AGENT_WAIT};
 use outpost_tests::device_sim::{Behaviour, Reply, SimDevice};
 use outpost_tests::hub::{Fleet, TestHub};
@@ -97,20 +96,26 @@ fn a_device_holding_the_current_documents_gets_them_again_only_when_they_change(
     assert_eq!(plain.poll_after_secs, ROLLOUT_SECS);
 
     // The device commits, the rollout completes: the same documents, now at the quiet interval.
+    // Check-ins see the completion once the hub has flushed it and reloaded its rollout cache, a
+    // moment after `rollout status` shows it.
     device.step(Behaviour::Commit);
     let sequence = offer.plan.sequence();
     wait_until(AGENT_WAIT, "the first rollout to complete", || {
         (hub.rollout(sequence).state == RolloutState::Completed).then_some(())
     });
-    match device
-        .held_check_in(AgentState::Steady, Some(held))
-        .decode::<HeldCheckInResponse>()
-    {
-        HeldCheckInResponse::Unchanged {
-            poll_after_secs, ..
-        } => assert_eq!(poll_after_secs, QUIET_SECS),
-        answer => panic!("expected an unchanged answer, got {answer:?}"),
-    }
+    wait_until(
+        AGENT_WAIT,
+        "check-ins to ask for the quiet interval",
+        || match device
+            .held_check_in(AgentState::Steady, Some(held))
+            .decode::<HeldCheckInResponse>()
+        {
+            HeldCheckInResponse::Unchanged {
+                poll_after_secs, ..
+            } => (poll_after_secs == QUIET_SECS).then_some(()),
+            answer => panic!("expected an unchanged answer, got {answer:?}"),
+        },
+    );
 
     // A new plan: the device still names the old documents and gets the new ones in full.
     fleet.publish_example(&hub, "demo", 2, 2);
@@ -134,25 +139,51 @@ fn an_expired_plan_the_agent_holds_is_refused_as_if_the_hub_had_sent_it_again() 
     let fleet = Fleet::new(&hub);
     fleet.publish_example(&hub, "demo", 1, 1);
     let proxy = Proxy::start(&hub.url());
-    // Every held check-in answer, in order: unchanged, or full with or without a plan.
+    // Every held check-in answer, in order: unchanged, or full with or without a plan. Once
+    // `hub_clock` is set, unchanged answers carry it as the hub's time.
     let answers: Arc<Mutex<Vec<HeldCheckInResponse>>> = Arc::default();
+    let hub_clock: Arc<Mutex<Option<u64>>> = Arc::default();
     {
-        let answers = answers.clone();
-        proxy.set_hook(move |request, response| {
+        let (answers, hub_clock) = (answers.clone(), hub_clock.clone());
+        proxy.set_hook(move |request, mut response| {
             if request.path == "/device/v2/checkin" && response.status == 200 {
-                answers
-                    .lock()
-                    .unwrap()
-                    .push(outpost_protocol::decode(&response.body).unwrap());
+                let mut answer: HeldCheckInResponse =
+                    outpost_protocol::decode(&response.body).unwrap();
+                if let (HeldCheckInResponse::Unchanged { hub_time, .. }, Some(late)) =
+                    (&mut answer, *hub_clock.lock().unwrap())
+                {
+                    *hub_time = late;
+                    response.body = outpost_protocol::encode(&answer).unwrap();
+                }
+                answers.lock().unwrap().push(answer);
             }
             Verdict::Forward(response)
         });
     }
     let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "site=lab", "");
     agent.start();
-    fleet.first_rollout_with(&hub, "demo", 1, &["--expires", "15s"]);
+    fleet.first_rollout_with(&hub, "demo", 1, &["--expires", "1h"]);
     agent.wait_status("active", json!("demo@1"));
 
+    // The plan expires while the agent holds it. Rather than the test waiting out a plan short
+    // enough to expire soon (and racing the agent's activation against its expiry), the hub's
+    // clock moves past the expiry: the agent judges what it holds against the hub's time too.
+    let expires = {
+        let answers = answers.lock().unwrap();
+        let plan = answers
+            .iter()
+            .find_map(|answer| match answer {
+                HeldCheckInResponse::Full(full) => full.plan.clone(),
+                HeldCheckInResponse::Unchanged { .. } => None,
+            })
+            .expect("a check-in answer carried the plan");
+        outpost_protocol::decode::<Signed<PlanBody>>(&plan)
+            .unwrap()
+            .decode_unverified()
+            .unwrap()
+            .expires
+    };
+    *hub_clock.lock().unwrap() = Some(expires + 1);
     let refusal = wait_until(AGENT_WAIT, "the expired plan to be refused", || {
         agent
             .hub_detail(&hub)
@@ -161,11 +192,14 @@ fn an_expired_plan_the_agent_holds_is_refused_as_if_the_hub_had_sent_it_again() 
             .find(|event| event.kind == "refused")
     });
     assert!(
-        refusal.detail.starts_with("plan: ") && refusal.detail.contains("expired at"),
+        refusal.detail.starts_with("plan: ")
+            && refusal
+                .detail
+                .ends_with(&format!("expired at {expires}, now is {}", expires + 1)),
         "{}",
         refusal.detail
     );
-    assert_eq!(agent.status()["active"], json!("demo@1"));
+    assert_eq!(agent.next_status()["active"], json!("demo@1"));
     // The hub sent the plan once; the agent refused it when it only held it.
     let answers = answers.lock().unwrap();
     let with_plan = answers
@@ -180,10 +214,14 @@ fn an_expired_plan_the_agent_holds_is_refused_as_if_the_hub_had_sent_it_again() 
     assert!(unchanged > 0, "{answers:?}");
 }
 
+/// What the hub asks agents to wait in the next test: the most `serve` allows, far longer than
+/// any test waits.
+const ASKED_SECS: u32 = 300;
+
 #[test]
 fn the_agent_waits_the_shorter_of_the_hubs_interval_and_its_own_poll_interval() {
-    // The hub asks for a minute; the device's configuration caps the wait at a second.
-    let hub = TestHub::start_polling(60, 60);
+    // The hub asks for five minutes; the device's configuration caps the wait at a second.
+    let hub = TestHub::start_polling(ASKED_SECS, ASKED_SECS);
     let fleet = Fleet::new(&hub);
     let proxy = Proxy::start(&hub.url());
     let check_ins: Arc<Mutex<Vec<u32>>> = Arc::default();
@@ -206,15 +244,17 @@ fn the_agent_waits_the_shorter_of_the_hubs_interval_and_its_own_poll_interval() 
     let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "", "");
     agent.set_option("sync", "poll_interval", "\"1s\"");
     agent.start();
-    // A minute apart, three check-ins would take two minutes; a second (and up to five of
-    // jitter) apart, a quarter of that.
-    wait_until(
-        Duration::from_secs(30),
-        "three check-ins a few seconds apart",
-        || (check_ins.lock().unwrap().len() >= 3).then_some(()),
-    );
+    // Five minutes apart, three check-ins would take ten; a second (and a tenth of jitter)
+    // apart, about two seconds: well inside the wait for any agent state.
+    wait_until(AGENT_WAIT, "three check-ins a second apart", || {
+        (check_ins.lock().unwrap().len() >= 3).then_some(())
+    });
     assert!(
-        check_ins.lock().unwrap().iter().all(|asked| *asked == 60),
+        check_ins
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|asked| *asked == ASKED_SECS),
         "{check_ins:?}"
     );
 }

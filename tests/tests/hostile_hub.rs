@@ -134,14 +134,17 @@ fn next_refusal(hub: &TestHub, agent: &TestAgent, seen: &[String]) -> DeviceEven
 }
 
 /// Asserts the agent still serves demo@`version`, with nothing on probation, to the inference
-/// API as in its status.
-fn assert_serving(agent: &TestAgent, version: u64) {
-    let status = agent.status();
+/// API as in its status; returns that status. It is the status of a cycle that ended after the
+/// call, so after an event of the cycle before (a refusal reaching the hub) it shows what that
+/// cycle left, not the file written before it.
+fn assert_serving(agent: &TestAgent, version: u64) -> Value {
+    let status = agent.next_status();
     assert_eq!(status["active"], format!("demo@{version}"), "{status:#}");
     assert_eq!(status["pending"], Value::Null, "{status:#}");
     let (code, body) = agent.infer(&http(), [1.0, 2.0, 3.0, 4.0]);
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["model_version"], version.to_string(), "{body}");
+    status
 }
 
 /// The model versions installed on the agent's disk, by manifest digest.
@@ -342,8 +345,8 @@ fn a_replayed_older_plan_is_refused_and_reported_also_after_a_restart() {
         refusal.detail,
         "plan: plan sequence 1 is below sequence 2 already seen"
     );
-    assert_serving(&agent, 2);
-    assert_eq!(agent.status()["plan_sequence"], 2);
+    let status = assert_serving(&agent, 2);
+    assert_eq!(status["plan_sequence"], 2, "{status:#}");
 }
 
 #[test]
@@ -400,8 +403,9 @@ fn an_expired_manifest_is_refused_and_reported() {
     let refusal = next_refusal(&hub, &agent, &[]);
     let expected = format!("manifest: manifest expired at {}, now is ", body.expires);
     assert!(refusal.detail.starts_with(&expected), "{refusal:?}");
-    // The plan itself was sound and is accepted; only its target was refused.
-    assert_eq!(agent.status()["plan_sequence"], 2);
+    // The plan itself was sound and is accepted; only its target was refused. The refusal
+    // reaches the hub before the cycle that accepted the plan writes the status file.
+    agent.wait_status("plan_sequence", json!(2));
     assert_serving(&agent, 1);
     assert_eq!(installed(&agent), versions_before);
     assert_eq!(exchanges(&proxy, ARTIFACTS).len(), artifacts_before);
@@ -442,7 +446,8 @@ fn a_manifest_that_expired_before_its_plan_was_signed_is_refused_at_once() {
             body.expires
         )
     );
-    assert_eq!(agent.status()["plan_sequence"], 2);
+    // The refusal reaches the hub before the cycle that accepted the plan writes the status file.
+    agent.wait_status("plan_sequence", json!(2));
     assert_serving(&agent, 1);
     assert_eq!(installed(&agent), versions_before);
     assert_eq!(exchanges(&proxy, ARTIFACTS).len(), artifacts_before);
@@ -471,7 +476,11 @@ fn a_valid_manifest_with_a_swapped_artifact_is_refused_and_reported() {
         format!("model artifact {sha} does not hash to its signed value")
     );
     assert_eq!(refusal.model.map(|model| model.version), Some(2));
-    assert!(!exchanges(&proxy, &v2_path).is_empty());
+    // The proxy logs an exchange once it has closed the connection, which may be after the agent
+    // read the body, hashed it and reported.
+    wait_until(AGENT_WAIT, "the download in the proxy's log", || {
+        (!exchanges(&proxy, &v2_path).is_empty()).then_some(())
+    });
     assert_serving(&agent, 1);
     assert_eq!(installed(&agent), versions_before);
 }
@@ -486,9 +495,11 @@ fn an_artifact_longer_than_signed_is_cut_off_and_refused() {
     let signed = v2_model.len();
     hijack_downloads(&proxy, &v2_path, |mut response| {
         // The signed bytes, then far more, all announced in content-length. Paced so that the
-        // proxy sees the agent close before the socket buffers swallow the padding.
+        // proxy sees the agent close before the socket buffers swallow the padding: at a MiB a
+        // second, an agent held up for most of a second after the signed bytes still closes
+        // before the bound below is sent.
         response.body.resize(response.body.len() + PADDING, 0xAB);
-        Verdict::Trickle(response, 4 * 1024 * 1024)
+        Verdict::Trickle(response, 1024 * 1024)
     });
     fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
 
@@ -500,8 +511,11 @@ fn an_artifact_longer_than_signed_is_cut_off_and_refused() {
     );
     // The refused download fails the cycle, so the next attempt waits out a growing backoff.
     wait_for_backoff(&agent, "hub sent more than the");
-    let downloads = exchanges(&proxy, &v2_path);
-    assert!(!downloads.is_empty());
+    // The proxy logs a download once it has noticed the agent close the connection.
+    let downloads = wait_until(AGENT_WAIT, "a download in the proxy's log", || {
+        let downloads = exchanges(&proxy, &v2_path);
+        (!downloads.is_empty()).then_some(downloads)
+    });
     for download in &downloads {
         assert_eq!(
             download.body_len, signed,
@@ -553,8 +567,7 @@ fn an_artifact_at_one_byte_per_second_hits_the_deadline_and_is_resumed_after_a_b
         (downloads.len() >= 2).then_some(downloads)
     });
     // Under attack the device keeps serving what it had, and says why it has nothing new.
-    assert_serving(&agent, 1);
-    let status = agent.status();
+    let status = assert_serving(&agent, 1);
     let last_error = status["last_error"].as_str().unwrap_or_default();
     assert!(last_error.contains("passed its 2s deadline"), "{status:#}");
     // And it tells the hub, where an operator sees why the rollout is not moving.
@@ -587,13 +600,22 @@ fn an_artifact_at_one_byte_per_second_hits_the_deadline_and_is_resumed_after_a_b
     // Each stalled attempt doubles the wait before the next one.
     wait_for_backoff(&agent, "download of model artifact");
 
-    // Once the hub sends at full speed again, the download completes from where it stopped.
+    // Once the hub sends at full speed again, the download completes from where it stopped. The
+    // proxy logs it once it has closed the connection, which may be after the agent committed;
+    // an attempt still trickling when the hub recovered ends at its deadline like the others.
     trickling.store(false, Ordering::Relaxed);
     agent.wait_status("active", json!("demo@2"));
-    let downloads = exchanges(&proxy, &v2_path);
-    let last = downloads.last().unwrap();
+    let whole = wait_until(AGENT_WAIT, "the whole download in the proxy's log", || {
+        let downloads = exchanges(&proxy, &v2_path);
+        let whole: Vec<Exchange> = downloads
+            .into_iter()
+            .filter(|download| download.body_sent == download.body_len)
+            .collect();
+        (!whole.is_empty()).then_some(whole)
+    });
+    assert_eq!(whole.len(), 1, "{whole:#?}");
+    let last = &whole[0];
     assert_eq!(last.status, 206, "{last:?}");
-    assert_eq!(last.body_sent, last.body_len, "{last:?}");
     assert!(last.body_len < v2_model.len(), "{last:?}");
     assert_serving(&agent, 2);
     // One report for the candidate however many attempts stalled, and a stall is no failure:
@@ -729,8 +751,8 @@ fn a_plan_signed_below_threshold_is_refused_and_reported() {
         seen.push(refusal.detail);
     }
     // Refused before anything was fetched for it.
-    assert_eq!(agent.status()["plan_sequence"], 1);
-    assert_serving(&agent, 1);
+    let status = assert_serving(&agent, 1);
+    assert_eq!(status["plan_sequence"], 1, "{status:#}");
     assert_eq!(installed(&agent), versions_before);
     assert_eq!(exchanges(&proxy, ARTIFACTS).len(), artifacts_before);
 }
@@ -758,10 +780,10 @@ fn a_rotation_signed_by_the_new_keys_only_is_refused_and_reported() {
         "root rotation: root has 0 valid signature(s) from distinct trusted keys, 2 required \
          (2 by unknown keys, 0 invalid, 0 duplicate)"
     );
-    assert_eq!(agent.status()["root_version"], 1);
+    let status = assert_serving(&agent, 1);
+    assert_eq!(status["root_version"], 1, "{status:#}");
     let trusted = std::fs::read(agent.data().join("trust").join("root.bin")).unwrap();
     assert!(trusted == fleet.root, "the stored trust root changed");
-    assert_serving(&agent, 1);
 
     // The old keys still rule: once the hub stops, their next plan is followed.
     proxy.set_hook(|_, response| Verdict::Forward(response));

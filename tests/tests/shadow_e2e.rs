@@ -209,9 +209,15 @@ fn the_shadow_gate_holds_promotes_and_pauses_over_http() {
     let diff = figure(&advance.figures, "shadow_mean_abs_diff");
     let expected = 0.01 * 360.0 / 660.0;
     assert!((diff.value.unwrap() - expected).abs() < 1e-12, "{diff:#?}");
-    // No device shadows once the stage is over.
-    let response = devices[0].check_in(AgentState::Steady);
-    assert!(response.shadow.is_none());
+    // No device shadows once the stage is over. Check-ins see the advance once the hub has
+    // flushed it and reloaded its rollout cache, a moment after `rollout status` shows it.
+    wait_until(ENGINE_WAIT, "check-ins without the shadow model", || {
+        devices[0]
+            .check_in(AgentState::Steady)
+            .shadow
+            .is_none()
+            .then_some(())
+    });
 
     // A target that disagrees: the next plan's shadow stage pauses the rollout.
     let breached = fleet.create_rollout(
