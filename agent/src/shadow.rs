@@ -331,9 +331,9 @@ mod tests {
     fn a_full_queue_drops_and_counts_without_waiting() {
         let recorder = Arc::new(Recorder::new());
         let shadow = Shadow::start(recorder.clone(), 0).unwrap();
-        let (inputs, outputs) = crate::example_model::mlp_specs(4, 3);
-        let model = crate::inference::LoadedModel::load(
-            &crate::example_model::mlp(4, 8, 3, 1),
+        let (inputs, outputs) = outpost_model::example::mlp_specs(4, 3);
+        let model = outpost_model::inference::LoadedModel::load(
+            &outpost_model::example::mlp(4, 8, 3, 1),
             &inputs,
             &outputs,
             1,
@@ -354,8 +354,8 @@ mod tests {
             name: "demo".to_owned(),
             version: 2,
             manifest_sha256: outpost_protocol::Sha256([2; 32]),
-            model: crate::inference::LoadedModel::load(
-                &crate::example_model::mlp(4, 8, 3, 2),
+            model: outpost_model::inference::LoadedModel::load(
+                &outpost_model::example::mlp(4, 8, 3, 2),
                 &inputs,
                 &outputs,
                 1,

@@ -2104,7 +2104,7 @@ mod tests {
     /// A profile of features `x0..x3`, each from 2000 standard normal reference values.
     fn drift_profile() -> Profile {
         use outpost_protocol::drift::{FeatureSource, NumericProfile, Thresholds};
-        let rows = outpost_agent::example_model::normal_rows(4, 2000, 11, 0.0);
+        let rows = outpost_model::example::normal_rows(4, 2000, 11, 0.0);
         let features = (0..4)
             .map(|column| {
                 let values: Vec<f64> = rows
@@ -2142,7 +2142,7 @@ mod tests {
         shift: f64,
     ) -> DriftSummary {
         let mut summary = DriftSummary::new("vad", 2, Sha256([9; 32]), profile, 0, 3_600);
-        let values = outpost_agent::example_model::normal_rows(4, rows, seed, 0.0);
+        let values = outpost_model::example::normal_rows(4, rows, seed, 0.0);
         for row in values.chunks(4) {
             for (column, (feature, value)) in profile.features.iter().zip(row).enumerate() {
                 let offset = if shifted.contains(&column) {

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use outpost_agent::example_model::normal_rows;
 use outpost_hub::api::{Decision, GateFigure, RolloutInfo, RolloutState};
+use outpost_model::example::normal_rows;
 use outpost_protocol::device::{AgentState, InferenceWindow, ShadowReport, Status, TelemetryAck};
 use outpost_protocol::trust::{ManifestRef, Slot};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
