@@ -46,10 +46,10 @@ use tokio::net::TcpListener;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::inference::{InferenceError, LoadedModel};
 use crate::shadow::Shadow;
 use crate::slot::{ActiveModel, ModelSlot};
 use crate::telemetry::Recorder;
+use outpost_model::inference::{InferenceError, LoadedModel};
 
 /// A request body limit that fits a batch of camera frames but not a runaway upload.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024 * 1024;

@@ -66,7 +66,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use outpost_protocol::device::{InferenceWindow, ShadowReport};
+use outpost_protocol::device::{InferenceWindow, ShadowCounts, ShadowReport};
 use outpost_protocol::drift::DriftSummary;
 use outpost_protocol::trust::ManifestRef;
 use outpost_protocol::Sha256;
@@ -217,26 +217,32 @@ struct StoredShadow {
 
 impl StoredShadow {
     fn from_wire(report: &ShadowReport) -> StoredShadow {
-        StoredShadow {
+        let mut stored = StoredShadow {
             target_name: report.target.name.clone(),
             target_version: report.target.version,
             target_sha256: report.target.manifest_sha256.0,
-            compared: report.compared,
-            top1_agreed: report.top1_agreed,
-            errors: report.errors,
-            abs_diff_sum: report.abs_diff_sum,
-            abs_diff_values: report.abs_diff_values,
-            dropped: report.dropped,
-        }
+            compared: 0,
+            top1_agreed: 0,
+            errors: 0,
+            abs_diff_sum: 0.0,
+            abs_diff_values: 0,
+            dropped: 0,
+        };
+        stored.set_counts(&report.counts);
+        stored
     }
 
-    fn into_wire(self) -> ShadowReport {
-        ShadowReport {
-            target: ManifestRef {
-                name: self.target_name,
-                version: self.target_version,
-                manifest_sha256: Sha256(self.target_sha256),
-            },
+    fn set_counts(&mut self, counts: &ShadowCounts) {
+        self.compared = counts.compared;
+        self.top1_agreed = counts.top1_agreed;
+        self.errors = counts.errors;
+        self.abs_diff_sum = counts.abs_diff_sum;
+        self.abs_diff_values = counts.abs_diff_values;
+        self.dropped = counts.dropped;
+    }
+
+    fn counts(&self) -> ShadowCounts {
+        ShadowCounts {
             compared: self.compared,
             top1_agreed: self.top1_agreed,
             errors: self.errors,
@@ -246,14 +252,22 @@ impl StoredShadow {
         }
     }
 
+    fn into_wire(self) -> ShadowReport {
+        ShadowReport {
+            counts: self.counts(),
+            target: ManifestRef {
+                name: self.target_name,
+                version: self.target_version,
+                manifest_sha256: Sha256(self.target_sha256),
+            },
+        }
+    }
+
     /// Adds `other`'s counts; windows are grouped by target before they merge.
     fn merge(&mut self, other: &StoredShadow) {
-        self.compared = self.compared.saturating_add(other.compared);
-        self.top1_agreed = self.top1_agreed.saturating_add(other.top1_agreed);
-        self.errors = self.errors.saturating_add(other.errors);
-        self.abs_diff_sum += other.abs_diff_sum;
-        self.abs_diff_values = self.abs_diff_values.saturating_add(other.abs_diff_values);
-        self.dropped = self.dropped.saturating_add(other.dropped);
+        let mut counts = self.counts();
+        counts.add(&other.counts());
+        self.set_counts(&counts);
     }
 }
 

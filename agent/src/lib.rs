@@ -3,12 +3,8 @@
 //! - [`cli`]: the agent's commands.
 //! - [`check`]: the device-side decision on signed documents — the same code path the service
 //!   uses, exposed offline so an operator can ask "would this device accept these files?".
-//! - [`drift`]: reading a drift profile's features out of requests and answers, and building a
-//!   profile from reference data (for `outpost-hub profile`).
-//! - [`inference`]: loading, running and validating an ONNX model with tract — the one inference
-//!   path, shared by probation, the local inference API and the hub's publish gate.
-//! - [`example_model`]: small deterministic ONNX models built in Rust, for tests, the quickstart
-//!   and benchmarks.
+//! - The model's own code (inference, drift features, example models, crash-safe writes) lives in
+//!   `outpost-model`, which the hub stands on too.
 //! - [`api`]: the local inference API (Open Inference Protocol / KServe v2 REST) over the active
 //!   model, with hot swap that never fails an in-flight request, and `/metrics`.
 //! - [`shadow`]: the target of a plan's shadow stage, run beside the active model on copies of
@@ -22,11 +18,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod download;
-pub mod drift;
-pub mod example_model;
-pub mod fsutil;
 pub mod hub_client;
-pub mod inference;
 pub mod notify;
 pub mod service;
 pub mod shadow;

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use outpost_protocol::device::{DeviceId, EnrollRequest};
 use outpost_protocol::{Arch, SecretKey};
 
+use crate::agent_version;
 use crate::api::{self, ApiLimits, ApiState, QueueStats};
 use crate::cache::TelemetryCache;
 use crate::config::Config;
@@ -18,7 +19,7 @@ use crate::shadow::{self, Shadow};
 use crate::slot::ModelSlot;
 use crate::sync::{Shared, Syncer};
 use crate::telemetry::Recorder;
-use crate::{agent_version, fsutil};
+use outpost_model::fsutil;
 
 fn identity_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("identity")

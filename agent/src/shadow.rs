@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, RwLock};
 
-use outpost_protocol::device::{ShadowReport, Tensor};
+use outpost_protocol::device::{ShadowCounts, Tensor};
 use outpost_protocol::trust::{DType, Dim, ManifestRef};
 
 use crate::slot::ActiveModel;
@@ -22,36 +22,13 @@ use crate::telemetry::Recorder;
 pub const QUEUE_CAPACITY: usize = 64;
 
 /// What shadowing one input, or dropping it, added up to.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Comparison {
-    /// Rows of the first output both models answered comparably.
-    pub compared: u64,
-    /// Compared rows whose argmax was the same in both models.
-    pub top1_agreed: u64,
-    /// Rows the shadow model failed on.
-    pub errors: u64,
-    pub abs_diff_sum: f64,
-    pub abs_diff_values: u64,
-    /// Inputs dropped because the queue was full.
-    pub dropped: u64,
-}
+pub type Comparison = ShadowCounts;
 
-impl Comparison {
-    /// Adds this comparison to a window's report.
-    pub fn add_to(&self, report: &mut ShadowReport) {
-        report.compared = report.compared.saturating_add(self.compared);
-        report.top1_agreed = report.top1_agreed.saturating_add(self.top1_agreed);
-        report.errors = report.errors.saturating_add(self.errors);
-        report.abs_diff_sum += self.abs_diff_sum;
-        report.abs_diff_values = report.abs_diff_values.saturating_add(self.abs_diff_values);
-        report.dropped = report.dropped.saturating_add(self.dropped);
-    }
-
-    fn failed(rows: u64) -> Comparison {
-        Comparison {
-            errors: rows,
-            ..Comparison::default()
-        }
+/// A comparison of `rows` rows the shadow model failed on.
+fn failed(rows: u64) -> Comparison {
+    Comparison {
+        errors: rows,
+        ..Comparison::default()
     }
 }
 
@@ -166,7 +143,7 @@ fn work(receiver: &Receiver<Job>, queued: &AtomicUsize, recorder: &Recorder) {
     for job in receiver {
         let comparison = match job.shadow.model.run(&job.inputs) {
             Ok(outputs) => compare(&job.outputs, &outputs, job.first_output_batched),
-            Err(_) => Comparison::failed(rows(job.outputs.first(), job.first_output_batched)),
+            Err(_) => failed(rows(job.outputs.first(), job.first_output_batched)),
         };
         recorder.record_shadow(
             &job.active_name,
@@ -227,19 +204,19 @@ pub fn compare(active: &[Tensor], shadow: &[Tensor], first_output_batched: bool)
     let mut first_rows: Option<(Vec<f64>, Vec<f64>)> = None;
     for want in active {
         let Some(got) = shadow.iter().find(|got| got.name == want.name) else {
-            return Comparison::failed(rows);
+            return failed(rows);
         };
         let (Some(a), Some(b)) = (values(want), values(got)) else {
-            return Comparison::failed(rows);
+            return failed(rows);
         };
         if want.shape != got.shape || a.len() != b.len() {
-            return Comparison::failed(rows);
+            return failed(rows);
         }
         for (x, y) in a.iter().zip(&b) {
             let same = x == y || (x.is_nan() && y.is_nan());
             let diff = if same { 0.0 } else { (x - y).abs() };
             if !diff.is_finite() {
-                return Comparison::failed(rows);
+                return failed(rows);
             }
             comparison.abs_diff_sum += diff;
             comparison.abs_diff_values += 1;
@@ -310,7 +287,7 @@ mod tests {
     #[test]
     fn missing_outputs_other_shapes_and_stray_nans_are_errors() {
         let active = [tensor("y", &[2, 2], &[0.1, 0.9, 0.8, 0.2])];
-        let failed = Comparison::failed(2);
+        let failed = failed(2);
         assert_eq!(compare(&active, &[], true), failed);
         assert_eq!(
             compare(&active, &[tensor("z", &[2, 2], &[0.0; 4])], true),
@@ -331,9 +308,9 @@ mod tests {
     fn a_full_queue_drops_and_counts_without_waiting() {
         let recorder = Arc::new(Recorder::new());
         let shadow = Shadow::start(recorder.clone(), 0).unwrap();
-        let (inputs, outputs) = crate::example_model::mlp_specs(4, 3);
-        let model = crate::inference::LoadedModel::load(
-            &crate::example_model::mlp(4, 8, 3, 1),
+        let (inputs, outputs) = outpost_model::example::mlp_specs(4, 3);
+        let model = outpost_model::inference::LoadedModel::load(
+            &outpost_model::example::mlp(4, 8, 3, 1),
             &inputs,
             &outputs,
             1,
@@ -354,8 +331,8 @@ mod tests {
             name: "demo".to_owned(),
             version: 2,
             manifest_sha256: outpost_protocol::Sha256([2; 32]),
-            model: crate::inference::LoadedModel::load(
-                &crate::example_model::mlp(4, 8, 3, 2),
+            model: outpost_model::inference::LoadedModel::load(
+                &outpost_model::example::mlp(4, 8, 3, 2),
                 &inputs,
                 &outputs,
                 1,
@@ -370,7 +347,7 @@ mod tests {
         let windows = recorder.take_all();
         assert_eq!(windows.len(), 1, "{windows:?}");
         let report = windows[0].shadow.as_ref().unwrap();
-        assert_eq!((report.dropped, report.compared), (2, 0));
+        assert_eq!((report.counts.dropped, report.counts.compared), (2, 0));
         assert_eq!(report.target.version, 2);
         assert_eq!((windows[0].model.as_str(), windows[0].version), ("demo", 1));
         assert_eq!(windows[0].count, 0);

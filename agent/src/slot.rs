@@ -9,8 +9,8 @@ use std::sync::{Arc, RwLock};
 use outpost_protocol::drift::Profile;
 use outpost_protocol::Sha256;
 
-use crate::drift::Extractor;
-use crate::inference::LoadedModel;
+use outpost_model::drift::Extractor;
+use outpost_model::inference::LoadedModel;
 
 /// A model version's drift profile, resolved against the model for the inference path.
 #[derive(Debug)]

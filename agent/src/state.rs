@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil;
+use outpost_model::fsutil;
 
 /// A model version by its manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

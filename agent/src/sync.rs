@@ -32,9 +32,7 @@ use crate::api::QueueStats;
 use crate::cache::{Refusal, TelemetryCache};
 use crate::config::Config;
 use crate::download::{self, Limits};
-use crate::drift::Extractor;
 use crate::hub_client::{HubClient, HubError};
-use crate::inference::{validate, LoadedModel};
 use crate::notify::Notifier;
 use crate::shadow::Shadow;
 use crate::slot::{ActiveModel, ModelDrift, ModelSlot};
@@ -42,6 +40,8 @@ use crate::state::{DeviceState, Pending, QueuedReport, StateFiles, VersionRef};
 use crate::telemetry::Recorder;
 use crate::versions::{Installed, Versions};
 use crate::{agent_version, unix_now};
+use outpost_model::drift::Extractor;
+use outpost_model::inference::{validate, LoadedModel};
 
 /// Most windows uploaded in one telemetry batch.
 const MAX_BATCH_WINDOWS: usize = 1000;
@@ -184,7 +184,7 @@ impl Syncer {
         let root = match files.load_root()? {
             Some(bytes) => VerifiedRoot::load_trusted(&bytes).context("the stored trust root")?,
             None => {
-                let bytes = crate::fsutil::read_capped(&config.trust_root, 64 * 1024)?;
+                let bytes = outpost_model::fsutil::read_capped(&config.trust_root, 64 * 1024)?;
                 let root = VerifiedRoot::verify_initial(&bytes, &floor).with_context(|| {
                     format!("the initial trust root {}", config.trust_root.display())
                 })?;
@@ -1032,7 +1032,7 @@ impl Syncer {
         match serde_json::to_vec_pretty(&status) {
             Ok(bytes) => {
                 if let Err(error) =
-                    crate::fsutil::write_atomic(&status_path(&self.config), &bytes, 0o644)
+                    outpost_model::fsutil::write_atomic(&status_path(&self.config), &bytes, 0o644)
                 {
                     log::warn!("writing the status file: {error:#}");
                 }

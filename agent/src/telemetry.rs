@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use outpost_protocol::device::{InferenceWindow, ShadowReport, Tensor, LATENCY_BUCKETS_US};
+use outpost_protocol::device::{
+    InferenceWindow, ShadowCounts, ShadowReport, Tensor, LATENCY_BUCKETS_US,
+};
 use outpost_protocol::drift::DriftSummary;
 use outpost_protocol::trust::ManifestRef;
 
@@ -165,14 +167,9 @@ impl Recorder {
         };
         let report = open.entry(key).or_insert_with(|| ShadowReport {
             target: target.clone(),
-            compared: 0,
-            top1_agreed: 0,
-            errors: 0,
-            abs_diff_sum: 0.0,
-            abs_diff_values: 0,
-            dropped: 0,
+            counts: ShadowCounts::default(),
         });
-        comparison.add_to(report);
+        report.counts.add(comparison);
     }
 
     /// Removes and returns the windows that ended at or before `now`.

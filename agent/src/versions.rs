@@ -114,7 +114,11 @@ impl Versions {
                     .with_context(|| format!("moving {} into place", source.display()))?;
                 File::open(&target)?.sync_all()?;
             }
-            crate::fsutil::write_atomic(&staging.join("manifest.bin"), signed_manifest, 0o644)?;
+            outpost_model::fsutil::write_atomic(
+                &staging.join("manifest.bin"),
+                signed_manifest,
+                0o644,
+            )?;
             sync_dir(&staging)?;
             fs::rename(&staging, &final_dir)
                 .with_context(|| format!("installing {}", final_dir.display()))?;
@@ -130,7 +134,7 @@ impl Versions {
     /// manifest stored beside it, and that manifest against the digest it is filed under.
     pub fn load(&self, manifest_sha256: &[u8; 32]) -> anyhow::Result<Installed> {
         let dir = self.path(manifest_sha256);
-        let signed_bytes = crate::fsutil::read_capped(
+        let signed_bytes = outpost_model::fsutil::read_capped(
             &dir.join("manifest.bin"),
             Signed::<ManifestBody>::MAX_FRAME as u64,
         )?;

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use outpost_agent::api::{
     ApiLimits, ApiState, BackgroundApi, QueueStats, DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT,
 };
-use outpost_agent::drift::{build_profile, Extractor, ProfileOptions};
-use outpost_agent::example_model::{
+use outpost_agent::slot::{ActiveModel, ModelDrift, ModelSlot};
+use outpost_agent::telemetry::Recorder;
+use outpost_model::drift::{build_profile, Extractor, ProfileOptions};
+use outpost_model::example::{
     batch_mean, batch_mean_specs, byte_casts, byte_casts_specs, example_inputs, mlp, mlp_specs,
     normal_rows,
 };
-use outpost_agent::inference::LoadedModel;
-use outpost_agent::slot::{ActiveModel, ModelDrift, ModelSlot};
-use outpost_agent::telemetry::Recorder;
+use outpost_model::inference::LoadedModel;
 use outpost_protocol::device::Tensor;
 use outpost_protocol::trust::DType;
 use outpost_protocol::Sha256;

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use outpost_agent::cache::{CacheError, PendingBatch, TelemetryCache};
-use outpost_protocol::device::{InferenceWindow, ShadowReport, LATENCY_BUCKETS_US};
+use outpost_protocol::device::{InferenceWindow, ShadowCounts, ShadowReport, LATENCY_BUCKETS_US};
 use outpost_protocol::trust::ManifestRef;
 use outpost_protocol::Sha256;
 
@@ -517,12 +517,14 @@ fn shadowed(hour: u64, target: u8, compared: u64) -> InferenceWindow {
                 version: 2,
                 manifest_sha256: Sha256([target; 32]),
             },
-            compared,
-            top1_agreed: compared - 1,
-            errors: 1,
-            abs_diff_sum: 0.25,
-            abs_diff_values: compared * 3,
-            dropped: 2,
+            counts: ShadowCounts {
+                compared,
+                top1_agreed: compared - 1,
+                errors: 1,
+                abs_diff_sum: 0.25,
+                abs_diff_values: compared * 3,
+                dropped: 2,
+            },
         }),
         ..window("m", DAY0 + hour * HOUR, 0, 0)
     }
@@ -555,12 +557,12 @@ fn shadow_reports_travel_with_their_windows_and_add_up_per_target_in_roll_ups() 
             .filter(|r| r.target.manifest_sha256 == Sha256([target; 32]))
             .collect();
         let sum = |field: fn(&ShadowReport) -> u64| reports.iter().map(|r| field(r)).sum::<u64>();
-        assert_eq!(sum(|r| r.compared), 8 * compared, "target {target}");
-        assert_eq!(sum(|r| r.top1_agreed), 8 * (compared - 1));
-        assert_eq!(sum(|r| r.errors), 8);
-        assert_eq!(sum(|r| r.abs_diff_values), 8 * compared * 3);
-        assert_eq!(sum(|r| r.dropped), 16);
-        let diff: f64 = reports.iter().map(|r| r.abs_diff_sum).sum();
+        assert_eq!(sum(|r| r.counts.compared), 8 * compared, "target {target}");
+        assert_eq!(sum(|r| r.counts.top1_agreed), 8 * (compared - 1));
+        assert_eq!(sum(|r| r.counts.errors), 8);
+        assert_eq!(sum(|r| r.counts.abs_diff_values), 8 * compared * 3);
+        assert_eq!(sum(|r| r.counts.dropped), 16);
+        let diff: f64 = reports.iter().map(|r| r.counts.abs_diff_sum).sum();
         assert!((diff - 2.0).abs() < 1e-12);
     }
     // A serving window never absorbs a shadow report, nor the other way round.

@@ -20,14 +20,14 @@
 //! `cargo bench -p outpost-bench --bench api_overhead`; `OUTPOST_BENCH_ROUNDS` (default 2000)
 //! and `OUTPOST_BENCH_HIDDEN` (default 4096) tune it.
 //!
-//! [`LoadedModel::run`]: outpost_agent::inference::LoadedModel::run
+//! [`LoadedModel::run`]: outpost_model::inference::LoadedModel::run
 
 use anyhow::Context;
-use outpost_agent::example_model::mlp;
 use outpost_bench::models::BenchModel;
 use outpost_bench::report::{interleave, print_table, Variant};
 use outpost_bench::runtimes::BareTract;
 use outpost_bench::{api_bodies, AgentPath, LocalApi};
+use outpost_model::example::mlp;
 use tract_onnx::prelude::*;
 
 const N_INPUTS: usize = 256;

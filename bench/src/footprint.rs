@@ -6,8 +6,8 @@
 use std::process::Command;
 
 use anyhow::Context;
-use outpost_agent::inference::LoadedModel;
 use outpost_agent::telemetry::Recorder;
+use outpost_model::inference::LoadedModel;
 
 use crate::cache::Cache;
 use crate::models::BenchModel;

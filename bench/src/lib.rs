@@ -20,11 +20,11 @@ use anyhow::Context;
 use outpost_agent::api::{
     ApiLimits, ApiState, BackgroundApi, QueueStats, DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT,
 };
-use outpost_agent::drift::{build_profile, Extractor, ProfileOptions};
-use outpost_agent::example_model::example_inputs;
-use outpost_agent::inference::LoadedModel;
 use outpost_agent::slot::{ActiveModel, ModelDrift, ModelSlot};
 use outpost_agent::telemetry::Recorder;
+use outpost_model::drift::{build_profile, Extractor, ProfileOptions};
+use outpost_model::example::example_inputs;
+use outpost_model::inference::LoadedModel;
 use outpost_protocol::device::Tensor;
 use outpost_protocol::Sha256;
 

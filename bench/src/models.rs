@@ -1,8 +1,8 @@
 //! The benchmark's models and their inputs, all generated or fetched reproducibly.
 
 use anyhow::Context;
-use outpost_agent::example_model::{example_inputs, mlp};
-use outpost_agent::inference::LoadedModel;
+use outpost_model::example::{example_inputs, mlp};
+use outpost_model::inference::LoadedModel;
 use outpost_protocol::device::Tensor;
 use outpost_protocol::trust::{DType, TensorSpec};
 
@@ -80,7 +80,7 @@ impl BenchModel {
                 let (n_inputs, hidden, n_outputs) = (64, 256, 10);
                 BenchModel::new(
                     "mlp",
-                    format!("MLP {n_inputs} → {hidden} → {n_outputs}, example_model::mlp, seed 1"),
+                    format!("MLP {n_inputs} → {hidden} → {n_outputs}, example::mlp, seed 1"),
                     mlp(n_inputs, hidden, n_outputs, 1),
                     Some("y"),
                     3000,

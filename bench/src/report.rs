@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use outpost_agent::example_model::SplitMix64;
+use outpost_model::example::SplitMix64;
 
 /// Seed of the per-round variant order, so two runs time the same sequence.
 const ORDER_SEED: u64 = 7;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use outpost_protocol::{PublicKey, SecretKey};
 
-use crate::fsutil;
+use outpost_model::fsutil;
 
 const PRIVATE_HEADER: &str = "outpost release key v1";
 

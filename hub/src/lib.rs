@@ -2,7 +2,6 @@
 //!
 //! - [`cli`]: one module per command group, each an `Args` struct with `run()`.
 //! - [`keyfile`]: release-key files on the operator's machine. Private keys never leave it.
-//! - [`fsutil`]: crash-safe file writes.
 //! - [`rollout`]: the rollout engine, pure logic: stages, health gates and decisions.
 //! - [`client`]: the CLI's HTTP client of a hub's admin API.
 
@@ -12,9 +11,6 @@ pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod keyfile;
-/// Crash-safe file writes, shared with the agent (the hub links the agent's library already, for
-/// its inference code).
-pub use outpost_agent::fsutil;
 pub mod rollout;
 pub mod server;
 pub mod store;

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use outpost_protocol::device::{DeviceId, InferenceWindow, ShadowReport, LATENCY_BUCKETS_US};
+use outpost_protocol::device::{DeviceId, InferenceWindow, ShadowCounts, LATENCY_BUCKETS_US};
 use outpost_protocol::drift::{chi_square_quantile, psi, DriftSummary, Profile, TensorSide};
 use outpost_protocol::name::{selector_matches, Label};
 use outpost_protocol::sha256;
@@ -295,47 +295,6 @@ impl InferenceStats {
     }
 }
 
-/// Shadow comparisons of the plan's target with its fallback, summed over reports.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ShadowStats {
-    pub compared: u64,
-    pub top1_agreed: u64,
-    pub errors: u64,
-    pub abs_diff_sum: f64,
-    pub abs_diff_values: u64,
-    pub dropped: u64,
-}
-
-impl ShadowStats {
-    /// The figures of one (validated) report.
-    pub fn from_report(report: &ShadowReport) -> ShadowStats {
-        ShadowStats {
-            compared: report.compared,
-            top1_agreed: report.top1_agreed,
-            errors: report.errors,
-            abs_diff_sum: report.abs_diff_sum,
-            abs_diff_values: report.abs_diff_values,
-            dropped: report.dropped,
-        }
-    }
-
-    /// Adds `other`'s figures. Counts saturate: absurd numbers skew a device's own figures, they
-    /// never make the hub panic.
-    pub fn merge(&mut self, other: &ShadowStats) {
-        self.compared = self.compared.saturating_add(other.compared);
-        self.top1_agreed = self.top1_agreed.saturating_add(other.top1_agreed);
-        self.errors = self.errors.saturating_add(other.errors);
-        self.abs_diff_sum += other.abs_diff_sum;
-        self.abs_diff_values = self.abs_diff_values.saturating_add(other.abs_diff_values);
-        self.dropped = self.dropped.saturating_add(other.dropped);
-    }
-
-    /// Comparisons the top-1 agreement is judged over: errors count as disagreements.
-    pub fn judged(&self) -> u64 {
-        self.compared.saturating_add(self.errors)
-    }
-}
-
 /// What a device last reported about this plan's target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -365,7 +324,7 @@ pub struct DeviceFacts {
     /// Inference counters on the fallback version since the rollout began.
     pub fallback_stats: InferenceStats,
     /// Shadow comparisons of the target with the fallback since the rollout began.
-    pub shadow: ShadowStats,
+    pub shadow: ShadowCounts,
 }
 
 /// The drift gate's seam: the figure for gate `drift_psi`, or `None` when drift is not configured.
@@ -972,9 +931,9 @@ fn p95_figure(
 /// value before `min_comparisons` comparisons were reported, so a handful of early inputs can
 /// neither breach the gate nor let the stage be left.
 pub fn shadow_figures(shadow: &ShadowStage, shadowing: &[&DeviceFacts]) -> [GateFigure; 2] {
-    let mut stats = ShadowStats::default();
+    let mut stats = ShadowCounts::default();
     for device in shadowing {
-        stats.merge(&device.shadow);
+        stats.add(&device.shadow);
     }
     let judged = stats.judged();
     let enough = judged >= shadow.min_comparisons;
@@ -1292,7 +1251,7 @@ mod tests {
             outcome: None,
             target_stats: InferenceStats::default(),
             fallback_stats: InferenceStats::default(),
-            shadow: ShadowStats::default(),
+            shadow: ShadowCounts::default(),
         }
     }
 
@@ -2104,7 +2063,7 @@ mod tests {
     /// A profile of features `x0..x3`, each from 2000 standard normal reference values.
     fn drift_profile() -> Profile {
         use outpost_protocol::drift::{FeatureSource, NumericProfile, Thresholds};
-        let rows = outpost_agent::example_model::normal_rows(4, 2000, 11, 0.0);
+        let rows = outpost_model::example::normal_rows(4, 2000, 11, 0.0);
         let features = (0..4)
             .map(|column| {
                 let values: Vec<f64> = rows
@@ -2142,7 +2101,7 @@ mod tests {
         shift: f64,
     ) -> DriftSummary {
         let mut summary = DriftSummary::new("vad", 2, Sha256([9; 32]), profile, 0, 3_600);
-        let values = outpost_agent::example_model::normal_rows(4, rows, seed, 0.0);
+        let values = outpost_model::example::normal_rows(4, rows, seed, 0.0);
         for row in values.chunks(4) {
             for (column, (feature, value)) in profile.features.iter().zip(row).enumerate() {
                 let offset = if shifted.contains(&column) {
@@ -2340,7 +2299,7 @@ mod tests {
             .filter(|d| rollout.in_shadow_bucket(&d.id))
         {
             device.outcome = Some(Outcome::Shadowing { at: T0 + 1 });
-            device.shadow = ShadowStats {
+            device.shadow = ShadowCounts {
                 compared,
                 top1_agreed: agreed,
                 errors: 0,

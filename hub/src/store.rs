@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use std::collections::BTreeMap;
 
-use outpost_protocol::device::ShadowReport;
+use outpost_protocol::device::{ShadowCounts, ShadowReport};
 use outpost_protocol::drift::DriftSummary;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -478,13 +478,27 @@ pub struct ShadowRecord {
 }
 
 impl ShadowRecord {
+    /// The counts it holds, in the protocol's type, which alone knows how to add them.
+    pub fn counts(&self) -> ShadowCounts {
+        ShadowCounts {
+            compared: self.compared,
+            top1_agreed: self.top1_agreed,
+            errors: self.errors,
+            abs_diff_sum: self.abs_diff_sum,
+            abs_diff_values: self.abs_diff_values,
+            dropped: self.dropped,
+        }
+    }
+
     fn add(&mut self, report: &ShadowReport) {
-        self.compared = self.compared.saturating_add(report.compared);
-        self.top1_agreed = self.top1_agreed.saturating_add(report.top1_agreed);
-        self.errors = self.errors.saturating_add(report.errors);
-        self.abs_diff_sum += report.abs_diff_sum;
-        self.abs_diff_values = self.abs_diff_values.saturating_add(report.abs_diff_values);
-        self.dropped = self.dropped.saturating_add(report.dropped);
+        let mut counts = self.counts();
+        counts.add(&report.counts);
+        self.compared = counts.compared;
+        self.top1_agreed = counts.top1_agreed;
+        self.errors = counts.errors;
+        self.abs_diff_sum = counts.abs_diff_sum;
+        self.abs_diff_values = counts.abs_diff_values;
+        self.dropped = counts.dropped;
         self.parts = self.parts.saturating_add(1);
     }
 }
@@ -1557,12 +1571,14 @@ mod tests {
                     version: 2,
                     manifest_sha256: Sha256([5; 32]),
                 },
-                compared,
-                top1_agreed: agreed,
-                errors: 1,
-                abs_diff_sum: 0.5,
-                abs_diff_values: compared * 3,
-                dropped: 2,
+                counts: ShadowCounts {
+                    compared,
+                    top1_agreed: agreed,
+                    errors: 1,
+                    abs_diff_sum: 0.5,
+                    abs_diff_values: compared * 3,
+                    dropped: 2,
+                },
             }),
         }
     }

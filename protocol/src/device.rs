@@ -261,8 +261,19 @@ pub struct InferenceWindow {
 pub struct ShadowReport {
     /// The shadow model, as its plan names it.
     pub target: ManifestRef,
+    /// On the wire its fields follow `target` directly: postcard encodes no nesting.
+    pub counts: ShadowCounts,
+}
+
+/// Shadow comparisons counted: what one input added up to on a device, a window's report, or a
+/// device's or a fleet's sum of reports. [`ShadowCounts::add`] is the one place they are summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowCounts {
+    /// Rows of the first output both models answered comparably.
     pub compared: u64,
+    /// Compared rows whose argmax was the same in both models.
     pub top1_agreed: u64,
+    /// Rows the shadow model failed on.
     pub errors: u64,
     pub abs_diff_sum: f64,
     pub abs_diff_values: u64,
@@ -270,7 +281,23 @@ pub struct ShadowReport {
     pub dropped: u64,
 }
 
-impl ShadowReport {
+impl ShadowCounts {
+    /// Adds `other`'s counts. Counts saturate: absurd numbers from a device skew its own figures,
+    /// they never make a receiver panic.
+    pub fn add(&mut self, other: &ShadowCounts) {
+        self.compared = self.compared.saturating_add(other.compared);
+        self.top1_agreed = self.top1_agreed.saturating_add(other.top1_agreed);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.abs_diff_sum += other.abs_diff_sum;
+        self.abs_diff_values = self.abs_diff_values.saturating_add(other.abs_diff_values);
+        self.dropped = self.dropped.saturating_add(other.dropped);
+    }
+
+    /// Comparisons the top-1 agreement is judged over: errors count as disagreements.
+    pub fn judged(&self) -> u64 {
+        self.compared.saturating_add(self.errors)
+    }
+
     /// Checks that the counts add up, for a receiver that must not store nonsense.
     pub fn validate(&self) -> Result<(), String> {
         if self.top1_agreed > self.compared {
@@ -295,6 +322,15 @@ impl ShadowReport {
         if self.abs_diff_values == 0 && self.abs_diff_sum != 0.0 {
             return Err("an absolute difference sum over no values".to_owned());
         }
+        Ok(())
+    }
+}
+
+impl ShadowReport {
+    /// Checks that the counts add up and the target is a model name, for a receiver that must not
+    /// store nonsense.
+    pub fn validate(&self) -> Result<(), String> {
+        self.counts.validate()?;
         crate::ModelName::new(&self.target.name)
             .map_err(|error| format!("target model name: {error}"))?;
         Ok(())

@@ -4,7 +4,7 @@
 
 mod samples;
 
-use outpost_protocol::device::ShadowReport;
+use outpost_protocol::device::{ShadowCounts, ShadowReport};
 use outpost_protocol::trust::{ManifestRef, PlanBody, ShadowStage};
 use outpost_protocol::{encode, Sha256, VerifyError};
 
@@ -94,9 +94,8 @@ fn a_nonsensical_shadow_stage_is_refused_with_its_reason() {
     }
 }
 
-fn report() -> ShadowReport {
-    ShadowReport {
-        target: reference(7),
+fn counts() -> ShadowCounts {
+    ShadowCounts {
         compared: 100,
         top1_agreed: 97,
         errors: 2,
@@ -106,52 +105,63 @@ fn report() -> ShadowReport {
     }
 }
 
+fn report() -> ShadowReport {
+    with_counts(counts())
+}
+
+fn with_counts(counts: ShadowCounts) -> ShadowReport {
+    ShadowReport {
+        target: reference(7),
+        counts,
+    }
+}
+
 #[test]
 fn shadow_reports_must_add_up() {
     report().validate().unwrap();
-    let empty = ShadowReport {
+    let empty = ShadowCounts {
         compared: 0,
         top1_agreed: 0,
         abs_diff_sum: 0.0,
         abs_diff_values: 0,
-        ..report()
+        ..counts()
     };
-    empty.validate().unwrap();
+    with_counts(empty).validate().unwrap();
 
     let cases: Vec<(ShadowReport, &str)> = vec![
         (
-            ShadowReport {
+            with_counts(ShadowCounts {
                 top1_agreed: 101,
-                ..report()
-            },
+                ..counts()
+            }),
             "101 top-1 agreements in 100 comparisons",
         ),
         (
-            ShadowReport {
+            with_counts(ShadowCounts {
                 abs_diff_sum: f64::NAN,
-                ..report()
-            },
+                ..counts()
+            }),
             "absolute difference sum NaN is not a finite non-negative number",
         ),
         (
-            ShadowReport {
+            with_counts(ShadowCounts {
                 abs_diff_sum: -1.0,
-                ..report()
-            },
+                ..counts()
+            }),
             "absolute difference sum -1 is not a finite non-negative number",
         ),
         (
-            ShadowReport {
+            with_counts(ShadowCounts {
                 abs_diff_values: 99,
-                ..report()
-            },
+                ..counts()
+            }),
             "99 values differenced over 100 comparisons",
         ),
         (
-            ShadowReport {
+            with_counts(ShadowCounts {
                 abs_diff_sum: 0.5,
-                ..empty.clone()
-            },
+                ..empty
+            }),
             "an absolute difference sum over no values",
         ),
         (
@@ -170,4 +180,15 @@ fn shadow_reports_must_add_up() {
         let error = bad.validate().unwrap_err();
         assert!(error.starts_with(reason), "{error:?} is not {reason:?}");
     }
+}
+
+/// `ShadowReport` gained a nested `counts` (issue 19); postcard encodes no nesting, so its bytes
+/// are the flat fields agents and hubs of release 0.1.0 send and store.
+#[test]
+fn a_shadow_report_encodes_as_its_flat_fields_did() {
+    let flat = (reference(7), 100u64, 97u64, 2u64, 1.5f64, 1200u64, 3u64);
+    assert_eq!(
+        postcard::to_allocvec(&report()).unwrap(),
+        postcard::to_allocvec(&flat).unwrap()
+    );
 }

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost_agent::example_model::normal_rows;
+use outpost_model::example::normal_rows;
 use outpost_protocol::device::{
     AgentState, CheckIn, CheckInResponse, HeldCheckIn, HeldCheckInResponse, InferenceWindow,
     TelemetryAck, TelemetryBatch, LATENCY_BUCKETS_US,

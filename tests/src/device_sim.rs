@@ -529,7 +529,7 @@ pub fn drift_window(
     let mut summary =
         DriftSummary::new(model, version, profile_sha256, profile, start, start + 3600);
     let columns = profile.features.len();
-    for row in outpost_agent::example_model::normal_rows(columns, rows, seed, 0.0).chunks(columns) {
+    for row in outpost_model::example::normal_rows(columns, rows, seed, 0.0).chunks(columns) {
         for (feature, counts) in profile.features.iter().zip(summary.features.iter_mut()) {
             if let (TensorSide::Input, FeatureSource::Column { index, .. }) =
                 (feature.side, &feature.source)

@@ -22,8 +22,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use outpost_agent::inference::LoadedModel;
 use outpost_hub::api::{DeviceDetail, RolloutState};
+use outpost_model::inference::LoadedModel;
 use outpost_protocol::device::Tensor;
 use outpost_protocol::trust::DType;
 use outpost_tests::agent::{http, AgentProgram, TestAgent, AGENT_WAIT};

@@ -22,12 +22,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use outpost_agent::example_model::SplitMix64;
 use outpost_agent::state::{DeviceState, StateFiles};
 use outpost_agent::versions::artifact_file;
 use outpost_hub::api::{
     AuditVerdict, DeviceSummary, ModelDetail, ModelSummary, ModelVersionInfo, RolloutState,
 };
+use outpost_model::example::SplitMix64;
 use outpost_protocol::trust::{ManifestBody, Signed};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::hub::{Fleet, TestHub};

@@ -6,8 +6,8 @@
 // Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use outpost_agent::example_model::normal_rows;
 use outpost_hub::api::{CreatedToken, DeviceDetail, DriftReport, FeatureDriftInfo, RolloutState};
+use outpost_model::example::normal_rows;
 use outpost_protocol::device::{InferenceWindow, TelemetryAck};
 use outpost_protocol::drift::{DriftSummary, FeatureSource, Profile, TensorSide};
 use outpost_protocol::{sha256, Sha256};

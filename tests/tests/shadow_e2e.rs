@@ -8,9 +8,11 @@
 
 use std::time::Duration;
 
-use outpost_agent::example_model::normal_rows;
 use outpost_hub::api::{Decision, GateFigure, RolloutInfo, RolloutState};
-use outpost_protocol::device::{AgentState, InferenceWindow, ShadowReport, Status, TelemetryAck};
+use outpost_model::example::normal_rows;
+use outpost_protocol::device::{
+    AgentState, InferenceWindow, ShadowCounts, ShadowReport, Status, TelemetryAck,
+};
 use outpost_protocol::trust::{ManifestRef, Slot};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::device_sim::{unix_now, Behaviour, Reply, SimDevice};
@@ -60,12 +62,14 @@ fn shadow_window(target: &ManifestRef, compared: u64, agreed: u64, diff: f64) ->
         drift: None,
         shadow: Some(ShadowReport {
             target: target.clone(),
-            compared,
-            top1_agreed: agreed,
-            errors: 0,
-            abs_diff_sum: diff * (compared * 3) as f64,
-            abs_diff_values: compared * 3,
-            dropped: 0,
+            counts: ShadowCounts {
+                compared,
+                top1_agreed: agreed,
+                errors: 0,
+                abs_diff_sum: diff * (compared * 3) as f64,
+                abs_diff_values: compared * 3,
+                dropped: 0,
+            },
         }),
     }
 }
@@ -171,8 +175,8 @@ fn the_shadow_gate_holds_promotes_and_pauses_over_http() {
     );
     reply.refused(400, "window 1 (demo@1 from");
     reply.refused(400, "shadow report: 11 top-1 agreements in 10 comparisons");
-    lying.shadow.as_mut().unwrap().top1_agreed = 5;
-    lying.shadow.as_mut().unwrap().abs_diff_sum = f64::NAN;
+    lying.shadow.as_mut().unwrap().counts.top1_agreed = 5;
+    lying.shadow.as_mut().unwrap().counts.abs_diff_sum = f64::NAN;
     send(&devices[0], 2, vec![lying]).refused(400, "is not a finite non-negative number");
     let unchanged = hub.rollout(created.sequence);
     assert_eq!(

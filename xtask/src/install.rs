@@ -43,14 +43,14 @@ const PREREQUISITES: &[Prerequisite] = &[
     },
     Prerequisite {
         what: "the aarch64 cross linker (aarch64-linux-gnu-gcc)",
-        why: "links the protocol's and the agent's test builds for 64-bit ARM",
+        why: "links the protocol's, the model's and the agent's test builds for 64-bit ARM",
         present: || on_path("aarch64-linux-gnu-gcc").is_some(),
         debian: &["gcc-aarch64-linux-gnu"],
         scope: Scope::All,
     },
     Prerequisite {
         what: "the armv7 cross linker (arm-linux-gnueabihf-gcc)",
-        why: "links the protocol's and the agent's test builds for 32-bit ARM",
+        why: "links the protocol's, the model's and the agent's test builds for 32-bit ARM",
         present: || on_path("arm-linux-gnueabihf-gcc").is_some(),
         debian: &["gcc-arm-linux-gnueabihf"],
         scope: Scope::All,
@@ -195,7 +195,7 @@ fn add_rust_targets() -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "xtask: adding the Rust targets {} (rustup): the protocol and agent suites run on ARM \
+        "xtask: adding the Rust targets {} (rustup): the protocol, model and agent suites run on ARM \
          under qemu-user",
         missing.join(" ")
     );

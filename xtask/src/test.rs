@@ -32,9 +32,9 @@ fn steps(scope: Scope) -> Vec<Step> {
             // Release: tract's kernels unoptimised are unusably slow under emulation, and the
             // ARM agent packages of `.ci/run` reuse these builds.
             steps.push(Step {
-                title: format!("protocol and agent tests on {target}, under qemu-user"),
+                title: format!("protocol, model and agent tests on {target}, under qemu-user"),
                 args: words(&format!(
-                    "test --release --no-fail-fast -p outpost-protocol -p outpost-agent --target {target}"
+                    "test --release --no-fail-fast -p outpost-protocol -p outpost-model -p outpost-agent --target {target}"
                 )),
                 env: Vec::new(),
             });

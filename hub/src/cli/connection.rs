@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use crate::client::{self, AdminClient};
-use crate::fsutil;
+use outpost_model::fsutil;
 
 /// A CLI config file is a few lines; anything larger is not one.
 const MAX_CONFIG_FILE: u64 = 64 * 1024;

@@ -5,13 +5,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use outpost_agent::drift::{build_profile, ProfileOptions};
-use outpost_agent::example_model;
-use outpost_agent::inference::LoadedModel;
+use outpost_model::drift::{build_profile, ProfileOptions};
+use outpost_model::example;
+use outpost_model::inference::LoadedModel;
 use outpost_protocol::device::Tensor;
 use outpost_protocol::trust::DType;
 
-use crate::fsutil;
+use outpost_model::fsutil;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -44,15 +44,15 @@ impl Args {
     pub fn run(self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
-        let model = example_model::mlp(self.inputs, self.hidden, self.outputs, self.seed);
-        let reference = example_model::mlp(
+        let model = example::mlp(self.inputs, self.hidden, self.outputs, self.seed);
+        let reference = example::mlp(
             self.inputs,
             self.hidden,
             self.outputs,
             self.validation_seed.unwrap_or(self.seed),
         );
-        let (inputs, outputs) = example_model::mlp_specs(self.inputs, self.outputs);
-        let validation = example_model::validation_set_for(
+        let (inputs, outputs) = example::mlp_specs(self.inputs, self.outputs);
+        let validation = example::validation_set_for(
             &reference, &inputs, &outputs, self.cases, self.seed, 1e-5, 1e-4,
         )
         .context("computing the validation set")?;
@@ -68,8 +68,7 @@ impl Args {
         // Reference data and its profile, made the way `outpost-hub profile` makes one.
         let reference_path = self.out.join("reference.csv");
         let profile_path = self.out.join("profile.bin");
-        let rows =
-            example_model::normal_rows(self.inputs, self.reference_rows.max(1), self.seed, 0.0);
+        let rows = example::normal_rows(self.inputs, self.reference_rows.max(1), self.seed, 0.0);
         let mut csv = (0..self.inputs)
             .map(|column| format!("x{column}"))
             .collect::<Vec<_>>()

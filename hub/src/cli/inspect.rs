@@ -8,7 +8,7 @@ use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, SignedBo
 use outpost_protocol::{sha256, Message, MessageKind};
 
 use super::{print_stdout, read_frame};
-use crate::fsutil;
+use outpost_model::fsutil;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

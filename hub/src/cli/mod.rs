@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use outpost_protocol::trust::{Signed, SignedBody};
 use outpost_protocol::{Message, SecretKey};
 
-use crate::fsutil;
+use outpost_model::fsutil;
 
 pub mod admin_token;
 pub mod audit;
@@ -99,9 +99,6 @@ pub enum Command {
     Tls(tls::TlsCommand),
     /// Run a hub and agents on this machine and roll a model out to them, end to end.
     Quickstart(quickstart::Args),
-    /// The agent's own commands (`outpost-agent`), so the quickstart needs only this binary.
-    #[command(subcommand, hide = true)]
-    Agent(outpost_agent::cli::Command),
     /// Commands run on the hub host against its data directory.
     #[command(subcommand)]
     Admin(serve::AdminCommand),
@@ -129,7 +126,6 @@ impl Command {
             Command::Tls(command) => command.run(),
             Command::Admin(command) => command.run(),
             Command::Quickstart(args) => args.run(),
-            Command::Agent(command) => command.run(),
         }
     }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use outpost_agent::drift::Extractor;
-use outpost_agent::inference::{validate, LoadedModel, ValidationReport};
+use outpost_model::drift::Extractor;
+use outpost_model::inference::{validate, LoadedModel, ValidationReport};
 use outpost_protocol::device::ValidationSet;
 use outpost_protocol::drift::Profile;
 use outpost_protocol::keys::StreamingSha256;
@@ -25,7 +25,8 @@ use super::table::{self, fields, OutputArgs, Table};
 use super::{parse_duration, print_stderr, sign_document, sign_to_file, SigningKeys};
 use crate::api::{ModelDetail, ModelSummary, ModelVersionInfo, TensorInfo};
 use crate::client::{format_bytes, path_segment, Progress};
-use crate::{fsutil, unix_now};
+use crate::unix_now;
+use outpost_model::fsutil;
 
 /// Largest model `model publish` loads to check and validate. ONNX protobufs cannot exceed 2 GiB.
 pub const MAX_MODEL_IN_MEMORY: u64 = 2 * 1024 * 1024 * 1024;
@@ -536,7 +537,7 @@ pub fn parse_agent_version(text: &str) -> Result<AgentVersion, String> {
 
 #[cfg(test)]
 mod tests {
-    use outpost_agent::example_model;
+    use outpost_model::example;
     use outpost_protocol::{sha256, Sha256};
 
     use super::*;
@@ -551,10 +552,9 @@ mod tests {
     #[test]
     fn the_gate_passes_a_model_on_its_own_validation_set() {
         let dir = tempfile::tempdir().unwrap();
-        let onnx = example_model::mlp(4, 8, 3, 1);
-        let (inputs, outputs) = example_model::mlp_specs(4, 3);
-        let set =
-            example_model::validation_set_for(&onnx, &inputs, &outputs, 3, 7, 1e-5, 1e-4).unwrap();
+        let onnx = example::mlp(4, 8, 3, 1);
+        let (inputs, outputs) = example::mlp_specs(4, 3);
+        let set = example::validation_set_for(&onnx, &inputs, &outputs, 3, 7, 1e-5, 1e-4).unwrap();
         let path = validation_file(dir.path(), &set);
         let report = check_model(
             &onnx,
@@ -576,13 +576,12 @@ mod tests {
     #[test]
     fn the_gate_names_the_failing_case_and_difference() {
         let dir = tempfile::tempdir().unwrap();
-        let (inputs, outputs) = example_model::mlp_specs(4, 3);
-        let good = example_model::mlp(4, 8, 3, 1);
-        let set =
-            example_model::validation_set_for(&good, &inputs, &outputs, 3, 7, 1e-5, 1e-4).unwrap();
+        let (inputs, outputs) = example::mlp_specs(4, 3);
+        let good = example::mlp(4, 8, 3, 1);
+        let set = example::validation_set_for(&good, &inputs, &outputs, 3, 7, 1e-5, 1e-4).unwrap();
         let path = validation_file(dir.path(), &set);
         // Same specs, other weights: the "bad release" a publisher must not sign.
-        let bad = example_model::mlp(4, 8, 3, 2);
+        let bad = example::mlp(4, 8, 3, 2);
         let error = check_model(
             &bad,
             &inputs,
@@ -601,9 +600,9 @@ mod tests {
 
     #[test]
     fn the_gate_refuses_specs_the_model_does_not_have() {
-        let onnx = example_model::mlp(4, 8, 3, 1);
-        let (inputs, _) = example_model::mlp_specs(4, 3);
-        let (_, wrong_outputs) = example_model::mlp_specs(4, 5);
+        let onnx = example::mlp(4, 8, 3, 1);
+        let (inputs, _) = example::mlp_specs(4, 3);
+        let (_, wrong_outputs) = example::mlp_specs(4, 5);
         let error = check_model(
             &onnx,
             &inputs,

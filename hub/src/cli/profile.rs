@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use outpost_agent::drift::{build_profile, ProfileOptions};
-use outpost_agent::inference::LoadedModel;
+use outpost_model::drift::{build_profile, ProfileOptions};
+use outpost_model::inference::LoadedModel;
 use outpost_protocol::dataset::{parse_csv, parse_npy, NdArray, Table};
 use outpost_protocol::device::Tensor;
 use outpost_protocol::drift::{Profile, Thresholds};
@@ -15,7 +15,7 @@ use outpost_protocol::Message;
 
 use super::model::{parse_tensor_spec, MAX_MODEL_IN_MEMORY};
 use super::print_stderr;
-use crate::fsutil;
+use outpost_model::fsutil;
 
 /// Largest reference data file read.
 const MAX_DATA_FILE: u64 = 2 * 1024 * 1024 * 1024;

@@ -5,9 +5,9 @@
 //! starts real agent processes, rolls version 1 out and then version 2 through staged
 //! percentages while sending inference requests through each agent's local API (one agent sees
 //! shifted inputs), and prints the fleet, the rollout and the drift report. Every step is the
-//! command an operator would type, run as a child process of this binary; the agents are
-//! `outpost-hub agent run`, the same code as `outpost-agent run`, so the quickstart needs no second
-//! binary. Everything stops at the end unless `--keep`.
+//! command an operator would type, run as a child process; the agents are real `outpost-agent`
+//! processes (see [`agent_binary`] for where that binary comes from). Everything stops at the end
+//! unless `--keep`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use outpost_agent::example_model::normal_rows;
+use outpost_model::example::normal_rows;
 use serde::de::DeserializeOwned;
 
 use crate::api::{CreatedToken, RolloutInfo, RolloutState};
@@ -37,6 +37,74 @@ pub struct Args {
     /// Keep the hub and agents running after the tour, until interrupted (Ctrl-C).
     #[arg(long)]
     pub keep: bool,
+    /// The `outpost-agent` binary to run. Default: under `cargo run` in this workspace, cargo
+    /// builds it in the same profile first; otherwise the `outpost-agent` beside this binary, or
+    /// the one on PATH.
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
+}
+
+/// Where the agents' binary is: `explicit` if given; under `cargo run` of this workspace, the one
+/// cargo builds now beside this binary (so an edited agent is never stale); else the one beside
+/// this binary (as the packages install them); else the one on PATH.
+fn agent_binary(explicit: Option<PathBuf>, exe: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        anyhow::ensure!(
+            path.is_file(),
+            "--agent-bin {}: no such file",
+            path.display()
+        );
+        return Ok(path);
+    }
+    let bin_dir = exe.parent().context("this executable has no folder")?;
+    let beside = bin_dir.join("outpost-agent");
+    let manifest_dir = env!("CARGO_MANIFEST_DIR");
+    let under_cargo_run = std::env::var_os("CARGO_MANIFEST_DIR")
+        .is_some_and(|dir| Path::new(&dir) == Path::new(manifest_dir));
+    if let (true, Some(cargo)) = (under_cargo_run, std::env::var_os("CARGO")) {
+        // target/<profile>/outpost-hub: the profile's folder is named after it, but for `dev`.
+        let profile = match bin_dir.file_name().and_then(|name| name.to_str()) {
+            Some("debug") => "dev",
+            Some(name) => name,
+            None => bail!("cannot tell the cargo profile of {}", exe.display()),
+        };
+        let target_dir = bin_dir
+            .parent()
+            .context("no target folder above this binary")?;
+        step(&format!(
+            "building outpost-agent (cargo build --profile {profile} -p outpost-agent)"
+        ));
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--profile",
+                profile,
+                "-p",
+                "outpost-agent",
+            ])
+            .arg("--manifest-path")
+            .arg(Path::new(manifest_dir).join("../Cargo.toml"))
+            .arg("--target-dir")
+            .arg(target_dir)
+            .status()
+            .context("running cargo to build outpost-agent")?;
+        anyhow::ensure!(status.success(), "building outpost-agent failed ({status})");
+        return Ok(beside);
+    }
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("outpost-agent"))
+                .find(|candidate| candidate.is_file())
+        })
+        .context(
+            "no outpost-agent beside this binary or on PATH: build it \
+             (cargo build --release -p outpost-agent) or pass --agent-bin",
+        )
 }
 
 /// Child processes, stopped with SIGTERM (then SIGKILL) when dropped, so a failed step leaves
@@ -80,7 +148,10 @@ impl Drop for Children {
 
 struct Tour {
     dir: PathBuf,
+    /// This binary, `outpost-hub`.
     exe: PathBuf,
+    /// The agents' binary, `outpost-agent`.
+    agent: PathBuf,
     hub_url: String,
     token: String,
     /// The release keys' private-key files, comma-separated, as `--key` takes them.
@@ -106,9 +177,11 @@ impl Args {
             .canonicalize()
             .with_context(|| format!("resolving {}", dir.display()))?;
         let exe = std::env::current_exe().context("locating this executable")?;
+        let agent = agent_binary(self.agent_bin.clone(), &exe)?;
         let mut tour = Tour {
             dir: dir.clone(),
             exe,
+            agent,
             hub_url: String::new(),
             token: String::new(),
             keys: String::new(),
@@ -290,7 +363,11 @@ impl Tour {
         let data = self.dir.join("hub");
         let token = self.cli(&["admin", "bootstrap", "--data", &path(&data)])?;
         self.token = token.trim().to_owned();
-        crate::fsutil::write_atomic(&self.dir.join("admin.token"), self.token.as_bytes(), 0o600)?;
+        outpost_model::fsutil::write_atomic(
+            &self.dir.join("admin.token"),
+            self.token.as_bytes(),
+            0o600,
+        )?;
         let address_file = self.dir.join("hub.address");
         let _ = std::fs::remove_file(&address_file);
         let log = File::create(self.dir.join("hub.log")).context("creating hub.log")?;
@@ -385,10 +462,10 @@ impl Tour {
                 root = dir.join("root.bin").display(),
                 data = dir.join("data").display(),
             );
-            crate::fsutil::write_atomic(&config, text.as_bytes(), 0o644)?;
+            outpost_model::fsutil::write_atomic(&config, text.as_bytes(), 0o644)?;
             self.run_checked(
+                &self.agent,
                 &[
-                    "agent",
                     "enroll",
                     "--hub",
                     &self.hub_url.clone(),
@@ -400,8 +477,8 @@ impl Tour {
                 &format!("enrolling agent {index}"),
             )?;
             let log = File::create(dir.join("agent.log")).context("creating agent.log")?;
-            let child = Command::new(&self.exe)
-                .args(["agent", "run", "--config", &path(&config)])
+            let child = Command::new(&self.agent)
+                .args(["run", "--config", &path(&config)])
                 .current_dir(&dir)
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
@@ -421,7 +498,11 @@ impl Tour {
 
     fn agent_status(&self, index: usize) -> anyhow::Result<serde_json::Value> {
         let config = self.dir.join(format!("agent-{index}")).join("agent.toml");
-        let text = self.cli(&["agent", "status", "--json", "--config", &path(&config)])?;
+        let text = self.run_checked(
+            &self.agent,
+            &["status", "--json", "--config", &path(&config)],
+            &format!("agent {index} status"),
+        )?;
         serde_json::from_str(&text).context("reading agent status --json")
     }
 
@@ -458,8 +539,8 @@ impl Tour {
         Ok(keys.join(","))
     }
 
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.exe);
+    fn command(&self, program: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(program);
         command
             .args(args)
             .current_dir(&self.dir)
@@ -471,14 +552,15 @@ impl Tour {
         command
     }
 
-    fn run_checked(&self, args: &[&str], what: &str) -> anyhow::Result<String> {
+    fn run_checked(&self, program: &Path, args: &[&str], what: &str) -> anyhow::Result<String> {
         let output = self
-            .command(args)
+            .command(program, args)
             .output()
-            .with_context(|| format!("{what}: running {}", self.exe.display()))?;
+            .with_context(|| format!("{what}: running {}", program.display()))?;
         if !output.status.success() {
             bail!(
-                "{what} failed: outpost-hub {}\n{}",
+                "{what} failed: {} {}\n{}",
+                program.display(),
                 args.join(" "),
                 String::from_utf8_lossy(&output.stderr).trim()
             );
@@ -487,7 +569,11 @@ impl Tour {
     }
 
     fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        self.run_checked(args, args.first().copied().unwrap_or("a command"))
+        self.run_checked(
+            &self.exe,
+            args,
+            args.first().copied().unwrap_or("a command"),
+        )
     }
 
     fn cli_json<T: DeserializeOwned>(&self, args: &[&str]) -> anyhow::Result<T> {

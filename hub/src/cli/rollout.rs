@@ -15,7 +15,8 @@ use outpost_protocol::{ModelName, TimeFloor, VerifiedRoot};
 
 use crate::api::{Decision, GateFigure, RolloutInfo};
 use crate::client::{path_segment, AdminClient};
-use crate::{fsutil, unix_now};
+use crate::unix_now;
+use outpost_model::fsutil;
 
 use super::connection::HubArgs;
 use super::device::model_ref;

@@ -9,7 +9,8 @@ use clap::Subcommand;
 
 use super::parse_duration;
 use crate::server::{self, ServerConfig};
-use crate::{audit, fsutil, store::Store, unix_now};
+use crate::{audit, store::Store, unix_now};
+use outpost_model::fsutil;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {

@@ -11,7 +11,7 @@ use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, SignedBo
 use outpost_protocol::{Message, MessageKind, SecretKey};
 
 use super::{read_frame, SigningKeys};
-use crate::fsutil;
+use outpost_model::fsutil;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -10,7 +10,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose,
 };
 
-use crate::fsutil;
+use outpost_model::fsutil;
 
 #[derive(Debug, Subcommand)]
 pub enum TlsCommand {

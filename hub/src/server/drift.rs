@@ -57,8 +57,10 @@ pub struct ProfileCache {
 
 /// Reads and checks the profile artifact `artifact` from the artifact store.
 pub fn read_profile(artifacts: &ArtifactStore, artifact: &Artifact) -> anyhow::Result<Profile> {
-    let bytes =
-        crate::fsutil::read_capped(&artifacts.path(&artifact.sha256), Profile::MAX_FRAME as u64)?;
+    let bytes = outpost_model::fsutil::read_capped(
+        &artifacts.path(&artifact.sha256),
+        Profile::MAX_FRAME as u64,
+    )?;
     let found = outpost_protocol::sha256(&bytes);
     anyhow::ensure!(
         found == artifact.sha256,

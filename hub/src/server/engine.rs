@@ -13,9 +13,10 @@ use outpost_protocol::{sha256, Label, Sha256};
 
 use super::SharedHub;
 use crate::api::{Decision, ModelRef, RolloutInfo, RolloutState};
-use crate::rollout::{self, DeviceFacts, InferenceStats, Outcome, Rollout, ShadowStats};
-use crate::store::{OutcomeKind, RolloutRecord, ShadowRecord, StatsRecord};
+use crate::rollout::{self, DeviceFacts, InferenceStats, Outcome, Rollout};
+use crate::store::{OutcomeKind, RolloutRecord, StatsRecord};
 use crate::{audit, unix_now};
+use outpost_protocol::device::ShadowCounts;
 
 /// A rollout as check-ins see it, with the exact signed bytes to hand devices.
 #[derive(Debug, Clone)]
@@ -129,24 +130,13 @@ fn stats(record: StatsRecord) -> InferenceStats {
     }
 }
 
-fn shadow_stats(record: &ShadowRecord) -> ShadowStats {
-    ShadowStats {
-        compared: record.compared,
-        top1_agreed: record.top1_agreed,
-        errors: record.errors,
-        abs_diff_sum: record.abs_diff_sum,
-        abs_diff_values: record.abs_diff_values,
-        dropped: record.dropped,
-    }
-}
-
 /// Each device's shadow comparisons of the plan's target with its fallback, over windows ending
 /// since the rollout began. Comparisons beside any other model do not count: the signed gate is
 /// about the target against the fallback.
 fn shadow_by_device(
     hub: &SharedHub,
     rollout: &Rollout,
-) -> anyhow::Result<std::collections::HashMap<[u8; 16], ShadowStats>> {
+) -> anyhow::Result<std::collections::HashMap<[u8; 16], ShadowCounts>> {
     let mut by_device = std::collections::HashMap::new();
     let (Some(_), Some(fallback)) = (&rollout.plan.shadow, &rollout.plan.fallback) else {
         return Ok(by_device);
@@ -160,7 +150,7 @@ fn shadow_by_device(
         by_device
             .entry(stored.device)
             .or_default()
-            .merge(&shadow_stats(&stored.record));
+            .add(&stored.record.counts());
     }
     Ok(by_device)
 }

@@ -14,9 +14,9 @@ pub use drift::*;
 
 use outpost_protocol::device::{
     held_digest, AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse,
-    ErrorResponse, HeldCheckIn, HeldCheckInResponse, InferenceWindow, RunningModel, ShadowReport,
-    Status, StatusReport, TelemetryAck, TelemetryBatch, Tensor, ValidationCase, ValidationSet,
-    LATENCY_BUCKETS_US,
+    ErrorResponse, HeldCheckIn, HeldCheckInResponse, InferenceWindow, RunningModel, ShadowCounts,
+    ShadowReport, Status, StatusReport, TelemetryAck, TelemetryBatch, Tensor, ValidationCase,
+    ValidationSet, LATENCY_BUCKETS_US,
 };
 use outpost_protocol::trust::{
     Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody, ManifestRef,
@@ -360,12 +360,14 @@ pub fn telemetry_batch(n_windows: u64) -> TelemetryBatch {
             // Every third window is a shadow window: no inference of its own, a comparison.
             shadow: (index % 3 == 2).then(|| ShadowReport {
                 target: manifest_ref(&manifest_frame(7, 1, 1), 7),
-                compared: 2_900 + index,
-                top1_agreed: 2_850 + index,
-                errors: index % 2,
-                abs_diff_sum: 12.5 + index as f64 / 8.0,
-                abs_diff_values: (2_900 + index) * 12,
-                dropped: index % 5,
+                counts: ShadowCounts {
+                    compared: 2_900 + index,
+                    top1_agreed: 2_850 + index,
+                    errors: index % 2,
+                    abs_diff_sum: 12.5 + index as f64 / 8.0,
+                    abs_diff_values: (2_900 + index) * 12,
+                    dropped: index % 5,
+                },
             }),
         })
         .collect();

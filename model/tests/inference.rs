@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use outpost_agent::example_model::{
+use outpost_model::example::{
     batch_axes, batch_axes_specs, batch_mean, batch_mean_specs, byte_casts, byte_casts_specs,
     example_inputs, mlp, mlp_specs, validation_set_for,
 };
-use outpost_agent::inference::{
+use outpost_model::inference::{
     validate, InferenceError, LoadedModel, TensorKind, ValidationError,
 };
 use outpost_protocol::device::{Tensor, ValidationCase, ValidationSet};
@@ -593,7 +593,7 @@ fn garbage_and_truncated_models_are_errors() {
 /// map with that name and panics, which must come back as an error.
 #[test]
 fn a_graph_that_makes_tract_panic_is_an_error() {
-    use outpost_agent::example_model::mlp as build;
+    use outpost_model::example::mlp as build;
     use prost::Message as _;
     use tract_onnx::pb::ModelProto;
 
