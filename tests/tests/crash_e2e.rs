@@ -584,7 +584,13 @@ fn an_agent_killed_at_random_moments_serves_the_old_or_the_new_model() {
                 .then_some(())
             },
         );
-        agent.wait_status("active", json!(format!("demo@{settled}")));
+        // state.bin shows the commit before the same cycle has removed the versions it no longer
+        // keeps (renamed to `.removing-*`, then deleted). The status file is written by the same
+        // thread, so one written after the status that shows the settled version comes from a
+        // later point of the sync loop: that removal is over, and what is left is what the crash
+        // left.
+        agent.wait_fresh_status("active", json!(format!("demo@{settled}")));
+        agent.next_status();
         let installed = catalogue.verify_agent_files(&agent.data(), true, &context);
         Catalogue::verify_no_stale_temporaries(&agent.data(), agent.pid(), &context);
         assert!(

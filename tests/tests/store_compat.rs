@@ -39,10 +39,22 @@ fn a_store_written_by_release_0_1_0_reads_the_same() {
         (&["audit", "verify"], "audit-verify.json"),
     ];
     for (args, file) in reads {
-        let now: Value = hub.cli_json(args);
+        let mut now: Value = hub.cli_json(args);
+        let mut then = expected(file);
+        if file == "device-list.json" {
+            // A device's state in the listing is worked out at the time of asking: the fixture's
+            // devices checked in last on 2026-12-04 and are silent ever since. The stored facts
+            // behind it (last check-in, active version) are compared like everything else.
+            for (device, state) in [(&mut now, "silent"), (&mut then, "steady")] {
+                for entry in device.as_array_mut().unwrap() {
+                    let shown = entry.as_object_mut().unwrap().remove("state");
+                    assert_eq!(shown, Some(Value::from(state)), "{file}: {entry}");
+                }
+            }
+        }
         assert_eq!(
             now,
-            expected(file),
+            then,
             "outpost-hub {} differs from what release 0.1.0 printed ({file})",
             args.join(" ")
         );
