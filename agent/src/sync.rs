@@ -22,21 +22,20 @@ use outpost_protocol::device::{
     AgentState, CheckIn, CheckInResponse, HeldCheckIn, HeldCheckInResponse, RunningModel, Status,
     StatusReport, TelemetryAck, TelemetryBatch,
 };
-use outpost_protocol::trust::{ManifestBody, ManifestRef, Signed};
-use outpost_protocol::{
-    Arch, Message, Sha256, TimeFloor, VerifiedManifest, VerifiedPlan, VerifiedRoot,
-};
+use outpost_protocol::trust::{ManifestRef, Slot};
+use outpost_protocol::{Arch, Message, Sha256, TimeFloor, VerifiedManifest, VerifiedRoot};
 use serde::Serialize;
 
 use crate::api::QueueStats;
-use crate::cache::{Refusal, TelemetryCache};
+use crate::cache::{self, TelemetryCache};
+use crate::check::{self, Documents, PlanVerdict, Refusal, Trust, Verdict};
 use crate::config::Config;
 use crate::download::{self, Limits};
 use crate::hub_client::{HubClient, HubError};
 use crate::notify::Notifier;
 use crate::shadow::Shadow;
 use crate::slot::{ActiveModel, ModelDrift, ModelSlot};
-use crate::state::{DeviceState, Pending, QueuedReport, StateFiles, VersionRef};
+use crate::state::{DeviceState, Pending, QueuedReport, ReportKind, StateFiles, VersionRef};
 use crate::telemetry::Recorder;
 use crate::versions::{Installed, Versions};
 use crate::{agent_version, unix_now};
@@ -120,6 +119,23 @@ pub struct Syncer {
     /// False once the hub answered `/device/v2/checkin` with 404 (a hub older than held
     /// check-ins): plain check-ins from then on, until the agent restarts.
     hub_knows_held: bool,
+}
+
+/// Why a candidate (or a shadow model) failed probation. The message is the reason reported.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbationError {
+    /// `versions/` no longer holds the version's files as its manifest signed them.
+    #[error("reading the installed files: {0:#}")]
+    Read(anyhow::Error),
+    #[error("loading: {0}")]
+    Load(#[source] outpost_model::inference::InferenceError),
+    #[error("validation: {0}")]
+    Validation(#[source] outpost_model::inference::ValidationError),
+    #[error("probation did not finish within {0:?}")]
+    Timeout(Duration),
+    /// The version's drift profile does not fit the model.
+    #[error("{0:#}")]
+    Drift(anyhow::Error),
 }
 
 /// Resolves a version's drift profile against its loaded model. A profile that does not fit the
@@ -207,7 +223,7 @@ impl Syncer {
             state.queue(QueuedReport {
                 plan_sequence: pending.plan_sequence,
                 manifest: Some(pending.candidate),
-                kind: "rolled_back".into(),
+                kind: ReportKind::RolledBack,
                 reason,
                 at: unix_now(),
             });
@@ -259,7 +275,12 @@ impl Syncer {
                             candidates[0]
                         );
                         log::error!("{reason}");
-                        self.queue(None, Some(candidates[0].clone()), "rolled_back", reason);
+                        self.queue(
+                            None,
+                            Some(candidates[0].clone()),
+                            ReportKind::RolledBack,
+                            reason,
+                        );
                         self.state.previous.retain(|kept| kept != version);
                         self.state.active = Some(version.clone());
                         self.files.save(&self.state)?;
@@ -328,13 +349,13 @@ impl Syncer {
         &mut self,
         plan_sequence: Option<u64>,
         manifest: Option<VersionRef>,
-        kind: &str,
+        kind: ReportKind,
         reason: String,
     ) {
         self.state.queue(QueuedReport {
             plan_sequence,
             manifest,
-            kind: kind.to_owned(),
+            kind,
             reason,
             at: unix_now(),
         });
@@ -493,93 +514,103 @@ impl Syncer {
         }
         log::warn!("refused: {reason}");
         DeviceState::remember(&mut self.state.refused, digest);
-        self.queue(plan_sequence, manifest, "refused", reason);
+        self.queue(plan_sequence, manifest, ReportKind::Refused, reason);
     }
 
+    /// Acts on the device's verdict ([`check::decide`]) on the documents of a check-in answer:
+    /// saves a rotated root, ratchets what it has seen, reports refusals, and activates or
+    /// shadows what the plan allows.
     fn apply(&mut self, response: CheckInResponse) {
-        let floor = self.floor();
         let roots: Vec<Vec<u8>> = response
             .roots
             .into_iter()
             .map(|root| root.into_vec())
             .collect();
-        if !roots.is_empty() {
-            match self.root.update(&roots, &floor) {
-                Ok(root) if root.version() > self.root.version() => {
-                    if let Err(error) = self.files.save_root(root.signed_bytes()) {
-                        log::error!("saving the rotated root: {error:#}");
-                        return;
-                    }
-                    log::info!("trust root rotated to version {}", root.version());
-                    self.root = root;
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    let digest = outpost_protocol::sha256(roots.concat().as_slice()).0;
-                    self.refuse(None, None, digest, format!("root rotation: {error}"));
-                    return;
-                }
-            }
-        }
-        let Some(plan_bytes) = response.plan else {
-            self.stop_shadow("no plan applies to this device any more");
-            return;
+        let documents = Documents {
+            roots: &roots,
+            plan: response.plan.as_deref().map(Vec::as_slice),
+            manifest: response.manifest.as_ref().map(|(_, bytes)| &bytes[..]),
+            shadow: response.shadow.as_deref().map(Vec::as_slice),
         };
-        let plan = match self
-            .root
-            .verify_plan(&plan_bytes, &floor, self.state.highest_plan)
-        {
-            Ok(plan) => plan,
-            Err(error) => {
-                let digest = outpost_protocol::sha256(&plan_bytes).0;
-                self.refuse(None, None, digest, format!("plan: {error}"));
+        let trust = Trust {
+            root: &self.root,
+            highest_plan: self.state.highest_plan,
+            highest_manifest: &self.state.highest_manifest,
+            arch: Arch::current(),
+            agent: agent_version(),
+        };
+        let (rotated, plan) = match check::decide(&documents, &trust, &self.floor()) {
+            Verdict::RootRefused(refusal) => {
+                let digest = outpost_protocol::sha256(roots.concat().as_slice()).0;
+                self.refuse(None, None, digest, refusal.to_string());
+                return;
+            }
+            Verdict::Judged { rotated, plan } => (rotated, plan),
+        };
+        if let Some(root) = rotated {
+            if let Err(error) = self.files.save_root(root.signed_bytes()) {
+                log::error!("saving the rotated root: {error:#}");
+                return;
+            }
+            log::info!("trust root rotated to version {}", root.version());
+            self.root = root;
+        }
+        let (plan, manifest, shadow) = match plan {
+            // A manifest without a plan is not the device's to run.
+            PlanVerdict::NoPlan { .. } => {
+                self.stop_shadow("no plan applies to this device any more");
+                return;
+            }
+            PlanVerdict::Refused(refusal) => {
+                let digest = outpost_protocol::sha256(documents.plan.unwrap_or_default()).0;
+                self.refuse(None, None, digest, refusal.to_string());
                 self.stop_shadow("the hub's plan was refused");
                 return;
             }
+            PlanVerdict::Accepted {
+                plan,
+                manifest,
+                shadow,
+                ..
+            } => (plan, manifest, shadow),
         };
         let sequence = plan.sequence();
         self.state.highest_plan = Some(self.state.highest_plan.unwrap_or(0).max(sequence));
-        self.state.newest_signed = self.state.newest_signed.max(plan.body().created);
         // The plan's creation is now a signed time seen: its manifests are judged against it,
         // in this answer as in every later one.
-        let floor = self.floor();
-        if let Some((_, manifest_bytes)) = response.manifest {
-            self.apply_manifest(&plan, &manifest_bytes, &floor);
+        self.state.newest_signed = self.state.newest_signed.max(plan.body().created);
+        if let (Some(bytes), Some(verdict)) = (documents.manifest, manifest) {
+            self.apply_manifest(sequence, bytes, verdict);
         }
-        match response.shadow {
-            Some(shadow_bytes) => self.apply_shadow(&plan, &shadow_bytes, &floor),
-            None => self.stop_shadow("the plan no longer has this device shadow its target"),
+        match (documents.shadow, shadow) {
+            (Some(bytes), Some(verdict)) => self.apply_shadow(sequence, bytes, verdict),
+            _ => self.stop_shadow("the plan no longer has this device shadow its target"),
         }
     }
 
-    /// The highest version of the model a manifest claims to be seen here: the rollback floor. The
-    /// name is only read to pick the floor; verification checks everything else.
-    fn highest_for(&self, manifest_bytes: &[u8]) -> Option<u64> {
-        let claimed_name = outpost_protocol::decode::<Signed<ManifestBody>>(manifest_bytes)
-            .ok()
-            .and_then(|signed| signed.decode_unverified().ok())
-            .map(|body| body.name)
-            .unwrap_or_default();
-        self.state.highest_manifest(&claimed_name)
+    /// Reports a refused manifest: as the version it claims when it was verified and refused
+    /// only as one this device cannot run.
+    fn refuse_manifest(&mut self, sequence: u64, digest: [u8; 32], refusal: &Refusal) {
+        let candidate = refusal.verified_manifest().map(to_ref);
+        self.refuse(Some(sequence), candidate, digest, refusal.to_string());
     }
 
-    /// Verifies, and unless it runs already, activates the manifest the hub says to serve.
-    fn apply_manifest(&mut self, plan: &VerifiedPlan, manifest_bytes: &[u8], floor: &TimeFloor) {
-        let sequence = plan.sequence();
-        let highest = self.highest_for(manifest_bytes);
+    /// Unless it runs already, activates the manifest the hub says to serve, once verified.
+    fn apply_manifest(
+        &mut self,
+        sequence: u64,
+        manifest_bytes: &[u8],
+        verdict: Result<(Slot, VerifiedManifest), Refusal>,
+    ) {
         let digest = outpost_protocol::sha256(manifest_bytes).0;
-        let (slot, manifest) =
-            match plan.verify_manifest(&self.root, manifest_bytes, floor, highest) {
-                Ok(verified) => verified,
-                Err(error) => {
-                    self.refuse(Some(sequence), None, digest, format!("manifest: {error}"));
-                    return;
-                }
-            };
+        let (slot, manifest) = match verdict {
+            Ok(verified) => verified,
+            Err(refusal) => {
+                self.refuse_manifest(sequence, digest, &refusal);
+                return;
+            }
+        };
         let candidate = to_ref(&manifest);
-        if !self.check_compatible(sequence, &candidate, &manifest, "manifest") {
-            return;
-        }
         self.state.note_manifest(&candidate.name, candidate.version);
         self.state.newest_signed = self.state.newest_signed.max(manifest.body().created);
         if self
@@ -590,7 +621,12 @@ impl Syncer {
         {
             if self.state.committed_report != Some((sequence, digest)) {
                 self.state.committed_report = Some((sequence, digest));
-                self.queue(Some(sequence), Some(candidate), "committed", String::new());
+                self.queue(
+                    Some(sequence),
+                    Some(candidate),
+                    ReportKind::Committed,
+                    String::new(),
+                );
             }
             return;
         }
@@ -601,31 +637,15 @@ impl Syncer {
         self.activate(sequence, candidate, &manifest);
     }
 
-    /// Refuses, and reports, a manifest this device cannot run. `what` names it in the report.
-    fn check_compatible(
+    /// Unless it runs in shadow already, or failed here before, downloads, installs and
+    /// validates the verified shadow manifest exactly as for an activation, then hands it to the
+    /// shadow runner. The active model keeps serving throughout.
+    fn apply_shadow(
         &mut self,
         sequence: u64,
-        candidate: &VersionRef,
-        manifest: &VerifiedManifest,
-        what: &str,
-    ) -> bool {
-        let digest = candidate.manifest_sha256;
-        let refusal = match Arch::current() {
-            None => "this CPU architecture is not supported".to_owned(),
-            Some(arch) => match manifest.check_compatible(arch, agent_version()) {
-                Ok(()) => return true,
-                Err(error) => format!("{what}: {error}"),
-            },
-        };
-        self.refuse(Some(sequence), Some(candidate.clone()), digest, refusal);
-        false
-    }
-
-    /// Verifies the plan's target as a shadow model and, unless it runs in shadow already, or
-    /// failed here before, downloads, installs and validates it exactly as for an activation,
-    /// then hands it to the shadow runner. The active model keeps serving throughout.
-    fn apply_shadow(&mut self, plan: &VerifiedPlan, manifest_bytes: &[u8], floor: &TimeFloor) {
-        let sequence = plan.sequence();
+        manifest_bytes: &[u8],
+        verdict: Result<VerifiedManifest, Refusal>,
+    ) {
         let digest = outpost_protocol::sha256(manifest_bytes).0;
         if self
             .shadow
@@ -638,22 +658,18 @@ impl Syncer {
             self.stop_shadow("the new shadow model failed or was refused here");
             return;
         }
-        let highest = self.highest_for(manifest_bytes);
-        let manifest = match plan.verify_shadow_manifest(&self.root, manifest_bytes, floor, highest)
-        {
+        let manifest = match verdict {
             Ok(manifest) => manifest,
-            Err(error) => {
-                self.stop_shadow("the hub's shadow manifest was refused");
-                let reason = format!("shadow manifest: {error}");
-                self.refuse(Some(sequence), None, digest, reason);
+            Err(refusal) => {
+                self.stop_shadow(match refusal {
+                    Refusal::Unverified { .. } => "the hub's shadow manifest was refused",
+                    _ => "the new shadow model cannot run here",
+                });
+                self.refuse_manifest(sequence, digest, &refusal);
                 return;
             }
         };
         let candidate = to_ref(&manifest);
-        if !self.check_compatible(sequence, &candidate, &manifest, "shadow manifest") {
-            self.stop_shadow("the new shadow model cannot run here");
-            return;
-        }
         if self.state.active.is_none() {
             // Nothing serves, so there is nothing to compare with.
             return;
@@ -667,14 +683,19 @@ impl Syncer {
                 log::info!("running {candidate} in shadow (plan {sequence})");
                 self.stop_shadow("another shadow model replaces it");
                 self.shadow.set(Some(Arc::new(model)));
-                self.queue(Some(sequence), Some(candidate), "shadowing", String::new());
+                self.queue(
+                    Some(sequence),
+                    Some(candidate),
+                    ReportKind::Shadowing,
+                    String::new(),
+                );
             }
             Err(reason) => {
                 log::warn!("{candidate} failed as a shadow model: {reason}");
                 self.stop_shadow("the new shadow model failed");
                 DeviceState::remember(&mut self.state.failed, digest);
                 let reason = format!("shadow: {reason}");
-                self.queue(Some(sequence), Some(candidate), "failed", reason);
+                self.queue(Some(sequence), Some(candidate), ReportKind::Failed, reason);
             }
         }
     }
@@ -746,7 +767,7 @@ impl Syncer {
                     if stalled && self.stall_reported != Some(digest) {
                         self.stall_reported = Some(digest);
                         let reason = format!("{error}; resuming after a backoff");
-                        self.queue(Some(sequence), Some(candidate), "stalled", reason);
+                        self.queue(Some(sequence), Some(candidate), ReportKind::Stalled, reason);
                     }
                     self.download_failed = Some(error);
                     return false;
@@ -762,12 +783,17 @@ impl Syncer {
             self.queue(
                 Some(sequence),
                 Some(candidate),
-                "failed",
+                ReportKind::Failed,
                 format!("install: {error:#}"),
             );
             return false;
         }
-        self.queue(Some(sequence), Some(candidate), "downloaded", String::new());
+        self.queue(
+            Some(sequence),
+            Some(candidate),
+            ReportKind::Downloaded,
+            String::new(),
+        );
         true
     }
 
@@ -786,7 +812,7 @@ impl Syncer {
         self.queue(
             Some(sequence),
             Some(candidate.clone()),
-            "activating",
+            ReportKind::Activating,
             String::new(),
         );
         if let Err(error) = self.files.save(&self.state) {
@@ -821,7 +847,12 @@ impl Syncer {
                 self.agent_state = AgentState::Steady;
                 self.write_status();
                 log::info!("committed {candidate}");
-                self.queue(Some(sequence), Some(candidate), "committed", String::new());
+                self.queue(
+                    Some(sequence),
+                    Some(candidate),
+                    ReportKind::Committed,
+                    String::new(),
+                );
                 let mut keep: Vec<[u8; 32]> = self
                     .state
                     .active
@@ -845,18 +876,23 @@ impl Syncer {
                 // Before the report goes out: whoever reads the hub's event then finds the
                 // status file already without the candidate.
                 self.write_status();
-                self.queue(Some(sequence), Some(candidate), "failed", reason);
+                self.queue(
+                    Some(sequence),
+                    Some(candidate),
+                    ReportKind::Failed,
+                    reason.to_string(),
+                );
             }
         }
     }
 
     /// Loads the candidate and runs its signed validation set, on a separate thread bounded by
     /// the probation timeout: a model that hangs fails like one that answers wrongly.
-    fn probation(&self, candidate: &VersionRef) -> Result<ActiveModel, String> {
+    fn probation(&self, candidate: &VersionRef) -> Result<ActiveModel, ProbationError> {
         let installed: Installed = self
             .versions
             .load(&candidate.manifest_sha256)
-            .map_err(|error| format!("reading the installed files: {error:#}"))?;
+            .map_err(ProbationError::Read)?;
         let threads = self.config.threads;
         let timeout = self.config.probation_timeout;
         let profile = installed.profile.clone();
@@ -869,20 +905,20 @@ impl Syncer {
                 &installed.manifest.outputs,
                 threads,
             )
-            .map_err(|error| format!("loading: {error}"))
+            .map_err(ProbationError::Load)
             .and_then(|model| match &installed.validation {
                 Some(set) => validate(&model, set, deadline)
                     .map(|_| model)
-                    .map_err(|error| format!("validation: {error}")),
+                    .map_err(ProbationError::Validation),
                 None => Ok(model),
             });
             let _ = done.send(outcome);
         });
         let model = match result.recv_timeout(timeout) {
             Ok(outcome) => outcome?,
-            Err(_) => return Err(format!("probation did not finish within {timeout:?}")),
+            Err(_) => return Err(ProbationError::Timeout(timeout)),
         };
-        let drift = model_drift(profile, &model).map_err(|error| format!("{error:#}"))?;
+        let drift = model_drift(profile, &model).map_err(ProbationError::Drift)?;
         Ok(ActiveModel {
             name: candidate.name.clone(),
             version: candidate.version,
@@ -896,23 +932,17 @@ impl Syncer {
     /// caller backs off; a report the hub refuses outright is dropped with a warning.
     fn deliver_reports(&mut self) -> Result<(), HubError> {
         while let Some(report) = self.state.outbox.first().cloned() {
-            let status = match report.kind.as_str() {
-                "downloaded" => Status::Downloaded,
-                "activating" => Status::Activating,
-                "committed" => Status::Committed,
-                "shadowing" => Status::Shadowing,
-                "rolled_back" => Status::RolledBack {
-                    reason: report.reason.clone(),
-                },
-                "refused" => Status::Refused {
-                    reason: report.reason.clone(),
-                },
-                "stalled" => Status::Stalled {
-                    reason: report.reason.clone(),
-                },
-                _ => Status::Failed {
-                    reason: report.reason.clone(),
-                },
+            let reason = report.reason.clone();
+            let status = match report.kind {
+                ReportKind::Downloaded => Status::Downloaded,
+                ReportKind::Activating => Status::Activating,
+                ReportKind::Committed => Status::Committed,
+                ReportKind::Shadowing => Status::Shadowing,
+                ReportKind::RolledBack => Status::RolledBack { reason },
+                ReportKind::Refused => Status::Refused { reason },
+                ReportKind::Stalled => Status::Stalled { reason },
+                // The wire has no status for an event outside a rollout: it goes as `Failed`.
+                ReportKind::Failed | ReportKind::TelemetryRefused => Status::Failed { reason },
             };
             let wire = StatusReport {
                 plan_sequence: report.plan_sequence,
@@ -966,15 +996,15 @@ impl Syncer {
                 // Sending it again would be refused again and hold up the whole queue.
                 let reason = format!("hub refused telemetry batch {sequence}: {error}");
                 match self.cache.refused(sequence) {
-                    Ok(Refusal::DriftStripped) => {
+                    Ok(cache::Refusal::DriftStripped) => {
                         log::error!("{reason}; sending it again without its drift summaries");
                     }
-                    Ok(Refusal::Dropped { windows }) => {
+                    Ok(cache::Refusal::Dropped { windows }) => {
                         log::error!("{reason}; dropped it, {windows} windows counted as dropped");
                     }
                     Err(cache_error) => log::error!("{reason}; {cache_error}"),
                 }
-                self.report_event("telemetry_refused", reason);
+                self.report_event(ReportKind::TelemetryRefused, reason);
                 return Ok(());
             }
         };
@@ -987,7 +1017,7 @@ impl Syncer {
     }
 
     /// Queues an event for the hub that is not about a rollout (a quarantined cache, say).
-    pub fn report_event(&mut self, kind: &str, reason: String) {
+    pub fn report_event(&mut self, kind: ReportKind, reason: String) {
         self.queue(None, None, kind, reason);
     }
 
