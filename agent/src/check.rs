@@ -99,6 +99,8 @@ impl Refusal {
 }
 
 /// What the device makes of an offer.
+// Built once per check-in and taken apart at once: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Verdict {
     /// A newer root in the chain was refused; nothing else is judged.
@@ -112,6 +114,8 @@ pub enum Verdict {
 }
 
 /// The verdict on the plan and the manifests under it.
+// Built once per check-in and taken apart at once: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum PlanVerdict {
     /// No plan was offered. A manifest offered alone is judged on its own.
