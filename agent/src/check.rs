@@ -407,4 +407,99 @@ mod tests {
             "{error:?}"
         );
     }
+
+    fn trust(root: &VerifiedRoot, highest_plan: Option<u64>) -> Trust<'_> {
+        Trust {
+            root,
+            highest_plan,
+            highest_manifest: &[],
+            arch: Some(Arch::X86_64),
+            agent: AgentVersion {
+                major: 1,
+                minor: 0,
+                patch: 0,
+            },
+        }
+    }
+
+    /// The refusal the agent reports names the document and carries the exact chain-of-trust
+    /// error, and a refused manifest under an accepted plan leaves the plan accepted.
+    #[test]
+    fn the_verdict_accepts_the_plan_and_refuses_its_expired_manifest() {
+        let root = VerifiedRoot::load_trusted(&fixture("root.bin")).expect("the root is valid");
+        let (plan, manifest) = (fixture("plan.bin"), fixture("manifest.bin"));
+        let documents = Documents {
+            roots: &[],
+            plan: Some(&plan),
+            manifest: Some(&manifest),
+            shadow: None,
+        };
+        let verdict = decide(&documents, &trust(&root, None), &TimeFloor::default());
+        let Verdict::Judged {
+            rotated: None,
+            plan:
+                PlanVerdict::Accepted {
+                    manifest: Some(Err(refusal)),
+                    shadow: None,
+                    ..
+                },
+        } = verdict
+        else {
+            panic!("{verdict:?}");
+        };
+        assert!(
+            matches!(
+                &refusal,
+                Refusal::Unverified {
+                    document: Document::Manifest,
+                    source: VerifyError::Expired {
+                        role: Role::Manifest,
+                        ..
+                    },
+                }
+            ),
+            "{refusal:?}"
+        );
+        let expected = format!(
+            "manifest: {}",
+            refusal.verify_error().expect("a verify error")
+        );
+        assert_eq!(refusal.to_string(), expected);
+    }
+
+    /// A plan at or below the highest sequence seen is refused, and nothing under it is judged.
+    #[test]
+    fn a_replayed_plan_is_refused_with_its_document_named() {
+        let root = VerifiedRoot::load_trusted(&fixture("root.bin")).expect("the root is valid");
+        let (plan, manifest) = (fixture("plan.bin"), fixture("manifest.bin"));
+        let documents = Documents {
+            roots: &[],
+            plan: Some(&plan),
+            manifest: Some(&manifest),
+            shadow: None,
+        };
+        let verdict = decide(
+            &documents,
+            &trust(&root, Some(u64::MAX)),
+            &TimeFloor::default(),
+        );
+        let Verdict::Judged {
+            plan: PlanVerdict::Refused(refusal),
+            ..
+        } = verdict
+        else {
+            panic!("{verdict:?}");
+        };
+        assert!(
+            matches!(
+                refusal,
+                Refusal::Unverified {
+                    document: Document::Plan,
+                    ..
+                }
+            ),
+            "{refusal:?}"
+        );
+        assert!(refusal.to_string().starts_with("plan: "), "{refusal}");
+    }
 }
