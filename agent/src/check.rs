@@ -1,19 +1,276 @@
-//! The device's verdict on a root chain, a plan and a manifest.
+//! The device's one decision on signed documents: given the documents a hub offers, what the
+//! device trusts and has seen, and the time floor, which of them it accepts and why it refuses
+//! the others. Pure: no I/O, no clock. The sync loop acts on its verdict, and
+//! `outpost-agent verify` prints it, so the order of verification is written once.
 
-use outpost_protocol::trust::Slot;
+use outpost_protocol::trust::{ManifestBody, Signed, Slot};
 use outpost_protocol::{
     AgentVersion, Arch, TimeFloor, VerifiedManifest, VerifiedPlan, VerifiedRoot, VerifyError,
 };
 
-/// What a device would accept, given its trusted root and what it has seen so far.
+/// The documents a hub offers a device, as raw bytes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Documents<'a> {
+    /// Newer roots, in version order; may be empty.
+    pub roots: &'a [Vec<u8>],
+    pub plan: Option<&'a [u8]>,
+    /// The manifest the plan says to serve (or, with no plan, one judged alone).
+    pub manifest: Option<&'a [u8]>,
+    /// The manifest the plan says to run in shadow.
+    pub shadow: Option<&'a [u8]>,
+}
+
+/// What the device trusts and has seen: its trust state.
+#[derive(Debug, Clone, Copy)]
+pub struct Trust<'a> {
+    pub root: &'a VerifiedRoot,
+    pub highest_plan: Option<u64>,
+    /// The highest version seen per model name: the rollback floor of a target.
+    pub highest_manifest: &'a [(String, u64)],
+    /// The device's architecture, if Outpost supports it.
+    pub arch: Option<Arch>,
+    pub agent: AgentVersion,
+}
+
+/// Which document a refusal is about; it opens the refusal's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Document {
+    Root,
+    Plan,
+    Manifest,
+    ShadowManifest,
+}
+
+impl Document {
+    fn label(self) -> &'static str {
+        match self {
+            Document::Root => "root rotation",
+            Document::Plan => "plan",
+            Document::Manifest => "manifest",
+            Document::ShadowManifest => "shadow manifest",
+        }
+    }
+}
+
+/// Why the device refuses a document. The message is what the device reports to the hub.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The chain of trust refused the document.
+    #[error("{}: {source}", .document.label())]
+    Unverified {
+        document: Document,
+        source: VerifyError,
+    },
+    /// A verified manifest this device cannot run (architecture, agent version).
+    #[error("{}: {source}", .document.label())]
+    Incompatible {
+        document: Document,
+        manifest: Box<VerifiedManifest>,
+        source: VerifyError,
+    },
+    /// A verified manifest, on a CPU architecture Outpost does not support.
+    #[error("this CPU architecture is not supported")]
+    UnsupportedArch {
+        document: Document,
+        manifest: Box<VerifiedManifest>,
+    },
+}
+
+impl Refusal {
+    /// The manifest refused, when it was verified and refused only as incompatible.
+    pub fn verified_manifest(&self) -> Option<&VerifiedManifest> {
+        match self {
+            Refusal::Unverified { .. } => None,
+            Refusal::Incompatible { manifest, .. } | Refusal::UnsupportedArch { manifest, .. } => {
+                Some(manifest)
+            }
+        }
+    }
+
+    /// The chain-of-trust or compatibility error, if there is one.
+    pub fn verify_error(&self) -> Option<&VerifyError> {
+        match self {
+            Refusal::Unverified { source, .. } | Refusal::Incompatible { source, .. } => {
+                Some(source)
+            }
+            Refusal::UnsupportedArch { .. } => None,
+        }
+    }
+}
+
+/// What the device makes of an offer.
+// Built once per check-in and taken apart at once: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub struct Verdict {
+pub enum Verdict {
+    /// A newer root in the chain was refused; nothing else is judged.
+    RootRefused(Refusal),
+    /// The roots (if any) are accepted; `rotated` is the new trusted root when the chain moved
+    /// it forward.
+    Judged {
+        rotated: Option<VerifiedRoot>,
+        plan: PlanVerdict,
+    },
+}
+
+/// The verdict on the plan and the manifests under it.
+// Built once per check-in and taken apart at once: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum PlanVerdict {
+    /// No plan was offered. A manifest offered alone is judged on its own.
+    NoPlan {
+        manifest: Option<Result<VerifiedManifest, Refusal>>,
+    },
+    Refused(Refusal),
+    Accepted {
+        plan: VerifiedPlan,
+        /// The time floor the plan's manifests were judged against: the plan's creation counts
+        /// as a signed time seen.
+        floor: TimeFloor,
+        manifest: Option<Result<(Slot, VerifiedManifest), Refusal>>,
+        shadow: Option<Result<VerifiedManifest, Refusal>>,
+    },
+}
+
+/// The name a manifest claims, read only to pick its rollback floor; verification checks
+/// everything else.
+fn claimed_name(manifest_bytes: &[u8]) -> String {
+    outpost_protocol::decode::<Signed<ManifestBody>>(manifest_bytes)
+        .ok()
+        .and_then(|signed| signed.decode_unverified().ok())
+        .map(|body| body.name)
+        .unwrap_or_default()
+}
+
+fn highest(seen: &[(String, u64)], name: &str) -> Option<u64> {
+    seen.iter()
+        .find(|(known, _)| known == name)
+        .map(|(_, version)| *version)
+}
+
+/// Refuses a verified manifest this device cannot run.
+fn compatible(
+    document: Document,
+    manifest: VerifiedManifest,
+    trust: &Trust<'_>,
+) -> Result<VerifiedManifest, Refusal> {
+    let Some(arch) = trust.arch else {
+        return Err(Refusal::UnsupportedArch {
+            document,
+            manifest: Box::new(manifest),
+        });
+    };
+    match manifest.check_compatible(arch, trust.agent) {
+        Ok(()) => Ok(manifest),
+        Err(source) => Err(Refusal::Incompatible {
+            document,
+            manifest: Box::new(manifest),
+            source,
+        }),
+    }
+}
+
+/// Applies the chain of trust in order: walk the roots, verify the plan, then the manifest the
+/// plan says to serve and the one it says to run in shadow (each against the plan's creation as a
+/// signed time seen, and each target against the highest version of its name seen, the served
+/// manifest's included), then compatibility. With no plan, a manifest is judged alone.
+pub fn decide(documents: &Documents<'_>, trust: &Trust<'_>, floor: &TimeFloor) -> Verdict {
+    let rotated = if documents.roots.is_empty() {
+        None
+    } else {
+        match trust.root.update(documents.roots, floor) {
+            Ok(root) if root.version() > trust.root.version() => Some(root),
+            Ok(_) => None,
+            Err(source) => {
+                return Verdict::RootRefused(Refusal::Unverified {
+                    document: Document::Root,
+                    source,
+                })
+            }
+        }
+    };
+    let root = rotated.as_ref().unwrap_or(trust.root);
+    let plan = judge_plan(root, documents, trust, floor);
+    Verdict::Judged { rotated, plan }
+}
+
+fn judge_plan(
+    root: &VerifiedRoot,
+    documents: &Documents<'_>,
+    trust: &Trust<'_>,
+    floor: &TimeFloor,
+) -> PlanVerdict {
+    let Some(plan_bytes) = documents.plan else {
+        let manifest = documents.manifest.map(|bytes| {
+            let highest = highest(trust.highest_manifest, &claimed_name(bytes));
+            root.verify_manifest(bytes, floor, highest)
+                .map_err(|source| Refusal::Unverified {
+                    document: Document::Manifest,
+                    source,
+                })
+                .and_then(|manifest| compatible(Document::Manifest, manifest, trust))
+        });
+        return PlanVerdict::NoPlan { manifest };
+    };
+    let plan = match root.verify_plan(plan_bytes, floor, trust.highest_plan) {
+        Ok(plan) => plan,
+        Err(source) => {
+            return PlanVerdict::Refused(Refusal::Unverified {
+                document: Document::Plan,
+                source,
+            })
+        }
+    };
+    let floor = TimeFloor {
+        newest_signed: floor.newest_signed.max(plan.body().created),
+        ..*floor
+    };
+    let mut seen = trust.highest_manifest.to_vec();
+    let manifest = documents.manifest.map(|bytes| {
+        let highest = highest(&seen, &claimed_name(bytes));
+        let (slot, manifest) =
+            plan.verify_manifest(root, bytes, &floor, highest)
+                .map_err(|source| Refusal::Unverified {
+                    document: Document::Manifest,
+                    source,
+                })?;
+        let manifest = compatible(Document::Manifest, manifest, trust)?;
+        // An accepted manifest's version is seen: the shadow target is judged against it.
+        let name = manifest.name().as_str();
+        match seen.iter_mut().find(|(known, _)| known == name) {
+            Some((_, version)) => *version = (*version).max(manifest.version()),
+            None => seen.push((name.to_owned(), manifest.version())),
+        }
+        Ok((slot, manifest))
+    });
+    let shadow = documents.shadow.map(|bytes| {
+        let highest = highest(&seen, &claimed_name(bytes));
+        let manifest = plan
+            .verify_shadow_manifest(root, bytes, &floor, highest)
+            .map_err(|source| Refusal::Unverified {
+                document: Document::ShadowManifest,
+                source,
+            })?;
+        compatible(Document::ShadowManifest, manifest, trust)
+    });
+    PlanVerdict::Accepted {
+        plan,
+        floor,
+        manifest,
+        shadow,
+    }
+}
+
+/// What `outpost-agent verify` reports a device would accept.
+#[derive(Debug)]
+pub struct Accepted {
     pub root: VerifiedRoot,
     pub plan: Option<VerifiedPlan>,
     pub manifest: Option<(Option<Slot>, VerifiedManifest)>,
 }
 
-/// The documents a hub would hand a device, as raw bytes.
+/// The documents `outpost-agent verify` is given, as raw bytes.
 #[derive(Debug, Default)]
 pub struct Offered<'a> {
     pub roots: Vec<Vec<u8>>,
@@ -21,51 +278,76 @@ pub struct Offered<'a> {
     pub manifest: Option<&'a [u8]>,
 }
 
-/// What the device already trusts and has seen.
+/// What `outpost-agent verify` is told the device trusts and has seen.
 #[derive(Debug)]
 pub struct DeviceView<'a> {
     pub trusted_root: &'a [u8],
     pub floor: TimeFloor,
     pub highest_plan: Option<u64>,
+    /// The highest version seen of whatever model the offered manifest names.
     pub highest_manifest: Option<u64>,
     pub arch: Arch,
     pub agent: AgentVersion,
 }
 
-/// Applies the chain of trust in the order the agent does: walk the roots, verify the plan, then
-/// the manifest under the plan (or alone when no plan is given), then compatibility.
-pub fn check(view: &DeviceView<'_>, offered: &Offered<'_>) -> Result<Verdict, VerifyError> {
-    let root =
-        VerifiedRoot::load_trusted(view.trusted_root)?.update(&offered.roots, &view.floor)?;
-    let plan = offered
-        .plan
-        .map(|bytes| root.verify_plan(bytes, &view.floor, view.highest_plan))
-        .transpose()?;
-    let manifest = match (offered.manifest, &plan) {
-        (None, _) => None,
-        (Some(bytes), Some(plan)) => {
-            // As in the agent: an accepted plan's creation is a signed time seen.
-            let floor = TimeFloor {
-                newest_signed: view.floor.newest_signed.max(plan.body().created),
-                ..view.floor
-            };
-            let (slot, manifest) =
-                plan.verify_manifest(&root, bytes, &floor, view.highest_manifest)?;
-            Some((Some(slot), manifest))
-        }
-        (Some(bytes), None) => Some((
-            None,
-            root.verify_manifest(bytes, &view.floor, view.highest_manifest)?,
-        )),
+/// The offline answer to "would this device accept these files?": [`decide`] on them, its first
+/// refusal as the error.
+pub fn check(view: &DeviceView<'_>, offered: &Offered<'_>) -> Result<Accepted, CheckError> {
+    let trusted = VerifiedRoot::load_trusted(view.trusted_root)?;
+    let highest_manifest: Vec<(String, u64)> = match (offered.manifest, view.highest_manifest) {
+        (Some(bytes), Some(version)) => vec![(claimed_name(bytes), version)],
+        _ => Vec::new(),
     };
-    if let Some((_, manifest)) = &manifest {
-        manifest.check_compatible(view.arch, view.agent)?;
-    }
-    Ok(Verdict {
-        root,
+    let trust = Trust {
+        root: &trusted,
+        highest_plan: view.highest_plan,
+        highest_manifest: &highest_manifest,
+        arch: Some(view.arch),
+        agent: view.agent,
+    };
+    let documents = Documents {
+        roots: &offered.roots,
+        plan: offered.plan,
+        manifest: offered.manifest,
+        shadow: None,
+    };
+    let (rotated, plan) = match decide(&documents, &trust, &view.floor) {
+        Verdict::RootRefused(refusal) => return Err(refusal.into()),
+        Verdict::Judged { rotated, plan } => (rotated, plan),
+    };
+    let (plan, manifest) = match plan {
+        PlanVerdict::NoPlan { manifest } => (None, manifest.transpose()?.map(|m| (None, m))),
+        PlanVerdict::Refused(refusal) => return Err(refusal.into()),
+        PlanVerdict::Accepted { plan, manifest, .. } => (
+            Some(plan),
+            manifest.transpose()?.map(|(slot, m)| (Some(slot), m)),
+        ),
+    };
+    Ok(Accepted {
+        root: rotated.unwrap_or(trusted),
         plan,
         manifest,
     })
+}
+
+/// Why `outpost-agent verify` says a device would refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error("this CPU architecture is not supported")]
+    UnsupportedArch,
+}
+
+impl From<Refusal> for CheckError {
+    fn from(refusal: Refusal) -> CheckError {
+        match refusal {
+            Refusal::Unverified { source, .. } | Refusal::Incompatible { source, .. } => {
+                CheckError::Verify(source)
+            }
+            Refusal::UnsupportedArch { .. } => CheckError::UnsupportedArch,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -119,9 +401,105 @@ mod tests {
         assert!(
             matches!(
                 error,
-                VerifyError::Expired { role: Role::Manifest, now, .. } if now == created
+                CheckError::Verify(VerifyError::Expired { role: Role::Manifest, now, .. })
+                    if now == created
             ),
             "{error:?}"
         );
+    }
+
+    fn trust(root: &VerifiedRoot, highest_plan: Option<u64>) -> Trust<'_> {
+        Trust {
+            root,
+            highest_plan,
+            highest_manifest: &[],
+            arch: Some(Arch::X86_64),
+            agent: AgentVersion {
+                major: 1,
+                minor: 0,
+                patch: 0,
+            },
+        }
+    }
+
+    /// The refusal the agent reports names the document and carries the exact chain-of-trust
+    /// error, and a refused manifest under an accepted plan leaves the plan accepted.
+    #[test]
+    fn the_verdict_accepts_the_plan_and_refuses_its_expired_manifest() {
+        let root = VerifiedRoot::load_trusted(&fixture("root.bin")).expect("the root is valid");
+        let (plan, manifest) = (fixture("plan.bin"), fixture("manifest.bin"));
+        let documents = Documents {
+            roots: &[],
+            plan: Some(&plan),
+            manifest: Some(&manifest),
+            shadow: None,
+        };
+        let verdict = decide(&documents, &trust(&root, None), &TimeFloor::default());
+        let Verdict::Judged {
+            rotated: None,
+            plan:
+                PlanVerdict::Accepted {
+                    manifest: Some(Err(refusal)),
+                    shadow: None,
+                    ..
+                },
+        } = verdict
+        else {
+            panic!("{verdict:?}");
+        };
+        assert!(
+            matches!(
+                &refusal,
+                Refusal::Unverified {
+                    document: Document::Manifest,
+                    source: VerifyError::Expired {
+                        role: Role::Manifest,
+                        ..
+                    },
+                }
+            ),
+            "{refusal:?}"
+        );
+        let expected = format!(
+            "manifest: {}",
+            refusal.verify_error().expect("a verify error")
+        );
+        assert_eq!(refusal.to_string(), expected);
+    }
+
+    /// A plan at or below the highest sequence seen is refused, and nothing under it is judged.
+    #[test]
+    fn a_replayed_plan_is_refused_with_its_document_named() {
+        let root = VerifiedRoot::load_trusted(&fixture("root.bin")).expect("the root is valid");
+        let (plan, manifest) = (fixture("plan.bin"), fixture("manifest.bin"));
+        let documents = Documents {
+            roots: &[],
+            plan: Some(&plan),
+            manifest: Some(&manifest),
+            shadow: None,
+        };
+        let verdict = decide(
+            &documents,
+            &trust(&root, Some(u64::MAX)),
+            &TimeFloor::default(),
+        );
+        let Verdict::Judged {
+            plan: PlanVerdict::Refused(refusal),
+            ..
+        } = verdict
+        else {
+            panic!("{verdict:?}");
+        };
+        assert!(
+            matches!(
+                refusal,
+                Refusal::Unverified {
+                    document: Document::Plan,
+                    ..
+                }
+            ),
+            "{refusal:?}"
+        );
+        assert!(refusal.to_string().starts_with("plan: "), "{refusal}");
     }
 }

@@ -1,8 +1,10 @@
 //! The Outpost agent: what runs on every device.
 //!
 //! - [`cli`]: the agent's commands.
-//! - [`check`]: the device-side decision on signed documents — the same code path the service
-//!   uses, exposed offline so an operator can ask "would this device accept these files?".
+//! - [`check`]: the device's one, pure decision on signed documents: the sync loop acts on its
+//!   verdict, and `outpost-agent verify` asks it offline "would this device accept these files?".
+//! - [`sync`]: the cycle with the hub, a module per job (acting on the verdict, activation,
+//!   shadowing, the report outbox, telemetry upload).
 //! - The model's own code (inference, drift features, example models, crash-safe writes) lives in
 //!   `outpost-model`, which the hub stands on too.
 //! - [`api`]: the local inference API (Open Inference Protocol / KServe v2 REST) over the active
@@ -10,7 +12,8 @@
 //! - [`shadow`]: the target of a plan's shadow stage, run beside the active model on copies of
 //!   live inputs off the request path, its answers compared with the active model's.
 //! - [`cache`]: the telemetry cache — closed inference windows on disk (sled) until the hub
-//!   acknowledges them, under a byte cap, with crash-safe upload batches.
+//!   acknowledges them, under a byte cap, with crash-safe upload batches; its records, index and
+//!   roll-up in submodules of their own.
 
 pub mod api;
 pub mod cache;

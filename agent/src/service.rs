@@ -128,7 +128,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let mut syncer = Syncer::start(config, client, device_id.clone(), shared)?;
     if let Some(quarantine) = quarantine {
         syncer.report_event(
-            "failed",
+            crate::state::ReportKind::Failed,
             format!(
                 "telemetry cache was unreadable and was quarantined to {}: {}",
                 quarantine.moved_to.display(),

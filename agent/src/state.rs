@@ -35,15 +35,153 @@ pub struct Pending {
     pub started_at: u64,
 }
 
+/// What a queued status report says happened.
+///
+/// Stored in `state.bin` as the string [`ReportKind::as_str`] names, as the agent has always
+/// written it, so an outbox written by an older agent reads back unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportKind {
+    Downloaded,
+    Activating,
+    Committed,
+    Shadowing,
+    Failed,
+    RolledBack,
+    Refused,
+    Stalled,
+    /// The hub refused a telemetry batch. Not about a rollout; the wire has no status of its own
+    /// for it, so it travels as `Failed` with the reason, as it always has.
+    TelemetryRefused,
+}
+
+impl ReportKind {
+    const ALL: [ReportKind; 9] = [
+        ReportKind::Downloaded,
+        ReportKind::Activating,
+        ReportKind::Committed,
+        ReportKind::Shadowing,
+        ReportKind::Failed,
+        ReportKind::RolledBack,
+        ReportKind::Refused,
+        ReportKind::Stalled,
+        ReportKind::TelemetryRefused,
+    ];
+
+    /// The stored name; these strings are part of the `state.bin` format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportKind::Downloaded => "downloaded",
+            ReportKind::Activating => "activating",
+            ReportKind::Committed => "committed",
+            ReportKind::Shadowing => "shadowing",
+            ReportKind::Failed => "failed",
+            ReportKind::RolledBack => "rolled_back",
+            ReportKind::Refused => "refused",
+            ReportKind::Stalled => "stalled",
+            ReportKind::TelemetryRefused => "telemetry_refused",
+        }
+    }
+
+    /// The kind a stored name stands for.
+    pub fn from_stored(stored: &str) -> Result<ReportKind, UnknownReportKind> {
+        ReportKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == stored)
+            .ok_or_else(|| UnknownReportKind(stored.to_owned()))
+    }
+}
+
+impl std::fmt::Display for ReportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored report kind this agent does not know (one written by a newer agent, say).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown status report kind {0:?}")]
+pub struct UnknownReportKind(pub String);
+
 /// A status report waiting to be delivered to the hub.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedReport {
     pub plan_sequence: Option<u64>,
     pub manifest: Option<VersionRef>,
-    /// `downloaded`, `activating`, `committed`, `shadowing`, `failed`, `rolled_back`, `refused`.
-    pub kind: String,
+    pub kind: ReportKind,
     pub reason: String,
     pub at: u64,
+}
+
+/// [`QueuedReport`] as `state.bin` stores it: the kind as its name. This layout is a
+/// compatibility promise; do not change it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredReport {
+    plan_sequence: Option<u64>,
+    manifest: Option<VersionRef>,
+    kind: String,
+    reason: String,
+    at: u64,
+}
+
+impl From<&QueuedReport> for StoredReport {
+    fn from(report: &QueuedReport) -> StoredReport {
+        StoredReport {
+            plan_sequence: report.plan_sequence,
+            manifest: report.manifest.clone(),
+            kind: report.kind.as_str().to_owned(),
+            reason: report.reason.clone(),
+            at: report.at,
+        }
+    }
+}
+
+impl TryFrom<StoredReport> for QueuedReport {
+    type Error = UnknownReportKind;
+
+    fn try_from(stored: StoredReport) -> Result<QueuedReport, UnknownReportKind> {
+        Ok(QueuedReport {
+            plan_sequence: stored.plan_sequence,
+            manifest: stored.manifest,
+            kind: ReportKind::from_stored(&stored.kind)?,
+            reason: stored.reason,
+            at: stored.at,
+        })
+    }
+}
+
+/// Serde for `DeviceState::outbox` through [`StoredReport`].
+///
+/// A stored report of a kind this agent does not know is dropped with a warning naming it: it
+/// can only come from a newer agent's `state.bin` after a downgrade, and refusing the whole state
+/// for it would leave the device unable to start. It is never sent as some other status.
+mod stored_outbox {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{QueuedReport, StoredReport};
+
+    pub fn serialize<S: Serializer>(
+        outbox: &[QueuedReport],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let stored: Vec<StoredReport> = outbox.iter().map(StoredReport::from).collect();
+        stored.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<QueuedReport>, D::Error> {
+        let stored = Vec::<StoredReport>::deserialize(deserializer)?;
+        Ok(stored
+            .into_iter()
+            .filter_map(|report| match QueuedReport::try_from(report) {
+                Ok(report) => Some(report),
+                Err(error) => {
+                    log::warn!("dropping a queued status report from state.bin: {error}");
+                    None
+                }
+            })
+            .collect())
+    }
 }
 
 /// Most undelivered status reports kept; older ones are dropped first.
@@ -69,6 +207,7 @@ pub struct DeviceState {
     pub refused: Vec<[u8; 32]>,
     /// The last (plan, manifest) a commit was reported for.
     pub committed_report: Option<(u64, [u8; 32])>,
+    #[serde(with = "stored_outbox")]
     pub outbox: Vec<QueuedReport>,
     pub last_checkin: Option<u64>,
 }
@@ -178,5 +317,82 @@ impl StateFiles {
 
     pub fn save_root(&self, bytes: &[u8]) -> anyhow::Result<()> {
         fsutil::write_atomic(&self.root_path(), bytes, 0o644)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(kind: &str) -> StoredReport {
+        StoredReport {
+            plan_sequence: Some(3),
+            manifest: Some(VersionRef {
+                name: "m".into(),
+                version: 2,
+                manifest_sha256: [7; 32],
+            }),
+            kind: kind.into(),
+            reason: "why".into(),
+            at: 1_700_000_000,
+        }
+    }
+
+    /// The state as the agent stored it while `QueuedReport::kind` was a `String`: the same
+    /// fields, in the same order, postcard-encoded.
+    #[derive(Serialize)]
+    struct StateWithStringKinds {
+        highest_plan: Option<u64>,
+        highest_manifest: Vec<(String, u64)>,
+        newest_signed: u64,
+        hub_time: u64,
+        active: Option<VersionRef>,
+        previous: Vec<VersionRef>,
+        pending: Option<Pending>,
+        failed: Vec<[u8; 32]>,
+        refused: Vec<[u8; 32]>,
+        committed_report: Option<(u64, [u8; 32])>,
+        outbox: Vec<StoredReport>,
+        last_checkin: Option<u64>,
+    }
+
+    fn old_state(kinds: &[&str]) -> Vec<u8> {
+        postcard::to_stdvec(&StateWithStringKinds {
+            highest_plan: Some(4),
+            highest_manifest: vec![("m".into(), 2)],
+            newest_signed: 10,
+            hub_time: 11,
+            active: None,
+            previous: Vec::new(),
+            pending: None,
+            failed: Vec::new(),
+            refused: Vec::new(),
+            committed_report: None,
+            outbox: kinds.iter().map(|kind| report(kind)).collect(),
+            last_checkin: Some(12),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn every_kind_an_earlier_agent_stored_reads_back_and_is_stored_the_same() {
+        let names: Vec<&str> = ReportKind::ALL.iter().map(|kind| kind.as_str()).collect();
+        let bytes = old_state(&names);
+        let state: DeviceState = postcard::from_bytes(&bytes).unwrap();
+        let kinds: Vec<ReportKind> = state.outbox.iter().map(|report| report.kind).collect();
+        assert_eq!(kinds, ReportKind::ALL);
+        assert_eq!(postcard::to_stdvec(&state).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_report_of_an_unknown_kind_is_dropped_not_sent_as_failed() {
+        let bytes = old_state(&["committed", "from_the_future", "refused"]);
+        let state: DeviceState = postcard::from_bytes(&bytes).unwrap();
+        let kinds: Vec<ReportKind> = state.outbox.iter().map(|report| report.kind).collect();
+        assert_eq!(kinds, [ReportKind::Committed, ReportKind::Refused]);
+        assert_eq!(
+            ReportKind::from_stored("from_the_future"),
+            Err(UnknownReportKind("from_the_future".into()))
+        );
     }
 }

@@ -13,7 +13,6 @@ use outpost_protocol::device::{
 use outpost_protocol::drift::DriftSummary;
 use outpost_protocol::trust::ManifestRef;
 
-use crate::shadow::Comparison;
 use crate::slot::ModelDrift;
 
 /// Length of a telemetry window: aligned UTC hours.
@@ -146,7 +145,7 @@ impl Recorder {
         model: &str,
         version: u64,
         target: &ManifestRef,
-        comparison: &Comparison,
+        comparison: &ShadowCounts,
         now: u64,
     ) {
         let key = ShadowKey {

@@ -1,0 +1,444 @@
+//! The agent's conversation with the hub, one cycle at a time: deliver queued status reports,
+//! check in, walk any new roots, verify the plan and the manifest it allows, download, install
+//! and put a candidate on probation, commit or abandon it, and upload telemetry.
+//!
+//! Activation never leaves the device without a working model: the candidate is installed beside
+//! the active version, a persisted `pending` marker is set, the candidate must load and pass its
+//! signed validation set within a deadline, and only then does the active pointer move and the
+//! serving slot swap. A crash during probation finds the marker at start and reverts.
+//!
+//! A shadow model (the target of a plan's shadow stage) is verified, downloaded, installed and
+//! validated the same way, but never activated: it only goes to the [`Shadow`] runner, and is
+//! taken off it as soon as a check-in no longer asks for it. It is kept in memory only; after a
+//! restart the next check-in sets it again.
+//!
+//! This module holds the loop, the cycle and the check-in; the rest is one job per submodule:
+//! `apply` acts on the verdict of [`crate::check::decide`], `activation` installs, probes and
+//! commits, `shadowing` sets and clears the shadow model, `reports` is the status outbox and
+//! `telemetry_upload` moves telemetry to the cache and the hub.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use outpost_protocol::device::{
+    AgentState, CheckIn, CheckInResponse, HeldCheckIn, HeldCheckInResponse, RunningModel,
+};
+use outpost_protocol::trust::ManifestRef;
+use outpost_protocol::{Sha256, TimeFloor, VerifiedManifest, VerifiedRoot};
+use serde::Serialize;
+
+use crate::api::QueueStats;
+use crate::cache::TelemetryCache;
+use crate::config::Config;
+use crate::download;
+use crate::hub_client::{HubClient, HubError};
+use crate::notify::Notifier;
+use crate::shadow::Shadow;
+use crate::slot::ModelSlot;
+use crate::state::{DeviceState, QueuedReport, ReportKind, StateFiles, VersionRef};
+use crate::telemetry::Recorder;
+use crate::versions::Versions;
+use crate::{agent_version, unix_now};
+
+mod activation;
+mod apply;
+mod reports;
+mod shadowing;
+mod telemetry_upload;
+
+pub use activation::ProbationError;
+
+/// A hub clock further ahead of the device's than this is logged as a warning when it starts.
+const HUB_CLOCK_WARNING: Duration = Duration::from_secs(24 * 3600);
+
+/// What `outpost-agent status` shows, written after every cycle.
+#[derive(Debug, Serialize)]
+pub struct StatusFile {
+    pub device_id: String,
+    pub hub_url: String,
+    pub active: Option<String>,
+    pub previous: Vec<String>,
+    pub pending: Option<String>,
+    /// The plan's target running in shadow beside the active model, if any.
+    pub shadow: Option<String>,
+    pub last_checkin: Option<u64>,
+    pub last_error: Option<String>,
+    pub root_version: u64,
+    pub plan_sequence: Option<u64>,
+    pub queue_bytes: u64,
+    pub queued_windows: u64,
+    pub dropped_records: u64,
+    pub undelivered_reports: usize,
+    pub updated_at: u64,
+}
+
+/// What the sync loop shares with the rest of the service.
+#[derive(Debug)]
+pub struct Shared {
+    pub slot: Arc<ModelSlot>,
+    pub recorder: Arc<Recorder>,
+    pub cache: Arc<TelemetryCache>,
+    pub queue: Arc<QueueStats>,
+    pub notifier: Arc<Notifier>,
+    pub shadow: Arc<Shadow>,
+}
+
+pub fn status_path(config: &Config) -> PathBuf {
+    config.data_dir.join("status.json")
+}
+
+#[derive(Debug)]
+pub struct Syncer {
+    config: Config,
+    device_id: String,
+    client: HubClient,
+    files: StateFiles,
+    state: DeviceState,
+    root: VerifiedRoot,
+    versions: Versions,
+    slot: Arc<ModelSlot>,
+    recorder: Arc<Recorder>,
+    cache: Arc<TelemetryCache>,
+    queue: Arc<QueueStats>,
+    notifier: Arc<Notifier>,
+    shadow: Arc<Shadow>,
+    agent_state: AgentState,
+    last_error: Option<String>,
+    /// A download this cycle broke off (the network, a deadline, a throughput floor) or was
+    /// refused (more bytes than signed, the wrong hash). The cycle then counts as failed, so the
+    /// loop backs off before the next attempt: a hub must not get the device to fetch again at
+    /// every poll it asks for, whether it stalls its artifacts or serves bad ones.
+    download_failed: Option<download::DownloadError>,
+    /// The candidate (manifest digest) whose stalled download was last reported, so retries of
+    /// the same one are not reported again.
+    stall_reported: Option<[u8; 32]>,
+    last_telemetry_flush: Instant,
+    /// The plan, manifest and shadow manifest of the last full check-in answer that carried a
+    /// plan (roots left out), held in memory so the hub may answer "unchanged" instead of sending
+    /// them again; they are applied again, and so checked again, at every check-in.
+    held: Option<CheckInResponse>,
+    /// False once the hub answered `/device/v2/checkin` with 404 (a hub older than held
+    /// check-ins): plain check-ins from then on, until the agent restarts.
+    hub_knows_held: bool,
+}
+
+pub(super) fn to_ref(manifest: &VerifiedManifest) -> VersionRef {
+    VersionRef {
+        name: manifest.name().as_str().to_owned(),
+        version: manifest.version(),
+        manifest_sha256: manifest.digest().0,
+    }
+}
+
+pub(super) fn wire_ref(version: &VersionRef) -> ManifestRef {
+    ManifestRef {
+        name: version.name.clone(),
+        version: version.version,
+        manifest_sha256: Sha256(version.manifest_sha256),
+    }
+}
+impl Syncer {
+    /// Loads the trust root and state, recovers from a crash during probation, and puts the
+    /// active model (or, if it no longer loads, the newest previous one) into `slot`.
+    pub fn start(
+        config: Config,
+        client: HubClient,
+        device_id: String,
+        shared: Shared,
+    ) -> anyhow::Result<Syncer> {
+        let Shared {
+            slot,
+            recorder,
+            cache,
+            queue,
+            notifier,
+            shadow,
+        } = shared;
+        let files = StateFiles::new(&config.data_dir)?;
+        files.remove_stale_temporaries();
+        let mut state = files.load()?;
+        let floor = TimeFloor {
+            wall_clock: unix_now(),
+            newest_signed: state.newest_signed,
+            hub_time: state.hub_time,
+        };
+        let root = match files.load_root()? {
+            Some(bytes) => VerifiedRoot::load_trusted(&bytes).context("the stored trust root")?,
+            None => {
+                let bytes = outpost_model::fsutil::read_capped(&config.trust_root, 64 * 1024)?;
+                let root = VerifiedRoot::verify_initial(&bytes, &floor).with_context(|| {
+                    format!("the initial trust root {}", config.trust_root.display())
+                })?;
+                files.save_root(&bytes)?;
+                root
+            }
+        };
+        let versions = Versions::open(&config.data_dir)?;
+        if let Some(pending) = state.pending.take() {
+            let reverted_to = state
+                .active
+                .as_ref()
+                .map_or("no model".to_owned(), ToString::to_string);
+            let reason = format!(
+                "agent restarted during probation of {}; reverted to {reverted_to}",
+                pending.candidate
+            );
+            log::warn!("{reason}");
+            DeviceState::remember(&mut state.failed, pending.candidate.manifest_sha256);
+            state.queue(QueuedReport {
+                plan_sequence: pending.plan_sequence,
+                manifest: Some(pending.candidate),
+                kind: ReportKind::RolledBack,
+                reason,
+                at: unix_now(),
+            });
+            files.save(&state)?;
+        }
+        let mut syncer = Syncer {
+            device_id,
+            client,
+            files,
+            state,
+            root,
+            versions,
+            slot,
+            recorder,
+            cache,
+            queue,
+            notifier,
+            shadow,
+            agent_state: AgentState::Steady,
+            last_error: None,
+            download_failed: None,
+            stall_reported: None,
+            last_telemetry_flush: Instant::now(),
+            held: None,
+            hub_knows_held: true,
+            config,
+        };
+        syncer.load_active()?;
+        syncer.write_status();
+        Ok(syncer)
+    }
+
+    /// Takes the hub's time from its latest answer. It is not ratcheted like the newest signed
+    /// time: a hub whose clock once ran far ahead (or that lied) makes every document look
+    /// expired, and would otherwise stop this device's updates for good. Taken this way, updates
+    /// resume as soon as the hub's clock is right again; the signed times the device has seen
+    /// still keep the floor from going back.
+    pub(super) fn note_hub_time(&mut self, hub_time: u64) {
+        let now = unix_now();
+        let warn_over = HUB_CLOCK_WARNING.as_secs();
+        let ahead = hub_time.saturating_sub(now);
+        if ahead > warn_over && self.state.hub_time.saturating_sub(now) <= warn_over {
+            log::warn!(
+                "the hub reports time {hub_time}, {} ahead of this device's clock; documents are \
+                 judged against it and may look expired until one of the two clocks is corrected",
+                humantime::format_duration(Duration::from_secs(ahead))
+            );
+        }
+        self.state.hub_time = hub_time;
+    }
+
+    pub(super) fn floor(&self) -> TimeFloor {
+        TimeFloor {
+            wall_clock: unix_now(),
+            newest_signed: self.state.newest_signed,
+            hub_time: self.state.hub_time,
+        }
+    }
+
+    /// Runs cycles until `shutdown` receives or its sender is dropped, backing off on errors.
+    /// Telemetry moves from memory to the disk cache on its own clock, whether or not the hub can
+    /// be reached: an outage must not leave it in memory only.
+    pub fn run(mut self, shutdown: Receiver<()>) {
+        let mut backoff = Duration::ZERO;
+        let mut next_cycle = Instant::now();
+        loop {
+            self.notifier.watchdog();
+            if self.last_telemetry_flush.elapsed() >= self.config.telemetry_flush {
+                self.flush_telemetry();
+            }
+            if Instant::now() >= next_cycle {
+                let wait = match self.cycle() {
+                    Ok(poll_after) => {
+                        backoff = Duration::ZERO;
+                        self.last_error = None;
+                        poll_after
+                    }
+                    Err(error) => {
+                        backoff = (backoff * 2)
+                            .max(Duration::from_secs(1))
+                            .min(self.config.max_backoff);
+                        log::warn!(
+                            "sync with {} failed, retrying in {backoff:?}: {error:#}",
+                            self.client.base_url()
+                        );
+                        self.last_error = Some(format!("{error:#}"));
+                        backoff
+                    }
+                };
+                if let Err(error) = self.files.save(&self.state) {
+                    log::error!("saving agent state: {error:#}");
+                }
+                self.write_status();
+                next_cycle = Instant::now() + wait + self.jitter();
+            }
+            let next_flush = self.last_telemetry_flush + self.config.telemetry_flush;
+            let wake = next_cycle.min(next_flush);
+            match shutdown.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Err(RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.flush_telemetry();
+        if let Err(error) = self.files.save(&self.state) {
+            log::error!("saving agent state: {error:#}");
+        }
+        self.write_status();
+    }
+
+    /// A random share of the configured jitter, so a fleet does not check in in lockstep.
+    pub(super) fn jitter(&self) -> Duration {
+        let mut bytes = [0u8; 8];
+        let _ = getrandom::getrandom(&mut bytes);
+        let max = self.config.poll_jitter.as_millis() as u64;
+        Duration::from_millis(if max == 0 {
+            0
+        } else {
+            u64::from_le_bytes(bytes) % max
+        })
+    }
+
+    /// One round with the hub. Errors are transport-level or a failed download, and make the
+    /// caller back off; refusals are reported, and returned only when they were of a download.
+    pub fn cycle(&mut self) -> anyhow::Result<Duration> {
+        self.deliver_reports()?;
+        let stats = self.cache.stats();
+        let check_in = CheckIn {
+            state: self.agent_state,
+            active: self.state.active.as_ref().map(|active| RunningModel {
+                name: active.name.clone(),
+                version: active.version,
+                manifest_sha256: Sha256(active.manifest_sha256),
+            }),
+            root_version: self.root.version(),
+            plan_sequence: self.state.highest_plan,
+            agent_version: agent_version(),
+            dropped_records: stats.dropped_total,
+            queue_bytes: stats.queue_bytes,
+        };
+        let response = self.check_in(check_in)?;
+        self.note_hub_time(response.hub_time);
+        self.state.last_checkin = Some(unix_now());
+        self.apply(response.clone());
+        self.deliver_reports()?;
+        self.upload_telemetry()?;
+        if let Some(error) = self.download_failed.take() {
+            // Reports (a refusal among them) and telemetry went out above; only the next download
+            // attempt waits for the backoff.
+            return Err(error.into());
+        }
+        // The hub names the wait; the device's own setting caps it.
+        Ok(
+            Duration::from_secs(u64::from(response.poll_after_secs.max(1)))
+                .min(self.config.poll_interval),
+        )
+    }
+
+    /// Checks in naming the documents held from the last full answer. An unchanged answer is
+    /// turned back into that answer with the new hub time and poll interval, so the held plan and
+    /// manifests go through exactly the checks (expiry against the hub time among them) they
+    /// would if the hub had sent them again.
+    pub(super) fn check_in(&mut self, check_in: CheckIn) -> anyhow::Result<CheckInResponse> {
+        if !self.hub_knows_held {
+            return Ok(self.client.call("/device/v1/checkin", &check_in)?);
+        }
+        let request = HeldCheckIn {
+            check_in,
+            held: self.held.as_ref().and_then(CheckInResponse::held_digest),
+        };
+        match self.client.call("/device/v2/checkin", &request) {
+            Ok(HeldCheckInResponse::Full(response)) => {
+                self.held = response.plan.is_some().then(|| CheckInResponse {
+                    roots: Vec::new(),
+                    ..response.clone()
+                });
+                Ok(response)
+            }
+            Ok(HeldCheckInResponse::Unchanged {
+                hub_time,
+                poll_after_secs,
+            }) => match &self.held {
+                Some(held) => Ok(CheckInResponse {
+                    hub_time,
+                    poll_after_secs,
+                    ..held.clone()
+                }),
+                None => anyhow::bail!("the hub answered unchanged, but this device holds no plan"),
+            },
+            Err(HubError::Refused { status: 404, .. }) => {
+                log::info!(
+                    "{} does not know held check-ins; checking in without them",
+                    self.client.base_url()
+                );
+                self.hub_knows_held = false;
+                Ok(self.client.call("/device/v1/checkin", &request.check_in)?)
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    pub(super) fn write_status(&self) {
+        let stats = self.cache.stats();
+        use std::sync::atomic::Ordering;
+        self.queue
+            .queue_bytes
+            .store(stats.queue_bytes, Ordering::Relaxed);
+        self.queue
+            .dropped_records
+            .store(stats.dropped_total, Ordering::Relaxed);
+        let status = StatusFile {
+            device_id: self.device_id.clone(),
+            hub_url: self.client.base_url().to_owned(),
+            active: self.state.active.as_ref().map(ToString::to_string),
+            previous: self
+                .state
+                .previous
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            pending: self
+                .state
+                .pending
+                .as_ref()
+                .map(|pending| pending.candidate.to_string()),
+            shadow: self
+                .shadow
+                .current()
+                .map(|shadow| format!("{}@{}", shadow.name, shadow.version)),
+            last_checkin: self.state.last_checkin,
+            last_error: self.last_error.clone(),
+            root_version: self.root.version(),
+            plan_sequence: self.state.highest_plan,
+            queue_bytes: stats.queue_bytes,
+            queued_windows: stats.queued_windows,
+            dropped_records: stats.dropped_total,
+            undelivered_reports: self.state.outbox.len(),
+            updated_at: unix_now(),
+        };
+        match serde_json::to_vec_pretty(&status) {
+            Ok(bytes) => {
+                if let Err(error) =
+                    outpost_model::fsutil::write_atomic(&status_path(&self.config), &bytes, 0o644)
+                {
+                    log::warn!("writing the status file: {error:#}");
+                }
+            }
+            Err(error) => log::warn!("encoding the status file: {error}"),
+        }
+    }
+}

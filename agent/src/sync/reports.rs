@@ -1,0 +1,123 @@
+//! The report outbox: status reports queued in the device state and delivered in order.
+
+use outpost_protocol::device::{Status, StatusReport};
+
+use crate::hub_client::HubError;
+use crate::state::{DeviceState, QueuedReport, ReportKind, VersionRef};
+use crate::unix_now;
+
+use super::{wire_ref, Syncer};
+
+/// The status a queued report travels as.
+fn wire_status(report: &QueuedReport) -> Status {
+    let reason = report.reason.clone();
+    match report.kind {
+        ReportKind::Downloaded => Status::Downloaded,
+        ReportKind::Activating => Status::Activating,
+        ReportKind::Committed => Status::Committed,
+        ReportKind::Shadowing => Status::Shadowing,
+        ReportKind::RolledBack => Status::RolledBack { reason },
+        ReportKind::Refused => Status::Refused { reason },
+        ReportKind::Stalled => Status::Stalled { reason },
+        // The wire has no status for an event outside a rollout: it goes as `Failed`.
+        ReportKind::Failed | ReportKind::TelemetryRefused => Status::Failed { reason },
+    }
+}
+
+impl Syncer {
+    pub(super) fn queue(
+        &mut self,
+        plan_sequence: Option<u64>,
+        manifest: Option<VersionRef>,
+        kind: ReportKind,
+        reason: String,
+    ) {
+        self.state.queue(QueuedReport {
+            plan_sequence,
+            manifest,
+            kind,
+            reason,
+            at: unix_now(),
+        });
+    }
+
+    pub(super) fn refuse(
+        &mut self,
+        plan_sequence: Option<u64>,
+        manifest: Option<VersionRef>,
+        digest: [u8; 32],
+        reason: String,
+    ) {
+        if self.state.refused.contains(&digest) {
+            return;
+        }
+        log::warn!("refused: {reason}");
+        DeviceState::remember(&mut self.state.refused, digest);
+        self.queue(plan_sequence, manifest, ReportKind::Refused, reason);
+    }
+
+    /// Sends queued status reports in order. A transport failure stops and is returned, so the
+    /// caller backs off; a report the hub refuses outright is dropped with a warning.
+    pub(super) fn deliver_reports(&mut self) -> Result<(), HubError> {
+        while let Some(report) = self.state.outbox.first().cloned() {
+            let wire = StatusReport {
+                plan_sequence: report.plan_sequence,
+                manifest: report.manifest.as_ref().map(wire_ref),
+                status: wire_status(&report),
+                at: report.at,
+            };
+            match self.client.send("/device/v1/status", &wire) {
+                Ok(()) => {}
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => log::warn!("hub refused a status report, dropping it: {error}"),
+            }
+            self.state.outbox.remove(0);
+        }
+        Ok(())
+    }
+
+    /// Queues an event for the hub that is not about a rollout (a quarantined cache, say).
+    pub fn report_event(&mut self, kind: ReportKind, reason: String) {
+        self.queue(None, None, kind, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(kind: ReportKind) -> QueuedReport {
+        QueuedReport {
+            plan_sequence: Some(1),
+            manifest: None,
+            kind,
+            reason: "why".into(),
+            at: 0,
+        }
+    }
+
+    #[test]
+    fn each_kind_travels_as_its_status_and_events_as_failed() {
+        let reason = || "why".to_owned();
+        let cases = [
+            (ReportKind::Downloaded, Status::Downloaded),
+            (ReportKind::Activating, Status::Activating),
+            (ReportKind::Committed, Status::Committed),
+            (ReportKind::Shadowing, Status::Shadowing),
+            (
+                ReportKind::RolledBack,
+                Status::RolledBack { reason: reason() },
+            ),
+            (ReportKind::Refused, Status::Refused { reason: reason() }),
+            (ReportKind::Stalled, Status::Stalled { reason: reason() }),
+            (ReportKind::Failed, Status::Failed { reason: reason() }),
+            (
+                ReportKind::TelemetryRefused,
+                Status::Failed { reason: reason() },
+            ),
+        ];
+        for (kind, status) in cases {
+            assert_eq!(wire_status(&report(kind)), status, "{kind}");
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Shadow handling: a verified shadow manifest is installed and validated like a candidate,
+//! then handed to the shadow runner, never activated; taken off it when a plan stops asking.
+
+use std::sync::Arc;
+
+use outpost_protocol::device::AgentState;
+use outpost_protocol::VerifiedManifest;
+
+use crate::check::Refusal;
+use crate::state::{DeviceState, ReportKind};
+
+use super::{to_ref, Syncer};
+
+impl Syncer {
+    /// Unless it runs in shadow already, or failed here before, downloads, installs and
+    /// validates the verified shadow manifest exactly as for an activation, then hands it to the
+    /// shadow runner. The active model keeps serving throughout.
+    pub(super) fn apply_shadow(
+        &mut self,
+        sequence: u64,
+        manifest_bytes: &[u8],
+        verdict: Result<VerifiedManifest, Refusal>,
+    ) {
+        let digest = outpost_protocol::sha256(manifest_bytes).0;
+        if self
+            .shadow
+            .current()
+            .is_some_and(|running| running.manifest_sha256.0 == digest)
+        {
+            return;
+        }
+        if self.state.failed.contains(&digest) || self.state.refused.contains(&digest) {
+            self.stop_shadow("the new shadow model failed or was refused here");
+            return;
+        }
+        let manifest = match verdict {
+            Ok(manifest) => manifest,
+            Err(refusal) => {
+                self.stop_shadow(match refusal {
+                    Refusal::Unverified { .. } => "the hub's shadow manifest was refused",
+                    _ => "the new shadow model cannot run here",
+                });
+                self.refuse_manifest(sequence, digest, &refusal);
+                return;
+            }
+        };
+        let candidate = to_ref(&manifest);
+        if self.state.active.is_none() {
+            // Nothing serves, so there is nothing to compare with.
+            return;
+        }
+        if !self.install(sequence, &candidate, &manifest) {
+            return;
+        }
+        self.agent_state = AgentState::Steady;
+        match self.probation(&candidate) {
+            Ok(model) => {
+                log::info!("running {candidate} in shadow (plan {sequence})");
+                self.stop_shadow("another shadow model replaces it");
+                self.shadow.set(Some(Arc::new(model)));
+                self.queue(
+                    Some(sequence),
+                    Some(candidate),
+                    ReportKind::Shadowing,
+                    String::new(),
+                );
+            }
+            Err(reason) => {
+                log::warn!("{candidate} failed as a shadow model: {reason}");
+                self.stop_shadow("the new shadow model failed");
+                DeviceState::remember(&mut self.state.failed, digest);
+                let reason = format!("shadow: {reason}");
+                self.queue(Some(sequence), Some(candidate), ReportKind::Failed, reason);
+            }
+        }
+    }
+
+    /// Takes the shadow model, if any, off the shadow runner.
+    pub(super) fn stop_shadow(&self, why: &str) {
+        if let Some(stopped) = self.shadow.set(None) {
+            log::info!(
+                "stopped running {}@{} in shadow: {why}",
+                stopped.name,
+                stopped.version
+            );
+        }
+    }
+}
