@@ -754,7 +754,7 @@ pub(super) fn device_summary(device: &DeviceRecord, now: u64) -> DeviceSummary {
             .collect(),
         arch: device.arch.clone(),
         agent_version: device.agent_version.clone(),
-        state: super::device::display_state(device, now),
+        state: super::fleet::display_state(device, now),
         active: device.active.as_ref().map(|active| ModelRef {
             name: active.name.clone(),
             version: active.version,
@@ -782,7 +782,7 @@ async fn list_devices(
         .store
         .devices()?
         .iter()
-        .filter(|device| selector_matches(&selector, &super::device::labels_of(device)))
+        .filter(|device| selector_matches(&selector, &super::fleet::labels_of(device)))
         .map(|device| device_summary(device, now))
         .collect();
     Ok(Json(devices))

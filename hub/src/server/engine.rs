@@ -167,7 +167,7 @@ pub fn device_facts(
     let shadows = shadow_by_device(hub, rollout)?;
     let mut facts = Vec::new();
     for device in hub.store.devices()? {
-        let labels = super::device::labels_of(&device);
+        let labels = super::fleet::labels_of(&device);
         if device.revoked || !selector_matches(&plan.selector, &labels) {
             continue;
         }
