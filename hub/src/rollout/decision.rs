@@ -150,7 +150,7 @@ pub(super) fn engine_decision(
         .iter()
         .filter(|figure| figure.breached)
         .map(|figure| {
-            let side = if figure.gate == GATE_SHADOW_TOP1_AGREEMENT {
+            let side = if figure.gate == Gate::ShadowTop1Agreement.as_str() {
                 "under"
             } else {
                 "over"
@@ -252,6 +252,30 @@ pub fn apply(rollout: &mut Rollout, decision: &Decision) {
     }
 }
 
+/// Why [`operator_decision`] refused an operator's command; the admin API answers 409 with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OperatorRefusal {
+    /// The rollout's state does not take this command.
+    #[error(
+        "cannot {} rollout {sequence}: it is {}, and only {allowed} can be",
+        .action.as_str(),
+        .state.as_str()
+    )]
+    WrongState {
+        action: OperatorAction,
+        sequence: u64,
+        state: RolloutState,
+        /// The states that take the command, for the message.
+        allowed: &'static str,
+    },
+    /// `advance` at the plan's last stage.
+    #[error("cannot advance rollout {sequence}: it is at its last stage ({percent}%)")]
+    LastStage { sequence: u64, percent: u8 },
+    /// `rollback` of a completed rollout whose plan names no fallback.
+    #[error("cannot roll back rollout {sequence}: it is completed and its plan has no fallback")]
+    NoFallback { sequence: u64 },
+}
+
 /// Turns an operator's command into a decision by `by`, carrying the current gate figures, or says
 /// why the command is not allowed now.
 ///
@@ -268,16 +292,16 @@ pub fn operator_decision(
     by: &str,
     now: u64,
     devices: &[DeviceFacts],
-) -> Result<Decision, String> {
+) -> Result<Decision, OperatorRefusal> {
     use RolloutState::{Active, Completed, Paused};
     let state = rollout.state;
-    let refuse = |allowed: &str| {
-        Err(format!(
-            "cannot {} rollout {}: it is {}, and only {allowed} can be",
-            action.as_str(),
-            rollout.plan.sequence,
-            state.as_str()
-        ))
+    let refuse = |allowed: &'static str| {
+        Err(OperatorRefusal::WrongState {
+            action,
+            sequence: rollout.plan.sequence,
+            state,
+            allowed,
+        })
     };
     let percent = rollout.stage_percent(rollout.stage_index);
     let reason = match action {
@@ -288,10 +312,10 @@ pub fn operator_decision(
         OperatorAction::Advance if matches!(state, Active | Paused) => {
             let next = rollout.stage_index + 1;
             if next >= rollout.stage_count() {
-                return Err(format!(
-                    "cannot advance rollout {}: it is at its last stage ({percent}%)",
-                    rollout.plan.sequence
-                ));
+                return Err(OperatorRefusal::LastStage {
+                    sequence: rollout.plan.sequence,
+                    percent,
+                });
             }
             format!(
                 "advanced by {by} from {percent}% to {}%",
@@ -304,10 +328,9 @@ pub fn operator_decision(
         }
         OperatorAction::Rollback if state == Completed => {
             if rollout.plan.fallback.is_none() {
-                return Err(format!(
-                    "cannot roll back rollout {}: it is completed and its plan has no fallback",
-                    rollout.plan.sequence
-                ));
+                return Err(OperatorRefusal::NoFallback {
+                    sequence: rollout.plan.sequence,
+                });
             }
             format!("rolled back by {by} after completion")
         }

@@ -45,7 +45,7 @@ impl DriftGate for EndedDriftGate {
     ) -> Option<GateFigure> {
         let limit = rollout.plan.gates.max_drift_psi?;
         let detail = format!("not measured once a rollout is {}", rollout.state.as_str());
-        Some(figure(GATE_DRIFT_PSI, None, limit, detail))
+        Some(figure(Gate::DriftPsi, None, limit, detail))
     }
 }
 
@@ -233,11 +233,11 @@ impl DriftGate for SummaryDriftGate {
                 "{}@{} has no drift profile",
                 target_ref.name, target_ref.version
             );
-            return Some(figure(GATE_DRIFT_PSI, None, limit, detail));
+            return Some(figure(Gate::DriftPsi, None, limit, detail));
         };
         let Some(target) = merge_of(assigned, &self.target) else {
             let detail = "no drift summaries from devices on the target yet".to_owned();
-            return Some(figure(GATE_DRIFT_PSI, None, limit, detail));
+            return Some(figure(Gate::DriftPsi, None, limit, detail));
         };
         let fallback = merge_of(control, &self.fallback);
         let (mut comparisons, too_few) = self.compare(profile, &target, fallback.as_ref());
@@ -245,7 +245,7 @@ impl DriftGate for SummaryDriftGate {
             let detail = format!(
                 "{too_few} features with fewer than {MIN_DRIFT_SAMPLES} values on the target yet"
             );
-            return Some(figure(GATE_DRIFT_PSI, None, limit, detail));
+            return Some(figure(Gate::DriftPsi, None, limit, detail));
         }
         comparisons.sort_by(|a, b| b.psi.total_cmp(&a.psi));
         let value = comparisons
@@ -273,6 +273,6 @@ impl DriftGate for SummaryDriftGate {
         } else {
             format!("{} over the limit: {}", over.len(), over.join("; "))
         };
-        Some(figure(GATE_DRIFT_PSI, Some(value), limit, detail))
+        Some(figure(Gate::DriftPsi, Some(value), limit, detail))
     }
 }

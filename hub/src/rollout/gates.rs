@@ -94,9 +94,9 @@ pub(super) fn is_breached(value: Option<f64>, limit: f64) -> bool {
     value.is_some_and(|value| value > limit)
 }
 
-pub(super) fn figure(gate: &str, value: Option<f64>, limit: f64, detail: String) -> GateFigure {
+pub(super) fn figure(gate: Gate, value: Option<f64>, limit: f64, detail: String) -> GateFigure {
     GateFigure {
-        gate: gate.to_owned(),
+        gate: gate.as_str().to_owned(),
         value,
         limit,
         breached: is_breached(value, limit),
@@ -115,7 +115,7 @@ pub(super) fn failure_figure(plan: &PlanBody, assigned: &[&Placed<'_>]) -> GateF
     let (failed, silent) = (count(Standing::Failed), count(Standing::Silent));
     if assigned.is_empty() {
         return figure(
-            GATE_FAILURE_PCT,
+            Gate::FailurePct,
             None,
             limit,
             "no devices on the target yet".to_owned(),
@@ -127,7 +127,7 @@ pub(super) fn failure_figure(plan: &PlanBody, assigned: &[&Placed<'_>]) -> GateF
         "{bad} of {} devices ({failed} failed, {silent} silent)",
         assigned.len()
     );
-    figure(GATE_FAILURE_PCT, Some(value), limit, detail)
+    figure(Gate::FailurePct, Some(value), limit, detail)
 }
 
 pub(super) fn error_figure(plan: &PlanBody, assigned: &[&Placed<'_>]) -> GateFigure {
@@ -138,7 +138,7 @@ pub(super) fn error_figure(plan: &PlanBody, assigned: &[&Placed<'_>]) -> GateFig
     }
     if stats.count == 0 {
         return figure(
-            GATE_ERROR_RATE,
+            Gate::ErrorRate,
             None,
             limit,
             "no inferences on the target yet".to_owned(),
@@ -146,7 +146,7 @@ pub(super) fn error_figure(plan: &PlanBody, assigned: &[&Placed<'_>]) -> GateFig
     }
     let value = stats.errors as f64 / stats.count as f64;
     let detail = format!("{} errors in {} inferences", stats.errors, stats.count);
-    figure(GATE_ERROR_RATE, Some(value), limit, detail)
+    figure(Gate::ErrorRate, Some(value), limit, detail)
 }
 
 /// Target latency of the assigned devices against fallback latency of every participating device:
@@ -160,7 +160,7 @@ pub(super) fn p95_figure(
     let limit = plan.gates.max_p95_regression_pct;
     if plan.fallback.is_none() {
         return figure(
-            GATE_P95_REGRESSION_PCT,
+            Gate::P95RegressionPct,
             None,
             limit,
             "no fallback to compare against".to_owned(),
@@ -183,7 +183,7 @@ pub(super) fn p95_figure(
             "{target_samples} target and {fallback_samples} fallback latency samples, \
              {MIN_LATENCY_SAMPLES} of each needed"
         );
-        return figure(GATE_P95_REGRESSION_PCT, None, limit, detail);
+        return figure(Gate::P95RegressionPct, None, limit, detail);
     };
     // Bucket bounds are at least 100us, so the divisor is never zero.
     let value = (target_p95 as f64 - fallback_p95 as f64) / fallback_p95.max(1) as f64 * 100.0;
@@ -192,7 +192,7 @@ pub(super) fn p95_figure(
         format_us(target_p95),
         format_us(fallback_p95)
     );
-    figure(GATE_P95_REGRESSION_PCT, Some(value), limit, detail)
+    figure(Gate::P95RegressionPct, Some(value), limit, detail)
 }
 
 /// A figure for humans: at most four decimals, without trailing zeros.

@@ -67,15 +67,32 @@ pub const MIN_DRIFT_SAMPLES: u64 = 200;
 /// above what two samples of one distribution reach this often.
 pub const DRIFT_NOISE_CONFIDENCE: f64 = 0.99;
 
-/// Gate names, as they appear in [`GateFigure::gate`].
-pub const GATE_FAILURE_PCT: &str = "failure_pct";
-pub const GATE_ERROR_RATE: &str = "error_rate";
-pub const GATE_P95_REGRESSION_PCT: &str = "p95_regression_pct";
-pub const GATE_DRIFT_PSI: &str = "drift_psi";
-/// The shadow stage's gates: a floor on top-1 agreement and a ceiling on the mean absolute
-/// difference. The first is breached *below* its limit.
-pub const GATE_SHADOW_TOP1_AGREEMENT: &str = "shadow_top1_agreement";
-pub const GATE_SHADOW_MEAN_ABS_DIFF: &str = "shadow_mean_abs_diff";
+/// The rollout's health gates, each named in [`GateFigure::gate`] by [`Gate::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    FailurePct,
+    ErrorRate,
+    P95RegressionPct,
+    DriftPsi,
+    /// The shadow stage's floor on top-1 agreement: the one gate breached *below* its limit.
+    ShadowTop1Agreement,
+    /// The shadow stage's ceiling on the mean absolute difference.
+    ShadowMeanAbsDiff,
+}
+
+impl Gate {
+    /// The gate's name in the admin API's JSON and in stored decisions.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Gate::FailurePct => "failure_pct",
+            Gate::ErrorRate => "error_rate",
+            Gate::P95RegressionPct => "p95_regression_pct",
+            Gate::DriftPsi => "drift_psi",
+            Gate::ShadowTop1Agreement => "shadow_top1_agreement",
+            Gate::ShadowMeanAbsDiff => "shadow_mean_abs_diff",
+        }
+    }
+}
 
 /// A rollout as the engine sees it.
 #[derive(Debug, Clone, PartialEq)]

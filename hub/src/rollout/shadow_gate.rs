@@ -34,7 +34,7 @@ pub fn shadow_figures(shadow: &ShadowStage, shadowing: &[&DeviceFacts]) -> [Gate
         .then(|| stats.abs_diff_sum / stats.abs_diff_values as f64);
     [
         GateFigure {
-            gate: GATE_SHADOW_TOP1_AGREEMENT.to_owned(),
+            gate: Gate::ShadowTop1Agreement.as_str().to_owned(),
             value: agreement,
             limit: shadow.min_top1_agreement,
             // A floor: breached below its limit.
@@ -42,7 +42,7 @@ pub fn shadow_figures(shadow: &ShadowStage, shadowing: &[&DeviceFacts]) -> [Gate
             detail: detail.clone(),
         },
         figure(
-            GATE_SHADOW_MEAN_ABS_DIFF,
+            Gate::ShadowMeanAbsDiff,
             mean_diff,
             shadow.max_mean_abs_diff,
             detail,

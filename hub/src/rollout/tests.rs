@@ -111,11 +111,11 @@ fn latencies(slot: usize, n: u64) -> InferenceStats {
     }
 }
 
-fn gate<'a>(evaluation: &'a Evaluation, name: &str) -> &'a GateFigure {
+fn gate<'a>(evaluation: &'a Evaluation, name: Gate) -> &'a GateFigure {
     evaluation
         .gates
         .iter()
-        .find(|figure| figure.gate == name)
+        .find(|figure| figure.gate == name.as_str())
         .unwrap()
 }
 
@@ -309,7 +309,7 @@ fn an_empty_stage_advances_after_its_bake() {
     let devices = vec![facts(id_in_stage(&rollout, 1, 0), T0 - 10)];
     let evaluation = evaluate(&rollout, &devices, T0 + BAKE - 1, &NoDriftGate);
     assert_eq!(evaluation.stages[0].devices, 0);
-    assert_eq!(gate(&evaluation, GATE_FAILURE_PCT).value, None);
+    assert_eq!(gate(&evaluation, Gate::FailurePct).value, None);
     assert_eq!(action(&evaluation), None);
     let evaluation = evaluate(&rollout, &devices, T0 + BAKE, &NoDriftGate);
     assert_eq!(action(&evaluation), Some("advance"));
@@ -349,7 +349,7 @@ fn failure_breach_pauses() {
     devices[assigned[1]].outcome = failed(T0 + 41);
 
     let evaluation = evaluate(&rollout, &devices, T0 + 60, &NoDriftGate);
-    let figure = gate(&evaluation, GATE_FAILURE_PCT);
+    let figure = gate(&evaluation, Gate::FailurePct);
     let expected = 2.0 / assigned.len() as f64 * 100.0;
     assert_eq!(figure.value, Some(expected));
     assert!(figure.breached);
@@ -375,7 +375,11 @@ fn failure_breach_pauses() {
             .iter()
             .map(|f| f.gate.as_str())
             .collect::<Vec<_>>(),
-        [GATE_FAILURE_PCT, GATE_ERROR_RATE, GATE_P95_REGRESSION_PCT]
+        [
+            Gate::FailurePct.as_str(),
+            Gate::ErrorRate.as_str(),
+            Gate::P95RegressionPct.as_str()
+        ]
     );
 
     apply(&mut rollout, &decision);
@@ -397,8 +401,8 @@ fn failures_at_the_limit_do_not_breach() {
     devices[0].outcome = failed(T0 + 2);
     devices[1].outcome = failed(T0 + 2);
     let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
-    assert_eq!(gate(&evaluation, GATE_FAILURE_PCT).value, Some(10.0));
-    assert!(!gate(&evaluation, GATE_FAILURE_PCT).breached);
+    assert_eq!(gate(&evaluation, Gate::FailurePct).value, Some(10.0));
+    assert!(!gate(&evaluation, Gate::FailurePct).breached);
     assert_eq!(action(&evaluation), None);
 }
 
@@ -419,7 +423,7 @@ fn breach_with_rollback_policy_sends_everyone_to_the_fallback() {
     }
     // Figures are still computed for a rolled-back rollout, but it takes no more decisions.
     let after = evaluate(&rollout, &devices, T0 + 20, &NoDriftGate);
-    assert!(gate(&after, GATE_FAILURE_PCT).breached);
+    assert!(gate(&after, Gate::FailurePct).breached);
     assert_eq!(action(&after), None);
 }
 
@@ -446,7 +450,7 @@ fn a_silent_device_fails_the_gate_after_the_timeout() {
     assert_eq!(late.stages[0].pending, 0);
     assert_eq!(late.stages[0].silent, 1);
     assert_eq!(late.stages[1].silent, 1);
-    let figure = gate(&late, GATE_FAILURE_PCT);
+    let figure = gate(&late, Gate::FailurePct);
     assert!(figure.breached);
     assert!(
         figure.detail.contains("0 failed, 1 silent"),
@@ -463,7 +467,7 @@ fn unassigned_devices_are_never_silent() {
     let evaluation = evaluate(&rollout, &devices, T0 + 100 * TIMEOUT, &NoDriftGate);
     assert_eq!(evaluation.stages[1].pending, 1);
     assert_eq!(evaluation.stages[1].silent, 0);
-    assert_eq!(gate(&evaluation, GATE_FAILURE_PCT).value, None);
+    assert_eq!(gate(&evaluation, Gate::FailurePct).value, None);
 }
 
 #[test]
@@ -536,7 +540,7 @@ fn error_rate_breach() {
     devices[assigned[0]].fallback_stats.errors = 10;
 
     let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
-    let figure = gate(&evaluation, GATE_ERROR_RATE);
+    let figure = gate(&evaluation, Gate::ErrorRate);
     assert_eq!(figure.value, Some(0.031));
     assert!(figure.breached);
     assert_eq!(figure.detail, "31 errors in 1000 inferences");
@@ -549,11 +553,11 @@ fn error_rate_breach() {
 
     devices[assigned[0]].target_stats.errors = 10;
     let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
-    assert!(!gate(&evaluation, GATE_ERROR_RATE).breached);
+    assert!(!gate(&evaluation, Gate::ErrorRate).breached);
     assert_eq!(action(&evaluation), None);
 
     let quiet = evaluate(&rollout, &fleet(40), T0 + 10, &NoDriftGate);
-    assert_eq!(gate(&quiet, GATE_ERROR_RATE).value, None);
+    assert_eq!(gate(&quiet, Gate::ErrorRate).value, None);
 }
 
 #[test]
@@ -569,7 +573,7 @@ fn p95_regression_breach_and_minimum_samples() {
         }
     }
     let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
-    let figure = gate(&evaluation, GATE_P95_REGRESSION_PCT);
+    let figure = gate(&evaluation, Gate::P95RegressionPct);
     assert_eq!(figure.value, Some(150.0));
     assert!(figure.breached);
     assert!(
@@ -584,7 +588,7 @@ fn p95_regression_breach_and_minimum_samples() {
         device.target_stats = latencies(6, 5);
     }
     let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
-    assert_eq!(gate(&evaluation, GATE_P95_REGRESSION_PCT).value, Some(0.0));
+    assert_eq!(gate(&evaluation, Gate::P95RegressionPct).value, Some(0.0));
 
     // 19 target samples are too few to judge.
     let mut sparse = fleet(40);
@@ -594,22 +598,22 @@ fn p95_regression_breach_and_minimum_samples() {
         .unwrap();
     sparse[on_target].target_stats = latencies(12, 19);
     let evaluation = evaluate(&rollout, &sparse, T0 + 10, &NoDriftGate);
-    let figure = gate(&evaluation, GATE_P95_REGRESSION_PCT);
+    let figure = gate(&evaluation, Gate::P95RegressionPct);
     assert_eq!(figure.value, None);
     assert!(!figure.breached);
     assert_eq!(action(&evaluation), None);
     sparse[on_target].target_stats = latencies(12, 20);
     let evaluation = evaluate(&rollout, &sparse, T0 + 10, &NoDriftGate);
-    assert!(gate(&evaluation, GATE_P95_REGRESSION_PCT).breached);
+    assert!(gate(&evaluation, Gate::P95RegressionPct).breached);
     // ... and so are 19 fallback samples.
     sparse[0].fallback_stats = latencies(6, 19);
     let evaluation = evaluate(&rollout, &sparse, T0 + 10, &NoDriftGate);
-    assert_eq!(gate(&evaluation, GATE_P95_REGRESSION_PCT).value, None);
+    assert_eq!(gate(&evaluation, Gate::P95RegressionPct).value, None);
 
     // Without a fallback there is nothing to compare against, but the figure is still listed.
     let first_release = Rollout::new(plan(&[50, 100], false, BreachAction::Pause), T0);
     let evaluation = evaluate(&first_release, &devices, T0 + 10, &NoDriftGate);
-    let figure = gate(&evaluation, GATE_P95_REGRESSION_PCT);
+    let figure = gate(&evaluation, Gate::P95RegressionPct);
     assert_eq!(figure.value, None);
     assert_eq!(figure.detail, "no fallback to compare against");
 }
@@ -735,11 +739,27 @@ fn operator_actions_per_state() {
     let error = operator_decision(&at(Active, 0, true), Resume, "bob", T0, &devices).unwrap_err();
     assert_eq!(
         error,
+        OperatorRefusal::WrongState {
+            action: Resume,
+            sequence: 7,
+            state: Active,
+            allowed: "a paused rollout",
+        }
+    );
+    assert_eq!(
+        error.to_string(),
         "cannot resume rollout 7: it is active, and only a paused rollout can be"
     );
     let error = operator_decision(&at(Active, 2, true), Advance, "bob", T0, &devices).unwrap_err();
     assert_eq!(
         error,
+        OperatorRefusal::LastStage {
+            sequence: 7,
+            percent: 100
+        }
+    );
+    assert_eq!(
+        error.to_string(),
         "cannot advance rollout 7: it is at its last stage (100%)"
     );
 }
@@ -793,7 +813,7 @@ fn a_paused_rollout_gets_no_engine_decision() {
     }
     rollout.state = RolloutState::Paused;
     let evaluation = evaluate(&rollout, &devices, T0 + 10 * BAKE, &NoDriftGate);
-    assert!(gate(&evaluation, GATE_FAILURE_PCT).breached);
+    assert!(gate(&evaluation, Gate::FailurePct).breached);
     assert_eq!(evaluation.decision, None);
 
     // Nor does a paused rollout whose stage has baked cleanly advance.
@@ -837,7 +857,7 @@ impl DriftGate for FixedDrift {
     ) -> Option<GateFigure> {
         let limit = rollout.plan.gates.max_drift_psi?;
         Some(GateFigure {
-            gate: GATE_DRIFT_PSI.to_owned(),
+            gate: Gate::DriftPsi.as_str().to_owned(),
             value: Some(self.0),
             limit,
             // Deliberately wrong: the engine judges breaches itself.
@@ -859,7 +879,7 @@ fn drift_seam_breach_takes_the_configured_action() {
         let evaluation = evaluate(&rollout, &devices, T0 + 10, &FixedDrift(0.41));
         assert_eq!(evaluation.gates.len(), 4);
         let figure = &evaluation.gates[3];
-        assert_eq!(figure.gate, GATE_DRIFT_PSI);
+        assert_eq!(figure.gate, Gate::DriftPsi.as_str());
         assert!(figure.breached);
         assert_eq!(action(&evaluation), Some(expected));
         let reason = &evaluation.decision.as_ref().unwrap().reason;
@@ -1079,7 +1099,7 @@ fn drift_noise_floor_keeps_unshifted_samples_quiet() {
 }
 
 fn gate_figure(evaluation: &Evaluation) -> &GateFigure {
-    gate(evaluation, GATE_DRIFT_PSI)
+    gate(evaluation, Gate::DriftPsi)
 }
 
 /// A rollout whose plan starts with a 20% shadow stage needing 500 comparisons, 90% top-1
@@ -1151,14 +1171,14 @@ fn the_shadow_stage_comes_first_and_moves_no_one_to_the_target() {
     assert_eq!(evaluation.stages[0].pending, shadowing.len() as u64);
     assert!(!evaluation.stages[1].shadow);
     assert_eq!(evaluation.stages[2].devices, 100);
-    let agreement = gate(&evaluation, GATE_SHADOW_TOP1_AGREEMENT);
+    let agreement = gate(&evaluation, Gate::ShadowTop1Agreement);
     assert_eq!(agreement.value, None);
     assert_eq!(agreement.limit, 0.9);
     assert_eq!(
         agreement.detail,
         "0 of 500 comparisons needed yet, on 0 devices"
     );
-    assert_eq!(gate(&evaluation, GATE_SHADOW_MEAN_ABS_DIFF).limit, 0.05);
+    assert_eq!(gate(&evaluation, Gate::ShadowMeanAbsDiff).limit, 0.05);
 }
 
 #[test]
@@ -1169,14 +1189,14 @@ fn the_shadow_stage_holds_until_enough_comparisons_then_advances() {
     shadow_all(&rollout, &mut devices, 10, 10, 0.0);
     let evaluation = evaluate(&rollout, &devices, T0 + 10 * BAKE, &NoDriftGate);
     assert_eq!(evaluation.stages[0].succeeded, evaluation.stages[0].devices);
-    assert_eq!(gate(&evaluation, GATE_SHADOW_MEAN_ABS_DIFF).value, None);
+    assert_eq!(gate(&evaluation, Gate::ShadowMeanAbsDiff).value, None);
     assert_eq!(action(&evaluation), None, "{evaluation:#?}");
 
     shadow_all(&rollout, &mut devices, 100, 97, 0.01);
     let early = evaluate(&rollout, &devices, T0 + BAKE - 1, &NoDriftGate);
     assert_eq!(action(&early), None);
     let evaluation = evaluate(&rollout, &devices, T0 + BAKE, &NoDriftGate);
-    let agreement = gate(&evaluation, GATE_SHADOW_TOP1_AGREEMENT);
+    let agreement = gate(&evaluation, Gate::ShadowTop1Agreement);
     assert_eq!(agreement.value, Some(0.97));
     assert!(!agreement.breached);
     let shadowing = evaluation.stages[0].devices;
@@ -1188,7 +1208,7 @@ fn the_shadow_stage_holds_until_enough_comparisons_then_advances() {
         300 * shadowing
     );
     assert_eq!(agreement.detail, expected);
-    let diff = gate(&evaluation, GATE_SHADOW_MEAN_ABS_DIFF);
+    let diff = gate(&evaluation, Gate::ShadowMeanAbsDiff);
     assert!((diff.value.unwrap() - 0.01).abs() < 1e-12, "{diff:?}");
     let decision = evaluation.decision.clone().unwrap();
     assert_eq!(decision.action, "advance");
@@ -1235,8 +1255,8 @@ fn a_shadow_gate_breach_takes_the_configured_action() {
         let mut devices = fleet(100);
         shadow_all(&rollout, &mut devices, 100, 60, 0.01);
         let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
-        assert!(gate(&evaluation, GATE_SHADOW_TOP1_AGREEMENT).breached);
-        assert!(!gate(&evaluation, GATE_SHADOW_MEAN_ABS_DIFF).breached);
+        assert!(gate(&evaluation, Gate::ShadowTop1Agreement).breached);
+        assert!(!gate(&evaluation, Gate::ShadowMeanAbsDiff).breached);
         assert_eq!(action(&evaluation), Some(expected));
         let reason = &evaluation.decision.as_ref().unwrap().reason;
         assert!(
@@ -1246,7 +1266,7 @@ fn a_shadow_gate_breach_takes_the_configured_action() {
 
         shadow_all(&rollout, &mut devices, 100, 100, 0.2);
         let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
-        assert!(gate(&evaluation, GATE_SHADOW_MEAN_ABS_DIFF).breached);
+        assert!(gate(&evaluation, Gate::ShadowMeanAbsDiff).breached);
         assert_eq!(action(&evaluation), Some(expected));
         let reason = &evaluation.decision.as_ref().unwrap().reason;
         assert!(
@@ -1271,7 +1291,7 @@ fn a_target_that_fails_on_shadow_devices_breaches_the_failure_gate() {
     }
     let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
     assert!(
-        gate(&evaluation, GATE_FAILURE_PCT).breached,
+        gate(&evaluation, Gate::FailurePct).breached,
         "{evaluation:#?}"
     );
     assert_eq!(evaluation.stages[0].failed, 2);

@@ -266,12 +266,15 @@ pub fn persist_decision(
     record.state = rollout.state;
     record.stage_index = rollout.stage_index;
     record.stage_started = rollout.stage_started.clone();
-    let level =
-        if decision.by == "engine" && matches!(decision.action.as_str(), "pause" | "rollback") {
-            log::Level::Warn
-        } else {
-            log::Level::Info
-        };
+    let stopped = matches!(
+        rollout::Action::parse(&decision.action),
+        Some(rollout::Action::Pause | rollout::Action::Rollback)
+    );
+    let level = if decision.by == rollout::ENGINE && stopped {
+        log::Level::Warn
+    } else {
+        log::Level::Info
+    };
     log::log!(
         level,
         "rollout {}: {} by {}: {}",

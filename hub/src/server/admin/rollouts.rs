@@ -164,7 +164,7 @@ pub(super) async fn rollout_action(
     let facts = engine::device_facts(&hub, sequence, &rollout)?;
     let decision =
         crate::rollout::operator_decision(&rollout, action, &actor.name, unix_now(), &facts)
-            .map_err(AdminError::conflict)?;
+            .map_err(|refusal| AdminError::conflict(refusal.to_string()))?;
     engine::persist_decision(&hub, &mut record, &mut rollout, decision)?;
     hub.store.flush().await?;
     engine::reload(&hub)?;
