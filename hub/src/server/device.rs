@@ -8,7 +8,6 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -28,13 +27,14 @@ use outpost_protocol::device::{
 };
 use outpost_protocol::keys::SignatureBytes;
 use outpost_protocol::trust::Slot;
-use outpost_protocol::{sha256, Label, Message, ModelName, PreparedKey, PublicKey, Sha256};
+use outpost_protocol::{sha256, Message, ModelName, PreparedKey, PublicKey, Sha256};
 use serde_bytes::ByteBuf;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tower_http::timeout::TimeoutLayer;
 
 use super::drift::{check_summary, SummaryError};
 use super::engine::Document;
+use super::fleet::labels_of;
 use super::metrics::Metrics;
 use super::SharedHub;
 use crate::api::RolloutState;
@@ -375,29 +375,6 @@ async fn authenticate(
         ));
     }
     Ok(read)
-}
-
-pub fn labels_of(device: &DeviceRecord) -> Vec<Label> {
-    device
-        .labels
-        .iter()
-        .map(|(key, value)| Label {
-            key: key.clone(),
-            value: value.clone(),
-        })
-        .collect()
-}
-
-/// The state shown to operators: what the device last reported, unless it has gone quiet.
-pub fn display_state(device: &DeviceRecord, now: u64) -> String {
-    if device.revoked {
-        return "revoked".to_owned();
-    }
-    match device.last_checkin {
-        Some(at) if now.saturating_sub(at) > SILENT_AFTER.as_secs() => "silent".to_owned(),
-        None => "enrolled".to_owned(),
-        Some(_) => device.state.clone(),
-    }
 }
 
 async fn enroll(
@@ -886,10 +863,6 @@ async fn artifact(
     };
     response.body(body).map_err(DeviceError::internal)
 }
-
-/// How long a device may go without a check-in before operators see it as silent, whatever its
-/// poll interval.
-pub const SILENT_AFTER: Duration = Duration::from_secs(600);
 
 #[cfg(test)]
 mod tests {

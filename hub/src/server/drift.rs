@@ -259,12 +259,7 @@ fn device_labels(hub: &Hub) -> anyhow::Result<DeviceLabels> {
         .store
         .devices()?
         .iter()
-        .map(|device| {
-            (
-                device.id,
-                (super::device::labels_of(device), device.revoked),
-            )
-        })
+        .map(|device| (device.id, (super::fleet::labels_of(device), device.revoked)))
         .collect())
 }
 

@@ -167,7 +167,7 @@ pub fn device_facts(
     let shadows = shadow_by_device(hub, rollout)?;
     let mut facts = Vec::new();
     for device in hub.store.devices()? {
-        let labels = super::device::labels_of(&device);
+        let labels = super::fleet::labels_of(&device);
         if device.revoked || !selector_matches(&plan.selector, &labels) {
             continue;
         }
@@ -266,12 +266,15 @@ pub fn persist_decision(
     record.state = rollout.state;
     record.stage_index = rollout.stage_index;
     record.stage_started = rollout.stage_started.clone();
-    let level =
-        if decision.by == "engine" && matches!(decision.action.as_str(), "pause" | "rollback") {
-            log::Level::Warn
-        } else {
-            log::Level::Info
-        };
+    let stopped = matches!(
+        rollout::Action::parse(&decision.action),
+        Some(rollout::Action::Pause | rollout::Action::Rollback)
+    );
+    let level = if decision.by == rollout::ENGINE && stopped {
+        log::Level::Warn
+    } else {
+        log::Level::Info
+    };
     log::log!(
         level,
         "rollout {}: {} by {}: {}",

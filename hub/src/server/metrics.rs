@@ -105,7 +105,7 @@ fn render_text(hub: &SharedHub) -> anyhow::Result<String> {
     let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
     for device in hub.store.devices()? {
         *by_state
-            .entry(super::device::display_state(&device, now))
+            .entry(super::fleet::display_state(&device, now))
             .or_default() += 1;
     }
     writeln!(out, "# HELP outpost_hub_devices Enrolled devices by state.")?;

@@ -25,6 +25,7 @@ mod dashboard;
 mod device;
 mod drift;
 mod engine;
+mod fleet;
 mod metrics;
 mod tls;
 mod verifier;

@@ -16,7 +16,7 @@ use outpost_protocol::Label;
 use serde::Deserialize;
 
 use super::{badge, internal, problem, query_value, time_cell, viewer_and_query, Esc};
-use crate::server::device::{display_state, labels_of};
+use crate::server::fleet::{display_state, labels_of};
 use crate::server::SharedHub;
 use crate::store::DeviceRecord;
 use crate::unix_now;

@@ -1,0 +1,172 @@
+//! Devices as operators see them: listing, showing, labelling and revoking.
+
+use super::*;
+
+pub(crate) fn device_summary(device: &DeviceRecord, now: u64) -> DeviceSummary {
+    DeviceSummary {
+        id: hex::encode(device.id),
+        labels: device
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect(),
+        arch: device.arch.clone(),
+        agent_version: device.agent_version.clone(),
+        state: crate::server::fleet::display_state(device, now),
+        active: device.active.as_ref().map(|active| ModelRef {
+            name: active.name.clone(),
+            version: active.version,
+        }),
+        enrolled_at: device.enrolled_at,
+        last_checkin: device.last_checkin,
+        revoked: device.revoked,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct DeviceQuery {
+    selector: Option<String>,
+}
+
+pub(super) async fn list_devices(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+    Query(query): Query<DeviceQuery>,
+) -> Reply<Vec<DeviceSummary>> {
+    require(&hub, &headers, Role::Viewer)?;
+    let selector = parse_selector(query.selector.as_deref())?;
+    let now = unix_now();
+    let devices = hub
+        .store
+        .devices()?
+        .iter()
+        .filter(|device| selector_matches(&selector, &crate::server::fleet::labels_of(device)))
+        .map(|device| device_summary(device, now))
+        .collect();
+    Ok(Json(devices))
+}
+
+pub(super) fn find_device(hub: &SharedHub, id: &str) -> Result<DeviceRecord, AdminError> {
+    Ok(read_device(hub, id)?.record)
+}
+
+/// A device's record as stored, to change with [`crate::store::Store::update_device`].
+pub(super) fn read_device(hub: &SharedHub, id: &str) -> Result<DeviceRead, AdminError> {
+    let parsed = outpost_protocol::device::DeviceId::from_hex(id).ok_or_else(|| {
+        AdminError::bad_request(format!("{id:?} is not a device id (32 hex digits)"))
+    })?;
+    hub.store
+        .device_read(&parsed.0)?
+        .ok_or_else(|| AdminError::not_found(format!("no device {id}")))
+}
+
+/// Applies `change` to a device's stored record (again, if a check-in or a telemetry batch
+/// wrote it in between) and returns the record written.
+pub(super) fn update_device(
+    hub: &SharedHub,
+    id: &str,
+    change: impl Fn(&mut DeviceRecord),
+) -> Result<DeviceRecord, AdminError> {
+    hub.store
+        .update_device(read_device(hub, id)?, change)?
+        .ok_or_else(|| AdminError::not_found(format!("no device {id}")))
+}
+
+pub(super) async fn show_device(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Reply<DeviceDetail> {
+    require(&hub, &headers, Role::Viewer)?;
+    let device = find_device(&hub, &id)?;
+    let events = hub
+        .store
+        .events(&device.id, MAX_EVENTS)?
+        .into_iter()
+        .map(|event| DeviceEvent {
+            at: event.at,
+            kind: event.kind,
+            plan_sequence: event.plan_sequence,
+            model: event
+                .model
+                .map(|(name, version)| ModelRef { name, version }),
+            detail: event.detail,
+        })
+        .collect();
+    let inferences = hub
+        .store
+        .device_stats(&device.id)?
+        .into_iter()
+        .map(|(name, version, stats)| InferenceCounts {
+            model: ModelRef { name, version },
+            count: stats.count,
+            errors: stats.errors,
+        })
+        .collect();
+    Ok(Json(DeviceDetail {
+        device: device_summary(&device, unix_now()),
+        public_key: hex::encode(device.public_key),
+        plan_sequence: device.plan_sequence,
+        dropped_records: device.dropped_records,
+        inferences,
+        events,
+    }))
+}
+
+pub(super) async fn label_device(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<LabelChange>, JsonRejection>,
+) -> Reply<DeviceSummary> {
+    let actor = require(&hub, &headers, Role::Admin)?;
+    let Json(change) = body?;
+    let set = parse_labels(&change.set)?;
+    let device = update_device(&hub, &id, |device| {
+        device.labels.retain(|(key, _)| {
+            !change.remove.contains(key) && !set.iter().any(|label| label.key == *key)
+        });
+        device.labels.extend(
+            set.iter()
+                .map(|label| (label.key.clone(), label.value.clone())),
+        );
+        device.labels.sort();
+    })?;
+    let detail = format!("set {:?}, removed {:?}", change.set, change.remove);
+    hub.store.add_event(
+        &device.id,
+        &EventRecord {
+            at: unix_now(),
+            kind: "labels".into(),
+            plan_sequence: None,
+            model: None,
+            detail: detail.clone(),
+        },
+    )?;
+    audit(&hub, &actor, "device label", &id, &detail)?;
+    hub.store.flush().await?;
+    Ok(Json(device_summary(&device, unix_now())))
+}
+
+pub(super) async fn revoke_device(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Reply<DeviceSummary> {
+    let actor = require(&hub, &headers, Role::Admin)?;
+    let device = update_device(&hub, &id, |device| device.revoked = true)?;
+    hub.store.add_event(
+        &device.id,
+        &EventRecord {
+            at: unix_now(),
+            kind: "revoked".into(),
+            plan_sequence: None,
+            model: None,
+            detail: format!("by {}", actor.name),
+        },
+    )?;
+    audit(&hub, &actor, "device revoke", &id, "")?;
+    hub.store.flush().await?;
+    log::info!("device {id} revoked by {}", actor.name);
+    Ok(Json(device_summary(&device, unix_now())))
+}

@@ -1,0 +1,172 @@
+//! Rollouts: creating one from a signed plan, listing and showing them, operator actions.
+
+use super::*;
+
+pub(super) async fn list_rollouts(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+) -> Reply<Vec<RolloutInfo>> {
+    require(&hub, &headers, Role::Viewer)?;
+    let infos = hub
+        .store
+        .rollouts()?
+        .iter()
+        .map(|record| engine::info(&hub, record))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Json(infos))
+}
+
+pub(super) fn find_rollout(hub: &SharedHub, sequence: u64) -> Result<RolloutRecord, AdminError> {
+    hub.store
+        .rollout(sequence)?
+        .ok_or_else(|| AdminError::not_found(format!("no rollout {sequence}")))
+}
+
+pub(super) async fn show_rollout(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+    Path(sequence): Path<u64>,
+) -> Reply<RolloutInfo> {
+    require(&hub, &headers, Role::Viewer)?;
+    Ok(Json(engine::info(&hub, &find_rollout(&hub, sequence)?)?))
+}
+
+/// Checks that a plan's manifest reference names a manifest this hub holds, byte for byte.
+pub(super) fn check_published(
+    hub: &SharedHub,
+    what: &str,
+    reference: &outpost_protocol::trust::ManifestRef,
+) -> Result<(), AdminError> {
+    let record = hub
+        .store
+        .manifest(&reference.name, reference.version)?
+        .ok_or_else(|| {
+            AdminError::conflict(format!(
+                "the plan's {what} {}@{} is not published on this hub",
+                reference.name, reference.version
+            ))
+        })?;
+    if record.sha256 != reference.manifest_sha256.0 {
+        return Err(AdminError::conflict(format!(
+            "the plan's {what} {}@{} differs from the published manifest",
+            reference.name, reference.version
+        )));
+    }
+    Ok(())
+}
+
+pub(super) async fn create_rollout(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<RolloutInfo>), AdminError> {
+    let actor = require(&hub, &headers, Role::Operator)?;
+    let bytes = body?;
+    if bytes.len() > Signed::<PlanBody>::MAX_FRAME {
+        return Err(AdminError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "plan is larger than any signed plan",
+        ));
+    }
+    let root = require_root(&hub)?;
+    let _guard = hub.rollout_lock.lock().await;
+    let highest = hub
+        .store
+        .rollouts()?
+        .iter()
+        .map(|record| record.sequence)
+        .max();
+    let plan = root
+        .verify_plan(&bytes, &floor(), None)
+        .map_err(|error| AdminError::bad_request(format!("plan refused: {error}")))?;
+    if let Some(highest) = highest.filter(|highest| plan.sequence() <= *highest) {
+        return Err(AdminError::conflict(format!(
+            "plan sequence {} is not above the latest rollout {highest}",
+            plan.sequence()
+        )));
+    }
+    let body = plan.body();
+    check_published(&hub, "target", &body.target)?;
+    if let Some(fallback) = &body.fallback {
+        check_published(&hub, "fallback", fallback)?;
+    }
+    let now = unix_now();
+    // A newer plan for the same model takes over from older ones.
+    for mut older in hub.store.rollouts()? {
+        if older.state == RolloutState::Superseded {
+            continue;
+        }
+        let mut rollout = engine::to_rollout(&older)?;
+        if rollout.plan.target.name != body.target.name {
+            continue;
+        }
+        let decision = Decision {
+            at: now,
+            action: "superseded".into(),
+            by: actor.name.clone(),
+            stage_index: older.stage_index,
+            reason: format!("superseded by rollout {}", plan.sequence()),
+            figures: Vec::new(),
+        };
+        engine::persist_decision(&hub, &mut older, &mut rollout, decision)?;
+    }
+    let record = RolloutRecord {
+        sequence: plan.sequence(),
+        signed_plan: bytes.to_vec(),
+        state: RolloutState::Active,
+        stage_index: 0,
+        stage_started: vec![now],
+        decisions: Vec::new(),
+        created: now,
+    };
+    hub.store.put_rollout(&record)?;
+    audit(
+        &hub,
+        &actor,
+        "rollout create",
+        &format!("rollout {}", record.sequence),
+        &format!(
+            "{}@{} stages {:?} selector {:?}",
+            body.target.name,
+            body.target.version,
+            body.stages,
+            body.selector
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        ),
+    )?;
+    hub.store.flush().await?;
+    engine::reload(&hub)?;
+    log::info!(
+        "rollout {} of {}@{} started",
+        record.sequence,
+        body.target.name,
+        body.target.version
+    );
+    Ok((StatusCode::CREATED, Json(engine::info(&hub, &record)?)))
+}
+
+pub(super) async fn rollout_action(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+    Path((sequence, action)): Path<(u64, String)>,
+) -> Reply<RolloutInfo> {
+    let actor = require(&hub, &headers, Role::Operator)?;
+    let action = crate::rollout::OperatorAction::parse(&action).ok_or_else(|| {
+        AdminError::not_found(format!(
+            "no rollout action {action:?} (pause, resume, advance, rollback)"
+        ))
+    })?;
+    let _guard = hub.rollout_lock.lock().await;
+    let mut record = find_rollout(&hub, sequence)?;
+    let mut rollout = engine::to_rollout(&record)?;
+    let facts = engine::device_facts(&hub, sequence, &rollout)?;
+    let decision =
+        crate::rollout::operator_decision(&rollout, action, &actor.name, unix_now(), &facts)
+            .map_err(|refusal| AdminError::conflict(refusal.to_string()))?;
+    engine::persist_decision(&hub, &mut record, &mut rollout, decision)?;
+    hub.store.flush().await?;
+    engine::reload(&hub)?;
+    Ok(Json(engine::info(&hub, &record)?))
+}

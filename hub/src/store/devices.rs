@@ -1,0 +1,179 @@
+//! Enrolled devices: their records, events and the status each reported per plan.
+
+use super::*;
+
+impl Store {
+    // Devices.
+
+    pub fn device(&self, id: &[u8; 16]) -> Result<Option<DeviceRecord>> {
+        Ok(self.device_read(id)?.map(|read| read.record))
+    }
+
+    /// A device's record with the stored bytes it was decoded from, for [`Store::update_device`].
+    pub fn device_read(&self, id: &[u8; 16]) -> Result<Option<DeviceRead>> {
+        self.devices
+            .get(id)?
+            .map(|stored| {
+                let (record, applied) = decode_applied::<DeviceRecord>("devices", &stored)?;
+                Ok(DeviceRead {
+                    record,
+                    applied,
+                    stored,
+                })
+            })
+            .transpose()
+    }
+
+    /// Applies `change` to a device's record and writes it by compare-and-swap against the bytes
+    /// `read` came from. When another writer got in between (a revocation, a label change,
+    /// telemetry counting dropped records, another check-in), `change` is applied again to the
+    /// record as it now stands, so nobody's change is lost: a check-in never undoes a revocation.
+    /// Returns the record written; `None` if the device's record is gone.
+    pub fn update_device(
+        &self,
+        read: DeviceRead,
+        change: impl Fn(&mut DeviceRecord),
+    ) -> Result<Option<DeviceRecord>> {
+        let DeviceRead {
+            mut record,
+            applied,
+            stored,
+        } = read;
+        let id = record.id;
+        change(&mut record);
+        let first = Plan::Write(encode_applied("devices", &record, applied)?);
+        let mut written = Some(record);
+        // Never stops: the plans only write or, for a record that is gone, leave.
+        let _ = apply_planned(&self.devices, &id, Some(stored), first, |current| {
+            let Some(bytes) = current else {
+                written = None;
+                return Ok(Plan::Leave);
+            };
+            let (mut record, applied) = decode_applied::<DeviceRecord>("devices", bytes)?;
+            change(&mut record);
+            let plan = Plan::Write(encode_applied("devices", &record, applied)?);
+            written = Some(record);
+            Ok(plan)
+        })?;
+        Ok(written)
+    }
+
+    /// Stores `device`, except its `dropped_records`, which telemetry batches count into the
+    /// stored record. Tests set up records with it; handlers change records with
+    /// [`Store::update_device`].
+    #[cfg(test)]
+    pub fn put_device(&self, device: &DeviceRecord) -> Result<()> {
+        let mut read = self.devices.get(device.id)?;
+        loop {
+            let (dropped_records, applied) = match &read {
+                Some(bytes) => {
+                    let (stored, applied) = decode_applied::<DeviceRecord>("devices", bytes)?;
+                    (stored.dropped_records, applied)
+                }
+                None => (device.dropped_records, None),
+            };
+            let record = DeviceRecord {
+                dropped_records,
+                ..device.clone()
+            };
+            let bytes = encode_applied("devices", &record, applied)?;
+            match self
+                .devices
+                .compare_and_swap(device.id, read.as_ref(), Some(bytes))?
+            {
+                Ok(()) => return Ok(()),
+                Err(conflict) => read = conflict.current,
+            }
+        }
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        self.devices
+            .iter()
+            .values()
+            .map(|bytes| decode_applied_record("devices", &bytes?))
+            .collect()
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn add_event(&self, device: &[u8; 16], event: &EventRecord) -> Result<()> {
+        let key = [device.as_slice(), &self.db.generate_id()?.to_be_bytes()].concat();
+        self.events.insert(key, encode("events", event)?)?;
+        Ok(())
+    }
+
+    /// A device's events, oldest first, at most the `limit` newest.
+    pub fn events(&self, device: &[u8; 16], limit: usize) -> Result<Vec<EventRecord>> {
+        let mut events = self
+            .events
+            .scan_prefix(device)
+            .values()
+            .rev()
+            .take(limit)
+            .map(|bytes| decode("events", &bytes?))
+            .collect::<Result<Vec<EventRecord>>>()?;
+        events.reverse();
+        Ok(events)
+    }
+
+    /// Stores a status report: the device's outcome for the plan (when it is one) and the event,
+    /// atomically.
+    /// Stores a status report: the device's outcome in a plan, the event, and, for a committed
+    /// model, what the device now runs (so the fleet view does not wait for its next check-in).
+    pub fn record_status(
+        &self,
+        device: &[u8; 16],
+        plan_sequence: Option<u64>,
+        outcome: Option<&OutcomeRecord>,
+        event: &EventRecord,
+        now_running: Option<&RunningRecord>,
+    ) -> Result<()> {
+        let event_key = [device.as_slice(), &self.db.generate_id()?.to_be_bytes()].concat();
+        (&self.outcomes, &self.events, &self.devices).transaction(
+            |(outcomes, events, devices)| {
+                if let (Some(sequence), Some(outcome)) = (plan_sequence, outcome) {
+                    let key = [sequence.to_be_bytes().as_slice(), device.as_slice()].concat();
+                    outcomes.insert(key, encode("outcomes", outcome).map_err(abort)?)?;
+                }
+                if let Some(running) = now_running {
+                    if let Some(bytes) = devices.get(device)? {
+                        let (mut record, applied) =
+                            decode_applied::<DeviceRecord>("devices", &bytes).map_err(abort)?;
+                        record.active = Some(running.clone());
+                        devices.insert(
+                            device.as_slice(),
+                            encode_applied("devices", &record, applied).map_err(abort)?,
+                        )?;
+                    }
+                }
+                events.insert(
+                    event_key.as_slice(),
+                    encode("events", event).map_err(abort)?,
+                )?;
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Every device's outcome for a plan.
+    pub fn outcomes(&self, plan_sequence: u64) -> Result<Vec<([u8; 16], OutcomeRecord)>> {
+        self.outcomes
+            .scan_prefix(plan_sequence.to_be_bytes())
+            .map(|entry| {
+                let (key, value) = entry?;
+                let device = key
+                    .get(8..24)
+                    .and_then(|id| <[u8; 16]>::try_from(id).ok())
+                    .ok_or(StoreError::Corrupt {
+                        tree: "outcomes",
+                        reason: "short key".into(),
+                    })?;
+                Ok((device, decode("outcomes", &value)?))
+            })
+            .collect()
+    }
+}

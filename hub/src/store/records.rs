@@ -1,0 +1,228 @@
+//! The store's record types: what is kept on disk, serialized with postcard. Changing a field's
+//! order or type changes the bytes of stores already written.
+
+use super::*;
+
+/// An admin API token, stored under the SHA-256 of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminTokenRecord {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created: u64,
+}
+
+/// An enrollment token, stored under the SHA-256 of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollTokenRecord {
+    pub id: String,
+    pub labels: Vec<(String, String)>,
+    pub expires: u64,
+    pub uses_left: u32,
+    pub created: u64,
+}
+
+/// A model a device runs, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningRecord {
+    pub name: String,
+    pub version: u64,
+    pub manifest_sha256: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: [u8; 16],
+    pub public_key: [u8; 32],
+    pub arch: String,
+    pub agent_version: String,
+    pub labels: Vec<(String, String)>,
+    pub enrolled_at: u64,
+    pub revoked: bool,
+    pub last_checkin: Option<u64>,
+    /// `steady`, `downloading`, `probation` or `degraded`, as last reported.
+    pub state: String,
+    pub active: Option<RunningRecord>,
+    pub plan_sequence: Option<u64>,
+    pub dropped_records: u64,
+    pub queue_bytes: u64,
+}
+
+/// A device record as read from the store, with the bytes it came from: what
+/// [`Store::update_device`] compares against before it writes.
+#[derive(Debug, Clone)]
+pub struct DeviceRead {
+    pub record: DeviceRecord,
+    /// The last telemetry batch applied to the record, kept as stored.
+    pub(super) applied: Option<u64>,
+    pub(super) stored: IVec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub at: u64,
+    pub kind: String,
+    pub plan_sequence: Option<u64>,
+    pub model: Option<(String, u64)>,
+    pub detail: String,
+}
+
+/// A device's latest result for a plan's target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeRecord {
+    pub kind: OutcomeKind,
+    pub at: u64,
+    pub reason: String,
+}
+
+/// What a device's latest result for a plan's target was.
+///
+/// This field was a `committed: bool` before shadow stages; postcard writes a bool as one byte 0
+/// or 1 and an enum's variant as a varint index, so `Failed` and `Committed` must stay the first
+/// two variants, in this order, for outcome records stored before to read back unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutcomeKind {
+    Failed,
+    Committed,
+    /// Runs the target in shadow after passing its validation set.
+    Shadowing,
+}
+
+/// Inference counters of one device on one model version.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsRecord {
+    pub count: u64,
+    pub errors: u64,
+    pub latency_buckets: Vec<u64>,
+}
+
+impl StatsRecord {
+    pub fn add(&mut self, count: u64, errors: u64, buckets: &[u64]) {
+        self.count = self.count.saturating_add(count);
+        self.errors = self.errors.saturating_add(errors);
+        if self.latency_buckets.len() < buckets.len() {
+            self.latency_buckets.resize(buckets.len(), 0);
+        }
+        for (mine, theirs) in self.latency_buckets.iter_mut().zip(buckets) {
+            *mine = mine.saturating_add(*theirs);
+        }
+    }
+}
+
+/// One device's drift summary of one model version over one window, as stored: every part the
+/// device uploaded for that window, merged.
+///
+/// The summary is kept as its protocol frame, which carries its own format version: the protocol
+/// already promises to read its frames, and a hand-made copy of a summary's twenty-odd fields
+/// would only be a second format to keep in step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftRecord {
+    /// `outpost_protocol::encode` of the merged [`DriftSummary`]. Serialized as bytes, which
+    /// postcard writes exactly as the sequence of `u8` it was before (a length, then the bytes),
+    /// but copies whole instead of one element at a time: it is read and written on every batch.
+    #[serde(with = "serde_bytes")]
+    pub frame: Vec<u8>,
+    /// How many uploads were merged into it.
+    pub parts: u64,
+    /// Unix second of the last upload merged in.
+    pub updated: u64,
+}
+
+/// A stored drift summary with the device and window it belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDrift {
+    pub device: [u8; 16],
+    pub window_start: u64,
+    pub window_end: u64,
+    pub parts: u64,
+    pub summary: DriftSummary,
+}
+
+/// One device's shadow comparisons of one target manifest with one active model version over
+/// one window, as stored: every part the device uploaded for that window, added up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowRecord {
+    pub compared: u64,
+    pub top1_agreed: u64,
+    pub errors: u64,
+    pub abs_diff_sum: f64,
+    pub abs_diff_values: u64,
+    pub dropped: u64,
+    /// How many uploads were added into it.
+    pub parts: u64,
+}
+
+impl ShadowRecord {
+    /// The counts it holds, in the protocol's type, which alone knows how to add them.
+    pub fn counts(&self) -> ShadowCounts {
+        ShadowCounts {
+            compared: self.compared,
+            top1_agreed: self.top1_agreed,
+            errors: self.errors,
+            abs_diff_sum: self.abs_diff_sum,
+            abs_diff_values: self.abs_diff_values,
+            dropped: self.dropped,
+        }
+    }
+
+    pub(super) fn add(&mut self, report: &ShadowReport) {
+        let mut counts = self.counts();
+        counts.add(&report.counts);
+        self.compared = counts.compared;
+        self.top1_agreed = counts.top1_agreed;
+        self.errors = counts.errors;
+        self.abs_diff_sum = counts.abs_diff_sum;
+        self.abs_diff_values = counts.abs_diff_values;
+        self.dropped = counts.dropped;
+        self.parts = self.parts.saturating_add(1);
+    }
+}
+
+/// A stored shadow record with what it compared and when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredShadow {
+    pub device: [u8; 16],
+    pub window_start: u64,
+    pub window_end: u64,
+    /// The model that served while the target ran in shadow.
+    pub active: (String, u64),
+    pub record: ShadowRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    pub signed: Vec<u8>,
+    pub sha256: [u8; 32],
+    pub published_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub sequence: u64,
+    pub signed_plan: Vec<u8>,
+    pub state: RolloutState,
+    pub stage_index: usize,
+    pub stage_started: Vec<u64>,
+    pub decisions: Vec<Decision>,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at: u64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+/// Why an enrollment token could not be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    Unknown,
+    Expired,
+    UsedUp,
+}

@@ -1,0 +1,154 @@
+//! Admin and enrollment tokens, trust roots and model manifests: what the admin API registers.
+
+use super::*;
+
+pub(super) fn manifest_key(name: &str, version: u64) -> Vec<u8> {
+    [name.as_bytes(), &[0], &version.to_be_bytes()].concat()
+}
+
+impl Store {
+    // Admin tokens.
+
+    pub fn admin_token(&self, token_hash: &[u8; 32]) -> Result<Option<AdminTokenRecord>> {
+        self.admin_tokens
+            .get(token_hash)?
+            .map(|bytes| decode("admin_tokens", &bytes))
+            .transpose()
+    }
+
+    pub fn insert_admin_token(
+        &self,
+        token_hash: &[u8; 32],
+        record: &AdminTokenRecord,
+    ) -> Result<()> {
+        self.admin_tokens
+            .insert(token_hash, encode("admin_tokens", record)?)?;
+        Ok(())
+    }
+
+    pub fn admin_token_count(&self) -> usize {
+        self.admin_tokens.len()
+    }
+
+    // Enrollment.
+
+    pub fn insert_enroll_token(
+        &self,
+        token_hash: &[u8; 32],
+        record: &EnrollTokenRecord,
+    ) -> Result<()> {
+        self.enroll_tokens
+            .insert(token_hash, encode("enroll_tokens", record)?)?;
+        Ok(())
+    }
+
+    pub fn enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>> {
+        self.enroll_tokens
+            .iter()
+            .values()
+            .map(|bytes| decode("enroll_tokens", &bytes?))
+            .collect()
+    }
+
+    /// Uses one count of an enrollment token and stores the new device, atomically: a token with
+    /// one use left enrolls exactly one device however many try at once. `make_device` receives the
+    /// token's labels.
+    pub fn enroll(
+        &self,
+        token_hash: &[u8; 32],
+        now: u64,
+        make_device: impl Fn(&EnrollTokenRecord) -> DeviceRecord,
+        event: &EventRecord,
+    ) -> Result<std::result::Result<DeviceRecord, TokenRefusal>> {
+        let event_id = self.db.generate_id()?;
+        let outcome = (&self.enroll_tokens, &self.devices, &self.events).transaction(
+            |(tokens, devices, events)| {
+                let Some(bytes) = tokens.get(token_hash)? else {
+                    return Ok(Err(TokenRefusal::Unknown));
+                };
+                let mut token: EnrollTokenRecord =
+                    decode("enroll_tokens", &bytes).map_err(abort)?;
+                if token.expires <= now {
+                    return Ok(Err(TokenRefusal::Expired));
+                }
+                if token.uses_left == 0 {
+                    return Ok(Err(TokenRefusal::UsedUp));
+                }
+                token.uses_left -= 1;
+                tokens.insert(token_hash, encode("enroll_tokens", &token).map_err(abort)?)?;
+                let device = make_device(&token);
+                devices.insert(
+                    &device.id,
+                    encode_applied("devices", &device, None).map_err(abort)?,
+                )?;
+                let event_key = [device.id.as_slice(), &event_id.to_be_bytes()].concat();
+                events.insert(event_key, encode("events", event).map_err(abort)?)?;
+                Ok(Ok(device))
+            },
+        )?;
+        Ok(outcome)
+    }
+
+    // Roots.
+
+    pub fn put_root(&self, version: u64, signed: &[u8]) -> Result<()> {
+        self.roots.insert(version.to_be_bytes(), signed)?;
+        self.newest_root.fetch_max(version, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Every stored root, oldest first.
+    pub fn roots(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.roots.iter().map(root_entry).collect()
+    }
+
+    /// Signed roots with a version above `version`, oldest first: what a device that trusts root
+    /// `version` needs next (for a device up to date, nothing is read).
+    pub fn roots_after(&self, version: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        if version >= self.newest_root.load(Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
+        let Some(from) = version.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        self.roots
+            .range(from.to_be_bytes()..)
+            .map(root_entry)
+            .collect()
+    }
+
+    // Manifests.
+
+    pub fn put_manifest(&self, name: &str, version: u64, record: &ManifestRecord) -> Result<()> {
+        self.manifests
+            .insert(manifest_key(name, version), encode("manifests", record)?)?;
+        Ok(())
+    }
+
+    pub fn manifest(&self, name: &str, version: u64) -> Result<Option<ManifestRecord>> {
+        self.manifests
+            .get(manifest_key(name, version))?
+            .map(|bytes| decode("manifests", &bytes))
+            .transpose()
+    }
+
+    /// Every version of every model, as (name, version, record), by name then version.
+    pub fn manifests(&self) -> Result<Vec<(String, u64, ManifestRecord)>> {
+        self.manifests
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                let corrupt = || StoreError::Corrupt {
+                    tree: "manifests",
+                    reason: "bad key".into(),
+                };
+                let split = key.len().checked_sub(9).ok_or_else(corrupt)?;
+                let name = std::str::from_utf8(&key[..split]).map_err(|_| corrupt())?;
+                let version = <[u8; 8]>::try_from(&key[split + 1..])
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| corrupt())?;
+                Ok((name.to_owned(), version, decode("manifests", &value)?))
+            })
+            .collect()
+    }
+}
