@@ -34,8 +34,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use outpost_protocol::device::{Tensor, LATENCY_BUCKETS_US};
 use outpost_protocol::trust::{DType, Dim, TensorSpec};
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
@@ -201,40 +199,12 @@ pub async fn serve(
     let app = router(state);
     log::info!("inference API serving on http://{local}");
 
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off rather than spin.
-                    log::warn!("inference API: accepting a connection failed: {error}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            // HTTP/1 only: the local API's clients are on the device, and HTTP/2 would bring h2.
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(error) = watcher.watch(connection).await {
-                log::debug!("inference API connection from {peer} ended: {error}");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        log::warn!("inference API: requests still in flight after {drain:?}; closing them");
-    }
+    // HTTP/1 only: the local API's clients are on the device, and HTTP/2 would bring h2.
+    let options = outpost_serve::Options {
+        name: "inference API",
+        drain_timeout: drain,
+    };
+    outpost_serve::serve_http1(listener, app, &options, shutdown).await;
     log::info!("inference API stopped");
     Ok(())
 }
