@@ -83,9 +83,42 @@ impl Command {
                 println!("enrolled as device {id}");
                 Ok(())
             }
-            Command::Run(args) => crate::service::run(crate::config::load(&args.config)?),
+            Command::Run(args) => run_service(crate::config::load(&args.config)?),
             Command::Status(args) => args.run(),
             Command::Verify(args) => args.run(),
+        }
+    }
+}
+
+/// `outpost-agent run`: binds the inference API's address and serves until SIGTERM or SIGINT.
+fn run_service(config: crate::config::Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listen = config.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the inference API to {listen}"))?;
+        crate::service::run(config, listener, shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(error) => {
+            log::error!("cannot listen for SIGTERM: {error}");
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

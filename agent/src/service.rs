@@ -1,6 +1,7 @@
 //! `outpost-agent enroll` and `outpost-agent run`: the device identity, and the service that ties
 //! the sync loop, the telemetry cache and the local inference API together under systemd.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use outpost_protocol::device::{DeviceId, EnrollRequest};
 use outpost_protocol::{Arch, SecretKey};
+use tokio::net::TcpListener;
 
 use crate::agent_version;
 use crate::api::{self, ApiLimits, ApiState, QueueStats};
@@ -96,8 +98,14 @@ pub fn enroll(config: &Config, hub_url: &str, token: &str) -> anyhow::Result<Dev
     Ok(response.device_id)
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the agent, serving the inference API on `listener`, until `shutdown` resolves; then
+/// finishes the sync cycle and saves telemetry. The caller binds the listener (the configured
+/// `listen` address) and chooses the shutdown signal.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let identity = load_identity(&config.data_dir)?;
     let device_id = identity.id.to_hex();
     let notifier = Arc::new(Notifier::from_env());
@@ -112,7 +120,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         TelemetryCache::open(&config.data_dir.join("telemetry"), config.telemetry_cap)
             .context("opening the telemetry cache")?;
     let client = HubClient::new(&config, Some(identity))?;
-    let listen = config.listen;
     let limits = ApiLimits {
         max_body_bytes: 64 * 1024 * 1024,
         request_timeout: Duration::from_secs(30),
@@ -136,59 +143,33 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             ),
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding the inference API to {listen}"))?;
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let sync_thread = std::thread::Builder::new()
-            .name("sync".into())
-            .spawn(move || syncer.run(stopped))
-            .context("starting the sync thread")?;
-        if let Some(interval) = Notifier::watchdog_interval() {
-            let notifier = notifier.clone();
-            tokio::spawn(async move {
-                let mut ticker = tokio::time::interval(interval);
-                loop {
-                    ticker.tick().await;
-                    notifier.watchdog();
-                }
-            });
-        }
-        log::info!("agent {device_id} running");
-        notifier.ready();
-        let state = Arc::new(ApiState::new(slot, recorder, queue, limits).with_shadow(shadow));
-        let served = api::serve(listener, state, shutdown_signal()).await;
-        notifier.stopping();
-        log::info!("stopping: finishing the sync cycle and saving telemetry");
-        drop(stop);
-        tokio::task::spawn_blocking(move || sync_thread.join())
-            .await
-            .context("waiting for the sync thread")?
-            .map_err(|_| anyhow::anyhow!("the sync thread panicked"))?;
-        served.context("serving the inference API")?;
-        log::info!("agent stopped");
-        Ok(())
-    })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let sync_thread = std::thread::Builder::new()
+        .name("sync".into())
+        .spawn(move || syncer.run(stopped))
+        .context("starting the sync thread")?;
+    if let Some(interval) = Notifier::watchdog_interval() {
+        let notifier = notifier.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                ticker.tick().await;
+                notifier.watchdog();
             }
-        }
-        Err(error) => {
-            log::error!("cannot listen for SIGTERM: {error}");
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        });
     }
+    log::info!("agent {device_id} running");
+    notifier.ready();
+    let state = Arc::new(ApiState::new(slot, recorder, queue, limits).with_shadow(shadow));
+    let served = api::serve(listener, state, shutdown).await;
+    notifier.stopping();
+    log::info!("stopping: finishing the sync cycle and saving telemetry");
+    drop(stop);
+    tokio::task::spawn_blocking(move || sync_thread.join())
+        .await
+        .context("waiting for the sync thread")?
+        .map_err(|_| anyhow::anyhow!("the sync thread panicked"))?;
+    served.context("serving the inference API")?;
+    log::info!("agent stopped");
+    Ok(())
 }

@@ -15,6 +15,8 @@ use crate::name::Label;
 use crate::trust::{message, AgentVersion, Arch, DType, ManifestRef, Slot};
 use crate::{Message, MessageKind};
 
+pub use crate::latency::LATENCY_BUCKETS_US;
+
 /// A device's id, assigned by the hub at enrollment.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DeviceId(pub [u8; 16]);
@@ -224,12 +226,6 @@ pub struct StatusReport {
     /// Device time of the event, Unix seconds.
     pub at: u64,
 }
-
-/// Upper bounds, in microseconds, of the latency histogram buckets; a last bucket counts the rest.
-pub const LATENCY_BUCKETS_US: [u64; 16] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
-    1_000_000, 2_500_000, 5_000_000, 10_000_000,
-];
 
 /// Inference counters for one model version over one window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -54,8 +54,8 @@ mod summary;
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::LATENCY_BUCKETS_US;
 use crate::keys::Sha256;
+use crate::latency::LATENCY_BUCKETS_US;
 use crate::name::{ModelName, NameError};
 use crate::trust::message;
 use crate::{Message, MessageKind};

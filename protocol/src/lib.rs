@@ -18,6 +18,7 @@ pub mod device;
 pub mod drift;
 pub mod envelope;
 pub mod keys;
+mod latency;
 pub mod name;
 pub mod trust;
 

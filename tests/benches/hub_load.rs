@@ -47,6 +47,7 @@ use outpost_tests::bench::{
     env_number, machine_description, proc_status_field, release_hub_binary,
 };
 use outpost_tests::device_sim::{agent_version, unix_now, SignedRequest, SimDevice, POSTCARD};
+use outpost_tests::hub::Fleet;
 
 /// The model the bench publishes and rolls out.
 const MODEL: &str = "bench-model";
@@ -220,29 +221,11 @@ impl BenchHub {
     /// Release keys, a 2-of-2 root, versions 1 and 2 of [`MODEL`], and a rollout from 1 to 2.
     /// Returns the root's bytes, which devices trust.
     fn prepare_fleet(&self) -> Vec<u8> {
-        let keys_dir = self.dir.path().join("keys");
-        let keys_arg = keys_dir.to_string_lossy().into_owned();
-        self.cli(&["keys", "generate", "--out", &keys_arg, "--count", "2"]);
-        let mut keys: Vec<String> = std::fs::read_dir(&keys_dir)
-            .expect("listing generated keys")
-            .map(|entry| entry.expect("reading a key entry").path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "key"))
-            .map(|path| path.to_string_lossy().into_owned())
-            .collect();
-        keys.sort();
-        let keys = keys.join(",");
-        let root = self.path("root.bin");
-        self.cli(&[
-            "root",
-            "init",
-            "--key",
-            &keys,
-            "--threshold",
-            "2",
-            "--out",
-            &root,
-        ]);
-        self.cli(&["root", "upload", &root]);
+        let fleet = Fleet::ceremony(self.dir.path(), |args| {
+            self.cli(args);
+        });
+        let keys = &fleet.keys;
+        let root = fleet.root_path.to_string_lossy().into_owned();
         for version in [1u64, 2] {
             let out = self.path(&format!("model-{version}"));
             self.cli(&[
@@ -269,7 +252,7 @@ impl BenchHub {
                 "--profile",
                 &format!("{out}/profile.bin"),
                 "--key",
-                &keys,
+                keys,
             ]);
         }
         self.cli(&[
@@ -284,9 +267,9 @@ impl BenchHub {
             "--root",
             &root,
             "--key",
-            &keys,
+            keys,
         ]);
-        std::fs::read(&root).expect("reading the signed root")
+        fleet.root
     }
 
     /// The drift profile version 1 was published with, and its hash.

@@ -415,10 +415,18 @@ pub struct Fleet {
 impl Fleet {
     /// Generates two release keys, signs a 2-of-2 root with them and uploads it.
     pub fn new(hub: &TestHub) -> Fleet {
-        let keys_dir = hub.dir().join("keys");
+        Fleet::ceremony(hub.dir(), |args| {
+            hub.cli(args).ok();
+        })
+    }
+
+    /// The same ceremony against any hub: `cli` runs the operator CLI against it (and panics if
+    /// the command fails); the keys and the signed root are written under `dir`. The load bench
+    /// runs it against its own release-built hub.
+    pub fn ceremony(dir: &Path, cli: impl Fn(&[&str])) -> Fleet {
+        let keys_dir = dir.join("keys");
         let keys_arg = keys_dir.to_string_lossy().into_owned();
-        hub.cli(&["keys", "generate", "--out", &keys_arg, "--count", "2"])
-            .ok();
+        cli(&["keys", "generate", "--out", &keys_arg, "--count", "2"]);
         let mut keys: Vec<String> = std::fs::read_dir(&keys_dir)
             .expect("listing generated keys")
             .map(|entry| entry.expect("reading a key entry").path())
@@ -428,9 +436,9 @@ impl Fleet {
         keys.sort();
         assert_eq!(keys.len(), 2, "keys generate wrote {keys:?}");
         let keys = keys.join(",");
-        let root_path = hub.dir().join("root.bin");
+        let root_path = dir.join("root.bin");
         let root_arg = root_path.to_string_lossy().into_owned();
-        hub.cli(&[
+        cli(&[
             "root",
             "init",
             "--key",
@@ -439,9 +447,8 @@ impl Fleet {
             "2",
             "--out",
             &root_arg,
-        ])
-        .ok();
-        hub.cli(&["root", "upload", &root_arg]).ok();
+        ]);
+        cli(&["root", "upload", &root_arg]);
         let root = std::fs::read(&root_path).expect("reading the signed root");
         Fleet {
             keys,

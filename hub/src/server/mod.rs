@@ -6,15 +6,12 @@
 //! the store is flushed.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use crate::artifacts::ArtifactStore;
@@ -140,68 +137,21 @@ pub async fn run(
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     log::info!("hub serving on {scheme}://{local}");
 
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off rather than spin.
-                    log::warn!("accepting a connection failed: {error}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        let watcher = graceful.watcher();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let result = match acceptor {
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
-                    match handshake.await {
-                        Ok(Ok(tls_stream)) => {
-                            let connection =
-                                builder.serve_connection(TokioIo::new(tls_stream), service);
-                            watcher.watch(connection.into_owned()).await
-                        }
-                        Ok(Err(error)) => return log_handshake(peer, &error),
-                        Err(_) => return log::debug!("tls handshake from {peer} timed out"),
-                    }
-                }
-                None => {
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
-                }
-            };
-            if let Err(error) = result {
-                log::debug!("connection from {peer} ended: {error}");
-            }
-        });
-    }
-    drop(listener);
-    log::info!("shutting down: draining in-flight requests");
-    engine_task.abort();
-    let drain = hub.config.drain_timeout;
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        log::warn!("requests still in flight after {drain:?}; closing them");
-    }
+    // The engine stops when shutdown begins, before in-flight requests drain.
+    let engine_abort = engine_task.abort_handle();
+    let shutdown = async move {
+        shutdown.await;
+        log::info!("shutting down: draining in-flight requests");
+        engine_abort.abort();
+    };
+    let options = outpost_serve::Options {
+        name: "hub",
+        drain_timeout: hub.config.drain_timeout,
+    };
+    outpost_serve::serve_auto(listener, acceptor, app, &options, shutdown).await;
     hub.store.flush().await.context("flushing the store")?;
     log::info!("hub stopped");
     Ok(())
-}
-
-fn log_handshake(peer: SocketAddr, error: &std::io::Error) {
-    log::debug!("tls handshake from {peer} failed: {error}");
 }
 
 /// Resolves on SIGTERM or SIGINT.

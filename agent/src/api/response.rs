@@ -1,0 +1,121 @@
+//! Encoding an inference response: outputs as JSON arrays or as binary tensor data.
+
+use axum::http::StatusCode;
+use outpost_protocol::device::Tensor;
+use outpost_protocol::trust::DType;
+use serde::{Serialize, Serializer};
+
+use crate::slot::ActiveModel;
+
+use super::request::*;
+use super::routes::*;
+
+#[derive(Serialize)]
+pub(super) struct InferResponse<'a> {
+    model_name: &'a str,
+    model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    outputs: Vec<ResponseOutput<'a>>,
+}
+
+#[derive(Serialize)]
+pub(super) struct ResponseOutput<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [u64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinarySize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Elements<'a>>,
+}
+
+#[derive(Serialize)]
+pub(super) struct BinarySize {
+    binary_data_size: usize,
+}
+
+/// A tensor's little-endian bytes, serialized as a flat JSON array without an intermediate `Vec`.
+/// Non-finite floats, which JSON cannot express, come out as `null`.
+pub(super) struct Elements<'a>(&'a Tensor);
+
+impl Serialize for Elements<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        fn array<const N: usize>(chunk: &[u8]) -> [u8; N] {
+            let mut bytes = [0u8; N];
+            bytes.copy_from_slice(chunk);
+            bytes
+        }
+        let data = &self.0.data;
+        match self.0.dtype {
+            DType::F32 => {
+                serializer.collect_seq(data.chunks_exact(4).map(|c| f32::from_le_bytes(array(c))))
+            }
+            DType::F64 => {
+                serializer.collect_seq(data.chunks_exact(8).map(|c| f64::from_le_bytes(array(c))))
+            }
+            DType::I32 => {
+                serializer.collect_seq(data.chunks_exact(4).map(|c| i32::from_le_bytes(array(c))))
+            }
+            DType::I64 => {
+                serializer.collect_seq(data.chunks_exact(8).map(|c| i64::from_le_bytes(array(c))))
+            }
+            DType::U8 => serializer.collect_seq(data.iter()),
+        }
+    }
+}
+
+pub(super) fn encode_response(
+    active: &ActiveModel,
+    request: ParsedRequest,
+    outputs: Vec<Tensor>,
+) -> Result<Answer, ApiError> {
+    let mut binary_parts: Vec<&[u8]> = Vec::new();
+    let mut listed = Vec::with_capacity(request.outputs.len());
+    for &(ix, binary) in &request.outputs {
+        let tensor = outputs.get(ix).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the model returned fewer outputs than it declares",
+            )
+        })?;
+        if binary {
+            binary_parts.push(&tensor.data);
+        }
+        listed.push(ResponseOutput {
+            name: &tensor.name,
+            datatype: tensor.dtype.as_str(),
+            shape: &tensor.shape,
+            parameters: binary.then_some(BinarySize {
+                binary_data_size: tensor.data.len(),
+            }),
+            data: (!binary).then_some(Elements(tensor)),
+        });
+    }
+    let response = InferResponse {
+        model_name: &active.name,
+        model_version: active.version.to_string(),
+        id: request.id,
+        outputs: listed,
+    };
+    let mut body = serde_json::to_vec(&response).map_err(|error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the response: {error}"),
+        )
+    })?;
+    if binary_parts.is_empty() {
+        return Ok(Answer {
+            body,
+            json_length: None,
+        });
+    }
+    let json_length = body.len();
+    for part in binary_parts {
+        body.extend_from_slice(part);
+    }
+    Ok(Answer {
+        body,
+        json_length: Some(json_length),
+    })
+}
