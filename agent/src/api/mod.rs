@@ -18,6 +18,7 @@
 //! type) is answered with 500 and recorded as a failed inference. `/metrics` keeps its own running
 //! totals, because the recorder hands its windows off to the upload queue.
 
+mod error;
 mod metrics;
 mod request;
 mod response;

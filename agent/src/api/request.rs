@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use outpost_model::inference::{InferenceError, LoadedModel};
 
-use super::routes::*;
+use super::error::ApiError;
 
 /// The request body's JSON, as the protocol defines it. Unknown fields are ignored.
 #[derive(Deserialize)]

@@ -7,8 +7,8 @@ use serde::{Serialize, Serializer};
 
 use crate::slot::ActiveModel;
 
+use super::error::ApiError;
 use super::request::*;
-use super::routes::*;
 
 #[derive(Serialize)]
 pub(super) struct InferResponse<'a> {
@@ -36,6 +36,12 @@ pub(super) struct BinarySize {
 }
 
 /// A tensor's little-endian bytes, serialized as a flat JSON array without an intermediate `Vec`.
+/// An encoded inference response; `json_length` is set when binary output data follows the JSON.
+pub(super) struct Answer {
+    pub(super) body: Vec<u8>,
+    pub(super) json_length: Option<usize>,
+}
+
 /// Non-finite floats, which JSON cannot express, come out as `null`.
 pub(super) struct Elements<'a>(&'a Tensor);
 

@@ -1,5 +1,4 @@
-//! The routes' handlers: metadata, health and inference, each answering as the protocol says,
-//! and the errors they answer with.
+//! The routes' handlers: metadata, health and inference, each answering as the protocol says.
 
 use std::error::Error as _;
 use std::fmt::Write as _;
@@ -19,35 +18,10 @@ use serde_json::{json, Value};
 use crate::slot::ActiveModel;
 use outpost_model::inference::InferenceError;
 
+use super::error::ApiError;
 use super::request::*;
 use super::response::*;
 use super::{ApiState, HEADER_LENGTH};
-
-/// An answer other than success: the status and the `{"error": …}` message the protocol defines.
-#[derive(Debug)]
-pub(super) struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-impl ApiError {
-    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-
-    pub(super) fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
-    }
-}
 
 pub(super) async fn no_route() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
@@ -232,12 +206,6 @@ pub(super) fn json_length(headers: &HeaderMap) -> Result<Option<usize>, ApiError
         .and_then(|text| text.trim().parse::<usize>().ok())
         .map(Some)
         .ok_or_else(|| ApiError::bad_request("Inference-Header-Content-Length is not a number"))
-}
-
-/// An encoded inference response; `json_length` is set when binary output data follows the JSON.
-pub(super) struct Answer {
-    pub(super) body: Vec<u8>,
-    pub(super) json_length: Option<usize>,
 }
 
 /// Parses, runs and encodes one request. Runs on a blocking thread.
