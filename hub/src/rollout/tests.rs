@@ -111,7 +111,7 @@ fn latencies(slot: usize, n: u64) -> InferenceStats {
     }
 }
 
-fn gate<'a>(evaluation: &'a Evaluation, name: Gate) -> &'a GateFigure {
+fn gate(evaluation: &Evaluation, name: Gate) -> &GateFigure {
     evaluation
         .gates
         .iter()
