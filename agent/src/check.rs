@@ -3,10 +3,13 @@
 //! the others. Pure: no I/O, no clock. The sync loop acts on its verdict, and
 //! `outpost-agent verify` prints it, so the order of verification is written once.
 
+use outpost_protocol::name::{selector_matches, Label};
 use outpost_protocol::trust::{ManifestBody, Signed, Slot};
 use outpost_protocol::{
     AgentVersion, Arch, TimeFloor, VerifiedManifest, VerifiedPlan, VerifiedRoot, VerifyError,
 };
+
+use crate::state::Committed;
 
 /// The documents a hub offers a device, as raw bytes.
 #[derive(Debug, Default, Clone, Copy)]
@@ -27,6 +30,11 @@ pub struct Trust<'a> {
     pub highest_plan: Option<u64>,
     /// The highest version seen per model name: the rollback floor of a target.
     pub highest_manifest: &'a [(String, u64)],
+    /// What the device committed under which plan: the floor of a plan's fallback.
+    pub committed: &'a [Committed],
+    /// The device's own labels (agent.toml `labels`): a plan is for this device only if its
+    /// signed selector is among them. Labels the hub gives a device do not count.
+    pub labels: &'a [Label],
     /// The device's architecture, if Outpost supports it.
     pub arch: Option<Arch>,
     pub agent: AgentVersion,
@@ -74,13 +82,51 @@ pub enum Refusal {
         document: Document,
         manifest: Box<VerifiedManifest>,
     },
+    /// A verified plan whose signed selector is not among the device's own labels: signed for
+    /// other devices, whatever labels the hub gives this one.
+    #[error(
+        "plan: plan {sequence} is signed for devices labelled {}; this device's own labels \
+         (agent.toml `labels`) are {}",
+        list(selector),
+        list(labels)
+    )]
+    NotForThisDevice {
+        sequence: u64,
+        selector: Vec<Label>,
+        labels: Vec<Label>,
+    },
+    /// A plan's verified fallback below a version the device committed under an earlier plan.
+    #[error(
+        "manifest: fallback {name} version {version} of plan {sequence} is below version \
+         {committed}, committed here under an earlier plan"
+    )]
+    BelowCommitted {
+        name: String,
+        version: u64,
+        sequence: u64,
+        committed: u64,
+    },
+}
+
+/// Labels as `k=v,k=v`, or `none`.
+fn list(labels: &[Label]) -> String {
+    if labels.is_empty() {
+        return "none".to_owned();
+    }
+    labels
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl Refusal {
     /// The manifest refused, when it was verified and refused only as incompatible.
     pub fn verified_manifest(&self) -> Option<&VerifiedManifest> {
         match self {
-            Refusal::Unverified { .. } => None,
+            Refusal::Unverified { .. }
+            | Refusal::NotForThisDevice { .. }
+            | Refusal::BelowCommitted { .. } => None,
             Refusal::Incompatible { manifest, .. } | Refusal::UnsupportedArch { manifest, .. } => {
                 Some(manifest)
             }
@@ -93,7 +139,9 @@ impl Refusal {
             Refusal::Unverified { source, .. } | Refusal::Incompatible { source, .. } => {
                 Some(source)
             }
-            Refusal::UnsupportedArch { .. } => None,
+            Refusal::UnsupportedArch { .. }
+            | Refusal::NotForThisDevice { .. }
+            | Refusal::BelowCommitted { .. } => None,
         }
     }
 }
@@ -171,10 +219,12 @@ fn compatible(
     }
 }
 
-/// Applies the chain of trust in order: walk the roots, verify the plan, then the manifest the
-/// plan says to serve and the one it says to run in shadow (each against the plan's creation as a
-/// signed time seen, and each target against the highest version of its name seen, the served
-/// manifest's included), then compatibility. With no plan, a manifest is judged alone.
+/// Applies the chain of trust in order: walk the roots, verify the plan and that its selector is
+/// among the device's own labels, then the manifest the plan says to serve and the one it says to
+/// run in shadow (each against the plan's creation as a signed time seen, each target against the
+/// highest version of its name seen, the served manifest's included, and a fallback against what
+/// the device committed under earlier plans), then compatibility. With no plan, a manifest is
+/// judged alone.
 pub fn decide(documents: &Documents<'_>, trust: &Trust<'_>, floor: &TimeFloor) -> Verdict {
     let rotated = if documents.roots.is_empty() {
         None
@@ -222,6 +272,13 @@ fn judge_plan(
             })
         }
     };
+    if !selector_matches(&plan.body().selector, trust.labels) {
+        return PlanVerdict::Refused(Refusal::NotForThisDevice {
+            sequence: plan.sequence(),
+            selector: plan.body().selector.clone(),
+            labels: trust.labels.to_vec(),
+        });
+    }
     let floor = TimeFloor {
         newest_signed: floor.newest_signed.max(plan.body().created),
         ..*floor
@@ -235,6 +292,9 @@ fn judge_plan(
                     document: Document::Manifest,
                     source,
                 })?;
+        if slot == Slot::Fallback {
+            below_committed(&manifest, plan.sequence(), trust.committed)?;
+        }
         let manifest = compatible(Document::Manifest, manifest, trust)?;
         // An accepted manifest's version is seen: the shadow target is judged against it.
         let name = manifest.name().as_str();
@@ -262,6 +322,28 @@ fn judge_plan(
     }
 }
 
+/// Refuses a plan's fallback below a version of its model committed under an earlier plan.
+fn below_committed(
+    manifest: &VerifiedManifest,
+    sequence: u64,
+    committed: &[Committed],
+) -> Result<(), Refusal> {
+    let name = manifest.name().as_str();
+    let floor = committed
+        .iter()
+        .find(|known| known.name == name)
+        .and_then(|known| known.before(sequence));
+    match floor {
+        Some(committed) if manifest.version() < committed => Err(Refusal::BelowCommitted {
+            name: name.to_owned(),
+            version: manifest.version(),
+            sequence,
+            committed,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// What `outpost-agent verify` reports a device would accept.
 #[derive(Debug)]
 pub struct Accepted {
@@ -286,6 +368,11 @@ pub struct DeviceView<'a> {
     pub highest_plan: Option<u64>,
     /// The highest version seen of whatever model the offered manifest names.
     pub highest_manifest: Option<u64>,
+    /// The highest version of that model the device committed under a plan before the offered
+    /// one: a fallback below it is refused.
+    pub committed_before: Option<u64>,
+    /// The device's own labels (agent.toml `labels`).
+    pub labels: &'a [Label],
     pub arch: Arch,
     pub agent: AgentVersion,
 }
@@ -298,10 +385,22 @@ pub fn check(view: &DeviceView<'_>, offered: &Offered<'_>) -> Result<Accepted, C
         (Some(bytes), Some(version)) => vec![(claimed_name(bytes), version)],
         _ => Vec::new(),
     };
+    // Committed under plan 0, before any plan: below every offered plan.
+    let committed: Vec<Committed> = match (offered.manifest, view.committed_before) {
+        (Some(bytes), Some(version)) => vec![Committed {
+            name: claimed_name(bytes),
+            plan: 0,
+            version,
+            earlier: None,
+        }],
+        _ => Vec::new(),
+    };
     let trust = Trust {
         root: &trusted,
         highest_plan: view.highest_plan,
         highest_manifest: &highest_manifest,
+        committed: &committed,
+        labels: view.labels,
         arch: Some(view.arch),
         agent: view.agent,
     };
@@ -337,6 +436,9 @@ pub enum CheckError {
     Verify(#[from] VerifyError),
     #[error("this CPU architecture is not supported")]
     UnsupportedArch,
+    /// Signed for other devices, or a fallback below what the device committed.
+    #[error(transparent)]
+    NotForThisDevice(Refusal),
 }
 
 impl From<Refusal> for CheckError {
@@ -346,6 +448,9 @@ impl From<Refusal> for CheckError {
                 CheckError::Verify(source)
             }
             Refusal::UnsupportedArch { .. } => CheckError::UnsupportedArch,
+            Refusal::NotForThisDevice { .. } | Refusal::BelowCommitted { .. } => {
+                CheckError::NotForThisDevice(refusal)
+            }
         }
     }
 }
@@ -380,6 +485,8 @@ mod tests {
             floor: TimeFloor::default(),
             highest_plan: None,
             highest_manifest: None,
+            committed_before: None,
+            labels: &[],
             arch: Arch::X86_64,
             agent: AgentVersion {
                 major: 1,
@@ -413,6 +520,8 @@ mod tests {
             root,
             highest_plan,
             highest_manifest: &[],
+            committed: &[],
+            labels: &[],
             arch: Some(Arch::X86_64),
             agent: AgentVersion {
                 major: 1,

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use outpost_protocol::name::Label;
 use outpost_protocol::{Arch, TimeFloor};
 
 use crate::check::{check, DeviceView, Offered};
@@ -72,6 +73,18 @@ pub struct VerifyArgs {
     /// Highest manifest version of this model the device has seen.
     #[arg(long)]
     pub highest_manifest: Option<u64>,
+    /// Highest version of this model the device committed under an earlier plan: a plan's
+    /// fallback below it is refused.
+    #[arg(long)]
+    pub committed: Option<u64>,
+    /// The device's own labels, as its agent.toml `labels` holds them (`k=v,k=v`): a plan whose
+    /// signed selector is not among them is refused. None: only plans for every device pass.
+    #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<Label>,
+}
+
+fn parse_label(text: &str) -> Result<Label, String> {
+    Label::parse(text).map_err(|error| format!("{text:?}: {error}"))
 }
 
 impl Command {
@@ -164,6 +177,8 @@ impl VerifyArgs {
             },
             highest_plan: self.highest_plan,
             highest_manifest: self.highest_manifest,
+            committed_before: self.committed,
+            labels: &self.labels,
             arch,
             agent: crate::agent_version(),
         };

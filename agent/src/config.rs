@@ -6,7 +6,7 @@
 //! ca_bundle = "/etc/outpost/ca.pem"        # optional: trust this CA for the hub
 //! trust_root = "/etc/outpost/root.bin"     # the initial signed trust root
 //! data_dir = "/var/lib/outpost"
-//! labels = ["site=berlin", "line=3"]
+//! labels = ["site=berlin", "line=3"]          # the device's own: plans' selectors bind these
 //!
 //! [sync]
 //! poll_interval = "5m"                   # the longest wait between check-ins

@@ -1,9 +1,13 @@
 //! What the agent must remember across restarts, apart from telemetry: the trusted root, the
 //! highest plan sequence and manifest versions it has seen, the newest signed time, which version
-//! is active and which came before, the probation marker, and status reports not yet delivered.
+//! is active and which came before, the versions committed under each plan (the floor of a
+//! plan's fallback), the probation marker, and status reports not yet delivered.
 //!
 //! Kept in `DATA/state.bin` (postcard) and `DATA/trust/root.bin`, each replaced atomically
 //! (temp → fsync → rename → fsync dir), so a crash leaves the old or the new state, never neither.
+//! `state.bin` is the [`DeviceState`] fields as the first agents wrote them, then a
+//! [`StateTail`] with what later agents added: an older agent reads the fields it knows and
+//! ignores the tail, and a state without a tail reads as one with an empty tail.
 
 use std::path::{Path, PathBuf};
 
@@ -184,6 +188,45 @@ mod stored_outbox {
     }
 }
 
+/// What a device committed of one model, kept to floor the fallback of later plans: a plan's
+/// fallback may lead below the highest version seen (that is what a fallback is for), but not
+/// below a version the device committed under an *earlier* plan, which no later plan's signers
+/// can have meant to undo by naming an older fallback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    pub name: String,
+    /// The plan of the newest commit of this model.
+    pub plan: u64,
+    /// The highest version committed under `plan`.
+    pub version: u64,
+    /// The highest version committed under any plan before `plan`.
+    pub earlier: Option<u64>,
+}
+
+impl Committed {
+    /// The highest version of this model committed under a plan before `sequence`, for a
+    /// `sequence` at or above `plan` (a device accepts no plan below the highest it has seen;
+    /// below `plan` the answer errs high, counting `earlier` whole).
+    pub fn before(&self, sequence: u64) -> Option<u64> {
+        if self.plan < sequence {
+            Some(
+                self.earlier
+                    .map_or(self.version, |earlier| earlier.max(self.version)),
+            )
+        } else {
+            self.earlier
+        }
+    }
+}
+
+/// The part of `state.bin` after the [`DeviceState`] fields the first agents wrote. This layout
+/// is a compatibility promise: add fields only at its end, each with a default, and read them
+/// back with [`StateFiles::load`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct StateTail {
+    committed: Vec<Committed>,
+}
+
 /// Most undelivered status reports kept; older ones are dropped first.
 pub const MAX_QUEUED_REPORTS: usize = 64;
 
@@ -210,6 +253,9 @@ pub struct DeviceState {
     #[serde(with = "stored_outbox")]
     pub outbox: Vec<QueuedReport>,
     pub last_checkin: Option<u64>,
+    /// Per model, what was committed under which plan. Stored in the [`StateTail`].
+    #[serde(skip)]
+    pub committed: Vec<Committed>,
 }
 
 impl DeviceState {
@@ -228,6 +274,35 @@ impl DeviceState {
         {
             Some((_, highest)) => *highest = (*highest).max(version),
             None => self.highest_manifest.push((name.to_owned(), version)),
+        }
+    }
+
+    /// Notes that `version` of `name` was committed (or found running) under plan `sequence`.
+    pub fn note_commit(&mut self, name: &str, version: u64, sequence: u64) {
+        match self.committed.iter_mut().find(|known| known.name == name) {
+            Some(known) if sequence > known.plan => {
+                known.earlier = known.before(sequence);
+                known.plan = sequence;
+                known.version = version;
+            }
+            Some(known) if sequence == known.plan => known.version = known.version.max(version),
+            // A commit under an older plan than one already noted cannot happen: plans only
+            // move forward. Nothing to raise.
+            Some(_) => {}
+            None => self.committed.push(Committed {
+                name: name.to_owned(),
+                plan: sequence,
+                version,
+                earlier: None,
+            }),
+        }
+    }
+
+    /// A state written before commits were noted: the active version counts as committed under
+    /// the highest plan seen, so a later plan's fallback cannot go below it.
+    fn note_commits_of_an_older_agent(&mut self) {
+        if let (Some(active), Some(plan)) = (self.active.clone(), self.highest_plan) {
+            self.note_commit(&active.name, active.version, plan);
         }
     }
 
@@ -299,11 +374,11 @@ impl StateFiles {
             return Ok(DeviceState::default());
         }
         let bytes = fsutil::read_capped(&path, MAX_STATE)?;
-        postcard::from_bytes(&bytes).with_context(|| format!("{} is unreadable", path.display()))
+        decode_state(&bytes).with_context(|| format!("{} is unreadable", path.display()))
     }
 
     pub fn save(&self, state: &DeviceState) -> anyhow::Result<()> {
-        let bytes = postcard::to_stdvec(state).context("encoding agent state")?;
+        let bytes = encode_state(state).context("encoding agent state")?;
         fsutil::write_atomic(&self.state_path(), &bytes, 0o600)
     }
 
@@ -318,6 +393,27 @@ impl StateFiles {
     pub fn save_root(&self, bytes: &[u8]) -> anyhow::Result<()> {
         fsutil::write_atomic(&self.root_path(), bytes, 0o644)
     }
+}
+
+/// `state.bin`'s bytes: the state's fields, then its [`StateTail`].
+fn encode_state(state: &DeviceState) -> postcard::Result<Vec<u8>> {
+    let mut bytes = postcard::to_stdvec(state)?;
+    bytes.extend(postcard::to_stdvec(&StateTail {
+        committed: state.committed.clone(),
+    })?);
+    Ok(bytes)
+}
+
+/// Reads `state.bin`, with or without the tail an older agent did not write.
+fn decode_state(bytes: &[u8]) -> postcard::Result<DeviceState> {
+    let (mut state, rest): (DeviceState, &[u8]) = postcard::take_from_bytes(bytes)?;
+    if rest.is_empty() {
+        state.note_commits_of_an_older_agent();
+    } else {
+        let tail: StateTail = postcard::from_bytes(rest)?;
+        state.committed = tail.committed;
+    }
+    Ok(state)
 }
 
 #[cfg(test)]
@@ -382,6 +478,40 @@ mod tests {
         let kinds: Vec<ReportKind> = state.outbox.iter().map(|report| report.kind).collect();
         assert_eq!(kinds, ReportKind::ALL);
         assert_eq!(postcard::to_stdvec(&state).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_state_without_a_tail_reads_with_its_active_version_committed_under_the_highest_plan() {
+        let mut old = postcard::from_bytes::<DeviceState>(&old_state(&[])).unwrap();
+        old.active = Some(VersionRef {
+            name: "m".into(),
+            version: 2,
+            manifest_sha256: [7; 32],
+        });
+        let bytes = postcard::to_stdvec(&old).unwrap();
+        let state = decode_state(&bytes).unwrap();
+        assert_eq!(state.committed[0].before(4), None);
+        assert_eq!(state.committed[0].before(5), Some(2));
+        // Written again, the old fields come first, unchanged, and an older agent reads them.
+        let written = encode_state(&state).unwrap();
+        assert!(written.starts_with(&bytes));
+        assert_eq!(postcard::from_bytes::<DeviceState>(&written).unwrap(), old);
+        assert_eq!(decode_state(&written).unwrap(), state);
+    }
+
+    #[test]
+    fn a_commit_floors_only_the_fallbacks_of_later_plans() {
+        let mut state = DeviceState::default();
+        state.note_commit("m", 2, 3);
+        state.note_commit("m", 5, 4);
+        state.note_commit("m", 4, 4);
+        let floor = &state.committed[0];
+        // Under plan 4 itself its fallback may go below 5, not below 2 of plan 3.
+        assert_eq!(floor.before(4), Some(2));
+        assert_eq!(floor.before(5), Some(5));
+        state.note_commit("m", 1, 6);
+        assert_eq!(state.committed[0].before(6), Some(5));
+        assert_eq!(state.committed[0].before(7), Some(5));
     }
 
     #[test]

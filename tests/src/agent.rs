@@ -130,8 +130,8 @@ fn free_port() -> u16 {
 
 impl TestAgent {
     /// Writes a config pointing at `hub` (with `extra` TOML appended to its sections; keys of its
-    /// own `[sync]` table replace the test defaults) and the fleet's root, then enrolls with a
-    /// fresh token carrying `labels`.
+    /// own `[sync]` table replace the test defaults) and the fleet's root, with `labels`
+    /// (`k=v,k=v`) as the device's own, then enrolls with a fresh token carrying them too.
     pub fn enroll(hub: &TestHub, fleet: &Fleet, labels: &str, extra: &str) -> TestAgent {
         TestAgent::enroll_at(&hub.url(), hub, fleet, labels, extra)
     }
@@ -162,14 +162,23 @@ impl TestAgent {
         let listen = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("agent.toml");
         let (sync, extra) = split_sync(extra);
+        // The device holds its labels in its own config, as plans are checked against them, and
+        // its enrollment token carries the same.
+        let own_labels: Vec<String> = labels
+            .split(',')
+            .filter(|label| !label.is_empty())
+            .map(|label| format!("{label:?}"))
+            .collect();
         let text = format!(
             "hub_url = \"{hub}\"\ntrust_root = \"{root}\"\ndata_dir = \"{data}\"\n\
+             labels = [{own_labels}]\n\
              {extra}\n\
              [sync]\n{sync}\
              [inference]\nlisten = \"{listen}\"\n",
             hub = url,
             root = dir.path().join("root.bin").display(),
             data = dir.path().join("data").display(),
+            own_labels = own_labels.join(", "),
         );
         std::fs::write(&config, text).expect("writing the agent config");
         let token = hub.enroll_token(labels, 1);

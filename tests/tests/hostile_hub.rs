@@ -77,9 +77,13 @@ fn rewrite_check_ins(proxy: &Proxy, mut change: impl FnMut(&mut CheckInResponse)
     });
 }
 
-/// Passes every answer on unchanged and waits for a check-in answer carrying plan `sequence`,
-/// which a hostile hub may keep and replay, or take apart, later.
-fn check_in_with_plan(proxy: &Proxy, sequence: u64) -> CheckInResponse {
+/// Passes every answer on unchanged and waits for a check-in answer that `wanted` takes,
+/// described by `what`.
+fn check_in_where(
+    proxy: &Proxy,
+    what: &str,
+    wanted: impl Fn(&CheckInResponse) -> bool,
+) -> CheckInResponse {
     let latest: Arc<Mutex<Option<CheckInResponse>>> = Arc::default();
     {
         let latest = latest.clone();
@@ -87,14 +91,35 @@ fn check_in_with_plan(proxy: &Proxy, sequence: u64) -> CheckInResponse {
             *latest.lock().unwrap() = Some(answer.clone());
         });
     }
-    wait_until(
-        AGENT_WAIT,
-        &format!("a check-in answer carrying plan {sequence}"),
-        || {
-            latest.lock().unwrap().clone().filter(|answer| {
-                answer.plan.as_ref().map(|plan| plan_body(plan).sequence) == Some(sequence)
-            })
+    wait_until(AGENT_WAIT, what, || {
+        latest.lock().unwrap().clone().filter(&wanted)
+    })
+}
+
+fn plan_sequence(answer: &CheckInResponse) -> Option<u64> {
+    answer.plan.as_ref().map(|plan| plan_body(plan).sequence)
+}
+
+/// Passes every answer on unchanged and waits for a check-in answer carrying plan `sequence`
+/// with its fallback as the manifest to serve: what a hub answers once a rollout is rolled back.
+fn check_in_with_fallback_of(proxy: &Proxy, sequence: u64) -> CheckInResponse {
+    check_in_where(
+        proxy,
+        &format!("a check-in answer carrying the fallback of plan {sequence}"),
+        |answer| {
+            plan_sequence(answer) == Some(sequence)
+                && matches!(answer.manifest, Some((Slot::Fallback, _)))
         },
+    )
+}
+
+/// Passes every answer on unchanged and waits for a check-in answer carrying plan `sequence`,
+/// which a hostile hub may keep and replay, or take apart, later.
+fn check_in_with_plan(proxy: &Proxy, sequence: u64) -> CheckInResponse {
+    check_in_where(
+        proxy,
+        &format!("a check-in answer carrying plan {sequence}"),
+        |answer| plan_sequence(answer) == Some(sequence),
     )
 }
 
@@ -320,6 +345,90 @@ fn an_older_signed_version_is_refused_and_reported() {
     assert_serving(&agent, 2);
     assert_eq!(installed(&agent), versions_before);
     assert_eq!(exchanges(&proxy, ARTIFACTS).len(), artifacts_before);
+}
+
+/// Issue 21, finding 1: with only an admin token, a hub relabelled a device into a plan signed
+/// for other devices (`site=nowhere`), which the device ran, and then rolled it back to that
+/// plan's fallback, below the version it had committed. A plan's selector binds the device's
+/// own labels (agent.toml `labels`), not the ones the hub gives it.
+#[test]
+fn a_device_relabelled_by_the_hub_refuses_a_plan_signed_for_other_devices() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    fleet.publish_example(&hub, "demo", 2, 2);
+    fleet.publish_example(&hub, "demo", 3, 3);
+    let lab = fleet.create_rollout(
+        &hub,
+        "demo",
+        2,
+        1,
+        &["--selector", "site=lab", "--stages", "100", "--bake", "1s"],
+    );
+    agent.wait_status("active", json!("demo@2"));
+    check_in_with_plan(&proxy, lab.sequence);
+    let versions_before = installed(&agent);
+    let elsewhere = fleet.create_rollout(
+        &hub,
+        "demo",
+        3,
+        1,
+        &[
+            "--selector",
+            "site=nowhere",
+            "--stages",
+            "100",
+            "--bake",
+            "1h",
+        ],
+    );
+
+    let id = agent.hub_detail(&hub).device.id;
+    hub.cli(&["device", "label", &id, "--set", "site=nowhere"])
+        .ok();
+    let refusal = next_refusal(&hub, &agent, &[]);
+    assert_eq!(
+        refusal.detail,
+        format!(
+            "plan: plan {} is signed for devices labelled site=nowhere; this device's own \
+             labels (agent.toml `labels`) are site=lab",
+            elsewhere.sequence
+        )
+    );
+    assert_serving(&agent, 2);
+
+    // Rolled back, the hub offers that plan's fallback, demo@1: refused all the same.
+    hub.cli(&["rollout", "rollback", &elsewhere.sequence.to_string()])
+        .ok();
+    check_in_with_fallback_of(&proxy, elsewhere.sequence);
+    assert_serving(&agent, 2);
+    assert_eq!(installed(&agent), versions_before);
+    assert_eq!(agent.status()["plan_sequence"], lab.sequence);
+}
+
+/// Issue 21, finding 1: a plan's fallback may lead below the highest version seen (back to what
+/// ran before the plan), but not below a version the device committed under an earlier plan.
+#[test]
+fn a_fallback_below_a_version_committed_under_an_earlier_plan_is_refused() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    fleet.publish_example(&hub, "demo", 2, 2);
+    fleet.first_rollout(&hub, "demo", 2);
+    agent.wait_status("active", json!("demo@2"));
+    fleet.publish_example(&hub, "demo", 3, 3);
+    let plan = fleet.create_rollout(&hub, "demo", 3, 1, &["--stages", "100", "--bake", "1h"]);
+    agent.wait_status("active", json!("demo@3"));
+    check_in_with_plan(&proxy, plan.sequence);
+
+    hub.cli(&["rollout", "rollback", &plan.sequence.to_string()])
+        .ok();
+    let refusal = next_refusal(&hub, &agent, &[]);
+    assert_eq!(
+        refusal.detail,
+        format!(
+            "manifest: fallback demo version 1 of plan {} is below version 2, committed here \
+             under an earlier plan",
+            plan.sequence
+        )
+    );
+    assert_serving(&agent, 3);
 }
 
 #[test]

@@ -169,17 +169,29 @@ fn threshold_ceremony_manifest_and_plan_are_accepted_by_the_agent() {
     )
     .ok();
 
+    // The plan is signed for devices labelled site=lab: a device without that label in its own
+    // config refuses it, whatever the hub says its labels are.
+    let offered = [
+        "verify",
+        "--root",
+        "root.bin",
+        "--plan",
+        "p.bin",
+        "--manifest",
+    ];
+    agent(
+        d,
+        &[&offered[..], &["m2.bin", "--labels", "site=home,tier=a"]].concat(),
+    )
+    .fails_with(
+        "plan 7 is signed for devices labelled site=lab; this device's own labels (agent.toml \
+         `labels`) are site=home,tier=a",
+    );
+    agent(d, &[&offered[..], &["m2.bin"]].concat())
+        .fails_with("this device's own labels (agent.toml `labels`) are none");
     let out = agent(
         d,
-        &[
-            "verify",
-            "--root",
-            "root.bin",
-            "--plan",
-            "p.bin",
-            "--manifest",
-            "m2.bin",
-        ],
+        &[&offered[..], &["m2.bin", "--labels", "tier=a,site=lab"]].concat(),
     )
     .ok();
     assert!(out.stdout.contains("plan 7 accepted"), "{}", out.stdout);
@@ -193,23 +205,25 @@ fn threshold_ceremony_manifest_and_plan_are_accepted_by_the_agent() {
     let out = agent(
         d,
         &[
-            "verify",
-            "--root",
-            "root.bin",
-            "--plan",
-            "p.bin",
-            "--manifest",
-            "m1.bin",
+            &offered[..],
+            &["m1.bin", "--highest-manifest", "2", "--labels", "site=lab"],
         ]
-        .into_iter()
-        .chain(["--highest-manifest", "2"])
-        .collect::<Vec<_>>(),
+        .concat(),
     )
     .ok();
     assert!(
         out.stdout.contains("accepted as Fallback"),
         "{}",
         out.stdout
+    );
+    // Unless the device committed version 2 under an earlier plan: then the fallback would undo
+    // what that plan's signers decided.
+    agent(
+        d,
+        &[&offered[..], &["m1.bin", "--labels", "site=lab", "--committed", "2"]].concat(),
+    )
+    .fails_with(
+        "fallback demo version 1 of plan 7 is below version 2, committed here under an earlier plan",
     );
 
     // The same old manifest offered without the plan is a rollback.

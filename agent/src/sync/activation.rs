@@ -250,6 +250,8 @@ impl Syncer {
                     .retain(|kept| kept.manifest_sha256 != digest);
                 self.state.previous.truncate(self.config.keep_versions);
                 self.state.pending = None;
+                self.state
+                    .note_commit(&candidate.name, candidate.version, sequence);
                 self.state.committed_report = Some((sequence, digest));
                 if let Err(error) = self.files.save(&self.state) {
                     log::error!("saving the commit of {candidate}: {error:#}");

@@ -32,6 +32,8 @@ impl Syncer {
             root: &self.root,
             highest_plan: self.state.highest_plan,
             highest_manifest: &self.state.highest_manifest,
+            committed: &self.state.committed,
+            labels: &self.config.labels,
             arch: Arch::current(),
             agent: agent_version(),
         };
@@ -115,6 +117,9 @@ impl Syncer {
             .as_ref()
             .is_some_and(|active| active.manifest_sha256 == digest)
         {
+            // Running already, it counts as committed under this plan too.
+            self.state
+                .note_commit(&candidate.name, candidate.version, sequence);
             if self.state.committed_report != Some((sequence, digest)) {
                 self.state.committed_report = Some((sequence, digest));
                 self.queue(
