@@ -43,6 +43,10 @@ pub struct TestHub {
     tick: &'static str,
     /// `serve --poll-secs` and `--rollout-poll-secs`: 1 second each unless a test asks otherwise.
     poll_secs: (u32, u32),
+    /// A command `serve` runs under (`prlimit ...`), if any.
+    launcher: Vec<String>,
+    /// More `serve` flags.
+    serve_args: Vec<String>,
 }
 
 impl TestHub {
@@ -70,6 +74,16 @@ impl TestHub {
         TestHub::start_with(true, TEST_TICK, (1, 1))
     }
 
+    /// Like [`TestHub::start`], with `serve` run under the command `launcher` (`prlimit ...`;
+    /// none when empty) and given `serve_args` beside the tests' usual flags.
+    pub fn start_serving(launcher: &[&str], serve_args: &[&str]) -> TestHub {
+        let mut hub = TestHub::prepare(false, TEST_TICK, (1, 1));
+        hub.launcher = launcher.iter().map(ToString::to_string).collect();
+        hub.serve_args = serve_args.iter().map(ToString::to_string).collect();
+        hub.spawn("127.0.0.1:0");
+        hub
+    }
+
     /// Starts `serve` on a copy of a hub data directory kept as test data (`fixture/db`, the
     /// store, and `fixture/admin.token`, a token it holds), over plain HTTP.
     pub fn start_on_copy_of(fixture: &Path) -> TestHub {
@@ -89,12 +103,21 @@ impl TestHub {
             ca: None,
             tick: TEST_TICK,
             poll_secs: (1, 1),
+            launcher: Vec::new(),
+            serve_args: Vec::new(),
         };
         hub.spawn("127.0.0.1:0");
         hub
     }
 
     fn start_with(tls: bool, tick: &'static str, poll_secs: (u32, u32)) -> TestHub {
+        let mut hub = TestHub::prepare(tls, tick, poll_secs);
+        hub.spawn("127.0.0.1:0");
+        hub
+    }
+
+    /// Bootstraps a new data directory (and a certificate, with `tls`), without starting `serve`.
+    fn prepare(tls: bool, tick: &'static str, poll_secs: (u32, u32)) -> TestHub {
         let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
         let data = dir.path().join("data");
         let data_arg = data.to_string_lossy().into_owned();
@@ -123,7 +146,7 @@ impl TestHub {
             );
             ca
         });
-        let mut hub = TestHub {
+        TestHub {
             dir,
             data,
             token,
@@ -132,9 +155,9 @@ impl TestHub {
             ca,
             tick,
             poll_secs,
-        };
-        hub.spawn("127.0.0.1:0");
-        hub
+            launcher: Vec::new(),
+            serve_args: Vec::new(),
+        }
     }
 
     fn address_file(&self) -> PathBuf {
@@ -160,7 +183,14 @@ impl TestHub {
             .append(true)
             .open(self.log_file())
             .expect("opening the hub's log file");
-        let mut command = Command::new(bin("outpost-hub"));
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(bin("outpost-hub"));
+                command
+            }
+            None => Command::new(bin("outpost-hub")),
+        };
         command
             .args(["serve", "--data"])
             .arg(&self.data)
@@ -171,6 +201,7 @@ impl TestHub {
             .arg(self.poll_secs.0.to_string())
             .arg("--rollout-poll-secs")
             .arg(self.poll_secs.1.to_string());
+        command.args(&self.serve_args);
         if self.ca.is_some() {
             let certs = self.dir.path().join("certs");
             command

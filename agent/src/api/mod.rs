@@ -55,6 +55,14 @@ const HEADER_LENGTH: &str = "inference-header-content-length";
 /// Extra time, beyond the request timeout, that shutdown waits for in-flight requests.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
+/// Time an API client has to send a request's headers, from connecting or from the end of its
+/// previous response.
+pub const API_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections the inference API holds at once; more are closed when accepted. Each request
+/// runs on a worker thread of `[inference] threads`, so more could only wait.
+pub const API_MAX_CONNECTIONS: usize = 256;
+
 /// Limits on each request, chosen by the agent's config.
 #[derive(Debug, Clone, Copy)]
 pub struct ApiLimits {
@@ -183,20 +191,30 @@ impl Drop for BackgroundApi {
 
 /// Serves the API on `listener` until `shutdown` resolves, then lets in-flight requests finish
 /// (for at most the request timeout plus a short grace) and returns.
+///
+/// A client has [`API_HEADER_TIMEOUT`] to send each request's headers, and at most
+/// [`API_MAX_CONNECTIONS`] connections are held at once.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ApiState>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
-    let drain = state.limits.request_timeout + DRAIN_GRACE;
+    let request_timeout = state.limits.request_timeout;
+    let drain = request_timeout + DRAIN_GRACE;
     let app = router(state);
     log::info!("inference API serving on http://{local}");
 
     // HTTP/1 only: the local API's clients are on the device, and HTTP/2 would bring h2.
+    // Its clients are the device's own processes, on one address: the per-address limit is the
+    // total. Idle longer than a request may take to answer.
     let options = outpost_serve::Options {
         name: "inference API",
         drain_timeout: drain,
+        header_timeout: API_HEADER_TIMEOUT,
+        idle_timeout: request_timeout + API_HEADER_TIMEOUT,
+        max_per_address: API_MAX_CONNECTIONS,
+        max_connections: API_MAX_CONNECTIONS,
     };
     outpost_serve::serve_http1(listener, app, &options, shutdown).await;
     log::info!("inference API stopped");

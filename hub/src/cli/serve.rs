@@ -50,6 +50,22 @@ pub struct ServeArgs {
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Time a client has to send a request's headers (HTTP/1), from connecting or from the end
+    /// of its previous response: closes slow-header and idle keep-alive connections.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// A connection that moves no byte for this long is closed (HTTP/2 included). Longer than
+    /// --request-timeout.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Connections held at once from one IP address; more are closed when accepted. Devices
+    /// behind one NAT share an address: raise it for a large site.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_address: u32,
+    /// Connections held at once in all; more are closed when accepted. Capped below the
+    /// process's open-file limit (the unit sets LimitNOFILE=65536).
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     /// Write the bound address (`host:port`) to this file once the hub can answer (store open).
     #[arg(long)]
     pub address_file: Option<PathBuf>,
@@ -80,7 +96,21 @@ impl ServeArgs {
             max_artifact_bytes: self.max_artifact_mib.saturating_mul(1024 * 1024),
             request_timeout: self.request_timeout,
             drain_timeout: self.drain_timeout,
+            connections: server::ConnectionLimits {
+                header_timeout: self.header_timeout,
+                idle_timeout: self.idle_timeout,
+                max_per_address: self.max_connections_per_address as usize,
+                max_connections: self.max_connections as usize,
+            },
         };
+        if config.connections.idle_timeout <= config.request_timeout {
+            bail!(
+                "--idle-timeout ({:?}) must be longer than --request-timeout ({:?}): a request \
+                 being answered moves no byte meanwhile",
+                config.connections.idle_timeout,
+                config.request_timeout
+            );
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -50,6 +50,16 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Time limit for in-flight requests once shutdown begins.
     pub drain_timeout: Duration,
+    pub connections: ConnectionLimits,
+}
+
+/// What one client may hold of the hub's connections (see [`outpost_serve::Options`]).
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_per_address: usize,
+    pub max_connections: usize,
 }
 
 /// The state every handler shares.
@@ -144,9 +154,14 @@ pub async fn run(
         log::info!("shutting down: draining in-flight requests");
         engine_abort.abort();
     };
+    let limits = &hub.config.connections;
     let options = outpost_serve::Options {
         name: "hub",
         drain_timeout: hub.config.drain_timeout,
+        header_timeout: limits.header_timeout,
+        idle_timeout: limits.idle_timeout,
+        max_per_address: limits.max_per_address,
+        max_connections: limits.max_connections,
     };
     outpost_serve::serve_auto(listener, acceptor, app, &options, shutdown).await;
     hub.store.flush().await.context("flushing the store")?;
