@@ -63,6 +63,21 @@ pub struct WhoAmI {
 pub struct CreateAdminToken {
     pub name: String,
     pub role: Role,
+    /// Seconds until the token stops working; absent, it never does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+}
+
+/// `GET /admin-tokens` (admin): a token without its secret, which the hub never keeps.
+/// `DELETE /admin-tokens/{id}` (admin) answers with the revoked one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminTokenInfo {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created: u64,
+    /// Unix seconds at which it stops working; None: never.
+    pub expires: Option<u64>,
 }
 
 /// A token as created; `token` is shown once and stored only hashed.

@@ -140,6 +140,19 @@ impl AdminClient {
         }
     }
 
+    /// `DELETE`s and reads a JSON answer.
+    pub fn delete_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let url = self.url(path);
+        let response = self
+            .agent
+            .delete(&url)
+            .header("Authorization", &self.authorization)
+            .header("Accept", "application/json")
+            .call();
+        let mut response = checked(response, "DELETE", &url)?;
+        read_json(&mut response, &url)
+    }
+
     /// `POST`s a JSON body and reads a JSON answer.
     pub fn post_json<B: Serialize, T: DeserializeOwned>(
         &self,

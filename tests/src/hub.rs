@@ -328,6 +328,19 @@ impl TestHub {
         })
     }
 
+    /// [`TestHub::cli_json`] with `token` instead of the bootstrap admin token.
+    pub fn cli_as_json<T: DeserializeOwned>(&self, token: &str, args: &[&str]) -> T {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let run = self.cli_as(token, &args).ok();
+        serde_json::from_str(&run.stdout).unwrap_or_else(|error| {
+            panic!(
+                "outpost-hub {args:?} printed no JSON ({error}):\n{}",
+                run.stdout
+            )
+        })
+    }
+
     /// An enrollment token for `uses` devices, with the given `key=value` labels (comma-separated).
     pub fn enroll_token(&self, labels: &str, uses: u32) -> String {
         let uses = uses.to_string();

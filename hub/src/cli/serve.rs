@@ -142,6 +142,10 @@ pub struct BootstrapArgs {
     /// Name recorded for the token in the audit log.
     #[arg(long, default_value = "admin")]
     pub name: String,
+    /// How long the token works (`90d`, ...); without it, until revoked. Bootstrap again, with
+    /// the hub stopped, if every admin token has expired.
+    #[arg(long, value_parser = parse_duration)]
+    pub expires: Option<Duration>,
 }
 
 impl AdminCommand {
@@ -156,10 +160,20 @@ impl AdminCommand {
                         args.data.display()
                     )
                 })?;
-                if store.admin_token_count() > 0 {
-                    bail!("this hub already has admin tokens; create more with `outpost-hub admin-token create`");
+                // Bootstrapping again is for a hub whose admin tokens all expired or were lost.
+                let now = unix_now();
+                let working_admin = store
+                    .admin_tokens()?
+                    .iter()
+                    .any(|token| token.role == crate::api::Role::Admin && !token.expired(now));
+                if working_admin {
+                    bail!("this hub already has an admin token that has not expired; create more with `outpost-hub admin-token create`");
                 }
-                let created = server::new_admin_token(&store, &args.name, crate::api::Role::Admin)?;
+                let expires = args
+                    .expires
+                    .map(|after| now.saturating_add(after.as_secs()));
+                let created =
+                    server::new_admin_token(&store, &args.name, crate::api::Role::Admin, expires)?;
                 audit::append(
                     &store,
                     unix_now(),

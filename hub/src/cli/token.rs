@@ -19,6 +19,34 @@ pub enum TokenCommand {
     Create(CreateArgs),
     /// List enrollment tokens that can still be used.
     List(ListArgs),
+    /// Revoke an enrollment token by id: no device can enroll with it from now on (needs an
+    /// admin token).
+    Revoke(RevokeArgs),
+}
+
+/// `token revoke` and `admin-token revoke`: a token by id.
+#[derive(Debug, clap::Args)]
+pub struct RevokeArgs {
+    /// The token's id, as `create` printed it or `list` shows it.
+    pub id: String,
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+impl RevokeArgs {
+    /// `DELETE`s the token at `collection/ID` and prints what the hub answers.
+    pub fn revoke<T: serde::de::DeserializeOwned + serde::Serialize>(
+        self,
+        collection: &str,
+        render: impl FnOnce(&T) -> String,
+    ) -> anyhow::Result<()> {
+        let client = self.hub.connect()?;
+        let path = format!("{collection}/{}", crate::client::path_segment(&self.id));
+        let revoked: T = client.delete_json(&path)?;
+        self.output.print(&revoked, render)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,6 +101,14 @@ impl TokenCommand {
                 let client = args.hub.connect()?;
                 let tokens: Vec<EnrollTokenInfo> = client.get_json("/enroll-tokens")?;
                 args.output.print(&tokens, |tokens| render_list(tokens))
+            }
+            TokenCommand::Revoke(args) => {
+                args.revoke("/enroll-tokens", |revoked: &EnrollTokenInfo| {
+                    format!(
+                        "revoked enrollment token {} ({} use(s) left)\n",
+                        revoked.id, revoked.uses_left
+                    )
+                })
             }
         }
     }

@@ -435,7 +435,7 @@ async fn enroll(
     )?;
     let device = outcome.map_err(|refusal| {
         DeviceError::unauthorized(match refusal {
-            TokenRefusal::Unknown => "unknown enrollment token",
+            TokenRefusal::Unknown => "unknown or revoked enrollment token",
             TokenRefusal::Expired => "enrollment token has expired",
             TokenRefusal::UsedUp => "enrollment token has no uses left",
         })

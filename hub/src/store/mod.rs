@@ -126,6 +126,8 @@ pub struct Store {
     /// The highest root version stored, so that a check-in from a device that already trusts it
     /// (nearly every check-in) does not search the `roots` tree. Raised after the root is written.
     newest_root: Arc<AtomicU64>,
+    /// Serialises admin token revocations, which read every token before deleting one.
+    token_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -161,6 +163,7 @@ impl Store {
             flushes_begun: Arc::new(AtomicU64::new(0)),
             flush_done: Arc::new(AtomicU64::new(0)),
             newest_root: Arc::new(AtomicU64::new(newest_root)),
+            token_lock: Arc::default(),
         })
     }
 

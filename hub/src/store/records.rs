@@ -3,13 +3,32 @@
 
 use super::*;
 
-/// An admin API token, stored under the SHA-256 of its secret.
+/// An admin API token, stored under the SHA-256 of its secret: the fields the first hubs wrote,
+/// then an [`AdminTokenTail`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminTokenRecord {
     pub id: String,
     pub name: String,
     pub role: Role,
     pub created: u64,
+    /// When the token stops working; never, for tokens made before tokens expired. Stored in the
+    /// tail.
+    #[serde(skip)]
+    pub expires: Option<u64>,
+}
+
+impl AdminTokenRecord {
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires.is_some_and(|expires| expires <= now)
+    }
+}
+
+/// What an admin token record holds after the fields the first hubs wrote. An older hub reads
+/// those fields and ignores this (postcard reads a value and leaves what follows); a record
+/// without it reads with its defaults. Add fields only at its end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct AdminTokenTail {
+    pub expires: Option<u64>,
 }
 
 /// An enrollment token, stored under the SHA-256 of its secret.

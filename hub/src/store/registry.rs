@@ -12,7 +12,7 @@ impl Store {
     pub fn admin_token(&self, token_hash: &[u8; 32]) -> Result<Option<AdminTokenRecord>> {
         self.admin_tokens
             .get(token_hash)?
-            .map(|bytes| decode("admin_tokens", &bytes))
+            .map(|bytes| decode_admin_token(&bytes))
             .transpose()
     }
 
@@ -22,12 +22,50 @@ impl Store {
         record: &AdminTokenRecord,
     ) -> Result<()> {
         self.admin_tokens
-            .insert(token_hash, encode("admin_tokens", record)?)?;
+            .insert(token_hash, encode_admin_token(record)?)?;
         Ok(())
     }
 
-    pub fn admin_token_count(&self) -> usize {
-        self.admin_tokens.len()
+    /// Every admin token, in the order of their hashes.
+    pub fn admin_tokens(&self) -> Result<Vec<AdminTokenRecord>> {
+        self.admin_tokens
+            .iter()
+            .values()
+            .map(|bytes| decode_admin_token(&bytes?))
+            .collect()
+    }
+
+    /// Deletes the admin token with id `id`, unless `keep` refuses it given the record and every
+    /// other token; returns the deleted record, None when no token has that id. Atomic: two
+    /// revocations at once cannot both pass a `keep` that counts what remains.
+    pub fn revoke_admin_token<E>(
+        &self,
+        id: &str,
+        keep: impl Fn(&AdminTokenRecord, &[AdminTokenRecord]) -> std::result::Result<(), E>,
+    ) -> Result<Option<std::result::Result<AdminTokenRecord, E>>> {
+        let _guard = self
+            .token_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut found = None;
+        let mut others = Vec::new();
+        for entry in self.admin_tokens.iter() {
+            let (hash, bytes) = entry?;
+            let record = decode_admin_token(&bytes)?;
+            if record.id == id {
+                found = Some((hash, record));
+            } else {
+                others.push(record);
+            }
+        }
+        let Some((hash, record)) = found else {
+            return Ok(None);
+        };
+        if let Err(refusal) = keep(&record, &others) {
+            return Ok(Some(Err(refusal)));
+        }
+        self.admin_tokens.remove(hash)?;
+        Ok(Some(Ok(record)))
     }
 
     // Enrollment.
@@ -40,6 +78,27 @@ impl Store {
         self.enroll_tokens
             .insert(token_hash, encode("enroll_tokens", record)?)?;
         Ok(())
+    }
+
+    /// Deletes the enrollment token with id `id`; returns it, None when no token has that id.
+    pub fn revoke_enroll_token(&self, id: &str) -> Result<Option<EnrollTokenRecord>> {
+        for entry in self.enroll_tokens.iter() {
+            let (hash, bytes) = entry?;
+            let record: EnrollTokenRecord = decode("enroll_tokens", &bytes)?;
+            if record.id == id {
+                // Only if unchanged since read: an enrollment that used it meanwhile wins, and
+                // the revocation is tried again on the record it left.
+                match self.enroll_tokens.compare_and_swap(
+                    &hash,
+                    Some(&bytes),
+                    None as Option<&[u8]>,
+                )? {
+                    Ok(()) => return Ok(Some(record)),
+                    Err(_) => return self.revoke_enroll_token(id),
+                }
+            }
+        }
+        Ok(None)
     }
 
     pub fn enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>> {
@@ -151,4 +210,31 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// An admin token record's bytes: its fields, then its [`AdminTokenTail`].
+pub(super) fn encode_admin_token(record: &AdminTokenRecord) -> Result<Vec<u8>> {
+    let mut bytes = encode("admin_tokens", record)?;
+    bytes.extend(encode(
+        "admin_tokens",
+        &AdminTokenTail {
+            expires: record.expires,
+        },
+    )?);
+    Ok(bytes)
+}
+
+/// Reads an admin token record, with or without the tail an older hub did not write.
+pub(super) fn decode_admin_token(bytes: &[u8]) -> Result<AdminTokenRecord> {
+    let corrupt = |error: postcard::Error| StoreError::Corrupt {
+        tree: "admin_tokens",
+        reason: error.to_string(),
+    };
+    let (mut record, rest): (AdminTokenRecord, &[u8]) =
+        postcard::take_from_bytes(bytes).map_err(corrupt)?;
+    if !rest.is_empty() {
+        let tail: AdminTokenTail = postcard::from_bytes(rest).map_err(corrupt)?;
+        record.expires = tail.expires;
+    }
+    Ok(record)
 }

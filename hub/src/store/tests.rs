@@ -669,3 +669,31 @@ fn a_summary_that_does_not_merge_refuses_the_whole_batch() {
         Ingested::Stored
     );
 }
+
+#[test]
+fn an_admin_token_without_a_tail_never_expires_and_an_older_hub_reads_one_with_it() {
+    let first = AdminTokenRecord {
+        id: "0a".into(),
+        name: "first".into(),
+        role: Role::Admin,
+        created: 10,
+        expires: None,
+    };
+    // As the first hubs wrote it: the fields alone.
+    let old_bytes = postcard::to_stdvec(&first).unwrap();
+    assert_eq!(registry::decode_admin_token(&old_bytes).unwrap(), first);
+
+    let expiring = AdminTokenRecord {
+        expires: Some(20),
+        ..first.clone()
+    };
+    let bytes = registry::encode_admin_token(&expiring).unwrap();
+    assert!(bytes.starts_with(&old_bytes));
+    assert_eq!(registry::decode_admin_token(&bytes).unwrap(), expiring);
+    // An older hub decodes the fields and ignores the tail.
+    assert_eq!(
+        postcard::from_bytes::<AdminTokenRecord>(&bytes).unwrap(),
+        first
+    );
+    assert!(expiring.expired(20) && !expiring.expired(19) && !first.expired(u64::MAX));
+}

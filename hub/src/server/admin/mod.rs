@@ -17,7 +17,7 @@ use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use futures_util::TryStreamExt;
 use outpost_protocol::name::selector_matches;
@@ -63,11 +63,16 @@ pub fn routes(hub: SharedHub) -> Router {
         DefaultBodyLimit::max(Signed::<ManifestBody>::MAX_FRAME.max(Signed::<RootBody>::MAX_FRAME));
     let api = Router::new()
         .route("/admin/v1/whoami", get(whoami))
-        .route("/admin/v1/admin-tokens", post(create_admin_token))
+        .route(
+            "/admin/v1/admin-tokens",
+            get(list_admin_tokens).post(create_admin_token),
+        )
+        .route("/admin/v1/admin-tokens/{id}", delete(revoke_admin_token))
         .route(
             "/admin/v1/enroll-tokens",
             get(list_enroll_tokens).post(create_enroll_token),
         )
+        .route("/admin/v1/enroll-tokens/{id}", delete(revoke_enroll_token))
         .route(
             "/admin/v1/roots",
             get(list_roots).post(upload_root).layer(documents),
@@ -224,7 +229,19 @@ pub(super) fn authorize(
     let record = hub
         .store
         .admin_token(&sha256(token.trim().as_bytes()).0)?
-        .ok_or_else(|| AdminError::new(StatusCode::UNAUTHORIZED, "unknown token"))?;
+        .ok_or_else(|| AdminError::new(StatusCode::UNAUTHORIZED, "unknown or revoked token"))?;
+    if let Some(expires) = record.expires.filter(|_| record.expired(unix_now())) {
+        return Err(AdminError::new(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "token {:?} expired at {}",
+                record.name,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_secs(expires)
+                )
+            ),
+        ));
+    }
     if record.role < role {
         return Err(AdminError::new(
             StatusCode::FORBIDDEN,

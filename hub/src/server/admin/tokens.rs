@@ -1,12 +1,14 @@
-//! Admin and enrollment tokens: creating them and listing the enrollment tokens.
+//! Admin and enrollment tokens: creating, listing and revoking them, all audited.
 
 use super::*;
 
-/// Creates an admin token; also used by `admin bootstrap` on the hub host.
+/// Creates an admin token that stops working at `expires` (Unix seconds; never when None); also
+/// used by `admin bootstrap` on the hub host.
 pub fn new_admin_token(
     store: &crate::store::Store,
     name: &str,
     role: Role,
+    expires: Option<u64>,
 ) -> Result<CreatedToken, AdminError> {
     if name.trim().is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
         return Err(AdminError::bad_request(
@@ -19,6 +21,7 @@ pub fn new_admin_token(
         name: name.to_owned(),
         role,
         created: unix_now(),
+        expires,
     };
     store.insert_admin_token(&sha256(token.as_bytes()).0, &record)?;
     Ok(CreatedToken {
@@ -34,16 +37,112 @@ pub(super) async fn create_admin_token(
 ) -> Result<(StatusCode, Json<CreatedToken>), AdminError> {
     let actor = require(&hub, &headers, Role::Admin)?;
     let Json(request) = body?;
-    let created = new_admin_token(&hub.store, &request.name, request.role)?;
+    if request.expires_in_secs == Some(0) {
+        return Err(AdminError::bad_request("expires_in_secs must be positive"));
+    }
+    let expires = request
+        .expires_in_secs
+        .map(|secs| unix_now().saturating_add(secs));
+    let created = new_admin_token(&hub.store, &request.name, request.role, expires)?;
     audit(
         &hub,
         &actor,
         "admin-token create",
         &created.id,
-        &format!("{} as {}", request.name, request.role.as_str()),
+        &format!(
+            "{} as {}, expires {}",
+            request.name,
+            request.role.as_str(),
+            expires.map_or_else(|| "never".to_owned(), |at| at.to_string())
+        ),
     )?;
     hub.store.flush().await?;
     Ok((StatusCode::CREATED, Json(created)))
+}
+
+fn admin_token_info(record: &AdminTokenRecord) -> AdminTokenInfo {
+    AdminTokenInfo {
+        id: record.id.clone(),
+        name: record.name.clone(),
+        role: record.role,
+        created: record.created,
+        expires: record.expires,
+    }
+}
+
+pub(super) async fn list_admin_tokens(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+) -> Reply<Vec<AdminTokenInfo>> {
+    require(&hub, &headers, Role::Admin)?;
+    let mut tokens = hub.store.admin_tokens()?;
+    tokens.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+    Ok(Json(tokens.iter().map(admin_token_info).collect()))
+}
+
+/// Revokes an admin token: it stops working at once. The hub's last admin token that has not
+/// expired is kept, so that the hub is never left with nobody able to make tokens (short of
+/// `admin bootstrap` with the hub stopped).
+pub(super) async fn revoke_admin_token(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Reply<AdminTokenInfo> {
+    let actor = require(&hub, &headers, Role::Admin)?;
+    let now = unix_now();
+    let outcome = hub.store.revoke_admin_token(&id, |record, others| {
+        let another_admin = others
+            .iter()
+            .any(|other| other.role == Role::Admin && !other.expired(now));
+        if record.role == Role::Admin && !record.expired(now) && !another_admin {
+            return Err(AdminError::conflict(format!(
+                "token {id} ({:?}) is the hub's last admin token that has not expired: create \
+                 another admin token first",
+                record.name
+            )));
+        }
+        Ok(())
+    })?;
+    let revoked = match outcome {
+        None => return Err(AdminError::not_found(format!("no admin token {id}"))),
+        Some(refused) => refused?,
+    };
+    audit(
+        &hub,
+        &actor,
+        "admin-token revoke",
+        &id,
+        &format!("{} as {}", revoked.name, revoked.role.as_str()),
+    )?;
+    hub.store.flush().await?;
+    log::info!(
+        "admin token {id} ({}) revoked by {}",
+        revoked.name,
+        actor.name
+    );
+    Ok(Json(admin_token_info(&revoked)))
+}
+
+/// Revokes an enrollment token: no device can enroll with it from now on.
+pub(super) async fn revoke_enroll_token(
+    State(hub): State<SharedHub>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Reply<EnrollTokenInfo> {
+    let actor = require(&hub, &headers, Role::Admin)?;
+    let Some(revoked) = hub.store.revoke_enroll_token(&id)? else {
+        return Err(AdminError::not_found(format!("no enrollment token {id}")));
+    };
+    let info = enroll_token_info(&revoked);
+    audit(
+        &hub,
+        &actor,
+        "enroll-token revoke",
+        &id,
+        &format!("labels {:?}, {} uses left", info.labels, info.uses_left),
+    )?;
+    hub.store.flush().await?;
+    Ok(Json(info))
 }
 
 pub(super) fn enroll_token_info(record: &EnrollTokenRecord) -> EnrollTokenInfo {
