@@ -185,22 +185,7 @@ pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         })
     };
 
-    let hub_url = raw.hub_url.trim_end_matches('/').to_owned();
-    let host = hub_url
-        .strip_prefix("https://")
-        .or_else(|| hub_url.strip_prefix("http://"))
-        .ok_or_else(|| {
-            invalid(
-                "hub_url",
-                format!("{hub_url:?} must start with https:// or http://"),
-            )
-        })?;
-    if hub_url.starts_with("http://") && !is_loopback_authority(host) {
-        return Err(invalid(
-            "hub_url",
-            "uses plain http to a non-loopback host; device traffic must use https".into(),
-        ));
-    }
+    let hub_url = check_hub_url(&raw.hub_url).map_err(|reason| invalid("hub_url", reason))?;
     let labels = raw
         .labels
         .iter()
@@ -287,6 +272,23 @@ pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// True for `localhost`, `127.x.y.z` and `[::1]`, with or without a port.
+/// A hub URL without its trailing slashes, if the device may talk to it: https, or plain http to
+/// a loopback address only (device traffic, enrollment tokens included, must not travel in the
+/// clear). The error says why not.
+pub fn check_hub_url(text: &str) -> Result<String, String> {
+    let hub_url = text.trim_end_matches('/').to_owned();
+    let host = hub_url
+        .strip_prefix("https://")
+        .or_else(|| hub_url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{hub_url:?} must start with https:// or http://"))?;
+    if hub_url.starts_with("http://") && !is_loopback_authority(host) {
+        return Err(format!(
+            "{hub_url:?} uses plain http to a non-loopback host; device traffic must use https"
+        ));
+    }
+    Ok(hub_url)
+}
+
 fn is_loopback_authority(authority: &str) -> bool {
     let host = authority.split('/').next().unwrap_or_default();
     let host = if let Some(rest) = host.strip_prefix('[') {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use outpost_protocol::device::{DeviceId, EnrollRequest};
 use outpost_protocol::{Arch, SecretKey};
 use tokio::net::TcpListener;
@@ -52,7 +52,11 @@ pub fn load_identity(data_dir: &Path) -> anyhow::Result<DeviceIdentity> {
 }
 
 /// Generates the device key (mode 0600), enrolls with `token` at `hub_url`, and stores the id.
+/// `hub_url` is held to the config's rule (https, or http on loopback) before anything is sent:
+/// the token must not travel in the clear.
 pub fn enroll(config: &Config, hub_url: &str, token: &str) -> anyhow::Result<DeviceId> {
+    let hub_url =
+        crate::config::check_hub_url(hub_url).map_err(|reason| anyhow!("--hub {reason}"))?;
     let dir = identity_dir(&config.data_dir);
     if dir.join("device.id").exists() {
         bail!(
@@ -81,7 +85,7 @@ pub fn enroll(config: &Config, hub_url: &str, token: &str) -> anyhow::Result<Dev
     };
     let arch = Arch::current().context("this CPU architecture is not supported")?;
     let mut enroll_config = config.clone();
-    enroll_config.hub_url = hub_url.trim_end_matches('/').to_owned();
+    enroll_config.hub_url = hub_url;
     let client = HubClient::new(&enroll_config, None)?;
     let response = client.enroll(&EnrollRequest {
         token: token.to_owned(),

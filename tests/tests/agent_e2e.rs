@@ -442,3 +442,41 @@ fn an_interrupted_download_resumes_where_it_stopped() {
     let (status, _) = agent.infer(&http(), [1.0, 2.0, 3.0, 4.0]);
     assert_eq!(status, 200);
 }
+
+/// Issue 21, finding 15: `enroll --hub http://...` sent the enrollment token in clear to any host,
+/// past the https-only rule the config's `hub_url` obeys. It is refused before anything is sent,
+/// and nothing is written.
+#[test]
+fn enrolling_over_plain_http_to_another_host_is_refused_before_sending_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "hub_url = \"https://hub.example.com:8443\"\ntrust_root = \"root.bin\"\ndata_dir = \"data\"\n",
+    )
+    .unwrap();
+    let config_arg = config.to_string_lossy().into_owned();
+    // 203.0.113.1 is TEST-NET-3: nothing answers there, so only a refusal before connecting
+    // gives this message.
+    outpost_tests::run(
+        "outpost-agent",
+        dir.path(),
+        &[
+            "enroll",
+            "--hub",
+            "http://203.0.113.1:8443",
+            "--token",
+            "ope_secret",
+            "--config",
+            &config_arg,
+        ],
+    )
+    .fails_with(
+        "--hub \"http://203.0.113.1:8443\" uses plain http to a non-loopback host; device \
+         traffic must use https",
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "enroll wrote to the data directory before refusing"
+    );
+}
