@@ -122,7 +122,12 @@ fn threshold_ceremony_manifest_and_plan_are_accepted_by_the_agent() {
 
     std::fs::write(d.join("model.onnx"), b"not really onnx, hashed only").unwrap();
     let two = format!("{},{}", k[0], k[2]);
-    for version in ["1", "2"] {
+    // m1 and m2 for a year (the default), m1-brief for an hour.
+    for (version, out, expires) in [
+        ("1", "m1", "365d"),
+        ("2", "m2", "365d"),
+        ("1", "m1-brief", "1h"),
+    ] {
         hub(
             d,
             &[
@@ -138,14 +143,45 @@ fn threshold_ceremony_manifest_and_plan_are_accepted_by_the_agent() {
                 "x:FP32:N,4",
                 "--output",
                 "y:FP32:N,2",
+                "--expires",
+                expires,
                 "--key",
                 &two,
                 "--out",
-                &format!("m{version}.bin"),
+                &format!("{out}.bin"),
             ],
         )
         .ok();
     }
+    // Issue 21, finding 14: a plan that outlives its fallback's manifest would have rollbacks
+    // refused by every device once the manifest expired. `plan sign` refuses it, unless the plan
+    // ends first.
+    let brief_plan = |expires: &str| {
+        hub(
+            d,
+            &[
+                "plan",
+                "sign",
+                "--sequence",
+                "6",
+                "--target",
+                "m2.bin",
+                "--fallback",
+                "m1-brief.bin",
+                "--expires",
+                expires,
+                "--key",
+                &two,
+                "--out",
+                "brief-plan.bin",
+            ],
+        )
+    };
+    brief_plan("30d")
+        .fails_with("the fallback demo@1 expires at ")
+        .fails_with("so after then a rollback would fail on every device");
+    assert!(!d.join("brief-plan.bin").exists());
+    brief_plan("30m").ok();
     hub(
         d,
         &[

@@ -3,13 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
 use outpost_protocol::trust::{
     BreachAction, GatePolicy, ManifestBody, ManifestRef, PlanBody, ShadowStage, Signed,
 };
 use outpost_protocol::{sha256, Label};
 
+use super::table;
 use super::{parse_duration, read_frame, sign_to_file, SigningKeys};
 use crate::unix_now;
 
@@ -133,7 +134,14 @@ impl PlanCommand {
                     .as_ref()
                     .map(|path| manifest_ref(path))
                     .transpose()?;
-                let body = build_plan(args.sequence, target, fallback, &args.gates, args.expires);
+                let body = build_plan(
+                    args.sequence,
+                    target.clone(),
+                    fallback.clone(),
+                    &args.gates,
+                    args.expires,
+                );
+                outlives_no_manifest(&body, &target, fallback.as_ref())?;
                 sign_to_file(&body, &keys, &args.out)?;
                 println!("wrote plan {} to {}", body.sequence, args.out.display());
                 Ok(())
@@ -145,8 +153,8 @@ impl PlanCommand {
 /// The plan body `plan sign` and `rollout create` sign: valid from now for `valid_for`.
 pub fn build_plan(
     sequence: u64,
-    target: ManifestRef,
-    fallback: Option<ManifestRef>,
+    target: Named,
+    fallback: Option<Named>,
     gates: &GateArgs,
     valid_for: Duration,
 ) -> PlanBody {
@@ -155,8 +163,8 @@ pub fn build_plan(
         sequence,
         created,
         expires: created.saturating_add(valid_for.as_secs()),
-        target,
-        fallback,
+        target: target.reference,
+        fallback: fallback.map(|fallback| fallback.reference),
         stages: gates.stages.clone(),
         selector: gates.selector.clone(),
         gates: gates.policy(),
@@ -164,17 +172,61 @@ pub fn build_plan(
     }
 }
 
+/// A manifest a plan names, and when it expires.
+#[derive(Debug, Clone)]
+pub struct Named {
+    pub reference: ManifestRef,
+    pub expires: u64,
+}
+
 /// Refers to a signed manifest file by the hash of its exact bytes.
-pub fn manifest_ref(path: &Path) -> anyhow::Result<ManifestRef> {
+pub fn manifest_ref(path: &Path) -> anyhow::Result<Named> {
     let (bytes, signed) = read_frame::<Signed<ManifestBody>>(path)?;
     let body = signed
         .decode_unverified()
         .with_context(|| format!("reading manifest in {}", path.display()))?;
-    Ok(ManifestRef {
-        name: body.name,
-        version: body.version,
-        manifest_sha256: sha256(&bytes),
+    Ok(Named {
+        reference: ManifestRef {
+            name: body.name,
+            version: body.version,
+            manifest_sha256: sha256(&bytes),
+        },
+        expires: body.expires,
     })
+}
+
+/// Refuses to sign a plan that outlives its target or fallback manifest: devices refuse an
+/// expired manifest, so once the fallback expired a rollback would fail on every device (and a
+/// target, the rollout), while the plan still looked valid.
+pub fn outlives_no_manifest(
+    plan: &PlanBody,
+    target: &Named,
+    fallback: Option<&Named>,
+) -> anyhow::Result<()> {
+    let named = std::iter::once(("target", target)).chain(fallback.map(|f| ("fallback", f)));
+    for (slot, manifest) in named {
+        if manifest.expires < plan.expires {
+            let reference = &manifest.reference;
+            bail!(
+                "the {slot} {}@{} expires at {}, before the plan would ({}): devices refuse an \
+                 expired manifest, so after then {} would fail on every device. Give the plan \
+                 an --expires of at most {}s, or sign {}@{} again with a later --expires",
+                reference.name,
+                reference.version,
+                table::time(manifest.expires),
+                table::time(plan.expires),
+                if slot == "fallback" {
+                    "a rollback"
+                } else {
+                    "the rollout"
+                },
+                manifest.expires.saturating_sub(plan.created),
+                reference.name,
+                reference.version,
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn parse_label(text: &str) -> Result<Label, String> {

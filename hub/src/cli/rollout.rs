@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use outpost_protocol::trust::{ManifestRef, RootBody, Signed};
+use outpost_protocol::trust::{RootBody, Signed};
 use outpost_protocol::{ModelName, TimeFloor, VerifiedRoot};
 
 use crate::api::{Decision, GateFigure, RolloutInfo};
@@ -20,7 +20,7 @@ use outpost_model::fsutil;
 
 use super::connection::HubArgs;
 use super::device::model_ref;
-use super::plan::{build_plan, GateArgs};
+use super::plan::{build_plan, outlives_no_manifest, GateArgs, Named};
 use super::table::{self, fields, OutputArgs, Table};
 use super::{parse_duration, read_frame, sign_document, SigningKeys};
 
@@ -161,7 +161,14 @@ impl CreateArgs {
         let rollouts: Vec<RolloutInfo> = client.get_json("/rollouts")?;
         let sequence = next_sequence(&rollouts)?;
 
-        let body = build_plan(sequence, target, fallback, &self.gates, self.expires);
+        let body = build_plan(
+            sequence,
+            target.clone(),
+            fallback.clone(),
+            &self.gates,
+            self.expires,
+        );
+        outlives_no_manifest(&body, &target, fallback.as_ref())?;
         let bytes = sign_document(&body, &keys)?;
         if let Some(out) = &self.out {
             fsutil::write_atomic(out, &bytes, 0o644)?;
@@ -184,7 +191,7 @@ fn fetch_manifest(
     floor: &TimeFloor,
     name: &ModelName,
     version: u64,
-) -> anyhow::Result<ManifestRef> {
+) -> anyhow::Result<Named> {
     let bytes = client.get_bytes(
         &format!("/models/{}/{version}/manifest", path_segment(name.as_str())),
         MAX_MANIFEST,
@@ -199,7 +206,10 @@ fn fetch_manifest(
             manifest.version()
         );
     }
-    Ok(manifest.reference())
+    Ok(Named {
+        reference: manifest.reference(),
+        expires: manifest.body().expires,
+    })
 }
 
 /// One past the highest sequence the hub knows, or 1 for the first rollout.
