@@ -4,6 +4,7 @@
 // Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use outpost_hub::api::{
@@ -12,6 +13,7 @@ use outpost_hub::api::{
 use outpost_protocol::auth::{HEADER_DEVICE, HEADER_SIGNATURE};
 use outpost_protocol::device::AgentState;
 use outpost_protocol::SecretKey;
+use outpost_tests::agent::AGENT_WAIT;
 use outpost_tests::device_sim::{http_agent, unix_now, SimDevice};
 use outpost_tests::hub::{Fleet, TestHub};
 use outpost_tests::wait_until;
@@ -468,6 +470,91 @@ fn admin_and_enrollment_tokens_are_listed_revoked_and_expire() {
             ("enroll-token revoke", enroll.id.as_str()),
         ]
     );
+}
+
+/// The `.partial` files of uploads under way in the hub's artifact directory, with their sizes.
+fn partial_uploads(artifacts: &std::path::Path) -> Vec<u64> {
+    std::fs::read_dir(artifacts)
+        .unwrap()
+        .map(|entry| entry.unwrap())
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".partial"))
+        .map(|entry| entry.metadata().map_or(0, |meta| meta.len()))
+        .collect()
+}
+
+/// Issue 21, finding 6: two uploads of one artifact at once shared one temporary file, so the
+/// second's start truncated what the first had written and the first then stored a file with a
+/// hole under the artifact's name; later publishes skipped it, because only its length was
+/// checked. Each upload now writes a file of its own, and a stored file is hashed again before
+/// it is relied on.
+#[test]
+fn concurrent_uploads_store_an_artifact_whole_and_a_damaged_one_is_uploaded_again() {
+    let hub = TestHub::start();
+    let bytes: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251 + 1) as u8).collect();
+    let sha = outpost_protocol::sha256(&bytes).to_hex();
+    let artifacts = hub.data().join("artifacts");
+    let address = hub.url().trim_start_matches("http://").to_owned();
+    let head = format!(
+        "PUT /admin/v1/artifacts/{sha} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        hub.token(),
+        bytes.len()
+    );
+    let half = bytes.len() / 2;
+
+    // The first upload sends half its body, and the hub has written it.
+    let mut first = std::net::TcpStream::connect(&address).unwrap();
+    first.write_all(head.as_bytes()).unwrap();
+    first.write_all(&bytes[..half]).unwrap();
+    wait_until(AGENT_WAIT, "the first upload's half on disk", || {
+        (partial_uploads(&artifacts) == [half as u64]).then_some(())
+    });
+    // A second upload of the same artifact starts: the hub opens its temporary file (before
+    // this change, the first one's, truncated).
+    let mut second = std::net::TcpStream::connect(&address).unwrap();
+    second.write_all(head.as_bytes()).unwrap();
+    wait_until(AGENT_WAIT, "the second upload's temporary file", || {
+        let partials = partial_uploads(&artifacts);
+        (partials.len() == 2 || partials.iter().any(|len| *len < half as u64)).then_some(())
+    });
+    // The first finishes; the second is abandoned.
+    first.write_all(&bytes[half..]).unwrap();
+    let mut answer = String::new();
+    first.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    drop(second);
+    let stored = std::fs::read(artifacts.join(&sha)).unwrap();
+    assert!(
+        stored == bytes,
+        "the stored artifact differs from the upload from byte {:?} on",
+        stored.iter().zip(&bytes).position(|(a, b)| a != b)
+    );
+
+    // A stored file that no longer hashes to its name is not taken as uploaded: it is set
+    // aside, and the publisher's next upload stores it again.
+    let mut damaged = bytes.clone();
+    damaged[10] ^= 0xff;
+    std::fs::write(artifacts.join(&sha), &damaged).unwrap();
+    let url = format!("{}/admin/v1/artifacts/{sha}", hub.url());
+    let auth = format!("Bearer {}", hub.token());
+    let present = http_agent()
+        .head(&url)
+        .header("Authorization", &auth)
+        .call()
+        .unwrap()
+        .status();
+    assert_eq!(present, 404, "a damaged artifact was reported present");
+    assert!(artifacts.join(format!("{sha}.corrupt")).exists());
+    let put = http_agent()
+        .put(&url)
+        .header("Authorization", &auth)
+        .header("content-type", "application/octet-stream")
+        .send(&bytes[..])
+        .unwrap()
+        .status();
+    assert_eq!(put, 201);
+    assert!(std::fs::read(artifacts.join(&sha)).unwrap() == bytes);
 }
 
 #[test]

@@ -93,7 +93,8 @@ pub(super) async fn has_artifact(
     Ok(
         match hub
             .artifacts
-            .length(&digest)
+            .verified_length(&digest)
+            .await
             .map_err(AdminError::internal)?
         {
             Some(_) => StatusCode::OK,
@@ -113,7 +114,8 @@ pub(super) async fn upload_artifact(
         .ok_or_else(|| AdminError::bad_request("artifact name is not a hex sha256"))?;
     if hub
         .artifacts
-        .length(&digest)
+        .verified_length(&digest)
+        .await
         .map_err(AdminError::internal)?
         .is_some()
     {
@@ -241,7 +243,8 @@ pub(super) async fn publish_manifest(
     for artifact in &manifest.body().artifacts {
         let stored = hub
             .artifacts
-            .length(&artifact.sha256)
+            .verified_length(&artifact.sha256)
+            .await
             .map_err(AdminError::internal)?;
         if stored != Some(artifact.length) {
             return Err(AdminError::conflict(format!(
