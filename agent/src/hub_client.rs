@@ -39,6 +39,12 @@ pub enum HubError {
 }
 
 impl HubError {
+    /// True when the hub refused the request's authentication (401): a signed time outside its
+    /// skew window, an unknown device, a replay.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, HubError::Refused { status: 401, .. })
+    }
+
     /// True when retrying later may help (the hub was unreachable or overloaded).
     pub fn is_transient(&self) -> bool {
         match self {

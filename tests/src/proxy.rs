@@ -76,10 +76,12 @@ pub struct Exchange {
 }
 
 type Hook = Box<dyn FnMut(&Request, Response) -> Verdict + Send>;
+type Intercept = Box<dyn FnMut(&Request) -> Option<Response> + Send>;
 
 struct Shared {
     upstream: SocketAddr,
     hook: Mutex<Hook>,
+    intercept: Mutex<Intercept>,
     log: Mutex<Vec<Exchange>>,
     stop: AtomicBool,
 }
@@ -117,6 +119,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             upstream,
             hook: Mutex::new(Box::new(|_, response| Verdict::Forward(response))),
+            intercept: Mutex::new(Box::new(|_| None)),
             log: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
@@ -134,6 +137,15 @@ impl Proxy {
     /// The URL agents use instead of the hub's.
     pub fn url(&self) -> String {
         format!("http://{}", self.address)
+    }
+
+    /// Replaces the function that sees every request before it is sent on, from now on: when it
+    /// returns an answer, the proxy gives that answer and the hub never sees the request.
+    pub fn set_intercept(
+        &self,
+        intercept: impl FnMut(&Request) -> Option<Response> + Send + 'static,
+    ) {
+        *self.shared.intercept.lock().expect("proxy intercept lock") = Box::new(intercept);
     }
 
     /// Replaces the hook that sees every answer from now on.
@@ -198,22 +210,37 @@ fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
         body,
     };
 
-    let mut upstream = TcpStream::connect(shared.upstream)?;
-    upstream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut head = format!("{} {} HTTP/1.1\r\n", request.method, request.path);
-    for (name, value) in &request.headers {
-        if name != "connection" {
-            head.push_str(&format!("{name}: {value}\r\n"));
+    let intercepted = {
+        let mut intercept = shared
+            .intercept
+            .lock()
+            .map_err(|_| invalid("intercept lock"))?;
+        intercept(&request)
+    };
+    let (response, intercepted) = match intercepted {
+        Some(response) => (response, true),
+        None => {
+            let mut upstream = TcpStream::connect(shared.upstream)?;
+            upstream.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let mut head = format!("{} {} HTTP/1.1\r\n", request.method, request.path);
+            for (name, value) in &request.headers {
+                if name != "connection" {
+                    head.push_str(&format!("{name}: {value}\r\n"));
+                }
+            }
+            head.push_str("connection: close\r\n\r\n");
+            upstream.write_all(head.as_bytes())?;
+            upstream.write_all(&request.body)?;
+            let response = read_response(&mut BufReader::new(upstream), &request.method)?;
+            (response, false)
         }
-    }
-    head.push_str("connection: close\r\n\r\n");
-    upstream.write_all(head.as_bytes())?;
-    upstream.write_all(&request.body)?;
-    let response = read_response(&mut BufReader::new(upstream), &request.method)?;
+    };
 
     let body_len = response.body.len();
     let status = response.status;
-    let verdict = {
+    let verdict = if intercepted {
+        Verdict::Forward(response)
+    } else {
         let mut hook = shared.hook.lock().map_err(|_| invalid("hook lock"))?;
         hook(&request, response)
     };

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outpost_hub::api::{DeviceEvent, RolloutState};
-use outpost_protocol::device::CheckInResponse;
+use outpost_protocol::device::{CheckInResponse, ErrorResponse};
 use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, Slot};
 use outpost_protocol::{Arch, SecretKey};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
@@ -429,6 +429,72 @@ fn a_fallback_below_a_version_committed_under_an_earlier_plan_is_refused() {
         )
     );
     assert_serving(&agent, 3);
+}
+
+/// Issue 21, finding 12: a hub that refuses a status report with 401, as it does one signed at a
+/// time outside its clock-skew window (a board without a real-time clock, booted before NTP),
+/// made the agent drop the report for good. It is kept, and delivered once the hub accepts it.
+#[test]
+fn status_reports_refused_as_stale_are_kept_and_delivered_later() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let refusing = Arc::new(AtomicBool::new(true));
+    {
+        let refusing = refusing.clone();
+        proxy.set_intercept(move |request| {
+            (refusing.load(Ordering::SeqCst) && request.path == "/device/v1/status").then(|| {
+                let error = ErrorResponse {
+                    status: 401,
+                    message: format!(
+                        "stale timestamp {}: hub time is {}, allowed skew 300s",
+                        unix_now(),
+                        unix_now() + 3600
+                    ),
+                };
+                Response {
+                    status: 401,
+                    reason: "Unauthorized".to_owned(),
+                    headers: vec![(
+                        "content-type".to_owned(),
+                        "application/x-outpost-postcard".to_owned(),
+                    )],
+                    body: outpost_protocol::encode(&error).unwrap(),
+                }
+            })
+        });
+    }
+    fleet.publish_example(&hub, "demo", 2, 2);
+    fleet.first_rollout(&hub, "demo", 2);
+    agent.wait_status("active", json!("demo@2"));
+    // The reports of the update (downloaded, activating, committed) were each refused at least
+    // once: before this change, once, and then dropped.
+    wait_until(AGENT_WAIT, "three status reports refused", || {
+        (exchanges(&proxy, "/device/v1/status")
+            .iter()
+            .filter(|exchange| exchange.status == 401)
+            .count()
+            >= 3)
+            .then_some(())
+    });
+    let committed = |hub: &TestHub| {
+        agent.hub_detail(hub).events.into_iter().any(|event| {
+            event.kind == "committed"
+                && event.model.as_ref().is_some_and(|model| model.version == 2)
+        })
+    };
+    assert!(!committed(&hub), "a refused report reached the hub");
+
+    refusing.store(false, Ordering::SeqCst);
+    wait_until(AGENT_WAIT, "the kept reports to reach the hub", || {
+        committed(&hub).then_some(())
+    });
+    let kinds: Vec<String> = agent
+        .hub_detail(&hub)
+        .events
+        .into_iter()
+        .filter(|event| event.model.as_ref().is_some_and(|model| model.version == 2))
+        .map(|event| event.kind)
+        .collect();
+    assert_eq!(kinds, ["downloaded", "activating", "committed"]);
 }
 
 #[test]

@@ -57,7 +57,10 @@ impl Syncer {
     }
 
     /// Sends queued status reports in order. A transport failure stops and is returned, so the
-    /// caller backs off; a report the hub refuses outright is dropped with a warning.
+    /// caller backs off, and so does a refusal of the request's authentication (401): the hub
+    /// refuses a request signed at a time outside its clock-skew window, which says nothing about
+    /// the report, so it is kept until the clocks agree. A report the hub refuses for itself is
+    /// dropped with a warning.
     pub(super) fn deliver_reports(&mut self) -> Result<(), HubError> {
         while let Some(report) = self.state.outbox.first().cloned() {
             let wire = StatusReport {
@@ -68,7 +71,7 @@ impl Syncer {
             };
             match self.client.send("/device/v1/status", &wire) {
                 Ok(()) => {}
-                Err(error) if error.is_transient() => return Err(error),
+                Err(error) if error.is_transient() || error.is_unauthorized() => return Err(error),
                 Err(error) => log::warn!("hub refused a status report, dropping it: {error}"),
             }
             self.state.outbox.remove(0);
