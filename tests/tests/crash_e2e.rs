@@ -492,7 +492,9 @@ fn an_agent_killed_at_random_moments_serves_the_old_or_the_new_model() {
         catalogue.verify_agent_files(&agent.data(), false, &context);
 
         // Only a commit the agent wrote down moves it to the new version; anything earlier
-        // (probation included) starts it on the old one, which its log names before it listens.
+        // (probation included) starts it on the old one, which its log names as it starts. The
+        // inference API's socket is bound before that, so the test waits for the line, not for
+        // the socket.
         let serving = if phase == Phase::Committed {
             target
         } else {
@@ -501,7 +503,14 @@ fn an_agent_killed_at_random_moments_serves_the_old_or_the_new_model() {
         let log_before = agent.log().len();
         let restarted_at = outpost_agent::unix_now();
         agent.start();
-        let started_log = agent.log()[log_before..].to_owned();
+        let started_log = wait_until(
+            AGENT_WAIT,
+            "the restarted agent to name what it serves",
+            || {
+                let log = agent.log()[log_before..].to_owned();
+                log.contains("serving demo@").then_some(log)
+            },
+        );
         let started_with = started_log
             .lines()
             .find_map(|line| line.split_once("serving demo@"))
