@@ -595,7 +595,7 @@ fn integer_inputs_are_range_checked() {
 }
 
 #[test]
-fn oversized_body_is_413() {
+fn oversized_body_is_413_in_json_naming_the_limit() {
     let api = Api::start_with(ApiLimits {
         max_body_bytes: 1024,
         request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -605,13 +605,12 @@ fn oversized_body_is_413() {
     api.infer(&small).ok();
     let large = request_for(&mlp_inputs(64, 1)).to_string();
     assert!(large.len() > 1024);
-    let reply = api.post(&format!("/v2/models/{MODEL}/infer"), large.as_bytes());
-    assert_eq!(
-        reply.status,
-        413,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    // Refused in JSON like every other error (it was plain text), naming the limit.
+    api.post(&format!("/v2/models/{MODEL}/infer"), large.as_bytes())
+        .refused(
+            413,
+            &["request body is larger than this API's limit of 1024 bytes"],
+        );
 }
 
 #[test]

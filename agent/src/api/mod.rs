@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
@@ -251,5 +252,37 @@ fn router(state: Arc<ApiState>) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             limits.request_timeout,
         ))
+        .layer(axum::middleware::map_response(
+            move |response: Response| async move { limit_errors_in_json(response, limits) },
+        ))
         .with_state(state)
+}
+
+/// The body limit and the request timeout answer from tower-http's layers, in plain text or with
+/// no body; the API answers every error in JSON ([`ApiError`]), these too, naming the limit.
+fn limit_errors_in_json(response: Response, limits: ApiLimits) -> Response {
+    use error::ApiError;
+    let json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    match response.status() {
+        StatusCode::PAYLOAD_TOO_LARGE if !json => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body is larger than this API's limit of {} bytes",
+                limits.max_body_bytes
+            ),
+        )
+        .into_response(),
+        StatusCode::REQUEST_TIMEOUT if !json => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request took longer than this API's limit of {:?}",
+                limits.request_timeout
+            ),
+        )
+        .into_response(),
+        _ => response,
+    }
 }
