@@ -4,7 +4,8 @@
 // Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use outpost_tests::run;
+use outpost_tests::agent::AGENT_WAIT;
+use outpost_tests::{run, wait_until};
 
 #[test]
 fn quickstart_rolls_a_model_out_to_real_agents_and_reports_drift() {
@@ -67,4 +68,88 @@ fn quickstart_rolls_a_model_out_to_real_agents_and_reports_drift() {
     }
     let hub_log = std::fs::read_to_string(work.join("hub.log")).unwrap();
     assert!(!hub_log.contains("panicked"), "{hub_log}");
+}
+
+/// The address after `label` on the first line of `lines` that has it: `http://127.0.0.1:PORT`.
+fn address_after(lines: &[String], label: &str) -> String {
+    let line = lines
+        .iter()
+        .find(|line| line.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} line in:\n{}", lines.join("\n")));
+    let url = line
+        .split_whitespace()
+        .find(|word| word.starts_with("http://"))
+        .unwrap();
+    url.trim_start_matches("http://")
+        .trim_end_matches(',')
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// SIGKILLs a process group when dropped.
+struct KillGroupOnDrop(u32);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.0)])
+            .status();
+    }
+}
+
+/// Issue 21, also seen: SIGTERM to `quickstart --keep` (what a service manager or `kill` sends)
+/// ended it but left the hub and its agents running, orphaned, holding their ports. It stops
+/// them as Ctrl-C does.
+#[test]
+fn sigterm_to_a_kept_quickstart_stops_its_hub_and_agents() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("tour");
+    // In a process group of its own, which the guard kills whole if the test fails: a failing
+    // test must not leave a hub and agents behind too.
+    let mut tour = Command::new(outpost_tests::bin("outpost-hub"))
+        .args(["quickstart", "--keep", "--agents", "1", "--dir"])
+        .arg(&work)
+        .current_dir(dir.path())
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _group = KillGroupOnDrop(tour.id());
+    let stdout = BufReader::new(tour.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    let mut kept = false;
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        kept |= line.contains("still running");
+        let done = kept && line.trim_start().starts_with("agent 0:");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let hub = address_after(&lines, "hub:");
+    let agent = address_after(&lines, "agent 0:");
+    for address in [&hub, &agent] {
+        std::net::TcpStream::connect(address)
+            .unwrap_or_else(|error| panic!("{address} is not listening: {error}"));
+    }
+
+    let status = Command::new("kill")
+        .args(["-TERM", &tour.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tour.wait().unwrap();
+    for (what, address) in [("the hub", &hub), ("agent 0", &agent)] {
+        wait_until(AGENT_WAIT, &format!("{what} at {address} to stop"), || {
+            std::net::TcpStream::connect(address).is_err().then_some(())
+        });
+    }
 }

@@ -107,6 +107,28 @@ fn agent_binary(explicit: Option<PathBuf>, exe: &Path) -> anyhow::Result<PathBuf
         )
 }
 
+/// Waits for SIGINT (Ctrl-C), SIGTERM (`kill`, a service manager) or SIGHUP (the terminal
+/// closed) and names it. Returning lets the tour drop its children, which stops them: without
+/// this, only Ctrl-C (sent to the whole process group) stopped the hub and agents, and any other
+/// signal left them running, orphaned.
+fn wait_for_stop_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime to wait for signals")?;
+    runtime.block_on(async {
+        let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+        Ok(tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = hangup.recv() => "SIGHUP",
+            _ = interrupt.recv() => "SIGINT",
+        })
+    })
+}
+
 /// Child processes, stopped with SIGTERM (then SIGKILL) when dropped, so a failed step leaves
 /// nothing running.
 #[derive(Debug, Default)]
@@ -348,9 +370,8 @@ impl Tour {
             for (index, listen) in listens.iter().enumerate() {
                 println!("   agent {index}: http://{listen}/v2/models/demo/infer");
             }
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
+            let signal = wait_for_stop_signal()?;
+            step(&format!("{signal}: stopping the hub and agents"));
         }
         Ok(())
     }
