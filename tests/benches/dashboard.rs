@@ -95,11 +95,11 @@ fn main() {
     fleet.publish_example(&hub, "demo", 2, 2);
     let viewer = hub.admin_token("bench-viewer", "viewer");
     let canary = hub.enroll_token(
-        "ring=canary",
+        "ring=canary,kind=sim",
         u32::try_from(n_devices / 2 + 1).unwrap_or(u32::MAX),
     );
     let main = hub.enroll_token(
-        "ring=main",
+        "ring=main,kind=sim",
         u32::try_from(n_devices / 2 + 1).unwrap_or(u32::MAX),
     );
     let url = hub.url();

@@ -74,15 +74,17 @@ fn an_operator_clicks_through_the_dashboard_in_chromium() {
     let viewer = hub.admin_token("dash-viewer", "viewer");
 
     // Eight devices: all take demo@1, then fail demo@2, which pauses its rollout.
-    let enroll = hub.enroll_token("site=lab", 8);
+    // A device gets its token's labels: one token per ring.
+    let canary = hub.enroll_token("site=lab,ring=canary", 4);
+    let main = hub.enroll_token("site=lab,ring=main", 4);
     let mut devices: Vec<SimDevice> = (0..8)
         .map(|index| {
-            let ring = if index < 4 {
-                "ring=canary"
+            let (token, ring) = if index < 4 {
+                (&canary, "ring=canary")
             } else {
-                "ring=main"
+                (&main, "ring=main")
             };
-            SimDevice::enroll(&hub.url(), &enroll, &[ring], &fleet.root)
+            SimDevice::enroll(&hub.url(), token, &[ring], &fleet.root)
         })
         .collect();
     fleet.first_rollout(&hub, "demo", 1);

@@ -23,7 +23,7 @@ fn fleet(n_devices: usize) -> (TestHub, Fleet, Vec<SimDevice>) {
     let fleet = Fleet::new(&hub);
     fleet.publish_example(&hub, "demo", 1, 1);
     fleet.publish_example(&hub, "demo", 2, 2);
-    let token = hub.enroll_token("site=lab", 100);
+    let token = hub.enroll_token("site=lab,kind=sim", 100);
     let devices = (0..n_devices)
         .map(|_| SimDevice::enroll(&hub.url(), &token, &["kind=sim"], &fleet.root))
         .collect();

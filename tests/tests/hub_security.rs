@@ -127,6 +127,47 @@ fn signatures_checked_together_fail_only_their_own_request() {
     assert!(counter("outpost_hub_signature_batches_total") >= 1);
 }
 
+/// Issue 21, finding 9: a device enrolling with any token could add labels of its own choosing
+/// and so join any rollout's selector and count in its gates (sybil devices). It gets its
+/// token's labels only; what it claims beyond them is shown in its enrollment event.
+#[test]
+fn a_device_gets_its_tokens_labels_and_no_others() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    let token = hub.enroll_token("site=lab", 1);
+    let device = SimDevice::enroll(
+        &hub.url(),
+        &token,
+        &["tier=canary", "site=elsewhere", "site=lab"],
+        &fleet.root,
+    );
+    let id = device.id.to_hex();
+    let shown: Vec<DeviceSummary> = hub.cli_json(&["device", "list"]);
+    let shown = shown.iter().find(|summary| summary.id == id).unwrap();
+    assert_eq!(shown.labels, ["site=lab"]);
+    let canaries: Vec<DeviceSummary> =
+        hub.cli_json(&["device", "list", "--selector", "tier=canary"]);
+    assert!(canaries.is_empty(), "{canaries:?}");
+    let detail: outpost_hub::api::DeviceDetail = hub.cli_json(&["device", "show", &id]);
+    let enrolled = detail
+        .events
+        .iter()
+        .find(|event| event.kind == "enrolled")
+        .unwrap();
+    assert!(
+        enrolled.detail.ends_with(
+            "labels it claimed beyond its token's, not applied: tier=canary,site=elsewhere"
+        ),
+        "{enrolled:?}"
+    );
+    // An admin grants a label with `device label`.
+    hub.cli(&["device", "label", &id, "--set", "tier=canary"])
+        .ok();
+    let canaries: Vec<DeviceSummary> =
+        hub.cli_json(&["device", "list", "--selector", "tier=canary"]);
+    assert_eq!(canaries.len(), 1);
+}
+
 #[test]
 fn revoked_device_is_refused() {
     let (hub, _fleet, device) = hub_with_device();

@@ -95,6 +95,7 @@ impl Drop for KillGroupOnDrop {
     fn drop(&mut self) {
         let _ = std::process::Command::new("kill")
             .args(["-s", "KILL", "--", &format!("-{}", self.0)])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }

@@ -456,18 +456,21 @@ impl Tour {
     /// Enrolls and starts `count` agents; returns their inference API addresses.
     fn start_agents(&mut self, count: usize) -> anyhow::Result<Vec<String>> {
         step(&format!("enrolling and starting {count} agents"));
-        let created: CreatedToken = self.cli_json(&[
-            "token",
-            "create",
-            "--labels",
-            "site=quickstart",
-            "--expires",
-            "1h",
-            "--uses",
-            &count.to_string(),
-        ])?;
         let mut listens = Vec::new();
         for index in 0..count {
+            // A device gets its token's labels, so each agent has a token of its own; its
+            // config holds the same labels, which plans' selectors are checked against.
+            let labels = format!("agent={index},site=quickstart");
+            let created: CreatedToken = self.cli_json(&[
+                "token",
+                "create",
+                "--labels",
+                &labels,
+                "--expires",
+                "1h",
+                "--uses",
+                "1",
+            ])?;
             let dir = self.dir.join(format!("agent-{index}"));
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             std::fs::copy(self.dir.join("root.bin"), dir.join("root.bin"))
@@ -476,7 +479,7 @@ impl Tour {
             let config = dir.join("agent.toml");
             let text = format!(
                 "hub_url = \"{hub}\"\ntrust_root = \"{root}\"\ndata_dir = \"{data}\"\n\
-                 labels = [\"agent={index}\"]\n\n\
+                 labels = [\"agent={index}\", \"site=quickstart\"]\n\n\
                  [sync]\npoll_jitter = \"100ms\"\ntelemetry_flush = \"1s\"\nmax_backoff = \"2s\"\n\n\
                  [inference]\nlisten = \"{listen}\"\n",
                 hub = self.hub_url,

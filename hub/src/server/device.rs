@@ -396,24 +396,44 @@ async fn enroll(
     getrandom::getrandom(&mut device_id).map_err(DeviceError::internal)?;
     let now = unix_now();
     let token_hash = sha256(request.token.as_bytes()).0;
+    // A device gets its token's labels and no others: labels choose which devices a rollout
+    // reaches and whose outcomes its gates count, so anyone holding some enrollment token must
+    // not pick them. What it claims beyond them is shown in its enrollment event, for an admin to
+    // grant with `device label`.
+    let mut detail = format!("{} agent {}", request.arch, request.agent_version);
+    let token_labels = hub
+        .store
+        .enroll_token(&token_hash)?
+        .map(|token| token.labels)
+        .unwrap_or_default();
+    let not_applied: Vec<String> = request
+        .labels
+        .iter()
+        .filter(|label| {
+            !token_labels
+                .iter()
+                .any(|(key, value)| *key == label.key && *value == label.value)
+        })
+        .map(ToString::to_string)
+        .collect();
+    if !not_applied.is_empty() {
+        detail.push_str(&format!(
+            "; labels it claimed beyond its token's, not applied: {}",
+            not_applied.join(",")
+        ));
+    }
     let event = EventRecord {
         at: now,
         kind: "enrolled".into(),
         plan_sequence: None,
         model: None,
-        detail: format!("{} agent {}", request.arch, request.agent_version),
+        detail,
     };
     let outcome = hub.store.enroll(
         &token_hash,
         now,
         |token| {
-            // The token's labels win over labels the device claims for itself.
             let mut labels: Vec<(String, String)> = token.labels.clone();
-            for label in &request.labels {
-                if !labels.iter().any(|(key, _)| *key == label.key) {
-                    labels.push((label.key.clone(), label.value.clone()));
-                }
-            }
             labels.sort();
             DeviceRecord {
                 id: device_id,

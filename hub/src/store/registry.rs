@@ -80,6 +80,14 @@ impl Store {
         Ok(())
     }
 
+    /// The enrollment token stored under `token_hash`, if any.
+    pub fn enroll_token(&self, token_hash: &[u8; 32]) -> Result<Option<EnrollTokenRecord>> {
+        self.enroll_tokens
+            .get(token_hash)?
+            .map(|bytes| decode("enroll_tokens", &bytes))
+            .transpose()
+    }
+
     /// Deletes the enrollment token with id `id`; returns it, None when no token has that id.
     pub fn revoke_enroll_token(&self, id: &str) -> Result<Option<EnrollTokenRecord>> {
         for entry in self.enroll_tokens.iter() {
