@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use outpost_hub::api::{DeviceEvent, RolloutState};
 use outpost_protocol::device::{CheckInResponse, ErrorResponse};
-use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, Slot};
+use outpost_protocol::trust::{ManifestBody, ManifestRef, PlanBody, RootBody, Signed, Slot};
 use outpost_protocol::{Arch, SecretKey};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::hub::{Fleet, TestHub};
@@ -270,6 +270,32 @@ fn sign_plan(
     }
     hub.cli(&args).ok();
     std::fs::read(&out).unwrap()
+}
+
+/// Plan `sequence` naming the manifests `target` and `fallback` (their signed bytes), signed
+/// with the release keys directly. `plan sign` refuses to sign a plan that outlives a manifest it
+/// names (issue 21, finding 14), but a careless or hostile key holder need not use it, and the
+/// device must refuse what such a plan names all the same. The gates are `plan sign`'s defaults.
+fn sign_plan_naming(
+    hub: &TestHub,
+    fleet: &Fleet,
+    sequence: u64,
+    target: &[u8],
+    fallback: &[u8],
+) -> Vec<u8> {
+    let fallback_arg = write_file(hub, &format!("plan-{sequence}-fallback.bin"), fallback);
+    let mut body = plan_body(&sign_plan(hub, fleet, sequence, &fallback_arg, None));
+    let reference = |bytes: &[u8]| {
+        let manifest = manifest_body(bytes);
+        ManifestRef {
+            name: manifest.name.to_string(),
+            version: manifest.version,
+            manifest_sha256: outpost_protocol::sha256(bytes),
+        }
+    };
+    body.target = reference(target);
+    body.fallback = Some(reference(fallback));
+    fleet.sign(&body)
 }
 
 fn unix_now() -> u64 {
@@ -565,9 +591,7 @@ fn an_expired_manifest_is_refused_and_reported() {
     body.created = unix_now() - 2 * DAY;
     body.expires = unix_now() - DAY;
     let expired = fleet.sign(&body);
-    let target = write_file(&hub, "expired.bin", &expired);
-    let fallback = write_file(&hub, "v1.bin", &v1_manifest);
-    let plan = sign_plan(&hub, &fleet, 2, &target, Some(&fallback));
+    let plan = sign_plan_naming(&hub, &fleet, 2, &expired, &v1_manifest);
     let versions_before = installed(&agent);
     let artifacts_before = exchanges(&proxy, ARTIFACTS).len();
 
@@ -599,9 +623,7 @@ fn a_manifest_that_expired_before_its_plan_was_signed_is_refused_at_once() {
     body.created = unix_now() - DAY;
     body.expires = unix_now() + DAY;
     let manifest = fleet.sign(&body);
-    let target = write_file(&hub, "v2.bin", &manifest);
-    let fallback = write_file(&hub, "v1.bin", &v1_manifest);
-    let mut plan = plan_body(&sign_plan(&hub, &fleet, 2, &target, Some(&fallback)));
+    let mut plan = plan_body(&sign_plan_naming(&hub, &fleet, 2, &manifest, &v1_manifest));
     plan.created = unix_now() + 2 * DAY;
     plan.expires = plan.created + 30 * DAY;
     let plan_created = plan.created;
