@@ -107,26 +107,51 @@ fn agent_binary(explicit: Option<PathBuf>, exe: &Path) -> anyhow::Result<PathBuf
         )
 }
 
-/// Waits for SIGINT (Ctrl-C), SIGTERM (`kill`, a service manager) or SIGHUP (the terminal
-/// closed) and names it. Returning lets the tour drop its children, which stops them: without
-/// this, only Ctrl-C (sent to the whole process group) stopped the hub and agents, and any other
-/// signal left them running, orphaned.
-fn wait_for_stop_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting a runtime to wait for signals")?;
-    runtime.block_on(async {
-        let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-        let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-        Ok(tokio::select! {
-            _ = terminate.recv() => "SIGTERM",
-            _ = hangup.recv() => "SIGHUP",
-            _ = interrupt.recv() => "SIGINT",
+/// SIGINT (Ctrl-C), SIGTERM (`kill`, a service manager) and SIGHUP (the terminal closed), caught
+/// from [`StopSignals::listen`] on. Returning from the tour drops its children, which stops them:
+/// without this only Ctrl-C (sent to the whole process group) stopped the hub and agents, and any
+/// other signal left them running, orphaned.
+struct StopSignals {
+    runtime: tokio::runtime::Runtime,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime to wait for signals")?;
+        // Signal streams register with the runtime they are made in.
+        let (terminate, hangup, interrupt) = {
+            let _context = runtime.enter();
+            (
+                signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+                signal(SignalKind::hangup()).context("listening for SIGHUP")?,
+                signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+            )
+        };
+        Ok(StopSignals {
+            runtime,
+            terminate,
+            hangup,
+            interrupt,
         })
-    })
+    }
+
+    /// Waits for one of the signals and names it.
+    fn wait(mut self) -> &'static str {
+        self.runtime.block_on(async {
+            tokio::select! {
+                _ = self.terminate.recv() => "SIGTERM",
+                _ = self.hangup.recv() => "SIGHUP",
+                _ = self.interrupt.recv() => "SIGINT",
+            }
+        })
+    }
 }
 
 /// Child processes, stopped with SIGTERM (then SIGKILL) when dropped, so a failed step leaves
@@ -352,6 +377,9 @@ impl Tour {
         self.show(&["drift", "report", "--model", "demo", "--version", "2"])?;
 
         if keep {
+            // Listening before saying so: a signal sent as soon as the addresses are printed
+            // must find the handlers in place, not the default action that orphans the children.
+            let stop = StopSignals::listen()?;
             step("still running; Ctrl-C stops everything");
             println!(
                 "   hub:    {}  (admin token in {})",
@@ -370,7 +398,7 @@ impl Tour {
             for (index, listen) in listens.iter().enumerate() {
                 println!("   agent {index}: http://{listen}/v2/models/demo/infer");
             }
-            let signal = wait_for_stop_signal()?;
+            let signal = stop.wait();
             step(&format!("{signal}: stopping the hub and agents"));
         }
         Ok(())
