@@ -400,34 +400,32 @@ async fn enroll(
     // reaches and whose outcomes its gates count, so anyone holding some enrollment token must
     // not pick them. What it claims beyond them is shown in its enrollment event, for an admin to
     // grant with `device label`.
-    let mut detail = format!("{} agent {}", request.arch, request.agent_version);
-    let token_labels = hub
-        .store
-        .enroll_token(&token_hash)?
-        .map(|token| token.labels)
-        .unwrap_or_default();
-    let not_applied: Vec<String> = request
-        .labels
-        .iter()
-        .filter(|label| {
-            !token_labels
-                .iter()
-                .any(|(key, value)| *key == label.key && *value == label.value)
-        })
-        .map(ToString::to_string)
-        .collect();
-    if !not_applied.is_empty() {
-        detail.push_str(&format!(
-            "; labels it claimed beyond its token's, not applied: {}",
-            not_applied.join(",")
-        ));
-    }
-    let event = EventRecord {
-        at: now,
-        kind: "enrolled".into(),
-        plan_sequence: None,
-        model: None,
-        detail,
+    let enrolled_event = |token: &crate::store::EnrollTokenRecord| {
+        let mut detail = format!("{} agent {}", request.arch, request.agent_version);
+        let not_applied: Vec<String> = request
+            .labels
+            .iter()
+            .filter(|label| {
+                !token
+                    .labels
+                    .iter()
+                    .any(|(key, value)| *key == label.key && *value == label.value)
+            })
+            .map(ToString::to_string)
+            .collect();
+        if !not_applied.is_empty() {
+            detail.push_str(&format!(
+                "; labels it claimed beyond its token's, not applied: {}",
+                not_applied.join(",")
+            ));
+        }
+        EventRecord {
+            at: now,
+            kind: "enrolled".into(),
+            plan_sequence: None,
+            model: None,
+            detail,
+        }
     };
     let outcome = hub.store.enroll(
         &token_hash,
@@ -451,7 +449,7 @@ async fn enroll(
                 queue_bytes: 0,
             }
         },
-        &event,
+        enrolled_event,
     )?;
     let device = outcome.map_err(|refusal| {
         DeviceError::unauthorized(match refusal {

@@ -80,14 +80,6 @@ impl Store {
         Ok(())
     }
 
-    /// The enrollment token stored under `token_hash`, if any.
-    pub fn enroll_token(&self, token_hash: &[u8; 32]) -> Result<Option<EnrollTokenRecord>> {
-        self.enroll_tokens
-            .get(token_hash)?
-            .map(|bytes| decode("enroll_tokens", &bytes))
-            .transpose()
-    }
-
     /// Deletes the enrollment token with id `id`; returns it, None when no token has that id.
     pub fn revoke_enroll_token(&self, id: &str) -> Result<Option<EnrollTokenRecord>> {
         for entry in self.enroll_tokens.iter() {
@@ -117,15 +109,15 @@ impl Store {
             .collect()
     }
 
-    /// Uses one count of an enrollment token and stores the new device, atomically: a token with
-    /// one use left enrolls exactly one device however many try at once. `make_device` receives the
-    /// token's labels.
+    /// Uses one count of an enrollment token and stores the new device and its enrollment event,
+    /// atomically: a token with one use left enrolls exactly one device however many try at once.
+    /// `make_device` and `make_event` receive the token (its labels).
     pub fn enroll(
         &self,
         token_hash: &[u8; 32],
         now: u64,
         make_device: impl Fn(&EnrollTokenRecord) -> DeviceRecord,
-        event: &EventRecord,
+        make_event: impl Fn(&EnrollTokenRecord) -> EventRecord,
     ) -> Result<std::result::Result<DeviceRecord, TokenRefusal>> {
         let event_id = self.db.generate_id()?;
         let outcome = (&self.enroll_tokens, &self.devices, &self.events).transaction(
@@ -149,7 +141,8 @@ impl Store {
                     encode_applied("devices", &device, None).map_err(abort)?,
                 )?;
                 let event_key = [device.id.as_slice(), &event_id.to_be_bytes()].concat();
-                events.insert(event_key, encode("events", event).map_err(abort)?)?;
+                let event = make_event(&token);
+                events.insert(event_key, encode("events", &event).map_err(abort)?)?;
                 Ok(Ok(device))
             },
         )?;
