@@ -219,12 +219,30 @@ impl Committed {
     }
 }
 
-/// The part of `state.bin` after the [`DeviceState`] fields the first agents wrote. This layout
-/// is a compatibility promise: add fields only at its end, each with a default, and read them
-/// back with [`StateFiles::load`].
+/// Kept on disk while a model runs in shadow (from before its probation until it is taken off
+/// the shadow runner or the agent stops cleanly), so that a shadow model that kills the process
+/// (an abort, the kernel's OOM killer) cannot hold the agent in a crash loop: finding it at start
+/// means the agent ended uncleanly while the model ran in shadow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowMarker {
+    pub candidate: VersionRef,
+    pub plan_sequence: u64,
+    /// Unclean ends of the agent in a row while `candidate` ran in shadow.
+    pub unclean_ends: u32,
+}
+
+/// Unclean ends in a row while a model runs in shadow after which it counts as failed here. One
+/// could be a power cut; two in a row are the model's doing.
+pub const SHADOW_UNCLEAN_ENDS: u32 = 2;
+
+/// The part of `state.bin` after the [`DeviceState`] fields the first agents wrote, as a sequence
+/// of postcard values. This layout is a compatibility promise: add values only at its end, and
+/// read each back only while bytes remain (see [`decode_state`]), so a tail an older agent wrote
+/// reads with the newer values at their defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct StateTail {
     committed: Vec<Committed>,
+    shadow: Option<ShadowMarker>,
 }
 
 /// Most undelivered status reports kept; older ones are dropped first.
@@ -256,6 +274,9 @@ pub struct DeviceState {
     /// Per model, what was committed under which plan. Stored in the [`StateTail`].
     #[serde(skip)]
     pub committed: Vec<Committed>,
+    /// Set while a model runs in shadow. Stored in the [`StateTail`].
+    #[serde(skip)]
+    pub shadow: Option<ShadowMarker>,
 }
 
 impl DeviceState {
@@ -400,6 +421,7 @@ fn encode_state(state: &DeviceState) -> postcard::Result<Vec<u8>> {
     let mut bytes = postcard::to_stdvec(state)?;
     bytes.extend(postcard::to_stdvec(&StateTail {
         committed: state.committed.clone(),
+        shadow: state.shadow.clone(),
     })?);
     Ok(bytes)
 }
@@ -409,9 +431,20 @@ fn decode_state(bytes: &[u8]) -> postcard::Result<DeviceState> {
     let (mut state, rest): (DeviceState, &[u8]) = postcard::take_from_bytes(bytes)?;
     if rest.is_empty() {
         state.note_commits_of_an_older_agent();
-    } else {
-        let tail: StateTail = postcard::from_bytes(rest)?;
-        state.committed = tail.committed;
+        return Ok(state);
+    }
+    let (committed, rest) = postcard::take_from_bytes(rest)?;
+    state.committed = committed;
+    if !rest.is_empty() {
+        let (shadow, rest) = postcard::take_from_bytes(rest)?;
+        state.shadow = shadow;
+        if !rest.is_empty() {
+            // Values a newer agent added: this agent cannot read them, and writes them no more.
+            log::warn!(
+                "state.bin ends with {} bytes this agent does not know; they are dropped",
+                rest.len()
+            );
+        }
     }
     Ok(state)
 }
@@ -497,6 +530,32 @@ mod tests {
         assert!(written.starts_with(&bytes));
         assert_eq!(postcard::from_bytes::<DeviceState>(&written).unwrap(), old);
         assert_eq!(decode_state(&written).unwrap(), state);
+    }
+
+    #[test]
+    fn a_tail_without_the_shadow_marker_reads_without_one_and_a_marker_round_trips() {
+        let mut state: DeviceState = postcard::from_bytes(&old_state(&[])).unwrap();
+        state.note_commit("m", 2, 4);
+        // The tail as the agent wrote it before shadow markers: the commits only.
+        let mut bytes = postcard::to_stdvec(&state).unwrap();
+        bytes.extend(postcard::to_stdvec(&state.committed).unwrap());
+        assert_eq!(decode_state(&bytes).unwrap(), state);
+
+        state.shadow = Some(ShadowMarker {
+            candidate: VersionRef {
+                name: "m".into(),
+                version: 3,
+                manifest_sha256: [9; 32],
+            },
+            plan_sequence: 5,
+            unclean_ends: 1,
+        });
+        let written = encode_state(&state).unwrap();
+        assert_eq!(decode_state(&written).unwrap(), state);
+        // An agent that knows only the commits reads them and ignores the marker.
+        let (_, tail): (DeviceState, &[u8]) = postcard::take_from_bytes(&written).unwrap();
+        let (committed, _): (Vec<Committed>, &[u8]) = postcard::take_from_bytes(tail).unwrap();
+        assert_eq!(committed, state.committed);
     }
 
     #[test]

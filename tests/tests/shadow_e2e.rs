@@ -407,3 +407,64 @@ fn real_agents_promote_a_target_that_agrees_and_roll_back_one_that_does_not() {
         assert_eq!(feed(agent, 5, 7), vec!["2"; 5]);
     }
 }
+
+/// Issue 21, finding 4: a shadow model that kills the agent (the kernel's OOM killer, an abort
+/// in the runtime) must not hold it in a crash loop. The agent is killed with SIGKILL twice while
+/// demo@2 runs in shadow, as a model that grows without bound would have it killed; after the
+/// second time it reports demo@2 failed and never runs it in shadow again, while demo@1 serves.
+#[test]
+fn a_shadow_model_that_kills_the_agent_twice_in_a_row_fails_there() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "demo", 1, 1);
+    fleet.publish_example(&hub, "demo", 2, 2);
+    fleet.first_rollout(&hub, "demo", 1);
+    let mut agent = TestAgent::enroll(&hub, &fleet, "site=lab", "");
+    agent.start();
+    agent.wait_status("active", json!("demo@1"));
+
+    let rollout = fleet.create_rollout(&hub, "demo", 2, 1, AGENT_ROLLOUT);
+    agent.wait_status("shadow", json!("demo@2"));
+    agent.kill9();
+    // One unclean end may be a power cut: demo@2 is tried in shadow again.
+    agent.start();
+    agent.wait_fresh_status("shadow", json!("demo@2"));
+    assert!(
+        agent
+            .log()
+            .contains("ended uncleanly while running demo@2 in shadow"),
+        "{}",
+        agent.log()
+    );
+    agent.kill9();
+    agent.start();
+
+    let failed = wait_until(AGENT_WAIT, "the agent to report demo@2 failed", || {
+        agent.hub_detail(&hub).events.into_iter().find(|event| {
+            event.kind == "failed" && event.model.as_ref().map(|model| model.version) == Some(2)
+        })
+    });
+    assert_eq!(failed.plan_sequence, Some(rollout.sequence));
+    assert!(
+        failed.detail.contains("uncleanly 2 times in a row"),
+        "{failed:#?}"
+    );
+    // Two whole cycles later it still runs nothing in shadow, and demo@1 answers.
+    for _ in 0..2 {
+        let status = agent.next_status();
+        assert_eq!(status["shadow"], json!(null), "{status:#}");
+        assert_eq!(status["active"], json!("demo@1"), "{status:#}");
+    }
+    assert_eq!(
+        agent
+            .log()
+            .matches("running demo@2 in shadow (plan")
+            .count(),
+        2,
+        "{}",
+        agent.log()
+    );
+    let (code, answer) = agent.infer(&http(), [0.1, 0.2, 0.3, 0.4]);
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["model_version"], json!("1"), "{answer}");
+}

@@ -9,8 +9,11 @@
 //!
 //! A shadow model (the target of a plan's shadow stage) is verified, downloaded, installed and
 //! validated the same way, but never activated: it only goes to the [`Shadow`] runner, and is
-//! taken off it as soon as a check-in no longer asks for it. It is kept in memory only; after a
-//! restart the next check-in sets it again.
+//! taken off it as soon as a check-in no longer asks for it. The model is kept in memory only;
+//! after a restart the next check-in sets it again. A persisted shadow marker names it while it
+//! runs: the agent clears it when it stops cleanly, so finding it at start means the agent died
+//! while the model ran in shadow, and after two such ends in a row the model counts as failed here
+//! (a model that kills the process must not hold the agent in a crash loop).
 //!
 //! This module holds the loop, the cycle and the check-in; the rest is one job per submodule:
 //! `apply` acts on the verdict of [`crate::check::decide`], `activation` installs, probes and
@@ -38,7 +41,9 @@ use crate::hub_client::{HubClient, HubError};
 use crate::notify::Notifier;
 use crate::shadow::Shadow;
 use crate::slot::ModelSlot;
-use crate::state::{DeviceState, QueuedReport, ReportKind, StateFiles, VersionRef};
+use crate::state::{
+    DeviceState, QueuedReport, ReportKind, StateFiles, VersionRef, SHADOW_UNCLEAN_ENDS,
+};
 use crate::telemetry::Recorder;
 use crate::versions::Versions;
 use crate::{agent_version, unix_now};
@@ -197,6 +202,34 @@ impl Syncer {
             });
             files.save(&state)?;
         }
+        if let Some(mut marker) = state.shadow.take() {
+            marker.unclean_ends += 1;
+            if marker.unclean_ends >= SHADOW_UNCLEAN_ENDS {
+                let reason = format!(
+                    "shadow: the agent ended uncleanly {} times in a row while running {} in \
+                     shadow; it runs here no more",
+                    marker.unclean_ends, marker.candidate
+                );
+                log::error!("{reason}");
+                DeviceState::remember(&mut state.failed, marker.candidate.manifest_sha256);
+                state.queue(QueuedReport {
+                    plan_sequence: Some(marker.plan_sequence),
+                    manifest: Some(marker.candidate),
+                    kind: ReportKind::Failed,
+                    reason,
+                    at: unix_now(),
+                });
+            } else {
+                log::warn!(
+                    "the agent ended uncleanly while running {} in shadow; it is tried again, \
+                     and fails here if that happens {} times in a row",
+                    marker.candidate,
+                    SHADOW_UNCLEAN_ENDS
+                );
+                state.shadow = Some(marker);
+            }
+            files.save(&state)?;
+        }
         let mut syncer = Syncer {
             device_id,
             client,
@@ -295,6 +328,8 @@ impl Syncer {
             }
         }
         self.flush_telemetry();
+        // A clean stop: whatever runs in shadow did not end the agent.
+        self.state.shadow = None;
         if let Err(error) = self.files.save(&self.state) {
             log::error!("saving agent state: {error:#}");
         }

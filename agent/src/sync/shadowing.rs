@@ -7,7 +7,7 @@ use outpost_protocol::device::AgentState;
 use outpost_protocol::VerifiedManifest;
 
 use crate::check::Refusal;
-use crate::state::{DeviceState, ReportKind};
+use crate::state::{DeviceState, ReportKind, ShadowMarker};
 
 use super::{to_ref, Syncer};
 
@@ -53,11 +53,35 @@ impl Syncer {
             return;
         }
         self.agent_state = AgentState::Steady;
+        // The marker goes to disk before the model is loaded: from here on, an agent killed by
+        // the model finds it at start (see `Syncer::start`).
+        let unclean_ends = self
+            .state
+            .shadow
+            .as_ref()
+            .filter(|marker| marker.candidate.manifest_sha256 == digest)
+            .map_or(0, |marker| marker.unclean_ends);
+        self.state.shadow = Some(ShadowMarker {
+            candidate: candidate.clone(),
+            plan_sequence: sequence,
+            unclean_ends,
+        });
+        if let Err(error) = self.files.save(&self.state) {
+            // Without the marker a model that kills the agent would do so at every start.
+            log::error!("saving the shadow marker: {error:#}; {candidate} does not run in shadow");
+            self.state.shadow = None;
+            return;
+        }
         match self.probation(&candidate) {
             Ok(model) => {
                 log::info!("running {candidate} in shadow (plan {sequence})");
-                self.stop_shadow("another shadow model replaces it");
-                self.shadow.set(Some(Arc::new(model)));
+                if let Some(replaced) = self.shadow.set(Some(Arc::new(model))) {
+                    log::info!(
+                        "stopped running {}@{} in shadow: another shadow model replaces it",
+                        replaced.name,
+                        replaced.version
+                    );
+                }
                 self.queue(
                     Some(sequence),
                     Some(candidate),
@@ -75,8 +99,10 @@ impl Syncer {
         }
     }
 
-    /// Takes the shadow model, if any, off the shadow runner.
-    pub(super) fn stop_shadow(&self, why: &str) {
+    /// Takes the shadow model, if any, off the shadow runner, and its marker off the disk at the
+    /// next save.
+    pub(super) fn stop_shadow(&mut self, why: &str) {
+        self.state.shadow = None;
         if let Some(stopped) = self.shadow.set(None) {
             log::info!(
                 "stopped running {}@{} in shadow: {why}",
