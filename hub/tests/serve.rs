@@ -163,6 +163,7 @@ fn serves_https_with_a_generated_certificate() {
     // Metrics over HTTPS count the requests above by route and status.
     let mut response = https_agent(&std::fs::read(&ca).unwrap())
         .get(&format!("{url}/metrics"))
+        .header("Authorization", &format!("Bearer {token}"))
         .call()
         .unwrap();
     assert_eq!(response.status(), 200);

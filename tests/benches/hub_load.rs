@@ -315,13 +315,15 @@ fn cpu_seconds(pid: &str) -> f64 {
     ticks as f64 / CLOCK_TICKS_PER_SEC
 }
 
-/// The hub's signature-verifier counters from `/metrics`: (batches, signatures). None from a
-/// hub that checks each signature alone (before batches), so the column reads "-".
-fn signature_counters(host: &str) -> Option<(u64, u64)> {
+/// The hub's signature-verifier counters from `/metrics`, read with the admin `token`:
+/// (batches, signatures). None from a hub that checks each signature alone (before batches), so
+/// the column reads "-".
+fn signature_counters(host: &str, token: &str) -> Option<(u64, u64)> {
     let mut stream = TcpStream::connect(host).ok()?;
     write!(
         stream,
-        "GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "GET /metrics HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut text = String::new();
@@ -807,7 +809,7 @@ fn measure(
         // Sample CPU counters at the edges of the measured window, not of the warm-up.
         std::thread::sleep(warm_up_until.saturating_duration_since(Instant::now()));
         // The scrapes stay outside the CPU samples, so their work is not counted.
-        let signed = signature_counters(host);
+        let signed = signature_counters(host, &hub.token);
         let before = (
             cpu_seconds(&hub_pid),
             cpu_seconds("self"),
@@ -819,7 +821,7 @@ fn measure(
             cpu_seconds(&hub_pid),
             cpu_seconds("self"),
             machine_cpu_seconds(),
-            signature_counters(host),
+            signature_counters(host, &hub.token),
         );
         let results: Vec<ClientResult> = handles
             .into_iter()

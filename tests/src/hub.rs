@@ -62,6 +62,11 @@ impl TestHub {
         TestHub::start_with(false, DEFAULT_TICK, (1, 1))
     }
 
+    /// Like [`TestHub::start`], with the rollout engine ticking every `tick`.
+    pub fn start_ticking(tick: &'static str) -> TestHub {
+        TestHub::start_with(false, tick, (1, 1))
+    }
+
     /// Like [`TestHub::start`], telling devices to come back after `quiet` seconds outside a
     /// rollout and `in_rollout` seconds in one.
     pub fn start_polling(quiet: u32, in_rollout: u32) -> TestHub {
@@ -263,6 +268,43 @@ impl TestHub {
             (Some(_), Some((_, port))) => format!("https://localhost:{port}"),
             _ => format!("http://{}", self.address),
         }
+    }
+
+    /// `GET /metrics` with the bootstrap admin token: the counters as they are now, and the
+    /// gauges the engine computed at its latest tick.
+    pub fn metrics(&self) -> String {
+        let mut response = crate::device_sim::http_agent()
+            .get(&format!("{}/metrics", self.url()))
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .expect("GET /metrics");
+        response
+            .body_mut()
+            .read_to_string()
+            .expect("reading /metrics")
+    }
+
+    /// `GET /metrics` once its gauges were computed after this call began (in a later whole
+    /// second, as `outpost_hub_fleet_gauges_timestamp_seconds` counts): they show at least what
+    /// the store held when it was called.
+    pub fn fresh_metrics(&self) -> String {
+        let since = crate::device_sim::unix_now();
+        wait_until(
+            Duration::from_secs(30),
+            "/metrics gauges computed after now",
+            || {
+                let text = self.metrics();
+                let computed: u64 = text
+                    .lines()
+                    .find_map(|line| {
+                        line.strip_prefix("outpost_hub_fleet_gauges_timestamp_seconds ")?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0);
+                (computed > since).then_some(text)
+            },
+        )
     }
 
     /// The bootstrap admin token.

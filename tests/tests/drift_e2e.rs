@@ -35,16 +35,6 @@ fn feature<'a>(report: &'a DriftReport, name: &str) -> &'a FeatureDriftInfo {
         .unwrap_or_else(|| panic!("the report has no feature {name}: {report:#?}"))
 }
 
-fn metrics(hub: &TestHub) -> String {
-    http()
-        .get(format!("{}/metrics", hub.url()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
-}
-
 /// The demo@1 profile `example-model` wrote, and the hash its manifest signs.
 fn load_profile(dir: &std::path::Path) -> (Profile, Sha256) {
     let bytes = std::fs::read(dir.join("profile.bin")).unwrap();
@@ -255,7 +245,7 @@ fn hostile_summaries_are_refused_whole_and_change_nothing() {
         .call()
         .unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
-    let text = metrics(&hub);
+    let text = hub.fresh_metrics();
     assert!(
         text.contains("outpost_hub_drift_samples{model=\"demo\",version=\"1\",feature=\"x0\"} 200"),
         "{text}"
@@ -376,7 +366,7 @@ fn a_drifting_canary_group_is_reported_and_rolls_its_rollout_back() {
     }
     // Over the whole fleet, as /metrics shows it.
     report_with(&hub, &["--version", "1"], 1200);
-    let text = metrics(&hub);
+    let text = hub.fresh_metrics();
     for (name, level) in [("x0", 0), ("x1", 2), ("x2", 0), ("x3", 2)] {
         let line = format!(
             "outpost_hub_drift_status{{model=\"demo\",version=\"1\",feature=\"{name}\"}} {level}\n"

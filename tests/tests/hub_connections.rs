@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use outpost_protocol::device::AgentState;
 use outpost_tests::agent::AGENT_WAIT;
-use outpost_tests::device_sim::{http_agent, SimDevice};
+use outpost_tests::device_sim::SimDevice;
 use outpost_tests::hub::{Fleet, TestHub};
 use outpost_tests::wait_until;
 use socket2::{Domain, Socket, Type};
@@ -134,11 +134,7 @@ fn connections_that_never_finish_their_headers_are_closed_while_devices_are_serv
     );
 
     // A complete request on a fresh connection is answered, and the hub is still well.
-    let metrics = http_agent()
-        .get(&format!("{}/metrics", hub.url()))
-        .call()
-        .unwrap();
-    assert_eq!(metrics.status(), 200);
+    assert!(hub.metrics().contains("outpost_hub_check_ins_total"));
     device.check_in(AgentState::Steady);
 }
 
@@ -164,7 +160,7 @@ fn connections_beyond_the_limit_per_address_are_closed_at_once() {
     // eight proves all eight were accepted and kept, so the ninth is the one over the limit.
     for stream in &mut held {
         stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: hub\r\n\r\n")
+            .write_all(metrics_request(&hub, "keep-alive").as_bytes())
             .unwrap();
         let answer = read_response(stream);
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -187,7 +183,7 @@ fn connections_beyond_the_limit_per_address_are_closed_at_once() {
     let answer = wait_until(AGENT_WAIT, "a connection from 127.0.0.2 answered", || {
         let mut again = connect_from(crowd, address);
         again
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")
+            .write_all(metrics_request(&hub, "close").as_bytes())
             .ok()?;
         again.set_read_timeout(Some(AGENT_WAIT)).unwrap();
         let mut bytes = Vec::new();
@@ -195,6 +191,15 @@ fn connections_beyond_the_limit_per_address_are_closed_at_once() {
         Some(String::from_utf8_lossy(&bytes).into_owned()).filter(|answer| !answer.is_empty())
     });
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// A whole `GET /metrics` with the hub's admin token and the `Connection` header given.
+fn metrics_request(hub: &TestHub, connection: &str) -> String {
+    format!(
+        "GET /metrics HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {}\r\n\
+         Connection: {connection}\r\n\r\n",
+        hub.token()
+    )
 }
 
 /// Reads one HTTP/1.1 response with a `content-length` from a kept-alive `stream`: its head and
@@ -274,11 +279,7 @@ fn two_thousand_idle_connections_leave_devices_checking_in() {
         .map(|from| connect_from(from, address))
         .collect();
     let during = check_in_latencies(&device, 50);
-    let metrics = http_agent()
-        .get(&format!("{}/metrics", hub.url()))
-        .call()
-        .unwrap();
-    assert_eq!(metrics.status(), 200);
+    assert!(hub.metrics().contains("outpost_hub_check_ins_total"));
     let open = idle.iter().filter(|stream| still_open(stream)).count();
     assert_eq!(open, 2000, "the hub closed idle connections it should hold");
     assert!(!hub.log().contains("Too many open files"), "{}", hub.log());

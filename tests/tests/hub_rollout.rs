@@ -163,13 +163,7 @@ fn rollout_goes_through_every_stage_and_completes() {
 
     // The same picture in Prometheus form: devices by state, the rollout's stage, the device
     // requests by route, and the counters the handlers bump.
-    let metrics = outpost_tests::device_sim::http_agent()
-        .get(&format!("{}/metrics", hub.url()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = hub.fresh_metrics();
     let value = |series: &str| -> f64 {
         metrics
             .lines()

@@ -107,13 +107,7 @@ fn signatures_checked_together_fail_only_their_own_request() {
         }
     });
     // Every one of those signatures went through the verifier.
-    let metrics = http_agent()
-        .get(format!("{}/metrics", hub.url()))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap();
+    let metrics = hub.metrics();
     let counter = |name: &str| -> u64 {
         metrics
             .lines()
@@ -707,4 +701,84 @@ fn hostile_device_input_is_refused() {
 
     // The hub is still serving the real device.
     device.check_in(AgentState::Steady);
+}
+
+/// The value of the un-labelled series `name` in a Prometheus text.
+fn series(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Issue 21, finding 5: `/metrics` answered anyone, and scanned every device and a day of drift
+/// summaries at each scrape. Now a scrape needs an admin token (a viewer's will do) unless the
+/// hub runs with `--metrics-public`, and reads gauges the engine computed at its latest tick:
+/// with the engine ticking once an hour, a device enrolled after the first tick shows in the
+/// counters at once but in the device gauges not at all.
+#[test]
+fn metrics_need_a_token_and_scrapes_do_not_read_the_store() {
+    let hub = TestHub::start_ticking("1h");
+    let fleet = Fleet::new(&hub);
+    // The engine's first tick, at start, computed the gauges.
+    wait_until(AGENT_WAIT, "the first tick's gauges", || {
+        series(&hub.metrics(), "outpost_hub_fleet_gauges_timestamp_seconds")
+    });
+
+    let url = format!("{}/metrics", hub.url());
+    let refused = |headers: &[(String, String)], why: &str| {
+        let reply = outpost_tests::device_sim::send(&url, headers, None);
+        let body = String::from_utf8_lossy(&reply.body);
+        assert_eq!(reply.status, 401, "{body}");
+        assert_eq!(body, format!("{{\"error\":\"{why}\"}}"));
+    };
+    refused(&[], "missing bearer token");
+    let wrong = [(
+        "Authorization".to_owned(),
+        "Bearer opa_not_a_token".to_owned(),
+    )];
+    refused(&wrong, "unknown or revoked token");
+    let viewer: CreatedToken = hub.cli_json(&[
+        "admin-token",
+        "create",
+        "--name",
+        "prometheus",
+        "--role",
+        "viewer",
+        "--expires",
+        "never",
+    ]);
+    let as_viewer = [(
+        "Authorization".to_owned(),
+        format!("Bearer {}", viewer.token),
+    )];
+    let reply = outpost_tests::device_sim::send(&url, &as_viewer, None);
+    assert_eq!(reply.status, 200);
+
+    let token = hub.enroll_token("site=lab", 1);
+    let device = SimDevice::enroll(&hub.url(), &token, &[], &fleet.root);
+    device.check_in(AgentState::Steady);
+    let text = hub.metrics();
+    assert_eq!(
+        series(&text, "outpost_hub_enrollments_total"),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, "outpost_hub_check_ins_total"),
+        Some(1),
+        "{text}"
+    );
+    assert!(
+        !text.contains("outpost_hub_devices{"),
+        "a scrape read the store:\n{text}"
+    );
+
+    // Served to anyone only when the operator says so.
+    let public = TestHub::start_serving(&[], &["--metrics-public"]);
+    let reply = outpost_tests::device_sim::send(&format!("{}/metrics", public.url()), &[], None);
+    assert_eq!(reply.status, 200);
+    assert!(
+        public.log().contains("--metrics-public"),
+        "{}",
+        public.log()
+    );
 }

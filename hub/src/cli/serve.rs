@@ -66,6 +66,11 @@ pub struct ServeArgs {
     /// process's open-file limit (the unit sets LimitNOFILE=65536).
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Serve `/metrics` to anyone who can reach the hub. By default a scrape needs an admin token
+    /// of any role (`admin-token create --role viewer --expires never` makes one for a scraper):
+    /// the metrics name models, features and the fleet's state.
+    #[arg(long)]
+    pub metrics_public: bool,
     /// Write the bound address (`host:port`) to this file once the hub can answer (store open).
     #[arg(long)]
     pub address_file: Option<PathBuf>,
@@ -102,7 +107,15 @@ impl ServeArgs {
                 max_per_address: self.max_connections_per_address as usize,
                 max_connections: self.max_connections as usize,
             },
+            metrics_public: self.metrics_public,
         };
+        if self.metrics_public {
+            log::warn!(
+                "--metrics-public: /metrics, with model names, features and fleet state, is \
+                 served to anyone who can reach {}",
+                self.listen
+            );
+        }
         if config.connections.idle_timeout <= config.request_timeout {
             bail!(
                 "--idle-timeout ({:?}) must be longer than --request-timeout ({:?}): a request \

@@ -207,7 +207,8 @@ pub fn device_facts(
     Ok(facts)
 }
 
-/// The engine's clock: evaluates every rollout each tick until the task is aborted.
+/// The engine's clock: evaluates every rollout each tick, then refreshes the gauges `/metrics`
+/// serves, until the task is aborted.
 pub async fn run(hub: SharedHub) {
     let mut interval = tokio::time::interval(hub.config.tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -215,6 +216,12 @@ pub async fn run(hub: SharedHub) {
         interval.tick().await;
         if let Err(error) = tick(&hub).await {
             log::error!("rollout engine: {error:#}");
+        }
+        let refreshed = hub.clone();
+        match tokio::task::spawn_blocking(move || super::metrics::refresh_fleet(&refreshed)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => log::error!("computing the fleet's metrics: {error:#}"),
+            Err(error) => log::error!("computing the fleet's metrics: {error}"),
         }
     }
 }

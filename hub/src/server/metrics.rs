@@ -1,13 +1,20 @@
 //! `GET /metrics` in the Prometheus text format, and the middleware that times every request.
+//!
+//! A scrape needs an admin token of any role (a viewer's is enough) unless the hub runs with
+//! `--metrics-public`: the metrics name models, features and the fleet's state. What must read the
+//! store (devices by state, rollout stages, a day of drift) is computed once per engine tick, on a
+//! blocking thread, by [`refresh_fleet`]; a scrape only copies that text and reads counters, so
+//! scrapes cannot stall the hub however many come at once.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header::CONTENT_TYPE;
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -29,10 +36,12 @@ struct RouteStats {
     sum_secs: f64,
 }
 
-/// Counters the handlers bump; gauges are read from the store at scrape time.
+/// Counters the handlers bump, and the gauges the engine computes from the store each tick.
 #[derive(Debug, Default)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<String, RouteStats>>,
+    /// The store's gauges as text, from the latest [`refresh_fleet`]; empty before the first.
+    fleet: RwLock<Arc<str>>,
     pub check_ins: AtomicU64,
     /// Check-ins answered without documents, the device holding them already.
     pub check_ins_unchanged: AtomicU64,
@@ -84,7 +93,12 @@ pub fn routes(hub: SharedHub) -> Router {
     Router::new().route("/metrics", get(render)).with_state(hub)
 }
 
-async fn render(State(hub): State<SharedHub>) -> Response {
+async fn render(State(hub): State<SharedHub>, headers: HeaderMap) -> Response {
+    if !hub.config.metrics_public {
+        if let Err(error) = super::admin::require(&hub, &headers, crate::api::Role::Viewer) {
+            return error.into_response();
+        }
+    }
     match render_text(&hub) {
         Ok(text) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
         Err(error) => {
@@ -98,7 +112,18 @@ async fn render(State(hub): State<SharedHub>) -> Response {
     }
 }
 
-fn render_text(hub: &SharedHub) -> anyhow::Result<String> {
+/// Computes the gauges that read the store (devices by state, rollout stages, drift) and keeps
+/// them for scrapes until the next call. The engine calls it once per tick, on a blocking thread.
+pub fn refresh_fleet(hub: &SharedHub) -> anyhow::Result<()> {
+    let text = fleet_text(hub)?;
+    *hub.metrics
+        .fleet
+        .write()
+        .map_err(|_| anyhow::anyhow!("metrics lock poisoned"))? = text.into();
+    Ok(())
+}
+
+fn fleet_text(hub: &SharedHub) -> anyhow::Result<String> {
     let mut out = String::new();
     let now = crate::unix_now();
 
@@ -130,6 +155,27 @@ fn render_text(hub: &SharedHub) -> anyhow::Result<String> {
     }
 
     super::drift::write_metrics(hub, now, &mut out)?;
+    writeln!(
+        out,
+        "# HELP outpost_hub_fleet_gauges_timestamp_seconds When the gauges above were computed \
+         from the store (once per engine tick)."
+    )?;
+    writeln!(
+        out,
+        "# TYPE outpost_hub_fleet_gauges_timestamp_seconds gauge"
+    )?;
+    writeln!(out, "outpost_hub_fleet_gauges_timestamp_seconds {now}")?;
+    Ok(out)
+}
+
+fn render_text(hub: &SharedHub) -> anyhow::Result<String> {
+    let fleet = hub
+        .metrics
+        .fleet
+        .read()
+        .map_err(|_| anyhow::anyhow!("metrics lock poisoned"))?
+        .clone();
+    let mut out = String::from(&*fleet);
 
     let counters = [
         (

@@ -51,6 +51,8 @@ pub struct ServerConfig {
     /// Time limit for in-flight requests once shutdown begins.
     pub drain_timeout: Duration,
     pub connections: ConnectionLimits,
+    /// Serve `/metrics` without a token.
+    pub metrics_public: bool,
 }
 
 /// What one client may hold of the hub's connections (see [`outpost_serve::Options`]).

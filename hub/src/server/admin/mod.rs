@@ -202,7 +202,7 @@ impl From<anyhow::Error> for AdminError {
 type Reply<T> = Result<Json<T>, AdminError>;
 
 /// Checks the bearer token and its role.
-fn require(
+pub(super) fn require(
     hub: &SharedHub,
     headers: &HeaderMap,
     role: Role,
