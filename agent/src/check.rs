@@ -6,7 +6,8 @@
 use outpost_protocol::name::{selector_matches, Label};
 use outpost_protocol::trust::{ManifestBody, Signed, Slot};
 use outpost_protocol::{
-    AgentVersion, Arch, TimeFloor, VerifiedManifest, VerifiedPlan, VerifiedRoot, VerifyError,
+    AgentVersion, Arch, Sha256, TimeFloor, VerifiedManifest, VerifiedPlan, VerifiedRoot,
+    VerifyError,
 };
 
 use crate::state::Committed;
@@ -28,6 +29,12 @@ pub struct Documents<'a> {
 pub struct Trust<'a> {
     pub root: &'a VerifiedRoot,
     pub highest_plan: Option<u64>,
+    /// The digest of the plan accepted at `highest_plan`, when known: another plan at that
+    /// sequence is refused.
+    pub plan_digest: Option<Sha256>,
+    /// Plans created before this time are refused: the creation of the root whose rotation last
+    /// revoked keys (0 before any).
+    pub signed_since: u64,
     /// The highest version seen per model name: the rollback floor of a target.
     pub highest_manifest: &'a [(String, u64)],
     /// What the device committed under which plan: the floor of a plan's fallback.
@@ -106,6 +113,21 @@ pub enum Refusal {
         sequence: u64,
         committed: u64,
     },
+    /// A verified plan at the sequence of the plan the device accepted last, with other bytes:
+    /// two plans signed with one sequence must not let the hub choose between them.
+    #[error("plan: plan {sequence} differs from the plan {sequence} this device accepted")]
+    PlanConflict { sequence: u64 },
+    /// A verified plan created before the rotation that last revoked keys: the device's floors
+    /// were reset by that recovery, and only plans signed since count.
+    #[error(
+        "plan: plan {sequence} was created at {created}, before the trust root that revoked \
+         keys at {since}; sign a new plan"
+    )]
+    SignedBeforeRecovery {
+        sequence: u64,
+        created: u64,
+        since: u64,
+    },
 }
 
 /// Labels as `k=v,k=v`, or `none`.
@@ -126,7 +148,9 @@ impl Refusal {
         match self {
             Refusal::Unverified { .. }
             | Refusal::NotForThisDevice { .. }
-            | Refusal::BelowCommitted { .. } => None,
+            | Refusal::BelowCommitted { .. }
+            | Refusal::PlanConflict { .. }
+            | Refusal::SignedBeforeRecovery { .. } => None,
             Refusal::Incompatible { manifest, .. } | Refusal::UnsupportedArch { manifest, .. } => {
                 Some(manifest)
             }
@@ -141,7 +165,9 @@ impl Refusal {
             }
             Refusal::UnsupportedArch { .. }
             | Refusal::NotForThisDevice { .. }
-            | Refusal::BelowCommitted { .. } => None,
+            | Refusal::BelowCommitted { .. }
+            | Refusal::PlanConflict { .. }
+            | Refusal::SignedBeforeRecovery { .. } => None,
         }
     }
 }
@@ -157,6 +183,10 @@ pub enum Verdict {
     /// it forward.
     Judged {
         rotated: Option<VerifiedRoot>,
+        /// The rotation revoked keys: the plan was judged with the device's floors reset (no
+        /// plan, manifest or commit seen; the new root's creation as the newest signed time),
+        /// and the device must reset them too.
+        recovery: bool,
         plan: PlanVerdict,
     },
 }
@@ -241,8 +271,30 @@ pub fn decide(documents: &Documents<'_>, trust: &Trust<'_>, floor: &TimeFloor) -
         }
     };
     let root = rotated.as_ref().unwrap_or(trust.root);
-    let plan = judge_plan(root, documents, trust, floor);
-    Verdict::Judged { rotated, plan }
+    let recovery = root.revokes_keys_of(trust.root);
+    let plan = if recovery {
+        let since = root.body().created;
+        let trust = Trust {
+            highest_plan: None,
+            plan_digest: None,
+            signed_since: since,
+            highest_manifest: &[],
+            committed: &[],
+            ..*trust
+        };
+        let floor = TimeFloor {
+            newest_signed: since,
+            ..*floor
+        };
+        judge_plan(root, documents, &trust, &floor)
+    } else {
+        judge_plan(root, documents, trust, floor)
+    };
+    Verdict::Judged {
+        rotated,
+        recovery,
+        plan,
+    }
 }
 
 fn judge_plan(
@@ -272,6 +324,22 @@ fn judge_plan(
             })
         }
     };
+    if plan.body().created < trust.signed_since {
+        return PlanVerdict::Refused(Refusal::SignedBeforeRecovery {
+            sequence: plan.sequence(),
+            created: plan.body().created,
+            since: trust.signed_since,
+        });
+    }
+    if trust.highest_plan == Some(plan.sequence())
+        && trust
+            .plan_digest
+            .is_some_and(|digest| digest != plan.digest())
+    {
+        return PlanVerdict::Refused(Refusal::PlanConflict {
+            sequence: plan.sequence(),
+        });
+    }
     if !selector_matches(&plan.body().selector, trust.labels) {
         return PlanVerdict::Refused(Refusal::NotForThisDevice {
             sequence: plan.sequence(),
@@ -398,6 +466,8 @@ pub fn check(view: &DeviceView<'_>, offered: &Offered<'_>) -> Result<Accepted, C
     let trust = Trust {
         root: &trusted,
         highest_plan: view.highest_plan,
+        plan_digest: None,
+        signed_since: 0,
         highest_manifest: &highest_manifest,
         committed: &committed,
         labels: view.labels,
@@ -412,7 +482,7 @@ pub fn check(view: &DeviceView<'_>, offered: &Offered<'_>) -> Result<Accepted, C
     };
     let (rotated, plan) = match decide(&documents, &trust, &view.floor) {
         Verdict::RootRefused(refusal) => return Err(refusal.into()),
-        Verdict::Judged { rotated, plan } => (rotated, plan),
+        Verdict::Judged { rotated, plan, .. } => (rotated, plan),
     };
     let (plan, manifest) = match plan {
         PlanVerdict::NoPlan { manifest } => (None, manifest.transpose()?.map(|m| (None, m))),
@@ -436,7 +506,8 @@ pub enum CheckError {
     Verify(#[from] VerifyError),
     #[error("this CPU architecture is not supported")]
     UnsupportedArch,
-    /// Signed for other devices, or a fallback below what the device committed.
+    /// Signed for other devices, a fallback below what the device committed, or a plan its
+    /// floors refuse.
     #[error(transparent)]
     NotForThisDevice(Refusal),
 }
@@ -448,9 +519,10 @@ impl From<Refusal> for CheckError {
                 CheckError::Verify(source)
             }
             Refusal::UnsupportedArch { .. } => CheckError::UnsupportedArch,
-            Refusal::NotForThisDevice { .. } | Refusal::BelowCommitted { .. } => {
-                CheckError::NotForThisDevice(refusal)
-            }
+            Refusal::NotForThisDevice { .. }
+            | Refusal::BelowCommitted { .. }
+            | Refusal::PlanConflict { .. }
+            | Refusal::SignedBeforeRecovery { .. } => CheckError::NotForThisDevice(refusal),
         }
     }
 }
@@ -519,6 +591,8 @@ mod tests {
         Trust {
             root,
             highest_plan,
+            plan_digest: None,
+            signed_since: 0,
             highest_manifest: &[],
             committed: &[],
             labels: &[],
@@ -546,6 +620,7 @@ mod tests {
         let verdict = decide(&documents, &trust(&root, None), &TimeFloor::default());
         let Verdict::Judged {
             rotated: None,
+            recovery: false,
             plan:
                 PlanVerdict::Accepted {
                     manifest: Some(Err(refusal)),
@@ -610,5 +685,47 @@ mod tests {
             "{refusal:?}"
         );
         assert!(refusal.to_string().starts_with("plan: "), "{refusal}");
+    }
+
+    /// Issue 21, finding 7: a plan at the sequence the device accepted last, with other bytes,
+    /// is refused; the same plan again is not.
+    #[test]
+    fn another_plan_at_the_accepted_sequence_is_refused() {
+        let root = VerifiedRoot::load_trusted(&fixture("root.bin")).expect("the root is valid");
+        let plan = fixture("plan.bin");
+        let verified = root
+            .verify_plan(&plan, &TimeFloor::default(), None)
+            .expect("the plan alone is valid");
+        let documents = Documents {
+            roots: &[],
+            plan: Some(&plan),
+            manifest: None,
+            shadow: None,
+        };
+        let judge = |digest: Sha256| {
+            let trust = Trust {
+                plan_digest: Some(digest),
+                ..trust(&root, Some(verified.sequence()))
+            };
+            match decide(&documents, &trust, &TimeFloor::default()) {
+                Verdict::Judged { plan, .. } => plan,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(matches!(
+            judge(verified.digest()),
+            PlanVerdict::Accepted { .. }
+        ));
+        let refused = judge(Sha256([7; 32]));
+        let PlanVerdict::Refused(refusal) = refused else {
+            panic!("{refused:?}");
+        };
+        assert_eq!(
+            refusal.to_string(),
+            format!(
+                "plan: plan {0} differs from the plan {0} this device accepted",
+                verified.sequence()
+            )
+        );
     }
 }

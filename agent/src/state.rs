@@ -243,6 +243,8 @@ pub const SHADOW_UNCLEAN_ENDS: u32 = 2;
 struct StateTail {
     committed: Vec<Committed>,
     shadow: Option<ShadowMarker>,
+    plan_digest: Option<[u8; 32]>,
+    signed_since: u64,
 }
 
 /// Most undelivered status reports kept; older ones are dropped first.
@@ -277,6 +279,14 @@ pub struct DeviceState {
     /// Set while a model runs in shadow. Stored in the [`StateTail`].
     #[serde(skip)]
     pub shadow: Option<ShadowMarker>,
+    /// The digest of the plan accepted at `highest_plan` (unknown in a state an older agent
+    /// wrote). Stored in the [`StateTail`].
+    #[serde(skip)]
+    pub plan_digest: Option<[u8; 32]>,
+    /// The creation of the root whose rotation last revoked keys: plans created before it are
+    /// refused. Stored in the [`StateTail`].
+    #[serde(skip)]
+    pub signed_since: u64,
 }
 
 impl DeviceState {
@@ -324,6 +334,29 @@ impl DeviceState {
     fn note_commits_of_an_older_agent(&mut self) {
         if let (Some(active), Some(plan)) = (self.active.clone(), self.highest_plan) {
             self.note_commit(&active.name, active.version, plan);
+        }
+    }
+
+    /// A rotation revoked keys (a recovery from their compromise): forgets every floor they may
+    /// have set (plan sequence, manifest versions, commits, the newest signed time) and from now
+    /// on accepts only plans created at or after `since`, the new root's creation.
+    pub fn recover(&mut self, since: u64) {
+        self.highest_plan = None;
+        self.plan_digest = None;
+        self.highest_manifest.clear();
+        self.committed.clear();
+        self.committed_report = None;
+        self.newest_signed = since;
+        self.signed_since = since;
+    }
+
+    /// Notes an accepted plan: the highest sequence seen, and the digest of the plan at it.
+    pub fn note_plan(&mut self, sequence: u64, digest: [u8; 32]) {
+        if self.highest_plan.is_none_or(|highest| sequence > highest) {
+            self.highest_plan = Some(sequence);
+            self.plan_digest = Some(digest);
+        } else if self.highest_plan == Some(sequence) && self.plan_digest.is_none() {
+            self.plan_digest = Some(digest);
         }
     }
 
@@ -422,8 +455,25 @@ fn encode_state(state: &DeviceState) -> postcard::Result<Vec<u8>> {
     bytes.extend(postcard::to_stdvec(&StateTail {
         committed: state.committed.clone(),
         shadow: state.shadow.clone(),
+        plan_digest: state.plan_digest,
+        signed_since: state.signed_since,
     })?);
     Ok(bytes)
+}
+
+/// The [`StateTail`]'s values still to read.
+struct Tail<'a>(&'a [u8]);
+
+impl Tail<'_> {
+    /// The next value, or None when an older agent's tail ends before it.
+    fn next<T: serde::de::DeserializeOwned>(&mut self) -> postcard::Result<Option<T>> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        let (value, rest) = postcard::take_from_bytes(self.0)?;
+        self.0 = rest;
+        Ok(Some(value))
+    }
 }
 
 /// Reads `state.bin`, with or without the tail an older agent did not write.
@@ -433,18 +483,17 @@ fn decode_state(bytes: &[u8]) -> postcard::Result<DeviceState> {
         state.note_commits_of_an_older_agent();
         return Ok(state);
     }
-    let (committed, rest) = postcard::take_from_bytes(rest)?;
-    state.committed = committed;
-    if !rest.is_empty() {
-        let (shadow, rest) = postcard::take_from_bytes(rest)?;
-        state.shadow = shadow;
-        if !rest.is_empty() {
-            // Values a newer agent added: this agent cannot read them, and writes them no more.
-            log::warn!(
-                "state.bin ends with {} bytes this agent does not know; they are dropped",
-                rest.len()
-            );
-        }
+    let mut tail = Tail(rest);
+    state.committed = tail.next()?.unwrap_or_default();
+    state.shadow = tail.next()?.flatten();
+    state.plan_digest = tail.next()?.flatten();
+    state.signed_since = tail.next()?.unwrap_or_default();
+    if !tail.0.is_empty() {
+        // Values a newer agent added: this agent cannot read them, and writes them no more.
+        log::warn!(
+            "state.bin ends with {} bytes this agent does not know; they are dropped",
+            tail.0.len()
+        );
     }
     Ok(state)
 }

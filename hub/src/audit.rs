@@ -4,6 +4,12 @@
 //! chain head beside the entries. [`verify`] recomputes the chain: an edited entry breaks its own
 //! hash, a deleted one leaves a gap in the sequence or a broken link, and a deleted tail no longer
 //! matches the head.
+//!
+//! The chain has no key, so a hub that is itself compromised could rewrite it whole and
+//! consistently. `outpost-hub audit verify` therefore checks the chain again on the operator's
+//! machine ([`chain_problem`] over the entries the admin API lists), and with `--pin FILE` keeps
+//! the head it verified outside the hub: a later log that no longer holds that entry, with that
+//! hash, was rewritten.
 
 use outpost_protocol::sha256;
 
@@ -58,7 +64,75 @@ pub fn append(
     })
 }
 
-/// Walks the whole chain and names the first thing wrong with it.
+/// One entry of the chain as [`chain_problem`] checks it: the hub's stored record, or an entry
+/// as the admin API lists it, checked again by `audit verify` on the operator's machine.
+#[derive(Debug, Clone, Copy)]
+pub struct Link<'a> {
+    pub seq: u64,
+    pub at: u64,
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub target: &'a str,
+    pub detail: &'a str,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+impl<'a> From<&'a AuditRecord> for Link<'a> {
+    fn from(record: &'a AuditRecord) -> Link<'a> {
+        Link {
+            seq: record.seq,
+            at: record.at,
+            actor: &record.actor,
+            action: &record.action,
+            target: &record.target,
+            detail: &record.detail,
+            prev_hash: record.prev_hash,
+            hash: record.hash,
+        }
+    }
+}
+
+/// Walks a chain from its first entry and names the first thing wrong with it: a missing entry,
+/// a broken link, or an entry whose contents no longer match its hash.
+pub fn chain_problem<'a>(entries: impl IntoIterator<Item = Link<'a>>) -> Option<String> {
+    let mut prev_hash = [0u8; 32];
+    for (expected_seq, entry) in (1u64..).zip(entries) {
+        if entry.seq != expected_seq {
+            return Some(format!(
+                "entry {expected_seq} is missing (next entry is {})",
+                entry.seq
+            ));
+        }
+        if entry.prev_hash != prev_hash {
+            return Some(format!(
+                "entry {} does not link to entry {}",
+                entry.seq,
+                entry.seq - 1
+            ));
+        }
+        let hash = entry_hash(
+            &entry.prev_hash,
+            entry.seq,
+            entry.at,
+            entry.actor,
+            entry.action,
+            entry.target,
+            entry.detail,
+        );
+        if hash != entry.hash {
+            return Some(format!(
+                "entry {} was altered: its contents no longer match its hash",
+                entry.seq
+            ));
+        }
+        prev_hash = entry.hash;
+    }
+    None
+}
+
+/// Walks the whole stored chain and names the first thing wrong with it, the chain head the
+/// store keeps beside the entries included.
 pub fn verify(store: &Store) -> Result<AuditVerdict, StoreError> {
     let (entries, head) = store.audit_entries(0)?;
     let count = entries.len() as u64;
@@ -67,37 +141,8 @@ pub fn verify(store: &Store) -> Result<AuditVerdict, StoreError> {
         intact: problem.is_none(),
         problem,
     };
-    let mut prev_hash = [0u8; 32];
-    for (expected_seq, entry) in (1u64..).zip(&entries) {
-        if entry.seq != expected_seq {
-            return Ok(verdict(Some(format!(
-                "entry {expected_seq} is missing (next entry is {})",
-                entry.seq
-            ))));
-        }
-        if entry.prev_hash != prev_hash {
-            return Ok(verdict(Some(format!(
-                "entry {} does not link to entry {}",
-                entry.seq,
-                entry.seq - 1
-            ))));
-        }
-        let hash = entry_hash(
-            &entry.prev_hash,
-            entry.seq,
-            entry.at,
-            &entry.actor,
-            &entry.action,
-            &entry.target,
-            &entry.detail,
-        );
-        if hash != entry.hash {
-            return Ok(verdict(Some(format!(
-                "entry {} was altered: its contents no longer match its hash",
-                entry.seq
-            ))));
-        }
-        prev_hash = entry.hash;
+    if let Some(problem) = chain_problem(entries.iter().map(Link::from)) {
+        return Ok(verdict(Some(problem)));
     }
     let last = entries.last().map(|entry| (entry.seq, entry.hash));
     if head != last {

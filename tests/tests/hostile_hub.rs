@@ -989,3 +989,101 @@ fn a_rotation_signed_by_the_new_keys_only_is_refused_and_reported() {
     agent.wait_status("active", json!("demo@2"));
     assert_eq!(agent.status()["root_version"], 1);
 }
+
+/// Issue 21, finding 7: a compromised threshold of release keys signs a plan at sequence
+/// `u64::MAX`, dated ten years ahead. The device accepts it (it is validly signed), and its
+/// floors are poisoned: no later plan's sequence is high enough, and every root looks expired.
+/// The operators recover as TUF's fast-forward recovery does: they rotate the root to new keys,
+/// revoking the compromised ones. The device follows the rotation, resets its floors to the new
+/// root's creation, and runs what the new keys sign; the revoked keys' plan counts no more.
+#[test]
+fn a_rotation_that_revokes_compromised_keys_resets_the_floors_they_poisoned() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let v1 = check_in_with_plan(&proxy, 1);
+    let mut body = plan_body(v1.plan.as_deref().unwrap());
+    let future = unix_now() + 3650 * DAY;
+    body.sequence = u64::MAX;
+    body.created = future;
+    body.expires = future + 365 * DAY;
+    let poisoned = fleet.sign(&body);
+    rewrite_check_ins(&proxy, move |answer| {
+        answer.plan = Some(ByteBuf::from(poisoned.clone()));
+    });
+    agent.wait_status("plan_sequence", json!(u64::MAX));
+    assert_serving(&agent, 1);
+
+    // The recovery: two new keys, and a rotation signed by the old threshold and the new one.
+    proxy.set_hook(older_hub);
+    let new_keys_dir = hub.dir().join("new-keys");
+    let new_keys_arg = new_keys_dir.to_string_lossy().into_owned();
+    hub.cli(&["keys", "generate", "--out", &new_keys_arg, "--count", "2"])
+        .ok();
+    let mut new_keys: Vec<String> = std::fs::read_dir(&new_keys_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "key"))
+        .map(|path| path.to_string_lossy().into_owned())
+        .collect();
+    new_keys.sort();
+    let new_keys = new_keys.join(",");
+    let root2 = hub.dir().join("root2.bin");
+    let root2_arg = root2.to_string_lossy().into_owned();
+    hub.cli(&[
+        "root",
+        "rotate",
+        "--root",
+        &fleet.root_path.to_string_lossy(),
+        "--old-key",
+        &fleet.keys,
+        "--key",
+        &new_keys,
+        "--threshold",
+        "2",
+        "--out",
+        &root2_arg,
+    ])
+    .ok();
+    hub.cli(&["root", "upload", &root2_arg]).ok();
+    let recovered = Fleet {
+        keys: new_keys,
+        root_path: root2,
+        root: fleet.root.clone(),
+    };
+    recovered.publish_example(&hub, "demo", 2, 2);
+    recovered.first_rollout(&hub, "demo", 2);
+    agent.wait_status("active", json!("demo@2"));
+    let status = assert_serving(&agent, 2);
+    assert_eq!(status["root_version"], 2, "{status:#}");
+    assert!(status["plan_sequence"].as_u64().unwrap() < 10, "{status:#}");
+    assert!(
+        agent.log().contains("revoking keys of version 1"),
+        "{}",
+        agent.log()
+    );
+
+    // A plan the revoked keys sign now is refused: they sign nothing the device trusts. (The
+    // poisoned plan itself was refused once the root looked expired, and a device reports each
+    // refused document once.)
+    body.sequence = 100;
+    body.created = unix_now();
+    body.expires = body.created + DAY;
+    let revoked = fleet.sign(&body);
+    let seen: Vec<String> = agent
+        .hub_detail(&hub)
+        .events
+        .into_iter()
+        .filter(|event| event.kind == "refused")
+        .map(|event| event.detail)
+        .collect();
+    rewrite_check_ins(&proxy, move |answer| {
+        answer.plan = Some(ByteBuf::from(revoked.clone()));
+    });
+    let refusal = next_refusal(&hub, &agent, &seen);
+    assert!(
+        refusal
+            .detail
+            .starts_with("plan: plan has 0 valid signature(s) from distinct trusted keys"),
+        "{refusal:?}"
+    );
+    assert_serving(&agent, 2);
+}

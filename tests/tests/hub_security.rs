@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_hub::api::{
@@ -16,6 +18,7 @@ use outpost_protocol::SecretKey;
 use outpost_tests::agent::AGENT_WAIT;
 use outpost_tests::device_sim::{http_agent, unix_now, SimDevice};
 use outpost_tests::hub::{Fleet, TestHub};
+use outpost_tests::proxy::{Proxy, Verdict as ProxyVerdict};
 use outpost_tests::wait_until;
 
 fn hub_with_device() -> (TestHub, Fleet, SimDevice) {
@@ -637,6 +640,124 @@ fn tampering_with_the_audit_log_is_detected() {
     hub.restart();
     hub.cli(&["audit", "verify"])
         .fails_with(&format!("entry {alice} is missing"));
+}
+
+/// A hub's audit log as a compromised hub could serve it: bob's entry says "rob", and when
+/// `consistent`, every hash from it on is computed afresh so the chain holds together.
+fn rewritten_log(body: &[u8], consistent: bool) -> Vec<u8> {
+    let mut entries: Vec<AuditEntry> = serde_json::from_slice(body).unwrap();
+    let mut prev = [0u8; 32];
+    for entry in &mut entries {
+        if entry.detail.starts_with("bob as viewer") {
+            entry.detail.replace_range(..1, "r");
+        }
+        if consistent {
+            entry.prev_hash = hex::encode(prev);
+            prev = outpost_hub::audit::entry_hash(
+                &prev,
+                entry.seq,
+                entry.at,
+                &entry.actor,
+                &entry.action,
+                &entry.target,
+                &entry.detail,
+            );
+            entry.hash = hex::encode(prev);
+        }
+    }
+    serde_json::to_vec(&entries).unwrap()
+}
+
+/// Issue 21, finding 8: `audit verify` asked the hub whether its own log was intact, so a hub
+/// that is itself compromised could alter it and say yes, or rewrite the whole chain
+/// consistently. Now the chain is checked on the operator's machine, and `--pin FILE` keeps the
+/// head verified last outside the hub, which a rewritten log no longer holds.
+#[test]
+fn audit_verify_checks_the_chain_itself_and_against_a_head_pinned_outside_the_hub() {
+    let hub = TestHub::start();
+    for name in ["alice", "bob"] {
+        hub.cli(&["admin-token", "create", "--name", name, "--role", "viewer"])
+            .ok();
+    }
+    let pin = hub.dir().join("audit-head");
+    let pin_arg = pin.to_string_lossy().into_owned();
+    let first = hub.cli(&["audit", "verify", "--pin", &pin_arg]).ok();
+    let entries: Vec<AuditEntry> = hub.cli_json(&["audit", "log"]);
+    let head = entries.last().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&pin).unwrap(),
+        format!("{} {}\n", head.seq, head.hash)
+    );
+    assert!(
+        first.stdout.contains(&format!(
+            "{} entries, checked here and on the hub; head entry {} pinned in",
+            entries.len(),
+            head.seq
+        )),
+        "{}",
+        first.stdout
+    );
+    let bob = entries
+        .iter()
+        .find(|entry| entry.detail.starts_with("bob as viewer"))
+        .unwrap()
+        .seq;
+
+    // The compromised hub alters bob's entry and vouches for its log.
+    let proxy = Proxy::start(&hub.url());
+    let consistent = Arc::new(AtomicBool::new(false));
+    {
+        let consistent = consistent.clone();
+        proxy.set_hook(move |request, mut response| {
+            if request.path.starts_with("/admin/v1/audit/verify") {
+                response.body = br#"{"entries":3,"intact":true,"problem":null}"#.to_vec();
+            } else if request.path.starts_with("/admin/v1/audit") {
+                response.body = rewritten_log(&response.body, consistent.load(Ordering::SeqCst));
+            }
+            ProxyVerdict::Forward(response)
+        });
+    }
+    let proxy_url = proxy.url();
+    let via_proxy = |extra: &[&str]| {
+        let mut args = vec!["audit", "verify", "--hub", &proxy_url];
+        args.extend_from_slice(extra);
+        hub.cli(&args)
+    };
+    via_proxy(&[]).fails_with(&format!(
+        "checked here: entry {bob} was altered: its contents no longer match its hash"
+    ));
+
+    // It rewrites the chain consistently instead: no check of the chain alone can tell, but the
+    // pinned head can, and stays where it was.
+    consistent.store(true, Ordering::SeqCst);
+    via_proxy(&[]).ok();
+    via_proxy(&["--pin", &pin_arg]).fails_with(&format!("entry {} has hash ", head.seq));
+    assert_eq!(
+        std::fs::read_to_string(&pin).unwrap(),
+        format!("{} {}\n", head.seq, head.hash)
+    );
+
+    // The real hub's log holds the pinned head, and the pin moves on to the new one.
+    hub.cli(&[
+        "admin-token",
+        "create",
+        "--name",
+        "carol",
+        "--role",
+        "viewer",
+    ])
+    .ok();
+    hub.cli(&["audit", "verify", "--pin", &pin_arg]).ok();
+    let entries: Vec<AuditEntry> = hub.cli_json(&["audit", "log"]);
+    let new_head = entries.last().unwrap();
+    assert!(new_head.seq > head.seq);
+    assert_eq!(
+        std::fs::read_to_string(&pin).unwrap(),
+        format!("{} {}\n", new_head.seq, new_head.hash)
+    );
+    std::fs::write(&pin, "not a head").unwrap();
+    hub.cli(&["audit", "verify", "--pin", &pin_arg])
+        .fails_with("does not hold an audit head (`SEQ HASH`, 64 hex digits)");
 }
 
 /// Opens the stopped hub's store and runs `edit` on its audit tree.

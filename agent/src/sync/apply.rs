@@ -31,6 +31,8 @@ impl Syncer {
         let trust = Trust {
             root: &self.root,
             highest_plan: self.state.highest_plan,
+            plan_digest: self.state.plan_digest.map(outpost_protocol::Sha256),
+            signed_since: self.state.signed_since,
             highest_manifest: &self.state.highest_manifest,
             committed: &self.state.committed,
             labels: &self.config.labels,
@@ -43,14 +45,37 @@ impl Syncer {
                 self.refuse(None, None, digest, refusal.to_string());
                 return;
             }
-            Verdict::Judged { rotated, plan } => (rotated, plan),
+            Verdict::Judged {
+                rotated,
+                recovery,
+                plan,
+            } => (rotated.map(|root| (root, recovery)), plan),
         };
-        if let Some(root) = rotated {
+        if let Some((root, recovery)) = rotated {
+            if recovery {
+                // The floors go first: a crash between the two saves must not leave the new
+                // root trusted with the revoked keys' floors, which would refuse every plan the
+                // new keys sign. Reset without the new root, they would only be reset again.
+                self.state.recover(root.body().created);
+                if let Err(error) = self.files.save(&self.state) {
+                    log::error!("saving the floors reset by a recovery: {error:#}");
+                    return;
+                }
+            }
             if let Err(error) = self.files.save_root(root.signed_bytes()) {
                 log::error!("saving the rotated root: {error:#}");
                 return;
             }
-            log::info!("trust root rotated to version {}", root.version());
+            if recovery {
+                log::warn!(
+                    "trust root rotated to version {}, revoking keys of version {}: plan, \
+                     manifest and commit floors reset, only plans signed since count",
+                    root.version(),
+                    self.root.version()
+                );
+            } else {
+                log::info!("trust root rotated to version {}", root.version());
+            }
             self.root = root;
         }
         let (plan, manifest, shadow) = match plan {
@@ -73,7 +98,7 @@ impl Syncer {
             } => (plan, manifest, shadow),
         };
         let sequence = plan.sequence();
-        self.state.highest_plan = Some(self.state.highest_plan.unwrap_or(0).max(sequence));
+        self.state.note_plan(sequence, plan.digest().0);
         // The plan's creation is now a signed time seen: its manifests are judged against it,
         // in this answer as in every later one.
         self.state.newest_signed = self.state.newest_signed.max(plan.body().created);

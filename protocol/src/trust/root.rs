@@ -172,6 +172,13 @@ impl VerifiedRoot {
 
     /// Walks a chain of newer roots, in version order, and checks the last one is not expired.
     /// Roots at or below the trusted version are skipped, so a hub may send its whole history.
+    ///
+    /// A chain that ends in a root [revoking](VerifiedRoot::revokes_keys_of) keys of this one is
+    /// a recovery from a key compromise, and the time signed by the revoked keys is not held
+    /// against it: the last root is judged against `floor` with the newest signed time replaced
+    /// by its own creation (the keys that signed it are the ones trusted now). Without this, a
+    /// compromised threshold that signed a document dated far in the future would make every
+    /// later root look expired, and no rotation could ever recover the device.
     pub fn update(
         &self,
         chain: &[Vec<u8>],
@@ -189,8 +196,26 @@ impl VerifiedRoot {
             }
             current = current.verify_rotation(bytes)?;
         }
-        current.check_fresh(floor)?;
+        if current.revokes_keys_of(self) {
+            current.check_fresh(&TimeFloor {
+                newest_signed: current.body.created,
+                ..*floor
+            })?;
+        } else {
+            current.check_fresh(floor)?;
+        }
         Ok(current)
+    }
+
+    /// Whether this root no longer trusts a key `older` trusted: a rotation that revokes keys.
+    /// TUF's fast-forward recovery: what the revoked keys signed (a plan sequence, a manifest
+    /// version, a signed time) must no longer floor what the remaining and new keys sign.
+    pub fn revokes_keys_of(&self, older: &VerifiedRoot) -> bool {
+        older
+            .body
+            .keys
+            .iter()
+            .any(|key| !self.body.keys.contains(key))
     }
 
     pub fn check_fresh(&self, floor: &TimeFloor) -> Result<(), VerifyError> {
