@@ -435,6 +435,12 @@ impl TestHub {
         self.spawn("127.0.0.1:0");
     }
 
+    /// [`TestHub::restart`] with `serve_args` instead of those it was started with.
+    pub fn restart_serving(&mut self, serve_args: &[&str]) {
+        self.serve_args = serve_args.iter().map(ToString::to_string).collect();
+        self.spawn("127.0.0.1:0");
+    }
+
     /// Starts `serve` again on the same data directory and the same address, so running agents
     /// find it again without a change of config. The port was freed by the kill, and the hub
     /// binds with `SO_REUSEADDR`, so connections left in `TIME_WAIT` do not hold it.

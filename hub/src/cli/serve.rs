@@ -66,6 +66,14 @@ pub struct ServeArgs {
     /// process's open-file limit (the unit sets LimitNOFILE=65536).
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Events (status reports, enrollment, label changes) kept per device, newest first. A
+    /// report's reason is kept up to 1 KiB.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub retain_events: u32,
+    /// How long drift summaries and shadow comparisons are kept after their hourly window ends;
+    /// older windows are removed on the engine's tick and not stored when they arrive.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub retain_telemetry: Duration,
     /// Serve `/metrics` to anyone who can reach the hub. By default a scrape needs an admin token
     /// of any role (`admin-token create --role viewer --expires never` makes one for a scraper):
     /// the metrics name models, features and the fleet's state.
@@ -108,6 +116,10 @@ impl ServeArgs {
                 max_connections: self.max_connections as usize,
             },
             metrics_public: self.metrics_public,
+            retention: crate::store::Retention {
+                events_per_device: self.retain_events as usize,
+                telemetry_secs: self.retain_telemetry.as_secs(),
+            },
         };
         if self.metrics_public {
             log::warn!(

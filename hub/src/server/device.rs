@@ -172,6 +172,11 @@ fn reply<M: Message>(message: &M) -> Result<Response, DeviceError> {
 
 /// Seconds of `forget_after` that share one bucket of the nonce cache.
 const NONCE_BUCKET_SECS: u64 = 10;
+/// Entries one device may hold in one bucket: signed requests with timestamps within
+/// [`NONCE_BUCKET_SECS`], 100 a second. More are refused with 429, so one device, however fast
+/// it signs, holds at most about 34,000 of the cache's 16 million entries and cannot fill it for
+/// the others. An agent sends a few requests a minute.
+const MAX_NONCES_PER_DEVICE: u32 = 1000;
 /// Buckets in the ring: more than the `2 * MAX_CLOCK_SKEW_SECS / NONCE_BUCKET_SECS + 1` epochs a
 /// live entry can fall in, so two live epochs never share a slot.
 const NONCE_BUCKETS: usize = (2 * MAX_CLOCK_SKEW_SECS / NONCE_BUCKET_SECS) as usize + 4;
@@ -206,6 +211,15 @@ struct NonceBucket {
     /// `forget_after / NONCE_BUCKET_SECS` of every entry.
     epoch: u64,
     seen: HashSet<u64>,
+    /// Entries per device, each at most [`MAX_NONCES_PER_DEVICE`].
+    per_device: HashMap<[u8; 16], u32>,
+}
+
+impl NonceBucket {
+    fn clear(&mut self) {
+        self.seen = HashSet::new();
+        self.per_device = HashMap::new();
+    }
 }
 
 impl Default for NonceCache {
@@ -240,7 +254,7 @@ impl NonceCache {
             for bucket in &mut self.buckets {
                 if (bucket.epoch + 1) * NONCE_BUCKET_SECS <= now && !bucket.seen.is_empty() {
                     self.len -= bucket.seen.len();
-                    bucket.seen = HashSet::new();
+                    bucket.clear();
                 }
             }
             self.last_sweep = now;
@@ -251,7 +265,7 @@ impl NonceCache {
             // Live epochs span fewer slots than the ring has, so the slot's other epoch is at least
             // a full turn old: every entry in it is past its `forget_after`.
             self.len -= bucket.seen.len();
-            bucket.seen = HashSet::new();
+            bucket.clear();
             bucket.epoch = epoch;
         }
         let digest = self.digests.hash_one((device, nonce));
@@ -264,7 +278,18 @@ impl NonceCache {
                 "replay cache is full; retry shortly",
             ));
         }
+        let count = bucket.per_device.entry(device).or_default();
+        if *count >= MAX_NONCES_PER_DEVICE {
+            return Err(DeviceError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "more than {MAX_NONCES_PER_DEVICE} signed requests from this device with \
+                     timestamps within {NONCE_BUCKET_SECS} s; slow down"
+                ),
+            ));
+        }
         let fresh = bucket.seen.insert(digest);
+        *count += u32::from(fresh);
         self.len += usize::from(fresh);
         Ok(fresh)
     }
@@ -664,6 +689,7 @@ async fn status(
             .is_some_and(|target| target == reference.manifest_sha256.0),
         _ => false,
     };
+    let reason = keep_at_most(reason, MAX_EVENT_DETAIL);
     let now = unix_now();
     let outcome = outcome_kind
         .filter(|_| about_target)
@@ -697,6 +723,10 @@ async fn status(
         &event,
         now_running.as_ref(),
     )?;
+    let pruned = hub
+        .store
+        .prune_events(&device.id, hub.config.retention.events_per_device)?;
+    Metrics::bump(&hub.metrics.pruned_records, pruned);
     hub.store.flush().await?;
     Metrics::bump(&hub.metrics.status_reports, 1);
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -720,7 +750,13 @@ async fn telemetry(
             batch.windows.len()
         )));
     }
+    let now = unix_now();
+    let cutoff = now.saturating_sub(hub.config.retention.telemetry_secs);
+    let mut published: HashMap<(String, u64), bool> = HashMap::new();
+    let mut skipped = 0;
     let mut windows = Vec::with_capacity(batch.windows.len());
+    // The index in the batch of each window in `windows`.
+    let mut indices = Vec::with_capacity(batch.windows.len());
     for (index, window) in batch.windows.iter_mut().enumerate() {
         ModelName::new(&window.model).map_err(|error| {
             DeviceError::bad_request(format!("window {index}: model name: {error}"))
@@ -752,6 +788,23 @@ async fn telemetry(
             )),
             SummaryError::Internal(error) => DeviceError::internal(format!("{error:#}")),
         })?;
+        // Acknowledged, not stored: the store keeps counters per published version only, so a
+        // device cannot make it grow with names of its own; and what is past the retention
+        // would only be pruned.
+        let key = (window.model.clone(), window.version);
+        let known = match published.get(&key) {
+            Some(known) => *known,
+            None => {
+                let known = hub.store.has_manifest(&window.model, window.version)?;
+                published.insert(key, known);
+                known
+            }
+        };
+        if !known || window.end < cutoff {
+            skipped += 1;
+            continue;
+        }
+        indices.push(index);
         windows.push(WindowInput {
             model: window.model.clone(),
             version: window.version,
@@ -770,12 +823,13 @@ async fn telemetry(
         batch.sequence,
         &windows,
         batch.dropped_records,
-        unix_now(),
+        now,
     )?;
     let duplicate = match ingested {
         Ingested::Stored => false,
         Ingested::Duplicate => true,
         Ingested::Refused { window, reason } => {
+            let window = indices.get(window).copied().unwrap_or(window);
             let name = batch
                 .windows
                 .get(window)
@@ -798,17 +852,38 @@ async fn telemetry(
             )));
         }
     };
+    hub.store.prune_batch_markers(&device.id, cutoff)?;
     hub.store.flush().await?;
     if duplicate {
         Metrics::bump(&hub.metrics.telemetry_duplicates, 1);
     } else {
         Metrics::bump(&hub.metrics.telemetry_batches, 1);
         Metrics::bump(&hub.metrics.telemetry_windows, windows.len() as u64);
+        Metrics::bump(&hub.metrics.telemetry_windows_skipped, skipped);
     }
     reply(&TelemetryAck {
         sequence: batch.sequence,
         duplicate,
     })
+}
+
+/// Longest reason of a status report the hub keeps in the device's event, in bytes; the rest is
+/// cut and counted.
+const MAX_EVENT_DETAIL: usize = 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary, saying how much was cut.
+fn keep_at_most(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!("… ({cut} more bytes not kept)"));
+    text
 }
 
 /// Parses a single `bytes=START-` or `bytes=START-END` range against a file of `len` bytes.
@@ -886,7 +961,9 @@ async fn artifact(
 mod tests {
     use axum::http::StatusCode;
 
-    use super::{parse_range, NonceCache, MAX_CLOCK_SKEW_SECS, NONCE_BUCKET_SECS};
+    use super::{
+        parse_range, NonceCache, MAX_CLOCK_SKEW_SECS, MAX_NONCES_PER_DEVICE, NONCE_BUCKET_SECS,
+    };
 
     #[test]
     fn nonces_are_refused_again_until_their_timestamp_leaves_the_window() {
@@ -932,6 +1009,33 @@ mod tests {
 
     /// A full cache refuses new requests with 503 (and still names a replay as one), and takes
     /// requests again once the oldest entries leave the window.
+    /// Issue 21, finding 10: one device signing as fast as it can held any number of the
+    /// cache's entries, and could fill it for every other device.
+    #[test]
+    fn one_device_holds_at_most_its_quota_of_the_nonce_cache() {
+        let mut cache = NonceCache::default();
+        let start = 1_000_000;
+        let nonce = |n: u32| {
+            let mut nonce = [0u8; 16];
+            nonce[..4].copy_from_slice(&n.to_le_bytes());
+            nonce
+        };
+        for n in 0..MAX_NONCES_PER_DEVICE {
+            assert!(cache.insert([1; 16], nonce(n), start, start).unwrap());
+        }
+        let refused = cache
+            .insert([1; 16], nonce(MAX_NONCES_PER_DEVICE), start, start)
+            .unwrap_err();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(refused.message.contains("slow down"), "{}", refused.message);
+        // A replay is still named a replay, and other devices are not affected.
+        assert!(!cache.insert([1; 16], nonce(0), start, start).unwrap());
+        assert!(cache.insert([2; 16], nonce(0), start, start).unwrap());
+        // Requests signed in the next bucket count afresh.
+        let next = start + NONCE_BUCKET_SECS;
+        assert!(cache.insert([1; 16], nonce(u32::MAX), next, next).unwrap());
+    }
+
     #[test]
     fn a_full_nonce_cache_sheds_load_until_entries_expire() {
         let mut cache = NonceCache::with_capacity(3);

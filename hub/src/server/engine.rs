@@ -207,8 +207,8 @@ pub fn device_facts(
     Ok(facts)
 }
 
-/// The engine's clock: evaluates every rollout each tick, then refreshes the gauges `/metrics`
-/// serves, until the task is aborted.
+/// The engine's clock: evaluates every rollout each tick, then removes telemetry past the
+/// retention and refreshes the gauges `/metrics` serves, until the task is aborted.
 pub async fn run(hub: SharedHub) {
     let mut interval = tokio::time::interval(hub.config.tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -217,13 +217,40 @@ pub async fn run(hub: SharedHub) {
         if let Err(error) = tick(&hub).await {
             log::error!("rollout engine: {error:#}");
         }
-        let refreshed = hub.clone();
-        match tokio::task::spawn_blocking(move || super::metrics::refresh_fleet(&refreshed)).await {
+        let blocking = hub.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            if let Err(error) = prune(&blocking) {
+                log::error!("pruning telemetry past the retention: {error:#}");
+            }
+            super::metrics::refresh_fleet(&blocking)
+        });
+        match done.await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => log::error!("computing the fleet's metrics: {error:#}"),
             Err(error) => log::error!("computing the fleet's metrics: {error}"),
         }
     }
+}
+
+/// Removes the drift summaries and shadow comparisons of windows that ended before the telemetry
+/// retention. A range scan per published version over what expired: next to nothing on a tick
+/// with nothing to remove.
+fn prune(hub: &SharedHub) -> anyhow::Result<()> {
+    let cutoff = unix_now().saturating_sub(hub.config.retention.telemetry_secs);
+    let pruned = hub.store.prune_telemetry(cutoff)?;
+    if pruned.drift + pruned.shadow > 0 {
+        log::info!(
+            "removed {} drift summaries and {} shadow comparisons of windows that ended over {} \
+             ago",
+            pruned.drift,
+            pruned.shadow,
+            humantime::format_duration(std::time::Duration::from_secs(
+                hub.config.retention.telemetry_secs
+            ))
+        );
+        super::Metrics::bump(&hub.metrics.pruned_records, pruned.drift + pruned.shadow);
+    }
+    Ok(())
 }
 
 /// One evaluation of every active rollout; decisions are stored, audited and flushed.

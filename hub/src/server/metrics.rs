@@ -50,6 +50,11 @@ pub struct Metrics {
     pub telemetry_batches: AtomicU64,
     pub telemetry_duplicates: AtomicU64,
     pub telemetry_windows: AtomicU64,
+    /// Windows acknowledged but not stored: of a version never published here, or older than
+    /// the telemetry retention.
+    pub telemetry_windows_skipped: AtomicU64,
+    /// Events, drift summaries and shadow comparisons removed under the retention.
+    pub pruned_records: AtomicU64,
     pub artifact_bytes_served: AtomicU64,
 }
 
@@ -212,6 +217,17 @@ fn render_text(hub: &SharedHub) -> anyhow::Result<String> {
             "outpost_hub_ingest_windows_total",
             "Inference windows stored.",
             &hub.metrics.telemetry_windows,
+        ),
+        (
+            "outpost_hub_ingest_windows_skipped_total",
+            "Inference windows acknowledged but not stored: of a version never published here, \
+             or ended before the telemetry retention.",
+            &hub.metrics.telemetry_windows_skipped,
+        ),
+        (
+            "outpost_hub_pruned_records_total",
+            "Events, drift summaries and shadow comparisons removed under the retention.",
+            &hub.metrics.pruned_records,
         ),
         (
             "outpost_hub_artifact_bytes_served_total",

@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub connections: ConnectionLimits,
     /// Serve `/metrics` without a token.
     pub metrics_public: bool,
+    /// What the store keeps of each device's events and telemetry.
+    pub retention: crate::store::Retention,
 }
 
 /// What one client may hold of the hub's connections (see [`outpost_serve::Options`]).

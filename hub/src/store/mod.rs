@@ -33,6 +33,7 @@ mod audit;
 mod devices;
 mod records;
 mod registry;
+mod retention;
 mod rollouts;
 mod telemetry;
 #[cfg(test)]
@@ -40,6 +41,7 @@ mod tests;
 
 pub use audit::*;
 pub use records::*;
+pub use retention::{Pruned, Retention};
 pub use telemetry::*;
 
 /// Why the store failed. Distinct from refusals, which operations return as values.
