@@ -903,3 +903,44 @@ fn metrics_need_a_token_and_scrapes_do_not_read_the_store() {
         public.log()
     );
 }
+
+/// Issue 21, finding 11: the nonce cache starts empty, so a request signed by a device whose clock
+/// runs ahead, captured before a hub restart and dated after it, was accepted again after it.
+/// The hub now keeps each device's latest accepted request time, and refuses after a restart any
+/// request dated no later than one it accepted before.
+#[test]
+fn a_request_captured_before_a_restart_is_not_replayable_after_it() {
+    let (mut hub, _fleet, device) = hub_with_device();
+    // The device's clock runs two minutes ahead: within the allowed skew.
+    let ahead = unix_now() + 120;
+    let report = outpost_protocol::encode(&outpost_protocol::device::StatusReport {
+        plan_sequence: None,
+        manifest: None,
+        status: outpost_protocol::device::Status::Failed {
+            reason: "out of memory".to_owned(),
+        },
+        at: ahead,
+    })
+    .unwrap();
+    let captured = device.sign_at("POST", "/device/v1/status", Some(&report), ahead);
+    assert_eq!(captured.send().status, 204);
+    captured.send().refused(401, "nonce already used");
+
+    assert!(hub.sigterm().success());
+    hub.restart_at_same_address();
+    captured.send().refused(
+        401,
+        "signed no later than a request accepted before the hub restarted",
+    );
+    // The device itself, signing afresh, is served.
+    let fresh = device.sign_at("POST", "/device/v1/status", Some(&report), ahead + 1);
+    assert_eq!(fresh.send().status, 204);
+    let detail: outpost_hub::api::DeviceDetail =
+        hub.cli_json(&["device", "show", &device.id.to_hex()]);
+    let failures = detail
+        .events
+        .iter()
+        .filter(|event| event.kind == "failed")
+        .count();
+    assert_eq!(failures, 2, "{:#?}", detail.events);
+}

@@ -389,6 +389,16 @@ async fn authenticate(
     if device.revoked {
         return Err(DeviceError::new(StatusCode::FORBIDDEN, "device is revoked"));
     }
+    if hub
+        .signed_before_start
+        .get(&device_id)
+        .is_some_and(|before| timestamp <= *before)
+    {
+        return Err(DeviceError::unauthorized(
+            "replayed request: signed no later than a request accepted before the hub restarted; \
+             sign it again",
+        ));
+    }
     let fresh = hub
         .nonces
         .lock()
@@ -399,6 +409,7 @@ async fn authenticate(
             "replayed request: nonce already used",
         ));
     }
+    hub.store.note_signed_at(&device_id, timestamp)?;
     Ok(read)
 }
 

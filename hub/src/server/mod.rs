@@ -76,6 +76,10 @@ pub struct Hub {
     /// Requests signed before this instant are refused: nonces are remembered in memory only, so
     /// a request captured before a restart must not become replayable after it.
     pub started_at: u64,
+    /// Per device, the highest timestamp of a request accepted before this start: a device whose
+    /// clock runs ahead signs requests dated after `started_at`, and one of those captured before
+    /// the restart is refused by this, not by the (empty) nonce cache.
+    pub signed_before_start: std::collections::HashMap<[u8; 16], u64>,
     pub nonces: Mutex<device::NonceCache>,
     pub keys: RwLock<device::KeyCache>,
     /// Checks device request signatures in batches.
@@ -99,12 +103,16 @@ impl Hub {
             )
         })?;
         let artifacts = ArtifactStore::open(&config.data_dir).context("opening artifact store")?;
+        let signed_before_start = store
+            .signed_at()
+            .context("reading the devices' latest request times")?;
         let hub = Arc::new(Hub {
             store,
             artifacts,
             metrics: Metrics::default(),
             config,
             started_at: crate::unix_now(),
+            signed_before_start,
             nonces: Mutex::new(device::NonceCache::default()),
             keys: RwLock::new(device::KeyCache::default()),
             verifier: verifier::Verifier::start(verifier::Verifier::threads_for_this_machine())

@@ -1,5 +1,7 @@
 //! Enrolled devices: their records, events and the status each reported per plan.
 
+use std::collections::HashMap;
+
 use super::*;
 
 impl Store {
@@ -173,6 +175,36 @@ impl Store {
                         reason: "short key".into(),
                     })?;
                 Ok((device, decode("outcomes", &value)?))
+            })
+            .collect()
+    }
+
+    /// Notes that a signed request of `device` with `timestamp` was accepted: its highest such
+    /// timestamp is kept. Not flushed on its own: the handlers that change state flush before
+    /// they answer.
+    pub fn note_signed_at(&self, device: &[u8; 16], timestamp: u64) -> Result<()> {
+        self.signed_at.fetch_and_update(device, |stored| {
+            let stored = stored
+                .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                .map_or(0, u64::from_be_bytes);
+            Some(stored.max(timestamp).to_be_bytes().to_vec())
+        })?;
+        Ok(())
+    }
+
+    /// Every device's highest accepted request timestamp, as [`Store::note_signed_at`] kept it.
+    pub fn signed_at(&self) -> Result<HashMap<[u8; 16], u64>> {
+        self.signed_at
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                let corrupt = || StoreError::Corrupt {
+                    tree: "signed_at",
+                    reason: "bad entry".to_owned(),
+                };
+                let device = <[u8; 16]>::try_from(key.as_ref()).map_err(|_| corrupt())?;
+                let at = <[u8; 8]>::try_from(value.as_ref()).map_err(|_| corrupt())?;
+                Ok((device, u64::from_be_bytes(at)))
             })
             .collect()
     }

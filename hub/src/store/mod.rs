@@ -115,6 +115,8 @@ pub struct Store {
     /// Shadow comparisons under [`shadow_key`].
     shadow: sled::Tree,
     telemetry_seen: sled::Tree,
+    /// Per device, the highest timestamp of a signed request the hub accepted from it.
+    signed_at: sled::Tree,
     roots: sled::Tree,
     manifests: sled::Tree,
     rollouts: sled::Tree,
@@ -155,6 +157,7 @@ impl Store {
             drift: tree("drift")?,
             shadow: tree("shadow")?,
             telemetry_seen: tree("telemetry_seen")?,
+            signed_at: tree("signed_at")?,
             roots,
             manifests: tree("manifests")?,
             rollouts: tree("rollouts")?,
