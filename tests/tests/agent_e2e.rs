@@ -163,17 +163,17 @@ fn a_candidate_failing_validation_is_reverted_and_reported() {
 
 const STATUS: &str = "/device/v1/status";
 
-#[test]
-fn a_crash_during_probation_reverts_at_restart() {
+/// An agent serving demo@1, in probation of demo@2 under plan 2, with `extra` in its config.
+/// A proxy between it and the hub holds the hub's answer to the first status report about plan
+/// 2: the agent sends it once the probation marker is on its disk, and before it loads the
+/// candidate, so the agent stays in probation however fast probation would go, until the
+/// returned flag is cleared. The agent waits for that answer longer than a test takes.
+fn in_probation_of_demo_2(extra: &str) -> (TestHub, Proxy, Arc<AtomicBool>, TestAgent) {
     let hub = TestHub::start();
     let fleet = Fleet::new(&hub);
     fleet.publish_example(&hub, "demo", 1, 1);
     fleet.first_rollout(&hub, "demo", 1);
     fleet.publish_example(&hub, "demo", 2, 2);
-    // The agent reports the candidate's download once the probation marker is on its disk, and
-    // before it loads the candidate. While `hold` is set, the proxy keeps the hub's answer to the
-    // first report about plan 2 from the agent, so the kill finds it in probation however fast
-    // probation would otherwise go.
     let proxy = Proxy::start(&hub.url());
     let hold = Arc::new(AtomicBool::new(false));
     let holding = Arc::new(AtomicBool::new(false));
@@ -193,13 +193,12 @@ fn a_crash_during_probation_reverts_at_restart() {
             Verdict::Forward(response)
         });
     }
-    // The agent waits for the held answer longer than the test could take to kill it.
     let mut agent = TestAgent::enroll_at(
         &proxy.url(),
         &hub,
         &fleet,
         "site=lab",
-        "[sync]\nread_timeout = \"10m\"\n",
+        &format!("[sync]\nread_timeout = \"10m\"\n{extra}"),
     );
     agent.start();
     agent.wait_status("active", json!("demo@1"));
@@ -209,6 +208,12 @@ fn a_crash_during_probation_reverts_at_restart() {
         holding.load(Ordering::SeqCst).then_some(())
     });
     agent.wait_status("pending", json!("demo@2"));
+    (hub, proxy, hold, agent)
+}
+
+#[test]
+fn a_crash_during_probation_reverts_at_restart() {
+    let (hub, _proxy, hold, mut agent) = in_probation_of_demo_2("");
     agent.kill9();
     hold.store(false, Ordering::SeqCst);
     // Start again without the hub offering anything new: the marker alone must revert.
@@ -478,5 +483,61 @@ fn enrolling_over_plain_http_to_another_host_is_refused_before_sending_the_token
     assert!(
         !dir.path().join("data").exists(),
         "enroll wrote to the data directory before refusing"
+    );
+}
+
+/// A directory whose entries not even root may create, rename or remove (`chattr +i`) until this
+/// is dropped: a disk that refuses the agent's writes of its state.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(dir: std::path::PathBuf) -> Immutable {
+        let status = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&dir)
+            .status()
+            .expect("running chattr (e2fsprogs)");
+        assert!(status.success(), "chattr +i {} failed", dir.display());
+        Immutable(dir)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Issue 21, finding 13: with `keep_versions = 0`, a commit whose state could not be saved went
+/// on to remove the version it replaced, the one the state on disk still names as active. The
+/// agent then died (here SIGKILL), reverted at restart to that version, and found it gone. Now
+/// nothing is removed until a state that no longer names it is saved.
+#[test]
+fn a_commit_that_cannot_be_saved_keeps_the_version_a_restart_reverts_to() {
+    let (_hub, _proxy, hold, mut agent) = in_probation_of_demo_2("[storage]\nkeep_versions = 0\n");
+    // In probation, its marker saved: from here on the data directory refuses every write.
+    let immutable = Immutable::set(agent.data());
+    hold.store(false, Ordering::SeqCst);
+    wait_until(AGENT_WAIT, "the commit's save to fail", || {
+        agent
+            .log()
+            .contains("saving the commit of demo@2")
+            .then_some(())
+    });
+    agent.kill9();
+    drop(immutable);
+
+    agent.start();
+    agent.wait_status("pending", Value::Null);
+    assert_eq!(agent.status()["active"], "demo@1");
+    let (code, body) = agent.infer(&http(), [0.0, 1.0, 0.0, 1.0]);
+    assert_eq!(
+        (code, body["model_version"].clone()),
+        (200, json!("1")),
+        "{body}\n{}",
+        agent.log()
     );
 }

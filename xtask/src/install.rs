@@ -42,6 +42,14 @@ const PREREQUISITES: &[Prerequisite] = &[
         scope: Scope::Host,
     },
     Prerequisite {
+        what: "chattr (e2fsprogs)",
+        why: "an agent test (tests/tests/agent_e2e.rs) makes the agent's data directory refuse \
+              writes, even root's, to show a commit that cannot be saved loses no version",
+        present: || on_path("chattr").is_some(),
+        debian: &["e2fsprogs"],
+        scope: Scope::Host,
+    },
+    Prerequisite {
         what: "the aarch64 cross linker (aarch64-linux-gnu-gcc)",
         why: "links the protocol's, the model's and the agent's test builds for 64-bit ARM",
         present: || on_path("aarch64-linux-gnu-gcc").is_some(),

@@ -253,9 +253,13 @@ impl Syncer {
                 self.state
                     .note_commit(&candidate.name, candidate.version, sequence);
                 self.state.committed_report = Some((sequence, digest));
-                if let Err(error) = self.files.save(&self.state) {
-                    log::error!("saving the commit of {candidate}: {error:#}");
-                }
+                let saved = match self.files.save(&self.state) {
+                    Ok(()) => true,
+                    Err(error) => {
+                        log::error!("saving the commit of {candidate}: {error:#}");
+                        false
+                    }
+                };
                 self.slot.swap(Arc::new(model));
                 self.agent_state = AgentState::Steady;
                 self.write_status();
@@ -266,6 +270,13 @@ impl Syncer {
                     ReportKind::Committed,
                     String::new(),
                 );
+                if !saved {
+                    // The state on disk still names the version this one replaced as active, and
+                    // a restart reverts to it: nothing is removed until a state that no longer
+                    // names it is saved (the next cleanup after a commit then removes it).
+                    log::warn!("keeping every installed version until the agent state is saved");
+                    return;
+                }
                 let mut keep: Vec<[u8; 32]> = self
                     .state
                     .active
