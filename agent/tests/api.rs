@@ -394,6 +394,57 @@ fn served_requests_fill_the_windows_drift_summary() {
     assert_eq!(drift.latency_us.iter().sum::<u64>(), 5);
 }
 
+/// Issue 21: NaN and ±Inf in binary tensor data reach the model as they are (NaN is how many
+/// tabular models take a missing value), count in the window's drift summary as the data-quality
+/// facts they are, and an answer's non-finite outputs, `null` in JSON, are counted in the
+/// output's `parameters.non_finite`, so a client need not guess what a `null` means.
+#[test]
+fn non_finite_inputs_are_served_counted_in_drift_and_named_in_the_answer() {
+    let api = Api::start();
+    api.slot.swap(mlp_version_with_profile(1));
+    let mut rows = normal_rows(N_INPUTS, 2, 7, 0.0);
+    rows[N_INPUTS] = f32::NAN;
+    rows[N_INPUTS + 2] = f32::INFINITY;
+    let header = json!({"inputs": [{
+        "name": "x", "shape": [2, N_INPUTS], "datatype": "FP32",
+        "parameters": {"binary_data_size": 2 * N_INPUTS * 4}
+    }]})
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(rows.iter().flat_map(|v| v.to_le_bytes()));
+    let reply = api.post_with(
+        &format!("/v2/models/{MODEL}/infer"),
+        &body,
+        Some(header.len()),
+    );
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let answer: Value = serde_json::from_slice(&reply.body).unwrap();
+    let output = &answer["outputs"][0];
+    let data = output["data"].as_array().unwrap();
+    let width = data.len() / 2;
+    // The first row is finite throughout; the second, fed NaN, answers NaN, which JSON says
+    // as null.
+    assert!(data[..width].iter().all(Value::is_number), "{answer}");
+    let nulls = data.iter().filter(|value| value.is_null()).count();
+    assert_eq!(nulls, width, "{answer}");
+    assert_eq!(output["parameters"]["non_finite"], json!(nulls), "{answer}");
+
+    let windows = api.state.recorder.take_all();
+    let drift = windows[0].drift.as_ref().unwrap();
+    let (nan, inf): (Vec<u64>, Vec<u64>) = drift
+        .features
+        .iter()
+        .map(|feature| (feature.nan, feature.pos_inf))
+        .unzip();
+    assert_eq!(nan, [1, 0, 0, 0]);
+    assert_eq!(inf, [0, 0, 1, 0]);
+}
+
 #[test]
 fn health_and_readiness_follow_the_slot() {
     let api = Api::start();

@@ -25,14 +25,41 @@ pub(super) struct ResponseOutput<'a> {
     datatype: &'static str,
     shape: &'a [u64],
     #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BinarySize>,
+    parameters: Option<OutputParameters>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<Elements<'a>>,
 }
 
 #[derive(Serialize)]
-pub(super) struct BinarySize {
-    binary_data_size: usize,
+pub(super) struct OutputParameters {
+    /// Bytes of the output's binary data after the JSON, when it is sent so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    binary_data_size: Option<usize>,
+    /// Elements that are NaN or infinite: `null` in JSON data, which cannot express them, and
+    /// as they are in binary data. Absent when there are none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    non_finite: Option<usize>,
+}
+
+/// Elements of a float tensor that are NaN or infinite; none for other types.
+fn non_finite(tensor: &Tensor) -> usize {
+    match tensor.dtype {
+        DType::F32 => tensor
+            .data
+            .chunks_exact(4)
+            .filter(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+            .count(),
+        DType::F64 => tensor
+            .data
+            .chunks_exact(8)
+            .filter(|c| {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(c);
+                !f64::from_le_bytes(bytes).is_finite()
+            })
+            .count(),
+        DType::I32 | DType::I64 | DType::U8 => 0,
+    }
 }
 
 /// A tensor's little-endian bytes, serialized as a flat JSON array without an intermediate `Vec`.
@@ -88,13 +115,18 @@ pub(super) fn encode_response(
         if binary {
             binary_parts.push(&tensor.data);
         }
+        let non_finite = Some(non_finite(tensor)).filter(|count| *count > 0);
+        let binary_data_size = binary.then_some(tensor.data.len());
         listed.push(ResponseOutput {
             name: &tensor.name,
             datatype: tensor.dtype.as_str(),
             shape: &tensor.shape,
-            parameters: binary.then_some(BinarySize {
-                binary_data_size: tensor.data.len(),
-            }),
+            parameters: (binary_data_size.is_some() || non_finite.is_some()).then_some(
+                OutputParameters {
+                    binary_data_size,
+                    non_finite,
+                },
+            ),
             data: (!binary).then_some(Elements(tensor)),
         });
     }
