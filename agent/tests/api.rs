@@ -326,6 +326,23 @@ fn mlp_version_with_profile(version: u64) -> Arc<ActiveModel> {
     })
 }
 
+/// Posts `rows` (each of `N_INPUTS` values) to the model through the binary tensor extension,
+/// which, unlike JSON, carries NaN and infinities.
+fn infer_binary_rows(api: &Api, rows: &[f32]) -> Reply {
+    let header = json!({"inputs": [{
+        "name": "x", "shape": [rows.len() / N_INPUTS, N_INPUTS], "datatype": "FP32",
+        "parameters": {"binary_data_size": rows.len() * 4}
+    }]})
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(rows.iter().flat_map(|v| v.to_le_bytes()));
+    api.post_with(
+        &format!("/v2/models/{MODEL}/infer"),
+        &body,
+        Some(header.len()),
+    )
+}
+
 #[test]
 fn served_requests_fill_the_windows_drift_summary() {
     let api = Api::start();
@@ -340,18 +357,7 @@ fn served_requests_fill_the_windows_drift_summary() {
             }]}))
         } else {
             rows[N_INPUTS + 1] = f32::NAN;
-            let header = json!({"inputs": [{
-                "name": "x", "shape": [2, N_INPUTS], "datatype": "FP32",
-                "parameters": {"binary_data_size": 2 * N_INPUTS * 4}
-            }]})
-            .to_string();
-            let mut body = header.clone().into_bytes();
-            body.extend(rows.iter().flat_map(|v| v.to_le_bytes()));
-            api.post_with(
-                &format!("/v2/models/{MODEL}/infer"),
-                &body,
-                Some(header.len()),
-            )
+            infer_binary_rows(&api, &rows)
         };
         assert_eq!(
             reply.status,
@@ -405,18 +411,7 @@ fn non_finite_inputs_are_served_counted_in_drift_and_named_in_the_answer() {
     let mut rows = normal_rows(N_INPUTS, 2, 7, 0.0);
     rows[N_INPUTS] = f32::NAN;
     rows[N_INPUTS + 2] = f32::INFINITY;
-    let header = json!({"inputs": [{
-        "name": "x", "shape": [2, N_INPUTS], "datatype": "FP32",
-        "parameters": {"binary_data_size": 2 * N_INPUTS * 4}
-    }]})
-    .to_string();
-    let mut body = header.clone().into_bytes();
-    body.extend(rows.iter().flat_map(|v| v.to_le_bytes()));
-    let reply = api.post_with(
-        &format!("/v2/models/{MODEL}/infer"),
-        &body,
-        Some(header.len()),
-    );
+    let reply = infer_binary_rows(&api, &rows);
     assert_eq!(
         reply.status,
         200,
