@@ -9,7 +9,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use outpost_agent::api::{
-    ApiLimits, ApiState, BackgroundApi, QueueStats, DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT,
+    ApiLimits, ApiState, BackgroundApi, QueueStats, API_HEADER_TIMEOUT, API_MAX_CONNECTIONS,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT,
 };
 use outpost_agent::slot::{ActiveModel, ModelDrift, ModelSlot};
 use outpost_agent::telemetry::Recorder;
@@ -1021,4 +1022,70 @@ fn a_model_answering_batch_1_only_refuses_a_larger_batch_over_http_with_400() {
         .refused(400, &["batch of 3", "batch of 1 only", "\"mean\""]);
     // The refusal is the request's fault: the model keeps serving.
     assert_eq!(api.infer(&request(1)).status, 200);
+}
+
+/// Reads from `stream` until the server closes it (end of file or a reset); what came before.
+/// Panics if the server keeps it open for a minute.
+fn read_until_closed(stream: &mut std::net::TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("setting a read timeout");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return received,
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return received,
+            Err(error) => panic!("the connection was not closed: {error}"),
+        }
+    }
+}
+
+/// Issue 21, finding 2, for the agent's local API: a client that never finishes its headers is
+/// cut off at the header timeout, and connections beyond the cap are closed as they are
+/// accepted, while requests are answered throughout.
+#[test]
+fn slow_and_surplus_connections_are_closed_while_requests_are_answered() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let api = Api::start();
+    let address = api.base.trim_start_matches("http://").to_owned();
+
+    let mut slow = TcpStream::connect(&address).unwrap();
+    slow.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: device\r\n")
+        .unwrap();
+    let started = Instant::now();
+
+    // Every place but the slow one's, each held by a kept-alive connection whose request was
+    // answered: so each is counted.
+    let mut held: Vec<TcpStream> = (1..API_MAX_CONNECTIONS)
+        .map(|_| TcpStream::connect(&address).unwrap())
+        .collect();
+    for stream in &mut held {
+        stream
+            .write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: device\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 12];
+        std::io::Read::read_exact(stream, &mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+    }
+    let mut surplus = TcpStream::connect(&address).unwrap();
+    let _ = surplus.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: device\r\n\r\n");
+    assert_eq!(
+        read_until_closed(&mut surplus),
+        b"",
+        "the surplus connection was answered"
+    );
+    drop(held);
+
+    // Requests are answered while the slow client still holds its connection.
+    assert_eq!(api.get("/v2/health/live").status, 200);
+    assert_eq!(read_until_closed(&mut slow), b"");
+    assert!(
+        started.elapsed() >= API_HEADER_TIMEOUT - Duration::from_millis(500),
+        "closed after {:?}, before the header timeout",
+        started.elapsed()
+    );
 }
