@@ -13,7 +13,7 @@ pub struct Evaluation {
     pub decision: Option<Decision>,
 }
 
-/// What a decision does, as written in [`Decision::action`].
+/// What a decision does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Advance,
@@ -150,14 +150,14 @@ pub(super) fn engine_decision(
         .iter()
         .filter(|figure| figure.breached)
         .map(|figure| {
-            let side = if figure.gate == Gate::ShadowTop1Agreement.as_str() {
+            let side = if figure.gate == Gate::ShadowTop1Agreement {
                 "under"
             } else {
                 "over"
             };
             format!(
                 "{} {} {side} limit {} ({})",
-                figure.gate,
+                figure.gate.as_str(),
                 figure.value.map_or_else(|| "-".to_owned(), format_number),
                 format_number(figure.limit),
                 figure.detail
@@ -166,8 +166,8 @@ pub(super) fn engine_decision(
         .collect();
     let decide = |action: Action, reason: String| Decision {
         at: now,
-        action: action.as_str().to_owned(),
-        by: ENGINE.to_owned(),
+        action,
+        by: Actor::Engine,
         stage_index: rollout.stage_index,
         reason,
         figures: gates.to_vec(),
@@ -194,7 +194,7 @@ pub(super) fn engine_decision(
     // The shadow stage is left only on enough comparisons, whatever else has baked.
     let shadow_measured = gates
         .iter()
-        .filter(|figure| figure.gate.starts_with("shadow_"))
+        .filter(|figure| figure.gate.is_shadow())
         .all(|figure| figure.value.is_some());
     if rollout.in_shadow_stage().is_some() && !shadow_measured {
         return None;
@@ -230,12 +230,9 @@ pub(super) fn engine_decision(
 ///
 /// An `advance` applies only when `decision.stage_index` is the rollout's current stage and a next
 /// stage exists, so applying the same decision twice (a retry after a storage error) never skips a
-/// stage. Actions this module does not know change nothing.
+/// stage.
 pub fn apply(rollout: &mut Rollout, decision: &Decision) {
-    let Some(action) = Action::parse(&decision.action) else {
-        return;
-    };
-    match action {
+    match decision.action {
         Action::Pause => rollout.state = RolloutState::Paused,
         Action::Resume => rollout.state = RolloutState::Active,
         Action::Rollback => rollout.state = RolloutState::RolledBack,
@@ -289,7 +286,7 @@ pub enum OperatorRefusal {
 pub fn operator_decision(
     rollout: &Rollout,
     action: OperatorAction,
-    by: &str,
+    by: &Actor,
     now: u64,
     devices: &[DeviceFacts],
 ) -> Result<Decision, OperatorRefusal> {
@@ -304,10 +301,11 @@ pub fn operator_decision(
         })
     };
     let percent = rollout.stage_percent(rollout.stage_index);
+    let by_name = by.name();
     let reason = match action {
-        OperatorAction::Pause if state == Active => format!("paused by {by} at {percent}%"),
+        OperatorAction::Pause if state == Active => format!("paused by {by_name} at {percent}%"),
         OperatorAction::Pause => return refuse("an active rollout"),
-        OperatorAction::Resume if state == Paused => format!("resumed by {by} at {percent}%"),
+        OperatorAction::Resume if state == Paused => format!("resumed by {by_name} at {percent}%"),
         OperatorAction::Resume => return refuse("a paused rollout"),
         OperatorAction::Advance if matches!(state, Active | Paused) => {
             let next = rollout.stage_index + 1;
@@ -318,13 +316,13 @@ pub fn operator_decision(
                 });
             }
             format!(
-                "advanced by {by} from {percent}% to {}%",
+                "advanced by {by_name} from {percent}% to {}%",
                 rollout.stage_percent(next)
             )
         }
         OperatorAction::Advance => return refuse("an active or paused rollout"),
         OperatorAction::Rollback if matches!(state, Active | Paused) => {
-            format!("rolled back by {by} at {percent}%")
+            format!("rolled back by {by_name} at {percent}%")
         }
         OperatorAction::Rollback if state == Completed => {
             if rollout.plan.fallback.is_none() {
@@ -332,7 +330,7 @@ pub fn operator_decision(
                     sequence: rollout.plan.sequence,
                 });
             }
-            format!("rolled back by {by} after completion")
+            format!("rolled back by {by_name} after completion")
         }
         OperatorAction::Rollback => {
             return refuse("an active, paused or completed (with a fallback) rollout")
@@ -340,8 +338,8 @@ pub fn operator_decision(
     };
     Ok(Decision {
         at: now,
-        action: action.as_str().to_owned(),
-        by: by.to_owned(),
+        action: action.action(),
+        by: by.clone(),
         stage_index: rollout.stage_index,
         reason,
         figures: evaluate(rollout, devices, now, &NoDriftGate).gates,

@@ -96,7 +96,7 @@ pub(super) fn is_breached(value: Option<f64>, limit: f64) -> bool {
 
 pub(super) fn figure(gate: Gate, value: Option<f64>, limit: f64, detail: String) -> GateFigure {
     GateFigure {
-        gate: gate.as_str().to_owned(),
+        gate,
         value,
         limit,
         breached: is_breached(value, limit),

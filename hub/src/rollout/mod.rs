@@ -26,7 +26,7 @@ use outpost_protocol::name::{selector_matches, Label};
 use outpost_protocol::sha256;
 use outpost_protocol::trust::{BreachAction, PlanBody, ShadowStage, Slot};
 
-use crate::api::{Decision, GateFigure, RolloutState, StageProgress};
+use crate::api::RolloutState;
 
 mod decision;
 mod drift_gate;
@@ -48,7 +48,7 @@ pub use stats::*;
 pub const BUCKETS: u32 = 10_000;
 /// Prefix of the bucket hash, so the bucket cannot be steered by anything hashed elsewhere.
 const BUCKET_CONTEXT: &[u8] = b"outpost rollout bucket\0";
-/// `Decision::by` for decisions the engine takes by itself.
+/// The name [`Actor::Engine`] goes by in stored decisions, the audit log and the admin API.
 pub const ENGINE: &str = "engine";
 /// Fewest latency samples each side needs before p95 latencies are compared: with fewer, a single
 /// slow inference moves the 95th percentile by whole buckets and would pause rollouts on noise.
@@ -67,7 +67,8 @@ pub const MIN_DRIFT_SAMPLES: u64 = 200;
 /// above what two samples of one distribution reach this often.
 pub const DRIFT_NOISE_CONFIDENCE: f64 = 0.99;
 
-/// The rollout's health gates, each named in [`GateFigure::gate`] by [`Gate::as_str`].
+/// The rollout's health gates, each named in the admin API and in stored decisions by
+/// [`Gate::as_str`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
     FailurePct,
@@ -92,6 +93,93 @@ impl Gate {
             Gate::ShadowMeanAbsDiff => "shadow_mean_abs_diff",
         }
     }
+
+    pub fn parse(text: &str) -> Option<Gate> {
+        [
+            Gate::FailurePct,
+            Gate::ErrorRate,
+            Gate::P95RegressionPct,
+            Gate::DriftPsi,
+            Gate::ShadowTop1Agreement,
+            Gate::ShadowMeanAbsDiff,
+        ]
+        .into_iter()
+        .find(|gate| gate.as_str() == text)
+    }
+
+    /// A gate of the shadow stage.
+    pub const fn is_shadow(self) -> bool {
+        matches!(self, Gate::ShadowTop1Agreement | Gate::ShadowMeanAbsDiff)
+    }
+}
+
+/// One gate's measured figure against its signed limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateFigure {
+    pub gate: Gate,
+    /// None when there is not yet data to measure it.
+    pub value: Option<f64>,
+    pub limit: f64,
+    pub breached: bool,
+    /// What the figure was computed from, for humans: "3 of 40 devices", "p95 12ms vs 10ms".
+    pub detail: String,
+}
+
+/// Device counts of one stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageProgress {
+    pub percent: u8,
+    /// The plan's shadow stage: its devices run the target beside the fallback, serving the
+    /// fallback; `succeeded` counts those that loaded and validated it.
+    pub shadow: bool,
+    /// Selected devices whose bucket falls in this stage's cumulative percentage.
+    pub devices: u64,
+    /// Reported the target committed after probation.
+    pub succeeded: u64,
+    /// Reported a failure, a refusal or a rollback.
+    pub failed: u64,
+    /// Silent for longer than the device timeout without committing.
+    pub silent: u64,
+    pub pending: u64,
+}
+
+/// Who took a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// The engine, by itself, on its tick.
+    Engine,
+    /// An operator, by the name of the admin token they acted with.
+    Operator(String),
+}
+
+impl Actor {
+    /// The name stored, audited and shown: [`ENGINE`] or the token's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Actor::Engine => ENGINE,
+            Actor::Operator(name) => name,
+        }
+    }
+
+    /// The actor a stored name stands for.
+    pub fn from_name(name: &str) -> Actor {
+        if name == ENGINE {
+            Actor::Engine
+        } else {
+            Actor::Operator(name.to_owned())
+        }
+    }
+}
+
+/// A decision the rollout engine or an operator took, with the figures that caused it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub at: u64,
+    pub action: Action,
+    pub by: Actor,
+    pub stage_index: usize,
+    pub reason: String,
+    pub figures: Vec<GateFigure>,
 }
 
 /// A rollout as the engine sees it.

@@ -34,7 +34,7 @@ pub fn shadow_figures(shadow: &ShadowStage, shadowing: &[&DeviceFacts]) -> [Gate
         .then(|| stats.abs_diff_sum / stats.abs_diff_values as f64);
     [
         GateFigure {
-            gate: Gate::ShadowTop1Agreement.as_str().to_owned(),
+            gate: Gate::ShadowTop1Agreement,
             value: agreement,
             limit: shadow.min_top1_agreement,
             // A floor: breached below its limit.

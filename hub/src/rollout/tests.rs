@@ -115,8 +115,16 @@ fn gate(evaluation: &Evaluation, name: Gate) -> &GateFigure {
     evaluation
         .gates
         .iter()
-        .find(|figure| figure.gate == name.as_str())
+        .find(|figure| figure.gate == name)
         .unwrap()
+}
+
+fn alice() -> Actor {
+    Actor::Operator("alice".to_owned())
+}
+
+fn bob() -> Actor {
+    Actor::Operator("bob".to_owned())
 }
 
 fn action(evaluation: &Evaluation) -> Option<&str> {
@@ -255,8 +263,8 @@ fn full_rollout_advances_after_each_bake_and_completes() {
 
         let baked = evaluate(&rollout, &devices, started + BAKE, &NoDriftGate);
         let decision = baked.decision.clone().unwrap();
-        assert_eq!(decision.action, expected);
-        assert_eq!(decision.by, ENGINE);
+        assert_eq!(decision.action.as_str(), expected);
+        assert_eq!(decision.by, Actor::Engine);
         assert_eq!(decision.stage_index, rollout.stage_index);
         assert_eq!(decision.figures, baked.gates);
         let current = &baked.stages[rollout.stage_index];
@@ -360,8 +368,8 @@ fn failure_breach_pauses() {
     assert_eq!(evaluation.stages[0].failed, 2);
     assert_eq!(evaluation.stages[2].failed, 2);
     let decision = evaluation.decision.clone().unwrap();
-    assert_eq!(decision.action, "pause");
-    assert_eq!(decision.by, "engine");
+    assert_eq!(decision.action, Action::Pause);
+    assert_eq!(decision.by, Actor::Engine);
     assert_eq!(decision.stage_index, 0);
     assert!(
         decision.reason.contains("failure_pct"),
@@ -415,7 +423,7 @@ fn breach_with_rollback_policy_sends_everyone_to_the_fallback() {
     }
     let evaluation = evaluate(&rollout, &devices, T0 + 10, &NoDriftGate);
     let decision = evaluation.decision.unwrap();
-    assert_eq!(decision.action, "rollback");
+    assert_eq!(decision.action, Action::Rollback);
     apply(&mut rollout, &decision);
     assert_eq!(rollout.state, RolloutState::RolledBack);
     for device in &devices {
@@ -475,8 +483,8 @@ fn a_device_enrolled_mid_rollout_joins_the_current_stage_from_its_enrollment() {
     let mut rollout = Rollout::new(plan(&[10, 50, 100], true, BreachAction::Pause), T0);
     let advance = Decision {
         at: T0 + BAKE,
-        action: "advance".to_owned(),
-        by: ENGINE.to_owned(),
+        action: Action::Advance,
+        by: Actor::Engine,
         stage_index: 0,
         reason: String::new(),
         figures: Vec::new(),
@@ -688,7 +696,7 @@ fn operator_actions_per_state() {
         rollout
     };
     let allowed = |rollout: &Rollout, action| {
-        operator_decision(rollout, action, "alice", T0 + 5 * BAKE, &devices).is_ok()
+        operator_decision(rollout, action, &alice(), T0 + 5 * BAKE, &devices).is_ok()
     };
 
     let cases = [
@@ -728,15 +736,15 @@ fn operator_actions_per_state() {
     }
 
     let rollout = at(Active, 0, true);
-    let decision = operator_decision(&rollout, Advance, "alice", T0 + 99, &devices).unwrap();
-    assert_eq!(decision.action, "advance");
-    assert_eq!(decision.by, "alice");
+    let decision = operator_decision(&rollout, Advance, &alice(), T0 + 99, &devices).unwrap();
+    assert_eq!(decision.action, Action::Advance);
+    assert_eq!(decision.by, alice());
     assert_eq!(decision.at, T0 + 99);
     assert_eq!(decision.stage_index, 0);
     assert_eq!(decision.reason, "advanced by alice from 10% to 50%");
     assert_eq!(decision.figures.len(), 3);
 
-    let error = operator_decision(&at(Active, 0, true), Resume, "bob", T0, &devices).unwrap_err();
+    let error = operator_decision(&at(Active, 0, true), Resume, &bob(), T0, &devices).unwrap_err();
     assert_eq!(
         error,
         OperatorRefusal::WrongState {
@@ -750,7 +758,7 @@ fn operator_actions_per_state() {
         error.to_string(),
         "cannot resume rollout 7: it is active, and only a paused rollout can be"
     );
-    let error = operator_decision(&at(Active, 2, true), Advance, "bob", T0, &devices).unwrap_err();
+    let error = operator_decision(&at(Active, 2, true), Advance, &bob(), T0, &devices).unwrap_err();
     assert_eq!(
         error,
         OperatorRefusal::LastStage {
@@ -767,40 +775,38 @@ fn operator_actions_per_state() {
 #[test]
 fn apply_moves_state_and_stages() {
     let mut rollout = Rollout::new(plan(&[10, 50, 100], true, BreachAction::Pause), T0);
-    let decision = |action: &str, at, stage_index| Decision {
+    let decision = |action: Action, at, stage_index| Decision {
         at,
-        action: action.to_owned(),
-        by: "alice".to_owned(),
+        action,
+        by: alice(),
         stage_index,
         reason: String::new(),
         figures: Vec::new(),
     };
-    apply(&mut rollout, &decision("pause", T0 + 1, 0));
+    apply(&mut rollout, &decision(Action::Pause, T0 + 1, 0));
     assert_eq!(rollout.state, RolloutState::Paused);
     // An operator may widen a paused rollout; it stays paused until resumed.
-    apply(&mut rollout, &decision("advance", T0 + 2, 0));
+    apply(&mut rollout, &decision(Action::Advance, T0 + 2, 0));
     assert_eq!(rollout.state, RolloutState::Paused);
     assert_eq!(rollout.stage_index, 1);
     // Regression guard: the same advance applied twice (a retried write) must not skip a stage.
-    apply(&mut rollout, &decision("advance", T0 + 3, 0));
+    apply(&mut rollout, &decision(Action::Advance, T0 + 3, 0));
     assert_eq!(rollout.stage_index, 1);
     assert_eq!(rollout.stage_started, [T0, T0 + 2]);
-    apply(&mut rollout, &decision("resume", T0 + 4, 1));
+    apply(&mut rollout, &decision(Action::Resume, T0 + 4, 1));
     assert_eq!(rollout.state, RolloutState::Active);
-    apply(&mut rollout, &decision("advance", T0 + 5, 1));
+    apply(&mut rollout, &decision(Action::Advance, T0 + 5, 1));
     assert_eq!(rollout.stage_index, 2);
     assert_eq!(rollout.current_stage_started(), T0 + 5);
     // There is no stage past the last.
-    apply(&mut rollout, &decision("advance", T0 + 6, 2));
+    apply(&mut rollout, &decision(Action::Advance, T0 + 6, 2));
     assert_eq!(rollout.stage_index, 2);
     assert_eq!(rollout.stage_started.len(), 3);
-    apply(&mut rollout, &decision("complete", T0 + 7, 2));
+    apply(&mut rollout, &decision(Action::Complete, T0 + 7, 2));
     assert_eq!(rollout.state, RolloutState::Completed);
-    apply(&mut rollout, &decision("no-such-action", T0 + 8, 2));
-    assert_eq!(rollout.state, RolloutState::Completed);
-    apply(&mut rollout, &decision("rollback", T0 + 9, 2));
+    apply(&mut rollout, &decision(Action::Rollback, T0 + 9, 2));
     assert_eq!(rollout.state, RolloutState::RolledBack);
-    apply(&mut rollout, &decision("superseded", T0 + 10, 2));
+    apply(&mut rollout, &decision(Action::Superseded, T0 + 10, 2));
     assert_eq!(rollout.state, RolloutState::Superseded);
 }
 
@@ -857,7 +863,7 @@ impl DriftGate for FixedDrift {
     ) -> Option<GateFigure> {
         let limit = rollout.plan.gates.max_drift_psi?;
         Some(GateFigure {
-            gate: Gate::DriftPsi.as_str().to_owned(),
+            gate: Gate::DriftPsi,
             value: Some(self.0),
             limit,
             // Deliberately wrong: the engine judges breaches itself.
@@ -879,7 +885,7 @@ fn drift_seam_breach_takes_the_configured_action() {
         let evaluation = evaluate(&rollout, &devices, T0 + 10, &FixedDrift(0.41));
         assert_eq!(evaluation.gates.len(), 4);
         let figure = &evaluation.gates[3];
-        assert_eq!(figure.gate, Gate::DriftPsi.as_str());
+        assert_eq!(figure.gate, Gate::DriftPsi);
         assert!(figure.breached);
         assert_eq!(action(&evaluation), Some(expected));
         let reason = &evaluation.decision.as_ref().unwrap().reason;
@@ -1211,7 +1217,7 @@ fn the_shadow_stage_holds_until_enough_comparisons_then_advances() {
     let diff = gate(&evaluation, Gate::ShadowMeanAbsDiff);
     assert!((diff.value.unwrap() - 0.01).abs() < 1e-12, "{diff:?}");
     let decision = evaluation.decision.clone().unwrap();
-    assert_eq!(decision.action, "advance");
+    assert_eq!(decision.action, Action::Advance);
     assert!(
         decision.reason.starts_with("shadow stage 20% baked"),
         "{}",
@@ -1241,7 +1247,7 @@ fn the_shadow_stage_holds_until_enough_comparisons_then_advances() {
     assert!(evaluation
         .gates
         .iter()
-        .all(|figure| !figure.gate.starts_with("shadow_")));
+        .all(|figure| !figure.gate.is_shadow()));
     assert_eq!(evaluation.stages[1].succeeded, 0);
 }
 

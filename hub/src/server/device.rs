@@ -21,9 +21,9 @@ use outpost_protocol::auth::{
     MAX_CLOCK_SKEW_SECS,
 };
 use outpost_protocol::device::{
-    held_digest, AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse,
-    ErrorResponse, HeldCheckIn, HeldCheckInResponse, Status, StatusReport, TelemetryAck,
-    TelemetryBatch, LATENCY_BUCKETS_US,
+    held_digest, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse, ErrorResponse,
+    HeldCheckIn, HeldCheckInResponse, Status, StatusReport, TelemetryAck, TelemetryBatch,
+    LATENCY_BUCKETS_US,
 };
 use outpost_protocol::keys::SignatureBytes;
 use outpost_protocol::trust::Slot;
@@ -34,7 +34,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use super::drift::{check_summary, SummaryError};
 use super::engine::Document;
-use super::fleet::labels_of;
+use super::fleet::{labels_of, DeviceState};
 use super::metrics::Metrics;
 use super::SharedHub;
 use crate::api::RolloutState;
@@ -334,6 +334,15 @@ fn header_hex<const N: usize>(headers: &HeaderMap, name: &str) -> Result<[u8; N]
     Ok(out)
 }
 
+/// Whether a request changes what the hub records of its device (a status report, a telemetry
+/// batch), so that its time and nonce are kept for good: a replay of it after a restart would
+/// change that record again. A replayed check-in or download only repeats what it said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    ForGood,
+    InMemory,
+}
+
 /// Checks a signed device request and returns the device that sent it.
 async fn authenticate(
     hub: &SharedHub,
@@ -341,6 +350,7 @@ async fn authenticate(
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
+    kept: Kept,
 ) -> Result<DeviceRead, DeviceError> {
     let device_id: [u8; 16] = header_hex(headers, HEADER_DEVICE)?;
     let timestamp: u64 = header_str(headers, HEADER_TIMESTAMP)?
@@ -392,7 +402,7 @@ async fn authenticate(
     if hub
         .signed_before_start
         .get(&device_id)
-        .is_some_and(|before| timestamp <= *before)
+        .is_some_and(|before| before.may_replay(timestamp, &nonce))
     {
         return Err(DeviceError::unauthorized(
             "replayed request: signed no later than a request accepted before the hub restarted; \
@@ -409,7 +419,9 @@ async fn authenticate(
             "replayed request: nonce already used",
         ));
     }
-    hub.store.note_signed_at(&device_id, timestamp)?;
+    if kept == Kept::ForGood {
+        hub.store.note_signed_at(&device_id, timestamp, nonce)?;
+    }
     Ok(read)
 }
 
@@ -504,15 +516,6 @@ async fn enroll(
     })
 }
 
-fn state_name(state: AgentState) -> &'static str {
-    match state {
-        AgentState::Steady => "steady",
-        AgentState::Downloading => "downloading",
-        AgentState::Probation => "probation",
-        AgentState::Degraded => "degraded",
-    }
-}
-
 async fn check_in(
     State(hub): State<SharedHub>,
     method: Method,
@@ -521,7 +524,7 @@ async fn check_in(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let read = authenticate(&hub, &method, &uri, &headers, &body).await?;
+    let read = authenticate(&hub, &method, &uri, &headers, &body, Kept::InMemory).await?;
     let report: CheckIn = outpost_protocol::decode(&body)?;
     reply(&answer_check_in(&hub, read, &report)?.into_response())
 }
@@ -537,7 +540,7 @@ async fn held_check_in(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let read = authenticate(&hub, &method, &uri, &headers, &body).await?;
+    let read = authenticate(&hub, &method, &uri, &headers, &body, Kept::InMemory).await?;
     let request: HeldCheckIn = outpost_protocol::decode(&body)?;
     let answer = answer_check_in(&hub, read, &request.check_in)?;
     if request.held.is_some() && answer.roots.is_empty() && answer.held_digest() == request.held {
@@ -605,7 +608,7 @@ fn answer_check_in(
         .store
         .update_device(read, |device| {
             device.last_checkin = Some(now);
-            device.state = state_name(report.state).to_owned();
+            device.state = DeviceState::reported(report.state).as_str().to_owned();
             device.active = report.active.as_ref().map(|running| RunningRecord {
                 name: running.name.clone(),
                 version: running.version,
@@ -677,7 +680,7 @@ async fn status(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let device = authenticate(&hub, &method, &uri, &headers, &body)
+    let device = authenticate(&hub, &method, &uri, &headers, &body, Kept::ForGood)
         .await?
         .record;
     let report: StatusReport = outpost_protocol::decode(&body)?;
@@ -751,7 +754,7 @@ async fn telemetry(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let device = authenticate(&hub, &method, &uri, &headers, &body)
+    let device = authenticate(&hub, &method, &uri, &headers, &body, Kept::ForGood)
         .await?
         .record;
     let mut batch: TelemetryBatch = outpost_protocol::decode(&body)?;
@@ -916,7 +919,7 @@ async fn artifact(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, DeviceError> {
-    authenticate(&hub, &method, &uri, &headers, &[]).await?;
+    authenticate(&hub, &method, &uri, &headers, &[], Kept::InMemory).await?;
     let digest = Sha256::from_hex(&digest)
         .ok_or_else(|| DeviceError::bad_request("artifact name is not a hex sha256"))?;
     let path = hub.artifacts.path(&digest);

@@ -12,9 +12,9 @@ use outpost_protocol::trust::{ManifestRef, PlanBody, Signed};
 use outpost_protocol::{sha256, Label, Sha256};
 
 use super::SharedHub;
-use crate::api::{Decision, ModelRef, RolloutInfo, RolloutState};
-use crate::rollout::{self, DeviceFacts, InferenceStats, Outcome, Rollout};
-use crate::store::{OutcomeKind, RolloutRecord, StatsRecord};
+use crate::api::{self, ModelRef, RolloutInfo, RolloutState};
+use crate::rollout::{self, Actor, Decision, DeviceFacts, InferenceStats, Outcome, Rollout};
+use crate::store::{DecisionRecord, FigureRecord, OutcomeKind, RolloutRecord, StatsRecord};
 use crate::{audit, unix_now};
 use outpost_protocol::device::ShadowCounts;
 
@@ -301,33 +301,101 @@ pub fn persist_decision(
     record.stage_index = rollout.stage_index;
     record.stage_started = rollout.stage_started.clone();
     let stopped = matches!(
-        rollout::Action::parse(&decision.action),
-        Some(rollout::Action::Pause | rollout::Action::Rollback)
+        decision.action,
+        rollout::Action::Pause | rollout::Action::Rollback
     );
-    let level = if decision.by == rollout::ENGINE && stopped {
+    let level = if decision.by == Actor::Engine && stopped {
         log::Level::Warn
     } else {
         log::Level::Info
     };
+    let action = decision.action.as_str();
     log::log!(
         level,
-        "rollout {}: {} by {}: {}",
+        "rollout {}: {action} by {}: {}",
         record.sequence,
-        decision.action,
-        decision.by,
+        decision.by.name(),
         decision.reason
     );
     audit::append(
         &hub.store,
         decision.at,
-        &decision.by,
-        &format!("rollout {}", decision.action),
+        decision.by.name(),
+        &format!("rollout {action}"),
         &format!("rollout {}", record.sequence),
         &decision.reason,
     )?;
-    record.decisions.push(decision);
+    record.decisions.push(decision_record(&decision));
     hub.store.put_rollout(record)?;
     Ok(())
+}
+
+/// A decision as the store keeps it: action, actor and gates by name.
+fn decision_record(decision: &Decision) -> DecisionRecord {
+    DecisionRecord {
+        at: decision.at,
+        action: decision.action.as_str().to_owned(),
+        by: decision.by.name().to_owned(),
+        stage_index: decision.stage_index,
+        reason: decision.reason.clone(),
+        figures: decision
+            .figures
+            .iter()
+            .map(|figure| FigureRecord {
+                gate: figure.gate.as_str().to_owned(),
+                value: figure.value,
+                limit: figure.limit,
+                breached: figure.breached,
+                detail: figure.detail.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// A gate figure as the admin API shows it.
+fn api_figure(figure: &rollout::GateFigure) -> api::GateFigure {
+    api::GateFigure {
+        gate: figure.gate.as_str().to_owned(),
+        value: figure.value,
+        limit: figure.limit,
+        breached: figure.breached,
+        detail: figure.detail.clone(),
+    }
+}
+
+/// A stored decision as the admin API shows it: the names the store keeps are the API's.
+fn api_decision(record: &DecisionRecord) -> api::Decision {
+    api::Decision {
+        at: record.at,
+        action: record.action.clone(),
+        by: record.by.clone(),
+        stage_index: record.stage_index,
+        reason: record.reason.clone(),
+        figures: record
+            .figures
+            .iter()
+            .map(|figure| api::GateFigure {
+                gate: figure.gate.clone(),
+                value: figure.value,
+                limit: figure.limit,
+                breached: figure.breached,
+                detail: figure.detail.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// A stage's progress as the admin API shows it.
+fn api_stage(stage: &rollout::StageProgress) -> api::StageProgress {
+    api::StageProgress {
+        percent: stage.percent,
+        shadow: stage.shadow,
+        devices: stage.devices,
+        succeeded: stage.succeeded,
+        failed: stage.failed,
+        silent: stage.silent,
+        pending: stage.pending,
+    }
 }
 
 fn model_ref(reference: &ManifestRef) -> ModelRef {
@@ -356,9 +424,9 @@ pub fn info(hub: &SharedHub, record: &RolloutRecord) -> anyhow::Result<RolloutIn
         state: record.state,
         stage_index: record.stage_index,
         stage_started_at: rollout.current_stage_started(),
-        stages: evaluation.stages,
-        gates: evaluation.gates,
-        decisions: record.decisions.clone(),
+        stages: evaluation.stages.iter().map(api_stage).collect(),
+        gates: evaluation.gates.iter().map(api_figure).collect(),
+        decisions: record.decisions.iter().map(api_decision).collect(),
         created: record.created,
     })
 }

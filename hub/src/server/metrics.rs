@@ -132,10 +132,10 @@ fn fleet_text(hub: &SharedHub) -> anyhow::Result<String> {
     let mut out = String::new();
     let now = crate::unix_now();
 
-    let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+    let mut by_state: BTreeMap<&str, u64> = BTreeMap::new();
     for device in hub.store.devices()? {
         *by_state
-            .entry(super::fleet::display_state(&device, now))
+            .entry(super::fleet::display_state(&device, now).as_str())
             .or_default() += 1;
     }
     writeln!(out, "# HELP outpost_hub_devices Enrolled devices by state.")?;

@@ -76,10 +76,10 @@ pub struct Hub {
     /// Requests signed before this instant are refused: nonces are remembered in memory only, so
     /// a request captured before a restart must not become replayable after it.
     pub started_at: u64,
-    /// Per device, the highest timestamp of a request accepted before this start: a device whose
-    /// clock runs ahead signs requests dated after `started_at`, and one of those captured before
-    /// the restart is refused by this, not by the (empty) nonce cache.
-    pub signed_before_start: std::collections::HashMap<[u8; 16], u64>,
+    /// Per device, its latest requests accepted before this start: a device whose clock runs
+    /// ahead signs requests dated after `started_at`, and one of those captured before the
+    /// restart is refused by this, not by the (empty) nonce cache.
+    pub signed_before_start: std::collections::HashMap<[u8; 16], crate::store::LatestRequests>,
     pub nonces: Mutex<device::NonceCache>,
     pub keys: RwLock<device::KeyCache>,
     /// Checks device request signatures in batches.

@@ -179,21 +179,26 @@ impl Store {
             .collect()
     }
 
-    /// Notes that a signed request of `device` with `timestamp` was accepted: its highest such
-    /// timestamp is kept. Not flushed on its own: the handlers that change state flush before
-    /// they answer.
-    pub fn note_signed_at(&self, device: &[u8; 16], timestamp: u64) -> Result<()> {
+    /// Notes that a signed request of `device` with `timestamp` and `nonce` was accepted: its
+    /// highest such timestamp is kept, with the nonces of the requests accepted in that second.
+    /// Not flushed on its own: the handlers that change state flush before they answer.
+    pub fn note_signed_at(&self, device: &[u8; 16], timestamp: u64, nonce: [u8; 16]) -> Result<()> {
         self.signed_at.fetch_and_update(device, |stored| {
-            let stored = stored
-                .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
-                .map_or(0, u64::from_be_bytes);
-            Some(stored.max(timestamp).to_be_bytes().to_vec())
+            let mut latest = stored
+                .and_then(LatestRequests::decode)
+                .unwrap_or(LatestRequests {
+                    at: 0,
+                    nonces: Vec::new(),
+                    overflowed: false,
+                });
+            latest.note(timestamp, nonce);
+            Some(latest.encode())
         })?;
         Ok(())
     }
 
-    /// Every device's highest accepted request timestamp, as [`Store::note_signed_at`] kept it.
-    pub fn signed_at(&self) -> Result<HashMap<[u8; 16], u64>> {
+    /// Every device's latest accepted requests, as [`Store::note_signed_at`] kept them.
+    pub fn signed_at(&self) -> Result<HashMap<[u8; 16], LatestRequests>> {
         self.signed_at
             .iter()
             .map(|entry| {
@@ -203,9 +208,73 @@ impl Store {
                     reason: "bad entry".to_owned(),
                 };
                 let device = <[u8; 16]>::try_from(key.as_ref()).map_err(|_| corrupt())?;
-                let at = <[u8; 8]>::try_from(value.as_ref()).map_err(|_| corrupt())?;
-                Ok((device, u64::from_be_bytes(at)))
+                let latest = LatestRequests::decode(&value).ok_or_else(corrupt)?;
+                Ok((device, latest))
             })
             .collect()
+    }
+}
+
+/// A device's latest accepted signed requests: their second, and the nonces of those accepted in
+/// it (at most [`LatestRequests::MAX_NONCES`]; past that, `overflowed`). Stored as the second
+/// (8 bytes, big-endian), a byte for `overflowed`, then the nonces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestRequests {
+    pub at: u64,
+    pub nonces: Vec<[u8; 16]>,
+    pub overflowed: bool,
+}
+
+impl LatestRequests {
+    pub const MAX_NONCES: usize = 64;
+
+    fn note(&mut self, timestamp: u64, nonce: [u8; 16]) {
+        if timestamp > self.at {
+            *self = LatestRequests {
+                at: timestamp,
+                nonces: vec![nonce],
+                overflowed: false,
+            };
+        } else if timestamp == self.at && !self.nonces.contains(&nonce) {
+            if self.nonces.len() < LatestRequests::MAX_NONCES {
+                self.nonces.push(nonce);
+            } else {
+                self.overflowed = true;
+            }
+        }
+    }
+
+    /// Whether a request signed at `timestamp` with `nonce` could be one of these or older: one
+    /// of an earlier second, or of the same second with a nonce seen (or, past the cap, any).
+    pub fn may_replay(&self, timestamp: u64, nonce: &[u8; 16]) -> bool {
+        timestamp < self.at
+            || (timestamp == self.at && (self.overflowed || self.nonces.contains(nonce)))
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut bytes = self.at.to_be_bytes().to_vec();
+        bytes.push(u8::from(self.overflowed));
+        for nonce in &self.nonces {
+            bytes.extend_from_slice(nonce);
+        }
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Option<LatestRequests> {
+        let at = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let overflowed = *bytes.get(8)? != 0;
+        let rest = bytes.get(9..)?;
+        if rest.len() % 16 != 0 {
+            return None;
+        }
+        let nonces = rest
+            .chunks_exact(16)
+            .map(|chunk| <[u8; 16]>::try_from(chunk).ok())
+            .collect::<Option<Vec<_>>>()?;
+        Some(LatestRequests {
+            at,
+            nonces,
+            overflowed,
+        })
     }
 }

@@ -27,7 +27,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{IVec, Transactional, Tree};
 
-use crate::api::{Decision, Role, RolloutState};
+use crate::api::{Role, RolloutState};
 
 mod audit;
 mod devices;
@@ -40,6 +40,7 @@ mod telemetry;
 mod tests;
 
 pub use audit::*;
+pub use devices::LatestRequests;
 pub use records::*;
 pub use retention::{Pruned, Retention};
 pub use telemetry::*;

@@ -222,8 +222,33 @@ pub struct RolloutRecord {
     pub state: RolloutState,
     pub stage_index: usize,
     pub stage_started: Vec<u64>,
-    pub decisions: Vec<Decision>,
+    pub decisions: Vec<DecisionRecord>,
     pub created: u64,
+}
+
+/// A decision as stored: the action, actor and gates by name, so the rollout engine's types can
+/// change without making stored rollouts unreadable. Its postcard layout is the one 0.1.0 wrote
+/// (then the admin API's own type), checked by `tests/store_compat.rs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub at: u64,
+    /// `advance`, `pause`, `resume`, `rollback`, `complete`, `superseded`.
+    pub action: String,
+    /// `engine` or the token name of the operator.
+    pub by: String,
+    pub stage_index: usize,
+    pub reason: String,
+    pub figures: Vec<FigureRecord>,
+}
+
+/// A gate figure of a stored decision, its gate by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FigureRecord {
+    pub gate: String,
+    pub value: Option<f64>,
+    pub limit: f64,
+    pub breached: bool,
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

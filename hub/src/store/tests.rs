@@ -697,3 +697,29 @@ fn an_admin_token_without_a_tail_never_expires_and_an_older_hub_reads_one_with_i
     );
     assert!(expiring.expired(20) && !expiring.expired(19) && !first.expired(u64::MAX));
 }
+
+#[test]
+fn the_latest_requests_of_a_device_refuse_their_replays_and_older_ones_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let device = [7u8; 16];
+    store.note_signed_at(&device, 100, [1; 16]).unwrap();
+    store.note_signed_at(&device, 101, [2; 16]).unwrap();
+    store.note_signed_at(&device, 101, [3; 16]).unwrap();
+    store.note_signed_at(&device, 99, [4; 16]).unwrap();
+    let latest = store.signed_at().unwrap().remove(&device).unwrap();
+    assert_eq!(latest.at, 101);
+    assert!(latest.may_replay(100, &[9; 16]), "an older second");
+    assert!(latest.may_replay(101, &[2; 16]) && latest.may_replay(101, &[3; 16]));
+    assert!(
+        !latest.may_replay(101, &[9; 16]),
+        "a new request in the same second"
+    );
+    assert!(!latest.may_replay(102, &[2; 16]));
+    // Past the nonces kept for one second, every request of that second could be a replay.
+    for nonce in 0..=LatestRequests::MAX_NONCES as u8 {
+        store.note_signed_at(&device, 200, [nonce; 16]).unwrap();
+    }
+    let latest = store.signed_at().unwrap().remove(&device).unwrap();
+    assert!(latest.overflowed && latest.may_replay(200, &[250; 16]));
+}

@@ -12,7 +12,9 @@ pub(crate) fn device_summary(device: &DeviceRecord, now: u64) -> DeviceSummary {
             .collect(),
         arch: device.arch.clone(),
         agent_version: device.agent_version.clone(),
-        state: crate::server::fleet::display_state(device, now),
+        state: crate::server::fleet::display_state(device, now)
+            .as_str()
+            .to_owned(),
         active: device.active.as_ref().map(|active| ModelRef {
             name: active.name.clone(),
             version: active.version,

@@ -1,6 +1,7 @@
 //! Rollouts: creating one from a signed plan, listing and showing them, operator actions.
 
 use super::*;
+use crate::rollout::{Action, Actor, Decision};
 
 pub(super) async fn list_rollouts(
     State(hub): State<SharedHub>,
@@ -102,8 +103,8 @@ pub(super) async fn create_rollout(
         }
         let decision = Decision {
             at: now,
-            action: "superseded".into(),
-            by: actor.name.clone(),
+            action: Action::Superseded,
+            by: Actor::Operator(actor.name.clone()),
             stage_index: older.stage_index,
             reason: format!("superseded by rollout {}", plan.sequence()),
             figures: Vec::new(),
@@ -162,9 +163,14 @@ pub(super) async fn rollout_action(
     let mut record = find_rollout(&hub, sequence)?;
     let mut rollout = engine::to_rollout(&record)?;
     let facts = engine::device_facts(&hub, sequence, &rollout)?;
-    let decision =
-        crate::rollout::operator_decision(&rollout, action, &actor.name, unix_now(), &facts)
-            .map_err(|refusal| AdminError::conflict(refusal.to_string()))?;
+    let decision = crate::rollout::operator_decision(
+        &rollout,
+        action,
+        &Actor::Operator(actor.name.clone()),
+        unix_now(),
+        &facts,
+    )
+    .map_err(|refusal| AdminError::conflict(refusal.to_string()))?;
     engine::persist_decision(&hub, &mut record, &mut rollout, decision)?;
     hub.store.flush().await?;
     engine::reload(&hub)?;

@@ -108,8 +108,8 @@ pub async fn page(
     let mut rows = String::new();
     let first = (page_number - 1).saturating_mul(PAGE_SIZE);
     for device in &devices {
-        let shown_state = display_state(device, now);
-        *by_state.entry(shown_state.clone()).or_default() += 1;
+        let shown_state = display_state(device, now).as_str();
+        *by_state.entry(shown_state.to_owned()).or_default() += 1;
         if let Some(running) = running(device) {
             *models.entry(running).or_default() += 1;
         }
@@ -122,7 +122,7 @@ pub async fn page(
             continue;
         }
         if (first..first + PAGE_SIZE).contains(&matching) {
-            row(&mut rows, device, &id, &shown_state, now);
+            row(&mut rows, device, &id, shown_state, now);
         }
         matching += 1;
     }
