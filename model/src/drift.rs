@@ -779,7 +779,9 @@ fn check_data(inputs: &[TensorSpec], data: &[Tensor]) -> Result<usize, ProfileEr
             .iter()
             .find(|tensor| tensor.name == spec.name)
             .ok_or_else(|| ProfileError::Data(format!("no data for input {:?}", spec.name)))?;
-        tensor.check().map_err(ProfileError::Data)?;
+        tensor
+            .check()
+            .map_err(|error| ProfileError::Data(error.to_string()))?;
         let n = tensor.shape.first().copied().unwrap_or(0);
         if n == 0 {
             return Err(ProfileError::Data(format!(

@@ -295,40 +295,51 @@ impl ShadowCounts {
     }
 
     /// Checks that the counts add up, for a receiver that must not store nonsense.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ShadowError> {
         if self.top1_agreed > self.compared {
-            return Err(format!(
-                "{} top-1 agreements in {} comparisons",
-                self.top1_agreed, self.compared
-            ));
+            return Err(ShadowError::MoreAgreedThanCompared {
+                agreed: self.top1_agreed,
+                compared: self.compared,
+            });
         }
         if !self.abs_diff_sum.is_finite() || self.abs_diff_sum < 0.0 {
-            return Err(format!(
-                "absolute difference sum {} is not a finite non-negative number",
-                self.abs_diff_sum
-            ));
+            return Err(ShadowError::DifferenceSum(self.abs_diff_sum));
         }
         if self.compared > 0 && self.abs_diff_values < self.compared {
             // Every compared row has at least one value in the first output.
-            return Err(format!(
-                "{} values differenced over {} comparisons",
-                self.abs_diff_values, self.compared
-            ));
+            return Err(ShadowError::TooFewValues {
+                values: self.abs_diff_values,
+                compared: self.compared,
+            });
         }
         if self.abs_diff_values == 0 && self.abs_diff_sum != 0.0 {
-            return Err("an absolute difference sum over no values".to_owned());
+            return Err(ShadowError::SumOverNoValues);
         }
         Ok(())
     }
 }
 
+/// Why a shadow report's counts were refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ShadowError {
+    #[error("{agreed} top-1 agreements in {compared} comparisons")]
+    MoreAgreedThanCompared { agreed: u64, compared: u64 },
+    #[error("absolute difference sum {0} is not a finite non-negative number")]
+    DifferenceSum(f64),
+    #[error("{values} values differenced over {compared} comparisons")]
+    TooFewValues { values: u64, compared: u64 },
+    #[error("an absolute difference sum over no values")]
+    SumOverNoValues,
+    #[error("target model name: {0}")]
+    TargetName(#[from] crate::name::NameError),
+}
+
 impl ShadowReport {
     /// Checks that the counts add up and the target is a model name, for a receiver that must not
     /// store nonsense.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ShadowError> {
         self.counts.validate()?;
-        crate::ModelName::new(&self.target.name)
-            .map_err(|error| format!("target model name: {error}"))?;
+        crate::ModelName::new(&self.target.name)?;
         Ok(())
     }
 }
@@ -369,25 +380,47 @@ pub struct Tensor {
 
 impl Tensor {
     /// Checks that `data` holds exactly the elements `shape` calls for.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), TensorError> {
         let elements = self
             .shape
             .iter()
             .try_fold(1u64, |acc, dim| acc.checked_mul(*dim))
-            .ok_or_else(|| format!("tensor {:?}: shape {:?} overflows", self.name, self.shape))?;
+            .ok_or_else(|| TensorError::ShapeOverflows {
+                name: self.name.clone(),
+                shape: self.shape.clone(),
+            })?;
         let expected = elements.checked_mul(self.dtype.size() as u64);
         if expected != Some(self.data.len() as u64) {
-            return Err(format!(
-                "tensor {:?}: shape {:?} of {} needs {} bytes, has {}",
-                self.name,
-                self.shape,
-                self.dtype.as_str(),
-                expected.map_or("too many".to_owned(), |n| n.to_string()),
-                self.data.len()
-            ));
+            return Err(TensorError::Length {
+                name: self.name.clone(),
+                shape: self.shape.clone(),
+                dtype: self.dtype,
+                expected,
+                found: self.data.len(),
+            });
         }
         Ok(())
     }
+}
+
+/// Why a tensor's bytes do not fit its shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TensorError {
+    #[error("tensor {name:?}: shape {shape:?} overflows")]
+    ShapeOverflows { name: String, shape: Vec<u64> },
+    #[error(
+        "tensor {name:?}: shape {shape:?} of {} needs {} bytes, has {found}",
+        .dtype.as_str(),
+        .expected.map_or("too many".to_owned(), |n| n.to_string())
+    )]
+    Length {
+        name: String,
+        shape: Vec<u64>,
+        dtype: DType,
+        /// None when the byte count overflows.
+        expected: Option<u64>,
+        found: usize,
+    },
 }
 
 /// One golden case: inputs and the outputs the model must produce for them.

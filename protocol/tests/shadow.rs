@@ -177,7 +177,7 @@ fn shadow_reports_must_add_up() {
         ),
     ];
     for (bad, reason) in cases {
-        let error = bad.validate().unwrap_err();
+        let error = bad.validate().unwrap_err().to_string();
         assert!(error.starts_with(reason), "{error:?} is not {reason:?}");
     }
 }

@@ -180,8 +180,8 @@ pub(super) fn check_input(
             },
         }
     }
-    tensor.check().map_err(|reason| InferenceError::BadData {
+    tensor.check().map_err(|error| InferenceError::BadData {
         name: name(),
-        reason,
+        reason: error.to_string(),
     })
 }

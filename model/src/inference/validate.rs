@@ -177,12 +177,11 @@ pub(super) fn compare(
     rel: f64,
     report: &mut ValidationReport,
 ) -> Result<(), ValidationError> {
-    want.check()
-        .map_err(|reason| ValidationError::BadExpected {
-            case,
-            output: want.name.clone(),
-            reason,
-        })?;
+    want.check().map_err(|error| ValidationError::BadExpected {
+        case,
+        output: want.name.clone(),
+        reason: error.to_string(),
+    })?;
     if got.dtype != want.dtype {
         return Err(ValidationError::DTypeMismatch {
             case,
