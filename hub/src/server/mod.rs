@@ -24,6 +24,7 @@ mod drift;
 mod engine;
 mod fleet;
 mod metrics;
+mod nonces;
 mod tls;
 mod verifier;
 
@@ -80,7 +81,7 @@ pub struct Hub {
     /// ahead signs requests dated after `started_at`, and one of those captured before the
     /// restart is refused by this, not by the (empty) nonce cache.
     pub signed_before_start: std::collections::HashMap<[u8; 16], crate::store::LatestRequests>,
-    pub nonces: Mutex<device::NonceCache>,
+    pub nonces: Mutex<nonces::NonceCache>,
     pub keys: RwLock<device::KeyCache>,
     /// Checks device request signatures in batches.
     pub verifier: verifier::Verifier,
@@ -113,7 +114,7 @@ impl Hub {
             config,
             started_at: crate::unix_now(),
             signed_before_start,
-            nonces: Mutex::new(device::NonceCache::default()),
+            nonces: Mutex::new(nonces::NonceCache::default()),
             keys: RwLock::new(device::KeyCache::default()),
             verifier: verifier::Verifier::start(verifier::Verifier::threads_for_this_machine())
                 .context("starting the signature verifier threads")?,
