@@ -187,10 +187,9 @@ impl AdminCommand {
                 })?;
                 // Bootstrapping again is for a hub whose admin tokens all expired or were lost.
                 let now = unix_now();
-                let working_admin = store
-                    .admin_tokens()?
-                    .iter()
-                    .any(|token| token.role == crate::api::Role::Admin && !token.expired(now));
+                let working_admin = store.admin_tokens()?.iter().any(|token| {
+                    token.role == crate::store::RoleRecord::Admin && !token.expired(now)
+                });
                 if working_admin {
                     bail!("this hub already has an admin token that has not expired; create more with `outpost-hub admin-token create`");
                 }

@@ -26,8 +26,6 @@ use outpost_protocol::name::{selector_matches, Label};
 use outpost_protocol::sha256;
 use outpost_protocol::trust::{BreachAction, PlanBody, ShadowStage, Slot};
 
-use crate::api::RolloutState;
-
 mod decision;
 mod drift_gate;
 mod gates;
@@ -180,6 +178,30 @@ pub struct Decision {
     pub stage_index: usize,
     pub reason: String,
     pub figures: Vec<GateFigure>,
+}
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutState {
+    Active,
+    Paused,
+    RolledBack,
+    Completed,
+    /// A newer plan took over.
+    Superseded,
+}
+
+impl RolloutState {
+    /// The state's name in the admin API, the CLI and `/metrics`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Active => "active",
+            RolloutState::Paused => "paused",
+            RolloutState::RolledBack => "rolled_back",
+            RolloutState::Completed => "completed",
+            RolloutState::Superseded => "superseded",
+        }
+    }
 }
 
 /// A rollout as the engine sees it.

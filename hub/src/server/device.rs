@@ -36,7 +36,7 @@ use super::fleet::{labels_of, DeviceState};
 use super::metrics::Metrics;
 use super::nonces::NonceRefusal;
 use super::SharedHub;
-use crate::api::RolloutState;
+use crate::rollout::RolloutState;
 use crate::store::{
     DeviceRead, DeviceRecord, EventRecord, Ingested, OutcomeKind, OutcomeRecord, RunningRecord,
     TokenRefusal, WindowInput,

@@ -19,8 +19,9 @@ use outpost_protocol::trust::{Artifact, ArtifactRole, ManifestBody, Signed};
 use outpost_protocol::{Label, Message, Sha256};
 
 use super::Hub;
-use crate::api::{DeviceDriftInfo, DriftReport, FeatureDriftInfo, RolloutState};
+use crate::api::{DeviceDriftInfo, DriftReport, FeatureDriftInfo};
 use crate::artifacts::ArtifactStore;
+use crate::rollout::RolloutState;
 use crate::rollout::{DriftGate, EndedDriftGate, NoDriftGate, Rollout, SummaryDriftGate};
 use crate::store::{ManifestRecord, StoredDrift};
 

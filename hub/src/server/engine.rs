@@ -12,9 +12,13 @@ use outpost_protocol::trust::{ManifestRef, PlanBody, Signed};
 use outpost_protocol::{sha256, Label, Sha256};
 
 use super::SharedHub;
-use crate::api::{self, ModelRef, RolloutInfo, RolloutState};
-use crate::rollout::{self, Actor, Decision, DeviceFacts, InferenceStats, Outcome, Rollout};
-use crate::store::{DecisionRecord, FigureRecord, OutcomeKind, RolloutRecord, StatsRecord};
+use crate::api::{self, ModelRef, RolloutInfo};
+use crate::rollout::{
+    self, Actor, Decision, DeviceFacts, InferenceStats, Outcome, Rollout, RolloutState,
+};
+use crate::store::{
+    DecisionRecord, FigureRecord, OutcomeKind, RolloutRecord, RolloutStateRecord, StatsRecord,
+};
 use crate::{audit, unix_now};
 use outpost_protocol::device::ShadowCounts;
 
@@ -62,10 +66,43 @@ pub fn plan_of(record: &RolloutRecord) -> anyhow::Result<PlanBody> {
         .with_context(|| format!("stored plan {} is unreadable", record.sequence))
 }
 
+/// A stored rollout state as the engine's.
+pub fn state_of(stored: RolloutStateRecord) -> RolloutState {
+    match stored {
+        RolloutStateRecord::Active => RolloutState::Active,
+        RolloutStateRecord::Paused => RolloutState::Paused,
+        RolloutStateRecord::RolledBack => RolloutState::RolledBack,
+        RolloutStateRecord::Completed => RolloutState::Completed,
+        RolloutStateRecord::Superseded => RolloutState::Superseded,
+    }
+}
+
+/// The engine's rollout state as stored.
+pub fn state_record(state: RolloutState) -> RolloutStateRecord {
+    match state {
+        RolloutState::Active => RolloutStateRecord::Active,
+        RolloutState::Paused => RolloutStateRecord::Paused,
+        RolloutState::RolledBack => RolloutStateRecord::RolledBack,
+        RolloutState::Completed => RolloutStateRecord::Completed,
+        RolloutState::Superseded => RolloutStateRecord::Superseded,
+    }
+}
+
+/// The engine's rollout state as the admin API shows it.
+fn api_state(state: RolloutState) -> api::RolloutState {
+    match state {
+        RolloutState::Active => api::RolloutState::Active,
+        RolloutState::Paused => api::RolloutState::Paused,
+        RolloutState::RolledBack => api::RolloutState::RolledBack,
+        RolloutState::Completed => api::RolloutState::Completed,
+        RolloutState::Superseded => api::RolloutState::Superseded,
+    }
+}
+
 pub fn to_rollout(record: &RolloutRecord) -> anyhow::Result<Rollout> {
     Ok(Rollout {
         plan: plan_of(record)?,
-        state: record.state,
+        state: state_of(record.state),
         stage_index: record.stage_index,
         stage_started: record.stage_started.clone(),
     })
@@ -207,35 +244,10 @@ pub fn device_facts(
     Ok(facts)
 }
 
-/// The engine's clock: evaluates every rollout each tick, then removes telemetry past the
-/// retention and refreshes the gauges `/metrics` serves, until the task is aborted.
-pub async fn run(hub: SharedHub) {
-    let mut interval = tokio::time::interval(hub.config.tick);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        if let Err(error) = tick(&hub).await {
-            log::error!("rollout engine: {error:#}");
-        }
-        let blocking = hub.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            if let Err(error) = prune(&blocking) {
-                log::error!("pruning telemetry past the retention: {error:#}");
-            }
-            super::metrics::refresh_fleet(&blocking)
-        });
-        match done.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => log::error!("computing the fleet's metrics: {error:#}"),
-            Err(error) => log::error!("computing the fleet's metrics: {error}"),
-        }
-    }
-}
-
 /// Removes the drift summaries and shadow comparisons of windows that ended before the telemetry
 /// retention. A range scan per published version over what expired: next to nothing on a tick
 /// with nothing to remove.
-fn prune(hub: &SharedHub) -> anyhow::Result<()> {
+pub(super) fn prune(hub: &SharedHub) -> anyhow::Result<()> {
     let cutoff = unix_now().saturating_sub(hub.config.retention.telemetry_secs);
     let pruned = hub.store.prune_telemetry(cutoff)?;
     if pruned.drift + pruned.shadow > 0 {
@@ -259,7 +271,7 @@ pub async fn tick(hub: &SharedHub) -> anyhow::Result<()> {
     let now = unix_now();
     let mut changed = false;
     for mut record in hub.store.rollouts()? {
-        if record.state != RolloutState::Active {
+        if record.state != RolloutStateRecord::Active {
             continue;
         }
         let mut rollout = to_rollout(&record)?;
@@ -297,7 +309,7 @@ pub fn persist_decision(
     decision: Decision,
 ) -> anyhow::Result<()> {
     rollout::apply(rollout, &decision);
-    record.state = rollout.state;
+    record.state = state_record(rollout.state);
     record.stage_index = rollout.stage_index;
     record.stage_started = rollout.stage_started.clone();
     let stopped = matches!(
@@ -421,7 +433,7 @@ pub fn info(hub: &SharedHub, record: &RolloutRecord) -> anyhow::Result<RolloutIn
             .iter()
             .map(|label| label.to_string())
             .collect(),
-        state: record.state,
+        state: api_state(state_of(record.state)),
         stage_index: record.stage_index,
         stage_started_at: rollout.current_stage_started(),
         stages: evaluation.stages.iter().map(api_stage).collect(),

@@ -155,7 +155,7 @@ fn fleet_text(hub: &SharedHub) -> anyhow::Result<String> {
             out,
             "outpost_hub_rollout_stage{{sequence=\"{}\",state=\"{}\"}} {percent}",
             rollout.sequence,
-            rollout.state.as_str()
+            super::engine::state_of(rollout.state).as_str()
         )?;
     }
 

@@ -155,7 +155,7 @@ pub async fn run(
     };
     let hub = Hub::open(config)?;
     ready(local)?;
-    let engine_task = tokio::spawn(engine::run(hub.clone()));
+    let engine_task = tokio::spawn(clock(hub.clone()));
     let app = router(hub.clone());
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     log::info!("hub serving on {scheme}://{local}");
@@ -195,5 +195,31 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The hub's clock, until the task is aborted: each tick the engine evaluates every rollout, then,
+/// on a blocking thread, telemetry past the retention is removed and the gauges `/metrics` serves
+/// are computed afresh.
+async fn clock(hub: SharedHub) {
+    let mut interval = tokio::time::interval(hub.config.tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if let Err(error) = engine::tick(&hub).await {
+            log::error!("rollout engine: {error:#}");
+        }
+        let blocking = hub.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            if let Err(error) = engine::prune(&blocking) {
+                log::error!("pruning telemetry past the retention: {error:#}");
+            }
+            metrics::refresh_fleet(&blocking)
+        });
+        match done.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => log::error!("computing the fleet's metrics: {error:#}"),
+            Err(error) => log::error!("computing the fleet's metrics: {error}"),
+        }
     }
 }

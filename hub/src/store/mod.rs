@@ -27,8 +27,6 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{IVec, Transactional, Tree};
 
-use crate::api::{Role, RolloutState};
-
 mod audit;
 mod devices;
 mod records;

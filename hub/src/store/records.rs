@@ -9,7 +9,7 @@ use super::*;
 pub struct AdminTokenRecord {
     pub id: String,
     pub name: String,
-    pub role: Role,
+    pub role: RoleRecord,
     pub created: u64,
     /// When the token stops working; never, for tokens made before tokens expired. Stored in the
     /// tail.
@@ -21,6 +21,27 @@ impl AdminTokenRecord {
     pub fn expired(&self, now: u64) -> bool {
         self.expires.is_some_and(|expires| expires <= now)
     }
+}
+
+/// An admin token's role as stored: by variant index, in this order, as 0.1.0 wrote it. Add
+/// roles only at the end. Ordered as the roles are: each one can do what those before it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum RoleRecord {
+    Viewer,
+    Operator,
+    Publisher,
+    Admin,
+}
+
+/// A rollout's state as stored: by variant index, in this order, as 0.1.0 wrote it. Add states
+/// only at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RolloutStateRecord {
+    Active,
+    Paused,
+    RolledBack,
+    Completed,
+    Superseded,
 }
 
 /// What an admin token record holds after the fields the first hubs wrote. An older hub reads
@@ -219,7 +240,7 @@ pub struct ManifestRecord {
 pub struct RolloutRecord {
     pub sequence: u64,
     pub signed_plan: Vec<u8>,
-    pub state: RolloutState,
+    pub state: RolloutStateRecord,
     pub stage_index: usize,
     pub stage_started: Vec<u64>,
     pub decisions: Vec<DecisionRecord>,

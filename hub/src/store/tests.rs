@@ -675,7 +675,7 @@ fn an_admin_token_without_a_tail_never_expires_and_an_older_hub_reads_one_with_i
     let first = AdminTokenRecord {
         id: "0a".into(),
         name: "first".into(),
-        role: Role::Admin,
+        role: RoleRecord::Admin,
         created: 10,
         expires: None,
     };

@@ -35,7 +35,7 @@ use crate::api::*;
 use crate::artifacts::ArtifactError;
 use crate::store::{
     AdminTokenRecord, DeviceRead, DeviceRecord, EnrollTokenRecord, EventRecord, ManifestRecord,
-    RolloutRecord,
+    RoleRecord, RolloutRecord,
 };
 use crate::{audit, unix_now};
 
@@ -201,6 +201,26 @@ impl From<anyhow::Error> for AdminError {
 
 type Reply<T> = Result<Json<T>, AdminError>;
 
+/// A token's stored role as the admin API names it.
+pub(crate) fn role_of(stored: RoleRecord) -> Role {
+    match stored {
+        RoleRecord::Viewer => Role::Viewer,
+        RoleRecord::Operator => Role::Operator,
+        RoleRecord::Publisher => Role::Publisher,
+        RoleRecord::Admin => Role::Admin,
+    }
+}
+
+/// A role of the admin API as the store keeps it.
+pub(crate) fn role_record(role: Role) -> RoleRecord {
+    match role {
+        Role::Viewer => RoleRecord::Viewer,
+        Role::Operator => RoleRecord::Operator,
+        Role::Publisher => RoleRecord::Publisher,
+        Role::Admin => RoleRecord::Admin,
+    }
+}
+
 /// Checks the bearer token and its role.
 pub(super) fn require(
     hub: &SharedHub,
@@ -242,13 +262,13 @@ pub(super) fn authorize(
             ),
         ));
     }
-    if record.role < role {
+    if role_of(record.role) < role {
         return Err(AdminError::new(
             StatusCode::FORBIDDEN,
             format!(
                 "token {:?} has role {}, this needs {}",
                 record.name,
-                record.role.as_str(),
+                role_of(record.role).as_str(),
                 role.as_str()
             ),
         ));
@@ -285,7 +305,7 @@ async fn whoami(State(hub): State<SharedHub>, headers: HeaderMap) -> Reply<WhoAm
     Ok(Json(WhoAmI {
         token_id: token.id,
         name: token.name,
-        role: token.role,
+        role: role_of(token.role),
     }))
 }
 

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::rollout::{Action, Actor, Decision};
+use crate::store::RolloutStateRecord;
 
 pub(super) async fn list_rollouts(
     State(hub): State<SharedHub>,
@@ -94,7 +95,7 @@ pub(super) async fn create_rollout(
     let now = unix_now();
     // A newer plan for the same model takes over from older ones.
     for mut older in hub.store.rollouts()? {
-        if older.state == RolloutState::Superseded {
+        if older.state == RolloutStateRecord::Superseded {
             continue;
         }
         let mut rollout = engine::to_rollout(&older)?;
@@ -114,7 +115,7 @@ pub(super) async fn create_rollout(
     let record = RolloutRecord {
         sequence: plan.sequence(),
         signed_plan: bytes.to_vec(),
-        state: RolloutState::Active,
+        state: RolloutStateRecord::Active,
         stage_index: 0,
         stage_started: vec![now],
         decisions: Vec::new(),

@@ -19,7 +19,7 @@ pub fn new_admin_token(
     let record = AdminTokenRecord {
         id: random_hex(8)?,
         name: name.to_owned(),
-        role,
+        role: role_record(role),
         created: unix_now(),
         expires,
     };
@@ -64,7 +64,7 @@ fn admin_token_info(record: &AdminTokenRecord) -> AdminTokenInfo {
     AdminTokenInfo {
         id: record.id.clone(),
         name: record.name.clone(),
-        role: record.role,
+        role: role_of(record.role),
         created: record.created,
         expires: record.expires,
     }
@@ -93,8 +93,8 @@ pub(super) async fn revoke_admin_token(
     let outcome = hub.store.revoke_admin_token(&id, |record, others| {
         let another_admin = others
             .iter()
-            .any(|other| other.role == Role::Admin && !other.expired(now));
-        if record.role == Role::Admin && !record.expired(now) && !another_admin {
+            .any(|other| other.role == RoleRecord::Admin && !other.expired(now));
+        if record.role == RoleRecord::Admin && !record.expired(now) && !another_admin {
             return Err(AdminError::conflict(format!(
                 "token {id} ({:?}) is the hub's last admin token that has not expired: create \
                  another admin token first",
@@ -112,7 +112,7 @@ pub(super) async fn revoke_admin_token(
         &actor,
         "admin-token revoke",
         &id,
-        &format!("{} as {}", revoked.name, revoked.role.as_str()),
+        &format!("{} as {}", revoked.name, role_of(revoked.role).as_str()),
     )?;
     hub.store.flush().await?;
     log::info!(

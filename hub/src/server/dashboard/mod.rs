@@ -172,7 +172,7 @@ pub fn page(title: &str, current: &str, viewer: &AdminTokenRecord, body: &str) -
          <form method=\"post\" action=\"/dashboard/logout\"><button id=\"logout\" type=\"submit\">\
          Log out</button></form></header><main>{body}</main></body></html>",
         Esc(&viewer.name),
-        viewer.role.as_str()
+        super::admin::role_of(viewer.role).as_str()
     );
     html_response(StatusCode::OK, html)
 }
