@@ -1,34 +1,115 @@
-//! `outpost-hub inspect`: show what a signed document says, and who signed it.
+//! `outpost-hub inspect`: show what a signed document says and who signed it, and what a
+//! validation set or a drift profile holds, whatever its size.
 
+use std::fmt::Write;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
+use outpost_protocol::device::{Tensor, ValidationSet};
+use outpost_protocol::drift::Profile;
 use outpost_protocol::envelope::peek_kind;
 use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, SignedBody};
 use outpost_protocol::{sha256, Message, MessageKind};
 
 use super::{print_stdout, read_frame};
-use outpost_model::fsutil;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A signed root, manifest or plan.
+    /// A signed root, manifest or plan, a validation set or a drift profile.
     pub file: PathBuf,
 }
 
 impl Args {
     pub fn run(self) -> anyhow::Result<()> {
-        let head = fsutil::read_capped(&self.file, 64 * 1024)?;
+        let mut head = Vec::with_capacity(16);
+        std::fs::File::open(&self.file)
+            .and_then(|file| file.take(16).read_to_end(&mut head))
+            .with_context(|| format!("reading {}", self.file.display()))?;
         match peek_kind(&head) {
             Some(MessageKind::SignedRoot) => show::<RootBody>(&self.file),
             Some(MessageKind::SignedManifest) => show::<ManifestBody>(&self.file),
             Some(MessageKind::SignedPlan) => show::<PlanBody>(&self.file),
+            Some(MessageKind::ValidationSet) => show_validation_set(&self.file),
+            Some(MessageKind::Profile) => show_profile(&self.file),
             _ => bail!(
-                "{} is not a signed root, manifest or plan",
+                "{} is not a signed root, manifest or plan, a validation set or a drift profile",
                 self.file.display()
             ),
         }
     }
+}
+
+/// A tensor's name, type and shape, as `x FP32 [2, 4]`.
+fn describe(tensor: &Tensor) -> String {
+    format!(
+        "{} {} {:?}",
+        tensor.name,
+        tensor.dtype.as_str(),
+        tensor.shape
+    )
+}
+
+fn show_validation_set(path: &Path) -> anyhow::Result<()> {
+    let (bytes, set) = read_frame::<ValidationSet>(path)?;
+    let mut text = format!(
+        "validation set (sha256 {}, {} bytes)\nan output element passes when |got - want| <= \
+         {:e} + {:e} * |want|\n{} case(s):\n",
+        sha256(&bytes),
+        bytes.len(),
+        set.abs_tolerance,
+        set.rel_tolerance,
+        set.cases.len()
+    );
+    for (index, case) in set.cases.iter().enumerate() {
+        let inputs: Vec<String> = case.inputs.iter().map(describe).collect();
+        let outputs: Vec<String> = case.outputs.iter().map(describe).collect();
+        writeln!(
+            text,
+            "  case {index}: inputs {} -> outputs {}",
+            inputs.join(", "),
+            outputs.join(", ")
+        )?;
+    }
+    print_stdout(&text)
+}
+
+fn show_profile(path: &Path) -> anyhow::Result<()> {
+    let (bytes, profile) = read_frame::<Profile>(path)?;
+    let mut text = format!(
+        "drift profile (sha256 {}, {} bytes)\n{:?}\n{} numeric feature(s):\n",
+        sha256(&bytes),
+        bytes.len(),
+        profile.thresholds,
+        profile.features.len()
+    );
+    for feature in &profile.features {
+        let reference = &feature.reference;
+        writeln!(
+            text,
+            "  {} ({:?}): {} values, mean {}, null {}, nan {}, below {}, above {}\n    edges \
+             {:?}\n    reference counts {:?}",
+            feature.name,
+            feature.side,
+            reference.n,
+            reference.mean,
+            reference.null,
+            reference.nan,
+            reference.below,
+            reference.above,
+            feature.edges,
+            reference.bins
+        )?;
+    }
+    writeln!(text, "{} class output(s):", profile.classes.len())?;
+    for class in &profile.classes {
+        writeln!(
+            text,
+            "  {}: classes {:?}\n    reference counts {:?}",
+            class.name, class.classes, class.reference.counts
+        )?;
+    }
+    print_stdout(&text)
 }
 
 fn show<B: SignedBody + std::fmt::Debug>(path: &Path) -> anyhow::Result<()>

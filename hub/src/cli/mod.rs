@@ -37,6 +37,7 @@ pub mod sign;
 pub mod table;
 pub mod tls;
 pub mod token;
+pub mod validation;
 pub mod whoami;
 
 #[derive(Debug, Parser)]
@@ -92,6 +93,9 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Write a small example ONNX model and its validation set.
     ExampleModel(example::Args),
+    /// Make validation sets for your own models.
+    #[command(subcommand)]
+    Validation(validation::ValidationCommand),
     /// Build a model's drift reference profile from a reference dataset (offline).
     Profile(profile::Args),
     /// Make a private CA and a certificate for the hub.
@@ -123,6 +127,7 @@ impl Command {
             Command::Serve(args) => args.run(),
             Command::ExampleModel(args) => args.run(),
             Command::Profile(args) => args.run(),
+            Command::Validation(command) => command.run(),
             Command::Tls(command) => command.run(),
             Command::Admin(command) => command.run(),
             Command::Quickstart(args) => args.run(),

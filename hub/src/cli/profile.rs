@@ -32,12 +32,8 @@ pub struct Args {
     /// Where to write the profile (give it to `model publish --profile`).
     #[arg(long)]
     pub out: PathBuf,
-    /// Input tensor as NAME:DTYPE:DIMS, as `model publish` takes it; default: the model's own.
-    #[arg(long = "input", value_parser = parse_tensor_spec)]
-    pub inputs: Vec<TensorSpec>,
-    /// Output tensor, same form as --input.
-    #[arg(long = "output", value_parser = parse_tensor_spec)]
-    pub outputs: Vec<TensorSpec>,
+    #[command(flatten)]
+    pub specs: SpecArgs,
     /// Outputs to summarise as classes (argmax of [N, K] scores, or [N] labels). Integer outputs of
     /// shape [N] are labels without this.
     #[arg(long = "classes", value_delimiter = ',')]
@@ -66,22 +62,7 @@ impl Args {
     pub fn run(self) -> anyhow::Result<()> {
         let thresholds = self.thresholds()?;
         let onnx = fsutil::read_capped(&self.model, MAX_MODEL_IN_MEMORY)?;
-        let (mut inputs, mut outputs) = (self.inputs.clone(), self.outputs.clone());
-        if inputs.is_empty() || outputs.is_empty() {
-            let (declared_inputs, declared_outputs) = LoadedModel::describe(&onnx)
-                .with_context(|| {
-                    format!(
-                        "reading the inputs and outputs {} declares; give them with --input and --output",
-                        self.model.display()
-                    )
-                })?;
-            if inputs.is_empty() {
-                inputs = declared_inputs;
-            }
-            if outputs.is_empty() {
-                outputs = declared_outputs;
-            }
-        }
+        let (inputs, outputs) = self.specs.of(&self.model, &onnx)?;
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let model = LoadedModel::load(&onnx, &inputs, &outputs, threads)
             .with_context(|| format!("loading {}", self.model.display()))?;
@@ -94,7 +75,7 @@ impl Args {
             ..ProfileOptions::default()
         };
         let mut data = Vec::new();
-        for (spec, path) in self.data_files(&inputs)? {
+        for (spec, path) in pair_data(&self.data, &inputs)? {
             let tensor = load_data(spec, &path, &mut options)
                 .with_context(|| format!("--data {}", path.display()))?;
             data.push(tensor);
@@ -154,49 +135,98 @@ impl Args {
             missing_factor: self.missing_factor,
         })
     }
+}
 
-    /// Pairs every model input with its data file.
-    fn data_files<'a>(
+/// `--input` and `--output`: the model's tensors, where its own declarations need help.
+#[derive(Debug, clap::Args)]
+pub struct SpecArgs {
+    /// Input tensor as NAME:DTYPE:DIMS, as `model publish` takes it; default: the model's own.
+    #[arg(long = "input", value_parser = parse_tensor_spec)]
+    pub inputs: Vec<TensorSpec>,
+    /// Output tensor, same form as --input.
+    #[arg(long = "output", value_parser = parse_tensor_spec)]
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl SpecArgs {
+    /// The model's input and output specs: those given, else those the ONNX file at `path`
+    /// declares.
+    pub(super) fn of(
         &self,
-        inputs: &'a [TensorSpec],
-    ) -> anyhow::Result<Vec<(&'a TensorSpec, PathBuf)>> {
-        if let [only] = inputs {
-            if let [file] = self.data.as_slice() {
-                let path = file
-                    .strip_prefix(&format!("{}=", only.name))
-                    .unwrap_or(file);
-                return Ok(vec![(only, PathBuf::from(path))]);
-            }
-        }
-        let mut pairs = Vec::new();
-        for spec in inputs {
-            let prefix = format!("{}=", spec.name);
-            let path = self
-                .data
-                .iter()
-                .find_map(|entry| entry.strip_prefix(&prefix))
-                .with_context(|| {
-                    format!(
-                        "the model has {} inputs: give --data {}=FILE for each",
-                        inputs.len(),
-                        spec.name
-                    )
-                })?;
-            pairs.push((spec, PathBuf::from(path)));
-        }
-        if let Some(extra) = self.data.iter().find(|entry| {
-            !inputs
-                .iter()
-                .any(|spec| entry.starts_with(&format!("{}=", spec.name)))
-        }) {
-            bail!("--data {extra}: the model has no such input");
-        }
-        Ok(pairs)
+        path: &Path,
+        onnx: &[u8],
+    ) -> anyhow::Result<(Vec<TensorSpec>, Vec<TensorSpec>)> {
+        model_specs(path, onnx, &self.inputs, &self.outputs)
     }
 }
 
+/// The model's input and output specs: those given, else those the ONNX file declares.
+fn model_specs(
+    path: &Path,
+    onnx: &[u8],
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+) -> anyhow::Result<(Vec<TensorSpec>, Vec<TensorSpec>)> {
+    let (mut inputs, mut outputs) = (inputs.to_vec(), outputs.to_vec());
+    if inputs.is_empty() || outputs.is_empty() {
+        let (declared_inputs, declared_outputs) =
+            LoadedModel::describe(onnx).with_context(|| {
+                format!(
+                    "reading the inputs and outputs {} declares; give them with --input and --output",
+                    path.display()
+                )
+            })?;
+        if inputs.is_empty() {
+            inputs = declared_inputs;
+        }
+        if outputs.is_empty() {
+            outputs = declared_outputs;
+        }
+    }
+    Ok((inputs, outputs))
+}
+
+/// Pairs every model input with its data file: `--data FILE` for a model with one input, or
+/// `--data INPUT=FILE` for each input.
+pub(super) fn pair_data<'a>(
+    data: &[String],
+    inputs: &'a [TensorSpec],
+) -> anyhow::Result<Vec<(&'a TensorSpec, PathBuf)>> {
+    if let [only] = inputs {
+        if let [file] = data {
+            let path = file
+                .strip_prefix(&format!("{}=", only.name))
+                .unwrap_or(file);
+            return Ok(vec![(only, PathBuf::from(path))]);
+        }
+    }
+    let mut pairs = Vec::new();
+    for spec in inputs {
+        let prefix = format!("{}=", spec.name);
+        let path = data
+            .iter()
+            .find_map(|entry| entry.strip_prefix(&prefix))
+            .with_context(|| {
+                format!(
+                    "the model has {} inputs: give --data {}=FILE for each",
+                    inputs.len(),
+                    spec.name
+                )
+            })?;
+        pairs.push((spec, PathBuf::from(path)));
+    }
+    if let Some(extra) = data.iter().find(|entry| {
+        !inputs
+            .iter()
+            .any(|spec| entry.starts_with(&format!("{}=", spec.name)))
+    }) {
+        bail!("--data {extra}: the model has no such input");
+    }
+    Ok(pairs)
+}
+
 /// Reads one input's reference data as a tensor of that input's type.
-fn load_data(
+pub(super) fn load_data(
     spec: &TensorSpec,
     path: &Path,
     options: &mut ProfileOptions,
@@ -204,7 +234,7 @@ fn load_data(
     let bytes = fsutil::read_capped(path, MAX_DATA_FILE)?;
     if bytes.starts_with(b"\x93NUMPY") {
         let array = parse_npy(&bytes)?;
-        return npy_tensor(spec, &array);
+        return npy_tensor("input", spec, &array);
     }
     let is_npy = path.extension().is_some_and(|ext| ext == "npy");
     if is_npy {
@@ -215,7 +245,7 @@ fn load_data(
 }
 
 /// Fixed sizes of a spec's axes after the batch axis.
-fn row_dims(spec: &TensorSpec) -> anyhow::Result<Vec<u64>> {
+pub(super) fn row_dims(spec: &TensorSpec) -> anyhow::Result<Vec<u64>> {
     let mut dims = spec.shape.iter();
     if !matches!(dims.next(), Some(Dim::Batch)) {
         bail!(
@@ -279,16 +309,17 @@ fn csv_tensor(
     let rows = table.rows() as u64;
     let mut shape = vec![rows];
     shape.extend(row);
-    typed_tensor(spec, shape, &values)
+    typed_tensor("input", spec, shape, &values)
 }
 
-fn npy_tensor(spec: &TensorSpec, array: &NdArray) -> anyhow::Result<Tensor> {
+/// `array` as a tensor of `spec` (the model's `role`, "input" or "output"), one row per sample.
+pub(super) fn npy_tensor(role: &str, spec: &TensorSpec, array: &NdArray) -> anyhow::Result<Tensor> {
     let row = row_dims(spec)?;
     let shape: Vec<u64> = array.shape.iter().map(|&dim| dim as u64).collect();
     let fits = shape.len() == row.len() + 1 && shape[1..] == row[..];
     if !fits || shape.first().is_none_or(|&rows| rows == 0) {
         bail!(
-            "the array's shape is {:?}, input {:?} takes [N, {}] with N ≥ 1",
+            "the array's shape is {:?}, {role} {:?} takes [N, {}] with N ≥ 1",
             array.shape,
             spec.name,
             row.iter()
@@ -297,16 +328,21 @@ fn npy_tensor(spec: &TensorSpec, array: &NdArray) -> anyhow::Result<Tensor> {
                 .join(", ")
         );
     }
-    typed_tensor(spec, shape, &array.to_f64())
+    typed_tensor(role, spec, shape, &array.to_f64())
 }
 
 /// Encodes `values` as the spec's element type, refusing values that type cannot hold.
-fn typed_tensor(spec: &TensorSpec, shape: Vec<u64>, values: &[f64]) -> anyhow::Result<Tensor> {
+fn typed_tensor(
+    role: &str,
+    spec: &TensorSpec,
+    shape: Vec<u64>,
+    values: &[f64],
+) -> anyhow::Result<Tensor> {
     let mut data = Vec::with_capacity(values.len() * spec.dtype.size());
     let integral = |at: usize, value: f64, min: f64, max: f64| -> anyhow::Result<f64> {
         if value.fract() != 0.0 || !(min..=max).contains(&value) {
             bail!(
-                "element {at} of input {:?}: {value} is not a valid {}",
+                "element {at} of {role} {:?}: {value} is not a valid {}",
                 spec.name,
                 spec.dtype.as_str()
             );

@@ -1,0 +1,253 @@
+//! `outpost-hub validation make`: a validation set for your own model, from your own sample
+//! inputs, with expected outputs from your own framework or from the model itself.
+//!
+//! A validation set (`validation.bin`, a postcard frame of kind `ValidationSet`) holds cases of
+//! inputs and the outputs the model must give for them, and two tolerances: an output element
+//! passes when `|got - want| <= abs_tolerance + rel_tolerance * |want|`. `model publish` runs it
+//! before it signs, and every device runs it before it commits the model.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use outpost_model::drift::ProfileOptions;
+use outpost_model::fsutil;
+use outpost_model::inference::{validate, LoadedModel};
+use outpost_protocol::dataset::parse_npy;
+use outpost_protocol::device::{Tensor, ValidationCase, ValidationSet};
+use outpost_protocol::trust::TensorSpec;
+use outpost_protocol::Message;
+
+use super::model::MAX_MODEL_IN_MEMORY;
+use super::print_stderr;
+use super::profile::{load_data, npy_tensor, pair_data, row_dims, SpecArgs};
+
+/// Largest expected-output file read.
+const MAX_EXPECTED_FILE: u64 = 2 * 1024 * 1024 * 1024;
+/// How long the made set may take to run here; a device gives it `probation_timeout`.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ValidationCommand {
+    /// Make a validation set from sample inputs, and check the model passes it.
+    Make(MakeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MakeArgs {
+    /// The ONNX model.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Sample inputs: a `.csv` table or `.npy` tensor for a model with one input, or INPUT=FILE
+    /// for each input, one row per sample, as `profile --data` takes them.
+    #[arg(long = "data", required = true)]
+    pub data: Vec<String>,
+    /// The outputs the model must give, as OUTPUT=FILE.npy for every output, one row per sample
+    /// of --data: computed by the framework you trust (ONNX Runtime, PyTorch). Without them the
+    /// expected outputs are what this model computes here, which pins its current behaviour.
+    #[arg(long = "expected")]
+    pub expected: Vec<String>,
+    /// Where to write the validation set (give it to `model publish --validation`).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub specs: SpecArgs,
+    /// Cases in the set, taken from the first rows of --data.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub cases: u32,
+    /// Samples per case: the batch each case runs as (1 for a model that takes one at a time).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub rows_per_case: u32,
+    /// Absolute tolerance of each output element. The defaults pass a model converted between
+    /// runtimes (float32 reordering) and fail a model with other weights.
+    #[arg(long, default_value_t = 1e-4)]
+    pub abs_tolerance: f64,
+    /// Relative tolerance of each output element.
+    #[arg(long, default_value_t = 1e-3)]
+    pub rel_tolerance: f64,
+}
+
+impl ValidationCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            ValidationCommand::Make(args) => args.run(),
+        }
+    }
+}
+
+impl MakeArgs {
+    fn run(self) -> anyhow::Result<()> {
+        for (flag, value) in [
+            ("--abs-tolerance", self.abs_tolerance),
+            ("--rel-tolerance", self.rel_tolerance),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                bail!("{flag} {value} must be a finite number, 0 or more");
+            }
+        }
+        let onnx = fsutil::read_capped(&self.model, MAX_MODEL_IN_MEMORY)?;
+        let (inputs, outputs) = self.specs.of(&self.model, &onnx)?;
+        // One thread, as `model publish` checks it: the outcome must not depend on the machine.
+        let model = LoadedModel::load(&onnx, &inputs, &outputs, 1)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        drop(onnx);
+
+        let mut ignored = ProfileOptions::default();
+        let mut data = Vec::new();
+        for (spec, path) in pair_data(&self.data, &inputs)? {
+            let tensor = load_data(spec, &path, &mut ignored)
+                .with_context(|| format!("--data {}", path.display()))?;
+            data.push(tensor);
+        }
+        let rows = common_rows("--data", &data)?;
+        let per_case = u64::from(self.rows_per_case);
+        let cases = (rows / per_case).min(u64::from(self.cases));
+        if cases == 0 {
+            bail!(
+                "--data has {rows} row(s), fewer than the {per_case} of one case (--rows-per-case)"
+            );
+        }
+        let expected = self.expected_outputs(&outputs, rows)?;
+
+        let mut set = ValidationSet {
+            abs_tolerance: self.abs_tolerance,
+            rel_tolerance: self.rel_tolerance,
+            cases: Vec::new(),
+        };
+        for case in 0..cases {
+            let span = case * per_case..(case + 1) * per_case;
+            let case_inputs = data
+                .iter()
+                .map(|tensor| rows_of(tensor, span.clone()))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let case_outputs = match &expected {
+                Some(expected) => expected
+                    .iter()
+                    .map(|tensor| rows_of(tensor, span.clone()))
+                    .collect::<anyhow::Result<Vec<_>>>()?,
+                None => model
+                    .run(&case_inputs)
+                    .with_context(|| format!("running the model on case {case}"))?,
+            };
+            set.cases.push(ValidationCase {
+                inputs: case_inputs,
+                outputs: case_outputs,
+            });
+        }
+
+        let report = validate(&model, &set, Instant::now() + CHECK_TIMEOUT).with_context(|| {
+            if expected.is_some() {
+                "the model's outputs here are not the --expected ones within the tolerances; a \
+                 model converted between runtimes differs by float rounding, far less than a \
+                 wrong model"
+            } else {
+                "the model does not give the same outputs twice"
+            }
+        })?;
+        let bytes = outpost_protocol::encode(&set).context("encoding the validation set")?;
+        if bytes.len() > ValidationSet::MAX_FRAME {
+            bail!(
+                "the validation set is {} bytes, more than the {} a device accepts; use fewer \
+                 --cases or --rows-per-case",
+                bytes.len(),
+                ValidationSet::MAX_FRAME
+            );
+        }
+        fsutil::write_atomic(&self.out, &bytes, 0o644)?;
+        print_stderr(&format!(
+            "wrote {}: {cases} case(s) of {per_case} row(s), expected outputs {}; the model \
+             passes it here, largest difference {:e} ({} bytes)\n",
+            self.out.display(),
+            if expected.is_some() {
+                "from --expected"
+            } else {
+                "computed by the model"
+            },
+            report.max_abs_difference,
+            bytes.len()
+        ));
+        Ok(())
+    }
+
+    /// The `--expected` files, one per output in the model's order, each with `rows` rows; none
+    /// when not given.
+    fn expected_outputs(
+        &self,
+        outputs: &[TensorSpec],
+        rows: u64,
+    ) -> anyhow::Result<Option<Vec<Tensor>>> {
+        if self.expected.is_empty() {
+            return Ok(None);
+        }
+        let mut tensors = Vec::new();
+        for spec in outputs {
+            let prefix = format!("{}=", spec.name);
+            let path = self
+                .expected
+                .iter()
+                .find_map(|entry| entry.strip_prefix(&prefix))
+                .with_context(|| {
+                    format!(
+                        "--expected is given, but not for output {:?}: give OUTPUT=FILE.npy for \
+                         every output",
+                        spec.name
+                    )
+                })?;
+            row_dims(spec).map_err(|_| {
+                anyhow::anyhow!(
+                    "output {:?} has no batch axis first, so --expected rows cannot be matched \
+                     to it; give --output {}:{}:N,... ",
+                    spec.name,
+                    spec.name,
+                    spec.dtype.as_str()
+                )
+            })?;
+            let bytes = fsutil::read_capped(std::path::Path::new(path), MAX_EXPECTED_FILE)
+                .with_context(|| format!("--expected {}", spec.name))?;
+            let array = parse_npy(&bytes).with_context(|| format!("--expected {path}"))?;
+            tensors.push(
+                npy_tensor("output", spec, &array).with_context(|| format!("--expected {path}"))?,
+            );
+        }
+        if let Some(extra) = self.expected.iter().find(|entry| {
+            !outputs
+                .iter()
+                .any(|spec| entry.starts_with(&format!("{}=", spec.name)))
+        }) {
+            bail!("--expected {extra}: the model has no such output");
+        }
+        let expected_rows = common_rows("--expected", &tensors)?;
+        if expected_rows < rows {
+            bail!("--expected has {expected_rows} row(s), --data has {rows}: give one per sample");
+        }
+        Ok(Some(tensors))
+    }
+}
+
+/// The rows (first axis) every tensor has; an error names the flag when they differ.
+fn common_rows(flag: &str, tensors: &[Tensor]) -> anyhow::Result<u64> {
+    let mut rows = tensors.iter().map(|tensor| tensor.shape[0]);
+    let first = rows.next().unwrap_or(0);
+    if let Some(other) = rows.find(|rows| *rows != first) {
+        bail!("the {flag} files have {first} and {other} rows: give one row per sample in each");
+    }
+    Ok(first)
+}
+
+/// Rows `span` of `tensor`, along its first axis.
+fn rows_of(tensor: &Tensor, span: std::ops::Range<u64>) -> anyhow::Result<Tensor> {
+    let rows = tensor.shape[0];
+    if span.end > rows {
+        bail!("{:?} has {rows} rows, not {}", tensor.name, span.end);
+    }
+    let row_bytes = tensor.data.len() as u64 / rows.max(1);
+    let (start, end) = (span.start * row_bytes, span.end * row_bytes);
+    let mut shape = tensor.shape.clone();
+    shape[0] = span.end - span.start;
+    Ok(Tensor {
+        name: tensor.name.clone(),
+        dtype: tensor.dtype,
+        shape,
+        data: tensor.data[start as usize..end as usize].to_vec(),
+    })
+}

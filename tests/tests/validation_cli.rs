@@ -1,0 +1,199 @@
+//! `outpost-hub validation make` through the real binary (issue 20): a validation set for a model
+//! from its user's own sample inputs, with expected outputs from the user's own framework or from
+//! the model; the right model passes it and a model with other weights does not; `inspect`
+//! prints it; `model sign` runs it; and bad input is refused naming what is wrong.
+
+// Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use outpost_model::example::normal_rows;
+use outpost_model::inference::LoadedModel;
+use outpost_protocol::device::{Tensor, ValidationSet};
+use outpost_protocol::trust::{DType, Dim, TensorSpec};
+use outpost_tests::hub::{Fleet, TestHub};
+use outpost_tests::{run, Run};
+
+fn hub(dir: &Path, args: &[&str]) -> Run {
+    run("outpost-hub", dir, args)
+}
+
+/// An `.npy` file (format 1.0) of little-endian float32 `values` in `shape`.
+fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        dims.join(", ")
+    );
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(values.iter().flat_map(|value| value.to_le_bytes()));
+    bytes
+}
+
+fn f32s(tensor: &Tensor) -> Vec<f32> {
+    tensor
+        .data
+        .chunks_exact(4)
+        .map(|chunk| f32::from_le_bytes(chunk.try_into().unwrap()))
+        .collect()
+}
+
+const ROWS: usize = 40;
+
+#[test]
+fn a_set_from_your_own_data_passes_the_right_model_and_fails_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    hub(d, &["example-model", "--out", "ex", "--seed", "1"]).ok();
+    hub(d, &["example-model", "--out", "other", "--seed", "2"]).ok();
+
+    // The user's sample inputs, and the outputs their own framework computed for them: here the
+    // model's own, with the float noise a conversion between runtimes brings.
+    let rows = normal_rows(4, ROWS, 7, 0.0);
+    std::fs::write(d.join("x.npy"), npy_f32(&[ROWS, 4], &rows)).unwrap();
+    let spec = |name: &str, width: u64| TensorSpec {
+        name: name.to_owned(),
+        dtype: DType::F32,
+        shape: vec![Dim::Batch, Dim::Fixed(width)],
+    };
+    let onnx = std::fs::read(d.join("ex/model.onnx")).unwrap();
+    let model = LoadedModel::load(&onnx, &[spec("x", 4)], &[spec("y", 3)], 1).unwrap();
+    let x = Tensor {
+        name: "x".to_owned(),
+        dtype: DType::F32,
+        shape: vec![ROWS as u64, 4],
+        data: rows.iter().flat_map(|value| value.to_le_bytes()).collect(),
+    };
+    let y = model.run(&[x]).unwrap().remove(0);
+    let noisy: Vec<f32> = f32s(&y).iter().map(|value| value * (1.0 + 2e-6)).collect();
+    std::fs::write(d.join("y.npy"), npy_f32(&[ROWS, 3], &noisy)).unwrap();
+
+    let make = |model: &str, extra: &[&str]| {
+        let mut args = vec![
+            "validation",
+            "make",
+            "--model",
+            model,
+            "--data",
+            "x=x.npy",
+            "--out",
+            "v.bin",
+        ];
+        args.extend_from_slice(extra);
+        hub(d, &args)
+    };
+    let made = make(
+        "ex/model.onnx",
+        &[
+            "--expected",
+            "y=y.npy",
+            "--cases",
+            "8",
+            "--rows-per-case",
+            "2",
+        ],
+    )
+    .ok();
+    assert!(
+        made.stderr
+            .contains("8 case(s) of 2 row(s), expected outputs from --expected"),
+        "{}",
+        made.stderr
+    );
+    let set: ValidationSet =
+        outpost_protocol::decode(&std::fs::read(d.join("v.bin")).unwrap()).unwrap();
+    assert_eq!(set.cases.len(), 8);
+    for (index, case) in set.cases.iter().enumerate() {
+        assert_eq!(case.inputs[0].shape, [2, 4]);
+        assert_eq!(f32s(&case.inputs[0]), rows[index * 8..index * 8 + 8]);
+        assert_eq!(f32s(&case.outputs[0]), noisy[index * 6..index * 6 + 6]);
+    }
+    let shown = hub(d, &["inspect", "v.bin"]).ok().stdout;
+    assert!(shown.contains("8 case(s):"), "{shown}");
+    assert!(
+        shown.contains("case 7: inputs x FP32 [2, 4] -> outputs y FP32 [2, 3]"),
+        "{shown}"
+    );
+
+    // `model publish` runs the set before it signs, as every device will before it commits:
+    // the model passes, and one with other weights is not published.
+    let hub_under_test = TestHub::start();
+    let fleet = Fleet::new(&hub_under_test);
+    let bundle = |name: &str, model: &str| {
+        let bundle = d.join(name);
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::copy(d.join(model), bundle.join("model.onnx")).unwrap();
+        std::fs::copy(d.join("v.bin"), bundle.join("validation.bin")).unwrap();
+        fleet.publish_args(&bundle, "mine", 1)
+    };
+    let published = bundle("mine", "ex/model.onnx");
+    let published: Vec<&str> = published.iter().map(String::as_str).collect();
+    let out = hub_under_test.cli(&published).ok();
+    assert!(
+        out.stderr.contains("validation passed: 8 case(s)"),
+        "{}",
+        out.stderr
+    );
+    let other = bundle("other-mine", "other/model.onnx");
+    let other: Vec<&str> = other.iter().map(String::as_str).collect();
+    hub_under_test
+        .cli(&other)
+        .fails_with("the model fails its validation set");
+    make("other/model.onnx", &["--expected", "y=y.npy"])
+        .fails_with("the model's outputs here are not the --expected ones within the tolerances");
+
+    // Without --expected, the set pins what the model computes here.
+    let pinned = make("ex/model.onnx", &[]).ok();
+    assert!(
+        pinned
+            .stderr
+            .contains("16 case(s) of 1 row(s), expected outputs computed by the model"),
+        "{}",
+        pinned.stderr
+    );
+}
+
+#[test]
+fn bad_validation_input_is_refused_naming_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    hub(d, &["example-model", "--out", "ex"]).ok();
+    let write = |name: &str, bytes: Vec<u8>| std::fs::write(d.join(name), bytes).unwrap();
+    write("x.npy", npy_f32(&[4, 4], &[0.5; 16]));
+    write("x3.npy", npy_f32(&[4, 3], &[0.5; 12]));
+    write("y2.npy", npy_f32(&[4, 2], &[0.5; 8]));
+    write("y_short.npy", npy_f32(&[2, 3], &[0.5; 6]));
+    write("broken.npy", b"\x93NUMPY\x01\x00garbage".to_vec());
+    let make = |data: &str, extra: &[&str]| {
+        let mut args = vec![
+            "validation",
+            "make",
+            "--model",
+            "ex/model.onnx",
+            "--data",
+            data,
+            "--out",
+            "v.bin",
+        ];
+        args.extend_from_slice(extra);
+        hub(d, &args)
+    };
+    make("x3.npy", &[]).fails_with("the array's shape is [4, 3], input \"x\" takes [N, 4]");
+    make("broken.npy", &[]).fails_with("--data broken.npy");
+    make("x.npy", &["--rows-per-case", "5"])
+        .fails_with("--data has 4 row(s), fewer than the 5 of one case");
+    make("x.npy", &["--expected", "y=y2.npy"])
+        .fails_with("the array's shape is [4, 2], output \"y\" takes [N, 3]");
+    make("x.npy", &["--expected", "y=y_short.npy"])
+        .fails_with("--expected has 2 row(s), --data has 4");
+    make("x.npy", &["--expected", "z=y2.npy"]).fails_with("not for output \"y\"");
+    make("x.npy", &["--abs-tolerance=-1"]).fails_with("--abs-tolerance -1 must be");
+    assert!(!d.join("v.bin").exists(), "nothing was written");
+}
