@@ -423,12 +423,16 @@ fn non_finite_inputs_are_served_counted_in_drift_and_named_in_the_answer() {
     let output = &answer["outputs"][0];
     let data = output["data"].as_array().unwrap();
     let width = data.len() / 2;
-    // The first row is finite throughout; the second, fed NaN, answers NaN, which JSON says
-    // as null.
+    // The first row is finite throughout. Whether the second, fed NaN, answers NaN depends on
+    // the CPU's kernels (x86_64's propagate it through the MLP's ReLU; aarch64's max returns the
+    // other operand): what JSON says as null, the answer counts, and says nothing when none.
     assert!(data[..width].iter().all(Value::is_number), "{answer}");
     let nulls = data.iter().filter(|value| value.is_null()).count();
-    assert_eq!(nulls, width, "{answer}");
-    assert_eq!(output["parameters"]["non_finite"], json!(nulls), "{answer}");
+    if nulls == 0 {
+        assert_eq!(output["parameters"]["non_finite"], Value::Null, "{answer}");
+    } else {
+        assert_eq!(output["parameters"]["non_finite"], json!(nulls), "{answer}");
+    }
 
     let windows = api.state.recorder.take_all();
     let drift = windows[0].drift.as_ref().unwrap();

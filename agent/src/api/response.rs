@@ -157,3 +157,50 @@ pub(super) fn encode_response(
         json_length: Some(json_length),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_tensor(values: &[f32]) -> Tensor {
+        Tensor {
+            name: "y".to_owned(),
+            dtype: DType::F32,
+            shape: vec![1, values.len() as u64],
+            data: values
+                .iter()
+                .flat_map(|value| value.to_le_bytes())
+                .collect(),
+        }
+    }
+
+    /// Non-finite output elements are `null` in JSON data and counted beside them; a finite
+    /// output says nothing.
+    #[test]
+    fn non_finite_elements_are_null_and_counted() {
+        let tensor = f32_tensor(&[1.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
+        assert_eq!(non_finite(&tensor), 3);
+        assert_eq!(
+            serde_json::to_string(&Elements(&tensor)).unwrap(),
+            "[1.5,null,null,null]"
+        );
+        assert_eq!(non_finite(&f32_tensor(&[0.0, -2.0])), 0);
+        let wide = Tensor {
+            dtype: DType::F64,
+            data: [f64::NAN, 1.0]
+                .iter()
+                .flat_map(|value| value.to_le_bytes())
+                .collect(),
+            ..f32_tensor(&[])
+        };
+        assert_eq!(non_finite(&wide), 1);
+        let parameters = OutputParameters {
+            binary_data_size: None,
+            non_finite: Some(3),
+        };
+        assert_eq!(
+            serde_json::to_string(&parameters).unwrap(),
+            r#"{"non_finite":3}"#
+        );
+    }
+}
