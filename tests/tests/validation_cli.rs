@@ -197,3 +197,49 @@ fn bad_validation_input_is_refused_naming_what_is_wrong() {
     make("x.npy", &["--abs-tolerance=-1"]).fails_with("--abs-tolerance -1 must be");
     assert!(!d.join("v.bin").exists(), "nothing was written");
 }
+
+/// `model sign` reads the specs a model declares, as `model publish`, `profile` and
+/// `validation make` do: no `--input` or `--output` for a model that declares its tensors.
+#[test]
+fn model_sign_reads_the_specs_the_model_declares() {
+    use outpost_protocol::trust::{ManifestBody, Signed};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    hub(d, &["example-model", "--out", "ex"]).ok();
+    hub(d, &["keys", "generate", "--out", "keys", "--count", "1"]).ok();
+    let key = std::fs::read_dir(d.join("keys"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "key"))
+        .unwrap();
+    hub(
+        d,
+        &[
+            "model",
+            "sign",
+            "--name",
+            "mine",
+            "--version",
+            "1",
+            "--model",
+            "ex/model.onnx",
+            "--validation",
+            "ex/validation.bin",
+            "--key",
+            &key.to_string_lossy(),
+            "--out",
+            "manifest.bin",
+        ],
+    )
+    .ok();
+    let signed: Signed<ManifestBody> =
+        outpost_protocol::decode(&std::fs::read(d.join("manifest.bin")).unwrap()).unwrap();
+    let body = signed.decode_unverified().unwrap();
+    let spec = |name: &str, width: u64| TensorSpec {
+        name: name.to_owned(),
+        dtype: DType::F32,
+        shape: vec![Dim::Batch, Dim::Fixed(width)],
+    };
+    assert_eq!(body.inputs, [spec("x", 4)]);
+    assert_eq!(body.outputs, [spec("y", 3)]);
+}

@@ -59,9 +59,11 @@ pub struct ManifestArgs {
     #[arg(long)]
     pub validation: Option<PathBuf>,
     /// Input tensor as NAME:DTYPE:DIMS, e.g. `x:FP32:N,4` (N marks the batch axis); repeatable.
+    /// Default: the inputs the ONNX file declares.
     #[arg(long = "input", value_parser = parse_tensor_spec)]
     pub inputs: Vec<TensorSpec>,
-    /// Output tensor, same form as --input; repeatable.
+    /// Output tensor, same form as --input; repeatable. Default: the outputs the ONNX file
+    /// declares.
     #[arg(long = "output", value_parser = parse_tensor_spec)]
     pub outputs: Vec<TensorSpec>,
     /// Architectures the model may run on.
@@ -170,8 +172,11 @@ impl ModelCommand {
                     }
                 }
             }
-            ModelCommand::Sign(args) => {
+            ModelCommand::Sign(mut args) => {
                 let keys = args.signing.load()?;
+                let onnx = fsutil::read_capped(&args.model, MAX_MODEL_IN_MEMORY)?;
+                args.manifest.declared_specs(&args.model, &onnx)?;
+                drop(onnx);
                 let body = args.manifest.build(&args.model)?;
                 sign_to_file(&body, &keys, &args.out)?;
                 println!(
@@ -187,6 +192,26 @@ impl ModelCommand {
 }
 
 impl ManifestArgs {
+    /// Fills in `--input` and `--output` where not given from what the ONNX file at `path`
+    /// declares.
+    pub fn declared_specs(&mut self, path: &Path, onnx: &[u8]) -> anyhow::Result<()> {
+        if self.inputs.is_empty() || self.outputs.is_empty() {
+            let (inputs, outputs) = LoadedModel::describe(onnx).with_context(|| {
+                format!(
+                    "reading the inputs and outputs {} declares; give them with --input and --output",
+                    path.display()
+                )
+            })?;
+            if self.inputs.is_empty() {
+                self.inputs = inputs;
+            }
+            if self.outputs.is_empty() {
+                self.outputs = outputs;
+            }
+        }
+        Ok(())
+    }
+
     /// Hashes the artifacts and builds the manifest body, checking everything the agent would.
     pub fn build(&self, model: &Path) -> anyhow::Result<ManifestBody> {
         ModelName::new(&self.name).with_context(|| format!("--name {:?}", self.name))?;
@@ -233,20 +258,7 @@ impl PublishArgs {
 
         // The gate comes first: nothing is hashed, signed or sent for a model that fails it.
         let onnx = fsutil::read_capped(&self.file, MAX_MODEL_IN_MEMORY)?;
-        if self.manifest.inputs.is_empty() || self.manifest.outputs.is_empty() {
-            let (inputs, outputs) = LoadedModel::describe(&onnx).with_context(|| {
-                format!(
-                    "reading the inputs and outputs {} declares; give them with --input and --output",
-                    self.file.display()
-                )
-            })?;
-            if self.manifest.inputs.is_empty() {
-                self.manifest.inputs = inputs;
-            }
-            if self.manifest.outputs.is_empty() {
-                self.manifest.outputs = outputs;
-            }
-        }
+        self.manifest.declared_specs(&self.file, &onnx)?;
         let report = check_model(
             &onnx,
             &self.manifest.inputs,
