@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -42,6 +42,9 @@ pub struct Metrics {
     routes: Mutex<BTreeMap<String, RouteStats>>,
     /// The store's gauges as text, from the latest [`refresh_fleet`]; empty before the first.
     fleet: RwLock<Arc<str>>,
+    /// Set by a scrape, taken by the next [`refresh_fleet`]: the gauges are computed only while
+    /// someone reads them.
+    scraped: AtomicBool,
     pub check_ins: AtomicU64,
     /// Check-ins answered without documents, the device holding them already.
     pub check_ins_unchanged: AtomicU64,
@@ -104,6 +107,7 @@ async fn render(State(hub): State<SharedHub>, headers: HeaderMap) -> Response {
             return error.into_response();
         }
     }
+    hub.metrics.scraped.store(true, Ordering::Relaxed);
     match render_text(&hub) {
         Ok(text) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
         Err(error) => {
@@ -118,8 +122,21 @@ async fn render(State(hub): State<SharedHub>, headers: HeaderMap) -> Response {
 }
 
 /// Computes the gauges that read the store (devices by state, rollout stages, drift) and keeps
-/// them for scrapes until the next call. The engine calls it once per tick, on a blocking thread.
+/// them for scrapes until the next call. The hub's clock calls it once per tick, on a blocking
+/// thread.
+///
+/// Only when a scrape came since the last call, or none was computed yet: a hub nobody scrapes
+/// does not scan its store every tick.
 pub fn refresh_fleet(hub: &SharedHub) -> anyhow::Result<()> {
+    let computed = !hub
+        .metrics
+        .fleet
+        .read()
+        .map_err(|_| anyhow::anyhow!("metrics lock poisoned"))?
+        .is_empty();
+    if computed && !hub.metrics.scraped.swap(false, Ordering::Relaxed) {
+        return Ok(());
+    }
     let text = fleet_text(hub)?;
     *hub.metrics
         .fleet
