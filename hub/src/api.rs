@@ -399,6 +399,16 @@ pub struct FeatureDriftInfo {
     /// Data-quality issues: NaN or infinite values, values out of range, unseen classes, missing
     /// values.
     pub quality: Vec<String>,
+    /// The reference's and the current counts per bin that every figure above is computed from.
+    /// A numeric feature's bins are `[below, interior..., above]` of `edges`: below the first
+    /// edge, each `[e_i, e_{i+1})` (the last one closed), above the last edge. A class output's
+    /// are `[each of classes..., unseen]`.
+    pub reference_bins: Vec<u64>,
+    pub current_bins: Vec<u64>,
+    /// A numeric feature's bin edges; empty for a class output.
+    pub edges: Vec<f64>,
+    /// A class output's classes in bin order; empty for a numeric feature.
+    pub classes: Vec<i64>,
 }
 
 /// One device's most drifted feature.

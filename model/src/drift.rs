@@ -11,6 +11,9 @@
 //! - a tabular tensor `[N, F]` (or `[N]`) gives one feature per column;
 //! - an image-like tensor `[N, C, ...]` gives two per channel: the mean and the standard
 //!   deviation of that channel in each sample;
+//! - a wide tensor (over [`MAX_COLUMN_FEATURES`] columns, or [`MAX_CHANNELS`] channels) gives two
+//!   per span of columns or channels, [`WIDE_SPANS`] spans at most: so a profile, the summaries a
+//!   device sends and the hub's report stay bounded whatever the width;
 //! - a class output gives class counts and a top-1 confidence histogram ([`ClassSource`]).
 
 use std::collections::BTreeSet;
@@ -26,6 +29,18 @@ use crate::inference::{InferenceError, LoadedModel};
 
 /// Most distinct labels a label output may have in a profile.
 pub const MAX_CLASSES: usize = 1024;
+
+/// Widest `[N, F]` tensor whose columns are each a feature; a wider one is summarised as
+/// [`WIDE_SPANS`] spans of columns.
+pub const MAX_COLUMN_FEATURES: usize = 32;
+
+/// Most channels of a `[N, C, ...]` tensor that are each summarised (a mean and a standard
+/// deviation each); with more, the tensor is summarised as [`WIDE_SPANS`] spans of channels.
+pub const MAX_CHANNELS: usize = 16;
+
+/// Spans a wide tensor is cut into, each summarised by its mean and standard deviation per
+/// sample: so no tensor gives a profile more than 32 numeric features, whatever its width.
+pub const WIDE_SPANS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -44,16 +59,13 @@ pub enum ProfileError {
 enum Read {
     /// Column `index` of rows `width` wide.
     Column { index: usize, width: usize },
-    /// Channel `channel` of `channels`, each `plane` elements per sample.
-    ChannelMean {
-        channel: usize,
-        channels: usize,
-        plane: usize,
-    },
-    ChannelStd {
-        channel: usize,
-        channels: usize,
-        plane: usize,
+    /// The `len` elements from `start` of each sample `sample` elements long: one channel, or a
+    /// span of columns or channels; their mean, or their standard deviation when `std`.
+    Span {
+        start: usize,
+        len: usize,
+        sample: usize,
+        std: bool,
     },
     /// argmax over rows `width` wide.
     Argmax { width: usize },
@@ -178,18 +190,30 @@ fn resolve_feature(
                     "channel {channel} is past the {channels} channels of {tensor:?}"
                 ));
             }
-            let read = if matches!(source, FeatureSource::ChannelMean { .. }) {
-                Read::ChannelMean {
-                    channel,
-                    channels: *channels,
-                    plane,
-                }
-            } else {
-                Read::ChannelStd {
-                    channel,
-                    channels: *channels,
-                    plane,
-                }
+            let read = Read::Span {
+                start: channel * plane,
+                len: plane,
+                sample: channels * plane,
+                std: matches!(source, FeatureSource::ChannelStd { .. }),
+            };
+            (tensor, read)
+        }
+        FeatureSource::SpanMean { tensor, start, len }
+        | FeatureSource::SpanStd { tensor, start, len } => {
+            let row = row_shape(spec_of(specs, side, tensor)?)?;
+            let sample = row.iter().product::<usize>();
+            let (start, len) = (*start as usize, *len as usize);
+            if len == 0 || start.saturating_add(len) > sample {
+                return Err(format!(
+                    "span {start}..{} is not within the {sample} elements of each sample of {tensor:?}",
+                    start.saturating_add(len)
+                ));
+            }
+            let read = Read::Span {
+                start,
+                len,
+                sample,
+                std: matches!(source, FeatureSource::SpanStd { .. }),
             };
             (tensor, read)
         }
@@ -406,25 +430,18 @@ fn read_numeric(read: &Read, tensor: &Tensor, mut sink: impl FnMut(f64)) {
                 at += width;
             }
         }
-        Read::ChannelMean {
-            channel,
-            channels,
-            plane,
-        }
-        | Read::ChannelStd {
-            channel,
-            channels,
-            plane,
+        Read::Span {
+            start,
+            len,
+            sample,
+            std,
         } => {
-            let sample = channels * plane;
             if sample == 0 {
                 return;
             }
-            let want_std = matches!(read, Read::ChannelStd { .. });
             for row in 0..total / sample {
-                let start = row * sample + channel * plane;
-                let (mean, std) = plane_moments(tensor, start, plane, want_std);
-                sink(if want_std { std } else { mean });
+                let (mean, deviation) = plane_moments(tensor, row * sample + start, len, std);
+                sink(if std { deviation } else { mean });
             }
         }
         Read::Argmax { .. } | Read::Label => {}
@@ -583,7 +600,7 @@ fn plan_profile(
                         index: 0,
                     },
                 )),
-                [width] => {
+                [width] if *width <= MAX_COLUMN_FEATURES => {
                     for index in 0..*width {
                         let name = names
                             .and_then(|names| names.get(index))
@@ -600,7 +617,8 @@ fn plan_profile(
                         ));
                     }
                 }
-                [channels, ..] => {
+                [width] => features.extend(span_features(&spec.name, side, *width, 1)),
+                [channels, ..] if *channels <= MAX_CHANNELS => {
                     for channel in 0..*channels as u32 {
                         let tensor = spec.name.clone();
                         features.push((
@@ -618,6 +636,12 @@ fn plan_profile(
                         ));
                     }
                 }
+                [channels, rest @ ..] => features.extend(span_features(
+                    &spec.name,
+                    side,
+                    *channels,
+                    rest.iter().product(),
+                )),
             }
         }
     }
@@ -631,6 +655,43 @@ fn plan_profile(
         )));
     }
     Ok((features, classes))
+}
+
+/// The features of a wide tensor: at most [`WIDE_SPANS`] spans of `units` columns or channels, each
+/// `unit` elements of a sample, cut as evenly as whole units allow, each read as its mean and its
+/// standard deviation. Named by the units they cover: `bytes.mean[0..128]`.
+fn span_features(
+    tensor: &str,
+    side: TensorSide,
+    units: usize,
+    unit: usize,
+) -> Vec<(String, TensorSide, FeatureSource)> {
+    let per_span = units.div_ceil(WIDE_SPANS).max(1);
+    let mut features = Vec::with_capacity(2 * WIDE_SPANS);
+    let mut first = 0;
+    while first < units {
+        let end = (first + per_span).min(units);
+        // A sample of more than u32::MAX elements cannot be planned; row_shape's caller refuses it
+        // long before here, so saturating keeps the type honest without a panic path.
+        let start = u32::try_from(first * unit).unwrap_or(u32::MAX);
+        let len = u32::try_from((end - first) * unit).unwrap_or(u32::MAX);
+        let source = |std| {
+            let tensor = tensor.to_owned();
+            if std {
+                FeatureSource::SpanStd { tensor, start, len }
+            } else {
+                FeatureSource::SpanMean { tensor, start, len }
+            }
+        };
+        features.push((
+            format!("{tensor}.mean[{first}..{end}]"),
+            side,
+            source(false),
+        ));
+        features.push((format!("{tensor}.std[{first}..{end}]"), side, source(true)));
+        first = end;
+    }
+    features
 }
 
 /// Runs `model` over the reference `data` (one tensor per model input, all with the same number
@@ -848,16 +909,13 @@ mod tests {
         (0..channels)
             .map(|channel| {
                 let mut got = [Vec::new(), Vec::new()];
-                let mean = Read::ChannelMean {
-                    channel,
-                    channels,
-                    plane,
+                let span = |std| Read::Span {
+                    start: channel * plane,
+                    len: plane,
+                    sample: channels * plane,
+                    std,
                 };
-                let std = Read::ChannelStd {
-                    channel,
-                    channels,
-                    plane,
-                };
+                let (mean, std) = (span(false), span(true));
                 read_numeric(&mean, tensor, |value| got[0].push(value));
                 read_numeric(&std, tensor, |value| got[1].push(value));
                 assert_eq!(got[0].len(), 2, "one mean per sample");
@@ -998,5 +1056,97 @@ mod tests {
         assert!(mean.is_nan() && std.is_nan());
         let (mean, std) = channel_reads(&input, 3, 77)[1];
         assert_eq!((mean, std), (1.0, 0.0));
+    }
+
+    /// A 2,048-wide input is 16 spans of 128 columns, each its mean and std; 64 channels are 16
+    /// spans of 4 channels; 33 columns are 11 spans of 3. Each span reads its own elements.
+    #[test]
+    fn wide_tensors_are_a_bounded_set_of_spans() {
+        let plan = |shape: Vec<Dim>| {
+            let input = TensorSpec {
+                name: "x".into(),
+                dtype: DType::F32,
+                shape,
+            };
+            plan_profile(&[input], &[], &ProfileOptions::default())
+                .unwrap()
+                .0
+        };
+        let wide = plan(vec![Dim::Batch, Dim::Fixed(2048)]);
+        assert_eq!(wide.len(), 2 * WIDE_SPANS);
+        assert_eq!(wide[0].0, "x.mean[0..128]");
+        assert_eq!(wide[31].0, "x.std[1920..2048]");
+        assert_eq!(
+            wide[9].2,
+            FeatureSource::SpanStd {
+                tensor: "x".into(),
+                start: 512,
+                len: 128
+            }
+        );
+        let channels = plan(vec![
+            Dim::Batch,
+            Dim::Fixed(64),
+            Dim::Fixed(3),
+            Dim::Fixed(3),
+        ]);
+        assert_eq!(channels.len(), 32);
+        assert_eq!(channels[2].0, "x.mean[4..8]");
+        assert_eq!(
+            channels[2].2,
+            FeatureSource::SpanMean {
+                tensor: "x".into(),
+                start: 36,
+                len: 36
+            }
+        );
+        let odd = plan(vec![Dim::Batch, Dim::Fixed(33)]);
+        assert_eq!(odd.len(), 22);
+        assert_eq!(odd[21].0, "x.std[30..33]");
+        assert_eq!(plan(vec![Dim::Batch, Dim::Fixed(32)]).len(), 32);
+
+        // Two rows of 40 columns: span 1 covers columns 3..6.
+        let values: Vec<f64> = (0..80).map(f64::from).collect();
+        let profile = Profile {
+            features: plan(vec![Dim::Batch, Dim::Fixed(40)])
+                .into_iter()
+                .map(|(name, side, source)| NumericProfile {
+                    name,
+                    side,
+                    source,
+                    edges: vec![0.0, 1.0],
+                    reference: FeatureSummary::new(&[0.0, 1.0]),
+                })
+                .collect(),
+            classes: Vec::new(),
+            thresholds: Thresholds::default(),
+        };
+        let extractor = Extractor::new(&profile, &[spec("x", 40)], &[]).unwrap();
+        let mut seen = Vec::new();
+        extractor.for_each(&[named("x", 40, &values)], &[], |observation| {
+            if let Observation::Feature { index: 2, value } = observation {
+                seen.push(value);
+            }
+        });
+        assert_eq!(profile.features[2].name, "x.mean[3..6]");
+        assert_eq!(seen, [4.0, 44.0]);
+        let past = Profile {
+            features: vec![NumericProfile {
+                source: FeatureSource::SpanMean {
+                    tensor: "x".into(),
+                    start: 38,
+                    len: 3,
+                },
+                ..profile.features[0].clone()
+            }],
+            ..profile
+        };
+        let error = Extractor::new(&past, &[spec("x", 40)], &[]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("span 38..41 is not within the 40 elements"),
+            "{error}"
+        );
     }
 }

@@ -723,9 +723,19 @@ fn assess_lists_every_feature_most_severe_first() {
         .take(2)
         .map(|drift| drift.name.as_str())
         .collect();
-    assert_eq!(names, ["image.mean[0]", "y[0]"]);
+    assert_eq!(names, ["image.mean[0]", "wide.mean[0..128]"]);
     assert_eq!(drifts[0].status, DriftStatus::Alert);
     assert_eq!(drifts[1].status, DriftStatus::Warn);
+    // Each verdict carries the histograms its figures come from.
+    for drift in &drifts {
+        assert_eq!(
+            outpost_protocol::drift::psi(&drift.reference_bins, &drift.current_bins),
+            drift.psi
+        );
+    }
+    assert_eq!(drifts[0].edges, profile.features[1].edges);
+    assert_eq!(drifts[0].reference_bins, profile.features[1].reference.metric_bins());
+    assert_eq!(drifts[0].current_bins, summary.features[1].metric_bins());
     for pair in drifts.windows(2) {
         assert!(
             (pair[0].status, pair[0].value) >= (pair[1].status, pair[1].value),

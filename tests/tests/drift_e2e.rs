@@ -460,3 +460,110 @@ fn a_drifting_canary_group_is_reported_and_rolls_its_rollout_back() {
         agent.wait_status("active", json!("demo@1"));
     }
 }
+
+/// Issue 20: a model with a 2,048-wide input. Its profile is 32 spans, under 64 KiB; a real
+/// agent's requests with columns 512..640 shifted are reported as that span's drift, with the
+/// bins to recompute the figure; and `/metrics` names only the model's worst features, in fewer
+/// than 50 series.
+#[test]
+fn a_wide_input_keeps_drift_bounded_and_names_the_shifted_span() {
+    const WIDTH: usize = 2048;
+    const ROWS: usize = 300;
+    const SHIFTED: std::ops::Range<usize> = 512..640;
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    let dir = fleet.publish_example_with(
+        &hub,
+        "wide",
+        1,
+        1,
+        true,
+        &[
+            "--inputs",
+            "2048",
+            "--hidden",
+            "8",
+            "--outputs",
+            "4",
+            "--reference-rows",
+            "1000",
+        ],
+    );
+    let bytes = std::fs::read(dir.join("profile.bin")).unwrap();
+    assert!(bytes.len() < 64 * 1024, "a {}-byte profile", bytes.len());
+    let profile: Profile = outpost_protocol::decode(&bytes).unwrap();
+    assert_eq!(profile.features.len(), 32, "{profile:#?}");
+    let shown = hub
+        .cli(&["inspect", &dir.join("profile.bin").to_string_lossy()])
+        .ok()
+        .stdout;
+    assert!(shown.contains("32 numeric feature(s)"), "{shown}");
+    assert!(
+        shown.contains("  x.mean[512..640] (Input): 1000 values"),
+        "{shown}"
+    );
+
+    fleet.first_rollout(&hub, "wide", 1);
+    let mut agent = TestAgent::enroll(&hub, &fleet, "", "");
+    agent.start();
+    agent.wait_status("active", json!("wide@1"));
+    let client = http();
+    for row in normal_rows(WIDTH, ROWS, 5, 0.0).chunks(WIDTH) {
+        let mut x = row.to_vec();
+        for value in &mut x[SHIFTED] {
+            *value += SHIFT;
+        }
+        let (status, body) = agent.infer_row(&client, "wide", &x);
+        assert_eq!(status, 200, "{body}");
+    }
+
+    let report: DriftReport = wait_until(AGENT_WAIT, "the wide model's drift report", || {
+        let report: DriftReport = hub.cli_json(&["drift", "report", "--model", "wide"]);
+        let counted = report.features.first().map_or(0, |feature| feature.n);
+        (counted == ROWS as u64).then_some(report)
+    });
+    let worst = &report.features[0];
+    assert_eq!(
+        (worst.name.as_str(), worst.status.as_str()),
+        ("x.mean[512..640]", "alert"),
+        "{report:#?}"
+    );
+    for other in &report.features[1..] {
+        assert_ne!(other.status, "alert", "{other:#?}");
+    }
+    // The report carries what its figures are computed from: recomputed here by the formula,
+    // zero shares taken as 1e-4, the PSI is the one reported.
+    let shares = |counts: &[u64]| -> Vec<f64> {
+        let total: u64 = counts.iter().sum();
+        counts
+            .iter()
+            .map(|count| match count {
+                0 => 1e-4,
+                count => *count as f64 / total as f64,
+            })
+            .collect()
+    };
+    assert_eq!(worst.edges.len() + 1, worst.reference_bins.len());
+    assert_eq!(worst.current_bins.iter().sum::<u64>(), ROWS as u64);
+    assert_eq!(worst.reference_bins.iter().sum::<u64>(), 1000);
+    let psi: f64 = shares(&worst.reference_bins)
+        .iter()
+        .zip(shares(&worst.current_bins))
+        .map(|(p, q)| (q - p) * (q / p).ln())
+        .sum();
+    assert!((psi - worst.psi).abs() < 1e-9, "{psi} vs {worst:#?}");
+
+    let text = hub.fresh_metrics();
+    let series = text
+        .lines()
+        .filter(|line| !line.starts_with('#') && line.contains("model=\"wide\""))
+        .count();
+    assert!(series < 50, "{series} series of the wide model:\n{text}");
+    for line in [
+        "outpost_hub_drift_model_status{model=\"wide\",version=\"1\"} 2\n",
+        "outpost_hub_drift_features{model=\"wide\",version=\"1\",status=\"alert\"} 1\n",
+        "outpost_hub_drift_status{model=\"wide\",version=\"1\",feature=\"x.mean[512..640]\"} 2\n",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+}

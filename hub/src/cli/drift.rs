@@ -192,6 +192,10 @@ mod tests {
             chi_square: 0.0,
             ks: 0.0,
             quality: Vec::new(),
+            reference_bins: vec![100, 200, 100],
+            current_bins: vec![100, 200, 100],
+            edges: vec![-1.0, 1.0],
+            classes: Vec::new(),
         }
     }
 

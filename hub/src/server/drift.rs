@@ -388,6 +388,10 @@ fn feature_info(drift: &FeatureDrift) -> FeatureDriftInfo {
         chi_square: drift.chi_square,
         ks: drift.ks,
         quality: drift.quality.iter().map(quality_text).collect(),
+        reference_bins: drift.reference_bins.clone(),
+        current_bins: drift.current_bins.clone(),
+        edges: drift.edges.clone(),
+        classes: drift.classes.clone(),
     }
 }
 
@@ -523,16 +527,24 @@ fn label_value(text: &str) -> String {
     escaped
 }
 
+/// Features of each model version that `/metrics` names: its most drifted ones. Every other
+/// feature is only counted, so a model's series stay bounded whatever its width.
+pub const METRICS_WORST_FEATURES: usize = 5;
+
 /// Writes the drift of every published version with a profile over the last day, all devices
-/// merged: `outpost_hub_drift_status` (0 ok, 1 warn, 2 alert), `outpost_hub_drift_value` (the
-/// metric the status is judged on) and `outpost_hub_drift_samples` per feature.
+/// merged, in at most 4 + 3 × [`METRICS_WORST_FEATURES`] series per version:
+/// `outpost_hub_drift_model_status` (its worst feature's status: 0 ok, 1 warn, 2 alert),
+/// `outpost_hub_drift_features` (how many features have each status), and for its most drifted
+/// features `outpost_hub_drift_status`, `outpost_hub_drift_value` (the metric the status is
+/// judged on) and `outpost_hub_drift_samples`.
 pub fn write_metrics(hub: &Hub, now: u64, out: &mut String) -> anyhow::Result<()> {
     let scope = Scope {
         since: now.saturating_sub(METRICS_WINDOW_SECS),
         ..Scope::default()
     };
     let devices = device_labels(hub)?;
-    let mut rows: Vec<(String, u64, FeatureDrift)> = Vec::new();
+    // Each version's features, most severe first (as `assess` orders them).
+    let mut versions: Vec<(String, u64, Vec<FeatureDrift>)> = Vec::new();
     for (name, version, _) in hub.store.manifests()? {
         // One unreadable profile must not take every other metric down with it.
         let loaded = match profile(hub, &name, version) {
@@ -546,24 +558,68 @@ pub fn write_metrics(hub: &Hub, now: u64, out: &mut String) -> anyhow::Result<()
         let Some(merged) = aggregate(hub, &devices, &name, version, &scope)?.merged else {
             continue;
         };
-        for drift in assess(&loaded.profile, &merged) {
-            rows.push((name.clone(), version, drift));
+        let drifts = assess(&loaded.profile, &merged);
+        if !drifts.is_empty() {
+            versions.push((name, version, drifts));
         }
     }
+    let model =
+        |name: &str, version: u64| format!("model=\"{}\",version=\"{version}\"", label_value(name));
+    writeln!(
+        out,
+        "# HELP outpost_hub_drift_model_status Drift status of each model version over the last \
+         day, its most drifted feature's: 0 ok, 1 warn, 2 alert."
+    )?;
+    writeln!(out, "# TYPE outpost_hub_drift_model_status gauge")?;
+    for (name, version, drifts) in &versions {
+        let worst = drifts.iter().map(|drift| drift.status).max();
+        writeln!(
+            out,
+            "outpost_hub_drift_model_status{{{}}} {}",
+            model(name, *version),
+            worst.map_or(0, status_level)
+        )?;
+    }
+    writeln!(
+        out,
+        "# HELP outpost_hub_drift_features Features and class outputs of each model version by \
+         drift status over the last day."
+    )?;
+    writeln!(out, "# TYPE outpost_hub_drift_features gauge")?;
+    for (name, version, drifts) in &versions {
+        for status in [DriftStatus::Ok, DriftStatus::Warn, DriftStatus::Alert] {
+            let count = drifts.iter().filter(|drift| drift.status == status).count();
+            writeln!(
+                out,
+                "outpost_hub_drift_features{{{},status=\"{}\"}} {count}",
+                model(name, *version),
+                status_name(status)
+            )?;
+        }
+    }
+    let worst: Vec<(&str, u64, &FeatureDrift)> = versions
+        .iter()
+        .flat_map(|(name, version, drifts)| {
+            drifts
+                .iter()
+                .take(METRICS_WORST_FEATURES)
+                .map(move |drift| (name.as_str(), *version, drift))
+        })
+        .collect();
     let labels = |name: &str, version: u64, drift: &FeatureDrift| {
         format!(
-            "model=\"{}\",version=\"{version}\",feature=\"{}\"",
-            label_value(name),
+            "{},feature=\"{}\"",
+            model(name, version),
             label_value(&drift.name)
         )
     };
     writeln!(
         out,
-        "# HELP outpost_hub_drift_status Drift status per feature over the last day: \
-         0 ok, 1 warn, 2 alert."
+        "# HELP outpost_hub_drift_status Drift status over the last day of each model version's \
+         {METRICS_WORST_FEATURES} most drifted features: 0 ok, 1 warn, 2 alert."
     )?;
     writeln!(out, "# TYPE outpost_hub_drift_status gauge")?;
-    for (name, version, drift) in &rows {
+    for (name, version, drift) in &worst {
         writeln!(
             out,
             "outpost_hub_drift_status{{{}}} {}",
@@ -573,11 +629,12 @@ pub fn write_metrics(hub: &Hub, now: u64, out: &mut String) -> anyhow::Result<()
     }
     writeln!(
         out,
-        "# HELP outpost_hub_drift_value Drift metric per feature over the last day: \
-         PSI for numeric features, Jensen-Shannon distance for class outputs."
+        "# HELP outpost_hub_drift_value Drift metric over the last day of each model version's \
+         most drifted features: PSI for numeric features, Jensen-Shannon distance for class \
+         outputs."
     )?;
     writeln!(out, "# TYPE outpost_hub_drift_value gauge")?;
-    for (name, version, drift) in &rows {
+    for (name, version, drift) in &worst {
         writeln!(
             out,
             "outpost_hub_drift_value{{{},metric=\"{}\"}} {}",
@@ -588,10 +645,11 @@ pub fn write_metrics(hub: &Hub, now: u64, out: &mut String) -> anyhow::Result<()
     }
     writeln!(
         out,
-        "# HELP outpost_hub_drift_samples Values counted per feature over the last day."
+        "# HELP outpost_hub_drift_samples Values counted over the last day of each model \
+         version's most drifted features."
     )?;
     writeln!(out, "# TYPE outpost_hub_drift_samples gauge")?;
-    for (name, version, drift) in &rows {
+    for (name, version, drift) in &worst {
         writeln!(
             out,
             "outpost_hub_drift_samples{{{}}} {}",

@@ -60,6 +60,17 @@ pub struct FeatureDrift {
     pub threshold: f64,
     pub status: DriftStatus,
     pub quality: Vec<QualityIssue>,
+    /// The histograms every metric is computed from, so anyone can recompute the figures: the
+    /// reference's and the current counts per bin. For a numeric feature the bins are
+    /// `[below, interior..., above]` of `edges` (below the first edge, each `[e_i, e_{i+1})`
+    /// with the last one closed, above the last edge); for a class output they are
+    /// `[each of classes..., unseen]`.
+    pub reference_bins: Vec<u64>,
+    pub current_bins: Vec<u64>,
+    /// A numeric feature's bin edges; empty for a class output.
+    pub edges: Vec<f64>,
+    /// A class output's classes, in bin order; empty for a numeric feature.
+    pub classes: Vec<i64>,
 }
 
 /// Every metric between two metric-bin histograms.
@@ -90,7 +101,8 @@ pub fn assess_feature(
     thresholds: &Thresholds,
 ) -> FeatureDrift {
     let bins = current.metric_bins();
-    let metrics = Metrics::between(&profile.reference.metric_bins(), &bins);
+    let reference_bins = profile.reference.metric_bins();
+    let metrics = Metrics::between(&reference_bins, &bins);
     let threshold = psi_threshold(bins.len(), current.n, thresholds);
     let status = if current.n == 0 {
         DriftStatus::Ok
@@ -112,6 +124,10 @@ pub fn assess_feature(
         threshold,
         status: with_quality(status, &quality),
         quality,
+        reference_bins,
+        current_bins: bins,
+        edges: profile.edges.clone(),
+        classes: Vec::new(),
     }
 }
 
@@ -122,7 +138,8 @@ pub fn assess_class(
     thresholds: &Thresholds,
 ) -> FeatureDrift {
     let bins = current.metric_bins();
-    let metrics = Metrics::between(&profile.reference.metric_bins(), &bins);
+    let reference_bins = profile.reference.metric_bins();
+    let metrics = Metrics::between(&reference_bins, &bins);
     let n = current.total();
     let threshold = js_threshold(bins.len(), n, thresholds);
     let status = if n == 0 {
@@ -150,6 +167,10 @@ pub fn assess_class(
         threshold,
         status: with_quality(status, &quality),
         quality,
+        reference_bins,
+        current_bins: bins,
+        edges: Vec::new(),
+        classes: profile.classes.clone(),
     }
 }
 

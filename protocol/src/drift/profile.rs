@@ -16,6 +16,20 @@ pub enum FeatureSource {
     ChannelMean { tensor: String, channel: u32 },
     /// Per-sample population standard deviation of channel `channel`.
     ChannelStd { tensor: String, channel: u32 },
+    /// Per-sample mean of the `len` elements from `start` of each sample, the sample's axes after
+    /// the batch axis read in order: a span of a wide `[N, F]` tensor's columns, or of a
+    /// `[N, C, ...]` tensor's channels. Wide tensors are summarised as a bounded number of spans.
+    SpanMean {
+        tensor: String,
+        start: u32,
+        len: u32,
+    },
+    /// Per-sample population standard deviation of the same span.
+    SpanStd {
+        tensor: String,
+        start: u32,
+        len: u32,
+    },
 }
 
 /// Whether a feature is read from the model's inputs or its outputs.
@@ -28,7 +42,7 @@ pub enum TensorSide {
 /// A numeric feature: its bins and its reference counts in them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NumericProfile {
-    /// Display name, e.g. `"x[3]"`, `"image.mean[0]"`, `"y[1]"`.
+    /// Display name, e.g. `"x[3]"`, `"image.mean[0]"`, `"y[1]"`, `"bytes.mean[512..640]"`.
     pub name: String,
     pub side: TensorSide,
     pub source: FeatureSource,

@@ -68,8 +68,8 @@ pub fn feature_values(rng: &mut SplitMix, index: usize, n: usize, shift: f64) ->
 
 /// Sample feature `index`: sources cycle through every [`FeatureSource`] kind and side.
 pub fn feature_source(index: usize) -> (String, TensorSide, FeatureSource) {
-    let channel = (index / 4) as u32;
-    match index % 4 {
+    let channel = (index / 6) as u32;
+    match index % 6 {
         0 => (
             format!("x[{channel}]"),
             TensorSide::Input,
@@ -92,6 +92,24 @@ pub fn feature_source(index: usize) -> (String, TensorSide, FeatureSource) {
             FeatureSource::ChannelStd {
                 tensor: "image".to_owned(),
                 channel,
+            },
+        ),
+        3 => (
+            format!("wide.mean[{}..{}]", channel * 128, channel * 128 + 128),
+            TensorSide::Input,
+            FeatureSource::SpanMean {
+                tensor: "wide".to_owned(),
+                start: channel * 128,
+                len: 128,
+            },
+        ),
+        4 => (
+            format!("wide.std[{}..{}]", channel * 128, channel * 128 + 128),
+            TensorSide::Input,
+            FeatureSource::SpanStd {
+                tensor: "wide".to_owned(),
+                start: channel * 128,
+                len: 128,
             },
         ),
         _ => (
