@@ -23,9 +23,10 @@ use outpost_protocol::drift::{
     ClassProfile, ClassSource, ClassSummary, DriftSummary, FeatureSource, FeatureSummary,
     NumericProfile, Profile, TensorSide, Thresholds,
 };
-use outpost_protocol::trust::{DType, Dim, TensorSpec};
+use outpost_protocol::trust::{DType, TensorSpec};
 
 use crate::inference::{InferenceError, LoadedModel};
+use crate::samples::{Layout, Samples};
 
 /// Most distinct labels a label output may have in a profile.
 pub const MAX_CLASSES: usize = 1024;
@@ -122,21 +123,17 @@ fn spec_of<'a>(
         .ok_or_else(|| format!("the model has no {side_name} {name:?}"))
 }
 
-/// Sizes of the fixed axes after the batch axis; the first axis must be the batch axis.
+/// The shape of one sample of a tensor (see [`Samples`]): the axes after a batch axis or a fixed
+/// batch of 1, or the whole tensor when it has no batch axis.
 fn row_shape(spec: &TensorSpec) -> Result<Vec<usize>, String> {
-    let mut dims = spec.shape.iter();
-    if !matches!(dims.next(), Some(Dim::Batch)) {
-        return Err(format!(
-            "tensor {:?} has no batch axis first, so it has no rows to summarise",
-            spec.name
-        ));
-    }
-    dims.map(|dim| match dim {
-        Dim::Fixed(size) => usize::try_from(*size)
-            .map_err(|_| format!("tensor {:?} has an axis too large", spec.name)),
-        Dim::Batch => Err(format!("tensor {:?} has a second batch axis", spec.name)),
-    })
-    .collect()
+    Samples::of(spec)?
+        .sample
+        .iter()
+        .map(|size| {
+            usize::try_from(*size)
+                .map_err(|_| format!("tensor {:?} has an axis too large", spec.name))
+        })
+        .collect()
 }
 
 fn resolve_feature(
@@ -570,7 +567,18 @@ fn plan_profile(
     let mismatch = ProfileError::Mismatch;
     for (side, specs) in [(TensorSide::Input, inputs), (TensorSide::Output, outputs)] {
         for spec in specs {
-            let row = row_shape(spec).map_err(mismatch)?;
+            let row = match row_shape(spec) {
+                Ok(row) => row,
+                // An output with its batch axis elsewhere (a recurrent state, say) has no samples
+                // to summarise; `unsummarised` names it.
+                Err(_)
+                    if side == TensorSide::Output
+                        && !options.class_outputs.contains(&spec.name) =>
+                {
+                    continue
+                }
+                Err(reason) => return Err(mismatch(reason)),
+            };
             let is_output = side == TensorSide::Output;
             let integer = !matches!(spec.dtype, DType::F32 | DType::F64);
             let named_class = is_output && options.class_outputs.contains(&spec.name);
@@ -694,8 +702,20 @@ fn span_features(
     features
 }
 
-/// Runs `model` over the reference `data` (one tensor per model input, all with the same number
-/// of rows) and summarises every feature and class it reads, with quantile edges from the data.
+/// The outputs a profile leaves out, each with why: those whose batch axis is not first.
+pub fn unsummarised(outputs: &[TensorSpec]) -> Vec<(String, String)> {
+    outputs
+        .iter()
+        .filter_map(|spec| {
+            Samples::of(spec)
+                .err()
+                .map(|reason| (spec.name.clone(), reason))
+        })
+        .collect()
+}
+
+/// Runs `model` over the reference `data` (one tensor per model input, each with one row per
+/// sample, all with the same number of rows) and summarises every feature and class it reads, with quantile edges from the data.
 pub fn build_profile(
     model: &LoadedModel,
     data: &[Tensor],
@@ -703,7 +723,24 @@ pub fn build_profile(
 ) -> Result<Profile, ProfileError> {
     let (feature_plan, class_plan) = plan_profile(model.inputs(), model.outputs(), options)?;
     let rows = check_data(model.inputs(), data)?;
-    let batch_rows = if options.batch_rows == 0 {
+    // How each data tensor's rows become a request: a model that takes one sample a request (a
+    // fixed batch of 1, or no batch axis) runs row by row.
+    let samples = data
+        .iter()
+        .map(|tensor| {
+            let spec = model
+                .inputs()
+                .iter()
+                .find(|spec| spec.name == tensor.name)
+                .ok_or_else(|| {
+                    ProfileError::Data(format!("the model has no input {:?}", tensor.name))
+                })?;
+            Samples::of(spec).map_err(ProfileError::Mismatch)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let batch_rows = if samples.iter().any(|samples| samples.layout != Layout::Rows) {
+        1
+    } else if options.batch_rows == 0 {
         256
     } else {
         options.batch_rows
@@ -741,7 +778,14 @@ pub fn build_profile(
         let end = (start + batch_rows).min(rows);
         let batch: Vec<Tensor> = data
             .iter()
-            .map(|tensor| slice_rows(tensor, rows, start, end))
+            .zip(&samples)
+            .map(|(tensor, samples)| {
+                let mut slice = slice_rows(tensor, rows, start, end);
+                if let Some(shape) = samples.request_shape((end - start) as u64) {
+                    slice.shape = shape;
+                }
+                slice
+            })
             .collect();
         let outputs = model.run(&batch)?;
         extractor.for_each(&batch, &outputs, |observation| match observation {
@@ -886,6 +930,8 @@ fn slice_rows(tensor: &Tensor, rows: usize, start: usize, end: usize) -> Tensor 
 
 #[cfg(test)]
 mod tests {
+    use outpost_protocol::trust::Dim;
+
     use super::*;
 
     fn tensor(dtype: DType, shape: &[u64], values: &[f64]) -> Tensor {

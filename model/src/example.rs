@@ -27,13 +27,7 @@ const IR_VERSION: i64 = 7;
 /// A two-layer perceptron classifier: `x` `[N, n_inputs]` f32 → Gemm → Relu → Gemm → Softmax →
 /// `y` `[N, n_outputs]` f32, each row of `y` a probability distribution.
 pub fn mlp(n_inputs: usize, hidden: usize, n_outputs: usize, seed: u64) -> Vec<u8> {
-    let mut rng = SplitMix64(seed);
-    let initializers = vec![
-        f32_initializer("w1", &[n_inputs, hidden], &mut rng),
-        f32_initializer("b1", &[hidden], &mut rng),
-        f32_initializer("w2", &[hidden, n_outputs], &mut rng),
-        f32_initializer("b2", &[n_outputs], &mut rng),
-    ];
+    let initializers = mlp_weights(n_inputs, hidden, n_outputs, seed);
     let nodes = vec![
         node("Gemm", &["x", "w1", "b1"], "hidden", vec![]),
         node("Relu", &["hidden"], "activated", vec![]),
@@ -42,6 +36,47 @@ pub fn mlp(n_inputs: usize, hidden: usize, n_outputs: usize, seed: u64) -> Vec<u
     ];
     let (inputs, outputs) = mlp_specs(n_inputs, n_outputs);
     encode("mlp", nodes, initializers, &inputs, &outputs)
+}
+
+/// The perceptron of [`mlp`] (MatMul and Add in place of Gemm, which takes only matrices),
+/// declaring `lead` as the first axis of `x` and `y`, or no batch axis at all: `Some(Dim::Fixed(1))`
+/// is a model exported with a fixed batch of 1, as many published models are; `None` one that
+/// takes a single `[n_inputs]` sample.
+pub fn mlp_declaring(
+    n_inputs: usize,
+    hidden: usize,
+    n_outputs: usize,
+    seed: u64,
+    lead: Option<Dim>,
+) -> Vec<u8> {
+    let initializers = mlp_weights(n_inputs, hidden, n_outputs, seed);
+    let nodes = vec![
+        node("MatMul", &["x", "w1"], "product", vec![]),
+        node("Add", &["product", "b1"], "hidden", vec![]),
+        node("Relu", &["hidden"], "activated", vec![]),
+        node("MatMul", &["activated", "w2"], "scores", vec![]),
+        node("Add", &["scores", "b2"], "logits", vec![]),
+        node("Softmax", &["logits"], "y", vec![int_attribute("axis", -1)]),
+    ];
+    let (mut inputs, mut outputs) = mlp_specs(n_inputs, n_outputs);
+    for spec in inputs.iter_mut().chain(outputs.iter_mut()) {
+        spec.shape.remove(0);
+        if let Some(lead) = lead {
+            spec.shape.insert(0, lead);
+        }
+    }
+    encode("mlp", nodes, initializers, &inputs, &outputs)
+}
+
+/// The weights and biases of both layers of [`mlp`], from `seed`.
+fn mlp_weights(n_inputs: usize, hidden: usize, n_outputs: usize, seed: u64) -> Vec<TensorProto> {
+    let mut rng = SplitMix64(seed);
+    vec![
+        f32_initializer("w1", &[n_inputs, hidden], &mut rng),
+        f32_initializer("b1", &[hidden], &mut rng),
+        f32_initializer("w2", &[hidden, n_outputs], &mut rng),
+        f32_initializer("b2", &[n_outputs], &mut rng),
+    ]
 }
 
 /// The specs [`mlp`] declares.

@@ -477,6 +477,44 @@ fn describe_reads_the_model_declarations() {
     assert_eq!(described, byte_casts_specs(5));
 }
 
+/// A model whose input declares its width as a name (`[N, features]`) cannot be described from
+/// the file: the error names every flag to give, as the file declares them, with `?` for the
+/// size it does not; with those flags the model loads.
+#[test]
+fn a_model_that_does_not_declare_its_sizes_names_the_flags_to_give() {
+    use prost::Message as _;
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value;
+    use tract_onnx::pb::{type_proto, ModelProto};
+
+    let mut proto = ModelProto::decode(&mlp(N_INPUTS, HIDDEN, N_OUTPUTS, 1)[..]).expect("decodes");
+    let graph = proto.graph.as_mut().expect("a graph");
+    let Some(type_proto::Value::TensorType(tensor)) = graph.input[0]
+        .r#type
+        .as_mut()
+        .and_then(|declared| declared.value.as_mut())
+    else {
+        panic!("x declares a tensor type");
+    };
+    let width = &mut tensor.shape.as_mut().expect("a shape").dim[1];
+    width.value = Some(Value::DimParam("features".to_owned()));
+    let onnx = proto.encode_to_vec();
+
+    let error = LoadedModel::describe(&onnx).expect_err("the width is not declared");
+    let text = error.to_string();
+    assert!(
+        text.contains(
+            "(replace each ? with the type or size): --input x:FP32:N,? --output y:FP32:N,3"
+        ),
+        "{text}"
+    );
+    let cause = std::error::Error::source(&error)
+        .expect("the cause")
+        .to_string();
+    assert!(cause.contains("axis 1 has no fixed size"), "{cause}");
+    let (inputs, outputs) = mlp_specs(N_INPUTS, N_OUTPUTS);
+    LoadedModel::load(&onnx, &inputs, &outputs, 1).expect("loads with the flags' specs");
+}
+
 #[test]
 fn specs_that_disagree_with_the_model_are_refused_at_load() {
     let onnx = mlp(N_INPUTS, HIDDEN, N_OUTPUTS, 1);

@@ -734,7 +734,10 @@ fn assess_lists_every_feature_most_severe_first() {
         );
     }
     assert_eq!(drifts[0].edges, profile.features[1].edges);
-    assert_eq!(drifts[0].reference_bins, profile.features[1].reference.metric_bins());
+    assert_eq!(
+        drifts[0].reference_bins,
+        profile.features[1].reference.metric_bins()
+    );
     assert_eq!(drifts[0].current_bins, summary.features[1].metric_bins());
     for pair in drifts.windows(2) {
         assert!(

@@ -243,3 +243,141 @@ fn model_sign_reads_the_specs_the_model_declares() {
     assert_eq!(body.inputs, [spec("x", 4)]);
     assert_eq!(body.outputs, [spec("y", 3)]);
 }
+
+/// A model exported with a fixed batch of 1 (`[1, 4]`), and one with no batch axis (`[4]`), as
+/// many published models are: `validation make`, `profile` and `model publish` read their specs
+/// from the file with no flags, take one sample a request from a file of one row per sample, and
+/// an agent serves the first and counts its drift.
+#[test]
+fn models_with_a_fixed_batch_of_one_or_no_batch_axis_need_no_flags() {
+    use outpost_model::example::mlp_declaring;
+    use outpost_protocol::drift::Profile;
+    use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
+    use outpost_tests::wait_until;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rows = normal_rows(4, ROWS, 11, 0.0);
+    std::fs::write(d.join("x.npy"), npy_f32(&[ROWS, 4], &rows)).unwrap();
+    for (name, lead, request) in [
+        ("none", None, vec![4u64]),
+        ("single", Some(Dim::Fixed(1)), vec![1u64, 4]),
+    ] {
+        std::fs::create_dir_all(d.join(name)).unwrap();
+        let onnx = d.join(name).join("model.onnx");
+        std::fs::write(&onnx, mlp_declaring(4, 8, 3, 1, lead)).unwrap();
+        let onnx = onnx.to_string_lossy().into_owned();
+        let validation = format!("{name}/validation.bin");
+        let profile = format!("{name}/profile.bin");
+        let made = hub(
+            d,
+            &[
+                "validation",
+                "make",
+                "--model",
+                &onnx,
+                "--data",
+                "x.npy",
+                "--out",
+                &validation,
+            ],
+        )
+        .ok();
+        assert!(
+            made.stderr.contains("16 case(s) of 1 row(s)"),
+            "{}",
+            made.stderr
+        );
+        let set: ValidationSet =
+            outpost_protocol::decode(&std::fs::read(d.join(&validation)).unwrap()).unwrap();
+        assert_eq!(set.cases[3].inputs[0].shape, request, "{name}");
+        assert_eq!(f32s(&set.cases[3].inputs[0]), rows[12..16], "{name}");
+        hub(
+            d,
+            &[
+                "validation",
+                "make",
+                "--model",
+                &onnx,
+                "--data",
+                "x.npy",
+                "--rows-per-case",
+                "2",
+                "--out",
+                "refused.bin",
+            ],
+        )
+        .fails_with("--rows-per-case 2: input \"x\" takes one sample a request");
+        hub(
+            d,
+            &[
+                "profile",
+                "--model",
+                &onnx,
+                "--data",
+                "x.npy",
+                "--classes",
+                "y",
+                "--out",
+                &profile,
+            ],
+        )
+        .ok();
+        let profile: Profile =
+            outpost_protocol::decode(&std::fs::read(d.join(&profile)).unwrap()).unwrap();
+        let names: Vec<&str> = profile.features.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["x[0]", "x[1]", "x[2]", "x[3]"], "{name}");
+        assert_eq!(profile.features[0].reference.n, ROWS as u64, "{name}");
+        assert_eq!(profile.classes[0].reference.total(), ROWS as u64, "{name}");
+    }
+    assert!(!d.join("refused.bin").exists());
+
+    // The fixed-batch model, published with no --input or --output, served by an agent.
+    let hub_under_test = TestHub::start();
+    let fleet = Fleet::new(&hub_under_test);
+    let bundle = d.join("single");
+    let mut publish = fleet.publish_args(&bundle, "single", 1);
+    publish.push("--profile".into());
+    publish.push(bundle.join("profile.bin").to_string_lossy().into_owned());
+    let publish: Vec<&str> = publish.iter().map(String::as_str).collect();
+    hub_under_test.cli(&publish).ok();
+    fleet.first_rollout(&hub_under_test, "single", 1);
+    let mut agent = TestAgent::enroll(&hub_under_test, &fleet, "", "");
+    agent.start();
+    agent.wait_status("active", serde_json::json!("single@1"));
+    let client = http();
+    for row in rows.chunks(4).take(20) {
+        let (status, body) = agent.infer_row(&client, "single", row);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["outputs"][0]["shape"],
+            serde_json::json!([1, 3]),
+            "{body}"
+        );
+    }
+    // Two samples in one request do not fit a model exported with a batch of 1.
+    let mut response = client
+        .post(format!("http://{}/v2/models/single/infer", agent.listen))
+        .send(
+            serde_json::json!({"inputs": [
+                {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": &rows[..8]}
+            ]})
+            .to_string(),
+        )
+        .unwrap();
+    let text = response.body_mut().read_to_string().unwrap();
+    assert_eq!(response.status().as_u16(), 400, "{text}");
+    assert!(
+        text.contains("has size 2 on axis 0, the model takes 1"),
+        "{text}"
+    );
+    wait_until(AGENT_WAIT, "the fixed-batch model's drift", || {
+        let report: outpost_hub::api::DriftReport =
+            hub_under_test.cli_json(&["drift", "report", "--model", "single"]);
+        report
+            .features
+            .iter()
+            .any(|feature| feature.name == "x[0]" && feature.n == 20)
+            .then_some(())
+    });
+}

@@ -195,20 +195,8 @@ impl ManifestArgs {
     /// Fills in `--input` and `--output` where not given from what the ONNX file at `path`
     /// declares.
     pub fn declared_specs(&mut self, path: &Path, onnx: &[u8]) -> anyhow::Result<()> {
-        if self.inputs.is_empty() || self.outputs.is_empty() {
-            let (inputs, outputs) = LoadedModel::describe(onnx).with_context(|| {
-                format!(
-                    "reading the inputs and outputs {} declares; give them with --input and --output",
-                    path.display()
-                )
-            })?;
-            if self.inputs.is_empty() {
-                self.inputs = inputs;
-            }
-            if self.outputs.is_empty() {
-                self.outputs = outputs;
-            }
-        }
+        let (inputs, outputs) = model_specs(path, onnx, &self.inputs, &self.outputs)?;
+        (self.inputs, self.outputs) = (inputs, outputs);
         Ok(())
     }
 
@@ -504,6 +492,29 @@ pub fn hash_artifact(role: ArtifactRole, path: &Path) -> anyhow::Result<Artifact
         sha256: hasher.finish(),
         length,
     })
+}
+
+/// The model's input and output specs: those given, else those the ONNX file declares.
+pub(super) fn model_specs(
+    path: &Path,
+    onnx: &[u8],
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+) -> anyhow::Result<(Vec<TensorSpec>, Vec<TensorSpec>)> {
+    let (mut inputs, mut outputs) = (inputs.to_vec(), outputs.to_vec());
+    if inputs.is_empty() || outputs.is_empty() {
+        let (declared_inputs, declared_outputs) =
+            LoadedModel::describe(onnx).with_context(|| {
+                format!("reading the inputs and outputs {} declares", path.display())
+            })?;
+        if inputs.is_empty() {
+            inputs = declared_inputs;
+        }
+        if outputs.is_empty() {
+            outputs = declared_outputs;
+        }
+    }
+    Ok((inputs, outputs))
 }
 
 /// Parses `NAME:DTYPE:DIMS`, where DIMS is comma-separated sizes and `N` marks the batch axis.

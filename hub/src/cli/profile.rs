@@ -5,12 +5,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use outpost_model::drift::{build_profile, ProfileOptions};
+use outpost_model::drift::{build_profile, unsummarised, ProfileOptions};
 use outpost_model::inference::LoadedModel;
+use outpost_model::samples::Samples;
 use outpost_protocol::dataset::{parse_csv, parse_npy, NdArray, Table};
 use outpost_protocol::device::Tensor;
 use outpost_protocol::drift::{Profile, Thresholds};
-use outpost_protocol::trust::{DType, Dim, TensorSpec};
+use outpost_protocol::trust::{DType, TensorSpec};
 use outpost_protocol::Message;
 
 use super::model::{parse_tensor_spec, MAX_MODEL_IN_MEMORY};
@@ -86,6 +87,9 @@ impl Args {
             .copied()
             .unwrap_or(0);
         let profile = build_profile(&model, &data, &options).context("building the profile")?;
+        for (output, reason) in unsummarised(&outputs) {
+            print_stderr(&format!("output {output:?} is not summarised: {reason}\n"));
+        }
         let bytes = outpost_protocol::encode(&profile).context("encoding the profile")?;
         if bytes.len() > Profile::MAX_FRAME {
             bail!(
@@ -156,34 +160,8 @@ impl SpecArgs {
         path: &Path,
         onnx: &[u8],
     ) -> anyhow::Result<(Vec<TensorSpec>, Vec<TensorSpec>)> {
-        model_specs(path, onnx, &self.inputs, &self.outputs)
+        super::model::model_specs(path, onnx, &self.inputs, &self.outputs)
     }
-}
-
-/// The model's input and output specs: those given, else those the ONNX file declares.
-fn model_specs(
-    path: &Path,
-    onnx: &[u8],
-    inputs: &[TensorSpec],
-    outputs: &[TensorSpec],
-) -> anyhow::Result<(Vec<TensorSpec>, Vec<TensorSpec>)> {
-    let (mut inputs, mut outputs) = (inputs.to_vec(), outputs.to_vec());
-    if inputs.is_empty() || outputs.is_empty() {
-        let (declared_inputs, declared_outputs) =
-            LoadedModel::describe(onnx).with_context(|| {
-                format!(
-                    "reading the inputs and outputs {} declares; give them with --input and --output",
-                    path.display()
-                )
-            })?;
-        if inputs.is_empty() {
-            inputs = declared_inputs;
-        }
-        if outputs.is_empty() {
-            outputs = declared_outputs;
-        }
-    }
-    Ok((inputs, outputs))
 }
 
 /// Pairs every model input with its data file: `--data FILE` for a model with one input, or
@@ -244,20 +222,12 @@ pub(super) fn load_data(
     csv_tensor(spec, table, options)
 }
 
-/// Fixed sizes of a spec's axes after the batch axis.
+/// The shape of one sample of `spec` (after its batch axis or fixed batch of 1, or the whole
+/// tensor when it has none): data files hold one row per sample.
 pub(super) fn row_dims(spec: &TensorSpec) -> anyhow::Result<Vec<u64>> {
-    let mut dims = spec.shape.iter();
-    if !matches!(dims.next(), Some(Dim::Batch)) {
-        bail!(
-            "input {:?} has no batch axis first; reference data needs one row per sample",
-            spec.name
-        );
-    }
-    dims.map(|dim| match dim {
-        Dim::Fixed(size) => Ok(*size),
-        Dim::Batch => bail!("input {:?} has two batch axes", spec.name),
-    })
-    .collect()
+    Samples::of(spec)
+        .map(|samples| samples.sample)
+        .map_err(|reason| anyhow::anyhow!("{reason}; data files hold one row per sample"))
 }
 
 fn csv_tensor(

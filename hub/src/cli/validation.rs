@@ -21,6 +21,7 @@ use outpost_protocol::Message;
 use super::model::MAX_MODEL_IN_MEMORY;
 use super::print_stderr;
 use super::profile::{load_data, npy_tensor, pair_data, row_dims, SpecArgs};
+use outpost_model::samples::Samples;
 
 /// Largest expected-output file read.
 const MAX_EXPECTED_FILE: u64 = 2 * 1024 * 1024 * 1024;
@@ -101,6 +102,19 @@ impl MakeArgs {
         }
         let rows = common_rows("--data", &data)?;
         let per_case = u64::from(self.rows_per_case);
+        let input_samples = samples_of(&data, &inputs)?;
+        if let Some((tensor, samples)) = data
+            .iter()
+            .zip(&input_samples)
+            .find(|(_, samples)| samples.per_request().is_some_and(|one| one != per_case))
+        {
+            bail!(
+                "--rows-per-case {per_case}: input {:?} takes one sample a request ({}), so a case \
+                 holds one row",
+                tensor.name,
+                samples.describe()
+            );
+        }
         let cases = (rows / per_case).min(u64::from(self.cases));
         if cases == 0 {
             bail!(
@@ -118,12 +132,14 @@ impl MakeArgs {
             let span = case * per_case..(case + 1) * per_case;
             let case_inputs = data
                 .iter()
-                .map(|tensor| rows_of(tensor, span.clone()))
+                .zip(&input_samples)
+                .map(|(tensor, samples)| rows_of(tensor, span.clone(), samples))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let case_outputs = match &expected {
-                Some(expected) => expected
+                Some((expected, samples)) => expected
                     .iter()
-                    .map(|tensor| rows_of(tensor, span.clone()))
+                    .zip(samples)
+                    .map(|(tensor, samples)| rows_of(tensor, span.clone(), samples))
                     .collect::<anyhow::Result<Vec<_>>>()?,
                 None => model
                     .run(&case_inputs)
@@ -169,13 +185,13 @@ impl MakeArgs {
         Ok(())
     }
 
-    /// The `--expected` files, one per output in the model's order, each with `rows` rows; none
-    /// when not given.
+    /// The `--expected` files, one per output in the model's order, each with `rows` rows, and
+    /// how each output holds samples; none when not given.
     fn expected_outputs(
         &self,
         outputs: &[TensorSpec],
         rows: u64,
-    ) -> anyhow::Result<Option<Vec<Tensor>>> {
+    ) -> anyhow::Result<Option<(Vec<Tensor>, Vec<Samples>)>> {
         if self.expected.is_empty() {
             return Ok(None);
         }
@@ -193,10 +209,10 @@ impl MakeArgs {
                         spec.name
                     )
                 })?;
-            row_dims(spec).map_err(|_| {
+            row_dims(spec).map_err(|reason| {
                 anyhow::anyhow!(
-                    "output {:?} has no batch axis first, so --expected rows cannot be matched \
-                     to it; give --output {}:{}:N,... ",
+                    "--expected rows cannot be matched to output {:?}: {reason}; give --output \
+                     {}:{}:N,... if the model allows it",
                     spec.name,
                     spec.name,
                     spec.dtype.as_str()
@@ -220,8 +236,23 @@ impl MakeArgs {
         if expected_rows < rows {
             bail!("--expected has {expected_rows} row(s), --data has {rows}: give one per sample");
         }
-        Ok(Some(tensors))
+        let samples = samples_of(&tensors, outputs)?;
+        Ok(Some((tensors, samples)))
     }
+}
+
+/// How the model's tensor of each of `tensors` (by name) holds samples.
+fn samples_of(tensors: &[Tensor], specs: &[TensorSpec]) -> anyhow::Result<Vec<Samples>> {
+    tensors
+        .iter()
+        .map(|tensor| {
+            let spec = specs
+                .iter()
+                .find(|spec| spec.name == tensor.name)
+                .with_context(|| format!("the model has no tensor {:?}", tensor.name))?;
+            Samples::of(spec).map_err(anyhow::Error::msg)
+        })
+        .collect()
 }
 
 /// The rows (first axis) every tensor has; an error names the flag when they differ.
@@ -234,16 +265,29 @@ fn common_rows(flag: &str, tensors: &[Tensor]) -> anyhow::Result<u64> {
     Ok(first)
 }
 
-/// Rows `span` of `tensor`, along its first axis.
-fn rows_of(tensor: &Tensor, span: std::ops::Range<u64>) -> anyhow::Result<Tensor> {
+/// Rows `span` of `tensor`, along its first axis, shaped as a request of the tensor that holds
+/// its `samples`.
+fn rows_of(
+    tensor: &Tensor,
+    span: std::ops::Range<u64>,
+    samples: &Samples,
+) -> anyhow::Result<Tensor> {
     let rows = tensor.shape[0];
     if span.end > rows {
         bail!("{:?} has {rows} rows, not {}", tensor.name, span.end);
     }
     let row_bytes = tensor.data.len() as u64 / rows.max(1);
     let (start, end) = (span.start * row_bytes, span.end * row_bytes);
-    let mut shape = tensor.shape.clone();
-    shape[0] = span.end - span.start;
+    let shape = samples
+        .request_shape(span.end - span.start)
+        .with_context(|| {
+            format!(
+                "{:?} takes one sample a request ({}), not {}",
+                tensor.name,
+                samples.describe(),
+                span.end - span.start
+            )
+        })?;
     Ok(Tensor {
         name: tensor.name.clone(),
         dtype: tensor.dtype,

@@ -38,6 +38,14 @@ pub enum InferenceError {
         name: String,
         reason: String,
     },
+    #[error(
+        "the model's own declarations do not describe it; give every tensor's spec instead, here \
+         as the model declares them (replace each ? with the type or size): {flags}"
+    )]
+    NeedsSpecs {
+        flags: String,
+        source: Box<InferenceError>,
+    },
     #[error("cannot describe {kind} {name:?} of the model: {reason}")]
     Undescribable {
         kind: TensorKind,

@@ -66,50 +66,19 @@ impl LoadedModel {
     /// Inputs come from the ONNX graph's declared types; a first axis that is symbolic, unknown or
     /// 0 is the batch axis. Outputs are what tract infers from those inputs. Any other axis that is
     /// not a fixed size cannot be written as a [`TensorSpec`] and is an error.
+    ///
+    /// When that fails, the error names the flags to give instead ([`InferenceError::NeedsSpecs`]),
+    /// written from what the file declares, with `?` where it declares nothing usable.
     pub fn describe(onnx: &[u8]) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>), InferenceError> {
-        let mut model = parse(onnx)?;
-        let names = input_names(&model)?;
-        let mut inputs = Vec::with_capacity(names.len());
-        for (ix, name) in names.iter().enumerate() {
-            let fact = model.input_fact(ix).map_err(InferenceError::Parse)?;
-            inputs.push(describe_input(name, fact)?);
-        }
-        let output_names = output_names(&model)?;
-        let typed = catch_panic("typing the model", || {
-            let identity: Vec<usize> = (0..inputs.len()).collect();
-            fix_input_facts(&mut model, &inputs, &identity, None)?;
-            model.into_typed().map_err(InferenceError::Optimize)
-        })?;
-        let mut outputs = Vec::with_capacity(output_names.len());
-        for (ix, name) in output_names.iter().enumerate() {
-            let fact = typed.output_fact(ix).map_err(InferenceError::Optimize)?;
-            let dtype =
-                output_dtype_of(fact.datum_type).ok_or_else(|| InferenceError::Undescribable {
-                    kind: TensorKind::Output,
-                    name: name.clone(),
-                    reason: format!("type {:?} is not supported", fact.datum_type),
-                })?;
-            let mut shape = Vec::with_capacity(fact.shape.rank());
-            for (axis, dim) in fact.shape.iter().enumerate() {
-                shape.push(match dim.to_i64() {
-                    Ok(size) if size > 0 => Dim::Fixed(size as u64),
-                    _ if axis == 0 => Dim::Batch,
-                    _ => {
-                        return Err(InferenceError::Undescribable {
-                            kind: TensorKind::Output,
-                            name: name.clone(),
-                            reason: format!("axis {axis} has no fixed size ({dim})"),
-                        })
-                    }
-                });
-            }
-            outputs.push(TensorSpec {
-                name: name.clone(),
-                dtype,
-                shape,
-            });
-        }
-        Ok((inputs, outputs))
+        let model = parse(onnx)?;
+        let flags = declared_flags(onnx, &model);
+        describe_parsed(model).map_err(|error| match flags {
+            Some(flags) => InferenceError::NeedsSpecs {
+                flags,
+                source: Box::new(error),
+            },
+            None => error,
+        })
     }
 
     pub fn inputs(&self) -> &[TensorSpec] {
@@ -423,4 +392,105 @@ pub(super) fn describe_input(
         dtype,
         shape,
     })
+}
+
+/// [`LoadedModel::describe`] of a parsed model, before the error names any flags.
+fn describe_parsed(
+    mut model: InferenceModel,
+) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>), InferenceError> {
+    let names = input_names(&model)?;
+    let mut inputs = Vec::with_capacity(names.len());
+    for (ix, name) in names.iter().enumerate() {
+        let fact = model.input_fact(ix).map_err(InferenceError::Parse)?;
+        inputs.push(describe_input(name, fact)?);
+    }
+    let output_names = output_names(&model)?;
+    let typed = catch_panic("typing the model", || {
+        let identity: Vec<usize> = (0..inputs.len()).collect();
+        fix_input_facts(&mut model, &inputs, &identity, None)?;
+        model.into_typed().map_err(InferenceError::Optimize)
+    })?;
+    let mut outputs = Vec::with_capacity(output_names.len());
+    for (ix, name) in output_names.iter().enumerate() {
+        let fact = typed.output_fact(ix).map_err(InferenceError::Optimize)?;
+        let dtype =
+            output_dtype_of(fact.datum_type).ok_or_else(|| InferenceError::Undescribable {
+                kind: TensorKind::Output,
+                name: name.clone(),
+                reason: format!("type {:?} is not supported", fact.datum_type),
+            })?;
+        let mut shape = Vec::with_capacity(fact.shape.rank());
+        for (axis, dim) in fact.shape.iter().enumerate() {
+            shape.push(match dim.to_i64() {
+                Ok(size) if size > 0 => Dim::Fixed(size as u64),
+                _ if axis == 0 => Dim::Batch,
+                _ => {
+                    return Err(InferenceError::Undescribable {
+                        kind: TensorKind::Output,
+                        name: name.clone(),
+                        reason: format!("axis {axis} has no fixed size ({dim})"),
+                    })
+                }
+            });
+        }
+        outputs.push(TensorSpec {
+            name: name.clone(),
+            dtype,
+            shape,
+        });
+    }
+    Ok((inputs, outputs))
+}
+
+/// The `--input` and `--output` flags that would give the specs of every tensor as the ONNX file
+/// declares them (its graph's value infos, not what tract makes of them): `x:FP32:N,2048`, with `?`
+/// for a type or size it does not declare (a first axis that is named or unknown is `N`). `None`
+/// when the file names no tensor at all.
+fn declared_flags(onnx: &[u8], model: &InferenceModel) -> Option<String> {
+    use tract_onnx::pb::tensor_proto::DataType;
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value;
+    use tract_onnx::pb::{type_proto, ValueInfoProto};
+
+    let proto = ModelProto::decode(onnx).ok()?;
+    let graph = proto.graph.as_ref()?;
+    let flag = |name: &str, declared: &[ValueInfoProto]| {
+        let tensor = declared
+            .iter()
+            .find(|info| info.name == name)
+            .and_then(|info| info.r#type.as_ref()?.value.as_ref())
+            .map(|value| match value {
+                type_proto::Value::TensorType(tensor) => tensor,
+            });
+        let dtype = match tensor.and_then(|tensor| DataType::try_from(tensor.elem_type).ok()) {
+            Some(DataType::Float) => "FP32",
+            Some(DataType::Double) => "FP64",
+            Some(DataType::Int32) => "INT32",
+            Some(DataType::Int64) => "INT64",
+            Some(DataType::Uint8) => "UINT8",
+            _ => "?",
+        };
+        let dims = match tensor.and_then(|tensor| tensor.shape.as_ref()) {
+            None => "?".to_owned(),
+            Some(shape) => shape
+                .dim
+                .iter()
+                .enumerate()
+                .map(|(axis, dim)| match dim.value {
+                    Some(Value::DimValue(size)) if size > 0 => size.to_string(),
+                    _ if axis == 0 => "N".to_owned(),
+                    _ => "?".to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        format!("{name}:{dtype}:{dims}")
+    };
+    let mut flags = Vec::new();
+    for name in input_names(model).ok()? {
+        flags.push(format!("--input {}", flag(&name, &graph.input)));
+    }
+    for name in output_names(model).ok()? {
+        flags.push(format!("--output {}", flag(&name, &graph.output)));
+    }
+    (!flags.is_empty()).then(|| flags.join(" "))
 }
