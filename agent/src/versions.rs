@@ -157,7 +157,7 @@ impl Versions {
                 ArtifactRole::Model => model = Some(fs::read(&path)?),
                 ArtifactRole::Validation => {
                     let bytes = fs::read(&path)?;
-                    validation = Some(outpost_protocol::decode::<ValidationSet>(&bytes)?);
+                    validation = Some(ValidationSet::decode(&bytes)?);
                 }
                 ArtifactRole::Profile => {
                     let bytes = fs::read(&path)?;

@@ -293,6 +293,7 @@ pub fn validation_set_for(
         abs_tolerance,
         rel_tolerance,
         cases,
+        checks: Vec::new(),
     })
 }
 

@@ -774,6 +774,7 @@ fn validation_at_batch_n_refuses_a_model_whose_rows_are_not_independent() {
         abs_tolerance: 1e-6,
         rel_tolerance: 0.0,
         cases,
+        checks: Vec::new(),
     };
     validate(&model, &set(vec![case(1)]), far_deadline()).expect("batch 1 passes");
     let error =
@@ -782,4 +783,107 @@ fn validation_at_batch_n_refuses_a_model_whose_rows_are_not_independent() {
         matches!(error, ValidationError::Mismatch { case: 1, .. }),
         "{error}"
     );
+}
+
+/// Each output's expected values scaled by `factor`, which keeps every row's top class.
+fn scaled(set: &ValidationSet, factor: f32) -> ValidationSet {
+    let mut set = set.clone();
+    for tensor in set
+        .cases
+        .iter_mut()
+        .flat_map(|case| case.outputs.iter_mut())
+    {
+        tensor.data = tensor
+            .data
+            .chunks_exact(4)
+            .flat_map(|bytes| {
+                let value = f32::from_le_bytes(bytes.try_into().expect("4 bytes"));
+                (value * factor).to_le_bytes()
+            })
+            .collect();
+    }
+    set
+}
+
+/// A class output checked on top-1 alone passes expected scores that keep every row's top class
+/// (a quantized or converted model's), where the element tolerances fail them; expected classes
+/// of another model fail it; a tolerance of the output's own replaces the set's; and a check that
+/// cannot be applied is refused naming the output.
+#[test]
+fn per_output_checks_judge_top1_and_tolerances_of_their_own() {
+    use outpost_protocol::device::{OutputCheck, Tolerance};
+    let model = mlp_model(1);
+    let rescaled = scaled(&mlp_set(1, 8, 1e-5, 1e-4), 1.3);
+    let error = validate(&model, &rescaled, far_deadline()).expect_err("elements are off");
+    assert!(matches!(error, ValidationError::Mismatch { .. }), "{error}");
+
+    let top1 = |min: f64| OutputCheck {
+        output: "y".into(),
+        tolerance: None,
+        min_top1: Some(min),
+    };
+    let checked = ValidationSet {
+        checks: vec![top1(1.0)],
+        ..rescaled.clone()
+    };
+    let report = validate(&model, &checked, far_deadline()).expect("top classes agree");
+    let rows: u64 = checked
+        .cases
+        .iter()
+        .map(|case| case.outputs[0].shape[0])
+        .sum();
+    assert_eq!(
+        (report.top1[0].agreed, report.top1[0].rows),
+        (rows, rows),
+        "{report:?}"
+    );
+    assert_eq!(report.elements, 0, "no element compared");
+
+    let others = ValidationSet {
+        checks: vec![top1(0.9)],
+        ..mlp_set(2, 8, 1e-5, 1e-4)
+    };
+    let error = validate(&model, &others, far_deadline()).expect_err("another model's classes");
+    let ValidationError::Top1 { agreed, rows, .. } = error else {
+        panic!("{error}");
+    };
+    assert!((agreed as f64) < 0.9 * rows as f64, "{agreed} of {rows}");
+
+    let loose = ValidationSet {
+        checks: vec![OutputCheck {
+            output: "y".into(),
+            tolerance: Some(Tolerance { abs: 0.5, rel: 0.0 }),
+            min_top1: None,
+        }],
+        ..rescaled.clone()
+    };
+    validate(&model, &loose, far_deadline()).expect("the output's own tolerance");
+
+    for (check, reason) in [
+        (
+            OutputCheck {
+                output: "z".into(),
+                ..top1(0.9)
+            },
+            "the model has no such output",
+        ),
+        (top1(1.5), "between 0 and 1"),
+        (
+            OutputCheck {
+                min_top1: None,
+                ..top1(0.9)
+            },
+            "it checks nothing",
+        ),
+    ] {
+        let set = ValidationSet {
+            checks: vec![check],
+            ..rescaled.clone()
+        };
+        let error = validate(&model, &set, far_deadline()).expect_err(reason);
+        assert!(
+            matches!(error, ValidationError::BadCheck { .. }) && error.to_string().contains(reason),
+            "{error}"
+        );
+    }
 }

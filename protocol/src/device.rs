@@ -430,13 +430,74 @@ pub struct ValidationCase {
     pub outputs: Vec<Tensor>,
 }
 
-/// The validation-set artifact. Its hash is signed in the manifest, so its tolerances are too.
+/// The validation-set artifact. Its hash is signed in the manifest, so its checks are too.
+///
+/// Frames of kind [`MessageKind::ValidationSet`](crate::MessageKind::ValidationSet); the first
+/// form, [`ValidationSetV1`], is still read by [`ValidationSet::decode`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ValidationSet {
-    /// An output passes when `|got - want| <= abs_tolerance + rel_tolerance * |want|`.
+    /// Outputs without a check of their own pass element by element when
+    /// `|got - want| <= abs_tolerance + rel_tolerance * |want|`.
     pub abs_tolerance: f64,
     pub rel_tolerance: f64,
     pub cases: Vec<ValidationCase>,
+    /// How particular outputs are checked instead, at most one per output.
+    pub checks: Vec<OutputCheck>,
+}
+
+/// How one output of a validation set is checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputCheck {
+    pub output: String,
+    /// Element by element, `|got - want| <= abs + rel * |want|`; `None` compares no element (a
+    /// class output judged on its top-1 agreement alone).
+    pub tolerance: Option<Tolerance>,
+    /// For a class output (scores along its last axis): the least share, 0 to 1, of all the
+    /// cases' rows whose highest-scoring class is the expected one's.
+    pub min_top1: Option<f64>,
+}
+
+/// An element-by-element tolerance: `|got - want| <= abs + rel * |want|`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Tolerance {
+    pub abs: f64,
+    pub rel: f64,
+}
+
+/// The first form of the validation set, before per-output checks: every output compared element
+/// by element with the same two tolerances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidationSetV1 {
+    pub abs_tolerance: f64,
+    pub rel_tolerance: f64,
+    pub cases: Vec<ValidationCase>,
+}
+
+impl From<ValidationSetV1> for ValidationSet {
+    fn from(set: ValidationSetV1) -> ValidationSet {
+        ValidationSet {
+            abs_tolerance: set.abs_tolerance,
+            rel_tolerance: set.rel_tolerance,
+            cases: set.cases,
+            checks: Vec::new(),
+        }
+    }
+}
+
+impl ValidationSet {
+    /// Decodes a validation set of either form: the current one, or a [`ValidationSetV1`] frame,
+    /// read as a set without per-output checks.
+    pub fn decode(frame: &[u8]) -> Result<ValidationSet, crate::DecodeError> {
+        if crate::envelope::peek_kind(frame) == Some(crate::MessageKind::ValidationSetV1) {
+            return crate::decode::<ValidationSetV1>(frame).map(ValidationSet::from);
+        }
+        crate::decode::<ValidationSet>(frame)
+    }
+
+    /// The check of `output`, if the set has one.
+    pub fn check_of(&self, output: &str) -> Option<&OutputCheck> {
+        self.checks.iter().find(|check| check.output == output)
+    }
 }
 
 message!(EnrollRequest, EnrollRequest, "enroll request", 8 * 1024);
@@ -469,5 +530,11 @@ message!(
     ValidationSet,
     ValidationSet,
     "validation set",
+    64 * 1024 * 1024
+);
+message!(
+    ValidationSetV1,
+    ValidationSetV1,
+    "validation set (first form)",
     64 * 1024 * 1024
 );

@@ -25,7 +25,8 @@ pub enum MessageKind {
     RootBody = 4,
     ManifestBody = 5,
     PlanBody = 6,
-    ValidationSet = 7,
+    /// The first form of the validation set: two tolerances for every output. Still read.
+    ValidationSetV1 = 7,
     EnrollRequest = 10,
     EnrollResponse = 11,
     CheckIn = 12,
@@ -38,17 +39,19 @@ pub enum MessageKind {
     DriftSummary = 19,
     HeldCheckIn = 20,
     HeldCheckInResponse = 21,
+    /// The validation set with a check per output (tolerances, top-1 agreement).
+    ValidationSet = 22,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 19] = [
+    const ALL: [MessageKind; 20] = [
         MessageKind::SignedRoot,
         MessageKind::SignedManifest,
         MessageKind::SignedPlan,
         MessageKind::RootBody,
         MessageKind::ManifestBody,
         MessageKind::PlanBody,
-        MessageKind::ValidationSet,
+        MessageKind::ValidationSetV1,
         MessageKind::EnrollRequest,
         MessageKind::EnrollResponse,
         MessageKind::CheckIn,
@@ -61,6 +64,7 @@ impl MessageKind {
         MessageKind::DriftSummary,
         MessageKind::HeldCheckIn,
         MessageKind::HeldCheckInResponse,
+        MessageKind::ValidationSet,
     ];
 
     pub fn from_byte(byte: u8) -> Option<MessageKind> {

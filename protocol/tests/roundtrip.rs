@@ -98,6 +98,30 @@ fn validation_set_round_trips() {
     assert_round_trip(&set);
 }
 
+/// A validation set of the first form (one pair of tolerances for every output, kind 7) still
+/// reads, as a set without per-output checks; the current form reads through the same call, and
+/// each form is refused as the other by the plain decoder.
+#[test]
+fn a_first_form_validation_set_still_decodes() {
+    use outpost_protocol::device::{ValidationSet, ValidationSetV1};
+    let current = validation_set();
+    let first = ValidationSetV1 {
+        abs_tolerance: current.abs_tolerance,
+        rel_tolerance: current.rel_tolerance,
+        cases: current.cases.clone(),
+    };
+    let frame = encode(&first).expect("encodes");
+    assert_eq!(frame[3], 7, "the first form's kind");
+    let read = ValidationSet::decode(&frame).expect("the first form reads");
+    assert_eq!(read.cases, current.cases);
+    assert_eq!(read.abs_tolerance, current.abs_tolerance);
+    assert!(read.checks.is_empty());
+    let frame = encode(&current).expect("encodes");
+    assert_eq!(frame[3], 22, "the current form's kind");
+    assert_eq!(ValidationSet::decode(&frame).expect("reads"), current);
+    assert!(decode::<ValidationSetV1>(&frame).is_err());
+}
+
 #[test]
 fn enroll_request_round_trips() {
     assert_round_trip(&enroll_request());

@@ -47,6 +47,21 @@ fn f32s(tensor: &Tensor) -> Vec<f32> {
 
 const ROWS: usize = 40;
 
+/// The outputs the example model at `path` gives for the rows of four `values` each, as the
+/// user's own framework would compute them.
+fn outputs_of(path: &Path, values: &[f32]) -> Vec<f32> {
+    let onnx = std::fs::read(path).unwrap();
+    let (inputs, outputs) = LoadedModel::describe(&onnx).unwrap();
+    let model = LoadedModel::load(&onnx, &inputs, &outputs, 1).unwrap();
+    let x = Tensor {
+        name: "x".to_owned(),
+        dtype: DType::F32,
+        shape: vec![(values.len() / 4) as u64, 4],
+        data: values.iter().flat_map(|value| value.to_le_bytes()).collect(),
+    };
+    f32s(&model.run(&[x]).unwrap()[0])
+}
+
 #[test]
 fn a_set_from_your_own_data_passes_the_right_model_and_fails_another() {
     let dir = tempfile::tempdir().unwrap();
@@ -58,21 +73,10 @@ fn a_set_from_your_own_data_passes_the_right_model_and_fails_another() {
     // model's own, with the float noise a conversion between runtimes brings.
     let rows = normal_rows(4, ROWS, 7, 0.0);
     std::fs::write(d.join("x.npy"), npy_f32(&[ROWS, 4], &rows)).unwrap();
-    let spec = |name: &str, width: u64| TensorSpec {
-        name: name.to_owned(),
-        dtype: DType::F32,
-        shape: vec![Dim::Batch, Dim::Fixed(width)],
-    };
-    let onnx = std::fs::read(d.join("ex/model.onnx")).unwrap();
-    let model = LoadedModel::load(&onnx, &[spec("x", 4)], &[spec("y", 3)], 1).unwrap();
-    let x = Tensor {
-        name: "x".to_owned(),
-        dtype: DType::F32,
-        shape: vec![ROWS as u64, 4],
-        data: rows.iter().flat_map(|value| value.to_le_bytes()).collect(),
-    };
-    let y = model.run(&[x]).unwrap().remove(0);
-    let noisy: Vec<f32> = f32s(&y).iter().map(|value| value * (1.0 + 2e-6)).collect();
+    let noisy: Vec<f32> = outputs_of(&d.join("ex/model.onnx"), &rows)
+        .iter()
+        .map(|value| value * (1.0 + 2e-6))
+        .collect();
     std::fs::write(d.join("y.npy"), npy_f32(&[ROWS, 3], &noisy)).unwrap();
 
     let make = |model: &str, extra: &[&str]| {
@@ -380,4 +384,68 @@ fn models_with_a_fixed_batch_of_one_or_no_batch_axis_need_no_flags() {
             .any(|feature| feature.name == "x[0]" && feature.n == 20)
             .then_some(())
     });
+}
+
+/// A class output judged on top-1 agreement: expected scores from another runtime that keep each
+/// row's top class pass with `--top1`, where the element tolerances refuse them; another model's
+/// fail it; `--tolerance` sets an output's own; `inspect` shows the checks; bad flags are refused.
+#[test]
+fn class_outputs_can_be_checked_on_top1_agreement() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    hub(d, &["example-model", "--out", "ex", "--seed", "1"]).ok();
+    hub(d, &["example-model", "--out", "other", "--seed", "2"]).ok();
+    let rows = normal_rows(4, ROWS, 9, 0.0);
+    std::fs::write(d.join("x.npy"), npy_f32(&[ROWS, 4], &rows)).unwrap();
+    // Scores 30% off everywhere, as a quantized export might give, with every top class kept.
+    let y: Vec<f32> = outputs_of(&d.join("ex/model.onnx"), &rows)
+        .iter()
+        .map(|value| value * 1.3)
+        .collect();
+    std::fs::write(d.join("y.npy"), npy_f32(&[ROWS, 3], &y)).unwrap();
+    let make = |model: &str, extra: &[&str]| {
+        let mut args = vec![
+            "validation",
+            "make",
+            "--model",
+            model,
+            "--data",
+            "x.npy",
+            "--expected",
+            "y=y.npy",
+            "--out",
+            "v.bin",
+        ];
+        args.extend_from_slice(extra);
+        hub(d, &args)
+    };
+    make("ex/model.onnx", &[])
+        .fails_with("the model's outputs here are not the --expected ones within the tolerances");
+    make("ex/model.onnx", &["--top1", "y=2"]).fails_with("the share must be a number from 0 to 1");
+    make("ex/model.onnx", &["--top1", "z"]).fails_with("names \"z\", which is not an output");
+    make("ex/model.onnx", &["--tolerance", "y=1"]).fails_with("give OUTPUT=ABS,REL");
+    assert!(!d.join("v.bin").exists(), "nothing was written");
+
+    let made = make("ex/model.onnx", &["--top1", "y"]).ok();
+    assert!(
+        made.stderr
+            .contains("top-1 of \"y\" agreeing in 16 of 16 rows"),
+        "{}",
+        made.stderr
+    );
+    let shown = hub(d, &["inspect", "v.bin"]).ok().stdout;
+    assert!(
+        shown.contains(
+            "output \"y\": elements not compared, top-1 agreement in at least 0.9 of rows"
+        ),
+        "{shown}"
+    );
+    make("other/model.onnx", &["--top1", "y"])
+        .fails_with("the top class agrees with the expected one in");
+    make("ex/model.onnx", &["--tolerance", "y=0.5,0"]).ok();
+    let shown = hub(d, &["inspect", "v.bin"]).ok().stdout;
+    assert!(
+        shown.contains("output \"y\": elements pass when |got - want| <= 5e-1 + 0e0 * |want|"),
+        "{shown}"
+    );
 }

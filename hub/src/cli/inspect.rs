@@ -13,6 +13,7 @@ use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, SignedBo
 use outpost_protocol::{sha256, Message, MessageKind};
 
 use super::{print_stdout, read_frame};
+use outpost_model::fsutil;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -30,7 +31,9 @@ impl Args {
             Some(MessageKind::SignedRoot) => show::<RootBody>(&self.file),
             Some(MessageKind::SignedManifest) => show::<ManifestBody>(&self.file),
             Some(MessageKind::SignedPlan) => show::<PlanBody>(&self.file),
-            Some(MessageKind::ValidationSet) => show_validation_set(&self.file),
+            Some(MessageKind::ValidationSet | MessageKind::ValidationSetV1) => {
+                show_validation_set(&self.file)
+            }
             Some(MessageKind::Profile) => show_profile(&self.file),
             _ => bail!(
                 "{} is not a signed root, manifest or plan, a validation set or a drift profile",
@@ -51,16 +54,32 @@ fn describe(tensor: &Tensor) -> String {
 }
 
 fn show_validation_set(path: &Path) -> anyhow::Result<()> {
-    let (bytes, set) = read_frame::<ValidationSet>(path)?;
+    let bytes = fsutil::read_capped(path, ValidationSet::MAX_FRAME as u64)?;
+    let set =
+        ValidationSet::decode(&bytes).with_context(|| format!("reading {}", path.display()))?;
     let mut text = format!(
         "validation set (sha256 {}, {} bytes)\nan output element passes when |got - want| <= \
-         {:e} + {:e} * |want|\n{} case(s):\n",
+         {:e} + {:e} * |want|, unless its output is checked below\n",
         sha256(&bytes),
         bytes.len(),
         set.abs_tolerance,
         set.rel_tolerance,
-        set.cases.len()
     );
+    for check in &set.checks {
+        let elements = match check.tolerance {
+            Some(tolerance) => format!(
+                "elements pass when |got - want| <= {:e} + {:e} * |want|",
+                tolerance.abs, tolerance.rel
+            ),
+            None => "elements not compared".to_owned(),
+        };
+        let top1 = match check.min_top1 {
+            Some(share) => format!(", top-1 agreement in at least {share} of rows"),
+            None => String::new(),
+        };
+        writeln!(text, "output {:?}: {elements}{top1}", check.output)?;
+    }
+    writeln!(text, "{} case(s):", set.cases.len())?;
     for (index, case) in set.cases.iter().enumerate() {
         let inputs: Vec<String> = case.inputs.iter().map(describe).collect();
         let outputs: Vec<String> = case.outputs.iter().map(describe).collect();

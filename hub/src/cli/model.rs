@@ -218,7 +218,7 @@ impl ManifestArgs {
         }
         if let Some(path) = &self.validation {
             let bytes = fsutil::read_capped(path, ValidationSet::MAX_FRAME as u64)?;
-            outpost_protocol::decode::<ValidationSet>(&bytes)
+            ValidationSet::decode(&bytes)
                 .with_context(|| format!("--validation {}", path.display()))?;
             artifacts.push(hash_artifact(ArtifactRole::Validation, path)?);
         }
@@ -345,7 +345,7 @@ pub fn check_model(
         Some(path) => {
             let bytes = fsutil::read_capped(path, ValidationSet::MAX_FRAME as u64)?;
             Some(
-                outpost_protocol::decode::<ValidationSet>(&bytes)
+                ValidationSet::decode(&bytes)
                     .with_context(|| format!("--validation {}", path.display()))?,
             )
         }

@@ -2,9 +2,10 @@
 //! inputs, with expected outputs from your own framework or from the model itself.
 //!
 //! A validation set (`validation.bin`, a postcard frame of kind `ValidationSet`) holds cases of
-//! inputs and the outputs the model must give for them, and two tolerances: an output element
-//! passes when `|got - want| <= abs_tolerance + rel_tolerance * |want|`. `model publish` runs it
-//! before it signs, and every device runs it before it commits the model.
+//! inputs and the outputs the model must give for them, two default tolerances (an output element
+//! passes when `|got - want| <= abs_tolerance + rel_tolerance * |want|`), and a check of its own
+//! for any output: other tolerances, or top-1 agreement for a class output. `model publish` runs
+//! it before it signs, and every device runs it before it commits the model.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use outpost_model::drift::ProfileOptions;
 use outpost_model::fsutil;
 use outpost_model::inference::{validate, LoadedModel};
 use outpost_protocol::dataset::parse_npy;
-use outpost_protocol::device::{Tensor, ValidationCase, ValidationSet};
+use outpost_protocol::device::{OutputCheck, Tensor, Tolerance, ValidationCase, ValidationSet};
 use outpost_protocol::trust::TensorSpec;
 use outpost_protocol::Message;
 
@@ -66,6 +67,95 @@ pub struct MakeArgs {
     /// Relative tolerance of each output element.
     #[arg(long, default_value_t = 1e-3)]
     pub rel_tolerance: f64,
+    /// OUTPUT=ABS,REL: that output's own tolerances, in place of --abs-tolerance and
+    /// --rel-tolerance.
+    #[arg(long = "tolerance", value_name = "OUTPUT=ABS,REL")]
+    pub tolerances: Vec<String>,
+    /// OUTPUT or OUTPUT=SHARE: judge that class output (scores along its last axis) on top-1
+    /// agreement: the share of rows, 0.9 unless given, whose top class is the expected one's. Its
+    /// elements are then compared only with a --tolerance of its own.
+    #[arg(long = "top1", value_name = "OUTPUT[=SHARE]")]
+    pub top1: Vec<String>,
+}
+
+/// The top-1 share `--top1 OUTPUT` asks for: one row in ten may flip on a near tie between two
+/// runtimes, where a model with other weights agrees on far fewer.
+const DEFAULT_TOP1: f64 = 0.9;
+
+/// The per-output checks of `--tolerance` and `--top1`, one per output named.
+fn output_checks(tolerances: &[String], top1: &[String]) -> anyhow::Result<Vec<OutputCheck>> {
+    let mut checks: Vec<OutputCheck> = Vec::new();
+    let mut check_of = |output: &str| -> usize {
+        match checks.iter().position(|check| check.output == output) {
+            Some(index) => index,
+            None => {
+                checks.push(OutputCheck {
+                    output: output.to_owned(),
+                    tolerance: None,
+                    min_top1: None,
+                });
+                checks.len() - 1
+            }
+        }
+    };
+    let mut parsed = Vec::new();
+    for entry in tolerances {
+        let parse = || -> Option<(&str, Tolerance)> {
+            let (output, values) = entry.split_once('=')?;
+            let (abs, rel) = values.split_once(',')?;
+            let tolerance = Tolerance {
+                abs: abs.trim().parse().ok()?,
+                rel: rel.trim().parse().ok()?,
+            };
+            let usable = [tolerance.abs, tolerance.rel]
+                .iter()
+                .all(|value| value.is_finite() && *value >= 0.0);
+            (usable && !output.is_empty()).then_some((output, tolerance))
+        };
+        let (output, tolerance) = parse().with_context(|| {
+            format!(
+                "--tolerance {entry}: give OUTPUT=ABS,REL, two finite numbers 0 or more, e.g. \
+                 y=1e-4,1e-3"
+            )
+        })?;
+        parsed.push((check_of(output), Some(tolerance), None));
+    }
+    for entry in top1 {
+        let (output, share) = match entry.split_once('=') {
+            None => (entry.as_str(), DEFAULT_TOP1),
+            Some((output, share)) => {
+                let share = share
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|share| (0.0..=1.0).contains(share))
+                    .with_context(|| {
+                        format!("--top1 {entry}: the share must be a number from 0 to 1")
+                    })?;
+                (output, share)
+            }
+        };
+        if output.is_empty() {
+            bail!("--top1 {entry}: name an output");
+        }
+        parsed.push((check_of(output), None, Some(share)));
+    }
+    for (index, tolerance, share) in parsed {
+        let check = &mut checks[index];
+        if tolerance.is_some() {
+            if check.tolerance.is_some() {
+                bail!("--tolerance names {:?} twice", check.output);
+            }
+            check.tolerance = tolerance;
+        }
+        if share.is_some() {
+            if check.min_top1.is_some() {
+                bail!("--top1 names {:?} twice", check.output);
+            }
+            check.min_top1 = share;
+        }
+    }
+    Ok(checks)
 }
 
 impl ValidationCommand {
@@ -127,7 +217,18 @@ impl MakeArgs {
             abs_tolerance: self.abs_tolerance,
             rel_tolerance: self.rel_tolerance,
             cases: Vec::new(),
+            checks: output_checks(&self.tolerances, &self.top1)?,
         };
+        if let Some(check) = set
+            .checks
+            .iter()
+            .find(|check| !outputs.iter().any(|spec| spec.name == check.output))
+        {
+            bail!(
+                "--tolerance or --top1 names {:?}, which is not an output of the model",
+                check.output
+            );
+        }
         for case in 0..cases {
             let span = case * per_case..(case + 1) * per_case;
             let case_inputs = data
@@ -170,9 +271,19 @@ impl MakeArgs {
             );
         }
         fsutil::write_atomic(&self.out, &bytes, 0o644)?;
+        let top1: String = report
+            .top1
+            .iter()
+            .map(|agreement| {
+                format!(
+                    ", top-1 of {:?} agreeing in {} of {} rows",
+                    agreement.output, agreement.agreed, agreement.rows
+                )
+            })
+            .collect();
         print_stderr(&format!(
             "wrote {}: {cases} case(s) of {per_case} row(s), expected outputs {}; the model \
-             passes it here, largest difference {:e} ({} bytes)\n",
+             passes it here, largest difference {:e}{top1} ({} bytes)\n",
             self.out.display(),
             if expected.is_some() {
                 "from --expected"

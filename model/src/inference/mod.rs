@@ -19,7 +19,7 @@ mod tensor;
 mod validate;
 
 pub use error::{InferenceError, TensorKind};
-pub use validate::{validate, ValidationError, ValidationReport};
+pub use validate::{validate, Top1Agreement, ValidationError, ValidationReport};
 
 use std::any::Any;
 use std::fmt;

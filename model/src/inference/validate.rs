@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use outpost_protocol::device::{Tensor, ValidationSet};
+use outpost_protocol::device::{OutputCheck, Tensor, Tolerance, ValidationSet};
 use outpost_protocol::trust::DType;
 
 use super::error::InferenceError;
@@ -24,6 +24,18 @@ pub enum ValidationError {
         completed: usize,
         total: usize,
         elapsed: Duration,
+    },
+    #[error("the check of output {output:?} is not usable: {reason}")]
+    BadCheck { output: String, reason: String },
+    #[error(
+        "output {output:?}: the top class agrees with the expected one in {agreed} of {rows} rows, \
+         fewer than the {min} share the set asks for"
+    )]
+    Top1 {
+        output: String,
+        agreed: u64,
+        rows: u64,
+        min: f64,
     },
     #[error("case {case}: the model cannot run its inputs")]
     Inference {
@@ -81,7 +93,17 @@ pub struct ValidationReport {
     pub elements: u64,
     /// Largest `|got - want|` seen; how much of the tolerance the model used.
     pub max_abs_difference: f64,
+    /// Each output checked on its top-1 agreement: rows whose top class agreed, of all rows.
+    pub top1: Vec<Top1Agreement>,
     pub elapsed: Duration,
+}
+
+/// How often one class output's top class was the expected one's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Top1Agreement {
+    pub output: String,
+    pub agreed: u64,
+    pub rows: u64,
 }
 
 /// Runs every case of a validation set and compares outputs elementwise.
@@ -96,10 +118,17 @@ pub fn validate(
     deadline: Instant,
 ) -> Result<ValidationReport, ValidationError> {
     let started = Instant::now();
-    let (abs, rel) = (set.abs_tolerance, set.rel_tolerance);
-    if !(abs.is_finite() && rel.is_finite() && abs >= 0.0 && rel >= 0.0) {
-        return Err(ValidationError::BadTolerance { abs, rel });
+    let default = Tolerance {
+        abs: set.abs_tolerance,
+        rel: set.rel_tolerance,
+    };
+    if !usable(default) {
+        return Err(ValidationError::BadTolerance {
+            abs: default.abs,
+            rel: default.rel,
+        });
     }
+    check_checks(model, &set.checks)?;
     if set.cases.is_empty() {
         return Err(ValidationError::NoCases);
     }
@@ -108,6 +137,16 @@ pub fn validate(
         cases: 0,
         elements: 0,
         max_abs_difference: 0.0,
+        top1: set
+            .checks
+            .iter()
+            .filter(|check| check.min_top1.is_some())
+            .map(|check| Top1Agreement {
+                output: check.output.clone(),
+                agreed: 0,
+                rows: 0,
+            })
+            .collect(),
         elapsed: Duration::ZERO,
     };
     for (case_ix, case) in set.cases.iter().enumerate() {
@@ -145,12 +184,111 @@ pub fn validate(
                     })
                 }
             };
-            compare(case_ix, got, want, abs, rel, &mut report)?;
+            let check = set.check_of(&got.name);
+            let tolerance = check.map_or(Some(default), |check| check.tolerance);
+            compare(case_ix, got, want, tolerance, &mut report)?;
+            if let Some(agreement) = report
+                .top1
+                .iter_mut()
+                .find(|agreement| agreement.output == got.name)
+            {
+                let (agreed, rows) = top1_agreement(got, want);
+                agreement.agreed += agreed;
+                agreement.rows += rows;
+            }
         }
         report.cases += 1;
     }
+    for agreement in &report.top1 {
+        let min = set
+            .check_of(&agreement.output)
+            .and_then(|check| check.min_top1)
+            .unwrap_or(0.0);
+        if (agreement.agreed as f64) < min * agreement.rows as f64 || agreement.rows == 0 {
+            return Err(ValidationError::Top1 {
+                output: agreement.output.clone(),
+                agreed: agreement.agreed,
+                rows: agreement.rows,
+                min,
+            });
+        }
+    }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+fn usable(tolerance: Tolerance) -> bool {
+    let Tolerance { abs, rel } = tolerance;
+    abs.is_finite() && rel.is_finite() && abs >= 0.0 && rel >= 0.0
+}
+
+/// Each check names an output of the model once, with usable tolerances, a share between 0 and
+/// 1, and top-1 only where the output has a last axis of classes.
+fn check_checks(model: &LoadedModel, checks: &[OutputCheck]) -> Result<(), ValidationError> {
+    for (index, check) in checks.iter().enumerate() {
+        let bad = |reason: &str| ValidationError::BadCheck {
+            output: check.output.clone(),
+            reason: reason.to_owned(),
+        };
+        let Some(spec) = model
+            .outputs()
+            .iter()
+            .find(|spec| spec.name == check.output)
+        else {
+            return Err(bad("the model has no such output"));
+        };
+        if checks[..index]
+            .iter()
+            .any(|other| other.output == check.output)
+        {
+            return Err(bad("it is checked twice"));
+        }
+        if check.tolerance.is_some_and(|tolerance| !usable(tolerance)) {
+            return Err(bad("its tolerances must be finite and not negative"));
+        }
+        match check.min_top1 {
+            Some(min) if !(0.0..=1.0).contains(&min) => {
+                return Err(bad("its top-1 share must be between 0 and 1"))
+            }
+            Some(_) if spec.shape.is_empty() => {
+                return Err(bad("top-1 needs class scores along a last axis"))
+            }
+            None if check.tolerance.is_none() => {
+                return Err(bad("it checks nothing: give a tolerance or a top-1 share"))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Rows of `got` (along its last axis) whose highest score is at the same class as `want`'s,
+/// and the rows compared. A row whose scores are all NaN has no top class and never agrees.
+fn top1_agreement(got: &Tensor, want: &Tensor) -> (u64, u64) {
+    let width = got.shape.last().copied().unwrap_or(1).max(1) as usize;
+    let (got, want) = (to_f64s(got), to_f64s(want));
+    let top = |row: &[f64]| {
+        row.iter()
+            .enumerate()
+            .filter(|(_, value)| !value.is_nan())
+            .fold(
+                None,
+                |best: Option<(usize, f64)>, (class, &value)| match best {
+                    Some((_, top)) if top >= value => best,
+                    _ => Some((class, value)),
+                },
+            )
+            .map(|(class, _)| class)
+    };
+    let mut agreed = 0;
+    let mut rows = 0;
+    for (got, want) in got.chunks(width).zip(want.chunks(width)) {
+        rows += 1;
+        if top(got).is_some() && top(got) == top(want) {
+            agreed += 1;
+        }
+    }
+    (agreed, rows)
 }
 
 pub(super) fn check_deadline(
@@ -169,12 +307,12 @@ pub(super) fn check_deadline(
     Ok(())
 }
 
+/// Checks `got` has `want`'s type and shape and, with a `tolerance`, every element within it.
 pub(super) fn compare(
     case: usize,
     got: &Tensor,
     want: &Tensor,
-    abs: f64,
-    rel: f64,
+    tolerance: Option<Tolerance>,
     report: &mut ValidationReport,
 ) -> Result<(), ValidationError> {
     want.check().map_err(|error| ValidationError::BadExpected {
@@ -198,6 +336,9 @@ pub(super) fn compare(
             want: want.shape.clone(),
         });
     }
+    let Some(Tolerance { abs, rel }) = tolerance else {
+        return Ok(());
+    };
     let got_values = to_f64s(got);
     let want_values = to_f64s(want);
     for (element, (&g, &w)) in got_values.iter().zip(&want_values).enumerate() {

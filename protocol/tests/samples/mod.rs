@@ -14,9 +14,9 @@ pub use drift::*;
 
 use outpost_protocol::device::{
     held_digest, AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse,
-    ErrorResponse, HeldCheckIn, HeldCheckInResponse, InferenceWindow, RunningModel, ShadowCounts,
-    ShadowReport, Status, StatusReport, TelemetryAck, TelemetryBatch, Tensor, ValidationCase,
-    ValidationSet, LATENCY_BUCKETS_US,
+    ErrorResponse, HeldCheckIn, HeldCheckInResponse, InferenceWindow, OutputCheck, RunningModel,
+    ShadowCounts, ShadowReport, Status, StatusReport, TelemetryAck, TelemetryBatch, Tensor,
+    ValidationCase, ValidationSet, LATENCY_BUCKETS_US,
 };
 use outpost_protocol::trust::{
     Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody, ManifestRef,
@@ -233,6 +233,11 @@ pub fn validation_set() -> ValidationSet {
         abs_tolerance: 1e-4,
         rel_tolerance: 1e-3,
         cases: vec![case(0.25), case(-1.5)],
+        checks: vec![OutputCheck {
+            output: "logits".to_owned(),
+            tolerance: None,
+            min_top1: Some(0.95),
+        }],
     }
 }
 
