@@ -57,7 +57,10 @@ fn outputs_of(path: &Path, values: &[f32]) -> Vec<f32> {
         name: "x".to_owned(),
         dtype: DType::F32,
         shape: vec![(values.len() / 4) as u64, 4],
-        data: values.iter().flat_map(|value| value.to_le_bytes()).collect(),
+        data: values
+            .iter()
+            .flat_map(|value| value.to_le_bytes())
+            .collect(),
     };
     f32s(&model.run(&[x]).unwrap()[0])
 }
@@ -199,6 +202,25 @@ fn bad_validation_input_is_refused_naming_what_is_wrong() {
         .fails_with("--expected has 2 row(s), --data has 4");
     make("x.npy", &["--expected", "z=y2.npy"]).fails_with("not for output \"y\"");
     make("x.npy", &["--abs-tolerance=-1"]).fails_with("--abs-tolerance -1 must be");
+    // Values the input's type cannot hold: fractions for a UINT8 input.
+    write("bytes.onnx", outpost_model::example::byte_casts(4));
+    write("offset.npy", npy_f32(&[4, 1], &[1.0; 4]));
+    hub(
+        d,
+        &[
+            "validation",
+            "make",
+            "--model",
+            "bytes.onnx",
+            "--data",
+            "pixels=x.npy",
+            "--data",
+            "offset=offset.npy",
+            "--out",
+            "v.bin",
+        ],
+    )
+    .fails_with("element 0 of input \"pixels\": 0.5 is not a valid UINT8");
     assert!(!d.join("v.bin").exists(), "nothing was written");
 }
 
