@@ -14,10 +14,13 @@ use outpost_tests::proxy::{Proxy, Verdict};
 use outpost_tests::wait_until;
 use serde_json::{json, Value};
 
-/// Inputs of the example model: enough that one window's drift summary takes well over half of
-/// the smallest cap the agent accepts (4 KiB), so two windows never fit together.
-const INPUTS: &str = "64";
-const WIDE: usize = 64;
+/// Inputs and classes of the example model: enough that one window's drift summary takes well over
+/// half of the smallest cap the agent accepts (4 KiB), so two windows never fit together. A profile
+/// summarises at most 32 features of an input however wide, so the width comes from the classes,
+/// whose counts a summary carries one by one.
+const INPUTS: &str = "32";
+const WIDE: usize = 32;
+const CLASSES: &str = "3000";
 const TELEMETRY: &str = "/device/v1/telemetry";
 
 fn hub_count(detail: &DeviceDetail) -> u64 {
@@ -39,7 +42,14 @@ fn stat(status: &Value, field: &str) -> u64 {
 fn an_outage_beyond_the_cap_drops_windows_and_the_hub_counts_them_exactly() {
     let mut hub = TestHub::start();
     let fleet = Fleet::new(&hub);
-    fleet.publish_example_with(&hub, "wide", 1, 1, true, &["--inputs", INPUTS]);
+    fleet.publish_example_with(
+        &hub,
+        "wide",
+        1,
+        1,
+        true,
+        &["--inputs", INPUTS, "--outputs", CLASSES],
+    );
     fleet.first_rollout(&hub, "wide", 1);
     let proxy = Proxy::start(&hub.url());
     let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "", "");
