@@ -8,8 +8,8 @@ use prost::Message as _;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::multithread::Executor;
 use tract_onnx::prelude::{
-    Framework, InferenceFact, InferenceModel, InferenceModelExt, OutletId, RunOptions, TDim,
-    TypedModel, TypedSimplePlan,
+    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, OutletId, RunOptions,
+    TDim, TypedFact, TypedModel, TypedSimplePlan,
 };
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -396,7 +396,7 @@ pub(super) fn describe_input(
 
 /// [`LoadedModel::describe`] of a parsed model, before the error names any flags.
 fn describe_parsed(
-    mut model: InferenceModel,
+    model: InferenceModel,
 ) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>), InferenceError> {
     let names = input_names(&model)?;
     let mut inputs = Vec::with_capacity(names.len());
@@ -405,39 +405,94 @@ fn describe_parsed(
         inputs.push(describe_input(name, fact)?);
     }
     let output_names = output_names(&model)?;
-    let typed = catch_panic("typing the model", || {
-        let identity: Vec<usize> = (0..inputs.len()).collect();
-        fix_input_facts(&mut model, &inputs, &identity, None)?;
-        model.into_typed().map_err(InferenceError::Optimize)
-    })?;
+    let identity: Vec<usize> = (0..inputs.len()).collect();
+    let typed_at = |batch: Option<i64>| {
+        let mut model = model.clone();
+        catch_panic("typing the model", || {
+            fix_input_facts(&mut model, &inputs, &identity, batch)?;
+            model.into_typed().map_err(InferenceError::Optimize)
+        })
+    };
+    let undescribable = |name: &str, reason: String| InferenceError::Undescribable {
+        kind: TensorKind::Output,
+        name: name.to_owned(),
+        reason,
+    };
+    let dtype = |name: &str, datum: DatumType| {
+        output_dtype_of(datum)
+            .ok_or_else(|| undescribable(name, format!("type {datum:?} is not supported")))
+    };
     let mut outputs = Vec::with_capacity(output_names.len());
-    for (ix, name) in output_names.iter().enumerate() {
-        let fact = typed.output_fact(ix).map_err(InferenceError::Optimize)?;
-        let dtype =
-            output_dtype_of(fact.datum_type).ok_or_else(|| InferenceError::Undescribable {
-                kind: TensorKind::Output,
-                name: name.clone(),
-                reason: format!("type {:?} is not supported", fact.datum_type),
-            })?;
-        let mut shape = Vec::with_capacity(fact.shape.rank());
-        for (axis, dim) in fact.shape.iter().enumerate() {
-            shape.push(match dim.to_i64() {
-                Ok(size) if size > 0 => Dim::Fixed(size as u64),
-                _ if axis == 0 => Dim::Batch,
-                _ => {
-                    return Err(InferenceError::Undescribable {
-                        kind: TensorKind::Output,
-                        name: name.clone(),
-                        reason: format!("axis {axis} has no fixed size ({dim})"),
-                    })
+    match typed_at(None) {
+        Ok(typed) => {
+            for (ix, name) in output_names.iter().enumerate() {
+                let fact = typed.output_fact(ix).map_err(InferenceError::Optimize)?;
+                let mut shape = Vec::with_capacity(fact.shape.rank());
+                for (axis, dim) in fact.shape.iter().enumerate() {
+                    shape.push(match dim.to_i64() {
+                        Ok(size) if size > 0 => Dim::Fixed(size as u64),
+                        _ if axis == 0 => Dim::Batch,
+                        _ => {
+                            return Err(undescribable(
+                                name,
+                                format!("axis {axis} has no fixed size ({dim})"),
+                            ))
+                        }
+                    });
                 }
-            });
+                outputs.push(TensorSpec {
+                    name: name.clone(),
+                    dtype: dtype(name, fact.datum_type)?,
+                    shape,
+                });
+            }
         }
-        outputs.push(TensorSpec {
-            name: name.clone(),
-            dtype,
-            shape,
-        });
+        // tract could not carry the batch symbol through the graph (a broadcast to a computed
+        // shape, say), though it types the model at any one batch size, as it runs it. Typed at
+        // batch sizes 1 and 2, an output axis that follows them is the batch axis.
+        Err(symbolic) if inputs.iter().any(|spec| spec.shape.contains(&Dim::Batch)) => {
+            let (Ok(one), Ok(two)) = (typed_at(Some(1)), typed_at(Some(2))) else {
+                return Err(symbolic);
+            };
+            for (ix, name) in output_names.iter().enumerate() {
+                let fact_one = one.output_fact(ix).map_err(InferenceError::Optimize)?;
+                let fact_two = two.output_fact(ix).map_err(InferenceError::Optimize)?;
+                let sizes = |fact: &TypedFact| -> Option<Vec<i64>> {
+                    fact.shape.iter().map(|dim| dim.to_i64().ok()).collect()
+                };
+                let (Some(at_one), Some(at_two)) = (sizes(fact_one), sizes(fact_two)) else {
+                    return Err(undescribable(
+                        name,
+                        "its shape depends on the inputs' values".into(),
+                    ));
+                };
+                if at_one.len() != at_two.len() {
+                    return Err(undescribable(
+                        name,
+                        "its rank depends on the batch size".into(),
+                    ));
+                }
+                let mut shape = Vec::with_capacity(at_one.len());
+                for (axis, (a, b)) in at_one.iter().zip(&at_two).enumerate() {
+                    shape.push(match (*a, *b) {
+                        (a, b) if a == b && a > 0 => Dim::Fixed(a as u64),
+                        (1, 2) => Dim::Batch,
+                        _ => {
+                            return Err(undescribable(
+                                name,
+                                format!("axis {axis} is {a} at batch 1 and {b} at batch 2"),
+                            ))
+                        }
+                    });
+                }
+                outputs.push(TensorSpec {
+                    name: name.clone(),
+                    dtype: dtype(name, fact_one.datum_type)?,
+                    shape,
+                });
+            }
+        }
+        Err(error) => return Err(error),
     }
     Ok((inputs, outputs))
 }
