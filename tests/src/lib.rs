@@ -102,6 +102,14 @@ pub struct Run {
 }
 
 impl Run {
+    /// Runs `command` to its end.
+    pub fn of(command: &mut Command) -> Run {
+        let output = command
+            .output()
+            .unwrap_or_else(|error| panic!("running {command:?}: {error}"));
+        Run::from_output(output)
+    }
+
     fn from_output(output: Output) -> Run {
         Run {
             success: output.status.success(),

