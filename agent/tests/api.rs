@@ -478,8 +478,13 @@ fn server_and_model_metadata() {
     assert_eq!(server["name"], "outpost-agent");
     assert_eq!(server["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(server["extensions"], json!(["binary_tensor_data"]));
+    assert_eq!(api.get("/v2/models").ok(), json!({"models": []}));
+    assert_eq!(api.post("/v2/repository/index", b"{}").ok(), json!([]));
 
     api.slot.swap(mlp_version(3));
+    let listed = json!({"name": MODEL, "version": "3", "state": "READY"});
+    assert_eq!(api.get("/v2/models").ok(), json!({ "models": [listed] }));
+    assert_eq!(api.post("/v2/repository/index", b"").ok(), json!([listed]));
     let expected = json!({
         "name": MODEL,
         "versions": ["3"],

@@ -27,6 +27,8 @@ def main():
     assert x_meta["datatype"] == "FP32" and x_meta["shape"][0] == -1, metadata
     server = client.get_server_metadata()
     assert server["name"] == "outpost-agent", server
+    index = client.get_model_repository_index()
+    assert index == [{"name": case["model"], "version": case["version"], "state": "READY"}], index
 
     x = np.array(case["x"], dtype=np.float32).reshape(case["shape"])
     results = {}

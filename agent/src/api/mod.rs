@@ -8,7 +8,8 @@
 //!
 //! Besides plain JSON tensors the API speaks Triton's binary tensor data extension (raw
 //! little-endian bytes after the JSON header, sized by `Inference-Header-Content-Length`), because
-//! `tritonclient` sends inputs that way unless told otherwise.
+//! `tritonclient` sends inputs that way unless told otherwise. `GET /v2/models` lists the models
+//! served, and Triton's `POST /v2/repository/index` indexes them in the form its clients expect.
 //!
 //! What is counted: only requests that reached the model. A request the API or [`LoadedModel::run`]
 //! refuses for its own content (malformed JSON, an unknown input, a wrong shape or type) is a
@@ -228,6 +229,8 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
+        .route("/v2/models", get(models))
+        .route("/v2/repository/index", post(repository_index))
         .route("/v2/models/{name}", get(model_metadata))
         .route(
             "/v2/models/{name}/versions/{version}",

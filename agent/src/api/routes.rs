@@ -35,6 +35,32 @@ pub(super) async fn server_metadata() -> Json<Value> {
     }))
 }
 
+/// The models this agent serves, as `GET /v2/models` lists them and as Triton's repository
+/// extension indexes them (`POST /v2/repository/index`, which tritonclient's
+/// `get_model_repository_index` calls): name, version and state of each.
+fn index(state: &ApiState) -> Vec<Value> {
+    state
+        .slot
+        .current()
+        .map(|active| {
+            json!({
+                "name": active.name,
+                "version": active.version.to_string(),
+                "state": "READY",
+            })
+        })
+        .into_iter()
+        .collect()
+}
+
+pub(super) async fn models(State(state): State<Arc<ApiState>>) -> Json<Value> {
+    Json(json!({ "models": index(&state) }))
+}
+
+pub(super) async fn repository_index(State(state): State<Arc<ApiState>>) -> Json<Value> {
+    Json(Value::Array(index(&state)))
+}
+
 pub(super) async fn live() -> StatusCode {
     StatusCode::OK
 }
