@@ -275,6 +275,10 @@ pub struct StageProgress {
     /// Silent for longer than the device timeout without committing.
     pub silent: u64,
     pub pending: u64,
+    /// Not offered the target because their agent is older than its `min_agent_version`: left
+    /// on the fallback, neither pending nor failed.
+    #[serde(default)]
+    pub skipped: u64,
 }
 
 /// One gate's measured figure against its signed limit.

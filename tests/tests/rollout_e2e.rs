@@ -256,3 +256,48 @@ fn a_device_that_goes_silent_times_out_and_pauses_the_rollout() {
     silent.wait_status("active", json!("demo@2"));
     serves(silent, "2");
 }
+
+/// A target whose manifest needs a newer agent than the fleet runs (issue 22): the hub does not
+/// offer it, every device accepts the plan and keeps serving the fallback it already runs, and
+/// the rollout counts them as skipped, not failed, and completes.
+#[test]
+fn devices_whose_agent_is_too_old_are_skipped_and_keep_their_model() {
+    let (hub, fleet, agents) = fleet_on_v1(2);
+    let dir = hub.dir().join("model-demo-2");
+    hub.cli(&[
+        "example-model",
+        "--out",
+        &dir.to_string_lossy(),
+        "--seed",
+        "2",
+    ])
+    .ok();
+    let mut publish = fleet.publish_args(&dir, "demo", 2);
+    publish.extend(["--min-agent-version".to_owned(), "99.0.0".to_owned()]);
+    hub.cli(&publish.iter().map(String::as_str).collect::<Vec<_>>())
+        .ok();
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+
+    for agent in &agents {
+        agent.wait_fresh_status("plan_sequence", json!(SEQUENCE));
+    }
+    let done = settled(&hub, "the rollout to finish");
+    assert_eq!(done.state, RolloutState::Completed, "{done:#?}");
+    let stage = &done.stages[0];
+    assert_eq!(
+        (stage.devices, stage.skipped, stage.failed, stage.pending),
+        (2, 2, 0, 0),
+        "{done:#?}"
+    );
+    let status = hub.cli(&["rollout", "status", "2"]).ok().stdout;
+    assert!(status.contains("SKIPPED"), "{status}");
+    for agent in &agents {
+        let status = agent.wait_fresh_status("active", json!("demo@1"));
+        assert_eq!(status["plan_sequence"], json!(SEQUENCE), "{status:#}");
+        serves(agent, "1");
+        assert!(
+            !touched(&agent.hub_detail(&hub), 2),
+            "the device was never offered demo@2"
+        );
+    }
+}

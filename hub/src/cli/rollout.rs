@@ -294,6 +294,7 @@ pub fn render_status(rollout: &RolloutInfo, now: u64) -> String {
         "FAILED",
         "SILENT",
         "PENDING",
+        "SKIPPED",
         "PROGRESS",
     ]);
     for (index, stage) in rollout.stages.iter().enumerate() {
@@ -321,6 +322,7 @@ pub fn render_status(rollout: &RolloutInfo, now: u64) -> String {
             stage.failed.to_string(),
             stage.silent.to_string(),
             stage.pending.to_string(),
+            stage.skipped.to_string(),
             format!(
                 "{} {percent_done}%",
                 table::bar(done, stage.devices, BAR_WIDTH)
@@ -418,6 +420,7 @@ mod tests {
                     failed: 0,
                     silent: 0,
                     pending: 0,
+                    skipped: 0,
                 },
                 StageProgress {
                     percent: 100,
@@ -426,7 +429,8 @@ mod tests {
                     succeeded: 10,
                     failed: 3,
                     silent: 1,
-                    pending: 26,
+                    pending: 24,
+                    skipped: 2,
                 },
             ],
             gates: vec![
@@ -480,11 +484,11 @@ mod tests {
         assert!(text.contains("stage          2/2 (100%)\n"), "{text}");
         assert!(text.contains("(5m ago)"), "{text}");
         assert!(
-            text.contains("   1      10%      4        4          0       0       0        [####################] 100%\n"),
+            text.contains("   1      10%      4        4          0       0       0        0        [####################] 100%\n"),
             "{text}"
         );
         assert!(
-            text.contains(">  2      100%     40       10         3       1       26       [#####---------------] 25%\n"),
+            text.contains(">  2      100%     40       10         3       1       24       2        [#####---------------] 25%\n"),
             "{text}"
         );
         assert!(

@@ -9,6 +9,8 @@ pub(super) enum Standing {
     Failed,
     Silent,
     Pending,
+    /// Its agent is too old for the target: not offered it, and not judged.
+    Skipped,
 }
 
 /// A participating device, placed in its stage.
@@ -25,6 +27,15 @@ pub(super) struct Placed<'a> {
 pub(super) fn place<'a>(rollout: &Rollout, facts: &'a DeviceFacts, now: u64) -> Placed<'a> {
     let stage = rollout.stage_of_device(&facts.id);
     let shadow_bucket = rollout.in_shadow_bucket(&facts.id);
+    if facts.agent_too_old {
+        return Placed {
+            facts,
+            stage,
+            assigned: false,
+            shadow_bucket,
+            standing: Standing::Skipped,
+        };
+    }
     let shadowing = shadow_bucket && rollout.in_shadow_stage().is_some();
     let assigned = shadowing || rollout.reached(stage);
     let standing = match &facts.outcome {
@@ -69,6 +80,7 @@ pub(super) fn stage_progress(
         failed: 0,
         silent: 0,
         pending: 0,
+        skipped: 0,
     };
     let in_stage = |device: &&Placed<'_>| {
         if shadow {
@@ -84,6 +96,7 @@ pub(super) fn stage_progress(
             Standing::Failed => progress.failed += 1,
             Standing::Silent => progress.silent += 1,
             Standing::Pending => progress.pending += 1,
+            Standing::Skipped => progress.skipped += 1,
         }
     }
     progress

@@ -65,10 +65,27 @@ pub fn shadow_for(rollout: &Rollout, device: &DeviceId, labels: &[Label]) -> boo
         && rollout.in_shadow_bucket(device)
 }
 
-/// [`slot_for`] for a device the hub knows in full: a revoked device gets nothing.
+/// [`slot_for`] for a device the hub knows in full: a revoked device gets nothing, and one whose
+/// agent is too old for the target is not offered it ([`offered`]).
 pub fn slot_for_device(rollout: &Rollout, device: &DeviceFacts) -> Option<Slot> {
     if device.revoked {
         return None;
     }
-    slot_for(rollout, &device.id, &device.labels)
+    offered(
+        rollout,
+        slot_for(rollout, &device.id, &device.labels),
+        device.agent_too_old,
+    )
+}
+
+/// What the hub hands a device [`slot_for`] gives `slot`: the same, except that a device whose
+/// agent is older than the target's `min_agent_version` (`agent_too_old`), which would refuse the
+/// target, gets the fallback instead, or nothing when the plan has none.
+pub fn offered(rollout: &Rollout, slot: Option<Slot>, agent_too_old: bool) -> Option<Slot> {
+    match slot {
+        Some(Slot::Target) if agent_too_old => {
+            rollout.plan.fallback.as_ref().map(|_| Slot::Fallback)
+        }
+        slot => slot,
+    }
 }

@@ -139,6 +139,9 @@ pub struct StageProgress {
     /// Silent for longer than the device timeout without committing.
     pub silent: u64,
     pub pending: u64,
+    /// Left where they are because their agent is older than the target's `min_agent_version`
+    /// (see [`DeviceFacts::agent_too_old`]): neither pending nor failed.
+    pub skipped: u64,
 }
 
 /// Who took a decision.
@@ -320,4 +323,8 @@ pub struct DeviceFacts {
     pub fallback_stats: InferenceStats,
     /// Shadow comparisons of the target with the fallback since the rollout began.
     pub shadow: ShadowCounts,
+    /// Its agent, as it last reported, is older than the target manifest's `min_agent_version`,
+    /// so it would refuse the target: the hub does not offer it (the device keeps the fallback, or
+    /// what it runs) and the rollout counts it as skipped, not as failed or pending.
+    pub agent_too_old: bool,
 }

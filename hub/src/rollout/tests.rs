@@ -65,6 +65,7 @@ fn facts(id: DeviceId, enrolled_at: u64) -> DeviceFacts {
         target_stats: InferenceStats::default(),
         fallback_stats: InferenceStats::default(),
         shadow: ShadowCounts::default(),
+        agent_too_old: false,
     }
 }
 
@@ -849,6 +850,42 @@ fn progress_counts_only_participating_devices() {
         .count() as u64;
     assert_eq!(evaluation.stages[0].devices, in_first);
     assert_eq!(evaluation.stages[0].pending, in_first);
+}
+
+/// Devices whose agent is older than the target's `min_agent_version` are not offered the target
+/// (they keep the fallback), count as skipped in their stage rather than pending or failed, and
+/// do not hold the rollout back: it completes once the others have committed.
+#[test]
+fn devices_with_an_agent_too_old_are_skipped_not_failed() {
+    let rollout = Rollout::new(plan(&[100], true, BreachAction::Pause), T0);
+    let mut devices = fleet(10);
+    for device in &mut devices[..4] {
+        device.agent_too_old = true;
+    }
+    assert_eq!(slot_for_device(&rollout, &devices[0]), Some(Slot::Fallback));
+    assert_eq!(slot_for_device(&rollout, &devices[5]), Some(Slot::Target));
+    let without_fallback = Rollout::new(plan(&[100], false, BreachAction::Pause), T0);
+    assert_eq!(slot_for_device(&without_fallback, &devices[0]), None);
+
+    let evaluation = evaluate(&rollout, &devices, T0 + 1, &NoDriftGate);
+    let stage = &evaluation.stages[0];
+    assert_eq!(
+        (stage.devices, stage.skipped, stage.pending, stage.failed),
+        (10, 4, 6, 0),
+        "{stage:?}"
+    );
+    for device in &mut devices[4..] {
+        device.outcome = Some(Outcome::Committed { at: T0 + 1 });
+    }
+    // Long past the device timeout: the skipped devices are not silent either.
+    let evaluation = evaluate(&rollout, &devices, T0 + TIMEOUT + BAKE + 10, &NoDriftGate);
+    let failure = &evaluation.gates[0];
+    assert_eq!(failure.value, Some(0.0), "{failure:?}");
+    assert_eq!(failure.detail, "0 of 6 devices (0 failed, 0 silent)");
+    assert_eq!(
+        evaluation.decision.map(|decision| decision.action),
+        Some(Action::Complete)
+    );
 }
 
 struct FixedDrift(f64);

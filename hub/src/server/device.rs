@@ -521,7 +521,9 @@ fn answer_check_in(
             poll_after_secs = hub.config.rollout_poll_secs;
         }
         plan = Some(rollout.signed_plan.clone());
-        manifest = match crate::rollout::slot_for(&rollout.rollout, &id, &labels) {
+        let too_old = super::engine::agent_too_old(&device.agent_version, rollout.target_min_agent);
+        let slot = crate::rollout::slot_for(&rollout.rollout, &id, &labels);
+        manifest = match crate::rollout::offered(&rollout.rollout, slot, too_old) {
             Some(Slot::Target) => Some((Slot::Target, rollout.target_manifest.clone())),
             Some(Slot::Fallback) => rollout
                 .fallback_manifest
@@ -529,7 +531,7 @@ fn answer_check_in(
                 .map(|document| (Slot::Fallback, document)),
             None => None,
         };
-        if crate::rollout::shadow_for(&rollout.rollout, &id, &labels) {
+        if !too_old && crate::rollout::shadow_for(&rollout.rollout, &id, &labels) {
             shadow = Some(rollout.target_manifest.clone());
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use outpost_protocol::device::DeviceId;
 use outpost_protocol::name::selector_matches;
-use outpost_protocol::trust::{ManifestRef, PlanBody, Signed};
+use outpost_protocol::trust::{AgentVersion, ManifestBody, ManifestRef, PlanBody, Signed};
 use outpost_protocol::{sha256, Label, Sha256};
 
 use super::SharedHub;
@@ -30,6 +30,24 @@ pub struct LiveRollout {
     pub signed_plan: Document,
     pub target_manifest: Document,
     pub fallback_manifest: Option<Document>,
+    /// The target manifest's `min_agent_version`: an older agent is not offered the target.
+    pub target_min_agent: AgentVersion,
+}
+
+/// Whether an agent that reported `agent_version` is older than `min`. A version the hub cannot
+/// read is not judged here: the device judges the manifest itself.
+pub fn agent_too_old(agent_version: &str, min: AgentVersion) -> bool {
+    AgentVersion::parse(agent_version).is_some_and(|version| version < min)
+}
+
+/// The `min_agent_version` a stored, signed manifest names.
+fn min_agent_of(document: &Document) -> anyhow::Result<AgentVersion> {
+    let signed: Signed<ManifestBody> =
+        outpost_protocol::decode(&document.bytes).context("decoding a stored manifest")?;
+    Ok(signed
+        .decode_unverified()
+        .context("decoding a stored manifest's body")?
+        .min_agent_version)
 }
 
 /// Signed bytes handed to devices, shared, with their SHA-256 worked out once: a device that
@@ -149,6 +167,7 @@ pub fn reload(hub: &SharedHub) -> anyhow::Result<()> {
             sequence: record.sequence,
             rollout,
             signed_plan: Document::new(record.signed_plan),
+            target_min_agent: min_agent_of(&target_manifest)?,
             target_manifest,
             fallback_manifest,
         });
@@ -202,6 +221,7 @@ pub fn device_facts(
     let outcomes: std::collections::HashMap<[u8; 16], _> =
         hub.store.outcomes(sequence)?.into_iter().collect();
     let shadows = shadow_by_device(hub, rollout)?;
+    let min_agent = min_agent_of(&manifest_bytes(hub, &plan.target)?)?;
     let mut facts = Vec::new();
     for device in hub.store.devices()? {
         let labels = super::fleet::labels_of(&device);
@@ -239,6 +259,7 @@ pub fn device_facts(
             target_stats,
             fallback_stats,
             shadow: shadows.get(&device.id).cloned().unwrap_or_default(),
+            agent_too_old: agent_too_old(&device.agent_version, min_agent),
         });
     }
     Ok(facts)
@@ -407,6 +428,7 @@ fn api_stage(stage: &rollout::StageProgress) -> api::StageProgress {
         failed: stage.failed,
         silent: stage.silent,
         pending: stage.pending,
+        skipped: stage.skipped,
     }
 }
 

@@ -86,7 +86,7 @@ fn rollout(body: &mut String, info: &RolloutInfo, now: u64) {
         }
     );
 
-    body.push_str("<table class=\"stages\"><thead><tr><th>Stage</th><th>Devices</th><th class=\"wide\">Progress</th><th>Done</th><th>Failed</th><th>Silent</th><th>Pending</th></tr></thead><tbody>");
+    body.push_str("<table class=\"stages\"><thead><tr><th>Stage</th><th>Devices</th><th class=\"wide\">Progress</th><th>Done</th><th>Failed</th><th>Silent</th><th>Pending</th><th title=\"agent older than the target's min_agent_version: not offered it\">Skipped</th></tr></thead><tbody>");
     for (index, stage) in info.stages.iter().enumerate() {
         let current = if index == info.stage_index {
             " class=\"current\""
@@ -120,15 +120,21 @@ fn rollout(body: &mut String, info: &RolloutInfo, now: u64) {
                     class: "pending",
                     name: "pending",
                 },
+                Segment {
+                    count: stage.skipped,
+                    class: "skipped",
+                    name: "skipped (agent too old)",
+                },
             ],
             stage.devices,
         );
-        let _ = write!(
+        let _ =
+            write!(
             body,
             "<tr{current}><td>{name}</td><td class=\"num\">{}</td><td class=\"wide\">{bar}</td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
-             <td class=\"num\">{}</td></tr>",
-            stage.devices, stage.succeeded, stage.failed, stage.silent, stage.pending
+             <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            stage.devices, stage.succeeded, stage.failed, stage.silent, stage.pending, stage.skipped
         );
     }
     body.push_str("</tbody></table>");
