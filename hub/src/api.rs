@@ -380,6 +380,73 @@ pub struct DriftReport {
     pub by_device: Vec<DeviceDriftInfo>,
 }
 
+/// A condition on a device's agent version, for `device list --agent`: `<0.3`, `>=0.2.1`,
+/// `=0.1.0`, `0.1.0` (equal). A version of one or two numbers has the rest 0: `<0.3` is
+/// `<0.3.0`. A device whose reported version cannot be read matches no condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentFilter {
+    pub comparison: std::cmp::Ordering,
+    /// With `comparison`, also equal: `<=` and `>=`.
+    pub or_equal: bool,
+    pub version: outpost_protocol::trust::AgentVersion,
+}
+
+impl AgentFilter {
+    pub fn parse(text: &str) -> Result<AgentFilter, String> {
+        use std::cmp::Ordering;
+        let text = text.trim();
+        let (comparison, or_equal, rest) = [
+            ("<=", Ordering::Less, true),
+            (">=", Ordering::Greater, true),
+            ("<", Ordering::Less, false),
+            (">", Ordering::Greater, false),
+            ("=", Ordering::Equal, true),
+        ]
+        .into_iter()
+        .find_map(|(prefix, comparison, or_equal)| {
+            text.strip_prefix(prefix)
+                .map(|rest| (comparison, or_equal, rest))
+        })
+        .unwrap_or((Ordering::Equal, true, text));
+        let refused =
+            || format!("{text:?}: expected a comparison and a version, e.g. <0.3 or >=0.2.1");
+        let mut parts: Vec<&str> = rest.trim().split('.').collect();
+        if !(1..=3).contains(&parts.len()) {
+            return Err(refused());
+        }
+        parts.resize(3, "0");
+        let version =
+            outpost_protocol::trust::AgentVersion::parse(&parts.join(".")).ok_or_else(refused)?;
+        Ok(AgentFilter {
+            comparison,
+            or_equal,
+            version,
+        })
+    }
+
+    /// Whether an agent that reported `reported` meets the condition.
+    pub fn matches(&self, reported: &str) -> bool {
+        outpost_protocol::trust::AgentVersion::parse(reported).is_some_and(|version| {
+            let ordering = version.cmp(&self.version);
+            ordering == self.comparison || (self.or_equal && ordering.is_eq())
+        })
+    }
+}
+
+impl std::fmt::Display for AgentFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::cmp::Ordering;
+        let operator = match (self.comparison, self.or_equal) {
+            (Ordering::Less, false) => "<",
+            (Ordering::Less, true) => "<=",
+            (Ordering::Greater, false) => ">",
+            (Ordering::Greater, true) => ">=",
+            (Ordering::Equal, _) => "=",
+        };
+        write!(f, "{operator}{}", self.version)
+    }
+}
+
 /// The drift of one numeric feature or class output against the profile's reference.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeatureDriftInfo {

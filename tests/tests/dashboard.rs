@@ -255,6 +255,11 @@ fn an_operator_clicks_through_the_dashboard_in_chromium() {
         counts.contains('8') && counts.contains("steady"),
         "{counts}"
     );
+    let agents = browser.find("#agent-versions").text();
+    assert_eq!(
+        agents,
+        format!("agents: {} × 8", outpost_tests::device_sim::agent_version())
+    );
     let table = browser.find("#devices").text();
     assert!(
         table.contains("demo@1") && table.contains("ring=canary"),

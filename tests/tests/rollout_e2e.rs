@@ -291,6 +291,16 @@ fn devices_whose_agent_is_too_old_are_skipped_and_keep_their_model() {
     );
     let status = hub.cli(&["rollout", "status", "2"]).ok().stdout;
     assert!(status.contains("SKIPPED"), "{status}");
+    // The devices the rollout skipped are the ones below the manifest's minimum.
+    let listed = |filter: &str| -> usize {
+        hub.cli_json::<Vec<outpost_hub::api::DeviceSummary>>(&["device", "list", "--agent", filter])
+            .len()
+    };
+    assert_eq!(listed("<99"), 2);
+    assert_eq!(listed(">=99.0.0"), 0);
+    assert_eq!(listed(&format!("={}", env!("CARGO_PKG_VERSION"))), 2);
+    hub.cli(&["device", "list", "--agent", "~1"])
+        .fails_with("expected a comparison and a version");
     for agent in &agents {
         let status = agent.wait_fresh_status("active", json!("demo@1"));
         assert_eq!(status["plan_sequence"], json!(SEQUENCE), "{status:#}");

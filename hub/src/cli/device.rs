@@ -3,7 +3,7 @@
 use anyhow::bail;
 use outpost_protocol::Label;
 
-use crate::api::{DeviceDetail, DeviceEvent, DeviceSummary, LabelChange, ModelRef};
+use crate::api::{AgentFilter, DeviceDetail, DeviceEvent, DeviceSummary, LabelChange, ModelRef};
 use crate::client::path_segment;
 use crate::unix_now;
 
@@ -28,6 +28,9 @@ pub struct ListArgs {
     /// Only devices with all of these labels (k=v,...).
     #[arg(long, value_delimiter = ',', value_parser = parse_label)]
     pub selector: Vec<Label>,
+    /// Only devices whose agent version meets this condition: <0.3, >=0.2.1, =0.1.0.
+    #[arg(long, value_parser = AgentFilter::parse)]
+    pub agent: Option<AgentFilter>,
     #[command(flatten)]
     pub hub: HubArgs,
     #[command(flatten)]
@@ -75,7 +78,8 @@ impl DeviceCommand {
         match self {
             DeviceCommand::List(args) => {
                 let client = args.hub.connect()?;
-                let devices: Vec<DeviceSummary> = client.get_json(&list_path(&args.selector))?;
+                let devices: Vec<DeviceSummary> =
+                    client.get_json(&list_path(&args.selector, args.agent.as_ref()))?;
                 args.output
                     .print(&devices, |devices| render_list(devices, unix_now()))
             }
@@ -124,17 +128,25 @@ impl DeviceCommand {
     }
 }
 
-/// `/devices`, with `?selector=k=v,k=v` when there is a selector.
-pub fn list_path(selector: &[Label]) -> String {
-    if selector.is_empty() {
-        return "/devices".to_owned();
+/// `/devices`, with `selector=k=v,k=v` and `agent=<0.3` in its query when given.
+pub fn list_path(selector: &[Label], agent: Option<&AgentFilter>) -> String {
+    let mut query = Vec::new();
+    if !selector.is_empty() {
+        let joined = selector
+            .iter()
+            .map(Label::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        query.push(format!("selector={}", path_segment(&joined)));
     }
-    let joined = selector
-        .iter()
-        .map(Label::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    format!("/devices?selector={}", path_segment(&joined))
+    if let Some(agent) = agent {
+        query.push(format!("agent={}", path_segment(&agent.to_string())));
+    }
+    if query.is_empty() {
+        "/devices".to_owned()
+    } else {
+        format!("/devices?{}", query.join("&"))
+    }
 }
 
 /// A label key on its own, checked by the same rules as a `key=value` label's key.
@@ -252,15 +264,38 @@ mod tests {
 
     #[test]
     fn selectors_become_one_encoded_query_value() {
-        assert_eq!(list_path(&[]), "/devices");
+        assert_eq!(list_path(&[], None), "/devices");
         let selector = vec![
             parse_label("site=berlin").unwrap(),
             parse_label("tier=canary").unwrap(),
         ];
         assert_eq!(
-            list_path(&selector),
+            list_path(&selector, None),
             "/devices?selector=site%3Dberlin%2Ctier%3Dcanary"
         );
+        let agent = AgentFilter::parse("<0.3").unwrap();
+        assert_eq!(list_path(&[], Some(&agent)), "/devices?agent=%3C0.3.0");
+    }
+
+    #[test]
+    fn agent_filters_compare_versions() {
+        let filter = |text: &str| AgentFilter::parse(text).unwrap();
+        assert!(filter("<0.3").matches("0.2.9"));
+        assert!(!filter("<0.3").matches("0.3.0"));
+        assert!(filter("<=0.3").matches("0.3.0"));
+        assert!(filter(">=0.2.1").matches("0.10.0"));
+        assert!(!filter(">0.2.1").matches("0.2.1"));
+        assert!(filter("0.1").matches("0.1.0"));
+        assert!(filter("=0.1.0").matches("0.1.0"));
+        assert!(!filter("<1").matches("not a version"));
+        for bad in ["<", "<0.x", "0.1.2.3", "~0.1"] {
+            assert!(
+                AgentFilter::parse(bad)
+                    .unwrap_err()
+                    .contains("expected a comparison and a version"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

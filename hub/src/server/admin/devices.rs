@@ -28,6 +28,8 @@ pub(crate) fn device_summary(device: &DeviceRecord, now: u64) -> DeviceSummary {
 #[derive(Debug, Deserialize)]
 pub(super) struct DeviceQuery {
     selector: Option<String>,
+    /// A condition on the agent version ([`crate::api::AgentFilter`]): `<0.3`.
+    agent: Option<String>,
 }
 
 pub(super) async fn list_devices(
@@ -37,12 +39,23 @@ pub(super) async fn list_devices(
 ) -> Reply<Vec<DeviceSummary>> {
     require(&hub, &headers, Role::Viewer)?;
     let selector = parse_selector(query.selector.as_deref())?;
+    let agent = query
+        .agent
+        .as_deref()
+        .map(crate::api::AgentFilter::parse)
+        .transpose()
+        .map_err(|error| AdminError::bad_request(format!("agent filter {error}")))?;
     let now = unix_now();
     let devices = hub
         .store
         .devices()?
         .iter()
         .filter(|device| selector_matches(&selector, &crate::server::fleet::labels_of(device)))
+        .filter(|device| {
+            agent
+                .as_ref()
+                .is_none_or(|agent| agent.matches(&device.agent_version))
+        })
         .map(|device| device_summary(device, now))
         .collect();
     Ok(Json(devices))

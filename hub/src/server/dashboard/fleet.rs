@@ -104,6 +104,7 @@ pub async fn page(
 
     let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
     let mut models: BTreeMap<String, usize> = BTreeMap::new();
+    let mut agents: BTreeMap<&str, usize> = BTreeMap::new();
     let mut matching = 0usize;
     let mut rows = String::new();
     let first = (page_number - 1).saturating_mul(PAGE_SIZE);
@@ -113,6 +114,7 @@ pub async fn page(
         if let Some(running) = running(device) {
             *models.entry(running).or_default() += 1;
         }
+        *agents.entry(device.agent_version.as_str()).or_default() += 1;
         let id = hex::encode(device.id);
         let wanted = state.is_none_or(|state| state == shown_state)
             && model.is_none_or(|model| model_matches(device, model))
@@ -143,6 +145,17 @@ pub async fn page(
         );
     }
     body.push_str("</div>");
+    // The fleet's agent versions: a fleet upgrades piecemeal, and a model that needs a newer
+    // agent skips the devices still on an older one.
+    body.push_str("<p class=\"sub\" id=\"agent-versions\">agents:");
+    for (version, count) in &agents {
+        let _ = write!(
+            body,
+            " <span class=\"agent\">{} × {count}</span>",
+            Esc(version)
+        );
+    }
+    body.push_str("</p>");
     filters(&mut body, &query, &by_state, &models);
     let pages = matching.div_ceil(PAGE_SIZE).max(1);
     let _ = write!(
