@@ -2,7 +2,9 @@
 //! robustness suites and by the benchmarks, so all of them exercise the shapes a real fleet sends
 //! rather than empty defaults that would hide length-prefix and option handling.
 //!
-//! Keys come from fixed seeds so every run builds byte-identical documents.
+//! Keys come from fixed seeds so every run builds byte-identical documents. The values are frozen:
+//! `golden.rs` checks the committed wire-version-1 frames against them, so add samples rather
+//! than change these.
 
 // Each test binary and the benchmark include this module and use a different subset of it.
 #![allow(dead_code)]
