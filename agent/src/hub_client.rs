@@ -34,6 +34,9 @@ pub enum HubError {
     },
     #[error("hub answered {path} with an undecodable body: {0}", path = .1)]
     Decode(#[source] DecodeError, String),
+    /// The hub answered in a wire version this agent does not speak.
+    #[error("hub answered {path}: {message}")]
+    WireVersion { path: String, message: String },
     #[error("cannot read the CA bundle: {0}")]
     Ca(String),
 }
@@ -50,7 +53,7 @@ impl HubError {
         match self {
             HubError::Transport { .. } => true,
             HubError::Refused { status, .. } => *status >= 500 || *status == 408 || *status == 429,
-            HubError::Decode(..) | HubError::Ca(_) => false,
+            HubError::Decode(..) | HubError::WireVersion { .. } | HubError::Ca(_) => false,
         }
     }
 }
@@ -199,7 +202,18 @@ impl HubClient {
         if status != 200 {
             return Err(Self::refused(path, status, &body));
         }
-        outpost_protocol::decode(&body).map_err(|error| HubError::Decode(error, path.to_owned()))
+        outpost_protocol::decode(&body).map_err(|error| Self::undecodable(path, error))
+    }
+
+    /// A body that does not decode; one in another wire version says which side to upgrade.
+    fn undecodable(path: &str, error: DecodeError) -> HubError {
+        match error.reason {
+            outpost_protocol::DecodeReason::UnsupportedVersion { found } => HubError::WireVersion {
+                path: path.to_owned(),
+                message: outpost_protocol::envelope::version_mismatch("agent", "hub", found),
+            },
+            _ => HubError::Decode(error, path.to_owned()),
+        }
     }
 
     /// Sends `message` to `path`, expecting no answer body.

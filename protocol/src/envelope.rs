@@ -238,6 +238,30 @@ impl<'de> postcard::de_flavors::Flavor<'de> for NoPreallocation<'de> {
     }
 }
 
+/// The wire version a frame's header names, whatever this build speaks; `None` when the frame
+/// does not start with [`MAGIC`] and a version byte.
+pub fn wire_version(frame: &[u8]) -> Option<u8> {
+    match frame {
+        [m0, m1, version, ..] if [*m0, *m1] == MAGIC => Some(*version),
+        _ => None,
+    }
+}
+
+/// What to tell a peer that speaks wire version `theirs`, seen from a build speaking
+/// [`PROTOCOL_VERSION`], with `we` and `they` naming the two sides ("hub", "agent"): which side
+/// speaks which version and which side to upgrade (hub first, then devices).
+pub fn version_mismatch(we: &str, they: &str, theirs: u8) -> String {
+    let advice = if theirs > PROTOCOL_VERSION {
+        format!("upgrade the {we}")
+    } else {
+        format!("upgrade the {they}")
+    };
+    format!(
+        "the {they} speaks wire version {theirs}, this {we} speaks {PROTOCOL_VERSION}: {advice} \
+         (hubs first, then devices)"
+    )
+}
+
 /// Reads the kind from a frame's header without decoding the body, for routing and for errors.
 pub fn peek_kind(frame: &[u8]) -> Option<MessageKind> {
     match frame {

@@ -129,6 +129,11 @@ impl From<crate::store::StoreError> for DeviceError {
 
 impl From<outpost_protocol::DecodeError> for DeviceError {
     fn from(error: outpost_protocol::DecodeError) -> DeviceError {
+        if let outpost_protocol::DecodeReason::UnsupportedVersion { found } = error.reason {
+            let message = outpost_protocol::envelope::version_mismatch("hub", "agent", found);
+            log::warn!("refused a device request: {message}");
+            return DeviceError::bad_request(message);
+        }
         DeviceError::bad_request(error.to_string())
     }
 }
