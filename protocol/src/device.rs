@@ -494,6 +494,20 @@ impl ValidationSet {
         crate::decode::<ValidationSet>(frame)
     }
 
+    /// The set's frame in the oldest form that holds it: the first form ([`ValidationSetV1`],
+    /// which every agent reads) when no output has a check of its own, else the current one.
+    pub fn encode_oldest(&self) -> Result<Vec<u8>, crate::EncodeError> {
+        if self.checks.is_empty() {
+            crate::encode(&ValidationSetV1 {
+                abs_tolerance: self.abs_tolerance,
+                rel_tolerance: self.rel_tolerance,
+                cases: self.cases.clone(),
+            })
+        } else {
+            crate::encode(self)
+        }
+    }
+
     /// The check of `output`, if the set has one.
     pub fn check_of(&self, output: &str) -> Option<&OutputCheck> {
         self.checks.iter().find(|check| check.output == output)

@@ -120,6 +120,17 @@ fn a_first_form_validation_set_still_decodes() {
     assert_eq!(frame[3], 22, "the current form's kind");
     assert_eq!(ValidationSet::decode(&frame).expect("reads"), current);
     assert!(decode::<ValidationSetV1>(&frame).is_err());
+
+    // Written in the oldest form that holds it: the first form without checks, so agents of
+    // every release read it; the current form with them.
+    assert_eq!(current.encode_oldest().expect("encodes"), frame);
+    let unchecked = ValidationSet {
+        checks: Vec::new(),
+        ..current
+    };
+    let oldest = unchecked.encode_oldest().expect("encodes");
+    assert_eq!(oldest, encode(&first).expect("encodes"));
+    assert_eq!(ValidationSet::decode(&oldest).expect("reads"), unchecked);
 }
 
 #[test]

@@ -114,8 +114,13 @@ fn a_set_from_your_own_data_passes_the_right_model_and_fails_another() {
         "{}",
         made.stderr
     );
-    let set: ValidationSet =
-        outpost_protocol::decode(&std::fs::read(d.join("v.bin")).unwrap()).unwrap();
+    let bytes = std::fs::read(d.join("v.bin")).unwrap();
+    // No per-output check: written in the first form, which agents of every release read.
+    assert_eq!(
+        outpost_protocol::envelope::peek_kind(&bytes),
+        Some(outpost_protocol::MessageKind::ValidationSetV1)
+    );
+    let set = ValidationSet::decode(&bytes).unwrap();
     assert_eq!(set.cases.len(), 8);
     for (index, case) in set.cases.iter().enumerate() {
         assert_eq!(case.inputs[0].shape, [2, 4]);
@@ -314,8 +319,7 @@ fn models_with_a_fixed_batch_of_one_or_no_batch_axis_need_no_flags() {
             "{}",
             made.stderr
         );
-        let set: ValidationSet =
-            outpost_protocol::decode(&std::fs::read(d.join(&validation)).unwrap()).unwrap();
+        let set = ValidationSet::decode(&std::fs::read(d.join(&validation)).unwrap()).unwrap();
         assert_eq!(set.cases[3].inputs[0].shape, request, "{name}");
         assert_eq!(f32s(&set.cases[3].inputs[0]), rows[12..16], "{name}");
         hub(
@@ -454,6 +458,11 @@ fn class_outputs_can_be_checked_on_top1_agreement() {
             .contains("top-1 of \"y\" agreeing in 16 of 16 rows"),
         "{}",
         made.stderr
+    );
+    assert_eq!(
+        outpost_protocol::envelope::peek_kind(&std::fs::read(d.join("v.bin")).unwrap()),
+        Some(outpost_protocol::MessageKind::ValidationSet),
+        "a set with checks is written in the current form"
     );
     let shown = hub(d, &["inspect", "v.bin"]).ok().stdout;
     assert!(

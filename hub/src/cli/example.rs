@@ -61,7 +61,9 @@ impl Args {
         fsutil::write_atomic(&model_path, &model, 0o644)?;
         fsutil::write_atomic(
             &validation_path,
-            &outpost_protocol::encode(&validation).context("encoding the validation set")?,
+            &validation
+                .encode_oldest()
+                .context("encoding the validation set")?,
             0o644,
         )?;
 

@@ -261,7 +261,8 @@ impl MakeArgs {
                 "the model does not give the same outputs twice"
             }
         })?;
-        let bytes = outpost_protocol::encode(&set).context("encoding the validation set")?;
+        // Without per-output checks, in the first form, which agents of every release read.
+        let bytes = set.encode_oldest().context("encoding the validation set")?;
         if bytes.len() > ValidationSet::MAX_FRAME {
             bail!(
                 "the validation set is {} bytes, more than the {} a device accepts; use fewer \
