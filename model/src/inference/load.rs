@@ -64,8 +64,10 @@ impl LoadedModel {
     /// without operator-given specs.
     ///
     /// Inputs come from the ONNX graph's declared types; a first axis that is symbolic, unknown or
-    /// 0 is the batch axis. Outputs are what tract infers from those inputs. Any other axis that is
-    /// not a fixed size cannot be written as a [`TensorSpec`] and is an error.
+    /// 0 is the batch axis. Outputs are what tract infers from those inputs: with the batch as a
+    /// symbol, or, where tract cannot carry the symbol through the graph, typed at batch sizes 1
+    /// and 2, an axis that follows them being the batch axis. Any other axis that is not a fixed
+    /// size cannot be written as a [`TensorSpec`] and is an error.
     ///
     /// When that fails, the error names the flags to give instead ([`InferenceError::NeedsSpecs`]),
     /// written from what the file declares, with `?` where it declares nothing usable.

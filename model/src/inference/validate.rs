@@ -106,10 +106,13 @@ pub struct Top1Agreement {
     pub rows: u64,
 }
 
-/// Runs every case of a validation set and compares outputs elementwise.
+/// Runs every case of a validation set and compares each output as the set checks it.
 ///
-/// An element passes when `|got - want| <= abs_tolerance + rel_tolerance * |want|` or the two are
-/// equal; NaN never passes. Stops at the first failing case. The deadline is checked before and
+/// Every output must have the expected type and shape. An element passes when
+/// `|got - want| <= abs + rel * |want|` or the two are equal, with the output's own tolerance from
+/// its [`OutputCheck`] or else the set's; NaN never passes. An output checked on top-1 alone has
+/// no element compared; its rows' top classes are counted over every case and must agree in at
+/// least the check's share. Stops at the first failing case. The deadline is checked before and
 /// after each case: tract cannot be interrupted mid-run, so one slow case can overshoot it by its
 /// own run time.
 pub fn validate(
