@@ -541,3 +541,60 @@ fn a_commit_that_cannot_be_saved_keeps_the_version_a_restart_reverts_to() {
         agent.log()
     );
 }
+
+/// A model larger than the device's budget (`storage.max_model_size`) is refused before a byte
+/// of it is downloaded, with the sizes in the reason the hub shows, and the device keeps serving
+/// what it ran.
+#[test]
+fn a_model_over_the_device_budget_is_refused_and_changes_nothing() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "demo", 1, 1);
+    fleet.first_rollout(&hub, "demo", 1);
+    let mut agent = TestAgent::enroll(
+        &hub,
+        &fleet,
+        "site=lab",
+        "[storage]\nmax_model_size = \"64KiB\"\n",
+    );
+    agent.start();
+    agent.wait_status("active", json!("demo@1"));
+    // About 130 KiB of weights: over the budget.
+    let dir = fleet.publish_example_with(&hub, "demo", 2, 2, false, &["--hidden", "4096"]);
+    let size = std::fs::metadata(dir.join("model.onnx")).unwrap().len();
+    assert!(size > 64 * 1024, "{size}");
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+    let detail = wait_until(AGENT_WAIT, "the device to refuse demo@2", || {
+        let detail = agent.hub_detail(&hub);
+        detail
+            .events
+            .iter()
+            .any(|event| event.kind == "refused")
+            .then_some(detail)
+    });
+    let refused = detail
+        .events
+        .iter()
+        .find(|event| event.kind == "refused")
+        .unwrap();
+    assert_eq!(refused.model.as_ref().map(|m| m.version), Some(2));
+    assert!(
+        refused.detail.contains(&format!(
+            "model is {size} bytes, over this device's max_model_size of 65536"
+        )),
+        "{refused:?}"
+    );
+    let status = agent.status();
+    assert_eq!(status["active"], "demo@1", "{status:#}");
+    assert_eq!(status["pending"], Value::Null, "{status:#}");
+    let (code, body) = agent.infer(&http(), [1.0, 0.0, 0.0, 0.0]);
+    assert_eq!((code, body["model_version"].clone()), (200, json!("1")));
+    assert!(
+        !agent
+            .data()
+            .join("downloads")
+            .read_dir()
+            .is_ok_and(|mut entries| entries.next().is_some()),
+        "nothing of demo@2 was downloaded"
+    );
+}
