@@ -65,37 +65,46 @@ fn outputs_of(path: &Path, values: &[f32]) -> Vec<f32> {
     f32s(&model.run(&[x]).unwrap()[0])
 }
 
+/// Two example models in `d` (`ex` and, with other weights, `other`) and `x.npy`, standard
+/// normal sample rows from `seed`, which it returns.
+fn two_models_and_samples(d: &Path, seed: u64) -> Vec<f32> {
+    hub(d, &["example-model", "--out", "ex", "--seed", "1"]).ok();
+    hub(d, &["example-model", "--out", "other", "--seed", "2"]).ok();
+    let rows = normal_rows(4, ROWS, seed, 0.0);
+    std::fs::write(d.join("x.npy"), npy_f32(&[ROWS, 4], &rows)).unwrap();
+    rows
+}
+
+/// `validation make` of `model` from `x.npy` into `v.bin`, with `extra` flags.
+fn make_from_samples(d: &Path, model: &str, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "validation",
+        "make",
+        "--model",
+        model,
+        "--data",
+        "x=x.npy",
+        "--out",
+        "v.bin",
+    ];
+    args.extend_from_slice(extra);
+    hub(d, &args)
+}
+
 #[test]
 fn a_set_from_your_own_data_passes_the_right_model_and_fails_another() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    hub(d, &["example-model", "--out", "ex", "--seed", "1"]).ok();
-    hub(d, &["example-model", "--out", "other", "--seed", "2"]).ok();
-
     // The user's sample inputs, and the outputs their own framework computed for them: here the
     // model's own, with the float noise a conversion between runtimes brings.
-    let rows = normal_rows(4, ROWS, 7, 0.0);
-    std::fs::write(d.join("x.npy"), npy_f32(&[ROWS, 4], &rows)).unwrap();
+    let rows = two_models_and_samples(d, 7);
     let noisy: Vec<f32> = outputs_of(&d.join("ex/model.onnx"), &rows)
         .iter()
         .map(|value| value * (1.0 + 2e-6))
         .collect();
     std::fs::write(d.join("y.npy"), npy_f32(&[ROWS, 3], &noisy)).unwrap();
 
-    let make = |model: &str, extra: &[&str]| {
-        let mut args = vec![
-            "validation",
-            "make",
-            "--model",
-            model,
-            "--data",
-            "x=x.npy",
-            "--out",
-            "v.bin",
-        ];
-        args.extend_from_slice(extra);
-        hub(d, &args)
-    };
+    let make = |model: &str, extra: &[&str]| make_from_samples(d, model, extra);
     let made = make(
         "ex/model.onnx",
         &[
@@ -419,10 +428,7 @@ fn models_with_a_fixed_batch_of_one_or_no_batch_axis_need_no_flags() {
 fn class_outputs_can_be_checked_on_top1_agreement() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    hub(d, &["example-model", "--out", "ex", "--seed", "1"]).ok();
-    hub(d, &["example-model", "--out", "other", "--seed", "2"]).ok();
-    let rows = normal_rows(4, ROWS, 9, 0.0);
-    std::fs::write(d.join("x.npy"), npy_f32(&[ROWS, 4], &rows)).unwrap();
+    let rows = two_models_and_samples(d, 9);
     // Scores 30% off everywhere, as a quantized export might give, with every top class kept.
     let y: Vec<f32> = outputs_of(&d.join("ex/model.onnx"), &rows)
         .iter()
@@ -430,20 +436,7 @@ fn class_outputs_can_be_checked_on_top1_agreement() {
         .collect();
     std::fs::write(d.join("y.npy"), npy_f32(&[ROWS, 3], &y)).unwrap();
     let make = |model: &str, extra: &[&str]| {
-        let mut args = vec![
-            "validation",
-            "make",
-            "--model",
-            model,
-            "--data",
-            "x.npy",
-            "--expected",
-            "y=y.npy",
-            "--out",
-            "v.bin",
-        ];
-        args.extend_from_slice(extra);
-        hub(d, &args)
+        make_from_samples(d, model, &[&["--expected", "y=y.npy"], extra].concat())
     };
     make("ex/model.onnx", &[])
         .fails_with("the model's outputs here are not the --expected ones within the tolerances");
