@@ -238,15 +238,6 @@ impl<'de> postcard::de_flavors::Flavor<'de> for NoPreallocation<'de> {
     }
 }
 
-/// The wire version a frame's header names, whatever this build speaks; `None` when the frame
-/// does not start with [`MAGIC`] and a version byte.
-pub fn wire_version(frame: &[u8]) -> Option<u8> {
-    match frame {
-        [m0, m1, version, ..] if [*m0, *m1] == MAGIC => Some(*version),
-        _ => None,
-    }
-}
-
 /// What to tell a peer that speaks wire version `theirs`, seen from a build speaking
 /// [`PROTOCOL_VERSION`], with `we` and `they` naming the two sides ("hub", "agent"): which side
 /// speaks which version and which side to upgrade (hub first, then devices).
