@@ -190,6 +190,86 @@ impl CheckInResponse {
     }
 }
 
+/// Most models one device runs side by side, and so the most entries a [`ModelsCheckIn`] or its
+/// answer carries.
+pub const MAX_DEVICE_MODELS: usize = 16;
+
+/// A check-in from an agent that runs several models side by side (`/device/v3/checkin`): one
+/// entry per model it runs or holds a plan for, each with its own plan floor and held documents.
+/// A hub that does not know this path answers 404, and the agent falls back to a
+/// [`HeldCheckIn`] about its first model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelsCheckIn {
+    pub state: AgentState,
+    /// At most [`MAX_DEVICE_MODELS`], one per model name.
+    pub models: Vec<ModelCheckIn>,
+    pub root_version: u64,
+    pub agent_version: AgentVersion,
+    pub dropped_records: u64,
+    pub queue_bytes: u64,
+}
+
+/// What a device holds of one model: the version it serves, the highest plan of this model it
+/// accepted, and the [`held_digest`] of the documents of the last full answer about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelCheckIn {
+    /// The model's name: the name of its plans' target.
+    pub name: String,
+    pub active: Option<RunningModel>,
+    pub plan_sequence: Option<u64>,
+    pub held: Option<Sha256>,
+}
+
+/// The hub's answer to a [`ModelsCheckIn`]: one entry per model name for which a plan applies to
+/// the device. A model the device runs with no entry keeps running as it is; only a signed plan
+/// changes what a device runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelsCheckInResponse {
+    pub hub_time: u64,
+    /// Signed roots newer than the device's, oldest first.
+    pub roots: Vec<ByteBuf>,
+    pub poll_after_secs: u32,
+    /// At most [`MAX_DEVICE_MODELS`].
+    pub models: Vec<ModelAnswer>,
+}
+
+/// The documents of one model in a [`ModelsCheckInResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelAnswer {
+    /// The documents the device holds for this model are exactly the ones the hub would send,
+    /// for the same slot: the device applies them again, checked against the answer's time.
+    Unchanged { name: String },
+    /// The signed plan of this model's latest rollout that applies to the device, the manifest
+    /// of its slot and any shadow manifest, as in a [`CheckInResponse`].
+    Full {
+        plan: ByteBuf,
+        manifest: Option<(Slot, ByteBuf)>,
+        shadow: Option<ByteBuf>,
+    },
+}
+
+impl ModelAnswer {
+    /// The [`held_digest`] of a full answer's documents.
+    pub fn held_digest(&self) -> Option<Sha256> {
+        let ModelAnswer::Full {
+            plan,
+            manifest,
+            shadow,
+        } = self
+        else {
+            return None;
+        };
+        let manifest = manifest
+            .as_ref()
+            .map(|(slot, bytes)| (*slot, crate::sha256(bytes)));
+        Some(held_digest(
+            &crate::sha256(plan),
+            manifest.as_ref().map(|(slot, digest)| (*slot, digest)),
+            shadow.as_ref().map(|bytes| crate::sha256(bytes)).as_ref(),
+        ))
+    }
+}
+
 /// A step of applying a manifest, reported to the hub as it happens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
@@ -530,6 +610,15 @@ message!(
     HeldCheckInResponse,
     "held check-in response",
     512 * 1024 + 1
+);
+// An entry is two names of at most 128 bytes, a version, a digest, a plan sequence and a held
+// digest: under 350 bytes, so 16 fit with room to spare.
+message!(ModelsCheckIn, ModelsCheckIn, "models check-in", 8 * 1024);
+message!(
+    ModelsCheckInResponse,
+    ModelsCheckInResponse,
+    "models check-in response",
+    2 * 1024 * 1024
 );
 message!(StatusReport, StatusReport, "status report", 8 * 1024);
 message!(

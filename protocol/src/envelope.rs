@@ -41,10 +41,13 @@ pub enum MessageKind {
     HeldCheckInResponse = 21,
     /// The validation set with a check per output (tolerances, top-1 agreement).
     ValidationSet = 22,
+    /// A check-in naming every model the device runs, and its answer per model.
+    ModelsCheckIn = 23,
+    ModelsCheckInResponse = 24,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 20] = [
+    const ALL: [MessageKind; 22] = [
         MessageKind::SignedRoot,
         MessageKind::SignedManifest,
         MessageKind::SignedPlan,
@@ -65,6 +68,8 @@ impl MessageKind {
         MessageKind::HeldCheckIn,
         MessageKind::HeldCheckInResponse,
         MessageKind::ValidationSet,
+        MessageKind::ModelsCheckIn,
+        MessageKind::ModelsCheckInResponse,
     ];
 
     pub fn from_byte(byte: u8) -> Option<MessageKind> {

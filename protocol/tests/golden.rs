@@ -101,6 +101,8 @@ fn every_version_1_frame_still_decodes_to_what_was_frozen() {
         check("drift_summary", &drift_summary()),
         check("held_check_in", &held_check_in()),
         check("held_check_in_response", &held_unchanged()),
+        check("models_check_in", &models_check_in()),
+        check("models_check_in_response", &models_check_in_response()),
     ];
     check(
         "held_check_in_response_full",

@@ -21,7 +21,8 @@ use std::sync::LazyLock;
 
 use outpost_protocol::device::{
     CheckIn, CheckInResponse, EnrollRequest, EnrollResponse, ErrorResponse, HeldCheckIn,
-    HeldCheckInResponse, StatusReport, TelemetryBatch, ValidationSet,
+    HeldCheckInResponse, ModelsCheckIn, ModelsCheckInResponse, StatusReport, TelemetryBatch,
+    ValidationSet,
 };
 use outpost_protocol::drift::{DriftSummary, Profile};
 use outpost_protocol::envelope::{HEADER_LEN, MAGIC, PROTOCOL_VERSION};
@@ -135,6 +136,8 @@ static DECODERS: LazyLock<Vec<Decoder>> = LazyLock::new(|| {
         decoder(&check_in_response()),
         decoder(&held_check_in()),
         decoder(&held_unchanged()),
+        decoder(&models_check_in()),
+        decoder(&models_check_in_response()),
         decoder(&telemetry_batch(100)),
         decoder(&telemetry_ack()),
         decoder(&error_response()),
@@ -148,7 +151,7 @@ static DECODERS: LazyLock<Vec<Decoder>> = LazyLock::new(|| {
 #[test]
 fn decoders_cover_every_message_kind() {
     let kinds: HashSet<MessageKind> = DECODERS.iter().map(|decoder| decoder.kind).collect();
-    assert_eq!(kinds.len(), 19);
+    assert_eq!(kinds.len(), 21);
     for decoder in DECODERS.iter() {
         assert_eq!(
             (decoder.decode)(&decoder.sample),
@@ -339,6 +342,10 @@ fn hostile_frames() -> Vec<HostileFrame> {
         hostile::<CheckInResponse>(&[0, 1], "check-in response root bytes"),
         hostile::<HeldCheckIn>(&[0, 1], "held check-in running model name"),
         hostile::<HeldCheckInResponse>(&[1, 0], "held check-in response root list"),
+        hostile::<ModelsCheckIn>(&[0], "models check-in model list"),
+        hostile::<ModelsCheckIn>(&[0, 1], "models check-in model name"),
+        hostile::<ModelsCheckInResponse>(&[0], "models check-in response root list"),
+        hostile::<ModelsCheckInResponse>(&[0, 0, 0], "models check-in response model list"),
         hostile::<StatusReport>(&[0, 0, 3], "status report failure reason"),
         hostile::<TelemetryBatch>(&[0], "telemetry window list"),
         hostile::<TelemetryBatch>(&[0, 1, 0, 0, 0, 0, 0, 0], "telemetry latency buckets"),
@@ -488,7 +495,7 @@ fn hostile_frames_name_their_message() {
         .iter()
         .map(|(frame, decode, place)| decode(frame).expect_err(place).message)
         .collect();
-    assert_eq!(names.len(), 26);
+    assert_eq!(names.len(), 30);
     for ((frame, _, place), name) in hostile_frames().iter().zip(names) {
         let decoder = DECODERS
             .iter()

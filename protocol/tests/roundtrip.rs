@@ -180,6 +180,19 @@ fn held_check_in_response_round_trips_both_variants() {
 }
 
 #[test]
+fn models_check_in_and_its_answer_round_trip() {
+    assert_round_trip(&models_check_in());
+    assert_round_trip(&models_check_in_response());
+    let response = models_check_in_response();
+    assert_eq!(response.models[0].held_digest(), None);
+    assert_eq!(
+        response.models[1].held_digest(),
+        check_in_response().held_digest(),
+        "a model's full answer is held as the single-model answer with the same documents"
+    );
+}
+
+#[test]
 fn held_digest_tells_apart_every_slot_and_absence() {
     let (plan, manifest, shadow) = (sha256(b"plan"), sha256(b"manifest"), sha256(b"shadow"));
     let digests = [

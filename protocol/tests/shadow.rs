@@ -192,3 +192,22 @@ fn a_shadow_report_encodes_as_its_flat_fields_did() {
         postcard::to_allocvec(&flat).unwrap()
     );
 }
+
+/// A plan moves one model: a fallback of another name would let a rollout of one model take
+/// another model's place on every device it reaches.
+#[test]
+fn a_plan_whose_fallback_is_another_model_is_refused() {
+    let mut fallback = reference(6);
+    fallback.name = "another-model".to_owned();
+    let body = PlanBody {
+        shadow: None,
+        ..plan_body(reference(7), Some(fallback))
+    };
+    let Err(VerifyError::InvalidPlan(reason)) = verify(&body) else {
+        panic!("a plan with a fallback of another model verified");
+    };
+    assert!(
+        reason.contains("\"another-model\"") && reason.contains("a plan moves one model"),
+        "{reason}"
+    );
+}

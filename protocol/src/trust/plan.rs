@@ -29,6 +29,14 @@ pub(super) fn validate_plan(body: &PlanBody) -> Result<(), VerifyError> {
         if fallback.manifest_sha256 == body.target.manifest_sha256 {
             return invalid("fallback is the target".into());
         }
+        // A plan moves one model between two of its versions; devices run other models beside
+        // it, each under plans of its own, so a plan must not take one model's place by another.
+        if fallback.name != body.target.name {
+            return invalid(format!(
+                "fallback names model {:?} and the target {:?}: a plan moves one model",
+                fallback.name, body.target.name
+            ));
+        }
     }
     for label in &body.selector {
         if let Err(error) = label.validate() {

@@ -16,9 +16,10 @@ pub use drift::*;
 
 use outpost_protocol::device::{
     held_digest, AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse,
-    ErrorResponse, HeldCheckIn, HeldCheckInResponse, InferenceWindow, OutputCheck, RunningModel,
-    ShadowCounts, ShadowReport, Status, StatusReport, TelemetryAck, TelemetryBatch, Tensor,
-    ValidationCase, ValidationSet, LATENCY_BUCKETS_US,
+    ErrorResponse, HeldCheckIn, HeldCheckInResponse, InferenceWindow, ModelAnswer, ModelCheckIn,
+    ModelsCheckIn, ModelsCheckInResponse, OutputCheck, RunningModel, ShadowCounts, ShadowReport,
+    Status, StatusReport, TelemetryAck, TelemetryBatch, Tensor, ValidationCase, ValidationSet,
+    LATENCY_BUCKETS_US,
 };
 use outpost_protocol::trust::{
     Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody, ManifestRef,
@@ -314,6 +315,54 @@ pub fn held_unchanged() -> HeldCheckInResponse {
     HeldCheckInResponse::Unchanged {
         hub_time: NOW + 5,
         poll_after_secs: 300,
+    }
+}
+
+/// A check-in of two models: one running and holding the documents of [`check_in_response`], one
+/// with nothing yet.
+pub fn models_check_in() -> ModelsCheckIn {
+    let single = check_in();
+    let held = held_check_in().held;
+    ModelsCheckIn {
+        state: single.state,
+        models: vec![
+            ModelCheckIn {
+                name: "detector".to_owned(),
+                active: single.active.clone(),
+                plan_sequence: single.plan_sequence,
+                held,
+            },
+            ModelCheckIn {
+                name: "keyword-spotter".to_owned(),
+                active: None,
+                plan_sequence: None,
+                held: None,
+            },
+        ],
+        root_version: single.root_version,
+        agent_version: single.agent_version,
+        dropped_records: single.dropped_records,
+        queue_bytes: single.queue_bytes,
+    }
+}
+
+/// The answer to [`models_check_in`]: the first model unchanged, the second a full answer.
+pub fn models_check_in_response() -> ModelsCheckInResponse {
+    let single = check_in_response();
+    ModelsCheckInResponse {
+        hub_time: single.hub_time,
+        roots: single.roots.clone(),
+        poll_after_secs: single.poll_after_secs,
+        models: vec![
+            ModelAnswer::Unchanged {
+                name: "detector".to_owned(),
+            },
+            ModelAnswer::Full {
+                plan: single.plan.expect("sample has a plan"),
+                manifest: single.manifest,
+                shadow: single.shadow,
+            },
+        ],
     }
 }
 
