@@ -4,7 +4,7 @@
 //! `outpost-agent verify` prints it, so the order of verification is written once.
 
 use outpost_protocol::name::{selector_matches, Label};
-use outpost_protocol::trust::{ManifestBody, Signed, Slot};
+use outpost_protocol::trust::{ManifestBody, PlanBody, Signed, Slot};
 use outpost_protocol::{
     AgentVersion, Arch, Sha256, TimeFloor, VerifiedManifest, VerifiedPlan, VerifiedRoot,
     VerifyError,
@@ -219,6 +219,16 @@ fn claimed_name(manifest_bytes: &[u8]) -> String {
         .and_then(|signed| signed.decode_unverified().ok())
         .map(|body| body.name)
         .unwrap_or_default()
+}
+
+/// The model a plan claims to move (its target's name), read only to pick that model's plan
+/// floor; verification checks everything else, and the verified plan names the same model, as it
+/// is read from the same bytes.
+pub fn claimed_plan_model(plan_bytes: &[u8]) -> Option<String> {
+    outpost_protocol::decode::<Signed<PlanBody>>(plan_bytes)
+        .ok()
+        .and_then(|signed| signed.decode_unverified().ok())
+        .map(|body| body.target.name)
 }
 
 fn highest(seen: &[(String, u64)], name: &str) -> Option<u64> {

@@ -232,12 +232,42 @@ impl StatusArgs {
                 .join(", "),
             other => other.to_string(),
         };
+        let models = status["models"].as_array().cloned().unwrap_or_default();
+        let mut rows = vec![("device", "device_id"), ("hub", "hub_url")];
+        if models.len() <= 1 {
+            rows.extend([
+                ("active", "active"),
+                ("previous", "previous"),
+                ("pending", "pending"),
+            ]);
+        }
+        for (label, key) in rows {
+            println!("{label:<20} {}", field(key));
+        }
+        if models.len() > 1 {
+            // One line per model: its active version, then what else it has under way.
+            for model in &models {
+                let text = |key: &str| model[key].as_str().map(str::to_owned);
+                let mut line = text("active").unwrap_or_else(|| "-".to_owned());
+                for (label, key) in [("pending", "pending"), ("shadow", "shadow")] {
+                    if let Some(value) = text(key) {
+                        line.push_str(&format!(", {label} {value}"));
+                    }
+                }
+                if let Some(previous) = model["previous"].as_array().filter(|list| !list.is_empty())
+                {
+                    let previous: Vec<&str> =
+                        previous.iter().filter_map(|item| item.as_str()).collect();
+                    line.push_str(&format!(", previous {}", previous.join(" ")));
+                }
+                if let Some(plan) = model["plan_sequence"].as_u64() {
+                    line.push_str(&format!(", plan {plan}"));
+                }
+                let name = format!("model {}", model["name"].as_str().unwrap_or_default());
+                println!("{name:<20} {line}");
+            }
+        }
         for (label, key) in [
-            ("device", "device_id"),
-            ("hub", "hub_url"),
-            ("active", "active"),
-            ("previous", "previous"),
-            ("pending", "pending"),
             ("last check-in", "last_checkin"),
             ("last error", "last_error"),
             ("root version", "root_version"),

@@ -27,6 +27,10 @@
 //! telemetry_cap = "64MiB"
 //! max_model_size = "512MiB"
 //! keep_versions = 2
+//!
+//! [models]
+//! max_models = 8                         # models served side by side, at most 16
+//! max_memory = "2GiB"                    # their model files together
 //! ```
 
 use std::net::SocketAddr;
@@ -69,6 +73,15 @@ pub struct RawConfig {
     pub inference: RawInference,
     #[serde(default)]
     pub storage: RawStorage,
+    #[serde(default)]
+    pub models: RawModels,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModels {
+    pub max_models: Option<usize>,
+    pub max_memory: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +141,12 @@ pub struct Config {
     pub telemetry_cap: u64,
     pub max_model_size: u64,
     pub keep_versions: usize,
+    /// Most models served side by side; a plan for one more is refused.
+    pub max_models: usize,
+    /// Largest sum of the model files of the versions served, one per model, the candidate's
+    /// counted in place of the version it replaces: tract holds a model's weights in memory, so
+    /// this bounds what the served models take. A version past it is refused.
+    pub max_memory: u64,
 }
 
 /// Parses `512`, `64KiB`, `64MiB`, `1GiB`, `10MB`.
@@ -214,6 +233,14 @@ pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             format!("{keep_versions} is more than 32"),
         ));
     }
+    let max_models = raw.models.max_models.unwrap_or(8);
+    let most = outpost_protocol::device::MAX_DEVICE_MODELS;
+    if !(1..=most).contains(&max_models) {
+        return Err(invalid(
+            "models.max_models",
+            format!("{max_models} is not within 1..={most}"),
+        ));
+    }
     let poll_interval = duration("sync.poll_interval", &raw.sync.poll_interval, "5m")?;
     if poll_interval.is_zero() {
         return Err(invalid("sync.poll_interval", "must be positive".into()));
@@ -268,6 +295,8 @@ pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             "512MiB",
         )?,
         keep_versions,
+        max_models,
+        max_memory: size("models.max_memory", &raw.models.max_memory, "2GiB")?,
     })
 }
 

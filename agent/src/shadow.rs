@@ -42,11 +42,11 @@ struct Job {
     outputs: Vec<Tensor>,
 }
 
-/// The shadow model, if any, and the queue to its worker. Shared by the request handlers (which
-/// offer inputs) and the sync loop (which sets and clears the model).
+/// The shadow models, at most one per model name, and the queue to their worker. Shared by the
+/// request handlers (which offer inputs) and the sync loop (which sets and clears the models).
 #[derive(Debug)]
 pub struct Shadow {
-    current: RwLock<Option<Arc<ActiveModel>>>,
+    current: RwLock<Vec<Arc<ActiveModel>>>,
     queued: Arc<AtomicUsize>,
     capacity: usize,
     sender: Sender<Job>,
@@ -73,7 +73,7 @@ impl Shadow {
             .name("shadow".to_owned())
             .spawn(move || work(&receiver, &worker_queued, &worker_recorder))?;
         Ok(Shadow {
-            current: RwLock::new(None),
+            current: RwLock::new(Vec::new()),
             queued,
             capacity,
             sender,
@@ -81,8 +81,13 @@ impl Shadow {
         })
     }
 
-    /// The model running in shadow now.
-    pub fn current(&self) -> Option<Arc<ActiveModel>> {
+    /// The version of model `name` running in shadow now.
+    pub fn current(&self, name: &str) -> Option<Arc<ActiveModel>> {
+        self.all().into_iter().find(|model| model.name == name)
+    }
+
+    /// Every model running in shadow now.
+    pub fn all(&self) -> Vec<Arc<ActiveModel>> {
         // A poisoned lock only means a writer panicked mid-swap; the value is whole either way.
         match self.current.read() {
             Ok(guard) => guard.clone(),
@@ -90,21 +95,26 @@ impl Shadow {
         }
     }
 
-    /// Sets or clears the shadow model, returning the one it replaces. Inputs already queued
-    /// finish on the model they were queued for.
-    pub fn set(&self, model: Option<Arc<ActiveModel>>) -> Option<Arc<ActiveModel>> {
+    /// Sets or clears the shadow version of model `name`, returning the one it replaces. Inputs
+    /// already queued finish on the model they were queued for.
+    pub fn set(&self, name: &str, model: Option<Arc<ActiveModel>>) -> Option<Arc<ActiveModel>> {
         let mut guard = match self.current.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        std::mem::replace(&mut *guard, model)
+        let replaced = guard
+            .iter()
+            .position(|shadow| shadow.name == name)
+            .map(|index| guard.remove(index));
+        guard.extend(model);
+        replaced
     }
 
     /// Called on the request path after `active` answered `inputs` with `outputs`: queues a copy
     /// for the shadow model if there is one and the queue has room, else counts a drop. Never
     /// waits.
     pub fn offer(&self, active: &ActiveModel, inputs: &[Tensor], outputs: &[Tensor], now: u64) {
-        let Some(shadow) = self.current() else {
+        let Some(shadow) = self.current(&active.name) else {
             return;
         };
         let target = reference(&shadow);
@@ -340,7 +350,7 @@ mod tests {
             .unwrap(),
             drift: None,
         });
-        assert!(shadow.set(Some(target)).is_none());
+        assert!(shadow.set("demo", Some(target)).is_none());
         // A queue of capacity 0 is always full.
         shadow.offer(&active, &[], &[], 7200);
         shadow.offer(&active, &[], &[], 7300);

@@ -1,6 +1,7 @@
-//! The model currently serving requests, swappable while requests are in flight.
+//! The models serving requests, one version per model name, each swappable while requests are
+//! in flight.
 //!
-//! A request takes an `Arc` of the active model when it starts and finishes on that model; a swap
+//! A request takes an `Arc` of its model's active version when it starts and finishes on that model; a swap
 //! only changes which model the *next* request takes. So no request is dropped or fails because
 //! of a swap, and the old model is freed when its last request ends.
 
@@ -33,10 +34,11 @@ pub struct ActiveModel {
     pub drift: Option<ModelDrift>,
 }
 
-/// Holds the active model. Cheap to read on every request.
+/// Holds the active version of every model the agent serves, one per name. Cheap to read on
+/// every request.
 #[derive(Debug, Default)]
 pub struct ModelSlot {
-    current: RwLock<Option<Arc<ActiveModel>>>,
+    current: RwLock<Vec<Arc<ActiveModel>>>,
 }
 
 impl ModelSlot {
@@ -44,22 +46,39 @@ impl ModelSlot {
         ModelSlot::default()
     }
 
-    /// The model new requests should use, if any.
-    pub fn current(&self) -> Option<Arc<ActiveModel>> {
-        // A poisoned lock only means a writer panicked mid-swap; the value is a whole Arc either
-        // way, so serving it is safe.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<ActiveModel>>> {
+        // A poisoned lock only means a writer panicked mid-swap; each entry is a whole Arc
+        // either way, so serving it is safe.
         match self.current.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    /// Makes `model` the one new requests use, returning the one it replaces.
+    /// The version of model `name` new requests should use, if it is served.
+    pub fn get(&self, name: &str) -> Option<Arc<ActiveModel>> {
+        self.read().iter().find(|model| model.name == name).cloned()
+    }
+
+    /// Every model served, by name.
+    pub fn all(&self) -> Vec<Arc<ActiveModel>> {
+        self.read().clone()
+    }
+
+    /// Makes `model` the version of its name new requests use, returning the one it replaces.
+    /// Other models are not touched.
     pub fn swap(&self, model: Arc<ActiveModel>) -> Option<Arc<ActiveModel>> {
         let mut guard = match self.current.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        guard.replace(model)
+        match guard.iter_mut().find(|served| served.name == model.name) {
+            Some(served) => Some(std::mem::replace(served, model)),
+            None => {
+                let at = guard.partition_point(|served| served.name < model.name);
+                guard.insert(at, model);
+                None
+            }
+        }
     }
 }

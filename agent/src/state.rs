@@ -235,24 +235,101 @@ pub struct ShadowMarker {
 /// could be a power cut; two in a row are the model's doing.
 pub const SHADOW_UNCLEAN_ENDS: u32 = 2;
 
-/// The part of `state.bin` after the [`DeviceState`] fields the first agents wrote, as a sequence
-/// of postcard values. This layout is a compatibility promise: add values only at its end, and
-/// read each back only while bytes remain (see [`decode_state`]), so a tail an older agent wrote
-/// reads with the newer values at their defaults.
+/// The part of `state.bin` after the fields the first agents wrote ([`Head`]), as a sequence of
+/// postcard values. This layout is a compatibility promise: add values only at its end, and read
+/// each back only while bytes remain (see [`decode_state`]), so a tail an older agent wrote reads
+/// with the newer values at their defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct StateTail {
     committed: Vec<Committed>,
+    /// The first model's shadow marker.
     shadow: Option<ShadowMarker>,
+    /// The first model's plan digest.
     plan_digest: Option<[u8; 32]>,
     signed_since: u64,
+    /// The first model's name (an older agent's state names it only through its versions).
+    first_name: String,
+    /// Every model after the first, whole.
+    more_models: Vec<ModelState>,
 }
 
 /// Most undelivered status reports kept; older ones are dropped first.
 pub const MAX_QUEUED_REPORTS: usize = 64;
 
+/// What the device holds of one model: its versions, its probation, its shadow and the plans of
+/// its rollouts. Each model a device runs has one, and moves under its own plans only.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceState {
+pub struct ModelState {
+    /// The model's name. Empty only for the floor of a state an older agent wrote before it
+    /// served anything: the first model that gets a plan takes it over.
+    pub name: String,
+    /// Highest plan sequence of this model accepted.
     pub highest_plan: Option<u64>,
+    /// The digest of the plan accepted at `highest_plan` (unknown in a state an older agent
+    /// wrote).
+    pub plan_digest: Option<[u8; 32]>,
+    pub active: Option<VersionRef>,
+    /// Earlier committed versions, newest first, kept on disk for rollbacks without a download.
+    pub previous: Vec<VersionRef>,
+    pub pending: Option<Pending>,
+    /// The last (plan, manifest) a commit was reported for.
+    pub committed_report: Option<(u64, [u8; 32])>,
+    /// Set while the model's plan has a version of it run in shadow.
+    pub shadow: Option<ShadowMarker>,
+}
+
+impl ModelState {
+    pub fn new(name: &str) -> ModelState {
+        ModelState {
+            name: name.to_owned(),
+            ..ModelState::default()
+        }
+    }
+
+    /// Notes an accepted plan: the highest sequence seen, and the digest of the plan at it.
+    pub fn note_plan(&mut self, sequence: u64, digest: [u8; 32]) {
+        if self.highest_plan.is_none_or(|highest| sequence > highest) {
+            self.highest_plan = Some(sequence);
+            self.plan_digest = Some(digest);
+        } else if self.highest_plan == Some(sequence) && self.plan_digest.is_none() {
+            self.plan_digest = Some(digest);
+        }
+    }
+
+    /// The manifests of every version of this model kept on disk.
+    pub fn kept(&self) -> impl Iterator<Item = [u8; 32]> + '_ {
+        self.active
+            .iter()
+            .chain(&self.previous)
+            .chain(self.pending.as_ref().map(|pending| &pending.candidate))
+            .chain(self.shadow.as_ref().map(|marker| &marker.candidate))
+            .map(|version| version.manifest_sha256)
+    }
+}
+
+/// `state.bin`'s first values, as the first agents wrote them: the whole state of a device with
+/// one model. The first model's state goes here, so an older agent still reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Head {
+    highest_plan: Option<u64>,
+    highest_manifest: Vec<(String, u64)>,
+    newest_signed: u64,
+    hub_time: u64,
+    active: Option<VersionRef>,
+    previous: Vec<VersionRef>,
+    pending: Option<Pending>,
+    failed: Vec<[u8; 32]>,
+    refused: Vec<[u8; 32]>,
+    committed_report: Option<(u64, [u8; 32])>,
+    #[serde(with = "stored_outbox")]
+    outbox: Vec<QueuedReport>,
+    last_checkin: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceState {
+    /// One entry per model, in the order the device first took them on.
+    pub models: Vec<ModelState>,
     /// Highest manifest version seen per model name.
     pub highest_manifest: Vec<(String, u64)>,
     /// Newest `created` time of any document accepted: part of the time floor.
@@ -260,32 +337,16 @@ pub struct DeviceState {
     /// The time in the hub's latest answer: part of the time floor. Replaced by each answer,
     /// never ratcheted: a hub clock that once ran ahead must not freeze the device for good.
     pub hub_time: u64,
-    pub active: Option<VersionRef>,
-    /// Earlier committed versions, newest first, kept on disk for rollbacks without a download.
-    pub previous: Vec<VersionRef>,
-    pub pending: Option<Pending>,
     /// Manifests that failed probation here: not tried again until the hub offers another.
     pub failed: Vec<[u8; 32]>,
     /// Refusals already reported, by the digest of what was refused, so they are not repeated.
     pub refused: Vec<[u8; 32]>,
-    /// The last (plan, manifest) a commit was reported for.
-    pub committed_report: Option<(u64, [u8; 32])>,
-    #[serde(with = "stored_outbox")]
     pub outbox: Vec<QueuedReport>,
     pub last_checkin: Option<u64>,
-    /// Per model, what was committed under which plan. Stored in the [`StateTail`].
-    #[serde(skip)]
+    /// Per model, what was committed under which plan.
     pub committed: Vec<Committed>,
-    /// Set while a model runs in shadow. Stored in the [`StateTail`].
-    #[serde(skip)]
-    pub shadow: Option<ShadowMarker>,
-    /// The digest of the plan accepted at `highest_plan` (unknown in a state an older agent
-    /// wrote). Stored in the [`StateTail`].
-    #[serde(skip)]
-    pub plan_digest: Option<[u8; 32]>,
     /// The creation of the root whose rotation last revoked keys: plans created before it are
-    /// refused. Stored in the [`StateTail`].
-    #[serde(skip)]
+    /// refused.
     pub signed_since: u64,
 }
 
@@ -332,32 +393,58 @@ impl DeviceState {
     /// A state written before commits were noted: the active version counts as committed under
     /// the highest plan seen, so a later plan's fallback cannot go below it.
     fn note_commits_of_an_older_agent(&mut self) {
-        if let (Some(active), Some(plan)) = (self.active.clone(), self.highest_plan) {
+        let running: Vec<(VersionRef, u64)> = self
+            .models
+            .iter()
+            .filter_map(|model| Some((model.active.clone()?, model.highest_plan?)))
+            .collect();
+        for (active, plan) in running {
             self.note_commit(&active.name, active.version, plan);
         }
+    }
+
+    /// The state of the model `name`, if the device holds one.
+    pub fn model(&self, name: &str) -> Option<&ModelState> {
+        self.models.iter().find(|model| model.name == name)
+    }
+
+    /// The index of model `name`'s state, made if the device has none: an unnamed floor an older
+    /// agent left is taken over by the first model named.
+    pub fn model_index(&mut self, name: &str) -> usize {
+        if let Some(index) = self.models.iter().position(|model| model.name == name) {
+            return index;
+        }
+        if let Some(index) = self.models.iter().position(|model| model.name.is_empty()) {
+            self.models[index].name = name.to_owned();
+            return index;
+        }
+        self.models.push(ModelState::new(name));
+        self.models.len() - 1
+    }
+
+    /// The first model's state (the only one of a device with one model).
+    pub fn first(&self) -> Option<&ModelState> {
+        self.models.first()
+    }
+
+    /// The manifests of every version of every model kept on disk.
+    pub fn kept(&self) -> Vec<[u8; 32]> {
+        self.models.iter().flat_map(ModelState::kept).collect()
     }
 
     /// A rotation revoked keys (a recovery from their compromise): forgets every floor they may
     /// have set (plan sequence, manifest versions, commits, the newest signed time) and from now
     /// on accepts only plans created at or after `since`, the new root's creation.
     pub fn recover(&mut self, since: u64) {
-        self.highest_plan = None;
-        self.plan_digest = None;
+        for model in &mut self.models {
+            model.highest_plan = None;
+            model.plan_digest = None;
+            model.committed_report = None;
+        }
         self.highest_manifest.clear();
         self.committed.clear();
-        self.committed_report = None;
         self.newest_signed = since;
         self.signed_since = since;
-    }
-
-    /// Notes an accepted plan: the highest sequence seen, and the digest of the plan at it.
-    pub fn note_plan(&mut self, sequence: u64, digest: [u8; 32]) {
-        if self.highest_plan.is_none_or(|highest| sequence > highest) {
-            self.highest_plan = Some(sequence);
-            self.plan_digest = Some(digest);
-        } else if self.highest_plan == Some(sequence) && self.plan_digest.is_none() {
-            self.plan_digest = Some(digest);
-        }
     }
 
     pub fn queue(&mut self, report: QueuedReport) {
@@ -449,14 +536,31 @@ impl StateFiles {
     }
 }
 
-/// `state.bin`'s bytes: the state's fields, then its [`StateTail`].
+/// `state.bin`'s bytes: the [`Head`] (the first model's state and what all share), then the
+/// [`StateTail`].
 fn encode_state(state: &DeviceState) -> postcard::Result<Vec<u8>> {
-    let mut bytes = postcard::to_stdvec(state)?;
+    let first = state.models.first().cloned().unwrap_or_default();
+    let mut bytes = postcard::to_stdvec(&Head {
+        highest_plan: first.highest_plan,
+        highest_manifest: state.highest_manifest.clone(),
+        newest_signed: state.newest_signed,
+        hub_time: state.hub_time,
+        active: first.active,
+        previous: first.previous,
+        pending: first.pending,
+        failed: state.failed.clone(),
+        refused: state.refused.clone(),
+        committed_report: first.committed_report,
+        outbox: state.outbox.clone(),
+        last_checkin: state.last_checkin,
+    })?;
     bytes.extend(postcard::to_stdvec(&StateTail {
         committed: state.committed.clone(),
-        shadow: state.shadow.clone(),
-        plan_digest: state.plan_digest,
+        shadow: first.shadow,
+        plan_digest: first.plan_digest,
         signed_since: state.signed_since,
+        first_name: first.name,
+        more_models: state.models.iter().skip(1).cloned().collect(),
     })?);
     Ok(bytes)
 }
@@ -478,22 +582,60 @@ impl Tail<'_> {
 
 /// Reads `state.bin`, with or without the tail an older agent did not write.
 fn decode_state(bytes: &[u8]) -> postcard::Result<DeviceState> {
-    let (mut state, rest): (DeviceState, &[u8]) = postcard::take_from_bytes(bytes)?;
-    if rest.is_empty() {
-        state.note_commits_of_an_older_agent();
-        return Ok(state);
-    }
+    let (head, rest): (Head, &[u8]) = postcard::take_from_bytes(bytes)?;
     let mut tail = Tail(rest);
-    state.committed = tail.next()?.unwrap_or_default();
-    state.shadow = tail.next()?.flatten();
-    state.plan_digest = tail.next()?.flatten();
-    state.signed_since = tail.next()?.unwrap_or_default();
+    let committed = tail.next()?;
+    let shadow = tail.next()?.flatten();
+    let plan_digest = tail.next()?.flatten();
+    let signed_since = tail.next()?.unwrap_or_default();
+    let first_name: Option<String> = tail.next()?;
+    let more_models: Vec<ModelState> = tail.next()?.unwrap_or_default();
     if !tail.0.is_empty() {
         // Values a newer agent added: this agent cannot read them, and writes them no more.
         log::warn!(
             "state.bin ends with {} bytes this agent does not know; they are dropped",
             tail.0.len()
         );
+    }
+    let first = ModelState {
+        // An older agent's state names its model only through the versions it holds.
+        name: first_name.unwrap_or_else(|| {
+            head.active
+                .as_ref()
+                .or(head.pending.as_ref().map(|pending| &pending.candidate))
+                .or(shadow
+                    .as_ref()
+                    .map(|marker: &ShadowMarker| &marker.candidate))
+                .map(|version| version.name.clone())
+                .unwrap_or_default()
+        }),
+        highest_plan: head.highest_plan,
+        plan_digest,
+        active: head.active,
+        previous: head.previous,
+        pending: head.pending,
+        committed_report: head.committed_report,
+        shadow,
+    };
+    let mut models = Vec::with_capacity(1 + more_models.len());
+    if first != ModelState::default() {
+        models.push(first);
+    }
+    models.extend(more_models);
+    let mut state = DeviceState {
+        models,
+        highest_manifest: head.highest_manifest,
+        newest_signed: head.newest_signed,
+        hub_time: head.hub_time,
+        failed: head.failed,
+        refused: head.refused,
+        outbox: head.outbox,
+        last_checkin: head.last_checkin,
+        committed: committed.clone().unwrap_or_default(),
+        signed_since,
+    };
+    if committed.is_none() {
+        state.note_commits_of_an_older_agent();
     }
     Ok(state)
 }
@@ -556,55 +698,105 @@ mod tests {
     fn every_kind_an_earlier_agent_stored_reads_back_and_is_stored_the_same() {
         let names: Vec<&str> = ReportKind::ALL.iter().map(|kind| kind.as_str()).collect();
         let bytes = old_state(&names);
-        let state: DeviceState = postcard::from_bytes(&bytes).unwrap();
-        let kinds: Vec<ReportKind> = state.outbox.iter().map(|report| report.kind).collect();
+        let head: Head = postcard::from_bytes(&bytes).unwrap();
+        let kinds: Vec<ReportKind> = head.outbox.iter().map(|report| report.kind).collect();
         assert_eq!(kinds, ReportKind::ALL);
-        assert_eq!(postcard::to_stdvec(&state).unwrap(), bytes);
+        assert_eq!(postcard::to_stdvec(&head).unwrap(), bytes);
+    }
+
+    fn version(name: &str, version: u64, byte: u8) -> VersionRef {
+        VersionRef {
+            name: name.into(),
+            version,
+            manifest_sha256: [byte; 32],
+        }
     }
 
     #[test]
     fn a_state_without_a_tail_reads_with_its_active_version_committed_under_the_highest_plan() {
-        let mut old = postcard::from_bytes::<DeviceState>(&old_state(&[])).unwrap();
-        old.active = Some(VersionRef {
-            name: "m".into(),
-            version: 2,
-            manifest_sha256: [7; 32],
-        });
+        let mut old = postcard::from_bytes::<Head>(&old_state(&[])).unwrap();
+        old.active = Some(version("m", 2, 7));
         let bytes = postcard::to_stdvec(&old).unwrap();
         let state = decode_state(&bytes).unwrap();
+        assert_eq!(state.models.len(), 1);
+        assert_eq!(state.models[0].name, "m");
+        assert_eq!(state.models[0].highest_plan, Some(4));
         assert_eq!(state.committed[0].before(4), None);
         assert_eq!(state.committed[0].before(5), Some(2));
         // Written again, the old fields come first, unchanged, and an older agent reads them.
         let written = encode_state(&state).unwrap();
         assert!(written.starts_with(&bytes));
-        assert_eq!(postcard::from_bytes::<DeviceState>(&written).unwrap(), old);
+        assert_eq!(postcard::from_bytes::<Head>(&written).unwrap(), old);
         assert_eq!(decode_state(&written).unwrap(), state);
     }
 
     #[test]
     fn a_tail_without_the_shadow_marker_reads_without_one_and_a_marker_round_trips() {
-        let mut state: DeviceState = postcard::from_bytes(&old_state(&[])).unwrap();
-        state.note_commit("m", 2, 4);
+        let head: Head = postcard::from_bytes(&old_state(&[])).unwrap();
+        let committed = vec![Committed {
+            name: "m".into(),
+            plan: 4,
+            version: 2,
+            earlier: None,
+        }];
         // The tail as the agent wrote it before shadow markers: the commits only.
-        let mut bytes = postcard::to_stdvec(&state).unwrap();
-        bytes.extend(postcard::to_stdvec(&state.committed).unwrap());
-        assert_eq!(decode_state(&bytes).unwrap(), state);
+        let mut bytes = postcard::to_stdvec(&head).unwrap();
+        bytes.extend(postcard::to_stdvec(&committed).unwrap());
+        let mut state = decode_state(&bytes).unwrap();
+        assert_eq!(state.committed, committed);
+        // A plan floor with nothing served yet: a model without a name, which the first model
+        // the device gets a plan for takes over.
+        assert_eq!(state.models[0].name, "");
+        assert_eq!(state.model_index("m"), 0);
+        assert_eq!(state.models[0].highest_plan, Some(4));
 
-        state.shadow = Some(ShadowMarker {
-            candidate: VersionRef {
-                name: "m".into(),
-                version: 3,
-                manifest_sha256: [9; 32],
-            },
+        state.models[0].shadow = Some(ShadowMarker {
+            candidate: version("m", 3, 9),
             plan_sequence: 5,
             unclean_ends: 1,
         });
         let written = encode_state(&state).unwrap();
         assert_eq!(decode_state(&written).unwrap(), state);
         // An agent that knows only the commits reads them and ignores the marker.
-        let (_, tail): (DeviceState, &[u8]) = postcard::take_from_bytes(&written).unwrap();
+        let (_, tail): (Head, &[u8]) = postcard::take_from_bytes(&written).unwrap();
         let (committed, _): (Vec<Committed>, &[u8]) = postcard::take_from_bytes(tail).unwrap();
         assert_eq!(committed, state.committed);
+    }
+
+    #[test]
+    fn several_models_round_trip_and_an_older_agent_reads_the_first() {
+        let mut state = DeviceState::default();
+        for (name, byte) in [("detector", 1), ("spotter", 2), ("classifier", 3)] {
+            let index = state.model_index(name);
+            let model = &mut state.models[index];
+            model.active = Some(version(name, 3, byte));
+            model.previous = vec![version(name, 2, byte + 10)];
+            model.note_plan(u64::from(byte) + 4, [byte; 32]);
+            state.note_commit(name, 3, u64::from(byte) + 4);
+        }
+        let written = encode_state(&state).unwrap();
+        assert_eq!(decode_state(&written).unwrap(), state);
+        // What an agent of one model reads: the first model, whole, and nothing of the others.
+        let (head, _): (Head, &[u8]) = postcard::take_from_bytes(&written).unwrap();
+        assert_eq!(head.active, Some(version("detector", 3, 1)));
+        assert_eq!(head.highest_plan, Some(5));
+        assert_eq!(
+            state.kept().len(),
+            6,
+            "every model's active and previous versions are kept on disk"
+        );
+    }
+
+    #[test]
+    fn a_report_of_an_unknown_kind_is_dropped_not_sent_as_failed() {
+        let bytes = old_state(&["committed", "from_the_future", "refused"]);
+        let head: Head = postcard::from_bytes(&bytes).unwrap();
+        let kinds: Vec<ReportKind> = head.outbox.iter().map(|report| report.kind).collect();
+        assert_eq!(kinds, [ReportKind::Committed, ReportKind::Refused]);
+        assert_eq!(
+            ReportKind::from_stored("from_the_future"),
+            Err(UnknownReportKind("from_the_future".into()))
+        );
     }
 
     #[test]
@@ -620,17 +812,5 @@ mod tests {
         state.note_commit("m", 1, 6);
         assert_eq!(state.committed[0].before(6), Some(5));
         assert_eq!(state.committed[0].before(7), Some(5));
-    }
-
-    #[test]
-    fn a_report_of_an_unknown_kind_is_dropped_not_sent_as_failed() {
-        let bytes = old_state(&["committed", "from_the_future", "refused"]);
-        let state: DeviceState = postcard::from_bytes(&bytes).unwrap();
-        let kinds: Vec<ReportKind> = state.outbox.iter().map(|report| report.kind).collect();
-        assert_eq!(kinds, [ReportKind::Committed, ReportKind::Refused]);
-        assert_eq!(
-            ReportKind::from_stored("from_the_future"),
-            Err(UnknownReportKind("from_the_future".into()))
-        );
     }
 }

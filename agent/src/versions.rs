@@ -91,6 +91,15 @@ impl Versions {
         self.path(manifest_sha256).join("manifest.bin").is_file()
     }
 
+    /// The size of an installed version's model file; 0 when it is not installed.
+    pub fn model_size(&self, manifest_sha256: &[u8; 32]) -> u64 {
+        fs::metadata(
+            self.path(manifest_sha256)
+                .join(artifact_file(ArtifactRole::Model)),
+        )
+        .map_or(0, |metadata| metadata.len())
+    }
+
     /// Installs a version from downloaded artifact files, which are moved (not copied) in.
     pub fn install(
         &self,

@@ -184,10 +184,28 @@ pub struct DeviceSummary {
     pub agent_version: String,
     /// `steady`, `downloading`, `probation`, `degraded`, `silent` or `revoked`.
     pub state: String,
+    /// The model the device reports first: its only one, for an agent that runs one model.
     pub active: Option<ModelRef>,
+    /// Every model the device runs, sorted by name, as its latest check-in (or a committed
+    /// status report since) said. Empty, and left out, while the hub knows only `active`: for a
+    /// device that has not checked in since the hub kept this list (then `active` is its one
+    /// model; [`DeviceSummary::running`] reads either).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelRef>,
     pub enrolled_at: u64,
     pub last_checkin: Option<u64>,
     pub revoked: bool,
+}
+
+impl DeviceSummary {
+    /// Every model the device runs: `models`, or `active` alone when the hub knows no list.
+    pub fn running(&self) -> &[ModelRef] {
+        if self.models.is_empty() {
+            self.active.as_slice()
+        } else {
+            &self.models
+        }
+    }
 }
 
 /// One thing that happened to a device: an activation, a refusal, a rollback, a label change.

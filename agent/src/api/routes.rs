@@ -41,7 +41,8 @@ pub(super) async fn server_metadata() -> Json<Value> {
 fn index(state: &ApiState) -> Vec<Value> {
     state
         .slot
-        .current()
+        .all()
+        .iter()
         .map(|active| {
             json!({
                 "name": active.name,
@@ -49,7 +50,6 @@ fn index(state: &ApiState) -> Vec<Value> {
                 "state": "READY",
             })
         })
-        .into_iter()
         .collect()
 }
 
@@ -66,33 +66,39 @@ pub(super) async fn live() -> StatusCode {
 }
 
 pub(super) async fn ready(State(state): State<Arc<ApiState>>) -> StatusCode {
-    if state.slot.current().is_some() {
+    if !state.slot.all().is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     }
 }
 
-/// The active model if it is the one asked for: 503 while none is active, 404 for another name
-/// or version.
+/// The active version of the model asked for: 503 while no model is active, 404 for a model this
+/// agent does not serve or a version that is not the active one.
 pub(super) fn find_model(
     state: &ApiState,
     name: &str,
     version: Option<&str>,
 ) -> Result<Arc<ActiveModel>, ApiError> {
-    let active = state
-        .slot
-        .current()
-        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no model is active yet"))?;
-    if active.name != name {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "unknown model {name:?}: this agent serves {:?}",
-                active.name
-            ),
-        ));
-    }
+    let active = match state.slot.get(name) {
+        Some(active) => active,
+        None => {
+            let served: Vec<String> = state
+                .slot
+                .all()
+                .iter()
+                .map(|model| model.name.clone())
+                .collect();
+            return Err(if served.is_empty() {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no model is active yet")
+            } else {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown model {name:?}: this agent serves {served:?}"),
+                )
+            });
+        }
+    };
     if let Some(version) = version {
         if version.parse::<u64>().ok() != Some(active.version) {
             return Err(ApiError::new(

@@ -55,18 +55,26 @@ fn model_drift(
 }
 
 impl Syncer {
-    /// Serves the newest committed version that still loads and verifies on disk.
+    /// Serves, for every model, the newest committed version that still loads and verifies on
+    /// disk.
     pub(super) fn load_active(&mut self) -> anyhow::Result<()> {
-        let candidates: Vec<VersionRef> = self
-            .state
+        for model in 0..self.state.models.len() {
+            self.load_active_of(model)?;
+        }
+        Ok(())
+    }
+
+    fn load_active_of(&mut self, model: usize) -> anyhow::Result<()> {
+        let state = &self.state.models[model];
+        let candidates: Vec<VersionRef> = state
             .active
             .iter()
-            .chain(&self.state.previous)
+            .chain(&state.previous)
             .cloned()
             .collect();
         for (index, version) in candidates.iter().enumerate() {
             match self.load_model(version) {
-                Ok(model) => {
+                Ok(loaded) => {
                     if index > 0 {
                         // The active version is damaged on disk: fall back and say so.
                         let reason = format!(
@@ -80,11 +88,12 @@ impl Syncer {
                             ReportKind::RolledBack,
                             reason,
                         );
-                        self.state.previous.retain(|kept| kept != version);
-                        self.state.active = Some(version.clone());
+                        let state = &mut self.state.models[model];
+                        state.previous.retain(|kept| kept != version);
+                        state.active = Some(version.clone());
                         self.files.save(&self.state)?;
                     }
-                    self.slot.swap(Arc::new(model));
+                    self.slot.swap(Arc::new(loaded));
                     log::info!("serving {version}");
                     return Ok(());
                 }
@@ -93,7 +102,8 @@ impl Syncer {
         }
         if !candidates.is_empty() {
             log::error!(
-                "no installed model version loads; serving nothing until the hub sends one"
+                "no installed version of {} loads; serving none until the hub sends one",
+                self.state.models[model].name
             );
         }
         Ok(())
@@ -205,6 +215,7 @@ impl Syncer {
 
     pub(super) fn activate(
         &mut self,
+        model: usize,
         sequence: u64,
         candidate: VersionRef,
         manifest: &VerifiedManifest,
@@ -215,7 +226,7 @@ impl Syncer {
         }
 
         self.agent_state = AgentState::Probation;
-        self.state.pending = Some(Pending {
+        self.state.models[model].pending = Some(Pending {
             candidate: candidate.clone(),
             plan_sequence: Some(sequence),
             started_at: unix_now(),
@@ -229,7 +240,7 @@ impl Syncer {
         if let Err(error) = self.files.save(&self.state) {
             // Without the marker on disk a crash could not be recovered from: do not go on.
             log::error!("saving the probation marker: {error:#}");
-            self.state.pending = None;
+            self.state.models[model].pending = None;
             self.agent_state = AgentState::Degraded;
             return;
         }
@@ -237,22 +248,19 @@ impl Syncer {
         let _ = self.deliver_reports();
 
         match self.probation(&candidate) {
-            Ok(model) => {
-                let previous = self.state.active.replace(candidate.clone());
+            Ok(loaded) => {
+                let state = &mut self.state.models[model];
+                let previous = state.active.replace(candidate.clone());
                 if let Some(previous) = previous {
-                    self.state
-                        .previous
-                        .retain(|kept| kept.manifest_sha256 != digest);
-                    self.state.previous.insert(0, previous);
+                    state.previous.retain(|kept| kept.manifest_sha256 != digest);
+                    state.previous.insert(0, previous);
                 }
-                self.state
-                    .previous
-                    .retain(|kept| kept.manifest_sha256 != digest);
-                self.state.previous.truncate(self.config.keep_versions);
-                self.state.pending = None;
+                state.previous.retain(|kept| kept.manifest_sha256 != digest);
+                state.previous.truncate(self.config.keep_versions);
+                state.pending = None;
+                state.committed_report = Some((sequence, digest));
                 self.state
                     .note_commit(&candidate.name, candidate.version, sequence);
-                self.state.committed_report = Some((sequence, digest));
                 let saved = match self.files.save(&self.state) {
                     Ok(()) => true,
                     Err(error) => {
@@ -260,7 +268,7 @@ impl Syncer {
                         false
                     }
                 };
-                self.slot.swap(Arc::new(model));
+                self.slot.swap(Arc::new(loaded));
                 self.agent_state = AgentState::Steady;
                 self.write_status();
                 log::info!("committed {candidate}");
@@ -277,21 +285,21 @@ impl Syncer {
                     log::warn!("keeping every installed version until the agent state is saved");
                     return;
                 }
-                let mut keep: Vec<[u8; 32]> = self
-                    .state
-                    .active
-                    .iter()
-                    .chain(&self.state.previous)
-                    .map(|version| version.manifest_sha256)
-                    .collect();
-                keep.extend(self.shadow.current().map(|shadow| shadow.manifest_sha256.0));
+                // Every model's versions stay: one model's commit removes only its own old ones.
+                let mut keep = self.state.kept();
+                keep.extend(
+                    self.shadow
+                        .all()
+                        .iter()
+                        .map(|shadow| shadow.manifest_sha256.0),
+                );
                 if let Err(error) = self.versions.retain(&keep) {
                     log::warn!("removing old versions: {error:#}");
                 }
             }
             Err(reason) => {
                 log::warn!("{candidate} failed probation: {reason}");
-                self.state.pending = None;
+                self.state.models[model].pending = None;
                 DeviceState::remember(&mut self.state.failed, digest);
                 self.agent_state = AgentState::Steady;
                 if let Err(error) = self.files.save(&self.state) {

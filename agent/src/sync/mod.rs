@@ -27,9 +27,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use outpost_protocol::device::{
-    AgentState, CheckIn, CheckInResponse, HeldCheckIn, HeldCheckInResponse, RunningModel,
+    AgentState, CheckIn, CheckInResponse, HeldCheckIn, HeldCheckInResponse, ModelAnswer,
+    ModelCheckIn, ModelsCheckIn, ModelsCheckInResponse, RunningModel,
 };
-use outpost_protocol::trust::ManifestRef;
+use outpost_protocol::trust::{ManifestRef, Slot};
 use outpost_protocol::{Sha256, TimeFloor, VerifiedManifest, VerifiedRoot};
 use serde::Serialize;
 
@@ -42,7 +43,7 @@ use crate::notify::Notifier;
 use crate::shadow::Shadow;
 use crate::slot::ModelSlot;
 use crate::state::{
-    DeviceState, QueuedReport, ReportKind, StateFiles, VersionRef, SHADOW_UNCLEAN_ENDS,
+    DeviceState, ModelState, QueuedReport, ReportKind, StateFiles, VersionRef, SHADOW_UNCLEAN_ENDS,
 };
 use crate::telemetry::Recorder;
 use crate::versions::Versions;
@@ -59,11 +60,14 @@ pub use activation::ProbationError;
 /// A hub clock further ahead of the device's than this is logged as a warning when it starts.
 const HUB_CLOCK_WARNING: Duration = Duration::from_secs(24 * 3600);
 
-/// What `outpost-agent status` shows, written after every cycle.
+/// What `outpost-agent status` shows, written after every cycle. `active`, `previous`,
+/// `pending`, `shadow` and `plan_sequence` are the first model's, as agents of one model wrote
+/// them; `models` has every model.
 #[derive(Debug, Serialize)]
 pub struct StatusFile {
     pub device_id: String,
     pub hub_url: String,
+    pub models: Vec<ModelStatus>,
     pub active: Option<String>,
     pub previous: Vec<String>,
     pub pending: Option<String>,
@@ -78,6 +82,68 @@ pub struct StatusFile {
     pub dropped_records: u64,
     pub undelivered_reports: usize,
     pub updated_at: u64,
+}
+
+/// One model in the status file.
+#[derive(Debug, Serialize)]
+pub struct ModelStatus {
+    pub name: String,
+    pub active: Option<String>,
+    pub previous: Vec<String>,
+    pub pending: Option<String>,
+    pub shadow: Option<String>,
+    pub plan_sequence: Option<u64>,
+}
+
+/// The signed documents of one model's answer, as the hub sent them: the plan, the manifest of
+/// the device's slot and any shadow manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct PlanDocuments {
+    pub plan: Vec<u8>,
+    pub manifest: Option<(Slot, Vec<u8>)>,
+    pub shadow: Option<Vec<u8>>,
+}
+
+impl PlanDocuments {
+    fn from_answer(answer: ModelAnswer) -> Option<PlanDocuments> {
+        match answer {
+            ModelAnswer::Unchanged { .. } => None,
+            ModelAnswer::Full {
+                plan,
+                manifest,
+                shadow,
+            } => Some(PlanDocuments {
+                plan: plan.into_vec(),
+                manifest: manifest.map(|(slot, bytes)| (slot, bytes.into_vec())),
+                shadow: shadow.map(|bytes| bytes.into_vec()),
+            }),
+        }
+    }
+
+    fn held_digest(&self) -> Sha256 {
+        let manifest = self
+            .manifest
+            .as_ref()
+            .map(|(slot, bytes)| (*slot, outpost_protocol::sha256(bytes)));
+        outpost_protocol::device::held_digest(
+            &outpost_protocol::sha256(&self.plan),
+            manifest.as_ref().map(|(slot, digest)| (*slot, digest)),
+            self.shadow
+                .as_ref()
+                .map(|bytes| outpost_protocol::sha256(bytes))
+                .as_ref(),
+        )
+    }
+}
+
+/// A check-in answer, whichever path it came by: newer roots, and one model's documents per
+/// model a plan applies to.
+#[derive(Debug)]
+pub(super) struct Answer {
+    pub hub_time: u64,
+    pub poll_after_secs: u32,
+    pub roots: Vec<Vec<u8>>,
+    pub plans: Vec<PlanDocuments>,
 }
 
 /// What the sync loop shares with the rest of the service.
@@ -121,10 +187,17 @@ pub struct Syncer {
     /// the same one are not reported again.
     stall_reported: Option<[u8; 32]>,
     last_telemetry_flush: Instant,
-    /// The plan, manifest and shadow manifest of the last full check-in answer that carried a
-    /// plan (roots left out), held in memory so the hub may answer "unchanged" instead of sending
+    /// Per model name (as its plan claims it), the plan, manifest and shadow manifest of the last
+    /// full answer about it, held in memory so the hub may answer "unchanged" instead of sending
     /// them again; they are applied again, and so checked again, at every check-in.
-    held: Option<CheckInResponse>,
+    held: Vec<(String, PlanDocuments)>,
+    /// On the single-model paths (a hub older than `/device/v3/checkin`): the last full answer
+    /// that carried a plan, roots left out.
+    held_single: Option<CheckInResponse>,
+    /// False once the hub answered `/device/v3/checkin` with 404 (a hub older than check-ins of
+    /// several models): check-ins about the first model only from then on, until the agent
+    /// restarts.
+    hub_knows_models: bool,
     /// False once the hub answered `/device/v2/checkin` with 404 (a hub older than held
     /// check-ins): plain check-ins from then on, until the agent restarts.
     hub_knows_held: bool,
@@ -135,6 +208,74 @@ pub(super) fn to_ref(manifest: &VerifiedManifest) -> VersionRef {
         name: manifest.name().as_str().to_owned(),
         version: manifest.version(),
         manifest_sha256: manifest.digest().0,
+    }
+}
+
+/// The signed roots of an answer, as owned bytes.
+fn owned<B: std::ops::Deref<Target = Vec<u8>>>(roots: Vec<B>) -> Vec<Vec<u8>> {
+    roots.iter().map(|root| root.to_vec()).collect()
+}
+
+fn running(version: &VersionRef) -> RunningModel {
+    RunningModel {
+        name: version.name.clone(),
+        version: version.version,
+        manifest_sha256: Sha256(version.manifest_sha256),
+    }
+}
+
+/// At start, for one model: a probation the agent did not finish is reverted (the candidate
+/// counts as failed here), and a shadow marker left behind counts an unclean end while that
+/// version ran in shadow, failing it after [`SHADOW_UNCLEAN_ENDS`] in a row.
+fn recover_model(state: &mut DeviceState, index: usize) {
+    let model: &mut ModelState = &mut state.models[index];
+    let pending = model.pending.take();
+    let reverted_to = model
+        .active
+        .as_ref()
+        .map_or("no model".to_owned(), ToString::to_string);
+    let marker = model.shadow.take();
+    if let Some(pending) = pending {
+        let reason = format!(
+            "agent restarted during probation of {}; reverted to {reverted_to}",
+            pending.candidate
+        );
+        log::warn!("{reason}");
+        DeviceState::remember(&mut state.failed, pending.candidate.manifest_sha256);
+        state.queue(QueuedReport {
+            plan_sequence: pending.plan_sequence,
+            manifest: Some(pending.candidate),
+            kind: ReportKind::RolledBack,
+            reason,
+            at: unix_now(),
+        });
+    }
+    if let Some(mut marker) = marker {
+        marker.unclean_ends += 1;
+        if marker.unclean_ends >= SHADOW_UNCLEAN_ENDS {
+            let reason = format!(
+                "shadow: the agent ended uncleanly {} times in a row while running {} in \
+                 shadow; it runs here no more",
+                marker.unclean_ends, marker.candidate
+            );
+            log::error!("{reason}");
+            DeviceState::remember(&mut state.failed, marker.candidate.manifest_sha256);
+            state.queue(QueuedReport {
+                plan_sequence: Some(marker.plan_sequence),
+                manifest: Some(marker.candidate),
+                kind: ReportKind::Failed,
+                reason,
+                at: unix_now(),
+            });
+        } else {
+            log::warn!(
+                "the agent ended uncleanly while running {} in shadow; it is tried again, and \
+                 fails here if that happens {} times in a row",
+                marker.candidate,
+                SHADOW_UNCLEAN_ENDS
+            );
+            state.models[index].shadow = Some(marker);
+        }
     }
 }
 
@@ -182,54 +323,10 @@ impl Syncer {
             }
         };
         let versions = Versions::open(&config.data_dir)?;
-        if let Some(pending) = state.pending.take() {
-            let reverted_to = state
-                .active
-                .as_ref()
-                .map_or("no model".to_owned(), ToString::to_string);
-            let reason = format!(
-                "agent restarted during probation of {}; reverted to {reverted_to}",
-                pending.candidate
-            );
-            log::warn!("{reason}");
-            DeviceState::remember(&mut state.failed, pending.candidate.manifest_sha256);
-            state.queue(QueuedReport {
-                plan_sequence: pending.plan_sequence,
-                manifest: Some(pending.candidate),
-                kind: ReportKind::RolledBack,
-                reason,
-                at: unix_now(),
-            });
-            files.save(&state)?;
+        for index in 0..state.models.len() {
+            recover_model(&mut state, index);
         }
-        if let Some(mut marker) = state.shadow.take() {
-            marker.unclean_ends += 1;
-            if marker.unclean_ends >= SHADOW_UNCLEAN_ENDS {
-                let reason = format!(
-                    "shadow: the agent ended uncleanly {} times in a row while running {} in \
-                     shadow; it runs here no more",
-                    marker.unclean_ends, marker.candidate
-                );
-                log::error!("{reason}");
-                DeviceState::remember(&mut state.failed, marker.candidate.manifest_sha256);
-                state.queue(QueuedReport {
-                    plan_sequence: Some(marker.plan_sequence),
-                    manifest: Some(marker.candidate),
-                    kind: ReportKind::Failed,
-                    reason,
-                    at: unix_now(),
-                });
-            } else {
-                log::warn!(
-                    "the agent ended uncleanly while running {} in shadow; it is tried again, \
-                     and fails here if that happens {} times in a row",
-                    marker.candidate,
-                    SHADOW_UNCLEAN_ENDS
-                );
-                state.shadow = Some(marker);
-            }
-            files.save(&state)?;
-        }
+        files.save(&state)?;
         let mut syncer = Syncer {
             device_id,
             client,
@@ -248,7 +345,9 @@ impl Syncer {
             download_failed: None,
             stall_reported: None,
             last_telemetry_flush: Instant::now(),
-            held: None,
+            held: Vec::new(),
+            held_single: None,
+            hub_knows_models: true,
             hub_knows_held: true,
             config,
         };
@@ -329,7 +428,9 @@ impl Syncer {
         }
         self.flush_telemetry();
         // A clean stop: whatever runs in shadow did not end the agent.
-        self.state.shadow = None;
+        for model in &mut self.state.models {
+            model.shadow = None;
+        }
         if let Err(error) = self.files.save(&self.state) {
             log::error!("saving agent state: {error:#}");
         }
@@ -352,24 +453,11 @@ impl Syncer {
     /// caller back off; refusals are reported, and returned only when they were of a download.
     pub fn cycle(&mut self) -> anyhow::Result<Duration> {
         self.deliver_reports()?;
-        let stats = self.cache.stats();
-        let check_in = CheckIn {
-            state: self.agent_state,
-            active: self.state.active.as_ref().map(|active| RunningModel {
-                name: active.name.clone(),
-                version: active.version,
-                manifest_sha256: Sha256(active.manifest_sha256),
-            }),
-            root_version: self.root.version(),
-            plan_sequence: self.state.highest_plan,
-            agent_version: agent_version(),
-            dropped_records: stats.dropped_total,
-            queue_bytes: stats.queue_bytes,
-        };
-        let response = self.check_in(check_in)?;
-        self.note_hub_time(response.hub_time);
+        let answer = self.check_in()?;
+        self.note_hub_time(answer.hub_time);
         self.state.last_checkin = Some(unix_now());
-        self.apply(response.clone());
+        let poll_after_secs = answer.poll_after_secs;
+        self.apply(answer);
         self.deliver_reports()?;
         self.upload_telemetry()?;
         if let Some(error) = self.download_failed.take() {
@@ -378,27 +466,145 @@ impl Syncer {
             return Err(error.into());
         }
         // The hub names the wait; the device's own setting caps it.
-        Ok(
-            Duration::from_secs(u64::from(response.poll_after_secs.max(1)))
-                .min(self.config.poll_interval),
-        )
+        Ok(Duration::from_secs(u64::from(poll_after_secs.max(1))).min(self.config.poll_interval))
+    }
+
+    /// Checks in about every model, naming the documents held of each; a hub that does not know
+    /// check-ins of several models is asked about the first model only.
+    fn check_in(&mut self) -> anyhow::Result<Answer> {
+        let stats = self.cache.stats();
+        if self.hub_knows_models {
+            let models: Vec<ModelCheckIn> = self
+                .state
+                .models
+                .iter()
+                .filter(|model| !model.name.is_empty())
+                .take(outpost_protocol::device::MAX_DEVICE_MODELS)
+                .map(|model| ModelCheckIn {
+                    name: model.name.clone(),
+                    active: model.active.as_ref().map(running),
+                    plan_sequence: model.highest_plan,
+                    held: self
+                        .held
+                        .iter()
+                        .find(|(name, _)| *name == model.name)
+                        .map(|(_, documents)| documents.held_digest()),
+                })
+                .collect();
+            let request = ModelsCheckIn {
+                state: self.agent_state,
+                models,
+                root_version: self.root.version(),
+                agent_version: agent_version(),
+                dropped_records: stats.dropped_total,
+                queue_bytes: stats.queue_bytes,
+            };
+            match self.client.call("/device/v3/checkin", &request) {
+                Ok(response) => return Ok(self.hold(response)),
+                Err(HubError::Refused { status: 404, .. }) => {
+                    log::info!(
+                        "{} does not know check-ins of several models; checking in about the \
+                         first model only",
+                        self.client.base_url()
+                    );
+                    self.hub_knows_models = false;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let first = self.state.first();
+        let check_in = CheckIn {
+            state: self.agent_state,
+            active: first.and_then(|model| model.active.as_ref()).map(running),
+            root_version: self.root.version(),
+            plan_sequence: first.and_then(|model| model.highest_plan),
+            agent_version: agent_version(),
+            dropped_records: stats.dropped_total,
+            queue_bytes: stats.queue_bytes,
+        };
+        let response = self.check_in_single(check_in)?;
+        let plans = response.plan.map(|plan| PlanDocuments {
+            plan: plan.into_vec(),
+            manifest: response
+                .manifest
+                .map(|(slot, bytes)| (slot, bytes.into_vec())),
+            shadow: response.shadow.map(|bytes| bytes.into_vec()),
+        });
+        Ok(Answer {
+            hub_time: response.hub_time,
+            poll_after_secs: response.poll_after_secs,
+            roots: owned(response.roots),
+            plans: plans.into_iter().collect(),
+        })
+    }
+
+    /// Turns an answer about every model into the documents to apply: a full answer is held for
+    /// its model, an unchanged one is replaced by what is held. Documents of a model the hub no
+    /// longer answers about are dropped.
+    fn hold(&mut self, response: ModelsCheckInResponse) -> Answer {
+        let mut held = Vec::with_capacity(response.models.len());
+        let mut plans = Vec::with_capacity(response.models.len());
+        for answer in response.models {
+            let documents = match answer {
+                ModelAnswer::Unchanged { name } => {
+                    match self.held.iter().find(|(held, _)| *held == name) {
+                        Some((_, documents)) => documents.clone(),
+                        None => {
+                            log::warn!(
+                                "the hub answered unchanged for model {name:?}, but this device \
+                                 holds no documents of it; they come in full next time"
+                            );
+                            continue;
+                        }
+                    }
+                }
+                full => match PlanDocuments::from_answer(full) {
+                    Some(documents) => documents,
+                    None => continue,
+                },
+            };
+            // The name the plan claims: were it a lie, the plan fails verification, and the
+            // documents held under it are only ever applied, so verified, again.
+            let name = crate::check::claimed_plan_model(&documents.plan).unwrap_or_default();
+            if held.iter().any(|(known, _)| *known == name) {
+                // One answer per model: a second one for the same model is not looked at.
+                log::warn!("the hub answered twice about model {name:?}; the first answer counts");
+                continue;
+            }
+            if held.len() == outpost_protocol::device::MAX_DEVICE_MODELS {
+                log::warn!("the hub answered about more models than a device runs; the rest wait");
+                break;
+            }
+            held.push((name, documents.clone()));
+            plans.push(documents);
+        }
+        self.held = held;
+        Answer {
+            hub_time: response.hub_time,
+            poll_after_secs: response.poll_after_secs,
+            roots: owned(response.roots),
+            plans,
+        }
     }
 
     /// Checks in naming the documents held from the last full answer. An unchanged answer is
     /// turned back into that answer with the new hub time and poll interval, so the held plan and
     /// manifests go through exactly the checks (expiry against the hub time among them) they
     /// would if the hub had sent them again.
-    pub(super) fn check_in(&mut self, check_in: CheckIn) -> anyhow::Result<CheckInResponse> {
+    fn check_in_single(&mut self, check_in: CheckIn) -> anyhow::Result<CheckInResponse> {
         if !self.hub_knows_held {
             return Ok(self.client.call("/device/v1/checkin", &check_in)?);
         }
         let request = HeldCheckIn {
             check_in,
-            held: self.held.as_ref().and_then(CheckInResponse::held_digest),
+            held: self
+                .held_single
+                .as_ref()
+                .and_then(CheckInResponse::held_digest),
         };
         match self.client.call("/device/v2/checkin", &request) {
             Ok(HeldCheckInResponse::Full(response)) => {
-                self.held = response.plan.is_some().then(|| CheckInResponse {
+                self.held_single = response.plan.is_some().then(|| CheckInResponse {
                     roots: Vec::new(),
                     ..response.clone()
                 });
@@ -407,7 +613,7 @@ impl Syncer {
             Ok(HeldCheckInResponse::Unchanged {
                 hub_time,
                 poll_after_secs,
-            }) => match &self.held {
+            }) => match &self.held_single {
                 Some(held) => Ok(CheckInResponse {
                     hub_time,
                     poll_after_secs,
@@ -436,34 +642,46 @@ impl Syncer {
         self.queue
             .dropped_records
             .store(stats.dropped_total, Ordering::Relaxed);
+        let models: Vec<ModelStatus> = self
+            .state
+            .models
+            .iter()
+            .filter(|model| !model.name.is_empty())
+            .map(|model| ModelStatus {
+                name: model.name.clone(),
+                active: model.active.as_ref().map(ToString::to_string),
+                previous: model.previous.iter().map(ToString::to_string).collect(),
+                pending: model
+                    .pending
+                    .as_ref()
+                    .map(|pending| pending.candidate.to_string()),
+                shadow: self
+                    .shadow
+                    .current(&model.name)
+                    .map(|shadow| format!("{}@{}", shadow.name, shadow.version)),
+                plan_sequence: model.highest_plan,
+            })
+            .collect();
+        let first = models.first();
         let status = StatusFile {
             device_id: self.device_id.clone(),
             hub_url: self.client.base_url().to_owned(),
-            active: self.state.active.as_ref().map(ToString::to_string),
-            previous: self
-                .state
-                .previous
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
-            pending: self
-                .state
-                .pending
-                .as_ref()
-                .map(|pending| pending.candidate.to_string()),
-            shadow: self
-                .shadow
-                .current()
-                .map(|shadow| format!("{}@{}", shadow.name, shadow.version)),
+            active: first.and_then(|model| model.active.clone()),
+            previous: first
+                .map(|model| model.previous.clone())
+                .unwrap_or_default(),
+            pending: first.and_then(|model| model.pending.clone()),
+            shadow: first.and_then(|model| model.shadow.clone()),
             last_checkin: self.state.last_checkin,
             last_error: self.last_error.clone(),
             root_version: self.root.version(),
-            plan_sequence: self.state.highest_plan,
+            plan_sequence: first.and_then(|model| model.plan_sequence),
             queue_bytes: stats.queue_bytes,
             queued_windows: stats.queued_windows,
             dropped_records: stats.dropped_total,
             undelivered_reports: self.state.outbox.len(),
             updated_at: unix_now(),
+            models,
         };
         match serde_json::to_vec_pretty(&status) {
             Ok(bytes) => {

@@ -17,35 +17,40 @@ impl Syncer {
     /// shadow runner. The active model keeps serving throughout.
     pub(super) fn apply_shadow(
         &mut self,
+        model: usize,
         sequence: u64,
         manifest_bytes: &[u8],
         verdict: Result<VerifiedManifest, Refusal>,
     ) {
         let digest = outpost_protocol::sha256(manifest_bytes).0;
+        let name = self.state.models[model].name.clone();
         if self
             .shadow
-            .current()
+            .current(&name)
             .is_some_and(|running| running.manifest_sha256.0 == digest)
         {
             return;
         }
         if self.state.failed.contains(&digest) || self.state.refused.contains(&digest) {
-            self.stop_shadow("the new shadow model failed or was refused here");
+            self.stop_shadow(&name, "the new shadow model failed or was refused here");
             return;
         }
         let manifest = match verdict {
             Ok(manifest) => manifest,
             Err(refusal) => {
-                self.stop_shadow(match refusal {
-                    Refusal::Unverified { .. } => "the hub's shadow manifest was refused",
-                    _ => "the new shadow model cannot run here",
-                });
+                self.stop_shadow(
+                    &name,
+                    match refusal {
+                        Refusal::Unverified { .. } => "the hub's shadow manifest was refused",
+                        _ => "the new shadow model cannot run here",
+                    },
+                );
                 self.refuse_manifest(sequence, digest, &refusal);
                 return;
             }
         };
         let candidate = to_ref(&manifest);
-        if self.state.active.is_none() {
+        if self.state.models[model].active.is_none() {
             // Nothing serves, so there is nothing to compare with.
             return;
         }
@@ -55,13 +60,12 @@ impl Syncer {
         self.agent_state = AgentState::Steady;
         // The marker goes to disk before the model is loaded: from here on, an agent killed by
         // the model finds it at start (see `Syncer::start`).
-        let unclean_ends = self
-            .state
+        let unclean_ends = self.state.models[model]
             .shadow
             .as_ref()
             .filter(|marker| marker.candidate.manifest_sha256 == digest)
             .map_or(0, |marker| marker.unclean_ends);
-        self.state.shadow = Some(ShadowMarker {
+        self.state.models[model].shadow = Some(ShadowMarker {
             candidate: candidate.clone(),
             plan_sequence: sequence,
             unclean_ends,
@@ -69,13 +73,13 @@ impl Syncer {
         if let Err(error) = self.files.save(&self.state) {
             // Without the marker a model that kills the agent would do so at every start.
             log::error!("saving the shadow marker: {error:#}; {candidate} does not run in shadow");
-            self.state.shadow = None;
+            self.state.models[model].shadow = None;
             return;
         }
         match self.probation(&candidate) {
-            Ok(model) => {
+            Ok(loaded) => {
                 log::info!("running {candidate} in shadow (plan {sequence})");
-                if let Some(replaced) = self.shadow.set(Some(Arc::new(model))) {
+                if let Some(replaced) = self.shadow.set(&name, Some(Arc::new(loaded))) {
                     log::info!(
                         "stopped running {}@{} in shadow: another shadow model replaces it",
                         replaced.name,
@@ -91,7 +95,7 @@ impl Syncer {
             }
             Err(reason) => {
                 log::warn!("{candidate} failed as a shadow model: {reason}");
-                self.stop_shadow("the new shadow model failed");
+                self.stop_shadow(&name, "the new shadow model failed");
                 DeviceState::remember(&mut self.state.failed, digest);
                 let reason = format!("shadow: {reason}");
                 self.queue(Some(sequence), Some(candidate), ReportKind::Failed, reason);
@@ -99,11 +103,18 @@ impl Syncer {
         }
     }
 
-    /// Takes the shadow model, if any, off the shadow runner, and its marker off the disk at the
-    /// next save.
-    pub(super) fn stop_shadow(&mut self, why: &str) {
-        self.state.shadow = None;
-        if let Some(stopped) = self.shadow.set(None) {
+    /// Takes model `name`'s shadow version, if any, off the shadow runner, and its marker off the
+    /// disk at the next save.
+    pub(super) fn stop_shadow(&mut self, name: &str, why: &str) {
+        if let Some(model) = self
+            .state
+            .models
+            .iter_mut()
+            .find(|model| model.name == name)
+        {
+            model.shadow = None;
+        }
+        if let Some(stopped) = self.shadow.set(name, None) {
             log::info!(
                 "stopped running {}@{} in shadow: {why}",
                 stopped.name,

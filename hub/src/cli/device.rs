@@ -163,6 +163,19 @@ pub fn model_ref(model: &Option<ModelRef>) -> String {
     )
 }
 
+/// Every model a device runs, as `name@version`, comma-separated; `-` for none.
+fn models_cell(device: &DeviceSummary) -> String {
+    let running = device.running();
+    if running.is_empty() {
+        return "-".to_owned();
+    }
+    running
+        .iter()
+        .map(|model| format!("{}@{}", model.name, model.version))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn render_list(devices: &[DeviceSummary], now: u64) -> String {
     let mut out = Table::new(&[
         "ID",
@@ -177,7 +190,7 @@ fn render_list(devices: &[DeviceSummary], now: u64) -> String {
         out.row(vec![
             device.id.clone(),
             device.state.clone(),
-            model_ref(&device.active),
+            models_cell(device),
             device.arch.clone(),
             device.agent_version.clone(),
             device
@@ -191,7 +204,15 @@ fn render_list(devices: &[DeviceSummary], now: u64) -> String {
 
 fn render_detail(detail: &DeviceDetail, now: u64) -> String {
     let device = &detail.device;
-    let mut text = fields(&[
+    // One line per model the device runs.
+    let models: Vec<(&str, String)> = match device.running() {
+        [] => vec![("model", "-".to_owned())],
+        running => running
+            .iter()
+            .map(|model| ("model", format!("{}@{}", model.name, model.version)))
+            .collect(),
+    };
+    let mut pairs = vec![
         ("device", device.id.clone()),
         ("state", device.state.clone()),
         (
@@ -201,7 +222,9 @@ fn render_detail(detail: &DeviceDetail, now: u64) -> String {
         ("labels", device.labels.join(",")),
         ("arch", device.arch.clone()),
         ("agent", device.agent_version.clone()),
-        ("active model", model_ref(&device.active)),
+    ];
+    pairs.extend(models);
+    pairs.extend([
         (
             "plan",
             detail
@@ -237,6 +260,7 @@ fn render_detail(detail: &DeviceDetail, now: u64) -> String {
             },
         ),
     ]);
+    let mut text = fields(&pairs);
     text.push('\n');
     text.push_str(&render_events(&detail.events));
     text
@@ -323,6 +347,7 @@ mod tests {
                     name: "iris".into(),
                     version: 2,
                 }),
+                models: Vec::new(),
                 enrolled_at: 0,
                 last_checkin: Some(940),
                 revoked: false,
@@ -343,7 +368,11 @@ mod tests {
             }],
         };
         let text = render_detail(&detail, 1000);
-        assert!(text.contains("active model     iris@2\n"), "{text}");
+        // A device the hub knows only the active model of, as a store of 0.1.0 holds it.
+        assert!(
+            text.contains("agent            0.1.0\nmodel            iris@2\nplan"),
+            "{text}"
+        );
         assert!(
             text.contains("last check-in    1970-01-01T00:15:40Z (1m ago)\n"),
             "{text}"
@@ -355,5 +384,78 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    fn model(name: &str, version: u64) -> ModelRef {
+        ModelRef {
+            name: name.into(),
+            version,
+        }
+    }
+
+    /// Issue 20: a device running several models shows each of them, in `device show` one line
+    /// per model and in `device list` all in its model column.
+    #[test]
+    fn every_model_a_device_runs_is_shown() {
+        let summary = DeviceSummary {
+            id: "d1".into(),
+            labels: Vec::new(),
+            arch: "x86_64".into(),
+            agent_version: "0.3.0".into(),
+            state: "steady".into(),
+            active: Some(model("vad", 4)),
+            models: vec![model("iris", 2), model("vad", 4)],
+            enrolled_at: 0,
+            last_checkin: None,
+            revoked: false,
+        };
+        let detail = DeviceDetail {
+            device: summary.clone(),
+            public_key: "ab".into(),
+            plan_sequence: None,
+            dropped_records: 0,
+            inferences: Vec::new(),
+            events: Vec::new(),
+        };
+        let text = render_detail(&detail, 1000);
+        assert!(
+            text.contains("model            iris@2\nmodel            vad@4\n"),
+            "{text}"
+        );
+        let list = render_list(std::slice::from_ref(&summary), 1000);
+        assert!(list.contains(" iris@2,vad@4 "), "{list}");
+
+        let idle = DeviceSummary {
+            active: None,
+            models: Vec::new(),
+            ..summary.clone()
+        };
+        let idle_detail = DeviceDetail {
+            device: idle.clone(),
+            ..detail
+        };
+        let text = render_detail(&idle_detail, 1000);
+        assert!(text.contains("model            -\n"), "{text}");
+        let list = render_list(&[idle], 1000);
+        assert!(list.contains("steady  -  "), "{list}");
+
+        // JSON from a hub that sent no list still parses, and an empty list is left out.
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(
+            serde_json::from_value::<DeviceSummary>(json.clone()).unwrap(),
+            summary
+        );
+        let mut older = json;
+        older.as_object_mut().unwrap().remove("models");
+        let parsed: DeviceSummary = serde_json::from_value(older).unwrap();
+        assert_eq!(parsed.running(), [model("vad", 4)]);
+        let without = DeviceSummary {
+            models: Vec::new(),
+            ..summary
+        };
+        assert!(serde_json::to_value(&without)
+            .unwrap()
+            .get("models")
+            .is_none());
     }
 }

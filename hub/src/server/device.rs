@@ -1,11 +1,17 @@
-//! The device API: postcard over HTTP(S), under `/device/v1`.
+//! The device API: postcard over HTTP(S), under `/device/v1` (check-ins also under `/device/v2`,
+//! naming the documents the device holds, and `/device/v3`, one entry per model it runs).
 //!
 //! Enrollment is authorised by an enrollment token. Every other request is signed by the device's
 //! own key over method, path, body hash, timestamp and nonce ([`outpost_protocol::auth`]); the
 //! hub refuses stale timestamps, replayed nonces, unknown and revoked devices, each with its own
 //! reason. Errors are postcard [`ErrorResponse`]s with the matching HTTP status.
+//!
+//! Each model name has rollouts of its own: a plan belongs to the model its target names. An
+//! agent running several models is answered per model; one running a single model only ever
+//! about that model (see [`rollout_for_one_model`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -19,19 +25,20 @@ use outpost_protocol::auth::{
     MAX_CLOCK_SKEW_SECS,
 };
 use outpost_protocol::device::{
-    held_digest, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse, ErrorResponse,
-    HeldCheckIn, HeldCheckInResponse, Status, StatusReport, TelemetryAck, TelemetryBatch,
-    LATENCY_BUCKETS_US,
+    held_digest, AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse,
+    ErrorResponse, HeldCheckIn, HeldCheckInResponse, ModelAnswer, ModelCheckIn, ModelsCheckIn,
+    ModelsCheckInResponse, RunningModel, Status, StatusReport, TelemetryAck, TelemetryBatch,
+    LATENCY_BUCKETS_US, MAX_DEVICE_MODELS,
 };
 use outpost_protocol::keys::SignatureBytes;
 use outpost_protocol::trust::Slot;
-use outpost_protocol::{sha256, Message, ModelName, PreparedKey, PublicKey, Sha256};
+use outpost_protocol::{sha256, Label, Message, ModelName, PreparedKey, PublicKey, Sha256};
 use serde_bytes::ByteBuf;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tower_http::timeout::TimeoutLayer;
 
 use super::drift::{check_summary, SummaryError};
-use super::engine::Document;
+use super::engine::{Document, LiveRollout};
 use super::fleet::{labels_of, DeviceState};
 use super::metrics::Metrics;
 use super::nonces::NonceRefusal;
@@ -63,6 +70,10 @@ pub fn routes(hub: SharedHub) -> Router {
         .route(
             "/device/v2/checkin",
             post(held_check_in).layer(limited(HeldCheckIn::MAX_FRAME)),
+        )
+        .route(
+            "/device/v3/checkin",
+            post(models_check_in).layer(limited(ModelsCheckIn::MAX_FRAME)),
         )
         .route(
             "/device/v1/status",
@@ -372,6 +383,8 @@ async fn enroll(
                 plan_sequence: None,
                 dropped_records: 0,
                 queue_bytes: 0,
+                models: Vec::new(),
+                several_models: false,
             }
         },
         enrolled_event,
@@ -430,14 +443,109 @@ async fn held_check_in(
     reply(&HeldCheckInResponse::Full(answer.into_response()))
 }
 
+/// A check-in from an agent that runs several models side by side, one entry per model. Each
+/// model name is answered on its own, by the latest live rollout of that model that applies to
+/// the device ([`rollouts_per_model`]): "unchanged" when the device holds exactly its documents,
+/// for the same slot, and there is no newer root, else in full. A model the device runs with no
+/// such rollout gets no entry, and the device keeps running it. The poll interval is short while
+/// any of those rollouts is active or paused.
+///
+/// `check_ins_unchanged` counts a check-in all of whose entries (one at least) are unchanged, as
+/// it counts a held check-in answered "unchanged": both mean the hub sent no document.
+async fn models_check_in(
+    State(hub): State<SharedHub>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, DeviceError> {
+    let body = body?;
+    let read = authenticate(&hub, &method, &uri, &headers, &body, Kept::InMemory).await?;
+    let request: ModelsCheckIn = outpost_protocol::decode(&body)?;
+    check_models(&request.models).map_err(DeviceError::bad_request)?;
+    let now = unix_now();
+    let device = record_check_in(&hub, read, now, &Reported::of_models(&request))?;
+    let roots = roots_after(&hub, request.root_version)?;
+    let labels = labels_of(&device);
+    let live = live_rollouts(&hub)?;
+    let reported: Vec<&str> = request
+        .models
+        .iter()
+        .map(|entry| entry.name.as_str())
+        .collect();
+    let rollouts = rollouts_per_model(&live, &labels, &reported);
+    let models: Vec<ModelAnswer> = rollouts
+        .iter()
+        .map(|rollout| {
+            let name = &rollout.rollout.plan.target.name;
+            let documents = Documents::for_device(rollout, &device, &labels);
+            let held = request
+                .models
+                .iter()
+                .find(|entry| entry.name == *name)
+                .and_then(|entry| entry.held);
+            if roots.is_empty() && held == Some(documents.held_digest()) {
+                ModelAnswer::Unchanged { name: name.clone() }
+            } else {
+                documents.into_model_answer()
+            }
+        })
+        .collect();
+    Metrics::bump(&hub.metrics.check_ins, 1);
+    if !models.is_empty()
+        && models
+            .iter()
+            .all(|answer| matches!(answer, ModelAnswer::Unchanged { .. }))
+    {
+        Metrics::bump(&hub.metrics.check_ins_unchanged, 1);
+    }
+    reply(&ModelsCheckInResponse {
+        hub_time: now,
+        roots,
+        poll_after_secs: poll_after(&hub, &rollouts),
+        models,
+    })
+}
+
+/// Why a models check-in is refused, if it is: more entries than a device may run models, an
+/// entry whose name is no model name, two entries of one name, or an entry whose active model
+/// is another model than the one it names.
+fn check_models(models: &[ModelCheckIn]) -> Result<(), String> {
+    if models.len() > MAX_DEVICE_MODELS {
+        return Err(format!(
+            "check-in names {} models, at most {MAX_DEVICE_MODELS} are accepted",
+            models.len()
+        ));
+    }
+    for (index, entry) in models.iter().enumerate() {
+        ModelName::new(&entry.name)
+            .map_err(|error| format!("model entry {index}: name {:?}: {error}", entry.name))?;
+        if models[..index]
+            .iter()
+            .any(|earlier| earlier.name == entry.name)
+        {
+            return Err(format!(
+                "model {:?} has two entries: one entry per model",
+                entry.name
+            ));
+        }
+        if let Some(active) = entry.active.as_ref().filter(|a| a.name != entry.name) {
+            return Err(format!(
+                "the entry of model {:?} runs model {:?}: an entry's active model is the \
+                 model it names",
+                entry.name, active.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A check-in's answer before it is encoded: the signed documents stay shared, and their digests
 /// are the ones worked out when the rollout cache was built.
 struct Answer {
     hub_time: u64,
     roots: Vec<ByteBuf>,
-    plan: Option<Document>,
-    manifest: Option<(Slot, Document)>,
-    shadow: Option<Document>,
+    documents: Option<Documents>,
     poll_after_secs: u32,
 }
 
@@ -445,90 +553,48 @@ impl Answer {
     /// [`CheckInResponse::held_digest`] of the response this answer becomes, without hashing the
     /// documents again.
     fn held_digest(&self) -> Option<Sha256> {
-        Some(held_digest(
-            &self.plan.as_ref()?.sha256,
-            self.manifest
-                .as_ref()
-                .map(|(slot, document)| (*slot, &document.sha256)),
-            self.shadow.as_ref().map(|document| &document.sha256),
-        ))
+        self.documents.as_ref().map(Documents::held_digest)
     }
 
     fn into_response(self) -> CheckInResponse {
-        let bytes = |document: Document| ByteBuf::from(document.bytes.as_ref().clone());
+        let (plan, manifest, shadow) = match self.documents {
+            Some(documents) => (
+                Some(bytes_of(documents.plan)),
+                documents
+                    .manifest
+                    .map(|(slot, document)| (slot, bytes_of(document))),
+                documents.shadow.map(bytes_of),
+            ),
+            None => (None, None, None),
+        };
         CheckInResponse {
             hub_time: self.hub_time,
             roots: self.roots,
-            plan: self.plan.map(bytes),
-            manifest: self
-                .manifest
-                .map(|(slot, document)| (slot, bytes(document))),
+            plan,
+            manifest,
             poll_after_secs: self.poll_after_secs,
-            shadow: self.shadow.map(bytes),
+            shadow,
         }
     }
 }
 
-/// Records a check-in and works out the full answer: roots newer than the device's, the plan that
-/// applies to it with the manifest of its slot and any shadow manifest, and when to come back —
-/// soon while that plan's rollout is active or paused, so the device follows its stages, and
-/// after the quiet interval otherwise.
-fn answer_check_in(
-    hub: &SharedHub,
-    read: DeviceRead,
-    report: &CheckIn,
-) -> Result<Answer, DeviceError> {
-    let now = unix_now();
-    // Check-in state is refreshed by the next check-in, so it is not flushed on its own: the store
-    // flushes on a short timer and before every acknowledged write.
-    let device = hub
-        .store
-        .update_device(read, |device| {
-            device.last_checkin = Some(now);
-            device.state = DeviceState::reported(report.state).as_str().to_owned();
-            device.active = report.active.as_ref().map(|running| RunningRecord {
-                name: running.name.clone(),
-                version: running.version,
-                manifest_sha256: running.manifest_sha256.0,
-            });
-            device.plan_sequence = report.plan_sequence;
-            device.agent_version = report.agent_version.to_string();
-            device.queue_bytes = report.queue_bytes;
-        })?
-        .ok_or_else(|| DeviceError::internal("the device's record vanished during its check-in"))?;
+/// What one rollout hands one device: its signed plan, the manifest of the device's slot and
+/// any shadow manifest, shared from the rollout cache with their digests.
+struct Documents {
+    plan: Document,
+    manifest: Option<(Slot, Document)>,
+    shadow: Option<Document>,
+}
 
-    let roots = hub
-        .store
-        .roots_after(report.root_version)?
-        .into_iter()
-        .map(|(_, bytes)| ByteBuf::from(bytes))
-        .collect();
-    let labels = labels_of(&device);
-    let live = hub
-        .live
-        .read()
-        .map_err(|_| DeviceError::internal("rollout cache lock poisoned"))?
-        .clone();
-    let id = DeviceId(device.id);
-    let mut plan = None;
-    let mut manifest = None;
-    let mut shadow = None;
-    let mut poll_after_secs = hub.config.poll_secs;
-    if let Some(rollout) = live
-        .iter()
-        .rev()
-        .find(|rollout| rollout.applies_to(&labels))
-    {
-        if matches!(
-            rollout.rollout.state,
-            RolloutState::Active | RolloutState::Paused
-        ) {
-            poll_after_secs = hub.config.rollout_poll_secs;
-        }
-        plan = Some(rollout.signed_plan.clone());
+impl Documents {
+    /// The documents `rollout` hands `device`: the manifest of its slot, unless its agent is too
+    /// old for the target (then the fallback's, or none), and the target in shadow when the
+    /// device is in the plan's shadow stage. Every check-in path answers a rollout with this.
+    fn for_device(rollout: &LiveRollout, device: &DeviceRecord, labels: &[Label]) -> Documents {
+        let id = DeviceId(device.id);
         let too_old = super::engine::agent_too_old(&device.agent_version, rollout.target_min_agent);
-        let slot = crate::rollout::slot_for(&rollout.rollout, &id, &labels);
-        manifest = match crate::rollout::offered(&rollout.rollout, slot, too_old) {
+        let slot = crate::rollout::slot_for(&rollout.rollout, &id, labels);
+        let manifest = match crate::rollout::offered(&rollout.rollout, slot, too_old) {
             Some(Slot::Target) => Some((Slot::Target, rollout.target_manifest.clone())),
             Some(Slot::Fallback) => rollout
                 .fallback_manifest
@@ -536,18 +602,229 @@ fn answer_check_in(
                 .map(|document| (Slot::Fallback, document)),
             None => None,
         };
-        if !too_old && crate::rollout::shadow_for(&rollout.rollout, &id, &labels) {
-            shadow = Some(rollout.target_manifest.clone());
+        let shadow = (!too_old && crate::rollout::shadow_for(&rollout.rollout, &id, labels))
+            .then(|| rollout.target_manifest.clone());
+        Documents {
+            plan: rollout.signed_plan.clone(),
+            manifest,
+            shadow,
         }
     }
+
+    /// The protocol's [`held_digest`] of these documents, from the digests the rollout cache
+    /// worked out.
+    fn held_digest(&self) -> Sha256 {
+        held_digest(
+            &self.plan.sha256,
+            self.manifest
+                .as_ref()
+                .map(|(slot, document)| (*slot, &document.sha256)),
+            self.shadow.as_ref().map(|document| &document.sha256),
+        )
+    }
+
+    fn into_model_answer(self) -> ModelAnswer {
+        ModelAnswer::Full {
+            plan: bytes_of(self.plan),
+            manifest: self
+                .manifest
+                .map(|(slot, document)| (slot, bytes_of(document))),
+            shadow: self.shadow.map(bytes_of),
+        }
+    }
+}
+
+fn bytes_of(document: Document) -> ByteBuf {
+    ByteBuf::from(document.bytes.as_ref().clone())
+}
+
+/// The rollout a device that runs one model follows (`/device/v1` and `/device/v2` check-ins):
+/// the latest live rollout that applies to it and whose target is the model it runs, so that
+/// another model's rollout never switches it off its model; when it runs none yet, the latest
+/// that applies, of whatever model.
+fn rollout_for_one_model<'a>(
+    live: &'a [LiveRollout],
+    labels: &[Label],
+    running: Option<&str>,
+) -> Option<&'a LiveRollout> {
+    live.iter().rev().find(|rollout| {
+        rollout.applies_to(labels)
+            && running.is_none_or(|name| rollout.rollout.plan.target.name == name)
+    })
+}
+
+/// The rollouts a device that runs several models follows (`/device/v3`): per model name (its
+/// plans' target name), the latest live rollout that applies to it, sorted by name. A device is
+/// answered about at most [`MAX_DEVICE_MODELS`] models: those it `reported` first, then the
+/// others by name.
+fn rollouts_per_model<'a>(
+    live: &'a [LiveRollout],
+    labels: &[Label],
+    reported: &[&str],
+) -> Vec<&'a LiveRollout> {
+    let mut latest: BTreeMap<&str, &LiveRollout> = BTreeMap::new();
+    for rollout in live
+        .iter()
+        .rev()
+        .filter(|rollout| rollout.applies_to(labels))
+    {
+        latest
+            .entry(rollout.rollout.plan.target.name.as_str())
+            .or_insert(rollout);
+    }
+    if latest.len() > MAX_DEVICE_MODELS {
+        // A check-in names at most as many models as an answer may carry, so they all fit.
+        let (mut kept, others): (Vec<&str>, Vec<&str>) =
+            latest.keys().partition(|name| reported.contains(name));
+        kept.extend(others);
+        kept.truncate(MAX_DEVICE_MODELS);
+        latest.retain(|name, _| kept.contains(name));
+    }
+    latest.into_values().collect()
+}
+
+/// How long a device waits before it checks in again: briefly while one of the `rollouts` it
+/// follows is active or paused, so that it follows their stages, and the quiet interval
+/// otherwise.
+fn poll_after(hub: &SharedHub, rollouts: &[&LiveRollout]) -> u32 {
+    let moving = rollouts.iter().any(|rollout| {
+        matches!(
+            rollout.rollout.state,
+            RolloutState::Active | RolloutState::Paused
+        )
+    });
+    if moving {
+        hub.config.rollout_poll_secs
+    } else {
+        hub.config.poll_secs
+    }
+}
+
+/// What a check-in says of its device, whichever path it came by: the fields of the device
+/// record a check-in refreshes.
+#[derive(Debug, Clone)]
+struct Reported {
+    state: AgentState,
+    agent_version: String,
+    queue_bytes: u64,
+    plan_sequence: Option<u64>,
+    active: Option<RunningRecord>,
+    models: Vec<RunningRecord>,
+    several_models: bool,
+}
+
+impl Reported {
+    /// A single-model agent's check-in: its active model is the only one it runs.
+    fn of_one(report: &CheckIn) -> Reported {
+        let active = report.active.as_ref().map(running_record);
+        Reported {
+            state: report.state,
+            agent_version: report.agent_version.to_string(),
+            queue_bytes: report.queue_bytes,
+            plan_sequence: report.plan_sequence,
+            models: active.iter().cloned().collect(),
+            active,
+            several_models: false,
+        }
+    }
+
+    /// A models check-in: every entry's active model, sorted by name; as `active` the first
+    /// entry's that runs one (the agent's first model, the one it names when it falls back to a
+    /// held check-in); and the highest plan sequence of any entry.
+    fn of_models(request: &ModelsCheckIn) -> Reported {
+        let mut models: Vec<RunningRecord> = request
+            .models
+            .iter()
+            .filter_map(|entry| entry.active.as_ref().map(running_record))
+            .collect();
+        let active = models.first().cloned();
+        models.sort_by(|a, b| a.name.cmp(&b.name));
+        Reported {
+            state: request.state,
+            agent_version: request.agent_version.to_string(),
+            queue_bytes: request.queue_bytes,
+            plan_sequence: request
+                .models
+                .iter()
+                .filter_map(|entry| entry.plan_sequence)
+                .max(),
+            active,
+            models,
+            several_models: true,
+        }
+    }
+}
+
+fn running_record(running: &RunningModel) -> RunningRecord {
+    RunningRecord {
+        name: running.name.clone(),
+        version: running.version,
+        manifest_sha256: running.manifest_sha256.0,
+    }
+}
+
+/// Writes what a check-in reported into the device's record, and returns the record.
+fn record_check_in(
+    hub: &SharedHub,
+    read: DeviceRead,
+    now: u64,
+    reported: &Reported,
+) -> Result<DeviceRecord, DeviceError> {
+    // Check-in state is refreshed by the next check-in, so it is not flushed on its own: the store
+    // flushes on a short timer and before every acknowledged write.
+    hub.store
+        .update_device(read, |device| {
+            device.last_checkin = Some(now);
+            device.state = DeviceState::reported(reported.state).as_str().to_owned();
+            device.active = reported.active.clone();
+            device.models = reported.models.clone();
+            device.several_models = reported.several_models;
+            device.plan_sequence = reported.plan_sequence;
+            device.agent_version = reported.agent_version.clone();
+            device.queue_bytes = reported.queue_bytes;
+        })?
+        .ok_or_else(|| DeviceError::internal("the device's record vanished during its check-in"))
+}
+
+/// Signed roots newer than `version`, oldest first.
+fn roots_after(hub: &SharedHub, version: u64) -> Result<Vec<ByteBuf>, DeviceError> {
+    Ok(hub
+        .store
+        .roots_after(version)?
+        .into_iter()
+        .map(|(_, bytes)| ByteBuf::from(bytes))
+        .collect())
+}
+
+fn live_rollouts(hub: &SharedHub) -> Result<Arc<Vec<LiveRollout>>, DeviceError> {
+    Ok(hub
+        .live
+        .read()
+        .map_err(|_| DeviceError::internal("rollout cache lock poisoned"))?
+        .clone())
+}
+
+/// Records a single-model check-in and works out its full answer: roots newer than the
+/// device's, the plan of [`rollout_for_one_model`] with the manifest of the device's slot and
+/// any shadow manifest, and when to come back ([`poll_after`]).
+fn answer_check_in(
+    hub: &SharedHub,
+    read: DeviceRead,
+    report: &CheckIn,
+) -> Result<Answer, DeviceError> {
+    let now = unix_now();
+    let device = record_check_in(hub, read, now, &Reported::of_one(report))?;
+    let roots = roots_after(hub, report.root_version)?;
+    let labels = labels_of(&device);
+    let live = live_rollouts(hub)?;
+    let running = report.active.as_ref().map(|active| active.name.as_str());
+    let rollout = rollout_for_one_model(&live, &labels, running);
     Metrics::bump(&hub.metrics.check_ins, 1);
     Ok(Answer {
         hub_time: now,
         roots,
-        plan,
-        manifest,
-        poll_after_secs,
-        shadow,
+        documents: rollout.map(|rollout| Documents::for_device(rollout, &device, &labels)),
+        poll_after_secs: poll_after(hub, rollout.as_slice()),
     })
 }
 
@@ -852,7 +1129,491 @@ async fn artifact(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    // Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use axum::http::Request;
+    use outpost_protocol::keys::SecretKey;
+    use outpost_protocol::trust::{AgentVersion, BreachAction, GatePolicy, ManifestRef, PlanBody};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::rollout::Rollout;
+    use crate::server::{ConnectionLimits, Hub, ServerConfig};
+
+    const DEVICE: [u8; 16] = [3; 16];
+    const POLL_SECS: u32 = 300;
+    const ROLLOUT_POLL_SECS: u32 = 30;
+
+    /// A hub with one enrolled device, labelled `site=lab`, whose key signs the requests.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        hub: SharedHub,
+        key: SecretKey,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let hub = Hub::open(ServerConfig {
+                data_dir: dir.path().to_owned(),
+                tls: None,
+                tick: Duration::from_secs(60),
+                poll_secs: POLL_SECS,
+                rollout_poll_secs: ROLLOUT_POLL_SECS,
+                max_artifact_bytes: 1 << 20,
+                request_timeout: Duration::from_secs(30),
+                drain_timeout: Duration::from_secs(1),
+                connections: ConnectionLimits {
+                    header_timeout: Duration::from_secs(5),
+                    idle_timeout: Duration::from_secs(60),
+                    max_per_address: 16,
+                    max_connections: 16,
+                },
+                metrics_public: false,
+                retention: crate::store::Retention::default(),
+            })
+            .unwrap();
+            let key = SecretKey::from_seed([9; 32]);
+            hub.store
+                .put_device(&DeviceRecord {
+                    id: DEVICE,
+                    public_key: key.public().0,
+                    arch: "x86_64".to_owned(),
+                    agent_version: "0.3.0".to_owned(),
+                    labels: vec![("site".to_owned(), "lab".to_owned())],
+                    enrolled_at: 1,
+                    revoked: false,
+                    last_checkin: None,
+                    state: "steady".to_owned(),
+                    active: None,
+                    plan_sequence: None,
+                    dropped_records: 0,
+                    queue_bytes: 0,
+                    models: Vec::new(),
+                    several_models: false,
+                })
+                .unwrap();
+            Fixture {
+                _dir: dir,
+                hub,
+                key,
+            }
+        }
+
+        fn live(&self, rollouts: Vec<LiveRollout>) {
+            *self.hub.live.write().unwrap() = Arc::new(rollouts);
+        }
+
+        fn device(&self) -> DeviceRecord {
+            self.hub.store.device(&DEVICE).unwrap().unwrap()
+        }
+
+        /// Posts `message` to `path`, signed by the device, and returns the status and body.
+        async fn post<M: Message>(&self, path: &str, message: &M) -> (StatusCode, Bytes) {
+            let body = outpost_protocol::encode(message).unwrap();
+            let timestamp = unix_now();
+            let mut nonce = [0u8; 16];
+            getrandom::getrandom(&mut nonce).unwrap();
+            let signature = RequestToSign {
+                method: "POST",
+                path_and_query: path,
+                body_sha256: sha256(&body),
+                timestamp,
+                nonce,
+            }
+            .sign(&self.key);
+            let request = Request::post(path)
+                .header(HEADER_DEVICE, hex::encode(DEVICE))
+                .header(HEADER_TIMESTAMP, timestamp.to_string())
+                .header(HEADER_NONCE, hex::encode(nonce))
+                .header(HEADER_SIGNATURE, hex::encode(signature.0))
+                .body(Body::from(body))
+                .unwrap();
+            let response = routes(self.hub.clone()).oneshot(request).await.unwrap();
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (status, body)
+        }
+
+        async fn models_check_in(&self, models: Vec<ModelCheckIn>) -> ModelsCheckInResponse {
+            let (status, body) = self
+                .post("/device/v3/checkin", &models_request(models))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{:?}", error_message(&body));
+            outpost_protocol::decode(&body).unwrap()
+        }
+
+        /// A single-model agent's check-in, plain (`v1`) and held (`v2`, holding nothing): both
+        /// must hand it the same plan. Returns that plan and the poll interval.
+        async fn one_model_check_in(&self, active: Option<RunningModel>) -> (Option<ByteBuf>, u32) {
+            let report = CheckIn {
+                state: AgentState::Steady,
+                active,
+                root_version: 0,
+                plan_sequence: None,
+                agent_version: AgentVersion::parse("0.2.0").unwrap(),
+                dropped_records: 0,
+                queue_bytes: 0,
+            };
+            let (status, body) = self.post("/device/v1/checkin", &report).await;
+            assert_eq!(status, StatusCode::OK, "{:?}", error_message(&body));
+            let plain: CheckInResponse = outpost_protocol::decode(&body).unwrap();
+            let held = HeldCheckIn {
+                check_in: report,
+                held: None,
+            };
+            let (status, body) = self.post("/device/v2/checkin", &held).await;
+            assert_eq!(status, StatusCode::OK, "{:?}", error_message(&body));
+            let HeldCheckInResponse::Full(full) = outpost_protocol::decode(&body).unwrap() else {
+                panic!("a device holding nothing gets a full answer");
+            };
+            assert_eq!(full.plan, plain.plan);
+            assert_eq!(full.poll_after_secs, plain.poll_after_secs);
+            (plain.plan, plain.poll_after_secs)
+        }
+    }
+
+    fn error_message(body: &[u8]) -> Option<String> {
+        outpost_protocol::decode::<ErrorResponse>(body)
+            .ok()
+            .map(|error| error.message)
+    }
+
+    fn models_request(models: Vec<ModelCheckIn>) -> ModelsCheckIn {
+        ModelsCheckIn {
+            state: AgentState::Steady,
+            models,
+            root_version: 0,
+            agent_version: AgentVersion::parse("0.3.0").unwrap(),
+            dropped_records: 0,
+            queue_bytes: 7,
+        }
+    }
+
+    fn running(name: &str, version: u64) -> RunningModel {
+        RunningModel {
+            name: name.to_owned(),
+            version,
+            manifest_sha256: Sha256([version as u8; 32]),
+        }
+    }
+
+    fn entry(name: &str, active: Option<u64>, held: Option<Sha256>) -> ModelCheckIn {
+        ModelCheckIn {
+            name: name.to_owned(),
+            active: active.map(|version| running(name, version)),
+            plan_sequence: None,
+            held,
+        }
+    }
+
+    fn document(text: String) -> Document {
+        let bytes = text.into_bytes();
+        Document {
+            sha256: sha256(&bytes),
+            bytes: Arc::new(bytes),
+        }
+    }
+
+    /// Rollout `sequence` of `name@version` to every device labelled `site`, all at its one
+    /// stage; its signed plan's bytes are `plan <sequence>`.
+    fn rollout(sequence: u64, name: &str, version: u64, state: RolloutState) -> LiveRollout {
+        rollout_at("lab", sequence, name, version, state)
+    }
+
+    fn rollout_at(
+        site: &str,
+        sequence: u64,
+        name: &str,
+        version: u64,
+        state: RolloutState,
+    ) -> LiveRollout {
+        let plan = PlanBody {
+            sequence,
+            created: 0,
+            expires: u64::MAX,
+            target: ManifestRef {
+                name: name.to_owned(),
+                version,
+                manifest_sha256: Sha256([version as u8; 32]),
+            },
+            fallback: None,
+            stages: vec![100],
+            selector: vec![Label::new("site", site).unwrap()],
+            gates: GatePolicy {
+                bake_secs: 60,
+                device_timeout_secs: 600,
+                max_failure_pct: 5.0,
+                max_error_rate: 0.02,
+                max_p95_regression_pct: 20.0,
+                max_drift_psi: None,
+                on_breach: BreachAction::Pause,
+                auto_advance: true,
+            },
+            shadow: None,
+        };
+        LiveRollout {
+            sequence,
+            rollout: Rollout {
+                plan,
+                state,
+                stage_index: 0,
+                stage_started: vec![0],
+            },
+            signed_plan: document(format!("plan {sequence}")),
+            target_manifest: document(format!("manifest {name}@{version}")),
+            fallback_manifest: None,
+            target_min_agent: AgentVersion::parse("0.1.0").unwrap(),
+        }
+    }
+
+    /// The plan of each full answer by its bytes, and the name of each unchanged one.
+    fn shown(answers: &[ModelAnswer]) -> Vec<String> {
+        answers
+            .iter()
+            .map(|answer| match answer {
+                ModelAnswer::Unchanged { name } => format!("unchanged {name}"),
+                ModelAnswer::Full { plan, .. } => String::from_utf8(plan.to_vec()).unwrap(),
+            })
+            .collect()
+    }
+
+    /// Issue 20: each model name is answered by its own latest rollout that applies to the
+    /// device, side by side; an older rollout of a model, and one whose selector leaves the
+    /// device out, are not.
+    #[tokio::test]
+    async fn a_models_check_in_is_answered_by_the_latest_rollout_of_each_model() {
+        let fixture = Fixture::new();
+        fixture.live(vec![
+            rollout(1, "iris", 1, RolloutState::Completed),
+            rollout(2, "vad", 1, RolloutState::Active),
+            rollout(3, "iris", 2, RolloutState::Completed),
+            rollout_at("elsewhere", 4, "vad", 2, RolloutState::Active),
+            rollout_at("elsewhere", 5, "kws", 1, RolloutState::Active),
+        ]);
+        let answer = fixture
+            .models_check_in(vec![
+                entry("vad", None, None),
+                entry("iris", Some(1), None),
+                // Runs a model no plan applies to: no entry, and the device keeps it.
+                entry("kws", Some(3), None),
+            ])
+            .await;
+        assert_eq!(shown(&answer.models), ["plan 3", "plan 2"]);
+        let ModelAnswer::Full { manifest, .. } = &answer.models[0] else {
+            unreachable!()
+        };
+        assert_eq!(
+            manifest
+                .as_ref()
+                .map(|(slot, bytes)| (*slot, bytes.to_vec())),
+            Some((Slot::Target, b"manifest iris@2".to_vec()))
+        );
+        // Rollout 2 of vad is active: the device comes back soon.
+        assert_eq!(answer.poll_after_secs, ROLLOUT_POLL_SECS);
+        assert!(answer.roots.is_empty());
+
+        // The device record lists every model it runs, by name; `active` is the first entry's
+        // that runs one.
+        let device = fixture.device();
+        let names: Vec<(&str, u64)> = device
+            .models
+            .iter()
+            .map(|model| (model.name.as_str(), model.version))
+            .collect();
+        assert_eq!(names, [("iris", 1), ("kws", 3)]);
+        assert_eq!(device.active.map(|active| active.name), Some("iris".into()));
+        assert_eq!(device.queue_bytes, 7);
+        assert!(device.last_checkin.is_some());
+
+        // With no active or paused rollout left, the quiet interval.
+        fixture.live(vec![rollout(3, "iris", 2, RolloutState::Completed)]);
+        let answer = fixture
+            .models_check_in(vec![entry("iris", Some(2), None)])
+            .await;
+        assert_eq!(shown(&answer.models), ["plan 3"]);
+        assert_eq!(answer.poll_after_secs, POLL_SECS);
+    }
+
+    /// Each model is "unchanged" on its own, when the device holds exactly that model's
+    /// documents, and in full otherwise; a newer root sends every model in full.
+    #[tokio::test]
+    async fn each_model_is_unchanged_only_when_the_device_holds_its_documents() {
+        let fixture = Fixture::new();
+        fixture.live(vec![
+            rollout(1, "iris", 1, RolloutState::Active),
+            rollout(2, "vad", 1, RolloutState::Completed),
+        ]);
+        let first = fixture
+            .models_check_in(vec![entry("iris", None, None), entry("vad", None, None)])
+            .await;
+        assert_eq!(shown(&first.models), ["plan 1", "plan 2"]);
+        let held: Vec<Sha256> = first
+            .models
+            .iter()
+            .map(|answer| answer.held_digest().unwrap())
+            .collect();
+        let unchanged_before = fixture
+            .hub
+            .metrics
+            .check_ins_unchanged
+            .load(Ordering::Relaxed);
+
+        let both = vec![
+            entry("iris", Some(1), Some(held[0])),
+            entry("vad", Some(1), Some(held[1])),
+        ];
+        let answer = fixture.models_check_in(both.clone()).await;
+        assert_eq!(shown(&answer.models), ["unchanged iris", "unchanged vad"]);
+        assert_eq!(answer.poll_after_secs, ROLLOUT_POLL_SECS);
+        assert_eq!(
+            fixture
+                .hub
+                .metrics
+                .check_ins_unchanged
+                .load(Ordering::Relaxed),
+            unchanged_before + 1
+        );
+
+        // vad holds iris's documents: only iris is unchanged, and the check-in is not.
+        let answer = fixture
+            .models_check_in(vec![
+                entry("iris", Some(1), Some(held[0])),
+                entry("vad", Some(1), Some(held[0])),
+            ])
+            .await;
+        assert_eq!(shown(&answer.models), ["unchanged iris", "plan 2"]);
+        assert_eq!(
+            fixture
+                .hub
+                .metrics
+                .check_ins_unchanged
+                .load(Ordering::Relaxed),
+            unchanged_before + 1
+        );
+
+        // A newer rollout of vad: vad's documents changed, iris's did not.
+        fixture.live(vec![
+            rollout(1, "iris", 1, RolloutState::Active),
+            rollout(2, "vad", 1, RolloutState::Superseded),
+            rollout(3, "vad", 2, RolloutState::Active),
+        ]);
+        let answer = fixture.models_check_in(both.clone()).await;
+        assert_eq!(shown(&answer.models), ["unchanged iris", "plan 3"]);
+
+        // A root newer than the device's comes with every model's documents.
+        fixture.hub.store.put_root(2, b"root 2").unwrap();
+        let answer = fixture.models_check_in(both).await;
+        assert_eq!(shown(&answer.models), ["plan 1", "plan 3"]);
+        assert_eq!(answer.roots, [ByteBuf::from(b"root 2".to_vec())]);
+    }
+
+    /// More models with a rollout for the device than an answer carries: the models the device
+    /// named come first, then the others by name.
+    #[test]
+    fn an_answer_carries_the_models_the_device_named_first() {
+        let live: Vec<LiveRollout> = (0..MAX_DEVICE_MODELS as u64 + 2)
+            .map(|n| rollout(n + 1, &format!("model-{n:02}"), 1, RolloutState::Active))
+            .collect();
+        let labels = [Label::new("site", "lab").unwrap()];
+        let names = |reported: &[&str]| -> Vec<String> {
+            rollouts_per_model(&live, &labels, reported)
+                .iter()
+                .map(|rollout| rollout.rollout.plan.target.name.clone())
+                .collect()
+        };
+        let all = names(&[]);
+        assert_eq!(all.len(), MAX_DEVICE_MODELS);
+        assert_eq!(all.last().map(String::as_str), Some("model-15"));
+        let with_named = names(&["model-17", "model-03"]);
+        assert_eq!(with_named.len(), MAX_DEVICE_MODELS);
+        assert!(with_named.contains(&"model-17".to_owned()));
+        assert!(!with_named.contains(&"model-15".to_owned()));
+        assert_eq!(with_named.first().map(String::as_str), Some("model-00"));
+    }
+
+    /// The hub refuses a models check-in that does not add up, naming what is wrong, before it
+    /// records anything of it.
+    #[tokio::test]
+    async fn a_models_check_in_that_does_not_add_up_is_refused() {
+        let fixture = Fixture::new();
+        let too_many = (0..=MAX_DEVICE_MODELS)
+            .map(|n| entry(&format!("model-{n}"), Some(1), None))
+            .collect();
+        let mismatched = ModelCheckIn {
+            active: Some(running("vad", 1)),
+            ..entry("iris", None, None)
+        };
+        let cases: [(Vec<ModelCheckIn>, &str); 4] = [
+            (
+                too_many,
+                "check-in names 17 models, at most 16 are accepted",
+            ),
+            (
+                vec![
+                    entry("iris", Some(1), None),
+                    entry("vad", None, None),
+                    entry("iris", Some(2), None),
+                ],
+                "model \"iris\" has two entries: one entry per model",
+            ),
+            (
+                vec![entry("vad", None, None), mismatched],
+                "the entry of model \"iris\" runs model \"vad\"",
+            ),
+            (
+                vec![entry("../x", None, None)],
+                "model entry 0: name \"../x\"",
+            ),
+        ];
+        for (models, expected) in cases {
+            let (status, body) = fixture
+                .post("/device/v3/checkin", &models_request(models))
+                .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            let message = error_message(&body).unwrap();
+            assert!(message.contains(expected), "{message:?} lacks {expected:?}");
+        }
+        assert_eq!(fixture.device().last_checkin, None);
+        assert_eq!(fixture.hub.metrics.check_ins.load(Ordering::Relaxed), 0);
+    }
+
+    /// Issue 20: an agent that runs one model (`/device/v1` and `/device/v2`) follows only the
+    /// rollouts of that model, however much newer another model's rollout is; one running
+    /// nothing yet follows the latest rollout that applies, of any model.
+    #[tokio::test]
+    async fn an_agent_running_one_model_keeps_it_whatever_other_models_roll_out() {
+        let fixture = Fixture::new();
+        fixture.live(vec![
+            rollout(1, "iris", 2, RolloutState::Completed),
+            rollout(2, "vad", 1, RolloutState::Active),
+        ]);
+        assert_eq!(
+            fixture.one_model_check_in(Some(running("iris", 1))).await,
+            (Some(ByteBuf::from(b"plan 1".to_vec())), POLL_SECS)
+        );
+        let device = fixture.device();
+        assert_eq!(device.active.as_ref().map(|active| active.version), Some(1));
+        assert_eq!(device.models, device.active.into_iter().collect::<Vec<_>>());
+
+        assert_eq!(
+            fixture.one_model_check_in(None).await,
+            (Some(ByteBuf::from(b"plan 2".to_vec())), ROLLOUT_POLL_SECS)
+        );
+        assert!(fixture.device().models.is_empty());
+
+        // A model no rollout moves: no plan, and the quiet interval.
+        assert_eq!(
+            fixture.one_model_check_in(Some(running("kws", 1))).await,
+            (None, POLL_SECS)
+        );
+    }
 
     #[test]
     fn ranges() {

@@ -259,7 +259,14 @@ pub fn device_facts(
             target_stats,
             fallback_stats,
             shadow: shadows.get(&device.id).cloned().unwrap_or_default(),
-            agent_too_old: agent_too_old(&device.agent_version, min_agent),
+            // An agent of one model that runs another is not offered this model: it keeps its
+            // own (see `device::rollout_for_one_model`), so it counts as skipped, not pending.
+            agent_too_old: agent_too_old(&device.agent_version, min_agent)
+                || (!device.several_models
+                    && device
+                        .running()
+                        .iter()
+                        .any(|model| model.name != plan.target.name)),
         });
     }
     Ok(facts)

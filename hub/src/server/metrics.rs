@@ -46,7 +46,8 @@ pub struct Metrics {
     /// someone reads them.
     scraped: AtomicBool,
     pub check_ins: AtomicU64,
-    /// Check-ins answered without documents, the device holding them already.
+    /// Check-ins answered without documents, the device holding them already: a held check-in
+    /// answered "unchanged", or a models check-in all of whose entries (one at least) are.
     pub check_ins_unchanged: AtomicU64,
     pub enrollments: AtomicU64,
     pub status_reports: AtomicU64,

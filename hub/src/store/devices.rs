@@ -16,7 +16,7 @@ impl Store {
         self.devices
             .get(id)?
             .map(|stored| {
-                let (record, applied) = decode_applied::<DeviceRecord>("devices", &stored)?;
+                let (record, applied) = decode_device(&stored)?;
                 Ok(DeviceRead {
                     record,
                     applied,
@@ -43,7 +43,7 @@ impl Store {
         } = read;
         let id = record.id;
         change(&mut record);
-        let first = Plan::Write(encode_applied("devices", &record, applied)?);
+        let first = Plan::Write(encode_device(&record, applied)?);
         let mut written = Some(record);
         // Never stops: the plans only write or, for a record that is gone, leave.
         let _ = apply_planned(&self.devices, &id, Some(stored), first, |current| {
@@ -51,9 +51,9 @@ impl Store {
                 written = None;
                 return Ok(Plan::Leave);
             };
-            let (mut record, applied) = decode_applied::<DeviceRecord>("devices", bytes)?;
+            let (mut record, applied) = decode_device(bytes)?;
             change(&mut record);
-            let plan = Plan::Write(encode_applied("devices", &record, applied)?);
+            let plan = Plan::Write(encode_device(&record, applied)?);
             written = Some(record);
             Ok(plan)
         })?;
@@ -69,7 +69,7 @@ impl Store {
         loop {
             let (dropped_records, applied) = match &read {
                 Some(bytes) => {
-                    let (stored, applied) = decode_applied::<DeviceRecord>("devices", bytes)?;
+                    let (stored, applied) = decode_device(bytes)?;
                     (stored.dropped_records, applied)
                 }
                 None => (device.dropped_records, None),
@@ -78,7 +78,7 @@ impl Store {
                 dropped_records,
                 ..device.clone()
             };
-            let bytes = encode_applied("devices", &record, applied)?;
+            let bytes = encode_device(&record, applied)?;
             match self
                 .devices
                 .compare_and_swap(device.id, read.as_ref(), Some(bytes))?
@@ -93,7 +93,7 @@ impl Store {
         self.devices
             .iter()
             .values()
-            .map(|bytes| decode_applied_record("devices", &bytes?))
+            .map(|bytes| Ok(decode_device(&bytes?)?.0))
             .collect()
     }
 
@@ -121,10 +121,9 @@ impl Store {
         Ok(events)
     }
 
-    /// Stores a status report: the device's outcome for the plan (when it is one) and the event,
-    /// atomically.
-    /// Stores a status report: the device's outcome in a plan, the event, and, for a committed
-    /// model, what the device now runs (so the fleet view does not wait for its next check-in).
+    /// Stores a status report, atomically: the device's outcome in a plan, the event, and, for a
+    /// committed model, what the device now runs (so the fleet view does not wait for its next
+    /// check-in; see [`DeviceRecord::note_committed`]).
     pub fn record_status(
         &self,
         device: &[u8; 16],
@@ -142,12 +141,11 @@ impl Store {
                 }
                 if let Some(running) = now_running {
                     if let Some(bytes) = devices.get(device)? {
-                        let (mut record, applied) =
-                            decode_applied::<DeviceRecord>("devices", &bytes).map_err(abort)?;
-                        record.active = Some(running.clone());
+                        let (mut record, applied) = decode_device(&bytes).map_err(abort)?;
+                        record.note_committed(running.clone());
                         devices.insert(
                             device.as_slice(),
-                            encode_applied("devices", &record, applied).map_err(abort)?,
+                            encode_device(&record, applied).map_err(abort)?,
                         )?;
                     }
                 }
@@ -213,6 +211,69 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// What a device record holds after the fields release 0.1.0 wrote and the sequence of the last
+/// telemetry batch applied to it ([`Applied`]): the list of models it runs. Add fields only at its
+/// end.
+///
+/// A record is stored in one of three forms, told apart by what follows each part:
+/// - the record alone (no batch applied, no models: as 0.1.0 wrote every device);
+/// - the record and a batch sequence, the [`Applied`] form (no models);
+/// - the record, a batch sequence and this tail, once the device runs any model. The sequence
+///   before the tail is the one an older hub reads (it ignores what follows, as postcard reads a
+///   value and leaves the rest), 0 when no batch was applied; this hub reads `applied` from the
+///   tail instead. (An older hub taking that 0 as a batch would skip only the dropped count of a
+///   batch numbered 0, where agents start theirs at a random 62-bit base.)
+///
+/// A record without models keeps the first two forms, byte for byte what hubs wrote before.
+#[derive(Serialize, Deserialize)]
+struct DeviceTail<M> {
+    /// The last telemetry batch applied to the record.
+    applied: Option<u64>,
+    /// [`DeviceRecord::models`].
+    models: M,
+    /// [`DeviceRecord::several_models`].
+    several_models: bool,
+}
+
+/// A device record's bytes in the form [`DeviceTail`] describes.
+pub(super) fn encode_device(record: &DeviceRecord, applied: Option<u64>) -> Result<Vec<u8>> {
+    if record.models.is_empty() {
+        return encode_applied("devices", record, applied);
+    }
+    let mut bytes = encode_applied("devices", record, Some(applied.unwrap_or(0)))?;
+    bytes.extend(encode(
+        "devices",
+        &DeviceTail {
+            applied,
+            models: &record.models,
+            several_models: record.several_models,
+        },
+    )?);
+    Ok(bytes)
+}
+
+/// Reads a device record in any of the forms [`DeviceTail`] describes, with the last telemetry
+/// batch applied to it.
+pub(super) fn decode_device(bytes: &[u8]) -> Result<(DeviceRecord, Option<u64>)> {
+    let corrupt = |error: postcard::Error| StoreError::Corrupt {
+        tree: "devices",
+        reason: error.to_string(),
+    };
+    let (mut record, rest): (DeviceRecord, &[u8]) =
+        postcard::take_from_bytes(bytes).map_err(corrupt)?;
+    if rest.is_empty() {
+        return Ok((record, None));
+    }
+    let (sequence, rest): (u64, &[u8]) = postcard::take_from_bytes(rest).map_err(corrupt)?;
+    if rest.is_empty() {
+        return Ok((record, Some(sequence)));
+    }
+    let tail: DeviceTail<Vec<RunningRecord>> = postcard::from_bytes(rest).map_err(corrupt)?;
+    record.models = tail.models;
+    record.several_models = tail.several_models;
+    Ok((record, tail.applied))
 }
 
 /// A device's latest accepted signed requests: their second, and the nonces of those accepted in

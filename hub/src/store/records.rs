@@ -82,10 +82,64 @@ pub struct DeviceRecord {
     pub last_checkin: Option<u64>,
     /// `steady`, `downloading`, `probation` or `degraded`, as last reported.
     pub state: String,
+    /// The model the device reports first: its only one for an agent that runs one model, the
+    /// first of its check-in's entries for one that runs several.
     pub active: Option<RunningRecord>,
+    /// The highest plan sequence the device has accepted, of any of its models.
     pub plan_sequence: Option<u64>,
     pub dropped_records: u64,
     pub queue_bytes: u64,
+    /// Every model the device runs, one per name, sorted by name. Stored in the record's tail
+    /// (see `devices::encode_device`), so empty in records written before hubs kept the list;
+    /// read it through [`DeviceRecord::running`], which then falls back to `active`.
+    #[serde(skip)]
+    pub models: Vec<RunningRecord>,
+    /// The device's agent checks in about every model it runs (`/device/v3/checkin`), so
+    /// another model's rollout adds a model beside its own. False for an agent of one model,
+    /// which keeps the model it runs. Stored in the record's tail.
+    #[serde(skip)]
+    pub several_models: bool,
+}
+
+impl DeviceRecord {
+    /// Every model the device runs, sorted by name: `models`, or, for a record written before
+    /// hubs kept that list, `active` alone.
+    pub fn running(&self) -> &[RunningRecord] {
+        if self.models.is_empty() {
+            self.active.as_slice()
+        } else {
+            &self.models
+        }
+    }
+
+    /// The version of model `name` the device runs, if it runs that model.
+    pub fn running_model(&self, name: &str) -> Option<&RunningRecord> {
+        self.running().iter().find(|model| model.name == name)
+    }
+
+    /// Notes that the device committed `model` (a status report, ahead of its next check-in):
+    /// it replaces the device's entry of that name or joins its list, and becomes `active` when
+    /// the device had none or ran an older version of the same model. Its other models stay: a
+    /// device changes one model at a time, and its next check-in lists them all again.
+    pub fn note_committed(&mut self, model: RunningRecord) {
+        if self.models.is_empty() {
+            self.models = self.active.iter().cloned().collect();
+        }
+        if self
+            .active
+            .as_ref()
+            .is_none_or(|active| active.name == model.name)
+        {
+            self.active = Some(model.clone());
+        }
+        match self
+            .models
+            .binary_search_by(|entry| entry.name.as_str().cmp(&model.name))
+        {
+            Ok(index) => self.models[index] = model,
+            Err(index) => self.models.insert(index, model),
+        }
+    }
 }
 
 /// A device record as read from the store, with the bytes it came from: what

@@ -138,7 +138,7 @@ impl Store {
                 let device = make_device(&token);
                 devices.insert(
                     &device.id,
-                    encode_applied("devices", &device, None).map_err(abort)?,
+                    super::devices::encode_device(&device, None).map_err(abort)?,
                 )?;
                 let event_key = [device.id.as_slice(), &event_id.to_be_bytes()].concat();
                 let event = make_event(&token);

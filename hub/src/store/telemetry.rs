@@ -562,13 +562,12 @@ impl Store {
                 let Some(bytes) = current else {
                     return Ok(Plan::Leave);
                 };
-                let (mut record, applied) = decode_applied::<DeviceRecord>("devices", bytes)?;
+                let (mut record, applied) = super::devices::decode_device(bytes)?;
                 if let Some(plan) = plan_if_applied(applied, sequence) {
                     return Ok(plan);
                 }
                 record.dropped_records = record.dropped_records.saturating_add(count);
-                Ok(Plan::Write(encode_applied(
-                    "devices",
+                Ok(Plan::Write(super::devices::encode_device(
                     &record,
                     Some(sequence),
                 )?))

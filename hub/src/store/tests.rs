@@ -249,6 +249,8 @@ fn device_record() -> DeviceRecord {
         plan_sequence: None,
         dropped_records: 0,
         queue_bytes: 0,
+        models: Vec::new(),
+        several_models: false,
     }
 }
 
@@ -597,10 +599,7 @@ fn a_stale_read_written_back_loses_nobody_elses_change() {
     );
     // The batch's sequence stayed with the count: a crash-cut resend would not add again.
     let bytes = store.devices.get(DEVICE).unwrap().unwrap();
-    assert_eq!(
-        decode_applied::<DeviceRecord>("devices", &bytes).unwrap().1,
-        Some(1)
-    );
+    assert_eq!(devices::decode_device(&bytes).unwrap().1, Some(1));
     assert_eq!(
         store.ingest_telemetry(&DEVICE, 1, &[], 3, 10).unwrap(),
         Ingested::Duplicate
@@ -722,4 +721,117 @@ fn the_latest_requests_of_a_device_refuse_their_replays_and_older_ones_only() {
     }
     let latest = store.signed_at().unwrap().remove(&device).unwrap();
     assert!(latest.overflowed && latest.may_replay(200, &[250; 16]));
+}
+
+fn running(name: &str, version: u64) -> RunningRecord {
+    RunningRecord {
+        name: name.to_owned(),
+        version,
+        manifest_sha256: [version as u8; 32],
+    }
+}
+
+/// Issue 20: the models a device runs live in a tail after the fields (and batch sequence) hubs
+/// wrote before, so records of 0.1.0 read as they were, a record with no models is written as
+/// before byte for byte, and an older hub reads a record with models, ignoring them.
+#[test]
+fn a_device_records_models_are_a_tail_that_old_records_and_older_hubs_do_without() {
+    let with_models = DeviceRecord {
+        active: Some(running("vad", 2)),
+        models: vec![running("iris", 1), running("vad", 2)],
+        several_models: false,
+        ..device_record()
+    };
+    let without_models = DeviceRecord {
+        models: Vec::new(),
+        ..with_models.clone()
+    };
+    for applied in [None, Some(9)] {
+        // No models: the record alone, or with its batch sequence, as before.
+        let bytes = devices::encode_device(&without_models, applied).unwrap();
+        assert_eq!(
+            bytes,
+            encode_applied("devices", &without_models, applied).unwrap()
+        );
+        assert_eq!(
+            devices::decode_device(&bytes).unwrap(),
+            (without_models.clone(), applied)
+        );
+        // For a record of 0.1.0, the active model is the one it runs.
+        assert_eq!(without_models.running(), [running("vad", 2)]);
+
+        let bytes = devices::encode_device(&with_models, applied).unwrap();
+        assert!(bytes.starts_with(&old_form(&without_models)));
+        assert_eq!(
+            devices::decode_device(&bytes).unwrap(),
+            (with_models.clone(), applied)
+        );
+        assert_eq!(with_models.running(), with_models.models.as_slice());
+        // An older hub reads the fields it knows and a batch sequence (0 for none).
+        assert_eq!(
+            decode_applied::<DeviceRecord>("devices", &bytes).unwrap(),
+            (without_models.clone(), Some(applied.unwrap_or(0)))
+        );
+    }
+
+    // Through the store: a check-in's models survive a telemetry batch's dropped count, and the
+    // batch's sequence stays known.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.put_device(&device_record()).unwrap();
+    let read = store.device_read(&DEVICE).unwrap().unwrap();
+    store
+        .update_device(read, |device| device.models = with_models.models.clone())
+        .unwrap();
+    assert_eq!(
+        store.ingest_telemetry(&DEVICE, 4, &[], 2, 10).unwrap(),
+        Ingested::Stored
+    );
+    assert_eq!(
+        store.ingest_telemetry(&DEVICE, 4, &[], 2, 10).unwrap(),
+        Ingested::Duplicate
+    );
+    let bytes = store.devices.get(DEVICE).unwrap().unwrap();
+    let (stored, applied) = devices::decode_device(&bytes).unwrap();
+    assert_eq!(applied, Some(4));
+    assert_eq!(stored.models, with_models.models);
+    assert_eq!(stored.dropped_records, 2);
+}
+
+/// A committed status report updates the model it names among those the device runs, and
+/// `active` only when that is the same model (or none): a device running several models does
+/// not lose the others, nor its first, to a commit of one.
+#[test]
+fn a_committed_report_updates_its_own_model_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // As 0.1.0 stored it: the one active model, no list.
+    let device = DeviceRecord {
+        active: Some(running("iris", 1)),
+        ..device_record()
+    };
+    store.devices.insert(DEVICE, old_form(&device)).unwrap();
+    let event = EventRecord {
+        at: 5,
+        kind: "committed".to_owned(),
+        plan_sequence: Some(3),
+        model: None,
+        detail: String::new(),
+    };
+    let commit = |model: RunningRecord| {
+        store
+            .record_status(&DEVICE, Some(3), None, &event, Some(&model))
+            .unwrap();
+        store.device(&DEVICE).unwrap().unwrap()
+    };
+    let stored = commit(running("vad", 1));
+    assert_eq!(stored.models, [running("iris", 1), running("vad", 1)]);
+    assert_eq!(stored.active, Some(running("iris", 1)));
+    let stored = commit(running("iris", 2));
+    assert_eq!(stored.models, [running("iris", 2), running("vad", 1)]);
+    assert_eq!(stored.active, Some(running("iris", 2)));
+    let stored = commit(running("vad", 2));
+    assert_eq!(stored.models, [running("iris", 2), running("vad", 2)]);
+    assert_eq!(stored.active, Some(running("iris", 2)));
+    assert_eq!(stored.running_model("vad"), Some(&running("vad", 2)));
 }

@@ -1,6 +1,7 @@
 //! Devices as operators see them: listing, showing, labelling and revoking.
 
 use super::*;
+use crate::store::RunningRecord;
 
 pub(crate) fn device_summary(device: &DeviceRecord, now: u64) -> DeviceSummary {
     DeviceSummary {
@@ -15,13 +16,18 @@ pub(crate) fn device_summary(device: &DeviceRecord, now: u64) -> DeviceSummary {
         state: crate::server::fleet::display_state(device, now)
             .as_str()
             .to_owned(),
-        active: device.active.as_ref().map(|active| ModelRef {
-            name: active.name.clone(),
-            version: active.version,
-        }),
+        active: device.active.as_ref().map(model_ref),
+        models: device.models.iter().map(model_ref).collect(),
         enrolled_at: device.enrolled_at,
         last_checkin: device.last_checkin,
         revoked: device.revoked,
+    }
+}
+
+fn model_ref(running: &RunningRecord) -> ModelRef {
+    ModelRef {
+        name: running.name.clone(),
+        version: running.version,
     }
 }
 

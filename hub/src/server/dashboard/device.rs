@@ -1,4 +1,4 @@
-//! A device's page: what it is and runs, its inference counts, and its history of activations,
+//! A device's page: what it is and every model it runs, its inference counts, and its history of activations,
 //! refusals, stalls and rollbacks with the reasons it gave, newest first. The same stored events
 //! `outpost-hub device show` prints.
 
@@ -11,6 +11,7 @@ use axum::response::Response;
 use outpost_protocol::device::DeviceId;
 
 use super::{badge, internal, problem, time_cell, viewer, Esc};
+use crate::api::ModelRef;
 use crate::server::admin::{device_summary, MAX_EVENTS};
 use crate::server::SharedHub;
 use crate::unix_now;
@@ -60,16 +61,13 @@ pub async fn page(
     let mut body = format!(
         "<p class=\"crumbs\"><a href=\"/dashboard/fleet\">Fleet</a> /</p>\
          <h1 class=\"id\" id=\"device-id\">{}</h1><dl class=\"facts\">\
-         <dt>State</dt><dd id=\"device-state\">{}</dd><dt>Model</dt><dd>{}</dd>\
+         <dt>State</dt><dd id=\"device-state\">{}</dd><dt>Models</dt><dd id=\"device-models\">{}</dd>\
          <dt>Agent</dt><dd>{}</dd><dt>Arch</dt><dd>{}</dd><dt>Enrolled</dt><dd>{}</dd>\
          <dt>Last check-in</dt><dd>{}</dd><dt>Plan</dt><dd>{}</dd>\
          <dt>Telemetry dropped</dt><dd>{} records</dd><dt>Labels</dt><dd>",
         Esc(&summary.id),
         badge(&summary.state),
-        Esc(&summary.active.as_ref().map_or_else(
-            || "—".to_owned(),
-            |active| format!("{}@{}", active.name, active.version)
-        )),
+        models_list(summary.running()),
         Esc(&summary.agent_version),
         Esc(&summary.arch),
         time_cell(summary.enrolled_at, now),
@@ -139,4 +137,17 @@ pub async fn page(
     }
     body.push_str("</tbody></table>");
     super::page(TITLE, SECTION, &viewer, &body)
+}
+
+/// Every model a device runs, one per line, or a dash for none.
+fn models_list(models: &[ModelRef]) -> String {
+    if models.is_empty() {
+        return "—".to_owned();
+    }
+    let mut list = String::from("<ul class=\"models\">");
+    for model in models {
+        let _ = write!(list, "<li>{}@{}</li>", Esc(&model.name), model.version);
+    }
+    list.push_str("</ul>");
+    list
 }

@@ -1,4 +1,4 @@
-//! The fleet page: every device's state, model, agent, last check-in and labels, filtered by GET
+//! The fleet page: every device's state, models, agent, last check-in and labels, filtered by GET
 //! parameters and paginated, with the whole fleet's counts by state at the top.
 //!
 //! One pass over the devices tree serves a page: counts, filters and the page's slice together.
@@ -47,21 +47,26 @@ fn given(value: &Option<String>) -> Option<&str> {
         .filter(|value| !value.is_empty())
 }
 
-fn running(device: &DeviceRecord) -> Option<String> {
+/// Every model a device runs, as `name@version`.
+fn running(device: &DeviceRecord) -> impl Iterator<Item = String> + '_ {
     device
-        .active
-        .as_ref()
-        .map(|active| format!("{}@{}", active.name, active.version))
+        .running()
+        .iter()
+        .map(|model| format!("{}@{}", model.name, model.version))
 }
 
+/// Whether a device runs the model a filter asks for: `name` in any version, `name@version`, or
+/// `none` for a device running nothing. A device running several models matches each of them.
 fn model_matches(device: &DeviceRecord, wanted: &str) -> bool {
-    match (&device.active, wanted) {
-        (None, "none") => true,
-        (None, _) => false,
-        (Some(active), wanted) => match wanted.split_once('@') {
-            Some((name, version)) => active.name == name && version.parse() == Ok(active.version),
-            None => active.name == wanted,
-        },
+    let running = device.running();
+    if wanted == "none" {
+        return running.is_empty();
+    }
+    match wanted.split_once('@') {
+        Some((name, version)) => device
+            .running_model(name)
+            .is_some_and(|model| version.parse() == Ok(model.version)),
+        None => running.iter().any(|model| model.name == wanted),
     }
 }
 
@@ -111,7 +116,7 @@ pub async fn page(
     for device in &devices {
         let shown_state = display_state(device, now).as_str();
         *by_state.entry(shown_state.to_owned()).or_default() += 1;
-        if let Some(running) = running(device) {
+        for running in running(device) {
             *models.entry(running).or_default() += 1;
         }
         *agents.entry(device.agent_version.as_str()).or_default() += 1;
@@ -182,7 +187,7 @@ fn row(rows: &mut String, device: &DeviceRecord, id: &str, state: &str, now: u64
         "<tr><td><a class=\"id\" href=\"/dashboard/devices/{id}\">{id}</a></td><td>{}</td>\
          <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>",
         badge(state),
-        Esc(running(device).as_deref().unwrap_or("—")),
+        Esc(&models_cell(device)),
         Esc(&device.agent_version),
         Esc(&device.arch),
         device
@@ -198,6 +203,16 @@ fn row(rows: &mut String, device: &DeviceRecord, id: &str, state: &str, now: u64
         );
     }
     rows.push_str("</td></tr>");
+}
+
+/// A device's models for its row, comma-separated; a dash for none.
+fn models_cell(device: &DeviceRecord) -> String {
+    let models: Vec<String> = running(device).collect();
+    if models.is_empty() {
+        "—".to_owned()
+    } else {
+        models.join(", ")
+    }
 }
 
 /// The filter form: GET, so a filtered view is a link an operator can share.
