@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use outpost_protocol::envelope::{MAGIC, PROTOCOL_VERSION};
 use outpost_protocol::trust::{
     Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody, ManifestRef,
-    PlanBody, RootBody, Signed, SignedBody, TensorSpec,
+    PlanBody, RetireBody, RootBody, Signed, SignedBody, TensorSpec,
 };
 use outpost_protocol::{
     encode, sha256, AgentVersion, Arch, Message, SecretKey, TimeFloor, VerifiedRoot,
@@ -40,7 +40,11 @@ macro_rules! fuzz_decode {
 /// Decodes a telemetry batch and checks each window's shadow report as the hub does.
 pub fn decode_telemetry_batch(frame: &[u8]) {
     if let Ok(batch) = outpost_protocol::decode::<outpost_protocol::device::TelemetryBatch>(frame) {
-        for report in batch.windows.iter().filter_map(|window| window.shadow.as_ref()) {
+        for report in batch
+            .windows
+            .iter()
+            .filter_map(|window| window.shadow.as_ref())
+        {
             let _ = report.validate();
         }
     }
@@ -56,6 +60,7 @@ struct Fixture {
     floor: TimeFloor,
     manifest: ManifestBody,
     plan: PlanBody,
+    retire: RetireBody,
 }
 
 fn fixture() -> &'static Fixture {
@@ -125,12 +130,20 @@ fn fixture() -> &'static Fixture {
             },
             shadow: None,
         };
+        let retire = RetireBody {
+            sequence: 8,
+            created: NOW - 3_600,
+            expires: NOW + 86_400,
+            model: "fuzz-model".to_owned(),
+            selector: Vec::new(),
+        };
         Fixture {
             key,
             root,
             floor,
             manifest,
             plan,
+            retire,
         }
     })
 }
@@ -167,5 +180,16 @@ pub fn verify_plan(data: &[u8]) {
             // A plan that verifies is asked to authorise the input as its shadow model too.
             let _ = plan.verify_shadow_manifest(&fixture.root, data, &fixture.floor, None);
         }
+    }
+}
+
+/// Verifies `data` as a signed retirement, then as the payload of a validly signed one.
+pub fn verify_retire(data: &[u8]) {
+    let fixture = fixture();
+    let _ = fixture.root.verify_retire(data, &fixture.floor, Some(5));
+    if let Some(document) = signed_payload(&fixture.retire, data, &fixture.key) {
+        let _ = fixture
+            .root
+            .verify_retire(&document, &fixture.floor, Some(5));
     }
 }

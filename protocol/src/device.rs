@@ -240,7 +240,10 @@ pub enum ModelAnswer {
     /// for the same slot: the device applies them again, checked against the answer's time.
     Unchanged { name: String },
     /// The signed plan of this model's latest rollout that applies to the device, the manifest
-    /// of its slot and any shadow manifest, as in a [`CheckInResponse`].
+    /// of its slot and any shadow manifest, as in a [`CheckInResponse`]; or, when the model's
+    /// latest signed word for the device is its retirement, the signed
+    /// [`RetireBody`](crate::trust::RetireBody) in `plan` (told apart by its frame's kind, see
+    /// [`crate::trust::is_retirement`]) with no manifest.
     Full {
         plan: ByteBuf,
         manifest: Option<(Slot, ByteBuf)>,

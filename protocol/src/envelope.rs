@@ -44,10 +44,13 @@ pub enum MessageKind {
     /// A check-in naming every model the device runs, and its answer per model.
     ModelsCheckIn = 23,
     ModelsCheckInResponse = 24,
+    /// A signed retirement of a model, and its body.
+    SignedRetire = 25,
+    RetireBody = 26,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 22] = [
+    const ALL: [MessageKind; 24] = [
         MessageKind::SignedRoot,
         MessageKind::SignedManifest,
         MessageKind::SignedPlan,
@@ -70,6 +73,8 @@ impl MessageKind {
         MessageKind::ValidationSet,
         MessageKind::ModelsCheckIn,
         MessageKind::ModelsCheckInResponse,
+        MessageKind::SignedRetire,
+        MessageKind::RetireBody,
     ];
 
     pub fn from_byte(byte: u8) -> Option<MessageKind> {
@@ -167,6 +172,17 @@ pub fn encoded_len<M: Message>(message: &M) -> Result<usize, EncodeError> {
 
 /// Decodes one frame holding exactly one `M`. The length cap is checked first, then the header,
 /// then the body; trailing bytes are an error rather than silently ignored.
+/// The kind a frame's header names, if it is a frame of this wire version of a known kind. Only
+/// to choose a decoder: [`decode`] checks everything.
+pub fn kind_of(frame: &[u8]) -> Option<MessageKind> {
+    match frame.first_chunk::<HEADER_LEN>() {
+        Some([m0, m1, version, kind]) if [*m0, *m1] == MAGIC && *version == PROTOCOL_VERSION => {
+            MessageKind::from_byte(*kind)
+        }
+        _ => None,
+    }
+}
+
 pub fn decode<M: Message>(frame: &[u8]) -> Result<M, DecodeError> {
     let fail = |reason| DecodeError {
         message: M::NAME,

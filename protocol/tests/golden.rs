@@ -13,7 +13,7 @@ use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 
 use outpost_protocol::device::{HeldCheckInResponse, ValidationSetV1};
-use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed};
+use outpost_protocol::trust::{ManifestBody, PlanBody, RetireBody, RootBody, Signed};
 use outpost_protocol::{decode, encode, Message, MessageKind};
 
 use samples::*;
@@ -71,6 +71,7 @@ fn every_version_1_frame_still_decodes_to_what_was_frozen() {
     let plan_frame = plan_frame(3, 2);
     let manifest: Signed<ManifestBody> = decode(&manifest_frame).expect("sample manifest");
     let plan: Signed<PlanBody> = decode(&plan_frame).expect("sample plan");
+    let retire: Signed<RetireBody> = decode(&retire_frame(3, 2)).expect("sample retirement");
     let set = validation_set();
     let first_form = ValidationSetV1 {
         abs_tolerance: set.abs_tolerance,
@@ -103,6 +104,8 @@ fn every_version_1_frame_still_decodes_to_what_was_frozen() {
         check("held_check_in_response", &held_unchanged()),
         check("models_check_in", &models_check_in()),
         check("models_check_in_response", &models_check_in_response()),
+        check("retire_body", &retire_body()),
+        check("signed_retire", &retire),
     ];
     check(
         "held_check_in_response_full",
@@ -139,4 +142,11 @@ fn every_version_1_frame_still_decodes_to_what_was_frozen() {
             None,
         )
         .expect("the frozen plan verifies");
+    verified
+        .verify_retire(
+            &std::fs::read(golden_dir().join("signed_retire.bin")).expect("the frozen retirement"),
+            &floor(),
+            None,
+        )
+        .expect("the frozen retirement verifies");
 }

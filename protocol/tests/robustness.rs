@@ -26,7 +26,7 @@ use outpost_protocol::device::{
 };
 use outpost_protocol::drift::{DriftSummary, Profile};
 use outpost_protocol::envelope::{HEADER_LEN, MAGIC, PROTOCOL_VERSION};
-use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed};
+use outpost_protocol::trust::{ManifestBody, PlanBody, RetireBody, RootBody, Signed};
 use outpost_protocol::{
     decode, encode, DecodeError, DecodeReason, Message, MessageKind, VerifiedPlan, VerifiedRoot,
     VerifyError,
@@ -118,6 +118,8 @@ fn decoder<M: Message>(sample: &M) -> Decoder {
 /// each variant's encoding is cut and mutated too. Built once: the samples sign documents.
 static DECODERS: LazyLock<Vec<Decoder>> = LazyLock::new(|| {
     let decoded = |frame: Vec<u8>| -> Signed<PlanBody> { decode(&frame).expect("sample decodes") };
+    let decoded_retire =
+        |frame: Vec<u8>| -> Signed<RetireBody> { decode(&frame).expect("sample decodes") };
     let mut decoders = vec![
         decoder(&signed_root(2, 5, 3)),
         decoder(&sign_with(&manifest_body(7), &release_keys(5), 3)),
@@ -138,6 +140,8 @@ static DECODERS: LazyLock<Vec<Decoder>> = LazyLock::new(|| {
         decoder(&held_unchanged()),
         decoder(&models_check_in()),
         decoder(&models_check_in_response()),
+        decoder(&retire_body()),
+        decoder(&decoded_retire(retire_frame(3, 2))),
         decoder(&telemetry_batch(100)),
         decoder(&telemetry_ack()),
         decoder(&error_response()),
@@ -151,7 +155,7 @@ static DECODERS: LazyLock<Vec<Decoder>> = LazyLock::new(|| {
 #[test]
 fn decoders_cover_every_message_kind() {
     let kinds: HashSet<MessageKind> = DECODERS.iter().map(|decoder| decoder.kind).collect();
-    assert_eq!(kinds.len(), 21);
+    assert_eq!(kinds.len(), 23);
     for decoder in DECODERS.iter() {
         assert_eq!(
             (decoder.decode)(&decoder.sample),
@@ -333,6 +337,8 @@ fn hostile_frames() -> Vec<HostileFrame> {
         hostile::<ManifestBody>(&[], "manifest name"),
         hostile::<ManifestBody>(&[0, 1, 1, 2], "manifest artifact list"),
         hostile::<PlanBody>(&[1, 1, 2], "plan target name"),
+        hostile::<RetireBody>(&[1, 1, 2], "retirement model name"),
+        hostile::<Signed<RetireBody>>(&[], "signed retirement payload bytes"),
         hostile::<ValidationSet>(&zero_f64s, "validation case list"),
         hostile::<ValidationSet>(&tensor_data, "validation tensor data"),
         hostile::<EnrollRequest>(&[], "enroll token"),
@@ -495,7 +501,7 @@ fn hostile_frames_name_their_message() {
         .iter()
         .map(|(frame, decode, place)| decode(frame).expect_err(place).message)
         .collect();
-    assert_eq!(names.len(), 30);
+    assert_eq!(names.len(), 32);
     for ((frame, _, place), name) in hostile_frames().iter().zip(names) {
         let decoder = DECODERS
             .iter()

@@ -193,6 +193,14 @@ fn models_check_in_and_its_answer_round_trip() {
 }
 
 #[test]
+fn a_retirement_round_trips() {
+    assert_round_trip(&retire_body());
+    let signed: outpost_protocol::trust::Signed<outpost_protocol::trust::RetireBody> =
+        outpost_protocol::decode(&retire_frame(3, 2)).unwrap();
+    assert_round_trip(&signed);
+}
+
+#[test]
 fn held_digest_tells_apart_every_slot_and_absence() {
     let (plan, manifest, shadow) = (sha256(b"plan"), sha256(b"manifest"), sha256(b"shadow"));
     let digests = [

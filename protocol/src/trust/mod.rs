@@ -19,6 +19,7 @@ mod documents;
 mod error;
 mod manifest;
 mod plan;
+mod retire;
 mod root;
 mod time;
 
@@ -30,6 +31,7 @@ pub use documents::{
 pub use error::VerifyError;
 pub use manifest::VerifiedManifest;
 pub use plan::VerifiedPlan;
+pub use retire::{is_retirement, RetireBody, VerifiedRetire};
 pub use root::VerifiedRoot;
 pub use time::TimeFloor;
 

@@ -55,7 +55,7 @@ fn check_threshold(
     Ok(())
 }
 
-fn check_expiry(role: Role, expires: u64, floor: &TimeFloor) -> Result<(), VerifyError> {
+pub(super) fn check_expiry(role: Role, expires: u64, floor: &TimeFloor) -> Result<(), VerifyError> {
     let now = floor.now();
     if expires <= now {
         return Err(VerifyError::Expired { role, expires, now });
@@ -278,7 +278,7 @@ impl VerifiedRoot {
         })
     }
 
-    fn check_signed(
+    pub(super) fn check_signed(
         &self,
         role: Role,
         payload: &[u8],

@@ -23,7 +23,7 @@ use outpost_protocol::device::{
 };
 use outpost_protocol::trust::{
     Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody, ManifestRef,
-    PlanBody, RootBody, ShadowStage, Signed, Slot, TensorSpec,
+    PlanBody, RetireBody, RootBody, ShadowStage, Signed, Slot, TensorSpec,
 };
 use outpost_protocol::{
     encode, sha256, AgentVersion, Arch, Label, SecretKey, TimeFloor, VerifiedRoot,
@@ -207,6 +207,23 @@ pub fn plan_frame(n_keys: u8, threshold: u32) -> Vec<u8> {
         threshold as usize,
     );
     encode(&signed).expect("sample plan fits its frame")
+}
+
+/// A retirement of the sample model, above the sample plan's sequence.
+pub fn retire_body() -> RetireBody {
+    RetireBody {
+        sequence: 43,
+        created: NOW - DAY,
+        expires: NOW + 30 * DAY,
+        model: "keyword-spotter".to_owned(),
+        selector: labels()[..2].to_vec(),
+    }
+}
+
+/// [`retire_body`] signed by `threshold` of `n_keys` release keys, framed.
+pub fn retire_frame(n_keys: u8, threshold: u32) -> Vec<u8> {
+    let signed = sign_with(&retire_body(), &release_keys(n_keys), threshold as usize);
+    encode(&signed).expect("sample retirement fits its frame")
 }
 
 /// Little-endian `f32`s, as a tensor's data holds them.
