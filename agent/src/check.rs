@@ -4,7 +4,9 @@
 //! `outpost-agent verify` prints it, so the order of verification is written once.
 
 use outpost_protocol::name::{selector_matches, Label};
-use outpost_protocol::trust::{ManifestBody, PlanBody, Signed, Slot};
+use outpost_protocol::trust::{
+    is_retirement, ManifestBody, PlanBody, RetireBody, Signed, Slot, VerifiedRetire,
+};
 use outpost_protocol::{
     AgentVersion, Arch, Sha256, TimeFloor, VerifiedManifest, VerifiedPlan, VerifiedRoot,
     VerifyError,
@@ -54,6 +56,7 @@ pub enum Document {
     Plan,
     Manifest,
     ShadowManifest,
+    Retirement,
 }
 
 impl Document {
@@ -63,6 +66,7 @@ impl Document {
             Document::Plan => "plan",
             Document::Manifest => "manifest",
             Document::ShadowManifest => "shadow manifest",
+            Document::Retirement => "retirement",
         }
     }
 }
@@ -225,10 +229,59 @@ fn claimed_name(manifest_bytes: &[u8]) -> String {
 /// floor; verification checks everything else, and the verified plan names the same model, as it
 /// is read from the same bytes.
 pub fn claimed_plan_model(plan_bytes: &[u8]) -> Option<String> {
+    if is_retirement(plan_bytes) {
+        return outpost_protocol::decode::<Signed<RetireBody>>(plan_bytes)
+            .ok()
+            .and_then(|signed| signed.decode_unverified().ok())
+            .map(|body| body.model);
+    }
     outpost_protocol::decode::<Signed<PlanBody>>(plan_bytes)
         .ok()
         .and_then(|signed| signed.decode_unverified().ok())
         .map(|body| body.target.name)
+}
+
+/// Judges a model's signed retirement as a plan of that model is judged: verified by the plan
+/// keys, not below the highest plan of its model accepted (`trust` holds that model's floors),
+/// not another document at that plan's sequence, signed since the last recovery, and for this
+/// device's own labels.
+pub fn decide_retire(
+    bytes: &[u8],
+    trust: &Trust<'_>,
+    floor: &TimeFloor,
+) -> Result<VerifiedRetire, Refusal> {
+    let retire = trust
+        .root
+        .verify_retire(bytes, floor, trust.highest_plan)
+        .map_err(|source| Refusal::Unverified {
+            document: Document::Retirement,
+            source,
+        })?;
+    let body = retire.body();
+    if body.created < trust.signed_since {
+        return Err(Refusal::SignedBeforeRecovery {
+            sequence: body.sequence,
+            created: body.created,
+            since: trust.signed_since,
+        });
+    }
+    if trust.highest_plan == Some(body.sequence)
+        && trust
+            .plan_digest
+            .is_some_and(|digest| digest != retire.digest())
+    {
+        return Err(Refusal::PlanConflict {
+            sequence: body.sequence,
+        });
+    }
+    if !selector_matches(&body.selector, trust.labels) {
+        return Err(Refusal::NotForThisDevice {
+            sequence: body.sequence,
+            selector: body.selector.clone(),
+            labels: trust.labels.to_vec(),
+        });
+    }
+    Ok(retire)
 }
 
 fn highest(seen: &[(String, u64)], name: &str) -> Option<u64> {

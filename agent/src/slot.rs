@@ -65,6 +65,17 @@ impl ModelSlot {
         self.read().clone()
     }
 
+    /// Stops serving model `name` (its retirement): new requests for it are refused, requests
+    /// under way finish on the version they took. Returns the version it served.
+    pub fn remove(&self, name: &str) -> Option<Arc<ActiveModel>> {
+        let mut guard = match self.current.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let index = guard.iter().position(|served| served.name == name)?;
+        Some(guard.remove(index))
+    }
+
     /// Makes `model` the version of its name new requests use, returning the one it replaces.
     /// Other models are not touched.
     pub fn swap(&self, model: Arc<ActiveModel>) -> Option<Arc<ActiveModel>> {

@@ -342,6 +342,25 @@ pub struct RolloutInfo {
     pub created: u64,
 }
 
+/// `GET /retirements` (viewer), oldest first; `POST /retirements` (operator; body: a signed
+/// retirement) answers with the one stored. A retirement shares the plans' sequence space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetirementInfo {
+    pub sequence: u64,
+    /// The model the devices it selects stop serving.
+    pub model: String,
+    /// `k=v` labels a device must all carry; empty: every device.
+    pub selector: Vec<String>,
+    /// Unix seconds, as signed.
+    pub created: u64,
+    /// Unix seconds, as signed: devices refuse it after then.
+    pub expires: u64,
+    /// Unix seconds the hub stored it.
+    pub stored_at: u64,
+    /// Token name of the operator who uploaded it.
+    pub by: String,
+}
+
 /// One entry of the hash-chained audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {

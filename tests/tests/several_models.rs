@@ -2,17 +2,18 @@
 //! second model's rollout adds it beside the first, one model rolls back while the other serves
 //! every request, and a model past the device's budget is refused, naming the budget, while the
 //! others keep serving. A hub that stops answering about a model does not take it away, and an
-//! agent of one model keeps its model when another model rolls out.
+//! agent of one model keeps its model when another model rolls out. A model leaves by its signed
+//! retirement, which the hub cannot undo by replaying the model's older plan.
 
 // Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use outpost_hub::api::RolloutState;
 use outpost_protocol::device::{ModelAnswer, ModelsCheckInResponse};
-use outpost_protocol::trust::{PlanBody, Signed};
+use outpost_protocol::trust::{is_retirement, PlanBody, RetireBody, Signed};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::device_sim::{Behaviour, SimDevice};
 use outpost_tests::hub::{Fleet, TestHub};
@@ -43,6 +44,40 @@ fn answered_by(agent: &TestAgent, model: &str) -> String {
     assert_eq!(code, 200, "{model}: {body}");
     assert_eq!(body["model_name"], json!(model), "{body}");
     body["model_version"].as_str().unwrap().to_owned()
+}
+
+/// Signs and uploads the retirement of `model` from every device, once its rollout `sequence`
+/// completed (the hub refuses to retire a model while a rollout of it is under way).
+fn retire(hub: &TestHub, fleet: &Fleet, model: &str, sequence: u64) {
+    wait_until(
+        AGENT_WAIT,
+        &format!("rollout {sequence} to complete"),
+        || (hub.rollout(sequence).state == RolloutState::Completed).then_some(()),
+    );
+    let root = fleet.root_path.to_string_lossy().into_owned();
+    hub.cli(&[
+        "rollout",
+        "retire",
+        "--model",
+        model,
+        "--root",
+        &root,
+        "--key",
+        &fleet.keys,
+    ])
+    .ok();
+}
+
+/// Waits until the agent's status lists `model` with no active version: retired.
+fn wait_retired(agent: &TestAgent, model: &str) -> Value {
+    wait_until(AGENT_WAIT, &format!("the agent to retire {model}"), || {
+        let status = agent.status();
+        let retired = status["models"]
+            .as_array()?
+            .iter()
+            .any(|entry| entry["name"] == json!(model) && entry["active"].is_null());
+        retired.then_some(status)
+    })
 }
 
 /// A hub with `detector@1` rolled out (plan 1) to one agent, which serves it.
@@ -293,4 +328,144 @@ fn a_hub_that_stops_answering_about_a_model_does_not_take_it_away() {
     );
     assert_eq!(answered_by(&agent, "detector"), "1");
     assert_eq!(answered_by(&agent, "spotter"), "1");
+}
+
+/// A model leaves a device by its signed retirement: the agent stops serving it and removes its
+/// versions while the other model serves every request, the hub can no longer bring it back with
+/// the model's older plans (the retirement is above them), and a later rollout of the model does.
+#[test]
+fn a_retired_model_leaves_the_device_and_only_a_later_rollout_brings_it_back() {
+    let (hub, fleet, agent) = agent_serving_detector(&[]);
+    fleet.first_rollout(&hub, "spotter", 1);
+    wait_active(&agent, "spotter", "spotter@1");
+    let versions = || {
+        std::fs::read_dir(agent.data().join("versions"))
+            .unwrap()
+            .count()
+    };
+    assert_eq!(versions(), 2);
+
+    retire(&hub, &fleet, "spotter", 2);
+    let status = wait_retired(&agent, "spotter");
+    assert_eq!(
+        active_of(&status, "detector").as_deref(),
+        Some("detector@1"),
+        "{status:#}"
+    );
+    assert_eq!(answered_by(&agent, "detector"), "1");
+    let (code, body) = agent.infer_row(&http(), "spotter", &[0.5, -1.0, 2.0, 0.0]);
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(versions(), 1, "spotter's version is removed");
+    let detail = wait_until(AGENT_WAIT, "the hub to see spotter gone", || {
+        let detail = agent.hub_detail(&hub);
+        (detail.device.running().len() == 1).then_some(detail)
+    });
+    assert_eq!(detail.device.running()[0].name, "detector");
+
+    // A later rollout of the model brings it back.
+    fleet.publish_example(&hub, "spotter", 2, 3);
+    fleet.first_rollout(&hub, "spotter", 2);
+    wait_active(&agent, "spotter", "spotter@2");
+    assert_eq!(answered_by(&agent, "spotter"), "2");
+    assert_eq!(answered_by(&agent, "detector"), "1");
+}
+
+/// The model's name in a check-in answer about it, and whether it is a retirement.
+fn about(answer: &ModelAnswer) -> (String, bool) {
+    match answer {
+        ModelAnswer::Unchanged { name } => (name.clone(), false),
+        ModelAnswer::Full { plan, .. } if is_retirement(plan) => (
+            outpost_protocol::decode::<Signed<RetireBody>>(plan)
+                .unwrap()
+                .decode_unverified()
+                .unwrap()
+                .model,
+            true,
+        ),
+        ModelAnswer::Full { plan, .. } => (
+            outpost_protocol::decode::<Signed<PlanBody>>(plan)
+                .unwrap()
+                .decode_unverified()
+                .unwrap()
+                .target
+                .name,
+            false,
+        ),
+    }
+}
+
+/// A hub cannot bring a retired model back by sending its older plan again: the retirement
+/// raised that model's plan floor, so the agent refuses the plan, reports why, and downloads
+/// nothing.
+#[test]
+fn a_hub_cannot_bring_a_retired_model_back_with_its_older_plan() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "detector", 1, 1);
+    fleet.publish_example(&hub, "spotter", 1, 2);
+    fleet.first_rollout(&hub, "detector", 1);
+    fleet.first_rollout(&hub, "spotter", 1);
+    let proxy = Proxy::start(&hub.url());
+    // The last full answer about spotter's plan, kept to be replayed.
+    let kept: Arc<Mutex<Option<ModelAnswer>>> = Arc::default();
+    {
+        let kept = kept.clone();
+        proxy.set_hook(move |request, response| {
+            if request.path == "/device/v3/checkin" && response.status == 200 {
+                let answer: ModelsCheckInResponse =
+                    outpost_protocol::decode(&response.body).unwrap();
+                for model in answer.models {
+                    if matches!(model, ModelAnswer::Full { .. })
+                        && about(&model) == ("spotter".to_owned(), false)
+                    {
+                        *kept.lock().unwrap() = Some(model);
+                    }
+                }
+            }
+            Verdict::Forward(response)
+        });
+    }
+    let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "site=lab", "");
+    agent.start();
+    wait_active(&agent, "detector", "detector@1");
+    wait_active(&agent, "spotter", "spotter@1");
+    retire(&hub, &fleet, "spotter", 2);
+    wait_retired(&agent, "spotter");
+
+    // From now on the hub answers about spotter with its older plan, in full.
+    let replay = kept
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("spotter's plan was answered");
+    proxy.set_hook(move |request, mut response| {
+        if request.path == "/device/v3/checkin" && response.status == 200 {
+            let mut answer: ModelsCheckInResponse =
+                outpost_protocol::decode(&response.body).unwrap();
+            answer.models.retain(|model| about(model).0 != "spotter");
+            answer.models.push(replay.clone());
+            response.body = outpost_protocol::encode(&answer).unwrap();
+        }
+        Verdict::Forward(response)
+    });
+    let refusal = wait_until(AGENT_WAIT, "the older plan to be refused", || {
+        agent
+            .hub_detail(&hub)
+            .events
+            .into_iter()
+            .find(|event| event.kind == "refused")
+    });
+    assert!(
+        refusal
+            .detail
+            .contains("plan sequence 2 is below sequence 3"),
+        "{refusal:#?}"
+    );
+    let status = agent.next_status();
+    assert_eq!(active_of(&status, "spotter"), None, "{status:#}");
+    assert_eq!(answered_by(&agent, "detector"), "1");
+    let installed = std::fs::read_dir(agent.data().join("versions"))
+        .unwrap()
+        .count();
+    assert_eq!(installed, 1, "spotter is not downloaded again");
 }

@@ -109,6 +109,19 @@ impl Syncer {
         Ok(())
     }
 
+    /// Removes every installed version no model keeps (active, previous, pending, shadow) and no
+    /// shadow run uses.
+    pub(super) fn remove_unkept_versions(&self) -> anyhow::Result<()> {
+        let mut keep = self.state.kept();
+        keep.extend(
+            self.shadow
+                .all()
+                .iter()
+                .map(|shadow| shadow.manifest_sha256.0),
+        );
+        self.versions.retain(&keep)
+    }
+
     pub(super) fn load_model(&self, version: &VersionRef) -> anyhow::Result<ActiveModel> {
         let installed = self.versions.load(&version.manifest_sha256)?;
         let model = LoadedModel::load(
@@ -286,14 +299,7 @@ impl Syncer {
                     return;
                 }
                 // Every model's versions stay: one model's commit removes only its own old ones.
-                let mut keep = self.state.kept();
-                keep.extend(
-                    self.shadow
-                        .all()
-                        .iter()
-                        .map(|shadow| shadow.manifest_sha256.0),
-                );
-                if let Err(error) = self.versions.retain(&keep) {
+                if let Err(error) = self.remove_unkept_versions() {
                     log::warn!("removing old versions: {error:#}");
                 }
             }

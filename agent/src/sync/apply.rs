@@ -2,7 +2,7 @@
 //! root, ratchet what has been seen, report refusals, and hand each plan's manifests on to
 //! activation and shadowing of its model.
 
-use outpost_protocol::trust::Slot;
+use outpost_protocol::trust::{is_retirement, Slot};
 use outpost_protocol::{Arch, VerifiedManifest};
 
 use crate::agent_version;
@@ -107,6 +107,9 @@ impl Syncer {
     /// Judges one model's plan against the floors of the model it claims, and acts on it. The
     /// name of the model it moves, when the plan was accepted or refused after it was known.
     fn apply_plan(&mut self, documents: &PlanDocuments) -> Option<String> {
+        if is_retirement(&documents.plan) {
+            return self.apply_retire(&documents.plan);
+        }
         let claimed = check::claimed_plan_model(&documents.plan);
         let known = claimed.as_deref().and_then(|name| {
             self.state
@@ -160,6 +163,59 @@ impl Syncer {
                 "the plan no longer has this device shadow its target",
             ),
         }
+        Some(name)
+    }
+
+    /// Judges a model's signed retirement against that model's floors and, accepted, stops
+    /// serving the model and removes its versions. Its floors stay, raised to the retirement's
+    /// sequence, so only a later plan of the model brings it back. The name of the model, when
+    /// known.
+    fn apply_retire(&mut self, bytes: &[u8]) -> Option<String> {
+        let claimed = check::claimed_plan_model(bytes);
+        let known = claimed.as_deref().and_then(|name| {
+            self.state
+                .models
+                .iter()
+                .position(|model| model.name == name)
+        });
+        let retire = match check::decide_retire(bytes, &self.trust(known), &self.floor()) {
+            Ok(retire) => retire,
+            Err(refusal) => {
+                let digest = outpost_protocol::sha256(bytes).0;
+                self.refuse(None, None, digest, refusal.to_string());
+                return claimed;
+            }
+        };
+        let name = retire.body().model.clone();
+        let model = self.state.model_index(&name);
+        self.state.models[model].note_plan(retire.sequence(), retire.digest().0);
+        self.state.newest_signed = self.state.newest_signed.max(retire.body().created);
+        let state = &self.state.models[model];
+        if state.active.is_none() && state.previous.is_empty() && state.pending.is_none() {
+            // Retired already, or never served here.
+            self.stop_shadow(&name, "the model is retired");
+            return Some(name);
+        }
+        self.stop_shadow(&name, "the model is retired");
+        let state = &mut self.state.models[model];
+        state.active = None;
+        state.previous.clear();
+        state.pending = None;
+        state.committed_report = None;
+        // The state goes to disk before any file is removed: a restart must not look for them.
+        if let Err(error) = self.files.save(&self.state) {
+            log::error!("saving the retirement of {name}: {error:#}");
+            return Some(name);
+        }
+        self.slot.remove(&name);
+        if let Err(error) = self.remove_unkept_versions() {
+            log::warn!("removing the versions of {name}: {error:#}");
+        }
+        log::info!(
+            "retired {name} under retirement {}: no longer served, its versions removed",
+            retire.sequence()
+        );
+        self.write_status();
         Some(name)
     }
 

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use outpost_protocol::device::{Tensor, ValidationSet};
 use outpost_protocol::drift::Profile;
 use outpost_protocol::envelope::peek_kind;
-use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, SignedBody};
+use outpost_protocol::trust::{ManifestBody, PlanBody, RetireBody, RootBody, Signed, SignedBody};
 use outpost_protocol::{sha256, Message, MessageKind};
 
 use super::{print_stdout, read_frame};
@@ -17,7 +17,7 @@ use outpost_model::fsutil;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A signed root, manifest or plan, a validation set or a drift profile.
+    /// A signed root, manifest, plan or retirement, a validation set or a drift profile.
     pub file: PathBuf,
 }
 
@@ -31,12 +31,14 @@ impl Args {
             Some(MessageKind::SignedRoot) => show::<RootBody>(&self.file),
             Some(MessageKind::SignedManifest) => show::<ManifestBody>(&self.file),
             Some(MessageKind::SignedPlan) => show::<PlanBody>(&self.file),
+            Some(MessageKind::SignedRetire) => show::<RetireBody>(&self.file),
             Some(MessageKind::ValidationSet | MessageKind::ValidationSetV1) => {
                 show_validation_set(&self.file)
             }
             Some(MessageKind::Profile) => show_profile(&self.file),
             _ => bail!(
-                "{} is not a signed root, manifest or plan, a validation set or a drift profile",
+                "{} is not a signed root, manifest, plan or retirement, a validation set or a \
+                 drift profile",
                 self.file.display()
             ),
         }

@@ -4,9 +4,9 @@
 //! local files only: they load release keys from the operator's disk and write signed documents,
 //! and never talk to a hub. The hub commands (`whoami`, `admin-token`, `token`, `root
 //! upload|list`, `model publish|list|show`, `device`, `rollout`, `drift`, `audit`) talk to a
-//! hub's admin API through [`crate::client`], connected by [`connection::HubArgs`]; the two that
-//! sign (`model publish`, `rollout create`) still sign here, and only signed bytes leave the
-//! machine.
+//! hub's admin API through [`crate::client`], connected by [`connection::HubArgs`]; the three
+//! that sign (`model publish`, `rollout create`, `rollout retire`) still sign here, and only
+//! signed bytes leave the machine.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -80,7 +80,7 @@ pub enum Command {
     /// List, inspect, relabel and revoke devices.
     #[command(subcommand)]
     Device(device::DeviceCommand),
-    /// Create, watch and steer rollouts.
+    /// Create, watch and steer rollouts; retire a model from devices.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
     /// Report how far devices' inputs and outputs have drifted from a model's reference.

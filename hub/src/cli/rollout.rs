@@ -1,26 +1,28 @@
-//! `outpost-hub rollout`: start rollouts from models a hub holds, watch them and steer them.
+//! `outpost-hub rollout`: start rollouts from models a hub holds, watch them and steer them, and
+//! retire a model from devices.
 //!
 //! `rollout create` signs the plan here, with the operator's keys, and takes nothing from the hub
 //! on trust: the manifests it names are fetched and verified against the operator's own root
 //! before their hashes go into the plan, and the signed plan is checked against that root before
-//! it is uploaded.
+//! it is uploaded. `rollout retire` signs a retirement here the same way. Plans and retirements
+//! share one sequence, so each takes the one above the highest of both the hub holds.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use outpost_protocol::trust::{RootBody, Signed};
-use outpost_protocol::{ModelName, TimeFloor, VerifiedRoot};
+use outpost_protocol::trust::{RetireBody, RootBody, Signed};
+use outpost_protocol::{Label, ModelName, TimeFloor, VerifiedRoot};
 
-use crate::api::{Decision, GateFigure, RolloutInfo};
+use crate::api::{Decision, GateFigure, RetirementInfo, RolloutInfo};
 use crate::client::{path_segment, AdminClient};
 use crate::unix_now;
 use outpost_model::fsutil;
 
 use super::connection::HubArgs;
 use super::device::model_ref;
-use super::plan::{build_plan, outlives_no_manifest, GateArgs, Named};
+use super::plan::{build_plan, outlives_no_manifest, parse_label, GateArgs, Named};
 use super::table::{self, fields, OutputArgs, Table};
 use super::{parse_duration, read_frame, sign_document, SigningKeys};
 
@@ -47,6 +49,13 @@ pub enum RolloutCommand {
     Advance(SeqArgs),
     /// Send the rollout's devices back to its fallback.
     Rollback(SeqArgs),
+    /// Sign a retirement of a model and hand it to the hub (operator): at their next check-in,
+    /// the devices it selects stop serving the model and remove its versions; agents of earlier
+    /// releases, which run one model, keep it. Refused while a rollout of the model is active or
+    /// paused; a later rollout of the model brings it back.
+    Retire(RetireArgs),
+    /// List retirements, newest last.
+    Retirements(ListArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,6 +80,32 @@ pub struct CreateArgs {
     #[command(flatten)]
     pub signing: SigningKeys,
     /// Also write the signed plan here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RetireArgs {
+    /// Model name to retire.
+    #[arg(long)]
+    pub model: String,
+    /// Only devices with all of these labels retire the model (k=v,...); without it, every
+    /// device.
+    #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+    pub selector: Vec<Label>,
+    /// The signed root you trust; the signed retirement is checked against it before upload.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// How long devices accept the retirement.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub expires: Duration,
+    #[command(flatten)]
+    pub signing: SigningKeys,
+    /// Also write the signed retirement here.
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[command(flatten)]
@@ -118,6 +153,18 @@ impl RolloutCommand {
             RolloutCommand::Resume(args) => act(args, "resume"),
             RolloutCommand::Advance(args) => act(args, "advance"),
             RolloutCommand::Rollback(args) => act(args, "rollback"),
+            RolloutCommand::Retire(args) => args.run(),
+            RolloutCommand::Retirements(args) => {
+                let client = args.hub.connect()?;
+                let retirements = retirements_of(&client)?.with_context(|| {
+                    format!(
+                        "{} keeps no retirements (it answers 404): it is older than this release",
+                        client.base_url()
+                    )
+                })?;
+                args.output
+                    .print(&retirements, |retirements| render_retirements(retirements))
+            }
         }
     }
 }
@@ -159,7 +206,9 @@ impl CreateArgs {
             .map(|version| fetch_manifest(&client, &root, &floor, &name, version))
             .transpose()?;
         let rollouts: Vec<RolloutInfo> = client.get_json("/rollouts")?;
-        let sequence = next_sequence(&rollouts)?;
+        // A hub older than retirements holds none.
+        let retirements = retirements_of(&client)?.unwrap_or_default();
+        let sequence = next_sequence(&rollouts, &retirements)?;
 
         let body = build_plan(
             sequence,
@@ -181,6 +230,54 @@ impl CreateArgs {
         self.output
             .print(&rollout, |rollout| render_status(rollout, unix_now()))
     }
+}
+
+impl RetireArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let name =
+            ModelName::new(&self.model).with_context(|| format!("--model {:?}", self.model))?;
+        let keys = self.signing.load()?;
+        let (root_bytes, _) = read_frame::<Signed<RootBody>>(&self.root)?;
+        let root = VerifiedRoot::load_trusted(&root_bytes)
+            .with_context(|| format!("verifying root {}", self.root.display()))?;
+        let floor = TimeFloor {
+            wall_clock: unix_now(),
+            ..TimeFloor::default()
+        };
+
+        let client = self.hub.connect()?;
+        let rollouts: Vec<RolloutInfo> = client.get_json("/rollouts")?;
+        let retirements = retirements_of(&client)?.with_context(|| {
+            format!(
+                "{} keeps no retirements (it answers 404): upgrade it before retiring a model",
+                client.base_url()
+            )
+        })?;
+        let sequence = next_sequence(&rollouts, &retirements)?;
+        let created = unix_now();
+        let body = RetireBody {
+            sequence,
+            created,
+            expires: created.saturating_add(self.expires.as_secs()),
+            model: name.as_str().to_owned(),
+            selector: self.selector.clone(),
+        };
+        let bytes = sign_document(&body, &keys)?;
+        if let Some(out) = &self.out {
+            fsutil::write_atomic(out, &bytes, 0o644)?;
+        }
+        // Devices would refuse a retirement short of the root's threshold; the hub checks too,
+        // but check here before anything is uploaded.
+        root.verify_retire(&bytes, &floor, None)
+            .context("the signed retirement would be refused by devices")?;
+        let retirement: RetirementInfo = client.post_bytes("/retirements", &bytes)?;
+        self.output.print(&retirement, render_retirement)
+    }
+}
+
+/// `GET /retirements`, or `None` from a hub older than retirements (it answers 404).
+fn retirements_of(client: &AdminClient) -> anyhow::Result<Option<Vec<RetirementInfo>>> {
+    client.get_json_opt("/retirements")
 }
 
 /// Fetches `name@version`'s signed manifest and verifies it against the operator's root: the hub
@@ -212,15 +309,62 @@ fn fetch_manifest(
     })
 }
 
-/// One past the highest sequence the hub knows, or 1 for the first rollout.
-pub fn next_sequence(rollouts: &[RolloutInfo]) -> anyhow::Result<u64> {
+/// One past the highest sequence the hub knows, of rollouts and retirements alike (they share
+/// one sequence), or 1 for the first.
+pub fn next_sequence(
+    rollouts: &[RolloutInfo],
+    retirements: &[RetirementInfo],
+) -> anyhow::Result<u64> {
     rollouts
         .iter()
         .map(|rollout| rollout.sequence)
+        .chain(retirements.iter().map(|retirement| retirement.sequence))
         .max()
         .unwrap_or(0)
         .checked_add(1)
-        .context("the hub reports a rollout at the highest possible sequence")
+        .context("the hub reports a rollout or retirement at the highest possible sequence")
+}
+
+fn selector_text(selector: &[String]) -> String {
+    if selector.is_empty() {
+        "all devices".to_owned()
+    } else {
+        selector.join(",")
+    }
+}
+
+fn render_retirements(retirements: &[RetirementInfo]) -> String {
+    let mut out = Table::new(&["SEQ", "MODEL", "SELECTOR", "CREATED", "EXPIRES", "BY"]);
+    for retirement in retirements {
+        out.row(vec![
+            retirement.sequence.to_string(),
+            retirement.model.clone(),
+            selector_text(&retirement.selector),
+            table::time(retirement.created),
+            table::time(retirement.expires),
+            retirement.by.clone(),
+        ]);
+    }
+    out.render()
+}
+
+/// What `rollout retire` retired, and what devices do about it.
+fn render_retirement(retirement: &RetirementInfo) -> String {
+    let mut text = fields(&[
+        ("retirement", retirement.sequence.to_string()),
+        ("model", retirement.model.clone()),
+        ("selector", selector_text(&retirement.selector)),
+        ("created", table::time(retirement.created)),
+        ("expires", table::time(retirement.expires)),
+    ]);
+    text.push_str(&format!(
+        "\nAt their next check-in, the devices it selects stop serving {} and remove its \
+         versions.\nAgents of earlier releases, which run one model, keep it. A later `rollout \
+         create` of {} brings it back.\n",
+        table::clean(&retirement.model),
+        table::clean(&retirement.model),
+    ));
+    text
 }
 
 fn render_list(rollouts: &[RolloutInfo]) -> String {
@@ -257,11 +401,7 @@ fn stage_position(rollout: &RolloutInfo) -> String {
 }
 
 fn selector(rollout: &RolloutInfo) -> String {
-    if rollout.selector.is_empty() {
-        "all devices".to_owned()
-    } else {
-        rollout.selector.join(",")
-    }
+    selector_text(&rollout.selector)
 }
 
 /// The full picture of one rollout: where it stands, each stage's devices, the gates and the
@@ -467,14 +607,64 @@ mod tests {
         }
     }
 
+    fn retirement(sequence: u64) -> RetirementInfo {
+        RetirementInfo {
+            sequence,
+            model: "iris".into(),
+            selector: Vec::new(),
+            created: 0,
+            expires: 86_400,
+            stored_at: 10,
+            by: "ops".into(),
+        }
+    }
+
     #[test]
     fn next_sequence_is_one_past_the_highest() {
-        assert_eq!(next_sequence(&[]).unwrap(), 1);
+        assert_eq!(next_sequence(&[], &[]).unwrap(), 1);
         assert_eq!(
-            next_sequence(&[rollout(3), rollout(7), rollout(5)]).unwrap(),
+            next_sequence(&[rollout(3), rollout(7), rollout(5)], &[]).unwrap(),
             8
         );
-        assert!(next_sequence(&[rollout(u64::MAX)]).is_err());
+        assert!(next_sequence(&[rollout(u64::MAX)], &[]).is_err());
+    }
+
+    /// Issue 20: plans and retirements share one sequence, so a rollout after a retirement (and
+    /// a retirement after one) must not reuse the other's sequence: devices refuse a second
+    /// document at a sequence they hold.
+    #[test]
+    fn next_sequence_counts_retirements() {
+        assert_eq!(next_sequence(&[], &[retirement(4)]).unwrap(), 5);
+        assert_eq!(
+            next_sequence(&[rollout(3), rollout(7)], &[retirement(9), retirement(8)]).unwrap(),
+            10
+        );
+        assert_eq!(next_sequence(&[rollout(12)], &[retirement(9)]).unwrap(), 13);
+        assert!(next_sequence(&[], &[retirement(u64::MAX)]).is_err());
+    }
+
+    #[test]
+    fn retirements_show_model_selector_and_times() {
+        let mut selected = retirement(9);
+        selected.model = "vad".into();
+        selected.selector = vec!["site=a".into(), "tier=b".into()];
+        let list = render_retirements(&[retirement(4), selected.clone()]);
+        assert_eq!(
+            list,
+            "SEQ  MODEL  SELECTOR       CREATED               EXPIRES               BY\n\
+             4    iris   all devices    1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  ops\n\
+             9    vad    site=a,tier=b  1970-01-01T00:00:00Z  1970-01-02T00:00:00Z  ops\n"
+        );
+        let shown = render_retirement(&selected);
+        assert!(
+            shown.starts_with("retirement  9\nmodel       vad\n"),
+            "{shown}"
+        );
+        assert!(shown.contains("selector    site=a,tier=b\n"), "{shown}");
+        assert!(
+            shown.contains("stop serving vad and remove its versions"),
+            "{shown}"
+        );
     }
 
     #[test]

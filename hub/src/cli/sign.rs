@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 use outpost_protocol::envelope::peek_kind;
-use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, SignedBody};
+use outpost_protocol::trust::{ManifestBody, PlanBody, RetireBody, RootBody, Signed, SignedBody};
 use outpost_protocol::{Message, MessageKind, SecretKey};
 
 use super::{read_frame, SigningKeys};
@@ -15,7 +15,7 @@ use outpost_model::fsutil;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The signed root, manifest or plan.
+    /// The signed root, manifest, plan or retirement.
     #[arg(long = "in")]
     pub input: PathBuf,
     #[command(flatten)]
@@ -34,8 +34,9 @@ impl Args {
             Some(MessageKind::SignedRoot) => add::<RootBody>(&self.input, &keys, out)?,
             Some(MessageKind::SignedManifest) => add::<ManifestBody>(&self.input, &keys, out)?,
             Some(MessageKind::SignedPlan) => add::<PlanBody>(&self.input, &keys, out)?,
+            Some(MessageKind::SignedRetire) => add::<RetireBody>(&self.input, &keys, out)?,
             _ => bail!(
-                "{} is not a signed root, manifest or plan",
+                "{} is not a signed root, manifest, plan or retirement",
                 self.input.display()
             ),
         };

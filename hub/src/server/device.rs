@@ -7,8 +7,10 @@
 //! reason. Errors are postcard [`ErrorResponse`]s with the matching HTTP status.
 //!
 //! Each model name has rollouts of its own: a plan belongs to the model its target names. An
-//! agent running several models is answered per model; one running a single model only ever
-//! about that model (see [`rollout_for_one_model`]).
+//! agent running several models is answered per model, by the latest signed word about each: a
+//! plan, or a retirement that takes the model off the device (see [`latest_per_model`]). One
+//! running a single model is only ever answered about that model, and never with a retirement,
+//! which it cannot read (see [`rollout_for_one_model`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -38,7 +40,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tower_http::timeout::TimeoutLayer;
 
 use super::drift::{check_summary, SummaryError};
-use super::engine::{Document, LiveRollout};
+use super::engine::{Document, Live, LiveRetirement, LiveRollout};
 use super::fleet::{labels_of, DeviceState};
 use super::metrics::Metrics;
 use super::nonces::NonceRefusal;
@@ -444,11 +446,13 @@ async fn held_check_in(
 }
 
 /// A check-in from an agent that runs several models side by side, one entry per model. Each
-/// model name is answered on its own, by the latest live rollout of that model that applies to
-/// the device ([`rollouts_per_model`]): "unchanged" when the device holds exactly its documents,
-/// for the same slot, and there is no newer root, else in full. A model the device runs with no
-/// such rollout gets no entry, and the device keeps running it. The poll interval is short while
-/// any of those rollouts is active or paused.
+/// model name is answered on its own, by the latest signed word about that model that applies to
+/// the device ([`latest_per_model`]): its latest live rollout, or a retirement of it signed
+/// later, which is sent alone, with no manifest. Each is "unchanged" when the device holds
+/// exactly its documents, for the same slot, and there is no newer root, else sent in full. A
+/// model the device runs with neither gets no entry, and the device keeps running it. The poll
+/// interval is short while any of those rollouts is active or paused; a retirement never
+/// shortens it.
 ///
 /// `check_ins_unchanged` counts a check-in all of whose entries (one at least) are unchanged, as
 /// it counts a held check-in answered "unchanged": both mean the hub sent no document.
@@ -467,30 +471,36 @@ async fn models_check_in(
     let device = record_check_in(&hub, read, now, &Reported::of_models(&request))?;
     let roots = roots_after(&hub, request.root_version)?;
     let labels = labels_of(&device);
-    let live = live_rollouts(&hub)?;
+    let live = live_cache(&hub)?;
     let reported: Vec<&str> = request
         .models
         .iter()
         .map(|entry| entry.name.as_str())
         .collect();
-    let rollouts = rollouts_per_model(&live, &labels, &reported);
-    let models: Vec<ModelAnswer> = rollouts
+    let latest = latest_per_model(&live, &labels, &reported);
+    let models: Vec<ModelAnswer> = latest
         .iter()
-        .map(|rollout| {
-            let name = &rollout.rollout.plan.target.name;
-            let documents = Documents::for_device(rollout, &device, &labels);
+        .map(|word| {
+            let name = word.model();
+            let documents = match word {
+                Latest::Rollout(rollout) => Documents::for_device(rollout, &device, &labels),
+                Latest::Retired(retirement) => Documents::retirement(retirement),
+            };
             let held = request
                 .models
                 .iter()
-                .find(|entry| entry.name == *name)
+                .find(|entry| entry.name == name)
                 .and_then(|entry| entry.held);
             if roots.is_empty() && held == Some(documents.held_digest()) {
-                ModelAnswer::Unchanged { name: name.clone() }
+                ModelAnswer::Unchanged {
+                    name: name.to_owned(),
+                }
             } else {
                 documents.into_model_answer()
             }
         })
         .collect();
+    let rollouts: Vec<&LiveRollout> = latest.iter().filter_map(Latest::rollout).collect();
     Metrics::bump(&hub.metrics.check_ins, 1);
     if !models.is_empty()
         && models
@@ -579,7 +589,8 @@ impl Answer {
 }
 
 /// What one rollout hands one device: its signed plan, the manifest of the device's slot and
-/// any shadow manifest, shared from the rollout cache with their digests.
+/// any shadow manifest, shared from the rollout cache with their digests. Or, for a retired
+/// model, the signed retirement in the plan's place, alone.
 struct Documents {
     plan: Document,
     manifest: Option<(Slot, Document)>,
@@ -608,6 +619,15 @@ impl Documents {
             plan: rollout.signed_plan.clone(),
             manifest,
             shadow,
+        }
+    }
+
+    /// A retirement's documents: its signed bytes where a plan goes, no manifest, no shadow.
+    fn retirement(retirement: &LiveRetirement) -> Documents {
+        Documents {
+            plan: retirement.signed.clone(),
+            manifest: None,
+            shadow: None,
         }
     }
 
@@ -641,36 +661,86 @@ fn bytes_of(document: Document) -> ByteBuf {
 /// The rollout a device that runs one model follows (`/device/v1` and `/device/v2` check-ins):
 /// the latest live rollout that applies to it and whose target is the model it runs, so that
 /// another model's rollout never switches it off its model; when it runs none yet, the latest
-/// that applies, of whatever model.
+/// that applies of a model not retired for it since. Such an agent cannot read a retirement, so
+/// it is never sent one: one running a retired model keeps it, under that model's latest plan.
 fn rollout_for_one_model<'a>(
-    live: &'a [LiveRollout],
+    live: &'a Live,
     labels: &[Label],
     running: Option<&str>,
 ) -> Option<&'a LiveRollout> {
-    live.iter().rev().find(|rollout| {
+    live.rollouts.iter().rev().find(|rollout| {
+        let name = rollout.rollout.plan.target.name.as_str();
         rollout.applies_to(labels)
-            && running.is_none_or(|name| rollout.rollout.plan.target.name == name)
+            && match running {
+                Some(running) => name == running,
+                None => !live.retirements.iter().any(|retirement| {
+                    retirement.model == name
+                        && retirement.sequence > rollout.sequence
+                        && retirement.applies_to(labels)
+                }),
+            }
     })
 }
 
-/// The rollouts a device that runs several models follows (`/device/v3`): per model name (its
-/// plans' target name), the latest live rollout that applies to it, sorted by name. A device is
-/// answered about at most [`MAX_DEVICE_MODELS`] models: those it `reported` first, then the
-/// others by name.
-fn rollouts_per_model<'a>(
-    live: &'a [LiveRollout],
-    labels: &[Label],
-    reported: &[&str],
-) -> Vec<&'a LiveRollout> {
-    let mut latest: BTreeMap<&str, &LiveRollout> = BTreeMap::new();
-    for rollout in live
+/// The latest signed word about one model for one device: a rollout's plan, or a retirement.
+#[derive(Debug, Clone, Copy)]
+enum Latest<'a> {
+    Rollout(&'a LiveRollout),
+    Retired(&'a LiveRetirement),
+}
+
+impl<'a> Latest<'a> {
+    /// Its place in the plan sequence that rollouts and retirements share.
+    fn sequence(&self) -> u64 {
+        match self {
+            Latest::Rollout(rollout) => rollout.sequence,
+            Latest::Retired(retirement) => retirement.sequence,
+        }
+    }
+
+    /// The model it is about: a plan's target name, or the model a retirement names.
+    fn model(&self) -> &'a str {
+        match self {
+            Latest::Rollout(rollout) => &rollout.rollout.plan.target.name,
+            Latest::Retired(retirement) => &retirement.model,
+        }
+    }
+
+    fn rollout(&self) -> Option<&'a LiveRollout> {
+        match self {
+            Latest::Rollout(rollout) => Some(rollout),
+            Latest::Retired(_) => None,
+        }
+    }
+}
+
+/// What a device that runs several models follows (`/device/v3`): per model name, the latest
+/// (highest sequence) of the live rollouts of that model (its plans' target name) and the
+/// retirements of it that apply to the device, sorted by name. So a retirement takes over from
+/// the model's rollouts before it, and a rollout signed after it brings the model back. A device
+/// is answered about at most [`MAX_DEVICE_MODELS`] models, retired ones included: those it
+/// `reported` first, then the others by name.
+fn latest_per_model<'a>(live: &'a Live, labels: &[Label], reported: &[&str]) -> Vec<Latest<'a>> {
+    let rollouts = live
+        .rollouts
         .iter()
-        .rev()
         .filter(|rollout| rollout.applies_to(labels))
-    {
+        .map(Latest::Rollout);
+    let retirements = live
+        .retirements
+        .iter()
+        .filter(|retirement| retirement.applies_to(labels))
+        .map(Latest::Retired);
+    let mut latest: BTreeMap<&str, Latest<'a>> = BTreeMap::new();
+    for word in rollouts.chain(retirements) {
         latest
-            .entry(rollout.rollout.plan.target.name.as_str())
-            .or_insert(rollout);
+            .entry(word.model())
+            .and_modify(|kept| {
+                if word.sequence() > kept.sequence() {
+                    *kept = word;
+                }
+            })
+            .or_insert(word);
     }
     if latest.len() > MAX_DEVICE_MODELS {
         // A check-in names at most as many models as an answer may carry, so they all fit.
@@ -796,7 +866,7 @@ fn roots_after(hub: &SharedHub, version: u64) -> Result<Vec<ByteBuf>, DeviceErro
         .collect())
 }
 
-fn live_rollouts(hub: &SharedHub) -> Result<Arc<Vec<LiveRollout>>, DeviceError> {
+fn live_cache(hub: &SharedHub) -> Result<Arc<Live>, DeviceError> {
     Ok(hub
         .live
         .read()
@@ -816,7 +886,7 @@ fn answer_check_in(
     let device = record_check_in(hub, read, now, &Reported::of_one(report))?;
     let roots = roots_after(hub, report.root_version)?;
     let labels = labels_of(&device);
-    let live = live_rollouts(hub)?;
+    let live = live_cache(hub)?;
     let running = report.active.as_ref().map(|active| active.name.as_str());
     let rollout = rollout_for_one_model(&live, &labels, running);
     Metrics::bump(&hub.metrics.check_ins, 1);
@@ -1133,7 +1203,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use std::sync::atomic::Ordering;
-    use std::time::Duration;
 
     use axum::http::Request;
     use outpost_protocol::keys::SecretKey;
@@ -1142,7 +1211,7 @@ mod tests {
 
     use super::*;
     use crate::rollout::Rollout;
-    use crate::server::{ConnectionLimits, Hub, ServerConfig};
+    use crate::server::{Hub, ServerConfig};
 
     const DEVICE: [u8; 16] = [3; 16];
     const POLL_SECS: u32 = 300;
@@ -1158,24 +1227,11 @@ mod tests {
     impl Fixture {
         fn new() -> Fixture {
             let dir = tempfile::tempdir().unwrap();
-            let hub = Hub::open(ServerConfig {
-                data_dir: dir.path().to_owned(),
-                tls: None,
-                tick: Duration::from_secs(60),
-                poll_secs: POLL_SECS,
-                rollout_poll_secs: ROLLOUT_POLL_SECS,
-                max_artifact_bytes: 1 << 20,
-                request_timeout: Duration::from_secs(30),
-                drain_timeout: Duration::from_secs(1),
-                connections: ConnectionLimits {
-                    header_timeout: Duration::from_secs(5),
-                    idle_timeout: Duration::from_secs(60),
-                    max_per_address: 16,
-                    max_connections: 16,
-                },
-                metrics_public: false,
-                retention: crate::store::Retention::default(),
-            })
+            let hub = Hub::open(ServerConfig::for_tests(
+                dir.path(),
+                POLL_SECS,
+                ROLLOUT_POLL_SECS,
+            ))
             .unwrap();
             let key = SecretKey::from_seed([9; 32]);
             hub.store
@@ -1205,7 +1261,14 @@ mod tests {
         }
 
         fn live(&self, rollouts: Vec<LiveRollout>) {
-            *self.hub.live.write().unwrap() = Arc::new(rollouts);
+            self.live_with(rollouts, Vec::new());
+        }
+
+        fn live_with(&self, rollouts: Vec<LiveRollout>, retirements: Vec<LiveRetirement>) {
+            *self.hub.live.write().unwrap() = Arc::new(Live {
+                rollouts,
+                retirements,
+            });
         }
 
         fn device(&self) -> DeviceRecord {
@@ -1518,14 +1581,17 @@ mod tests {
     /// named come first, then the others by name.
     #[test]
     fn an_answer_carries_the_models_the_device_named_first() {
-        let live: Vec<LiveRollout> = (0..MAX_DEVICE_MODELS as u64 + 2)
-            .map(|n| rollout(n + 1, &format!("model-{n:02}"), 1, RolloutState::Active))
-            .collect();
+        let live = Live {
+            rollouts: (0..MAX_DEVICE_MODELS as u64 + 2)
+                .map(|n| rollout(n + 1, &format!("model-{n:02}"), 1, RolloutState::Active))
+                .collect(),
+            retirements: Vec::new(),
+        };
         let labels = [Label::new("site", "lab").unwrap()];
         let names = |reported: &[&str]| -> Vec<String> {
-            rollouts_per_model(&live, &labels, reported)
+            latest_per_model(&live, &labels, reported)
                 .iter()
-                .map(|rollout| rollout.rollout.plan.target.name.clone())
+                .map(|word| word.model().to_owned())
                 .collect()
         };
         let all = names(&[]);
@@ -1612,6 +1678,147 @@ mod tests {
         assert_eq!(
             fixture.one_model_check_in(Some(running("kws", 1))).await,
             (None, POLL_SECS)
+        );
+    }
+
+    /// Retirement `sequence` of `name` on every device labelled `site`; its signed bytes are
+    /// `retire <sequence>`.
+    fn retirement_at(site: &str, sequence: u64, name: &str) -> LiveRetirement {
+        LiveRetirement {
+            sequence,
+            model: name.to_owned(),
+            selector: vec![Label::new("site", site).unwrap()],
+            signed: document(format!("retire {sequence}")),
+        }
+    }
+
+    fn retirement(sequence: u64, name: &str) -> LiveRetirement {
+        retirement_at("lab", sequence, name)
+    }
+
+    /// Issue 20: a retirement is the latest signed word about its model for the devices it
+    /// selects, sent alone where the plan goes, and touches no other model; held, it is
+    /// "unchanged"; and it never shortens the poll interval.
+    #[tokio::test]
+    async fn a_retirement_answers_for_its_model_only_and_unchanged_when_held() {
+        let fixture = Fixture::new();
+        fixture.live_with(
+            vec![
+                rollout(1, "iris", 1, RolloutState::Completed),
+                rollout(2, "vad", 1, RolloutState::Completed),
+                rollout(5, "kws", 1, RolloutState::Completed),
+            ],
+            vec![
+                retirement(3, "iris"),
+                // Older than kws's rollout: the rollout is the latest word.
+                retirement(4, "kws"),
+                // Leaves this device out.
+                retirement_at("elsewhere", 6, "vad"),
+            ],
+        );
+        let models = vec![
+            entry("iris", Some(1), None),
+            entry("vad", Some(1), None),
+            entry("kws", Some(1), None),
+        ];
+        let answer = fixture.models_check_in(models).await;
+        assert_eq!(shown(&answer.models), ["retire 3", "plan 5", "plan 2"]);
+        let ModelAnswer::Full {
+            manifest, shadow, ..
+        } = &answer.models[0]
+        else {
+            unreachable!()
+        };
+        assert_eq!((manifest, shadow), (&None, &None));
+        assert_eq!(answer.poll_after_secs, POLL_SECS);
+
+        // The device holds the retirement: "unchanged", by the digest of its bytes alone.
+        let held = answer.models[0].held_digest().unwrap();
+        assert_eq!(held, held_digest(&sha256(b"retire 3"), None, None));
+        let holding = vec![entry("iris", None, Some(held)), entry("vad", Some(1), None)];
+        let answer = fixture.models_check_in(holding.clone()).await;
+        assert_eq!(
+            shown(&answer.models),
+            ["unchanged iris", "plan 5", "plan 2"]
+        );
+
+        // A device the retirement leaves out is still answered by the model's rollout.
+        fixture.live_with(
+            vec![rollout(1, "iris", 1, RolloutState::Completed)],
+            vec![retirement_at("elsewhere", 3, "iris")],
+        );
+        let answer = fixture.models_check_in(holding).await;
+        assert_eq!(shown(&answer.models), ["plan 1"]);
+    }
+
+    /// Issue 20: a rollout of a retired model signed after its retirement is the latest word
+    /// again: the model comes back, and the device follows the rollout's stages.
+    #[tokio::test]
+    async fn a_rollout_after_a_retirement_brings_the_model_back() {
+        let fixture = Fixture::new();
+        let held = held_digest(&sha256(b"retire 3"), None, None);
+        fixture.live_with(
+            vec![
+                rollout(1, "iris", 1, RolloutState::Superseded),
+                rollout(5, "iris", 2, RolloutState::Active),
+            ],
+            vec![retirement(3, "iris")],
+        );
+        let answer = fixture
+            .models_check_in(vec![entry("iris", None, Some(held))])
+            .await;
+        assert_eq!(shown(&answer.models), ["plan 5"]);
+        assert_eq!(answer.poll_after_secs, ROLLOUT_POLL_SECS);
+    }
+
+    /// Issue 20: agents of one model (`/device/v1`, `/device/v2`) cannot read a retirement and
+    /// are never sent one: one running the retired model keeps it under its latest plan, and one
+    /// running none is not handed a model retired for it.
+    #[tokio::test]
+    async fn an_agent_of_one_model_is_never_sent_a_retirement() {
+        let fixture = Fixture::new();
+        fixture.live_with(
+            vec![
+                rollout(1, "vad", 1, RolloutState::Completed),
+                rollout(2, "iris", 1, RolloutState::Completed),
+            ],
+            vec![retirement(3, "iris")],
+        );
+        assert_eq!(
+            fixture.one_model_check_in(Some(running("iris", 1))).await,
+            (Some(ByteBuf::from(b"plan 2".to_vec())), POLL_SECS)
+        );
+        assert_eq!(
+            fixture.one_model_check_in(None).await,
+            (Some(ByteBuf::from(b"plan 1".to_vec())), POLL_SECS)
+        );
+        fixture.live_with(
+            vec![rollout(2, "iris", 1, RolloutState::Completed)],
+            vec![retirement(3, "iris")],
+        );
+        assert_eq!(fixture.one_model_check_in(None).await, (None, POLL_SECS));
+    }
+
+    /// Retired models count toward the answer's cap like models under a rollout.
+    #[test]
+    fn retired_models_count_toward_the_cap() {
+        let live = Live {
+            rollouts: (0..MAX_DEVICE_MODELS as u64)
+                .map(|n| rollout(n + 1, &format!("model-{n:02}"), 1, RolloutState::Active))
+                .collect(),
+            retirements: vec![retirement(100, "model-16"), retirement(101, "model-17")],
+        };
+        let labels = [Label::new("site", "lab").unwrap()];
+        let latest = latest_per_model(&live, &labels, &["model-17"]);
+        assert_eq!(latest.len(), MAX_DEVICE_MODELS);
+        let names: Vec<(&str, u64)> = latest
+            .iter()
+            .map(|word| (word.model(), word.sequence()))
+            .collect();
+        assert!(names.contains(&("model-17", 101)), "{names:?}");
+        assert!(
+            !names.iter().any(|(name, _)| *name == "model-16"),
+            "{names:?}"
         );
     }
 

@@ -1,23 +1,26 @@
 //! Runs the rollout engine ([`crate::rollout`]) against the store: a tick that evaluates every
-//! active or paused rollout and persists the engine's decisions, the cache of rollouts that
-//! check-ins read, and the facts the engine needs about each device (drift summaries for the
-//! drift gate come from [`super::drift::gate`]).
+//! active or paused rollout and persists the engine's decisions, the cache of rollouts and
+//! retirements that check-ins read, and the facts the engine needs about each device (drift
+//! summaries for the drift gate come from [`super::drift::gate`]).
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use outpost_protocol::device::DeviceId;
 use outpost_protocol::name::selector_matches;
-use outpost_protocol::trust::{AgentVersion, ManifestBody, ManifestRef, PlanBody, Signed};
+use outpost_protocol::trust::{
+    AgentVersion, ManifestBody, ManifestRef, PlanBody, RetireBody, Signed,
+};
 use outpost_protocol::{sha256, Label, Sha256};
 
 use super::SharedHub;
-use crate::api::{self, ModelRef, RolloutInfo};
+use crate::api::{self, ModelRef, RetirementInfo, RolloutInfo};
 use crate::rollout::{
     self, Actor, Decision, DeviceFacts, InferenceStats, Outcome, Rollout, RolloutState,
 };
 use crate::store::{
-    DecisionRecord, FigureRecord, OutcomeKind, RolloutRecord, RolloutStateRecord, StatsRecord,
+    DecisionRecord, FigureRecord, OutcomeKind, RetirementRecord, RolloutRecord, RolloutStateRecord,
+    StatsRecord,
 };
 use crate::{audit, unix_now};
 use outpost_protocol::device::ShadowCounts;
@@ -32,6 +35,30 @@ pub struct LiveRollout {
     pub fallback_manifest: Option<Document>,
     /// The target manifest's `min_agent_version`: an older agent is not offered the target.
     pub target_min_agent: AgentVersion,
+}
+
+/// A retirement as check-ins see it: the signed bytes to hand devices, and what it retires where.
+#[derive(Debug, Clone)]
+pub struct LiveRetirement {
+    pub sequence: u64,
+    pub model: String,
+    pub selector: Vec<Label>,
+    pub signed: Document,
+}
+
+impl LiveRetirement {
+    /// True when a device with these labels is to retire the model.
+    pub fn applies_to(&self, labels: &[Label]) -> bool {
+        selector_matches(&self.selector, labels)
+    }
+}
+
+/// What check-ins read, rebuilt whenever a rollout or retirement changes: every rollout and
+/// every retirement, each oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub rollouts: Vec<LiveRollout>,
+    pub retirements: Vec<LiveRetirement>,
 }
 
 /// Whether an agent that reported `agent_version` is older than `min`. A version the hub cannot
@@ -82,6 +109,29 @@ pub fn plan_of(record: &RolloutRecord) -> anyhow::Result<PlanBody> {
     signed
         .decode_unverified()
         .with_context(|| format!("stored plan {} is unreadable", record.sequence))
+}
+
+/// The body of a stored retirement. Its signatures were verified when it was uploaded.
+pub fn retire_of(record: &RetirementRecord) -> anyhow::Result<RetireBody> {
+    let signed: Signed<RetireBody> = outpost_protocol::decode(&record.signed)
+        .with_context(|| format!("stored retirement {} is unreadable", record.sequence))?;
+    signed
+        .decode_unverified()
+        .with_context(|| format!("stored retirement {} is unreadable", record.sequence))
+}
+
+/// A stored retirement as the admin API shows it.
+pub fn retirement_info(record: &RetirementRecord) -> anyhow::Result<RetirementInfo> {
+    let body = retire_of(record)?;
+    Ok(RetirementInfo {
+        sequence: record.sequence,
+        model: body.model,
+        selector: body.selector.iter().map(ToString::to_string).collect(),
+        created: body.created,
+        expires: body.expires,
+        stored_at: record.stored_at,
+        by: record.by.clone(),
+    })
 }
 
 /// A stored rollout state as the engine's.
@@ -151,9 +201,9 @@ fn manifest_bytes(hub: &SharedHub, reference: &ManifestRef) -> anyhow::Result<Do
     Ok(Document::new(record.signed))
 }
 
-/// Rebuilds the check-in cache from the store, oldest rollout first.
+/// Rebuilds the check-in cache from the store: rollouts and retirements, oldest first.
 pub fn reload(hub: &SharedHub) -> anyhow::Result<()> {
-    let mut live = Vec::new();
+    let mut rollouts = Vec::new();
     for record in hub.store.rollouts()? {
         let rollout = to_rollout(&record)?;
         let target_manifest = manifest_bytes(hub, &rollout.plan.target)?;
@@ -163,7 +213,7 @@ pub fn reload(hub: &SharedHub) -> anyhow::Result<()> {
             .as_ref()
             .map(|fallback| manifest_bytes(hub, fallback))
             .transpose()?;
-        live.push(LiveRollout {
+        rollouts.push(LiveRollout {
             sequence: record.sequence,
             rollout,
             signed_plan: Document::new(record.signed_plan),
@@ -172,9 +222,22 @@ pub fn reload(hub: &SharedHub) -> anyhow::Result<()> {
             fallback_manifest,
         });
     }
+    let mut retirements = Vec::new();
+    for record in hub.store.retirements()? {
+        let body = retire_of(&record)?;
+        retirements.push(LiveRetirement {
+            sequence: record.sequence,
+            model: body.model,
+            selector: body.selector,
+            signed: Document::new(record.signed),
+        });
+    }
     *hub.live
         .write()
-        .map_err(|_| anyhow::anyhow!("rollout cache lock poisoned"))? = Arc::new(live);
+        .map_err(|_| anyhow::anyhow!("rollout cache lock poisoned"))? = Arc::new(Live {
+        rollouts,
+        retirements,
+    });
     Ok(())
 }
 

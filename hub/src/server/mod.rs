@@ -29,7 +29,7 @@ mod tls;
 mod verifier;
 
 pub use admin::new_admin_token;
-pub use engine::LiveRollout;
+pub use engine::{Live, LiveRetirement, LiveRollout};
 pub use metrics::Metrics;
 
 /// Everything `serve` needs, validated by the CLI.
@@ -56,6 +56,32 @@ pub struct ServerConfig {
     pub metrics_public: bool,
     /// What the store keeps of each device's events and telemetry.
     pub retention: crate::store::Retention,
+}
+
+#[cfg(test)]
+impl ServerConfig {
+    /// A plain-HTTP configuration in `data_dir` for the server's unit tests, with small limits
+    /// and the given check-in intervals.
+    pub fn for_tests(data_dir: &std::path::Path, poll_secs: u32, rollout_poll_secs: u32) -> Self {
+        ServerConfig {
+            data_dir: data_dir.to_owned(),
+            tls: None,
+            tick: Duration::from_secs(60),
+            poll_secs,
+            rollout_poll_secs,
+            max_artifact_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(1),
+            connections: ConnectionLimits {
+                header_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(60),
+                max_per_address: 16,
+                max_connections: 16,
+            },
+            metrics_public: false,
+            retention: crate::store::Retention::default(),
+        }
+    }
 }
 
 /// What one client may hold of the hub's connections (see [`outpost_serve::Options`]).
@@ -85,8 +111,8 @@ pub struct Hub {
     pub keys: RwLock<device::KeyCache>,
     /// Checks device request signatures in batches.
     pub verifier: verifier::Verifier,
-    /// Rollouts as devices see them, rebuilt whenever one changes.
-    pub live: RwLock<Arc<Vec<LiveRollout>>>,
+    /// Rollouts and retirements as devices see them, rebuilt whenever one changes.
+    pub live: RwLock<Arc<Live>>,
     /// Serialises rollout changes between the engine and operators.
     pub rollout_lock: tokio::sync::Mutex<()>,
     /// Drift profiles of published versions, read once.
@@ -118,7 +144,7 @@ impl Hub {
             keys: RwLock::new(device::KeyCache::default()),
             verifier: verifier::Verifier::start(verifier::Verifier::threads_for_this_machine())
                 .context("starting the signature verifier threads")?,
-            live: RwLock::new(Arc::new(Vec::new())),
+            live: RwLock::new(Arc::new(Live::default())),
             rollout_lock: tokio::sync::Mutex::new(()),
             profiles: drift::ProfileCache::default(),
         });

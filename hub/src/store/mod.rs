@@ -32,6 +32,7 @@ mod devices;
 mod records;
 mod registry;
 mod retention;
+mod retirements;
 mod rollouts;
 mod telemetry;
 #[cfg(test)]
@@ -119,6 +120,9 @@ pub struct Store {
     roots: sled::Tree,
     manifests: sled::Tree,
     rollouts: sled::Tree,
+    /// Signed retirements by plan sequence; a store older hubs wrote has none, and sled
+    /// creates the tree when it opens.
+    retirements: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
     /// Serialises flushes; see [`Store::flush`].
@@ -160,6 +164,7 @@ impl Store {
             roots,
             manifests: tree("manifests")?,
             rollouts: tree("rollouts")?,
+            retirements: tree("retirements")?,
             audit: tree("audit")?,
             meta: tree("meta")?,
             db,

@@ -301,6 +301,19 @@ pub struct RolloutRecord {
     pub created: u64,
 }
 
+/// A signed retirement as stored, by its plan sequence, with when the hub stored it and whose
+/// admin token did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetirementRecord {
+    pub sequence: u64,
+    /// The signed retirement, exactly as uploaded: devices verify these bytes.
+    #[serde(with = "serde_bytes")]
+    pub signed: Vec<u8>,
+    pub stored_at: u64,
+    /// The token name of the operator who uploaded it.
+    pub by: String,
+}
+
 /// A decision as stored: the action, actor and gates by name, so the rollout engine's types can
 /// change without making stored rollouts unreadable. Its postcard layout is the one 0.1.0 wrote
 /// (then the admin API's own type), checked by `tests/store_compat.rs`.

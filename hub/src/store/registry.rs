@@ -192,6 +192,17 @@ impl Store {
             .transpose()
     }
 
+    /// Whether any version of model `name` was ever published here.
+    pub fn has_model(&self, name: &str) -> Result<bool> {
+        let prefix = [name.as_bytes(), &[0]].concat();
+        Ok(self
+            .manifests
+            .scan_prefix(prefix)
+            .next()
+            .transpose()?
+            .is_some())
+    }
+
     /// Every version of every model, as (name, version, record), by name then version.
     pub fn manifests(&self) -> Result<Vec<(String, u64, ManifestRecord)>> {
         self.manifests

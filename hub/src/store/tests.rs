@@ -835,3 +835,41 @@ fn a_committed_report_updates_its_own_model_only() {
     assert_eq!(stored.active, Some(running("iris", 2)));
     assert_eq!(stored.running_model("vad"), Some(&running("vad", 2)));
 }
+
+/// Issue 20: retirements are kept as signed, by sequence, oldest first, across a reopen; a store
+/// without the tree (every store older hubs wrote) opens with none.
+#[test]
+fn retirements_are_kept_by_sequence_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = |sequence: u64| RetirementRecord {
+        sequence,
+        signed: format!("retire {sequence}").into_bytes(),
+        stored_at: 100 + sequence,
+        by: "ops".to_owned(),
+    };
+    {
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.retirements().unwrap().is_empty());
+        store.put_retirement(&record(300)).unwrap();
+        store.put_retirement(&record(7)).unwrap();
+        store.flush_blocking().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.retirements().unwrap(), [record(7), record(300)]);
+}
+
+#[test]
+fn a_model_is_known_once_any_version_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let manifest = ManifestRecord {
+        signed: b"manifest".to_vec(),
+        sha256: [1; 32],
+        published_at: 1,
+    };
+    store.put_manifest("iris-v2", 3, &manifest).unwrap();
+    assert!(store.has_model("iris-v2").unwrap());
+    // A name that is a prefix of a published one is not published.
+    assert!(!store.has_model("iris").unwrap());
+    assert!(!store.has_model("iris-v").unwrap());
+}

@@ -1,7 +1,7 @@
 //! The admin API: JSON over HTTP(S), under `/admin/v1`, behind bearer tokens with roles.
 //!
-//! Reads need `viewer` (drift reports included); rollout control `operator`; roots, artifacts and
-//! manifests `publisher`; tokens and devices `admin`. A missing or unknown token is 401, a role
+//! Reads need `viewer` (drift reports included); rollout control and retirements `operator`;
+//! roots, artifacts and manifests `publisher`; tokens and devices `admin`. A missing or unknown token is 401, a role
 //! too weak 403. Every change is written to the hash-chained audit log under the acting token's
 //! name.
 //!
@@ -35,19 +35,21 @@ use crate::api::*;
 use crate::artifacts::ArtifactError;
 use crate::store::{
     AdminTokenRecord, DeviceRead, DeviceRecord, EnrollTokenRecord, EventRecord, ManifestRecord,
-    RoleRecord, RolloutRecord,
+    RoleRecord, RolloutRecord, RolloutStateRecord,
 };
 use crate::{audit, unix_now};
 
 mod devices;
 mod models;
 mod reports;
+mod retirements;
 mod rollouts;
 mod tokens;
 
 pub(crate) use devices::*;
 use models::*;
 use reports::*;
+use retirements::*;
 use rollouts::*;
 pub use tokens::*;
 
@@ -99,6 +101,10 @@ pub fn routes(hub: SharedHub) -> Router {
         .route(
             "/admin/v1/rollouts/{sequence}/{action}",
             post(rollout_action),
+        )
+        .route(
+            "/admin/v1/retirements",
+            get(list_retirements).post(create_retirement),
         )
         .route("/admin/v1/drift/{model}", get(drift_report))
         .route("/admin/v1/audit", get(audit_log))

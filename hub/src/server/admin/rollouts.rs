@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::rollout::{Action, Actor, Decision};
-use crate::store::RolloutStateRecord;
 
 pub(super) async fn list_rollouts(
     State(hub): State<SharedHub>,
@@ -31,6 +30,37 @@ pub(super) async fn show_rollout(
 ) -> Reply<RolloutInfo> {
     require(&hub, &headers, Role::Viewer)?;
     Ok(Json(engine::info(&hub, &find_rollout(&hub, sequence)?)?))
+}
+
+/// Checks that a signed `what` (a plan or a retirement) comes above every plan and retirement
+/// stored: they share one sequence, which devices hold each model's documents to, so a sequence
+/// is never used twice. Called under the rollout lock.
+pub(super) fn check_sequence_is_new(
+    hub: &SharedHub,
+    what: &str,
+    sequence: u64,
+) -> Result<(), AdminError> {
+    let rollout = hub.store.rollouts()?.last().map(|record| record.sequence);
+    let retirement = hub
+        .store
+        .retirements()?
+        .last()
+        .map(|record| record.sequence);
+    let latest = match (rollout, retirement) {
+        (Some(rollout), Some(retirement)) if retirement > rollout => {
+            Some(("retirement", retirement))
+        }
+        (Some(rollout), _) => Some(("rollout", rollout)),
+        (None, Some(retirement)) => Some(("retirement", retirement)),
+        (None, None) => None,
+    };
+    match latest {
+        Some((kind, highest)) if sequence <= highest => Err(AdminError::conflict(format!(
+            "{what} sequence {sequence} is not above the latest {kind} {highest}: plans and \
+             retirements share one sequence"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Checks that a plan's manifest reference names a manifest this hub holds, byte for byte.
@@ -72,21 +102,10 @@ pub(super) async fn create_rollout(
     }
     let root = require_root(&hub)?;
     let _guard = hub.rollout_lock.lock().await;
-    let highest = hub
-        .store
-        .rollouts()?
-        .iter()
-        .map(|record| record.sequence)
-        .max();
     let plan = root
         .verify_plan(&bytes, &floor(), None)
         .map_err(|error| AdminError::bad_request(format!("plan refused: {error}")))?;
-    if let Some(highest) = highest.filter(|highest| plan.sequence() <= *highest) {
-        return Err(AdminError::conflict(format!(
-            "plan sequence {} is not above the latest rollout {highest}",
-            plan.sequence()
-        )));
-    }
+    check_sequence_is_new(&hub, "plan", plan.sequence())?;
     let body = plan.body();
     check_published(&hub, "target", &body.target)?;
     if let Some(fallback) = &body.fallback {
