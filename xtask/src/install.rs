@@ -148,6 +148,7 @@ pub fn run(scope: Scope) -> Result<(), String> {
         }
     }
     real_models()?;
+    previous_agent()?;
     if scope == Scope::All {
         add_rust_targets()?;
     }
@@ -221,6 +222,102 @@ fn real_models() -> Result<(), String> {
     run(&pip, &download)?;
     std::fs::write(&marker, wanted)
         .map_err(|error| format!("writing {}: {error}", marker.display()))
+}
+
+/// The previous declared release, whose agent the mixed-fleet test runs beside today's: its
+/// version and the commit it was built from (tagged `v0.1.0`).
+pub const PREVIOUS_RELEASE: (&str, &str) = ("0.1.0", "ae7ac73ee3db598118ad2a56a16726bacef28866");
+
+/// Where the previous release's agent is built, under the workspace's `target/`.
+const PREVIOUS_AGENT: &str = "target/previous-agent";
+
+/// Builds the previous release's agent from this repository's history into
+/// `target/previous-agent/outpost-agent-VERSION`, unless an earlier run did: its source is taken
+/// out of git with `git archive` (no checkout is touched) and built with its own lock file, so
+/// the mixed-fleet test (tests/tests/mixed_fleet.rs) runs that release's agent as released. Only
+/// the binary is kept.
+fn previous_agent() -> Result<(), String> {
+    let (version, commit) = PREVIOUS_RELEASE;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("xtask sits in the workspace")?;
+    let root = workspace.join(PREVIOUS_AGENT);
+    let binary = root.join(format!("outpost-agent-{version}"));
+    if binary.is_file() {
+        return Ok(());
+    }
+    println!(
+        "xtask: building the agent of release {version} (commit {commit}) into {PREVIOUS_AGENT}: \
+         the mixed-fleet test runs it beside today's agent"
+    );
+    let source = root.join("src");
+    let _ = std::fs::remove_dir_all(&source);
+    std::fs::create_dir_all(&source)
+        .map_err(|error| format!("creating {}: {error}", source.display()))?;
+    let git_archive = || {
+        Command::new("git")
+            .args(["archive", "--format=tar", commit])
+            .current_dir(workspace)
+            .output()
+            .map_err(|error| format!("running git archive: {error}"))
+    };
+    let mut archive = git_archive()?;
+    if !archive.status.success() {
+        // A shallow clone lacks the commit: fetch it alone from the clone's origin.
+        println!("xtask: commit {commit} is not in this clone; fetching it from origin");
+        let _ = Command::new("git")
+            .args(["fetch", "--quiet", "--depth=1", "origin", commit])
+            .current_dir(workspace)
+            .status();
+        archive = git_archive()?;
+    }
+    if !archive.status.success() {
+        return Err(format!(
+            "git archive {commit} failed ({}): the mixed-fleet test needs release {version}'s \
+             commit, which neither this clone's history nor its origin gave",
+            String::from_utf8_lossy(&archive.stderr).trim()
+        ));
+    }
+    let mut tar = Command::new("tar")
+        .args(["-x", "-C"])
+        .arg(&source)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("running tar: {error}"))?;
+    {
+        use std::io::Write;
+        let mut stdin = tar.stdin.take().ok_or("tar has no stdin")?;
+        stdin
+            .write_all(&archive.stdout)
+            .map_err(|error| format!("unpacking release {version}'s source: {error}"))?;
+    }
+    let unpacked = tar
+        .wait()
+        .map_err(|error| format!("waiting for tar: {error}"))?;
+    if !unpacked.success() {
+        return Err(format!(
+            "unpacking release {version}'s source failed with {unpacked}"
+        ));
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(&cargo)
+        .args(["build", "--locked", "-p", "outpost-agent", "--target-dir"])
+        .arg(root.join("target"))
+        .current_dir(&source)
+        .status()
+        .map_err(|error| format!("running {cargo}: {error}"))?;
+    if !built.success() {
+        return Err(format!(
+            "building release {version}'s agent failed with {built}"
+        ));
+    }
+    std::fs::copy(root.join("target/debug/outpost-agent"), &binary)
+        .map_err(|error| format!("copying release {version}'s agent: {error}"))?;
+    // The binary is all the test needs; the build's gigabyte goes.
+    for dir in [root.join("target"), source] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
 }
 
 /// Whether this process runs as root, asked of `id` (the std library does not say).

@@ -31,6 +31,10 @@ use outpost_model::fsutil;
 /// Largest model `model publish` loads to check and validate. ONNX protobufs cannot exceed 2 GiB.
 pub const MAX_MODEL_IN_MEMORY: u64 = 2 * 1024 * 1024 * 1024;
 
+/// The oldest agent release that reads every artifact `model publish` writes: the default
+/// `--min-agent-version`. Raise it when an artifact gains a form that release's agent cannot
+/// read.
+pub const OLDEST_READING_AGENT: &str = "0.1.0";
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
     /// Write a signed manifest for a model version from local files.
@@ -69,8 +73,10 @@ pub struct ManifestArgs {
     /// Architectures the model may run on.
     #[arg(long = "arch", value_delimiter = ',', default_value = "x86_64,aarch64,armv7", value_parser = parse_arch)]
     pub archs: Vec<Arch>,
-    /// Oldest agent that may run this model.
-    #[arg(long, default_value = env!("CARGO_PKG_VERSION"), value_parser = parse_agent_version)]
+    /// Oldest agent that may run this model. By default the oldest release whose agent reads
+    /// every artifact this tool writes (validation sets of both forms, profiles with wide spans):
+    /// devices of older agents are skipped by its rollouts.
+    #[arg(long, default_value = OLDEST_READING_AGENT, value_parser = parse_agent_version)]
     pub min_agent_version: AgentVersion,
     /// How long the manifest stays valid.
     #[arg(long, default_value = "365d", value_parser = parse_duration)]
