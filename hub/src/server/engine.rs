@@ -323,7 +323,7 @@ pub fn device_facts(
             fallback_stats,
             shadow: shadows.get(&device.id).cloned().unwrap_or_default(),
             // An agent of one model that runs another is not offered this model: it keeps its
-            // own (see `device::rollout_for_one_model`), so it counts as skipped, not pending.
+            // own (see `device::checkin::rollout_for_one_model`), so it counts as skipped, not pending.
             agent_too_old: agent_too_old(&device.agent_version, min_agent)
                 || (!device.several_models
                     && device

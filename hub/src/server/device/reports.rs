@@ -1,0 +1,252 @@
+//! What devices report: status reports (`/device/v1/status`), which move a device's outcome in a
+//! rollout and its events, and telemetry batches (`/device/v1/telemetry`) of inference windows.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use outpost_protocol::device::{
+    Status, StatusReport, TelemetryAck, TelemetryBatch, LATENCY_BUCKETS_US,
+};
+use outpost_protocol::ModelName;
+
+use super::request::{authenticate, reply, DeviceError, Kept};
+use crate::server::drift::{check_summary, SummaryError};
+use crate::server::metrics::Metrics;
+use crate::server::SharedHub;
+use crate::store::{EventRecord, Ingested, OutcomeKind, OutcomeRecord, RunningRecord, WindowInput};
+use crate::unix_now;
+
+/// Most windows one telemetry batch may carry.
+const MAX_WINDOWS: usize = 4096;
+
+pub(super) async fn status(
+    State(hub): State<SharedHub>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, DeviceError> {
+    let body = body?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body, Kept::ForGood)
+        .await?
+        .record;
+    let report: StatusReport = outpost_protocol::decode(&body)?;
+    let (kind, reason, outcome_kind) = match &report.status {
+        Status::Downloaded => ("downloaded", String::new(), None),
+        Status::Activating => ("activating", String::new(), None),
+        Status::Committed => ("committed", String::new(), Some(OutcomeKind::Committed)),
+        Status::Shadowing => ("shadowing", String::new(), Some(OutcomeKind::Shadowing)),
+        Status::Failed { reason } => ("failed", reason.clone(), Some(OutcomeKind::Failed)),
+        Status::RolledBack { reason } => ("rolled_back", reason.clone(), Some(OutcomeKind::Failed)),
+        Status::Refused { reason } => ("refused", reason.clone(), Some(OutcomeKind::Failed)),
+        Status::Stalled { reason } => ("stalled", reason.clone(), None),
+    };
+    // Only a report about the plan's own target decides the device's outcome in that rollout.
+    let about_target = match (report.plan_sequence, &report.manifest) {
+        (Some(sequence), Some(reference)) => hub
+            .store
+            .rollout(sequence)?
+            .and_then(|rollout| crate::server::engine::target_digest(&rollout))
+            .is_some_and(|target| target == reference.manifest_sha256.0),
+        _ => false,
+    };
+    let reason = keep_at_most(reason, MAX_EVENT_DETAIL);
+    let now = unix_now();
+    let outcome = outcome_kind
+        .filter(|_| about_target)
+        .map(|kind| OutcomeRecord {
+            kind,
+            at: now,
+            reason: reason.clone(),
+        });
+    let event = EventRecord {
+        at: now,
+        kind: kind.to_owned(),
+        plan_sequence: report.plan_sequence,
+        model: report
+            .manifest
+            .as_ref()
+            .map(|reference| (reference.name.clone(), reference.version)),
+        detail: reason,
+    };
+    let now_running = match (&report.status, &report.manifest) {
+        (Status::Committed, Some(reference)) => Some(RunningRecord {
+            name: reference.name.clone(),
+            version: reference.version,
+            manifest_sha256: reference.manifest_sha256.0,
+        }),
+        _ => None,
+    };
+    hub.store.record_status(
+        &device.id,
+        report.plan_sequence,
+        outcome.as_ref(),
+        &event,
+        now_running.as_ref(),
+    )?;
+    let pruned = hub
+        .store
+        .prune_events(&device.id, hub.config.retention.events_per_device)?;
+    Metrics::bump(&hub.metrics.pruned_records, pruned);
+    hub.store.flush().await?;
+    Metrics::bump(&hub.metrics.status_reports, 1);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(super) async fn telemetry(
+    State(hub): State<SharedHub>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, DeviceError> {
+    let body = body?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body, Kept::ForGood)
+        .await?
+        .record;
+    let mut batch: TelemetryBatch = outpost_protocol::decode(&body)?;
+    if batch.windows.len() > MAX_WINDOWS {
+        return Err(DeviceError::bad_request(format!(
+            "batch has {} windows, at most {MAX_WINDOWS} are accepted",
+            batch.windows.len()
+        )));
+    }
+    let now = unix_now();
+    let cutoff = now.saturating_sub(hub.config.retention.telemetry_secs);
+    let mut published: HashMap<(String, u64), bool> = HashMap::new();
+    let mut skipped = 0;
+    let mut windows = Vec::with_capacity(batch.windows.len());
+    // The index in the batch of each window in `windows`.
+    let mut indices = Vec::with_capacity(batch.windows.len());
+    for (index, window) in batch.windows.iter_mut().enumerate() {
+        ModelName::new(&window.model).map_err(|error| {
+            DeviceError::bad_request(format!("window {index}: model name: {error}"))
+        })?;
+        if window.latency_buckets.len() > LATENCY_BUCKETS_US.len() + 1 {
+            return Err(DeviceError::bad_request(format!(
+                "window {index}: {} latency buckets, at most {}",
+                window.latency_buckets.len(),
+                LATENCY_BUCKETS_US.len() + 1
+            )));
+        }
+        if window.errors > window.count || window.end < window.start {
+            return Err(DeviceError::bad_request(format!(
+                "window {index}: counts or times do not add up"
+            )));
+        }
+        if let Some(Err(reason)) = window.shadow.as_ref().map(|report| report.validate()) {
+            return Err(DeviceError::bad_request(format!(
+                "window {index} ({}@{} from {}): shadow report: {reason}",
+                window.model, window.version, window.start
+            )));
+        }
+        // A summary the hub would not store refuses the whole batch, so that nothing of it is
+        // stored and the device learns which window is wrong.
+        check_summary(&hub, window).map_err(|error| match error {
+            SummaryError::Refused(reason) => DeviceError::bad_request(format!(
+                "window {index} ({}@{} from {}): {reason}",
+                window.model, window.version, window.start
+            )),
+            SummaryError::Internal(error) => DeviceError::internal(format!("{error:#}")),
+        })?;
+        // Acknowledged, not stored: the store keeps counters per published version only, so a
+        // device cannot make it grow with names of its own; and what is past the retention
+        // would only be pruned.
+        let key = (window.model.clone(), window.version);
+        let known = match published.get(&key) {
+            Some(known) => *known,
+            None => {
+                let known = hub.store.has_manifest(&window.model, window.version)?;
+                published.insert(key, known);
+                known
+            }
+        };
+        if !known || window.end < cutoff {
+            skipped += 1;
+            continue;
+        }
+        indices.push(index);
+        windows.push(WindowInput {
+            model: window.model.clone(),
+            version: window.version,
+            start: window.start,
+            end: window.end,
+            count: window.count,
+            errors: window.errors,
+            latency_buckets: window.latency_buckets.clone(),
+            // Moved, not copied: a summary is most of a batch. The window keeps what names it.
+            drift: window.drift.take(),
+            shadow: window.shadow.clone(),
+        });
+    }
+    let ingested = hub.store.ingest_telemetry(
+        &device.id,
+        batch.sequence,
+        &windows,
+        batch.dropped_records,
+        now,
+    )?;
+    let duplicate = match ingested {
+        Ingested::Stored => false,
+        Ingested::Duplicate => true,
+        Ingested::Refused { window, reason } => {
+            let window = indices.get(window).copied().unwrap_or(window);
+            let name = batch
+                .windows
+                .get(window)
+                .map(|window| {
+                    format!(
+                        " ({}@{} from {})",
+                        window.model, window.version, window.start
+                    )
+                })
+                .unwrap_or_default();
+            return Err(DeviceError::bad_request(format!(
+                "window {window}{name}: {reason}"
+            )));
+        }
+        Ingested::OutOfOrder { highest } => {
+            return Err(DeviceError::bad_request(format!(
+                "batch sequence {} is below {highest}, already stored for this device: a \
+                 device's batch sequences only increase",
+                batch.sequence
+            )));
+        }
+    };
+    hub.store.prune_batch_markers(&device.id, cutoff)?;
+    hub.store.flush().await?;
+    if duplicate {
+        Metrics::bump(&hub.metrics.telemetry_duplicates, 1);
+    } else {
+        Metrics::bump(&hub.metrics.telemetry_batches, 1);
+        Metrics::bump(&hub.metrics.telemetry_windows, windows.len() as u64);
+        Metrics::bump(&hub.metrics.telemetry_windows_skipped, skipped);
+    }
+    reply(&TelemetryAck {
+        sequence: batch.sequence,
+        duplicate,
+    })
+}
+
+/// Longest reason of a status report the hub keeps in the device's event, in bytes; the rest is
+/// cut and counted.
+const MAX_EVENT_DETAIL: usize = 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary, saying how much was cut.
+fn keep_at_most(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!("… ({cut} more bytes not kept)"));
+    text
+}
