@@ -469,3 +469,35 @@ fn a_hub_cannot_bring_a_retired_model_back_with_its_older_plan() {
         .count();
     assert_eq!(installed, 1, "spotter is not downloaded again");
 }
+
+/// The memory budget: a device whose `[models] max_memory` is below a model's file refuses it,
+/// naming the budget and the figures, and downloads nothing.
+#[test]
+fn a_model_past_the_memory_budget_is_refused_naming_it() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "detector", 1, 1);
+    fleet.first_rollout(&hub, "detector", 1);
+    let mut agent = TestAgent::enroll(&hub, &fleet, "site=lab", "");
+    agent.set_option("models", "max_memory", "\"64\"");
+    agent.start();
+    let refused = wait_until(AGENT_WAIT, "the device to refuse detector@1", || {
+        agent
+            .hub_detail(&hub)
+            .events
+            .into_iter()
+            .find(|event| event.kind == "refused")
+    });
+    assert!(
+        refused
+            .detail
+            .contains("over this device's models.max_memory of 64"),
+        "{refused:#?}"
+    );
+    let status = agent.next_status();
+    assert_eq!(active_of(&status, "detector"), None, "{status:#}");
+    let installed = std::fs::read_dir(agent.data().join("versions"))
+        .unwrap()
+        .count();
+    assert_eq!(installed, 0, "nothing is downloaded");
+}
