@@ -1,5 +1,5 @@
-//! Bytes a device sends and receives per day at default settings, from real frames: the held
-//! check-in and the telemetry upload of a model with a 20-feature drift profile, encoded with
+//! Bytes a device sends and receives per day at default settings, from real frames: the check-in
+//! of its one model (naming what it holds) and the telemetry upload of a model with a 20-feature drift profile, encoded with
 //! `protocol` from the same realistic samples the round-trip tests pin, plus the HTTP/1.1 heads
 //! the agent and hub put around them, TLS records, and a TCP connection with a resumed TLS 1.3
 //! handshake per check-in. Issue 7's goal is ≤ 1 MB a day.
@@ -19,7 +19,8 @@ mod samples;
 
 use outpost_protocol::auth::{HEADER_DEVICE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use outpost_protocol::device::{
-    HeldCheckIn, HeldCheckInResponse, InferenceWindow, TelemetryBatch, LATENCY_BUCKETS_US,
+    InferenceWindow, ModelAnswer, ModelCheckIn, ModelsCheckIn, ModelsCheckInResponse,
+    TelemetryBatch, LATENCY_BUCKETS_US,
 };
 use outpost_protocol::{encode, Message};
 use samples::*;
@@ -84,20 +85,39 @@ fn exchange<Q: Message, R: Message>(
 fn main() {
     let batches = DAY_SECS / WINDOW_SECS;
 
-    // The device holds the plan and manifest (signed by 3 of 5 keys) the hub would send, so the
-    // answer is "unchanged"; a full one, sent once per change, is printed for scale.
+    // The device holds the plan and manifest (signed by 3 of 5 keys) the hub would send for its
+    // one model, so the answer is "unchanged"; a full one, sent once per change, is printed for
+    // scale. An agent of 0.2.0 checks in on `/device/v3/checkin` with one entry per model.
     let mut documents = check_in_response();
     documents.roots.clear();
     documents.shadow = None;
-    let held = HeldCheckIn {
-        check_in: check_in(),
-        held: documents.held_digest(),
+    let single = check_in();
+    let active = single.active.clone().expect("the sample runs a model");
+    let held = ModelsCheckIn {
+        state: single.state,
+        models: vec![ModelCheckIn {
+            name: active.name.clone(),
+            active: Some(active.clone()),
+            plan_sequence: single.plan_sequence,
+            held: documents.held_digest(),
+        }],
+        root_version: single.root_version,
+        agent_version: single.agent_version,
+        dropped_records: single.dropped_records,
+        queue_bytes: single.queue_bytes,
     };
-    let unchanged = HeldCheckInResponse::Unchanged {
+    let answer = |models: Vec<ModelAnswer>| ModelsCheckInResponse {
         hub_time: NOW,
+        roots: Vec::new(),
         poll_after_secs: POLL_SECS as u32,
+        models,
     };
-    let full = HeldCheckInResponse::Full(documents);
+    let unchanged = answer(vec![ModelAnswer::Unchanged { name: active.name }]);
+    let full = answer(vec![ModelAnswer::Full {
+        plan: documents.plan.clone().expect("the sample has a plan"),
+        manifest: documents.manifest.clone(),
+        shadow: None,
+    }]);
 
     let profile = drift_profile_with(DRIFT_FEATURES, 10_000);
     let summary = drift_summary_of(&profile, 3_000, 0, 2);
@@ -164,7 +184,7 @@ fn main() {
     );
 }
 
-const CHECK_IN: &str = "/device/v2/checkin";
+const CHECK_IN: &str = "/device/v3/checkin";
 const TELEMETRY: &str = "/device/v1/telemetry";
 
 /// Measured, once, by hand (see docs/BENCHMARKS.md): a resumed TLS 1.3 connection to
