@@ -474,11 +474,17 @@ impl Syncer {
     fn check_in(&mut self) -> anyhow::Result<Answer> {
         let stats = self.cache.stats();
         if self.hub_knows_models {
-            let models: Vec<ModelCheckIn> = self
+            // The models it serves first: past the cap it is a retired model's entry (kept for
+            // its plan floor) that is left out, and the hub answers about it all the same.
+            let mut named: Vec<&ModelState> = self
                 .state
                 .models
                 .iter()
                 .filter(|model| !model.name.is_empty())
+                .collect();
+            named.sort_by_key(|model| model.active.is_none() && model.pending.is_none());
+            let models: Vec<ModelCheckIn> = named
+                .into_iter()
                 .take(outpost_protocol::device::MAX_DEVICE_MODELS)
                 .map(|model| ModelCheckIn {
                     name: model.name.clone(),

@@ -3,7 +3,8 @@
 //! [`RolloutInfo`] that `outpost-hub rollout status` prints, from [`engine::info`].
 //!
 //! Working out a rollout's live figures reads every selected device's outcome and counters, so
-//! the page shows the newest [`SHOWN`] rollouts only.
+//! the page shows the newest [`SHOWN`] rollouts only. Below them, every model's retirements: the
+//! signed word that takes a model off the devices it selects.
 
 use std::fmt::Write;
 
@@ -13,7 +14,7 @@ use axum::response::Response;
 
 use super::svg::{stacked_bar, Segment};
 use super::{badge, internal, time_cell, viewer, Esc};
-use crate::api::{GateFigure, RolloutInfo};
+use crate::api::{GateFigure, RetirementInfo, RolloutInfo};
 use crate::server::{engine, SharedHub};
 use crate::unix_now;
 
@@ -50,7 +51,51 @@ pub async fn page(State(hub): State<SharedHub>, headers: HeaderMap) -> Response 
             Err(error) => return internal(&viewer, TITLE, format!("{error:#}")),
         }
     }
+    let retirements = match hub
+        .store
+        .retirements()
+        .map_err(anyhow::Error::from)
+        .and_then(|records| {
+            records
+                .iter()
+                .map(engine::retirement_info)
+                .collect::<anyhow::Result<Vec<_>>>()
+        }) {
+        Ok(retirements) => retirements,
+        Err(error) => return internal(&viewer, TITLE, format!("{error:#}")),
+    };
+    retired(&mut body, &retirements, now);
     super::page(TITLE, TITLE, &viewer, &body)
+}
+
+/// The retirements, newest first, in one table; nothing when there is none.
+fn retired(body: &mut String, retirements: &[RetirementInfo], now: u64) {
+    if retirements.is_empty() {
+        return;
+    }
+    body.push_str(
+        "<section class=\"card\" id=\"retirements\"><h2>Retirements</h2><table><thead><tr>\
+         <th>Sequence</th><th>Model</th><th>Devices</th><th>Signed</th><th>Expires</th><th>By</th>\
+         </tr></thead><tbody>",
+    );
+    for info in retirements.iter().rev() {
+        let devices = if info.selector.is_empty() {
+            "every device".to_owned()
+        } else {
+            info.selector.join(",")
+        };
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td class=\"model\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            info.sequence,
+            Esc(&info.model),
+            Esc(&devices),
+            time_cell(info.created, now),
+            time_cell(info.expires, now),
+            Esc(&info.by)
+        );
+    }
+    body.push_str("</tbody></table></section>");
 }
 
 fn model(reference: &crate::api::ModelRef) -> String {
@@ -207,4 +252,44 @@ fn figures(body: &mut String, gates: &[GateFigure], class: &str) {
         );
     }
     body.push_str("</tbody></table>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(sequence: u64, model: &str, selector: &[&str]) -> RetirementInfo {
+        RetirementInfo {
+            sequence,
+            model: model.to_owned(),
+            selector: selector.iter().map(|label| (*label).to_owned()).collect(),
+            created: 1_000,
+            expires: 2_000,
+            stored_at: 1_001,
+            by: "ops".to_owned(),
+        }
+    }
+
+    #[test]
+    fn retirements_are_listed_newest_first_with_whom_they_take_a_model_from() {
+        let mut body = String::new();
+        retired(&mut body, &[], 1_500);
+        assert!(body.is_empty(), "no section without a retirement");
+
+        retired(
+            &mut body,
+            &[
+                info(4, "spotter", &[]),
+                info(7, "<b>vad</b>", &["site=lab", "line=3"]),
+            ],
+            1_500,
+        );
+        assert!(body.contains("id=\"retirements\""), "{body}");
+        let newest = body.find("<td>7</td>").unwrap();
+        let oldest = body.find("<td>4</td>").unwrap();
+        assert!(newest < oldest, "{body}");
+        assert!(body.contains("<td>every device</td>"), "{body}");
+        assert!(body.contains("<td>site=lab,line=3</td>"), "{body}");
+        assert!(body.contains("&lt;b&gt;vad&lt;/b&gt;"), "escaped: {body}");
+    }
 }
