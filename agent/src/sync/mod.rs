@@ -323,10 +323,16 @@ impl Syncer {
             }
         };
         let versions = Versions::open(&config.data_dir)?;
-        for index in 0..state.models.len() {
-            recover_model(&mut state, index);
+        let interrupted = state
+            .models
+            .iter()
+            .any(|model| model.pending.is_some() || model.shadow.is_some());
+        if interrupted {
+            for index in 0..state.models.len() {
+                recover_model(&mut state, index);
+            }
+            files.save(&state)?;
         }
-        files.save(&state)?;
         let mut syncer = Syncer {
             device_id,
             client,
@@ -518,7 +524,13 @@ impl Syncer {
                 Err(error) => return Err(error.into()),
             }
         }
-        let first = self.state.first();
+        // A hub of one model hears of the first model this device serves.
+        let first = self
+            .state
+            .models
+            .iter()
+            .find(|model| model.active.is_some())
+            .or(self.state.first());
         let check_in = CheckIn {
             state: self.agent_state,
             active: first.and_then(|model| model.active.as_ref()).map(running),
