@@ -81,18 +81,23 @@ impl Shadow {
         })
     }
 
-    /// The version of model `name` running in shadow now.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<ActiveModel>>> {
+        // A poisoned lock only means a writer panicked mid-swap; the value is whole either way.
+        match self.current.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The version of model `name` running in shadow now. On the request path: one lookup under
+    /// the read lock, no copy of the list.
     pub fn current(&self, name: &str) -> Option<Arc<ActiveModel>> {
-        self.all().into_iter().find(|model| model.name == name)
+        self.read().iter().find(|model| model.name == name).cloned()
     }
 
     /// Every model running in shadow now.
     pub fn all(&self) -> Vec<Arc<ActiveModel>> {
-        // A poisoned lock only means a writer panicked mid-swap; the value is whole either way.
-        match self.current.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.read().clone()
     }
 
     /// Sets or clears the shadow version of model `name`, returning the one it replaces. Inputs
