@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use outpost_hub::api::RolloutState;
+use outpost_hub::api::{DeviceEvent, RolloutState};
 use outpost_protocol::device::{ModelAnswer, ModelsCheckInResponse};
 use outpost_protocol::trust::{is_retirement, PlanBody, RetireBody, Signed};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
@@ -44,6 +44,24 @@ fn answered_by(agent: &TestAgent, model: &str) -> String {
     assert_eq!(code, 200, "{model}: {body}");
     assert_eq!(body["model_name"], json!(model), "{body}");
     body["model_version"].as_str().unwrap().to_owned()
+}
+
+/// Waits for the first refusal the device reported to the hub, described by `what`.
+fn first_refusal(agent: &TestAgent, hub: &TestHub, what: &str) -> DeviceEvent {
+    wait_until(AGENT_WAIT, what, || {
+        agent
+            .hub_detail(hub)
+            .events
+            .into_iter()
+            .find(|event| event.kind == "refused")
+    })
+}
+
+/// How many versions the agent holds on disk.
+fn installed(agent: &TestAgent) -> usize {
+    std::fs::read_dir(agent.data().join("versions"))
+        .unwrap()
+        .count()
 }
 
 /// Signs and uploads the retirement of `model` from every device, once its rollout `sequence`
@@ -208,13 +226,7 @@ fn a_model_past_the_device_budget_is_refused_and_the_others_keep_serving() {
     let (hub, fleet, agent) = agent_serving_detector(&[("models", "max_models", "1")]);
 
     fleet.first_rollout(&hub, "spotter", 1);
-    let refused = wait_until(AGENT_WAIT, "the device to refuse spotter@1", || {
-        agent
-            .hub_detail(&hub)
-            .events
-            .into_iter()
-            .find(|event| event.kind == "refused")
-    });
+    let refused = first_refusal(&agent, &hub, "the device to refuse spotter@1");
     assert!(
         refused.detail.contains("models.max_models of 1"),
         "{refused:#?}"
@@ -229,10 +241,7 @@ fn a_model_past_the_device_budget_is_refused_and_the_others_keep_serving() {
     let (code, body) = agent.infer_row(&http(), "spotter", &[0.5, -1.0, 2.0, 0.0]);
     assert_eq!(code, 404, "{body}");
     assert!(body.to_string().contains("detector"), "{body}");
-    let installed = std::fs::read_dir(agent.data().join("versions"))
-        .unwrap()
-        .count();
-    assert_eq!(installed, 1, "only detector@1 is installed");
+    assert_eq!(installed(&agent), 1, "only detector@1 is installed");
     let status = agent.status();
     assert_eq!(active_of(&status, "spotter"), None, "{status:#}");
 }
@@ -338,12 +347,7 @@ fn a_retired_model_leaves_the_device_and_only_a_later_rollout_brings_it_back() {
     let (hub, fleet, agent) = agent_serving_detector(&[]);
     fleet.first_rollout(&hub, "spotter", 1);
     wait_active(&agent, "spotter", "spotter@1");
-    let versions = || {
-        std::fs::read_dir(agent.data().join("versions"))
-            .unwrap()
-            .count()
-    };
-    assert_eq!(versions(), 2);
+    assert_eq!(installed(&agent), 2);
 
     retire(&hub, &fleet, "spotter", 2);
     let status = wait_retired(&agent, "spotter");
@@ -355,7 +359,7 @@ fn a_retired_model_leaves_the_device_and_only_a_later_rollout_brings_it_back() {
     assert_eq!(answered_by(&agent, "detector"), "1");
     let (code, body) = agent.infer_row(&http(), "spotter", &[0.5, -1.0, 2.0, 0.0]);
     assert_eq!(code, 404, "{body}");
-    assert_eq!(versions(), 1, "spotter's version is removed");
+    assert_eq!(installed(&agent), 1, "spotter's version is removed");
     let detail = wait_until(AGENT_WAIT, "the hub to see spotter gone", || {
         let detail = agent.hub_detail(&hub);
         (detail.device.running().len() == 1).then_some(detail)
@@ -448,13 +452,7 @@ fn a_hub_cannot_bring_a_retired_model_back_with_its_older_plan() {
         }
         Verdict::Forward(response)
     });
-    let refusal = wait_until(AGENT_WAIT, "the older plan to be refused", || {
-        agent
-            .hub_detail(&hub)
-            .events
-            .into_iter()
-            .find(|event| event.kind == "refused")
-    });
+    let refusal = first_refusal(&agent, &hub, "the older plan to be refused");
     assert!(
         refusal
             .detail
@@ -464,10 +462,7 @@ fn a_hub_cannot_bring_a_retired_model_back_with_its_older_plan() {
     let status = agent.next_status();
     assert_eq!(active_of(&status, "spotter"), None, "{status:#}");
     assert_eq!(answered_by(&agent, "detector"), "1");
-    let installed = std::fs::read_dir(agent.data().join("versions"))
-        .unwrap()
-        .count();
-    assert_eq!(installed, 1, "spotter is not downloaded again");
+    assert_eq!(installed(&agent), 1, "spotter is not downloaded again");
 }
 
 /// The memory budget: a device whose `[models] max_memory` is below a model's file refuses it,
@@ -481,13 +476,7 @@ fn a_model_past_the_memory_budget_is_refused_naming_it() {
     let mut agent = TestAgent::enroll(&hub, &fleet, "site=lab", "");
     agent.set_option("models", "max_memory", "\"64\"");
     agent.start();
-    let refused = wait_until(AGENT_WAIT, "the device to refuse detector@1", || {
-        agent
-            .hub_detail(&hub)
-            .events
-            .into_iter()
-            .find(|event| event.kind == "refused")
-    });
+    let refused = first_refusal(&agent, &hub, "the device to refuse detector@1");
     assert!(
         refused
             .detail
@@ -496,8 +485,5 @@ fn a_model_past_the_memory_budget_is_refused_naming_it() {
     );
     let status = agent.next_status();
     assert_eq!(active_of(&status, "detector"), None, "{status:#}");
-    let installed = std::fs::read_dir(agent.data().join("versions"))
-        .unwrap()
-        .count();
-    assert_eq!(installed, 0, "nothing is downloaded");
+    assert_eq!(installed(&agent), 0, "nothing is downloaded");
 }
