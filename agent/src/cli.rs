@@ -26,6 +26,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Check, offline, whether this device would accept signed documents, and say why not.
     Verify(VerifyArgs),
+    /// Load the configured ONNX Runtime library, run a small model on it, and say whether it
+    /// serves: what `run` does in a child process before it loads the library itself.
+    ProbeRuntime(RunArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -99,6 +102,9 @@ impl Command {
             Command::Run(args) => run_service(crate::config::load(&args.config)?),
             Command::Status(args) => args.run(),
             Command::Verify(args) => args.run(),
+            Command::ProbeRuntime(args) => {
+                crate::runtime::probe(&crate::config::load(&args.config)?)
+            }
         }
     }
 }

@@ -37,6 +37,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use outpost_model::inference::{OnnxRuntimeSettings, Provider, ProviderKind, RuntimeChoice};
 use outpost_protocol::Label;
 use serde::Deserialize;
 
@@ -103,6 +104,20 @@ pub struct RawInference {
     pub listen: Option<String>,
     pub threads: Option<usize>,
     pub probation_timeout: Option<String>,
+    pub runtime: Option<String>,
+    #[serde(default)]
+    pub onnxruntime: RawOnnxRuntime,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOnnxRuntime {
+    pub library: Option<PathBuf>,
+    #[serde(default)]
+    pub providers: Vec<String>,
+    /// Per provider name, its options as ONNX Runtime names them.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,6 +153,11 @@ pub struct Config {
     pub listen: SocketAddr,
     pub threads: usize,
     pub probation_timeout: Duration,
+    /// `[inference] runtime`: which runtime serves the models (see `outpost_model::inference`'s
+    /// `Runtimes`).
+    pub runtime: RuntimeChoice,
+    /// `[inference.onnxruntime]`: its library and execution providers.
+    pub onnxruntime: OnnxRuntimeSettings,
     pub telemetry_cap: u64,
     pub max_model_size: u64,
     pub keep_versions: usize,
@@ -226,6 +246,13 @@ pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             format!("{threads} is not within 1..=256"),
         ));
     }
+    let runtime = match &raw.inference.runtime {
+        None => RuntimeChoice::default(),
+        Some(text) => text
+            .parse()
+            .map_err(|reason| invalid("inference.runtime", reason))?,
+    };
+    let onnxruntime = onnxruntime_settings(&raw.inference.onnxruntime, invalid)?;
     let keep_versions = raw.storage.keep_versions.unwrap_or(2);
     if keep_versions > 32 {
         return Err(invalid(
@@ -288,6 +315,8 @@ pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             &raw.inference.probation_timeout,
             "2m",
         )?,
+        runtime,
+        onnxruntime,
         telemetry_cap,
         max_model_size: size(
             "storage.max_model_size",
@@ -329,6 +358,50 @@ fn is_loopback_authority(authority: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `[inference.onnxruntime]` checked: known providers, each once, options only for listed ones.
+fn onnxruntime_settings(
+    raw: &RawOnnxRuntime,
+    invalid: impl Fn(&'static str, String) -> ConfigError,
+) -> Result<OnnxRuntimeSettings, ConfigError> {
+    let mut providers: Vec<Provider> = Vec::with_capacity(raw.providers.len());
+    for name in &raw.providers {
+        let kind: ProviderKind = name
+            .parse()
+            .map_err(|reason| invalid("inference.onnxruntime.providers", reason))?;
+        if providers.iter().any(|provider| provider.kind == kind) {
+            return Err(invalid(
+                "inference.onnxruntime.providers",
+                format!("{name:?} is listed twice"),
+            ));
+        }
+        let options = raw
+            .options
+            .get(name)
+            .map(|options| options.clone().into_iter().collect())
+            .unwrap_or_default();
+        providers.push(Provider { kind, options });
+    }
+    if let Some(name) = raw
+        .options
+        .keys()
+        .find(|name| !raw.providers.contains(name))
+    {
+        return Err(invalid(
+            "inference.onnxruntime.options",
+            format!("{name:?} has options but is not in inference.onnxruntime.providers"),
+        ));
+    }
+    if let Some(library) = &raw.library {
+        if library.as_os_str().is_empty() {
+            return Err(invalid("inference.onnxruntime.library", "is empty".into()));
+        }
+    }
+    Ok(OnnxRuntimeSettings {
+        library: raw.library.clone(),
+        providers,
+    })
 }
 
 #[cfg(test)]
@@ -381,6 +454,55 @@ mod tests {
             parse("hub_url = \"http://127.0.0.1:9\"\ntrust_root = \"r\"\ndata_dir = \"d\"\n")
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn runtime_settings_are_checked_naming_the_key() {
+        let config = parse(&format!(
+            "{BASE}[inference]\nruntime = \"onnxruntime\"\n[inference.onnxruntime]\n\
+             library = \"/opt/ort/libonnxruntime.so\"\nproviders = [\"cuda\", \"cpu\"]\n\
+             [inference.onnxruntime.options.cuda]\ndevice_id = \"1\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.runtime, RuntimeChoice::OnnxRuntime);
+        let kinds: Vec<ProviderKind> = config
+            .onnxruntime
+            .providers
+            .iter()
+            .map(|provider| provider.kind)
+            .collect();
+        assert_eq!(kinds, [ProviderKind::Cuda, ProviderKind::Cpu]);
+        assert_eq!(
+            config.onnxruntime.providers[0].options,
+            [("device_id".to_owned(), "1".to_owned())]
+        );
+        // The default is auto, with no library named.
+        let config = parse(BASE).unwrap();
+        assert_eq!(config.runtime, RuntimeChoice::Auto);
+        assert_eq!(config.onnxruntime, OnnxRuntimeSettings::default());
+
+        for (table, key) in [
+            ("[inference]\nruntime = \"fast\"\n", "`inference.runtime`"),
+            (
+                "[inference.onnxruntime]\nproviders = [\"gpu\"]\n",
+                "`inference.onnxruntime.providers`",
+            ),
+            (
+                "[inference.onnxruntime]\nproviders = [\"cuda\", \"cuda\"]\n",
+                "`inference.onnxruntime.providers`",
+            ),
+            (
+                "[inference.onnxruntime.options.tensorrt]\nfp16 = \"1\"\n",
+                "`inference.onnxruntime.options`",
+            ),
+            (
+                "[inference.onnxruntime]\nlibrary = \"\"\n",
+                "`inference.onnxruntime.library`",
+            ),
+        ] {
+            let error = parse(&format!("{BASE}{table}")).unwrap_err();
+            assert!(error.to_string().contains(key), "{table}: {error}");
+        }
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!   model, with hot swap that never fails an in-flight request, and `/metrics`.
 //! - [`shadow`]: the target of a plan's shadow stage, run beside the active model on copies of
 //!   live inputs off the request path, its answers compared with the active model's.
+//! - [`runtime`]: which inference runtime serves the models (tract, or ONNX Runtime once a child
+//!   process has proven the device's library loads).
 //! - [`cache`]: the telemetry cache — closed inference windows on disk (sled) until the hub
 //!   acknowledges them, under a byte cap, with crash-safe upload batches; its records, index and
 //!   roll-up in submodules of their own.
@@ -23,6 +25,7 @@ pub mod config;
 pub mod download;
 pub mod hub_client;
 pub mod notify;
+pub mod runtime;
 pub mod service;
 pub mod shadow;
 pub mod slot;

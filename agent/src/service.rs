@@ -135,6 +135,7 @@ pub async fn run(
         queue: queue.clone(),
         notifier: notifier.clone(),
         shadow: shadow.clone(),
+        runtimes: Arc::new(crate::runtime::start(&config)),
     };
     let mut syncer = Syncer::start(config, client, device_id.clone(), shared)?;
     if let Some(quarantine) = quarantine {

@@ -337,6 +337,7 @@ mod tests {
             manifest_sha256: outpost_protocol::Sha256([1; 32]),
             model,
             drift: None,
+            runtime_fallback: None,
         };
         // No shadow model: nothing is queued or counted.
         shadow.offer(&active, &[], &[], 7200);
@@ -354,6 +355,7 @@ mod tests {
             )
             .unwrap(),
             drift: None,
+            runtime_fallback: None,
         });
         assert!(shadow.set("demo", Some(target)).is_none());
         // A queue of capacity 0 is always full.

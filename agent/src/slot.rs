@@ -32,6 +32,9 @@ pub struct ActiveModel {
     pub model: LoadedModel,
     /// Present when the manifest signs a drift profile.
     pub drift: Option<ModelDrift>,
+    /// Why a runtime preferred to the one serving the model was passed over (see
+    /// `outpost_model::inference::Runtimes`); reported to the hub.
+    pub runtime_fallback: Option<String>,
 }
 
 /// Holds the active version of every model the agent serves, one per name. Cheap to read on

@@ -1,6 +1,10 @@
 //! The local inference API over real HTTP: the Open Inference Protocol endpoints, every refusal a
 //! client gets for a bad request, hot swaps under load, `/metrics`, and an off-the-shelf
 //! `tritonclient` talking to it unchanged.
+//!
+//! With `OUTPOST_TEST_RUNTIME=onnxruntime` every model here is loaded into ONNX Runtime (the
+//! library `cargo xtask install` brings), so the same tests prove the API behaves the same on it;
+//! `cargo xtask test` runs them both ways.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,9 +23,12 @@ use outpost_model::example::{
     batch_mean, batch_mean_specs, byte_casts, byte_casts_specs, example_inputs, mlp, mlp_specs,
     normal_rows,
 };
-use outpost_model::inference::LoadedModel;
+use outpost_model::inference::{
+    LoadedModel, OnnxRuntimeSettings, RuntimeChoice, RuntimeKind, Runtimes,
+};
 use outpost_protocol::device::Tensor;
 use outpost_protocol::trust::DType;
+use outpost_protocol::trust::TensorSpec;
 use outpost_protocol::Sha256;
 use serde_json::{json, Value};
 
@@ -30,15 +37,37 @@ const HIDDEN: usize = 8;
 const N_OUTPUTS: usize = 3;
 const MODEL: &str = "classifier";
 
+/// Loads a model into the runtime the run asks for (see the module docs).
+fn load(onnx: &[u8], inputs: &[TensorSpec], outputs: &[TensorSpec]) -> LoadedModel {
+    match std::env::var("OUTPOST_TEST_RUNTIME").as_deref() {
+        Ok("onnxruntime") => {
+            let library = outpost_model::example::installed_onnxruntime(std::env::consts::ARCH);
+            let runtimes = Runtimes::new(
+                RuntimeChoice::OnnxRuntime,
+                &OnnxRuntimeSettings {
+                    library: Some(library),
+                    providers: Vec::new(),
+                },
+            );
+            let selected = runtimes
+                .load(onnx, inputs, outputs, 1, None, Instant::now())
+                .expect("the model loads");
+            assert_eq!(
+                (selected.model.runtime().kind, selected.fallback),
+                (RuntimeKind::OnnxRuntime, None)
+            );
+            selected.model
+        }
+        Ok("tract") | Err(_) => {
+            LoadedModel::load(onnx, inputs, outputs, 1).expect("the model loads")
+        }
+        Ok(other) => panic!("OUTPOST_TEST_RUNTIME={other:?}: give tract or onnxruntime"),
+    }
+}
+
 fn mlp_model(seed: u64) -> LoadedModel {
     let (inputs, outputs) = mlp_specs(N_INPUTS, N_OUTPUTS);
-    LoadedModel::load(
-        &mlp(N_INPUTS, HIDDEN, N_OUTPUTS, seed),
-        &inputs,
-        &outputs,
-        1,
-    )
-    .expect("example mlp loads")
+    load(&mlp(N_INPUTS, HIDDEN, N_OUTPUTS, seed), &inputs, &outputs)
 }
 
 /// Version `version` of the test model: the MLP with seed `version`.
@@ -49,6 +78,7 @@ fn mlp_version(version: u64) -> Arc<ActiveModel> {
         manifest_sha256: Sha256([version as u8; 32]),
         model: mlp_model(version),
         drift: None,
+        runtime_fallback: None,
     })
 }
 
@@ -58,9 +88,9 @@ fn byte_casts_active(width: usize) -> Arc<ActiveModel> {
         name: "casts".to_owned(),
         version: 7,
         manifest_sha256: Sha256([7; 32]),
-        model: LoadedModel::load(&byte_casts(width), &inputs, &outputs, 1)
-            .expect("byte_casts loads"),
+        model: load(&byte_casts(width), &inputs, &outputs),
         drift: None,
+        runtime_fallback: None,
     })
 }
 
@@ -324,6 +354,7 @@ fn mlp_version_with_profile(version: u64) -> Arc<ActiveModel> {
             sha256: Sha256([9; 32]),
             extractor,
         }),
+        runtime_fallback: None,
     })
 }
 
@@ -1014,8 +1045,9 @@ fn a_model_answering_batch_1_only_refuses_a_larger_batch_over_http_with_400() {
         name: MODEL.to_owned(),
         version: 1,
         manifest_sha256: Sha256([1; 32]),
-        model: LoadedModel::load(&batch_mean(true), &inputs, &outputs, 1).expect("loads"),
+        model: load(&batch_mean(true), &inputs, &outputs),
         drift: None,
+        runtime_fallback: None,
     }));
     let request = |rows: u64| {
         json!({"inputs": [{

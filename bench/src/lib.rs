@@ -3,8 +3,10 @@
 //! interleaved call by call, at 1 and 2 threads. It checks that every runtime's outputs agree with
 //! ONNX Runtime's, and reports load times and resident memory per runtime.
 //!
-//! It is a crate of its own so that `ort` never reaches the agent or the hub. Everything it needs
-//! is fetched or generated into `target/bench-cache/` (see [`cache`]); nothing large is committed.
+//! The agent path runs on both runtimes: tract, and ONNX Runtime loaded as the agent loads it
+//! (`Runtimes`), each against its bare runtime. Bare ONNX Runtime is the `ort` crate called
+//! directly. Everything it needs is fetched or generated into `target/bench-cache/` (see
+//! [`cache`]); nothing large is committed.
 
 pub mod cache;
 pub mod footprint;
@@ -24,7 +26,9 @@ use outpost_agent::slot::{ActiveModel, ModelDrift, ModelSlot};
 use outpost_agent::telemetry::Recorder;
 use outpost_model::drift::{build_profile, Extractor, ProfileOptions};
 use outpost_model::example::example_inputs;
-use outpost_model::inference::LoadedModel;
+use outpost_model::inference::{
+    LoadedModel, OnnxRuntimeSettings, RuntimeChoice, RuntimeKind, Runtimes,
+};
 use outpost_protocol::device::Tensor;
 use outpost_protocol::Sha256;
 
@@ -219,6 +223,32 @@ impl AgentPath {
     /// [`drift_profile`]; printed either way).
     pub fn load(model: &BenchModel, threads: usize) -> anyhow::Result<AgentPath> {
         let loaded = LoadedModel::load(&model.onnx, &model.inputs, &model.outputs, threads)?;
+        AgentPath::with(model, loaded)
+    }
+
+    /// [`AgentPath::load`] on ONNX Runtime, as an agent with `runtime = "onnxruntime"` loads a
+    /// model: through `Runtimes::load`, failing if it would fall back to tract.
+    pub fn load_on_onnxruntime(
+        model: &BenchModel,
+        threads: usize,
+        runtimes: &Runtimes,
+    ) -> anyhow::Result<AgentPath> {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let selected = runtimes.load(
+            &model.onnx,
+            &model.inputs,
+            &model.outputs,
+            threads,
+            None,
+            far,
+        )?;
+        if let Some(fallback) = selected.fallback {
+            anyhow::bail!("the agent would serve {} on tract: {fallback}", model.name);
+        }
+        AgentPath::with(model, selected.model)
+    }
+
+    fn with(model: &BenchModel, loaded: LoadedModel) -> anyhow::Result<AgentPath> {
         let drift = match drift_profile(model, &loaded) {
             Ok(drift) => {
                 println!(
@@ -285,6 +315,7 @@ impl AgentPath {
             manifest_sha256: Sha256([1; 32]),
             model: self.loaded,
             drift: self.drift,
+            runtime_fallback: None,
         }
     }
 }
@@ -487,7 +518,12 @@ fn report_profile(model: &BenchModel) -> anyhow::Result<()> {
 }
 
 /// Benchmarks one model at one thread count: agreement first, then the interleaved timing.
-fn bench_model(model: &BenchModel, threads: usize, rounds: usize) -> anyhow::Result<()> {
+fn bench_model(
+    model: &BenchModel,
+    threads: usize,
+    rounds: usize,
+    runtimes: &Runtimes,
+) -> anyhow::Result<()> {
     println!(
         "\n#### {} — {threads} thread(s), {rounds} rounds\n",
         model.name
@@ -495,11 +531,18 @@ fn bench_model(model: &BenchModel, threads: usize, rounds: usize) -> anyhow::Res
     let bare = BareTract::load(model, threads)?;
     let ort = OnnxRuntime::load(model, threads)?;
     let path = AgentPath::load(model, threads)?;
+    let ort_path = AgentPath::load_on_onnxruntime(model, threads, runtimes)?;
+    anyhow::ensure!(ort_path.loaded.runtime().kind == RuntimeKind::OnnxRuntime);
     let reference = ort.outputs()?;
     check_agreement("bare tract", &bare.outputs()?, &reference)?;
     check_agreement(
         "agent path",
         &tensors_as_outputs(&path.loaded.run(&model.request)?),
+        &reference,
+    )?;
+    check_agreement(
+        "agent path on ONNX Runtime",
+        &tensors_as_outputs(&ort_path.loaded.run(&model.request)?),
         &reference,
     )?;
     println!();
@@ -514,9 +557,12 @@ fn bench_model(model: &BenchModel, threads: usize, rounds: usize) -> anyhow::Res
     let run_json = || api.post_json(&json_body).map(drop);
     let run_binary = || api.post_binary(&binary_body, header_len).map(drop);
     let run_ort = || ort.run();
+    let run_ort_path = || ort_path.run(model);
+    let run_ort_model = || ort_path.run_model(model);
     // The agent path's rows split its overhead over bare tract: the request's checks and copies,
-    // then the telemetry counters, then the drift update.
-    let variants: [Variant; 7] = [
+    // then the telemetry counters, then the drift update. The last two are the same path with
+    // the model on ONNX Runtime, against bare ONNX Runtime.
+    let variants: [Variant; 9] = [
         ("bare tract", &run_bare),
         (
             "agent path (LoadedModel::run + telemetry + drift)",
@@ -527,18 +573,38 @@ fn bench_model(model: &BenchModel, threads: usize, rounds: usize) -> anyhow::Res
         ("local API, KServe v2 JSON", &run_json),
         ("local API, binary tensor extension", &run_binary),
         ("ONNX Runtime", &run_ort),
+        (
+            "agent path on ONNX Runtime (LoadedModel::run + telemetry + drift)",
+            &run_ort_path,
+        ),
+        (
+            "agent path on ONNX Runtime, LoadedModel::run alone",
+            &run_ort_model,
+        ),
     ];
     let timings = interleave(rounds, &variants)?;
     api.stop()?;
     print_table(&timings, &timings[6]);
-    let over_bare =
-        |index: usize| timings[index].p50().as_secs_f64() / timings[0].p50().as_secs_f64();
+    let over = |index: usize, base: usize| {
+        timings[index].p50().as_secs_f64() / timings[base].p50().as_secs_f64()
+    };
+    let over_p90 = |index: usize, base: usize| {
+        timings[index].percentile(0.9).as_secs_f64() / timings[base].percentile(0.9).as_secs_f64()
+    };
     println!(
         "\nagent path ÷ bare tract at p50: {:.3} (LoadedModel::run alone {:.3}, with telemetry \
-         but no drift {:.3})",
-        over_bare(1),
-        over_bare(2),
-        over_bare(3)
+         but no drift {:.3}); at p90 {:.3}",
+        over(1, 0),
+        over(2, 0),
+        over(3, 0),
+        over_p90(1, 0)
+    );
+    println!(
+        "agent path on ONNX Runtime ÷ bare ONNX Runtime at p50: {:.3} (LoadedModel::run alone \
+         {:.3}); at p90 {:.3}",
+        over(7, 6),
+        over(8, 6),
+        over_p90(7, 6)
     );
     Ok(())
 }
@@ -548,6 +614,17 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     let cache = Cache::prepare(&settings.cache_dir)?;
     let library = cache.onnxruntime_library()?;
     runtimes::init_onnxruntime(&library)?;
+    // The agent's own loading of the same library, as `runtime = "onnxruntime"` sets it up.
+    let agent_runtimes = Runtimes::new(
+        RuntimeChoice::OnnxRuntime,
+        &OnnxRuntimeSettings {
+            library: Some(library.clone()),
+            providers: Vec::new(),
+        },
+    );
+    if let Some(problem) = agent_runtimes.onnxruntime_problem() {
+        anyhow::bail!("the agent cannot use ONNX Runtime here: {problem}");
+    }
     let mut notes = Vec::new();
     let models = settings
         .models
@@ -575,6 +652,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
                 model,
                 threads,
                 settings.rounds.unwrap_or(model.default_rounds),
+                &agent_runtimes,
             )?;
         }
     }

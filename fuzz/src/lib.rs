@@ -50,6 +50,14 @@ pub fn decode_telemetry_batch(frame: &[u8]) {
     }
 }
 
+/// Decodes a runtime report and checks its caps as the hub does before it stores one.
+pub fn decode_runtime_report(frame: &[u8]) {
+    use outpost_protocol::device::RuntimeReport;
+    if let Ok(report) = outpost_protocol::decode::<RuntimeReport>(frame) {
+        let _ = report.validate();
+    }
+}
+
 /// 2026-01-01T00:00:00Z, the clock every verification runs at.
 const NOW: u64 = 1_767_225_600;
 

@@ -195,6 +195,46 @@ pub struct DeviceSummary {
     pub enrolled_at: u64,
     pub last_checkin: Option<u64>,
     pub revoked: bool,
+    /// Which inference runtime serves each model, as the device's latest runtime report
+    /// (`/device/v3/runtimes`) said, in its order. Empty, and left out, until the device sends
+    /// one (agents before runtime reports never do).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runtimes: Vec<ModelRuntimeJson>,
+}
+
+/// The inference runtime serving one model version of a device, by the device's latest runtime
+/// report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRuntimeJson {
+    pub name: String,
+    pub version: u64,
+    /// `tract` or `onnxruntime`.
+    pub runtime: String,
+    /// The runtime's own version: ONNX Runtime's library's, or tract's.
+    pub runtime_version: String,
+    /// ONNX Runtime's execution providers, in the order they were registered; empty for tract.
+    #[serde(default)]
+    pub providers: Vec<String>,
+    /// Why the runtime the device preferred does not serve the model (its library did not load,
+    /// a provider is missing, the model failed its validation set under it); none when it does.
+    #[serde(default)]
+    pub fallback: Option<String>,
+}
+
+impl ModelRuntimeJson {
+    /// The runtime, its version and any providers, for people: `onnxruntime 1.22.0
+    /// [CUDAExecutionProvider, CPUExecutionProvider]`, `tract 0.23.9`.
+    pub fn runtime_text(&self) -> String {
+        let mut text = self.runtime.clone();
+        if !self.runtime_version.is_empty() {
+            text.push(' ');
+            text.push_str(&self.runtime_version);
+        }
+        if !self.providers.is_empty() {
+            text.push_str(&format!(" [{}]", self.providers.join(", ")));
+        }
+        text
+    }
 }
 
 impl DeviceSummary {

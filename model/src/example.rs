@@ -433,3 +433,29 @@ impl SplitMix64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
     }
 }
+
+/// `onnx` re-encoded claiming ONNX IR version `ir_version`: with a version newer than any
+/// ONNX Runtime reads (`99`), a model ONNX Runtime refuses to load and tract, which does not read
+/// the field, runs as before. How tests make a model fail on one runtime only.
+pub fn with_ir_version(onnx: &[u8], ir_version: i64) -> Result<Vec<u8>, InferenceError> {
+    let mut model = ModelProto::decode(onnx).map_err(InferenceError::Decode)?;
+    model.ir_version = ir_version;
+    Ok(model.encode_to_vec())
+}
+
+/// The `libonnxruntime.so` that `cargo xtask install` extracts from an `onnxruntime` wheel into
+/// the workspace's `target/onnxruntime/<folder>/` for the tests: `x86_64` and `aarch64` (each
+/// architecture's own, [`std::env::consts::ARCH`]), and `old` (a release too old to load). Panics
+/// naming that command when it is missing, so a test never passes without it.
+pub fn installed_onnxruntime(folder: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/onnxruntime")
+        .join(folder)
+        .join("libonnxruntime.so");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask install` first",
+        path.display()
+    );
+    path
+}

@@ -273,6 +273,174 @@ impl ModelAnswer {
     }
 }
 
+/// Which inference runtime serves each model a device runs, sent to `/device/v3/runtimes` when
+/// it changes (and once after the agent starts). A hub that does not know the path answers 404
+/// and the agent stops sending it until it restarts. It changes nothing on the device: it is what
+/// the operator sees in `device show`, the dashboard and `/metrics`.
+///
+/// A receiver checks the caps the fields document with [`RuntimeReport::validate`]; the frame cap
+/// alone lets through, say, one entry with a 20 KiB fallback reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeReport {
+    /// At most [`MAX_DEVICE_MODELS`], one per model name.
+    pub models: Vec<ModelRuntime>,
+    /// Device time of the report, Unix seconds: a receiver keeps the report with the latest.
+    pub at: u64,
+}
+
+/// The runtime serving one model version on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRuntime {
+    /// The model's name, at most 128 bytes.
+    pub name: String,
+    pub version: u64,
+    pub runtime: RuntimeKind,
+    /// The runtime's own version (`1.22.0` for ONNX Runtime's library, tract's crate version),
+    /// at most [`MAX_RUNTIME_TEXT`] bytes.
+    pub runtime_version: String,
+    /// ONNX Runtime's execution providers in the order they were registered (at most
+    /// [`MAX_RUNTIME_PROVIDERS`], each at most [`MAX_RUNTIME_TEXT`] bytes); empty for tract.
+    pub providers: Vec<String>,
+    /// Why a runtime the device preferred is not the one serving (its library did not load, an
+    /// execution provider is missing, the model failed its validation set under it), at most
+    /// [`MAX_RUNTIME_NOTE`] bytes; `None` when the first choice serves.
+    pub fallback: Option<String>,
+}
+
+/// An inference runtime the agent can serve a model with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RuntimeKind {
+    /// tract, pure Rust, built into every agent.
+    Tract,
+    /// ONNX Runtime, loaded from the device's `libonnxruntime`.
+    OnnxRuntime,
+}
+
+impl RuntimeKind {
+    /// The name configuration, the CLI and `/metrics` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Tract => "tract",
+            RuntimeKind::OnnxRuntime => "onnxruntime",
+        }
+    }
+}
+
+impl std::fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Longest runtime version or provider name in a [`ModelRuntime`], in bytes.
+pub const MAX_RUNTIME_TEXT: usize = 64;
+/// Most execution providers in a [`ModelRuntime`].
+pub const MAX_RUNTIME_PROVIDERS: usize = 8;
+/// Longest fallback reason in a [`ModelRuntime`], in bytes.
+pub const MAX_RUNTIME_NOTE: usize = 512;
+
+impl RuntimeReport {
+    /// Checks every cap the fields document, for a receiver that must not store or show more than
+    /// they allow: at most [`MAX_DEVICE_MODELS`] entries, each naming a model (a [`ModelName`])
+    /// no other entry names, with a runtime version and providers within [`MAX_RUNTIME_TEXT`]
+    /// bytes, at most [`MAX_RUNTIME_PROVIDERS`] providers and a fallback reason within
+    /// [`MAX_RUNTIME_NOTE`] bytes. The first problem found is the answer.
+    ///
+    /// [`ModelName`]: crate::ModelName
+    pub fn validate(&self) -> Result<(), RuntimeReportError> {
+        if self.models.len() > MAX_DEVICE_MODELS {
+            return Err(RuntimeReportError::TooManyModels {
+                count: self.models.len(),
+            });
+        }
+        for (index, entry) in self.models.iter().enumerate() {
+            crate::ModelName::new(&entry.name)
+                .map_err(|source| RuntimeReportError::Name { index, source })?;
+            if self.models[..index]
+                .iter()
+                .any(|earlier| earlier.name == entry.name)
+            {
+                return Err(RuntimeReportError::Duplicate {
+                    model: entry.name.clone(),
+                });
+            }
+            entry.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl ModelRuntime {
+    /// The caps of one entry, its name aside (see [`RuntimeReport::validate`]).
+    fn validate(&self) -> Result<(), RuntimeReportError> {
+        let model = || self.name.clone();
+        if self.runtime_version.len() > MAX_RUNTIME_TEXT {
+            return Err(RuntimeReportError::RuntimeVersionTooLong {
+                model: model(),
+                len: self.runtime_version.len(),
+            });
+        }
+        if self.providers.len() > MAX_RUNTIME_PROVIDERS {
+            return Err(RuntimeReportError::TooManyProviders {
+                model: model(),
+                count: self.providers.len(),
+            });
+        }
+        for (index, provider) in self.providers.iter().enumerate() {
+            if provider.len() > MAX_RUNTIME_TEXT {
+                return Err(RuntimeReportError::ProviderTooLong {
+                    model: model(),
+                    index,
+                    len: provider.len(),
+                });
+            }
+        }
+        match &self.fallback {
+            Some(reason) if reason.len() > MAX_RUNTIME_NOTE => {
+                Err(RuntimeReportError::FallbackTooLong {
+                    model: model(),
+                    len: reason.len(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why a [`RuntimeReport`] was refused: the first cap it breaks, naming the entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeReportError {
+    #[error("{count} models, at most {MAX_DEVICE_MODELS}")]
+    TooManyModels { count: usize },
+    #[error("model entry {index}: name: {source}")]
+    Name {
+        index: usize,
+        #[source]
+        source: crate::NameError,
+    },
+    #[error("model {model:?} has two entries: one entry per model")]
+    Duplicate { model: String },
+    #[error(
+        "model {model:?}: runtime version is {len} bytes, over the {MAX_RUNTIME_TEXT}-byte limit"
+    )]
+    RuntimeVersionTooLong { model: String, len: usize },
+    #[error("model {model:?}: {count} execution providers, at most {MAX_RUNTIME_PROVIDERS}")]
+    TooManyProviders { model: String, count: usize },
+    #[error(
+        "model {model:?}: execution provider {index} is {len} bytes, over the \
+         {MAX_RUNTIME_TEXT}-byte limit"
+    )]
+    ProviderTooLong {
+        model: String,
+        index: usize,
+        len: usize,
+    },
+    #[error(
+        "model {model:?}: fallback reason is {len} bytes, over the {MAX_RUNTIME_NOTE}-byte limit"
+    )]
+    FallbackTooLong { model: String, len: usize },
+}
+
 /// A step of applying a manifest, reported to the hub as it happens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
@@ -624,6 +792,11 @@ message!(
     2 * 1024 * 1024
 );
 message!(StatusReport, StatusReport, "status report", 8 * 1024);
+// An entry is at most 1,242 bytes: a 128-byte name and a 10-byte varint version, the runtime's
+// tag, a 64-byte version, 8 providers of 64 bytes, a 512-byte fallback reason, and their length
+// prefixes and option tag. 16 of them and the report's time come to 19,883: 24 KiB holds them
+// (`tests/runtime_report.rs` checks it).
+message!(RuntimeReport, RuntimeReport, "runtime report", 24 * 1024);
 message!(
     TelemetryBatch,
     TelemetryBatch,

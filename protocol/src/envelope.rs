@@ -47,10 +47,12 @@ pub enum MessageKind {
     /// A signed retirement of a model, and its body.
     SignedRetire = 25,
     RetireBody = 26,
+    /// Which inference runtime serves each model of a device (`/device/v3/runtimes`).
+    RuntimeReport = 27,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 24] = [
+    const ALL: [MessageKind; 25] = [
         MessageKind::SignedRoot,
         MessageKind::SignedManifest,
         MessageKind::SignedPlan,
@@ -75,6 +77,7 @@ impl MessageKind {
         MessageKind::ModelsCheckInResponse,
         MessageKind::SignedRetire,
         MessageKind::RetireBody,
+        MessageKind::RuntimeReport,
     ];
 
     pub fn from_byte(byte: u8) -> Option<MessageKind> {

@@ -106,6 +106,7 @@ fn every_version_1_frame_still_decodes_to_what_was_frozen() {
         check("models_check_in_response", &models_check_in_response()),
         check("retire_body", &retire_body()),
         check("signed_retire", &retire),
+        check("runtime_report", &runtime_report()),
     ];
     check(
         "held_check_in_response_full",

@@ -21,8 +21,8 @@ use std::sync::LazyLock;
 
 use outpost_protocol::device::{
     CheckIn, CheckInResponse, EnrollRequest, EnrollResponse, ErrorResponse, HeldCheckIn,
-    HeldCheckInResponse, ModelsCheckIn, ModelsCheckInResponse, StatusReport, TelemetryBatch,
-    ValidationSet,
+    HeldCheckInResponse, ModelsCheckIn, ModelsCheckInResponse, RuntimeReport, StatusReport,
+    TelemetryBatch, ValidationSet,
 };
 use outpost_protocol::drift::{DriftSummary, Profile};
 use outpost_protocol::envelope::{HEADER_LEN, MAGIC, PROTOCOL_VERSION};
@@ -142,6 +142,7 @@ static DECODERS: LazyLock<Vec<Decoder>> = LazyLock::new(|| {
         decoder(&models_check_in_response()),
         decoder(&retire_body()),
         decoder(&decoded_retire(retire_frame(3, 2))),
+        decoder(&runtime_report()),
         decoder(&telemetry_batch(100)),
         decoder(&telemetry_ack()),
         decoder(&error_response()),
@@ -155,7 +156,7 @@ static DECODERS: LazyLock<Vec<Decoder>> = LazyLock::new(|| {
 #[test]
 fn decoders_cover_every_message_kind() {
     let kinds: HashSet<MessageKind> = DECODERS.iter().map(|decoder| decoder.kind).collect();
-    assert_eq!(kinds.len(), 23);
+    assert_eq!(kinds.len(), 24);
     for decoder in DECODERS.iter() {
         assert_eq!(
             (decoder.decode)(&decoder.sample),
@@ -329,6 +330,10 @@ fn hostile_frames() -> Vec<HostileFrame> {
     summary_bins.extend_from_slice(&[0; 40]);
     let mut tensor_data = zero_f64s.to_vec();
     tensor_data.extend_from_slice(&[1, 1, 0, 0, 0]);
+    // A runtime report of one entry up to its providers: an empty name, version 1, tract, an
+    // empty runtime version; and on to its fallback: no providers, `Some`.
+    let runtime_head = [1, 0, 1, 0, 0];
+    let runtime_fallback = [&runtime_head[..], &[0, 1]].concat();
     vec![
         hostile::<Signed<RootBody>>(&[], "signed root payload bytes"),
         hostile::<Signed<ManifestBody>>(&[0x00], "signed manifest signature list"),
@@ -353,6 +358,10 @@ fn hostile_frames() -> Vec<HostileFrame> {
         hostile::<ModelsCheckInResponse>(&[0], "models check-in response root list"),
         hostile::<ModelsCheckInResponse>(&[0, 0, 0], "models check-in response model list"),
         hostile::<StatusReport>(&[0, 0, 3], "status report failure reason"),
+        hostile::<RuntimeReport>(&[], "runtime report model list"),
+        hostile::<RuntimeReport>(&[1], "runtime report model name"),
+        hostile::<RuntimeReport>(&runtime_head, "runtime report provider list"),
+        hostile::<RuntimeReport>(&runtime_fallback, "runtime report fallback reason"),
         hostile::<TelemetryBatch>(&[0], "telemetry window list"),
         hostile::<TelemetryBatch>(&[0, 1, 0, 0, 0, 0, 0, 0], "telemetry latency buckets"),
         hostile::<ErrorResponse>(&[0x99, 0x03], "error response message"),
@@ -501,7 +510,7 @@ fn hostile_frames_name_their_message() {
         .iter()
         .map(|(frame, decode, place)| decode(frame).expect_err(place).message)
         .collect();
-    assert_eq!(names.len(), 32);
+    assert_eq!(names.len(), 36);
     for ((frame, _, place), name) in hostile_frames().iter().zip(names) {
         let decoder = DECODERS
             .iter()

@@ -9,7 +9,9 @@ mod samples;
 
 use std::fmt::Debug;
 
-use outpost_protocol::device::{held_digest, ErrorResponse, HeldCheckInResponse, TelemetryBatch};
+use outpost_protocol::device::{
+    held_digest, ErrorResponse, HeldCheckInResponse, RuntimeReport, TelemetryBatch,
+};
 use outpost_protocol::envelope::{peek_kind, HEADER_LEN};
 use outpost_protocol::trust::{ManifestBody, PlanBody, RootBody, Signed, Slot};
 use outpost_protocol::{decode, encode, sha256, EncodeError, Message};
@@ -228,6 +230,20 @@ fn status_report_round_trips_every_status() {
     for report in &reports {
         assert_round_trip(report);
     }
+}
+
+#[test]
+fn runtime_report_round_trips() {
+    let report = runtime_report();
+    report
+        .validate()
+        .expect("the sample report is within its caps");
+    assert_round_trip(&report);
+    // An agent serving nothing yet reports no model.
+    assert_round_trip(&RuntimeReport {
+        models: Vec::new(),
+        at: 0,
+    });
 }
 
 #[test]

@@ -83,6 +83,25 @@ pub struct TestAgent {
     child: Option<Child>,
 }
 
+/// The runtime the host's test agents serve on: `OUTPOST_TEST_RUNTIME=onnxruntime` sets every
+/// one to ONNX Runtime (the library `cargo xtask install` brings), and [`TestAgent::status`]
+/// then fails if any model is served by tract: `cargo xtask test` runs the agent suites so, to
+/// prove they hold on both runtimes. Unset, agents run with the default `auto` and no library, so
+/// on tract.
+pub fn suite_on_onnxruntime() -> bool {
+    match std::env::var("OUTPOST_TEST_RUNTIME").as_deref() {
+        Ok("onnxruntime") => true,
+        Ok("tract") | Err(_) => false,
+        Ok(other) => panic!("OUTPOST_TEST_RUNTIME={other:?}: give tract or onnxruntime"),
+    }
+}
+
+/// `target/onnxruntime/<folder>/libonnxruntime.so`, which `cargo xtask install` extracts from
+/// an `onnxruntime` wheel: `x86_64` (the host's), `old` (too old to load), `aarch64`.
+pub fn onnxruntime_library(folder: &str) -> PathBuf {
+    outpost_model::example::installed_onnxruntime(folder)
+}
+
 /// The `[sync]` settings every test agent gets: quick polls, flushes and retries.
 const SYNC_DEFAULTS: [(&str, &str); 3] = [
     ("poll_jitter", "\"100ms\""),
@@ -169,12 +188,20 @@ impl TestAgent {
             .filter(|label| !label.is_empty())
             .map(|label| format!("{label:?}"))
             .collect();
+        let runtime = if program.launcher.is_empty() && suite_on_onnxruntime() {
+            format!(
+                "runtime = \"onnxruntime\"\n[inference.onnxruntime]\nlibrary = \"{}\"\n",
+                onnxruntime_library("x86_64").display()
+            )
+        } else {
+            String::new()
+        };
         let text = format!(
             "hub_url = \"{hub}\"\ntrust_root = \"{root}\"\ndata_dir = \"{data}\"\n\
              labels = [{own_labels}]\n\
              {extra}\n\
              [sync]\n{sync}\
-             [inference]\nlisten = \"{listen}\"\n",
+             [inference]\nlisten = \"{listen}\"\n{runtime}",
             hub = url,
             root = dir.path().join("root.bin").display(),
             data = dir.path().join("data").display(),
@@ -292,7 +319,13 @@ impl TestAgent {
                 if let Some(status) = self.exited() {
                     panic!("the agent exited with {status} before listening");
                 }
-                std::net::TcpStream::connect(&address).ok()
+                // The socket accepts connections as soon as it is bound, before the agent has
+                // loaded its state; the API answers only after, so wait for an answer.
+                http()
+                    .get(format!("http://{address}/v2/health/live"))
+                    .call()
+                    .ok()
+                    .filter(|response| response.status() == 200)
             },
         );
     }
@@ -344,7 +377,20 @@ impl TestAgent {
         if !out.success {
             return Value::Null;
         }
-        serde_json::from_str(&out.stdout).expect("status --json prints JSON")
+        let status: Value = serde_json::from_str(&out.stdout).expect("status --json prints JSON");
+        if self.program.launcher.is_empty() && suite_on_onnxruntime() {
+            for model in status["models"].as_array().into_iter().flatten() {
+                if let Some(runtime) = model["runtime"].as_str() {
+                    assert!(
+                        runtime.starts_with("onnxruntime "),
+                        "OUTPOST_TEST_RUNTIME=onnxruntime, but {} runs on {runtime}: {}",
+                        model["name"],
+                        model["runtime_fallback"]
+                    );
+                }
+            }
+        }
+        status
     }
 
     /// `outpost-agent status` as a person reads it.

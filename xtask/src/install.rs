@@ -148,6 +148,7 @@ pub fn run(scope: Scope) -> Result<(), String> {
         }
     }
     real_models()?;
+    onnxruntime_libraries(scope)?;
     previous_agent()?;
     if scope == Scope::All {
         add_rust_targets()?;
@@ -222,6 +223,120 @@ fn real_models() -> Result<(), String> {
     run(&pip, &download)?;
     std::fs::write(&marker, wanted)
         .map_err(|error| format!("writing {}: {error}", marker.display()))
+}
+
+/// Where the tests find ONNX Runtime's shared library, one folder per use, under `target/`.
+pub const ONNXRUNTIME: &str = "target/onnxruntime";
+
+/// The ONNX Runtime libraries the runtime tests load, each from an `onnxruntime` wheel on PyPI
+/// (the wheel ships `libonnxruntime.so` in `onnxruntime/capi/`): the folder under
+/// [`ONNXRUNTIME`], the release, pip's platform and Python version for the download, and the
+/// scope that needs it.
+/// - `x86_64`: the host's agent on ONNX Runtime (the same release the real-model test runs).
+/// - `old`: a release older than the oldest Outpost loads (1.20), which must be refused by name.
+/// - `aarch64`: the aarch64 agent under qemu. 1.24.4 is the newest release whose library loads
+///   under qemu-user here: from 1.25 on it crashes reading `/sys/devices/system/cpu` at load.
+const ONNXRUNTIME_WHEELS: [(&str, &str, &str, &str, Scope); 3] = [
+    (
+        "x86_64",
+        "1.32.0",
+        "manylinux_2_28_x86_64",
+        "3.11",
+        Scope::Host,
+    ),
+    (
+        "old",
+        "1.19.2",
+        "manylinux_2_27_x86_64",
+        "3.11",
+        Scope::Host,
+    ),
+    (
+        "aarch64",
+        "1.24.4",
+        "manylinux_2_28_aarch64",
+        "3.11",
+        Scope::All,
+    ),
+];
+
+/// Downloads each ONNX Runtime wheel the scope needs and takes its libraries out into
+/// `target/onnxruntime/<folder>/`, unless an earlier run did.
+fn onnxruntime_libraries(scope: Scope) -> Result<(), String> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("xtask sits in the workspace")?;
+    let pip = workspace.join(REAL_MODELS).join("venv/bin/pip");
+    for (folder, release, platform, python, needed_by) in ONNXRUNTIME_WHEELS {
+        if needed_by == Scope::All && scope != Scope::All {
+            continue;
+        }
+        let dir = workspace.join(ONNXRUNTIME).join(folder);
+        let marker = dir.join("installed");
+        if std::fs::read_to_string(&marker).is_ok_and(|done| done == release) {
+            continue;
+        }
+        println!(
+            "xtask: downloading onnxruntime {release} ({platform}) from PyPI into \
+             {ONNXRUNTIME}/{folder}: the runtime tests load its libonnxruntime"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        let wheels = dir.join("wheel");
+        std::fs::create_dir_all(&wheels)
+            .map_err(|error| format!("creating {}: {error}", wheels.display()))?;
+        let requirement = format!("onnxruntime=={release}");
+        let wheels_arg = wheels.to_string_lossy();
+        let status = Command::new(&pip)
+            .args([
+                "download",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--platform",
+                platform,
+                "--python-version",
+                python,
+                "-d",
+                &wheels_arg,
+                &requirement,
+            ])
+            .status()
+            .map_err(|error| format!("running {}: {error}", pip.display()))?;
+        if !status.success() {
+            return Err(format!(
+                "pip could not download {requirement} for {platform}"
+            ));
+        }
+        // The wheel is a zip: its `capi/lib*.so*` files, each under its plain `.so` name.
+        let extract = r#"
+import pathlib, sys, zipfile
+wheels, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+(wheel,) = wheels.glob("*.whl")
+with zipfile.ZipFile(wheel) as archive:
+    for name in archive.namelist():
+        base = name.rsplit("/", 1)[-1]
+        if "/capi/" in name and base.startswith("lib") and ".so" in base:
+            plain = base[: base.index(".so") + 3]
+            (out / plain).write_bytes(archive.read(name))
+            print(plain)
+"#;
+        let output = Command::new("python3")
+            .args(["-c", extract, &wheels_arg, &dir.to_string_lossy()])
+            .output()
+            .map_err(|error| format!("running python3: {error}"))?;
+        let listed = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() || !listed.lines().any(|line| line == "libonnxruntime.so") {
+            return Err(format!(
+                "no libonnxruntime.so in the {requirement} wheel for {platform}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        let _ = std::fs::remove_dir_all(&wheels);
+        std::fs::write(&marker, release)
+            .map_err(|error| format!("writing {}: {error}", marker.display()))?;
+    }
+    Ok(())
 }
 
 /// The previous declared release, whose agent the mixed-fleet test runs beside today's: its

@@ -22,11 +22,25 @@ fn steps(scope: Scope) -> Vec<Step> {
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
-    let mut steps = vec![Step {
-        title: "the workspace's tests, with the slow variants (OUTPOST_SLOW_TESTS=1)".into(),
-        args: words("test --workspace --no-fail-fast"),
-        env: vec![("OUTPOST_SLOW_TESTS", "1")],
-    }];
+    let mut steps = vec![
+        Step {
+            title: "the workspace's tests, with the slow variants (OUTPOST_SLOW_TESTS=1)".into(),
+            args: words("test --workspace --no-fail-fast"),
+            env: vec![("OUTPOST_SLOW_TESTS", "1")],
+        },
+        // The first step runs the agents on tract (no library is configured); these suites run
+        // again with every agent and API test model on ONNX Runtime, failing if any model falls
+        // back: the same behaviour proven on both runtimes.
+        Step {
+            title: "the agent suites again on ONNX Runtime (OUTPOST_TEST_RUNTIME=onnxruntime)"
+                .into(),
+            args: words(
+                "test --no-fail-fast -p outpost-agent --test api -p outpost-tests --test agent_e2e \
+                 --test shadow_e2e --test several_models --test drift_e2e",
+            ),
+            env: vec![("OUTPOST_TEST_RUNTIME", "onnxruntime")],
+        },
+    ];
     if scope == Scope::All {
         for target in ARM_TARGETS {
             // Release: tract's kernels unoptimised are unusably slow under emulation, and the

@@ -149,6 +149,23 @@ pub(super) fn render_metrics(state: &ApiState) -> String {
     }
     header(
         &mut out,
+        "outpost_agent_model_runtime",
+        "gauge",
+        "The inference runtime serving each model version (1), and whether a preferred runtime was passed over (fallback).",
+    );
+    for active in state.slot.all() {
+        let labels = labels(&active.name, active.version);
+        let runtime = active.model.runtime();
+        let _ = writeln!(
+            out,
+            "outpost_agent_model_runtime{{{labels},runtime=\"{}\",runtime_version=\"{}\",fallback=\"{}\"}} 1",
+            runtime.kind,
+            runtime.version.escape_default(),
+            active.runtime_fallback.is_some()
+        );
+    }
+    header(
+        &mut out,
         "outpost_agent_queue_bytes",
         "gauge",
         "Bytes waiting in the upload queue.",

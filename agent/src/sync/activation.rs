@@ -15,7 +15,7 @@ use crate::state::{DeviceState, Pending, ReportKind, VersionRef};
 use crate::unix_now;
 use crate::versions::Installed;
 use outpost_model::drift::Extractor;
-use outpost_model::inference::{validate, LoadedModel};
+use outpost_model::inference::{LoadedModel, SelectError, Selected};
 
 use super::Syncer;
 
@@ -122,13 +122,21 @@ impl Syncer {
         self.versions.retain(&keep)
     }
 
+    /// Loads a committed version at start. It passed its validation set at probation; when ONNX
+    /// Runtime is to be tried, the set runs again under it, since it may not be what ran then.
     pub(super) fn load_model(&self, version: &VersionRef) -> anyhow::Result<ActiveModel> {
         let installed = self.versions.load(&version.manifest_sha256)?;
-        let model = LoadedModel::load(
+        let validation = installed
+            .validation
+            .as_ref()
+            .filter(|_| self.runtimes.onnxruntime_ready());
+        let Selected { model, fallback } = self.runtimes.load(
             &installed.model,
             &installed.manifest.inputs,
             &installed.manifest.outputs,
             self.config.threads,
+            validation,
+            Instant::now() + self.config.probation_timeout,
         )?;
         let drift = model_drift(installed.profile, &model)?;
         Ok(ActiveModel {
@@ -137,6 +145,7 @@ impl Syncer {
             manifest_sha256: Sha256(version.manifest_sha256),
             model,
             drift,
+            runtime_fallback: fallback,
         })
     }
 
@@ -334,28 +343,32 @@ impl Syncer {
         let threads = self.config.threads;
         let timeout = self.config.probation_timeout;
         let profile = installed.profile.clone();
+        let runtimes = self.runtimes.clone();
         let (done, result) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let deadline = Instant::now() + timeout;
-            let outcome = LoadedModel::load(
-                &installed.model,
-                &installed.manifest.inputs,
-                &installed.manifest.outputs,
-                threads,
-            )
-            .map_err(ProbationError::Load)
-            .and_then(|model| match &installed.validation {
-                Some(set) => validate(&model, set, deadline)
-                    .map(|_| model)
-                    .map_err(ProbationError::Validation),
-                None => Ok(model),
-            });
+            // The set runs under the runtime that will serve (see `Runtimes::load`).
+            let outcome = runtimes
+                .load(
+                    &installed.model,
+                    &installed.manifest.inputs,
+                    &installed.manifest.outputs,
+                    threads,
+                    installed.validation.as_ref(),
+                    Instant::now() + timeout,
+                )
+                .map_err(|error| match error {
+                    SelectError::Load(error) => ProbationError::Load(error),
+                    SelectError::Validation(error) => ProbationError::Validation(error),
+                });
             let _ = done.send(outcome);
         });
-        let model = match result.recv_timeout(timeout) {
+        let Selected { model, fallback } = match result.recv_timeout(timeout) {
             Ok(outcome) => outcome?,
             Err(_) => return Err(ProbationError::Timeout(timeout)),
         };
+        if let Some(fallback) = &fallback {
+            log::warn!("{candidate} runs on tract: {fallback}");
+        }
         let drift = model_drift(profile, &model).map_err(ProbationError::Drift)?;
         Ok(ActiveModel {
             name: candidate.name.clone(),
@@ -363,6 +376,7 @@ impl Syncer {
             manifest_sha256: Sha256(candidate.manifest_sha256),
             model,
             drift,
+            runtime_fallback: fallback,
         })
     }
 }

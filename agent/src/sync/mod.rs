@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use outpost_protocol::device::{
     AgentState, CheckIn, CheckInResponse, HeldCheckIn, HeldCheckInResponse, ModelAnswer,
-    ModelCheckIn, ModelsCheckIn, ModelsCheckInResponse, RunningModel,
+    ModelCheckIn, ModelRuntime, ModelsCheckIn, ModelsCheckInResponse, RunningModel,
 };
 use outpost_protocol::trust::{ManifestRef, Slot};
 use outpost_protocol::{Sha256, TimeFloor, VerifiedManifest, VerifiedRoot};
@@ -48,6 +48,7 @@ use crate::state::{
 use crate::telemetry::Recorder;
 use crate::versions::Versions;
 use crate::{agent_version, unix_now};
+use outpost_model::inference::Runtimes;
 
 mod activation;
 mod apply;
@@ -89,6 +90,11 @@ pub struct StatusFile {
 pub struct ModelStatus {
     pub name: String,
     pub active: Option<String>,
+    /// The runtime serving the active version (`onnxruntime 1.22.0 [CPUExecutionProvider]`).
+    pub runtime: Option<String>,
+    /// Why a preferred runtime is not the one serving it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_fallback: Option<String>,
     pub previous: Vec<String>,
     pub pending: Option<String>,
     pub shadow: Option<String>,
@@ -155,6 +161,7 @@ pub struct Shared {
     pub queue: Arc<QueueStats>,
     pub notifier: Arc<Notifier>,
     pub shadow: Arc<Shadow>,
+    pub runtimes: Arc<Runtimes>,
 }
 
 pub fn status_path(config: &Config) -> PathBuf {
@@ -176,6 +183,7 @@ pub struct Syncer {
     queue: Arc<QueueStats>,
     notifier: Arc<Notifier>,
     shadow: Arc<Shadow>,
+    runtimes: Arc<Runtimes>,
     agent_state: AgentState,
     last_error: Option<String>,
     /// A download this cycle broke off (the network, a deadline, a throughput floor) or was
@@ -201,6 +209,11 @@ pub struct Syncer {
     /// False once the hub answered `/device/v2/checkin` with 404 (a hub older than held
     /// check-ins): plain check-ins from then on, until the agent restarts.
     hub_knows_held: bool,
+    /// False once the hub answered `/device/v3/runtimes` with 404 (a hub older than runtime
+    /// reports): none sent until the agent restarts.
+    hub_knows_runtimes: bool,
+    /// The runtime of each served model as the hub last took it; `None` until then.
+    runtimes_reported: Option<Vec<ModelRuntime>>,
 }
 
 pub(super) fn to_ref(manifest: &VerifiedManifest) -> VersionRef {
@@ -302,6 +315,7 @@ impl Syncer {
             queue,
             notifier,
             shadow,
+            runtimes,
         } = shared;
         let files = StateFiles::new(&config.data_dir)?;
         files.remove_stale_temporaries();
@@ -346,6 +360,7 @@ impl Syncer {
             queue,
             notifier,
             shadow,
+            runtimes,
             agent_state: AgentState::Steady,
             last_error: None,
             download_failed: None,
@@ -355,6 +370,8 @@ impl Syncer {
             held_single: None,
             hub_knows_models: true,
             hub_knows_held: true,
+            hub_knows_runtimes: true,
+            runtimes_reported: None,
             config,
         };
         syncer.load_active()?;
@@ -465,6 +482,7 @@ impl Syncer {
         let poll_after_secs = answer.poll_after_secs;
         self.apply(answer);
         self.deliver_reports()?;
+        self.deliver_runtimes();
         self.upload_telemetry()?;
         if let Some(error) = self.download_failed.take() {
             // Reports (a refusal among them) and telemetry went out above; only the next download
@@ -668,6 +686,14 @@ impl Syncer {
             .map(|model| ModelStatus {
                 name: model.name.clone(),
                 active: model.active.as_ref().map(ToString::to_string),
+                runtime: self
+                    .slot
+                    .get(&model.name)
+                    .map(|active| active.model.runtime().to_string()),
+                runtime_fallback: self
+                    .slot
+                    .get(&model.name)
+                    .and_then(|active| active.runtime_fallback.clone()),
                 previous: model.previous.iter().map(ToString::to_string).collect(),
                 pending: model
                     .pending

@@ -1,8 +1,13 @@
-//! The report outbox: status reports queued in the device state and delivered in order.
+//! The report outbox: status reports queued in the device state and delivered in order; and the
+//! runtime report, which says which runtime serves each model.
 
-use outpost_protocol::device::{Status, StatusReport};
+use outpost_protocol::device::{
+    ModelRuntime, RuntimeReport, Status, StatusReport, MAX_DEVICE_MODELS, MAX_RUNTIME_NOTE,
+    MAX_RUNTIME_PROVIDERS, MAX_RUNTIME_TEXT,
+};
 
 use crate::hub_client::HubError;
+use crate::slot::ActiveModel;
 use crate::state::{DeviceState, QueuedReport, ReportKind, VersionRef};
 use crate::unix_now;
 
@@ -79,10 +84,84 @@ impl Syncer {
         Ok(())
     }
 
+    /// Tells the hub which runtime serves each model, when that changed since the hub last
+    /// acknowledged it (and once after a start), after the cycle's status reports so the hub has
+    /// heard of every version named. A hub that does not know the path (404, older than runtime
+    /// reports) is not asked again until the agent restarts; any other failure is tried again
+    /// next cycle, and never holds up the cycle.
+    pub(super) fn deliver_runtimes(&mut self) {
+        if !self.hub_knows_models || !self.hub_knows_runtimes {
+            return;
+        }
+        let mut serving = self.slot.all();
+        serving.sort_by(|a, b| a.name.cmp(&b.name));
+        let models: Vec<ModelRuntime> = serving
+            .iter()
+            .take(MAX_DEVICE_MODELS)
+            .map(|active| model_runtime(active))
+            .collect();
+        if self.runtimes_reported.as_ref() == Some(&models) {
+            return;
+        }
+        let report = RuntimeReport {
+            models,
+            at: unix_now(),
+        };
+        match self.client.send("/device/v3/runtimes", &report) {
+            Ok(()) => self.runtimes_reported = Some(report.models),
+            Err(HubError::Refused { status: 404, .. }) => {
+                log::info!(
+                    "{} does not take runtime reports; not sending them until restarted",
+                    self.client.base_url()
+                );
+                self.hub_knows_runtimes = false;
+            }
+            Err(error) if error.is_transient() || error.is_unauthorized() => {
+                log::info!("runtime report not delivered, next cycle: {error}")
+            }
+            // Refused for itself (say, naming a version the hub has not heard is served yet):
+            // sent again next cycle, when the hub may have heard.
+            Err(error) => log::warn!("hub refused the runtime report: {error}"),
+        }
+    }
+
     /// Queues an event for the hub that is not about a rollout (a quarantined cache, say).
     pub fn report_event(&mut self, kind: ReportKind, reason: String) {
         self.queue(None, None, kind, reason);
     }
+}
+
+/// What is reported of one served model, each text cut to what the hub takes.
+fn model_runtime(active: &ActiveModel) -> ModelRuntime {
+    let info = active.model.runtime();
+    ModelRuntime {
+        name: active.name.clone(),
+        version: active.version,
+        runtime: info.kind,
+        runtime_version: cut(info.version, MAX_RUNTIME_TEXT),
+        providers: info
+            .providers
+            .into_iter()
+            .take(MAX_RUNTIME_PROVIDERS)
+            .map(|provider| cut(provider, MAX_RUNTIME_TEXT))
+            .collect(),
+        fallback: active
+            .runtime_fallback
+            .clone()
+            .map(|reason| cut(reason, MAX_RUNTIME_NOTE)),
+    }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 #[cfg(test)]

@@ -224,6 +224,20 @@ fn render_detail(detail: &DeviceDetail, now: u64) -> String {
         ("agent", device.agent_version.clone()),
     ];
     pairs.extend(models);
+    // One line per model of the device's latest runtime report: its runtime, and why the runtime
+    // it preferred does not serve it.
+    pairs.extend(device.runtimes.iter().map(|runtime| {
+        let mut line = format!(
+            "{}@{} {}",
+            runtime.name,
+            runtime.version,
+            runtime.runtime_text()
+        );
+        if let Some(reason) = &runtime.fallback {
+            line.push_str(&format!(" (fallback: {reason})"));
+        }
+        ("runtime", line)
+    }));
     pairs.extend([
         (
             "plan",
@@ -285,6 +299,7 @@ fn render_events(events: &[DeviceEvent]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::ModelRuntimeJson;
 
     #[test]
     fn selectors_become_one_encoded_query_value() {
@@ -351,6 +366,7 @@ mod tests {
                 enrolled_at: 0,
                 last_checkin: Some(940),
                 revoked: false,
+                runtimes: Vec::new(),
             },
             public_key: "ab".into(),
             plan_sequence: Some(3),
@@ -386,6 +402,18 @@ mod tests {
         );
     }
 
+    /// `device show`'s answer about `device`, with no plan, inferences or events.
+    fn detail_of(device: DeviceSummary) -> DeviceDetail {
+        DeviceDetail {
+            device,
+            public_key: "ab".into(),
+            plan_sequence: None,
+            dropped_records: 0,
+            inferences: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
     fn model(name: &str, version: u64) -> ModelRef {
         ModelRef {
             name: name.into(),
@@ -408,15 +436,9 @@ mod tests {
             enrolled_at: 0,
             last_checkin: None,
             revoked: false,
+            runtimes: Vec::new(),
         };
-        let detail = DeviceDetail {
-            device: summary.clone(),
-            public_key: "ab".into(),
-            plan_sequence: None,
-            dropped_records: 0,
-            inferences: Vec::new(),
-            events: Vec::new(),
-        };
+        let detail = detail_of(summary.clone());
         let text = render_detail(&detail, 1000);
         assert!(
             text.contains("model            iris@2\nmodel            vad@4\n"),
@@ -456,6 +478,75 @@ mod tests {
         assert!(serde_json::to_value(&without)
             .unwrap()
             .get("models")
+            .is_none());
+    }
+
+    /// `device show` prints one `runtime` line per model of the device's latest runtime report,
+    /// with its providers and any fallback reason; without a report there is none, and the JSON
+    /// leaves the field out, as hubs printed it before runtime reports.
+    #[test]
+    fn device_show_prints_the_runtime_of_each_model() {
+        let runtime = |name: &str, runtime: &str, version: &str| ModelRuntimeJson {
+            name: name.into(),
+            version: 3,
+            runtime: runtime.into(),
+            runtime_version: version.into(),
+            providers: Vec::new(),
+            fallback: None,
+        };
+        let summary = DeviceSummary {
+            id: "d1".into(),
+            labels: Vec::new(),
+            arch: "aarch64".into(),
+            agent_version: "0.4.0".into(),
+            state: "steady".into(),
+            active: Some(model("demo", 3)),
+            models: vec![model("demo", 3), model("kws", 3)],
+            enrolled_at: 0,
+            last_checkin: None,
+            revoked: false,
+            runtimes: vec![
+                ModelRuntimeJson {
+                    providers: vec!["CPUExecutionProvider".into()],
+                    ..runtime("demo", "onnxruntime", "1.22.0")
+                },
+                ModelRuntimeJson {
+                    fallback: Some("onnxruntime: library /x not found".into()),
+                    ..runtime("kws", "tract", "0.23.9")
+                },
+            ],
+        };
+        let detail = detail_of(summary.clone());
+        let text = render_detail(&detail, 1000);
+        assert!(
+            text.contains(
+                "model            kws@3\n\
+                 runtime          demo@3 onnxruntime 1.22.0 [CPUExecutionProvider]\n\
+                 runtime          kws@3 tract 0.23.9 (fallback: onnxruntime: library /x not found)\n\
+                 plan             -\n"
+            ),
+            "{text}"
+        );
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["runtimes"][0]["runtime"], "onnxruntime");
+        assert_eq!(
+            json["runtimes"][1]["fallback"],
+            "onnxruntime: library /x not found"
+        );
+        assert_eq!(
+            serde_json::from_value::<DeviceSummary>(json).unwrap(),
+            summary
+        );
+
+        let unreported = DeviceSummary {
+            runtimes: Vec::new(),
+            ..summary
+        };
+        let text = render_detail(&detail_of(unreported.clone()), 1000);
+        assert!(!text.contains("runtime"), "{text}");
+        assert!(serde_json::to_value(&unreported)
+            .unwrap()
+            .get("runtimes")
             .is_none());
     }
 }

@@ -514,7 +514,7 @@ fn per_device(stored: Vec<StoredDrift>) -> HashMap<DeviceId, DriftSummary> {
 }
 
 /// Escapes a Prometheus label value: backslash, double quote and newline.
-fn label_value(text: &str) -> String {
+pub(super) fn label_value(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

@@ -2,9 +2,9 @@
 //!
 //! A scrape needs an admin token of any role (a viewer's is enough) unless the hub runs with
 //! `--metrics-public`: the metrics name models, features and the fleet's state. What must read the
-//! store (devices by state, rollout stages, a day of drift) is computed once per engine tick, on a
-//! blocking thread, by [`refresh_fleet`]; a scrape only copies that text and reads counters, so
-//! scrapes cannot stall the hub however many come at once.
+//! store (devices by state, the runtimes serving each model, rollout stages, a day of drift) is
+//! computed once per engine tick, on a blocking thread, by [`refresh_fleet`]; a scrape only copies
+//! that text and reads counters, so scrapes cannot stall the hub however many come at once.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -20,7 +20,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
+use super::drift::label_value;
 use super::SharedHub;
+use crate::store::DeviceRecord;
 
 /// Upper bounds of the request latency histogram, in seconds.
 const LATENCY_BOUNDS: [f64; 12] = [
@@ -122,9 +124,9 @@ async fn render(State(hub): State<SharedHub>, headers: HeaderMap) -> Response {
     }
 }
 
-/// Computes the gauges that read the store (devices by state, rollout stages, drift) and keeps
-/// them for scrapes until the next call. The hub's clock calls it once per tick, on a blocking
-/// thread.
+/// Computes the gauges that read the store (devices by state and by model runtime, rollout
+/// stages, drift) and keeps them for scrapes until the next call. The hub's clock calls it once
+/// per tick, on a blocking thread.
 ///
 /// Only when a scrape came since the last call, or none was computed yet: a hub nobody scrapes
 /// does not scan its store every tick.
@@ -150,10 +152,11 @@ fn fleet_text(hub: &SharedHub) -> anyhow::Result<String> {
     let mut out = String::new();
     let now = crate::unix_now();
 
+    let devices = hub.store.devices()?;
     let mut by_state: BTreeMap<&str, u64> = BTreeMap::new();
-    for device in hub.store.devices()? {
+    for device in &devices {
         *by_state
-            .entry(super::fleet::display_state(&device, now).as_str())
+            .entry(super::fleet::display_state(device, now).as_str())
             .or_default() += 1;
     }
     writeln!(out, "# HELP outpost_hub_devices Enrolled devices by state.")?;
@@ -161,6 +164,7 @@ fn fleet_text(hub: &SharedHub) -> anyhow::Result<String> {
     for (state, count) in &by_state {
         writeln!(out, "outpost_hub_devices{{state=\"{state}\"}} {count}")?;
     }
+    write_model_runtimes(hub, &devices, &mut out)?;
 
     writeln!(
         out,
@@ -189,6 +193,44 @@ fn fleet_text(hub: &SharedHub) -> anyhow::Result<String> {
     )?;
     writeln!(out, "outpost_hub_fleet_gauges_timestamp_seconds {now}")?;
     Ok(out)
+}
+
+/// `outpost_hub_model_runtime_devices{model,runtime}`: the devices whose latest runtime report
+/// says that runtime serves that model. Revoked devices are left out, as they are of the drift
+/// metrics: their reports are kept, but they are no longer the fleet's.
+fn write_model_runtimes(
+    hub: &SharedHub,
+    devices: &[DeviceRecord],
+    out: &mut String,
+) -> anyhow::Result<()> {
+    let reports = hub.store.all_runtimes()?;
+    let mut by_runtime: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    for report in devices
+        .iter()
+        .filter(|device| !device.revoked)
+        .filter_map(|device| reports.get(&device.id))
+    {
+        for model in &report.models {
+            *by_runtime
+                .entry((model.name.as_str(), model.runtime.as_str()))
+                .or_default() += 1;
+        }
+    }
+    writeln!(
+        out,
+        "# HELP outpost_hub_model_runtime_devices Devices whose latest runtime report says the \
+         runtime serves the model (revoked devices aside)."
+    )?;
+    writeln!(out, "# TYPE outpost_hub_model_runtime_devices gauge")?;
+    for ((model, runtime), count) in &by_runtime {
+        writeln!(
+            out,
+            "outpost_hub_model_runtime_devices{{model=\"{}\",runtime=\"{}\"}} {count}",
+            label_value(model),
+            label_value(runtime)
+        )?;
+    }
+    Ok(())
 }
 
 fn render_text(hub: &SharedHub) -> anyhow::Result<String> {

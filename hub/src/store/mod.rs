@@ -34,6 +34,7 @@ mod registry;
 mod retention;
 mod retirements;
 mod rollouts;
+mod runtimes;
 mod telemetry;
 #[cfg(test)]
 mod tests;
@@ -123,6 +124,9 @@ pub struct Store {
     /// Signed retirements by plan sequence; a store older hubs wrote has none, and sled
     /// creates the tree when it opens.
     retirements: sled::Tree,
+    /// Each device's latest runtime report by device id; created when the store opens, like
+    /// `retirements`, so a store older hubs wrote reads as one without reports.
+    runtimes: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
     /// Serialises flushes; see [`Store::flush`].
@@ -165,6 +169,7 @@ impl Store {
             manifests: tree("manifests")?,
             rollouts: tree("rollouts")?,
             retirements: tree("retirements")?,
+            runtimes: tree("runtimes")?,
             audit: tree("audit")?,
             meta: tree("meta")?,
             db,

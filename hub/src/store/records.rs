@@ -314,6 +314,31 @@ pub struct RetirementRecord {
     pub by: String,
 }
 
+/// A device's latest runtime report, as stored under its id: which inference runtime serves each
+/// model it runs, by the device's word.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeReportRecord {
+    /// Device time of the report, Unix seconds: an earlier report does not replace this one.
+    pub at: u64,
+    /// One per model name, in the order the device listed them.
+    pub models: Vec<ModelRuntimeRecord>,
+}
+
+/// The runtime serving one model version of a device, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRuntimeRecord {
+    pub name: String,
+    pub version: u64,
+    /// `tract` or `onnxruntime`, by name as the protocol's `RuntimeKind::as_str` gives it, like
+    /// a device's `state`: a runtime the protocol adds later is stored without a new layout.
+    pub runtime: String,
+    pub runtime_version: String,
+    /// ONNX Runtime's execution providers in the order registered; empty for tract.
+    pub providers: Vec<String>,
+    /// Why the runtime the device preferred does not serve the model; `None` when it does.
+    pub fallback: Option<String>,
+}
+
 /// A decision as stored: the action, actor and gates by name, so the rollout engine's types can
 /// change without making stored rollouts unreadable. Its postcard layout is the one 0.1.0 wrote
 /// (then the admin API's own type), checked by `tests/store_compat.rs`.

@@ -873,3 +873,43 @@ fn a_model_is_known_once_any_version_is_published() {
     assert!(!store.has_model("iris").unwrap());
     assert!(!store.has_model("iris-v").unwrap());
 }
+
+/// A device's latest runtime report is kept across a reopen, per device; one the device dated
+/// earlier than the stored one leaves it be, and one of the same second replaces it.
+#[test]
+fn the_latest_runtime_report_of_each_device_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = |at: u64, runtime: &str| RuntimeReportRecord {
+        at,
+        models: vec![ModelRuntimeRecord {
+            name: "demo".to_owned(),
+            version: 3,
+            runtime: runtime.to_owned(),
+            runtime_version: "1.22.0".to_owned(),
+            providers: vec!["CPUExecutionProvider".to_owned()],
+            fallback: (runtime == "tract").then(|| "onnxruntime: library not found".to_owned()),
+        }],
+    };
+    let other = [8; 16];
+    {
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.runtimes(&DEVICE).unwrap(), None);
+        assert!(store.all_runtimes().unwrap().is_empty());
+        assert!(store
+            .put_runtimes(&DEVICE, &report(100, "onnxruntime"))
+            .unwrap());
+        assert!(!store.put_runtimes(&DEVICE, &report(99, "tract")).unwrap());
+        assert!(store.put_runtimes(&other, &report(5, "tract")).unwrap());
+        store.flush_blocking().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.runtimes(&DEVICE).unwrap(),
+        Some(report(100, "onnxruntime"))
+    );
+    assert!(store.put_runtimes(&DEVICE, &report(100, "tract")).unwrap());
+    let all = store.all_runtimes().unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[&DEVICE], report(100, "tract"));
+    assert_eq!(all[&other], report(5, "tract"));
+}

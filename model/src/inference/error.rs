@@ -92,6 +92,8 @@ pub enum InferenceError {
     BadData { name: String, reason: String },
     #[error("the model failed on this request")]
     Run(#[source] anyhow::Error),
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
     #[error("output {name:?} came back as {got}, the spec says {}", expected.as_str())]
     OutputDType {
         name: String,

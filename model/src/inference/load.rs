@@ -15,7 +15,7 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use super::error::{InferenceError, TensorKind};
 use super::tensor::*;
-use super::{catch_panic, Batching, LoadedModel, BATCH_SYMBOL};
+use super::{catch_panic, Batching, Engine, LoadedModel, BATCH_SYMBOL};
 
 impl LoadedModel {
     /// Loads ONNX bytes with input shapes fixed from the manifest specs, optimizes the graph and
@@ -50,7 +50,7 @@ impl LoadedModel {
             &options,
         )?;
         Ok(LoadedModel {
-            plan,
+            engine: Engine::Tract(plan),
             batching,
             inputs: inputs.to_vec(),
             outputs: outputs.to_vec(),

@@ -14,11 +14,20 @@
 
 mod error;
 mod load;
+#[cfg(feature = "onnxruntime")]
+mod onnxruntime;
 mod run;
+mod runtime;
+mod settings;
 mod tensor;
 mod validate;
 
 pub use error::{InferenceError, TensorKind};
+pub use runtime::{Runtimes, SelectError, Selected};
+pub use settings::{
+    OnnxRuntimeSettings, Provider, ProviderKind, RuntimeChoice, RuntimeInfo, RuntimeKind,
+    DEFAULT_LIBRARIES,
+};
 pub use validate::{validate, Top1Agreement, ValidationError, ValidationReport};
 
 use std::any::Any;
@@ -26,18 +35,17 @@ use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use outpost_protocol::trust::{Dim, TensorSpec};
-use tract_onnx::prelude::{TValue, TypedSimplePlan};
+use tract_onnx::prelude::TypedSimplePlan;
 
 /// Name of the symbol every [`Dim::Batch`] axis is bound to, so all inputs share one batch size.
 const BATCH_SYMBOL: &str = "N";
 
-/// An optimized, runnable tract plan and the specs it was loaded with.
+/// A model loaded into a runtime, and the specs it was loaded with.
 ///
-/// `run` takes `&self` and builds fresh state per call, so one `LoadedModel` serves concurrent
-/// requests.
+/// `run` takes `&self`, so one `LoadedModel` serves concurrent requests: on tract side by side
+/// (fresh state per call), on ONNX Runtime one after the other (see `onnxruntime.rs`).
 pub struct LoadedModel {
-    /// The model's one optimised plan, with every batch axis fixed at 1.
-    plan: std::sync::Arc<TypedSimplePlan>,
+    engine: Engine,
     batching: Batching,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
@@ -46,6 +54,15 @@ pub struct LoadedModel {
     /// For each model output, in the model's order, the index of its spec in `outputs`.
     output_spec_of: Vec<usize>,
     threads: usize,
+}
+
+/// The runtime a model is loaded into.
+enum Engine {
+    /// tract's one optimised plan, with every batch axis fixed at 1.
+    Tract(std::sync::Arc<TypedSimplePlan>),
+    /// An ONNX Runtime session, run a row at a time like tract's plan.
+    #[cfg(feature = "onnxruntime")]
+    OnnxRuntime(Box<onnxruntime::OrtSession>),
 }
 
 /// How a model with a batch axis runs a batch of more than one.
@@ -73,14 +90,6 @@ enum Batching {
     /// over the batch), so the rows' outputs cannot be put back together: the model answers a
     /// batch of 1, and a larger batch is refused with this reason.
     OneRow { reason: String },
-}
-
-/// How one input reaches each row of a batch run through the batch-1 plan.
-enum RowInput {
-    /// No batch axis: the same converted value for every row.
-    Whole(TValue),
-    /// Cut along its batch axis, one row at a time.
-    Sliced { axis: usize },
 }
 
 impl Batching {
@@ -144,7 +153,19 @@ impl fmt::Debug for LoadedModel {
             .field("inputs", &self.inputs)
             .field("outputs", &self.outputs)
             .field("threads", &self.threads)
+            .field("runtime", &self.runtime())
             .finish_non_exhaustive()
+    }
+}
+
+impl LoadedModel {
+    /// What runs the model.
+    pub fn runtime(&self) -> RuntimeInfo {
+        match &self.engine {
+            Engine::Tract(_) => RuntimeInfo::tract(),
+            #[cfg(feature = "onnxruntime")]
+            Engine::OnnxRuntime(session) => session.info().clone(),
+        }
     }
 }
 

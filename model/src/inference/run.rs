@@ -3,11 +3,31 @@
 
 use outpost_protocol::device::Tensor;
 use outpost_protocol::trust::{Dim, TensorSpec};
-use tract_onnx::prelude::{TValue, TVec};
+use tract_onnx::prelude::{TValue, TVec, TypedSimplePlan};
 
 use super::error::InferenceError;
 use super::tensor::*;
-use super::{catch_panic, Batching, LoadedModel, RowInput};
+use super::{catch_panic, Batching, Engine, LoadedModel};
+
+/// What the row logic needs of a runtime: its value of a checked protocol tensor, and a run of
+/// values in the model's input order giving outputs in spec order.
+trait Backend {
+    type Value: Clone;
+    fn value(&self, tensor: &Tensor) -> Result<Self::Value, InferenceError>;
+    fn run(
+        &self,
+        model: &LoadedModel,
+        ordered: TVec<Self::Value>,
+    ) -> Result<Vec<Tensor>, InferenceError>;
+}
+
+/// How one input reaches each row of a batch run through the batch-1 plan.
+enum RowInput<V> {
+    /// No batch axis: the same converted value for every row.
+    Whole(V),
+    /// Cut along its batch axis, one row at a time.
+    Sliced { axis: usize },
+}
 
 impl LoadedModel {
     /// Runs one request.
@@ -50,28 +70,48 @@ impl LoadedModel {
                     output_axes,
                 },
                 Some(rows),
-            ) if rows > 1 => self.run_rows(&by_spec, input_axes, output_axes, rows),
+            ) if rows > 1 => match &self.engine {
+                Engine::Tract(plan) => {
+                    self.run_rows(&Tract(plan), &by_spec, input_axes, output_axes, rows)
+                }
+                #[cfg(feature = "onnxruntime")]
+                Engine::OnnxRuntime(session) => {
+                    self.run_rows(&**session, &by_spec, input_axes, output_axes, rows)
+                }
+            },
             (Batching::OneRow { reason }, Some(rows)) if rows > 1 => {
                 Err(InferenceError::BatchOfOneOnly {
                     got: rows,
                     reason: reason.clone(),
                 })
             }
-            _ => {
-                let ordered = self
-                    .input_spec_of
-                    .iter()
-                    .map(|&spec_ix| to_tract(by_spec[spec_ix]).map(TValue::from))
-                    .collect::<Result<TVec<TValue>, _>>()?;
-                self.run_plan(ordered)
-            }
+            _ => match &self.engine {
+                Engine::Tract(plan) => self.run_whole(&Tract(plan), &by_spec),
+                #[cfg(feature = "onnxruntime")]
+                Engine::OnnxRuntime(session) => self.run_whole(&**session, &by_spec),
+            },
         }
+    }
+
+    /// Runs a request as it is, in one call of the runtime.
+    fn run_whole<B: Backend>(
+        &self,
+        backend: &B,
+        by_spec: &[&Tensor],
+    ) -> Result<Vec<Tensor>, InferenceError> {
+        let ordered = self
+            .input_spec_of
+            .iter()
+            .map(|&spec_ix| backend.value(by_spec[spec_ix]))
+            .collect::<Result<TVec<B::Value>, _>>()?;
+        backend.run(self, ordered)
     }
 
     /// Runs a batch of `rows` through the batch-1 plan one row at a time and stacks the rows'
     /// outputs along each output's batch axis (see [`Batching`]).
-    fn run_rows(
+    fn run_rows<B: Backend>(
         &self,
+        backend: &B,
         by_spec: &[&Tensor],
         input_axes: &[Option<usize>],
         output_axes: &[usize],
@@ -83,9 +123,9 @@ impl LoadedModel {
             .zip(input_axes)
             .map(|(tensor, axis)| match axis {
                 Some(axis) => Ok(RowInput::Sliced { axis: *axis }),
-                None => to_tract(tensor).map(|tensor| RowInput::Whole(TValue::from(tensor))),
+                None => backend.value(tensor).map(RowInput::Whole),
             })
-            .collect::<Result<Vec<RowInput>, _>>()?;
+            .collect::<Result<Vec<RowInput<B::Value>>, _>>()?;
         let mut stacks: Vec<Vec<Tensor>> = vec![Vec::new(); self.outputs.len()];
         for row in 0..rows {
             let ordered = self
@@ -94,11 +134,11 @@ impl LoadedModel {
                 .map(|&spec_ix| match &per_input[spec_ix] {
                     RowInput::Whole(value) => Ok(value.clone()),
                     RowInput::Sliced { axis } => {
-                        to_tract(&take_row(by_spec[spec_ix], *axis, row)).map(TValue::from)
+                        backend.value(&take_row(by_spec[spec_ix], *axis, row))
                     }
                 })
-                .collect::<Result<TVec<TValue>, _>>()?;
-            for (stack, output) in stacks.iter_mut().zip(self.run_plan(ordered)?) {
+                .collect::<Result<TVec<B::Value>, _>>()?;
+            for (stack, output) in stacks.iter_mut().zip(backend.run(self, ordered)?) {
                 stack.push(output);
             }
         }
@@ -108,26 +148,57 @@ impl LoadedModel {
             .map(|(stack, &axis)| stack_rows(stack, axis))
             .collect()
     }
+}
 
-    /// Runs the plan on inputs in the model's order; outputs in spec order.
-    fn run_plan(&self, ordered: TVec<TValue>) -> Result<Vec<Tensor>, InferenceError> {
+/// tract's optimised plan.
+struct Tract<'a>(&'a std::sync::Arc<TypedSimplePlan>);
+
+impl Backend for Tract<'_> {
+    type Value = TValue;
+
+    fn value(&self, tensor: &Tensor) -> Result<TValue, InferenceError> {
+        to_tract(tensor).map(TValue::from)
+    }
+
+    fn run(
+        &self,
+        model: &LoadedModel,
+        ordered: TVec<TValue>,
+    ) -> Result<Vec<Tensor>, InferenceError> {
         let results = catch_panic("running the model", || {
-            self.plan.run(ordered).map_err(InferenceError::Run)
+            self.0.run(ordered).map_err(InferenceError::Run)
         })?;
-        let mut outputs: Vec<Option<Tensor>> = vec![None; self.outputs.len()];
-        for (value, &spec_ix) in results.iter().zip(&self.output_spec_of) {
-            let spec = &self.outputs[spec_ix];
+        let mut outputs: Vec<Option<Tensor>> = vec![None; model.outputs.len()];
+        for (value, &spec_ix) in results.iter().zip(&model.output_spec_of) {
+            let spec = &model.outputs[spec_ix];
             outputs[spec_ix] = Some(from_tract(spec, value)?);
         }
         outputs
             .into_iter()
-            .zip(&self.outputs)
+            .zip(&model.outputs)
             .map(|(tensor, spec)| {
                 tensor.ok_or_else(|| {
                     InferenceError::Run(anyhow::anyhow!("tract returned no {:?}", spec.name))
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(feature = "onnxruntime")]
+impl Backend for super::onnxruntime::OrtSession {
+    type Value = std::sync::Arc<ort::value::DynValue>;
+
+    fn value(&self, tensor: &Tensor) -> Result<Self::Value, InferenceError> {
+        super::onnxruntime::OrtSession::value(self, tensor)
+    }
+
+    fn run(
+        &self,
+        model: &LoadedModel,
+        ordered: TVec<Self::Value>,
+    ) -> Result<Vec<Tensor>, InferenceError> {
+        super::onnxruntime::OrtSession::run(self, &ordered, &model.outputs)
     }
 }
 

@@ -12,6 +12,9 @@ pub(super) trait Element: tract_onnx::prelude::Datum + Copy {
     const SIZE: usize;
     fn from_le(bytes: &[u8]) -> Self;
     fn to_f64(self) -> f64;
+    /// Appends the element's little-endian bytes.
+    #[cfg_attr(not(feature = "onnxruntime"), allow(dead_code))]
+    fn extend_le(self, out: &mut Vec<u8>);
 }
 
 macro_rules! element {
@@ -25,6 +28,9 @@ macro_rules! element {
             }
             fn to_f64(self) -> f64 {
                 $to_f64(self)
+            }
+            fn extend_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
             }
         }
     };

@@ -17,9 +17,9 @@ pub use drift::*;
 use outpost_protocol::device::{
     held_digest, AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse,
     ErrorResponse, HeldCheckIn, HeldCheckInResponse, InferenceWindow, ModelAnswer, ModelCheckIn,
-    ModelsCheckIn, ModelsCheckInResponse, OutputCheck, RunningModel, ShadowCounts, ShadowReport,
-    Status, StatusReport, TelemetryAck, TelemetryBatch, Tensor, ValidationCase, ValidationSet,
-    LATENCY_BUCKETS_US,
+    ModelRuntime, ModelsCheckIn, ModelsCheckInResponse, OutputCheck, RunningModel, RuntimeKind,
+    RuntimeReport, ShadowCounts, ShadowReport, Status, StatusReport, TelemetryAck, TelemetryBatch,
+    Tensor, ValidationCase, ValidationSet, LATENCY_BUCKETS_US,
 };
 use outpost_protocol::trust::{
     Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody, ManifestRef,
@@ -414,6 +414,37 @@ pub fn status_reports() -> Vec<StatusReport> {
         at: NOW + offset as u64 * 30,
     })
     .collect()
+}
+
+/// The runtimes serving the two models of [`models_check_in`]: one on ONNX Runtime with two
+/// execution providers, the other on tract after ONNX Runtime failed to load.
+pub fn runtime_report() -> RuntimeReport {
+    RuntimeReport {
+        models: vec![
+            ModelRuntime {
+                name: "detector".to_owned(),
+                version: 6,
+                runtime: RuntimeKind::OnnxRuntime,
+                runtime_version: "1.22.0".to_owned(),
+                providers: vec![
+                    "CUDAExecutionProvider".to_owned(),
+                    "CPUExecutionProvider".to_owned(),
+                ],
+                fallback: None,
+            },
+            ModelRuntime {
+                name: "keyword-spotter".to_owned(),
+                version: 7,
+                runtime: RuntimeKind::Tract,
+                runtime_version: "0.23.9".to_owned(),
+                providers: Vec::new(),
+                fallback: Some(
+                    "onnxruntime: libonnxruntime.so.1: cannot open shared object file".to_owned(),
+                ),
+            },
+        ],
+        at: NOW + 90,
+    }
 }
 
 /// A batch of `n_windows` one-minute inference windows, alternating two model versions.

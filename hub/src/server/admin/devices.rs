@@ -1,9 +1,14 @@
 //! Devices as operators see them: listing, showing, labelling and revoking.
 
 use super::*;
-use crate::store::RunningRecord;
+use crate::store::{ModelRuntimeRecord, RunningRecord, RuntimeReportRecord};
 
-pub(crate) fn device_summary(device: &DeviceRecord, now: u64) -> DeviceSummary {
+/// A device as the admin API shows it, with its latest runtime report if it sent one.
+pub(crate) fn device_summary(
+    device: &DeviceRecord,
+    runtimes: Option<&RuntimeReportRecord>,
+    now: u64,
+) -> DeviceSummary {
     DeviceSummary {
         id: hex::encode(device.id),
         labels: device
@@ -21,13 +26,33 @@ pub(crate) fn device_summary(device: &DeviceRecord, now: u64) -> DeviceSummary {
         enrolled_at: device.enrolled_at,
         last_checkin: device.last_checkin,
         revoked: device.revoked,
+        runtimes: runtimes.map_or_else(Vec::new, |report| {
+            report.models.iter().map(model_runtime).collect()
+        }),
     }
+}
+
+/// [`device_summary`] of a device as stored now, its runtime report read from the store.
+fn stored_summary(hub: &SharedHub, device: &DeviceRecord) -> Result<DeviceSummary, AdminError> {
+    let runtimes = hub.store.runtimes(&device.id)?;
+    Ok(device_summary(device, runtimes.as_ref(), unix_now()))
 }
 
 fn model_ref(running: &RunningRecord) -> ModelRef {
     ModelRef {
         name: running.name.clone(),
         version: running.version,
+    }
+}
+
+fn model_runtime(stored: &ModelRuntimeRecord) -> ModelRuntimeJson {
+    ModelRuntimeJson {
+        name: stored.name.clone(),
+        version: stored.version,
+        runtime: stored.runtime.clone(),
+        runtime_version: stored.runtime_version.clone(),
+        providers: stored.providers.clone(),
+        fallback: stored.fallback.clone(),
     }
 }
 
@@ -52,6 +77,7 @@ pub(super) async fn list_devices(
         .transpose()
         .map_err(|error| AdminError::bad_request(format!("agent filter {error}")))?;
     let now = unix_now();
+    let runtimes = hub.store.all_runtimes()?;
     let devices = hub
         .store
         .devices()?
@@ -62,7 +88,7 @@ pub(super) async fn list_devices(
                 .as_ref()
                 .is_none_or(|agent| agent.matches(&device.agent_version))
         })
-        .map(|device| device_summary(device, now))
+        .map(|device| device_summary(device, runtimes.get(&device.id), now))
         .collect();
     Ok(Json(devices))
 }
@@ -125,7 +151,7 @@ pub(super) async fn show_device(
         })
         .collect();
     Ok(Json(DeviceDetail {
-        device: device_summary(&device, unix_now()),
+        device: stored_summary(&hub, &device)?,
         public_key: hex::encode(device.public_key),
         plan_sequence: device.plan_sequence,
         dropped_records: device.dropped_records,
@@ -166,7 +192,7 @@ pub(super) async fn label_device(
     )?;
     audit(&hub, &actor, "device label", &id, &detail)?;
     hub.store.flush().await?;
-    Ok(Json(device_summary(&device, unix_now())))
+    Ok(Json(stored_summary(&hub, &device)?))
 }
 
 pub(super) async fn revoke_device(
@@ -189,5 +215,5 @@ pub(super) async fn revoke_device(
     audit(&hub, &actor, "device revoke", &id, "")?;
     hub.store.flush().await?;
     log::info!("device {id} revoked by {}", actor.name);
-    Ok(Json(device_summary(&device, unix_now())))
+    Ok(Json(stored_summary(&hub, &device)?))
 }

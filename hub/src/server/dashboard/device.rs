@@ -1,6 +1,6 @@
-//! A device's page: what it is and every model it runs, its inference counts, and its history of activations,
-//! refusals, stalls and rollbacks with the reasons it gave, newest first. The same stored events
-//! `outpost-hub device show` prints.
+//! A device's page: what it is and every model it runs (with the runtime serving it), its
+//! inference counts, and its history of activations, refusals, stalls and rollbacks with the
+//! reasons it gave, newest first. The same stored events `outpost-hub device show` prints.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -11,7 +11,7 @@ use axum::response::Response;
 use outpost_protocol::device::DeviceId;
 
 use super::{badge, internal, problem, time_cell, viewer, Esc};
-use crate::api::ModelRef;
+use crate::api::{ModelRef, ModelRuntimeJson};
 use crate::server::admin::{device_summary, MAX_EVENTS};
 use crate::server::SharedHub;
 use crate::unix_now;
@@ -49,15 +49,18 @@ pub async fn page(
         }
         Err(error) => return internal(&viewer, SECTION, error),
     };
-    let (events, stats) = match (
+    let (events, stats, runtimes) = match (
         hub.store.events(&device.id, MAX_EVENTS),
         hub.store.device_stats(&device.id),
+        hub.store.runtimes(&device.id),
     ) {
-        (Ok(events), Ok(stats)) => (events, stats),
-        (Err(error), _) | (_, Err(error)) => return internal(&viewer, SECTION, error),
+        (Ok(events), Ok(stats), Ok(runtimes)) => (events, stats, runtimes),
+        (Err(error), _, _) | (_, Err(error), _) | (_, _, Err(error)) => {
+            return internal(&viewer, SECTION, error)
+        }
     };
     let now = unix_now();
-    let summary = device_summary(&device, now);
+    let summary = device_summary(&device, runtimes.as_ref(), now);
     let mut body = format!(
         "<p class=\"crumbs\"><a href=\"/dashboard/fleet\">Fleet</a> /</p>\
          <h1 class=\"id\" id=\"device-id\">{}</h1><dl class=\"facts\">\
@@ -67,7 +70,7 @@ pub async fn page(
          <dt>Telemetry dropped</dt><dd>{} records</dd><dt>Labels</dt><dd>",
         Esc(&summary.id),
         badge(&summary.state),
-        models_list(summary.running()),
+        models_list(summary.running(), &summary.runtimes),
         Esc(&summary.agent_version),
         Esc(&summary.arch),
         time_cell(summary.enrolled_at, now),
@@ -139,14 +142,34 @@ pub async fn page(
     super::page(TITLE, SECTION, &viewer, &body)
 }
 
-/// Every model a device runs, one per line, or a dash for none.
-fn models_list(models: &[ModelRef]) -> String {
+/// Every model a device runs, one per line, or a dash for none; beside each, the runtime that
+/// serves it and why it is not the one the device preferred, as far as the device's latest
+/// runtime report says about that version.
+fn models_list(models: &[ModelRef], runtimes: &[ModelRuntimeJson]) -> String {
     if models.is_empty() {
         return "—".to_owned();
     }
     let mut list = String::from("<ul class=\"models\">");
     for model in models {
-        let _ = write!(list, "<li>{}@{}</li>", Esc(&model.name), model.version);
+        let _ = write!(list, "<li>{}@{}", Esc(&model.name), model.version);
+        if let Some(runtime) = runtimes
+            .iter()
+            .find(|runtime| runtime.name == model.name && runtime.version == model.version)
+        {
+            let _ = write!(
+                list,
+                " <span class=\"sub runtime\">{}</span>",
+                Esc(&runtime.runtime_text())
+            );
+            if let Some(reason) = &runtime.fallback {
+                let _ = write!(
+                    list,
+                    " <span class=\"fallback\">fallback: {}</span>",
+                    Esc(reason)
+                );
+            }
+        }
+        list.push_str("</li>");
     }
     list.push_str("</ul>");
     list

@@ -1,5 +1,6 @@
 //! The device API: postcard over HTTP(S), under `/device/v1` (check-ins also under `/device/v2`,
-//! naming the documents the device holds, and `/device/v3`, one entry per model it runs).
+//! naming the documents the device holds, and `/device/v3`, one entry per model it runs; and
+//! `/device/v3/runtimes`, which inference runtime serves each model it runs).
 //!
 //! Enrollment is authorised by an enrollment token. Every other request is signed by the device's
 //! own key over method, path, body hash, timestamp and nonce ([`outpost_protocol::auth`]); the
@@ -16,8 +17,9 @@
 //! [`KeyCache`], [`DeviceError`] and the postcard reply) is in `request.rs`, which names no
 //! handler: the routes use the handlers and the handlers use `request.rs`, never the other way
 //! round. The handlers: `enroll.rs`, `checkin.rs` (the three check-in paths, their tests in
-//! `checkin/tests.rs`), `reports.rs` (status and telemetry) and `artifacts.rs` (ranged
-//! downloads). `testing.rs` holds the fixtures the unit tests share.
+//! `checkin/tests.rs`), `reports.rs` (status, runtime reports and telemetry; the runtime
+//! reports' tests in `reports/tests.rs`) and `artifacts.rs` (ranged downloads). `testing.rs`
+//! holds the fixtures the unit tests share.
 //!
 //! [`ErrorResponse`]: outpost_protocol::device::ErrorResponse
 //! [`latest_per_model`]: checkin::latest_per_model
@@ -29,7 +31,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use outpost_protocol::device::{
-    CheckIn, EnrollRequest, HeldCheckIn, ModelsCheckIn, StatusReport, TelemetryBatch,
+    CheckIn, EnrollRequest, HeldCheckIn, ModelsCheckIn, RuntimeReport, StatusReport, TelemetryBatch,
 };
 use outpost_protocol::Message;
 use tower_http::timeout::TimeoutLayer;
@@ -37,7 +39,7 @@ use tower_http::timeout::TimeoutLayer;
 use self::artifacts::artifact;
 use self::checkin::{check_in, held_check_in, models_check_in};
 use self::enroll::enroll;
-use self::reports::{status, telemetry};
+use self::reports::{runtimes, status, telemetry};
 use super::SharedHub;
 
 mod artifacts;
@@ -71,6 +73,10 @@ pub fn routes(hub: SharedHub) -> Router {
         .route(
             "/device/v1/status",
             post(status).layer(limited(StatusReport::MAX_FRAME)),
+        )
+        .route(
+            "/device/v3/runtimes",
+            post(runtimes).layer(limited(RuntimeReport::MAX_FRAME)),
         )
         .route(
             "/device/v1/telemetry",

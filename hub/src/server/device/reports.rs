@@ -1,5 +1,6 @@
 //! What devices report: status reports (`/device/v1/status`), which move a device's outcome in a
-//! rollout and its events, and telemetry batches (`/device/v1/telemetry`) of inference windows.
+//! rollout and its events, runtime reports (`/device/v3/runtimes`), which inference runtime
+//! serves each model it runs, and telemetry batches (`/device/v1/telemetry`) of inference windows.
 
 use std::collections::HashMap;
 
@@ -9,7 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use outpost_protocol::device::{
-    Status, StatusReport, TelemetryAck, TelemetryBatch, LATENCY_BUCKETS_US,
+    RuntimeReport, Status, StatusReport, TelemetryAck, TelemetryBatch, LATENCY_BUCKETS_US,
 };
 use outpost_protocol::ModelName;
 
@@ -17,7 +18,10 @@ use super::request::{authenticate, reply, DeviceError, Kept};
 use crate::server::drift::{check_summary, SummaryError};
 use crate::server::metrics::Metrics;
 use crate::server::SharedHub;
-use crate::store::{EventRecord, Ingested, OutcomeKind, OutcomeRecord, RunningRecord, WindowInput};
+use crate::store::{
+    EventRecord, Ingested, ModelRuntimeRecord, OutcomeKind, OutcomeRecord, RunningRecord,
+    RuntimeReportRecord, WindowInput,
+};
 use crate::unix_now;
 
 /// Most windows one telemetry batch may carry.
@@ -94,6 +98,73 @@ pub(super) async fn status(
     Metrics::bump(&hub.metrics.pruned_records, pruned);
     hub.store.flush().await?;
     Metrics::bump(&hub.metrics.status_reports, 1);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Keeps the device's latest runtime report, for operators to see; it decides nothing. Every
+/// entry must be a model version the hub knows the device runs (from its check-ins and committed
+/// status reports), so a device cannot fill the store or `/metrics` with names of its own. A
+/// report the device dated before the one stored is acknowledged and dropped.
+pub(super) async fn runtimes(
+    State(hub): State<SharedHub>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, DeviceError> {
+    let body = body?;
+    let device = authenticate(&hub, &method, &uri, &headers, &body, Kept::ForGood)
+        .await?
+        .record;
+    let report: RuntimeReport = outpost_protocol::decode(&body)?;
+    report
+        .validate()
+        .map_err(|error| DeviceError::bad_request(format!("runtime report: {error}")))?;
+    let running = device.running();
+    if let Some(entry) = report.models.iter().find(|entry| {
+        !running
+            .iter()
+            .any(|model| model.name == entry.name && model.version == entry.version)
+    }) {
+        let known: Vec<String> = running
+            .iter()
+            .map(|model| format!("{}@{}", model.name, model.version))
+            .collect();
+        return Err(DeviceError::bad_request(format!(
+            "runtime report: model {}@{} is not one the hub knows the device runs (it runs {}): \
+             report a model's runtime after the check-in or committed status report that names it",
+            entry.name,
+            entry.version,
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        )));
+    }
+    let record = RuntimeReportRecord {
+        at: report.at,
+        models: report
+            .models
+            .into_iter()
+            .map(|entry| ModelRuntimeRecord {
+                name: entry.name,
+                version: entry.version,
+                runtime: entry.runtime.as_str().to_owned(),
+                runtime_version: entry.runtime_version,
+                providers: entry.providers,
+                fallback: entry.fallback,
+            })
+            .collect(),
+    };
+    if !hub.store.put_runtimes(&device.id, &record)? {
+        log::debug!(
+            "device {}: runtime report of {} dropped, a later one is stored",
+            hex::encode(device.id),
+            record.at
+        );
+    }
+    hub.store.flush().await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -250,3 +321,6 @@ fn keep_at_most(mut text: String, max: usize) -> String {
     text.push_str(&format!("… ({cut} more bytes not kept)"));
     text
 }
+
+#[cfg(test)]
+mod tests;

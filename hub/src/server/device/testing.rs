@@ -93,10 +93,15 @@ impl Fixture {
 
     /// Posts `message` to `path`, signed by the device, and returns the status and body.
     pub(super) async fn post<M: Message>(&self, path: &str, message: &M) -> (StatusCode, Bytes) {
-        let body = outpost_protocol::encode(message).unwrap();
-        let timestamp = unix_now();
         let mut nonce = [0u8; 16];
         getrandom::getrandom(&mut nonce).unwrap();
+        let body = outpost_protocol::encode(message).unwrap();
+        self.send(self.signed(path, body, nonce)).await
+    }
+
+    /// A POST of `body` to `path`, signed by the device now with `nonce`.
+    pub(super) fn signed(&self, path: &str, body: Vec<u8>, nonce: [u8; 16]) -> Request<Body> {
+        let timestamp = unix_now();
         let signature = RequestToSign {
             method: "POST",
             path_and_query: path,
@@ -105,13 +110,17 @@ impl Fixture {
             nonce,
         }
         .sign(&self.key);
-        let request = Request::post(path)
+        Request::post(path)
             .header(HEADER_DEVICE, hex::encode(DEVICE))
             .header(HEADER_TIMESTAMP, timestamp.to_string())
             .header(HEADER_NONCE, hex::encode(nonce))
             .header(HEADER_SIGNATURE, hex::encode(signature.0))
             .body(Body::from(body))
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Sends `request` through the device API's routes and returns the status and body.
+    pub(super) async fn send(&self, request: Request<Body>) -> (StatusCode, Bytes) {
         let response = routes(self.hub.clone()).oneshot(request).await.unwrap();
         let status = response.status();
         let body = axum::body::to_bytes(response.into_body(), usize::MAX)
