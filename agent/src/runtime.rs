@@ -40,16 +40,27 @@ pub fn start(config: &Config) -> Runtimes {
             },
         },
     };
+    let took = started.elapsed();
     match runtimes.onnxruntime_problem() {
-        Some(problem) if config.runtime != RuntimeChoice::Tract => {
-            log::warn!("ONNX Runtime is not used, models run on tract: {problem}")
-        }
         _ if runtimes.onnxruntime_ready() => log::info!(
-            "ONNX Runtime is ready (set up in {:?}); each model uses it if it passes its \
-             validation set there",
-            started.elapsed()
+            "ONNX Runtime is ready (set up in {took:?}); each model uses it if it passes its \
+             validation set there"
         ),
-        _ => {}
+        // `auto` with no library on the device: tract is what such a device expects.
+        Some(problem)
+            if config.runtime == RuntimeChoice::Auto && config.onnxruntime.library.is_none() =>
+        {
+            log::info!("runtime auto: models run on tract (decided in {took:?}): {problem}")
+        }
+        Some(problem) => log::warn!(
+            "runtime {}: ONNX Runtime is not used, models run on tract (decided in {took:?}): \
+             {problem}",
+            config.runtime
+        ),
+        None => log::info!(
+            "runtime {}: models run on tract (decided in {took:?})",
+            config.runtime
+        ),
     }
     runtimes
 }

@@ -609,9 +609,42 @@ fn bench_model(
     Ok(())
 }
 
+/// What `runtime = "auto"` costs an agent's start on a device without ONNX Runtime: the time of
+/// `outpost_agent::runtime::start` on a config naming no library (median of 1,000; it looks for
+/// the library in the default places and spawns nothing).
+fn report_auto_without_library(cache_dir: &std::path::Path) -> anyhow::Result<()> {
+    let path = cache_dir.join("auto-agent.toml");
+    std::fs::write(
+        &path,
+        "hub_url = \"https://hub.invalid\"\ntrust_root = \"root.bin\"\ndata_dir = \"data\"\n",
+    )?;
+    let config = outpost_agent::config::load(&path)?;
+    let mut times: Vec<Duration> = (0..1000)
+        .map(|_| {
+            let started = Instant::now();
+            let runtimes = outpost_agent::runtime::start(&config);
+            let took = started.elapsed();
+            anyhow::ensure!(
+                !runtimes.onnxruntime_ready(),
+                "this machine has ONNX Runtime in a default place; the figure would not be of a \
+                 device without it"
+            );
+            Ok(took)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    times.sort_unstable();
+    println!(
+        "agent start, `runtime = \"auto\"` without a library: `runtime::start` {} (median of \
+         1,000), nothing per request",
+        micros(times[times.len() / 2])
+    );
+    Ok(())
+}
+
 /// Runs everything [`Settings`] asks for and prints the report (Markdown) to stdout.
 pub fn run(settings: &Settings) -> anyhow::Result<()> {
     let cache = Cache::prepare(&settings.cache_dir)?;
+    report_auto_without_library(&settings.cache_dir)?;
     let library = cache.onnxruntime_library()?;
     runtimes::init_onnxruntime(&library)?;
     // The agent's own loading of the same library, as `runtime = "onnxruntime"` sets it up.
