@@ -35,11 +35,10 @@ pub(super) struct Library {
 
 impl Library {
     /// Loads the library at `path` into the process and checks each provider is in it. The
-    /// library stays loaded for the life of the process; a second call with another path is
-    /// refused, since `ort` keeps one.
+    /// library stays loaded for the life of the process; once one has loaded, a call with
+    /// another path is refused, since `ort` keeps one.
     pub(super) fn open(path: &Path, providers: &[Provider]) -> Result<Library, String> {
-        let first = LOADED_FROM.get_or_init(|| path.to_path_buf());
-        if first != path {
+        if let Some(first) = LOADED_FROM.get().filter(|first| *first != path) {
             return Err(format!(
                 "this process loaded ONNX Runtime from {} already, not {}",
                 first.display(),
@@ -56,6 +55,9 @@ impl Library {
             Ok(())
         });
         loaded.map_err(|error| error.to_string())?;
+        // Only a library that loaded is the process's one: a failed attempt leaves room for
+        // another path.
+        let _ = LOADED_FROM.set(path.to_path_buf());
         let version = library_version(path);
         for provider in providers {
             let available = dispatch(provider)
