@@ -4,7 +4,9 @@
 //! Every request takes the active model from the [`ModelSlot`] once, when it starts, and finishes
 //! on that model: a hot swap changes only what the *next* request gets, so no request fails
 //! because of one. Parsing, inference and response encoding run on a blocking thread so a large
-//! request cannot stall the async runtime that serves health checks and `/metrics`.
+//! request cannot stall the async runtime that serves health checks and `/metrics`; a small
+//! request to a model that answers in microseconds runs on the async worker instead, since the
+//! hand-off would cost more than the model (`routes::INLINE_BODY`, `routes::INLINE_RUN`).
 //!
 //! Besides plain JSON tensors the API speaks Triton's binary tensor data extension (raw
 //! little-endian bytes after the JSON header, sized by `Inference-Header-Content-Length`), because

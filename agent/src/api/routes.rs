@@ -185,6 +185,13 @@ pub(super) async fn infer_versioned(
     infer_on(state, &name, Some(&version), &headers, body).await
 }
 
+/// A request of at most this many bytes, to a model whose last run took at most [`INLINE_RUN`],
+/// is parsed, run and encoded on the async worker that read it: handing it to a blocking thread
+/// and back costs more than such a model does. Anything larger or slower (and a model's first
+/// request) goes to a blocking thread, so it cannot hold up health checks and `/metrics`.
+const INLINE_BODY: usize = 64 * 1024;
+const INLINE_RUN: std::time::Duration = std::time::Duration::from_micros(200);
+
 pub(super) async fn infer_on(
     state: Arc<ApiState>,
     name: &str,
@@ -197,19 +204,28 @@ pub(super) async fn infer_on(
     let body =
         body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
     let json_length = json_length(headers)?;
-    let job = tokio::task::spawn_blocking(move || {
+    let inline = body.len() <= INLINE_BODY
+        && active
+            .model
+            .last_run()
+            .is_some_and(|took| took <= INLINE_RUN);
+    let work = move || {
         let answer = run_request(&state, &active, &body, json_length);
         if matches!(&answer, Err(error) if error.status == StatusCode::BAD_REQUEST) {
             state.totals.reject(&active.name, active.version);
         }
         answer
-    });
-    let answer = job.await.map_err(|error| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the inference task failed: {error}"),
-        )
-    })??;
+    };
+    let answer = if inline {
+        work()?
+    } else {
+        tokio::task::spawn_blocking(work).await.map_err(|error| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the inference task failed: {error}"),
+            )
+        })??
+    };
     let mut response = answer.body.into_response();
     let headers = response.headers_mut();
     match answer.json_length {

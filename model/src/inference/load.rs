@@ -57,6 +57,7 @@ impl LoadedModel {
             input_spec_of,
             output_spec_of,
             threads,
+            last_run_ns: Default::default(),
         })
     }
 

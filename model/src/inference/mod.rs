@@ -54,6 +54,8 @@ pub struct LoadedModel {
     /// For each model output, in the model's order, the index of its spec in `outputs`.
     output_spec_of: Vec<usize>,
     threads: usize,
+    /// How long the last answered call of `run` took, in nanoseconds; 0 before the first.
+    last_run_ns: std::sync::atomic::AtomicU64,
 }
 
 /// The runtime a model is loaded into.
@@ -159,6 +161,16 @@ impl fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
+    /// How long the last answered call of [`LoadedModel::run`] took (checks and copies
+    /// included), or `None` before the first: what a caller uses to tell a model that answers in microseconds
+    /// from one that takes milliseconds.
+    pub fn last_run(&self) -> Option<std::time::Duration> {
+        match self.last_run_ns.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(std::time::Duration::from_nanos(nanos)),
+        }
+    }
+
     /// What runs the model.
     pub fn runtime(&self) -> RuntimeInfo {
         match &self.engine {

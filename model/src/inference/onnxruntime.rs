@@ -173,6 +173,7 @@ impl Library {
             input_spec_of,
             output_spec_of,
             threads,
+            last_run_ns: Default::default(),
         })
     }
 

@@ -36,6 +36,18 @@ impl LoadedModel {
     /// across inputs, data length) before tract runs. Outputs come back in spec order, named from
     /// the output specs.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
+        let started = std::time::Instant::now();
+        let result = self.run_checked(inputs);
+        // Only an answered request says how long the model takes: a refused one stops early.
+        if result.is_ok() {
+            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.last_run_ns
+                .store(nanos.max(1), std::sync::atomic::Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn run_checked(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
         let mut by_spec: Vec<Option<&Tensor>> = vec![None; self.inputs.len()];
         let mut batch: Option<u64> = None;
         for tensor in inputs {
