@@ -683,17 +683,17 @@ impl Syncer {
             .models
             .iter()
             .filter(|model| !model.name.is_empty())
-            .map(|model| ModelStatus {
+            .map(|model| {
+                let serving = self.slot.get(&model.name);
+                (model, serving)
+            })
+            .map(|(model, serving)| ModelStatus {
                 name: model.name.clone(),
                 active: model.active.as_ref().map(ToString::to_string),
-                runtime: self
-                    .slot
-                    .get(&model.name)
+                runtime: serving
+                    .as_ref()
                     .map(|active| active.model.runtime().to_string()),
-                runtime_fallback: self
-                    .slot
-                    .get(&model.name)
-                    .and_then(|active| active.runtime_fallback.clone()),
+                runtime_fallback: serving.and_then(|active| active.runtime_fallback.clone()),
                 previous: model.previous.iter().map(ToString::to_string).collect(),
                 pending: model
                     .pending

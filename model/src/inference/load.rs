@@ -49,16 +49,13 @@ impl LoadedModel {
             batching.planned_batch(),
             &options,
         )?;
-        Ok(LoadedModel {
-            engine: Engine::Tract(plan),
+        Ok(LoadedModel::assemble(
+            Engine::Tract(plan),
             batching,
-            inputs: inputs.to_vec(),
-            outputs: outputs.to_vec(),
-            input_spec_of,
-            output_spec_of,
+            (inputs, outputs),
+            (input_spec_of, output_spec_of),
             threads,
-            last_run_ns: Default::default(),
-        })
+        ))
     }
 
     /// Reads the model's own declarations of its inputs and outputs, for publishing a model

@@ -161,6 +161,28 @@ impl fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
+    /// A model loaded into `engine`, with the specs it was matched to (`input_spec_of` and
+    /// `output_spec_of`: for each model input and output, in the model's order, its spec's
+    /// index): what both runtimes' loaders end with.
+    fn assemble(
+        engine: Engine,
+        batching: Batching,
+        (inputs, outputs): (&[TensorSpec], &[TensorSpec]),
+        (input_spec_of, output_spec_of): (Vec<usize>, Vec<usize>),
+        threads: usize,
+    ) -> LoadedModel {
+        LoadedModel {
+            engine,
+            batching,
+            inputs: inputs.to_vec(),
+            outputs: outputs.to_vec(),
+            input_spec_of,
+            output_spec_of,
+            threads,
+            last_run_ns: Default::default(),
+        }
+    }
+
     /// How long the last answered call of [`LoadedModel::run`] took (checks and copies
     /// included), or `None` before the first: what a caller uses to tell a model that answers in microseconds
     /// from one that takes milliseconds.

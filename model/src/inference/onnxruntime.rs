@@ -161,20 +161,18 @@ impl Library {
         for (outlet, &spec_ix) in session.outputs().iter().zip(&output_spec_of) {
             check_declared(TensorKind::Output, &outputs[spec_ix], outlet.dtype())?;
         }
-        Ok(LoadedModel {
-            engine: Engine::OnnxRuntime(Box::new(OrtSession {
-                session: Mutex::new(session),
-                input_names,
-                info: self.info(),
-            })),
-            batching: Batching::of(inputs, outputs),
-            inputs: inputs.to_vec(),
-            outputs: outputs.to_vec(),
-            input_spec_of,
-            output_spec_of,
+        let engine = Engine::OnnxRuntime(Box::new(OrtSession {
+            session: Mutex::new(session),
+            input_names,
+            info: self.info(),
+        }));
+        Ok(LoadedModel::assemble(
+            engine,
+            Batching::of(inputs, outputs),
+            (inputs, outputs),
+            (input_spec_of, output_spec_of),
             threads,
-            last_run_ns: Default::default(),
-        })
+        ))
     }
 
     fn session(&self, onnx: &[u8], threads: usize) -> Result<Session, InferenceError> {
