@@ -41,7 +41,7 @@ pub fn entry_hash(
 }
 
 /// Appends an entry to the chain.
-pub fn append(
+pub async fn append(
     store: &Store,
     at: u64,
     actor: &str,
@@ -49,19 +49,21 @@ pub fn append(
     target: &str,
     detail: &str,
 ) -> Result<AuditRecord, StoreError> {
-    store.append_audit(|prev_seq, prev_hash| {
-        let seq = prev_seq + 1;
-        AuditRecord {
-            seq,
-            at,
-            actor: actor.to_owned(),
-            action: action.to_owned(),
-            target: target.to_owned(),
-            detail: detail.to_owned(),
-            prev_hash,
-            hash: entry_hash(&prev_hash, seq, at, actor, action, target, detail),
-        }
-    })
+    store
+        .append_audit(|prev_seq, prev_hash| {
+            let seq = prev_seq + 1;
+            AuditRecord {
+                seq,
+                at,
+                actor: actor.to_owned(),
+                action: action.to_owned(),
+                target: target.to_owned(),
+                detail: detail.to_owned(),
+                prev_hash,
+                hash: entry_hash(&prev_hash, seq, at, actor, action, target, detail),
+            }
+        })
+        .await
 }
 
 /// One entry of the chain as [`chain_problem`] checks it: the hub's stored record, or an entry
@@ -133,8 +135,8 @@ pub fn chain_problem<'a>(entries: impl IntoIterator<Item = Link<'a>>) -> Option<
 
 /// Walks the whole stored chain and names the first thing wrong with it, the chain head the
 /// store keeps beside the entries included.
-pub fn verify(store: &Store) -> Result<AuditVerdict, StoreError> {
-    let (entries, head) = store.audit_entries(0)?;
+pub async fn verify(store: &Store) -> Result<AuditVerdict, StoreError> {
+    let (entries, head) = store.audit_entries(0).await?;
     let count = entries.len() as u64;
     let verdict = |problem: Option<String>| AuditVerdict {
         entries: count,

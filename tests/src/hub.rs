@@ -4,6 +4,11 @@
 //! port from `--address-file`, so tests run in parallel without port clashes. The operator side is
 //! the real CLI with `OUTPOST_HUB` and `OUTPOST_TOKEN` set. [`Fleet`] does the key ceremony once
 //! per hub: release keys, a 2-of-2 root uploaded to the hub, and example models published with it.
+//!
+//! With `OUTPOST_TEST_DATABASE=postgres`, every hub keeps its store in a PostgreSQL server of its
+//! own ([`crate::postgres::Postgres`]) instead of SQLite in its data directory: `cargo xtask test`
+//! runs the hub suites again that way, so both engines serve the same behaviour over real
+//! processes.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -47,6 +52,27 @@ pub struct TestHub {
     launcher: Vec<String>,
     /// More `serve` flags.
     serve_args: Vec<String>,
+    /// The PostgreSQL server holding the store and its database URL, in the
+    /// `OUTPOST_TEST_DATABASE=postgres` mode; SQLite in the data directory otherwise.
+    database: Option<(crate::postgres::Postgres, String)>,
+}
+
+/// The store of a new test hub: a PostgreSQL server of its own when `OUTPOST_TEST_DATABASE` says
+/// `postgres`, SQLite in the data directory when it is unset. Any other value is a mistake, and
+/// fails.
+fn test_database() -> Option<(crate::postgres::Postgres, String)> {
+    match std::env::var("OUTPOST_TEST_DATABASE").as_deref() {
+        Err(_) | Ok("" | "sqlite") => None,
+        Ok("postgres") => {
+            let server =
+                crate::postgres::Postgres::start().unwrap_or_else(|error| panic!("{error}"));
+            let url = server
+                .database("hub")
+                .unwrap_or_else(|error| panic!("{error}"));
+            Some((server, url))
+        }
+        Ok(other) => panic!("OUTPOST_TEST_DATABASE={other:?}: expected postgres or sqlite"),
+    }
 }
 
 impl TestHub {
@@ -89,12 +115,27 @@ impl TestHub {
         hub
     }
 
-    /// Starts `serve` on a copy of a hub data directory kept as test data (`fixture/db`, the
-    /// store, and `fixture/admin.token`, a token it holds), over plain HTTP.
-    pub fn start_on_copy_of(fixture: &Path) -> TestHub {
+    /// Starts `serve` on a copy of a hub data directory of release 0.1 kept as test data
+    /// (`fixture/db`, its sled store, and `fixture/admin.token`, a token it holds), over plain
+    /// HTTP, once `outpost-hub admin migrate` has moved the store into SQL; `before_migrating`
+    /// sees the copy first.
+    pub fn start_on_copy_of(fixture: &Path, before_migrating: impl FnOnce(&Path)) -> TestHub {
         let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
         let data = dir.path().join("data");
         copy_tree(&fixture.join("db"), &data.join("db"));
+        before_migrating(&data);
+        let data_arg = data.to_string_lossy().into_owned();
+        let migrated = crate::run(
+            "outpost-hub",
+            dir.path(),
+            &["admin", "migrate", "--data", &data_arg],
+        )
+        .ok();
+        assert!(
+            migrated.stdout.contains("migrated: "),
+            "{}",
+            migrated.stdout
+        );
         let token = std::fs::read_to_string(fixture.join("admin.token"))
             .unwrap_or_else(|error| panic!("reading the fixture's admin.token: {error}"))
             .trim()
@@ -110,6 +151,7 @@ impl TestHub {
             poll_secs: (1, 1),
             launcher: Vec::new(),
             serve_args: Vec::new(),
+            database: None,
         };
         hub.spawn("127.0.0.1:0");
         hub
@@ -126,16 +168,23 @@ impl TestHub {
         let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
         let data = dir.path().join("data");
         let data_arg = data.to_string_lossy().into_owned();
-        let token = crate::run(
-            "outpost-hub",
-            dir.path(),
-            &["admin", "bootstrap", "--data", &data_arg],
-        )
-        .ok()
-        .stdout
-        .trim()
-        .to_owned();
+        let database = test_database();
+        let mut bootstrap = vec!["admin", "bootstrap", "--data", &data_arg];
+        if let Some((_, url)) = &database {
+            bootstrap.extend(["--database", url]);
+        }
+        let token = crate::run("outpost-hub", dir.path(), &bootstrap)
+            .ok()
+            .stdout
+            .trim()
+            .to_owned();
         assert!(!token.is_empty(), "admin bootstrap printed no token");
+        if database.is_some() {
+            assert!(
+                !data.join("hub.db").exists(),
+                "a hub told to keep its store in PostgreSQL made an SQLite one"
+            );
+        }
         let ca = tls.then(|| {
             let certs = dir.path().join("certs");
             let certs_arg = certs.to_string_lossy().into_owned();
@@ -162,6 +211,7 @@ impl TestHub {
             poll_secs,
             launcher: Vec::new(),
             serve_args: Vec::new(),
+            database,
         }
     }
 
@@ -207,6 +257,9 @@ impl TestHub {
             .arg("--rollout-poll-secs")
             .arg(self.poll_secs.1.to_string());
         command.args(&self.serve_args);
+        if let Some((_, url)) = &self.database {
+            command.args(["--database", url]);
+        }
         if self.ca.is_some() {
             let certs = self.dir.path().join("certs");
             command

@@ -9,12 +9,14 @@
 //! - [`agent`]: a real `outpost-agent run` with its config and data in a temp dir.
 //! - [`proxy`]: a man in the middle between an agent and a hub that can replay, alter or cut
 //!   answers.
+//! - [`postgres`]: a real PostgreSQL server of a test's own, for the hub's SQL store.
 
 pub mod agent;
 pub mod bench;
 pub mod browser;
 pub mod device_sim;
 pub mod hub;
+pub use outpost_testkit::postgres;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

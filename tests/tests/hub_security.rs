@@ -618,25 +618,20 @@ fn tampering_with_the_audit_log_is_detected() {
 
     // Alter bob's entry: "bob as viewer" becomes "rob as viewer", same length, valid postcard.
     assert!(hub.sigterm().success());
-    let original = edit_audit(hub.data(), |tree| {
-        let (key, value) = find_entry(tree, b"bob as viewer");
-        let mut altered = value.to_vec();
-        let at = find(&altered, b"bob as viewer").unwrap();
-        altered[at] = b'r';
-        tree.insert(&key, altered).unwrap();
-        (key, value)
-    });
+    let original = find_entry(hub.data(), b"bob as viewer");
+    let mut altered = original.1.clone();
+    let at = find(&altered, b"bob as viewer").unwrap();
+    altered[at] = b'r';
+    write_audit(hub.data(), original.0, Some(altered));
     hub.restart();
     hub.cli(&["audit", "verify"])
         .fails_with(&format!("entry {bob} was altered"));
 
     // Put bob's entry back and delete alice's, from the middle of the chain, instead.
     assert!(hub.sigterm().success());
-    edit_audit(hub.data(), |tree| {
-        tree.insert(&original.0, original.1.clone()).unwrap();
-        let (key, _) = find_entry(tree, b"alice as viewer");
-        tree.remove(key).unwrap();
-    });
+    write_audit(hub.data(), original.0, Some(original.1.clone()));
+    let (alice_seq, _) = find_entry(hub.data(), b"alice as viewer");
+    write_audit(hub.data(), alice_seq, None);
     hub.restart();
     hub.cli(&["audit", "verify"])
         .fails_with(&format!("entry {alice} is missing"));
@@ -760,25 +755,50 @@ fn audit_verify_checks_the_chain_itself_and_against_a_head_pinned_outside_the_hu
         .fails_with("does not hold an audit head (`SEQ HASH`, 64 hex digits)");
 }
 
-/// Opens the stopped hub's store and runs `edit` on its audit tree.
-fn edit_audit<T>(data: &std::path::Path, edit: impl FnOnce(&sled::Tree) -> T) -> T {
-    let db = sled::open(data.join("db")).unwrap();
-    let tree = db.open_tree("audit").unwrap();
-    let result = edit(&tree);
-    db.flush().unwrap();
-    result
+/// Runs `work` on the stopped hub's store (SQLite, `data/hub.db`), opened directly.
+fn with_store<T>(data: &std::path::Path, work: impl AsyncFnOnce(&sqlx::SqlitePool) -> T) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let url = format!("sqlite://{}", data.join("hub.db").display());
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            let result = work(&pool).await;
+            pool.close().await;
+            result
+        })
 }
 
-fn find_entry(tree: &sled::Tree, needle: &[u8]) -> (sled::IVec, sled::IVec) {
-    tree.iter()
-        .map(Result::unwrap)
-        .find(|(_, value)| find(value, needle).is_some())
+/// The audit row (its sequence and record bytes) whose record contains `needle`.
+fn find_entry(data: &std::path::Path, needle: &[u8]) -> (i64, Vec<u8>) {
+    let rows: Vec<(i64, Vec<u8>)> = with_store(data, async |pool| {
+        sqlx::query_as("SELECT seq, record FROM audit ORDER BY seq")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    });
+    rows.into_iter()
+        .find(|(_, record)| find(record, needle).is_some())
         .unwrap_or_else(|| {
             panic!(
                 "no audit record contains {:?}",
                 String::from_utf8_lossy(needle)
             )
         })
+}
+
+/// Writes audit row `seq` with `record`, or deletes it.
+fn write_audit(data: &std::path::Path, seq: i64, record: Option<Vec<u8>>) {
+    with_store(data, async |pool| {
+        let query = match record {
+            Some(record) => sqlx::query("UPDATE audit SET record = $1 WHERE seq = $2")
+                .bind(record)
+                .bind(seq),
+            None => sqlx::query("DELETE FROM audit WHERE seq = $1").bind(seq),
+        };
+        assert_eq!(query.execute(pool).await.unwrap().rows_affected(), 1);
+    })
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

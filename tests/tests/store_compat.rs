@@ -1,5 +1,5 @@
-//! A hub store written by an earlier release still reads, whole and unchanged, through the admin
-//! API of this one.
+//! A hub store written by an earlier release, once `outpost-hub admin migrate` has moved it into
+//! the SQL store, reads whole and unchanged through the admin API of this one.
 //!
 //! `tests/data/hub-store-0.1.0/` is the data directory the quickstart of release 0.1.0 left on
 //! 2026-12-04 (two published versions of `demo`, three devices, two completed staged rollouts with
@@ -27,7 +27,19 @@ fn expected(name: &str) -> Value {
 
 #[test]
 fn a_store_written_by_release_0_1_0_reads_the_same() {
-    let hub = TestHub::start_on_copy_of(&fixture());
+    let mut hub = TestHub::start_on_copy_of(&fixture(), |data| {
+        // Not migrated yet: the hub refuses to start, naming the command that migrates.
+        let data = data.to_string_lossy().into_owned();
+        outpost_tests::run(
+            "outpost-hub",
+            std::path::Path::new("/"),
+            &["serve", "--data", &data, "--listen", "127.0.0.1:0"],
+        )
+        .fails_with(&format!(
+            "holds a store of Outpost 0.1 (sled, in {data}/db) and no SQL store: run \
+             `outpost-hub admin migrate --data {data}` once"
+        ));
+    });
     let reads: [(&[&str], &str); 8] = [
         (&["rollout", "list"], "rollout-list.json"),
         (&["rollout", "status", "1"], "rollout-1.json"),
@@ -73,4 +85,20 @@ fn a_store_written_by_release_0_1_0_reads_the_same() {
             args.join(" ")
         );
     }
+    // Not while the hub runs on it, and once is all: a second migration into the filled store is
+    // refused and changes nothing.
+    let data = hub.data().to_string_lossy().into_owned();
+    let migrate = || {
+        outpost_tests::run(
+            "outpost-hub",
+            std::path::Path::new("/"),
+            &["admin", "migrate", "--data", &data],
+        )
+    };
+    migrate().fails_with("is another hub running on it?");
+    assert!(hub.sigterm().success());
+    migrate().fails_with("the SQL store already holds devices: migrate into a new, empty one");
+    hub.restart();
+    let devices: Value = hub.cli_json(&["device", "list"]);
+    assert_eq!(devices.as_array().map(Vec::len), Some(3));
 }

@@ -50,6 +50,15 @@ const PREREQUISITES: &[Prerequisite] = &[
         scope: Scope::Host,
     },
     Prerequisite {
+        what: "the PostgreSQL server (initdb, pg_ctl)",
+        why: "the hub's store suite and replica tests run against a real PostgreSQL server, which \
+              each test starts in a temporary directory (tests/src/postgres.rs); the cluster the \
+              package creates and starts is not used",
+        present: postgres_server_present,
+        debian: &["postgresql"],
+        scope: Scope::Host,
+    },
+    Prerequisite {
         what: "Python 3 with venv and pip (python3 -m venv)",
         why:
             "the real-model test (tests/tests/real_models.rs) prepares published models and their \
@@ -99,6 +108,17 @@ const PREREQUISITES: &[Prerequisite] = &[
         scope: Scope::All,
     },
 ];
+
+/// Whether PostgreSQL's `initdb` is on `PATH` or in a `/usr/lib/postgresql/<N>/bin`, where
+/// Debian keeps it off `PATH`: where the tests' `postgres::bin_dir` looks.
+fn postgres_server_present() -> bool {
+    on_path("initdb").is_some()
+        || std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|version| version.path().join("bin/initdb").is_file())
+}
 
 /// The first file called `name` in a directory of `PATH`.
 pub fn on_path(name: &str) -> Option<PathBuf> {

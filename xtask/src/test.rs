@@ -40,6 +40,19 @@ fn steps(scope: Scope) -> Vec<Step> {
             ),
             env: vec![("OUTPOST_TEST_RUNTIME", "onnxruntime")],
         },
+        // The first step runs every hub on SQLite in its data directory; these suites run again
+        // with each hub's store in a PostgreSQL server of its own: rollouts, telemetry and drift,
+        // several models, held check-ins and shadow stages over real processes on both engines.
+        // (The store's own suite runs on both engines in the first step.)
+        Step {
+            title: "the hub suites again on PostgreSQL (OUTPOST_TEST_DATABASE=postgres)".into(),
+            args: words(
+                "test --no-fail-fast -p outpost-tests --test rollout_e2e --test hub_rollout \
+                 --test drift_e2e --test several_models --test held_check_in --test shadow_e2e \
+                 --test agent_e2e",
+            ),
+            env: vec![("OUTPOST_TEST_DATABASE", "postgres")],
+        },
     ];
     if scope == Scope::All {
         for target in ARM_TARGETS {

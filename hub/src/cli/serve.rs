@@ -9,14 +9,20 @@ use clap::Subcommand;
 
 use super::parse_duration;
 use crate::server::{self, ServerConfig};
-use crate::{audit, store::Store, unix_now};
+use crate::store::{Database, Store};
+use crate::{audit, unix_now};
 use outpost_model::fsutil;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Data directory: the embedded store and the artifacts.
+    /// Data directory: the artifacts, and the embedded store (SQLite, `hub.db`) unless
+    /// --database names another.
     #[arg(long, env = "OUTPOST_HUB_DATA")]
     pub data: PathBuf,
+    /// The SQL database to keep the hub's state in: `postgres://USER@HOST/NAME` (hubs sharing
+    /// one database serve one fleet) or `sqlite:PATH`. Default: SQLite in the data directory.
+    #[arg(long, env = "OUTPOST_HUB_DATABASE")]
+    pub database: Option<Database>,
     /// Address to listen on; port 0 picks a free port (see --address-file).
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
@@ -102,6 +108,7 @@ impl ServeArgs {
             .with_context(|| format!("creating data directory {}", self.data.display()))?;
         let config = ServerConfig {
             data_dir: self.data.clone(),
+            database: self.database.clone(),
             tls,
             tick: self.tick,
             poll_secs: self.poll_secs,
@@ -156,60 +163,122 @@ impl ServeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// Create the first admin token, on the hub host, from its data directory (hub stopped).
+    /// Create the first admin token, on the hub host, from its data directory.
     Bootstrap(BootstrapArgs),
+    /// Move a data directory's store of Outpost 0.1 (sled, in DATA/db) into the SQL store, once,
+    /// with the hub stopped. The old store is left where it was.
+    Migrate(MigrateArgs),
 }
 
 #[derive(Debug, clap::Args)]
 pub struct BootstrapArgs {
     #[arg(long, env = "OUTPOST_HUB_DATA")]
     pub data: PathBuf,
+    /// The hub's SQL database, as `serve --database` takes it; default: SQLite in --data.
+    #[arg(long, env = "OUTPOST_HUB_DATABASE")]
+    pub database: Option<Database>,
     /// Name recorded for the token in the audit log.
     #[arg(long, default_value = "admin")]
     pub name: String,
-    /// How long the token works (`90d`, ...); without it, until revoked. Bootstrap again, with
-    /// the hub stopped, if every admin token has expired.
+    /// How long the token works (`90d`, ...); without it, until revoked. Bootstrap again if
+    /// every admin token has expired.
     #[arg(long, value_parser = parse_duration)]
     pub expires: Option<Duration>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The data directory that holds the old store (DATA/db).
+    #[arg(long, env = "OUTPOST_HUB_DATA")]
+    pub data: PathBuf,
+    /// The SQL database to fill, as `serve --database` takes it; default: SQLite in --data. It
+    /// must be new: the migration refuses a store that already holds devices, tokens, models or
+    /// audit entries.
+    #[arg(long, env = "OUTPOST_HUB_DATABASE")]
+    pub database: Option<Database>,
+}
+
+/// A current-thread runtime for a command that runs outside the server.
+fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(work)
+}
+
+/// The store `database` names, or the embedded one in `data`.
+async fn open_store(data: &std::path::Path, database: Option<&Database>) -> anyhow::Result<Store> {
+    Ok(match database {
+        Some(database) => Store::connect(database)
+            .await
+            .with_context(|| format!("opening the store in {}", database.describe()))?,
+        None => Store::open(data)
+            .await
+            .with_context(|| format!("opening the store in {}", data.display()))?,
+    })
 }
 
 impl AdminCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            AdminCommand::Bootstrap(args) => {
-                std::fs::create_dir_all(&args.data)
-                    .with_context(|| format!("creating data directory {}", args.data.display()))?;
-                let store = Store::open(&args.data).with_context(|| {
-                    format!(
-                        "opening the store in {} (stop the hub first)",
-                        args.data.display()
-                    )
-                })?;
-                // Bootstrapping again is for a hub whose admin tokens all expired or were lost.
-                let now = unix_now();
-                let working_admin = store.admin_tokens()?.iter().any(|token| {
-                    token.role == crate::store::RoleRecord::Admin && !token.expired(now)
-                });
-                if working_admin {
-                    bail!("this hub already has an admin token that has not expired; create more with `outpost-hub admin-token create`");
-                }
-                let expires = args
-                    .expires
-                    .map(|after| now.saturating_add(after.as_secs()));
-                let created =
-                    server::new_admin_token(&store, &args.name, crate::api::Role::Admin, expires)?;
-                audit::append(
-                    &store,
-                    unix_now(),
-                    "bootstrap",
-                    "admin-token create",
-                    &created.id,
-                    &format!("{} as admin", args.name),
-                )?;
-                store.flush_blocking()?;
-                println!("{}", created.token);
-                Ok(())
-            }
+            AdminCommand::Bootstrap(args) => block_on(bootstrap(args)),
+            AdminCommand::Migrate(args) => block_on(migrate(args)),
         }
     }
+}
+
+async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("creating data directory {}", args.data.display()))?;
+    let store = open_store(&args.data, args.database.as_ref()).await?;
+    // Bootstrapping again is for a hub whose admin tokens all expired or were lost.
+    let now = unix_now();
+    let working_admin = store
+        .admin_tokens()
+        .await?
+        .iter()
+        .any(|token| token.role == crate::store::RoleRecord::Admin && !token.expired(now));
+    if working_admin {
+        bail!("this hub already has an admin token that has not expired; create more with `outpost-hub admin-token create`");
+    }
+    let expires = args
+        .expires
+        .map(|after| now.saturating_add(after.as_secs()));
+    let created =
+        server::new_admin_token(&store, &args.name, crate::api::Role::Admin, expires).await?;
+    audit::append(
+        &store,
+        unix_now(),
+        "bootstrap",
+        "admin-token create",
+        &created.id,
+        &format!("{} as admin", args.name),
+    )
+    .await?;
+    store.close().await?;
+    println!("{}", created.token);
+    Ok(())
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let store = match &args.database {
+        Some(database) => Store::connect(database)
+            .await
+            .with_context(|| format!("opening the store in {}", database.describe()))?,
+        None => Store::connect(&Database::Sqlite(Store::sqlite_file(&args.data)))
+            .await
+            .with_context(|| format!("opening the store in {}", args.data.display()))?,
+    };
+    let imported = store
+        .import_sled(&args.data)
+        .await
+        .with_context(|| format!("migrating the store in {}", args.data.display()))?;
+    store.close().await?;
+    println!("migrated: {imported}");
+    println!(
+        "the old store stays in {}; remove it once the hub runs on the new one",
+        args.data.join("db").display()
+    );
+    Ok(())
 }

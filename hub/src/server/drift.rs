@@ -93,7 +93,7 @@ fn manifest_body(record: &ManifestRecord) -> anyhow::Result<ManifestBody> {
 }
 
 /// The profile of `name@version`, from the cache or read now.
-pub fn profile(hub: &Hub, name: &str, version: u64) -> anyhow::Result<ProfileLookup> {
+pub async fn profile(hub: &Hub, name: &str, version: u64) -> anyhow::Result<ProfileLookup> {
     let key = (name.to_owned(), version);
     if let Some(entry) = lock(&hub.profiles.entries)?.get(&key) {
         return Ok(match entry {
@@ -101,7 +101,7 @@ pub fn profile(hub: &Hub, name: &str, version: u64) -> anyhow::Result<ProfileLoo
             None => ProfileLookup::NoProfile,
         });
     }
-    let Some(record) = hub.store.manifest(name, version)? else {
+    let Some(record) = hub.store.manifest(name, version).await? else {
         return Ok(ProfileLookup::NotPublished);
     };
     let body = manifest_body(&record).with_context(|| format!("{name}@{version}"))?;
@@ -147,7 +147,7 @@ pub enum SummaryError {
 /// version and within its window, that version is published with a profile, and the summary
 /// passes [`DriftSummary::validate`] against it (profile hash, counts that add up, finite moments,
 /// shapes) and fits its frame.
-pub fn check_summary(hub: &Hub, window: &InferenceWindow) -> Result<(), SummaryError> {
+pub async fn check_summary(hub: &Hub, window: &InferenceWindow) -> Result<(), SummaryError> {
     let Some(summary) = &window.drift else {
         return Ok(());
     };
@@ -164,7 +164,7 @@ pub fn check_summary(hub: &Hub, window: &InferenceWindow) -> Result<(), SummaryE
             summary.window_start, summary.window_end, window.start, window.end
         ));
     }
-    let loaded = match profile(hub, &window.model, window.version)? {
+    let loaded = match profile(hub, &window.model, window.version).await? {
         ProfileLookup::Found(loaded) => loaded,
         ProfileLookup::NotPublished => {
             return refuse(format!(
@@ -255,17 +255,18 @@ fn merge_into(
 /// Every device's labels and whether it is revoked, by id.
 type DeviceLabels = HashMap<[u8; 16], (Vec<Label>, bool)>;
 
-fn device_labels(hub: &Hub) -> anyhow::Result<DeviceLabels> {
+async fn device_labels(hub: &Hub) -> anyhow::Result<DeviceLabels> {
     Ok(hub
         .store
-        .devices()?
+        .devices()
+        .await?
         .iter()
         .map(|device| (device.id, (super::fleet::labels_of(device), device.revoked)))
         .collect())
 }
 
 /// Merges the stored summaries of `name@version` in `scope`. Revoked devices are left out.
-fn aggregate(
+async fn aggregate(
     hub: &Hub,
     devices: &DeviceLabels,
     name: &str,
@@ -273,7 +274,11 @@ fn aggregate(
     scope: &Scope,
 ) -> anyhow::Result<Aggregate> {
     let mut aggregate = Aggregate::default();
-    for stored in hub.store.drift_summaries(name, version, scope.since)? {
+    for stored in hub
+        .store
+        .drift_summaries(name, version, scope.since)
+        .await?
+    {
         if in_scope(devices, scope, &stored) {
             aggregate.add(stored);
         }
@@ -305,11 +310,20 @@ pub struct History {
 
 /// The summaries of `name@version` in `scope`, merged overall and per window end. Revoked devices
 /// are left out, and so is a summary that does not merge, as in [`report`].
-pub fn history(hub: &Hub, name: &str, version: u64, scope: &Scope) -> anyhow::Result<History> {
-    let devices = device_labels(hub)?;
+pub async fn history(
+    hub: &Hub,
+    name: &str,
+    version: u64,
+    scope: &Scope,
+) -> anyhow::Result<History> {
+    let devices = device_labels(hub).await?;
     let mut history = History::default();
     let mut by_window: BTreeMap<u64, Option<DriftSummary>> = BTreeMap::new();
-    for stored in hub.store.drift_summaries(name, version, scope.since)? {
+    for stored in hub
+        .store
+        .drift_summaries(name, version, scope.since)
+        .await?
+    {
         if !in_scope(&devices, scope, &stored) {
             continue;
         }
@@ -396,7 +410,7 @@ fn feature_info(drift: &FeatureDrift) -> FeatureDriftInfo {
 }
 
 /// The drift report of `name@version` over `scope`, judged against `loaded`.
-pub fn report(
+pub async fn report(
     hub: &Hub,
     name: &str,
     version: u64,
@@ -404,8 +418,8 @@ pub fn report(
     scope: &Scope,
     now: u64,
 ) -> anyhow::Result<DriftReport> {
-    let labels = device_labels(hub)?;
-    let aggregate = aggregate(hub, &labels, name, version, scope)?;
+    let labels = device_labels(hub).await?;
+    let aggregate = aggregate(hub, &labels, name, version, scope).await?;
     let features = match &aggregate.merged {
         Some(merged) => assess(&loaded.profile, merged)
             .iter()
@@ -459,7 +473,10 @@ pub fn report(
 /// The drift gate for `rollout`: for a live rollout with a drift limit, each device's summaries
 /// of the target and the fallback version since the current stage began; for one that has ended,
 /// a gate that lists the limit without measuring it.
-pub fn gate(hub: &Hub, rollout: &Rollout) -> anyhow::Result<Box<dyn DriftGate + Send + Sync>> {
+pub async fn gate(
+    hub: &Hub,
+    rollout: &Rollout,
+) -> anyhow::Result<Box<dyn DriftGate + Send + Sync>> {
     if rollout.plan.gates.max_drift_psi.is_none() {
         return Ok(Box::new(NoDriftGate));
     }
@@ -469,21 +486,23 @@ pub fn gate(hub: &Hub, rollout: &Rollout) -> anyhow::Result<Box<dyn DriftGate + 
     let mut gate = SummaryDriftGate::default();
     let since = rollout.current_stage_started();
     let target = &rollout.plan.target;
-    if let ProfileLookup::Found(loaded) = profile(hub, &target.name, target.version)? {
+    if let ProfileLookup::Found(loaded) = profile(hub, &target.name, target.version).await? {
         gate.target_profile = Some(loaded.profile.clone());
         gate.target = per_device(
             hub.store
-                .drift_summaries(&target.name, target.version, since)?,
+                .drift_summaries(&target.name, target.version, since)
+                .await?,
         );
     }
     if let Some(fallback) = &rollout.plan.fallback {
-        if let ProfileLookup::Found(loaded) = profile(hub, &fallback.name, fallback.version)? {
+        if let ProfileLookup::Found(loaded) = profile(hub, &fallback.name, fallback.version).await?
+        {
             gate.fallback_profile = Some(loaded.profile.clone());
-            gate.fallback = per_device(hub.store.drift_summaries(
-                &fallback.name,
-                fallback.version,
-                since,
-            )?);
+            gate.fallback = per_device(
+                hub.store
+                    .drift_summaries(&fallback.name, fallback.version, since)
+                    .await?,
+            );
         }
     }
     Ok(Box::new(gate))
@@ -537,17 +556,17 @@ pub const METRICS_WORST_FEATURES: usize = 5;
 /// `outpost_hub_drift_features` (how many features have each status), and for its most drifted
 /// features `outpost_hub_drift_status`, `outpost_hub_drift_value` (the metric the status is
 /// judged on) and `outpost_hub_drift_samples`.
-pub fn write_metrics(hub: &Hub, now: u64, out: &mut String) -> anyhow::Result<()> {
+pub async fn write_metrics(hub: &Hub, now: u64, out: &mut String) -> anyhow::Result<()> {
     let scope = Scope {
         since: now.saturating_sub(METRICS_WINDOW_SECS),
         ..Scope::default()
     };
-    let devices = device_labels(hub)?;
+    let devices = device_labels(hub).await?;
     // Each version's features, most severe first (as `assess` orders them).
     let mut versions: Vec<(String, u64, Vec<FeatureDrift>)> = Vec::new();
-    for (name, version, _) in hub.store.manifests()? {
+    for (name, version, _) in hub.store.manifests().await? {
         // One unreadable profile must not take every other metric down with it.
-        let loaded = match profile(hub, &name, version) {
+        let loaded = match profile(hub, &name, version).await {
             Ok(ProfileLookup::Found(loaded)) => loaded,
             Ok(ProfileLookup::NotPublished | ProfileLookup::NoProfile) => continue,
             Err(error) => {
@@ -555,7 +574,10 @@ pub fn write_metrics(hub: &Hub, now: u64, out: &mut String) -> anyhow::Result<()
                 continue;
             }
         };
-        let Some(merged) = aggregate(hub, &devices, &name, version, &scope)?.merged else {
+        let Some(merged) = aggregate(hub, &devices, &name, version, &scope)
+            .await?
+            .merged
+        else {
             continue;
         };
         let drifts = assess(&loaded.profile, &merged);

@@ -188,10 +188,11 @@ pub fn stage_percent(record: &RolloutRecord) -> u8 {
         .unwrap_or(0)
 }
 
-fn manifest_bytes(hub: &SharedHub, reference: &ManifestRef) -> anyhow::Result<Document> {
+async fn manifest_bytes(hub: &SharedHub, reference: &ManifestRef) -> anyhow::Result<Document> {
     let record = hub
         .store
-        .manifest(&reference.name, reference.version)?
+        .manifest(&reference.name, reference.version)
+        .await?
         .with_context(|| {
             format!(
                 "manifest {}@{} is missing",
@@ -202,17 +203,15 @@ fn manifest_bytes(hub: &SharedHub, reference: &ManifestRef) -> anyhow::Result<Do
 }
 
 /// Rebuilds the check-in cache from the store: rollouts and retirements, oldest first.
-pub fn reload(hub: &SharedHub) -> anyhow::Result<()> {
+pub async fn reload(hub: &SharedHub) -> anyhow::Result<()> {
     let mut rollouts = Vec::new();
-    for record in hub.store.rollouts()? {
+    for record in hub.store.rollouts().await? {
         let rollout = to_rollout(&record)?;
-        let target_manifest = manifest_bytes(hub, &rollout.plan.target)?;
-        let fallback_manifest = rollout
-            .plan
-            .fallback
-            .as_ref()
-            .map(|fallback| manifest_bytes(hub, fallback))
-            .transpose()?;
+        let target_manifest = manifest_bytes(hub, &rollout.plan.target).await?;
+        let fallback_manifest = match &rollout.plan.fallback {
+            Some(fallback) => Some(manifest_bytes(hub, fallback).await?),
+            None => None,
+        };
         rollouts.push(LiveRollout {
             sequence: record.sequence,
             rollout,
@@ -223,7 +222,7 @@ pub fn reload(hub: &SharedHub) -> anyhow::Result<()> {
         });
     }
     let mut retirements = Vec::new();
-    for record in hub.store.retirements()? {
+    for record in hub.store.retirements().await? {
         let body = retire_of(&record)?;
         retirements.push(LiveRetirement {
             sequence: record.sequence,
@@ -252,7 +251,7 @@ fn stats(record: StatsRecord) -> InferenceStats {
 /// Each device's shadow comparisons of the plan's target with its fallback, over windows ending
 /// since the rollout began. Comparisons beside any other model do not count: the signed gate is
 /// about the target against the fallback.
-fn shadow_by_device(
+async fn shadow_by_device(
     hub: &SharedHub,
     rollout: &Rollout,
 ) -> anyhow::Result<std::collections::HashMap<[u8; 16], ShadowCounts>> {
@@ -262,7 +261,7 @@ fn shadow_by_device(
     };
     let since = rollout.stage_started.first().copied().unwrap_or(0);
     let target = &rollout.plan.target.manifest_sha256.0;
-    for stored in hub.store.shadow_reports(target, since)? {
+    for stored in hub.store.shadow_reports(target, since).await? {
         if stored.active != (fallback.name.clone(), fallback.version) {
             continue;
         }
@@ -275,18 +274,18 @@ fn shadow_by_device(
 }
 
 /// What the engine needs to know about every device, for one rollout.
-pub fn device_facts(
+pub async fn device_facts(
     hub: &SharedHub,
     sequence: u64,
     rollout: &Rollout,
 ) -> anyhow::Result<Vec<DeviceFacts>> {
     let plan = &rollout.plan;
     let outcomes: std::collections::HashMap<[u8; 16], _> =
-        hub.store.outcomes(sequence)?.into_iter().collect();
-    let shadows = shadow_by_device(hub, rollout)?;
-    let min_agent = min_agent_of(&manifest_bytes(hub, &plan.target)?)?;
+        hub.store.outcomes(sequence).await?.into_iter().collect();
+    let shadows = shadow_by_device(hub, rollout).await?;
+    let min_agent = min_agent_of(&manifest_bytes(hub, &plan.target).await?)?;
     let mut facts = Vec::new();
-    for device in hub.store.devices()? {
+    for device in hub.store.devices().await? {
         let labels = super::fleet::labels_of(&device);
         if device.revoked || !selector_matches(&plan.selector, &labels) {
             continue;
@@ -299,17 +298,17 @@ pub fn device_facts(
                 reason: outcome.reason.clone(),
             },
         });
-        let target_stats = stats(hub.store.stats(
-            &device.id,
-            &plan.target.name,
-            plan.target.version,
-        )?);
+        let target_stats = stats(
+            hub.store
+                .stats(&device.id, &plan.target.name, plan.target.version)
+                .await?,
+        );
         let fallback_stats = match &plan.fallback {
-            Some(fallback) => stats(hub.store.stats(
-                &device.id,
-                &fallback.name,
-                fallback.version,
-            )?),
+            Some(fallback) => stats(
+                hub.store
+                    .stats(&device.id, &fallback.name, fallback.version)
+                    .await?,
+            ),
             None => InferenceStats::default(),
         };
         facts.push(DeviceFacts {
@@ -338,9 +337,9 @@ pub fn device_facts(
 /// Removes the drift summaries and shadow comparisons of windows that ended before the telemetry
 /// retention. A range scan per published version over what expired: next to nothing on a tick
 /// with nothing to remove.
-pub(super) fn prune(hub: &SharedHub) -> anyhow::Result<()> {
+pub(super) async fn prune(hub: &SharedHub) -> anyhow::Result<()> {
     let cutoff = unix_now().saturating_sub(hub.config.retention.telemetry_secs);
-    let pruned = hub.store.prune_telemetry(cutoff)?;
+    let pruned = hub.store.prune_telemetry(cutoff).await?;
     if pruned.drift + pruned.shadow > 0 {
         log::info!(
             "removed {} drift summaries and {} shadow comparisons of windows that ended over {} \
@@ -361,15 +360,15 @@ pub async fn tick(hub: &SharedHub) -> anyhow::Result<()> {
     let _guard = hub.rollout_lock.lock().await;
     let now = unix_now();
     let mut changed = false;
-    for mut record in hub.store.rollouts()? {
+    for mut record in hub.store.rollouts().await? {
         if record.state != RolloutStateRecord::Active {
             continue;
         }
         let mut rollout = to_rollout(&record)?;
-        let facts = device_facts(hub, record.sequence, &rollout)?;
+        let facts = device_facts(hub, record.sequence, &rollout).await?;
         // A rollout whose drift evidence cannot be read is not evaluated at all this tick: it
         // must not advance past a gate nobody measured.
-        let drift = match super::drift::gate(hub, &rollout) {
+        let drift = match super::drift::gate(hub, &rollout).await {
             Ok(drift) => drift,
             Err(error) => {
                 log::error!(
@@ -381,19 +380,19 @@ pub async fn tick(hub: &SharedHub) -> anyhow::Result<()> {
         };
         let evaluation = rollout::evaluate(&rollout, &facts, now, drift.as_ref());
         if let Some(decision) = evaluation.decision {
-            persist_decision(hub, &mut record, &mut rollout, decision)?;
+            persist_decision(hub, &mut record, &mut rollout, decision).await?;
             changed = true;
         }
     }
     if changed {
         hub.store.flush().await?;
-        reload(hub)?;
+        reload(hub).await?;
     }
     Ok(())
 }
 
 /// Applies a decision to a rollout, stores it and writes it to the audit log.
-pub fn persist_decision(
+pub async fn persist_decision(
     hub: &SharedHub,
     record: &mut RolloutRecord,
     rollout: &mut Rollout,
@@ -427,9 +426,10 @@ pub fn persist_decision(
         &format!("rollout {action}"),
         &format!("rollout {}", record.sequence),
         &decision.reason,
-    )?;
+    )
+    .await?;
     record.decisions.push(decision_record(&decision));
-    hub.store.put_rollout(record)?;
+    hub.store.put_rollout(record).await?;
     Ok(())
 }
 
@@ -510,10 +510,10 @@ fn model_ref(reference: &ManifestRef) -> ModelRef {
 }
 
 /// A rollout as the admin API shows it, with live progress and gate figures.
-pub fn info(hub: &SharedHub, record: &RolloutRecord) -> anyhow::Result<RolloutInfo> {
+pub async fn info(hub: &SharedHub, record: &RolloutRecord) -> anyhow::Result<RolloutInfo> {
     let rollout = to_rollout(record)?;
-    let facts = device_facts(hub, record.sequence, &rollout)?;
-    let drift = super::drift::gate(hub, &rollout)?;
+    let facts = device_facts(hub, record.sequence, &rollout).await?;
+    let drift = super::drift::gate(hub, &rollout).await?;
     let evaluation = rollout::evaluate(&rollout, &facts, unix_now(), drift.as_ref());
     Ok(RolloutInfo {
         sequence: record.sequence,

@@ -106,7 +106,7 @@ pub fn routes(hub: SharedHub) -> Router {
 
 async fn render(State(hub): State<SharedHub>, headers: HeaderMap) -> Response {
     if !hub.config.metrics_public {
-        if let Err(error) = super::admin::require(&hub, &headers, crate::api::Role::Viewer) {
+        if let Err(error) = super::admin::require(&hub, &headers, crate::api::Role::Viewer).await {
             return error.into_response();
         }
     }
@@ -130,7 +130,7 @@ async fn render(State(hub): State<SharedHub>, headers: HeaderMap) -> Response {
 ///
 /// Only when a scrape came since the last call, or none was computed yet: a hub nobody scrapes
 /// does not scan its store every tick.
-pub fn refresh_fleet(hub: &SharedHub) -> anyhow::Result<()> {
+pub async fn refresh_fleet(hub: &SharedHub) -> anyhow::Result<()> {
     let computed = !hub
         .metrics
         .fleet
@@ -140,7 +140,7 @@ pub fn refresh_fleet(hub: &SharedHub) -> anyhow::Result<()> {
     if computed && !hub.metrics.scraped.swap(false, Ordering::Relaxed) {
         return Ok(());
     }
-    let text = fleet_text(hub)?;
+    let text = fleet_text(hub).await?;
     *hub.metrics
         .fleet
         .write()
@@ -148,11 +148,11 @@ pub fn refresh_fleet(hub: &SharedHub) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fleet_text(hub: &SharedHub) -> anyhow::Result<String> {
+async fn fleet_text(hub: &SharedHub) -> anyhow::Result<String> {
     let mut out = String::new();
     let now = crate::unix_now();
 
-    let devices = hub.store.devices()?;
+    let devices = hub.store.devices().await?;
     let mut by_state: BTreeMap<&str, u64> = BTreeMap::new();
     for device in &devices {
         *by_state
@@ -164,14 +164,14 @@ fn fleet_text(hub: &SharedHub) -> anyhow::Result<String> {
     for (state, count) in &by_state {
         writeln!(out, "outpost_hub_devices{{state=\"{state}\"}} {count}")?;
     }
-    write_model_runtimes(hub, &devices, &mut out)?;
+    write_model_runtimes(hub, &devices, &mut out).await?;
 
     writeln!(
         out,
         "# HELP outpost_hub_rollout_stage Current stage percentage of each rollout."
     )?;
     writeln!(out, "# TYPE outpost_hub_rollout_stage gauge")?;
-    for rollout in hub.store.rollouts()? {
+    for rollout in hub.store.rollouts().await? {
         let percent = super::engine::stage_percent(&rollout);
         writeln!(
             out,
@@ -181,7 +181,7 @@ fn fleet_text(hub: &SharedHub) -> anyhow::Result<String> {
         )?;
     }
 
-    super::drift::write_metrics(hub, now, &mut out)?;
+    super::drift::write_metrics(hub, now, &mut out).await?;
     writeln!(
         out,
         "# HELP outpost_hub_fleet_gauges_timestamp_seconds When the gauges above were computed \
@@ -198,12 +198,12 @@ fn fleet_text(hub: &SharedHub) -> anyhow::Result<String> {
 /// `outpost_hub_model_runtime_devices{model,runtime}`: the devices whose latest runtime report
 /// says that runtime serves that model. Revoked devices are left out, as they are of the drift
 /// metrics: their reports are kept, but they are no longer the fleet's.
-fn write_model_runtimes(
+async fn write_model_runtimes(
     hub: &SharedHub,
     devices: &[DeviceRecord],
     out: &mut String,
 ) -> anyhow::Result<()> {
-    let reports = hub.store.all_runtimes()?;
+    let reports = hub.store.all_runtimes().await?;
     let mut by_runtime: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     for report in devices
         .iter()

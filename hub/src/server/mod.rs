@@ -35,7 +35,10 @@ pub use metrics::Metrics;
 /// Everything `serve` needs, validated by the CLI.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// Artifacts, and the embedded store unless `database` names another.
     pub data_dir: PathBuf,
+    /// The SQL database the hub keeps its state in; None for SQLite in `data_dir`.
+    pub database: Option<crate::store::Database>,
     /// PEM certificate chain and private key; None serves plain HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// How often the rollout engine evaluates gates.
@@ -65,6 +68,7 @@ impl ServerConfig {
     pub fn for_tests(data_dir: &std::path::Path, poll_secs: u32, rollout_poll_secs: u32) -> Self {
         ServerConfig {
             data_dir: data_dir.to_owned(),
+            database: None,
             tls: None,
             tick: Duration::from_secs(60),
             poll_secs,
@@ -122,16 +126,19 @@ pub struct Hub {
 pub type SharedHub = Arc<Hub>;
 
 impl Hub {
-    pub fn open(config: ServerConfig) -> anyhow::Result<SharedHub> {
-        let store = Store::open(&config.data_dir).with_context(|| {
-            format!(
-                "opening the store in {} (is another hub running on it?)",
-                config.data_dir.display()
-            )
-        })?;
+    pub async fn open(config: ServerConfig) -> anyhow::Result<SharedHub> {
+        let store = match &config.database {
+            Some(database) => Store::connect(database)
+                .await
+                .with_context(|| format!("opening the store in {}", database.describe()))?,
+            None => Store::open(&config.data_dir)
+                .await
+                .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
+        };
         let artifacts = ArtifactStore::open(&config.data_dir).context("opening artifact store")?;
         let signed_before_start = store
             .signed_at()
+            .await
             .context("reading the devices' latest request times")?;
         let hub = Arc::new(Hub {
             store,
@@ -148,7 +155,7 @@ impl Hub {
             rollout_lock: tokio::sync::Mutex::new(()),
             profiles: drift::ProfileCache::default(),
         });
-        engine::reload(&hub)?;
+        engine::reload(&hub).await?;
         Ok(hub)
     }
 }
@@ -179,7 +186,7 @@ pub async fn run(
         Some((cert, key)) => Some(tls::acceptor(cert, key)?),
         None => None,
     };
-    let hub = Hub::open(config)?;
+    let hub = Hub::open(config).await?;
     ready(local)?;
     let engine_task = tokio::spawn(clock(hub.clone()));
     let app = router(hub.clone());
@@ -235,17 +242,11 @@ async fn clock(hub: SharedHub) {
         if let Err(error) = engine::tick(&hub).await {
             log::error!("rollout engine: {error:#}");
         }
-        let blocking = hub.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            if let Err(error) = engine::prune(&blocking) {
-                log::error!("pruning telemetry past the retention: {error:#}");
-            }
-            metrics::refresh_fleet(&blocking)
-        });
-        match done.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => log::error!("computing the fleet's metrics: {error:#}"),
-            Err(error) => log::error!("computing the fleet's metrics: {error}"),
+        if let Err(error) = engine::prune(&hub).await {
+            log::error!("pruning telemetry past the retention: {error:#}");
+        }
+        if let Err(error) = metrics::refresh_fleet(&hub).await {
+            log::error!("computing the fleet's metrics: {error:#}");
         }
     }
 }

@@ -2,20 +2,39 @@
 
 use std::collections::HashMap;
 
+use super::sql::for_update;
 use super::*;
+
+/// Adds `event` to `device`'s events in `transaction`.
+pub(super) async fn insert_event(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
+    device: &[u8; 16],
+    event: &EventRecord,
+) -> Result<()> {
+    sqlx::query("INSERT INTO events (device, record) VALUES ($1, $2)")
+        .bind(device.to_vec())
+        .bind(encode("events", event)?)
+        .execute(&mut **transaction)
+        .await?;
+    Ok(())
+}
 
 impl Store {
     // Devices.
 
-    pub fn device(&self, id: &[u8; 16]) -> Result<Option<DeviceRecord>> {
-        Ok(self.device_read(id)?.map(|read| read.record))
+    pub async fn device(&self, id: &[u8; 16]) -> Result<Option<DeviceRecord>> {
+        Ok(self.device_read(id).await?.map(|read| read.record))
     }
 
     /// A device's record with the stored bytes it was decoded from, for [`Store::update_device`].
-    pub fn device_read(&self, id: &[u8; 16]) -> Result<Option<DeviceRead>> {
-        self.devices
-            .get(id)?
-            .map(|stored| {
+    pub async fn device_read(&self, id: &[u8; 16]) -> Result<Option<DeviceRead>> {
+        let stored = sqlx::query("SELECT record FROM devices WHERE id = $1")
+            .bind(id.to_vec())
+            .fetch_optional(&self.pool)
+            .await?;
+        stored
+            .map(|row| {
+                let stored = blob(&row, 0)?;
                 let (record, applied) = decode_device(&stored)?;
                 Ok(DeviceRead {
                     record,
@@ -28,103 +47,122 @@ impl Store {
 
     /// Applies `change` to a device's record and writes it by compare-and-swap against the bytes
     /// `read` came from. When another writer got in between (a revocation, a label change,
-    /// telemetry counting dropped records, another check-in), `change` is applied again to the
-    /// record as it now stands, so nobody's change is lost: a check-in never undoes a revocation.
-    /// Returns the record written; `None` if the device's record is gone.
-    pub fn update_device(
+    /// telemetry counting dropped records, another check-in, another hub), `change` is applied
+    /// again to the record as it now stands, so nobody's change is lost: a check-in never undoes
+    /// a revocation. Returns the record written; `None` if the device's record is gone.
+    pub async fn update_device(
         &self,
         read: DeviceRead,
         change: impl Fn(&mut DeviceRecord),
     ) -> Result<Option<DeviceRecord>> {
         let DeviceRead {
             mut record,
-            applied,
-            stored,
+            mut applied,
+            mut stored,
         } = read;
         let id = record.id;
-        change(&mut record);
-        let first = Plan::Write(encode_device(&record, applied)?);
-        let mut written = Some(record);
-        // Never stops: the plans only write or, for a record that is gone, leave.
-        let _ = apply_planned(&self.devices, &id, Some(stored), first, |current| {
-            let Some(bytes) = current else {
-                written = None;
-                return Ok(Plan::Leave);
-            };
-            let (mut record, applied) = decode_device(bytes)?;
+        loop {
             change(&mut record);
-            let plan = Plan::Write(encode_device(&record, applied)?);
-            written = Some(record);
-            Ok(plan)
-        })?;
-        Ok(written)
+            let bytes = encode_device(&record, applied)?;
+            if bytes == stored {
+                return Ok(Some(record));
+            }
+            let written =
+                sqlx::query("UPDATE devices SET record = $1 WHERE id = $2 AND record = $3")
+                    .bind(bytes)
+                    .bind(id.to_vec())
+                    .bind(stored)
+                    .execute(&self.writer)
+                    .await?;
+            if written.rows_affected() == 1 {
+                return Ok(Some(record));
+            }
+            let Some(current) = self.device_read(&id).await? else {
+                return Ok(None);
+            };
+            DeviceRead {
+                record,
+                applied,
+                stored,
+            } = current;
+        }
     }
 
     /// Stores `device`, except its `dropped_records`, which telemetry batches count into the
     /// stored record. Tests set up records with it; handlers change records with
     /// [`Store::update_device`].
     #[cfg(test)]
-    pub fn put_device(&self, device: &DeviceRecord) -> Result<()> {
-        let mut read = self.devices.get(device.id)?;
-        loop {
-            let (dropped_records, applied) = match &read {
-                Some(bytes) => {
-                    let (stored, applied) = decode_device(bytes)?;
-                    (stored.dropped_records, applied)
-                }
-                None => (device.dropped_records, None),
-            };
-            let record = DeviceRecord {
-                dropped_records,
-                ..device.clone()
-            };
-            let bytes = encode_device(&record, applied)?;
-            match self
-                .devices
-                .compare_and_swap(device.id, read.as_ref(), Some(bytes))?
-            {
-                Ok(()) => return Ok(()),
-                Err(conflict) => read = conflict.current,
+    pub async fn put_device(&self, device: &DeviceRecord) -> Result<()> {
+        let mut transaction = self.writer.begin().await?;
+        let stored = sqlx::query("SELECT record FROM devices WHERE id = $1")
+            .bind(device.id.to_vec())
+            .fetch_optional(&mut *transaction)
+            .await?;
+        let (dropped_records, applied) = match stored {
+            Some(row) => {
+                let (stored, applied) = decode_device(&blob(&row, 0)?)?;
+                (stored.dropped_records, applied)
             }
-        }
+            None => (device.dropped_records, None),
+        };
+        let record = DeviceRecord {
+            dropped_records,
+            ..device.clone()
+        };
+        sqlx::query(
+            "INSERT INTO devices (id, record) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+        )
+        .bind(device.id.to_vec())
+        .bind(encode_device(&record, applied)?)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(())
     }
 
-    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
-        self.devices
+    pub async fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        sqlx::query("SELECT record FROM devices ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?
             .iter()
-            .values()
-            .map(|bytes| Ok(decode_device(&bytes?)?.0))
+            .map(|row| Ok(decode_device(&blob(row, 0)?)?.0))
             .collect()
     }
 
-    pub fn device_count(&self) -> usize {
-        self.devices.len()
+    pub async fn device_count(&self) -> Result<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices")
+            .fetch_one(&self.pool)
+            .await?;
+        uint("devices", count)
     }
 
-    pub fn add_event(&self, device: &[u8; 16], event: &EventRecord) -> Result<()> {
-        let key = [device.as_slice(), &self.db.generate_id()?.to_be_bytes()].concat();
-        self.events.insert(key, encode("events", event)?)?;
+    pub async fn add_event(&self, device: &[u8; 16], event: &EventRecord) -> Result<()> {
+        let mut transaction = self.writer.begin().await?;
+        insert_event(&mut transaction, device, event).await?;
+        transaction.commit().await?;
         Ok(())
     }
 
     /// A device's events, oldest first, at most the `limit` newest.
-    pub fn events(&self, device: &[u8; 16], limit: usize) -> Result<Vec<EventRecord>> {
-        let mut events = self
-            .events
-            .scan_prefix(device)
-            .values()
-            .rev()
-            .take(limit)
-            .map(|bytes| decode("events", &bytes?))
-            .collect::<Result<Vec<EventRecord>>>()?;
+    pub async fn events(&self, device: &[u8; 16], limit: usize) -> Result<Vec<EventRecord>> {
+        let mut events =
+            sqlx::query("SELECT record FROM events WHERE device = $1 ORDER BY id DESC LIMIT $2")
+                .bind(device.to_vec())
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|row| decode("events", &blob(row, 0)?))
+                .collect::<Result<Vec<EventRecord>>>()?;
         events.reverse();
         Ok(events)
     }
 
-    /// Stores a status report, atomically: the device's outcome in a plan, the event, and, for a
-    /// committed model, what the device now runs (so the fleet view does not wait for its next
-    /// check-in; see [`DeviceRecord::note_committed`]).
-    pub fn record_status(
+    /// Stores a status report, in one transaction: the device's outcome in a plan, the event, and,
+    /// for a committed model, what the device now runs (so the fleet view does not wait for its
+    /// next check-in; see [`DeviceRecord::note_committed`]).
+    pub async fn record_status(
         &self,
         device: &[u8; 16],
         plan_sequence: Option<u64>,
@@ -132,47 +170,56 @@ impl Store {
         event: &EventRecord,
         now_running: Option<&RunningRecord>,
     ) -> Result<()> {
-        let event_key = [device.as_slice(), &self.db.generate_id()?.to_be_bytes()].concat();
-        (&self.outcomes, &self.events, &self.devices).transaction(
-            |(outcomes, events, devices)| {
-                if let (Some(sequence), Some(outcome)) = (plan_sequence, outcome) {
-                    let key = [sequence.to_be_bytes().as_slice(), device.as_slice()].concat();
-                    outcomes.insert(key, encode("outcomes", outcome).map_err(abort)?)?;
-                }
-                if let Some(running) = now_running {
-                    if let Some(bytes) = devices.get(device)? {
-                        let (mut record, applied) = decode_device(&bytes).map_err(abort)?;
-                        record.note_committed(running.clone());
-                        devices.insert(
-                            device.as_slice(),
-                            encode_device(&record, applied).map_err(abort)?,
-                        )?;
-                    }
-                }
-                events.insert(
-                    event_key.as_slice(),
-                    encode("events", event).map_err(abort)?,
-                )?;
-                Ok(())
-            },
-        )?;
+        let mut transaction = self.writer.begin().await?;
+        if let (Some(sequence), Some(outcome)) = (plan_sequence, outcome) {
+            sqlx::query(
+                "INSERT INTO outcomes (plan_sequence, device, record) VALUES ($1, $2, $3) \
+                 ON CONFLICT (plan_sequence, device) DO UPDATE SET record = excluded.record",
+            )
+            .bind(int("plan sequence", sequence)?)
+            .bind(device.to_vec())
+            .bind(encode("outcomes", outcome)?)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        if let Some(running) = now_running {
+            let stored = sqlx::query(
+                self.dialect
+                    .locking(for_update!("SELECT record FROM devices WHERE id = $1")),
+            )
+            .bind(device.to_vec())
+            .fetch_optional(&mut *transaction)
+            .await?;
+            if let Some(row) = stored {
+                let (mut record, applied) = decode_device(&blob(&row, 0)?)?;
+                record.note_committed(running.clone());
+                sqlx::query("UPDATE devices SET record = $1 WHERE id = $2")
+                    .bind(encode_device(&record, applied)?)
+                    .bind(device.to_vec())
+                    .execute(&mut *transaction)
+                    .await?;
+            }
+        }
+        insert_event(&mut transaction, device, event).await?;
+        transaction.commit().await?;
         Ok(())
     }
 
     /// Every device's outcome for a plan.
-    pub fn outcomes(&self, plan_sequence: u64) -> Result<Vec<([u8; 16], OutcomeRecord)>> {
-        self.outcomes
-            .scan_prefix(plan_sequence.to_be_bytes())
-            .map(|entry| {
-                let (key, value) = entry?;
-                let device = key
-                    .get(8..24)
-                    .and_then(|id| <[u8; 16]>::try_from(id).ok())
-                    .ok_or(StoreError::Corrupt {
-                        tree: "outcomes",
-                        reason: "short key".into(),
-                    })?;
-                Ok((device, decode("outcomes", &value)?))
+    pub async fn outcomes(&self, plan_sequence: u64) -> Result<Vec<([u8; 16], OutcomeRecord)>> {
+        let Ok(sequence) = i64::try_from(plan_sequence) else {
+            return Ok(Vec::new());
+        };
+        sqlx::query("SELECT device, record FROM outcomes WHERE plan_sequence = $1 ORDER BY device")
+            .bind(sequence)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok((
+                    fixed("outcomes", &blob(row, 0)?)?,
+                    decode("outcomes", &blob(row, 1)?)?,
+                ))
             })
             .collect()
     }
@@ -180,33 +227,62 @@ impl Store {
     /// Notes that a signed request of `device` with `timestamp` and `nonce` was accepted: its
     /// highest such timestamp is kept, with the nonces of the requests accepted in that second.
     /// Not flushed on its own: the handlers that change state flush before they answer.
-    pub fn note_signed_at(&self, device: &[u8; 16], timestamp: u64, nonce: [u8; 16]) -> Result<()> {
-        self.signed_at.fetch_and_update(device, |stored| {
-            let mut latest = stored
-                .and_then(LatestRequests::decode)
-                .unwrap_or(LatestRequests {
-                    at: 0,
-                    nonces: Vec::new(),
-                    overflowed: false,
-                });
-            latest.note(timestamp, nonce);
-            Some(latest.encode())
-        })?;
+    pub async fn note_signed_at(
+        &self,
+        device: &[u8; 16],
+        timestamp: u64,
+        nonce: [u8; 16],
+    ) -> Result<()> {
+        let mut latest = LatestRequests {
+            at: 0,
+            nonces: Vec::new(),
+            overflowed: false,
+        };
+        let mut transaction = self.writer.begin().await?;
+        // The row exists before it is locked, so two first requests of a device at once (on two
+        // hubs) take turns rather than both writing over nothing.
+        sqlx::query(
+            "INSERT INTO signed_at (device, latest) VALUES ($1, $2) ON CONFLICT (device) DO NOTHING",
+        )
+        .bind(device.to_vec())
+        .bind(latest.encode())
+        .execute(&mut *transaction)
+        .await?;
+        let stored = sqlx::query(self.dialect.locking(for_update!(
+            "SELECT latest FROM signed_at WHERE device = $1"
+        )))
+        .bind(device.to_vec())
+        .fetch_one(&mut *transaction)
+        .await?;
+        if let Some(stored) = LatestRequests::decode(&blob(&stored, 0)?) {
+            latest = stored;
+        }
+        let before = latest.clone();
+        latest.note(timestamp, nonce);
+        if latest != before {
+            sqlx::query("UPDATE signed_at SET latest = $1 WHERE device = $2")
+                .bind(latest.encode())
+                .bind(device.to_vec())
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
         Ok(())
     }
 
     /// Every device's latest accepted requests, as [`Store::note_signed_at`] kept them.
-    pub fn signed_at(&self) -> Result<HashMap<[u8; 16], LatestRequests>> {
-        self.signed_at
+    pub async fn signed_at(&self) -> Result<HashMap<[u8; 16], LatestRequests>> {
+        sqlx::query("SELECT device, latest FROM signed_at")
+            .fetch_all(&self.pool)
+            .await?
             .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
+            .map(|row| {
                 let corrupt = || StoreError::Corrupt {
-                    tree: "signed_at",
+                    table: "signed_at",
                     reason: "bad entry".to_owned(),
                 };
-                let device = <[u8; 16]>::try_from(key.as_ref()).map_err(|_| corrupt())?;
-                let latest = LatestRequests::decode(&value).ok_or_else(corrupt)?;
+                let device = fixed("signed_at", &blob(row, 0)?)?;
+                let latest = LatestRequests::decode(&blob(row, 1)?).ok_or_else(corrupt)?;
                 Ok((device, latest))
             })
             .collect()
@@ -258,7 +334,7 @@ pub(super) fn encode_device(record: &DeviceRecord, applied: Option<u64>) -> Resu
 /// batch applied to it.
 pub(super) fn decode_device(bytes: &[u8]) -> Result<(DeviceRecord, Option<u64>)> {
     let corrupt = |error: postcard::Error| StoreError::Corrupt {
-        tree: "devices",
+        table: "devices",
         reason: error.to_string(),
     };
     let (mut record, rest): (DeviceRecord, &[u8]) =
@@ -312,7 +388,7 @@ impl LatestRequests {
             || (timestamp == self.at && (self.overflowed || self.nonces.contains(nonce)))
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub(super) fn encode(&self) -> Vec<u8> {
         let mut bytes = self.at.to_be_bytes().to_vec();
         bytes.push(u8::from(self.overflowed));
         for nonce in &self.nonces {
@@ -321,7 +397,7 @@ impl LatestRequests {
         bytes
     }
 
-    fn decode(bytes: &[u8]) -> Option<LatestRequests> {
+    pub(super) fn decode(bytes: &[u8]) -> Option<LatestRequests> {
         let at = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
         let overflowed = *bytes.get(8)? != 0;
         let rest = bytes.get(9..)?;

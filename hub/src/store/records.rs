@@ -149,7 +149,7 @@ pub struct DeviceRead {
     pub record: DeviceRecord,
     /// The last telemetry batch applied to the record, kept as stored.
     pub(super) applied: Option<u64>,
-    pub(super) stored: IVec,
+    pub(super) stored: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

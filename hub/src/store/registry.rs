@@ -1,59 +1,68 @@
 //! Admin and enrollment tokens, trust roots and model manifests: what the admin API registers.
 
+use super::sql::for_update;
 use super::*;
-
-pub(super) fn manifest_key(name: &str, version: u64) -> Vec<u8> {
-    [name.as_bytes(), &[0], &version.to_be_bytes()].concat()
-}
 
 impl Store {
     // Admin tokens.
 
-    pub fn admin_token(&self, token_hash: &[u8; 32]) -> Result<Option<AdminTokenRecord>> {
-        self.admin_tokens
-            .get(token_hash)?
-            .map(|bytes| decode_admin_token(&bytes))
+    pub async fn admin_token(&self, token_hash: &[u8; 32]) -> Result<Option<AdminTokenRecord>> {
+        sqlx::query("SELECT record FROM admin_tokens WHERE token_hash = $1")
+            .bind(token_hash.to_vec())
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| decode_admin_token(&blob(&row, 0)?))
             .transpose()
     }
 
-    pub fn insert_admin_token(
+    pub async fn insert_admin_token(
         &self,
         token_hash: &[u8; 32],
         record: &AdminTokenRecord,
     ) -> Result<()> {
-        self.admin_tokens
-            .insert(token_hash, encode_admin_token(record)?)?;
+        sqlx::query(
+            "INSERT INTO admin_tokens (token_hash, id, record) VALUES ($1, $2, $3) \
+             ON CONFLICT (token_hash) DO UPDATE SET id = excluded.id, record = excluded.record",
+        )
+        .bind(token_hash.to_vec())
+        .bind(record.id.clone())
+        .bind(encode_admin_token(record)?)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
     /// Every admin token, in the order of their hashes.
-    pub fn admin_tokens(&self) -> Result<Vec<AdminTokenRecord>> {
-        self.admin_tokens
+    pub async fn admin_tokens(&self) -> Result<Vec<AdminTokenRecord>> {
+        sqlx::query("SELECT record FROM admin_tokens ORDER BY token_hash")
+            .fetch_all(&self.pool)
+            .await?
             .iter()
-            .values()
-            .map(|bytes| decode_admin_token(&bytes?))
+            .map(|row| decode_admin_token(&blob(row, 0)?))
             .collect()
     }
 
     /// Deletes the admin token with id `id`, unless `keep` refuses it given the record and every
-    /// other token; returns the deleted record, None when no token has that id. Atomic: two
-    /// revocations at once cannot both pass a `keep` that counts what remains.
-    pub fn revoke_admin_token<E>(
+    /// other token; returns the deleted record, None when no token has that id. One transaction
+    /// that locks every token: two revocations at once cannot both pass a `keep` that counts
+    /// what remains.
+    pub async fn revoke_admin_token<E>(
         &self,
         id: &str,
         keep: impl Fn(&AdminTokenRecord, &[AdminTokenRecord]) -> std::result::Result<(), E>,
     ) -> Result<Option<std::result::Result<AdminTokenRecord, E>>> {
-        let _guard = self
-            .token_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut transaction = self.writer.begin().await?;
+        let rows = sqlx::query(self.dialect.locking(for_update!(
+            "SELECT token_hash, record FROM admin_tokens ORDER BY token_hash"
+        )))
+        .fetch_all(&mut *transaction)
+        .await?;
         let mut found = None;
         let mut others = Vec::new();
-        for entry in self.admin_tokens.iter() {
-            let (hash, bytes) = entry?;
-            let record = decode_admin_token(&bytes)?;
+        for row in &rows {
+            let record = decode_admin_token(&blob(row, 1)?)?;
             if record.id == id {
-                found = Some((hash, record));
+                found = Some((blob(row, 0)?, record));
             } else {
                 others.push(record);
             }
@@ -64,161 +73,198 @@ impl Store {
         if let Err(refusal) = keep(&record, &others) {
             return Ok(Some(Err(refusal)));
         }
-        self.admin_tokens.remove(hash)?;
+        sqlx::query("DELETE FROM admin_tokens WHERE token_hash = $1")
+            .bind(hash)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
         Ok(Some(Ok(record)))
     }
 
     // Enrollment.
 
-    pub fn insert_enroll_token(
+    pub async fn insert_enroll_token(
         &self,
         token_hash: &[u8; 32],
         record: &EnrollTokenRecord,
     ) -> Result<()> {
-        self.enroll_tokens
-            .insert(token_hash, encode("enroll_tokens", record)?)?;
+        sqlx::query(
+            "INSERT INTO enroll_tokens (token_hash, id, record) VALUES ($1, $2, $3) \
+             ON CONFLICT (token_hash) DO UPDATE SET id = excluded.id, record = excluded.record",
+        )
+        .bind(token_hash.to_vec())
+        .bind(record.id.clone())
+        .bind(encode("enroll_tokens", record)?)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
     /// Deletes the enrollment token with id `id`; returns it, None when no token has that id.
-    pub fn revoke_enroll_token(&self, id: &str) -> Result<Option<EnrollTokenRecord>> {
-        for entry in self.enroll_tokens.iter() {
-            let (hash, bytes) = entry?;
-            let record: EnrollTokenRecord = decode("enroll_tokens", &bytes)?;
-            if record.id == id {
-                // Only if unchanged since read: an enrollment that used it meanwhile wins, and
-                // the revocation is tried again on the record it left.
-                match self.enroll_tokens.compare_and_swap(
-                    &hash,
-                    Some(&bytes),
-                    None as Option<&[u8]>,
-                )? {
-                    Ok(()) => return Ok(Some(record)),
-                    Err(_) => return self.revoke_enroll_token(id),
-                }
-            }
-        }
-        Ok(None)
+    pub async fn revoke_enroll_token(&self, id: &str) -> Result<Option<EnrollTokenRecord>> {
+        let mut transaction = self.writer.begin().await?;
+        let row = sqlx::query(self.dialect.locking(for_update!(
+            "SELECT record FROM enroll_tokens WHERE id = $1"
+        )))
+        .bind(id.to_owned())
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let record: EnrollTokenRecord = decode("enroll_tokens", &blob(&row, 0)?)?;
+        sqlx::query("DELETE FROM enroll_tokens WHERE id = $1")
+            .bind(id.to_owned())
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(Some(record))
     }
 
-    pub fn enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>> {
-        self.enroll_tokens
+    pub async fn enroll_tokens(&self) -> Result<Vec<EnrollTokenRecord>> {
+        sqlx::query("SELECT record FROM enroll_tokens ORDER BY token_hash")
+            .fetch_all(&self.pool)
+            .await?
             .iter()
-            .values()
-            .map(|bytes| decode("enroll_tokens", &bytes?))
+            .map(|row| decode("enroll_tokens", &blob(row, 0)?))
             .collect()
     }
 
     /// Uses one count of an enrollment token and stores the new device and its enrollment event,
-    /// atomically: a token with one use left enrolls exactly one device however many try at once.
-    /// `make_device` and `make_event` receive the token (its labels).
-    pub fn enroll(
+    /// in one transaction that locks the token: a token with one use left enrolls exactly one
+    /// device however many try at once. `make_device` and `make_event` receive the token (its
+    /// labels).
+    pub async fn enroll(
         &self,
         token_hash: &[u8; 32],
         now: u64,
         make_device: impl Fn(&EnrollTokenRecord) -> DeviceRecord,
         make_event: impl Fn(&EnrollTokenRecord) -> EventRecord,
     ) -> Result<std::result::Result<DeviceRecord, TokenRefusal>> {
-        let event_id = self.db.generate_id()?;
-        let outcome = (&self.enroll_tokens, &self.devices, &self.events).transaction(
-            |(tokens, devices, events)| {
-                let Some(bytes) = tokens.get(token_hash)? else {
-                    return Ok(Err(TokenRefusal::Unknown));
-                };
-                let mut token: EnrollTokenRecord =
-                    decode("enroll_tokens", &bytes).map_err(abort)?;
-                if token.expires <= now {
-                    return Ok(Err(TokenRefusal::Expired));
-                }
-                if token.uses_left == 0 {
-                    return Ok(Err(TokenRefusal::UsedUp));
-                }
-                token.uses_left -= 1;
-                tokens.insert(token_hash, encode("enroll_tokens", &token).map_err(abort)?)?;
-                let device = make_device(&token);
-                devices.insert(
-                    &device.id,
-                    super::devices::encode_device(&device, None).map_err(abort)?,
-                )?;
-                let event_key = [device.id.as_slice(), &event_id.to_be_bytes()].concat();
-                let event = make_event(&token);
-                events.insert(event_key, encode("events", &event).map_err(abort)?)?;
-                Ok(Ok(device))
-            },
-        )?;
-        Ok(outcome)
+        let mut transaction = self.writer.begin().await?;
+        let row = sqlx::query(self.dialect.locking(for_update!(
+            "SELECT record FROM enroll_tokens WHERE token_hash = $1"
+        )))
+        .bind(token_hash.to_vec())
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Err(TokenRefusal::Unknown));
+        };
+        let mut token: EnrollTokenRecord = decode("enroll_tokens", &blob(&row, 0)?)?;
+        if token.expires <= now {
+            return Ok(Err(TokenRefusal::Expired));
+        }
+        if token.uses_left == 0 {
+            return Ok(Err(TokenRefusal::UsedUp));
+        }
+        token.uses_left -= 1;
+        sqlx::query("UPDATE enroll_tokens SET record = $1 WHERE token_hash = $2")
+            .bind(encode("enroll_tokens", &token)?)
+            .bind(token_hash.to_vec())
+            .execute(&mut *transaction)
+            .await?;
+        let device = make_device(&token);
+        sqlx::query(
+            "INSERT INTO devices (id, record) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+        )
+        .bind(device.id.to_vec())
+        .bind(super::devices::encode_device(&device, None)?)
+        .execute(&mut *transaction)
+        .await?;
+        super::devices::insert_event(&mut transaction, &device.id, &make_event(&token)).await?;
+        transaction.commit().await?;
+        Ok(Ok(device))
     }
 
     // Roots.
 
-    pub fn put_root(&self, version: u64, signed: &[u8]) -> Result<()> {
-        self.roots.insert(version.to_be_bytes(), signed)?;
-        self.newest_root.fetch_max(version, Ordering::SeqCst);
+    pub async fn put_root(&self, version: u64, signed: &[u8]) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO roots (version, signed) VALUES ($1, $2) \
+             ON CONFLICT (version) DO UPDATE SET signed = excluded.signed",
+        )
+        .bind(int("root version", version)?)
+        .bind(signed.to_vec())
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
     /// Every stored root, oldest first.
-    pub fn roots(&self) -> Result<Vec<(u64, Vec<u8>)>> {
-        self.roots.iter().map(root_entry).collect()
+    pub async fn roots(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.roots_after(0).await
     }
 
     /// Signed roots with a version above `version`, oldest first: what a device that trusts root
-    /// `version` needs next (for a device up to date, nothing is read).
-    pub fn roots_after(&self, version: u64) -> Result<Vec<(u64, Vec<u8>)>> {
-        if version >= self.newest_root.load(Ordering::SeqCst) {
-            return Ok(Vec::new());
-        }
-        let Some(from) = version.checked_add(1) else {
-            return Ok(Vec::new());
-        };
-        self.roots
-            .range(from.to_be_bytes()..)
-            .map(root_entry)
+    /// `version` needs next.
+    pub async fn roots_after(&self, version: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        sqlx::query("SELECT version, signed FROM roots WHERE version > $1 ORDER BY version")
+            .bind(bound(version))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| Ok((column_u64("roots", row, 0)?, blob(row, 1)?)))
             .collect()
     }
 
     // Manifests.
 
-    pub fn put_manifest(&self, name: &str, version: u64, record: &ManifestRecord) -> Result<()> {
-        self.manifests
-            .insert(manifest_key(name, version), encode("manifests", record)?)?;
+    pub async fn put_manifest(
+        &self,
+        name: &str,
+        version: u64,
+        record: &ManifestRecord,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO manifests (model, version, record) VALUES ($1, $2, $3) \
+             ON CONFLICT (model, version) DO UPDATE SET record = excluded.record",
+        )
+        .bind(name.to_owned())
+        .bind(int("model version", version)?)
+        .bind(encode("manifests", record)?)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
-    pub fn manifest(&self, name: &str, version: u64) -> Result<Option<ManifestRecord>> {
-        self.manifests
-            .get(manifest_key(name, version))?
-            .map(|bytes| decode("manifests", &bytes))
+    pub async fn manifest(&self, name: &str, version: u64) -> Result<Option<ManifestRecord>> {
+        let Ok(version) = i64::try_from(version) else {
+            return Ok(None);
+        };
+        sqlx::query("SELECT record FROM manifests WHERE model = $1 AND version = $2")
+            .bind(name.to_owned())
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| decode("manifests", &blob(&row, 0)?))
             .transpose()
     }
 
     /// Whether any version of model `name` was ever published here.
-    pub fn has_model(&self, name: &str) -> Result<bool> {
-        let prefix = [name.as_bytes(), &[0]].concat();
-        Ok(self
-            .manifests
-            .scan_prefix(prefix)
-            .next()
-            .transpose()?
-            .is_some())
+    pub async fn has_model(&self, name: &str) -> Result<bool> {
+        Ok(
+            sqlx::query("SELECT 1 FROM manifests WHERE model = $1 LIMIT 1")
+                .bind(name.to_owned())
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some(),
+        )
     }
 
     /// Every version of every model, as (name, version, record), by name then version.
-    pub fn manifests(&self) -> Result<Vec<(String, u64, ManifestRecord)>> {
-        self.manifests
+    pub async fn manifests(&self) -> Result<Vec<(String, u64, ManifestRecord)>> {
+        sqlx::query("SELECT model, version, record FROM manifests ORDER BY model, version")
+            .fetch_all(&self.pool)
+            .await?
             .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                let corrupt = || StoreError::Corrupt {
-                    tree: "manifests",
-                    reason: "bad key".into(),
-                };
-                let split = key.len().checked_sub(9).ok_or_else(corrupt)?;
-                let name = std::str::from_utf8(&key[..split]).map_err(|_| corrupt())?;
-                let version = <[u8; 8]>::try_from(&key[split + 1..])
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| corrupt())?;
-                Ok((name.to_owned(), version, decode("manifests", &value)?))
+            .map(|row| {
+                Ok((
+                    row.try_get::<String, _>(0)?,
+                    column_u64("manifests", row, 1)?,
+                    decode("manifests", &blob(row, 2)?)?,
+                ))
             })
             .collect()
     }
@@ -239,7 +285,7 @@ pub(super) fn encode_admin_token(record: &AdminTokenRecord) -> Result<Vec<u8>> {
 /// Reads an admin token record, with or without the tail an older hub did not write.
 pub(super) fn decode_admin_token(bytes: &[u8]) -> Result<AdminTokenRecord> {
     let corrupt = |error: postcard::Error| StoreError::Corrupt {
-        tree: "admin_tokens",
+        table: "admin_tokens",
         reason: error.to_string(),
     };
     let (mut record, rest): (AdminTokenRecord, &[u8]) =

@@ -11,7 +11,6 @@
 //! Inference counters are one record per device and published model version, and outcomes one
 //! per device and plan, so neither grows with time.
 
-use super::registry::manifest_key;
 use super::*;
 
 /// How much the store keeps. The defaults are `outpost-hub serve`'s.
@@ -41,68 +40,50 @@ pub struct Pruned {
 
 impl Store {
     /// Removes `device`'s events beyond the newest `keep`. Returns how many went.
-    pub fn prune_events(&self, device: &[u8; 16], keep: usize) -> Result<u64> {
-        let mut removed = 0;
-        for key in self.events.scan_prefix(device).keys().rev().skip(keep) {
-            self.events.remove(key?)?;
-            removed += 1;
-        }
-        Ok(removed)
+    pub async fn prune_events(&self, device: &[u8; 16], keep: usize) -> Result<u64> {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        let removed = sqlx::query(
+            "DELETE FROM events WHERE device = $1 AND id NOT IN \
+             (SELECT id FROM events WHERE device = $1 ORDER BY id DESC LIMIT $2)",
+        )
+        .bind(device.to_vec())
+        .bind(keep)
+        .execute(&self.writer)
+        .await?;
+        Ok(removed.rows_affected())
     }
 
-    /// Removes `device`'s telemetry batch markers stored before `cutoff`, except its newest.
-    /// Returns how many went.
-    pub fn prune_batch_markers(&self, device: &[u8; 16], cutoff: u64) -> Result<u64> {
-        let Some(newest) = self.telemetry_seen.scan_prefix(device).keys().next_back() else {
-            return Ok(0);
-        };
-        let newest = newest?;
-        let mut removed = 0;
-        for entry in self.telemetry_seen.scan_prefix(device) {
-            let (key, value) = entry?;
-            if key == newest {
-                break;
-            }
-            let stored_at = <[u8; 8]>::try_from(value.as_ref())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    tree: "telemetry_seen",
-                    reason: "bad value".to_owned(),
-                })?;
-            // Sequences only increase, and so do the times their batches were stored.
-            if stored_at >= cutoff {
-                break;
-            }
-            self.telemetry_seen.remove(key)?;
-            removed += 1;
-        }
-        Ok(removed)
+    /// Removes `device`'s telemetry batch markers stored before `cutoff`, except its newest,
+    /// which keeps its sequences increasing. Returns how many went.
+    pub async fn prune_batch_markers(&self, device: &[u8; 16], cutoff: u64) -> Result<u64> {
+        let removed = sqlx::query(
+            "DELETE FROM telemetry_seen WHERE device = $1 AND stored_at < $2 AND sequence < \
+             (SELECT MAX(sequence) FROM telemetry_seen WHERE device = $1)",
+        )
+        .bind(device.to_vec())
+        .bind(bound(cutoff))
+        .execute(&self.writer)
+        .await?;
+        Ok(removed.rows_affected())
     }
 
-    /// Removes the drift summaries and shadow comparisons of windows that ended before `cutoff`,
-    /// for every published model version (drift by name and version, shadow by the version's
-    /// manifest as a target): one range scan each over what has expired.
-    pub fn prune_telemetry(&self, cutoff: u64) -> Result<Pruned> {
-        let mut pruned = Pruned::default();
-        for (name, version, record) in self.manifests()? {
-            let prefix = drift_prefix(&name, version);
-            let end = [prefix.as_slice(), &cutoff.to_be_bytes()].concat();
-            for key in self.drift.range(prefix..end).keys() {
-                self.drift.remove(key?)?;
-                pruned.drift += 1;
-            }
-            let start = [record.sha256.as_slice(), &0u64.to_be_bytes()].concat();
-            let end = [record.sha256.as_slice(), &cutoff.to_be_bytes()].concat();
-            for key in self.shadow.range(start..end).keys() {
-                self.shadow.remove(key?)?;
-                pruned.shadow += 1;
-            }
-        }
-        Ok(pruned)
+    /// Removes the drift summaries and shadow comparisons of windows that ended before `cutoff`.
+    pub async fn prune_telemetry(&self, cutoff: u64) -> Result<Pruned> {
+        let drift = sqlx::query("DELETE FROM drift WHERE window_end < $1")
+            .bind(bound(cutoff))
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        let shadow = sqlx::query("DELETE FROM shadow WHERE window_end < $1")
+            .bind(bound(cutoff))
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        Ok(Pruned { drift, shadow })
     }
 
     /// Whether `name` version `version` was published here.
-    pub fn has_manifest(&self, name: &str, version: u64) -> Result<bool> {
-        Ok(self.manifests.contains_key(manifest_key(name, version))?)
+    pub async fn has_manifest(&self, name: &str, version: u64) -> Result<bool> {
+        Ok(self.manifest(name, version).await?.is_some())
     }
 }

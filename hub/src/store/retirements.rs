@@ -7,20 +7,25 @@ use super::*;
 impl Store {
     // Retirements.
 
-    pub fn put_retirement(&self, record: &RetirementRecord) -> Result<()> {
-        self.retirements.insert(
-            record.sequence.to_be_bytes(),
-            encode("retirements", record)?,
-        )?;
+    pub async fn put_retirement(&self, record: &RetirementRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO retirements (sequence, record) VALUES ($1, $2) \
+             ON CONFLICT (sequence) DO UPDATE SET record = excluded.record",
+        )
+        .bind(int("plan sequence", record.sequence)?)
+        .bind(encode("retirements", record)?)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
     /// Every retirement, oldest first.
-    pub fn retirements(&self) -> Result<Vec<RetirementRecord>> {
-        self.retirements
+    pub async fn retirements(&self) -> Result<Vec<RetirementRecord>> {
+        sqlx::query("SELECT record FROM retirements ORDER BY sequence")
+            .fetch_all(&self.pool)
+            .await?
             .iter()
-            .values()
-            .map(|bytes| decode("retirements", &bytes?))
+            .map(|row| decode("retirements", &blob(row, 0)?))
             .collect()
     }
 }

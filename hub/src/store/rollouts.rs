@@ -5,25 +5,37 @@ use super::*;
 impl Store {
     // Rollouts.
 
-    pub fn put_rollout(&self, record: &RolloutRecord) -> Result<()> {
-        self.rollouts
-            .insert(record.sequence.to_be_bytes(), encode("rollouts", record)?)?;
+    pub async fn put_rollout(&self, record: &RolloutRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO rollouts (sequence, record) VALUES ($1, $2) \
+             ON CONFLICT (sequence) DO UPDATE SET record = excluded.record",
+        )
+        .bind(int("plan sequence", record.sequence)?)
+        .bind(encode("rollouts", record)?)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
-    pub fn rollout(&self, sequence: u64) -> Result<Option<RolloutRecord>> {
-        self.rollouts
-            .get(sequence.to_be_bytes())?
-            .map(|bytes| decode("rollouts", &bytes))
+    pub async fn rollout(&self, sequence: u64) -> Result<Option<RolloutRecord>> {
+        let Ok(sequence) = i64::try_from(sequence) else {
+            return Ok(None);
+        };
+        sqlx::query("SELECT record FROM rollouts WHERE sequence = $1")
+            .bind(sequence)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| decode("rollouts", &blob(&row, 0)?))
             .transpose()
     }
 
     /// Every rollout, oldest first.
-    pub fn rollouts(&self) -> Result<Vec<RolloutRecord>> {
-        self.rollouts
+    pub async fn rollouts(&self) -> Result<Vec<RolloutRecord>> {
+        sqlx::query("SELECT record FROM rollouts ORDER BY sequence")
+            .fetch_all(&self.pool)
+            .await?
             .iter()
-            .values()
-            .map(|bytes| decode("rollouts", &bytes?))
+            .map(|row| decode("rollouts", &blob(row, 0)?))
             .collect()
     }
 }

@@ -11,48 +11,47 @@ impl Store {
 
     /// Stores `report` as `device`'s latest runtime report, unless the one stored is later (its
     /// `at` greater): a report of the same second replaces it. Returns whether it was stored.
-    pub fn put_runtimes(&self, device: &[u8; 16], report: &RuntimeReportRecord) -> Result<bool> {
-        let bytes = encode("runtimes", report)?;
-        let mut stored = false;
-        let mut plan = |current: Option<&IVec>| -> Result<Plan> {
-            let later = match current {
-                Some(current) => decode::<RuntimeReportRecord>("runtimes", current)?.at > report.at,
-                None => false,
-            };
-            stored = !later;
-            Ok(if later {
-                Plan::Leave
-            } else {
-                Plan::Write(bytes.clone())
-            })
-        };
-        let read = self.runtimes.get(device)?;
-        let first = plan(read.as_ref())?;
-        // Never stops: the plans only write or leave.
-        let _ = apply_planned(&self.runtimes, device, read, first, &mut plan)?;
-        Ok(stored)
+    pub async fn put_runtimes(
+        &self,
+        device: &[u8; 16],
+        report: &RuntimeReportRecord,
+    ) -> Result<bool> {
+        // One statement, whichever hub runs it: the stored report is replaced only by one the
+        // device dated no earlier.
+        let written = sqlx::query(
+            "INSERT INTO runtimes (device, at, record) VALUES ($1, $2, $3) \
+             ON CONFLICT (device) DO UPDATE SET at = excluded.at, record = excluded.record \
+             WHERE runtimes.at <= excluded.at",
+        )
+        .bind(device.to_vec())
+        .bind(int("report time", report.at)?)
+        .bind(encode("runtimes", report)?)
+        .execute(&self.writer)
+        .await?;
+        Ok(written.rows_affected() == 1)
     }
 
     /// A device's latest runtime report, if it sent one.
-    pub fn runtimes(&self, device: &[u8; 16]) -> Result<Option<RuntimeReportRecord>> {
-        self.runtimes
-            .get(device)?
-            .map(|bytes| decode("runtimes", &bytes))
+    pub async fn runtimes(&self, device: &[u8; 16]) -> Result<Option<RuntimeReportRecord>> {
+        sqlx::query("SELECT record FROM runtimes WHERE device = $1")
+            .bind(device.to_vec())
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| decode("runtimes", &blob(&row, 0)?))
             .transpose()
     }
 
     /// Every device's latest runtime report, by device id.
-    pub fn all_runtimes(&self) -> Result<HashMap<[u8; 16], RuntimeReportRecord>> {
-        self.runtimes
+    pub async fn all_runtimes(&self) -> Result<HashMap<[u8; 16], RuntimeReportRecord>> {
+        sqlx::query("SELECT device, record FROM runtimes")
+            .fetch_all(&self.pool)
+            .await?
             .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                let device =
-                    <[u8; 16]>::try_from(key.as_ref()).map_err(|_| StoreError::Corrupt {
-                        tree: "runtimes",
-                        reason: "bad key".into(),
-                    })?;
-                Ok((device, decode("runtimes", &value)?))
+            .map(|row| {
+                Ok((
+                    fixed("runtimes", &blob(row, 0)?)?,
+                    decode("runtimes", &blob(row, 1)?)?,
+                ))
             })
             .collect()
     }

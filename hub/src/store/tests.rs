@@ -1,11 +1,83 @@
-//! The store's unit tests, old-form records and concurrent ingest included.
+//! The store's suite, run on both engines: each test is an `async fn` over a [`Store`], and
+//! [`on_both_engines!`] runs it on SQLite in a temporary directory and on a real PostgreSQL server
+//! of its own (`outpost_testkit::postgres`, which fails, never skips, when none is installed).
+
+use std::sync::atomic::AtomicU64;
 
 use outpost_protocol::drift::{FeatureSource, NumericProfile, Profile, TensorSide, Thresholds};
 use outpost_protocol::Sha256;
+use outpost_testkit::postgres::Postgres;
 
 use super::*;
 
 const DEVICE: [u8; 16] = [7; 16];
+
+/// A store on one engine, with what keeps it alive.
+struct Engine {
+    store: Store,
+    _dir: tempfile::TempDir,
+    _server: Option<Postgres>,
+}
+
+async fn sqlite() -> Engine {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).await.unwrap();
+    Engine {
+        store,
+        _dir: dir,
+        _server: None,
+    }
+}
+
+async fn postgres() -> Engine {
+    let server =
+        tokio::task::spawn_blocking(|| Postgres::start().unwrap_or_else(|e| panic!("{e}")))
+            .await
+            .unwrap();
+    let url = server.database("hub").unwrap();
+    let store = Store::connect(&Database::Postgres(url)).await.unwrap();
+    Engine {
+        store,
+        _dir: tempfile::tempdir().unwrap(),
+        _server: Some(server),
+    }
+}
+
+/// Runs each named `async fn(&Store)` once on SQLite and once on PostgreSQL, as tests of a module
+/// of its name.
+macro_rules! on_both_engines {
+    ($($test:ident),* $(,)?) => {
+        $(
+            mod $test {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$test(&super::sqlite().await.store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$test(&super::postgres().await.store).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_engines!(
+    drift_parts_merge_once_per_batch_and_range_by_window_end,
+    shadow_parts_add_once_per_batch_and_range_by_window_end,
+    concurrent_copies_of_each_batch_count_once,
+    a_batch_below_the_highest_stored_one_is_refused_and_adds_nothing,
+    a_summary_that_does_not_merge_refuses_the_whole_batch,
+    a_stale_read_written_back_loses_nobody_elses_change,
+    the_latest_requests_of_a_device_refuse_their_replays_and_older_ones_only,
+    a_committed_report_updates_its_own_model_only,
+    a_token_with_one_use_left_enrolls_one_device_of_many_at_once,
+    audit_entries_appended_at_once_form_one_chain,
+    roots_manifests_rollouts_and_retirements_read_back_in_order,
+    the_latest_runtime_report_of_each_device_is_kept,
+    retention_prunes_events_markers_and_expired_windows,
+);
 
 fn profile() -> Profile {
     let values: Vec<f64> = (0..100).map(f64::from).collect();
@@ -55,19 +127,22 @@ fn n_of(stored: &[StoredDrift]) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
-#[test]
-fn drift_parts_merge_once_per_batch_and_range_by_window_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+async fn drift_parts_merge_once_per_batch_and_range_by_window_end(store: &Store) {
     let profile = profile();
     let first = [window(summary(&profile, 3600, &[1.0, 2.0]))];
     assert_eq!(
-        store.ingest_telemetry(&DEVICE, 1, &first, 0, 10).unwrap(),
+        store
+            .ingest_telemetry(&DEVICE, 1, &first, 0, 10)
+            .await
+            .unwrap(),
         Ingested::Stored
     );
     // Resent: stored once.
     assert_eq!(
-        store.ingest_telemetry(&DEVICE, 1, &first, 0, 11).unwrap(),
+        store
+            .ingest_telemetry(&DEVICE, 1, &first, 0, 11)
+            .await
+            .unwrap(),
         Ingested::Duplicate
     );
     // Another part of the same hour, twice in one batch, and the next hour.
@@ -77,23 +152,43 @@ fn drift_parts_merge_once_per_batch_and_range_by_window_end() {
         window(summary(&profile, 7200, &[6.0])),
     ];
     assert_eq!(
-        store.ingest_telemetry(&DEVICE, 2, &second, 0, 12).unwrap(),
+        store
+            .ingest_telemetry(&DEVICE, 2, &second, 0, 12)
+            .await
+            .unwrap(),
         Ingested::Stored
     );
 
-    let all = store.drift_summaries("demo", 1, 0).unwrap();
+    let all = store.drift_summaries("demo", 1, 0).await.unwrap();
     assert_eq!(n_of(&all), [(3600, 5, 3), (7200, 1, 1)]);
     assert_eq!(all[0].device, DEVICE);
     assert_eq!(all[0].window_end, 7200);
     // Windows ending at or before `since` are left out.
     assert_eq!(
-        n_of(&store.drift_summaries("demo", 1, 7200).unwrap()),
+        n_of(&store.drift_summaries("demo", 1, 7200).await.unwrap()),
         [(7200, 1, 1)]
     );
-    assert!(store.drift_summaries("demo", 1, 10_800).unwrap().is_empty());
-    assert!(store.drift_summaries("demo", 2, 0).unwrap().is_empty());
-    assert!(store.drift_summaries("dem", 1, 0).unwrap().is_empty());
-    assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, 6);
+    assert!(store
+        .drift_summaries("demo", 1, 10_800)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .drift_summaries("demo", 1, u64::MAX)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .drift_summaries("demo", 2, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.drift_summaries("dem", 1, 0).await.unwrap().is_empty());
+    assert_eq!(store.stats(&DEVICE, "demo", 1).await.unwrap().count, 6);
+    assert_eq!(
+        store.device_stats(&DEVICE).await.unwrap()[0].0.as_str(),
+        "demo"
+    );
 }
 
 /// A window of `compared` shadow comparisons of target `[5; 32]` beside demo@1, `agreed` of
@@ -128,16 +223,40 @@ fn shadow_window(start: u64, compared: u64, agreed: u64) -> WindowInput {
 }
 
 #[test]
-fn shadow_parts_add_once_per_batch_and_range_by_window_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn outcome_records_stored_as_a_bool_still_read() {
+    // Before shadow stages the outcome's first field was `committed: bool`.
+    #[derive(Serialize)]
+    struct Before {
+        committed: bool,
+        at: u64,
+        reason: String,
+    }
+    for (committed, kind) in [(false, OutcomeKind::Failed), (true, OutcomeKind::Committed)] {
+        let bytes = postcard::to_stdvec(&Before {
+            committed,
+            at: 9,
+            reason: "r".to_owned(),
+        })
+        .unwrap();
+        let read: OutcomeRecord = decode("outcomes", &bytes).unwrap();
+        assert_eq!((read.kind, read.at, read.reason.as_str()), (kind, 9, "r"));
+    }
+}
+
+async fn shadow_parts_add_once_per_batch_and_range_by_window_end(store: &Store) {
     let first = [shadow_window(3600, 10, 9)];
     assert_eq!(
-        store.ingest_telemetry(&DEVICE, 1, &first, 0, 10).unwrap(),
+        store
+            .ingest_telemetry(&DEVICE, 1, &first, 0, 10)
+            .await
+            .unwrap(),
         Ingested::Stored
     );
     assert_eq!(
-        store.ingest_telemetry(&DEVICE, 1, &first, 0, 11).unwrap(),
+        store
+            .ingest_telemetry(&DEVICE, 1, &first, 0, 11)
+            .await
+            .unwrap(),
         Ingested::Duplicate
     );
     let second = [
@@ -146,10 +265,13 @@ fn shadow_parts_add_once_per_batch_and_range_by_window_end() {
         shadow_window(7200, 4, 4),
     ];
     assert_eq!(
-        store.ingest_telemetry(&DEVICE, 2, &second, 0, 12).unwrap(),
+        store
+            .ingest_telemetry(&DEVICE, 2, &second, 0, 12)
+            .await
+            .unwrap(),
         Ingested::Stored
     );
-    let all = store.shadow_reports(&[5; 32], 0).unwrap();
+    let all = store.shadow_reports(&[5; 32], 0).await.unwrap();
     let figures: Vec<_> = all
         .iter()
         .map(|s| {
@@ -172,66 +294,157 @@ fn shadow_parts_add_once_per_batch_and_range_by_window_end() {
     assert_eq!(all[0].active, ("demo".to_owned(), 1));
     assert_eq!(all[0].record.abs_diff_values, 48);
     assert_eq!(all[0].record.dropped, 6);
-    assert_eq!(store.shadow_reports(&[5; 32], 7200).unwrap().len(), 1);
-    assert!(store.shadow_reports(&[6; 32], 0).unwrap().is_empty());
-}
-
-#[test]
-fn outcome_records_stored_as_a_bool_still_read() {
-    // Before shadow stages the outcome's first field was `committed: bool`.
-    #[derive(Serialize)]
-    struct Before {
-        committed: bool,
-        at: u64,
-        reason: String,
-    }
-    for (committed, kind) in [(false, OutcomeKind::Failed), (true, OutcomeKind::Committed)] {
-        let bytes = postcard::to_stdvec(&Before {
-            committed,
-            at: 9,
-            reason: "r".to_owned(),
-        })
-        .unwrap();
-        let read: OutcomeRecord = decode("outcomes", &bytes).unwrap();
-        assert_eq!((read.kind, read.at, read.reason.as_str()), (kind, 9, "r"));
-    }
+    assert_eq!(store.shadow_reports(&[5; 32], 7200).await.unwrap().len(), 1);
+    assert!(store.shadow_reports(&[6; 32], 0).await.unwrap().is_empty());
 }
 
 /// The agent sends a device's batches one after another, but a copy of a batch may race the
-/// first (a resend after a timeout while the first is still being stored). Here four copies of
-/// every batch race, each thread going on to the next batch once its copy is answered.
-#[test]
-fn concurrent_batches_of_one_window_all_count_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let profile = profile();
-    let (copies, batches) = (4, 100u64);
-    let n_stored = AtomicU64::new(0);
-    std::thread::scope(|scope| {
-        for _ in 0..copies {
-            let (store, profile, n_stored) = (&store, &profile, &n_stored);
-            scope.spawn(move || {
-                for sequence in 1..=batches {
-                    let windows = [window(summary(profile, 3600, &[sequence as f64]))];
-                    match store.ingest_telemetry(&DEVICE, sequence, &windows, 0, 10) {
-                        Ok(Ingested::Stored) => {
-                            n_stored.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Ok(Ingested::Duplicate) => {}
-                        other => panic!("batch {sequence}: {other:?}"),
+/// first (a resend after a timeout while the first is still being stored, possibly by another
+/// hub). Here four copies of every batch race, each task going on to the next batch once its
+/// copy is answered.
+async fn concurrent_copies_of_each_batch_count_once(store: &Store) {
+    store.put_device(&device_record()).await.unwrap();
+    let profile = Arc::new(profile());
+    let (copies, batches) = (4, 40u64);
+    let n_stored = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..copies {
+        let (store, profile, n_stored) = (store.clone(), profile.clone(), n_stored.clone());
+        tasks.push(tokio::spawn(async move {
+            for sequence in 1..=batches {
+                let windows = [window(summary(&profile, 3600, &[sequence as f64]))];
+                match store
+                    .ingest_telemetry(&DEVICE, sequence, &windows, 1, 10)
+                    .await
+                {
+                    Ok(Ingested::Stored) => {
+                        n_stored.fetch_add(1, Ordering::SeqCst);
                     }
+                    Ok(Ingested::Duplicate) => {}
+                    other => panic!("batch {sequence}: {other:?}"),
                 }
-            });
-        }
-    });
-    // Each batch was taken as new once and merged into the one window exactly once,
-    // whichever copy raced ahead.
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // Each batch was taken as new once and merged into the one window exactly once, whichever
+    // copy raced ahead.
     assert_eq!(n_stored.load(Ordering::SeqCst), batches);
     assert_eq!(
-        n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
+        n_of(&store.drift_summaries("demo", 1, 0).await.unwrap()),
         [(3600, batches, batches)]
     );
-    assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, batches);
+    assert_eq!(
+        store.stats(&DEVICE, "demo", 1).await.unwrap().count,
+        batches
+    );
+    assert_eq!(
+        store
+            .device(&DEVICE)
+            .await
+            .unwrap()
+            .unwrap()
+            .dropped_records,
+        batches
+    );
+}
+
+async fn a_batch_below_the_highest_stored_one_is_refused_and_adds_nothing(store: &Store) {
+    let profile = profile();
+    let batch = |value: f64| [window(summary(&profile, 3600, &[value]))];
+    assert_eq!(
+        store
+            .ingest_telemetry(&DEVICE, 9, &batch(1.0), 0, 10)
+            .await
+            .unwrap(),
+        Ingested::Stored
+    );
+    assert_eq!(
+        store
+            .ingest_telemetry(&DEVICE, 5, &batch(2.0), 0, 11)
+            .await
+            .unwrap(),
+        Ingested::OutOfOrder { highest: 9 }
+    );
+    assert_eq!(
+        n_of(&store.drift_summaries("demo", 1, 0).await.unwrap()),
+        [(3600, 1, 1)]
+    );
+    // Refused, it left no idempotency key: it is refused again, not taken as a duplicate.
+    assert_eq!(
+        store
+            .ingest_telemetry(&DEVICE, 5, &batch(2.0), 0, 12)
+            .await
+            .unwrap(),
+        Ingested::OutOfOrder { highest: 9 }
+    );
+    // Another device's sequences are its own.
+    assert_eq!(
+        store
+            .ingest_telemetry(&[8; 16], 5, &batch(2.0), 0, 12)
+            .await
+            .unwrap(),
+        Ingested::Stored
+    );
+    // A sequence the store cannot keep is an error naming it, not a wrapped number.
+    let error = store
+        .ingest_telemetry(&DEVICE, u64::MAX, &batch(2.0), 0, 12)
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("telemetry batch sequence 18446744073709551615"),
+        "{error}"
+    );
+}
+
+async fn a_summary_that_does_not_merge_refuses_the_whole_batch(store: &Store) {
+    let profile = profile();
+    let mut huge = summary(&profile, 3600, &[1.0]);
+    huge.features[0].n = u64::MAX;
+    huge.features[0].bins[0] = u64::MAX;
+    assert_eq!(
+        store
+            .ingest_telemetry(&DEVICE, 1, &[window(huge)], 0, 10)
+            .await
+            .unwrap(),
+        Ingested::Stored
+    );
+    let batch = [
+        window(summary(&profile, 7200, &[2.0])),
+        window(summary(&profile, 3600, &[3.0])),
+    ];
+    match store
+        .ingest_telemetry(&DEVICE, 2, &batch, 0, 11)
+        .await
+        .unwrap()
+    {
+        Ingested::Refused { window, reason } => {
+            assert_eq!(window, 1);
+            assert!(reason.contains("overflow"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Nothing of batch 2 was stored, not even its idempotency key.
+    assert_eq!(
+        n_of(&store.drift_summaries("demo", 1, 0).await.unwrap()),
+        [(3600, u64::MAX, 1)]
+    );
+    assert_eq!(
+        store.stats(&DEVICE, "demo", 1).await.unwrap().count,
+        u64::MAX
+    );
+    let retry = [window(summary(&profile, 7200, &[2.0]))];
+    assert_eq!(
+        store
+            .ingest_telemetry(&DEVICE, 2, &retry, 0, 12)
+            .await
+            .unwrap(),
+        Ingested::Stored
+    );
 }
 
 fn device_record() -> DeviceRecord {
@@ -254,322 +467,23 @@ fn device_record() -> DeviceRecord {
     }
 }
 
-/// Every count batch 2 of [`crash_window_batches`] adds to.
-#[derive(Debug, PartialEq)]
-struct TelemetryFigures {
-    /// Each drift window's start, values and parts.
-    drift: Vec<(u64, u64, u64)>,
-    inferences: u64,
-    /// Each shadow window's comparisons and parts.
-    shadow: Vec<(u64, u64)>,
-    dropped_records: u64,
-}
-
-fn telemetry_figures(store: &Store) -> TelemetryFigures {
-    let shadow = store
-        .shadow_reports(&[5; 32], 0)
-        .unwrap()
-        .iter()
-        .map(|s| (s.record.compared, s.record.parts))
-        .collect();
-    TelemetryFigures {
-        drift: n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
-        inferences: store.stats(&DEVICE, "demo", 1).unwrap().count,
-        shadow,
-        dropped_records: store.device(&DEVICE).unwrap().unwrap().dropped_records,
-    }
-}
-
-/// Batch 1, and batch 2 which adds to every kind of record batch 1 wrote (two parts of one
-/// drift window, a new drift window, the counters, a shadow window, the dropped count).
-fn crash_window_batches(profile: &Profile) -> (Vec<WindowInput>, Vec<WindowInput>) {
-    let first = vec![
-        window(summary(profile, 3600, &[1.0, 2.0])),
-        shadow_window(3600, 10, 9),
-    ];
-    let second = vec![
-        window(summary(profile, 3600, &[3.0])),
-        window(summary(profile, 3600, &[4.0, 5.0])),
-        window(summary(profile, 7200, &[6.0])),
-        shadow_window(3600, 5, 5),
-    ];
-    (first, second)
-}
-
-/// A crash between two records of a batch leaves some records with the batch and its
-/// idempotency key unwritten; the device then resends the batch. For every point the crash
-/// can fall at, the resend completes the batch and every count takes it exactly once.
-#[test]
-fn a_batch_cut_short_by_a_crash_counts_once_when_resent() {
-    let profile = profile();
-    let (first, second) = crash_window_batches(&profile);
-    let expected = TelemetryFigures {
-        drift: vec![(3600, 5, 3), (7200, 1, 1)],
-        inferences: 6,
-        shadow: vec![(15, 2)],
-        dropped_records: 7 + 4,
-    };
-    let mut n_records = None;
-    let mut cut = 0;
-    while n_records.is_none_or(|n| cut <= n) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store.put_device(&device_record()).unwrap();
-        assert_eq!(
-            store.ingest_telemetry(&DEVICE, 1, &first, 7, 10).unwrap(),
-            Ingested::Stored
-        );
-        // Batch 2 up to the crash: its first `cut` records, and no idempotency key.
-        let records = store
-            .batch_records(&DEVICE, 2, &second, 4, 11)
-            .unwrap()
-            .unwrap();
-        n_records.get_or_insert(records.len());
-        for record in records.into_iter().take(cut) {
-            assert_eq!(
-                store.apply_batch_record(&DEVICE, 2, 11, record).unwrap(),
-                Ok(())
-            );
-        }
-        // The resend is new, completes the batch, and a second resend adds nothing.
-        assert_eq!(
-            store.ingest_telemetry(&DEVICE, 2, &second, 4, 12).unwrap(),
-            Ingested::Stored,
-            "crash after {cut} records"
-        );
-        assert_eq!(
-            telemetry_figures(&store),
-            expected,
-            "crash after {cut} records"
-        );
-        assert_eq!(
-            store.ingest_telemetry(&DEVICE, 2, &second, 4, 13).unwrap(),
-            Ingested::Duplicate
-        );
-        assert_eq!(
-            telemetry_figures(&store),
-            expected,
-            "crash after {cut} records"
-        );
-        cut += 1;
-    }
-    // Two drift windows, the counters, the shadow window and the dropped count.
-    assert_eq!(n_records, Some(5));
-}
-
-#[test]
-fn a_batch_below_the_highest_stored_one_is_refused_and_adds_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    store.put_device(&device_record()).unwrap();
-    let profile = profile();
-    let batch = |value: f64| [window(summary(&profile, 3600, &[value]))];
+async fn a_stale_read_written_back_loses_nobody_elses_change(store: &Store) {
+    store.put_device(&device_record()).await.unwrap();
+    let check_in_read = store.device_read(&DEVICE).await.unwrap().unwrap();
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 5, &batch(1.0), 1, 10)
+            .ingest_telemetry(&DEVICE, 1, &[], 3, 10)
+            .await
             .unwrap(),
         Ingested::Stored
     );
-    let before = (
-        n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
-        store.stats(&DEVICE, "demo", 1).unwrap(),
-        store.device(&DEVICE).unwrap(),
-    );
-    let after = |store: &Store| {
-        (
-            n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
-            store.stats(&DEVICE, "demo", 1).unwrap(),
-            store.device(&DEVICE).unwrap(),
-        )
-    };
-    assert_eq!(
-        store
-            .ingest_telemetry(&DEVICE, 3, &batch(2.0), 1, 11)
-            .unwrap(),
-        Ingested::OutOfOrder { highest: 5 }
-    );
-    assert_eq!(after(&store), before);
-    // Below a later batch that a crash cut short (no idempotency key yet), the records carry
-    // the later batch's sequence; that refuses the batch before anything is written too.
-    for record in store
-        .batch_records(&DEVICE, 9, &batch(3.0), 0, 12)
-        .unwrap()
-        .unwrap()
-    {
-        store
-            .apply_batch_record(&DEVICE, 9, 12, record)
-            .unwrap()
-            .unwrap();
-    }
-    let before = after(&store);
-    assert_eq!(
-        store
-            .ingest_telemetry(&DEVICE, 7, &batch(4.0), 1, 13)
-            .unwrap(),
-        Ingested::OutOfOrder { highest: 9 }
-    );
-    assert_eq!(after(&store), before);
-    // The stored batch is still a duplicate and the later ones are taken.
-    assert_eq!(
-        store
-            .ingest_telemetry(&DEVICE, 5, &batch(1.0), 1, 14)
-            .unwrap(),
-        Ingested::Duplicate
-    );
-    assert_eq!(
-        store
-            .ingest_telemetry(&DEVICE, 9, &batch(3.0), 0, 15)
-            .unwrap(),
-        Ingested::Stored
-    );
-    assert_eq!(
-        store
-            .ingest_telemetry(&DEVICE, 10, &batch(5.0), 0, 16)
-            .unwrap(),
-        Ingested::Stored
-    );
-    assert_eq!(
-        n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
-        [(3600, 3, 3)]
-    );
-    assert_eq!(store.device(&DEVICE).unwrap().unwrap().dropped_records, 1);
-}
-
-/// A record as the previous version wrote it: postcard of the record alone.
-fn old_form<T: Serialize>(record: &T) -> Vec<u8> {
-    postcard::to_stdvec(record).unwrap()
-}
-
-/// Records written before batches' sequences were stored with them hold the record alone.
-#[test]
-fn records_written_before_sequences_were_stored_read_and_take_new_batches() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let profile = profile();
-    let drift = summary(&profile, 3600, &[1.0, 2.0]);
-    let drift_key = drift_key("demo", 1, 7200, 3600, &DEVICE);
-    let old_drift = DriftRecord {
-        frame: outpost_protocol::encode(&drift).unwrap(),
-        parts: 2,
-        updated: 9,
-    };
-    store
-        .drift
-        .insert(&drift_key, old_form(&old_drift))
-        .unwrap();
-    let stats = StatsRecord {
-        count: 40,
-        errors: 1,
-        latency_buckets: vec![3, 4],
-    };
-    store
-        .stats
-        .insert(stats_key(&DEVICE, "demo", 1), old_form(&stats))
-        .unwrap();
-    let shadow_key = shadow_key(&[5; 32], (3600, 7200), &DEVICE, ("demo", 1));
-    let shadow = ShadowRecord {
-        compared: 8,
-        parts: 1,
-        ..ShadowRecord::default()
-    };
-    store.shadow.insert(&shadow_key, old_form(&shadow)).unwrap();
-    let device = DeviceRecord {
-        dropped_records: 2,
-        ..device_record()
-    };
-    store.devices.insert(DEVICE, old_form(&device)).unwrap();
-    // Batch 1 was stored by the previous version: a resend is still a duplicate.
-    store
-        .telemetry_seen
-        .insert(telemetry_seen_key(&DEVICE, 1), &10u64.to_be_bytes()[..])
-        .unwrap();
-
-    assert_eq!(store.device(&DEVICE).unwrap(), Some(device));
-    assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap(), stats);
-    let batch = [
-        window(summary(&profile, 3600, &[3.0])),
-        shadow_window(3600, 5, 5),
-    ];
-    assert_eq!(
-        store.ingest_telemetry(&DEVICE, 1, &batch, 3, 11).unwrap(),
-        Ingested::Duplicate
-    );
-    assert_eq!(
-        store.ingest_telemetry(&DEVICE, 2, &batch, 3, 11).unwrap(),
-        Ingested::Stored
-    );
-    assert_eq!(
-        n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
-        [(3600, 3, 3)]
-    );
-    assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, 41);
-    let shadows = store.shadow_reports(&[5; 32], 0).unwrap();
-    assert_eq!(
-        (shadows[0].record.compared, shadows[0].record.parts),
-        (13, 2)
-    );
-    assert_eq!(store.device(&DEVICE).unwrap().unwrap().dropped_records, 5);
-    // The previous version reads the new form too: postcard ignores the sequence after it.
-    let stored = store
-        .stats
-        .get(stats_key(&DEVICE, "demo", 1))
-        .unwrap()
-        .unwrap();
-    let read_before: StatsRecord = decode("stats", &stored).unwrap();
-    assert_eq!(read_before.count, 41);
-    assert_eq!(
-        decode_applied::<StatsRecord>("stats", &stored).unwrap().1,
-        Some(2)
-    );
-}
-
-/// `roots_after` answers from the newest version it knows without a search, so that number
-/// must follow every stored root, also across a restart.
-#[test]
-fn roots_after_sees_roots_stored_before_and_after_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let versions = |roots: Vec<(u64, Vec<u8>)>| -> Vec<u64> {
-        roots.into_iter().map(|(version, _)| version).collect()
-    };
-    {
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(versions(store.roots_after(0).unwrap()), Vec::<u64>::new());
-        store.put_root(1, b"root one").unwrap();
-        store.put_root(2, b"root two").unwrap();
-        assert_eq!(versions(store.roots_after(0).unwrap()), [1, 2]);
-        assert_eq!(versions(store.roots_after(2).unwrap()), Vec::<u64>::new());
-        store.flush_blocking().unwrap();
-    }
-    let store = Store::open(dir.path()).unwrap();
-    assert_eq!(store.roots_after(1).unwrap(), [(2, b"root two".to_vec())]);
-    assert_eq!(versions(store.roots_after(2).unwrap()), Vec::<u64>::new());
-    store.put_root(3, b"root three").unwrap();
-    assert_eq!(versions(store.roots_after(1).unwrap()), [2, 3]);
-    assert_eq!(
-        versions(store.roots_after(u64::MAX).unwrap()),
-        Vec::<u64>::new()
-    );
-}
-
-/// A check-in's read of a device record, taken before a batch counted dropped windows and
-/// before an operator revoked the device and labelled it, undoes none of them when the
-/// check-in writes its own fields.
-#[test]
-fn a_stale_read_written_back_loses_nobody_elses_change() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    store.put_device(&device_record()).unwrap();
-    let check_in_read = store.device_read(&DEVICE).unwrap().unwrap();
-    assert_eq!(
-        store.ingest_telemetry(&DEVICE, 1, &[], 3, 10).unwrap(),
-        Ingested::Stored
-    );
-    let operator_read = store.device_read(&DEVICE).unwrap().unwrap();
+    let operator_read = store.device_read(&DEVICE).await.unwrap().unwrap();
     store
         .update_device(operator_read, |device| {
             device.revoked = true;
             device.labels = vec![("site".to_owned(), "north".to_owned())];
         })
+        .await
         .unwrap()
         .unwrap();
     let written = store
@@ -577,9 +491,10 @@ fn a_stale_read_written_back_loses_nobody_elses_change() {
             device.state = "degraded".to_owned();
             device.last_checkin = Some(42);
         })
+        .await
         .unwrap()
         .unwrap();
-    let stored = store.device(&DEVICE).unwrap().unwrap();
+    let stored = store.device(&DEVICE).await.unwrap().unwrap();
     assert_eq!(stored, written);
     assert_eq!(
         (
@@ -597,78 +512,477 @@ fn a_stale_read_written_back_loses_nobody_elses_change() {
             3
         )
     );
-    // The batch's sequence stayed with the count: a crash-cut resend would not add again.
-    let bytes = store.devices.get(DEVICE).unwrap().unwrap();
-    assert_eq!(devices::decode_device(&bytes).unwrap().1, Some(1));
-    assert_eq!(
-        store.ingest_telemetry(&DEVICE, 1, &[], 3, 10).unwrap(),
-        Ingested::Duplicate
-    );
-    assert_eq!(store.device(&DEVICE).unwrap().unwrap().dropped_records, 3);
-}
-
-#[test]
-fn drift_frames_written_as_a_sequence_of_u8_read_the_same() {
-    // Before the frame was serialized as bytes, it was a plain `Vec<u8>`.
-    #[derive(Serialize)]
-    struct Before {
-        frame: Vec<u8>,
-        parts: u64,
-        updated: u64,
-    }
-    let frame: Vec<u8> = (0..=255).cycle().take(700).collect();
-    let before = old_form(&Before {
-        frame: frame.clone(),
-        parts: 3,
-        updated: 9,
-    });
-    let record = DriftRecord {
-        frame,
-        parts: 3,
-        updated: 9,
-    };
-    assert_eq!(encode("drift", &record).unwrap(), before);
-    assert_eq!(decode::<DriftRecord>("drift", &before).unwrap(), record);
-}
-
-#[test]
-fn a_summary_that_does_not_merge_refuses_the_whole_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let profile = profile();
-    let mut huge = summary(&profile, 3600, &[1.0]);
-    huge.features[0].n = u64::MAX;
-    huge.features[0].bins[0] = u64::MAX;
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 1, &[window(huge)], 0, 10)
+            .ingest_telemetry(&DEVICE, 1, &[], 3, 10)
+            .await
             .unwrap(),
-        Ingested::Stored
+        Ingested::Duplicate
     );
-    let batch = [
-        window(summary(&profile, 7200, &[2.0])),
-        window(summary(&profile, 3600, &[3.0])),
-    ];
-    match store.ingest_telemetry(&DEVICE, 2, &batch, 0, 11).unwrap() {
-        Ingested::Refused { window, reason } => {
-            assert_eq!(window, 1);
-            assert!(reason.contains("overflow"), "{reason}");
-        }
-        other => panic!("expected a refusal, got {other:?}"),
+    assert_eq!(
+        store
+            .device(&DEVICE)
+            .await
+            .unwrap()
+            .unwrap()
+            .dropped_records,
+        3
+    );
+    assert_eq!(store.device_count().await.unwrap(), 1);
+}
+
+async fn the_latest_requests_of_a_device_refuse_their_replays_and_older_ones_only(store: &Store) {
+    let device = [7u8; 16];
+    store.note_signed_at(&device, 100, [1; 16]).await.unwrap();
+    store.note_signed_at(&device, 101, [2; 16]).await.unwrap();
+    store.note_signed_at(&device, 101, [3; 16]).await.unwrap();
+    store.note_signed_at(&device, 99, [4; 16]).await.unwrap();
+    let latest = store.signed_at().await.unwrap().remove(&device).unwrap();
+    assert_eq!(latest.at, 101);
+    assert!(latest.may_replay(100, &[9; 16]), "an older second");
+    assert!(latest.may_replay(101, &[2; 16]) && latest.may_replay(101, &[3; 16]));
+    assert!(
+        !latest.may_replay(101, &[9; 16]),
+        "a new request in the same second"
+    );
+    assert!(!latest.may_replay(102, &[2; 16]));
+    // Past the nonces kept for one second, every request of that second could be a replay.
+    for nonce in 0..=LatestRequests::MAX_NONCES as u8 {
+        store
+            .note_signed_at(&device, 200, [nonce; 16])
+            .await
+            .unwrap();
     }
-    // Nothing of batch 2 was stored, not even its idempotency key.
+    let latest = store.signed_at().await.unwrap().remove(&device).unwrap();
+    assert!(latest.overflowed && latest.may_replay(200, &[250; 16]));
+}
+
+fn running(name: &str, version: u64) -> RunningRecord {
+    RunningRecord {
+        name: name.to_owned(),
+        version,
+        manifest_sha256: [version as u8; 32],
+    }
+}
+
+/// A committed status report updates the model it names among those the device runs, and
+/// `active` only when that is the same model (or none): a device running several models does
+/// not lose the others, nor its first, to a commit of one.
+async fn a_committed_report_updates_its_own_model_only(store: &Store) {
+    store
+        .put_device(&DeviceRecord {
+            active: Some(running("iris", 1)),
+            ..device_record()
+        })
+        .await
+        .unwrap();
+    let event = EventRecord {
+        at: 5,
+        kind: "committed".to_owned(),
+        plan_sequence: Some(3),
+        model: None,
+        detail: String::new(),
+    };
+    let outcome = OutcomeRecord {
+        kind: OutcomeKind::Committed,
+        at: 5,
+        reason: String::new(),
+    };
+    for (model, models, active) in [
+        (
+            running("vad", 1),
+            [running("iris", 1), running("vad", 1)],
+            running("iris", 1),
+        ),
+        (
+            running("iris", 2),
+            [running("iris", 2), running("vad", 1)],
+            running("iris", 2),
+        ),
+        (
+            running("vad", 2),
+            [running("iris", 2), running("vad", 2)],
+            running("iris", 2),
+        ),
+    ] {
+        store
+            .record_status(&DEVICE, Some(3), Some(&outcome), &event, Some(&model))
+            .await
+            .unwrap();
+        let stored = store.device(&DEVICE).await.unwrap().unwrap();
+        assert_eq!(stored.models, models);
+        assert_eq!(stored.active, Some(active));
+    }
+    assert_eq!(store.outcomes(3).await.unwrap(), [(DEVICE, outcome)]);
+    assert!(store.outcomes(4).await.unwrap().is_empty());
     assert_eq!(
-        n_of(&store.drift_summaries("demo", 1, 0).unwrap()),
-        [(3600, u64::MAX, 1)]
-    );
-    assert_eq!(store.stats(&DEVICE, "demo", 1).unwrap().count, u64::MAX);
-    let retry = [window(summary(&profile, 7200, &[2.0]))];
-    assert_eq!(
-        store.ingest_telemetry(&DEVICE, 2, &retry, 0, 12).unwrap(),
-        Ingested::Stored
+        store.events(&DEVICE, 2).await.unwrap(),
+        [event.clone(), event]
     );
 }
 
+/// However many enrollments race for a token with one use left, one device is enrolled, with
+/// its enrollment event; the others are told the token is used up.
+async fn a_token_with_one_use_left_enrolls_one_device_of_many_at_once(store: &Store) {
+    let hash = [4; 32];
+    store
+        .insert_enroll_token(
+            &hash,
+            &EnrollTokenRecord {
+                id: "t1".to_owned(),
+                labels: vec![("site".to_owned(), "lab".to_owned())],
+                expires: 1000,
+                uses_left: 1,
+                created: 1,
+            },
+        )
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..8u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .enroll(
+                    &hash,
+                    10,
+                    |token| DeviceRecord {
+                        id: [n; 16],
+                        labels: token.labels.clone(),
+                        ..device_record()
+                    },
+                    |_| EventRecord {
+                        at: 10,
+                        kind: "enrolled".to_owned(),
+                        plan_sequence: None,
+                        model: None,
+                        detail: String::new(),
+                    },
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    let mut enrolled = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(device) => enrolled.push(device.id),
+            Err(refusal) => assert_eq!(refusal, TokenRefusal::UsedUp),
+        }
+    }
+    assert_eq!(enrolled.len(), 1);
+    assert_eq!(store.devices().await.unwrap().len(), 1);
+    assert_eq!(store.events(&enrolled[0], 10).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .enroll(&[5; 32], 10, |_| device_record(), |_| unreachable!())
+            .await
+            .unwrap(),
+        Err(TokenRefusal::Unknown)
+    );
+    assert_eq!(
+        store
+            .revoke_enroll_token("t1")
+            .await
+            .unwrap()
+            .map(|t| t.uses_left),
+        Some(0)
+    );
+    assert!(store.enroll_tokens().await.unwrap().is_empty());
+}
+
+/// Appends from several tasks at once each see the entry before them: the chain has no gap and
+/// no fork, and its head is the last entry.
+async fn audit_entries_appended_at_once_form_one_chain(store: &Store) {
+    let mut tasks = Vec::new();
+    for n in 0..6u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .append_audit(|seq, prev_hash| AuditRecord {
+                    seq: seq + 1,
+                    at: 1,
+                    actor: format!("actor {n}"),
+                    action: "test".to_owned(),
+                    target: String::new(),
+                    detail: String::new(),
+                    prev_hash,
+                    hash: [seq as u8 + 1; 32],
+                })
+                .await
+                .unwrap()
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let (entries, head) = store.audit_entries(0).await.unwrap();
+    assert_eq!(entries.len(), 6);
+    for (index, entry) in entries.iter().enumerate() {
+        assert_eq!(entry.seq, index as u64 + 1);
+        assert_eq!(entry.prev_hash, [index as u8; 32]);
+    }
+    assert_eq!(head, Some((6, [6; 32])));
+    assert_eq!(store.audit_entries(4).await.unwrap().0.len(), 2);
+    assert!(store.audit_entries(u64::MAX).await.unwrap().0.is_empty());
+}
+
+async fn roots_manifests_rollouts_and_retirements_read_back_in_order(store: &Store) {
+    for version in [2, 1, 3] {
+        store
+            .put_root(version, format!("root {version}").as_bytes())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store
+            .roots()
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(
+        store.roots_after(2).await.unwrap(),
+        [(3, b"root 3".to_vec())]
+    );
+    assert!(store.roots_after(u64::MAX).await.unwrap().is_empty());
+    let error = store.put_root(u64::MAX, b"x").await.unwrap_err();
+    assert!(error.to_string().contains("root version"), "{error}");
+
+    let manifest = |n: u8| ManifestRecord {
+        signed: vec![n],
+        sha256: [n; 32],
+        published_at: 1,
+    };
+    store
+        .put_manifest("iris-v2", 3, &manifest(3))
+        .await
+        .unwrap();
+    store
+        .put_manifest("iris-v2", 1, &manifest(1))
+        .await
+        .unwrap();
+    assert!(store.has_model("iris-v2").await.unwrap());
+    // A name that is a prefix of a published one is not published.
+    assert!(!store.has_model("iris").await.unwrap());
+    assert!(store.has_manifest("iris-v2", 1).await.unwrap());
+    assert!(!store.has_manifest("iris-v2", u64::MAX).await.unwrap());
+    assert_eq!(
+        store.manifests().await.unwrap(),
+        [
+            ("iris-v2".to_owned(), 1, manifest(1)),
+            ("iris-v2".to_owned(), 3, manifest(3))
+        ]
+    );
+
+    let rollout = |sequence: u64| RolloutRecord {
+        sequence,
+        signed_plan: vec![1],
+        state: RolloutStateRecord::Active,
+        stage_index: 0,
+        stage_started: vec![1],
+        decisions: Vec::new(),
+        created: 1,
+    };
+    store.put_rollout(&rollout(9)).await.unwrap();
+    store.put_rollout(&rollout(2)).await.unwrap();
+    store
+        .put_rollout(&RolloutRecord {
+            state: RolloutStateRecord::Completed,
+            ..rollout(9)
+        })
+        .await
+        .unwrap();
+    let stored = store.rollouts().await.unwrap();
+    assert_eq!(
+        stored.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+        [2, 9]
+    );
+    assert_eq!(stored[1].state, RolloutStateRecord::Completed);
+    assert_eq!(store.rollout(2).await.unwrap(), Some(rollout(2)));
+    assert_eq!(store.rollout(u64::MAX).await.unwrap(), None);
+
+    let retirement = |sequence: u64| RetirementRecord {
+        sequence,
+        signed: format!("retire {sequence}").into_bytes(),
+        stored_at: 100 + sequence,
+        by: "ops".to_owned(),
+    };
+    assert!(store.retirements().await.unwrap().is_empty());
+    store.put_retirement(&retirement(300)).await.unwrap();
+    store.put_retirement(&retirement(7)).await.unwrap();
+    assert_eq!(
+        store.retirements().await.unwrap(),
+        [retirement(7), retirement(300)]
+    );
+}
+
+/// A device's latest runtime report is kept, per device; one the device dated earlier than the
+/// stored one leaves it be, and one of the same second replaces it.
+async fn the_latest_runtime_report_of_each_device_is_kept(store: &Store) {
+    let report = |at: u64, runtime: &str| RuntimeReportRecord {
+        at,
+        models: vec![ModelRuntimeRecord {
+            name: "demo".to_owned(),
+            version: 3,
+            runtime: runtime.to_owned(),
+            runtime_version: "1.22.0".to_owned(),
+            providers: vec!["CPUExecutionProvider".to_owned()],
+            fallback: (runtime == "tract").then(|| "onnxruntime: library not found".to_owned()),
+        }],
+    };
+    let other = [8; 16];
+    assert_eq!(store.runtimes(&DEVICE).await.unwrap(), None);
+    assert!(store.all_runtimes().await.unwrap().is_empty());
+    assert!(store
+        .put_runtimes(&DEVICE, &report(100, "onnxruntime"))
+        .await
+        .unwrap());
+    assert!(!store
+        .put_runtimes(&DEVICE, &report(99, "tract"))
+        .await
+        .unwrap());
+    assert!(store
+        .put_runtimes(&other, &report(5, "tract"))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.runtimes(&DEVICE).await.unwrap(),
+        Some(report(100, "onnxruntime"))
+    );
+    assert!(store
+        .put_runtimes(&DEVICE, &report(100, "tract"))
+        .await
+        .unwrap());
+    let all = store.all_runtimes().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[&DEVICE], report(100, "tract"));
+    assert_eq!(all[&other], report(5, "tract"));
+}
+
+async fn retention_prunes_events_markers_and_expired_windows(store: &Store) {
+    let profile = profile();
+    for n in 0..5u64 {
+        store
+            .add_event(
+                &DEVICE,
+                &EventRecord {
+                    at: n,
+                    kind: "status".to_owned(),
+                    plan_sequence: None,
+                    model: None,
+                    detail: String::new(),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.prune_events(&DEVICE, 2).await.unwrap(), 3);
+    let kept: Vec<u64> = store
+        .events(&DEVICE, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.at)
+        .collect();
+    assert_eq!(kept, [3, 4]);
+
+    for (sequence, start) in [(1, 3600), (2, 7200), (3, 10_800)] {
+        let windows = [window(summary(&profile, start, &[1.0]))];
+        store
+            .ingest_telemetry(&DEVICE, sequence, &windows, 0, sequence * 100)
+            .await
+            .unwrap();
+    }
+    // Markers stored before 250 go, except the newest.
+    assert_eq!(store.prune_batch_markers(&DEVICE, 250).await.unwrap(), 2);
+    assert_eq!(
+        store.prune_batch_markers(&DEVICE, u64::MAX).await.unwrap(),
+        0
+    );
+    // The newest marker still refuses a batch below it.
+    let late = [window(summary(&profile, 3600, &[1.0]))];
+    assert_eq!(
+        store
+            .ingest_telemetry(&DEVICE, 2, &late, 0, 400)
+            .await
+            .unwrap(),
+        Ingested::OutOfOrder { highest: 3 }
+    );
+    // Windows that ended before the cutoff go.
+    let pruned = store.prune_telemetry(10_800).await.unwrap();
+    assert_eq!(
+        pruned,
+        Pruned {
+            drift: 1,
+            shadow: 0
+        }
+    );
+    assert_eq!(
+        n_of(&store.drift_summaries("demo", 1, 0).await.unwrap()),
+        [(7200, 1, 1), (10_800, 1, 1)]
+    );
+}
+
+/// The schema is migrated once: a reopen applies nothing again, and a database a newer hub wrote
+/// is refused by name. One process at a time opens an embedded store.
+#[tokio::test]
+async fn a_reopened_store_keeps_its_rows_and_a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).await.unwrap();
+        let error = Store::open(dir.path()).await.unwrap_err();
+        assert!(
+            error.to_string().contains("is another hub running on it?"),
+            "{error}"
+        );
+        store.put_root(1, b"root").await.unwrap();
+        store.close().await.unwrap();
+    }
+    let store = Store::open(dir.path()).await.unwrap();
+    assert_eq!(store.roots().await.unwrap(), [(1, b"root".to_vec())]);
+    sqlx::query("INSERT INTO outpost_schema (version, applied_at) VALUES ($1, 0)")
+        .bind(sql::SCHEMA_VERSION + 1)
+        .execute(&store.writer)
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    let error = Store::open(dir.path()).await.unwrap_err();
+    assert!(
+        error.to_string().contains("written by a newer hub"),
+        "{error}"
+    );
+}
+
+#[test]
+fn databases_are_named_as_operators_write_them() {
+    let parse = |text: &str| text.parse::<Database>();
+    assert_eq!(
+        parse("postgres://hub:secret@db.example/outpost"),
+        Ok(Database::Postgres(
+            "postgres://hub:secret@db.example/outpost".to_owned()
+        ))
+    );
+    assert_eq!(
+        parse("postgres://hub:secret@db.example/outpost")
+            .unwrap()
+            .describe(),
+        "PostgreSQL postgres://hub:***@db.example/outpost"
+    );
+    assert_eq!(
+        parse("sqlite:/var/lib/outpost/hub.db"),
+        Ok(Database::Sqlite("/var/lib/outpost/hub.db".into()))
+    );
+    assert_eq!(parse("/tmp/x.db"), Ok(Database::Sqlite("/tmp/x.db".into())));
+    assert!(parse("mysql://x")
+        .unwrap_err()
+        .contains("only postgres:// and sqlite:"));
+    assert!(parse("sqlite:").is_err());
+}
 #[test]
 fn an_admin_token_without_a_tail_never_expires_and_an_older_hub_reads_one_with_it() {
     let first = AdminTokenRecord {
@@ -695,221 +1009,4 @@ fn an_admin_token_without_a_tail_never_expires_and_an_older_hub_reads_one_with_i
         first
     );
     assert!(expiring.expired(20) && !expiring.expired(19) && !first.expired(u64::MAX));
-}
-
-#[test]
-fn the_latest_requests_of_a_device_refuse_their_replays_and_older_ones_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let device = [7u8; 16];
-    store.note_signed_at(&device, 100, [1; 16]).unwrap();
-    store.note_signed_at(&device, 101, [2; 16]).unwrap();
-    store.note_signed_at(&device, 101, [3; 16]).unwrap();
-    store.note_signed_at(&device, 99, [4; 16]).unwrap();
-    let latest = store.signed_at().unwrap().remove(&device).unwrap();
-    assert_eq!(latest.at, 101);
-    assert!(latest.may_replay(100, &[9; 16]), "an older second");
-    assert!(latest.may_replay(101, &[2; 16]) && latest.may_replay(101, &[3; 16]));
-    assert!(
-        !latest.may_replay(101, &[9; 16]),
-        "a new request in the same second"
-    );
-    assert!(!latest.may_replay(102, &[2; 16]));
-    // Past the nonces kept for one second, every request of that second could be a replay.
-    for nonce in 0..=LatestRequests::MAX_NONCES as u8 {
-        store.note_signed_at(&device, 200, [nonce; 16]).unwrap();
-    }
-    let latest = store.signed_at().unwrap().remove(&device).unwrap();
-    assert!(latest.overflowed && latest.may_replay(200, &[250; 16]));
-}
-
-fn running(name: &str, version: u64) -> RunningRecord {
-    RunningRecord {
-        name: name.to_owned(),
-        version,
-        manifest_sha256: [version as u8; 32],
-    }
-}
-
-/// Issue 20: the models a device runs live in a tail after the fields (and batch sequence) hubs
-/// wrote before, so records of 0.1.0 read as they were, a record with no models is written as
-/// before byte for byte, and an older hub reads a record with models, ignoring them.
-#[test]
-fn a_device_records_models_are_a_tail_that_old_records_and_older_hubs_do_without() {
-    let with_models = DeviceRecord {
-        active: Some(running("vad", 2)),
-        models: vec![running("iris", 1), running("vad", 2)],
-        several_models: false,
-        ..device_record()
-    };
-    let without_models = DeviceRecord {
-        models: Vec::new(),
-        ..with_models.clone()
-    };
-    for applied in [None, Some(9)] {
-        // No models: the record alone, or with its batch sequence, as before.
-        let bytes = devices::encode_device(&without_models, applied).unwrap();
-        assert_eq!(
-            bytes,
-            encode_applied("devices", &without_models, applied).unwrap()
-        );
-        assert_eq!(
-            devices::decode_device(&bytes).unwrap(),
-            (without_models.clone(), applied)
-        );
-        // For a record of 0.1.0, the active model is the one it runs.
-        assert_eq!(without_models.running(), [running("vad", 2)]);
-
-        let bytes = devices::encode_device(&with_models, applied).unwrap();
-        assert!(bytes.starts_with(&old_form(&without_models)));
-        assert_eq!(
-            devices::decode_device(&bytes).unwrap(),
-            (with_models.clone(), applied)
-        );
-        assert_eq!(with_models.running(), with_models.models.as_slice());
-        // An older hub reads the fields it knows and a batch sequence (0 for none).
-        assert_eq!(
-            decode_applied::<DeviceRecord>("devices", &bytes).unwrap(),
-            (without_models.clone(), Some(applied.unwrap_or(0)))
-        );
-    }
-
-    // Through the store: a check-in's models survive a telemetry batch's dropped count, and the
-    // batch's sequence stays known.
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    store.put_device(&device_record()).unwrap();
-    let read = store.device_read(&DEVICE).unwrap().unwrap();
-    store
-        .update_device(read, |device| device.models = with_models.models.clone())
-        .unwrap();
-    assert_eq!(
-        store.ingest_telemetry(&DEVICE, 4, &[], 2, 10).unwrap(),
-        Ingested::Stored
-    );
-    assert_eq!(
-        store.ingest_telemetry(&DEVICE, 4, &[], 2, 10).unwrap(),
-        Ingested::Duplicate
-    );
-    let bytes = store.devices.get(DEVICE).unwrap().unwrap();
-    let (stored, applied) = devices::decode_device(&bytes).unwrap();
-    assert_eq!(applied, Some(4));
-    assert_eq!(stored.models, with_models.models);
-    assert_eq!(stored.dropped_records, 2);
-}
-
-/// A committed status report updates the model it names among those the device runs, and
-/// `active` only when that is the same model (or none): a device running several models does
-/// not lose the others, nor its first, to a commit of one.
-#[test]
-fn a_committed_report_updates_its_own_model_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    // As 0.1.0 stored it: the one active model, no list.
-    let device = DeviceRecord {
-        active: Some(running("iris", 1)),
-        ..device_record()
-    };
-    store.devices.insert(DEVICE, old_form(&device)).unwrap();
-    let event = EventRecord {
-        at: 5,
-        kind: "committed".to_owned(),
-        plan_sequence: Some(3),
-        model: None,
-        detail: String::new(),
-    };
-    let commit = |model: RunningRecord| {
-        store
-            .record_status(&DEVICE, Some(3), None, &event, Some(&model))
-            .unwrap();
-        store.device(&DEVICE).unwrap().unwrap()
-    };
-    let stored = commit(running("vad", 1));
-    assert_eq!(stored.models, [running("iris", 1), running("vad", 1)]);
-    assert_eq!(stored.active, Some(running("iris", 1)));
-    let stored = commit(running("iris", 2));
-    assert_eq!(stored.models, [running("iris", 2), running("vad", 1)]);
-    assert_eq!(stored.active, Some(running("iris", 2)));
-    let stored = commit(running("vad", 2));
-    assert_eq!(stored.models, [running("iris", 2), running("vad", 2)]);
-    assert_eq!(stored.active, Some(running("iris", 2)));
-    assert_eq!(stored.running_model("vad"), Some(&running("vad", 2)));
-}
-
-/// Issue 20: retirements are kept as signed, by sequence, oldest first, across a reopen; a store
-/// without the tree (every store older hubs wrote) opens with none.
-#[test]
-fn retirements_are_kept_by_sequence_across_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let record = |sequence: u64| RetirementRecord {
-        sequence,
-        signed: format!("retire {sequence}").into_bytes(),
-        stored_at: 100 + sequence,
-        by: "ops".to_owned(),
-    };
-    {
-        let store = Store::open(dir.path()).unwrap();
-        assert!(store.retirements().unwrap().is_empty());
-        store.put_retirement(&record(300)).unwrap();
-        store.put_retirement(&record(7)).unwrap();
-        store.flush_blocking().unwrap();
-    }
-    let store = Store::open(dir.path()).unwrap();
-    assert_eq!(store.retirements().unwrap(), [record(7), record(300)]);
-}
-
-#[test]
-fn a_model_is_known_once_any_version_is_published() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let manifest = ManifestRecord {
-        signed: b"manifest".to_vec(),
-        sha256: [1; 32],
-        published_at: 1,
-    };
-    store.put_manifest("iris-v2", 3, &manifest).unwrap();
-    assert!(store.has_model("iris-v2").unwrap());
-    // A name that is a prefix of a published one is not published.
-    assert!(!store.has_model("iris").unwrap());
-    assert!(!store.has_model("iris-v").unwrap());
-}
-
-/// A device's latest runtime report is kept across a reopen, per device; one the device dated
-/// earlier than the stored one leaves it be, and one of the same second replaces it.
-#[test]
-fn the_latest_runtime_report_of_each_device_is_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let report = |at: u64, runtime: &str| RuntimeReportRecord {
-        at,
-        models: vec![ModelRuntimeRecord {
-            name: "demo".to_owned(),
-            version: 3,
-            runtime: runtime.to_owned(),
-            runtime_version: "1.22.0".to_owned(),
-            providers: vec!["CPUExecutionProvider".to_owned()],
-            fallback: (runtime == "tract").then(|| "onnxruntime: library not found".to_owned()),
-        }],
-    };
-    let other = [8; 16];
-    {
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.runtimes(&DEVICE).unwrap(), None);
-        assert!(store.all_runtimes().unwrap().is_empty());
-        assert!(store
-            .put_runtimes(&DEVICE, &report(100, "onnxruntime"))
-            .unwrap());
-        assert!(!store.put_runtimes(&DEVICE, &report(99, "tract")).unwrap());
-        assert!(store.put_runtimes(&other, &report(5, "tract")).unwrap());
-        store.flush_blocking().unwrap();
-    }
-    let store = Store::open(dir.path()).unwrap();
-    assert_eq!(
-        store.runtimes(&DEVICE).unwrap(),
-        Some(report(100, "onnxruntime"))
-    );
-    assert!(store.put_runtimes(&DEVICE, &report(100, "tract")).unwrap());
-    let all = store.all_runtimes().unwrap();
-    assert_eq!(all.len(), 2);
-    assert_eq!(all[&DEVICE], report(100, "tract"));
-    assert_eq!(all[&other], report(5, "tract"));
 }

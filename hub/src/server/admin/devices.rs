@@ -33,8 +33,11 @@ pub(crate) fn device_summary(
 }
 
 /// [`device_summary`] of a device as stored now, its runtime report read from the store.
-fn stored_summary(hub: &SharedHub, device: &DeviceRecord) -> Result<DeviceSummary, AdminError> {
-    let runtimes = hub.store.runtimes(&device.id)?;
+async fn stored_summary(
+    hub: &SharedHub,
+    device: &DeviceRecord,
+) -> Result<DeviceSummary, AdminError> {
+    let runtimes = hub.store.runtimes(&device.id).await?;
     Ok(device_summary(device, runtimes.as_ref(), unix_now()))
 }
 
@@ -68,7 +71,7 @@ pub(super) async fn list_devices(
     headers: HeaderMap,
     Query(query): Query<DeviceQuery>,
 ) -> Reply<Vec<DeviceSummary>> {
-    require(&hub, &headers, Role::Viewer)?;
+    require(&hub, &headers, Role::Viewer).await?;
     let selector = parse_selector(query.selector.as_deref())?;
     let agent = query
         .agent
@@ -77,10 +80,11 @@ pub(super) async fn list_devices(
         .transpose()
         .map_err(|error| AdminError::bad_request(format!("agent filter {error}")))?;
     let now = unix_now();
-    let runtimes = hub.store.all_runtimes()?;
+    let runtimes = hub.store.all_runtimes().await?;
     let devices = hub
         .store
-        .devices()?
+        .devices()
+        .await?
         .iter()
         .filter(|device| selector_matches(&selector, &crate::server::fleet::labels_of(device)))
         .filter(|device| {
@@ -93,29 +97,31 @@ pub(super) async fn list_devices(
     Ok(Json(devices))
 }
 
-pub(super) fn find_device(hub: &SharedHub, id: &str) -> Result<DeviceRecord, AdminError> {
-    Ok(read_device(hub, id)?.record)
+pub(super) async fn find_device(hub: &SharedHub, id: &str) -> Result<DeviceRecord, AdminError> {
+    Ok(read_device(hub, id).await?.record)
 }
 
 /// A device's record as stored, to change with [`crate::store::Store::update_device`].
-pub(super) fn read_device(hub: &SharedHub, id: &str) -> Result<DeviceRead, AdminError> {
+pub(super) async fn read_device(hub: &SharedHub, id: &str) -> Result<DeviceRead, AdminError> {
     let parsed = outpost_protocol::device::DeviceId::from_hex(id).ok_or_else(|| {
         AdminError::bad_request(format!("{id:?} is not a device id (32 hex digits)"))
     })?;
     hub.store
-        .device_read(&parsed.0)?
+        .device_read(&parsed.0)
+        .await?
         .ok_or_else(|| AdminError::not_found(format!("no device {id}")))
 }
 
 /// Applies `change` to a device's stored record (again, if a check-in or a telemetry batch
 /// wrote it in between) and returns the record written.
-pub(super) fn update_device(
+pub(super) async fn update_device(
     hub: &SharedHub,
     id: &str,
     change: impl Fn(&mut DeviceRecord),
 ) -> Result<DeviceRecord, AdminError> {
     hub.store
-        .update_device(read_device(hub, id)?, change)?
+        .update_device(read_device(hub, id).await?, change)
+        .await?
         .ok_or_else(|| AdminError::not_found(format!("no device {id}")))
 }
 
@@ -124,11 +130,12 @@ pub(super) async fn show_device(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Reply<DeviceDetail> {
-    require(&hub, &headers, Role::Viewer)?;
-    let device = find_device(&hub, &id)?;
+    require(&hub, &headers, Role::Viewer).await?;
+    let device = find_device(&hub, &id).await?;
     let events = hub
         .store
-        .events(&device.id, MAX_EVENTS)?
+        .events(&device.id, MAX_EVENTS)
+        .await?
         .into_iter()
         .map(|event| DeviceEvent {
             at: event.at,
@@ -142,7 +149,8 @@ pub(super) async fn show_device(
         .collect();
     let inferences = hub
         .store
-        .device_stats(&device.id)?
+        .device_stats(&device.id)
+        .await?
         .into_iter()
         .map(|(name, version, stats)| InferenceCounts {
             model: ModelRef { name, version },
@@ -151,7 +159,7 @@ pub(super) async fn show_device(
         })
         .collect();
     Ok(Json(DeviceDetail {
-        device: stored_summary(&hub, &device)?,
+        device: stored_summary(&hub, &device).await?,
         public_key: hex::encode(device.public_key),
         plan_sequence: device.plan_sequence,
         dropped_records: device.dropped_records,
@@ -166,7 +174,7 @@ pub(super) async fn label_device(
     Path(id): Path<String>,
     body: Result<Json<LabelChange>, JsonRejection>,
 ) -> Reply<DeviceSummary> {
-    let actor = require(&hub, &headers, Role::Admin)?;
+    let actor = require(&hub, &headers, Role::Admin).await?;
     let Json(change) = body?;
     let set = parse_labels(&change.set)?;
     let device = update_device(&hub, &id, |device| {
@@ -178,21 +186,24 @@ pub(super) async fn label_device(
                 .map(|label| (label.key.clone(), label.value.clone())),
         );
         device.labels.sort();
-    })?;
+    })
+    .await?;
     let detail = format!("set {:?}, removed {:?}", change.set, change.remove);
-    hub.store.add_event(
-        &device.id,
-        &EventRecord {
-            at: unix_now(),
-            kind: "labels".into(),
-            plan_sequence: None,
-            model: None,
-            detail: detail.clone(),
-        },
-    )?;
-    audit(&hub, &actor, "device label", &id, &detail)?;
+    hub.store
+        .add_event(
+            &device.id,
+            &EventRecord {
+                at: unix_now(),
+                kind: "labels".into(),
+                plan_sequence: None,
+                model: None,
+                detail: detail.clone(),
+            },
+        )
+        .await?;
+    audit(&hub, &actor, "device label", &id, &detail).await?;
     hub.store.flush().await?;
-    Ok(Json(stored_summary(&hub, &device)?))
+    Ok(Json(stored_summary(&hub, &device).await?))
 }
 
 pub(super) async fn revoke_device(
@@ -200,20 +211,22 @@ pub(super) async fn revoke_device(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Reply<DeviceSummary> {
-    let actor = require(&hub, &headers, Role::Admin)?;
-    let device = update_device(&hub, &id, |device| device.revoked = true)?;
-    hub.store.add_event(
-        &device.id,
-        &EventRecord {
-            at: unix_now(),
-            kind: "revoked".into(),
-            plan_sequence: None,
-            model: None,
-            detail: format!("by {}", actor.name),
-        },
-    )?;
-    audit(&hub, &actor, "device revoke", &id, "")?;
+    let actor = require(&hub, &headers, Role::Admin).await?;
+    let device = update_device(&hub, &id, |device| device.revoked = true).await?;
+    hub.store
+        .add_event(
+            &device.id,
+            &EventRecord {
+                at: unix_now(),
+                kind: "revoked".into(),
+                plan_sequence: None,
+                model: None,
+                detail: format!("by {}", actor.name),
+            },
+        )
+        .await?;
+    audit(&hub, &actor, "device revoke", &id, "").await?;
     hub.store.flush().await?;
     log::info!("device {id} revoked by {}", actor.name);
-    Ok(Json(stored_summary(&hub, &device)?))
+    Ok(Json(stored_summary(&hub, &device).await?))
 }

@@ -228,7 +228,7 @@ pub(crate) fn role_record(role: Role) -> RoleRecord {
 }
 
 /// Checks the bearer token and its role.
-pub(super) fn require(
+pub(super) async fn require(
     hub: &SharedHub,
     headers: &HeaderMap,
     role: Role,
@@ -242,19 +242,20 @@ pub(super) fn require(
     let token = value
         .strip_prefix("Bearer ")
         .ok_or_else(|| unauthorized("authorization header is not a bearer token"))?;
-    authorize(hub, token, role)
+    authorize(hub, token, role).await
 }
 
 /// Checks an admin token presented by any means (a bearer header, the dashboard's cookie) and its
 /// role: the one check both front doors share.
-pub(super) fn authorize(
+pub(super) async fn authorize(
     hub: &SharedHub,
     token: &str,
     role: Role,
 ) -> Result<AdminTokenRecord, AdminError> {
     let record = hub
         .store
-        .admin_token(&sha256(token.trim().as_bytes()).0)?
+        .admin_token(&sha256(token.trim().as_bytes()).0)
+        .await?
         .ok_or_else(|| AdminError::new(StatusCode::UNAUTHORIZED, "unknown or revoked token"))?;
     if let Some(expires) = record.expires.filter(|_| record.expired(unix_now())) {
         return Err(AdminError::new(
@@ -282,14 +283,14 @@ pub(super) fn authorize(
     Ok(record)
 }
 
-fn audit(
+async fn audit(
     hub: &SharedHub,
     actor: &AdminTokenRecord,
     action: &str,
     target: &str,
     detail: &str,
 ) -> Result<(), AdminError> {
-    audit::append(&hub.store, unix_now(), &actor.name, action, target, detail)?;
+    audit::append(&hub.store, unix_now(), &actor.name, action, target, detail).await?;
     Ok(())
 }
 
@@ -307,7 +308,7 @@ fn random_hex(bytes: usize) -> Result<String, AdminError> {
 }
 
 async fn whoami(State(hub): State<SharedHub>, headers: HeaderMap) -> Reply<WhoAmI> {
-    let token = require(&hub, &headers, Role::Viewer)?;
+    let token = require(&hub, &headers, Role::Viewer).await?;
     Ok(Json(WhoAmI {
         token_id: token.id,
         name: token.name,

@@ -3,8 +3,8 @@
 use super::*;
 
 /// The newest root the hub holds, as a verified value.
-pub(super) fn latest_root(hub: &SharedHub) -> Result<Option<VerifiedRoot>, AdminError> {
-    match hub.store.roots()?.pop() {
+pub(super) async fn latest_root(hub: &SharedHub) -> Result<Option<VerifiedRoot>, AdminError> {
+    match hub.store.roots().await?.pop() {
         Some((_, bytes)) => Ok(Some(
             VerifiedRoot::load_trusted(&bytes)
                 .map_err(|error| AdminError::internal(format!("stored root: {error}")))?,
@@ -13,8 +13,8 @@ pub(super) fn latest_root(hub: &SharedHub) -> Result<Option<VerifiedRoot>, Admin
     }
 }
 
-pub(super) fn require_root(hub: &SharedHub) -> Result<VerifiedRoot, AdminError> {
-    latest_root(hub)?.ok_or_else(|| {
+pub(super) async fn require_root(hub: &SharedHub) -> Result<VerifiedRoot, AdminError> {
+    latest_root(hub).await?.ok_or_else(|| {
         AdminError::conflict(
             "the hub has no trust root yet; upload one with `outpost-hub root upload`",
         )
@@ -39,9 +39,9 @@ pub(super) async fn list_roots(
     State(hub): State<SharedHub>,
     headers: HeaderMap,
 ) -> Reply<Vec<RootInfo>> {
-    require(&hub, &headers, Role::Viewer)?;
+    require(&hub, &headers, Role::Viewer).await?;
     let mut infos = Vec::new();
-    for (_, bytes) in hub.store.roots()? {
+    for (_, bytes) in hub.store.roots().await? {
         let root = VerifiedRoot::load_trusted(&bytes)
             .map_err(|error| AdminError::internal(format!("stored root: {error}")))?;
         infos.push(root_info(&root));
@@ -54,12 +54,12 @@ pub(super) async fn upload_root(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<RootInfo>), AdminError> {
-    let actor = require(&hub, &headers, Role::Publisher)?;
+    let actor = require(&hub, &headers, Role::Publisher).await?;
     let bytes = body?;
     let refused = |error: outpost_protocol::VerifyError| {
         AdminError::bad_request(format!("root refused: {error}"))
     };
-    let root = match latest_root(&hub)? {
+    let root = match latest_root(&hub).await? {
         None => VerifiedRoot::verify_initial(&bytes, &floor()).map_err(refused)?,
         Some(current) if current.signed_bytes() == bytes.as_ref() => {
             return Ok((StatusCode::OK, Json(root_info(&current))));
@@ -70,14 +70,15 @@ pub(super) async fn upload_root(
             next
         }
     };
-    hub.store.put_root(root.version(), &bytes)?;
+    hub.store.put_root(root.version(), &bytes).await?;
     audit(
         &hub,
         &actor,
         "root upload",
         &format!("root {}", root.version()),
         &format!("{}-of-{}", root.body().threshold, root.body().keys.len()),
-    )?;
+    )
+    .await?;
     hub.store.flush().await?;
     Ok((StatusCode::CREATED, Json(root_info(&root))))
 }
@@ -87,7 +88,7 @@ pub(super) async fn has_artifact(
     headers: HeaderMap,
     Path(digest): Path<String>,
 ) -> Result<StatusCode, AdminError> {
-    require(&hub, &headers, Role::Viewer)?;
+    require(&hub, &headers, Role::Viewer).await?;
     let digest = Sha256::from_hex(&digest)
         .ok_or_else(|| AdminError::bad_request("artifact name is not a hex sha256"))?;
     Ok(
@@ -109,7 +110,7 @@ pub(super) async fn upload_artifact(
     Path(digest): Path<String>,
     body: Body,
 ) -> Result<StatusCode, AdminError> {
-    let actor = require(&hub, &headers, Role::Publisher)?;
+    let actor = require(&hub, &headers, Role::Publisher).await?;
     let digest = Sha256::from_hex(&digest)
         .ok_or_else(|| AdminError::bad_request("artifact name is not a hex sha256"))?;
     if hub
@@ -149,7 +150,8 @@ pub(super) async fn upload_artifact(
         "artifact upload",
         &digest.to_hex(),
         &format!("{length} bytes"),
-    )?;
+    )
+    .await?;
     hub.store.flush().await?;
     Ok(StatusCode::CREATED)
 }
@@ -209,15 +211,15 @@ pub(super) async fn publish_manifest(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<ModelVersionInfo>), AdminError> {
-    let actor = require(&hub, &headers, Role::Publisher)?;
+    let actor = require(&hub, &headers, Role::Publisher).await?;
     let bytes = body?;
-    let root = require_root(&hub)?;
+    let root = require_root(&hub).await?;
     let manifest = root
         .verify_manifest(&bytes, &floor(), None)
         .map_err(|error| AdminError::bad_request(format!("manifest refused: {error}")))?;
     let name = manifest.name().as_str();
     let version = manifest.version();
-    if let Some(existing) = hub.store.manifest(name, version)? {
+    if let Some(existing) = hub.store.manifest(name, version).await? {
         if existing.sha256 == manifest.digest().0 {
             return Ok((
                 StatusCode::OK,
@@ -230,7 +232,8 @@ pub(super) async fn publish_manifest(
     }
     let latest = hub
         .store
-        .manifests()?
+        .manifests()
+        .await?
         .into_iter()
         .filter(|(stored, _, _)| stored == name)
         .map(|(_, stored_version, _)| stored_version)
@@ -264,14 +267,15 @@ pub(super) async fn publish_manifest(
         sha256: manifest.digest().0,
         published_at: unix_now(),
     };
-    hub.store.put_manifest(name, version, &record)?;
+    hub.store.put_manifest(name, version, &record).await?;
     audit(
         &hub,
         &actor,
         "model publish",
         &format!("{name}@{version}"),
         &format!("manifest {}", manifest.digest()),
-    )?;
+    )
+    .await?;
     hub.store.flush().await?;
     log::info!("published {name}@{version}");
     Ok((
@@ -284,9 +288,9 @@ pub(super) async fn list_models(
     State(hub): State<SharedHub>,
     headers: HeaderMap,
 ) -> Reply<Vec<ModelSummary>> {
-    require(&hub, &headers, Role::Viewer)?;
+    require(&hub, &headers, Role::Viewer).await?;
     let mut models: BTreeMap<String, ModelSummary> = BTreeMap::new();
-    for (name, version, _) in hub.store.manifests()? {
+    for (name, version, _) in hub.store.manifests().await? {
         let summary = models.entry(name.clone()).or_insert(ModelSummary {
             name,
             latest_version: version,
@@ -303,9 +307,9 @@ pub(super) async fn show_model(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Reply<ModelDetail> {
-    require(&hub, &headers, Role::Viewer)?;
+    require(&hub, &headers, Role::Viewer).await?;
     let mut versions = Vec::new();
-    for (stored, _, record) in hub.store.manifests()? {
+    for (stored, _, record) in hub.store.manifests().await? {
         if stored == name {
             versions.push(version_info(
                 &stored_manifest_body(&record)?,
@@ -320,13 +324,14 @@ pub(super) async fn show_model(
     Ok(Json(ModelDetail { name, versions }))
 }
 
-pub(super) fn find_manifest(
+pub(super) async fn find_manifest(
     hub: &SharedHub,
     name: &str,
     version: u64,
 ) -> Result<ManifestRecord, AdminError> {
     hub.store
-        .manifest(name, version)?
+        .manifest(name, version)
+        .await?
         .ok_or_else(|| AdminError::not_found(format!("no model {name}@{version}")))
 }
 
@@ -335,8 +340,8 @@ pub(super) async fn show_model_version(
     headers: HeaderMap,
     Path((name, version)): Path<(String, u64)>,
 ) -> Reply<ModelVersionInfo> {
-    require(&hub, &headers, Role::Viewer)?;
-    let record = find_manifest(&hub, &name, version)?;
+    require(&hub, &headers, Role::Viewer).await?;
+    let record = find_manifest(&hub, &name, version).await?;
     Ok(Json(version_info(
         &stored_manifest_body(&record)?,
         &record,
@@ -349,8 +354,8 @@ pub(super) async fn manifest_bytes(
     headers: HeaderMap,
     Path((name, version)): Path<(String, u64)>,
 ) -> Result<Response, AdminError> {
-    require(&hub, &headers, Role::Viewer)?;
-    let record = find_manifest(&hub, &name, version)?;
+    require(&hub, &headers, Role::Viewer).await?;
+    let record = find_manifest(&hub, &name, version).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
         record.signed,

@@ -20,17 +20,17 @@ pub(super) async fn drift_report(
     Path(model): Path<String>,
     Query(query): Query<DriftQuery>,
 ) -> Reply<DriftReport> {
-    require(&hub, &headers, Role::Viewer)?;
+    require(&hub, &headers, Role::Viewer).await?;
     let selector = parse_selector(query.selector.as_deref())?;
     let device = match &query.device {
-        Some(id) => Some(find_device(&hub, id)?.id),
+        Some(id) => Some(find_device(&hub, id).await?.id),
         None => None,
     };
     let version = match query.version {
         Some(version) => version,
-        None => latest_profiled_version(&hub, &model)?,
+        None => latest_profiled_version(&hub, &model).await?,
     };
-    let loaded = match drift::profile(&hub, &model, version)? {
+    let loaded = match drift::profile(&hub, &model, version).await? {
         ProfileLookup::Found(loaded) => loaded,
         ProfileLookup::NotPublished => {
             return Err(AdminError::not_found(format!("no model {model}@{version}")))
@@ -47,16 +47,20 @@ pub(super) async fn drift_report(
         device,
         since: now.saturating_sub(query.since_secs.unwrap_or(DRIFT_DEFAULT_SECS)),
     };
-    Ok(Json(drift::report(
-        &hub, &model, version, &loaded, &scope, now,
-    )?))
+    Ok(Json(
+        drift::report(&hub, &model, version, &loaded, &scope, now).await?,
+    ))
 }
 
 /// The highest published version of `model` whose manifest signs a drift profile.
-pub(crate) fn latest_profiled_version(hub: &SharedHub, model: &str) -> Result<u64, AdminError> {
+pub(crate) async fn latest_profiled_version(
+    hub: &SharedHub,
+    model: &str,
+) -> Result<u64, AdminError> {
     let mut versions: Vec<u64> = hub
         .store
-        .manifests()?
+        .manifests()
+        .await?
         .into_iter()
         .filter(|(name, _, _)| name == model)
         .map(|(_, version, _)| version)
@@ -66,7 +70,7 @@ pub(crate) fn latest_profiled_version(hub: &SharedHub, model: &str) -> Result<u6
     }
     versions.sort_unstable();
     for version in versions.into_iter().rev() {
-        if let ProfileLookup::Found(_) = drift::profile(hub, model, version)? {
+        if let ProfileLookup::Found(_) = drift::profile(hub, model, version).await? {
             return Ok(version);
         }
     }
@@ -85,8 +89,8 @@ pub(super) async fn audit_log(
     headers: HeaderMap,
     Query(query): Query<AuditQuery>,
 ) -> Reply<Vec<AuditEntry>> {
-    require(&hub, &headers, Role::Viewer)?;
-    let (entries, _) = hub.store.audit_entries(query.since.unwrap_or(0))?;
+    require(&hub, &headers, Role::Viewer).await?;
+    let (entries, _) = hub.store.audit_entries(query.since.unwrap_or(0)).await?;
     Ok(Json(entries.iter().map(audit::to_api).collect()))
 }
 
@@ -94,6 +98,6 @@ pub(super) async fn audit_verify(
     State(hub): State<SharedHub>,
     headers: HeaderMap,
 ) -> Reply<AuditVerdict> {
-    require(&hub, &headers, Role::Viewer)?;
-    Ok(Json(audit::verify(&hub.store)?))
+    require(&hub, &headers, Role::Viewer).await?;
+    Ok(Json(audit::verify(&hub.store).await?))
 }

@@ -14,10 +14,11 @@ pub(super) async fn list_retirements(
     State(hub): State<SharedHub>,
     headers: HeaderMap,
 ) -> Reply<Vec<RetirementInfo>> {
-    require(&hub, &headers, Role::Viewer)?;
+    require(&hub, &headers, Role::Viewer).await?;
     let infos = hub
         .store
-        .retirements()?
+        .retirements()
+        .await?
         .iter()
         .map(engine::retirement_info)
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -29,7 +30,7 @@ pub(super) async fn create_retirement(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<RetirementInfo>), AdminError> {
-    let actor = require(&hub, &headers, Role::Operator)?;
+    let actor = require(&hub, &headers, Role::Operator).await?;
     let bytes = body?;
     if bytes.len() > Signed::<RetireBody>::MAX_FRAME {
         return Err(AdminError::new(
@@ -37,20 +38,20 @@ pub(super) async fn create_retirement(
             "retirement is larger than any signed retirement",
         ));
     }
-    let root = require_root(&hub)?;
+    let root = require_root(&hub).await?;
     let _guard = hub.rollout_lock.lock().await;
     let retire = root
         .verify_retire(&bytes, &floor(), None)
         .map_err(|error| AdminError::bad_request(format!("retirement refused: {error}")))?;
-    check_sequence_is_new(&hub, "retirement", retire.sequence())?;
+    check_sequence_is_new(&hub, "retirement", retire.sequence()).await?;
     let body = retire.body();
-    if !hub.store.has_model(&body.model)? {
+    if !hub.store.has_model(&body.model).await? {
         return Err(AdminError::conflict(format!(
             "model {} has never been published on this hub: there is nothing to retire",
             body.model
         )));
     }
-    for record in hub.store.rollouts()? {
+    for record in hub.store.rollouts().await? {
         let moving = match record.state {
             RolloutStateRecord::Active => "active",
             RolloutStateRecord::Paused => "paused",
@@ -69,7 +70,7 @@ pub(super) async fn create_retirement(
         stored_at: unix_now(),
         by: actor.name.clone(),
     };
-    hub.store.put_retirement(&record)?;
+    hub.store.put_retirement(&record).await?;
     let info = engine::retirement_info(&record)?;
     audit(
         &hub,
@@ -77,9 +78,10 @@ pub(super) async fn create_retirement(
         "retirement create",
         &format!("retirement {}", record.sequence),
         &format!("{} selector {:?}", info.model, info.selector),
-    )?;
+    )
+    .await?;
     hub.store.flush().await?;
-    engine::reload(&hub)?;
+    engine::reload(&hub).await?;
     log::info!(
         "retirement {} of {} stored: devices it selects ({}) stop serving the model",
         record.sequence,
@@ -132,9 +134,11 @@ mod tests {
     }
 
     impl Fixture {
-        fn new() -> Fixture {
+        async fn new() -> Fixture {
             let dir = tempfile::tempdir().unwrap();
-            let hub = Hub::open(ServerConfig::for_tests(dir.path(), 300, 30)).unwrap();
+            let hub = Hub::open(ServerConfig::for_tests(dir.path(), 300, 30))
+                .await
+                .unwrap();
             let keys = [SecretKey::from_seed([1; 32]), SecretKey::from_seed([2; 32])];
             let now = unix_now();
             let root = RootBody {
@@ -146,6 +150,7 @@ mod tests {
             };
             hub.store
                 .put_root(1, &signed(&root, &[&keys[0], &keys[1]]))
+                .await
                 .unwrap();
             let manifest = signed(
                 &ManifestBody {
@@ -176,11 +181,14 @@ mod tests {
                         published_at: now,
                     },
                 )
+                .await
                 .unwrap();
             let operator = new_admin_token(&hub.store, "ops", Role::Operator, None)
+                .await
                 .unwrap()
                 .token;
             let viewer = new_admin_token(&hub.store, "watcher", Role::Viewer, None)
+                .await
                 .unwrap()
                 .token;
             Fixture {
@@ -237,7 +245,7 @@ mod tests {
         }
 
         /// Stores rollout `sequence` of `iris@1` in `state`, as if created and steered so far.
-        fn stored_rollout(&self, sequence: u64, state: RolloutStateRecord) {
+        async fn stored_rollout(&self, sequence: u64, state: RolloutStateRecord) {
             self.hub
                 .store
                 .put_rollout(&RolloutRecord {
@@ -249,6 +257,7 @@ mod tests {
                     decisions: Vec::new(),
                     created: unix_now(),
                 })
+                .await
                 .unwrap();
         }
 
@@ -282,8 +291,10 @@ mod tests {
     /// Issue 20: a retirement is verified, stored, audited, listed and put in the check-in cache.
     #[tokio::test]
     async fn a_retirement_is_stored_listed_and_cached_for_check_ins() {
-        let fixture = Fixture::new();
-        fixture.stored_rollout(3, RolloutStateRecord::Completed);
+        let fixture = Fixture::new().await;
+        fixture
+            .stored_rollout(3, RolloutStateRecord::Completed)
+            .await;
         let bytes = fixture.retirement(4, "iris", &["site=lab"]);
         let (status, created) = fixture.retire(bytes.clone()).await;
         assert_eq!(status, StatusCode::CREATED, "{created}");
@@ -302,7 +313,7 @@ mod tests {
         let listed: Vec<RetirementInfo> = serde_json::from_value(listed).unwrap();
         assert_eq!(listed, [info]);
 
-        let stored = fixture.hub.store.retirements().unwrap();
+        let stored = fixture.hub.store.retirements().await.unwrap();
         assert_eq!(stored.len(), 1);
         assert_eq!(stored[0].signed, bytes, "kept as signed, byte for byte");
         let live = fixture.hub.live.read().unwrap().clone();
@@ -311,7 +322,7 @@ mod tests {
         assert_eq!(live.retirements[0].signed.sha256, sha256(&bytes));
         assert_eq!(live.rollouts.len(), 1);
 
-        let (entries, _) = fixture.hub.store.audit_entries(0).unwrap();
+        let (entries, _) = fixture.hub.store.audit_entries(0).await.unwrap();
         let last = entries.last().unwrap();
         assert_eq!(
             (
@@ -327,8 +338,10 @@ mod tests {
     /// nothing.
     #[tokio::test]
     async fn each_refusal_of_a_retirement_names_what_is_wrong() {
-        let fixture = Fixture::new();
-        fixture.stored_rollout(3, RolloutStateRecord::Completed);
+        let fixture = Fixture::new().await;
+        fixture
+            .stored_rollout(3, RolloutStateRecord::Completed)
+            .await;
         let now = unix_now();
         let one_key = signed(
             &RetireBody {
@@ -386,7 +399,7 @@ mod tests {
             (RolloutStateRecord::Active, "active"),
             (RolloutStateRecord::Paused, "paused"),
         ] {
-            fixture.stored_rollout(5, state);
+            fixture.stored_rollout(5, state).await;
             let (status, body) = fixture.retire(fixture.retirement(9, "iris", &[])).await;
             assert_eq!(status, StatusCode::CONFLICT, "{body}");
             assert_eq!(
@@ -396,10 +409,12 @@ mod tests {
                 )
             );
         }
-        assert!(fixture.hub.store.retirements().unwrap().is_empty());
+        assert!(fixture.hub.store.retirements().await.unwrap().is_empty());
 
         // Rolled back, it can; then neither a retirement nor a plan may reuse its sequence.
-        fixture.stored_rollout(5, RolloutStateRecord::RolledBack);
+        fixture
+            .stored_rollout(5, RolloutStateRecord::RolledBack)
+            .await;
         let (status, body) = fixture.retire(fixture.retirement(9, "iris", &[])).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         let (status, body) = fixture.retire(fixture.retirement(9, "iris", &[])).await;
@@ -427,6 +442,6 @@ mod tests {
                 .starts_with("plan sequence 8 is not above the latest retirement 9"),
             "{body}"
         );
-        assert_eq!(fixture.hub.store.retirements().unwrap().len(), 1);
+        assert_eq!(fixture.hub.store.retirements().await.unwrap().len(), 1);
     }
 }

@@ -7,19 +7,21 @@ pub(super) async fn list_rollouts(
     State(hub): State<SharedHub>,
     headers: HeaderMap,
 ) -> Reply<Vec<RolloutInfo>> {
-    require(&hub, &headers, Role::Viewer)?;
-    let infos = hub
-        .store
-        .rollouts()?
-        .iter()
-        .map(|record| engine::info(&hub, record))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    require(&hub, &headers, Role::Viewer).await?;
+    let mut infos = Vec::new();
+    for record in hub.store.rollouts().await? {
+        infos.push(engine::info(&hub, &record).await?);
+    }
     Ok(Json(infos))
 }
 
-pub(super) fn find_rollout(hub: &SharedHub, sequence: u64) -> Result<RolloutRecord, AdminError> {
+pub(super) async fn find_rollout(
+    hub: &SharedHub,
+    sequence: u64,
+) -> Result<RolloutRecord, AdminError> {
     hub.store
-        .rollout(sequence)?
+        .rollout(sequence)
+        .await?
         .ok_or_else(|| AdminError::not_found(format!("no rollout {sequence}")))
 }
 
@@ -28,22 +30,30 @@ pub(super) async fn show_rollout(
     headers: HeaderMap,
     Path(sequence): Path<u64>,
 ) -> Reply<RolloutInfo> {
-    require(&hub, &headers, Role::Viewer)?;
-    Ok(Json(engine::info(&hub, &find_rollout(&hub, sequence)?)?))
+    require(&hub, &headers, Role::Viewer).await?;
+    Ok(Json(
+        engine::info(&hub, &find_rollout(&hub, sequence).await?).await?,
+    ))
 }
 
 /// Checks that a signed `what` (a plan or a retirement) comes above every plan and retirement
 /// stored: they share one sequence, which devices hold each model's documents to, so a sequence
 /// is never used twice. Called under the rollout lock.
-pub(super) fn check_sequence_is_new(
+pub(super) async fn check_sequence_is_new(
     hub: &SharedHub,
     what: &str,
     sequence: u64,
 ) -> Result<(), AdminError> {
-    let rollout = hub.store.rollouts()?.last().map(|record| record.sequence);
+    let rollout = hub
+        .store
+        .rollouts()
+        .await?
+        .last()
+        .map(|record| record.sequence);
     let retirement = hub
         .store
-        .retirements()?
+        .retirements()
+        .await?
         .last()
         .map(|record| record.sequence);
     let latest = match (rollout, retirement) {
@@ -64,14 +74,15 @@ pub(super) fn check_sequence_is_new(
 }
 
 /// Checks that a plan's manifest reference names a manifest this hub holds, byte for byte.
-pub(super) fn check_published(
+pub(super) async fn check_published(
     hub: &SharedHub,
     what: &str,
     reference: &outpost_protocol::trust::ManifestRef,
 ) -> Result<(), AdminError> {
     let record = hub
         .store
-        .manifest(&reference.name, reference.version)?
+        .manifest(&reference.name, reference.version)
+        .await?
         .ok_or_else(|| {
             AdminError::conflict(format!(
                 "the plan's {what} {}@{} is not published on this hub",
@@ -92,7 +103,7 @@ pub(super) async fn create_rollout(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<RolloutInfo>), AdminError> {
-    let actor = require(&hub, &headers, Role::Operator)?;
+    let actor = require(&hub, &headers, Role::Operator).await?;
     let bytes = body?;
     if bytes.len() > Signed::<PlanBody>::MAX_FRAME {
         return Err(AdminError::new(
@@ -100,20 +111,20 @@ pub(super) async fn create_rollout(
             "plan is larger than any signed plan",
         ));
     }
-    let root = require_root(&hub)?;
+    let root = require_root(&hub).await?;
     let _guard = hub.rollout_lock.lock().await;
     let plan = root
         .verify_plan(&bytes, &floor(), None)
         .map_err(|error| AdminError::bad_request(format!("plan refused: {error}")))?;
-    check_sequence_is_new(&hub, "plan", plan.sequence())?;
+    check_sequence_is_new(&hub, "plan", plan.sequence()).await?;
     let body = plan.body();
-    check_published(&hub, "target", &body.target)?;
+    check_published(&hub, "target", &body.target).await?;
     if let Some(fallback) = &body.fallback {
-        check_published(&hub, "fallback", fallback)?;
+        check_published(&hub, "fallback", fallback).await?;
     }
     let now = unix_now();
     // A newer plan for the same model takes over from older ones.
-    for mut older in hub.store.rollouts()? {
+    for mut older in hub.store.rollouts().await? {
         if older.state == RolloutStateRecord::Superseded {
             continue;
         }
@@ -129,7 +140,7 @@ pub(super) async fn create_rollout(
             reason: format!("superseded by rollout {}", plan.sequence()),
             figures: Vec::new(),
         };
-        engine::persist_decision(&hub, &mut older, &mut rollout, decision)?;
+        engine::persist_decision(&hub, &mut older, &mut rollout, decision).await?;
     }
     let record = RolloutRecord {
         sequence: plan.sequence(),
@@ -140,7 +151,7 @@ pub(super) async fn create_rollout(
         decisions: Vec::new(),
         created: now,
     };
-    hub.store.put_rollout(&record)?;
+    hub.store.put_rollout(&record).await?;
     audit(
         &hub,
         &actor,
@@ -156,16 +167,20 @@ pub(super) async fn create_rollout(
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
         ),
-    )?;
+    )
+    .await?;
     hub.store.flush().await?;
-    engine::reload(&hub)?;
+    engine::reload(&hub).await?;
     log::info!(
         "rollout {} of {}@{} started",
         record.sequence,
         body.target.name,
         body.target.version
     );
-    Ok((StatusCode::CREATED, Json(engine::info(&hub, &record)?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(engine::info(&hub, &record).await?),
+    ))
 }
 
 pub(super) async fn rollout_action(
@@ -173,16 +188,16 @@ pub(super) async fn rollout_action(
     headers: HeaderMap,
     Path((sequence, action)): Path<(u64, String)>,
 ) -> Reply<RolloutInfo> {
-    let actor = require(&hub, &headers, Role::Operator)?;
+    let actor = require(&hub, &headers, Role::Operator).await?;
     let action = crate::rollout::OperatorAction::parse(&action).ok_or_else(|| {
         AdminError::not_found(format!(
             "no rollout action {action:?} (pause, resume, advance, rollback)"
         ))
     })?;
     let _guard = hub.rollout_lock.lock().await;
-    let mut record = find_rollout(&hub, sequence)?;
+    let mut record = find_rollout(&hub, sequence).await?;
     let mut rollout = engine::to_rollout(&record)?;
-    let facts = engine::device_facts(&hub, sequence, &rollout)?;
+    let facts = engine::device_facts(&hub, sequence, &rollout).await?;
     let decision = crate::rollout::operator_decision(
         &rollout,
         action,
@@ -191,8 +206,8 @@ pub(super) async fn rollout_action(
         &facts,
     )
     .map_err(|refusal| AdminError::conflict(refusal.to_string()))?;
-    engine::persist_decision(&hub, &mut record, &mut rollout, decision)?;
+    engine::persist_decision(&hub, &mut record, &mut rollout, decision).await?;
     hub.store.flush().await?;
-    engine::reload(&hub)?;
-    Ok(Json(engine::info(&hub, &record)?))
+    engine::reload(&hub).await?;
+    Ok(Json(engine::info(&hub, &record).await?))
 }

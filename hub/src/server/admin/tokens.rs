@@ -4,7 +4,7 @@ use super::*;
 
 /// Creates an admin token that stops working at `expires` (Unix seconds; never when None); also
 /// used by `admin bootstrap` on the hub host.
-pub fn new_admin_token(
+pub async fn new_admin_token(
     store: &crate::store::Store,
     name: &str,
     role: Role,
@@ -23,7 +23,9 @@ pub fn new_admin_token(
         created: unix_now(),
         expires,
     };
-    store.insert_admin_token(&sha256(token.as_bytes()).0, &record)?;
+    store
+        .insert_admin_token(&sha256(token.as_bytes()).0, &record)
+        .await?;
     Ok(CreatedToken {
         id: record.id,
         token,
@@ -35,7 +37,7 @@ pub(super) async fn create_admin_token(
     headers: HeaderMap,
     body: Result<Json<CreateAdminToken>, JsonRejection>,
 ) -> Result<(StatusCode, Json<CreatedToken>), AdminError> {
-    let actor = require(&hub, &headers, Role::Admin)?;
+    let actor = require(&hub, &headers, Role::Admin).await?;
     let Json(request) = body?;
     if request.expires_in_secs == Some(0) {
         return Err(AdminError::bad_request("expires_in_secs must be positive"));
@@ -43,7 +45,7 @@ pub(super) async fn create_admin_token(
     let expires = request
         .expires_in_secs
         .map(|secs| unix_now().saturating_add(secs));
-    let created = new_admin_token(&hub.store, &request.name, request.role, expires)?;
+    let created = new_admin_token(&hub.store, &request.name, request.role, expires).await?;
     audit(
         &hub,
         &actor,
@@ -55,7 +57,8 @@ pub(super) async fn create_admin_token(
             request.role.as_str(),
             expires.map_or_else(|| "never".to_owned(), |at| at.to_string())
         ),
-    )?;
+    )
+    .await?;
     hub.store.flush().await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
@@ -74,8 +77,8 @@ pub(super) async fn list_admin_tokens(
     State(hub): State<SharedHub>,
     headers: HeaderMap,
 ) -> Reply<Vec<AdminTokenInfo>> {
-    require(&hub, &headers, Role::Admin)?;
-    let mut tokens = hub.store.admin_tokens()?;
+    require(&hub, &headers, Role::Admin).await?;
+    let mut tokens = hub.store.admin_tokens().await?;
     tokens.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
     Ok(Json(tokens.iter().map(admin_token_info).collect()))
 }
@@ -88,21 +91,24 @@ pub(super) async fn revoke_admin_token(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Reply<AdminTokenInfo> {
-    let actor = require(&hub, &headers, Role::Admin)?;
+    let actor = require(&hub, &headers, Role::Admin).await?;
     let now = unix_now();
-    let outcome = hub.store.revoke_admin_token(&id, |record, others| {
-        let another_admin = others
-            .iter()
-            .any(|other| other.role == RoleRecord::Admin && !other.expired(now));
-        if record.role == RoleRecord::Admin && !record.expired(now) && !another_admin {
-            return Err(AdminError::conflict(format!(
-                "token {id} ({:?}) is the hub's last admin token that has not expired: create \
+    let outcome = hub
+        .store
+        .revoke_admin_token(&id, |record, others| {
+            let another_admin = others
+                .iter()
+                .any(|other| other.role == RoleRecord::Admin && !other.expired(now));
+            if record.role == RoleRecord::Admin && !record.expired(now) && !another_admin {
+                return Err(AdminError::conflict(format!(
+                    "token {id} ({:?}) is the hub's last admin token that has not expired: create \
                  another admin token first",
-                record.name
-            )));
-        }
-        Ok(())
-    })?;
+                    record.name
+                )));
+            }
+            Ok(())
+        })
+        .await?;
     let revoked = match outcome {
         None => return Err(AdminError::not_found(format!("no admin token {id}"))),
         Some(refused) => refused?,
@@ -113,7 +119,8 @@ pub(super) async fn revoke_admin_token(
         "admin-token revoke",
         &id,
         &format!("{} as {}", revoked.name, role_of(revoked.role).as_str()),
-    )?;
+    )
+    .await?;
     hub.store.flush().await?;
     log::info!(
         "admin token {id} ({}) revoked by {}",
@@ -129,8 +136,8 @@ pub(super) async fn revoke_enroll_token(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Reply<EnrollTokenInfo> {
-    let actor = require(&hub, &headers, Role::Admin)?;
-    let Some(revoked) = hub.store.revoke_enroll_token(&id)? else {
+    let actor = require(&hub, &headers, Role::Admin).await?;
+    let Some(revoked) = hub.store.revoke_enroll_token(&id).await? else {
         return Err(AdminError::not_found(format!("no enrollment token {id}")));
     };
     let info = enroll_token_info(&revoked);
@@ -140,7 +147,8 @@ pub(super) async fn revoke_enroll_token(
         "enroll-token revoke",
         &id,
         &format!("labels {:?}, {} uses left", info.labels, info.uses_left),
-    )?;
+    )
+    .await?;
     hub.store.flush().await?;
     Ok(Json(info))
 }
@@ -163,7 +171,7 @@ pub(super) async fn create_enroll_token(
     headers: HeaderMap,
     body: Result<Json<CreateEnrollToken>, JsonRejection>,
 ) -> Result<(StatusCode, Json<CreatedToken>), AdminError> {
-    let actor = require(&hub, &headers, Role::Admin)?;
+    let actor = require(&hub, &headers, Role::Admin).await?;
     let Json(request) = body?;
     let labels = parse_labels(&request.labels)?;
     if request.uses == 0 {
@@ -185,7 +193,8 @@ pub(super) async fn create_enroll_token(
         created: now,
     };
     hub.store
-        .insert_enroll_token(&sha256(token.as_bytes()).0, &record)?;
+        .insert_enroll_token(&sha256(token.as_bytes()).0, &record)
+        .await?;
     let info = enroll_token_info(&record);
     audit(
         &hub,
@@ -196,7 +205,8 @@ pub(super) async fn create_enroll_token(
             "labels {:?}, {} uses, expires {}",
             info.labels, record.uses_left, record.expires
         ),
-    )?;
+    )
+    .await?;
     hub.store.flush().await?;
     Ok((
         StatusCode::CREATED,
@@ -211,10 +221,11 @@ pub(super) async fn list_enroll_tokens(
     State(hub): State<SharedHub>,
     headers: HeaderMap,
 ) -> Reply<Vec<EnrollTokenInfo>> {
-    require(&hub, &headers, Role::Admin)?;
+    require(&hub, &headers, Role::Admin).await?;
     Ok(Json(
         hub.store
-            .enroll_tokens()?
+            .enroll_tokens()
+            .await?
             .iter()
             .map(enroll_token_info)
             .collect(),

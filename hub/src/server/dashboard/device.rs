@@ -25,7 +25,7 @@ pub async fn page(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let viewer = match viewer(&hub, &headers) {
+    let viewer = match viewer(&hub, &headers).await {
         Ok(viewer) => viewer,
         Err(response) => return *response,
     };
@@ -37,7 +37,7 @@ pub async fn page(
             &format!("{id:?} is not a device id (32 hex digits)"),
         );
     };
-    let device = match hub.store.device(&parsed.0) {
+    let device = match hub.store.device(&parsed.0).await {
         Ok(Some(device)) => device,
         Ok(None) => {
             return problem(
@@ -50,9 +50,9 @@ pub async fn page(
         Err(error) => return internal(&viewer, SECTION, error),
     };
     let (events, stats, runtimes) = match (
-        hub.store.events(&device.id, MAX_EVENTS),
-        hub.store.device_stats(&device.id),
-        hub.store.runtimes(&device.id),
+        hub.store.events(&device.id, MAX_EVENTS).await,
+        hub.store.device_stats(&device.id).await,
+        hub.store.runtimes(&device.id).await,
     ) {
         (Ok(events), Ok(stats), Ok(runtimes)) => (events, stats, runtimes),
         (Err(error), _, _) | (_, Err(error), _) | (_, _, Err(error)) => {

@@ -41,19 +41,19 @@ pub async fn page(
     headers: HeaderMap,
     query: Result<Query<DriftQuery>, QueryRejection>,
 ) -> Response {
-    let (viewer, query) = match viewer_and_query(&hub, &headers, query, TITLE) {
+    let (viewer, query) = match viewer_and_query(&hub, &headers, query, TITLE).await {
         Ok(pair) => pair,
         Err(response) => return *response,
     };
     let hours = query.hours.unwrap_or(DEFAULT_HOURS).clamp(1, MAX_HOURS);
     // Every published version with a profile, newest first per model.
     let mut profiled: Vec<(String, u64)> = Vec::new();
-    let manifests = match hub.store.manifests() {
+    let manifests = match hub.store.manifests().await {
         Ok(manifests) => manifests,
         Err(error) => return internal(&viewer, TITLE, error),
     };
     for (name, version, _) in manifests {
-        match drift::profile(&hub, &name, version) {
+        match drift::profile(&hub, &name, version).await {
             Ok(ProfileLookup::Found(_)) => profiled.push((name, version)),
             Ok(_) => {}
             Err(error) => return internal(&viewer, TITLE, format!("{error:#}")),
@@ -85,7 +85,7 @@ pub async fn page(
         );
         return super::page(TITLE, TITLE, &viewer, &body);
     };
-    let loaded = match drift::profile(&hub, &model, version) {
+    let loaded = match drift::profile(&hub, &model, version).await {
         Ok(ProfileLookup::Found(loaded)) => loaded,
         Ok(_) => {
             return problem(
@@ -102,7 +102,7 @@ pub async fn page(
         since: now.saturating_sub(hours * 3600),
         ..Scope::default()
     };
-    let history = match drift::history(&hub, &model, version, &scope) {
+    let history = match drift::history(&hub, &model, version, &scope).await {
         Ok(history) => history,
         Err(error) => return internal(&viewer, TITLE, format!("{error:#}")),
     };

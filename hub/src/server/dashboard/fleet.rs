@@ -75,7 +75,7 @@ pub async fn page(
     headers: HeaderMap,
     query: Result<Query<FleetQuery>, QueryRejection>,
 ) -> Response {
-    let (viewer, query) = match viewer_and_query(&hub, &headers, query, TITLE) {
+    let (viewer, query) = match viewer_and_query(&hub, &headers, query, TITLE).await {
         Ok(pair) => pair,
         Err(response) => return *response,
     };
@@ -97,7 +97,7 @@ pub async fn page(
         },
         None => Vec::new(),
     };
-    let devices = match hub.store.devices() {
+    let devices = match hub.store.devices().await {
         Ok(devices) => devices,
         Err(error) => return internal(&viewer, TITLE, error),
     };

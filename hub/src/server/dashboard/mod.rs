@@ -258,13 +258,16 @@ fn cookie_token(headers: &HeaderMap) -> Option<&str> {
 /// The signed-in viewer, or the answer that sends the browser to sign in: with no cookie, to the
 /// sign-in page; with a cookie whose token the hub no longer knows, there with that said and the
 /// cookie cleared. (Boxed: an answer is large beside the record.)
-pub fn viewer(hub: &SharedHub, headers: &HeaderMap) -> Result<AdminTokenRecord, Box<Response>> {
+pub async fn viewer(
+    hub: &SharedHub,
+    headers: &HeaderMap,
+) -> Result<AdminTokenRecord, Box<Response>> {
     let Some(token) = cookie_token(headers) else {
         return Err(Box::new(
             Redirect::to("/dashboard/login?why=signin").into_response(),
         ));
     };
-    match authorize(hub, token, Role::Viewer) {
+    match authorize(hub, token, Role::Viewer).await {
         Ok(record) => Ok(record),
         Err(error) if error.status() == StatusCode::UNAUTHORIZED => {
             let mut response = Redirect::to("/dashboard/login?why=expired").into_response();
@@ -285,13 +288,13 @@ pub fn viewer(hub: &SharedHub, headers: &HeaderMap) -> Result<AdminTokenRecord, 
 
 /// The signed-in viewer and a page's parsed query, or the answer to send instead: the sign-in
 /// redirect, or a page naming what is wrong with the query.
-pub fn viewer_and_query<T>(
+pub async fn viewer_and_query<T>(
     hub: &SharedHub,
     headers: &HeaderMap,
     query: Result<Query<T>, QueryRejection>,
     title: &str,
 ) -> Result<(AdminTokenRecord, T), Box<Response>> {
-    let viewer = viewer(hub, headers)?;
+    let viewer = viewer(hub, headers).await?;
     match query {
         Ok(Query(query)) => Ok((viewer, query)),
         Err(rejection) => Err(Box::new(problem(
@@ -404,7 +407,7 @@ async fn login(
     let token = form.token.trim();
     // Only a token the hub knows is ever put in a cookie, so the cookie's value is always `opa_`
     // and hex digits, never text to smuggle a cookie attribute in.
-    match authorize(&hub, token, Role::Viewer) {
+    match authorize(&hub, token, Role::Viewer).await {
         Ok(record) => {
             log::info!("dashboard: {} signed in", record.name);
             let cookie = format!("{COOKIE}={token}{}", cookie_flags(&hub));

@@ -23,11 +23,11 @@ const TITLE: &str = "Rollouts";
 pub const SHOWN: usize = 10;
 
 pub async fn page(State(hub): State<SharedHub>, headers: HeaderMap) -> Response {
-    let viewer = match viewer(&hub, &headers) {
+    let viewer = match viewer(&hub, &headers).await {
         Ok(viewer) => viewer,
         Err(response) => return *response,
     };
-    let mut records = match hub.store.rollouts() {
+    let mut records = match hub.store.rollouts().await {
         Ok(records) => records,
         Err(error) => return internal(&viewer, TITLE, error),
     };
@@ -46,7 +46,7 @@ pub async fn page(State(hub): State<SharedHub>, headers: HeaderMap) -> Response 
         );
     }
     for record in &records {
-        match engine::info(&hub, record) {
+        match engine::info(&hub, record).await {
             Ok(info) => rollout(&mut body, &info, now),
             Err(error) => return internal(&viewer, TITLE, format!("{error:#}")),
         }
@@ -54,6 +54,7 @@ pub async fn page(State(hub): State<SharedHub>, headers: HeaderMap) -> Response 
     let retirements = match hub
         .store
         .retirements()
+        .await
         .map_err(anyhow::Error::from)
         .and_then(|records| {
             records

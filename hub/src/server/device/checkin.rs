@@ -41,7 +41,7 @@ pub(super) async fn check_in(
     let body = body?;
     let read = authenticate(&hub, &method, &uri, &headers, &body, Kept::InMemory).await?;
     let report: CheckIn = outpost_protocol::decode(&body)?;
-    reply(&answer_check_in(&hub, read, &report)?.into_response())
+    reply(&answer_check_in(&hub, read, &report).await?.into_response())
 }
 
 /// A check-in naming what the device holds: when the answer would hand it the very documents it
@@ -57,7 +57,7 @@ pub(super) async fn held_check_in(
     let body = body?;
     let read = authenticate(&hub, &method, &uri, &headers, &body, Kept::InMemory).await?;
     let request: HeldCheckIn = outpost_protocol::decode(&body)?;
-    let answer = answer_check_in(&hub, read, &request.check_in)?;
+    let answer = answer_check_in(&hub, read, &request.check_in).await?;
     if request.held.is_some() && answer.roots.is_empty() && answer.held_digest() == request.held {
         Metrics::bump(&hub.metrics.check_ins_unchanged, 1);
         return reply(&HeldCheckInResponse::Unchanged {
@@ -91,8 +91,8 @@ pub(super) async fn models_check_in(
     let request: ModelsCheckIn = outpost_protocol::decode(&body)?;
     check_models(&request.models).map_err(DeviceError::bad_request)?;
     let now = unix_now();
-    let device = record_check_in(&hub, read, now, &Reported::of_models(&request))?;
-    let roots = roots_after(&hub, request.root_version)?;
+    let device = record_check_in(&hub, read, now, &Reported::of_models(&request)).await?;
+    let roots = roots_after(&hub, request.root_version).await?;
     let labels = labels_of(&device);
     let live = live_cache(&hub)?;
     let reported: Vec<&str> = request
@@ -458,7 +458,7 @@ fn running_record(running: &RunningModel) -> RunningRecord {
 }
 
 /// Writes what a check-in reported into the device's record, and returns the record.
-fn record_check_in(
+async fn record_check_in(
     hub: &SharedHub,
     read: DeviceRead,
     now: u64,
@@ -476,15 +476,17 @@ fn record_check_in(
             device.plan_sequence = reported.plan_sequence;
             device.agent_version = reported.agent_version.clone();
             device.queue_bytes = reported.queue_bytes;
-        })?
+        })
+        .await?
         .ok_or_else(|| DeviceError::internal("the device's record vanished during its check-in"))
 }
 
 /// Signed roots newer than `version`, oldest first.
-fn roots_after(hub: &SharedHub, version: u64) -> Result<Vec<ByteBuf>, DeviceError> {
+async fn roots_after(hub: &SharedHub, version: u64) -> Result<Vec<ByteBuf>, DeviceError> {
     Ok(hub
         .store
-        .roots_after(version)?
+        .roots_after(version)
+        .await?
         .into_iter()
         .map(|(_, bytes)| ByteBuf::from(bytes))
         .collect())
@@ -501,14 +503,14 @@ fn live_cache(hub: &SharedHub) -> Result<Arc<Live>, DeviceError> {
 /// Records a single-model check-in and works out its full answer: roots newer than the
 /// device's, the plan of [`rollout_for_one_model`] with the manifest of the device's slot and
 /// any shadow manifest, and when to come back ([`poll_after`]).
-fn answer_check_in(
+async fn answer_check_in(
     hub: &SharedHub,
     read: DeviceRead,
     report: &CheckIn,
 ) -> Result<Answer, DeviceError> {
     let now = unix_now();
-    let device = record_check_in(hub, read, now, &Reported::of_one(report))?;
-    let roots = roots_after(hub, report.root_version)?;
+    let device = record_check_in(hub, read, now, &Reported::of_one(report)).await?;
+    let roots = roots_after(hub, report.root_version).await?;
     let labels = labels_of(&device);
     let live = live_cache(hub)?;
     let running = report.active.as_ref().map(|active| active.name.as_str());

@@ -53,7 +53,8 @@ pub(super) async fn status(
     let about_target = match (report.plan_sequence, &report.manifest) {
         (Some(sequence), Some(reference)) => hub
             .store
-            .rollout(sequence)?
+            .rollout(sequence)
+            .await?
             .and_then(|rollout| crate::server::engine::target_digest(&rollout))
             .is_some_and(|target| target == reference.manifest_sha256.0),
         _ => false,
@@ -85,16 +86,19 @@ pub(super) async fn status(
         }),
         _ => None,
     };
-    hub.store.record_status(
-        &device.id,
-        report.plan_sequence,
-        outcome.as_ref(),
-        &event,
-        now_running.as_ref(),
-    )?;
+    hub.store
+        .record_status(
+            &device.id,
+            report.plan_sequence,
+            outcome.as_ref(),
+            &event,
+            now_running.as_ref(),
+        )
+        .await?;
     let pruned = hub
         .store
-        .prune_events(&device.id, hub.config.retention.events_per_device)?;
+        .prune_events(&device.id, hub.config.retention.events_per_device)
+        .await?;
     Metrics::bump(&hub.metrics.pruned_records, pruned);
     hub.store.flush().await?;
     Metrics::bump(&hub.metrics.status_reports, 1);
@@ -157,7 +161,7 @@ pub(super) async fn runtimes(
             })
             .collect(),
     };
-    if !hub.store.put_runtimes(&device.id, &record)? {
+    if !hub.store.put_runtimes(&device.id, &record).await? {
         log::debug!(
             "device {}: runtime report of {} dropped, a later one is stored",
             hex::encode(device.id),
@@ -217,13 +221,15 @@ pub(super) async fn telemetry(
         }
         // A summary the hub would not store refuses the whole batch, so that nothing of it is
         // stored and the device learns which window is wrong.
-        check_summary(&hub, window).map_err(|error| match error {
-            SummaryError::Refused(reason) => DeviceError::bad_request(format!(
-                "window {index} ({}@{} from {}): {reason}",
-                window.model, window.version, window.start
-            )),
-            SummaryError::Internal(error) => DeviceError::internal(format!("{error:#}")),
-        })?;
+        check_summary(&hub, window)
+            .await
+            .map_err(|error| match error {
+                SummaryError::Refused(reason) => DeviceError::bad_request(format!(
+                    "window {index} ({}@{} from {}): {reason}",
+                    window.model, window.version, window.start
+                )),
+                SummaryError::Internal(error) => DeviceError::internal(format!("{error:#}")),
+            })?;
         // Acknowledged, not stored: the store keeps counters per published version only, so a
         // device cannot make it grow with names of its own; and what is past the retention
         // would only be pruned.
@@ -231,7 +237,10 @@ pub(super) async fn telemetry(
         let known = match published.get(&key) {
             Some(known) => *known,
             None => {
-                let known = hub.store.has_manifest(&window.model, window.version)?;
+                let known = hub
+                    .store
+                    .has_manifest(&window.model, window.version)
+                    .await?;
                 published.insert(key, known);
                 known
             }
@@ -254,13 +263,16 @@ pub(super) async fn telemetry(
             shadow: window.shadow.clone(),
         });
     }
-    let ingested = hub.store.ingest_telemetry(
-        &device.id,
-        batch.sequence,
-        &windows,
-        batch.dropped_records,
-        now,
-    )?;
+    let ingested = hub
+        .store
+        .ingest_telemetry(
+            &device.id,
+            batch.sequence,
+            &windows,
+            batch.dropped_records,
+            now,
+        )
+        .await?;
     let duplicate = match ingested {
         Ingested::Stored => false,
         Ingested::Duplicate => true,
@@ -288,7 +300,7 @@ pub(super) async fn telemetry(
             )));
         }
     };
-    hub.store.prune_batch_markers(&device.id, cutoff)?;
+    hub.store.prune_batch_markers(&device.id, cutoff).await?;
     hub.store.flush().await?;
     if duplicate {
         Metrics::bump(&hub.metrics.telemetry_duplicates, 1);

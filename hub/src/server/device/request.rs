@@ -179,7 +179,7 @@ pub(super) async fn authenticate(
             "request was signed before the hub started; sign it again",
         ));
     }
-    let Some(read) = hub.store.device_read(&device_id)? else {
+    let Some(read) = hub.store.device_read(&device_id).await? else {
         return Err(DeviceError::unauthorized(format!(
             "unknown device {}",
             hex::encode(device_id)
@@ -237,7 +237,9 @@ pub(super) async fn authenticate(
         ));
     }
     if kept == Kept::ForGood {
-        hub.store.note_signed_at(&device_id, timestamp, nonce)?;
+        hub.store
+            .note_signed_at(&device_id, timestamp, nonce)
+            .await?;
     }
     Ok(read)
 }

@@ -41,13 +41,14 @@ pub(super) struct Fixture {
 }
 
 impl Fixture {
-    pub(super) fn new() -> Fixture {
+    pub(super) async fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let hub = Hub::open(ServerConfig::for_tests(
             dir.path(),
             POLL_SECS,
             ROLLOUT_POLL_SECS,
         ))
+        .await
         .unwrap();
         let key = SecretKey::from_seed([9; 32]);
         hub.store
@@ -68,6 +69,7 @@ impl Fixture {
                 models: Vec::new(),
                 several_models: false,
             })
+            .await
             .unwrap();
         Fixture {
             _dir: dir,
@@ -87,8 +89,8 @@ impl Fixture {
         });
     }
 
-    pub(super) fn device(&self) -> DeviceRecord {
-        self.hub.store.device(&DEVICE).unwrap().unwrap()
+    pub(super) async fn device(&self) -> DeviceRecord {
+        self.hub.store.device(&DEVICE).await.unwrap().unwrap()
     }
 
     /// Posts `message` to `path`, signed by the device, and returns the status and body.

@@ -31,7 +31,7 @@ fn shown(answers: &[ModelAnswer]) -> Vec<String> {
 /// device out, are not.
 #[tokio::test]
 async fn a_models_check_in_is_answered_by_the_latest_rollout_of_each_model() {
-    let fixture = Fixture::new();
+    let fixture = Fixture::new().await;
     fixture.live(vec![
         rollout(1, "iris", 1, RolloutState::Completed),
         rollout(2, "vad", 1, RolloutState::Active),
@@ -63,7 +63,7 @@ async fn a_models_check_in_is_answered_by_the_latest_rollout_of_each_model() {
 
     // The device record lists every model it runs, by name; `active` is the first entry's
     // that runs one.
-    let device = fixture.device();
+    let device = fixture.device().await;
     let names: Vec<(&str, u64)> = device
         .models
         .iter()
@@ -87,7 +87,7 @@ async fn a_models_check_in_is_answered_by_the_latest_rollout_of_each_model() {
 /// documents, and in full otherwise; a newer root sends every model in full.
 #[tokio::test]
 async fn each_model_is_unchanged_only_when_the_device_holds_its_documents() {
-    let fixture = Fixture::new();
+    let fixture = Fixture::new().await;
     fixture.live(vec![
         rollout(1, "iris", 1, RolloutState::Active),
         rollout(2, "vad", 1, RolloutState::Completed),
@@ -150,7 +150,7 @@ async fn each_model_is_unchanged_only_when_the_device_holds_its_documents() {
     assert_eq!(shown(&answer.models), ["unchanged iris", "plan 3"]);
 
     // A root newer than the device's comes with every model's documents.
-    fixture.hub.store.put_root(2, b"root 2").unwrap();
+    fixture.hub.store.put_root(2, b"root 2").await.unwrap();
     let answer = fixture.models_check_in(both).await;
     assert_eq!(shown(&answer.models), ["plan 1", "plan 3"]);
     assert_eq!(answer.roots, [ByteBuf::from(b"root 2".to_vec())]);
@@ -187,7 +187,7 @@ fn an_answer_carries_the_models_the_device_named_first() {
 /// records anything of it.
 #[tokio::test]
 async fn a_models_check_in_that_does_not_add_up_is_refused() {
-    let fixture = Fixture::new();
+    let fixture = Fixture::new().await;
     let too_many = (0..=MAX_DEVICE_MODELS)
         .map(|n| entry(&format!("model-{n}"), Some(1), None))
         .collect();
@@ -225,7 +225,7 @@ async fn a_models_check_in_that_does_not_add_up_is_refused() {
         let message = error_message(&body).unwrap();
         assert!(message.contains(expected), "{message:?} lacks {expected:?}");
     }
-    assert_eq!(fixture.device().last_checkin, None);
+    assert_eq!(fixture.device().await.last_checkin, None);
     assert_eq!(fixture.hub.metrics.check_ins.load(Ordering::Relaxed), 0);
 }
 
@@ -234,7 +234,7 @@ async fn a_models_check_in_that_does_not_add_up_is_refused() {
 /// nothing yet follows the latest rollout that applies, of any model.
 #[tokio::test]
 async fn an_agent_running_one_model_keeps_it_whatever_other_models_roll_out() {
-    let fixture = Fixture::new();
+    let fixture = Fixture::new().await;
     fixture.live(vec![
         rollout(1, "iris", 2, RolloutState::Completed),
         rollout(2, "vad", 1, RolloutState::Active),
@@ -243,7 +243,7 @@ async fn an_agent_running_one_model_keeps_it_whatever_other_models_roll_out() {
         fixture.one_model_check_in(Some(running("iris", 1))).await,
         (Some(ByteBuf::from(b"plan 1".to_vec())), POLL_SECS)
     );
-    let device = fixture.device();
+    let device = fixture.device().await;
     assert_eq!(device.active.as_ref().map(|active| active.version), Some(1));
     assert_eq!(device.models, device.active.into_iter().collect::<Vec<_>>());
 
@@ -251,7 +251,7 @@ async fn an_agent_running_one_model_keeps_it_whatever_other_models_roll_out() {
         fixture.one_model_check_in(None).await,
         (Some(ByteBuf::from(b"plan 2".to_vec())), ROLLOUT_POLL_SECS)
     );
-    assert!(fixture.device().models.is_empty());
+    assert!(fixture.device().await.models.is_empty());
 
     // A model no rollout moves: no plan, and the quiet interval.
     assert_eq!(
@@ -265,7 +265,7 @@ async fn an_agent_running_one_model_keeps_it_whatever_other_models_roll_out() {
 /// "unchanged"; and it never shortens the poll interval.
 #[tokio::test]
 async fn a_retirement_answers_for_its_model_only_and_unchanged_when_held() {
-    let fixture = Fixture::new();
+    let fixture = Fixture::new().await;
     fixture.live_with(
         vec![
             rollout(1, "iris", 1, RolloutState::Completed),
@@ -319,7 +319,7 @@ async fn a_retirement_answers_for_its_model_only_and_unchanged_when_held() {
 /// again: the model comes back, and the device follows the rollout's stages.
 #[tokio::test]
 async fn a_rollout_after_a_retirement_brings_the_model_back() {
-    let fixture = Fixture::new();
+    let fixture = Fixture::new().await;
     let held = held_digest(&sha256(b"retire 3"), None, None);
     fixture.live_with(
         vec![
@@ -340,7 +340,7 @@ async fn a_rollout_after_a_retirement_brings_the_model_back() {
 /// running none is not handed a model retired for it.
 #[tokio::test]
 async fn an_agent_of_one_model_is_never_sent_a_retirement() {
-    let fixture = Fixture::new();
+    let fixture = Fixture::new().await;
     fixture.live_with(
         vec![
             rollout(1, "vad", 1, RolloutState::Completed),

@@ -22,7 +22,7 @@ const PATH: &str = "/device/v3/runtimes";
 
 /// A fixture whose device runs `demo@3` and `kws@3`, as its check-in said.
 async fn running_demo_and_kws() -> Fixture {
-    let fixture = Fixture::new();
+    let fixture = Fixture::new().await;
     fixture
         .models_check_in(vec![
             entry("demo", Some(3), None),
@@ -70,8 +70,9 @@ async fn reported_demo_and_kws() -> Fixture {
 }
 
 /// A new viewer's admin token.
-fn viewer(hub: &SharedHub) -> String {
+async fn viewer(hub: &SharedHub) -> String {
     new_admin_token(&hub.store, "watcher", Role::Viewer, None)
+        .await
         .unwrap()
         .token
 }
@@ -94,8 +95,14 @@ async fn read(hub: &SharedHub, path: &str, viewer: &str) -> (StatusCode, String)
 #[tokio::test]
 async fn a_runtime_report_is_kept_and_shown_to_operators() {
     let fixture = reported_demo_and_kws().await;
-    let device = fixture.device();
-    let stored = fixture.hub.store.runtimes(&device.id).unwrap().unwrap();
+    let device = fixture.device().await;
+    let stored = fixture
+        .hub
+        .store
+        .runtimes(&device.id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.at, 100);
     let runtimes: Vec<(&str, &str)> = stored
         .models
@@ -105,7 +112,7 @@ async fn a_runtime_report_is_kept_and_shown_to_operators() {
     assert_eq!(runtimes, [("demo", "onnxruntime"), ("kws", "tract")]);
 
     // The admin API's device JSON, shown and listed.
-    let viewer = viewer(&fixture.hub);
+    let viewer = viewer(&fixture.hub).await;
     let id = hex::encode(device.id);
     let (status, body) = read(&fixture.hub, &format!("/admin/v1/devices/{id}"), &viewer).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -182,12 +189,17 @@ async fn a_model_the_device_does_not_run_is_refused_naming_it() {
         assert!(refusal.starts_with(message), "{refusal}");
     }
     assert_eq!(
-        fixture.hub.store.runtimes(&fixture.device().id).unwrap(),
+        fixture
+            .hub
+            .store
+            .runtimes(&fixture.device().await.id)
+            .await
+            .unwrap(),
         None
     );
 
     // A device the hub knows no model of yet may report none, and nothing else.
-    let fresh = Fixture::new();
+    let fresh = Fixture::new().await;
     let (status, _) = fresh.post(PATH, &report(100, Vec::new())).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, body) = fresh
@@ -245,7 +257,12 @@ async fn a_malformed_or_oversized_report_is_refused() {
     let (status, _) = fixture.send(fixture.signed(PATH, oversized, [2; 16])).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
-        fixture.hub.store.runtimes(&fixture.device().id).unwrap(),
+        fixture
+            .hub
+            .store
+            .runtimes(&fixture.device().await.id)
+            .await
+            .unwrap(),
         None
     );
 }
@@ -255,10 +272,15 @@ async fn a_malformed_or_oversized_report_is_refused() {
 #[tokio::test]
 async fn an_earlier_report_does_not_replace_a_later_one() {
     let fixture = running_demo_and_kws().await;
-    let kept = |fixture: &Fixture| {
-        let stored = fixture.hub.store.runtimes(&fixture.device().id).unwrap();
+    async fn kept(fixture: &Fixture) -> Option<(u64, String)> {
+        let stored = fixture
+            .hub
+            .store
+            .runtimes(&fixture.device().await.id)
+            .await
+            .unwrap();
         stored.map(|stored| (stored.at, stored.models[0].runtime.clone()))
-    };
+    }
     let (status, _) = fixture
         .post(PATH, &report(200, vec![onnxruntime("demo", 3)]))
         .await;
@@ -271,10 +293,10 @@ async fn an_earlier_report_does_not_replace_a_later_one() {
         .post(PATH, &report(150, vec![earlier.clone()]))
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    assert_eq!(kept(&fixture), Some((200, "onnxruntime".to_owned())));
+    assert_eq!(kept(&fixture).await, Some((200, "onnxruntime".to_owned())));
     let (status, _) = fixture.post(PATH, &report(201, vec![earlier])).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    assert_eq!(kept(&fixture), Some((201, "tract".to_owned())));
+    assert_eq!(kept(&fixture).await, Some((201, "tract".to_owned())));
 }
 
 /// A runtime report is authenticated like a status report: unsigned, replayed and revoked
@@ -318,11 +340,17 @@ async fn unsigned_replayed_and_revoked_reports_are_refused() {
         Some("bad request signature")
     );
 
-    let read = fixture.hub.store.device_read(&fixture.device().id).unwrap();
+    let read = fixture
+        .hub
+        .store
+        .device_read(&fixture.device().await.id)
+        .await
+        .unwrap();
     fixture
         .hub
         .store
         .update_device(read.unwrap(), |device| device.revoked = true)
+        .await
         .unwrap();
     let (status, reply) = fixture.send(fixture.signed(PATH, body, [8; 16])).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
@@ -335,7 +363,11 @@ async fn unsigned_replayed_and_revoked_reports_are_refused() {
 async fn the_metric_counts_devices_by_model_and_runtime() {
     let fixture = reported_demo_and_kws().await;
     let store = &fixture.hub.store;
-    let mut stored = store.runtimes(&fixture.device().id).unwrap().unwrap();
+    let mut stored = store
+        .runtimes(&fixture.device().await.id)
+        .await
+        .unwrap()
+        .unwrap();
     stored.models.truncate(1);
     // Two more devices on ONNX Runtime for demo, one of them revoked, and one with no report.
     for (id, revoked) in [([4; 16], false), ([5; 16], true), ([6; 16], false)] {
@@ -343,15 +375,18 @@ async fn the_metric_counts_devices_by_model_and_runtime() {
             .put_device(&DeviceRecord {
                 id,
                 revoked,
-                ..fixture.device()
+                ..fixture.device().await
             })
+            .await
             .unwrap();
         if id != [6; 16] {
-            assert!(store.put_runtimes(&id, &stored).unwrap());
+            assert!(store.put_runtimes(&id, &stored).await.unwrap());
         }
     }
-    crate::server::metrics::refresh_fleet(&fixture.hub).unwrap();
-    let (status, text) = read(&fixture.hub, "/metrics", &viewer(&fixture.hub)).await;
+    crate::server::metrics::refresh_fleet(&fixture.hub)
+        .await
+        .unwrap();
+    let (status, text) = read(&fixture.hub, "/metrics", &viewer(&fixture.hub).await).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let gauge: Vec<&str> = text
         .lines()

@@ -1,0 +1,307 @@
+//! Where SQLite and PostgreSQL differ, and only here: connecting, the schema's type names, row
+//! locks, the schema's migrations and making commits durable. Every query elsewhere in the store
+//! is written once, in the SQL both engines read (`$1` parameters, `ON CONFLICT` upserts,
+//! `BIGINT`, `TEXT`).
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyConnection, AnyPool};
+use sqlx::{AssertSqlSafe, Connection, Executor};
+
+use super::{Result, StoreError};
+
+/// Which database a hub keeps its state in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// An SQLite file, embedded in the hub's process.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server, by its `postgres://` (or `postgresql://`) URL.
+    Postgres(String),
+}
+
+impl Database {
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Database::Sqlite(_) => Dialect::Sqlite,
+            Database::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// The database without a password, for logs and errors.
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Sqlite(path) => format!("SQLite {}", path.display()),
+            Database::Postgres(url) => {
+                let hidden = url.split_once("://").and_then(|(scheme, rest)| {
+                    let (credentials, host) = rest.split_once('@')?;
+                    let (user, _) = credentials.split_once(':')?;
+                    Some(format!("{scheme}://{user}:***@{host}"))
+                });
+                format!("PostgreSQL {}", hidden.as_deref().unwrap_or(url))
+            }
+        }
+    }
+}
+
+impl FromStr for Database {
+    type Err = String;
+
+    /// `postgres://…` or `postgresql://…` for PostgreSQL; `sqlite:PATH` (or a plain path) for
+    /// an SQLite file.
+    fn from_str(text: &str) -> std::result::Result<Database, String> {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            return Ok(Database::Postgres(text.to_owned()));
+        }
+        let path = text
+            .strip_prefix("sqlite://")
+            .or_else(|| text.strip_prefix("sqlite:"))
+            .unwrap_or(text);
+        if path.is_empty() {
+            return Err(format!(
+                "database {text:?}: expected postgres://USER@HOST/NAME or sqlite:PATH"
+            ));
+        }
+        if text.contains("://") && !text.starts_with("sqlite://") {
+            return Err(format!(
+                "database {text:?}: only postgres:// and sqlite: databases are supported"
+            ));
+        }
+        Ok(Database::Sqlite(PathBuf::from(path)))
+    }
+}
+
+/// The engine a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// `query`, with its rows locked against other writers until the transaction ends where the
+    /// engine has row locks (PostgreSQL). SQLite has one writer at a time, so its transactions
+    /// need none.
+    pub fn locking(self, query: (&'static str, &'static str)) -> &'static str {
+        match self {
+            Dialect::Sqlite => query.0,
+            Dialect::Postgres => query.1,
+        }
+    }
+
+    /// The type of byte columns.
+    fn bytes(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "BLOB",
+            Dialect::Postgres => "BYTEA",
+        }
+    }
+
+    /// An integer primary key the database numbers itself, in insertion order.
+    fn serial(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+            Dialect::Postgres => "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        }
+    }
+}
+
+/// A `SELECT` as both engines run it in a transaction that writes what it read: as written, and
+/// with `FOR UPDATE` (see [`Dialect::locking`]).
+macro_rules! for_update {
+    ($query:literal) => {
+        ($query, concat!($query, " FOR UPDATE"))
+    };
+}
+pub(crate) use for_update;
+
+/// The lock an embedded store holds for as long as it is open: one hub process per SQLite file
+/// (hubs that share a store share a PostgreSQL database). Released when the file closes, so a
+/// killed hub leaves nothing to clean up.
+#[derive(Debug)]
+pub(super) struct FileLock {
+    _file: std::fs::File,
+}
+
+/// Opens the pools for `database`: one for reads, and one for writes (on SQLite, one connection;
+/// on PostgreSQL, the same pool); for SQLite, with the lock of its file.
+pub(super) async fn connect(database: &Database) -> Result<(AnyPool, AnyPool, Option<FileLock>)> {
+    sqlx::any::install_default_drivers();
+    match database {
+        Database::Sqlite(path) => {
+            let lock_path = path.with_extension("lock");
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|error| StoreError::Locked {
+                    path: lock_path.display().to_string(),
+                    reason: error.to_string(),
+                })?;
+            lock.try_lock().map_err(|error| StoreError::Locked {
+                path: lock_path.display().to_string(),
+                reason: error.to_string(),
+            })?;
+            let url = format!("sqlite://{}?mode=rwc", percent_encode(path));
+            let options = || {
+                AnyPoolOptions::new()
+                    .acquire_timeout(Duration::from_secs(60))
+                    .after_connect(|connection, _| {
+                        Box::pin(async move { sqlite_pragmas(connection).await })
+                    })
+            };
+            // The writer first: it sets the file's journal mode before readers open it.
+            let writer = options().max_connections(1).connect(&url).await?;
+            let readers = options().max_connections(4).connect(&url).await?;
+            Ok((readers, writer, Some(FileLock { _file: lock })))
+        }
+        Database::Postgres(url) => {
+            let pool = AnyPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect(url)
+                .await?;
+            Ok((pool.clone(), pool, None))
+        }
+    }
+}
+
+/// Write-ahead logging, so readers never wait on the writer; commits that do not wait for the
+/// disk (see [`sync`]); a writer that waits for a lock rather than failing at once.
+async fn sqlite_pragmas(connection: &mut AnyConnection) -> std::result::Result<(), sqlx::Error> {
+    connection.execute("PRAGMA journal_mode = WAL").await?;
+    connection.execute("PRAGMA synchronous = NORMAL").await?;
+    connection.execute("PRAGMA busy_timeout = 30000").await?;
+    Ok(())
+}
+
+/// A path as the `sqlite://` URL sqlx parses (which percent-decodes it).
+fn percent_encode(path: &std::path::Path) -> String {
+    let mut encoded = String::new();
+    for byte in path.as_os_str().as_encoded_bytes() {
+        match byte {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
+                encoded.push(char::from(*byte))
+            }
+            other => encoded.push_str(&format!("%{other:02X}")),
+        }
+    }
+    encoded
+}
+
+/// Makes every commit so far durable. On SQLite, commits (`synchronous = NORMAL`) reach the
+/// write-ahead log but not the disk; one commit with `synchronous = FULL` syncs the log, and with
+/// it every commit written before. PostgreSQL's commits are durable when they return.
+pub(super) async fn sync(writer: &AnyPool) -> Result<()> {
+    let mut connection = writer.acquire().await?;
+    connection.execute("PRAGMA synchronous = FULL").await?;
+    let written = sqlx::query(
+        "INSERT INTO meta (key, value) VALUES ('flushed', $1) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(crate::unix_now().to_be_bytes().to_vec())
+    .execute(&mut *connection)
+    .await;
+    connection.execute("PRAGMA synchronous = NORMAL").await?;
+    written?;
+    Ok(())
+}
+
+/// The schema, one step per entry, in the order they apply: each runs once per database, in one
+/// transaction with the record of it. `{bytes}` and `{serial}` are the engine's names for byte
+/// columns and self-numbered keys. Never edit a step a release has shipped; add one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the tables of release 0.1's sled trees, one per tree.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value {bytes} NOT NULL);
+     CREATE TABLE admin_tokens (
+         token_hash {bytes} PRIMARY KEY, id TEXT NOT NULL, record {bytes} NOT NULL);
+     CREATE TABLE enroll_tokens (
+         token_hash {bytes} PRIMARY KEY, id TEXT NOT NULL, record {bytes} NOT NULL);
+     CREATE TABLE devices (id {bytes} PRIMARY KEY, record {bytes} NOT NULL);
+     CREATE TABLE events (
+         id {serial}, device {bytes} NOT NULL, record {bytes} NOT NULL);
+     CREATE INDEX events_by_device ON events (device, id);
+     CREATE TABLE outcomes (
+         plan_sequence BIGINT NOT NULL, device {bytes} NOT NULL, record {bytes} NOT NULL,
+         PRIMARY KEY (plan_sequence, device));
+     CREATE TABLE stats (
+         device {bytes} NOT NULL, model TEXT NOT NULL, version BIGINT NOT NULL,
+         record {bytes} NOT NULL, PRIMARY KEY (device, model, version));
+     CREATE TABLE drift (
+         model TEXT NOT NULL, version BIGINT NOT NULL, window_end BIGINT NOT NULL,
+         window_start BIGINT NOT NULL, device {bytes} NOT NULL, record {bytes} NOT NULL,
+         PRIMARY KEY (model, version, window_end, window_start, device));
+     CREATE INDEX drift_by_end ON drift (window_end);
+     CREATE TABLE shadow (
+         target {bytes} NOT NULL, window_end BIGINT NOT NULL, window_start BIGINT NOT NULL,
+         device {bytes} NOT NULL, active_model TEXT NOT NULL, active_version BIGINT NOT NULL,
+         record {bytes} NOT NULL,
+         PRIMARY KEY (target, window_end, window_start, device, active_model, active_version));
+     CREATE INDEX shadow_by_end ON shadow (window_end);
+     CREATE TABLE telemetry_seen (
+         device {bytes} NOT NULL, sequence BIGINT NOT NULL, stored_at BIGINT NOT NULL,
+         PRIMARY KEY (device, sequence));
+     CREATE TABLE signed_at (device {bytes} PRIMARY KEY, latest {bytes} NOT NULL);
+     CREATE TABLE roots (version BIGINT PRIMARY KEY, signed {bytes} NOT NULL);
+     CREATE TABLE manifests (
+         model TEXT NOT NULL, version BIGINT NOT NULL, record {bytes} NOT NULL,
+         PRIMARY KEY (model, version));
+     CREATE TABLE rollouts (sequence BIGINT PRIMARY KEY, record {bytes} NOT NULL);
+     CREATE TABLE retirements (sequence BIGINT PRIMARY KEY, record {bytes} NOT NULL);
+     CREATE TABLE runtimes (
+         device {bytes} PRIMARY KEY, at BIGINT NOT NULL, record {bytes} NOT NULL);
+     CREATE TABLE audit (seq BIGINT PRIMARY KEY, record {bytes} NOT NULL)",
+];
+
+/// The newest schema this hub writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database's schema up to [`SCHEMA_VERSION`], refusing one a newer hub wrote. Hubs
+/// starting side by side on one PostgreSQL database take turns (an advisory lock); on SQLite the
+/// one writer connection does the same.
+pub(super) async fn migrate(writer: &AnyPool, dialect: Dialect) -> Result<()> {
+    let mut connection = writer.acquire().await?;
+    let mut transaction = connection.begin().await?;
+    if dialect == Dialect::Postgres {
+        // Any constant both sides agree on: "outpost" in ASCII.
+        transaction
+            .execute("SELECT pg_advisory_xact_lock(111533600925556)")
+            .await?;
+    }
+    transaction
+        .execute(
+            "CREATE TABLE IF NOT EXISTS outpost_schema \
+             (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .await?;
+    let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM outpost_schema")
+        .fetch_one(&mut *transaction)
+        .await?;
+    let found = found.unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (index, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let step = step
+            .replace("{bytes}", dialect.bytes())
+            .replace("{serial}", dialect.serial());
+        for statement in step.split(';').filter(|s| !s.trim().is_empty()) {
+            transaction
+                .execute(AssertSqlSafe(statement.to_owned()))
+                .await?;
+        }
+        sqlx::query("INSERT INTO outpost_schema (version, applied_at) VALUES ($1, $2)")
+            .bind(index as i64 + 1)
+            .bind(super::bound(crate::unix_now()))
+            .execute(&mut *transaction)
+            .await?;
+    }
+    transaction.commit().await?;
+    Ok(())
+}
