@@ -52,9 +52,11 @@ pub struct TestHub {
     launcher: Vec<String>,
     /// More `serve` flags.
     serve_args: Vec<String>,
-    /// The PostgreSQL server holding the store and its database URL, in the
-    /// `OUTPOST_TEST_DATABASE=postgres` mode; SQLite in the data directory otherwise.
-    database: Option<(crate::postgres::Postgres, String)>,
+    /// The PostgreSQL database holding the store (`serve --database`); SQLite in the data
+    /// directory when None.
+    database: Option<String>,
+    /// The server of that database, when this hub started it (`OUTPOST_TEST_DATABASE=postgres`).
+    _postgres: Option<crate::postgres::Postgres>,
 }
 
 /// The store of a new test hub: a PostgreSQL server of its own when `OUTPOST_TEST_DATABASE` says
@@ -152,9 +154,45 @@ impl TestHub {
             launcher: Vec::new(),
             serve_args: Vec::new(),
             database: None,
+            _postgres: None,
         };
         hub.spawn("127.0.0.1:0");
         hub
+    }
+
+    /// Bootstraps a new data directory with its store in the PostgreSQL database `database`, and
+    /// starts `serve` on it.
+    pub fn start_on_database(database: &str) -> TestHub {
+        let mut hub =
+            TestHub::prepare_on(false, TEST_TICK, (1, 1), Some((database.to_owned(), None)));
+        hub.spawn("127.0.0.1:0");
+        hub
+    }
+
+    /// Another `serve` on this hub's data directory and PostgreSQL database, with its own address
+    /// and log: a replica, answering with the same admin token. Panics for a hub on SQLite, whose
+    /// store one process owns.
+    pub fn replica(&self) -> TestHub {
+        let database = self
+            .database
+            .clone()
+            .expect("replicas share a PostgreSQL database; this hub is on SQLite");
+        let mut replica = TestHub {
+            dir: tempfile::tempdir().expect("creating the replica's temporary directory"),
+            data: self.data.clone(),
+            token: self.token.clone(),
+            address: String::new(),
+            child: None,
+            ca: None,
+            tick: self.tick,
+            poll_secs: self.poll_secs,
+            launcher: Vec::new(),
+            serve_args: self.serve_args.clone(),
+            database: Some(database),
+            _postgres: None,
+        };
+        replica.spawn("127.0.0.1:0");
+        replica
     }
 
     fn start_with(tls: bool, tick: &'static str, poll_secs: (u32, u32)) -> TestHub {
@@ -165,12 +203,27 @@ impl TestHub {
 
     /// Bootstraps a new data directory (and a certificate, with `tls`), without starting `serve`.
     fn prepare(tls: bool, tick: &'static str, poll_secs: (u32, u32)) -> TestHub {
+        let database = test_database().map(|(server, url)| (url, Some(server)));
+        TestHub::prepare_on(tls, tick, poll_secs, database)
+    }
+
+    /// [`TestHub::prepare`] with the store in `database` (its URL, and its server when this hub
+    /// owns it), or SQLite in the data directory.
+    fn prepare_on(
+        tls: bool,
+        tick: &'static str,
+        poll_secs: (u32, u32),
+        database: Option<(String, Option<crate::postgres::Postgres>)>,
+    ) -> TestHub {
+        let (database, postgres) = match database {
+            Some((url, server)) => (Some(url), server),
+            None => (None, None),
+        };
         let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
         let data = dir.path().join("data");
         let data_arg = data.to_string_lossy().into_owned();
-        let database = test_database();
         let mut bootstrap = vec!["admin", "bootstrap", "--data", &data_arg];
-        if let Some((_, url)) = &database {
+        if let Some(url) = &database {
             bootstrap.extend(["--database", url]);
         }
         let token = crate::run("outpost-hub", dir.path(), &bootstrap)
@@ -212,6 +265,7 @@ impl TestHub {
             launcher: Vec::new(),
             serve_args: Vec::new(),
             database,
+            _postgres: postgres,
         }
     }
 
@@ -257,7 +311,7 @@ impl TestHub {
             .arg("--rollout-poll-secs")
             .arg(self.poll_secs.1.to_string());
         command.args(&self.serve_args);
-        if let Some((_, url)) = &self.database {
+        if let Some(url) = &self.database {
             command.args(["--database", url]);
         }
         if self.ca.is_some() {

@@ -352,12 +352,15 @@ pub(super) async fn prune(hub: &SharedHub) -> anyhow::Result<()> {
         );
         super::Metrics::bump(&hub.metrics.pruned_records, pruned.drift + pruned.shadow);
     }
+    if hub.store.shared() {
+        hub.store.prune_nonces(unix_now()).await?;
+    }
     Ok(())
 }
 
 /// One evaluation of every active rollout; decisions are stored, audited and flushed.
 pub async fn tick(hub: &SharedHub) -> anyhow::Result<()> {
-    let _guard = hub.rollout_lock.lock().await;
+    let _guard = hub.store.lock_rollouts().await?;
     let now = unix_now();
     let mut changed = false;
     for mut record in hub.store.rollouts().await? {

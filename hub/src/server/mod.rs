@@ -117,8 +117,10 @@ pub struct Hub {
     pub verifier: verifier::Verifier,
     /// Rollouts and retirements as devices see them, rebuilt whenever one changes.
     pub live: RwLock<Arc<Live>>,
-    /// Serialises rollout changes between the engine and operators.
-    pub rollout_lock: tokio::sync::Mutex<()>,
+    /// This process among the hubs that may share its store: the holder name of its leases.
+    pub instance: String,
+    /// Whether this hub held the engine's lease at its last tick (for the log).
+    pub engine_held: std::sync::atomic::AtomicBool,
     /// Drift profiles of published versions, read once.
     pub profiles: drift::ProfileCache,
 }
@@ -152,7 +154,8 @@ impl Hub {
             verifier: verifier::Verifier::start(verifier::Verifier::threads_for_this_machine())
                 .context("starting the signature verifier threads")?,
             live: RwLock::new(Arc::new(Live::default())),
-            rollout_lock: tokio::sync::Mutex::new(()),
+            instance: instance_name(),
+            engine_held: std::sync::atomic::AtomicBool::new(false),
             profiles: drift::ProfileCache::default(),
         });
         engine::reload(&hub).await?;
@@ -210,6 +213,14 @@ pub async fn run(
         max_connections: limits.max_connections,
     };
     outpost_serve::serve_auto(listener, acceptor, app, &options, shutdown).await;
+    // Another hub sharing the store takes the engine at its next tick.
+    if let Err(error) = hub
+        .store
+        .release_lease(crate::store::ENGINE_LEASE, &hub.instance)
+        .await
+    {
+        log::warn!("releasing the rollout engine's lease: {error}");
+    }
     hub.store.flush().await.context("flushing the store")?;
     log::info!("hub stopped");
     Ok(())
@@ -239,14 +250,75 @@ async fn clock(hub: SharedHub) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        if let Err(error) = engine::tick(&hub).await {
-            log::error!("rollout engine: {error:#}");
+        match engine_lease(&hub).await {
+            Ok(true) => {
+                if let Err(error) = engine::tick(&hub).await {
+                    log::error!("rollout engine: {error:#}");
+                }
+                if let Err(error) = engine::prune(&hub).await {
+                    log::error!("pruning telemetry past the retention: {error:#}");
+                }
+            }
+            Ok(false) => {}
+            Err(error) => log::error!("renewing the rollout engine's lease: {error:#}"),
         }
-        if let Err(error) = engine::prune(&hub).await {
-            log::error!("pruning telemetry past the retention: {error:#}");
+        // Another hub sharing the store may have changed a rollout: check-ins answer from what
+        // the store holds now.
+        if hub.store.shared() {
+            if let Err(error) = engine::reload(&hub).await {
+                log::error!("reading the rollouts back: {error:#}");
+            }
         }
         if let Err(error) = metrics::refresh_fleet(&hub).await {
             log::error!("computing the fleet's metrics: {error:#}");
         }
     }
+}
+
+/// Takes or renews the rollout engine's lease: whether this hub runs the engine this tick. It
+/// lasts three ticks (at least two seconds), so a hub that stops renewing it (killed, cut off
+/// from the database) hands the engine to another within that.
+async fn engine_lease(hub: &SharedHub) -> anyhow::Result<bool> {
+    let ttl = (hub.config.tick * 3).max(Duration::from_secs(2));
+    let held = hub
+        .store
+        .hold_lease(
+            crate::store::ENGINE_LEASE,
+            &hub.instance,
+            unix_millis(),
+            u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        )
+        .await?;
+    let was = hub
+        .engine_held
+        .swap(held, std::sync::atomic::Ordering::SeqCst);
+    if held != was {
+        if held {
+            log::info!("this hub ({}) runs the rollout engine", hub.instance);
+        } else {
+            log::info!("another hub runs the rollout engine");
+        }
+    }
+    Ok(held)
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+/// A name for this process among hubs: its host, its process id and random bytes.
+fn instance_name() -> String {
+    let mut random = [0u8; 4];
+    let _ = getrandom::getrandom(&mut random);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!(
+        "{}/{}/{}",
+        host.trim(),
+        std::process::id(),
+        hex::encode(random)
+    )
 }

@@ -31,6 +31,7 @@ mod devices;
 pub mod import;
 mod records;
 mod registry;
+mod replicas;
 mod retention;
 mod retirements;
 mod rollouts;
@@ -43,6 +44,7 @@ mod tests;
 pub use audit::*;
 pub use devices::LatestRequests;
 pub use records::*;
+pub use replicas::{RolloutLock, ENGINE_LEASE};
 pub use retention::{Pruned, Retention};
 pub use sql::{Database, Dialect};
 pub use telemetry::*;
@@ -145,6 +147,8 @@ pub struct Store {
     /// Flushes begun so far, and the number of the last one that finished.
     flushes_begun: Arc<AtomicU64>,
     flush_done: Arc<AtomicU64>,
+    /// This process's side of [`Store::lock_rollouts`].
+    rollout_lock: Arc<tokio::sync::Mutex<()>>,
     /// An embedded store's lock on its file, held while any clone of the store lives.
     _lock: Option<Arc<sql::FileLock>>,
 }
@@ -186,6 +190,7 @@ impl Store {
             flush_lock: Arc::new(tokio::sync::Mutex::new(())),
             flushes_begun: Arc::new(AtomicU64::new(0)),
             flush_done: Arc::new(AtomicU64::new(0)),
+            rollout_lock: Arc::default(),
             _lock: lock.map(Arc::new),
         })
     }

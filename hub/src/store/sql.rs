@@ -254,6 +254,14 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE runtimes (
          device {bytes} PRIMARY KEY, at BIGINT NOT NULL, record {bytes} NOT NULL);
      CREATE TABLE audit (seq BIGINT PRIMARY KEY, record {bytes} NOT NULL)",
+    // 2: what hubs sharing a database agree on: leases (the rollout engine's) and the nonces of
+    // signed device requests.
+    "CREATE TABLE leases (
+         name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms BIGINT NOT NULL);
+     CREATE TABLE nonces (
+         device {bytes} NOT NULL, nonce {bytes} NOT NULL, expires BIGINT NOT NULL,
+         PRIMARY KEY (device, nonce));
+     CREATE INDEX nonces_by_expiry ON nonces (expires)",
 ];
 
 /// The newest schema this hub writes.
@@ -268,7 +276,7 @@ pub(super) async fn migrate(writer: &AnyPool, dialect: Dialect) -> Result<()> {
     if dialect == Dialect::Postgres {
         // Any constant both sides agree on: "outpost" in ASCII.
         transaction
-            .execute("SELECT pg_advisory_xact_lock(111533600925556)")
+            .execute("SELECT pg_advisory_xact_lock(31372865377891188)")
             .await?;
     }
     transaction

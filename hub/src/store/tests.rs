@@ -3,6 +3,7 @@
 //! of its own (`outpost_testkit::postgres`, which fails, never skips, when none is installed).
 
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use outpost_protocol::drift::{FeatureSource, NumericProfile, Profile, TensorSide, Thresholds};
 use outpost_protocol::Sha256;
@@ -77,6 +78,9 @@ on_both_engines!(
     roots_manifests_rollouts_and_retirements_read_back_in_order,
     the_latest_runtime_report_of_each_device_is_kept,
     retention_prunes_events_markers_and_expired_windows,
+    a_lease_has_one_holder_until_it_expires_or_is_released,
+    a_nonce_is_new_once_until_it_expires,
+    rollout_changes_take_turns,
 );
 
 fn profile() -> Profile {
@@ -927,6 +931,21 @@ async fn retention_prunes_events_markers_and_expired_windows(store: &Store) {
     );
 }
 
+/// Opens the store in `dir` once the lock of a store closed there is let go. A child process
+/// another test forks at the moment the lock's file is open holds a copy of it until the child
+/// execs (and the copy closes), so the lock may outlive the closed store by that long.
+async fn reopen(dir: &std::path::Path) -> Result<Store> {
+    let started = std::time::Instant::now();
+    loop {
+        match Store::open(dir).await {
+            Err(StoreError::Locked { .. }) if started.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The schema is migrated once: a reopen applies nothing again, and a database a newer hub wrote
 /// is refused by name. One process at a time opens an embedded store.
 #[tokio::test]
@@ -942,7 +961,7 @@ async fn a_reopened_store_keeps_its_rows_and_a_newer_schema_is_refused() {
         store.put_root(1, b"root").await.unwrap();
         store.close().await.unwrap();
     }
-    let store = Store::open(dir.path()).await.unwrap();
+    let store = reopen(dir.path()).await.unwrap();
     assert_eq!(store.roots().await.unwrap(), [(1, b"root".to_vec())]);
     sqlx::query("INSERT INTO outpost_schema (version, applied_at) VALUES ($1, 0)")
         .bind(sql::SCHEMA_VERSION + 1)
@@ -951,7 +970,7 @@ async fn a_reopened_store_keeps_its_rows_and_a_newer_schema_is_refused() {
         .unwrap();
     store.close().await.unwrap();
     drop(store);
-    let error = Store::open(dir.path()).await.unwrap_err();
+    let error = reopen(dir.path()).await.unwrap_err();
     assert!(
         error.to_string().contains("written by a newer hub"),
         "{error}"
@@ -1009,4 +1028,92 @@ fn an_admin_token_without_a_tail_never_expires_and_an_older_hub_reads_one_with_i
         first
     );
     assert!(expiring.expired(20) && !expiring.expired(19) && !first.expired(u64::MAX));
+}
+
+async fn a_lease_has_one_holder_until_it_expires_or_is_released(store: &Store) {
+    assert_eq!(store.lease(ENGINE_LEASE).await.unwrap(), None);
+    assert!(store
+        .hold_lease(ENGINE_LEASE, "a", 1_000, 500)
+        .await
+        .unwrap());
+    // Held: another holder is refused, the holder renews.
+    assert!(!store
+        .hold_lease(ENGINE_LEASE, "b", 1_200, 500)
+        .await
+        .unwrap());
+    assert!(store
+        .hold_lease(ENGINE_LEASE, "a", 1_400, 500)
+        .await
+        .unwrap());
+    assert_eq!(
+        store.lease(ENGINE_LEASE).await.unwrap(),
+        Some(("a".to_owned(), 1_900))
+    );
+    // Expired: the other takes it, and the first holder is refused in turn.
+    assert!(!store
+        .hold_lease(ENGINE_LEASE, "b", 1_899, 500)
+        .await
+        .unwrap());
+    assert!(store
+        .hold_lease(ENGINE_LEASE, "b", 1_900, 500)
+        .await
+        .unwrap());
+    assert!(!store
+        .hold_lease(ENGINE_LEASE, "a", 2_000, 500)
+        .await
+        .unwrap());
+    // Released by its holder only.
+    store.release_lease(ENGINE_LEASE, "a").await.unwrap();
+    assert!(!store
+        .hold_lease(ENGINE_LEASE, "a", 2_000, 500)
+        .await
+        .unwrap());
+    store.release_lease(ENGINE_LEASE, "b").await.unwrap();
+    assert!(store
+        .hold_lease(ENGINE_LEASE, "a", 2_000, 500)
+        .await
+        .unwrap());
+    // Many asking at once: one gets it.
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .hold_lease("other", &format!("hub {n}"), 5_000, 500)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut held = 0;
+    for task in tasks {
+        held += usize::from(task.await.unwrap());
+    }
+    assert_eq!(held, 1);
+}
+
+async fn a_nonce_is_new_once_until_it_expires(store: &Store) {
+    assert!(store.note_nonce(&DEVICE, &[1; 16], 100).await.unwrap());
+    assert!(!store.note_nonce(&DEVICE, &[1; 16], 100).await.unwrap());
+    assert!(store.note_nonce(&[8; 16], &[1; 16], 100).await.unwrap());
+    assert!(store.note_nonce(&DEVICE, &[2; 16], 300).await.unwrap());
+    assert_eq!(store.prune_nonces(101).await.unwrap(), 2);
+    assert!(!store.note_nonce(&DEVICE, &[2; 16], 300).await.unwrap());
+}
+
+/// A rollout change waits for the one before it to let go, on either engine (on PostgreSQL, for
+/// every hub sharing the database), and a lock dropped on an error path is let go too.
+async fn rollout_changes_take_turns(store: &Store) {
+    let first = store.lock_rollouts().await.unwrap();
+    let mut waiting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.lock_rollouts().await.map(|_| ()) })
+    };
+    // It waits while the first is held. (That it would wait for ever cannot be shown by waiting
+    // on an event; a fair while without it finishing is the evidence.)
+    if let Ok(finished) = tokio::time::timeout(Duration::from_millis(300), &mut waiting).await {
+        panic!("a second rollout lock was taken while the first was held: {finished:?}");
+    }
+    drop(first);
+    waiting.await.unwrap().unwrap();
+    drop(store.lock_rollouts().await.unwrap());
 }

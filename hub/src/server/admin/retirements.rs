@@ -39,7 +39,7 @@ pub(super) async fn create_retirement(
         ));
     }
     let root = require_root(&hub).await?;
-    let _guard = hub.rollout_lock.lock().await;
+    let _guard = hub.store.lock_rollouts().await?;
     let retire = root
         .verify_retire(&bytes, &floor(), None)
         .map_err(|error| AdminError::bad_request(format!("retirement refused: {error}")))?;

@@ -112,7 +112,7 @@ pub(super) async fn create_rollout(
         ));
     }
     let root = require_root(&hub).await?;
-    let _guard = hub.rollout_lock.lock().await;
+    let _guard = hub.store.lock_rollouts().await?;
     let plan = root
         .verify_plan(&bytes, &floor(), None)
         .map_err(|error| AdminError::bad_request(format!("plan refused: {error}")))?;
@@ -194,7 +194,7 @@ pub(super) async fn rollout_action(
             "no rollout action {action:?} (pause, resume, advance, rollback)"
         ))
     })?;
-    let _guard = hub.rollout_lock.lock().await;
+    let _guard = hub.store.lock_rollouts().await?;
     let mut record = find_rollout(&hub, sequence).await?;
     let mut rollout = engine::to_rollout(&record)?;
     let facts = engine::device_facts(&hub, sequence, &rollout).await?;

@@ -231,6 +231,18 @@ pub(super) async fn authenticate(
             };
             DeviceError::new(status, refusal.to_string())
         })?;
+    // Hubs sharing a database share their nonces too: a request replayed to another hub within
+    // the skew window is refused there as well.
+    let fresh = fresh
+        && (!hub.store.shared()
+            || hub
+                .store
+                .note_nonce(
+                    &device_id,
+                    &nonce,
+                    timestamp.saturating_add(MAX_CLOCK_SKEW_SECS),
+                )
+                .await?);
     if !fresh {
         return Err(DeviceError::unauthorized(
             "replayed request: nonce already used",

@@ -1,0 +1,177 @@
+//! Hubs sharing one PostgreSQL database (and one data directory for artifacts), as replicas behind
+//! a load balancer: real `serve` processes, a real PostgreSQL server, the real CLI, and simulated
+//! devices that move to the surviving replica as a load balancer would send them.
+
+// Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use outpost_hub::api::{RolloutInfo, RolloutState};
+use outpost_protocol::device::AgentState;
+use outpost_tests::device_sim::{Behaviour, SignedRequest, SimDevice};
+use outpost_tests::hub::{Fleet, TestHub};
+use outpost_tests::postgres::Postgres;
+use outpost_tests::wait_until;
+
+/// Bound on the rollout this file waits for.
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// What a hub logs when it takes the rollout engine's lease: "this hub (NAME) runs ...".
+const TOOK_ENGINE: &str = ") runs the rollout engine";
+
+/// Which of the two replicas runs the rollout engine, by its log (a hub says so when it takes the
+/// lease), waiting until one does.
+fn engine_holder(hubs: &[&TestHub; 2]) -> usize {
+    wait_until(
+        Duration::from_secs(30),
+        "a replica to take the engine",
+        || hubs.iter().position(|hub| hub.log().contains(TOOK_ENGINE)),
+    )
+}
+
+/// Steps every device once against the hub it is pointed at, until `done` accepts the rollout
+/// as `hub` shows it.
+fn drive(
+    hub: &TestHub,
+    devices: &mut [SimDevice],
+    sequence: u64,
+    what: &str,
+    done: impl Fn(&RolloutInfo) -> bool,
+) -> RolloutInfo {
+    let started = Instant::now();
+    loop {
+        let status = hub.rollout(sequence);
+        if done(&status) {
+            return status;
+        }
+        for device in devices.iter_mut() {
+            device.step(Behaviour::Commit);
+        }
+        assert!(
+            started.elapsed() < ROLLOUT_TIMEOUT,
+            "timed out after {ROLLOUT_TIMEOUT:?} waiting for {what}; last status: {status:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The first fault: one of two replicas is SIGKILLed mid-rollout. Devices move to the
+/// other, the engine's lease moves with them, and the rollout completes with every decision
+/// taken exactly once. A request one replica accepted is refused as a replay by the other.
+#[test]
+fn a_replica_killed_mid_rollout_hands_the_engine_over_and_no_decision_is_lost_or_repeated() {
+    let postgres = Postgres::start().unwrap_or_else(|error| panic!("{error}"));
+    let database = postgres.database("fleet").unwrap();
+    let first = TestHub::start_on_database(&database);
+    let second = first.replica();
+    let mut hubs = [first, second];
+
+    // Operators use either replica: the root and models through one, the rollout through the
+    // other; devices enroll through both.
+    let fleet = Fleet::new(&hubs[0]);
+    fleet.publish_example(&hubs[0], "demo", 1, 1);
+    fleet.publish_example(&hubs[0], "demo", 2, 2);
+    let token = hubs[1].enroll_token("site=lab", 100);
+    let mut devices: Vec<SimDevice> = (0..20)
+        .map(|n| SimDevice::enroll(&hubs[n % 2].url(), &token, &["kind=sim"], &fleet.root))
+        .collect();
+    assert_eq!(
+        hubs[0]
+            .cli_json::<Vec<serde_json::Value>>(&["device", "list"])
+            .len(),
+        20
+    );
+
+    // A signed request one replica accepted is refused by the other: they share their nonces.
+    let other = if devices[0].hub_url() == hubs[0].url() {
+        1
+    } else {
+        0
+    };
+    let body = devices[0].check_in_body(AgentState::Steady);
+    let captured = devices[0].sign("POST", "/device/v1/checkin", Some(&body));
+    assert_eq!(captured.send().status, 200);
+    let replayed = SignedRequest {
+        url: format!("{}/device/v1/checkin", hubs[other].url()),
+        ..captured
+    };
+    replayed.send().refused(401, "nonce already used");
+
+    let created = fleet.create_rollout(
+        &hubs[1],
+        "demo",
+        2,
+        1,
+        &[
+            "--stages",
+            "10,50,100",
+            "--bake",
+            "1s",
+            "--device-timeout",
+            "1h",
+        ],
+    );
+    let sequence = created.sequence;
+    let holder = engine_holder(&[&hubs[0], &hubs[1]]);
+    let survivor = 1 - holder;
+
+    // Mid-rollout: past its first stage, not yet complete.
+    let mid = drive(
+        &hubs[survivor],
+        &mut devices,
+        sequence,
+        "the rollout to pass its first stage",
+        |rollout| rollout.stage_index >= 1 || rollout.state != RolloutState::Active,
+    );
+    assert_eq!(mid.state, RolloutState::Active, "{mid:#?}");
+
+    // One engine at a time: the other replica never took the lease while the holder lived.
+    assert!(
+        !hubs[survivor].log().contains(TOOK_ENGINE),
+        "both replicas ran the engine"
+    );
+    hubs[holder].kill9();
+    for device in &mut devices {
+        device.set_hub_url(&hubs[survivor].url());
+    }
+    let done = drive(
+        &hubs[survivor],
+        &mut devices,
+        sequence,
+        "the rollout to complete on the surviving replica",
+        |rollout| rollout.state != RolloutState::Active,
+    );
+    assert_eq!(done.state, RolloutState::Completed, "{done:#?}");
+    // Each stage was decided once, whichever replica decided it.
+    let decided: Vec<(&str, usize)> = done
+        .decisions
+        .iter()
+        .map(|decision| (decision.action.as_str(), decision.stage_index))
+        .collect();
+    assert_eq!(
+        decided,
+        [("advance", 0), ("advance", 1), ("complete", 2)],
+        "{:#?}",
+        done.decisions
+    );
+    assert!(
+        hubs[survivor].log().contains(TOOK_ENGINE),
+        "the surviving replica never took the engine; its log:\n{}",
+        hubs[survivor].log()
+    );
+    let lease = postgres
+        .psql("fleet", "SELECT holder FROM leases WHERE name = 'engine'")
+        .unwrap();
+    assert!(
+        lease.contains(&format!("/{}/", hubs[survivor].pid())),
+        "the engine's lease names {lease:?}, not the survivor (pid {})",
+        hubs[survivor].pid()
+    );
+    for device in &devices {
+        let active = device.active.as_ref().unwrap();
+        assert_eq!((active.name.as_str(), active.version), ("demo", 2));
+    }
+    // The audit chain the two replicas wrote into is one chain.
+    hubs[survivor].cli(&["audit", "verify"]).ok();
+}
