@@ -24,7 +24,9 @@
 //! ```
 //!
 //! The hub binary is `target/release/outpost-hub`, rebuilt first with `cargo build --release`,
-//! unless `OUTPOST_HUB_BIN` names another one. This is a measurement, never a pass/fail test.
+//! unless `OUTPOST_HUB_BIN` names another one. Its store is SQLite in its data directory, or,
+//! with `OUTPOST_LOAD_DATABASE=postgres`, a PostgreSQL server of its own on loopback, whose CPU
+//! the "other" share of the machine then holds. This is a measurement, never a pass/fail test.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -137,15 +139,31 @@ struct BenchHub {
     token: String,
     address: String,
     child: Child,
+    /// The PostgreSQL server the store is in, with `OUTPOST_LOAD_DATABASE=postgres`; SQLite in
+    /// the data directory otherwise.
+    _postgres: Option<outpost_tests::postgres::Postgres>,
 }
 
 impl BenchHub {
     fn start(binary: PathBuf) -> BenchHub {
         let dir = tempfile::tempdir().expect("creating the hub's temporary directory");
         let data = dir.path().join("data");
+        let (postgres, database) = match std::env::var("OUTPOST_LOAD_DATABASE").as_deref() {
+            Err(_) | Ok("sqlite") => (None, Vec::new()),
+            Ok("postgres") => {
+                let server = outpost_tests::postgres::Postgres::start()
+                    .unwrap_or_else(|error| panic!("{error}"));
+                let url = server
+                    .database("hub")
+                    .unwrap_or_else(|error| panic!("{error}"));
+                (Some(server), vec!["--database".to_owned(), url])
+            }
+            Ok(other) => panic!("OUTPOST_LOAD_DATABASE={other:?}: say sqlite or postgres"),
+        };
         let bootstrap = Command::new(&binary)
             .args(["admin", "bootstrap", "--data"])
             .arg(&data)
+            .args(&database)
             .env("RUST_LOG", "warn")
             .output()
             .expect("running outpost-hub admin bootstrap");
@@ -160,6 +178,7 @@ impl BenchHub {
         let child = Command::new(&binary)
             .args(["serve", "--data"])
             .arg(&data)
+            .args(&database)
             .args(["--listen", "127.0.0.1:0", "--address-file"])
             .arg(&address_file)
             .env("RUST_LOG", "warn")
@@ -187,6 +206,7 @@ impl BenchHub {
             token,
             address,
             child,
+            _postgres: postgres,
         }
     }
 

@@ -265,6 +265,9 @@ async fn clock(hub: SharedHub) {
         // Another hub sharing the store may have changed a rollout: check-ins answer from what
         // the store holds now.
         if hub.store.shared() {
+            if let Err(error) = hub.store.refresh().await {
+                log::error!("reading the newest root back: {error:#}");
+            }
             if let Err(error) = engine::reload(&hub).await {
                 log::error!("reading the rollouts back: {error:#}");
             }

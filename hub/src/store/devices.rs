@@ -5,6 +5,16 @@ use std::collections::HashMap;
 use super::sql::for_update;
 use super::*;
 
+/// A device record read from `stored`.
+fn device_read_of(stored: Vec<u8>) -> Result<DeviceRead> {
+    let (record, applied) = decode_device(&stored)?;
+    Ok(DeviceRead {
+        record,
+        applied,
+        stored,
+    })
+}
+
 /// Adds `event` to `device`'s events in `transaction`.
 pub(super) async fn insert_event(
     transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -26,23 +36,30 @@ impl Store {
         Ok(self.device_read(id).await?.map(|read| read.record))
     }
 
-    /// A device's record with the stored bytes it was decoded from, for [`Store::update_device`].
+    /// A device's record with the stored bytes it was decoded from, for [`Store::update_device`]:
+    /// from the cache of a store no other hub shares when it holds them (see `cache`).
     pub async fn device_read(&self, id: &[u8; 16]) -> Result<Option<DeviceRead>> {
+        if let Some(stored) = self.devices_cache.as_ref().and_then(|cache| cache.get(id)) {
+            return device_read_of(stored).map(Some);
+        }
+        self.device_read_stored(id).await
+    }
+
+    /// [`Store::device_read`] from the database, filling the cache.
+    async fn device_read_stored(&self, id: &[u8; 16]) -> Result<Option<DeviceRead>> {
+        let generation = self.devices_cache.as_ref().map(|cache| cache.generation());
         let stored = sqlx::query("SELECT record FROM devices WHERE id = $1")
             .bind(id.to_vec())
             .fetch_optional(&self.pool)
             .await?;
-        stored
-            .map(|row| {
-                let stored = blob(&row, 0)?;
-                let (record, applied) = decode_device(&stored)?;
-                Ok(DeviceRead {
-                    record,
-                    applied,
-                    stored,
-                })
-            })
-            .transpose()
+        let Some(row) = stored else {
+            return Ok(None);
+        };
+        let stored = blob(&row, 0)?;
+        if let (Some(cache), Some(generation)) = (&self.devices_cache, generation) {
+            cache.fill(id, &stored, generation);
+        }
+        device_read_of(stored).map(Some)
     }
 
     /// Applies `change` to a device's record and writes it by compare-and-swap against the bytes
@@ -74,10 +91,11 @@ impl Store {
                     .bind(stored)
                     .execute(&self.writer)
                     .await?;
+            self.device_written(&id);
             if written.rows_affected() == 1 {
                 return Ok(Some(record));
             }
-            let Some(current) = self.device_read(&id).await? else {
+            let Some(current) = self.device_read_stored(&id).await? else {
                 return Ok(None);
             };
             DeviceRead {
@@ -118,6 +136,7 @@ impl Store {
         .execute(&mut *transaction)
         .await?;
         transaction.commit().await?;
+        self.device_written(&device.id);
         Ok(())
     }
 
@@ -202,6 +221,7 @@ impl Store {
         }
         insert_event(&mut transaction, device, event).await?;
         transaction.commit().await?;
+        self.device_written(device);
         Ok(())
     }
 

@@ -27,6 +27,7 @@ use sqlx::AnyPool;
 use sqlx::Row;
 
 mod audit;
+mod cache;
 mod devices;
 pub mod import;
 mod records;
@@ -147,6 +148,11 @@ pub struct Store {
     /// Flushes begun so far, and the number of the last one that finished.
     flushes_begun: Arc<AtomicU64>,
     flush_done: Arc<AtomicU64>,
+    /// The highest root version stored, so that a check-in from a device that already trusts it
+    /// (nearly every check-in) reads no roots; see `cache`.
+    newest_root: Arc<AtomicU64>,
+    /// Recently read device records, on a store no other hub shares; see `cache`.
+    devices_cache: Option<Arc<cache::DeviceCache>>,
     /// This process's side of [`Store::lock_rollouts`].
     rollout_lock: Arc<tokio::sync::Mutex<()>>,
     /// An embedded store's lock on its file, held while any clone of the store lives.
@@ -183,16 +189,20 @@ impl Store {
         let (pool, writer, lock) = sql::connect(database).await?;
         let dialect = database.dialect();
         sql::migrate(&writer, dialect).await?;
-        Ok(Store {
+        let store = Store {
             pool,
             writer,
             dialect,
             flush_lock: Arc::new(tokio::sync::Mutex::new(())),
             flushes_begun: Arc::new(AtomicU64::new(0)),
             flush_done: Arc::new(AtomicU64::new(0)),
+            newest_root: Arc::default(),
+            devices_cache: (dialect == Dialect::Sqlite).then(Arc::default),
             rollout_lock: Arc::default(),
             _lock: lock.map(Arc::new),
-        })
+        };
+        store.refresh().await?;
+        Ok(store)
     }
 
     /// Which engine this store is on.

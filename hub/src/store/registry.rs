@@ -175,6 +175,7 @@ impl Store {
         .await?;
         super::devices::insert_event(&mut transaction, &device.id, &make_event(&token)).await?;
         transaction.commit().await?;
+        self.device_written(&device.id);
         Ok(Ok(device))
     }
 
@@ -189,17 +190,25 @@ impl Store {
         .bind(signed.to_vec())
         .execute(&self.writer)
         .await?;
+        self.newest_root.fetch_max(version, Ordering::SeqCst);
         Ok(())
     }
 
     /// Every stored root, oldest first.
     pub async fn roots(&self) -> Result<Vec<(u64, Vec<u8>)>> {
-        self.roots_after(0).await
+        self.roots_from(0).await
     }
 
     /// Signed roots with a version above `version`, oldest first: what a device that trusts root
-    /// `version` needs next.
+    /// `version` needs next (for a device up to date, nothing is read).
     pub async fn roots_after(&self, version: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        if version >= self.newest_root.load(Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
+        self.roots_from(version).await
+    }
+
+    async fn roots_from(&self, version: u64) -> Result<Vec<(u64, Vec<u8>)>> {
         sqlx::query("SELECT version, signed FROM roots WHERE version > $1 ORDER BY version")
             .bind(bound(version))
             .fetch_all(&self.pool)

@@ -350,6 +350,9 @@ impl Store {
             }
         }
         transaction.commit().await?;
+        if dropped_records > 0 {
+            self.device_written(device);
+        }
         Ok(Ingested::Stored)
     }
 

@@ -1117,3 +1117,91 @@ async fn rollout_changes_take_turns(store: &Store) {
     waiting.await.unwrap().unwrap();
     drop(store.lock_rollouts().await.unwrap());
 }
+
+/// Two stores on one PostgreSQL database, as two hubs: a root one stores reaches the other's
+/// check-ins once it refreshes (every tick), and a device record one writes is what the other
+/// reads next (nothing of them is cached on a shared store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_sharing_a_database_see_each_others_roots_and_devices() {
+    let engine = postgres().await;
+    let server = engine._server.as_ref().unwrap();
+    // The database `postgres()` made for the first store.
+    let other = Store::connect(&Database::Postgres(format!(
+        "postgres://outpost@127.0.0.1:{}/hub",
+        server.port()
+    )))
+    .await
+    .unwrap();
+    let store = &engine.store;
+    store.put_root(1, b"one").await.unwrap();
+    other.refresh().await.unwrap();
+    store.put_root(2, b"two").await.unwrap();
+    assert!(other.roots_after(1).await.unwrap().is_empty());
+    other.refresh().await.unwrap();
+    assert_eq!(other.roots_after(1).await.unwrap(), [(2, b"two".to_vec())]);
+
+    store.put_device(&device_record()).await.unwrap();
+    let read = other.device_read(&DEVICE).await.unwrap().unwrap();
+    other
+        .update_device(read, |device| device.revoked = true)
+        .await
+        .unwrap();
+    assert!(store.device(&DEVICE).await.unwrap().unwrap().revoked);
+}
+
+/// On SQLite, device records are served from memory once read; a write of the record, through
+/// any operation, is what the next read sees.
+#[tokio::test]
+async fn a_cached_device_record_is_never_read_stale() {
+    let engine = sqlite().await;
+    let store = &engine.store;
+    store.put_device(&device_record()).await.unwrap();
+    let read = store.device_read(&DEVICE).await.unwrap().unwrap();
+    assert!(store.devices_cache.as_ref().unwrap().get(&DEVICE).is_some());
+    store
+        .update_device(read, |device| device.revoked = true)
+        .await
+        .unwrap();
+    assert!(store.device(&DEVICE).await.unwrap().unwrap().revoked);
+    store
+        .ingest_telemetry(&DEVICE, 1, &[], 4, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .device(&DEVICE)
+            .await
+            .unwrap()
+            .unwrap()
+            .dropped_records,
+        4
+    );
+    let event = EventRecord {
+        at: 5,
+        kind: "committed".to_owned(),
+        plan_sequence: Some(3),
+        model: None,
+        detail: String::new(),
+    };
+    store
+        .record_status(&DEVICE, None, None, &event, Some(&running("iris", 2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.device(&DEVICE).await.unwrap().unwrap().models,
+        [running("iris", 2)]
+    );
+    // A stale read written back is refused by the database and applied again to what it holds.
+    let stale = DeviceRead {
+        record: device_record(),
+        applied: None,
+        stored: devices::encode_device(&device_record(), None).unwrap(),
+    };
+    let written = store
+        .update_device(stale, |device| device.state = "degraded".to_owned())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(written.revoked && written.dropped_records == 4);
+    assert_eq!(store.device(&DEVICE).await.unwrap().unwrap(), written);
+}
