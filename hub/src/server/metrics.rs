@@ -3,7 +3,7 @@
 //! A scrape needs an admin token of any role (a viewer's is enough) unless the hub runs with
 //! `--metrics-public`: the metrics name models, features and the fleet's state. What must read the
 //! store (devices by state, the runtimes serving each model, rollout stages, a day of drift) is
-//! computed once per engine tick, on a blocking thread, by [`refresh_fleet`]; a scrape only copies
+//! computed once per engine tick, by [`refresh_fleet`]; a scrape only copies
 //! that text and reads counters, so scrapes cannot stall the hub however many come at once.
 
 use std::collections::BTreeMap;
@@ -126,7 +126,7 @@ async fn render(State(hub): State<SharedHub>, headers: HeaderMap) -> Response {
 
 /// Computes the gauges that read the store (devices by state and by model runtime, rollout
 /// stages, drift) and keeps them for scrapes until the next call. The hub's clock calls it once
-/// per tick, on a blocking thread.
+/// per tick.
 ///
 /// Only when a scrape came since the last call, or none was computed yet: a hub nobody scrapes
 /// does not scan its store every tick.

@@ -242,9 +242,10 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The hub's clock, until the task is aborted: each tick the engine evaluates every rollout, then,
-/// on a blocking thread, telemetry past the retention is removed and the gauges `/metrics` serves
-/// are computed afresh.
+/// The hub's clock, until the task is aborted: each tick, on the hub that holds the engine's
+/// lease, the engine evaluates every rollout and telemetry past the retention is removed; on a
+/// hub whose store may be shared, the newest root and the rollouts are read back; and on every
+/// hub the gauges `/metrics` serves are computed afresh.
 async fn clock(hub: SharedHub) {
     let mut interval = tokio::time::interval(hub.config.tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

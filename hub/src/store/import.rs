@@ -1,4 +1,4 @@
-//! `outpost-hub store migrate`: a store of release 0.1 (sled, in `DATA/db`) copied into the SQL
+//! `outpost-hub admin migrate`: a store of release 0.1 (sled, in `DATA/db`) copied into the SQL
 //! store, in one transaction. The records' bytes are kept as they are (the SQL store reads every
 //! form 0.1 wrote); what sled kept in its keys becomes columns. sled is opened here and nowhere
 //! else in the hub.

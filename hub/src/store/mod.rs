@@ -10,7 +10,7 @@
 //! Rows hold the hub's own record types (`records`), serialized with postcard and converted by
 //! hand from wire types, so the device protocol can evolve without rewriting stored data; what
 //! the store looks records up by (ids, names, versions, windows) are columns of their own. The
-//! record bytes are those the sled store of release 0.1.0 wrote, so `outpost-hub store migrate`
+//! record bytes are those the sled store of release 0.1.0 wrote, so `outpost-hub admin migrate`
 //! ([`import`]) moves a store of that release over as it is.
 
 use std::path::{Path, PathBuf};
