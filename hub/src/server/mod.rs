@@ -279,10 +279,16 @@ async fn clock(hub: SharedHub) {
     }
 }
 
-/// Takes or renews the rollout engine's lease: whether this hub runs the engine this tick. It
+/// Takes or renews the rollout engine's lease, on a store other hubs may share: whether this hub
+/// runs the engine this tick. It
 /// lasts three ticks (at least two seconds), so a hub that stops renewing it (killed, cut off
 /// from the database) hands the engine to another within that.
 async fn engine_lease(hub: &SharedHub) -> anyhow::Result<bool> {
+    // An embedded store is this process's alone (its file lock): no other hub can run the
+    // engine, and a hub restarted after a crash must not wait out its predecessor's lease.
+    if !hub.store.shared() {
+        return Ok(true);
+    }
     let ttl = (hub.config.tick * 3).max(Duration::from_secs(2));
     let held = hub
         .store

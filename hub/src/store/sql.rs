@@ -295,7 +295,11 @@ pub(super) async fn migrate(writer: &AnyPool, dialect: Dialect) -> Result<()> {
             known: SCHEMA_VERSION,
         });
     }
-    for (index, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+    let applied = usize::try_from(found).map_err(|_| StoreError::Corrupt {
+        table: "outpost_schema",
+        reason: format!("schema version {found}"),
+    })?;
+    for (index, step) in MIGRATIONS.iter().enumerate().skip(applied) {
         let step = step
             .replace("{bytes}", dialect.bytes())
             .replace("{serial}", dialect.serial());
