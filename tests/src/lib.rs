@@ -17,6 +17,7 @@ pub mod browser;
 pub mod device_sim;
 pub mod hub;
 pub use outpost_testkit::postgres;
+pub use outpost_testkit::s3;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

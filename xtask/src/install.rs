@@ -1,5 +1,6 @@
 //! What the tests need beyond the Rust toolchain, how to tell it is there, and how to install it
-//! from Debian's packages and rustup, saying what and why before anything is installed.
+//! from Debian's packages, rustup, PyPI and crates.io, saying what and why before anything is
+//! installed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -170,6 +171,7 @@ pub fn run(scope: Scope) -> Result<(), String> {
     real_models()?;
     onnxruntime_libraries(scope)?;
     previous_agent()?;
+    garage()?;
     if scope == Scope::All {
         add_rust_targets()?;
     }
@@ -451,6 +453,77 @@ fn previous_agent() -> Result<(), String> {
     // The binary is all the test needs; the build's gigabyte goes.
     for dir in [root.join("target"), source] {
         let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
+}
+
+/// The release of Garage, the S3-compatible server the object-store tests keep artifacts in, and
+/// the features it is built with: its libraries (libsodium, zstd, SQLite) bundled, so nothing
+/// from Debian is needed, and SQLite alone of its metadata engines.
+const GARAGE: (&str, &str) = ("2.5.0", "bundled-libs,sqlite");
+
+/// Where `cargo install` puts Garage (`bin/garage`) and builds it, under the workspace's
+/// `target/`. The build stays, so a later release's build reuses what did not change.
+const GARAGE_ROOT: &str = "target/garage";
+const GARAGE_BUILD: &str = "target/garage-build";
+
+/// Builds Garage from crates.io into `target/garage/bin/garage`, unless that binary says it is
+/// the release [`GARAGE`] names: the object-store tests start it as a test server of their own
+/// (`outpost_testkit::s3`). An AGPL program, run beside the tests and never linked into Outpost.
+fn garage() -> Result<(), String> {
+    let (version, features) = GARAGE;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("xtask sits in the workspace")?;
+    let root = workspace.join(GARAGE_ROOT);
+    let binary = root.join("bin/garage");
+    // It prints `garage cargo:2.5.0 [features: bundled-libs, sqlite]`.
+    let installed = |binary: &Path| {
+        Command::new(binary)
+            .arg("--version")
+            .output()
+            .is_ok_and(|output| {
+                let printed = String::from_utf8_lossy(&output.stdout);
+                output.status.success()
+                    && printed.split_whitespace().nth(1) == Some(&format!("cargo:{version}"))
+                    && features.split(',').all(|feature| printed.contains(feature))
+            })
+    };
+    if installed(&binary) {
+        return Ok(());
+    }
+    println!(
+        "xtask: building garage {version} (crates.io, features {features}) into {GARAGE_ROOT}, \
+         which takes several minutes: the object-store tests (tests/tests/hub_object_store.rs) \
+         keep artifacts in a real S3-compatible server"
+    );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(&cargo)
+        .args([
+            "install",
+            "garage",
+            "--version",
+            version,
+            "--locked",
+            "--root",
+        ])
+        .arg(&root)
+        .args(["--no-default-features", "--features", features])
+        .env("CARGO_TARGET_DIR", workspace.join(GARAGE_BUILD))
+        .status()
+        .map_err(|error| format!("running {cargo}: {error}"))?;
+    if !built.success() {
+        return Err(format!(
+            "`cargo install garage --version {version}` failed with {built}"
+        ));
+    }
+    if !installed(&binary) {
+        // `cargo install` leaves a binary it recorded as installed alone, even one changed since.
+        return Err(format!(
+            "{} does not say it is garage {version} with {features} after `cargo install`: \
+             remove {GARAGE_ROOT} and run `cargo xtask install` again",
+            binary.display()
+        ));
     }
     Ok(())
 }

@@ -18,7 +18,8 @@ commands:
                           agent suites for aarch64 and armv7 under qemu-user and the aarch64
                           agent against the host's hub
   install [--host-only]   only install what the tests need (Debian packages, Rust targets,
-                          ONNX Runtime and two published models' wheels from PyPI)
+                          ONNX Runtime and two published models' wheels from PyPI, and the
+                          Garage S3 server built from crates.io)
 ";
 
 /// What the test run covers.
