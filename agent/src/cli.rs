@@ -33,9 +33,10 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct EnrollArgs {
-    /// The hub to enroll with, e.g. https://hub.example.com:8443.
+    /// The hub to enroll with, e.g. https://hub.example.com:8443; given several times (replicas
+    /// of one hub), each is tried in turn. Without it, the config's `hub_url` or `hub_urls`.
     #[arg(long)]
-    pub hub: String,
+    pub hub: Vec<String>,
     /// The enrollment token from `outpost-hub token create`.
     #[arg(long, env = "OUTPOST_ENROLL_TOKEN")]
     pub token: String,

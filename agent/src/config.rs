@@ -3,6 +3,10 @@
 //!
 //! ```toml
 //! hub_url = "https://hub.example.com:8443"
+//! # or, for replicas of one hub (`outpost-hub serve` processes on one PostgreSQL database), all
+//! # of them: a request goes to the one that last answered, and to the next in turn when it is
+//! # unreachable or answers 502, 503 or 504. Give `hub_url` or `hub_urls`, not both.
+//! # hub_urls = ["https://hub-a.example.com:8443", "https://hub-b.example.com:8443"]
 //! ca_bundle = "/etc/outpost/ca.pem"        # optional: trust this CA for the hub
 //! trust_root = "/etc/outpost/root.bin"     # the initial signed trust root
 //! data_dir = "/var/lib/outpost"
@@ -62,7 +66,10 @@ pub enum ConfigError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    pub hub_url: String,
+    /// The hub; exactly one of `hub_url` and `hub_urls` is given.
+    pub hub_url: Option<String>,
+    /// The hub's replicas, tried in turn.
+    pub hub_urls: Option<Vec<String>>,
     pub ca_bundle: Option<PathBuf>,
     pub trust_root: PathBuf,
     pub data_dir: PathBuf,
@@ -132,7 +139,9 @@ pub struct RawStorage {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
-    pub hub_url: String,
+    /// The hub's URLs without trailing slashes: one (`hub_url`) or its replicas (`hub_urls`), at
+    /// least one, each checked by [`check_hub_url`], none twice. The first is tried first.
+    pub hub_urls: Vec<String>,
     pub ca_bundle: Option<PathBuf>,
     pub trust_root: PathBuf,
     pub data_dir: PathBuf,
@@ -224,7 +233,7 @@ pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         })
     };
 
-    let hub_url = check_hub_url(&raw.hub_url).map_err(|reason| invalid("hub_url", reason))?;
+    let hub_urls = hub_urls(raw.hub_url.as_deref(), raw.hub_urls.as_deref(), invalid)?;
     let labels = raw
         .labels
         .iter()
@@ -287,7 +296,7 @@ pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     };
     Ok(Config {
         path: path.to_owned(),
-        hub_url,
+        hub_urls,
         ca_bundle: raw
             .ca_bundle
             .as_ref()
@@ -329,26 +338,77 @@ pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     })
 }
 
-/// True for `localhost`, `127.x.y.z` and `[::1]`, with or without a port.
+/// `hub_url` or `hub_urls`, exactly one of them, checked: each URL by [`check_hub_url`], none
+/// twice, the list not empty.
+fn hub_urls(
+    hub_url: Option<&str>,
+    hub_urls: Option<&[String]>,
+    invalid: impl Fn(&'static str, String) -> ConfigError,
+) -> Result<Vec<String>, ConfigError> {
+    match (hub_url, hub_urls) {
+        (Some(_), Some(_)) => Err(invalid(
+            "hub_urls",
+            "is set beside `hub_url`: give one of the two (`hub_urls` for several hubs)".into(),
+        )),
+        (None, None) => Err(invalid(
+            "hub_url",
+            "is missing: give `hub_url` (one hub) or `hub_urls` (several)".into(),
+        )),
+        (Some(text), None) => Ok(vec![
+            check_hub_url(text).map_err(|reason| invalid("hub_url", reason))?
+        ]),
+        (None, Some([])) => Err(invalid(
+            "hub_urls",
+            "is empty: give at least one URL".into(),
+        )),
+        (None, Some(texts)) => {
+            let mut urls: Vec<String> = Vec::with_capacity(texts.len());
+            for text in texts {
+                let url = check_hub_url(text).map_err(|reason| invalid("hub_urls", reason))?;
+                if urls.contains(&url) {
+                    return Err(invalid("hub_urls", format!("{url:?} is listed twice")));
+                }
+                urls.push(url);
+            }
+            Ok(urls)
+        }
+    }
+}
+
 /// A hub URL without its trailing slashes, if the device may talk to it: https, or plain http to
 /// a loopback address only (device traffic, enrollment tokens included, must not travel in the
 /// clear). The error says why not.
 pub fn check_hub_url(text: &str) -> Result<String, String> {
     let hub_url = text.trim_end_matches('/').to_owned();
-    let host = hub_url
-        .strip_prefix("https://")
-        .or_else(|| hub_url.strip_prefix("http://"))
-        .ok_or_else(|| format!("{hub_url:?} must start with https:// or http://"))?;
-    if hub_url.starts_with("http://") && !is_loopback_authority(host) {
-        return Err(format!(
-            "{hub_url:?} uses plain http to a non-loopback host; device traffic must use https"
-        ));
-    }
+    check_transport(&hub_url, &format!("{hub_url:?}"))?;
     Ok(hub_url)
 }
 
+/// The rule of [`check_hub_url`] for a URL taken as it is (the one a hub redirects a download
+/// to, whose query must not change): https, or plain http to a loopback host only. The error
+/// names the URL as `shown`, so a caller can leave out what must not be shown (the signature in
+/// a presigned URL's query).
+pub fn check_transport(url: &str, shown: &str) -> Result<(), String> {
+    let authority = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{shown} must start with https:// or http://"))?;
+    if url.starts_with("http://") && !is_loopback_authority(authority) {
+        return Err(format!(
+            "{shown} uses plain http to a non-loopback host; device traffic must use https"
+        ));
+    }
+    Ok(())
+}
+
+/// True for `localhost`, `127.x.y.z` and `[::1]`, with or without a port, followed by anything
+/// after a `/`, `?` or `#`. An authority with user information is never loopback:
+/// `127.0.0.1:80@example.com` is a connection to example.com.
 fn is_loopback_authority(authority: &str) -> bool {
-    let host = authority.split('/').next().unwrap_or_default();
+    let host = authority.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.contains('@') {
+        return false;
+    }
     let host = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or_default()
     } else {
@@ -454,6 +514,94 @@ mod tests {
             parse("hub_url = \"http://127.0.0.1:9\"\ntrust_root = \"r\"\ndata_dir = \"d\"\n")
                 .is_ok()
         );
+    }
+
+    const REST: &str = "trust_root = \"r\"\ndata_dir = \"d\"\n";
+
+    #[test]
+    fn one_hub_url_or_several_hub_urls() {
+        let config = parse(BASE).unwrap();
+        assert_eq!(config.hub_urls, ["https://hub:8443"]);
+        let config = parse(&format!(
+            "hub_urls = [\"https://a:8443/\", \"https://b:8443\", \"http://127.0.0.1:9\"]\n{REST}"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.hub_urls,
+            ["https://a:8443", "https://b:8443", "http://127.0.0.1:9"],
+            "in the order given, without trailing slashes"
+        );
+        let config = parse(&format!("hub_urls = [\"https://a:8443\"]\n{REST}")).unwrap();
+        assert_eq!(config.hub_urls, ["https://a:8443"]);
+    }
+
+    #[test]
+    fn hub_urls_errors_name_the_key() {
+        for (text, key, says) in [
+            (
+                "hub_url = \"https://a\"\nhub_urls = [\"https://b\"]\n",
+                "`hub_urls`",
+                "beside `hub_url`",
+            ),
+            ("", "`hub_url`", "give `hub_url` (one hub) or `hub_urls`"),
+            ("hub_urls = []\n", "`hub_urls`", "is empty"),
+            (
+                "hub_urls = [\"https://a:8443\", \"https://a:8443/\"]\n",
+                "`hub_urls`",
+                "\"https://a:8443\" is listed twice",
+            ),
+            (
+                "hub_urls = [\"https://a:8443\", \"http://hub.example.com\"]\n",
+                "`hub_urls`",
+                "uses plain http to a non-loopback host",
+            ),
+            (
+                "hub_urls = [\"ftp://a\"]\n",
+                "`hub_urls`",
+                "must start with https:// or http://",
+            ),
+        ] {
+            let error = parse(&format!("{text}{REST}")).unwrap_err().to_string();
+            assert!(error.contains(key), "{text}: {error}");
+            assert!(error.contains(says), "{text}: {error}");
+        }
+    }
+
+    /// `127.0.0.1:80@example.com` is user information in front of example.com: plain http to it
+    /// is not loopback traffic.
+    #[test]
+    fn user_information_does_not_make_a_host_loopback() {
+        for url in [
+            "http://127.0.0.1:80@example.com",
+            "http://localhost@example.com/",
+            "http://127.0.0.1@[::1]",
+        ] {
+            let error = check_hub_url(url).unwrap_err();
+            assert!(error.contains("non-loopback"), "{url}: {error}");
+        }
+        assert!(check_hub_url("http://[::1]:8443").is_ok());
+        assert!(check_hub_url("http://localhost/hub").is_ok());
+    }
+
+    #[test]
+    fn the_transport_rule_names_the_url_as_shown() {
+        assert!(check_transport("https://s3.example.com/b/k?X-Amz-Signature=abc", "s").is_ok());
+        assert!(check_transport("http://127.0.0.1:9000/b/k?X-Amz-Signature=abc", "s").is_ok());
+        let error = check_transport(
+            "http://s3.example.com/b/k?X-Amz-Signature=abc",
+            "http://s3.example.com/b/k",
+        )
+        .unwrap_err();
+        assert_eq!(
+            error,
+            "http://s3.example.com/b/k uses plain http to a non-loopback host; device traffic \
+             must use https"
+        );
+        // A query right after a loopback host does not hide it, nor one after another host.
+        assert!(check_transport("http://127.0.0.1?a=b", "s").is_ok());
+        assert!(check_transport("http://example.com?127.0.0.1", "s").is_err());
+        let error = check_transport("s3://bucket/key?sig", "s3://bucket/key").unwrap_err();
+        assert_eq!(error, "s3://bucket/key must start with https:// or http://");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! A download resumes a `.partial` file with an HTTP Range request, hashes as it streams, stops
 //! the moment the body passes the signed length (endless data), and gives up past an overall
 //! deadline or under a minimum throughput (slow retrieval). A complete file is checked against the
-//! signed length and hash before anyone uses it.
+//! signed length and hash before anyone uses it. These rules hold for the body whatever its
+//! origin: the hub, or the object store the hub redirected the download to
+//! ([`HubClient::download`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -30,6 +32,15 @@ pub const RATE_GRACE: Duration = Duration::from_secs(10);
 pub enum DownloadError {
     #[error(transparent)]
     Hub(#[from] HubError),
+    /// The body stopped coming partway; what arrived is kept for the next attempt.
+    #[error("download of {artifact} from {source_url} broke off at {received} bytes: {message}")]
+    BrokenOff {
+        artifact: String,
+        /// The hub's URL, or the object store's without its query.
+        source_url: String,
+        received: u64,
+        message: String,
+    },
     #[error("hub sent more than the {signed} signed bytes of {artifact}")]
     EndlessData { artifact: String, signed: u64 },
     #[error(
@@ -64,12 +75,14 @@ pub enum DownloadError {
 }
 
 impl DownloadError {
-    /// True when the hub served something the signed manifest rules out, as opposed to a network
-    /// failure worth retrying.
+    /// True when the hub served something the signed manifest rules out, or redirected the
+    /// download where the device does not follow, as opposed to a network failure worth retrying.
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            DownloadError::EndlessData { .. } | DownloadError::HashMismatch { .. }
+            DownloadError::EndlessData { .. }
+                | DownloadError::HashMismatch { .. }
+                | DownloadError::Hub(HubError::Redirect { .. })
         )
     }
 }
@@ -131,10 +144,12 @@ pub fn fetch(
                 Err(error) => {
                     // Keep what arrived; the next attempt resumes from here.
                     file.sync_all().map_err(io)?;
-                    return Err(DownloadError::Hub(HubError::Transport {
-                        url: client.base_url().to_owned(),
-                        message: format!("reading {name}: {error}"),
-                    }));
+                    return Err(DownloadError::BrokenOff {
+                        artifact: name,
+                        source_url: download.source,
+                        received: have,
+                        message: error.to_string(),
+                    });
                 }
             };
             if n == 0 {

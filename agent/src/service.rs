@@ -51,12 +51,19 @@ pub fn load_identity(data_dir: &Path) -> anyhow::Result<DeviceIdentity> {
     })
 }
 
-/// Generates the device key (mode 0600), enrolls with `token` at `hub_url`, and stores the id.
-/// `hub_url` is held to the config's rule (https, or http on loopback) before anything is sent:
-/// the token must not travel in the clear.
-pub fn enroll(config: &Config, hub_url: &str, token: &str) -> anyhow::Result<DeviceId> {
-    let hub_url =
-        crate::config::check_hub_url(hub_url).map_err(|reason| anyhow!("--hub {reason}"))?;
+/// Generates the device key (mode 0600), enrolls with `token` at the hub, and stores the id. The
+/// hub is at `hub_urls` (`--hub`, tried in turn like the config's), or at the config's URLs when
+/// it is empty. Each is held to the config's rule (https, or http on loopback) before anything
+/// is sent: the token must not travel in the clear.
+pub fn enroll(config: &Config, hub_urls: &[String], token: &str) -> anyhow::Result<DeviceId> {
+    let mut checked: Vec<String> = Vec::with_capacity(hub_urls.len());
+    for text in hub_urls {
+        let url = crate::config::check_hub_url(text).map_err(|reason| anyhow!("--hub {reason}"))?;
+        if checked.contains(&url) {
+            bail!("--hub {url:?} is given twice");
+        }
+        checked.push(url);
+    }
     let dir = identity_dir(&config.data_dir);
     if dir.join("device.id").exists() {
         bail!(
@@ -85,7 +92,9 @@ pub fn enroll(config: &Config, hub_url: &str, token: &str) -> anyhow::Result<Dev
     };
     let arch = Arch::current().context("this CPU architecture is not supported")?;
     let mut enroll_config = config.clone();
-    enroll_config.hub_url = hub_url;
+    if !checked.is_empty() {
+        enroll_config.hub_urls = checked;
+    }
     let client = HubClient::new(&enroll_config, None)?;
     let response = client.enroll(&EnrollRequest {
         token: token.to_owned(),

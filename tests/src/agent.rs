@@ -166,6 +166,19 @@ impl TestAgent {
         TestAgent::enroll_program(AgentProgram::host(), url, hub, fleet, labels, extra)
     }
 
+    /// [`TestAgent::enroll`], knowing the hub at every one of `urls` (replicas of one hub):
+    /// `hub_urls` in the config, and enrolled through them (`--hub` for each), tried in turn.
+    /// `hub` makes the token.
+    pub fn enroll_at_all(
+        urls: &[&str],
+        hub: &TestHub,
+        fleet: &Fleet,
+        labels: &str,
+        extra: &str,
+    ) -> TestAgent {
+        TestAgent::enroll_program_at(AgentProgram::host(), urls, hub, fleet, labels, extra)
+    }
+
     /// [`TestAgent::enroll_at`] with `program` as the agent, for this enrollment and every later
     /// run.
     pub fn enroll_program(
@@ -176,6 +189,23 @@ impl TestAgent {
         labels: &str,
         extra: &str,
     ) -> TestAgent {
+        TestAgent::enroll_program_at(program, &[url], hub, fleet, labels, extra)
+    }
+
+    /// [`TestAgent::enroll_program`] reaching the hub at `urls`: one is written as `hub_url`
+    /// (which every agent release reads), several as `hub_urls`.
+    fn enroll_program_at(
+        program: AgentProgram,
+        urls: &[&str],
+        hub: &TestHub,
+        fleet: &Fleet,
+        labels: &str,
+        extra: &str,
+    ) -> TestAgent {
+        let hub_urls = match urls {
+            [url] => format!("hub_url = {url:?}"),
+            urls => format!("hub_urls = {urls:?}"),
+        };
         let dir = tempfile::tempdir().expect("creating the agent's temporary directory");
         std::fs::write(dir.path().join("root.bin"), &fleet.root).expect("writing the trust root");
         let listen = format!("127.0.0.1:{}", free_port());
@@ -197,32 +227,24 @@ impl TestAgent {
             String::new()
         };
         let text = format!(
-            "hub_url = \"{hub}\"\ntrust_root = \"{root}\"\ndata_dir = \"{data}\"\n\
+            "{hub_urls}\ntrust_root = \"{root}\"\ndata_dir = \"{data}\"\n\
              labels = [{own_labels}]\n\
              {extra}\n\
              [sync]\n{sync}\
              [inference]\nlisten = \"{listen}\"\n{runtime}",
-            hub = url,
             root = dir.path().join("root.bin").display(),
             data = dir.path().join("data").display(),
             own_labels = own_labels.join(", "),
         );
         std::fs::write(&config, text).expect("writing the agent config");
         let token = hub.enroll_token(labels, 1);
-        program
-            .run(
-                dir.path(),
-                &[
-                    "enroll",
-                    "--hub",
-                    url,
-                    "--token",
-                    &token,
-                    "--config",
-                    &config.to_string_lossy(),
-                ],
-            )
-            .ok();
+        let config_arg = config.to_string_lossy().into_owned();
+        let mut args = vec!["enroll"];
+        for url in urls {
+            args.extend(["--hub", url]);
+        }
+        args.extend(["--token", &token, "--config", &config_arg]);
+        program.run(dir.path(), &args).ok();
         TestAgent {
             dir,
             config,
@@ -277,7 +299,8 @@ impl TestAgent {
         std::fs::write(&self.config, lines.join("\n") + "\n").expect("rewriting the agent config");
     }
 
-    /// Rewrites the config's hub URL (after the hub restarted on another port).
+    /// Rewrites the config's hub URL (after the hub restarted on another port): its `hub_url`, or
+    /// its `hub_urls` replaced by this one.
     pub fn point_at(&self, url: &str) {
         let text = std::fs::read_to_string(&self.config).expect("reading the agent config");
         let rewritten: Vec<String> = text

@@ -1088,3 +1088,221 @@ fn a_rotation_that_revokes_compromised_keys_resets_the_floors_they_poisoned() {
     );
     assert_serving(&agent, 2);
 }
+
+/// A presigned URL's signature, in the query of every redirect below: it must reach the object
+/// store as given, and no log or report of the agent's.
+const STORE_SECRET: &str = "X-Amz-Signature=5ecre75ecre7";
+
+/// Has the proxy answer every artifact download, before the hub sees it, with a 307 to
+/// `location(sha256 hex)`, as a hub handing downloads to its object store does.
+fn redirect_downloads(proxy: &Proxy, location: impl Fn(&str) -> String + Send + 'static) {
+    proxy.set_intercept(move |request| {
+        let sha = request.path.strip_prefix(ARTIFACTS)?;
+        Some(Response {
+            status: 307,
+            reason: "Temporary Redirect".to_owned(),
+            headers: vec![("location".to_owned(), location(sha))],
+            body: Vec::new(),
+        })
+    });
+}
+
+/// A stand-in for an object store: a second proxy that answers `/bucket/<sha256 hex>?...` itself
+/// with the artifact the hub keeps in its data directory (404 for anything else).
+fn object_store(hub: &TestHub) -> Proxy {
+    let store = Proxy::start(&hub.url());
+    let artifacts = hub.data().join("artifacts");
+    store.set_intercept(move |request| {
+        let path = request.path.split('?').next().unwrap_or_default();
+        let body = path
+            .strip_prefix("/bucket/")
+            .and_then(|sha| std::fs::read(artifacts.join(sha)).ok());
+        Some(match body {
+            Some(body) => Response {
+                status: 200,
+                reason: "OK".to_owned(),
+                headers: vec![("content-type".to_owned(), "binary/octet-stream".to_owned())],
+                body,
+            },
+            None => Response {
+                status: 404,
+                reason: "Not Found".to_owned(),
+                headers: Vec::new(),
+                body: b"<Error><Code>NoSuchKey</Code></Error>".to_vec(),
+            },
+        })
+    });
+    store
+}
+
+/// The hub's object-store downloads (issue 24): the hub answers a download with a redirect to a
+/// presigned URL, and the agent fetches the bytes there, judged by the signed manifest as ever.
+/// The store gets the URL's query as given and none of the device's signing headers, which are
+/// for the hub alone; the agent's log never shows the query.
+#[test]
+fn a_download_redirected_to_an_object_store_is_fetched_there_without_the_device_signature() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    fleet.publish_example(&hub, "demo", 2, 2);
+    let (_, v2_path) = published_model(&hub, 2);
+    let store = object_store(&hub);
+    let store_url = store.url();
+    redirect_downloads(&proxy, move |sha| {
+        format!("{store_url}/bucket/{sha}?X-Amz-Date=20250101T000000Z&{STORE_SECRET}")
+    });
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+
+    agent.wait_status("active", json!("demo@2"));
+    assert_serving(&agent, 2);
+    let sha = v2_path.strip_prefix(ARTIFACTS).unwrap();
+    let fetched = wait_until(AGENT_WAIT, "the model in the store's log", || {
+        let fetched: Vec<Exchange> = store
+            .log()
+            .into_iter()
+            .filter(|exchange| exchange.request.path.starts_with(&format!("/bucket/{sha}")))
+            .collect();
+        (!fetched.is_empty()).then_some(fetched)
+    });
+    let asked = exchanges(&proxy, &v2_path);
+    assert!(!asked.is_empty(), "the agent never asked the hub");
+    for exchange in &asked {
+        assert_eq!(exchange.status, 307, "{exchange:?}");
+        assert!(exchange.request.header("x-outpost-signature").is_some());
+    }
+    for exchange in store.log() {
+        assert_eq!(exchange.status, 200, "{exchange:?}");
+        assert!(
+            exchange.request.path.ends_with(STORE_SECRET),
+            "the query was not sent as given: {exchange:?}"
+        );
+        let signing: Vec<&(String, String)> = exchange
+            .request
+            .headers
+            .iter()
+            .filter(|(name, _)| name.starts_with("x-outpost-"))
+            .collect();
+        assert!(signing.is_empty(), "the store got {signing:?}");
+    }
+    assert_eq!(fetched[0].body_sent, fetched[0].body_len);
+    assert!(!agent.log().contains("5ecre7"), "{}", agent.log());
+}
+
+/// A redirect where the device does not go is a refusal, reported, not network trouble: plain
+/// http to another host (the rule hub URLs obey), and a store that redirects again (the device
+/// follows one hop). Neither shows the presigned URL's query, and the device keeps serving.
+#[test]
+fn a_download_redirected_where_the_device_does_not_follow_is_refused_and_reported() {
+    let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    let versions_before = installed(&agent);
+    fleet.publish_example(&hub, "demo", 2, 2);
+    // 203.0.113.1 is TEST-NET-3: only a refusal before connecting gives the message below.
+    redirect_downloads(&proxy, |sha| {
+        format!("http://203.0.113.1/bucket/{sha}?{STORE_SECRET}")
+    });
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+
+    let refusal = next_refusal(&hub, &agent, &[]);
+    let sha = refusal
+        .detail
+        .strip_prefix(&format!("hub redirected {ARTIFACTS}"))
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("{refusal:?}"));
+    assert_eq!(
+        refusal.detail,
+        format!(
+            "hub redirected {ARTIFACTS}{sha} where the device does not follow: \
+             http://203.0.113.1/bucket/{sha} uses plain http to a non-loopback host; device \
+             traffic must use https"
+        )
+    );
+    assert_eq!(refusal.model.map(|model| model.version), Some(2));
+    assert_serving(&agent, 1);
+
+    // A store on loopback that redirects again. The candidate was refused once already, so this
+    // refusal is not reported again: the agent's log says it.
+    let store = Proxy::start(&hub.url());
+    let store_url = store.url();
+    {
+        let store_url = store_url.clone();
+        store.set_intercept(move |request| {
+            Some(Response {
+                status: 302,
+                reason: "Found".to_owned(),
+                headers: vec![(
+                    "location".to_owned(),
+                    format!("{store_url}/elsewhere{}", request.path),
+                )],
+                body: Vec::new(),
+            })
+        });
+    }
+    {
+        let store_url = store_url.clone();
+        redirect_downloads(&proxy, move |sha| {
+            format!("{store_url}/bucket/{sha}?{STORE_SECRET}")
+        });
+    }
+    let again = "redirected it again (302); the device follows one redirect only";
+    wait_until(AGENT_WAIT, "the second hop to be refused", || {
+        agent.log().contains(again).then_some(())
+    });
+    assert!(
+        store
+            .log()
+            .iter()
+            .all(|exchange| !exchange.request.path.contains("elsewhere")),
+        "the agent followed the store's redirect: {:?}",
+        store.log()
+    );
+    assert_serving(&agent, 1);
+    assert_eq!(installed(&agent), versions_before);
+    assert!(!agent.log().contains("5ecre7"), "{}", agent.log());
+    let events = agent.hub_detail(&hub).events;
+    assert!(
+        events.iter().all(|event| !event.detail.contains("5ecre7")),
+        "{events:#?}"
+    );
+}
+
+/// A configured CA bundle (a private hub's) does not keep the agent from a store whose
+/// certificate that CA signed, though the web's roots do not know it: the redirect target is
+/// trusted under either. Here the "store" is a TLS hub with a CA of its own, which answers the
+/// unsigned request 404: the agent got that far only if the TLS handshake succeeded.
+#[test]
+fn a_store_under_the_configured_ca_is_reached_over_tls() {
+    let store = TestHub::start_tls();
+    let ca = store.dir().join("certs").join("ca.pem");
+    assert!(ca.exists(), "{} is missing", ca.display());
+    let (hub, fleet, proxy, agent) =
+        serving_v1_via_proxy(&format!("ca_bundle = {:?}\n", ca.to_string_lossy()));
+    fleet.publish_example(&hub, "demo", 2, 2);
+    let store_url = store.url();
+    assert!(store_url.starts_with("https://localhost:"), "{store_url}");
+    {
+        let store_url = store_url.clone();
+        redirect_downloads(&proxy, move |sha| {
+            format!("{store_url}/bucket/{sha}?{STORE_SECRET}")
+        });
+    }
+    fleet.create_rollout(&hub, "demo", 2, 1, &["--stages", "100", "--bake", "1s"]);
+
+    let answered = format!("from {store_url}/bucket/");
+    let line = wait_until(AGENT_WAIT, "the store's answer in the agent's log", || {
+        agent
+            .log()
+            .lines()
+            .find(|line| line.contains(&answered))
+            .map(str::to_owned)
+    });
+    assert!(line.contains(": answered 404"), "{line}");
+    assert!(!agent.log().contains("5ecre7"), "{}", agent.log());
+    // Network trouble, not a refusal: nothing is reported as refused.
+    assert_serving(&agent, 1);
+    assert!(
+        agent
+            .hub_detail(&hub)
+            .events
+            .iter()
+            .all(|event| event.kind != "refused"),
+        "a store's answer was reported as a refusal"
+    );
+}
