@@ -198,8 +198,10 @@ impl AdminClient {
         read_capped(&mut response, max, &url)
     }
 
-    /// Asks whether something exists: true on 2xx, false on 404, an error otherwise.
-    pub fn head(&self, path: &str) -> anyhow::Result<bool> {
+    /// Asks whether something exists: true on 2xx, false on 404, None on 503 (the hub cannot tell
+    /// now: its artifact store is unreachable), an error otherwise. A HEAD answer has no body to
+    /// say why; a publisher that uploads anyway gets the reason in the upload's answer.
+    pub fn head(&self, path: &str) -> anyhow::Result<Option<bool>> {
         let url = self.url(path);
         let response = self
             .agent
@@ -207,8 +209,17 @@ impl AdminClient {
             .header("Authorization", &self.authorization)
             .call();
         match checked(response, "HEAD", &url) {
-            Ok(_) => Ok(true),
-            Err(error) if is_not_found(&error) => Ok(false),
+            Ok(_) => Ok(Some(true)),
+            Err(error) if is_not_found(&error) => Ok(Some(false)),
+            Err(error)
+                if error
+                    .downcast_ref::<HubStatusError>()
+                    .is_some_and(|status| {
+                        status.status == StatusCode::SERVICE_UNAVAILABLE.as_u16()
+                    }) =>
+            {
+                Ok(None)
+            }
             Err(error) => Err(error),
         }
     }

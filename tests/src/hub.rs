@@ -52,6 +52,8 @@ pub struct TestHub {
     launcher: Vec<String>,
     /// More `serve` flags.
     serve_args: Vec<String>,
+    /// Environment variables `serve` gets beside the test's own (an object store's credentials).
+    serve_env: Vec<(String, String)>,
     /// The PostgreSQL database holding the store (`serve --database`); SQLite in the data
     /// directory when None.
     database: Option<String>,
@@ -153,6 +155,7 @@ impl TestHub {
             poll_secs: (1, 1),
             launcher: Vec::new(),
             serve_args: Vec::new(),
+            serve_env: Vec::new(),
             database: None,
             _postgres: None,
         };
@@ -188,6 +191,7 @@ impl TestHub {
             poll_secs: self.poll_secs,
             launcher: Vec::new(),
             serve_args: self.serve_args.clone(),
+            serve_env: self.serve_env.clone(),
             database: Some(database),
             _postgres: None,
         };
@@ -264,6 +268,7 @@ impl TestHub {
             poll_secs,
             launcher: Vec::new(),
             serve_args: Vec::new(),
+            serve_env: Vec::new(),
             database,
             _postgres: postgres,
         }
@@ -311,6 +316,7 @@ impl TestHub {
             .arg("--rollout-poll-secs")
             .arg(self.poll_secs.1.to_string());
         command.args(&self.serve_args);
+        command.envs(self.serve_env.iter().map(|(name, value)| (name, value)));
         if let Some(url) = &self.database {
             command.args(["--database", url]);
         }
@@ -540,6 +546,15 @@ impl TestHub {
     /// [`TestHub::sigterm`]). The port changes.
     pub fn restart(&mut self) {
         self.spawn("127.0.0.1:0");
+    }
+
+    /// Gives `serve` the environment variables `vars` from its next start on (replicas made
+    /// after that get them too).
+    pub fn set_serve_env(&mut self, vars: &[(&str, &str)]) {
+        self.serve_env = vars
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
     }
 
     /// [`TestHub::restart`] with `serve_args` instead of those it was started with.

@@ -259,18 +259,22 @@ fn serve(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
         }
     };
     let mut out = format!("HTTP/1.1 {} {}\r\n", response.status, response.reason);
+    // An answer to HEAD has no body, and its content-length is that of the body a GET would get
+    // (an object store's HEAD tells an object's size so): passed on as it came.
+    let head = request.method == "HEAD";
     for (name, value) in &response.headers {
-        if !matches!(
+        let framing = matches!(
             name.as_str(),
             "content-length" | "transfer-encoding" | "connection"
-        ) {
+        );
+        if !framing || (head && name == "content-length") {
             out.push_str(&format!("{name}: {value}\r\n"));
         }
     }
-    out.push_str(&format!(
-        "content-length: {}\r\nconnection: close\r\n\r\n",
-        response.body.len()
-    ));
+    if !head {
+        out.push_str(&format!("content-length: {}\r\n", response.body.len()));
+    }
+    out.push_str("connection: close\r\n\r\n");
     let mut client = client;
     let mut sent = 0;
     let written = client.write_all(out.as_bytes()).and_then(|()| {

@@ -305,7 +305,8 @@ impl PublishArgs {
                 continue;
             };
             let hex = artifact.sha256.to_hex();
-            if client.head(&format!("/artifacts/{hex}"))? {
+            // Unknown (503) uploads anyway, and the upload's answer says what is wrong.
+            if client.head(&format!("/artifacts/{hex}"))? == Some(true) {
                 print_stderr(&format!(
                     "{} {} is already on the hub\n",
                     artifact.role,

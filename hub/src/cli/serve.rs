@@ -15,14 +15,37 @@ use outpost_model::fsutil;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Data directory: the artifacts, and the embedded store (SQLite, `hub.db`) unless
-    /// --database names another.
+    /// Data directory: the artifacts unless --artifacts names a bucket, and the embedded store
+    /// (SQLite, `hub.db`) unless --database names another.
     #[arg(long, env = "OUTPOST_HUB_DATA")]
     pub data: PathBuf,
     /// The SQL database to keep the hub's state in: `postgres://USER@HOST/NAME` (hubs sharing
     /// one database serve one fleet) or `sqlite:PATH`. Default: SQLite in the data directory.
     #[arg(long, env = "OUTPOST_HUB_DATABASE")]
     pub database: Option<Database>,
+    /// Where artifacts are kept: `s3://BUCKET[/PREFIX]` in S3-compatible storage (hubs sharing
+    /// one database share it too), its credentials and region from `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and `AWS_REGION`. Default: `artifacts/` in the data directory.
+    #[arg(long, env = "OUTPOST_HUB_ARTIFACTS")]
+    pub artifacts: Option<String>,
+    /// The S3 endpoint, for storage other than AWS (MinIO, Garage, Ceph): `https://HOST:PORT`.
+    /// Default: `AWS_ENDPOINT`, else AWS itself.
+    #[arg(long, env = "OUTPOST_HUB_ARTIFACTS_ENDPOINT", requires = "artifacts")]
+    pub artifacts_endpoint: Option<String>,
+    /// How devices download artifacts: `hub` (the hub streams them from the store) or `signed`
+    /// (the hub redirects each download to a presigned URL of the S3 store, which then carries
+    /// the bytes; devices still check the signed hash and length).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "hub",
+        env = "OUTPOST_HUB_ARTIFACT_URLS"
+    )]
+    pub artifact_urls: crate::artifacts::ArtifactUrls,
+    /// How long a presigned artifact URL stays valid. A download that breaks off asks the hub
+    /// for a fresh one.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    pub artifact_url_ttl: Duration,
     /// Address to listen on; port 0 picks a free port (see --address-file).
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
@@ -109,6 +132,12 @@ impl ServeArgs {
         let config = ServerConfig {
             data_dir: self.data.clone(),
             database: self.database.clone(),
+            artifacts: crate::artifacts::ArtifactConfig {
+                location: self.artifacts.clone(),
+                endpoint: self.artifacts_endpoint.clone(),
+                urls: self.artifact_urls,
+                url_ttl: self.artifact_url_ttl,
+            },
             tls,
             tick: self.tick,
             poll_secs: self.poll_secs,

@@ -57,17 +57,15 @@ pub struct ProfileCache {
 }
 
 /// Reads and checks the profile artifact `artifact` from the artifact store.
-pub fn read_profile(artifacts: &ArtifactStore, artifact: &Artifact) -> anyhow::Result<Profile> {
-    let bytes = outpost_model::fsutil::read_capped(
-        &artifacts.path(&artifact.sha256),
-        Profile::MAX_FRAME as u64,
-    )?;
-    let found = outpost_protocol::sha256(&bytes);
-    anyhow::ensure!(
-        found == artifact.sha256,
-        "profile artifact {} hashes to {found}",
-        artifact.sha256
-    );
+pub async fn read_profile(
+    artifacts: &ArtifactStore,
+    artifact: &Artifact,
+) -> anyhow::Result<Profile> {
+    // Checked against its name as it is read.
+    let bytes = artifacts
+        .read(&artifact.sha256, Profile::MAX_FRAME as u64)
+        .await
+        .with_context(|| format!("profile artifact {}", artifact.sha256))?;
     let profile: Profile = outpost_protocol::decode(&bytes).with_context(|| {
         format!(
             "profile artifact {} is not a drift profile",
@@ -113,6 +111,7 @@ pub async fn profile(hub: &Hub, name: &str, version: u64) -> anyhow::Result<Prof
         Some(artifact) => Some(Arc::new(LoadedProfile {
             profile: Arc::new(
                 read_profile(&hub.artifacts, artifact)
+                    .await
                     .with_context(|| format!("loading the profile of {name}@{version}"))?,
             ),
             sha256: artifact.sha256,

@@ -62,6 +62,8 @@ pub struct Metrics {
     /// Events, drift summaries and shadow comparisons removed under the retention.
     pub pruned_records: AtomicU64,
     pub artifact_bytes_served: AtomicU64,
+    /// Artifact downloads sent to a presigned URL of the object store instead.
+    pub artifact_redirects: AtomicU64,
 }
 
 impl Metrics {
@@ -293,6 +295,11 @@ fn render_text(hub: &SharedHub) -> anyhow::Result<String> {
             "outpost_hub_artifact_bytes_served_total",
             "Artifact bytes sent to devices.",
             &hub.metrics.artifact_bytes_served,
+        ),
+        (
+            "outpost_hub_artifact_redirects_total",
+            "Artifact downloads redirected to a presigned URL of the object store.",
+            &hub.metrics.artifact_redirects,
         ),
         (
             "outpost_hub_signature_batches_total",

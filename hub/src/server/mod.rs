@@ -35,10 +35,13 @@ pub use metrics::Metrics;
 /// Everything `serve` needs, validated by the CLI.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Artifacts, and the embedded store unless `database` names another.
+    /// Artifacts unless `artifacts` names a bucket, uploads being staged, and the embedded store
+    /// unless `database` names another.
     pub data_dir: PathBuf,
     /// The SQL database the hub keeps its state in; None for SQLite in `data_dir`.
     pub database: Option<crate::store::Database>,
+    /// Where artifacts are kept, and how devices download them.
+    pub artifacts: crate::artifacts::ArtifactConfig,
     /// PEM certificate chain and private key; None serves plain HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// How often the rollout engine evaluates gates.
@@ -69,6 +72,7 @@ impl ServerConfig {
         ServerConfig {
             data_dir: data_dir.to_owned(),
             database: None,
+            artifacts: crate::artifacts::ArtifactConfig::default(),
             tls: None,
             tick: Duration::from_secs(60),
             poll_secs,
@@ -137,7 +141,9 @@ impl Hub {
                 .await
                 .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
         };
-        let artifacts = ArtifactStore::open(&config.data_dir).context("opening artifact store")?;
+        let artifacts = ArtifactStore::open(&config.data_dir, &config.artifacts)
+            .context("opening the artifact store")?;
+        log::info!("artifacts in {}", artifacts.describe());
         let signed_before_start = store
             .signed_at()
             .await

@@ -83,6 +83,26 @@ pub(super) async fn upload_root(
     Ok((StatusCode::CREATED, Json(root_info(&root))))
 }
 
+/// What an artifact upload or lookup that failed tells the publisher: what was wrong with the
+/// upload, or which store failed (503: publishing again may succeed once it is back).
+impl From<ArtifactError> for AdminError {
+    fn from(error: ArtifactError) -> AdminError {
+        match error {
+            ArtifactError::HashMismatch { .. } | ArtifactError::Body(_) => {
+                AdminError::bad_request(error.to_string())
+            }
+            ArtifactError::TooLarge { .. } => {
+                AdminError::new(StatusCode::PAYLOAD_TOO_LARGE, error.to_string())
+            }
+            ArtifactError::Store { .. } => {
+                log::error!("{error}");
+                AdminError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+            }
+            ArtifactError::Io(_) => AdminError::internal(error),
+        }
+    }
+}
+
 pub(super) async fn has_artifact(
     State(hub): State<SharedHub>,
     headers: HeaderMap,
@@ -91,17 +111,10 @@ pub(super) async fn has_artifact(
     require(&hub, &headers, Role::Viewer).await?;
     let digest = Sha256::from_hex(&digest)
         .ok_or_else(|| AdminError::bad_request("artifact name is not a hex sha256"))?;
-    Ok(
-        match hub
-            .artifacts
-            .verified_length(&digest)
-            .await
-            .map_err(AdminError::internal)?
-        {
-            Some(_) => StatusCode::OK,
-            None => StatusCode::NOT_FOUND,
-        },
-    )
+    Ok(match hub.artifacts.verified_length(&digest).await? {
+        Some(_) => StatusCode::OK,
+        None => StatusCode::NOT_FOUND,
+    })
 }
 
 pub(super) async fn upload_artifact(
@@ -113,37 +126,15 @@ pub(super) async fn upload_artifact(
     let actor = require(&hub, &headers, Role::Publisher).await?;
     let digest = Sha256::from_hex(&digest)
         .ok_or_else(|| AdminError::bad_request("artifact name is not a hex sha256"))?;
-    if hub
-        .artifacts
-        .verified_length(&digest)
-        .await
-        .map_err(AdminError::internal)?
-        .is_some()
-    {
+    if hub.artifacts.verified_length(&digest).await?.is_some() {
         return Ok(StatusCode::OK);
     }
     let reader =
         tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
-    let length = match hub
+    let length = hub
         .artifacts
         .put(digest, reader, hub.config.max_artifact_bytes)
-        .await
-    {
-        Ok(length) => length,
-        Err(error @ ArtifactError::HashMismatch { .. }) => {
-            return Err(AdminError::bad_request(error.to_string()))
-        }
-        Err(error @ ArtifactError::TooLarge { .. }) => {
-            return Err(AdminError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                error.to_string(),
-            ))
-        }
-        Err(error @ ArtifactError::Body(_)) => {
-            return Err(AdminError::bad_request(error.to_string()))
-        }
-        Err(error) => return Err(AdminError::internal(error)),
-    };
+        .await?;
     audit(
         &hub,
         &actor,
@@ -244,11 +235,7 @@ pub(super) async fn publish_manifest(
         )));
     }
     for artifact in &manifest.body().artifacts {
-        let stored = hub
-            .artifacts
-            .verified_length(&artifact.sha256)
-            .await
-            .map_err(AdminError::internal)?;
+        let stored = hub.artifacts.verified_length(&artifact.sha256).await?;
         if stored != Some(artifact.length) {
             return Err(AdminError::conflict(format!(
                 "{} artifact {} ({} bytes) has not been uploaded",
@@ -259,6 +246,7 @@ pub(super) async fn publish_manifest(
         // judge no summary with it: keep such a version out of the registry.
         if artifact.role == ArtifactRole::Profile {
             drift::read_profile(&hub.artifacts, artifact)
+                .await
                 .map_err(|error| AdminError::bad_request(format!("manifest refused: {error:#}")))?;
         }
     }

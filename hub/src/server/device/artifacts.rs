@@ -1,14 +1,15 @@
 //! Artifact downloads (`/device/v1/artifacts/{sha256}`), whole or by a single byte range, so an
-//! interrupted download resumes where it stopped.
+//! interrupted download resumes where it stopped, or by a redirect to a presigned URL of the
+//! object store.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use outpost_protocol::Sha256;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::request::{authenticate, DeviceError, Kept};
+use crate::artifacts::ArtifactError;
 use crate::server::metrics::Metrics;
 use crate::server::SharedHub;
 
@@ -34,18 +35,30 @@ pub(super) async fn artifact(
     authenticate(&hub, &method, &uri, &headers, &[], Kept::InMemory).await?;
     let digest = Sha256::from_hex(&digest)
         .ok_or_else(|| DeviceError::bad_request("artifact name is not a hex sha256"))?;
-    let path = hub.artifacts.path(&digest);
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DeviceError::new(
-                StatusCode::NOT_FOUND,
-                format!("no artifact {digest}"),
-            ));
-        }
-        Err(error) => return Err(DeviceError::internal(error)),
+    let Some(len) = hub.artifacts.length(&digest).await.map_err(unavailable)? else {
+        return Err(DeviceError::new(
+            StatusCode::NOT_FOUND,
+            format!("no artifact {digest}"),
+        ));
     };
-    let len = file.metadata().await.map_err(DeviceError::internal)?.len();
+    // With `--artifact-urls signed` the store carries the bytes: the device follows this one
+    // redirect, and checks what it gets against the signed length and hash as always.
+    if let Some(url) = hub
+        .artifacts
+        .signed_url(&digest)
+        .await
+        .map_err(unavailable)?
+    {
+        Metrics::bump(&hub.metrics.artifact_redirects, 1);
+        return Ok((
+            StatusCode::TEMPORARY_REDIRECT,
+            [
+                (header::LOCATION, url),
+                (header::CACHE_CONTROL, "no-store".into()),
+            ],
+        )
+            .into_response());
+    }
     let range = match headers.get(header::RANGE) {
         None => None,
         Some(value) => {
@@ -62,14 +75,17 @@ pub(super) async fn artifact(
     };
     let (start, end) = range.unwrap_or((0, len.saturating_sub(1)));
     let count = if len == 0 { 0 } else { end - start + 1 };
-    file.seek(std::io::SeekFrom::Start(start))
-        .await
-        .map_err(DeviceError::internal)?;
+    let body = if count == 0 {
+        Body::empty()
+    } else {
+        Body::from_stream(
+            hub.artifacts
+                .stream(&digest, start..end + 1)
+                .await
+                .map_err(unavailable)?,
+        )
+    };
     Metrics::bump(&hub.metrics.artifact_bytes_served, count);
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-        file.take(count),
-        64 * 1024,
-    ));
     let mut response = Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::ACCEPT_RANGES, "bytes")
@@ -81,6 +97,16 @@ pub(super) async fn artifact(
         None => response.status(StatusCode::OK),
     };
     response.body(body).map_err(DeviceError::internal)
+}
+
+/// The artifact store failed: 503, so the device retries later, as it does when the hub is down.
+/// The store's name and error stay in the hub's log.
+fn unavailable(error: ArtifactError) -> DeviceError {
+    log::error!("serving an artifact: {error}");
+    DeviceError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the artifact store is unavailable; try again later",
+    )
 }
 
 #[cfg(test)]
