@@ -429,7 +429,10 @@ pub struct AuditVerdict {
 /// `GET /drift/{model}?version=V&selector=k=v,...&device=ID&since_secs=S` (viewer): the drift of
 /// one model version's features and outputs, from the summaries of the devices in scope whose
 /// windows end within the last `since_secs` seconds (default a day). Without `version`, the
-/// latest published version with a drift profile. Revoked devices are left out.
+/// latest published version with a drift profile. Without `device`, the figures come from the
+/// hourly aggregates of the label groups the selector matches (a device's labels when its
+/// telemetry arrived; devices revoked since included), and `by_device` from each device's own
+/// summaries (by its current labels, revoked devices left out).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriftReport {
     pub model: String,
@@ -447,9 +450,10 @@ pub struct DriftReport {
     /// Earliest start and latest end of the windows merged; none without data.
     pub window_start: Option<u64>,
     pub window_end: Option<u64>,
-    /// Devices whose summaries were merged.
+    /// Devices in `by_device`.
     pub devices: u64,
-    /// Stored summaries merged (one per device and window, each the merge of its uploads).
+    /// Per-device summaries merged into `features` (one per device and window, each the merge
+    /// of its uploads).
     pub summaries: u64,
     /// Every numeric feature and class output, most severe first.
     pub features: Vec<FeatureDriftInfo>,

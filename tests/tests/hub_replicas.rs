@@ -272,3 +272,37 @@ fn postgres_restarted_mid_ingest_loses_and_doubles_no_acknowledged_batch() {
     // What the restart cost in resends, each counted once above.
     eprintln!("{sent} batches sent for {} acknowledged", 4 * batches);
 }
+
+/// The per-device rate limit (1,000 signed requests whose timestamps share a 10-second bucket)
+/// holds across replicas: a device alternating between two hubs gets no more accepted than it
+/// would from one, though neither hub alone saw as many.
+#[test]
+fn a_device_spreading_its_requests_over_replicas_is_held_to_one_rate_limit() {
+    let postgres = Postgres::start().unwrap_or_else(|error| panic!("{error}"));
+    let database = postgres.database("fleet").unwrap();
+    let first = TestHub::start_on_database(&database);
+    let second = first.replica();
+    let fleet = Fleet::new(&first);
+    let token = first.enroll_token("site=lab", 1);
+    let mut device = SimDevice::enroll(&first.url(), &token, &["kind=sim"], &fleet.root);
+    let body = device.check_in_body(AgentState::Steady);
+    // One signed time for every request: they all fall in one bucket, however long they take.
+    let at = outpost_tests::device_sim::unix_now();
+    let (mut accepted, mut limited) = (0, 0);
+    for n in 0..1200 {
+        let hub = if n % 2 == 0 { &first } else { &second };
+        device.set_hub_url(&hub.url());
+        let reply = device
+            .sign_at("POST", "/device/v1/checkin", Some(&body), at)
+            .send();
+        match reply.status {
+            200 => accepted += 1,
+            429 => limited += 1,
+            other => panic!(
+                "request {n}: {other}: {}",
+                String::from_utf8_lossy(&reply.body)
+            ),
+        }
+    }
+    assert_eq!((accepted, limited), (1000, 200));
+}

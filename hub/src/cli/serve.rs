@@ -103,6 +103,12 @@ pub struct ServeArgs {
     /// older windows are removed on the engine's tick and not stored when they arrive.
     #[arg(long, default_value = "30d", value_parser = parse_duration)]
     pub retain_telemetry: Duration,
+    /// How long the hourly drift aggregates (each model version's summaries merged per label
+    /// group and hour, whatever the number of devices) are kept after their hour ends; removed
+    /// on the engine's tick. Fleet-wide drift (`/metrics`, the dashboard, reports over a label
+    /// group) reads them, so reports reach back this far.
+    #[arg(long, default_value = "400d", value_parser = parse_duration)]
+    pub retain_drift_aggregates: Duration,
     /// Serve `/metrics` to anyone who can reach the hub. By default a scrape needs an admin token
     /// of any role (`admin-token create --role viewer --expires never` makes one for a scraper):
     /// the metrics name models, features and the fleet's state.
@@ -155,6 +161,7 @@ impl ServeArgs {
             retention: crate::store::Retention {
                 events_per_device: self.retain_events as usize,
                 telemetry_secs: self.retain_telemetry.as_secs(),
+                drift_aggregate_secs: self.retain_drift_aggregates.as_secs(),
             },
         };
         if self.metrics_public {

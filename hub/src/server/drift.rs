@@ -2,6 +2,12 @@
 //! before it is stored, and the stored summaries merged per device, label group, model version and
 //! time range, for `drift report`, `/metrics` and the rollout engine's drift gate.
 //!
+//! Fleet-wide figures (`/metrics`, the dashboard's history, a report's features over a label
+//! group) read the store's hourly aggregates, one per model version, label group and hour, so
+//! their cost does not grow with the fleet; what needs each device (a report's device table, a
+//! report or history of one device, the drift gate, which compares devices) reads the per-device
+//! rows. [`Scope`] says how the two differ.
+//!
 //! A model version's profile is the `profile` artifact its signed manifest pins. Manifests never
 //! change once published, so a version's profile is read, checked and cached once.
 
@@ -23,7 +29,7 @@ use crate::api::{DeviceDriftInfo, DriftReport, FeatureDriftInfo};
 use crate::artifacts::ArtifactStore;
 use crate::rollout::RolloutState;
 use crate::rollout::{DriftGate, EndedDriftGate, NoDriftGate, Rollout, SummaryDriftGate};
-use crate::store::{ManifestRecord, StoredDrift};
+use crate::store::{ManifestRecord, StoredDrift, StoredHourly};
 
 /// How far back `/metrics` looks: the last day.
 pub const METRICS_WINDOW_SECS: u64 = 86_400;
@@ -188,6 +194,15 @@ pub async fn check_summary(hub: &Hub, window: &InferenceWindow) -> Result<(), Su
 }
 
 /// Which devices' summaries a report merges.
+///
+/// A scope without a device is read from the hourly aggregates the store merges at ingest (one
+/// per model version, label group and hour, whatever the number of devices): a label group is in
+/// scope when its labels satisfy `selector`. Two things differ from reading each device's rows:
+/// an aggregate keeps the labels its devices had when their summaries were stored, and a device
+/// revoked since stays in it. Aggregates also begin when the store first had them (its upgrade to
+/// schema 3) and are kept for their own retention (`--retain-drift-aggregates`, 400 days), where
+/// per-device rows are kept for the telemetry retention. A scope with a device reads that
+/// device's rows, with its current record: nothing of a revoked device.
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
     /// Devices carrying all of these labels; empty for every device.
@@ -198,44 +213,8 @@ pub struct Scope {
     pub since: u64,
 }
 
-/// Stored summaries merged, overall and per device.
-#[derive(Debug, Default)]
-struct Aggregate {
-    merged: Option<DriftSummary>,
-    /// Each device's summaries merged, and how many there were.
-    by_device: BTreeMap<[u8; 16], (DriftSummary, u64)>,
-    /// Stored summaries merged in all.
-    summaries: u64,
-}
-
-impl Aggregate {
-    fn add(&mut self, stored: StoredDrift) {
-        let StoredDrift {
-            device, summary, ..
-        } = stored;
-        if let Err(error) = merge_into(&mut self.merged, &summary) {
-            log::warn!(
-                "drift: leaving out a summary of {} that does not merge: {error}",
-                hex::encode(device)
-            );
-            return;
-        }
-        let entry = self.by_device.entry(device);
-        match entry {
-            std::collections::btree_map::Entry::Vacant(vacant) => {
-                vacant.insert((summary, 1));
-            }
-            std::collections::btree_map::Entry::Occupied(mut occupied) => {
-                let (merged, count) = occupied.get_mut();
-                // Merges with the overall summary succeeded, so this one's counts fit too.
-                if merged.merge(&summary).is_ok() {
-                    *count += 1;
-                }
-            }
-        }
-        self.summaries += 1;
-    }
-}
+/// Each device's stored summaries merged, and how many there were.
+type ByDevice = BTreeMap<[u8; 16], (DriftSummary, u64)>;
 
 /// Adds `summary` to `merged`, starting it when empty.
 fn merge_into(
@@ -264,25 +243,45 @@ async fn device_labels(hub: &Hub) -> anyhow::Result<DeviceLabels> {
         .collect())
 }
 
-/// Merges the stored summaries of `name@version` in `scope`. Revoked devices are left out.
-async fn aggregate(
+/// The stored per-device summaries of `name@version` in `scope`, merged per device, by each
+/// device's current labels. Revoked devices are left out, and so is a summary that does not merge
+/// with its device's others.
+async fn by_device(
     hub: &Hub,
     devices: &DeviceLabels,
     name: &str,
     version: u64,
     scope: &Scope,
-) -> anyhow::Result<Aggregate> {
-    let mut aggregate = Aggregate::default();
+) -> anyhow::Result<ByDevice> {
+    let mut merged = ByDevice::new();
     for stored in hub
         .store
         .drift_summaries(name, version, scope.since)
         .await?
     {
-        if in_scope(devices, scope, &stored) {
-            aggregate.add(stored);
+        if !in_scope(devices, scope, &stored) {
+            continue;
+        }
+        let StoredDrift {
+            device, summary, ..
+        } = stored;
+        match merged.entry(device) {
+            std::collections::btree_map::Entry::Vacant(vacant) => {
+                vacant.insert((summary, 1));
+            }
+            std::collections::btree_map::Entry::Occupied(mut occupied) => {
+                let (merged, count) = occupied.get_mut();
+                match merged.merge(&summary) {
+                    Ok(()) => *count += 1,
+                    Err(error) => log::warn!(
+                        "drift: leaving out a summary of {} that does not merge: {error}",
+                        hex::encode(device)
+                    ),
+                }
+            }
         }
     }
-    Ok(aggregate)
+    Ok(merged)
 }
 
 /// True when `stored` belongs to a device of `scope` that is not revoked.
@@ -295,6 +294,44 @@ fn in_scope(devices: &DeviceLabels, scope: &Scope, stored: &StoredDrift) -> bool
         .is_some_and(|(labels, revoked)| !revoked && selector_matches(&scope.selector, labels))
 }
 
+/// The hourly aggregates of `name@version` for the hours ending after `scope.since`, of the label
+/// groups `scope.selector` matches; `scope.device` is not looked at.
+async fn hourly_in_scope(
+    hub: &Hub,
+    name: &str,
+    version: u64,
+    scope: &Scope,
+) -> anyhow::Result<Vec<StoredHourly>> {
+    let mut hours = hub.store.drift_hourly(name, version, scope.since).await?;
+    hours.retain(|hourly| selector_matches(&scope.selector, &hourly.labels()));
+    Ok(hours)
+}
+
+/// The hourly aggregates of `name@version` in `scope`, merged: the merged summary (none without
+/// data) and the per-device summaries in it. An aggregate that does not merge with the others is
+/// left out.
+async fn fleet_merged(
+    hub: &Hub,
+    name: &str,
+    version: u64,
+    scope: &Scope,
+) -> anyhow::Result<(Option<DriftSummary>, u64)> {
+    let mut merged = None;
+    let mut summaries = 0;
+    for hourly in hourly_in_scope(hub, name, version, scope).await? {
+        match merge_into(&mut merged, &hourly.summary) {
+            Ok(()) => summaries += hourly.devices,
+            Err(error) => log::warn!(
+                "drift: leaving out the aggregate of label group {:?} ending {} that does not \
+                 merge: {error}",
+                hourly.label_group,
+                hourly.hour
+            ),
+        }
+    }
+    Ok((merged, summaries))
+}
+
 /// A model version's summaries in a scope, merged across devices: all of them, and each window's
 /// apart, for the dashboard's current histograms and PSI over time.
 #[derive(Debug, Default)]
@@ -303,38 +340,57 @@ pub struct History {
     pub merged: Option<DriftSummary>,
     /// One merged summary per window end, oldest first.
     pub windows: Vec<DriftSummary>,
-    /// Stored summaries merged in all.
+    /// Per-device summaries merged in all (one per device and window).
     pub summaries: u64,
 }
 
-/// The summaries of `name@version` in `scope`, merged overall and per window end. Revoked devices
-/// are left out, and so is a summary that does not merge, as in [`report`].
+/// The summaries of `name@version` in `scope`, merged overall and per window end: for a scope
+/// without a device, its label groups' hourly aggregates (see [`Scope`] for how they differ
+/// from the devices' rows); for one device, its own rows, nothing when it is revoked. A summary
+/// that does not merge is left out, as in [`report`].
 pub async fn history(
     hub: &Hub,
     name: &str,
     version: u64,
     scope: &Scope,
 ) -> anyhow::Result<History> {
-    let devices = device_labels(hub).await?;
     let mut history = History::default();
     let mut by_window: BTreeMap<u64, Option<DriftSummary>> = BTreeMap::new();
-    for stored in hub
-        .store
-        .drift_summaries(name, version, scope.since)
-        .await?
-    {
-        if !in_scope(&devices, scope, &stored) {
-            continue;
+    if scope.device.is_some() {
+        let devices = device_labels(hub).await?;
+        for stored in hub
+            .store
+            .drift_summaries(name, version, scope.since)
+            .await?
+        {
+            if !in_scope(&devices, scope, &stored) {
+                continue;
+            }
+            let window = by_window.entry(stored.window_end).or_default();
+            if let Err(error) = merge_into(window, &stored.summary) {
+                log::warn!(
+                    "drift: leaving out a summary of {} that does not merge: {error}",
+                    hex::encode(stored.device)
+                );
+                continue;
+            }
+            history.summaries += 1;
         }
-        let window = by_window.entry(stored.window_end).or_default();
-        if let Err(error) = merge_into(window, &stored.summary) {
-            log::warn!(
-                "drift: leaving out a summary of {} that does not merge: {error}",
-                hex::encode(stored.device)
-            );
-            continue;
+    } else {
+        // An aggregate's hour is the end of the windows merged into it.
+        for hourly in hourly_in_scope(hub, name, version, scope).await? {
+            let window = by_window.entry(hourly.hour).or_default();
+            if let Err(error) = merge_into(window, &hourly.summary) {
+                log::warn!(
+                    "drift: leaving out the aggregate of label group {:?} ending {} that does \
+                     not merge: {error}",
+                    hourly.label_group,
+                    hourly.hour
+                );
+                continue;
+            }
+            history.summaries += hourly.devices;
         }
-        history.summaries += 1;
     }
     history.windows = by_window.into_values().flatten().collect();
     // The whole range is its windows merged: one merge a window rather than one a summary.
@@ -409,6 +465,12 @@ fn feature_info(drift: &FeatureDrift) -> FeatureDriftInfo {
 }
 
 /// The drift report of `name@version` over `scope`, judged against `loaded`.
+///
+/// Its figures (`features`, the window, `summaries`) are, for a scope without a device, its
+/// label groups' hourly aggregates merged (see [`Scope`] for how they differ from the devices'
+/// rows), and for one device that device's rows. `by_device` and `devices` always come from
+/// the devices' rows, by their current labels and without revoked devices, so they reach back
+/// only as far as the telemetry retention.
 pub async fn report(
     hub: &Hub,
     name: &str,
@@ -418,16 +480,25 @@ pub async fn report(
     now: u64,
 ) -> anyhow::Result<DriftReport> {
     let labels = device_labels(hub).await?;
-    let aggregate = aggregate(hub, &labels, name, version, scope).await?;
-    let features = match &aggregate.merged {
+    let by_device = by_device(hub, &labels, name, version, scope).await?;
+    let (merged, summaries) = match scope.device {
+        // The scope's one device, if its rows are in scope.
+        Some(_) => by_device
+            .values()
+            .next()
+            .map_or((None, 0), |(summary, count)| {
+                (Some(summary.clone()), *count)
+            }),
+        None => fleet_merged(hub, name, version, scope).await?,
+    };
+    let features = match &merged {
         Some(merged) => assess(&loaded.profile, merged)
             .iter()
             .map(feature_info)
             .collect(),
         None => Vec::new(),
     };
-    let mut by_device: Vec<(DriftStatus, DeviceDriftInfo)> = aggregate
-        .by_device
+    let mut worst_by_device: Vec<(DriftStatus, DeviceDriftInfo)> = by_device
         .iter()
         .filter_map(|(device, (summary, count))| {
             let worst = assess(&loaded.profile, summary).into_iter().next()?;
@@ -447,7 +518,7 @@ pub async fn report(
             Some((worst.status, info))
         })
         .collect();
-    by_device.sort_by(|(a_status, a), (b_status, b)| {
+    worst_by_device.sort_by(|(a_status, a), (b_status, b)| {
         b_status
             .cmp(a_status)
             .then_with(|| b.value.total_cmp(&a.value))
@@ -460,12 +531,12 @@ pub async fn report(
         device: scope.device.map(hex::encode),
         since: scope.since,
         until: now,
-        window_start: aggregate.merged.as_ref().map(|merged| merged.window_start),
-        window_end: aggregate.merged.as_ref().map(|merged| merged.window_end),
-        devices: aggregate.by_device.len() as u64,
-        summaries: aggregate.summaries,
+        window_start: merged.as_ref().map(|merged| merged.window_start),
+        window_end: merged.as_ref().map(|merged| merged.window_end),
+        devices: by_device.len() as u64,
+        summaries,
         features,
-        by_device: by_device.into_iter().map(|(_, info)| info).collect(),
+        by_device: worst_by_device.into_iter().map(|(_, info)| info).collect(),
     })
 }
 
@@ -549,8 +620,8 @@ pub(super) fn label_value(text: &str) -> String {
 /// feature is only counted, so a model's series stay bounded whatever its width.
 pub const METRICS_WORST_FEATURES: usize = 5;
 
-/// Writes the drift of every published version with a profile over the last day, all devices
-/// merged, in at most 4 + 3 × [`METRICS_WORST_FEATURES`] series per version:
+/// Writes the drift of every published version with a profile over the last day, every label
+/// group's hourly aggregates merged (devices revoked since included, see [`Scope`]), in at most 4 + 3 × [`METRICS_WORST_FEATURES`] series per version:
 /// `outpost_hub_drift_model_status` (its worst feature's status: 0 ok, 1 warn, 2 alert),
 /// `outpost_hub_drift_features` (how many features have each status), and for its most drifted
 /// features `outpost_hub_drift_status`, `outpost_hub_drift_value` (the metric the status is
@@ -560,7 +631,6 @@ pub async fn write_metrics(hub: &Hub, now: u64, out: &mut String) -> anyhow::Res
         since: now.saturating_sub(METRICS_WINDOW_SECS),
         ..Scope::default()
     };
-    let devices = device_labels(hub).await?;
     // Each version's features, most severe first (as `assess` orders them).
     let mut versions: Vec<(String, u64, Vec<FeatureDrift>)> = Vec::new();
     for (name, version, _) in hub.store.manifests().await? {
@@ -573,10 +643,7 @@ pub async fn write_metrics(hub: &Hub, now: u64, out: &mut String) -> anyhow::Res
                 continue;
             }
         };
-        let Some(merged) = aggregate(hub, &devices, &name, version, &scope)
-            .await?
-            .merged
-        else {
+        let (Some(merged), _) = fleet_merged(hub, &name, version, &scope).await? else {
             continue;
         };
         let drifts = assess(&loaded.profile, &merged);

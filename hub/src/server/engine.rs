@@ -335,8 +335,8 @@ pub async fn device_facts(
 }
 
 /// Removes the drift summaries and shadow comparisons of windows that ended before the telemetry
-/// retention. A range scan per published version over what expired: next to nothing on a tick
-/// with nothing to remove.
+/// retention, and the hourly drift aggregates of hours that ended before theirs. A range scan
+/// per published version over what expired: next to nothing on a tick with nothing to remove.
 pub(super) async fn prune(hub: &SharedHub) -> anyhow::Result<()> {
     let cutoff = unix_now().saturating_sub(hub.config.retention.telemetry_secs);
     let pruned = hub.store.prune_telemetry(cutoff).await?;
@@ -351,6 +351,18 @@ pub(super) async fn prune(hub: &SharedHub) -> anyhow::Result<()> {
             ))
         );
         super::Metrics::bump(&hub.metrics.pruned_records, pruned.drift + pruned.shadow);
+    }
+    let kept = hub.config.retention.drift_aggregate_secs;
+    let aggregates = hub
+        .store
+        .prune_drift_hourly(unix_now().saturating_sub(kept))
+        .await?;
+    if aggregates > 0 {
+        log::info!(
+            "removed {aggregates} hourly drift aggregates of hours that ended over {} ago",
+            humantime::format_duration(std::time::Duration::from_secs(kept))
+        );
+        super::Metrics::bump(&hub.metrics.pruned_records, aggregates);
     }
     if hub.store.shared() {
         hub.store.prune_nonces(unix_now()).await?;

@@ -35,7 +35,14 @@ const NONCE_BUCKET_SECS: u64 = 10;
 /// [`NONCE_BUCKET_SECS`], 100 a second. More are refused with 429, so one device, however fast
 /// it signs, holds at most about 34,000 of the cache's 16 million entries and cannot fill it for
 /// the others. An agent sends a few requests a minute.
-const MAX_NONCES_PER_DEVICE: u32 = 1000;
+pub const MAX_NONCES_PER_DEVICE: u32 = 1000;
+
+/// The `forget_after` times that share a bucket with `forget_after`: what the per-device quota
+/// counts over, in this cache and across hubs sharing a database (`Store::note_nonce`).
+pub fn bucket_of(forget_after: u64) -> std::ops::Range<u64> {
+    let start = forget_after - forget_after % NONCE_BUCKET_SECS;
+    start..start.saturating_add(NONCE_BUCKET_SECS)
+}
 /// Buckets in the ring: more than the `2 * MAX_CLOCK_SKEW_SECS / NONCE_BUCKET_SECS + 1` epochs a
 /// live entry can fall in, so two live epochs never share a slot.
 const NONCE_BUCKETS: usize = (2 * MAX_CLOCK_SKEW_SECS / NONCE_BUCKET_SECS) as usize + 4;

@@ -29,6 +29,7 @@ use sqlx::Row;
 mod audit;
 mod cache;
 mod devices;
+mod drift_hourly;
 pub mod import;
 mod records;
 mod registry;
@@ -44,8 +45,9 @@ mod tests;
 
 pub use audit::*;
 pub use devices::LatestRequests;
+pub use drift_hourly::{group_labels, label_group, StoredHourly};
 pub use records::*;
-pub use replicas::{RolloutLock, ENGINE_LEASE};
+pub use replicas::{NonceNote, RolloutLock, ENGINE_LEASE};
 pub use retention::{Pruned, Retention};
 pub use sql::{Database, Dialect};
 pub use telemetry::*;

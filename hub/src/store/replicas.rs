@@ -1,13 +1,26 @@
 //! What hubs sharing one database agree on through it: which of them runs the rollout engine (a
 //! lease that moves when its holder stops renewing it), one rollout change at a time across all
 //! of them, and the nonces of signed device requests, so a request replayed to another hub is
-//! refused there too. On SQLite, one hub process owns the store (its file lock), so the rollout
+//! refused there too and a device's rate limit counts its requests to every hub. On SQLite, one hub process owns the store (its file lock), so the rollout
 //! lock is the process's own and nonces stay in the hub's memory.
+
+use std::ops::Range;
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, Executor};
 
 use super::*;
+
+/// What [`Store::note_nonce`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceNote {
+    /// Recorded: no hub saw it before.
+    New,
+    /// A hub sharing the database saw this nonce before.
+    Replayed,
+    /// The device is over its rate limit on the hubs together; not recorded.
+    OverQuota,
+}
 
 /// The rollout engine's lease.
 pub const ENGINE_LEASE: &str = "engine";
@@ -106,13 +119,29 @@ impl Store {
     }
 
     /// Records that `device` used `nonce` in a request that is acceptable until `expires` (Unix
-    /// seconds): true if it is new, false if any hub sharing the database saw it before.
+    /// seconds), unless any hub sharing the database saw it before ([`NonceNote::Replayed`]), or
+    /// the device already used more than `quota` nonces expiring within `bucket` on all hubs
+    /// together ([`NonceNote::OverQuota`]: the per-device rate limit, held across hubs). Two hubs
+    /// counting at once may each let one request past the quota.
     pub async fn note_nonce(
         &self,
         device: &[u8; 16],
         nonce: &[u8; 16],
         expires: u64,
-    ) -> Result<bool> {
+        bucket: Range<u64>,
+        quota: u64,
+    ) -> Result<NonceNote> {
+        let used: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM nonces WHERE device = $1 AND expires >= $2 AND expires < $3",
+        )
+        .bind(device.to_vec())
+        .bind(bound(bucket.start))
+        .bind(bound(bucket.end))
+        .fetch_one(&self.pool)
+        .await?;
+        if u64::try_from(used).unwrap_or(0) >= quota {
+            return Ok(NonceNote::OverQuota);
+        }
         let written = sqlx::query(
             "INSERT INTO nonces (device, nonce, expires) VALUES ($1, $2, $3) \
              ON CONFLICT (device, nonce) DO NOTHING",
@@ -122,7 +151,11 @@ impl Store {
         .bind(int("nonce expiry", expires)?)
         .execute(&self.writer)
         .await?;
-        Ok(written.rows_affected() == 1)
+        Ok(if written.rows_affected() == 1 {
+            NonceNote::New
+        } else {
+            NonceNote::Replayed
+        })
     }
 
     /// Removes nonces whose requests can no longer be accepted. Returns how many went.

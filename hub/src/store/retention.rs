@@ -7,6 +7,9 @@
 //!   on its tick, and never stored by ingest in the first place.
 //! - A device's batch markers (the idempotency keys of telemetry batches) older than that time
 //!   go at its next batch, except its newest, which keeps its sequences increasing.
+//! - Hourly drift aggregates (one per model version, label group and hour, whatever the number
+//!   of devices) are kept for a time of their own, much longer: [`Store::prune_drift_hourly`]
+//!   removes the hours that ended before it, on the same tick.
 //!
 //! Inference counters are one record per device and published model version, and outcomes one
 //! per device and plan, so neither grows with time.
@@ -20,6 +23,8 @@ pub struct Retention {
     pub events_per_device: usize,
     /// Seconds telemetry windows and batch markers are kept after their end.
     pub telemetry_secs: u64,
+    /// Seconds hourly drift aggregates are kept after their hour ends.
+    pub drift_aggregate_secs: u64,
 }
 
 impl Default for Retention {
@@ -27,6 +32,7 @@ impl Default for Retention {
         Retention {
             events_per_device: 1000,
             telemetry_secs: 30 * 24 * 3600,
+            drift_aggregate_secs: 400 * 24 * 3600,
         }
     }
 }

@@ -262,6 +262,18 @@ const MIGRATIONS: &[&str] = &[
          device {bytes} NOT NULL, nonce {bytes} NOT NULL, expires BIGINT NOT NULL,
          PRIMARY KEY (device, nonce));
      CREATE INDEX nonces_by_expiry ON nonces (expires)",
+    // 3: drift summaries merged at ingest per model version, label group and hour (the hour its
+    // window ends), kept far longer than the per-device rows of `drift` (see `drift_hourly`).
+    // A store made before this step gets the table empty: its aggregates start at the upgrade.
+    "CREATE TABLE drift_hourly (
+         model TEXT NOT NULL, version BIGINT NOT NULL, hour BIGINT NOT NULL,
+         label_group TEXT NOT NULL, record {bytes} NOT NULL, devices BIGINT NOT NULL,
+         left_out BIGINT NOT NULL,
+         PRIMARY KEY (model, version, hour, label_group));
+     CREATE INDEX drift_hourly_by_hour ON drift_hourly (hour)",
+    // 4: the per-device rate limit across hubs sharing a database counts a device's nonces by
+    // when they expire (`Store::note_nonce`).
+    "CREATE INDEX nonces_by_device ON nonces (device, expires)",
 ];
 
 /// The newest schema this hub writes.

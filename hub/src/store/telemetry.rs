@@ -1,6 +1,12 @@
-//! Telemetry ingest, exactly once without a transaction, and the reads of what it stored:
-//! inference counters, drift summaries and shadow comparisons.
+//! Telemetry ingest, exactly once in one transaction, and the reads of what it stored:
+//! inference counters, drift summaries and shadow comparisons. The hourly drift aggregates that
+//! ingest also merges into are `drift_hourly`'s.
 
+use std::collections::BTreeSet;
+
+use outpost_protocol::Label;
+
+use super::drift_hourly::{hour_of, label_group, merge_hourly, HourKey, HourParts};
 use super::*;
 
 /// One inference window of a telemetry batch, as ingested.
@@ -159,11 +165,16 @@ impl Store {
     /// keeps a floor across cache quarantines), so a batch below one already stored for its device
     /// is refused as [`Ingested::OutOfOrder`]; the agent never sends one.
     ///
-    /// A drift summary that does not merge (its counts would overflow) refuses the whole batch and
-    /// nothing of it is written, not even its idempotency key.
+    /// A drift summary that does not merge with its device's window (its counts would overflow)
+    /// refuses the whole batch and nothing of it is written, not even its idempotency key.
+    ///
+    /// Each drift summary stored is also merged into the hourly aggregate of its model version
+    /// and of the label group of `labels`, the device's labels now (see `drift_hourly`); one that
+    /// does not merge there is left out of the aggregate and counted, and refuses nothing.
     pub async fn ingest_telemetry(
         &self,
         device: &[u8; 16],
+        labels: &[Label],
         sequence: u64,
         windows: &[WindowInput],
         dropped_records: u64,
@@ -233,21 +244,27 @@ impl Store {
             }
         }
 
-        for ((model, version, end, start), parts) in drift {
+        // The per-device rows this batch creates, which its aggregates count as devices.
+        let mut created: BTreeSet<&DriftKey> = BTreeSet::new();
+        for (key, parts) in &drift {
+            let (model, version, end, start) = key;
             let stored = sqlx::query(
                 "SELECT record FROM drift WHERE model = $1 AND version = $2 AND window_end = $3 \
                  AND window_start = $4 AND device = $5",
             )
             .bind(model.clone())
-            .bind(version)
-            .bind(end)
-            .bind(start)
+            .bind(*version)
+            .bind(*end)
+            .bind(*start)
             .bind(id.clone())
             .fetch_optional(&mut *transaction)
             .await?
             .map(|row| blob(&row, 0))
             .transpose()?;
-            let record = match merge_drift(stored.as_deref(), &parts, now)? {
+            if stored.is_none() {
+                created.insert(key);
+            }
+            let record = match merge_drift(stored.as_deref(), parts, now)? {
                 Ok(record) => record,
                 Err((window, reason)) => return Ok(Ingested::Refused { window, reason }),
             };
@@ -257,10 +274,10 @@ impl Store {
                  (model, version, window_end, window_start, device) \
                  DO UPDATE SET record = excluded.record",
             )
-            .bind(model)
-            .bind(version)
-            .bind(end)
-            .bind(start)
+            .bind(model.clone())
+            .bind(*version)
+            .bind(*end)
+            .bind(*start)
             .bind(id.clone())
             .bind(encode_applied("drift", &record, None)?)
             .execute(&mut *transaction)
@@ -348,6 +365,27 @@ impl Store {
                     .execute(&mut *transaction)
                     .await?;
             }
+        }
+
+        // Last, so that on PostgreSQL the aggregates' rows, which every device of a label group
+        // writes, stay locked for as short a time as the batch allows.
+        if !drift.is_empty() {
+            let mut hours: BTreeMap<HourKey, HourParts<'_>> = BTreeMap::new();
+            for (key, parts) in &drift {
+                let (model, version, end, _) = key;
+                hours
+                    .entry((model.clone(), *version, hour_of(*end)))
+                    .or_default()
+                    .push((created.contains(key), parts.as_slice()));
+            }
+            merge_hourly(
+                &mut transaction,
+                self.dialect,
+                &label_group(labels),
+                hours,
+                now,
+            )
+            .await?;
         }
         transaction.commit().await?;
         if dropped_records > 0 {

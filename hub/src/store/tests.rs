@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use outpost_protocol::drift::{FeatureSource, NumericProfile, Profile, TensorSide, Thresholds};
-use outpost_protocol::Sha256;
+use outpost_protocol::{Label, Sha256};
 use outpost_testkit::postgres::Postgres;
 
 use super::*;
@@ -70,6 +70,11 @@ on_both_engines!(
     concurrent_copies_of_each_batch_count_once,
     a_batch_below_the_highest_stored_one_is_refused_and_adds_nothing,
     a_summary_that_does_not_merge_refuses_the_whole_batch,
+    drift_aggregates_merge_a_label_group_once_per_batch,
+    a_summary_that_does_not_merge_into_its_aggregate_is_left_out_of_it_only,
+    drift_aggregates_are_pruned_by_their_own_retention,
+    concurrent_devices_of_a_label_group_lose_no_merge,
+    drift_storage_per_row_is_measured,
     a_stale_read_written_back_loses_nobody_elses_change,
     the_latest_requests_of_a_device_refuse_their_replays_and_older_ones_only,
     a_committed_report_updates_its_own_model_only,
@@ -136,7 +141,7 @@ async fn drift_parts_merge_once_per_batch_and_range_by_window_end(store: &Store)
     let first = [window(summary(&profile, 3600, &[1.0, 2.0]))];
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 1, &first, 0, 10)
+            .ingest_telemetry(&DEVICE, &[], 1, &first, 0, 10)
             .await
             .unwrap(),
         Ingested::Stored
@@ -144,7 +149,7 @@ async fn drift_parts_merge_once_per_batch_and_range_by_window_end(store: &Store)
     // Resent: stored once.
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 1, &first, 0, 11)
+            .ingest_telemetry(&DEVICE, &[], 1, &first, 0, 11)
             .await
             .unwrap(),
         Ingested::Duplicate
@@ -157,7 +162,7 @@ async fn drift_parts_merge_once_per_batch_and_range_by_window_end(store: &Store)
     ];
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 2, &second, 0, 12)
+            .ingest_telemetry(&DEVICE, &[], 2, &second, 0, 12)
             .await
             .unwrap(),
         Ingested::Stored
@@ -251,14 +256,14 @@ async fn shadow_parts_add_once_per_batch_and_range_by_window_end(store: &Store) 
     let first = [shadow_window(3600, 10, 9)];
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 1, &first, 0, 10)
+            .ingest_telemetry(&DEVICE, &[], 1, &first, 0, 10)
             .await
             .unwrap(),
         Ingested::Stored
     );
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 1, &first, 0, 11)
+            .ingest_telemetry(&DEVICE, &[], 1, &first, 0, 11)
             .await
             .unwrap(),
         Ingested::Duplicate
@@ -270,7 +275,7 @@ async fn shadow_parts_add_once_per_batch_and_range_by_window_end(store: &Store) 
     ];
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 2, &second, 0, 12)
+            .ingest_telemetry(&DEVICE, &[], 2, &second, 0, 12)
             .await
             .unwrap(),
         Ingested::Stored
@@ -318,7 +323,7 @@ async fn concurrent_copies_of_each_batch_count_once(store: &Store) {
             for sequence in 1..=batches {
                 let windows = [window(summary(&profile, 3600, &[sequence as f64]))];
                 match store
-                    .ingest_telemetry(&DEVICE, sequence, &windows, 1, 10)
+                    .ingest_telemetry(&DEVICE, &[], sequence, &windows, 1, 10)
                     .await
                 {
                     Ok(Ingested::Stored) => {
@@ -360,14 +365,14 @@ async fn a_batch_below_the_highest_stored_one_is_refused_and_adds_nothing(store:
     let batch = |value: f64| [window(summary(&profile, 3600, &[value]))];
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 9, &batch(1.0), 0, 10)
+            .ingest_telemetry(&DEVICE, &[], 9, &batch(1.0), 0, 10)
             .await
             .unwrap(),
         Ingested::Stored
     );
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 5, &batch(2.0), 0, 11)
+            .ingest_telemetry(&DEVICE, &[], 5, &batch(2.0), 0, 11)
             .await
             .unwrap(),
         Ingested::OutOfOrder { highest: 9 }
@@ -379,7 +384,7 @@ async fn a_batch_below_the_highest_stored_one_is_refused_and_adds_nothing(store:
     // Refused, it left no idempotency key: it is refused again, not taken as a duplicate.
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 5, &batch(2.0), 0, 12)
+            .ingest_telemetry(&DEVICE, &[], 5, &batch(2.0), 0, 12)
             .await
             .unwrap(),
         Ingested::OutOfOrder { highest: 9 }
@@ -387,14 +392,14 @@ async fn a_batch_below_the_highest_stored_one_is_refused_and_adds_nothing(store:
     // Another device's sequences are its own.
     assert_eq!(
         store
-            .ingest_telemetry(&[8; 16], 5, &batch(2.0), 0, 12)
+            .ingest_telemetry(&[8; 16], &[], 5, &batch(2.0), 0, 12)
             .await
             .unwrap(),
         Ingested::Stored
     );
     // A sequence the store cannot keep is an error naming it, not a wrapped number.
     let error = store
-        .ingest_telemetry(&DEVICE, u64::MAX, &batch(2.0), 0, 12)
+        .ingest_telemetry(&DEVICE, &[], u64::MAX, &batch(2.0), 0, 12)
         .await
         .unwrap_err();
     assert!(
@@ -412,7 +417,7 @@ async fn a_summary_that_does_not_merge_refuses_the_whole_batch(store: &Store) {
     huge.features[0].bins[0] = u64::MAX;
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 1, &[window(huge)], 0, 10)
+            .ingest_telemetry(&DEVICE, &[], 1, &[window(huge)], 0, 10)
             .await
             .unwrap(),
         Ingested::Stored
@@ -422,7 +427,7 @@ async fn a_summary_that_does_not_merge_refuses_the_whole_batch(store: &Store) {
         window(summary(&profile, 3600, &[3.0])),
     ];
     match store
-        .ingest_telemetry(&DEVICE, 2, &batch, 0, 11)
+        .ingest_telemetry(&DEVICE, &[], 2, &batch, 0, 11)
         .await
         .unwrap()
     {
@@ -444,11 +449,422 @@ async fn a_summary_that_does_not_merge_refuses_the_whole_batch(store: &Store) {
     let retry = [window(summary(&profile, 7200, &[2.0]))];
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 2, &retry, 0, 12)
+            .ingest_telemetry(&DEVICE, &[], 2, &retry, 0, 12)
             .await
             .unwrap(),
         Ingested::Stored
     );
+}
+
+fn labels(texts: &[&str]) -> Vec<Label> {
+    texts
+        .iter()
+        .map(|text| Label::parse(text).unwrap())
+        .collect()
+}
+
+/// Each hourly aggregate's hour, label group, count of x0, devices, uploads and uploads left
+/// out.
+fn hourly_of(stored: &[StoredHourly]) -> Vec<(u64, &str, u64, u64, u64, u64)> {
+    stored
+        .iter()
+        .map(|s| {
+            (
+                s.hour,
+                s.label_group.as_str(),
+                s.summary.features[0].n,
+                s.devices,
+                s.uploads,
+                s.left_out,
+            )
+        })
+        .collect()
+}
+
+async fn drift_aggregates_merge_a_label_group_once_per_batch(store: &Store) {
+    let profile = profile();
+    let lab = labels(&["tier=canary", "site=lab"]);
+    let (a, b, c, d) = ([1; 16], [2; 16], [3; 16], [4; 16]);
+    let ingest =
+        |device: [u8; 16], labels: Vec<Label>, sequence: u64, windows: Vec<WindowInput>| {
+            let store = store.clone();
+            async move {
+                store
+                    .ingest_telemetry(&device, &labels, sequence, &windows, 0, 10)
+                    .await
+                    .unwrap()
+            }
+        };
+    let first = vec![
+        window(summary(&profile, 3600, &[1.0, 2.0])),
+        window(summary(&profile, 7200, &[3.0])),
+    ];
+    assert_eq!(
+        ingest(a, lab.clone(), 1, first.clone()).await,
+        Ingested::Stored
+    );
+    // A copy of a batch is not merged again.
+    assert_eq!(ingest(a, lab.clone(), 1, first).await, Ingested::Duplicate);
+    // More parts of the device's first window: more uploads, not another device.
+    let more = vec![
+        window(summary(&profile, 3600, &[4.0])),
+        window(summary(&profile, 3600, &[5.0])),
+    ];
+    assert_eq!(ingest(a, lab, 2, more).await, Ingested::Stored);
+    // The same labels in another order are the same group; other labels, or none, another.
+    let one = |value: f64| vec![window(summary(&profile, 3600, &[value]))];
+    let same = labels(&["site=lab", "tier=canary"]);
+    assert_eq!(ingest(b, same, 1, one(6.0)).await, Ingested::Stored);
+    assert_eq!(
+        ingest(c, labels(&["tier=main"]), 1, one(7.0)).await,
+        Ingested::Stored
+    );
+    assert_eq!(ingest(d, Vec::new(), 1, one(8.0)).await, Ingested::Stored);
+
+    let hours = store.drift_hourly("demo", 1, 0).await.unwrap();
+    assert_eq!(
+        hourly_of(&hours),
+        [
+            (7200, "", 1, 1, 1, 0),
+            (7200, "site=lab,tier=canary", 5, 2, 4, 0),
+            (7200, "tier=main", 1, 1, 1, 0),
+            (10_800, "site=lab,tier=canary", 1, 1, 1, 0),
+        ]
+    );
+    assert_eq!(hours[1].labels(), labels(&["site=lab", "tier=canary"]));
+    assert_eq!(
+        (hours[1].summary.window_start, hours[1].summary.window_end),
+        (3600, 7200)
+    );
+    // The per-device rows are kept as before: one per device and window.
+    assert_eq!(store.drift_summaries("demo", 1, 0).await.unwrap().len(), 5);
+    // Hours ending after `since` only, of the version asked for.
+    assert_eq!(
+        hourly_of(&store.drift_hourly("demo", 1, 7200).await.unwrap()),
+        [(10_800, "site=lab,tier=canary", 1, 1, 1, 0)]
+    );
+    assert!(store.drift_hourly("demo", 2, 0).await.unwrap().is_empty());
+    assert!(store
+        .drift_hourly("demo", u64::MAX, 0)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// A summary stored for its device may not merge with its label group's others (counts that
+/// would overflow, or another profile): it is left out of the aggregate and counted, and neither
+/// the batch nor the device's row is refused for it.
+async fn a_summary_that_does_not_merge_into_its_aggregate_is_left_out_of_it_only(store: &Store) {
+    let profile = profile();
+    let group = labels(&["site=lab"]);
+    let (a, b, c, d) = ([1; 16], [2; 16], [3; 16], [4; 16]);
+    let mut huge = summary(&profile, 3600, &[1.0]);
+    huge.features[0].n = u64::MAX;
+    huge.features[0].bins[0] = u64::MAX;
+    assert_eq!(
+        store
+            .ingest_telemetry(&a, &group, 1, &[window(huge)], 0, 10)
+            .await
+            .unwrap(),
+        Ingested::Stored
+    );
+    // Its first hour overflows the aggregate, not the device's own row; its second hour merges.
+    let batch = [
+        window(summary(&profile, 3600, &[2.0])),
+        window(summary(&profile, 7200, &[3.0])),
+    ];
+    assert_eq!(
+        store
+            .ingest_telemetry(&b, &group, 1, &batch, 0, 11)
+            .await
+            .unwrap(),
+        Ingested::Stored
+    );
+    // A summary of another profile.
+    let mut other = summary(&profile, 3600, &[4.0]);
+    other.profile_sha256 = Sha256([4; 32]);
+    assert_eq!(
+        store
+            .ingest_telemetry(&c, &group, 1, &[window(other)], 0, 12)
+            .await
+            .unwrap(),
+        Ingested::Stored
+    );
+    // Two windows of one device ending in one hour (an agent's roll-up beside an hour) whose
+    // profiles differ: the first merges, the second is left out within the batch.
+    let mut rolled_up = summary(&profile, 7200, &[5.0]);
+    rolled_up.window_start = 3600;
+    let mut hour = summary(&profile, 7200, &[6.0]);
+    hour.profile_sha256 = Sha256([4; 32]);
+    assert_eq!(
+        store
+            .ingest_telemetry(&d, &group, 1, &[window(rolled_up), window(hour)], 0, 13)
+            .await
+            .unwrap(),
+        Ingested::Stored
+    );
+
+    assert_eq!(
+        hourly_of(&store.drift_hourly("demo", 1, 0).await.unwrap()),
+        [
+            (7200, "site=lab", u64::MAX, 1, 1, 2),
+            (10_800, "site=lab", 2, 2, 2, 1),
+        ]
+    );
+    // Every device's rows are stored, the ones left out of the aggregates included.
+    let rows: Vec<([u8; 16], u64, u64, u64)> = store
+        .drift_summaries("demo", 1, 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s.device,
+                s.window_start,
+                s.window_end,
+                s.summary.features[0].n,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (a, 3600, 7200, u64::MAX),
+            (b, 3600, 7200, 1),
+            (c, 3600, 7200, 1),
+            (d, 3600, 10_800, 1),
+            (b, 7200, 10_800, 1),
+            (d, 7200, 10_800, 1),
+        ]
+    );
+}
+
+async fn drift_aggregates_are_pruned_by_their_own_retention(store: &Store) {
+    let profile = profile();
+    for (sequence, start) in [(1, 3600), (2, 7200), (3, 10_800)] {
+        let windows = [window(summary(&profile, start, &[1.0]))];
+        store
+            .ingest_telemetry(&DEVICE, &[], sequence, &windows, 0, 10)
+            .await
+            .unwrap();
+    }
+    let hours = |store: Store| async move {
+        store
+            .drift_hourly("demo", 1, 0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|hourly| hourly.hour)
+            .collect::<Vec<u64>>()
+    };
+    // The telemetry retention removes the devices' rows and leaves the aggregates.
+    assert_eq!(store.prune_telemetry(u64::MAX).await.unwrap().drift, 3);
+    assert_eq!(hours(store.clone()).await, [7200, 10_800, 14_400]);
+    // Theirs removes the hours that ended before its cutoff.
+    assert_eq!(store.prune_drift_hourly(10_800).await.unwrap(), 1);
+    assert_eq!(store.prune_drift_hourly(10_800).await.unwrap(), 0);
+    assert_eq!(hours(store.clone()).await, [10_800, 14_400]);
+}
+
+/// Every device of a label group writes the same aggregates. Batches of different devices
+/// stored at once (by hubs sharing PostgreSQL, or one hub's requests) create each aggregate once
+/// and take turns on it, so no merge is lost.
+async fn concurrent_devices_of_a_label_group_lose_no_merge(store: &Store) {
+    let profile = Arc::new(profile());
+    let (devices, batches) = (4u8, 25u64);
+    let mut tasks = Vec::new();
+    for device in 0..devices {
+        let (store, profile) = (store.clone(), profile.clone());
+        tasks.push(tokio::spawn(async move {
+            let group = labels(&["site=lab"]);
+            for sequence in 1..=batches {
+                let windows = [
+                    window(summary(&profile, 3600, &[sequence as f64])),
+                    window(summary(&profile, 7200, &[1.0])),
+                ];
+                let stored = store
+                    .ingest_telemetry(&[20 + device; 16], &group, sequence, &windows, 0, 10)
+                    .await
+                    .unwrap();
+                assert_eq!(stored, Ingested::Stored);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let all = u64::from(devices) * batches;
+    let devices = u64::from(devices);
+    assert_eq!(
+        hourly_of(&store.drift_hourly("demo", 1, 0).await.unwrap()),
+        [
+            (7200, "site=lab", all, devices, all, 0),
+            (10_800, "site=lab", all, devices, all, 0),
+        ]
+    );
+}
+
+/// Rows, record bytes and bytes on disk (its indexes included) of `table`. On PostgreSQL the
+/// table is rewritten first, so that rows updated in place count once.
+async fn table_size(store: &Store, table: &str) -> (u64, u64, u64) {
+    let (rows, record_bytes): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*), COALESCE(SUM(LENGTH(record)), 0) FROM {table}"
+    )))
+    .fetch_one(&store.pool)
+    .await
+    .unwrap();
+    let on_disk: i64 = match store.dialect {
+        Dialect::Sqlite => sqlx::query_scalar(
+            "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat WHERE name IN \
+             (SELECT name FROM sqlite_master WHERE tbl_name = $1)",
+        )
+        .bind(table.to_owned())
+        .fetch_one(&store.pool)
+        .await
+        .unwrap(),
+        Dialect::Postgres => {
+            sqlx::query(sqlx::AssertSqlSafe(format!("VACUUM FULL {table}")))
+                .execute(&store.writer)
+                .await
+                .unwrap();
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT pg_total_relation_size('{table}')"
+            )))
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+        }
+    };
+    let count = |value: i64| u64::try_from(value).unwrap();
+    (count(rows), count(record_bytes), count(on_disk))
+}
+
+/// What a drift summary of a 100-feature profile takes in the store, as a device's row and as an
+/// hourly aggregate: the figures of "Drift storage at fleet scale" in docs/operations.md (run
+/// with `--nocapture` to see them). Twelve devices in two label groups send a day of hourly
+/// windows of 3,600 inferences each; then one device sends a day of windows whose counts are a
+/// million times larger, as an aggregate of a million such devices holds.
+async fn drift_storage_per_row_is_measured(store: &Store) {
+    const FEATURES: usize = 100;
+    const DEVICES: u8 = 12;
+    const HOURS: u64 = 24;
+    const ROWS: usize = 3600;
+    const FLEET: u64 = 1_000_000;
+    let reference = outpost_model::example::normal_rows(FEATURES, 1000, 1, 0.0);
+    let features = (0..FEATURES)
+        .map(|index| {
+            let values: Vec<f64> = reference
+                .iter()
+                .skip(index)
+                .step_by(FEATURES)
+                .map(|value| f64::from(*value))
+                .collect();
+            NumericProfile::from_values(
+                &format!("x{index}"),
+                TensorSide::Input,
+                FeatureSource::Column {
+                    tensor: "x".to_owned(),
+                    index: index as u32,
+                },
+                &values,
+            )
+            .unwrap()
+        })
+        .collect();
+    let profile = Profile {
+        features,
+        classes: Vec::new(),
+        thresholds: Thresholds::default(),
+    };
+    // A few hours of inputs, reused: what a row takes depends on its counts' sizes, not on
+    // which hour they came from.
+    let hours: Vec<DriftSummary> = (0..4)
+        .map(|seed| {
+            let mut summary = DriftSummary::new("demo", 1, Sha256([3; 32]), &profile, 3600, 7200);
+            let rows = outpost_model::example::normal_rows(FEATURES, ROWS, 100 + seed, 0.0);
+            for row in rows.chunks(FEATURES) {
+                for ((feature, counts), value) in
+                    profile.features.iter().zip(&mut summary.features).zip(row)
+                {
+                    counts.observe(f64::from(*value), &feature.edges);
+                }
+            }
+            summary.latency_us[3] = ROWS as u64;
+            summary
+        })
+        .collect();
+    let at_hour = |summary: &DriftSummary, hour: u64| {
+        let mut summary = summary.clone();
+        summary.window_start = 3600 * (hour + 1);
+        summary.window_end = 3600 * (hour + 2);
+        window(summary)
+    };
+    for hour in 0..HOURS {
+        for device in 0..DEVICES {
+            let summary = &hours[(usize::from(device) + hour as usize) % hours.len()];
+            let group = labels(&[if device % 2 == 0 { "site=a" } else { "site=b" }]);
+            let stored = store
+                .ingest_telemetry(
+                    &[device; 16],
+                    &group,
+                    hour + 1,
+                    &[at_hour(summary, hour)],
+                    0,
+                    10,
+                )
+                .await
+                .unwrap();
+            assert_eq!(stored, Ingested::Stored);
+        }
+    }
+    let per_device = table_size(store, "drift").await;
+    let aggregates = table_size(store, "drift_hourly").await;
+    assert_eq!(per_device.0, u64::from(DEVICES) * HOURS);
+    assert_eq!(aggregates.0, 2 * HOURS);
+
+    let mut fleet_hour = hours[0].clone();
+    for feature in &mut fleet_hour.features {
+        for count in [&mut feature.n, &mut feature.below, &mut feature.above]
+            .into_iter()
+            .chain(&mut feature.bins)
+        {
+            *count *= FLEET;
+        }
+    }
+    fleet_hour.latency_us[3] *= FLEET;
+    let fleet_group = labels(&["site=fleet"]);
+    for hour in 0..HOURS {
+        let windows = [at_hour(&fleet_hour, hour)];
+        store
+            .ingest_telemetry(&[99; 16], &fleet_group, hour + 1, &windows, 0, 10)
+            .await
+            .unwrap();
+    }
+    let with_fleet = table_size(store, "drift_hourly").await;
+    let fleet = (
+        with_fleet.0 - aggregates.0,
+        with_fleet.1 - aggregates.1,
+        with_fleet.2.saturating_sub(aggregates.2),
+    );
+
+    let per_row = |(rows, record, on_disk): (u64, u64, u64)| (record / rows, on_disk / rows);
+    let engine = format!("{:?}", store.dialect);
+    for (what, figures) in [
+        ("per-device rows", per_device),
+        ("aggregates of 6 devices", aggregates),
+        ("aggregates of 1M devices", fleet),
+    ] {
+        let (record, on_disk) = per_row(figures);
+        println!(
+            "{engine}: {what}: {} rows, {record} record bytes and {on_disk} bytes on disk a row",
+            figures.0
+        );
+    }
+    // The bounds docs/operations.md's arithmetic stands on.
+    let (record, on_disk) = per_row(per_device);
+    assert!(record < 10 * 1024 && on_disk < 12 * 1024, "{per_device:?}");
+    let (record, on_disk) = per_row(fleet);
+    assert!(record < 16 * 1024 && on_disk < 16 * 1024, "{fleet:?}");
 }
 
 fn device_record() -> DeviceRecord {
@@ -476,7 +892,7 @@ async fn a_stale_read_written_back_loses_nobody_elses_change(store: &Store) {
     let check_in_read = store.device_read(&DEVICE).await.unwrap().unwrap();
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 1, &[], 3, 10)
+            .ingest_telemetry(&DEVICE, &[], 1, &[], 3, 10)
             .await
             .unwrap(),
         Ingested::Stored
@@ -518,7 +934,7 @@ async fn a_stale_read_written_back_loses_nobody_elses_change(store: &Store) {
     );
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 1, &[], 3, 10)
+            .ingest_telemetry(&DEVICE, &[], 1, &[], 3, 10)
             .await
             .unwrap(),
         Ingested::Duplicate
@@ -897,7 +1313,7 @@ async fn retention_prunes_events_markers_and_expired_windows(store: &Store) {
     for (sequence, start) in [(1, 3600), (2, 7200), (3, 10_800)] {
         let windows = [window(summary(&profile, start, &[1.0]))];
         store
-            .ingest_telemetry(&DEVICE, sequence, &windows, 0, sequence * 100)
+            .ingest_telemetry(&DEVICE, &[], sequence, &windows, 0, sequence * 100)
             .await
             .unwrap();
     }
@@ -911,7 +1327,7 @@ async fn retention_prunes_events_markers_and_expired_windows(store: &Store) {
     let late = [window(summary(&profile, 3600, &[1.0]))];
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, 2, &late, 0, 400)
+            .ingest_telemetry(&DEVICE, &[], 2, &late, 0, 400)
             .await
             .unwrap(),
         Ingested::OutOfOrder { highest: 3 }
@@ -1092,12 +1508,25 @@ async fn a_lease_has_one_holder_until_it_expires_or_is_released(store: &Store) {
 }
 
 async fn a_nonce_is_new_once_until_it_expires(store: &Store) {
-    assert!(store.note_nonce(&DEVICE, &[1; 16], 100).await.unwrap());
-    assert!(!store.note_nonce(&DEVICE, &[1; 16], 100).await.unwrap());
-    assert!(store.note_nonce(&[8; 16], &[1; 16], 100).await.unwrap());
-    assert!(store.note_nonce(&DEVICE, &[2; 16], 300).await.unwrap());
+    use crate::store::NonceNote::{New, OverQuota, Replayed};
+    let note = |device: [u8; 16], nonce: u8, expires: u64, quota: u64| async move {
+        store
+            .note_nonce(&device, &[nonce; 16], expires, 100..110, quota)
+            .await
+            .unwrap()
+    };
+    assert_eq!(note(DEVICE, 1, 100, 10).await, New);
+    assert_eq!(note(DEVICE, 1, 100, 10).await, Replayed);
+    assert_eq!(note([8; 16], 1, 100, 10).await, New);
+    assert_eq!(note(DEVICE, 2, 300, 10).await, New);
+    // The quota counts the device's nonces expiring within the bucket (100..110): one so far.
+    assert_eq!(note(DEVICE, 3, 105, 2).await, New);
+    assert_eq!(note(DEVICE, 4, 105, 2).await, OverQuota);
+    assert_eq!(note([8; 16], 4, 105, 2).await, New);
     assert_eq!(store.prune_nonces(101).await.unwrap(), 2);
-    assert!(!store.note_nonce(&DEVICE, &[2; 16], 300).await.unwrap());
+    assert_eq!(note(DEVICE, 2, 300, 10).await, Replayed);
+    // Pruned, the bucket's first nonce no longer counts.
+    assert_eq!(note(DEVICE, 4, 105, 2).await, New);
 }
 
 /// A rollout change waits for the one before it to let go, on either engine (on PostgreSQL, for
@@ -1164,7 +1593,7 @@ async fn a_cached_device_record_is_never_read_stale() {
         .unwrap();
     assert!(store.device(&DEVICE).await.unwrap().unwrap().revoked);
     store
-        .ingest_telemetry(&DEVICE, 1, &[], 4, 10)
+        .ingest_telemetry(&DEVICE, &[], 1, &[], 4, 10)
         .await
         .unwrap();
     assert_eq!(

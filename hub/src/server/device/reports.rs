@@ -267,6 +267,7 @@ pub(super) async fn telemetry(
         .store
         .ingest_telemetry(
             &device.id,
+            &crate::server::fleet::labels_of(&device),
             batch.sequence,
             &windows,
             batch.dropped_records,

@@ -15,9 +15,9 @@ use outpost_protocol::device::ErrorResponse;
 use outpost_protocol::keys::SignatureBytes;
 use outpost_protocol::{sha256, Message, PreparedKey, PublicKey};
 
-use crate::server::nonces::NonceRefusal;
+use crate::server::nonces::{self, NonceRefusal};
 use crate::server::SharedHub;
-use crate::store::{DeviceRead, DeviceRecord};
+use crate::store::{DeviceRead, DeviceRecord, NonceNote};
 use crate::unix_now;
 
 /// Most device keys kept decompressed; past this the cache starts over (about 200 bytes each).
@@ -234,15 +234,31 @@ pub(super) async fn authenticate(
     // Hubs sharing a database share their nonces too: a request replayed to another hub within
     // the skew window is refused there as well.
     let fresh = fresh
-        && (!hub.store.shared()
-            || hub
+        && (!hub.store.shared() || {
+            // The quota counts the device's requests to every hub: one spreading them over N
+            // hubs gets no more than one sending them all to one.
+            let forget_after = timestamp.saturating_add(MAX_CLOCK_SKEW_SECS);
+            match hub
                 .store
                 .note_nonce(
                     &device_id,
                     &nonce,
-                    timestamp.saturating_add(MAX_CLOCK_SKEW_SECS),
+                    forget_after,
+                    nonces::bucket_of(forget_after),
+                    u64::from(nonces::MAX_NONCES_PER_DEVICE),
                 )
-                .await?);
+                .await?
+            {
+                NonceNote::New => true,
+                NonceNote::Replayed => false,
+                NonceNote::OverQuota => {
+                    return Err(DeviceError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        NonceRefusal::DeviceQuota.to_string(),
+                    ))
+                }
+            }
+        });
     if !fresh {
         return Err(DeviceError::unauthorized(
             "replayed request: nonce already used",

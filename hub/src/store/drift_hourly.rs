@@ -1,0 +1,381 @@
+//! Drift at fleet scale: every device's drift summaries merged at ingest into one aggregate per
+//! model version, label group and hour (`drift_hourly`), so that fleet-wide reads (`/metrics`,
+//! the dashboard's history, a report's figures over a label group) read a row per label group and
+//! hour instead of one per device and window, and reach back for months where the per-device rows
+//! of `drift` are kept only for the telemetry retention.
+//!
+//! - The label group is the device's labels when the batch was stored, in one canonical form
+//!   ([`label_group`]). An aggregate does not follow the device afterwards: a device relabelled
+//!   later leaves its past hours in its old group, and a device revoked later stays in every hour
+//!   it reported.
+//! - The hour is the one a summary's window ends at (windows end on whole hours). The agent's
+//!   windows are hourly, so each lands in its own hour; a longer window (the agent's daily
+//!   roll-up of a full cache) lands whole in its last hour, as the per-device rows file it by its
+//!   end too.
+//! - Summaries are merged in the batch's own transaction, after its idempotency key is taken: a
+//!   batch is merged once or not at all, like its per-device rows. A summary that does not merge
+//!   into its aggregate (counts that would overflow, a summary of another profile) is left out of
+//!   it, counted in the row's `left_out` and logged, and the batch is stored all the same.
+//! - A batch costs one read-modify-write per (model, version, hour) it touches, whatever its
+//!   number of windows, done last in its transaction and in key order: on PostgreSQL the row is
+//!   locked (`FOR UPDATE`) from then to the commit, and every device of a label group writes the
+//!   same row, so it is held as briefly as the batch allows and taken in one order by all.
+//! - A store made before the table existed starts with it empty: aggregates begin at the upgrade
+//!   (and at `admin migrate` for a store of release 0.1), and the hours before it are only in the
+//!   per-device rows, for as long as the telemetry retention keeps them.
+
+use outpost_protocol::drift::DriftError;
+use outpost_protocol::Label;
+use sqlx::AnyConnection;
+
+use super::sql::for_update;
+use super::*;
+
+/// One hour of one label group's drift summaries of a model version, merged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredHourly {
+    /// The labels its devices had when their summaries were stored, as [`label_group`] writes
+    /// them; empty for devices without labels.
+    pub label_group: String,
+    /// Unix second the hour ends at: the end of the windows merged in.
+    pub hour: u64,
+    /// Per-device summaries merged in, one per device and window however many uploads it took:
+    /// with hourly windows, the devices that reported that hour.
+    pub devices: u64,
+    /// Uploads merged in.
+    pub uploads: u64,
+    /// Uploads left out because they did not merge.
+    pub left_out: u64,
+    pub summary: DriftSummary,
+}
+
+impl StoredHourly {
+    /// The labels of [`StoredHourly::label_group`].
+    pub fn labels(&self) -> Vec<Label> {
+        group_labels(&self.label_group)
+    }
+}
+
+/// A device's labels as an aggregate's label group: sorted, each once, `key=value` joined by `,`
+/// (neither character is allowed in a label), and empty for none.
+pub fn label_group(labels: &[Label]) -> String {
+    let mut sorted: Vec<&Label> = labels.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    let texts: Vec<String> = sorted.iter().map(ToString::to_string).collect();
+    texts.join(",")
+}
+
+/// The labels of a label group [`label_group`] wrote.
+pub fn group_labels(group: &str) -> Vec<Label> {
+    group
+        .split(',')
+        .filter_map(|text| text.split_once('='))
+        .map(|(key, value)| Label {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        })
+        .collect()
+}
+
+/// An aggregate's key past its label group: model, version and hour.
+pub(super) type HourKey = (String, i64, i64);
+
+/// What a batch adds to one aggregate: for each per-device row of the batch in that hour,
+/// whether the batch creates the row, and its parts (each with its window's index in the batch).
+pub(super) type HourParts<'a> = Vec<(bool, &'a [(usize, &'a DriftSummary)])>;
+
+/// The hour a window ending at `end` is aggregated in.
+pub(super) fn hour_of(end: i64) -> i64 {
+    end - end.rem_euclid(3600)
+}
+
+/// One aggregate's share of a batch, merged before it is written.
+#[derive(Default)]
+struct Share {
+    merged: Option<DriftSummary>,
+    uploads: u64,
+    devices: u64,
+    left_out: u64,
+}
+
+/// Adds `summary` to `merged`, starting it when empty.
+fn merge_into(
+    merged: &mut Option<DriftSummary>,
+    summary: &DriftSummary,
+) -> std::result::Result<(), DriftError> {
+    match merged {
+        Some(merged) => merged.merge(summary),
+        None => {
+            *merged = Some(summary.clone());
+            Ok(())
+        }
+    }
+}
+
+/// A merged summary as an aggregate's record: like a `drift` row's, its protocol frame, the
+/// uploads merged into it and when it last changed. Counts grow as summaries merge, and with them
+/// their encoding: a merge whose frame would pass the summary's cap is refused here, and left out
+/// of the aggregate by the caller like one that does not merge.
+fn encode_hourly(
+    summary: &DriftSummary,
+    uploads: u64,
+    now: u64,
+) -> std::result::Result<Vec<u8>, String> {
+    let frame = outpost_protocol::encode(summary).map_err(|error| error.to_string())?;
+    let record = DriftRecord {
+        frame,
+        parts: uploads,
+        updated: now,
+    };
+    encode("drift_hourly", &record).map_err(|error| error.to_string())
+}
+
+/// An aggregate's record read back: its summary and the uploads merged into it.
+fn decode_hourly(bytes: &[u8]) -> Result<(DriftSummary, u64)> {
+    let record: DriftRecord = decode("drift_hourly", bytes)?;
+    let summary = outpost_protocol::decode::<DriftSummary>(&record.frame).map_err(|error| {
+        StoreError::Corrupt {
+            table: "drift_hourly",
+            reason: error.to_string(),
+        }
+    })?;
+    Ok((summary, record.parts))
+}
+
+/// Merges a batch's drift summaries into the aggregates of `label_group`, one read-modify-write
+/// per entry of `hours`, in their order, within the batch's transaction `connection`.
+pub(super) async fn merge_hourly(
+    connection: &mut AnyConnection,
+    dialect: Dialect,
+    label_group: &str,
+    hours: BTreeMap<HourKey, HourParts<'_>>,
+    now: u64,
+) -> Result<()> {
+    for ((model, version, hour), rows) in hours {
+        let mut share = Share::default();
+        for (creates_row, parts) in rows {
+            let mut merged_any = false;
+            for &(_, summary) in parts {
+                match merge_into(&mut share.merged, summary) {
+                    Ok(()) => {
+                        share.uploads += 1;
+                        merged_any = true;
+                    }
+                    Err(error) => {
+                        share.left_out += 1;
+                        log::warn!(
+                            "drift: a summary of {model}@{version} ending at {hour} is left out of \
+                             label group {label_group:?}'s hourly aggregate: {error}"
+                        );
+                    }
+                }
+            }
+            if creates_row && merged_any {
+                share.devices += 1;
+            }
+        }
+        let key = (model, version, hour);
+        let stored = match read_locked(connection, dialect, &key, label_group).await? {
+            Some(stored) => Some(stored),
+            None => {
+                let Some(merged) = &share.merged else {
+                    continue;
+                };
+                let record = match encode_hourly(merged, share.uploads, now) {
+                    Ok(record) => record,
+                    Err(reason) => {
+                        log::warn!(
+                            "drift: {} summaries of {}@{} ending at {} are left out of label \
+                             group {label_group:?}'s hourly aggregate: {reason}",
+                            share.uploads,
+                            key.0,
+                            key.1,
+                            key.2
+                        );
+                        continue;
+                    }
+                };
+                let inserted = sqlx::query(
+                    "INSERT INTO drift_hourly (model, version, hour, label_group, record, devices, \
+                     left_out) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                     ON CONFLICT (model, version, hour, label_group) DO NOTHING",
+                )
+                .bind(key.0.clone())
+                .bind(key.1)
+                .bind(key.2)
+                .bind(label_group.to_owned())
+                .bind(record)
+                .bind(int("drift aggregate devices", share.devices)?)
+                .bind(int("drift aggregate left out", share.left_out)?)
+                .execute(&mut *connection)
+                .await?;
+                if inserted.rows_affected() == 1 {
+                    continue;
+                }
+                // Another batch of the group created it meanwhile (on PostgreSQL this insert
+                // waited for that batch to commit): merge into what it wrote.
+                read_locked(connection, dialect, &key, label_group).await?
+            }
+        };
+        let Some((bytes, devices, left_out)) = stored else {
+            return Err(StoreError::Corrupt {
+                table: "drift_hourly",
+                reason: format!(
+                    "the aggregate of {}@{} at {} ({label_group:?}) is neither stored nor new",
+                    key.0, key.1, key.2
+                ),
+            });
+        };
+        let (mut summary, uploads) = decode_hourly(&bytes)?;
+        let mut left_out = left_out.saturating_add(share.left_out);
+        let mut record = None;
+        let mut devices = devices;
+        if let Some(merged) = &share.merged {
+            let merged = summary
+                .merge(merged)
+                .map_err(|error| error.to_string())
+                .and_then(|()| encode_hourly(&summary, uploads.saturating_add(share.uploads), now));
+            match merged {
+                Ok(bytes) => {
+                    record = Some(bytes);
+                    devices = devices.saturating_add(share.devices);
+                }
+                Err(reason) => {
+                    left_out = left_out.saturating_add(share.uploads);
+                    log::warn!(
+                        "drift: {} summaries of {}@{} ending at {} are left out of label group \
+                         {label_group:?}'s hourly aggregate: {reason}",
+                        share.uploads,
+                        key.0,
+                        key.1,
+                        key.2
+                    );
+                }
+            }
+        }
+        let query = match &record {
+            Some(_) => {
+                "UPDATE drift_hourly SET record = $5, devices = $6, left_out = $7 \
+                 WHERE model = $1 AND version = $2 AND hour = $3 AND label_group = $4"
+            }
+            None => {
+                "UPDATE drift_hourly SET left_out = $5 \
+                 WHERE model = $1 AND version = $2 AND hour = $3 AND label_group = $4"
+            }
+        };
+        let update = sqlx::query(query)
+            .bind(key.0)
+            .bind(key.1)
+            .bind(key.2)
+            .bind(label_group.to_owned());
+        let update = match record {
+            Some(record) => update
+                .bind(record)
+                .bind(int("drift aggregate devices", devices)?)
+                .bind(int("drift aggregate left out", left_out)?),
+            None => update.bind(int("drift aggregate left out", left_out)?),
+        };
+        update.execute(&mut *connection).await?;
+    }
+    Ok(())
+}
+
+/// An aggregate's record, devices and uploads left out, locked until the transaction ends on
+/// PostgreSQL; none when it is not stored.
+async fn read_locked(
+    connection: &mut AnyConnection,
+    dialect: Dialect,
+    (model, version, hour): &HourKey,
+    label_group: &str,
+) -> Result<Option<(Vec<u8>, u64, u64)>> {
+    let row = sqlx::query(dialect.locking(for_update!(
+        "SELECT record, devices, left_out FROM drift_hourly WHERE model = $1 AND version = $2 \
+         AND hour = $3 AND label_group = $4"
+    )))
+    .bind(model.clone())
+    .bind(*version)
+    .bind(*hour)
+    .bind(label_group.to_owned())
+    .fetch_optional(&mut *connection)
+    .await?;
+    row.map(|row| {
+        Ok((
+            blob(&row, 0)?,
+            column_u64("drift_hourly", &row, 1)?,
+            column_u64("drift_hourly", &row, 2)?,
+        ))
+    })
+    .transpose()
+}
+
+impl Store {
+    /// Every label group's hourly drift aggregates of one model version for hours ending after
+    /// `since`, oldest first.
+    pub async fn drift_hourly(
+        &self,
+        name: &str,
+        version: u64,
+        since: u64,
+    ) -> Result<Vec<StoredHourly>> {
+        let Ok(version) = i64::try_from(version) else {
+            return Ok(Vec::new());
+        };
+        sqlx::query(
+            "SELECT hour, label_group, record, devices, left_out FROM drift_hourly \
+             WHERE model = $1 AND version = $2 AND hour > $3 ORDER BY hour, label_group",
+        )
+        .bind(name.to_owned())
+        .bind(version)
+        .bind(bound(since))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            let (summary, uploads) = decode_hourly(&blob(row, 2)?)?;
+            Ok(StoredHourly {
+                hour: column_u64("drift_hourly", row, 0)?,
+                label_group: row.try_get::<String, _>(1)?,
+                devices: column_u64("drift_hourly", row, 3)?,
+                uploads,
+                left_out: column_u64("drift_hourly", row, 4)?,
+                summary,
+            })
+        })
+        .collect()
+    }
+
+    /// Removes the drift aggregates of hours that ended before `cutoff`. Returns how many went.
+    pub async fn prune_drift_hourly(&self, cutoff: u64) -> Result<u64> {
+        Ok(sqlx::query("DELETE FROM drift_hourly WHERE hour < $1")
+            .bind(bound(cutoff))
+            .execute(&self.writer)
+            .await?
+            .rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_group_is_one_text_for_any_order_and_reads_back() {
+        let labels = |texts: &[&str]| -> Vec<Label> {
+            texts
+                .iter()
+                .map(|text| Label::parse(text).unwrap())
+                .collect()
+        };
+        let group = label_group(&labels(&["tier=canary", "site=lab", "tier=canary"]));
+        assert_eq!(group, "site=lab,tier=canary");
+        assert_eq!(
+            label_group(&labels(&["site=lab", "tier=canary"])),
+            group,
+            "the same labels in another order"
+        );
+        assert_eq!(group_labels(&group), labels(&["site=lab", "tier=canary"]));
+        assert_eq!(label_group(&[]), "");
+        assert!(group_labels("").is_empty());
+    }
+}
