@@ -657,11 +657,18 @@ fn verify_hub_files(hub: &TestHub, context: &str) -> Vec<u64> {
     );
     let verdict: AuditVerdict = hub.cli_json(&["audit", "verify"]);
     assert!(verdict.intact, "{context}: {verdict:?}");
+    // An upload is staged in `uploads/` while it is hashed, then written under `artifacts/` as a
+    // staging file (`NAME#N`) renamed to its hash; a restart clears what a kill left of either.
+    let staged = file_names(&hub.data().join("uploads"));
+    assert!(
+        staged.is_empty(),
+        "{context}: staged uploads were left behind: {staged:?}"
+    );
     let dir = hub.data().join("artifacts");
     for name in file_names(&dir) {
         let path = dir.join(&name);
         assert!(
-            !name.ends_with(".partial"),
+            !name.ends_with(".partial") && !name.contains('#'),
             "{context}: {} was left behind",
             path.display()
         );
@@ -751,10 +758,11 @@ fn a_hub_killed_during_publish_holds_each_version_whole_or_not_at_all() {
     let fleet = Fleet::new(&hub);
     let mut catalogue = Catalogue::default();
     let artifacts = hub.data().join("artifacts");
+    let uploads = hub.data().join("uploads");
+    // Under way: staged and being hashed, or being written under its name.
     let uploading = || {
-        file_names(&artifacts)
-            .iter()
-            .any(|name| name.ends_with(".partial"))
+        !file_names(&uploads).is_empty()
+            || file_names(&artifacts).iter().any(|name| name.contains('#'))
     };
 
     // An undisturbed publish measures the spans the kills are spread over: all of it, the

@@ -510,14 +510,15 @@ fn admin_and_enrollment_tokens_are_listed_revoked_and_expire() {
     );
 }
 
-/// The `.partial` files of uploads under way in the hub's artifact directory, with their sizes.
-fn partial_uploads(artifacts: &std::path::Path) -> Vec<u64> {
-    std::fs::read_dir(artifacts)
-        .unwrap()
-        .map(|entry| entry.unwrap())
-        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".partial"))
-        .map(|entry| entry.metadata().map_or(0, |meta| meta.len()))
-        .collect()
+/// The staging files of uploads under way (the hub's `uploads/` directory), with their sizes.
+fn partial_uploads(uploads: &std::path::Path) -> Vec<u64> {
+    match std::fs::read_dir(uploads) {
+        Ok(entries) => entries
+            .map(|entry| entry.unwrap().metadata().map_or(0, |meta| meta.len()))
+            .collect(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(error) => panic!("listing {}: {error}", uploads.display()),
+    }
 }
 
 /// Issue 21, finding 6: two uploads of one artifact at once shared one temporary file, so the
@@ -531,6 +532,7 @@ fn concurrent_uploads_store_an_artifact_whole_and_a_damaged_one_is_uploaded_agai
     let bytes: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251 + 1) as u8).collect();
     let sha = outpost_protocol::sha256(&bytes).to_hex();
     let artifacts = hub.data().join("artifacts");
+    let uploads = hub.data().join("uploads");
     let address = hub.url().trim_start_matches("http://").to_owned();
     let head = format!(
         "PUT /admin/v1/artifacts/{sha} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {}\r\n\
@@ -546,14 +548,14 @@ fn concurrent_uploads_store_an_artifact_whole_and_a_damaged_one_is_uploaded_agai
     first.write_all(head.as_bytes()).unwrap();
     first.write_all(&bytes[..half]).unwrap();
     wait_until(AGENT_WAIT, "the first upload's half on disk", || {
-        (partial_uploads(&artifacts) == [half as u64]).then_some(())
+        (partial_uploads(&uploads) == [half as u64]).then_some(())
     });
     // A second upload of the same artifact starts: the hub opens its temporary file (before
     // this change, the first one's, truncated).
     let mut second = std::net::TcpStream::connect(&address).unwrap();
     second.write_all(head.as_bytes()).unwrap();
     wait_until(AGENT_WAIT, "the second upload's temporary file", || {
-        let partials = partial_uploads(&artifacts);
+        let partials = partial_uploads(&uploads);
         (partials.len() == 2 || partials.iter().any(|len| *len < half as u64)).then_some(())
     });
     // The first finishes; the second is abandoned.
