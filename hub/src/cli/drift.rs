@@ -113,13 +113,7 @@ pub fn render_report(report: &DriftReport, now: u64) -> String {
             ),
         ),
         ("windows", window),
-        (
-            "data",
-            format!(
-                "{} summaries from {} devices",
-                report.summaries, report.devices
-            ),
-        ),
+        ("data", data_line(report)),
     ]);
     if report.features.is_empty() {
         text.push_str("\nno drift summaries in this scope and time range\n");
@@ -170,6 +164,24 @@ pub fn render_report(report: &DriftReport, now: u64) -> String {
         ));
     }
     text
+}
+
+/// How many summaries the figures merge, and from how many devices. A fleet-wide report's
+/// figures come from the hourly aggregates, which outlive the devices' own rows: past the
+/// telemetry retention there are summaries but no devices to count, and the line says so instead
+/// of "from 0 devices".
+fn data_line(report: &DriftReport) -> String {
+    if report.device.is_none() && report.devices == 0 && report.summaries > 0 {
+        format!(
+            "{} summaries (their devices' own rows are past the hub's telemetry retention)",
+            report.summaries
+        )
+    } else {
+        format!(
+            "{} summaries from {} devices",
+            report.summaries, report.devices
+        )
+    }
 }
 
 #[cfg(test)]
@@ -265,6 +277,34 @@ mod tests {
             text.contains("d1      ALERT   x1       psi 2.5  400  tier=canary\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_report_past_the_retention_does_not_say_zero_devices() {
+        let report = DriftReport {
+            model: "demo".into(),
+            version: 1,
+            profile_sha256: "ff".into(),
+            selector: Vec::new(),
+            device: None,
+            since: 0,
+            until: 90 * 86_400,
+            window_start: Some(0),
+            window_end: Some(3600),
+            devices: 0,
+            summaries: 7,
+            features: vec![feature("x1", 2.5, "alert")],
+            by_device: Vec::new(),
+        };
+        let text = render_report(&report, 90 * 86_400);
+        assert!(
+            text.contains(
+                "data     7 summaries (their devices' own rows are past the hub's telemetry \
+                 retention)\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("from 0 devices"), "{text}");
     }
 
     #[test]

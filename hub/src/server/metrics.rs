@@ -59,7 +59,8 @@ pub struct Metrics {
     /// Windows acknowledged but not stored: of a version never published here, or older than
     /// the telemetry retention.
     pub telemetry_windows_skipped: AtomicU64,
-    /// Events, drift summaries and shadow comparisons removed under the retention.
+    /// Events, drift summaries, shadow comparisons and hourly drift aggregates removed under
+    /// their retentions.
     pub pruned_records: AtomicU64,
     pub artifact_bytes_served: AtomicU64,
     /// Artifact downloads sent to a presigned URL of the object store instead.
@@ -288,7 +289,8 @@ fn render_text(hub: &SharedHub) -> anyhow::Result<String> {
         ),
         (
             "outpost_hub_pruned_records_total",
-            "Events, drift summaries and shadow comparisons removed under the retention.",
+            "Events, drift summaries, shadow comparisons and hourly drift aggregates removed \
+             under their retentions.",
             &hub.metrics.pruned_records,
         ),
         (

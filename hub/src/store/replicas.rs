@@ -120,9 +120,10 @@ impl Store {
 
     /// Records that `device` used `nonce` in a request that is acceptable until `expires` (Unix
     /// seconds), unless any hub sharing the database saw it before ([`NonceNote::Replayed`]), or
-    /// the device already used more than `quota` nonces expiring within `bucket` on all hubs
-    /// together ([`NonceNote::OverQuota`]: the per-device rate limit, held across hubs). Two hubs
-    /// counting at once may each let one request past the quota.
+    /// the device already used `quota` nonces expiring within `bucket` on all hubs together
+    /// ([`NonceNote::OverQuota`]: the per-device rate limit, held across hubs). A replay is
+    /// reported as one even past the quota. Two hubs counting at once may each let one request
+    /// past the quota.
     pub async fn note_nonce(
         &self,
         device: &[u8; 16],
@@ -131,30 +132,36 @@ impl Store {
         bucket: Range<u64>,
         quota: u64,
     ) -> Result<NonceNote> {
-        let used: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM nonces WHERE device = $1 AND expires >= $2 AND expires < $3",
-        )
-        .bind(device.to_vec())
-        .bind(bound(bucket.start))
-        .bind(bound(bucket.end))
-        .fetch_one(&self.pool)
-        .await?;
-        if u64::try_from(used).unwrap_or(0) >= quota {
-            return Ok(NonceNote::OverQuota);
-        }
+        // One statement, so an accepted request costs one round trip: the nonce is written only
+        // while the device's count in the bucket is under the quota.
         let written = sqlx::query(
-            "INSERT INTO nonces (device, nonce, expires) VALUES ($1, $2, $3) \
+            "INSERT INTO nonces (device, nonce, expires) SELECT $1, $2, $3 \
+             WHERE (SELECT COUNT(*) FROM nonces \
+                    WHERE device = $4 AND expires >= $5 AND expires < $6) < $7 \
              ON CONFLICT (device, nonce) DO NOTHING",
         )
         .bind(device.to_vec())
         .bind(nonce.to_vec())
         .bind(int("nonce expiry", expires)?)
+        .bind(device.to_vec())
+        .bind(bound(bucket.start))
+        .bind(bound(bucket.end))
+        .bind(bound(quota))
         .execute(&self.writer)
         .await?;
-        Ok(if written.rows_affected() == 1 {
-            NonceNote::New
-        } else {
-            NonceNote::Replayed
+        if written.rows_affected() == 1 {
+            return Ok(NonceNote::New);
+        }
+        // Refused: a nonce seen before is a replay whatever the count; otherwise the quota.
+        let seen: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM nonces WHERE device = $1 AND nonce = $2")
+                .bind(device.to_vec())
+                .bind(nonce.to_vec())
+                .fetch_optional(&self.writer)
+                .await?;
+        Ok(match seen {
+            Some(_) => NonceNote::Replayed,
+            None => NonceNote::OverQuota,
         })
     }
 

@@ -1522,11 +1522,15 @@ async fn a_nonce_is_new_once_until_it_expires(store: &Store) {
     // The quota counts the device's nonces expiring within the bucket (100..110): one so far.
     assert_eq!(note(DEVICE, 3, 105, 2).await, New);
     assert_eq!(note(DEVICE, 4, 105, 2).await, OverQuota);
+    // A replay past the quota is still a replay, and the refused nonce was not written.
+    assert_eq!(note(DEVICE, 3, 105, 2).await, Replayed);
+    assert_eq!(note(DEVICE, 4, 105, 3).await, New);
+    assert_eq!(note(DEVICE, 5, 105, 3).await, OverQuota);
     assert_eq!(note([8; 16], 4, 105, 2).await, New);
     assert_eq!(store.prune_nonces(101).await.unwrap(), 2);
     assert_eq!(note(DEVICE, 2, 300, 10).await, Replayed);
     // Pruned, the bucket's first nonce no longer counts.
-    assert_eq!(note(DEVICE, 4, 105, 2).await, New);
+    assert_eq!(note(DEVICE, 6, 105, 3).await, New);
 }
 
 /// A rollout change waits for the one before it to let go, on either engine (on PostgreSQL, for
