@@ -9,15 +9,20 @@ use super::error::InferenceError;
 use super::tensor::*;
 use super::{catch_panic, Batching, Engine, LoadedModel};
 
-/// What the row logic needs of a runtime: its value of a checked protocol tensor, and a run of
-/// values in the model's input order giving outputs in spec order.
+/// What the row logic needs of a runtime: its value of a checked protocol tensor that is the
+/// same in every row of a batch, and a run of inputs in the model's input order giving outputs in
+/// spec order.
+///
+/// A runtime takes the request's tensors (and rows of them) rather than values converted
+/// beforehand, so that ONNX Runtime can copy them straight into the input values it keeps from
+/// call to call (see `onnxruntime.rs`); tract converts each as before.
 trait Backend {
-    type Value: Clone;
+    type Value;
     fn value(&self, tensor: &Tensor) -> Result<Self::Value, InferenceError>;
     fn run(
         &self,
         model: &LoadedModel,
-        ordered: TVec<Self::Value>,
+        ordered: TVec<Input<'_, Self::Value>>,
     ) -> Result<Vec<Tensor>, InferenceError>;
 }
 
@@ -48,7 +53,8 @@ impl LoadedModel {
     }
 
     fn run_checked(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
-        let mut by_spec: Vec<Option<&Tensor>> = vec![None; self.inputs.len()];
+        let mut by_spec: TVec<Option<&Tensor>> =
+            std::iter::repeat_n(None, self.inputs.len()).collect();
         let mut batch: Option<u64> = None;
         for tensor in inputs {
             let spec_ix = self
@@ -74,7 +80,7 @@ impl LoadedModel {
                     name: spec.name.clone(),
                 })
             })
-            .collect::<Result<Vec<&Tensor>, _>>()?;
+            .collect::<Result<TVec<&Tensor>, _>>()?;
         match (&self.batching, batch) {
             (
                 Batching::Rows {
@@ -114,8 +120,8 @@ impl LoadedModel {
         let ordered = self
             .input_spec_of
             .iter()
-            .map(|&spec_ix| backend.value(by_spec[spec_ix]))
-            .collect::<Result<TVec<B::Value>, _>>()?;
+            .map(|&spec_ix| Input::Whole(by_spec[spec_ix]))
+            .collect();
         backend.run(self, ordered)
     }
 
@@ -137,19 +143,21 @@ impl LoadedModel {
                 Some(axis) => Ok(RowInput::Sliced { axis: *axis }),
                 None => backend.value(tensor).map(RowInput::Whole),
             })
-            .collect::<Result<Vec<RowInput<B::Value>>, _>>()?;
+            .collect::<Result<TVec<RowInput<B::Value>>, _>>()?;
         let mut stacks: Vec<Vec<Tensor>> = vec![Vec::new(); self.outputs.len()];
         for row in 0..rows {
             let ordered = self
                 .input_spec_of
                 .iter()
                 .map(|&spec_ix| match &per_input[spec_ix] {
-                    RowInput::Whole(value) => Ok(value.clone()),
-                    RowInput::Sliced { axis } => {
-                        backend.value(&take_row(by_spec[spec_ix], *axis, row))
-                    }
+                    RowInput::Whole(value) => Input::Value(value),
+                    RowInput::Sliced { axis } => Input::Row {
+                        tensor: by_spec[spec_ix],
+                        axis: *axis,
+                        row,
+                    },
                 })
-                .collect::<Result<TVec<B::Value>, _>>()?;
+                .collect();
             for (stack, output) in stacks.iter_mut().zip(backend.run(self, ordered)?) {
                 stack.push(output);
             }
@@ -175,8 +183,16 @@ impl Backend for Tract<'_> {
     fn run(
         &self,
         model: &LoadedModel,
-        ordered: TVec<TValue>,
+        ordered: TVec<Input<'_, TValue>>,
     ) -> Result<Vec<Tensor>, InferenceError> {
+        let ordered = ordered
+            .into_iter()
+            .map(|input| match input {
+                Input::Whole(tensor) => self.value(tensor),
+                Input::Row { tensor, axis, row } => self.value(&take_row(tensor, axis, row)),
+                Input::Value(value) => Ok(value.clone()),
+            })
+            .collect::<Result<TVec<TValue>, _>>()?;
         let results = catch_panic("running the model", || {
             self.0.run(ordered).map_err(InferenceError::Run)
         })?;
@@ -199,7 +215,7 @@ impl Backend for Tract<'_> {
 
 #[cfg(feature = "onnxruntime")]
 impl Backend for super::onnxruntime::OrtSession {
-    type Value = std::sync::Arc<ort::value::DynValue>;
+    type Value = ort::value::DynValue;
 
     fn value(&self, tensor: &Tensor) -> Result<Self::Value, InferenceError> {
         super::onnxruntime::OrtSession::value(self, tensor)
@@ -208,9 +224,9 @@ impl Backend for super::onnxruntime::OrtSession {
     fn run(
         &self,
         model: &LoadedModel,
-        ordered: TVec<Self::Value>,
+        ordered: TVec<Input<'_, Self::Value>>,
     ) -> Result<Vec<Tensor>, InferenceError> {
-        super::onnxruntime::OrtSession::run(self, &ordered, &model.outputs)
+        super::onnxruntime::OrtSession::run(self, &ordered, &model.outputs, &model.output_spec_of)
     }
 }
 

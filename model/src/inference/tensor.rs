@@ -231,3 +231,18 @@ pub(super) fn to_f64s(tensor: &Tensor) -> Vec<f64> {
         DType::U8 => widen::<u8>(&tensor.data),
     }
 }
+
+/// One input of one call of a runtime.
+pub(super) enum Input<'a, V> {
+    /// A checked request tensor, as it is.
+    Whole(&'a Tensor),
+    /// Row `row` of a checked request tensor along its batch axis `axis`: the tensor with a batch
+    /// of 1 (`run.rs`'s `take_row`).
+    Row {
+        tensor: &'a Tensor,
+        axis: usize,
+        row: u64,
+    },
+    /// An input without a batch axis, converted once for every row of a batch.
+    Value(&'a V),
+}
