@@ -3,9 +3,10 @@
 //!
 //! One [`Extractor`] serves both ends, so the bins a device fills are exactly the ones the profile
 //! was made with: `outpost-hub profile` runs a model over a reference dataset and
-//! [`build_profile`] summarises what the extractor reads; on the device,
-//! [`Extractor::observe`] feeds every served request into the window's
-//! [`DriftSummary`].
+//! [`build_profile`] summarises what the extractor reads; on the device, every served request's
+//! values go into the window's [`DriftSummary`]: read on the request's path
+//! ([`Extractor::extract`]) and added later, off it ([`fold`]), or both at once
+//! ([`Extractor::observe`]).
 //!
 //! What a feature is (see [`FeatureSource`]):
 //! - a tabular tensor `[N, F]` (or `[N]`) gives one feature per column;
@@ -306,6 +307,27 @@ impl Extractor {
         })
     }
 
+    /// The tensors the profile's features and classes read, each once: their side and name.
+    pub fn tensors(&self) -> impl ExactSizeIterator<Item = (TensorSide, &str)> + '_ {
+        self.tensors
+            .iter()
+            .map(|(side, name)| (*side, name.as_str()))
+    }
+
+    /// The tensors of one request and its answer that [`Extractor::for_each`] reads, in the order
+    /// of [`Extractor::tensors`], `None` where the request has no such tensor. Copies of these
+    /// alone, with their names, give `for_each` the same values as the whole request: a caller
+    /// may keep them to read the values later.
+    pub fn tensors_in<'a>(
+        &'a self,
+        inputs: &'a [Tensor],
+        outputs: &'a [Tensor],
+    ) -> impl Iterator<Item = Option<&'a Tensor>> + 'a {
+        self.tensors
+            .iter()
+            .map(move |(side, name)| find(*side, name, inputs, outputs))
+    }
+
     /// Calls `sink` with every value of every feature and class in one request and its answer.
     /// Tensors the model did not see (a wrong name) are skipped; the caller passes only requests
     /// that ran.
@@ -353,6 +375,13 @@ impl Extractor {
         }
     }
 
+    /// Appends every value of one request and its answer to `values`, in [`Extractor::for_each`]'s
+    /// order: the cheap half of [`Extractor::observe`], for a caller that adds them to the summary
+    /// later, off the request's path, with [`fold`].
+    pub fn extract(&self, inputs: &[Tensor], outputs: &[Tensor], values: &mut Vec<Observation>) {
+        self.for_each(inputs, outputs, |observation| values.push(observation));
+    }
+
     /// Adds one served request to `summary`, whose features and classes follow `profile`.
     pub fn observe(
         &self,
@@ -361,7 +390,18 @@ impl Extractor {
         inputs: &[Tensor],
         outputs: &[Tensor],
     ) {
-        self.for_each(inputs, outputs, |observation| match observation {
+        self.for_each(inputs, outputs, |observation| {
+            observation.add_to(profile, summary);
+        });
+    }
+}
+
+impl Observation {
+    /// Adds this value to `summary`, whose features and classes follow `profile`; a value of a
+    /// feature or class the profile lacks is ignored.
+    #[inline]
+    pub fn add_to(self, profile: &Profile, summary: &mut DriftSummary) {
+        match self {
             Observation::Feature { index, value } => {
                 if let (Some(feature), Some(summary)) =
                     (profile.features.get(index), summary.features.get_mut(index))
@@ -380,7 +420,16 @@ impl Extractor {
                     summary.observe(class, confidence, &profile.classes);
                 }
             }
-        });
+        }
+    }
+}
+
+/// Adds values [`Extractor::extract`] read to `summary`, whose features and classes follow
+/// `profile`, one by one in order: the summary comes out bit for bit as [`Extractor::observe`]
+/// makes it on the same requests in the same order (each value takes the same Welford step).
+pub fn fold(profile: &Profile, summary: &mut DriftSummary, values: &[Observation]) {
+    for observation in values {
+        observation.add_to(profile, summary);
     }
 }
 
@@ -1061,6 +1110,67 @@ mod tests {
                 feature(3, 4.0)
             ]
         );
+    }
+
+    /// Values read on the request's path and folded later, several requests to a batch, make the
+    /// summary observing each request inline makes, bit for bit (Debug prints every float in the
+    /// shortest form that reads back as the same bits).
+    #[test]
+    fn extracted_values_fold_into_the_summary_observe_makes() {
+        let edges = vec![-1.0, 0.0, 0.5, 2.0];
+        let column = |side, tensor: &str, index| NumericProfile {
+            name: format!("{tensor}{index}"),
+            side,
+            source: FeatureSource::Column {
+                tensor: tensor.into(),
+                index,
+            },
+            edges: edges.clone(),
+            reference: FeatureSummary::new(&edges),
+        };
+        let profile = Profile {
+            features: vec![
+                column(TensorSide::Input, "a", 0),
+                column(TensorSide::Input, "a", 1),
+                column(TensorSide::Output, "y", 2),
+            ],
+            classes: vec![ClassProfile {
+                name: "y".into(),
+                source: ClassSource::Argmax { tensor: "y".into() },
+                classes: vec![0, 1, 2],
+                reference: ClassSummary::new(3),
+            }],
+            thresholds: Thresholds::default(),
+        };
+        let extractor = Extractor::new(&profile, &[spec("a", 2)], &[spec("y", 3)]).unwrap();
+        let requests: Vec<([Tensor; 1], [Tensor; 1])> = (0..40)
+            .map(|request| {
+                let value = |i: usize| ((request * 7 + i * 13) % 29) as f64 * 0.137 - 1.3;
+                let mut inputs: Vec<f64> = (0..6).map(value).collect();
+                if request % 9 == 4 {
+                    inputs[3] = f64::NAN;
+                    inputs[4] = f64::INFINITY;
+                }
+                let outputs: Vec<f64> = (6..15).map(|i| value(i).abs()).collect();
+                ([named("a", 2, &inputs)], [named("y", 3, &outputs)])
+            })
+            .collect();
+        let empty = DriftSummary::new("m", 1, outpost_protocol::Sha256([1; 32]), &profile, 0, 3600);
+        let mut inline = empty.clone();
+        for (inputs, outputs) in &requests {
+            extractor.observe(&profile, &mut inline, inputs, outputs);
+        }
+        let mut folded = empty;
+        for batch in requests.chunks(7) {
+            let mut values = Vec::new();
+            for (inputs, outputs) in batch {
+                extractor.extract(inputs, outputs, &mut values);
+            }
+            fold(&profile, &mut folded, &values);
+        }
+        let first = &folded.features[0];
+        assert_eq!((first.n, first.pos_inf), (116, 4));
+        assert_eq!(format!("{folded:?}"), format!("{inline:?}"));
     }
 
     /// Two samples of 3 channels of 7x11 (not a multiple of the lanes), against the textbook
