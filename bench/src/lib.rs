@@ -10,10 +10,12 @@
 
 pub mod cache;
 pub mod footprint;
+pub mod http;
 pub mod models;
 pub mod report;
 pub mod runtimes;
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +35,7 @@ use outpost_protocol::device::Tensor;
 use outpost_protocol::Sha256;
 
 use cache::Cache;
+use http::{HttpFloor, RawClient};
 use models::{f32s, BenchModel};
 use report::{interleave, micros, print_table, Variant};
 use runtimes::{BareTract, OnnxRuntime, Outputs};
@@ -346,6 +349,7 @@ pub fn api_bodies(model: &BenchModel) -> anyhow::Result<(Vec<u8>, Vec<u8>, usize
 #[derive(Debug)]
 pub struct LocalApi {
     server: BackgroundApi,
+    url_path: String,
     url: String,
     http: ureq::Agent,
 }
@@ -366,18 +370,43 @@ impl LocalApi {
         ));
         let server = BackgroundApi::start(([127, 0, 0, 1], 0).into(), state, 2)?;
         let url = format!("http://{}{url_path}", server.address());
+        // Timeouts on sending and receiving only: with a global (or resolve) timeout ureq resolves
+        // every request's host on a thread it spawns, even an IP on a pooled connection, which
+        // cost ≈ 50 µs a request here and was most of what earlier runs called the API's cost.
         let http = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(60)))
+            .timeout_send_body(Some(Duration::from_secs(60)))
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .timeout_recv_body(Some(Duration::from_secs(60)))
             .build()
             .new_agent();
-        Ok(LocalApi { server, url, http })
+        Ok(LocalApi {
+            server,
+            url_path,
+            url,
+            http,
+        })
+    }
+
+    /// The address the API serves on.
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.server.address()
+    }
+
+    /// The inference route's path.
+    pub fn path(&self) -> &str {
+        &self.url_path
     }
 
     /// POSTs a KServe v2 JSON request and returns the answer's bytes.
     pub fn post_json(&self, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+        self.post_json_to(&self.url, body)
+    }
+
+    /// [`LocalApi::post_json`] to another server, with the same client.
+    pub fn post_json_to(&self, url: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
         let mut response = self
             .http
-            .post(&self.url)
+            .post(url)
             .header("content-type", "application/json")
             .send(body)?;
         Ok(response.body_mut().read_to_vec()?)
@@ -549,6 +578,25 @@ fn bench_model(
 
     let api = LocalApi::start(AgentPath::load(model, threads)?.into_active(model))?;
     let (json_body, binary_body, header_len) = api_bodies(model)?;
+    // The same requests through a client that only writes and reads ([`http::RawClient`]), and
+    // the HTTP exchange alone: a bare hyper server answering the API's own JSON answer.
+    let raw_json = RawClient::request(
+        api.path(),
+        &[("content-type", "application/json".to_owned())],
+        &json_body,
+    );
+    let raw_binary = RawClient::request(
+        api.path(),
+        &[
+            ("content-type", "application/octet-stream".to_owned()),
+            ("inference-header-content-length", header_len.to_string()),
+        ],
+        &binary_body,
+    );
+    let raw = RefCell::new(RawClient::connect(api.address())?);
+    let floor = HttpFloor::start(api.post_json(&json_body)?)?;
+    let floor_url = format!("http://{}{}", floor.address(), api.path());
+    let floor_raw = RefCell::new(RawClient::connect(floor.address())?);
 
     let run_bare = || bare.run().map(drop);
     let run_path = || path.run(model);
@@ -556,13 +604,17 @@ fn bench_model(
     let run_counted = || path.run_without_drift(model);
     let run_json = || api.post_json(&json_body).map(drop);
     let run_binary = || api.post_binary(&binary_body, header_len).map(drop);
+    let run_raw_json = || raw.borrow_mut().exchange(&raw_json).map(drop);
+    let run_raw_binary = || raw.borrow_mut().exchange(&raw_binary).map(drop);
+    let run_floor = || api.post_json_to(&floor_url, &json_body).map(drop);
+    let run_floor_raw = || floor_raw.borrow_mut().exchange(&raw_json).map(drop);
     let run_ort = || ort.run();
     let run_ort_path = || ort_path.run(model);
     let run_ort_model = || ort_path.run_model(model);
     // The agent path's rows split its overhead over bare tract: the request's checks and copies,
     // then the telemetry counters, then the drift update. The last two are the same path with
     // the model on ONNX Runtime, against bare ONNX Runtime.
-    let variants: [Variant; 9] = [
+    let variants: [Variant; 13] = [
         ("bare tract", &run_bare),
         (
             "agent path (LoadedModel::run + telemetry + drift)",
@@ -570,8 +622,8 @@ fn bench_model(
         ),
         ("agent path, LoadedModel::run alone", &run_model),
         ("agent path, telemetry without drift", &run_counted),
-        ("local API, KServe v2 JSON", &run_json),
-        ("local API, binary tensor extension", &run_binary),
+        ("local API, KServe v2 JSON (ureq)", &run_json),
+        ("local API, binary tensor extension (ureq)", &run_binary),
         ("ONNX Runtime", &run_ort),
         (
             "agent path on ONNX Runtime (LoadedModel::run + telemetry + drift)",
@@ -581,13 +633,23 @@ fn bench_model(
             "agent path on ONNX Runtime, LoadedModel::run alone",
             &run_ort_model,
         ),
+        ("local API, KServe v2 JSON (raw client)", &run_raw_json),
+        (
+            "local API, binary tensor extension (raw client)",
+            &run_raw_binary,
+        ),
+        ("HTTP floor: bare hyper, fixed answer (ureq)", &run_floor),
+        (
+            "HTTP floor: bare hyper, fixed answer (raw client)",
+            &run_floor_raw,
+        ),
     ];
     let timings = interleave(rounds, &variants)?;
     api.stop()?;
+    drop(floor);
     print_table(&timings, &timings[6]);
-    let over = |index: usize, base: usize| {
-        timings[index].p50().as_secs_f64() / timings[base].p50().as_secs_f64()
-    };
+    let p50 = |index: usize| timings[index].p50().as_secs_f64();
+    let over = |index: usize, base: usize| p50(index) / p50(base);
     let over_p90 = |index: usize, base: usize| {
         timings[index].percentile(0.9).as_secs_f64() / timings[base].percentile(0.9).as_secs_f64()
     };
@@ -605,6 +667,20 @@ fn bench_model(
         over(7, 6),
         over(8, 6),
         over_p90(7, 6)
+    );
+    // The API's fixed cost: its p50 less the agent path's, per client and body; and the part of
+    // it that is the HTTP exchange alone (the floor with the same client).
+    let fixed = |api: usize| (p50(api) - p50(1)) * 1e6;
+    println!(
+        "local API fixed cost at p50 (API − agent path): ureq JSON {:.1} µs, binary {:.1} µs; raw \
+         client JSON {:.1} µs, binary {:.1} µs; of which the HTTP exchange alone (bare hyper): \
+         ureq {:.1} µs, raw client {:.1} µs",
+        fixed(4),
+        fixed(5),
+        fixed(9),
+        fixed(10),
+        p50(11) * 1e6,
+        p50(12) * 1e6
     );
     Ok(())
 }
