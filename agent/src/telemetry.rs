@@ -469,19 +469,14 @@ fn fold_loop(shared: &Shared) {
                 Err(poisoned) => poisoned.into_inner(),
             };
         }
-        open.folder_idle = false;
-        // No request wakes the thread while it gathers (it is not idle): only a stop.
-        open = match shared
-            .wake
-            .wait_timeout_while(open, GATHER, |open| !open.stopping)
-        {
-            Ok((guard, _)) => guard,
-            Err(poisoned) => poisoned.into_inner().0,
-        };
         if open.stopping {
             return;
         }
+        open.folder_idle = false;
+        // No request wakes the thread while it gathers (it is not idle). A plain sleep outside
+        // the lock, not a timed wait on the condvar: a stop waits for at most this one gather.
         drop(open);
+        std::thread::sleep(GATHER);
         shared.fold_queued();
         open = lock(&shared.open);
     }
@@ -1098,7 +1093,9 @@ mod tests {
                     break (open.queue.requests.len(), open.queue.bytes(), copied);
                 }
                 drop(open);
-                thread::yield_now();
+                // Sleeps between looks rather than yielding: a loop that takes the lock again at
+                // once can starve the thread it waits for of it (seen under qemu-user).
+                thread::sleep(Duration::from_millis(1));
             };
             let full = if rows == 1 {
                 // Past the cap of requests: each copied its two tensors.
@@ -1240,7 +1237,10 @@ mod tests {
                 std::time::Instant::now() < deadline,
                 "the folding thread never folded"
             );
-            thread::yield_now();
+            // Sleeps between looks rather than yielding: a loop that takes the locks again at
+            // once can starve the folding thread of them (an aarch64 run under qemu-user waited
+            // out the whole deadline, most likely so).
+            thread::sleep(Duration::from_millis(1));
         }
         assert!(lock(&recorder.shared.open).queue.requests.is_empty());
         let windows = recorder.take_all();
