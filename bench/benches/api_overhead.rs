@@ -22,25 +22,15 @@
 //!
 //! [`LoadedModel::run`]: outpost_model::inference::LoadedModel::run
 
-use anyhow::Context;
 use outpost_bench::models::BenchModel;
 use outpost_bench::report::{interleave, print_table, Variant};
 use outpost_bench::runtimes::BareTract;
-use outpost_bench::{api_bodies, AgentPath, LocalApi};
+use outpost_bench::{api_bodies, env_usize, AgentPath, LocalApi};
 use outpost_model::example::mlp;
 use tract_onnx::prelude::*;
 
 const N_INPUTS: usize = 256;
 const N_OUTPUTS: usize = 16;
-
-fn env_usize(name: &str, default: usize) -> anyhow::Result<usize> {
-    match std::env::var(name) {
-        Ok(text) => text
-            .parse()
-            .with_context(|| format!("{name}={text:?} is not a whole number")),
-        Err(_) => Ok(default),
-    }
-}
 
 fn main() -> anyhow::Result<()> {
     let rounds = env_usize("OUTPOST_BENCH_ROUNDS", 2000)?;

@@ -88,8 +88,12 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|window| window == needle)
 }
 
+/// Work a [`HttpFloor`] does for each request before answering, on the worker that read it.
+pub type FloorWork = Box<dyn Fn() -> anyhow::Result<()> + Send + Sync>;
+
 /// A bare hyper HTTP/1.1 server on loopback, on a runtime like the API's (two workers): it reads
-/// each request's body and answers `answer` with status 200, and does nothing else.
+/// each request's body and answers `answer` with status 200, and does nothing else, or only the
+/// work it was started with ([`HttpFloor::start_with`]).
 #[derive(Debug)]
 pub struct HttpFloor {
     address: SocketAddr,
@@ -98,6 +102,13 @@ pub struct HttpFloor {
 
 impl HttpFloor {
     pub fn start(answer: Vec<u8>) -> anyhow::Result<HttpFloor> {
+        HttpFloor::start_with(answer, None)
+    }
+
+    /// [`HttpFloor::start`] doing `work` for every request, after reading its body: with the
+    /// agent path as the work, it is the API without the API's own parsing, routing and encoding.
+    pub fn start_with(answer: Vec<u8>, work: Option<FloorWork>) -> anyhow::Result<HttpFloor> {
+        let work = std::sync::Arc::new(work);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("http-floor")
@@ -114,14 +125,20 @@ impl HttpFloor {
             while let Ok((stream, _)) = listener.accept().await {
                 let _ = stream.set_nodelay(true);
                 let answer = answer.clone();
+                let work = work.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         let answer = answer.clone();
+                        let work = work.clone();
                         async move {
                             let request: hyper::Request<hyper::body::Incoming> = request;
                             let body =
                                 axum::body::to_bytes(Body::new(request.into_body()), 1 << 26).await;
-                            let status = if body.is_ok() { 200 } else { 400 };
+                            let worked = match work.as_ref() {
+                                Some(work) => work().is_ok(),
+                                None => true,
+                            };
+                            let status = if body.is_ok() && worked { 200 } else { 500 };
                             hyper::Response::builder()
                                 .status(status)
                                 .header("content-type", "application/json")

@@ -60,6 +60,16 @@ pub struct Settings {
     pub cache_dir: PathBuf,
 }
 
+/// The whole number in the environment variable `name`, or `default` when it is not set.
+pub fn env_usize(name: &str, default: usize) -> anyhow::Result<usize> {
+    match std::env::var(name) {
+        Ok(text) => text
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={text:?} is not a whole number")),
+        Err(_) => Ok(default),
+    }
+}
+
 fn list<T: std::str::FromStr>(name: &str, default: &str) -> anyhow::Result<Vec<T>> {
     let text = std::env::var(name).unwrap_or_else(|_| default.to_owned());
     text.split(',')
@@ -397,6 +407,29 @@ impl LocalApi {
         &self.url_path
     }
 
+    /// The bytes of the JSON and the binary-extension inference request, for a [`RawClient`].
+    pub fn raw_requests(
+        &self,
+        json_body: &[u8],
+        binary_body: &[u8],
+        header_len: usize,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let json = RawClient::request(
+            &self.url_path,
+            &[("content-type", "application/json".to_owned())],
+            json_body,
+        );
+        let binary = RawClient::request(
+            &self.url_path,
+            &[
+                ("content-type", "application/octet-stream".to_owned()),
+                ("inference-header-content-length", header_len.to_string()),
+            ],
+            binary_body,
+        );
+        (json, binary)
+    }
+
     /// POSTs a KServe v2 JSON request and returns the answer's bytes.
     pub fn post_json(&self, body: &[u8]) -> anyhow::Result<Vec<u8>> {
         self.post_json_to(&self.url, body)
@@ -580,19 +613,7 @@ fn bench_model(
     let (json_body, binary_body, header_len) = api_bodies(model)?;
     // The same requests through a client that only writes and reads ([`http::RawClient`]), and
     // the HTTP exchange alone: a bare hyper server answering the API's own JSON answer.
-    let raw_json = RawClient::request(
-        api.path(),
-        &[("content-type", "application/json".to_owned())],
-        &json_body,
-    );
-    let raw_binary = RawClient::request(
-        api.path(),
-        &[
-            ("content-type", "application/octet-stream".to_owned()),
-            ("inference-header-content-length", header_len.to_string()),
-        ],
-        &binary_body,
-    );
+    let (raw_json, raw_binary) = api.raw_requests(&json_body, &binary_body, header_len);
     let raw = RefCell::new(RawClient::connect(api.address())?);
     let floor = HttpFloor::start(api.post_json(&json_body)?)?;
     let floor_url = format!("http://{}{}", floor.address(), api.path());

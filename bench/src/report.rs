@@ -59,7 +59,12 @@ pub fn interleave(rounds: usize, variants: &[Variant]) -> anyhow::Result<Vec<Tim
             times[index].push(started.elapsed());
         }
     }
-    Ok(variants
+    Ok(timings(variants, times))
+}
+
+/// Each variant's times, sorted, under its name.
+fn timings(variants: &[Variant], times: Vec<Vec<Duration>>) -> Vec<Timings> {
+    variants
         .iter()
         .zip(times)
         .map(|((name, _), mut sorted)| {
@@ -69,7 +74,7 @@ pub fn interleave(rounds: usize, variants: &[Variant]) -> anyhow::Result<Vec<Tim
                 sorted,
             }
         })
-        .collect())
+        .collect()
 }
 
 pub fn micros(duration: Duration) -> String {
@@ -95,4 +100,40 @@ pub fn print_table(timings: &[Timings], base: &Timings) {
             timing.p50().as_secs_f64() / base.p50().as_secs_f64()
         );
     }
+}
+
+/// Runs every variant `per_block` times to warm up, then `blocks` blocks of `per_block` calls of
+/// one variant in a row, the variants' order shuffled each round of blocks, and times each call.
+///
+/// Back to back, a variant's threads stay hot and its caches warm, which is how a device's
+/// application calls a model in a loop; [`interleave`] measures the opposite, every call after
+/// another variant's. Blocks still alternate, so a slow spell of the machine slows every variant.
+pub fn in_blocks(
+    blocks: usize,
+    per_block: usize,
+    variants: &[Variant],
+) -> anyhow::Result<Vec<Timings>> {
+    for (_, run) in variants {
+        for _ in 0..per_block {
+            run()?;
+        }
+    }
+    let mut times: Vec<Vec<Duration>> =
+        vec![Vec::with_capacity(blocks * per_block); variants.len()];
+    let mut order: Vec<usize> = (0..variants.len()).collect();
+    let mut rng = SplitMix64::new(ORDER_SEED);
+    for _ in 0..blocks {
+        for slot in (1..order.len()).rev() {
+            order.swap(slot, (rng.next_u64() % (slot as u64 + 1)) as usize);
+        }
+        for &index in &order {
+            let run = variants[index].1;
+            for _ in 0..per_block {
+                let started = Instant::now();
+                run()?;
+                times[index].push(started.elapsed());
+            }
+        }
+    }
+    Ok(timings(variants, times))
 }
