@@ -141,6 +141,8 @@ impl Hub {
                 .await
                 .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
         };
+        // Each group of telemetry batches prunes its devices' markers as the retention says.
+        store.keep_batch_markers_for(config.retention.telemetry_secs);
         let artifacts = ArtifactStore::open(&config.data_dir, &config.artifacts)
             .context("opening the artifact store")?;
         log::info!("artifacts in {}", artifacts.describe());

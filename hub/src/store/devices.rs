@@ -2,8 +2,27 @@
 
 use std::collections::HashMap;
 
+use sqlx::AssertSqlSafe;
+
+use super::group::{placeholders, rows, GroupQueue, Queued, KEYS_PER_STATEMENT};
 use super::sql::for_update;
 use super::*;
+
+/// A signed request to note; see [`Store::note_signed_at`].
+pub(super) struct Signed {
+    device: [u8; 16],
+    timestamp: u64,
+    nonce: [u8; 16],
+}
+
+impl Queued for Signed {
+    fn device(&self) -> [u8; 16] {
+        self.device
+    }
+}
+
+/// The signed requests waiting to be noted.
+pub(super) type SignedQueue = GroupQueue<Signed, ()>;
 
 /// A device record read from `stored`.
 fn device_read_of(stored: Vec<u8>) -> Result<DeviceRead> {
@@ -247,47 +266,96 @@ impl Store {
     /// Notes that a signed request of `device` with `timestamp` and `nonce` was accepted: its
     /// highest such timestamp is kept, with the nonces of the requests accepted in that second.
     /// Not flushed on its own: the handlers that change state flush before they answer.
+    ///
+    /// Noted in a group with the other devices' requests waiting (see `group`).
     pub async fn note_signed_at(
         &self,
         device: &[u8; 16],
         timestamp: u64,
         nonce: [u8; 16],
     ) -> Result<()> {
-        let mut latest = LatestRequests {
+        let signed = Signed {
+            device: *device,
+            timestamp,
+            nonce,
+        };
+        self.signed
+            .run(
+                self,
+                |store| &store.signed,
+                signed,
+                |store, group| Box::pin(store.note_signed_group(group)),
+            )
+            .await
+    }
+
+    /// Notes a group of signed requests, at most one per device, in one transaction.
+    async fn note_signed_group(&self, group: &[&Signed]) -> Result<Vec<()>> {
+        let mut group: Vec<&Signed> = group.to_vec();
+        // One order for every hub, so two groups sharing devices lock their rows in turn.
+        group.sort_unstable_by_key(|signed| signed.device);
+        let empty = LatestRequests {
             at: 0,
             nonces: Vec::new(),
             overflowed: false,
         };
         let mut transaction = self.writer.begin().await?;
-        // The row exists before it is locked, so two first requests of a device at once (on two
-        // hubs) take turns rather than both writing over nothing.
-        sqlx::query(
-            "INSERT INTO signed_at (device, latest) VALUES ($1, $2) ON CONFLICT (device) DO NOTHING",
-        )
-        .bind(device.to_vec())
-        .bind(latest.encode())
-        .execute(&mut *transaction)
-        .await?;
-        let stored = sqlx::query(self.dialect.locking(for_update!(
-            "SELECT latest FROM signed_at WHERE device = $1"
-        )))
-        .bind(device.to_vec())
-        .fetch_one(&mut *transaction)
-        .await?;
-        if let Some(stored) = LatestRequests::decode(&blob(&stored, 0)?) {
-            latest = stored;
-        }
-        let before = latest.clone();
-        latest.note(timestamp, nonce);
-        if latest != before {
-            sqlx::query("UPDATE signed_at SET latest = $1 WHERE device = $2")
-                .bind(latest.encode())
-                .bind(device.to_vec())
-                .execute(&mut *transaction)
-                .await?;
+        for chunk in group.chunks(KEYS_PER_STATEMENT) {
+            // The rows exist before they are locked, so two first requests of a device at once
+            // (on two hubs) take turns rather than both writing over nothing.
+            let sql = format!(
+                "INSERT INTO signed_at (device, latest) VALUES {} ON CONFLICT (device) DO NOTHING",
+                rows(chunk.len(), 2)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for signed in chunk {
+                query = query.bind(signed.device.to_vec()).bind(empty.encode());
+            }
+            query.execute(&mut *transaction).await?;
+
+            let sql = self.dialect.locking((
+                "SELECT device, latest FROM signed_at WHERE device IN ({}) ORDER BY device",
+                "SELECT device, latest FROM signed_at WHERE device IN ({}) ORDER BY device \
+                 FOR UPDATE",
+            ));
+            let sql = sql.replace("{}", &placeholders(1, chunk.len()));
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for signed in chunk {
+                query = query.bind(signed.device.to_vec());
+            }
+            let mut stored: HashMap<[u8; 16], LatestRequests> = HashMap::new();
+            for row in query.fetch_all(&mut *transaction).await? {
+                if let Some(latest) = LatestRequests::decode(&blob(&row, 1)?) {
+                    stored.insert(fixed("signed_at", &blob(&row, 0)?)?, latest);
+                }
+            }
+            let mut changed: Vec<([u8; 16], Vec<u8>)> = Vec::new();
+            for signed in chunk {
+                let before = stored
+                    .remove(&signed.device)
+                    .unwrap_or_else(|| empty.clone());
+                let mut latest = before.clone();
+                latest.note(signed.timestamp, signed.nonce);
+                if latest != before {
+                    changed.push((signed.device, latest.encode()));
+                }
+            }
+            if changed.is_empty() {
+                continue;
+            }
+            let sql = format!(
+                "INSERT INTO signed_at (device, latest) VALUES {} \
+                 ON CONFLICT (device) DO UPDATE SET latest = excluded.latest",
+                rows(changed.len(), 2)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for (device, latest) in changed {
+                query = query.bind(device.to_vec()).bind(latest);
+            }
+            query.execute(&mut *transaction).await?;
         }
         transaction.commit().await?;
-        Ok(())
+        Ok(vec![(); group.len()])
     }
 
     /// Every device's latest accepted requests, as [`Store::note_signed_at`] kept them.

@@ -12,14 +12,16 @@
 //!   windows are hourly, so each lands in its own hour; a longer window (the agent's daily
 //!   roll-up of a full cache) lands whole in its last hour, as the per-device rows file it by its
 //!   end too.
-//! - Summaries are merged in the batch's own transaction, after its idempotency key is taken: a
-//!   batch is merged once or not at all, like its per-device rows. A summary that does not merge
+//! - Summaries are merged in the batch's own transaction (shared with the other batches of its
+//!   group, see `ingest`), after its idempotency key is taken: a batch is merged once or not at
+//!   all, like its per-device rows. A summary that does not merge
 //!   into its aggregate (counts that would overflow, a summary of another profile) is left out of
 //!   it, counted in the row's `left_out` and logged, and the batch is stored all the same.
-//! - A batch costs one read-modify-write per (model, version, hour) it touches, whatever its
-//!   number of windows, done last in its transaction and in key order: on PostgreSQL the row is
-//!   locked (`FOR UPDATE`) from then to the commit, and every device of a label group writes the
-//!   same row, so it is held as briefly as the batch allows and taken in one order by all.
+//! - A group of batches costs one read-modify-write per (model, version, hour, label group) it
+//!   touches, whatever its number of batches and windows, done last in its transaction and in key
+//!   order: on PostgreSQL the row is locked (`FOR UPDATE`) from then to the commit, and every
+//!   device of a label group writes the same row, so it is held as briefly as the group allows and
+//!   taken in one order by all.
 //! - A store made before the table existed starts with it empty: aggregates begin at the upgrade
 //!   (and at `admin migrate` for a store of release 0.1), and the hours before it are only in the
 //!   per-device rows, for as long as the telemetry retention keeps them.
@@ -143,16 +145,16 @@ fn decode_hourly(bytes: &[u8]) -> Result<(DriftSummary, u64)> {
     Ok((summary, record.parts))
 }
 
-/// Merges a batch's drift summaries into the aggregates of `label_group`, one read-modify-write
-/// per entry of `hours`, in their order, within the batch's transaction `connection`.
+/// Merges a group of batches' drift summaries into their aggregates, one read-modify-write per
+/// entry of `hours` (an aggregate's key and label group), in their order, within the group's
+/// transaction `connection`.
 pub(super) async fn merge_hourly(
     connection: &mut AnyConnection,
     dialect: Dialect,
-    label_group: &str,
-    hours: BTreeMap<HourKey, HourParts<'_>>,
+    hours: BTreeMap<(HourKey, &str), HourParts<'_>>,
     now: u64,
 ) -> Result<()> {
-    for ((model, version, hour), rows) in hours {
+    for (((model, version, hour), label_group), rows) in hours {
         let mut share = Share::default();
         for (creates_row, parts) in rows {
             let mut merged_any = false;

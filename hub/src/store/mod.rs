@@ -30,7 +30,9 @@ mod audit;
 mod cache;
 mod devices;
 mod drift_hourly;
+mod group;
 pub mod import;
+mod ingest;
 mod records;
 mod registry;
 mod replicas;
@@ -74,6 +76,11 @@ pub enum StoreError {
     NewerSchema { found: i64, known: i64 },
     #[error("{0}")]
     Import(String),
+    /// A group of writes failed together (see `ingest`): each caller in the group gets it.
+    #[error(transparent)]
+    Shared(Arc<StoreError>),
+    #[error("the task running a group of writes stopped without answering")]
+    GroupStopped,
     #[error("the store is in use: cannot lock {path} ({reason}); is another hub running on it?")]
     Locked { path: String, reason: String },
 }
@@ -155,6 +162,13 @@ pub struct Store {
     newest_root: Arc<AtomicU64>,
     /// Recently read device records, on a store no other hub shares; see `cache`.
     devices_cache: Option<Arc<cache::DeviceCache>>,
+    /// Telemetry batches waiting to be stored in a group; see `ingest`.
+    ingest: Arc<ingest::IngestQueue>,
+    /// Seconds a device's telemetry batch markers are kept (`u64::MAX`: for good); see
+    /// [`Store::keep_batch_markers_for`].
+    markers_kept_for: Arc<AtomicU64>,
+    /// Devices' latest signed requests waiting to be noted in a group; see `devices`.
+    signed: Arc<devices::SignedQueue>,
     /// This process's side of [`Store::lock_rollouts`].
     rollout_lock: Arc<tokio::sync::Mutex<()>>,
     /// An embedded store's lock on its file, held while any clone of the store lives.
@@ -200,6 +214,9 @@ impl Store {
             flush_done: Arc::new(AtomicU64::new(0)),
             newest_root: Arc::default(),
             devices_cache: (dialect == Dialect::Sqlite).then(Arc::default),
+            ingest: Arc::default(),
+            markers_kept_for: Arc::new(AtomicU64::new(u64::MAX)),
+            signed: Arc::default(),
             rollout_lock: Arc::default(),
             _lock: lock.map(Arc::new),
         };

@@ -1,12 +1,7 @@
-//! Telemetry ingest, exactly once in one transaction, and the reads of what it stored:
-//! inference counters, drift summaries and shadow comparisons. The hourly drift aggregates that
-//! ingest also merges into are `drift_hourly`'s.
+//! What telemetry ingest stores and the reads of it: inference counters, drift summaries and
+//! shadow comparisons. Ingest itself, in groups of batches, is `ingest`'s; the hourly drift
+//! aggregates it also merges into are `drift_hourly`'s.
 
-use std::collections::BTreeSet;
-
-use outpost_protocol::Label;
-
-use super::drift_hourly::{hour_of, label_group, merge_hourly, HourKey, HourParts};
 use super::*;
 
 /// One inference window of a telemetry batch, as ingested.
@@ -94,7 +89,7 @@ pub(super) fn encode_applied<T: Serialize>(
 
 /// Merges the batch's `parts` of one window into the drift record `current` (none for a new
 /// window): the merged record, or why a part does not merge, naming its window.
-fn merge_drift(
+pub(super) fn merge_drift(
     current: Option<&[u8]>,
     parts: &[(usize, &DriftSummary)],
     now: u64,
@@ -146,254 +141,12 @@ fn merge_drift(
 }
 
 /// A drift record's key: model, version, window end, window start, device.
-type DriftKey = (String, i64, i64, i64);
+pub(super) type DriftKey = (String, i64, i64, i64);
 /// A shadow record's key past its device: target, window end, window start, active model and
 /// version.
-type ShadowKey = (Vec<u8>, i64, i64, String, i64);
+pub(super) type ShadowKey = (Vec<u8>, i64, i64, String, i64);
 
 impl Store {
-    // Telemetry.
-
-    /// Stores a telemetry batch exactly once, in one transaction.
-    ///
-    /// The batch's idempotency key `(device, sequence)` is inserted first: a copy of the batch
-    /// already stored, or being stored by another request or another hub (which holds the key's
-    /// row until it commits), makes this one [`Ingested::Duplicate`]. On PostgreSQL the device's
-    /// row is locked as well, so one device's batches are applied one at a time across hubs.
-    ///
-    /// A device's sequences only increase (the agent forms batch n+1 after n is acknowledged and
-    /// keeps a floor across cache quarantines), so a batch below one already stored for its device
-    /// is refused as [`Ingested::OutOfOrder`]; the agent never sends one.
-    ///
-    /// A drift summary that does not merge with its device's window (its counts would overflow)
-    /// refuses the whole batch and nothing of it is written, not even its idempotency key.
-    ///
-    /// Each drift summary stored is also merged into the hourly aggregate of its model version
-    /// and of the label group of `labels`, the device's labels now (see `drift_hourly`); one that
-    /// does not merge there is left out of the aggregate and counted, and refuses nothing.
-    pub async fn ingest_telemetry(
-        &self,
-        device: &[u8; 16],
-        labels: &[Label],
-        sequence: u64,
-        windows: &[WindowInput],
-        dropped_records: u64,
-        now: u64,
-    ) -> Result<Ingested> {
-        let batch = int("telemetry batch sequence", sequence)?;
-        let id = device.to_vec();
-        let mut transaction = self.writer.begin().await?;
-        if self.dialect == Dialect::Postgres {
-            sqlx::query("SELECT 1 FROM devices WHERE id = $1 FOR UPDATE")
-                .bind(id.clone())
-                .fetch_optional(&mut *transaction)
-                .await?;
-        }
-        let marked = sqlx::query(
-            "INSERT INTO telemetry_seen (device, sequence, stored_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (device, sequence) DO NOTHING",
-        )
-        .bind(id.clone())
-        .bind(batch)
-        .bind(int("time", now)?)
-        .execute(&mut *transaction)
-        .await?;
-        if marked.rows_affected() == 0 {
-            return Ok(Ingested::Duplicate);
-        }
-        let highest: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(sequence) FROM telemetry_seen WHERE device = $1 AND sequence > $2",
-        )
-        .bind(id.clone())
-        .bind(batch)
-        .fetch_one(&mut *transaction)
-        .await?;
-        if let Some(highest) = highest {
-            return Ok(Ingested::OutOfOrder {
-                highest: uint("telemetry_seen", highest)?,
-            });
-        }
-
-        let mut stats: BTreeMap<(String, i64), Vec<&WindowInput>> = BTreeMap::new();
-        let mut drift: BTreeMap<DriftKey, Vec<(usize, &DriftSummary)>> = BTreeMap::new();
-        let mut shadow: BTreeMap<ShadowKey, Vec<&ShadowReport>> = BTreeMap::new();
-        for (index, window) in windows.iter().enumerate() {
-            let version = int("model version", window.version)?;
-            stats
-                .entry((window.model.clone(), version))
-                .or_default()
-                .push(window);
-            if let Some(summary) = &window.drift {
-                let key = (
-                    window.model.clone(),
-                    version,
-                    int("window end", summary.window_end)?,
-                    int("window start", summary.window_start)?,
-                );
-                drift.entry(key).or_default().push((index, summary));
-            }
-            if let Some(report) = &window.shadow {
-                let key = (
-                    report.target.manifest_sha256.0.to_vec(),
-                    int("window end", window.end)?,
-                    int("window start", window.start)?,
-                    window.model.clone(),
-                    version,
-                );
-                shadow.entry(key).or_default().push(report);
-            }
-        }
-
-        // The per-device rows this batch creates, which its aggregates count as devices.
-        let mut created: BTreeSet<&DriftKey> = BTreeSet::new();
-        for (key, parts) in &drift {
-            let (model, version, end, start) = key;
-            let stored = sqlx::query(
-                "SELECT record FROM drift WHERE model = $1 AND version = $2 AND window_end = $3 \
-                 AND window_start = $4 AND device = $5",
-            )
-            .bind(model.clone())
-            .bind(*version)
-            .bind(*end)
-            .bind(*start)
-            .bind(id.clone())
-            .fetch_optional(&mut *transaction)
-            .await?
-            .map(|row| blob(&row, 0))
-            .transpose()?;
-            if stored.is_none() {
-                created.insert(key);
-            }
-            let record = match merge_drift(stored.as_deref(), parts, now)? {
-                Ok(record) => record,
-                Err((window, reason)) => return Ok(Ingested::Refused { window, reason }),
-            };
-            sqlx::query(
-                "INSERT INTO drift (model, version, window_end, window_start, device, record) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT \
-                 (model, version, window_end, window_start, device) \
-                 DO UPDATE SET record = excluded.record",
-            )
-            .bind(model.clone())
-            .bind(*version)
-            .bind(*end)
-            .bind(*start)
-            .bind(id.clone())
-            .bind(encode_applied("drift", &record, None)?)
-            .execute(&mut *transaction)
-            .await?;
-        }
-
-        for ((model, version), windows) in stats {
-            let stored = sqlx::query(
-                "SELECT record FROM stats WHERE device = $1 AND model = $2 AND version = $3",
-            )
-            .bind(id.clone())
-            .bind(model.clone())
-            .bind(version)
-            .fetch_optional(&mut *transaction)
-            .await?;
-            let mut record = match stored {
-                Some(row) => decode_applied_record::<StatsRecord>("stats", &blob(&row, 0)?)?,
-                None => StatsRecord::default(),
-            };
-            for window in &windows {
-                record.add(window.count, window.errors, &window.latency_buckets);
-            }
-            sqlx::query(
-                "INSERT INTO stats (device, model, version, record) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (device, model, version) DO UPDATE SET record = excluded.record",
-            )
-            .bind(id.clone())
-            .bind(model)
-            .bind(version)
-            .bind(encode_applied("stats", &record, None)?)
-            .execute(&mut *transaction)
-            .await?;
-        }
-
-        for ((target, end, start, model, version), reports) in shadow {
-            let stored = sqlx::query(
-                "SELECT record FROM shadow WHERE target = $1 AND window_end = $2 \
-                 AND window_start = $3 AND device = $4 AND active_model = $5 \
-                 AND active_version = $6",
-            )
-            .bind(target.clone())
-            .bind(end)
-            .bind(start)
-            .bind(id.clone())
-            .bind(model.clone())
-            .bind(version)
-            .fetch_optional(&mut *transaction)
-            .await?;
-            let mut record = match stored {
-                Some(row) => decode_applied_record::<ShadowRecord>("shadow", &blob(&row, 0)?)?,
-                None => ShadowRecord::default(),
-            };
-            for report in &reports {
-                record.add(report);
-            }
-            sqlx::query(
-                "INSERT INTO shadow (target, window_end, window_start, device, active_model, \
-                 active_version, record) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT \
-                 (target, window_end, window_start, device, active_model, active_version) \
-                 DO UPDATE SET record = excluded.record",
-            )
-            .bind(target)
-            .bind(end)
-            .bind(start)
-            .bind(id.clone())
-            .bind(model)
-            .bind(version)
-            .bind(encode_applied("shadow", &record, None)?)
-            .execute(&mut *transaction)
-            .await?;
-        }
-
-        if dropped_records > 0 {
-            let stored = sqlx::query("SELECT record FROM devices WHERE id = $1")
-                .bind(id.clone())
-                .fetch_optional(&mut *transaction)
-                .await?;
-            // A batch of a device no longer stored has nowhere to count its drops.
-            if let Some(row) = stored {
-                let (mut record, applied) = super::devices::decode_device(&blob(&row, 0)?)?;
-                record.dropped_records = record.dropped_records.saturating_add(dropped_records);
-                sqlx::query("UPDATE devices SET record = $1 WHERE id = $2")
-                    .bind(super::devices::encode_device(&record, applied)?)
-                    .bind(id.clone())
-                    .execute(&mut *transaction)
-                    .await?;
-            }
-        }
-
-        // Last, so that on PostgreSQL the aggregates' rows, which every device of a label group
-        // writes, stay locked for as short a time as the batch allows.
-        if !drift.is_empty() {
-            let mut hours: BTreeMap<HourKey, HourParts<'_>> = BTreeMap::new();
-            for (key, parts) in &drift {
-                let (model, version, end, _) = key;
-                hours
-                    .entry((model.clone(), *version, hour_of(*end)))
-                    .or_default()
-                    .push((created.contains(key), parts.as_slice()));
-            }
-            merge_hourly(
-                &mut transaction,
-                self.dialect,
-                &label_group(labels),
-                hours,
-                now,
-            )
-            .await?;
-        }
-        transaction.commit().await?;
-        if dropped_records > 0 {
-            self.device_written(device);
-        }
-        Ok(Ingested::Stored)
-    }
-
     /// Every device's drift summaries of one model version whose windows end after `since`, in
     /// the order of their windows' ends.
     pub async fn drift_summaries(

@@ -70,6 +70,8 @@ on_both_engines!(
     concurrent_copies_of_each_batch_count_once,
     a_batch_below_the_highest_stored_one_is_refused_and_adds_nothing,
     a_summary_that_does_not_merge_refuses_the_whole_batch,
+    each_batch_of_a_group_keeps_its_own_verdict,
+    ingest_prunes_its_devices_markers_past_their_retention,
     drift_aggregates_merge_a_label_group_once_per_batch,
     a_summary_that_does_not_merge_into_its_aggregate_is_left_out_of_it_only,
     drift_aggregates_are_pruned_by_their_own_retention,
@@ -453,6 +455,136 @@ async fn a_summary_that_does_not_merge_refuses_the_whole_batch(store: &Store) {
             .await
             .unwrap(),
         Ingested::Stored
+    );
+}
+
+/// Batches stored in one group (the writer is held while they queue, so all but the first wait
+/// for the same transaction) are answered each as if alone: a duplicate, a batch out of order and
+/// one that does not merge leave nothing, and the others of the group are stored and aggregated.
+async fn each_batch_of_a_group_keeps_its_own_verdict(store: &Store) {
+    let profile = profile();
+    let [dup, late, bad, good, also_good] = [[31u8; 16], [32; 16], [33; 16], [34; 16], [35; 16]];
+    let one = |device: &[u8; 16], sequence, values: &[f64]| {
+        let windows = [window(summary(&profile, 3600, values))];
+        let device = *device;
+        async move {
+            store
+                .ingest_telemetry(&device, &[], sequence, &windows, 0, 10)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(one(&dup, 5, &[1.0]).await, Ingested::Stored);
+    assert_eq!(one(&late, 9, &[1.0]).await, Ingested::Stored);
+    let mut huge = summary(&profile, 3600, &[1.0]);
+    huge.features[0].n = u64::MAX;
+    huge.features[0].bins[0] = u64::MAX;
+    assert_eq!(
+        store
+            .ingest_telemetry(&bad, &[], 1, &[window(huge)], 0, 10)
+            .await
+            .unwrap(),
+        Ingested::Stored
+    );
+    let before = hourly_of(&store.drift_hourly("demo", 1, 0).await.unwrap())[0].4;
+
+    let writer = store.writer.acquire().await.unwrap();
+    let taken = store.ingest.taken();
+    let first = tokio::spawn({
+        let store = store.clone();
+        let windows = [window(summary(&profile, 3600, &[2.0]))];
+        async move {
+            store
+                .ingest_telemetry(&[36; 16], &[], 1, &windows, 0, 10)
+                .await
+        }
+    });
+    // The first batch's group is waiting on the writer; the rest queue behind it as one group.
+    while store.ingest.taken() == taken {
+        tokio::task::yield_now().await;
+    }
+    let rest = async {
+        tokio::join!(
+            one(&dup, 5, &[2.0]),
+            one(&late, 3, &[2.0]),
+            one(&bad, 2, &[2.0]),
+            one(&good, 1, &[2.0, 3.0]),
+            one(&also_good, 7, &[2.0]),
+        )
+    };
+    let release = async {
+        while store.ingest.waiting() < 5 {
+            tokio::task::yield_now().await;
+        }
+        drop(writer);
+    };
+    let ((dup_v, late_v, bad_v, good_v, also_v), ()) = tokio::join!(rest, release);
+    assert_eq!(first.await.unwrap().unwrap(), Ingested::Stored);
+    assert_eq!(dup_v, Ingested::Duplicate);
+    assert_eq!(late_v, Ingested::OutOfOrder { highest: 9 });
+    assert!(
+        matches!(&bad_v, Ingested::Refused { window: 0, reason } if reason.contains("overflow")),
+        "{bad_v:?}"
+    );
+    assert_eq!(good_v, Ingested::Stored);
+    assert_eq!(also_v, Ingested::Stored);
+
+    // Stored: the first batch and the two good ones, each into its own row and the aggregate.
+    let stored = store.drift_summaries("demo", 1, 0).await.unwrap();
+    let n_by_device = |device: [u8; 16]| -> Vec<u64> {
+        stored
+            .iter()
+            .filter(|row| row.device == device)
+            .map(|row| row.summary.features[0].n)
+            .collect()
+    };
+    assert_eq!(n_by_device(good), [2]);
+    assert_eq!(n_by_device(also_good), [1]);
+    assert_eq!(n_by_device([36; 16]), [1]);
+    assert_eq!(n_by_device(dup), [1], "a duplicate adds nothing");
+    assert_eq!(n_by_device(late), [1], "a batch out of order adds nothing");
+    assert_eq!(n_by_device(bad), [u64::MAX], "a refused batch adds nothing");
+    assert_eq!(store.stats(&good, "demo", 1).await.unwrap().count, 2);
+    assert_eq!(
+        hourly_of(&store.drift_hourly("demo", 1, 0).await.unwrap())[0].4,
+        before + 3,
+        "three uploads more in the hour's aggregate"
+    );
+    // The refused batches left no idempotency key: sent again, they are judged afresh.
+    assert_eq!(one(&bad, 2, &[]).await, Ingested::Stored);
+    assert_eq!(
+        one(&late, 3, &[2.0]).await,
+        Ingested::OutOfOrder { highest: 9 }
+    );
+    assert_eq!(one(&good, 1, &[2.0]).await, Ingested::Duplicate);
+}
+
+/// With a marker retention set, each batch stored removes its device's markers older than it,
+/// except the newest: a batch resent after its marker went is refused as out of order, not stored
+/// again.
+async fn ingest_prunes_its_devices_markers_past_their_retention(store: &Store) {
+    let profile = profile();
+    let ingest = |sequence: u64, now: u64| {
+        let windows = [window(summary(&profile, 3600 * sequence, &[1.0]))];
+        async move {
+            store
+                .ingest_telemetry(&DEVICE, &[], sequence, &windows, 0, now)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(ingest(1, 100).await, Ingested::Stored);
+    assert_eq!(ingest(2, 200).await, Ingested::Stored);
+    store.keep_batch_markers_for(1000);
+    assert_eq!(ingest(3, 1150).await, Ingested::Stored);
+    // Marker 1 (stored at 100, before 1150 - 1000) went with batch 3; marker 2 is kept.
+    assert_eq!(ingest(2, 1160).await, Ingested::Duplicate);
+    assert_eq!(ingest(1, 1170).await, Ingested::OutOfOrder { highest: 3 });
+    // The newest marker stays however old it is.
+    assert_eq!(ingest(3, 100_000).await, Ingested::Duplicate);
+    assert_eq!(
+        store.prune_batch_markers(&DEVICE, u64::MAX).await.unwrap(),
+        0
     );
 }
 

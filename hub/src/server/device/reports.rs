@@ -301,7 +301,6 @@ pub(super) async fn telemetry(
             )));
         }
     };
-    hub.store.prune_batch_markers(&device.id, cutoff).await?;
     hub.store.flush().await?;
     if duplicate {
         Metrics::bump(&hub.metrics.telemetry_duplicates, 1);

@@ -1,0 +1,204 @@
+//! Writes that many requests make at once, run in groups: every request's write waiting when
+//! the last group ends goes into the next group's one transaction, where each kind of row is read
+//! and written by one statement for the whole group. A write on its own costs the same statements
+//! as before; under load, a group of n costs about what one did. Telemetry batches
+//! (`ingest`) and devices' latest signed requests (`devices`) are written this way.
+//!
+//! A group holds at most [`GROUP_MAX`] writes and at most one per device, so a device's writes
+//! are applied in the order they came, each against what the one before it wrote. The group runs
+//! on a task of its own, so a caller that goes away cannot cancel it half-way: its transaction
+//! either commits or rolls back. A database error fails the whole group, and every caller in it
+//! gets that error; nothing of the group was written.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
+
+use super::*;
+
+/// Most writes in one group.
+pub(super) const GROUP_MAX: usize = 64;
+
+/// Most keys one statement of a group looks up or writes: SQLite parses an `OR` chain into a tree
+/// as deep as its terms and refuses one deeper than 1,000.
+pub(super) const KEYS_PER_STATEMENT: usize = 100;
+
+/// Work queued for a group: a device's, one at most per group.
+pub(super) trait Queued {
+    fn device(&self) -> [u8; 16];
+}
+
+struct Job<W, V> {
+    work: W,
+    verdict: oneshot::Sender<Result<V>>,
+}
+
+/// Work waiting for a group transaction, and whether a task is running groups of it.
+pub(super) struct GroupQueue<W, V> {
+    state: Mutex<QueueState<W, V>>,
+}
+
+struct QueueState<W, V> {
+    jobs: VecDeque<Job<W, V>>,
+    running: bool,
+    /// Work taken into groups so far.
+    taken: u64,
+}
+
+impl<W, V> Default for GroupQueue<W, V> {
+    fn default() -> Self {
+        GroupQueue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                running: false,
+                taken: 0,
+            }),
+        }
+    }
+}
+
+impl<W, V> std::fmt::Debug for GroupQueue<W, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("GroupQueue")
+            .field("waiting", &state.jobs.len())
+            .field("running", &state.running)
+            .finish()
+    }
+}
+
+impl<W: Queued + Send + Sync + 'static, V: Send + 'static> GroupQueue<W, V> {
+    /// Work waiting for a group.
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> usize {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.jobs.len()
+    }
+
+    /// Work taken into groups so far.
+    #[cfg(test)]
+    pub(super) fn taken(&self) -> u64 {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.taken
+    }
+
+    /// Queues `work` and waits for its verdict. The first work to find no task running groups
+    /// starts one on `store`, which runs `run` on groups until none waits: spawned, so that a
+    /// caller going away cannot cancel a group half-way.
+    pub(super) async fn run<F>(
+        &self,
+        store: &Store,
+        queue: fn(&Store) -> &GroupQueue<W, V>,
+        work: W,
+        run: F,
+    ) -> Result<V>
+    where
+        F: for<'a> Fn(&'a Store, &'a [&'a W]) -> BoxFuture<'a, Result<Vec<V>>> + Send + 'static,
+    {
+        let (verdict, answer) = oneshot::channel();
+        let start = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.jobs.push_back(Job { work, verdict });
+            !std::mem::replace(&mut state.running, true)
+        };
+        if start {
+            let store = store.clone();
+            tokio::spawn(async move {
+                loop {
+                    let group = queue(&store).next_group();
+                    if group.is_empty() {
+                        return;
+                    }
+                    let works: Vec<&W> = group.iter().map(|job| &job.work).collect();
+                    let verdicts: Vec<Result<V>> = match run(&store, &works).await {
+                        Ok(verdicts) => verdicts.into_iter().map(Ok).collect(),
+                        Err(error) => {
+                            let error = Arc::new(error);
+                            (0..group.len())
+                                .map(|_| Err(StoreError::Shared(error.clone())))
+                                .collect()
+                        }
+                    };
+                    drop(works);
+                    for (job, verdict) in group.into_iter().zip(verdicts) {
+                        // A caller that went away no longer needs its verdict.
+                        let _ = job.verdict.send(verdict);
+                    }
+                }
+            });
+        }
+        answer.await.map_err(|_| StoreError::GroupStopped)?
+    }
+
+    /// The next group: the oldest work waiting, at most one per device and [`GROUP_MAX`] in
+    /// all. Empty (and no task running any more) when none waits.
+    fn next_group(&self) -> Vec<Job<W, V>> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut devices = HashSet::new();
+        let mut group = Vec::new();
+        let mut left = VecDeque::with_capacity(state.jobs.len());
+        while let Some(job) = state.jobs.pop_front() {
+            if group.len() < GROUP_MAX && devices.insert(job.work.device()) {
+                group.push(job);
+            } else {
+                left.push_back(job);
+            }
+        }
+        state.jobs = left;
+        state.taken += group.len() as u64;
+        if group.is_empty() {
+            state.running = false;
+        }
+        group
+    }
+}
+
+/// `$first, $first+1, …` for `count` parameters.
+pub(super) fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `($1, $2), ($3, $4), …`: `count` rows of `width` parameters, for `VALUES`.
+pub(super) fn rows(count: usize, width: usize) -> String {
+    (0..count)
+        .map(|row| format!("({})", placeholders(1 + row * width, width)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `(a = $1 AND b > $2) OR (a = $3 AND b > $4) OR …`: `count` terms, each comparing the columns
+/// of `comparisons` (each written with its operator, `"a = "`) with parameters of its own.
+pub(super) fn matching(count: usize, comparisons: &[&str]) -> String {
+    let width = comparisons.len();
+    (0..count)
+        .map(|term| {
+            let tests: Vec<String> = comparisons
+                .iter()
+                .enumerate()
+                .map(|(column, comparison)| format!("{comparison}${}", 1 + term * width + column))
+                .collect();
+            format!("({})", tests.join(" AND "))
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_number_their_parameters_in_order() {
+        assert_eq!(placeholders(3, 2), "$3, $4");
+        assert_eq!(rows(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(
+            matching(2, &["device = ", "sequence > "]),
+            "(device = $1 AND sequence > $2) OR (device = $3 AND sequence > $4)"
+        );
+    }
+}
