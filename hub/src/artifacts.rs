@@ -390,7 +390,11 @@ impl ArtifactStore {
             }
             .await;
             match written {
-                Ok(()) => writer.finish().await,
+                Ok(()) => {
+                    let parts = length.div_ceil(PART_BYTES as u64);
+                    log::info!("storing {sha256} ({length} bytes) as an upload of {parts} parts");
+                    writer.finish().await
+                }
                 Err(error) => {
                     // Parts already sent are dropped with the upload; nothing became visible.
                     if let Err(abort) = writer.abort().await {

@@ -4,6 +4,8 @@
 //! - Two replicas share one bucket: a model published through one is downloaded by an agent of
 //!   the other from a presigned URL of the store, which the agent follows under its usual download
 //!   rules; no artifact lands in the hubs' data directory and no byte passes through a hub.
+//! - A model larger than one part of an upload (8 MiB) goes to the bucket as a multipart upload,
+//!   and an agent downloads it whole from a presigned URL, checks it and serves it.
 //! - The third fault: the object store is unreachable. Publishing fails with an error
 //!   naming the store, the device keeps its model and serves it, and nothing half-written is
 //!   visible once the store is back: the failed version's artifacts are absent, and publishing it
@@ -142,6 +144,43 @@ fn replicas_share_one_bucket_and_devices_download_from_presigned_urls() {
     );
     // The presigned URL's signature is never written to the agent's log.
     assert!(!agent.log().contains("X-Amz-Signature"), "{}", agent.log());
+}
+
+#[test]
+fn a_model_larger_than_a_part_is_uploaded_in_parts_and_downloaded_whole() {
+    let s3 = S3::start().unwrap_or_else(|error| panic!("{error}"));
+    let mut hub = TestHub::start();
+    move_to_bucket(&mut hub, &s3, &s3.endpoint(), true);
+    let fleet = Fleet::new(&hub);
+    // 4 inputs, 600,000 hidden units and 3 outputs: about 19 MB of weights, three parts.
+    let out = fleet.publish_example_with(&hub, "big", 1, 1, false, &["--hidden", "600000"]);
+    let size = std::fs::metadata(out.join("model.onnx")).unwrap().len();
+    assert!(size > 2 * 8 * 1024 * 1024, "the model is {size} bytes");
+    wait_objects(&s3, 2);
+    assert_eq!(s3.unfinished_multipart_uploads().unwrap(), 0);
+    assert_eq!(local_artifacts(&hub), 0);
+    fleet.first_rollout(&hub, "big", 1);
+
+    let mut agent = TestAgent::enroll(&hub, &fleet, "site=lab", "");
+    agent.start();
+    wait_active(&agent, "big", "big@1");
+    let (code, body) = agent.infer_row(&http(), "big", &[0.5, -1.0, 2.0, 0.0]);
+    assert_eq!(code, 200, "{body}");
+    let model_sha = outpost_protocol::sha256(&std::fs::read(out.join("model.onnx")).unwrap());
+    assert!(
+        hub.log().contains(&format!(
+            "storing {} ({size} bytes) as an upload of 3 parts",
+            model_sha.to_hex()
+        )),
+        "{}",
+        hub.log()
+    );
+    let metrics = hub.fresh_metrics();
+    assert_eq!(
+        counter(&metrics, "outpost_hub_artifact_bytes_served_total"),
+        0,
+        "{metrics}"
+    );
 }
 
 #[test]
