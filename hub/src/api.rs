@@ -577,3 +577,115 @@ pub struct DeviceDriftInfo {
     pub value: f64,
     pub n: u64,
 }
+
+/// `POST /alerts/rules`: a rule that notifies `webhooks` when `condition` has held for `for_secs`
+/// on a version of `model`, over the devices of `selector` (`key=value`; every device when
+/// empty). `condition` is written as `drift>=warn|alert`, `quality=out-of-range|missing|nan`,
+/// `error-rate>SHARE` or `latency-p95>DURATION`; drift and quality look back `window_secs`.
+/// Durations are signed so that a negative one is refused by name rather than by the parser.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateAlertRule {
+    pub name: String,
+    pub model: String,
+    #[serde(default)]
+    pub selector: Vec<String>,
+    pub condition: String,
+    pub for_secs: i64,
+    pub window_secs: i64,
+    pub webhooks: Vec<String>,
+}
+
+/// An alert rule, with its alerts (one per model version evaluated).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertRuleInfo {
+    pub name: String,
+    pub model: String,
+    pub selector: Vec<String>,
+    pub condition: String,
+    pub for_secs: u64,
+    pub window_secs: u64,
+    pub webhooks: Vec<String>,
+    pub created: u64,
+    pub created_by: String,
+    pub alerts: Vec<AlertInfo>,
+}
+
+/// One alert of a rule: its key (`model@version`) and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertInfo {
+    pub rule: String,
+    pub key: String,
+    /// `inactive`, `pending` or `firing`.
+    pub state: String,
+    /// When it entered that state, Unix seconds.
+    pub since: u64,
+    /// Since when its condition has held, while pending or firing.
+    pub held_since: Option<u64>,
+    /// When it (last) started firing.
+    pub firing_since: Option<u64>,
+}
+
+/// `POST /webhooks`: an endpoint notified in `format` (`outpost`, the default, or
+/// `alertmanager`). Without `secret`, the hub makes one and shows it once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateWebhook {
+    pub name: String,
+    pub url: String,
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+/// A webhook endpoint; its URL without the query (which may hold a receiver's token), never its
+/// secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookInfo {
+    pub name: String,
+    pub url: String,
+    pub format: String,
+    pub created: u64,
+    pub created_by: String,
+}
+
+/// A webhook just created, with its signing secret, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedWebhook {
+    pub webhook: WebhookInfo,
+    pub secret: String,
+}
+
+/// A notification in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryInfo {
+    pub id: u64,
+    pub idempotency_key: String,
+    pub webhook: String,
+    /// `firing` or `resolved`.
+    pub kind: String,
+    pub rule: String,
+    pub alert_key: String,
+    pub created: u64,
+    /// `pending`, `delivered` or `dead`.
+    pub state: String,
+    pub attempts: u64,
+    /// The receiver's last HTTP status, if it ever answered.
+    pub last_status: Option<u16>,
+    /// Why the last attempt failed; empty after a success.
+    pub last_error: String,
+    /// When it was delivered or given up on.
+    pub done_at: Option<u64>,
+}
+
+/// `POST /webhooks/{name}/test`: what the receiver answered to a test message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookTestResult {
+    pub webhook: String,
+    pub idempotency_key: String,
+    /// The receiver's HTTP status; none when it could not be reached.
+    pub status: Option<u16>,
+    /// The start of its answer's body.
+    pub body: String,
+    /// Why it could not be reached.
+    pub error: Option<String>,
+}

@@ -305,7 +305,8 @@ pub fn check_base_url(text: &str) -> anyhow::Result<String> {
     Ok(text.trim_end_matches('/').to_owned())
 }
 
-fn is_loopback(host: &str) -> bool {
+/// True for `localhost` and loopback addresses (127.0.0.0/8, ::1), bracketed or not.
+pub(crate) fn is_loopback(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || host

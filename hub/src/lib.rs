@@ -4,7 +4,9 @@
 //! - [`keyfile`]: release-key files on the operator's machine. Private keys never leave it.
 //! - [`rollout`]: the rollout engine, pure logic: stages, health gates and decisions.
 //! - [`client`]: the CLI's HTTP client of a hub's admin API.
+//! - [`alerts`]: alert rules, their states and webhook payloads, pure logic.
 
+pub mod alerts;
 pub mod api;
 pub mod artifacts;
 pub mod audit;

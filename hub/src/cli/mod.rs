@@ -3,7 +3,8 @@
 //! The signing commands (`keys`, `root init|rotate`, `model sign`, `plan sign`, `sign`) work on
 //! local files only: they load release keys from the operator's disk and write signed documents,
 //! and never talk to a hub. The hub commands (`whoami`, `admin-token`, `token`, `root
-//! upload|list`, `model publish|list|show`, `device`, `rollout`, `drift`, `audit`) talk to a
+//! upload|list`, `model publish|list|show`, `device`, `rollout`, `drift`, `alert`, `webhook`,
+//! `audit`) talk to a
 //! hub's admin API through [`crate::client`], connected by [`connection::HubArgs`]; the three
 //! that sign (`model publish`, `rollout create`, `rollout retire`) still sign here, and only
 //! signed bytes leave the machine.
@@ -19,6 +20,7 @@ use outpost_protocol::{Message, SecretKey};
 use outpost_model::fsutil;
 
 pub mod admin_token;
+pub mod alert;
 pub mod audit;
 pub mod connection;
 pub mod device;
@@ -38,6 +40,7 @@ pub mod table;
 pub mod tls;
 pub mod token;
 pub mod validation;
+pub mod webhook;
 pub mod whoami;
 
 #[derive(Debug, Parser)]
@@ -86,6 +89,12 @@ pub enum Command {
     /// Report how far devices' inputs and outputs have drifted from a model's reference.
     #[command(subcommand)]
     Drift(drift::DriftCommand),
+    /// Rules that notify webhooks when a model drifts, its data goes bad or it errs or slows.
+    #[command(subcommand)]
+    Alert(alert::AlertCommand),
+    /// The webhook endpoints alert rules notify: create, test, and the dead-letter list.
+    #[command(subcommand)]
+    Webhook(webhook::WebhookCommand),
     /// Read and check the hub's audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -123,6 +132,8 @@ impl Command {
             Command::Device(command) => command.run(),
             Command::Rollout(command) => command.run(),
             Command::Drift(command) => command.run(),
+            Command::Alert(command) => command.run(),
+            Command::Webhook(command) => command.run(),
             Command::Audit(command) => command.run(),
             Command::Serve(args) => args.run(),
             Command::ExampleModel(args) => args.run(),

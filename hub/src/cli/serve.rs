@@ -114,6 +114,14 @@ pub struct ServeArgs {
     /// the metrics name models, features and the fleet's state.
     #[arg(long)]
     pub metrics_public: bool,
+    /// How long a webhook delivery that failed waits before its next attempt; the wait doubles
+    /// after each further failure, up to an hour.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub webhook_retry: Duration,
+    /// Attempts at a webhook delivery before it moves to the dead-letter list (`outpost-hub
+    /// webhook dead-letters`). The default, with --webhook-retry 10s, tries for about 3.4 hours.
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub webhook_attempts: u32,
     /// Write the bound address (`host:port`) to this file once the hub can answer (store open).
     #[arg(long)]
     pub address_file: Option<PathBuf>,
@@ -162,6 +170,10 @@ impl ServeArgs {
                 events_per_device: self.retain_events as usize,
                 telemetry_secs: self.retain_telemetry.as_secs(),
                 drift_aggregate_secs: self.retain_drift_aggregates.as_secs(),
+            },
+            webhooks: server::RetrySettings {
+                first_retry: self.webhook_retry,
+                max_attempts: self.webhook_attempts,
             },
         };
         if self.metrics_public {

@@ -18,6 +18,7 @@ use crate::artifacts::ArtifactStore;
 use crate::store::Store;
 
 mod admin;
+mod alerts;
 mod dashboard;
 mod device;
 mod drift;
@@ -27,10 +28,12 @@ mod metrics;
 mod nonces;
 mod tls;
 mod verifier;
+mod webhooks;
 
 pub use admin::new_admin_token;
 pub use engine::{Live, LiveRetirement, LiveRollout};
 pub use metrics::Metrics;
+pub use webhooks::RetrySettings;
 
 /// Everything `serve` needs, validated by the CLI.
 #[derive(Debug, Clone)]
@@ -62,6 +65,8 @@ pub struct ServerConfig {
     pub metrics_public: bool,
     /// What the store keeps of each device's events and telemetry.
     pub retention: crate::store::Retention,
+    /// How webhook deliveries that fail are retried.
+    pub webhooks: RetrySettings,
 }
 
 #[cfg(test)]
@@ -88,6 +93,10 @@ impl ServerConfig {
             },
             metrics_public: false,
             retention: crate::store::Retention::default(),
+            webhooks: RetrySettings {
+                first_retry: Duration::from_secs(1),
+                max_attempts: 3,
+            },
         }
     }
 }
@@ -127,6 +136,10 @@ pub struct Hub {
     pub engine_held: std::sync::atomic::AtomicBool,
     /// Drift profiles of published versions, read once.
     pub profiles: drift::ProfileCache,
+    /// What wakes alert evaluation and webhook delivery.
+    pub alerts: alerts::AlertWork,
+    /// The HTTP client of webhook deliveries.
+    pub webhooks: webhooks::WebhookClient,
 }
 
 pub type SharedHub = Arc<Hub>;
@@ -165,6 +178,8 @@ impl Hub {
             instance: instance_name(),
             engine_held: std::sync::atomic::AtomicBool::new(false),
             profiles: drift::ProfileCache::default(),
+            alerts: alerts::AlertWork::default(),
+            webhooks: webhooks::WebhookClient::new()?,
         });
         engine::reload(&hub).await?;
         Ok(hub)
@@ -200,16 +215,26 @@ pub async fn run(
     let hub = Hub::open(config).await?;
     ready(local)?;
     let engine_task = tokio::spawn(clock(hub.clone()));
+    let evaluator_task = tokio::spawn(alerts::evaluator(hub.clone()));
+    let deliverer_task = tokio::spawn(webhooks::deliverer(hub.clone()));
     let app = router(hub.clone());
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     log::info!("hub serving on {scheme}://{local}");
 
     // The engine stops when shutdown begins, before in-flight requests drain.
-    let engine_abort = engine_task.abort_handle();
+    // So do alert evaluation and webhook delivery: what they had not finished is in the store
+    // (the touched models aside, which the next tick evaluates) and resumes at the next start.
+    let background = [
+        engine_task.abort_handle(),
+        evaluator_task.abort_handle(),
+        deliverer_task.abort_handle(),
+    ];
     let shutdown = async move {
         shutdown.await;
         log::info!("shutting down: draining in-flight requests");
-        engine_abort.abort();
+        for task in background {
+            task.abort();
+        }
     };
     let limits = &hub.config.connections;
     let options = outpost_serve::Options {
@@ -251,7 +276,8 @@ pub async fn shutdown_signal() {
 }
 
 /// The hub's clock, until the task is aborted: each tick, on the hub that holds the engine's
-/// lease, the engine evaluates every rollout and telemetry past the retention is removed; on a
+/// lease, the engine evaluates every rollout, telemetry past the retention is removed and every
+/// alert rule is evaluated; on a
 /// hub whose store may be shared, the newest root and the rollouts are read back; and on every
 /// hub the gauges `/metrics` serves are computed afresh.
 async fn clock(hub: SharedHub) {
@@ -266,6 +292,9 @@ async fn clock(hub: SharedHub) {
                 }
                 if let Err(error) = engine::prune(&hub).await {
                     log::error!("pruning telemetry past the retention: {error:#}");
+                }
+                if let Err(error) = alerts::evaluate(&hub, None).await {
+                    log::error!("evaluating alert rules: {error:#}");
                 }
             }
             Ok(false) => {}
@@ -320,7 +349,7 @@ async fn engine_lease(hub: &SharedHub) -> anyhow::Result<bool> {
     Ok(held)
 }
 
-fn unix_millis() -> u64 {
+pub(crate) fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| {

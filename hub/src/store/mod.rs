@@ -26,6 +26,7 @@ use sqlx::any::AnyRow;
 use sqlx::AnyPool;
 use sqlx::Row;
 
+mod alerts;
 mod audit;
 mod cache;
 mod devices;
@@ -45,6 +46,7 @@ mod telemetry;
 #[cfg(test)]
 mod tests;
 
+pub use alerts::*;
 pub use audit::*;
 pub use devices::LatestRequests;
 pub use drift_hourly::{group_labels, label_group, StoredHourly};

@@ -274,6 +274,26 @@ const MIGRATIONS: &[&str] = &[
     // 4: the per-device rate limit across hubs sharing a database counts a device's nonces by
     // when they expire (`Store::note_nonce`).
     "CREATE INDEX nonces_by_device ON nonces (device, expires)",
+    // 5: alert rules and webhook endpoints (records by name), each alert's state (one row per
+    // rule and alert key; times 0 when unset) and the outbox of notifications: one row per event
+    // and endpoint, unique by idempotency key and endpoint, kept once delivered or dead.
+    "CREATE TABLE alert_rules (
+         name TEXT PRIMARY KEY, model TEXT NOT NULL, record {bytes} NOT NULL);
+     CREATE INDEX alert_rules_by_model ON alert_rules (model);
+     CREATE TABLE webhooks (name TEXT PRIMARY KEY, record {bytes} NOT NULL);
+     CREATE TABLE alert_states (
+         rule TEXT NOT NULL, alert_key TEXT NOT NULL, phase TEXT NOT NULL,
+         since BIGINT NOT NULL, held_since BIGINT NOT NULL, firing_since BIGINT NOT NULL,
+         PRIMARY KEY (rule, alert_key));
+     CREATE TABLE alert_outbox (
+         id {serial}, idempotency_key TEXT NOT NULL, webhook TEXT NOT NULL,
+         kind TEXT NOT NULL, rule TEXT NOT NULL, alert_key TEXT NOT NULL,
+         body {bytes} NOT NULL, created BIGINT NOT NULL, state TEXT NOT NULL,
+         attempts BIGINT NOT NULL, next_attempt_ms BIGINT NOT NULL,
+         claimed_by TEXT NOT NULL, claim_until_ms BIGINT NOT NULL,
+         last_status BIGINT NOT NULL, last_error TEXT NOT NULL, done_at BIGINT NOT NULL,
+         UNIQUE (idempotency_key, webhook));
+     CREATE INDEX alert_outbox_by_state ON alert_outbox (state, webhook, id)",
 ];
 
 /// The newest schema this hub writes.

@@ -1770,3 +1770,216 @@ async fn a_cached_device_record_is_never_read_stale() {
     assert!(written.revoked && written.dropped_records == 4);
     assert_eq!(store.device(&DEVICE).await.unwrap().unwrap(), written);
 }
+
+on_both_engines!(
+    an_alert_step_moves_once_and_queues_each_notification_once,
+    a_notification_is_claimed_by_one_hub_and_sent_in_order_until_delivered_or_dead,
+);
+
+fn alert_state(phase: &str, since: u64) -> AlertStateRecord {
+    AlertStateRecord {
+        rule: "r".to_owned(),
+        alert_key: "demo@1".to_owned(),
+        phase: phase.to_owned(),
+        since,
+        held_since: since,
+        firing_since: if phase == "firing" { since } else { 0 },
+    }
+}
+
+fn notification(key: &str, webhook: &str) -> OutboxInsert {
+    OutboxInsert {
+        idempotency_key: key.to_owned(),
+        webhook: webhook.to_owned(),
+        kind: "firing".to_owned(),
+        rule: "r".to_owned(),
+        alert_key: "demo@1".to_owned(),
+        body: key.as_bytes().to_vec(),
+    }
+}
+
+async fn an_alert_step_moves_once_and_queues_each_notification_once(store: &Store) {
+    let firing = alert_state("firing", 100);
+    let queued = [notification("k-firing", "a"), notification("k-firing", "b")];
+    // Evaluations proposing the same first step at once: one moves the alert and queues.
+    let attempts = (0..4).map(|_| {
+        let store = store.clone();
+        let (firing, queued) = (firing.clone(), queued.clone());
+        tokio::spawn(async move { store.apply_alert_step(None, &firing, &queued, 100).await })
+    });
+    let mut moved = 0;
+    for attempt in attempts {
+        moved += u32::from(attempt.await.unwrap().unwrap());
+    }
+    assert_eq!(moved, 1);
+    assert_eq!(store.alert_states().await.unwrap(), vec![firing.clone()]);
+    assert_eq!(
+        store
+            .outbox(DeliveryState::Pending, 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    // A step from a state that is no longer stored changes nothing.
+    let stale = alert_state("pending", 50);
+    let inactive = alert_state("inactive", 200);
+    assert!(!store
+        .apply_alert_step(
+            Some(&stale),
+            &inactive,
+            &[notification("k-resolved", "a")],
+            200
+        )
+        .await
+        .unwrap());
+    assert_eq!(store.alert_states().await.unwrap(), vec![firing.clone()]);
+    // From the stored state it moves; a notification already queued is not queued again.
+    assert!(store
+        .apply_alert_step(
+            Some(&firing),
+            &inactive,
+            &[
+                notification("k-resolved", "a"),
+                notification("k-firing", "a")
+            ],
+            200
+        )
+        .await
+        .unwrap());
+    let pending = store.outbox(DeliveryState::Pending, 10).await.unwrap();
+    let keys: Vec<(&str, &str)> = pending
+        .iter()
+        .map(|record| (record.idempotency_key.as_str(), record.webhook.as_str()))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![("k-resolved", "a"), ("k-firing", "b"), ("k-firing", "a")]
+    );
+    assert_eq!(store.alert_states_of("r").await.unwrap(), vec![inactive]);
+    assert!(store.delete_alert_rule("r").await.is_ok());
+    assert!(store.alert_states().await.unwrap().is_empty());
+}
+
+async fn a_notification_is_claimed_by_one_hub_and_sent_in_order_until_delivered_or_dead(
+    store: &Store,
+) {
+    let webhook = WebhookRecord {
+        name: "a".to_owned(),
+        url: "https://ci.example/hook".to_owned(),
+        secret: "0123456789abcdef".to_owned(),
+        format: "outpost".to_owned(),
+        created: 1,
+        created_by: "t".to_owned(),
+    };
+    assert!(store.add_webhook(&webhook).await.unwrap());
+    assert!(!store.add_webhook(&webhook).await.unwrap());
+    let firing = alert_state("firing", 100);
+    let inactive = alert_state("inactive", 200);
+    store
+        .apply_alert_step(None, &firing, &[notification("first", "a")], 100)
+        .await
+        .unwrap();
+    store
+        .apply_alert_step(
+            Some(&firing),
+            &inactive,
+            &[notification("second", "a")],
+            200,
+        )
+        .await
+        .unwrap();
+    let now_ms = 300_000;
+    // Only the oldest notification of a webhook is due.
+    let due = store.due_deliveries(now_ms).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].idempotency_key, "first");
+    let id = due[0].id;
+    assert!(store
+        .claim_delivery(id, "hub-1", now_ms, now_ms + 30_000)
+        .await
+        .unwrap());
+    assert!(!store
+        .claim_delivery(id, "hub-2", now_ms, now_ms + 30_000)
+        .await
+        .unwrap());
+    assert!(store.due_deliveries(now_ms).await.unwrap().is_empty());
+    assert_eq!(
+        store.next_delivery_ms().await.unwrap(),
+        Some(now_ms + 30_000)
+    );
+    // Another hub's outcome is not recorded over a claim it does not hold.
+    let delivered = AttemptOutcome::Delivered { status: 200 };
+    store
+        .finish_delivery(id, "hub-2", &delivered, 300)
+        .await
+        .unwrap();
+    assert!(store
+        .outbox(DeliveryState::Delivered, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // A failure waits for its retry, still first in line.
+    let failed = AttemptOutcome::Failed {
+        status: Some(503),
+        error: "the receiver answered 503".to_owned(),
+        retry_at_ms: Some(now_ms + 1000),
+    };
+    store
+        .finish_delivery(id, "hub-1", &failed, 300)
+        .await
+        .unwrap();
+    assert!(store.due_deliveries(now_ms).await.unwrap().is_empty());
+    assert_eq!(store.next_delivery_ms().await.unwrap(), Some(now_ms + 1000));
+    let later = now_ms + 1000;
+    let due = store.due_deliveries(later).await.unwrap();
+    assert_eq!(
+        (due[0].id, due[0].attempts, due[0].last_status),
+        (id, 1, 503)
+    );
+    assert!(store
+        .claim_delivery(id, "hub-2", later, later + 30_000)
+        .await
+        .unwrap());
+    store
+        .finish_delivery(id, "hub-2", &delivered, 301)
+        .await
+        .unwrap();
+    let done = store.outbox(DeliveryState::Delivered, 10).await.unwrap();
+    assert_eq!(
+        (done[0].id, done[0].attempts, done[0].done_at),
+        (id, 2, 301)
+    );
+    // A delivered notification is never due again; the next one is.
+    let due = store.due_deliveries(later).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].idempotency_key, "second");
+    let second = due[0].id;
+    assert!(store
+        .claim_delivery(second, "hub-1", later, later + 30_000)
+        .await
+        .unwrap());
+    let given_up = AttemptOutcome::Failed {
+        status: None,
+        error: "connection refused".to_owned(),
+        retry_at_ms: None,
+    };
+    store
+        .finish_delivery(second, "hub-1", &given_up, 302)
+        .await
+        .unwrap();
+    let dead = store.outbox(DeliveryState::Dead, 10).await.unwrap();
+    assert_eq!(
+        (dead[0].id, dead[0].last_error.as_str()),
+        (second, "connection refused")
+    );
+    assert_eq!(store.next_delivery_ms().await.unwrap(), None);
+    // A dead letter goes back in line; deleting its webhook makes it dead again.
+    assert!(store.retry_dead(second, later).await.unwrap());
+    assert!(!store.retry_dead(second, later).await.unwrap());
+    assert_eq!(store.due_deliveries(later).await.unwrap()[0].attempts, 0);
+    assert!(store.delete_webhook("a", 303).await.unwrap());
+    let dead = store.outbox(DeliveryState::Dead, 10).await.unwrap();
+    assert_eq!(dead[0].last_error, "its webhook was deleted");
+    assert!(!store.retry_dead(second, later).await.unwrap());
+}

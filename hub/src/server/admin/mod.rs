@@ -1,6 +1,7 @@
 //! The admin API: JSON over HTTP(S), under `/admin/v1`, behind bearer tokens with roles.
 //!
-//! Reads need `viewer` (drift reports included); rollout control and retirements `operator`;
+//! Reads need `viewer` (drift reports included); rollout control, retirements, alert rules and
+//! webhooks `operator`;
 //! roots, artifacts and manifests `publisher`; tokens and devices `admin`. A missing or unknown token is 401, a role
 //! too weak 403. Every change is written to the hash-chained audit log under the acting token's
 //! name.
@@ -39,6 +40,7 @@ use crate::store::{
 };
 use crate::{audit, unix_now};
 
+mod alerts;
 mod devices;
 mod models;
 mod reports;
@@ -46,6 +48,8 @@ mod retirements;
 mod rollouts;
 mod tokens;
 
+pub(crate) use alerts::rules_with_alerts;
+use alerts::*;
 pub(crate) use devices::*;
 use models::*;
 use reports::*;
@@ -107,6 +111,23 @@ pub fn routes(hub: SharedHub) -> Router {
             get(list_retirements).post(create_retirement),
         )
         .route("/admin/v1/drift/{model}", get(drift_report))
+        .route(
+            "/admin/v1/alerts/rules",
+            get(list_alert_rules).post(create_alert_rule),
+        )
+        .route("/admin/v1/alerts/rules/{name}", delete(delete_alert_rule))
+        .route("/admin/v1/alerts", get(list_alerts))
+        .route(
+            "/admin/v1/webhooks",
+            get(list_webhooks).post(create_webhook),
+        )
+        .route("/admin/v1/webhooks/deliveries", get(list_deliveries))
+        .route(
+            "/admin/v1/webhooks/deliveries/{id}/retry",
+            post(retry_delivery),
+        )
+        .route("/admin/v1/webhooks/{name}", delete(delete_webhook))
+        .route("/admin/v1/webhooks/{name}/test", post(test_webhook))
         .route("/admin/v1/audit", get(audit_log))
         .route("/admin/v1/audit/verify", get(audit_verify))
         .layer(DefaultBodyLimit::max(MAX_JSON))

@@ -57,14 +57,7 @@ pub(crate) async fn latest_profiled_version(
     hub: &SharedHub,
     model: &str,
 ) -> Result<u64, AdminError> {
-    let mut versions: Vec<u64> = hub
-        .store
-        .manifests()
-        .await?
-        .into_iter()
-        .filter(|(name, _, _)| name == model)
-        .map(|(_, version, _)| version)
-        .collect();
+    let mut versions = crate::server::alerts::published_versions(hub, model).await?;
     if versions.is_empty() {
         return Err(AdminError::not_found(format!("no model named {model:?}")));
     }

@@ -32,6 +32,7 @@ use super::SharedHub;
 use crate::api::Role;
 use crate::store::AdminTokenRecord;
 
+mod alerts;
 mod device;
 mod drift;
 mod fleet;
@@ -61,6 +62,7 @@ pub fn routes(hub: SharedHub) -> Router {
         .route("/dashboard/devices/{id}", get(device::page))
         .route("/dashboard/rollouts", get(rollouts::page))
         .route("/dashboard/drift", get(drift::page))
+        .route("/dashboard/alerts", get(alerts::page))
         .layer(DefaultBodyLimit::max(MAX_FORM))
         .layer(timeout)
         .with_state(hub)
@@ -146,10 +148,11 @@ pub fn badge(text: &str) -> String {
 }
 
 /// The pages' navigation entries: (path, title).
-const NAV: [(&str, &str); 3] = [
+const NAV: [(&str, &str); 4] = [
     ("/dashboard/fleet", "Fleet"),
     ("/dashboard/rollouts", "Rollouts"),
     ("/dashboard/drift", "Drift"),
+    ("/dashboard/alerts", "Alerts"),
 ];
 
 /// A whole page: the shell around `body`, with `current` highlighted in the navigation.

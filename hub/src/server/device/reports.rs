@@ -308,6 +308,9 @@ pub(super) async fn telemetry(
         Metrics::bump(&hub.metrics.telemetry_batches, 1);
         Metrics::bump(&hub.metrics.telemetry_windows, windows.len() as u64);
         Metrics::bump(&hub.metrics.telemetry_windows_skipped, skipped);
+        // The models' alert rules are evaluated off this request, on what is now stored.
+        hub.alerts
+            .touch(windows.iter().map(|window| window.model.clone()));
     }
     reply(&TelemetryAck {
         sequence: batch.sequence,
