@@ -122,25 +122,8 @@ fn run_service(config: crate::config::Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding the inference API to {listen}"))?;
-        crate::service::run(config, listener, shutdown_signal()).await
+        crate::service::run(config, listener, outpost_serve::shutdown_signal()).await
     })
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(error) => {
-            log::error!("cannot listen for SIGTERM: {error}");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// Largest signed document read from disk; the protocol caps each kind lower still.

@@ -54,6 +54,31 @@ pub struct Options {
     pub max_connections: usize,
 }
 
+/// A future that resolves on SIGTERM or SIGINT, with both handlers installed when this is called,
+/// not when the future is first polled: a server calls it before it says it is ready (writes its
+/// address file, notifies systemd), so a stop sent right after that finds the handler in place
+/// and drains, instead of the signal's default action killing the process. Must be called within
+/// a tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (term, interrupt) {
+            (Ok(mut term), Ok(mut interrupt)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            }
+            (Err(error), _) | (_, Err(error)) => {
+                log::error!("cannot listen for SIGTERM and SIGINT: {error}");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
 /// Time a client has to complete a TLS handshake.
 #[cfg(feature = "auto")]
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -204,7 +204,7 @@ impl ServeArgs {
                 Some(path) => fsutil::write_atomic(path, local.to_string().as_bytes(), 0o644),
                 None => Ok(()),
             };
-            server::run(config, listener, ready, server::shutdown_signal()).await
+            server::run(config, listener, ready, outpost_serve::shutdown_signal()).await
         })
     }
 }

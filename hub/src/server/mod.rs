@@ -259,22 +259,6 @@ pub async fn run(
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(error) => {
-            log::error!("cannot listen for SIGTERM: {error}");
-            return std::future::pending().await;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 /// The hub's clock, until the task is aborted: each tick, on the hub that holds the engine's
 /// lease, the engine evaluates every rollout, telemetry past the retention is removed and every
 /// alert rule is evaluated; on a
