@@ -73,6 +73,42 @@ pub enum ArtifactError {
     },
 }
 
+/// The `<Code>` of an S3 error answer quoted in `text`, as object_store's errors quote the body.
+fn s3_error_code(text: &str) -> Option<&str> {
+    let start = text.find("<Code>")? + "<Code>".len();
+    let length = text[start..].find("</Code>")?;
+    Some(&text[start..start + length])
+}
+
+/// What an S3 error code means for a hub about to start, when no wait mends it: S3's documented
+/// codes for a bucket that does not exist and for credentials, a signature or a region the store
+/// refuses.
+fn refusal_of(code: &str) -> Option<&'static str> {
+    match code {
+        "NoSuchBucket" => Some("the bucket does not exist (create it, or fix --artifacts)"),
+        "InvalidBucketName" => Some("the bucket's name is not valid"),
+        "AccessDenied" | "AllAccessDisabled" => {
+            Some("the store denies these credentials access to the bucket")
+        }
+        "InvalidAccessKeyId" => Some("the store does not know AWS_ACCESS_KEY_ID"),
+        "SignatureDoesNotMatch" => Some("the store refuses AWS_SECRET_ACCESS_KEY"),
+        "AuthorizationHeaderMalformed" => {
+            Some("the store refuses the request's signing (is AWS_REGION the bucket's region?)")
+        }
+        _ => None,
+    }
+}
+
+/// What [`ArtifactStore::check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreCheck {
+    Ready,
+    /// The store answered that this configuration cannot work; the message names the store.
+    Refused(String),
+    /// The store could not be reached or failed for now; the message names the store.
+    Unreachable(String),
+}
+
 /// How devices get an artifact's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ArtifactUrls {
@@ -180,6 +216,40 @@ impl ArtifactStore {
             verified: Arc::default(),
             uploads: Arc::default(),
         })
+    }
+
+    /// Lists one object of the store, as a hub does once at start. An answer of the store that
+    /// no wait mends (the bucket does not exist, the credentials are refused) is
+    /// [`StoreCheck::Refused`]: the hub must not start on it. One that may pass (the store cannot
+    /// be reached yet) is [`StoreCheck::Unreachable`]: the hub starts, serves what needs no
+    /// artifact, and says so.
+    pub async fn check(&self) -> StoreCheck {
+        let prefix =
+            (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.trim_end_matches('/')));
+        let mut listing = self.store.list(prefix.as_ref());
+        match listing.next().await {
+            None | Some(Ok(_)) => StoreCheck::Ready,
+            Some(Err(error)) => {
+                let text = error.to_string();
+                let refusal = match &error {
+                    object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. } => {
+                        Some("the store refuses these credentials")
+                    }
+                    _ => s3_error_code(&text).and_then(refusal_of),
+                };
+                match refusal {
+                    Some(why) => StoreCheck::Refused(format!(
+                        "artifact store {}: {why} ({text})",
+                        self.describe
+                    )),
+                    None => StoreCheck::Unreachable(format!(
+                        "artifact store {}: listing failed: {text}",
+                        self.describe
+                    )),
+                }
+            }
+        }
     }
 
     /// Names the store, for logs and errors.

@@ -78,7 +78,8 @@ fn move_to_bucket(hub: &mut TestHub, s3: &S3, endpoint: &str, signed: bool) {
     ]);
     let args = bucket_args(s3, endpoint, signed);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert!(hub.sigterm().success());
+    let status = hub.sigterm();
+    assert!(status.success(), "{status}: {}", hub.log());
     hub.restart_serving(&args);
     assert!(
         hub.log()
@@ -181,6 +182,95 @@ fn a_model_larger_than_a_part_is_uploaded_in_parts_and_downloaded_whole() {
         0,
         "{metrics}"
     );
+}
+
+/// Runs `serve` on a data directory of its own with `args` and `AWS_*` set from `s3` (with
+/// `secret` as the secret key) until it exits, and returns whether it succeeded and what it wrote
+/// to stderr. For a start that must fail: one that does not exit within the bound fails the test,
+/// and the process is killed.
+fn serve_must_fail(hub: &TestHub, s3: &S3, secret: &str, args: &[String]) -> (bool, String) {
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let data = tempfile::tempdir().unwrap();
+    let stderr = data.path().join("stderr");
+    let child = hub
+        .cli_command(&[
+            "serve",
+            "--data",
+            &data.path().join("hub").to_string_lossy(),
+        ])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", s3.access_key_id())
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("AWS_REGION", s3.region())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let status = wait_until(AGENT_WAIT, "serve to refuse to start", || {
+        child.0.try_wait().unwrap()
+    });
+    (status.success(), std::fs::read_to_string(&stderr).unwrap())
+}
+
+/// `serve` lists its bucket once at start: a bucket that does not exist, or credentials the
+/// store refuses, stop it with an error naming the store, before it serves anything; a store that
+/// cannot be reached yet only warns, since it may come back.
+#[test]
+fn serve_refuses_a_bucket_that_cannot_work_and_warns_of_an_unreachable_one() {
+    let mut s3 = S3::start().unwrap_or_else(|error| panic!("{error}"));
+    let hub = TestHub::start();
+    let endpoint = s3.endpoint();
+
+    let missing = vec![
+        "--artifacts".to_owned(),
+        "s3://no-such-bucket/models".to_owned(),
+        "--artifacts-endpoint".to_owned(),
+        endpoint.clone(),
+    ];
+    let (started, stderr) = serve_must_fail(&hub, &s3, s3.secret_access_key(), &missing);
+    assert!(!started, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "artifact store s3://no-such-bucket/models at {endpoint}: the bucket does not exist"
+        )),
+        "{stderr}"
+    );
+
+    let wrong_key = bucket_args(&s3, &endpoint, false);
+    let (started, stderr) = serve_must_fail(&hub, &s3, "not-the-secret", &wrong_key);
+    assert!(!started, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "artifact store s3://{}/{PREFIX} at {endpoint}: the store denies these credentials",
+            s3.bucket()
+        )),
+        "{stderr}"
+    );
+
+    // The store is down: the hub starts all the same, says so, and serves what needs no
+    // artifact; once the store is back, publishing works.
+    s3.stop().unwrap();
+    let mut down = TestHub::start();
+    move_to_bucket(&mut down, &s3, &endpoint, false);
+    assert!(
+        down.log().contains("listing failed")
+            && down
+                .log()
+                .contains("serving anyway: publishing and downloads fail until it answers"),
+        "{}",
+        down.log()
+    );
+    s3.start_again().unwrap();
+    let fleet = Fleet::new(&down);
+    fleet.publish_example(&down, "demo", 1, 1);
+    wait_objects(&s3, 2);
 }
 
 #[test]

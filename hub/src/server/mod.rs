@@ -159,6 +159,13 @@ impl Hub {
         let artifacts = ArtifactStore::open(&config.data_dir, &config.artifacts)
             .context("opening the artifact store")?;
         log::info!("artifacts in {}", artifacts.describe());
+        match artifacts.check().await {
+            crate::artifacts::StoreCheck::Ready => {}
+            crate::artifacts::StoreCheck::Refused(message) => anyhow::bail!("{message}"),
+            crate::artifacts::StoreCheck::Unreachable(message) => log::warn!(
+                "{message}; serving anyway: publishing and downloads fail until it answers"
+            ),
+        }
         let signed_before_start = store
             .signed_at()
             .await
