@@ -77,6 +77,16 @@ impl<W: Queued + Send + Sync + 'static, V: Send + 'static> GroupQueue<W, V> {
         state.jobs.len()
     }
 
+    /// True when no task runs groups.
+    #[cfg(test)]
+    pub(super) fn idle(&self) -> bool {
+        !self
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .running
+    }
+
     /// Work taken into groups so far.
     #[cfg(test)]
     pub(super) fn taken(&self) -> u64 {
@@ -95,7 +105,10 @@ impl<W: Queued + Send + Sync + 'static, V: Send + 'static> GroupQueue<W, V> {
         run: F,
     ) -> Result<V>
     where
-        F: for<'a> Fn(&'a Store, &'a [&'a W]) -> BoxFuture<'a, Result<Vec<V>>> + Send + 'static,
+        F: for<'a> Fn(&'a Store, &'a [&'a W]) -> BoxFuture<'a, Result<Vec<V>>>
+            + Send
+            + Sync
+            + 'static,
     {
         let (verdict, answer) = oneshot::channel();
         let start = {
@@ -105,26 +118,18 @@ impl<W: Queued + Send + Sync + 'static, V: Send + 'static> GroupQueue<W, V> {
         };
         if start {
             let store = store.clone();
+            let run = Arc::new(run);
             tokio::spawn(async move {
                 loop {
                     let group = queue(&store).next_group();
                     if group.is_empty() {
                         return;
                     }
-                    let works: Vec<&W> = group.iter().map(|job| &job.work).collect();
-                    let verdicts: Vec<Result<V>> = match run(&store, &works).await {
-                        Ok(verdicts) => verdicts.into_iter().map(Ok).collect(),
-                        Err(error) => {
-                            let error = Arc::new(error);
-                            (0..group.len())
-                                .map(|_| Err(StoreError::Shared(error.clone())))
-                                .collect()
-                        }
-                    };
-                    drop(works);
-                    for (job, verdict) in group.into_iter().zip(verdicts) {
-                        // A caller that went away no longer needs its verdict.
-                        let _ = job.verdict.send(verdict);
+                    // Each group on a task of its own: one that panics (a bug) drops its callers'
+                    // senders, so they get an error, and the groups after it still run.
+                    let one = tokio::spawn(run_group(store.clone(), Arc::clone(&run), group));
+                    if let Err(error) = one.await {
+                        log::error!("a group of writes stopped: {error}");
                     }
                 }
             });
@@ -152,6 +157,30 @@ impl<W: Queued + Send + Sync + 'static, V: Send + 'static> GroupQueue<W, V> {
             state.running = false;
         }
         group
+    }
+}
+
+/// Runs one group and answers each of its callers.
+async fn run_group<W, V, F>(store: Store, run: Arc<F>, group: Vec<Job<W, V>>)
+where
+    W: Send + Sync,
+    V: Send,
+    F: for<'a> Fn(&'a Store, &'a [&'a W]) -> BoxFuture<'a, Result<Vec<V>>> + Send + Sync,
+{
+    let works: Vec<&W> = group.iter().map(|job| &job.work).collect();
+    let verdicts: Vec<Result<V>> = match run(&store, &works).await {
+        Ok(verdicts) => verdicts.into_iter().map(Ok).collect(),
+        Err(error) => {
+            let error = Arc::new(error);
+            (0..group.len())
+                .map(|_| Err(StoreError::Shared(error.clone())))
+                .collect()
+        }
+    };
+    drop(works);
+    for (job, verdict) in group.into_iter().zip(verdicts) {
+        // A caller that went away no longer needs its verdict.
+        let _ = job.verdict.send(verdict);
     }
 }
 

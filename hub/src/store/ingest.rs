@@ -631,3 +631,60 @@ async fn count_dropped(
     }
     Ok(counted)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(device: u8) -> Batch {
+        Batch {
+            device: [device; 16],
+            label_group: String::new(),
+            sequence: 1,
+            windows: Vec::new(),
+            dropped_records: 0,
+            now: 10,
+        }
+    }
+
+    /// A group that panics (a bug) fails its callers with an error instead of leaving them, or
+    /// the queue, waiting for good: the task running groups outlives it and ends once the queue
+    /// is empty, and the next batch starts a task again and is stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_that_panics_fails_its_callers_and_frees_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let error = store
+            .ingest
+            .run(
+                &store,
+                |store| &store.ingest,
+                batch(1),
+                |_, _| Box::pin(async { panic!("a bug in a group") }),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StoreError::GroupStopped), "{error}");
+        // The task that ran the group goes on to find the queue empty and ends, freeing it.
+        // (Bounded, so a queue left stuck fails the test instead of hanging it.)
+        let freed = async {
+            while !store.ingest.idle() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), freed)
+            .await
+            .expect("the queue is freed after a group panicked");
+        let verdict = store
+            .ingest
+            .run(
+                &store,
+                |store| &store.ingest,
+                batch(2),
+                |store, batches| Box::pin(store.store_group(batches)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(verdict, Ingested::Stored);
+    }
+}
