@@ -59,20 +59,6 @@ impl Store {
         Ok(removed.rows_affected())
     }
 
-    /// Removes `device`'s telemetry batch markers stored before `cutoff`, except its newest,
-    /// which keeps its sequences increasing. Returns how many went.
-    pub async fn prune_batch_markers(&self, device: &[u8; 16], cutoff: u64) -> Result<u64> {
-        let removed = sqlx::query(
-            "DELETE FROM telemetry_seen WHERE device = $1 AND stored_at < $2 AND sequence < \
-             (SELECT MAX(sequence) FROM telemetry_seen WHERE device = $1)",
-        )
-        .bind(device.to_vec())
-        .bind(bound(cutoff))
-        .execute(&self.writer)
-        .await?;
-        Ok(removed.rows_affected())
-    }
-
     /// Removes the drift summaries and shadow comparisons of windows that ended before `cutoff`.
     pub async fn prune_telemetry(&self, cutoff: u64) -> Result<Pruned> {
         let drift = sqlx::query("DELETE FROM drift WHERE window_end < $1")

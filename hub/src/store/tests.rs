@@ -580,12 +580,14 @@ async fn ingest_prunes_its_devices_markers_past_their_retention(store: &Store) {
     // Marker 1 (stored at 100, before 1150 - 1000) went with batch 3; marker 2 is kept.
     assert_eq!(ingest(2, 1160).await, Ingested::Duplicate);
     assert_eq!(ingest(1, 1170).await, Ingested::OutOfOrder { highest: 3 });
-    // The newest marker stays however old it is.
+    // The newest marker stays however old it is, and is then the only one.
     assert_eq!(ingest(3, 100_000).await, Ingested::Duplicate);
-    assert_eq!(
-        store.prune_batch_markers(&DEVICE, u64::MAX).await.unwrap(),
-        0
-    );
+    let markers: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM telemetry_seen WHERE device = $1")
+        .bind(DEVICE.to_vec())
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(markers, 1);
 }
 
 fn labels(texts: &[&str]) -> Vec<Label> {
@@ -1442,6 +1444,8 @@ async fn retention_prunes_events_markers_and_expired_windows(store: &Store) {
         .collect();
     assert_eq!(kept, [3, 4]);
 
+    // Markers are kept 150 s: batch 3's group (at 300) removes marker 1 (stored at 100).
+    store.keep_batch_markers_for(150);
     for (sequence, start) in [(1, 3600), (2, 7200), (3, 10_800)] {
         let windows = [window(summary(&profile, start, &[1.0]))];
         store
@@ -1449,17 +1453,11 @@ async fn retention_prunes_events_markers_and_expired_windows(store: &Store) {
             .await
             .unwrap();
     }
-    // Markers stored before 250 go, except the newest.
-    assert_eq!(store.prune_batch_markers(&DEVICE, 250).await.unwrap(), 2);
-    assert_eq!(
-        store.prune_batch_markers(&DEVICE, u64::MAX).await.unwrap(),
-        0
-    );
-    // The newest marker still refuses a batch below it.
+    // Batch 1, its marker gone, is refused as below the newest, not stored again.
     let late = [window(summary(&profile, 3600, &[1.0]))];
     assert_eq!(
         store
-            .ingest_telemetry(&DEVICE, &[], 2, &late, 0, 400)
+            .ingest_telemetry(&DEVICE, &[], 1, &late, 0, 400)
             .await
             .unwrap(),
         Ingested::OutOfOrder { highest: 3 }
