@@ -969,3 +969,32 @@ fn a_request_captured_before_a_restart_is_not_replayable_after_it() {
         .count();
     assert_eq!(failures, 3, "{:#?}", detail.events);
 }
+
+/// A telemetry batch's request is noted in the transaction that stores the batch (one pass
+/// through the store's writer), and that transaction is durable before the acknowledgement: a
+/// hub killed right after acknowledging refuses the captured request when it comes back.
+#[test]
+fn a_telemetry_batch_acknowledged_before_a_power_cut_is_not_replayable_after_it() {
+    let (mut hub, _fleet, device) = hub_with_device();
+    let ahead = unix_now() + 120;
+    let batch = outpost_protocol::encode(&outpost_protocol::device::TelemetryBatch {
+        sequence: 7,
+        windows: Vec::new(),
+        dropped_records: 3,
+    })
+    .unwrap();
+    let captured = device.sign_at("POST", "/device/v1/telemetry", Some(&batch), ahead);
+    let ack: outpost_protocol::device::TelemetryAck = captured.send().decode();
+    assert!(!ack.duplicate);
+
+    hub.kill9();
+    hub.restart_at_same_address();
+    captured.send().refused(
+        401,
+        "signed no later than a request accepted before the hub restarted",
+    );
+    // The batch itself was kept: signed afresh, it is a duplicate.
+    let again = device.sign_at("POST", "/device/v1/telemetry", Some(&batch), ahead + 1);
+    let ack: outpost_protocol::device::TelemetryAck = again.send().decode();
+    assert!(ack.duplicate);
+}

@@ -2,27 +2,28 @@
 
 use std::collections::HashMap;
 
-use sqlx::AssertSqlSafe;
+use sqlx::{AnyConnection, AssertSqlSafe};
 
 use super::group::{placeholders, rows, GroupQueue, Queued, KEYS_PER_STATEMENT};
 use super::sql::for_update;
 use super::*;
 
-/// A signed request to note; see [`Store::note_signed_at`].
-pub(super) struct Signed {
-    device: [u8; 16],
-    timestamp: u64,
-    nonce: [u8; 16],
+/// A signed request of a device that was accepted, to note; see [`Store::note_signed_at`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedRequest {
+    pub device: [u8; 16],
+    pub timestamp: u64,
+    pub nonce: [u8; 16],
 }
 
-impl Queued for Signed {
+impl Queued for SignedRequest {
     fn device(&self) -> [u8; 16] {
         self.device
     }
 }
 
 /// The signed requests waiting to be noted.
-pub(super) type SignedQueue = GroupQueue<Signed, ()>;
+pub(super) type SignedQueue = GroupQueue<SignedRequest, ()>;
 
 /// A device record read from `stored`.
 fn device_read_of(stored: Vec<u8>) -> Result<DeviceRead> {
@@ -274,7 +275,7 @@ impl Store {
         timestamp: u64,
         nonce: [u8; 16],
     ) -> Result<()> {
-        let signed = Signed {
+        let signed = SignedRequest {
             device: *device,
             timestamp,
             nonce,
@@ -290,8 +291,21 @@ impl Store {
     }
 
     /// Notes a group of signed requests, at most one per device, in one transaction.
-    async fn note_signed_group(&self, group: &[&Signed]) -> Result<Vec<()>> {
-        let mut group: Vec<&Signed> = group.to_vec();
+    async fn note_signed_group(&self, group: &[&SignedRequest]) -> Result<Vec<()>> {
+        let mut transaction = self.writer.begin().await?;
+        self.write_signed(&mut transaction, group).await?;
+        transaction.commit().await?;
+        Ok(vec![(); group.len()])
+    }
+
+    /// Writes what [`Store::note_signed_at`] keeps of `group` (at most one request per device)
+    /// in the caller's transaction.
+    pub(super) async fn write_signed(
+        &self,
+        transaction: &mut AnyConnection,
+        group: &[&SignedRequest],
+    ) -> Result<()> {
+        let mut group: Vec<&SignedRequest> = group.to_vec();
         // One order for every hub, so two groups sharing devices lock their rows in turn.
         group.sort_unstable_by_key(|signed| signed.device);
         let empty = LatestRequests {
@@ -299,7 +313,6 @@ impl Store {
             nonces: Vec::new(),
             overflowed: false,
         };
-        let mut transaction = self.writer.begin().await?;
         for chunk in group.chunks(KEYS_PER_STATEMENT) {
             // The rows exist before they are locked, so two first requests of a device at once
             // (on two hubs) take turns rather than both writing over nothing.
@@ -354,8 +367,7 @@ impl Store {
             }
             query.execute(&mut *transaction).await?;
         }
-        transaction.commit().await?;
-        Ok(vec![(); group.len()])
+        Ok(())
     }
 
     /// Every device's latest accepted requests, as [`Store::note_signed_at`] kept them.

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use outpost_protocol::Label;
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
-use sqlx::{Any, AnyConnection, AssertSqlSafe};
+use sqlx::{Any, AnyConnection, AssertSqlSafe, Connection, Executor};
 
 use super::drift_hourly::{hour_of, label_group, merge_hourly, HourKey, HourParts};
 use super::group::{matching, placeholders, rows, GroupQueue, Queued, KEYS_PER_STATEMENT};
@@ -32,6 +32,29 @@ pub(super) struct Batch {
     windows: Vec<WindowInput>,
     dropped_records: u64,
     now: u64,
+    /// The request that carried the batch, noted with it (see [`Store::ingest_signed_telemetry`]).
+    signed: Option<SignedRequest>,
+}
+
+impl Batch {
+    fn new(
+        device: &[u8; 16],
+        labels: &[Label],
+        sequence: u64,
+        windows: &[WindowInput],
+        dropped_records: u64,
+        now: u64,
+    ) -> Batch {
+        Batch {
+            device: *device,
+            label_group: label_group(labels),
+            sequence,
+            windows: windows.to_vec(),
+            dropped_records,
+            now,
+            signed: None,
+        }
+    }
 }
 
 impl Queued for Batch {
@@ -71,14 +94,37 @@ impl Store {
         dropped_records: u64,
         now: u64,
     ) -> Result<Ingested> {
-        let batch = Batch {
-            device: *device,
-            label_group: label_group(labels),
+        let batch = Batch::new(device, labels, sequence, windows, dropped_records, now);
+        self.ingest_batch(batch).await
+    }
+
+    /// [`Store::ingest_telemetry`] of the batch `request` carried, noting the request as
+    /// [`Store::note_signed_at`] does in the same transaction, which on SQLite commits with
+    /// `synchronous = FULL`: the batch and the note are durable when this returns, with no
+    /// [`Store::flush`]. One pass through the writer where a note, a group and a flush took
+    /// three.
+    pub async fn ingest_signed_telemetry(
+        &self,
+        request: &SignedRequest,
+        labels: &[Label],
+        sequence: u64,
+        windows: &[WindowInput],
+        dropped_records: u64,
+        now: u64,
+    ) -> Result<Ingested> {
+        let mut batch = Batch::new(
+            &request.device,
+            labels,
             sequence,
-            windows: windows.to_vec(),
+            windows,
             dropped_records,
             now,
-        };
+        );
+        batch.signed = Some(*request);
+        self.ingest_batch(batch).await
+    }
+
+    async fn ingest_batch(&self, batch: Batch) -> Result<Ingested> {
         self.ingest
             .run(
                 self,
@@ -90,10 +136,34 @@ impl Store {
     }
 
     /// Stores `batches` (at most one per device) in one transaction and returns each one's
-    /// verdict, in their order.
+    /// verdict, in their order. On SQLite the transaction commits with `synchronous = FULL`, so
+    /// that it and every commit before it are durable when this returns.
     async fn store_group(&self, batches: &[&Batch]) -> Result<Vec<Ingested>> {
+        let mut connection = self.writer.acquire().await?;
+        let sqlite = self.dialect == Dialect::Sqlite;
+        if sqlite {
+            connection.execute("PRAGMA synchronous = FULL").await?;
+        }
+        let stored = self.store_group_on(&mut connection, batches).await;
+        if sqlite {
+            connection.execute("PRAGMA synchronous = NORMAL").await?;
+        }
+        let (verdicts, counted) = stored?;
+        for device in counted {
+            self.device_written(&device);
+        }
+        Ok(verdicts)
+    }
+
+    /// [`Store::store_group`]'s transaction on `connection`: each batch's verdict, and the
+    /// devices whose records it changed.
+    async fn store_group_on(
+        &self,
+        connection: &mut AnyConnection,
+        batches: &[&Batch],
+    ) -> Result<(Vec<Ingested>, Vec<[u8; 16]>)> {
         let mut verdicts = vec![Ingested::Stored; batches.len()];
-        let mut transaction = self.writer.begin().await?;
+        let mut transaction = connection.begin().await?;
         if self.dialect == Dialect::Postgres {
             let mut ids: Vec<[u8; 16]> = batches.iter().map(|batch| batch.device).collect();
             ids.sort_unstable();
@@ -108,6 +178,13 @@ impl Store {
                 }
                 query.fetch_all(&mut *transaction).await?;
             }
+        }
+        let notes: Vec<&SignedRequest> = batches
+            .iter()
+            .filter_map(|batch| batch.signed.as_ref())
+            .collect();
+        if !notes.is_empty() {
+            self.write_signed(&mut transaction, &notes).await?;
         }
 
         // The idempotency keys, and which were new.
@@ -275,10 +352,7 @@ impl Store {
             merge_hourly(&mut transaction, self.dialect, hours, now).await?;
         }
         transaction.commit().await?;
-        for device in counted {
-            self.device_written(&device);
-        }
-        Ok(verdicts)
+        Ok((verdicts, counted))
     }
 }
 
@@ -644,6 +718,7 @@ mod tests {
             windows: Vec::new(),
             dropped_records: 0,
             now: 10,
+            signed: None,
         }
     }
 

@@ -48,7 +48,7 @@ mod tests;
 
 pub use alerts::*;
 pub use audit::*;
-pub use devices::LatestRequests;
+pub use devices::{LatestRequests, SignedRequest};
 pub use drift_hourly::{group_labels, label_group, StoredHourly};
 pub use records::*;
 pub use replicas::{NonceNote, RolloutLock, ENGINE_LEASE};

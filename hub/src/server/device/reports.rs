@@ -14,7 +14,7 @@ use outpost_protocol::device::{
 };
 use outpost_protocol::ModelName;
 
-use super::request::{authenticate, reply, DeviceError, Kept};
+use super::request::{authenticate, reply, signed_request, DeviceError, Kept};
 use crate::server::drift::{check_summary, SummaryError};
 use crate::server::metrics::Metrics;
 use crate::server::SharedHub;
@@ -180,9 +180,10 @@ pub(super) async fn telemetry(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, DeviceError> {
     let body = body?;
-    let device = authenticate(&hub, &method, &uri, &headers, &body, Kept::ForGood)
+    let device = authenticate(&hub, &method, &uri, &headers, &body, Kept::WithTheWrite)
         .await?
         .record;
+    let signed = signed_request(&device.id, &headers)?;
     let mut batch: TelemetryBatch = outpost_protocol::decode(&body)?;
     if batch.windows.len() > MAX_WINDOWS {
         return Err(DeviceError::bad_request(format!(
@@ -265,8 +266,8 @@ pub(super) async fn telemetry(
     }
     let ingested = hub
         .store
-        .ingest_telemetry(
-            &device.id,
+        .ingest_signed_telemetry(
+            &signed,
             &crate::server::fleet::labels_of(&device),
             batch.sequence,
             &windows,
@@ -301,7 +302,7 @@ pub(super) async fn telemetry(
             )));
         }
     };
-    hub.store.flush().await?;
+    // No flush: the batch and the request's note are durable once ingested.
     if duplicate {
         Metrics::bump(&hub.metrics.telemetry_duplicates, 1);
     } else {

@@ -17,7 +17,7 @@ use outpost_protocol::{sha256, Message, PreparedKey, PublicKey};
 
 use crate::server::nonces::{self, NonceRefusal};
 use crate::server::SharedHub;
-use crate::store::{DeviceRead, DeviceRecord, NonceNote};
+use crate::store::{DeviceRead, DeviceRecord, NonceNote, SignedRequest};
 use crate::unix_now;
 
 /// Most device keys kept decompressed; past this the cache starts over (about 200 bytes each).
@@ -149,8 +149,29 @@ fn header_hex<const N: usize>(headers: &HeaderMap, name: &str) -> Result<[u8; N]
 /// change that record again. A replayed check-in or download only repeats what it said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kept {
+    /// Noted in the store before [`authenticate`] returns.
     ForGood,
+    /// Kept for good too, but noted by the handler in the transaction of its own write, which
+    /// is durable before it answers (a telemetry batch: `Store::ingest_signed_telemetry`), with
+    /// the [`signed_request`] of the request.
+    WithTheWrite,
     InMemory,
+}
+
+/// The note of an authenticated request that [`Kept::WithTheWrite`] leaves to its handler.
+pub(super) fn signed_request(
+    device: &[u8; 16],
+    headers: &HeaderMap,
+) -> Result<SignedRequest, DeviceError> {
+    Ok(SignedRequest {
+        device: *device,
+        timestamp: header_str(headers, HEADER_TIMESTAMP)?
+            .parse()
+            .map_err(|_| {
+                DeviceError::unauthorized(format!("{HEADER_TIMESTAMP} is not a number"))
+            })?,
+        nonce: header_hex(headers, HEADER_NONCE)?,
+    })
 }
 
 /// Checks a signed device request and returns the device that sent it.
