@@ -96,6 +96,17 @@ fn manifest_body(record: &ManifestRecord) -> anyhow::Result<ManifestBody> {
         .context("stored manifest is unreadable")
 }
 
+/// Whether `name@version` was published here. Manifests are never removed, so a version whose
+/// profile lookup is cached (as every version a drift summary was checked against is) is known
+/// published without asking the store.
+pub async fn is_published(hub: &Hub, name: &str, version: u64) -> anyhow::Result<bool> {
+    let key = (name.to_owned(), version);
+    if lock(&hub.profiles.entries)?.contains_key(&key) {
+        return Ok(true);
+    }
+    Ok(hub.store.has_manifest(name, version).await?)
+}
+
 /// The profile of `name@version`, from the cache or read now.
 pub async fn profile(hub: &Hub, name: &str, version: u64) -> anyhow::Result<ProfileLookup> {
     let key = (name.to_owned(), version);

@@ -15,7 +15,7 @@ use outpost_protocol::device::{
 use outpost_protocol::ModelName;
 
 use super::request::{authenticate, reply, signed_request, DeviceError, Kept};
-use crate::server::drift::{check_summary, SummaryError};
+use crate::server::drift::{check_summary, is_published, SummaryError};
 use crate::server::metrics::Metrics;
 use crate::server::SharedHub;
 use crate::store::{
@@ -238,10 +238,9 @@ pub(super) async fn telemetry(
         let known = match published.get(&key) {
             Some(known) => *known,
             None => {
-                let known = hub
-                    .store
-                    .has_manifest(&window.model, window.version)
-                    .await?;
+                let known = is_published(&hub, &window.model, window.version)
+                    .await
+                    .map_err(|error| DeviceError::internal(format!("{error:#}")))?;
                 published.insert(key, known);
                 known
             }
