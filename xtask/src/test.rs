@@ -1,8 +1,15 @@
 //! `cargo xtask test`: every test `.ci/run` runs, in one order, each step timed, with every step
 //! run even after one fails so that one red test binary hides no other.
+//!
+//! The ARM suites' release builds run in the background, one job at a time, while the host's
+//! tests run: those spend much of their time waiting on processes they started, and a cross build
+//! locks only `target/release` and `target/<triple>/release`, never the host tests' `target/debug`.
+//! The ARM steps then only run what was built.
 
+use std::fs::File;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::install::{self, ARM_TARGETS};
@@ -16,13 +23,26 @@ struct Step {
     env: Vec<(&'static str, &'static str)>,
 }
 
+fn words(line: &str) -> Vec<String> {
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+/// The cargo arguments of the ARM suites on `target`: release, since tract's kernels unoptimised
+/// are unusably slow under emulation, and the ARM agent packages of `.ci/run` reuse these builds.
+fn arm_suites(target: &str) -> Vec<String> {
+    words(&format!(
+        "test --release --no-fail-fast -p outpost-protocol -p outpost-model -p outpost-agent \
+         --target {target}"
+    ))
+}
+
 fn steps(scope: Scope) -> Vec<Step> {
-    let words = |line: &str| {
-        line.split_whitespace()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
     let mut steps = vec![
+        Step {
+            title: "the workspace's tests built".into(),
+            args: words("test --workspace --no-run"),
+            env: Vec::new(),
+        },
         Step {
             title: "the workspace's tests, with the slow variants (OUTPOST_SLOW_TESTS=1)".into(),
             args: words("test --workspace --no-fail-fast"),
@@ -56,13 +76,9 @@ fn steps(scope: Scope) -> Vec<Step> {
     ];
     if scope == Scope::All {
         for target in ARM_TARGETS {
-            // Release: tract's kernels unoptimised are unusably slow under emulation, and the
-            // ARM agent packages of `.ci/run` reuse these builds.
             steps.push(Step {
                 title: format!("protocol, model and agent tests on {target}, under qemu-user"),
-                args: words(&format!(
-                    "test --release --no-fail-fast -p outpost-protocol -p outpost-model -p outpost-agent --target {target}"
-                )),
+                args: arm_suites(target),
                 env: Vec::new(),
             });
         }
@@ -86,7 +102,14 @@ pub fn run(scope: Scope) -> Result<(), String> {
         .parent()
         .ok_or("xtask has no parent folder")?;
     let mut results = Vec::new();
+    let mut arm_builds = None;
     for step in steps(scope) {
+        if step.args.iter().any(|arg| arg == "--target") {
+            if let Some(builds) = arm_builds.take() {
+                heading("waiting for the ARM suites' background build");
+                results.push(finish_arm_builds(builds));
+            }
+        }
         heading(&step.title);
         let step_started = Instant::now();
         let status = Command::new(&cargo)
@@ -95,7 +118,11 @@ pub fn run(scope: Scope) -> Result<(), String> {
             .current_dir(root)
             .status()
             .map_err(|error| format!("running {cargo}: {error}"))?;
+        let built_host_tests = step.args.iter().any(|arg| arg == "--no-run");
         results.push((step, status.success(), step_started.elapsed().as_secs()));
+        if built_host_tests && scope == Scope::All {
+            arm_builds = Some(start_arm_builds(&cargo, root)?);
+        }
     }
     println!("\n==> [{}s] summary", started.elapsed().as_secs());
     for (step, passed, seconds) in &results {
@@ -112,4 +139,70 @@ pub fn run(scope: Scope) -> Result<(), String> {
             results.len()
         ))
     }
+}
+
+/// Where the background ARM build writes its output, under the workspace's `target/`.
+const ARM_BUILD_LOG: &str = "target/xtask-arm-build.log";
+
+/// The background build of the ARM suites: its thread answers whether every build passed.
+struct ArmBuilds {
+    thread: JoinHandle<bool>,
+    started: Instant,
+    log: std::path::PathBuf,
+}
+
+/// Starts building the ARM suites (`--no-run`, one job) in a thread, each target after the other,
+/// writing cargo's output to [`ARM_BUILD_LOG`].
+fn start_arm_builds(cargo: &str, root: &Path) -> Result<ArmBuilds, String> {
+    let log = root.join(ARM_BUILD_LOG);
+    let file =
+        File::create(&log).map_err(|error| format!("creating {}: {error}", log.display()))?;
+    println!(
+        "xtask: building the ARM suites in the background, one job at a time, into {ARM_BUILD_LOG}"
+    );
+    let (cargo, root) = (cargo.to_owned(), root.to_owned());
+    let thread = std::thread::spawn(move || {
+        ARM_TARGETS.iter().all(|target| {
+            let mut args = arm_suites(target);
+            args.extend(words("--no-run -j 1"));
+            let (Ok(out), Ok(err)) = (file.try_clone(), file.try_clone()) else {
+                return false;
+            };
+            Command::new(&cargo)
+                .args(&args)
+                .current_dir(&root)
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .status()
+                .is_ok_and(|status| status.success())
+        })
+    });
+    Ok(ArmBuilds {
+        thread,
+        started: Instant::now(),
+        log,
+    })
+}
+
+/// Waits for the background ARM build and makes it a step of the summary; a failed one prints the
+/// end of its log (the ARM steps after it then build again, in the foreground, and fail there too).
+fn finish_arm_builds(builds: ArmBuilds) -> (Step, bool, u64) {
+    let passed = builds.thread.join().unwrap_or(false);
+    let seconds = builds.started.elapsed().as_secs();
+    println!("xtask: the ARM suites' background build took {seconds}s in all");
+    if !passed {
+        let text = std::fs::read_to_string(&builds.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        println!("xtask: it failed; the end of {}:", builds.log.display());
+        for line in &lines[lines.len().saturating_sub(60)..] {
+            println!("{line}");
+        }
+    }
+    let step = Step {
+        title: "the ARM suites built in the background".into(),
+        args: words("test --release --no-run -j 1 (ARM targets, in the background)"),
+        env: Vec::new(),
+    };
+    (step, passed, seconds)
 }
