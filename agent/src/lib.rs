@@ -11,6 +11,8 @@
 //!   model, with hot swap that never fails an in-flight request, and `/metrics`.
 //! - [`shadow`]: the target of a plan's shadow stage, run beside the active model on copies of
 //!   live inputs off the request path, its answers compared with the active model's.
+//! - [`capture`]: which served requests are captured under a signed capture allowance (rate, day
+//!   caps, trigger, dropped tensors), decided on the request path and sealed off it.
 //! - [`runtime`]: which inference runtime serves the models (tract, or ONNX Runtime once a child
 //!   process has proven the device's library loads).
 //! - [`cache`]: the telemetry cache — closed inference windows on disk (sled) until the hub
@@ -19,6 +21,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod capture;
 pub mod check;
 pub mod cli;
 pub mod config;

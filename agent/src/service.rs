@@ -147,6 +147,7 @@ pub async fn run(
         runtimes: Arc::new(crate::runtime::start(&config)),
     };
     let mut syncer = Syncer::start(config, client, device_id.clone(), shared)?;
+    let capturer = syncer.capturer();
     if let Some(quarantine) = quarantine {
         syncer.report_event(
             crate::state::ReportKind::Failed,
@@ -174,7 +175,11 @@ pub async fn run(
     }
     log::info!("agent {device_id} running");
     notifier.ready();
-    let state = Arc::new(ApiState::new(slot, recorder, queue, limits).with_shadow(shadow));
+    let state = Arc::new(
+        ApiState::new(slot, recorder, queue, limits)
+            .with_shadow(shadow)
+            .with_capture(capturer),
+    );
     let served = api::serve(listener, state, shutdown).await;
     notifier.stopping();
     log::info!("stopping: finishing the sync cycle and saving telemetry");

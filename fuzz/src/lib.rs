@@ -15,8 +15,9 @@ use std::sync::OnceLock;
 
 use outpost_protocol::envelope::{MAGIC, PROTOCOL_VERSION};
 use outpost_protocol::trust::{
-    Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody, ManifestRef,
-    PlanBody, RetireBody, RootBody, Signed, SignedBody, TensorSpec,
+    Artifact, ArtifactRole, BreachAction, CaptureBody, CaptureTrigger, CaptureVersions, DType, Dim,
+    GatePolicy, ManifestBody, ManifestRef, PlanBody, RetireBody, RootBody, Signed, SignedBody,
+    TensorSpec,
 };
 use outpost_protocol::{
     encode, sha256, AgentVersion, Arch, Message, SecretKey, TimeFloor, VerifiedRoot,
@@ -69,6 +70,7 @@ struct Fixture {
     manifest: ManifestBody,
     plan: PlanBody,
     retire: RetireBody,
+    capture: CaptureBody,
 }
 
 fn fixture() -> &'static Fixture {
@@ -145,6 +147,20 @@ fn fixture() -> &'static Fixture {
             model: "fuzz-model".to_owned(),
             selector: Vec::new(),
         };
+        let capture = CaptureBody {
+            sequence: 2,
+            created: NOW - 3_600,
+            expires: NOW + 86_400,
+            model: "fuzz-model".to_owned(),
+            versions: CaptureVersions::All,
+            rate_ppm: 1_000,
+            max_samples_per_day: 10,
+            max_bytes_per_day: 1 << 20,
+            trigger: CaptureTrigger::Always,
+            drop_inputs: Vec::new(),
+            drop_outputs: Vec::new(),
+            recipient: [9; 32],
+        };
         Fixture {
             key,
             root,
@@ -152,6 +168,7 @@ fn fixture() -> &'static Fixture {
             manifest,
             plan,
             retire,
+            capture,
         }
     })
 }
@@ -199,5 +216,25 @@ pub fn verify_retire(data: &[u8]) {
         let _ = fixture
             .root
             .verify_retire(&document, &fixture.floor, Some(5));
+    }
+}
+
+/// Verifies `data` as a signed capture allowance, then as the payload of a validly signed one.
+pub fn verify_capture(data: &[u8]) {
+    let fixture = fixture();
+    let _ = fixture
+        .root
+        .verify_capture(data, &fixture.floor, Some("fuzz-model"), Some(1));
+    if let Some(document) = signed_payload(&fixture.capture, data, &fixture.key) {
+        let _ = fixture
+            .root
+            .verify_capture(&document, &fixture.floor, None, Some(1));
+    }
+}
+
+/// Opens `data` as a sealed sample with a fixed key, and decodes what opens as a sample frame.
+pub fn open_sample(data: &[u8]) {
+    if let Ok(plain) = outpost_protocol::capture::open(&[7; 32], data) {
+        let _ = outpost_protocol::decode::<outpost_protocol::capture::CaptureSample>(&plain);
     }
 }

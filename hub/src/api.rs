@@ -401,6 +401,52 @@ pub struct RetirementInfo {
     pub by: String,
 }
 
+/// `GET /capture/allowances` (viewer): every stored capture allowance, by model and sequence;
+/// `POST /capture/allowances` (publisher; body: a signed allowance) answers with the one stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureAllowanceInfo {
+    pub model: String,
+    /// Per model: devices keep the highest they verified.
+    pub sequence: u64,
+    /// The versions it covers; empty: every version.
+    pub versions: Vec<u64>,
+    /// Chance a served request is captured, in parts per million; 0: capture off.
+    pub rate_ppm: u32,
+    pub max_samples_per_day: u64,
+    pub max_bytes_per_day: u64,
+    /// `always` or `while-drift-alert`.
+    pub trigger: String,
+    pub drop_inputs: Vec<String>,
+    pub drop_outputs: Vec<String>,
+    /// The operator's X25519 public key samples are sealed to, in hex.
+    pub recipient: String,
+    /// Unix seconds, as signed.
+    pub created: u64,
+    pub expires: u64,
+    /// Unix seconds the hub stored it, and the token name that uploaded it.
+    pub stored_at: u64,
+    pub by: String,
+}
+
+/// `GET /captures` (admin): stored samples, oldest first, filtered by `model`, `version`,
+/// `device`, `since` and `until` (Unix seconds received) and at most `limit` (default 1000);
+/// `GET /captures/{id}` (admin) downloads one sample's sealed bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureInfo {
+    pub id: u64,
+    pub device: String,
+    pub model: String,
+    pub version: u64,
+    /// The allowance's sequence the device captured it under.
+    pub allowance: u64,
+    /// Device time, Unix seconds.
+    pub captured_at: u64,
+    /// Hub time, Unix seconds.
+    pub received_at: u64,
+    /// Sealed bytes.
+    pub bytes: u64,
+}
+
 /// One entry of the hash-chained audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {

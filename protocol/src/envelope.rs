@@ -49,10 +49,22 @@ pub enum MessageKind {
     RetireBody = 26,
     /// Which inference runtime serves each model of a device (`/device/v3/runtimes`).
     RuntimeReport = 27,
+    /// A signed capture allowance of a model, and its body.
+    SignedCapture = 28,
+    CaptureBody = 29,
+    /// A device's request for the allowances of the models it runs (`/device/v3/capture`), and
+    /// the hub's answer.
+    CaptureRequest = 30,
+    CaptureAllowances = 31,
+    /// A batch of sealed samples (`/device/v3/captures`), and the hub's acknowledgement.
+    CaptureUpload = 32,
+    CaptureAck = 33,
+    /// A captured request before it is sealed to the operator's key (inside a sealed sample).
+    CaptureSample = 34,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 25] = [
+    const ALL: [MessageKind; 32] = [
         MessageKind::SignedRoot,
         MessageKind::SignedManifest,
         MessageKind::SignedPlan,
@@ -78,6 +90,13 @@ impl MessageKind {
         MessageKind::SignedRetire,
         MessageKind::RetireBody,
         MessageKind::RuntimeReport,
+        MessageKind::SignedCapture,
+        MessageKind::CaptureBody,
+        MessageKind::CaptureRequest,
+        MessageKind::CaptureAllowances,
+        MessageKind::CaptureUpload,
+        MessageKind::CaptureAck,
+        MessageKind::CaptureSample,
     ];
 
     pub fn from_byte(byte: u8) -> Option<MessageKind> {

@@ -8,11 +8,13 @@
 //!   only constructors of `Verified…` values.
 //! - [`device`]: the device API's request and response bodies.
 //! - [`auth`]: what a device signs to authenticate a request.
+//! - [`capture`]: data capture's device messages, and sealing samples to the operator's key.
 //! - [`drift`]: drift profiles and summaries, their merging and checks, and the drift metrics.
 //! - [`name`], [`keys`]: validated newtypes shared by all of the above.
 //! - [`dataset`]: CSV and `.npy` reference datasets for drift profiles, parsed from bytes.
 
 pub mod auth;
+pub mod capture;
 pub mod dataset;
 pub mod device;
 pub mod drift;

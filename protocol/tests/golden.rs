@@ -13,7 +13,7 @@ use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 
 use outpost_protocol::device::{HeldCheckInResponse, ValidationSetV1};
-use outpost_protocol::trust::{ManifestBody, PlanBody, RetireBody, RootBody, Signed};
+use outpost_protocol::trust::{CaptureBody, ManifestBody, PlanBody, RetireBody, RootBody, Signed};
 use outpost_protocol::{decode, encode, Message, MessageKind};
 
 use samples::*;
@@ -72,6 +72,7 @@ fn every_version_1_frame_still_decodes_to_what_was_frozen() {
     let manifest: Signed<ManifestBody> = decode(&manifest_frame).expect("sample manifest");
     let plan: Signed<PlanBody> = decode(&plan_frame).expect("sample plan");
     let retire: Signed<RetireBody> = decode(&retire_frame(3, 2)).expect("sample retirement");
+    let capture: Signed<CaptureBody> = decode(&capture_frame(3, 2)).expect("sample allowance");
     let set = validation_set();
     let first_form = ValidationSetV1 {
         abs_tolerance: set.abs_tolerance,
@@ -107,6 +108,13 @@ fn every_version_1_frame_still_decodes_to_what_was_frozen() {
         check("retire_body", &retire_body()),
         check("signed_retire", &retire),
         check("runtime_report", &runtime_report()),
+        check("signed_capture", &capture),
+        check("capture_body", &capture_body()),
+        check("capture_request", &capture_request()),
+        check("capture_allowances", &capture_allowances()),
+        check("capture_upload", &capture_upload()),
+        check("capture_ack", &capture_ack()),
+        check("capture_sample", &capture_sample()),
     ];
     check(
         "held_check_in_response_full",
@@ -150,4 +158,27 @@ fn every_version_1_frame_still_decodes_to_what_was_frozen() {
             None,
         )
         .expect("the frozen retirement verifies");
+    let allowance = verified
+        .verify_capture(
+            &std::fs::read(golden_dir().join("signed_capture.bin")).expect("the frozen allowance"),
+            &floor(),
+            Some("keyword-spotter"),
+            None,
+        )
+        .expect("the frozen capture allowance verifies");
+    // A frozen sealed sample still opens with the operator's key to the frozen sample.
+    let upload: outpost_protocol::capture::CaptureUpload =
+        decode(&std::fs::read(golden_dir().join("capture_upload.bin")).expect("the frozen upload"))
+            .expect("the frozen upload decodes");
+    let opened = outpost_protocol::capture::open(&CAPTURE_SECRET, &upload.samples[0].sealed)
+        .expect("the frozen sample opens");
+    assert_eq!(
+        decode::<outpost_protocol::capture::CaptureSample>(&opened).expect("a sample frame"),
+        capture_sample()
+    );
+    assert_eq!(allowance.body().recipient, upload_recipient());
+}
+
+fn upload_recipient() -> [u8; 32] {
+    outpost_protocol::capture::recipient_of(&CAPTURE_SECRET)
 }

@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::LazyLock;
 
+use outpost_protocol::capture::{CaptureAllowances, CaptureRequest, CaptureSample, CaptureUpload};
 use outpost_protocol::device::{
     CheckIn, CheckInResponse, EnrollRequest, EnrollResponse, ErrorResponse, HeldCheckIn,
     HeldCheckInResponse, ModelsCheckIn, ModelsCheckInResponse, RuntimeReport, StatusReport,
@@ -26,7 +27,7 @@ use outpost_protocol::device::{
 };
 use outpost_protocol::drift::{DriftSummary, Profile};
 use outpost_protocol::envelope::{HEADER_LEN, MAGIC, PROTOCOL_VERSION};
-use outpost_protocol::trust::{ManifestBody, PlanBody, RetireBody, RootBody, Signed};
+use outpost_protocol::trust::{CaptureBody, ManifestBody, PlanBody, RetireBody, RootBody, Signed};
 use outpost_protocol::{
     decode, encode, DecodeError, DecodeReason, Message, MessageKind, VerifiedPlan, VerifiedRoot,
     VerifyError,
@@ -148,6 +149,13 @@ static DECODERS: LazyLock<Vec<Decoder>> = LazyLock::new(|| {
         decoder(&error_response()),
         decoder(&drift_profile()),
         decoder(&drift_summary()),
+        decoder(&capture_body()),
+        decoder(&decode::<Signed<CaptureBody>>(&capture_frame(3, 2)).expect("sample decodes")),
+        decoder(&capture_request()),
+        decoder(&capture_allowances()),
+        decoder(&capture_sample()),
+        decoder(&capture_upload()),
+        decoder(&capture_ack()),
     ];
     decoders.extend(status_reports().iter().map(decoder));
     decoders
@@ -156,7 +164,7 @@ static DECODERS: LazyLock<Vec<Decoder>> = LazyLock::new(|| {
 #[test]
 fn decoders_cover_every_message_kind() {
     let kinds: HashSet<MessageKind> = DECODERS.iter().map(|decoder| decoder.kind).collect();
-    assert_eq!(kinds.len(), 24);
+    assert_eq!(kinds.len(), 31);
     for decoder in DECODERS.iter() {
         assert_eq!(
             (decoder.decode)(&decoder.sample),
@@ -344,6 +352,12 @@ fn hostile_frames() -> Vec<HostileFrame> {
         hostile::<PlanBody>(&[1, 1, 2], "plan target name"),
         hostile::<RetireBody>(&[1, 1, 2], "retirement model name"),
         hostile::<Signed<RetireBody>>(&[], "signed retirement payload bytes"),
+        hostile::<Signed<CaptureBody>>(&[], "signed capture allowance payload bytes"),
+        hostile::<CaptureBody>(&[1, 1, 2], "capture allowance model name"),
+        hostile::<CaptureRequest>(&[], "capture request model list"),
+        hostile::<CaptureAllowances>(&[], "capture allowances list"),
+        hostile::<CaptureSample>(&[], "capture sample model name"),
+        hostile::<CaptureUpload>(&[], "capture upload sample list"),
         hostile::<ValidationSet>(&zero_f64s, "validation case list"),
         hostile::<ValidationSet>(&tensor_data, "validation tensor data"),
         hostile::<EnrollRequest>(&[], "enroll token"),
@@ -510,7 +524,7 @@ fn hostile_frames_name_their_message() {
         .iter()
         .map(|(frame, decode, place)| decode(frame).expect_err(place).message)
         .collect();
-    assert_eq!(names.len(), 36);
+    assert_eq!(names.len(), 42);
     for ((frame, _, place), name) in hostile_frames().iter().zip(names) {
         let decoder = DECODERS
             .iter()

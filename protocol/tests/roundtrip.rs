@@ -203,6 +203,19 @@ fn a_retirement_round_trips() {
 }
 
 #[test]
+fn capture_messages_round_trip() {
+    assert_round_trip(&capture_body());
+    let signed: outpost_protocol::trust::Signed<outpost_protocol::trust::CaptureBody> =
+        outpost_protocol::decode(&capture_frame(3, 2)).unwrap();
+    assert_round_trip(&signed);
+    assert_round_trip(&capture_request());
+    assert_round_trip(&capture_allowances());
+    assert_round_trip(&capture_sample());
+    assert_round_trip(&capture_upload());
+    assert_round_trip(&capture_ack());
+}
+
+#[test]
 fn held_digest_tells_apart_every_slot_and_absence() {
     let (plan, manifest, shadow) = (sha256(b"plan"), sha256(b"manifest"), sha256(b"shadow"));
     let digests = [

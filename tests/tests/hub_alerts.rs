@@ -383,7 +383,19 @@ fn drift_fires_on_the_telemetry_that_shows_it_and_resolves_on_the_telemetry_that
         .iter()
         .any(|f| f.name == "x1" && f.status == "alert"));
     assert!(payload.time_range.since < payload.time_range.until);
-    assert_eq!(payload.samples, None);
+    // Issue 26: where the captured samples of the drifting version are, for a pipeline to fetch.
+    assert_eq!(
+        payload.samples.as_deref(),
+        Some(
+            format!(
+                "/admin/v1/captures?model={}&version={}&since={}",
+                payload.model,
+                payload.model_version.unwrap(),
+                payload.time_range.since
+            )
+            .as_str()
+        )
+    );
     assert!(payload.ends_at.is_none());
 
     let pager = &firing["/am"];

@@ -41,6 +41,7 @@ use tokio::net::TcpListener;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
+use crate::capture::Capturer;
 use crate::shadow::Shadow;
 use crate::slot::ModelSlot;
 use crate::telemetry::Recorder;
@@ -94,6 +95,8 @@ pub struct ApiState {
     pub limits: ApiLimits,
     /// Where answered requests are offered to a shadow model, when the service runs one.
     shadow: Option<Arc<Shadow>>,
+    /// Where answered requests are offered for capture under a signed allowance.
+    capture: Option<Arc<Capturer>>,
     totals: Totals,
 }
 
@@ -110,8 +113,16 @@ impl ApiState {
             queue,
             limits,
             shadow: None,
+            capture: None,
             totals: Totals::default(),
         }
+    }
+
+    /// Offers every answered request for capture; `capture` decides at once and seals off the
+    /// request path.
+    pub fn with_capture(mut self, capture: Arc<Capturer>) -> ApiState {
+        self.capture = Some(capture);
+        self
     }
 
     /// Offers every answered request to `shadow`, off the request path.

@@ -293,6 +293,9 @@ pub(super) fn run_request(
             if let Some(shadow) = &state.shadow {
                 shadow.offer(active, &request.inputs, &outputs, crate::unix_now());
             }
+            if let Some(capture) = &state.capture {
+                capture.offer(active, &request.inputs, &outputs, crate::unix_now());
+            }
             outputs
         }
         Err(error) if is_request_error(&error) => {

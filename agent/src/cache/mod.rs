@@ -57,6 +57,14 @@
 //! formed): a database that comes back empty, or with its next sequence below the mark, is
 //! quarantined like an unreadable one.
 //!
+//! # Captured samples
+//!
+//! Sealed capture samples (`samples.rs`) wait in a tree of their own until the hub acknowledges
+//! them, under the same cap: telemetry and samples together stay within it. Samples yield to
+//! telemetry: a telemetry append over the cap drops the oldest samples before any window, and a
+//! sample that does not fit beside the telemetry held is dropped; each drop is counted
+//! (persisted) and reported with the next upload of samples.
+//!
 //! Every method blocks on disk I/O (`append`, `pending` and `acknowledge` flush); async callers use
 //! `spawn_blocking`.
 
@@ -77,10 +85,13 @@ use sled::Transactional;
 mod index;
 mod records;
 mod rollup;
+mod samples;
 
 use index::*;
 use records::*;
 use rollup::*;
+use samples::SampleQueue;
+pub use samples::{QueuedSample, SampleAppend};
 
 /// Above this share of the cap, hourly windows are rolled up into daily ones before any drop.
 pub const ROLLUP_PERCENT: u64 = 80;
@@ -189,6 +200,9 @@ pub struct CacheStats {
     pub dropped_total: u64,
     /// Every hourly window merged into a daily one, since the cache was created.
     pub merged_total: u64,
+    /// Sealed capture samples held, and their logical bytes (also under `cap_bytes`).
+    pub queued_samples: u64,
+    pub sample_bytes: u64,
 }
 
 /// Why an open attempt failed: the data is unreadable (quarantine it) or something else is wrong.
@@ -205,8 +219,12 @@ pub struct TelemetryCache {
     records: sled::Tree,
     outbox: sled::Tree,
     meta: sled::Tree,
+    /// Sealed capture samples, under the same cap (see `samples.rs`).
+    captures: sled::Tree,
     cap_bytes: u64,
     state: Mutex<State>,
+    /// Locked after `state` when both are held.
+    samples: Mutex<SampleQueue>,
 }
 
 impl TelemetryCache {
@@ -307,6 +325,14 @@ impl TelemetryCache {
         let records = db.open_tree("records").map_err(sled_failure)?;
         let outbox = db.open_tree("outbox").map_err(sled_failure)?;
         let meta = db.open_tree("meta").map_err(sled_failure)?;
+        let captures = db.open_tree("captures").map_err(sled_failure)?;
+        let mut samples = SampleQueue::default();
+        for entry in captures.iter() {
+            let (key, value) = entry.map_err(sled_failure)?;
+            samples
+                .scan(&key, &value)
+                .map_err(OpenFailure::Unreadable)?;
+        }
 
         let mut index = BTreeMap::new();
         let mut total_bytes = 0u64;
@@ -397,7 +423,9 @@ impl TelemetryCache {
             records,
             outbox,
             meta,
+            captures,
             cap_bytes,
+            samples: Mutex::new(samples),
             state: Mutex::new(State {
                 index,
                 outbox: outbox_info,
@@ -447,6 +475,8 @@ impl TelemetryCache {
         let key = change.state.meta.next_record;
         change.state.meta.next_record = key.saturating_add(1);
         change.put_record(key, encode_record(&stored)?, &stored);
+        // Captured samples yield to telemetry: the oldest go before any window does.
+        self.evict_samples_for(change.state.total_bytes)?;
         let outcome = self.enforce_cap(&mut change)?;
         self.commit_locked(state, change)?;
         self.flush()?;
@@ -629,7 +659,10 @@ impl TelemetryCache {
     pub fn stats(&self) -> CacheStats {
         let state = self.lock();
         let queued: u64 = state.index.values().map(|info| info.windows).sum();
+        let samples = samples::lock(&self.samples);
         CacheStats {
+            queued_samples: samples.len(),
+            sample_bytes: samples.bytes(),
             queue_bytes: state.total_bytes,
             cap_bytes: self.cap_bytes,
             queued_windows: queued + state.outbox.map_or(0, |info| info.windows),

@@ -135,3 +135,59 @@ fn merging_adds_counts_and_widens_the_window() {
         (6, 4)
     );
 }
+
+fn sample(id: u8, sealed_len: usize) -> QueuedSample {
+    QueuedSample {
+        id: [id; 16],
+        model: "m".to_owned(),
+        version: 1,
+        allowance: 1,
+        captured_at: 1_700_006_400,
+        sealed: vec![id; sealed_len],
+    }
+}
+
+/// Issue 26: captured samples share the cache's cap and yield to telemetry: the oldest samples
+/// go first, a sample that cannot fit beside the telemetry is dropped, every drop is counted
+/// (across a reopen) until an upload reports it, and acknowledged samples are forgotten.
+#[test]
+fn samples_share_the_cap_yield_to_telemetry_and_count_their_drops() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("telemetry");
+    let cap = 3_500;
+    let (cache, _) = TelemetryCache::open(&dir, cap).expect("open");
+    for id in 0..3 {
+        let appended = cache.append_sample(&sample(id, 1_000)).expect("append");
+        assert_eq!((appended.stored, appended.dropped_older), (true, 0));
+    }
+    // A fourth of the same size does not fit beside the three: the oldest goes.
+    let appended = cache.append_sample(&sample(3, 1_000)).expect("append");
+    assert_eq!((appended.stored, appended.dropped_older), (true, 1));
+    let (pending, dropped) = cache.pending_samples(10, 1 << 20).expect("pending");
+    let ids: Vec<u8> = pending.iter().map(|(_, sample)| sample.id[0]).collect();
+    assert_eq!((ids, dropped), (vec![1, 2, 3], 1));
+
+    // Telemetry pushes samples out, oldest first, before any window goes.
+    let windows: Vec<InferenceWindow> = (0..30).map(window).collect();
+    let outcome = cache.append(&windows).expect("append windows");
+    assert_eq!(outcome.dropped_windows, 0);
+    let stats = cache.stats();
+    assert!(stats.queue_bytes + stats.sample_bytes <= cap, "{stats:?}");
+    assert!(stats.queued_samples < 3, "{stats:?}");
+    drop(cache);
+
+    // Drops are kept across a reopen, and an upload that reports them clears them.
+    let (cache, _) = TelemetryCache::open(&dir, cap).expect("reopen");
+    let (pending, dropped) = cache.pending_samples(10, 1 << 20).expect("pending");
+    assert!(dropped >= 2, "{dropped}");
+    let keys: Vec<u64> = pending.iter().map(|(key, _)| *key).collect();
+    cache.acknowledge_samples(&keys, dropped).expect("ack");
+    assert_eq!(
+        cache.pending_samples(10, 1 << 20).expect("pending"),
+        (Vec::new(), 0)
+    );
+    // One larger than the room left beside the telemetry is dropped itself, and counted.
+    let appended = cache.append_sample(&sample(9, 5_000)).expect("append");
+    assert!(!appended.stored);
+    assert_eq!(cache.pending_samples(10, 1 << 20).expect("pending").1, 1);
+}

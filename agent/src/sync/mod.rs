@@ -18,7 +18,8 @@
 //! This module holds the loop, the cycle and the check-in; the rest is one job per submodule:
 //! `apply` acts on the verdict of [`crate::check::decide`], `activation` installs, probes and
 //! commits, `shadowing` sets and clears the shadow model, `reports` is the status outbox and
-//! `telemetry_upload` moves telemetry to the cache and the hub.
+//! `telemetry_upload` moves telemetry to the cache and the hub, `capture_sync` fetches capture
+//! allowances, seals captured samples and uploads them.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -36,6 +37,7 @@ use serde::Serialize;
 
 use crate::api::QueueStats;
 use crate::cache::TelemetryCache;
+use crate::capture::Capturer;
 use crate::config::Config;
 use crate::download;
 use crate::hub_client::{HubClient, HubError};
@@ -52,6 +54,7 @@ use outpost_model::inference::Runtimes;
 
 mod activation;
 mod apply;
+mod capture_sync;
 mod reports;
 mod shadowing;
 mod telemetry_upload;
@@ -214,6 +217,13 @@ pub struct Syncer {
     hub_knows_runtimes: bool,
     /// The runtime of each served model as the hub last took it; `None` until then.
     runtimes_reported: Option<Vec<ModelRuntime>>,
+    /// The signed capture allowances acted on, shared with the inference API.
+    capturer: Arc<Capturer>,
+    /// False once the hub answered `/device/v3/capture` with 404 (a hub older than data
+    /// capture): no allowances asked for and no samples sent until the agent restarts.
+    hub_knows_capture: bool,
+    /// Allowances refused (by digest), so each refusal is reported once.
+    capture_refused: std::collections::HashSet<Sha256>,
 }
 
 pub(super) fn to_ref(manifest: &VerifiedManifest) -> VersionRef {
@@ -337,6 +347,8 @@ impl Syncer {
             }
         };
         let versions = Versions::open(&config.data_dir)?;
+        let capturer =
+            Arc::new(Capturer::open(&config.data_dir, &root, &floor).context("the capture state")?);
         let interrupted = state
             .models
             .iter()
@@ -372,6 +384,9 @@ impl Syncer {
             hub_knows_held: true,
             hub_knows_runtimes: true,
             runtimes_reported: None,
+            capturer,
+            hub_knows_capture: true,
+            capture_refused: std::collections::HashSet::new(),
             config,
         };
         syncer.load_active()?;
@@ -460,6 +475,11 @@ impl Syncer {
         self.write_status();
     }
 
+    /// The capture allowances this agent acts on, for the inference API to sample with.
+    pub fn capturer(&self) -> Arc<Capturer> {
+        self.capturer.clone()
+    }
+
     /// A random share of the configured jitter, so a fleet does not check in in lockstep.
     pub(super) fn jitter(&self) -> Duration {
         let mut bytes = [0u8; 8];
@@ -484,6 +504,7 @@ impl Syncer {
         self.deliver_reports()?;
         self.deliver_runtimes();
         self.upload_telemetry()?;
+        self.sync_capture();
         if let Some(error) = self.download_failed.take() {
             // Reports (a refusal among them) and telemetry went out above; only the next download
             // attempt waits for the backoff.

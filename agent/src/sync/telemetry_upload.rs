@@ -21,6 +21,7 @@ impl Syncer {
     /// Moves finished in-memory windows into the disk cache.
     pub(super) fn flush_telemetry(&mut self) {
         let windows = self.recorder.take_all();
+        self.note_drift(&windows);
         if !windows.is_empty() {
             if let Err(error) = self.cache.append(&windows) {
                 log::error!("caching {} telemetry windows: {error}", windows.len());

@@ -49,7 +49,9 @@ pub struct OutpostPayload {
     /// The drift report over the rule's label group and window, as `outpost-hub drift report
     /// --json` prints it (drift and quality conditions on a version with a profile).
     pub drift_report: Option<DriftReport>,
-    /// Where captured input samples are; always null until data capture exists.
+    /// Where captured samples of the model version are: the admin API path that lists those
+    /// received since the time range began (an admin token reads it; `capture download` and
+    /// `capture open` take it from there). Null in a test message, which is about no model.
     pub samples: Option<String>,
 }
 
@@ -161,6 +163,11 @@ impl OutpostPayload {
             samples: None,
         }
     }
+}
+
+/// The admin API path listing the captured samples of `model` `version` received since `since`.
+pub fn captures_path(model: &str, version: u64, since: u64) -> String {
+    format!("/admin/v1/captures?model={model}&version={version}&since={since}")
 }
 
 /// Alertmanager's "not ended" time.
@@ -280,7 +287,7 @@ mod tests {
                 until: 1_700_000_100,
             },
             drift_report: None,
-            samples: None,
+            samples: Some(captures_path("demo", 1, 1_699_996_400)),
         }
     }
 
@@ -298,8 +305,10 @@ mod tests {
         assert_eq!(value["features"][0]["name"], "x1");
         assert_eq!(value["time_range"]["since"], 1_699_996_400u64);
         assert!(value["ends_at"].is_null());
-        // Both present and null: a pipeline can tell "none yet" from a payload of another form.
-        assert!(value.get("samples").is_some_and(serde_json::Value::is_null));
+        assert_eq!(
+            value["samples"],
+            "/admin/v1/captures?model=demo&version=1&since=1699996400"
+        );
         assert!(value.get("drift_report").is_some());
     }
 

@@ -1,10 +1,11 @@
 //! The `outpost-hub` command line: one module per command group.
 //!
-//! The signing commands (`keys`, `root init|rotate`, `model sign`, `plan sign`, `sign`) work on
+//! The signing commands (`keys`, `root init|rotate`, `model sign`, `plan sign`, `sign`, `capture
+//! keygen|sign|open`) work on
 //! local files only: they load release keys from the operator's disk and write signed documents,
 //! and never talk to a hub. The hub commands (`whoami`, `admin-token`, `token`, `root
 //! upload|list`, `model publish|list|show`, `device`, `rollout`, `drift`, `alert`, `webhook`,
-//! `audit`) talk to a
+//! `audit`, `capture allow|allowances|list|download`) talk to a
 //! hub's admin API through [`crate::client`], connected by [`connection::HubArgs`]; the three
 //! that sign (`model publish`, `rollout create`, `rollout retire`) still sign here, and only
 //! signed bytes leave the machine.
@@ -22,6 +23,7 @@ use outpost_model::fsutil;
 pub mod admin_token;
 pub mod alert;
 pub mod audit;
+pub mod capture;
 pub mod connection;
 pub mod device;
 pub mod drift;
@@ -98,6 +100,10 @@ pub enum Command {
     /// Read and check the hub's audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Opt-in data capture under the release keys: the operator's key, signed allowances, and
+    /// the sealed samples devices send.
+    #[command(subcommand)]
+    Capture(capture::CaptureCommand),
     /// Run the hub server.
     Serve(serve::ServeArgs),
     /// Write a small example ONNX model and its validation set.
@@ -135,6 +141,7 @@ impl Command {
             Command::Alert(command) => command.run(),
             Command::Webhook(command) => command.run(),
             Command::Audit(command) => command.run(),
+            Command::Capture(command) => command.run(),
             Command::Serve(args) => args.run(),
             Command::ExampleModel(args) => args.run(),
             Command::Profile(args) => args.run(),

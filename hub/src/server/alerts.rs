@@ -461,7 +461,11 @@ async fn notifications(
             until: now,
         },
         drift_report,
-        samples: None,
+        samples: Some(crate::alerts::payload::captures_path(
+            &rule.model,
+            version,
+            scope.since,
+        )),
     };
     let mut outbox = Vec::new();
     for name in &rule.webhooks {

@@ -335,7 +335,7 @@ pub async fn device_facts(
 }
 
 /// Removes the drift summaries and shadow comparisons of windows that ended before the telemetry
-/// retention, and the hourly drift aggregates of hours that ended before theirs. A range scan
+/// retention, captured samples received before it, and the hourly drift aggregates of hours that ended before theirs. A range scan
 /// per published version over what expired: next to nothing on a tick with nothing to remove.
 pub(super) async fn prune(hub: &SharedHub) -> anyhow::Result<()> {
     let cutoff = unix_now().saturating_sub(hub.config.retention.telemetry_secs);
@@ -351,6 +351,17 @@ pub(super) async fn prune(hub: &SharedHub) -> anyhow::Result<()> {
             ))
         );
         super::Metrics::bump(&hub.metrics.pruned_records, pruned.drift + pruned.shadow);
+    }
+    // Captured samples are kept as long as the per-device drift summaries they sit beside.
+    let samples = hub.store.prune_captures(cutoff).await?;
+    if samples > 0 {
+        log::info!(
+            "removed {samples} captured samples received over {} ago",
+            humantime::format_duration(std::time::Duration::from_secs(
+                hub.config.retention.telemetry_secs
+            ))
+        );
+        super::Metrics::bump(&hub.metrics.pruned_records, samples);
     }
     let kept = hub.config.retention.drift_aggregate_secs;
     let aggregates = hub

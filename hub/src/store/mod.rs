@@ -29,6 +29,7 @@ use sqlx::Row;
 mod alerts;
 mod audit;
 mod cache;
+mod captures;
 mod devices;
 mod drift_hourly;
 mod group;
@@ -48,6 +49,7 @@ mod tests;
 
 pub use alerts::*;
 pub use audit::*;
+pub use captures::{CaptureFilter, CaptureInsert, StoredCapture};
 pub use devices::{LatestRequests, SignedRequest};
 pub use drift_hourly::{group_labels, label_group, StoredHourly};
 pub use records::*;

@@ -314,6 +314,19 @@ pub struct RetirementRecord {
     pub by: String,
 }
 
+/// A signed capture allowance as stored, by its model and sequence, with when the hub stored it
+/// and whose admin token did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureAllowanceRecord {
+    pub model: String,
+    pub sequence: u64,
+    /// The signed allowance, exactly as uploaded: devices verify these bytes.
+    #[serde(with = "serde_bytes")]
+    pub signed: Vec<u8>,
+    pub stored_at: u64,
+    pub by: String,
+}
+
 /// A device's latest runtime report, as stored under its id: which inference runtime serves each
 /// model it runs, by the device's word.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -294,6 +294,19 @@ const MIGRATIONS: &[&str] = &[
          last_status BIGINT NOT NULL, last_error TEXT NOT NULL, done_at BIGINT NOT NULL,
          UNIQUE (idempotency_key, webhook));
      CREATE INDEX alert_outbox_by_state ON alert_outbox (state, webhook, id)",
+    // 6: data capture: signed capture allowances (records by model and sequence) and the sealed
+    // samples devices upload, unique by device and the sample id the device chose, listed by
+    // model version and pruned by when they were received.
+    "CREATE TABLE capture_allowances (
+         model TEXT NOT NULL, sequence BIGINT NOT NULL, record {bytes} NOT NULL,
+         PRIMARY KEY (model, sequence));
+     CREATE TABLE captures (
+         id {serial}, device {bytes} NOT NULL, sample_id {bytes} NOT NULL, model TEXT NOT NULL,
+         version BIGINT NOT NULL, allowance BIGINT NOT NULL, captured_at BIGINT NOT NULL,
+         received_at BIGINT NOT NULL, sealed {bytes} NOT NULL,
+         UNIQUE (device, sample_id));
+     CREATE INDEX captures_by_model ON captures (model, version, id);
+     CREATE INDEX captures_by_received ON captures (received_at)",
 ];
 
 /// The newest schema this hub writes.

@@ -88,6 +88,7 @@ on_both_engines!(
     a_lease_has_one_holder_until_it_expires_or_is_released,
     a_nonce_is_new_once_until_it_expires,
     rollout_changes_take_turns,
+    captures_are_stored_once_listed_by_filter_and_pruned,
 );
 
 fn profile() -> Profile {
@@ -1474,6 +1475,173 @@ async fn retention_prunes_events_markers_and_expired_windows(store: &Store) {
     assert_eq!(
         n_of(&store.drift_summaries("demo", 1, 0).await.unwrap()),
         [(7200, 1, 1), (10_800, 1, 1)]
+    );
+}
+
+/// Issue 26: sealed samples are stored once per device and sample id (an upload sent again adds
+/// nothing), listed by model, version, device and time, read back byte for byte, and pruned by
+/// when they were received; allowances read back latest first per model.
+async fn captures_are_stored_once_listed_by_filter_and_pruned(store: &Store) {
+    let sample = |id: u8, version: u64| CaptureInsert {
+        sample_id: [id; 16],
+        model: "demo".to_owned(),
+        version,
+        allowance: 2,
+        captured_at: 90 + u64::from(id),
+        sealed: vec![id; 60 + usize::from(id)],
+    };
+    let other = [9u8; 16];
+    let batch = [sample(1, 1), sample(2, 1), sample(3, 2)];
+    assert_eq!(
+        store.insert_captures(&DEVICE, 100, &batch).await.unwrap(),
+        3
+    );
+    assert_eq!(
+        store.insert_captures(&DEVICE, 150, &batch).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .insert_captures(&other, 200, &[sample(1, 1)])
+            .await
+            .unwrap(),
+        1
+    );
+    let all = CaptureFilter {
+        limit: 100,
+        ..CaptureFilter::default()
+    };
+    let listed = store.captures(&all).await.unwrap();
+    assert_eq!(listed.len(), 4);
+    assert_eq!(
+        (
+            listed[0].received_at,
+            listed[0].bytes,
+            listed[0].captured_at
+        ),
+        (100, 61, 91)
+    );
+    let ids = |filter: CaptureFilter| async move {
+        store
+            .captures(&filter)
+            .await
+            .unwrap()
+            .iter()
+            .map(|capture| (capture.device, capture.version))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(CaptureFilter {
+            version: Some(2),
+            ..all.clone()
+        })
+        .await,
+        [(DEVICE, 2)]
+    );
+    assert_eq!(
+        ids(CaptureFilter {
+            device: Some(other),
+            model: Some("demo".into()),
+            ..all.clone()
+        })
+        .await,
+        [(other, 1)]
+    );
+    assert_eq!(
+        ids(CaptureFilter {
+            since: Some(150),
+            ..all.clone()
+        })
+        .await,
+        [(other, 1)]
+    );
+    assert_eq!(
+        ids(CaptureFilter {
+            until: Some(150),
+            limit: 2,
+            ..all.clone()
+        })
+        .await
+        .len(),
+        2
+    );
+    assert!(ids(CaptureFilter {
+        model: Some("else".into()),
+        ..all.clone()
+    })
+    .await
+    .is_empty());
+    let (stored, sealed) = store.capture(listed[2].id).await.unwrap().unwrap();
+    assert_eq!(stored, listed[2]);
+    assert_eq!(sealed, vec![3u8; 63]);
+    assert!(store.capture(u64::MAX).await.unwrap().is_none());
+
+    assert_eq!(store.prune_captures(150).await.unwrap(), 3);
+    assert_eq!(store.captures(&all).await.unwrap().len(), 1);
+
+    for sequence in [3, 1, 2] {
+        store
+            .put_capture_allowance(&CaptureAllowanceRecord {
+                model: "demo".into(),
+                sequence,
+                signed: vec![sequence as u8],
+                stored_at: 5,
+                by: "ops".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let latest = store
+        .latest_capture_allowance("demo")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((latest.sequence, latest.signed), (3, vec![3]));
+    assert!(store
+        .latest_capture_allowance("else")
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(store.capture_allowances().await.unwrap().len(), 3);
+}
+
+/// Schema 6 (data capture) is added to a store an earlier hub made: a store at schema 5 with rows
+/// in it opens at the newest schema with its rows, and takes samples.
+#[tokio::test]
+async fn a_store_of_schema_5_gains_the_capture_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).await.unwrap();
+        store.put_root(1, b"root").await.unwrap();
+        // As a hub of schema 5 left it: without the step of schema 6 and its tables.
+        for statement in [
+            "DROP TABLE captures",
+            "DROP TABLE capture_allowances",
+            "DELETE FROM outpost_schema WHERE version = 6",
+        ] {
+            sqlx::query(statement).execute(&store.writer).await.unwrap();
+        }
+        store.close().await.unwrap();
+    }
+    let store = reopen(dir.path()).await.unwrap();
+    assert_eq!(sql::SCHEMA_VERSION, 6);
+    let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM outpost_schema")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(version, 6);
+    assert_eq!(store.roots().await.unwrap(), [(1, b"root".to_vec())]);
+    let sample = CaptureInsert {
+        sample_id: [1; 16],
+        model: "demo".into(),
+        version: 1,
+        allowance: 1,
+        captured_at: 1,
+        sealed: vec![0; 48],
+    };
+    assert_eq!(
+        store.insert_captures(&DEVICE, 1, &[sample]).await.unwrap(),
+        1
     );
 }
 

@@ -21,6 +21,8 @@ pub enum Role {
     Root,
     Manifest,
     Plan,
+    /// A capture allowance: signed by the keys, and with the threshold, of plans.
+    Capture,
 }
 
 impl std::fmt::Display for Role {
@@ -29,6 +31,7 @@ impl std::fmt::Display for Role {
             Role::Root => "root",
             Role::Manifest => "manifest",
             Role::Plan => "plan",
+            Role::Capture => "capture allowance",
         })
     }
 }

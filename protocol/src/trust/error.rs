@@ -64,6 +64,24 @@ pub enum VerifyError {
         version: u64,
         sequence: u64,
     },
+    #[error("capture allowance {field} is {value}, above the protocol's maximum of {max}")]
+    CaptureAboveMaximum {
+        field: &'static str,
+        value: u64,
+        max: u64,
+    },
+    #[error("invalid capture allowance: {0}")]
+    InvalidCapture(String),
+    #[error("capture allowance is about model {found}, expected one about {expected}")]
+    CaptureWrongModel { expected: String, found: String },
+    #[error(
+        "capture allowance {offered} of model {model} is below allowance {highest} already seen"
+    )]
+    CaptureRollback {
+        model: String,
+        offered: u64,
+        highest: u64,
+    },
     #[error("manifest has no {0} artifact")]
     MissingArtifact(ArtifactRole),
     #[error("{role} artifact is {found} bytes, the manifest signs {expected}")]

@@ -3,7 +3,9 @@
 //! Three kinds of signed document, each a [`Signed`] wrapper around a framed body:
 //! - a **root** ([`RootBody`]) lists the release keys and the signature threshold;
 //! - a **manifest** ([`ManifestBody`]) names one model version and the hashes of its artifacts;
-//! - a **plan** ([`PlanBody`]) says which manifest a fleet rolls out and which it falls back to.
+//! - a **plan** ([`PlanBody`]) says which manifest a fleet rolls out and which it falls back to;
+//! - a **capture allowance** ([`CaptureBody`]) lets devices keep sealed samples of a model's
+//!   requests, at a signed rate and under signed caps (`capture.rs`).
 //!
 //! Verification follows TUF: signatures are checked over the exact payload bytes before the payload
 //! is decoded (a rotated root is first checked against the *old* keys), distinct key ids are counted
@@ -15,6 +17,7 @@
 //! serve a lower manifest version than the device has seen (except a plan's signed fallback), or
 //! pass off one manifest's artifact as another's.
 
+mod capture;
 mod documents;
 mod error;
 mod manifest;
@@ -23,6 +26,11 @@ mod retire;
 mod root;
 mod time;
 
+pub use capture::{
+    capture_model_unverified, CaptureBody, CaptureTrigger, CaptureVersions, VerifiedCapture,
+    CAPTURE_RATE_ALL, MAX_CAPTURE_BYTES_PER_DAY, MAX_CAPTURE_LIST, MAX_CAPTURE_NAME,
+    MAX_CAPTURE_SAMPLES_PER_DAY, MAX_CAPTURE_SAMPLE_BYTES,
+};
 pub use documents::{
     AgentVersion, Arch, Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, KeySignature,
     ManifestBody, ManifestRef, PlanBody, Role, RootBody, ShadowStage, Signed, SignedBody, Slot,

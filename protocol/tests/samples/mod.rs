@@ -14,6 +14,9 @@ mod drift;
 #[allow(unused_imports)]
 pub use drift::*;
 
+use outpost_protocol::capture::{
+    CaptureAck, CaptureAllowances, CaptureRequest, CaptureSample, CaptureUpload, SealedSample,
+};
 use outpost_protocol::device::{
     held_digest, AgentState, CheckIn, CheckInResponse, DeviceId, EnrollRequest, EnrollResponse,
     ErrorResponse, HeldCheckIn, HeldCheckInResponse, InferenceWindow, ModelAnswer, ModelCheckIn,
@@ -22,8 +25,9 @@ use outpost_protocol::device::{
     Tensor, ValidationCase, ValidationSet, LATENCY_BUCKETS_US,
 };
 use outpost_protocol::trust::{
-    Artifact, ArtifactRole, BreachAction, DType, Dim, GatePolicy, ManifestBody, ManifestRef,
-    PlanBody, RetireBody, RootBody, ShadowStage, Signed, Slot, TensorSpec,
+    Artifact, ArtifactRole, BreachAction, CaptureBody, CaptureTrigger, CaptureVersions, DType, Dim,
+    GatePolicy, ManifestBody, ManifestRef, PlanBody, RetireBody, RootBody, ShadowStage, Signed,
+    Slot, TensorSpec,
 };
 use outpost_protocol::{
     encode, sha256, AgentVersion, Arch, Label, SecretKey, TimeFloor, VerifiedRoot,
@@ -224,6 +228,82 @@ pub fn retire_body() -> RetireBody {
 pub fn retire_frame(n_keys: u8, threshold: u32) -> Vec<u8> {
     let signed = sign_with(&retire_body(), &release_keys(n_keys), threshold as usize);
     encode(&signed).expect("sample retirement fits its frame")
+}
+
+/// The operator's X25519 secret key of the sample capture allowance.
+pub const CAPTURE_SECRET: [u8; 32] = [0x5c; 32];
+
+/// An allowance to capture one request in a thousand of the sample model's versions 6 and 7,
+/// at most 50 samples and 1 MiB per device and day, dropping an input and an output.
+pub fn capture_body() -> CaptureBody {
+    CaptureBody {
+        sequence: 3,
+        created: NOW - DAY,
+        expires: NOW + 30 * DAY,
+        model: "keyword-spotter".to_owned(),
+        versions: CaptureVersions::Only(vec![6, 7]),
+        rate_ppm: 1_000,
+        max_samples_per_day: 50,
+        max_bytes_per_day: 1024 * 1024,
+        trigger: CaptureTrigger::WhileDriftAlert,
+        drop_inputs: vec!["speaker_id".to_owned()],
+        drop_outputs: vec!["embedding".to_owned()],
+        recipient: outpost_protocol::capture::recipient_of(&CAPTURE_SECRET),
+    }
+}
+
+/// [`capture_body`] signed by `threshold` of `n_keys` release keys, framed.
+pub fn capture_frame(n_keys: u8, threshold: u32) -> Vec<u8> {
+    let signed = sign_with(&capture_body(), &release_keys(n_keys), threshold as usize);
+    encode(&signed).expect("sample capture allowance fits its frame")
+}
+
+pub fn capture_request() -> CaptureRequest {
+    CaptureRequest {
+        models: vec!["keyword-spotter".to_owned(), "wake-word".to_owned()],
+    }
+}
+
+pub fn capture_allowances() -> CaptureAllowances {
+    CaptureAllowances {
+        allowances: vec![serde_bytes::ByteBuf::from(capture_frame(3, 2))],
+    }
+}
+
+/// One captured request of the sample model: its mel input and logits output.
+pub fn capture_sample() -> CaptureSample {
+    let set = validation_set();
+    CaptureSample {
+        model: "keyword-spotter".to_owned(),
+        version: 7,
+        allowance: 3,
+        captured_at: NOW - 60,
+        inputs: set.cases[0].inputs.clone(),
+        outputs: set.cases[0].outputs.clone(),
+    }
+}
+
+/// Two sealed samples (the seal's one-time keys fixed, so the bytes are too).
+pub fn capture_upload() -> CaptureUpload {
+    let frame = encode(&capture_sample()).expect("the sample fits its frame");
+    let recipient = outpost_protocol::capture::recipient_of(&CAPTURE_SECRET);
+    let sealed = |seed: u8| SealedSample {
+        id: [seed; 16],
+        model: "keyword-spotter".to_owned(),
+        version: 7,
+        allowance: 3,
+        captured_at: NOW - 60 + u64::from(seed),
+        sealed: outpost_protocol::capture::seal(&recipient, [seed; 32], &frame)
+            .expect("sealing the sample"),
+    };
+    CaptureUpload {
+        samples: vec![sealed(1), sealed(2)],
+        dropped: 4,
+    }
+}
+
+pub fn capture_ack() -> CaptureAck {
+    CaptureAck { stored: 2 }
 }
 
 /// Little-endian `f32`s, as a tensor's data holds them.

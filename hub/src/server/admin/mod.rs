@@ -2,7 +2,8 @@
 //!
 //! Reads need `viewer` (drift reports included); rollout control, retirements, alert rules and
 //! webhooks `operator`;
-//! roots, artifacts and manifests `publisher`; tokens and devices `admin`. A missing or unknown token is 401, a role
+//! roots, artifacts, manifests and capture allowances `publisher`; tokens, devices and captured
+//! samples (listing and download) `admin`. A missing or unknown token is 401, a role
 //! too weak 403. Every change is written to the hash-chained audit log under the acting token's
 //! name.
 //!
@@ -41,6 +42,7 @@ use crate::store::{
 use crate::{audit, unix_now};
 
 mod alerts;
+mod captures;
 mod devices;
 mod models;
 mod reports;
@@ -50,6 +52,7 @@ mod tokens;
 
 pub(crate) use alerts::rules_with_alerts;
 use alerts::*;
+use captures::*;
 pub(crate) use devices::*;
 use models::*;
 use reports::*;
@@ -110,6 +113,12 @@ pub fn routes(hub: SharedHub) -> Router {
             "/admin/v1/retirements",
             get(list_retirements).post(create_retirement),
         )
+        .route(
+            "/admin/v1/capture/allowances",
+            get(list_capture_allowances).post(create_capture_allowance),
+        )
+        .route("/admin/v1/captures", get(list_captures))
+        .route("/admin/v1/captures/{id}", get(download_capture))
         .route("/admin/v1/drift/{model}", get(drift_report))
         .route(
             "/admin/v1/alerts/rules",

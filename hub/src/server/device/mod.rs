@@ -1,6 +1,7 @@
 //! The device API: postcard over HTTP(S), under `/device/v1` (check-ins also under `/device/v2`,
 //! naming the documents the device holds, and `/device/v3`, one entry per model it runs; and
-//! `/device/v3/runtimes`, which inference runtime serves each model it runs).
+//! `/device/v3/runtimes`, which inference runtime serves each model it runs; `/device/v3/capture`,
+//! the signed capture allowances of its models, and `/device/v3/captures`, its sealed samples).
 //!
 //! Enrollment is authorised by an enrollment token. Every other request is signed by the device's
 //! own key over method, path, body hash, timestamp and nonce ([`outpost_protocol::auth`]); the
@@ -17,7 +18,7 @@
 //! [`KeyCache`], [`DeviceError`] and the postcard reply) is in `request.rs`, which names no
 //! handler: the routes use the handlers and the handlers use `request.rs`, never the other way
 //! round. The handlers: `enroll.rs`, `checkin.rs` (the three check-in paths, their tests in
-//! `checkin/tests.rs`), `reports.rs` (status, runtime reports and telemetry; the runtime
+//! `checkin/tests.rs`), `capture.rs` (capture allowances and sealed samples), `reports.rs` (status, runtime reports and telemetry; the runtime
 //! reports' tests in `reports/tests.rs`) and `artifacts.rs` (ranged downloads). `testing.rs`
 //! holds the fixtures the unit tests share.
 //!
@@ -36,6 +37,8 @@ use outpost_protocol::device::{
 use outpost_protocol::Message;
 use tower_http::timeout::TimeoutLayer;
 
+use outpost_protocol::capture::{CaptureRequest, CaptureUpload};
+
 use self::artifacts::artifact;
 use self::checkin::{check_in, held_check_in, models_check_in};
 use self::enroll::enroll;
@@ -43,6 +46,7 @@ use self::reports::{runtimes, status, telemetry};
 use super::SharedHub;
 
 mod artifacts;
+mod capture;
 mod checkin;
 mod enroll;
 mod reports;
@@ -77,6 +81,14 @@ pub fn routes(hub: SharedHub) -> Router {
         .route(
             "/device/v3/runtimes",
             post(runtimes).layer(limited(RuntimeReport::MAX_FRAME)),
+        )
+        .route(
+            "/device/v3/capture",
+            post(capture::allowances).layer(limited(CaptureRequest::MAX_FRAME)),
+        )
+        .route(
+            "/device/v3/captures",
+            post(capture::upload).layer(limited(CaptureUpload::MAX_FRAME)),
         )
         .route(
             "/device/v1/telemetry",

@@ -1,0 +1,385 @@
+//! Opt-in data capture under the release keys (issue 26), over real processes: a hub, real
+//! agents serving requests through their local inference API, and the operator's CLI.
+//!
+//! - A hub that asks for capture without a signed allowance gets nothing: allowances under the
+//!   threshold or signed by keys the root does not list, served by a hostile hub, are refused and
+//!   reported by the agent, and no sample leaves it.
+//! - A signed allowance yields samples within its rate and day cap (kept across a restart), with
+//!   the dropped tensors absent.
+//! - A sample is readable only with the operator's key, and the hub's stored bytes do not hold
+//!   the inputs in clear.
+//! - An allowance above the protocol's maxima is refused when signed and when uploaded, a
+//!   malformed one when uploaded, each with a clear error and nothing stored; captured samples
+//!   are listed for `admin` tokens only.
+
+// Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use outpost_hub::api::{CaptureAllowanceInfo, CaptureInfo};
+use outpost_protocol::capture::CaptureAllowances;
+use outpost_protocol::trust::{CaptureBody, CaptureTrigger, CaptureVersions};
+use outpost_protocol::SecretKey;
+use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
+use outpost_tests::hub::{Fleet, TestHub};
+use outpost_tests::proxy::{Proxy, Response};
+use outpost_tests::wait_until;
+use serde_json::Value;
+
+/// A hub with `demo@1` (the example MLP: input `x`, output `y`) rolled out to one agent.
+fn serving_agent(hub: &TestHub, fleet: &Fleet, hub_url: Option<&str>) -> TestAgent {
+    fleet.publish_example(hub, "demo", 1, 1);
+    fleet.first_rollout(hub, "demo", 1);
+    let mut agent = match hub_url {
+        Some(url) => TestAgent::enroll_at(url, hub, fleet, "site=lab", ""),
+        None => TestAgent::enroll(hub, fleet, "site=lab", ""),
+    };
+    agent.start();
+    agent.wait_status("active", Value::String("demo@1".into()));
+    agent
+}
+
+fn keygen(hub: &TestHub, dir: &Path) {
+    hub.cli(&["capture", "keygen", "--out", &dir.to_string_lossy()])
+        .ok();
+}
+
+/// `capture sign` of `demo` with `extra` flags, written to `out`.
+fn sign_args(fleet: &Fleet, keys: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "capture",
+        "sign",
+        "--model",
+        "demo",
+        "--recipient",
+        &keys.join("capture.pub").to_string_lossy(),
+        "--root",
+        &fleet.root_path.to_string_lossy(),
+        "--key",
+        &fleet.keys,
+        "--out",
+        &out.to_string_lossy(),
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    args.extend(extra.iter().map(|arg| arg.to_string()));
+    args
+}
+
+fn run(hub: &TestHub, args: &[String]) -> outpost_tests::Run {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    hub.cli(&args)
+}
+
+fn captures(hub: &TestHub) -> Vec<CaptureInfo> {
+    hub.cli_json(&["capture", "list", "--model", "demo"])
+}
+
+fn allowances(hub: &TestHub) -> Vec<CaptureAllowanceInfo> {
+    hub.cli_json(&["capture", "allowances"])
+}
+
+/// Serves `count` rows through the agent's local API; row `i` is `[i, -i, 0.5, 2]`.
+fn serve(agent: &TestAgent, count: usize) {
+    let client = http();
+    for i in 0..count {
+        let i = i as f32;
+        let (code, body) = agent.infer(&client, [i, -i, 0.5, 2.0]);
+        assert_eq!(code, 200, "{body}");
+    }
+}
+
+#[test]
+fn a_signed_allowance_yields_samples_within_its_rate_and_cap_readable_only_with_the_key() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    let mut agent = serving_agent(&hub, &fleet, None);
+    let keys = hub.dir().join("capture-keys");
+    keygen(&hub, &keys);
+    let signed = hub.dir().join("allow-1.bin");
+    // Every request, at most 3 samples a device and day, output `y` dropped.
+    run(
+        &hub,
+        &sign_args(
+            &fleet,
+            &keys,
+            &signed,
+            &[
+                "--sequence",
+                "1",
+                "--rate-ppm",
+                "1000000",
+                "--max-samples-per-day",
+                "3",
+                "--max-bytes-per-day",
+                "1000000",
+                "--drop-output",
+                "y",
+            ],
+        ),
+    )
+    .ok();
+    hub.cli(&["capture", "allow", &signed.to_string_lossy()])
+        .ok();
+    wait_until(AGENT_WAIT, "the agent to accept the allowance", || {
+        agent
+            .log()
+            .contains("capture allowance 1 of demo accepted")
+            .then_some(())
+    });
+
+    serve(&agent, 6);
+    let stored = wait_until(AGENT_WAIT, "three samples at the hub", || {
+        let stored = captures(&hub);
+        (stored.len() >= 3).then_some(stored)
+    });
+    // Two more cycles after the third arrived: the cap held, nothing else came.
+    agent.next_status();
+    agent.next_status();
+    assert_eq!(captures(&hub).len(), 3, "the day's cap of 3 samples");
+    assert!(stored
+        .iter()
+        .all(|sample| sample.allowance == 1 && sample.version == 1));
+
+    // The day's count survives a restart: more requests after it capture nothing.
+    agent.sigterm();
+    agent.start();
+    agent.wait_status("active", Value::String("demo@1".into()));
+    serve(&agent, 3);
+    agent.next_status();
+    agent.next_status();
+    assert_eq!(
+        captures(&hub).len(),
+        3,
+        "a restart does not reset the day's cap"
+    );
+
+    // The operator's key opens a sample to the request's tensors, `y` dropped.
+    let sample = hub.dir().join("sample.bin");
+    hub.cli(&[
+        "capture",
+        "download",
+        &stored[0].id.to_string(),
+        "--out",
+        &sample.to_string_lossy(),
+    ])
+    .ok();
+    let opened = hub
+        .cli(&[
+            "capture",
+            "open",
+            "--key",
+            &keys.join("capture.key").to_string_lossy(),
+            &sample.to_string_lossy(),
+        ])
+        .ok();
+    let opened: Value = serde_json::from_str(&opened.stdout).unwrap();
+    assert_eq!(opened["model"], "demo");
+    assert_eq!(opened["inputs"][0]["name"], "x");
+    assert_eq!(opened["inputs"][0]["shape"], serde_json::json!([1, 4]));
+    let row: Vec<f64> = opened["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|value| value.as_f64().unwrap())
+        .collect();
+    assert_eq!(row[2..], [0.5, 2.0], "{opened}");
+    assert_eq!(row[0], -row[1], "{opened}");
+    assert_eq!(opened["outputs"], serde_json::json!([]), "y is dropped");
+
+    // The stored bytes do not hold the input in clear.
+    let sealed = std::fs::read(&sample).unwrap();
+    let clear: Vec<u8> = row
+        .iter()
+        .flat_map(|value| (*value as f32).to_le_bytes())
+        .collect();
+    assert!(!sealed.windows(clear.len()).any(|window| window == clear));
+    assert!(!sealed.windows(8).any(|window| window == &clear[8..16]));
+
+    // Another key cannot open it.
+    let other = hub.dir().join("other-keys");
+    keygen(&hub, &other);
+    hub.cli(&[
+        "capture",
+        "open",
+        "--key",
+        &other.join("capture.key").to_string_lossy(),
+        &sample.to_string_lossy(),
+    ])
+    .fails_with("cannot be opened with this key");
+
+    // Samples are for admin tokens only, even sealed.
+    let viewer = hub.admin_token("watcher", "viewer");
+    hub.cli_as(&viewer.token, &["capture", "list"])
+        .fails_with("this needs admin");
+}
+
+/// A hostile hub serves allowances the release keys did not sign: one under the threshold (one
+/// key of two) and one signed by keys of its own. The agent refuses both, reports why, and no
+/// sample leaves it however many requests it serves.
+#[test]
+fn a_hub_that_asks_for_capture_without_a_signed_allowance_gets_nothing() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    let proxy = Proxy::start(&hub.url());
+    let agent = serving_agent(&hub, &fleet, Some(&proxy.url()));
+    let now = outpost_hub::unix_now();
+    let body = |sequence: u64| CaptureBody {
+        sequence,
+        created: now - 60,
+        expires: now + 86_400,
+        model: "demo".to_owned(),
+        versions: CaptureVersions::All,
+        rate_ppm: 1_000_000,
+        max_samples_per_day: 100,
+        max_bytes_per_day: 1 << 20,
+        trigger: CaptureTrigger::Always,
+        drop_inputs: Vec::new(),
+        drop_outputs: Vec::new(),
+        recipient: [7; 32],
+    };
+    let release = fleet.release_keys();
+    let under_threshold = outpost_hub::cli::sign_document(&body(1), &release[..1]).unwrap();
+    let strangers = [
+        SecretKey::from_seed([0x77; 32]),
+        SecretKey::from_seed([0x78; 32]),
+    ];
+    let unknown_keys = outpost_hub::cli::sign_document(&body(2), &strangers).unwrap();
+    let answer = outpost_protocol::encode(&CaptureAllowances {
+        allowances: vec![
+            serde_bytes::ByteBuf::from(under_threshold),
+            serde_bytes::ByteBuf::from(unknown_keys),
+        ],
+    })
+    .unwrap();
+    proxy.set_intercept(move |request| {
+        (request.path == "/device/v3/capture").then(|| Response {
+            status: 200,
+            reason: "OK".to_owned(),
+            headers: vec![(
+                "content-type".to_owned(),
+                "application/x-outpost-postcard".to_owned(),
+            )],
+            body: answer.clone(),
+        })
+    });
+    let refusals = wait_until(AGENT_WAIT, "the agent to report both refusals", || {
+        let refused: Vec<String> = agent
+            .hub_detail(&hub)
+            .events
+            .into_iter()
+            .filter(|event| {
+                event.kind == "refused" && event.detail.starts_with("capture allowance refused")
+            })
+            .map(|event| event.detail)
+            .collect();
+        (refused.len() >= 2).then_some(refused)
+    });
+    assert!(
+        refusals.iter().all(|detail| detail.contains("2 required")),
+        "{refusals:?}"
+    );
+    assert!(
+        refusals
+            .iter()
+            .any(|detail| detail.contains("2 by unknown keys")),
+        "{refusals:?}"
+    );
+
+    serve(&agent, 10);
+    agent.next_status();
+    agent.next_status();
+    assert!(captures(&hub).is_empty());
+    assert!(
+        proxy
+            .log()
+            .iter()
+            .all(|exchange| exchange.request.path != "/device/v3/captures"),
+        "no upload of samples"
+    );
+}
+
+/// Bad allowances get a clear error and change nothing: above the maxima (refused when signed,
+/// and when an allowance signed around the CLI is uploaded), malformed, or not above the latest.
+#[test]
+fn bad_allowances_are_refused_with_a_clear_error_and_change_nothing() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example(&hub, "demo", 1, 1);
+    let keys = hub.dir().join("capture-keys");
+    keygen(&hub, &keys);
+    let out = hub.dir().join("over.bin");
+    run(
+        &hub,
+        &sign_args(
+            &fleet,
+            &keys,
+            &out,
+            &[
+                "--sequence",
+                "1",
+                "--rate-ppm",
+                "1000",
+                "--max-samples-per-day",
+                "10001",
+                "--max-bytes-per-day",
+                "1000",
+            ],
+        ),
+    )
+    .fails_with("max_samples_per_day is 10001, above the protocol's maximum of 10000");
+    assert!(!out.exists(), "nothing signed");
+
+    // Signed by the release keys around the CLI's check: the hub refuses it.
+    let now = outpost_hub::unix_now();
+    let over = fleet.sign(&CaptureBody {
+        sequence: 1,
+        created: now - 60,
+        expires: now + 86_400,
+        model: "demo".to_owned(),
+        versions: CaptureVersions::All,
+        rate_ppm: 1000,
+        max_samples_per_day: 10,
+        max_bytes_per_day: 65 * 1024 * 1024,
+        trigger: CaptureTrigger::Always,
+        drop_inputs: Vec::new(),
+        drop_outputs: Vec::new(),
+        recipient: [7; 32],
+    });
+    std::fs::write(&out, over).unwrap();
+    hub.cli(&["capture", "allow", &out.to_string_lossy()])
+        .fails_with("capture allowance refused: capture allowance max_bytes_per_day is 68157440, above the protocol's maximum of 67108864");
+
+    let junk = hub.dir().join("junk.bin");
+    std::fs::write(&junk, b"not an allowance").unwrap();
+    hub.cli(&["capture", "allow", &junk.to_string_lossy()])
+        .fails_with("cannot decode signed capture allowance");
+    assert!(allowances(&hub).is_empty());
+
+    // A good one is stored; the same sequence again is refused.
+    let good = hub.dir().join("good.bin");
+    let args = sign_args(
+        &fleet,
+        &keys,
+        &good,
+        &[
+            "--sequence",
+            "1",
+            "--rate-ppm",
+            "1000",
+            "--max-samples-per-day",
+            "10",
+            "--max-bytes-per-day",
+            "100000",
+        ],
+    );
+    run(&hub, &args).ok();
+    hub.cli(&["capture", "allow", &good.to_string_lossy()]).ok();
+    hub.cli(&["capture", "allow", &good.to_string_lossy()])
+        .fails_with("is not above the latest allowance 1 of model demo");
+    let stored = allowances(&hub);
+    assert_eq!(stored.len(), 1);
+    assert_eq!((stored[0].sequence, stored[0].max_samples_per_day), (1, 10));
+}
