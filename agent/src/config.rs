@@ -21,6 +21,7 @@
 //! download_deadline = "30m"
 //! min_download_rate = "1KiB"               # per second, judged after 10 s
 //! telemetry_flush = "60s"
+//! capture_interval = "1h"                # how often capture allowances are asked for
 //!
 //! [inference]
 //! listen = "127.0.0.1:8080"
@@ -103,6 +104,7 @@ pub struct RawSync {
     pub download_deadline: Option<String>,
     pub min_download_rate: Option<String>,
     pub telemetry_flush: Option<String>,
+    pub capture_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,6 +161,10 @@ pub struct Config {
     /// Bytes per second below which a download is abandoned as too slow.
     pub min_download_rate: u64,
     pub telemetry_flush: Duration,
+    /// How often the hub is asked for the capture allowances of the models served; also at
+    /// start and whenever the models served change. Allowances change seldom, and asking every
+    /// cycle would cost a signed request each poll (about 750 B with its HTTP heads).
+    pub capture_interval: Duration,
     pub listen: SocketAddr,
     pub threads: usize,
     pub probation_timeout: Duration,
@@ -317,6 +323,7 @@ pub fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             "1KiB",
         )?,
         telemetry_flush: duration("sync.telemetry_flush", &raw.sync.telemetry_flush, "60s")?,
+        capture_interval: duration("sync.capture_interval", &raw.sync.capture_interval, "1h")?,
         listen,
         threads,
         probation_timeout: duration(

@@ -31,9 +31,12 @@ use serde_json::Value;
 fn serving_agent(hub: &TestHub, fleet: &Fleet, hub_url: Option<&str>) -> TestAgent {
     fleet.publish_example(hub, "demo", 1, 1);
     fleet.first_rollout(hub, "demo", 1);
+    // Allowances are asked for every 200 ms instead of every hour, so one uploaded while the
+    // agent runs reaches it within a cycle or two.
+    let config = "[sync]\ncapture_interval = \"200ms\"\n";
     let mut agent = match hub_url {
-        Some(url) => TestAgent::enroll_at(url, hub, fleet, "site=lab", ""),
-        None => TestAgent::enroll(hub, fleet, "site=lab", ""),
+        Some(url) => TestAgent::enroll_at(url, hub, fleet, "site=lab", config),
+        None => TestAgent::enroll(hub, fleet, "site=lab", config),
     };
     agent.start();
     agent.wait_status("active", Value::String("demo@1".into()));
@@ -382,4 +385,38 @@ fn bad_allowances_are_refused_with_a_clear_error_and_change_nothing() {
     let stored = allowances(&hub);
     assert_eq!(stored.len(), 1);
     assert_eq!((stored[0].sequence, stored[0].max_samples_per_day), (1, 10));
+}
+
+/// Allowances change seldom: with the default `capture_interval` (an hour) an agent asks for
+/// them in its first cycle and not again in the cycles after, so capture costs no request per
+/// poll. Counted at a proxy in front of the hub over five more check-ins.
+#[test]
+fn allowances_are_asked_for_once_an_interval_not_every_cycle() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    let proxy = Proxy::start(&hub.url());
+    fleet.publish_example(&hub, "demo", 1, 1);
+    fleet.first_rollout(&hub, "demo", 1);
+    let mut agent = TestAgent::enroll_at(&proxy.url(), &hub, &fleet, "site=lab", "");
+    agent.start();
+    agent.wait_status("active", Value::String("demo@1".into()));
+    let count = |path: &str| {
+        proxy
+            .log()
+            .iter()
+            .filter(|exchange| exchange.request.path == path)
+            .count()
+    };
+    wait_until(AGENT_WAIT, "the agent to ask for allowances", || {
+        (count("/device/v3/capture") > 0).then_some(())
+    });
+    let check_ins = count("/device/v3/checkin");
+    wait_until(AGENT_WAIT, "five more check-ins", || {
+        (count("/device/v3/checkin") >= check_ins + 5).then_some(())
+    });
+    assert_eq!(
+        count("/device/v3/capture"),
+        1,
+        "asked for allowances again within five check-ins"
+    );
 }

@@ -37,10 +37,17 @@ impl Syncer {
         }
     }
 
-    /// Asks for the allowance of every model served, and acts on each that verifies.
+    /// Asks for the allowance of every model served, and acts on each that verifies: in the
+    /// first cycle, when the models served changed, and otherwise once per `capture_interval`.
     fn fetch_allowances(&mut self) {
         let models: Vec<String> = self.slot.all().iter().map(|m| m.name.clone()).collect();
         if models.is_empty() {
+            return;
+        }
+        let due = self.capture_asked.as_ref().is_none_or(|(asked, at)| {
+            *asked != models || at.elapsed() >= self.config.capture_interval
+        });
+        if !due {
             return;
         }
         let answer: Result<CaptureAllowances, HubError> = self.client.call(
@@ -61,6 +68,7 @@ impl Syncer {
                 return;
             }
         };
+        self.capture_asked = Some((models.clone(), std::time::Instant::now()));
         let floor = self.floor();
         for signed in answer.allowances {
             let signed = signed.into_vec();

@@ -224,6 +224,9 @@ pub struct Syncer {
     hub_knows_capture: bool,
     /// Allowances refused (by digest), so each refusal is reported once.
     capture_refused: std::collections::HashSet<Sha256>,
+    /// The models the hub was last asked about for capture allowances, and when it answered:
+    /// asked again after `capture_interval`, or at once when the models served change.
+    capture_asked: Option<(Vec<String>, Instant)>,
 }
 
 pub(super) fn to_ref(manifest: &VerifiedManifest) -> VersionRef {
@@ -387,6 +390,7 @@ impl Syncer {
             capturer,
             hub_knows_capture: true,
             capture_refused: std::collections::HashSet::new(),
+            capture_asked: None,
             config,
         };
         syncer.load_active()?;
