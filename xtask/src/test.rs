@@ -4,12 +4,13 @@
 //! The ARM suites' release builds run in the background, one job at a time, while the host's
 //! tests run: those spend much of their time waiting on processes they started, and a cross build
 //! locks only `target/release` and `target/<triple>/release`, never the host tests' `target/debug`.
-//! The ARM steps then only run what was built.
+//! When the host's steps are done, a background build still running is interrupted (as Ctrl-C
+//! would: cargo keeps every crate it finished) and the ARM steps build the rest with every core.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::thread::JoinHandle;
+use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use crate::install::{self, ARM_TARGETS};
@@ -144,51 +145,72 @@ pub fn run(scope: Scope) -> Result<(), String> {
 /// Where the background ARM build writes its output, under the workspace's `target/`.
 const ARM_BUILD_LOG: &str = "target/xtask-arm-build.log";
 
-/// The background build of the ARM suites: its thread answers whether every build passed.
+/// The background build of the ARM suites: one cargo run for both targets, in a process group
+/// of its own so that interrupting it reaches its compilers too.
 struct ArmBuilds {
-    thread: JoinHandle<bool>,
+    child: Child,
     started: Instant,
     log: std::path::PathBuf,
 }
 
-/// Starts building the ARM suites (`--no-run`, one job) in a thread, each target after the other,
-/// writing cargo's output to [`ARM_BUILD_LOG`].
+/// Starts building the ARM suites (`--no-run`, one job, both targets in one cargo run), writing
+/// cargo's output to [`ARM_BUILD_LOG`].
 fn start_arm_builds(cargo: &str, root: &Path) -> Result<ArmBuilds, String> {
     let log = root.join(ARM_BUILD_LOG);
     let file =
         File::create(&log).map_err(|error| format!("creating {}: {error}", log.display()))?;
+    let err = file
+        .try_clone()
+        .map_err(|error| format!("opening {}: {error}", log.display()))?;
+    let mut args =
+        words("test --release --no-run -j 1 -p outpost-protocol -p outpost-model -p outpost-agent");
+    for target in ARM_TARGETS {
+        args.extend(["--target".to_owned(), target.to_owned()]);
+    }
     println!(
         "xtask: building the ARM suites in the background, one job at a time, into {ARM_BUILD_LOG}"
     );
-    let (cargo, root) = (cargo.to_owned(), root.to_owned());
-    let thread = std::thread::spawn(move || {
-        ARM_TARGETS.iter().all(|target| {
-            let mut args = arm_suites(target);
-            args.extend(words("--no-run -j 1"));
-            let (Ok(out), Ok(err)) = (file.try_clone(), file.try_clone()) else {
-                return false;
-            };
-            Command::new(&cargo)
-                .args(&args)
-                .current_dir(&root)
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .status()
-                .is_ok_and(|status| status.success())
-        })
-    });
+    let child = Command::new(cargo)
+        .args(&args)
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|error| format!("running {cargo}: {error}"))?;
     Ok(ArmBuilds {
-        thread,
+        child,
         started: Instant::now(),
         log,
     })
 }
 
-/// Waits for the background ARM build and makes it a step of the summary; a failed one prints the
-/// end of its log (the ARM steps after it then build again, in the foreground, and fail there too).
-fn finish_arm_builds(builds: ArmBuilds) -> (Step, bool, u64) {
-    let passed = builds.thread.join().unwrap_or(false);
+/// Ends the background ARM build and makes it a step of the summary. One still running is
+/// interrupted with SIGINT to its process group and counts as passed: the ARM steps after it
+/// build what it left, with every core, and fail there if it does not build. One that ended on
+/// its own and failed prints the end of its log.
+fn finish_arm_builds(mut builds: ArmBuilds) -> (Step, bool, u64) {
+    let running = matches!(builds.child.try_wait(), Ok(None));
+    if running {
+        let group = format!("-{}", builds.child.id());
+        let interrupted = Command::new("kill")
+            .args(["-INT", "--", &group])
+            .status()
+            .is_ok_and(|status| status.success());
+        println!(
+            "xtask: the host's steps are done and the ARM suites' background build is not: {} \
+             it after {}s; the ARM steps build the rest",
+            if interrupted {
+                "interrupted"
+            } else {
+                "could not interrupt, waiting for"
+            },
+            builds.started.elapsed().as_secs()
+        );
+    }
+    let status = builds.child.wait();
+    let passed = running || status.is_ok_and(|status| status.success());
     let seconds = builds.started.elapsed().as_secs();
     println!("xtask: the ARM suites' background build took {seconds}s in all");
     if !passed {
