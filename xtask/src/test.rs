@@ -32,10 +32,12 @@ fn words(line: &str) -> Vec<String> {
 /// are unusably slow under emulation, and the ARM agent packages of `.ci/run` reuse these builds.
 fn arm_suites(target: &str) -> Vec<String> {
     words(&format!(
-        "test --release --no-fail-fast -p outpost-protocol -p outpost-model -p outpost-agent \
-         --target {target}"
+        "test --release --no-fail-fast {ARM_PACKAGES} --target {target}"
     ))
 }
+
+/// The packages whose suites run on ARM: built in the background and run by the ARM steps.
+const ARM_PACKAGES: &str = "-p outpost-protocol -p outpost-model -p outpost-agent";
 
 fn steps(scope: Scope) -> Vec<Step> {
     let mut steps = vec![
@@ -162,8 +164,7 @@ fn start_arm_builds(cargo: &str, root: &Path) -> Result<ArmBuilds, String> {
     let err = file
         .try_clone()
         .map_err(|error| format!("opening {}: {error}", log.display()))?;
-    let mut args =
-        words("test --release --no-run -j 1 -p outpost-protocol -p outpost-model -p outpost-agent");
+    let mut args = words(&format!("test --release --no-run -j 1 {ARM_PACKAGES}"));
     for target in ARM_TARGETS {
         args.extend(["--target".to_owned(), target.to_owned()]);
     }
