@@ -146,7 +146,7 @@ impl Store {
         }
         let stored = self.store_group_on(&mut connection, batches).await;
         if sqlite {
-            connection.execute("PRAGMA synchronous = NORMAL").await?;
+            super::sql::back_to_normal_sync(&mut connection).await;
         }
         let (verdicts, counted) = stored?;
         for device in counted {

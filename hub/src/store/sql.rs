@@ -8,7 +8,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyConnection, AnyPool};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool};
 use sqlx::{AssertSqlSafe, Connection, Executor};
 
 use super::{Result, StoreError};
@@ -205,9 +206,20 @@ pub(super) async fn sync(writer: &AnyPool) -> Result<()> {
     .bind(crate::unix_now().to_be_bytes().to_vec())
     .execute(&mut *connection)
     .await;
-    connection.execute("PRAGMA synchronous = NORMAL").await?;
+    back_to_normal_sync(&mut connection).await;
     written?;
     Ok(())
+}
+
+/// Puts a SQLite connection that committed with `synchronous = FULL` back to `NORMAL`. What was
+/// committed is committed whatever this does, so a failure is not the caller's error: answering
+/// one would report a stored write as failed. The connection is closed instead of going back to
+/// the pool, and the pool opens a new one in `NORMAL`.
+pub(super) async fn back_to_normal_sync(connection: &mut PoolConnection<Any>) {
+    if let Err(error) = connection.execute("PRAGMA synchronous = NORMAL").await {
+        log::warn!("setting synchronous = NORMAL back after a durable commit: {error}; closing the connection");
+        connection.close_on_drop();
+    }
 }
 
 /// The schema, one step per entry, in the order they apply: each runs once per database, in one
