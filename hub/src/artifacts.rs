@@ -6,8 +6,8 @@
 //! - **Nothing half-written is visible.** An upload streams into a staging file of its own under
 //!   `DATA/uploads` while it is hashed and counted against the size limit. Only a complete upload
 //!   whose hash is the announced one is handed to the store, and the store publishes it whole or
-//!   not at all: the local directory writes a staging file, fsyncs it, renames it and fsyncs the
-//!   directory; S3 makes an object visible only when its single PUT or its multipart upload
+//!   not at all: in the local directory the staging file itself is fsynced, renamed under its
+//!   name and the directory fsynced, so its bytes are written once; S3 makes an object visible only when its single PUT or its multipart upload
 //!   completes, and an upload that fails is aborted. A store that cannot be reached fails the
 //!   upload with an error naming the store, after a few bounded retries.
 //! - **What is stored is checked again before the hub relies on it**
@@ -152,6 +152,9 @@ pub struct ArtifactStore {
     signer: Option<(Arc<AmazonS3>, Duration)>,
     /// Prepended to every object's name (`PREFIX/`), empty for none.
     prefix: String,
+    /// The local directory the store keeps objects in, when it is one: uploads are renamed into
+    /// it rather than written a second time.
+    local: Option<PathBuf>,
     /// Where uploads are staged and hashed before the store sees them.
     staging: PathBuf,
     /// Names the store in messages: a directory, or `s3://BUCKET/PREFIX at ENDPOINT`.
@@ -176,7 +179,7 @@ impl ArtifactStore {
     pub fn open(data_dir: &Path, config: &ArtifactConfig) -> anyhow::Result<ArtifactStore> {
         let staging = data_dir.join("uploads");
         remove_leftovers(&staging, |_| true)?;
-        let (store, signer, prefix, describe): (Arc<dyn ObjectStore>, _, _, _) =
+        let (store, signer, prefix, describe, local): (Arc<dyn ObjectStore>, _, _, _, _) =
             match &config.location {
                 None => {
                     anyhow::ensure!(
@@ -197,6 +200,7 @@ impl ArtifactStore {
                         None,
                         String::new(),
                         dir.display().to_string(),
+                        Some(dir),
                     )
                 }
                 Some(url) => {
@@ -204,13 +208,14 @@ impl ArtifactStore {
                     let s3 = Arc::new(s3);
                     let signer = (config.urls == ArtifactUrls::Signed)
                         .then(|| (Arc::clone(&s3), config.url_ttl));
-                    (s3, signer, prefix, describe)
+                    (s3, signer, prefix, describe, None)
                 }
             };
         Ok(ArtifactStore {
             store,
             signer,
             prefix,
+            local,
             staging,
             describe,
             verified: Arc::default(),
@@ -431,6 +436,14 @@ impl ArtifactStore {
         length: u64,
     ) -> Result<(), ArtifactError> {
         let path = self.object(&sha256.to_hex());
+        if let Some(dir) = &self.local {
+            if self
+                .publish_local(sha256, staged, dir, &path, length)
+                .await?
+            {
+                return Ok(());
+            }
+        }
         let action = format!("storing {sha256}");
         let mut file = tokio::fs::File::open(staged).await?;
         let put = if length <= PART_BYTES as u64 {
@@ -480,6 +493,41 @@ impl ArtifactStore {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(sha256, (length, meta.e_tag));
         Ok(())
+    }
+
+    /// Publishes the staged file of `sha256` in the local directory `dir` by renaming it there:
+    /// its data is synced first and the directory after, so the name appears whole or not at all
+    /// and survives a power cut, as the store's own put would make it, without writing the bytes
+    /// a second time. False when the rename crosses filesystems (`dir` is a mount of its own):
+    /// then the store copies it.
+    async fn publish_local(
+        &self,
+        sha256: Sha256,
+        staged: &Path,
+        dir: &Path,
+        path: &ObjectPath,
+        length: u64,
+    ) -> Result<bool, ArtifactError> {
+        tokio::fs::File::open(staged).await?.sync_all().await?;
+        match tokio::fs::rename(staged, dir.join(sha256.to_hex())).await {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::CrossesDevices => return Ok(false),
+            Err(error) => return Err(error.into()),
+        }
+        let synced = dir.to_owned();
+        tokio::task::spawn_blocking(move || std::fs::File::open(synced)?.sync_all())
+            .await
+            .map_err(std::io::Error::other)??;
+        let meta = self
+            .store
+            .head(path)
+            .await
+            .map_err(|error| self.store_error(format!("storing {sha256}"), error))?;
+        self.verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(sha256, (length, meta.e_tag));
+        Ok(true)
     }
 }
 
