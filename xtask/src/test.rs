@@ -41,6 +41,10 @@ const ARM_PACKAGES: &str = "-p outpost-protocol -p outpost-model -p outpost-agen
 
 fn steps(scope: Scope) -> Vec<Step> {
     let mut steps = vec![
+        // Every step names `--workspace`, even one that runs a few test targets (`--test NAME`):
+        // cargo resolves features over the packages a command selects, so `-p PACKAGE` would
+        // build another variant of the shared dependencies and of the tests (minutes a step on a
+        // fresh clone) where `--workspace` reuses the first step's build.
         Step {
             title: "the workspace's tests built".into(),
             args: words("test --workspace --no-run"),
@@ -58,8 +62,8 @@ fn steps(scope: Scope) -> Vec<Step> {
             title: "the agent suites again on ONNX Runtime (OUTPOST_TEST_RUNTIME=onnxruntime)"
                 .into(),
             args: words(
-                "test --no-fail-fast -p outpost-agent --test api -p outpost-tests --test agent_e2e \
-                 --test shadow_e2e --test several_models --test drift_e2e",
+                "test --no-fail-fast --workspace --test api --test agent_e2e --test shadow_e2e \
+                 --test several_models --test drift_e2e",
             ),
             env: vec![("OUTPOST_TEST_RUNTIME", "onnxruntime")],
         },
@@ -70,7 +74,7 @@ fn steps(scope: Scope) -> Vec<Step> {
         Step {
             title: "the hub suites again on PostgreSQL (OUTPOST_TEST_DATABASE=postgres)".into(),
             args: words(
-                "test --no-fail-fast -p outpost-tests --test rollout_e2e --test hub_rollout \
+                "test --no-fail-fast --workspace --test rollout_e2e --test hub_rollout \
                  --test drift_e2e --test several_models --test held_check_in --test shadow_e2e \
                  --test agent_e2e",
             ),
@@ -87,7 +91,7 @@ fn steps(scope: Scope) -> Vec<Step> {
         }
         steps.push(Step {
             title: "the aarch64 agent under qemu-aarch64 against the host's hub".into(),
-            args: words("test -p outpost-tests --features arm-e2e --test arm_e2e"),
+            args: words("test --workspace --features outpost-tests/arm-e2e --test arm_e2e"),
             env: Vec::new(),
         });
     }
