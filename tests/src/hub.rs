@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use outpost_hub::api::{CreatedToken, ModelVersionInfo, RolloutInfo};
+use outpost_hub::api::{CreatedToken, DriftReport, ModelVersionInfo, RolloutInfo};
 use outpost_protocol::trust::{Signed, SignedBody};
 use outpost_protocol::{Message, SecretKey};
 use serde::de::DeserializeOwned;
@@ -514,6 +514,28 @@ impl TestHub {
     /// `rollout status SEQUENCE --json`.
     pub fn rollout(&self, sequence: u64) -> RolloutInfo {
         self.cli_json(&["rollout", "status", &sequence.to_string()])
+    }
+
+    /// Waits until `drift report --model MODEL ARGS --json` counts `n` values of feature `x0`, and
+    /// returns that report; panics if it ever counts more. Agents' telemetry reaches the hub on
+    /// their own clock, so a test waits for the rows it served.
+    pub fn drift_report_of(&self, model: &str, args: &[&str], n: u64) -> DriftReport {
+        wait_until(
+            crate::agent::AGENT_WAIT,
+            &format!("a drift report of {model} {args:?} over {n} rows"),
+            || {
+                let mut all = vec!["drift", "report", "--model", model];
+                all.extend_from_slice(args);
+                let report: DriftReport = self.cli_json(&all);
+                let counted = report
+                    .features
+                    .iter()
+                    .find(|feature| feature.name == "x0")
+                    .map_or(0, |feature| feature.n);
+                assert!(counted <= n, "more rows counted than sent: {report:#?}");
+                (counted == n).then_some(report)
+            },
+        )
     }
 
     /// The hub's process id; panics when it is not running.

@@ -96,6 +96,26 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// `target/real-models`, where `cargo xtask install` makes a Python virtual environment
+/// (`venv/`: ONNX Runtime, numpy and PyNaCl, pinned) and downloads the real models' wheels
+/// (`wheels/`).
+pub fn real_models_dir() -> PathBuf {
+    workspace_root().join("target/real-models")
+}
+
+/// The Python of [`real_models_dir`]'s virtual environment. Panics naming `cargo xtask install`
+/// when it is missing: a test that needs it fails rather than skips.
+pub fn venv_python() -> PathBuf {
+    let python = real_models_dir().join("venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: `cargo xtask install` makes the virtual environment the tests run \
+         ONNX Runtime and PyNaCl from",
+        python.display()
+    );
+    python
+}
+
 /// A finished command, with its output as text for assertions.
 #[derive(Debug)]
 pub struct Run {

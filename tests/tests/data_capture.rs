@@ -11,25 +11,35 @@
 //! - An allowance above the protocol's maxima is refused when signed and when uploaded, a
 //!   malformed one when uploaded, each with a clear error and nothing stored; captured samples
 //!   are listed for `admin` tokens only.
+//! - A `while-drift-alert` allowance captures nothing while the device's own drift summary is
+//!   not flagged ALERT, and captures drifted requests once it is.
+//! - A captured sample is a libsodium sealed box: libsodium itself (PyNaCl's) opens it.
 
 // Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use outpost_hub::api::{CaptureAllowanceInfo, CaptureInfo};
-use outpost_protocol::capture::CaptureAllowances;
+use outpost_model::example::normal_rows;
+use outpost_protocol::capture::{CaptureAllowances, CaptureSample};
 use outpost_protocol::trust::{CaptureBody, CaptureTrigger, CaptureVersions};
 use outpost_protocol::SecretKey;
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::hub::{Fleet, TestHub};
 use outpost_tests::proxy::{Proxy, Response};
-use outpost_tests::wait_until;
+use outpost_tests::{venv_python, wait_until, Run};
 use serde_json::Value;
 
 /// A hub with `demo@1` (the example MLP: input `x`, output `y`) rolled out to one agent.
 fn serving_agent(hub: &TestHub, fleet: &Fleet, hub_url: Option<&str>) -> TestAgent {
     fleet.publish_example(hub, "demo", 1, 1);
+    agent_serving_demo(hub, fleet, hub_url)
+}
+
+/// The published `demo@1` rolled out to one agent, reaching the hub at `hub_url` if given.
+fn agent_serving_demo(hub: &TestHub, fleet: &Fleet, hub_url: Option<&str>) -> TestAgent {
     fleet.first_rollout(hub, "demo", 1);
     // Allowances are asked for every 200 ms instead of every hour, so one uploaded while the
     // agent runs reaches it within a cycle or two.
@@ -76,6 +86,87 @@ fn run(hub: &TestHub, args: &[String]) -> outpost_tests::Run {
     hub.cli(&args)
 }
 
+/// Signs allowance 1 of `demo` to the key pair in `keys`: every request, at most
+/// `samples_per_day` samples and 1,000,000 bytes a device and day, and `extra` flags. Uploads it
+/// and waits for `agent` to accept it.
+fn allow_every_request(
+    hub: &TestHub,
+    fleet: &Fleet,
+    agent: &TestAgent,
+    keys: &Path,
+    samples_per_day: u64,
+    extra: &[&str],
+) {
+    let signed = hub.dir().join("allow-1.bin");
+    let samples_per_day = samples_per_day.to_string();
+    let mut flags = vec![
+        "--sequence",
+        "1",
+        "--rate-ppm",
+        "1000000",
+        "--max-samples-per-day",
+        &samples_per_day,
+        "--max-bytes-per-day",
+        "1000000",
+    ];
+    flags.extend_from_slice(extra);
+    run(hub, &sign_args(fleet, keys, &signed, &flags)).ok();
+    hub.cli(&["capture", "allow", &signed.to_string_lossy()])
+        .ok();
+    wait_until(AGENT_WAIT, "the agent to accept the allowance", || {
+        agent
+            .log()
+            .contains("capture allowance 1 of demo accepted")
+            .then_some(())
+    });
+}
+
+/// Waits until the hub holds at least `count` samples of `demo`.
+fn wait_for_captures(hub: &TestHub, count: usize) -> Vec<CaptureInfo> {
+    wait_until(AGENT_WAIT, &format!("{count} samples at the hub"), || {
+        let stored = captures(hub);
+        (stored.len() >= count).then_some(stored)
+    })
+}
+
+/// `capture download` of sample `id` into the hub's directory: the sealed bytes as stored.
+fn download(hub: &TestHub, id: u64) -> PathBuf {
+    let sample = hub.dir().join(format!("sample-{id}.bin"));
+    hub.cli(&[
+        "capture",
+        "download",
+        &id.to_string(),
+        "--out",
+        &sample.to_string_lossy(),
+    ])
+    .ok();
+    sample
+}
+
+/// `capture open` of `sample` with the secret key in `keys`, as JSON.
+fn open_sample(hub: &TestHub, keys: &Path, sample: &Path) -> Value {
+    let opened = hub
+        .cli(&[
+            "capture",
+            "open",
+            "--key",
+            &keys.join("capture.key").to_string_lossy(),
+            &sample.to_string_lossy(),
+        ])
+        .ok();
+    serde_json::from_str(&opened.stdout).unwrap()
+}
+
+/// The values of an opened sample's first input.
+fn first_input(opened: &Value) -> Vec<f64> {
+    opened["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|value| value.as_f64().unwrap())
+        .collect()
+}
+
 fn captures(hub: &TestHub) -> Vec<CaptureInfo> {
     hub.cli_json(&["capture", "list", "--model", "demo"])
 }
@@ -101,43 +192,11 @@ fn a_signed_allowance_yields_samples_within_its_rate_and_cap_readable_only_with_
     let mut agent = serving_agent(&hub, &fleet, None);
     let keys = hub.dir().join("capture-keys");
     keygen(&hub, &keys);
-    let signed = hub.dir().join("allow-1.bin");
     // Every request, at most 3 samples a device and day, output `y` dropped.
-    run(
-        &hub,
-        &sign_args(
-            &fleet,
-            &keys,
-            &signed,
-            &[
-                "--sequence",
-                "1",
-                "--rate-ppm",
-                "1000000",
-                "--max-samples-per-day",
-                "3",
-                "--max-bytes-per-day",
-                "1000000",
-                "--drop-output",
-                "y",
-            ],
-        ),
-    )
-    .ok();
-    hub.cli(&["capture", "allow", &signed.to_string_lossy()])
-        .ok();
-    wait_until(AGENT_WAIT, "the agent to accept the allowance", || {
-        agent
-            .log()
-            .contains("capture allowance 1 of demo accepted")
-            .then_some(())
-    });
+    allow_every_request(&hub, &fleet, &agent, &keys, 3, &["--drop-output", "y"]);
 
     serve(&agent, 6);
-    let stored = wait_until(AGENT_WAIT, "three samples at the hub", || {
-        let stored = captures(&hub);
-        (stored.len() >= 3).then_some(stored)
-    });
+    let stored = wait_for_captures(&hub, 3);
     // Two more cycles after the third arrived: the cap held, nothing else came.
     agent.next_status();
     agent.next_status();
@@ -160,34 +219,12 @@ fn a_signed_allowance_yields_samples_within_its_rate_and_cap_readable_only_with_
     );
 
     // The operator's key opens a sample to the request's tensors, `y` dropped.
-    let sample = hub.dir().join("sample.bin");
-    hub.cli(&[
-        "capture",
-        "download",
-        &stored[0].id.to_string(),
-        "--out",
-        &sample.to_string_lossy(),
-    ])
-    .ok();
-    let opened = hub
-        .cli(&[
-            "capture",
-            "open",
-            "--key",
-            &keys.join("capture.key").to_string_lossy(),
-            &sample.to_string_lossy(),
-        ])
-        .ok();
-    let opened: Value = serde_json::from_str(&opened.stdout).unwrap();
+    let sample = download(&hub, stored[0].id);
+    let opened = open_sample(&hub, &keys, &sample);
     assert_eq!(opened["model"], "demo");
     assert_eq!(opened["inputs"][0]["name"], "x");
     assert_eq!(opened["inputs"][0]["shape"], serde_json::json!([1, 4]));
-    let row: Vec<f64> = opened["inputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|value| value.as_f64().unwrap())
-        .collect();
+    let row = first_input(&opened);
     assert_eq!(row[2..], [0.5, 2.0], "{opened}");
     assert_eq!(row[0], -row[1], "{opened}");
     assert_eq!(opened["outputs"], serde_json::json!([]), "y is dropped");
@@ -418,5 +455,164 @@ fn allowances_are_asked_for_once_an_interval_not_every_cycle() {
         count("/device/v3/capture"),
         1,
         "asked for allowances again within five check-ins"
+    );
+}
+
+/// How far the drifted requests' x1 and x3 are shifted: three standard deviations, so the device
+/// flags ALERT on any flushed part of its window holding more than a few of them.
+const SHIFT: f32 = 3.0;
+
+/// Issue 26: `trigger = while-drift-alert` over real processes. The agent judges each flushed
+/// part of its telemetry window against the model's signed profile (`note_drift` in
+/// `agent/src/sync/capture_sync.rs`) and captures a request only while the latest part of its
+/// model version was flagged ALERT.
+///
+/// First, in-profile rows, each sent alone and waited for at the hub (counted in its drift
+/// report), so every flushed part holds one row. One row is never flagged, whatever it is: with
+/// the profile's 21 bins PSI's noise bound at n = 1 is 31.4, above the PSI any single row gives
+/// (under 16), and the class output's JS bound is above 1. That holds the device's summary out
+/// of ALERT by construction; parts of a few dozen in-profile rows are often flagged, so a test
+/// sending them in bursts would see samples (`docs/operations.md`, "Data capture"). After a
+/// cycle that finished past the last row's telemetry (which seals and uploads what the requests
+/// before it captured), the hub has no sample. Then rows with x1 and x3 shifted by [`SHIFT`]
+/// until samples arrive: exactly the day's cap of them, each of a drifted row.
+#[test]
+fn a_drift_triggered_allowance_captures_only_once_the_devices_own_summary_alerts() {
+    const IN_PROFILE_ROWS: usize = 12;
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    fleet.publish_example_with_profile(&hub, "demo", 1, 1);
+    let agent = agent_serving_demo(&hub, &fleet, None);
+    let keys = hub.dir().join("capture-keys");
+    keygen(&hub, &keys);
+    allow_every_request(
+        &hub,
+        &fleet,
+        &agent,
+        &keys,
+        3,
+        &["--trigger", "while-drift-alert"],
+    );
+    assert_eq!(allowances(&hub)[0].trigger, "while-drift-alert");
+
+    let client = http();
+    let serve_row = |row: &[f32]| {
+        let (code, body) = agent.infer(&client, [row[0], row[1], row[2], row[3]]);
+        assert_eq!(code, 200, "{body}");
+    };
+    for (index, row) in normal_rows(4, IN_PROFILE_ROWS, 1, 0.0)
+        .chunks(4)
+        .enumerate()
+    {
+        serve_row(row);
+        // Its telemetry reached the hub: the part it was flushed in holds it alone.
+        hub.drift_report_of("demo", &["--version", "1"], index as u64 + 1);
+    }
+    agent.next_status();
+    agent.next_status();
+    assert!(
+        captures(&hub).is_empty(),
+        "captured while the device's own summary was not flagged ALERT"
+    );
+
+    let mut drifted: Vec<Vec<f32>> = Vec::new();
+    let mut seed = 100;
+    let stored = wait_until(AGENT_WAIT, "samples of drifted requests", || {
+        seed += 1;
+        for row in normal_rows(4, 20, seed, 0.0).chunks(4) {
+            let row = vec![row[0], row[1] + SHIFT, row[2], row[3] + SHIFT];
+            serve_row(&row);
+            drifted.push(row);
+        }
+        let stored = captures(&hub);
+        (stored.len() >= 3).then_some(stored)
+    });
+    // More drifted requests and two more cycles: the day's cap held.
+    for row in normal_rows(4, 20, 99, 0.0).chunks(4) {
+        serve_row(&[row[0], row[1] + SHIFT, row[2], row[3] + SHIFT]);
+    }
+    agent.next_status();
+    agent.next_status();
+    assert_eq!(captures(&hub).len(), 3, "the day's cap of 3 samples");
+    for info in &stored {
+        let opened = open_sample(&hub, &keys, &download(&hub, info.id));
+        let row: Vec<f32> = first_input(&opened)
+            .into_iter()
+            .map(|value| value as f32)
+            .collect();
+        assert!(
+            drifted.contains(&row),
+            "a sample of a row not drifted: {opened}"
+        );
+    }
+}
+
+/// Issue 26: a sample the real agent sealed and the hub stored is a libsodium sealed box. Its
+/// bytes from `capture download` are opened by libsodium itself (the copy PyNaCl's wheel bundles,
+/// `SealedBox.decrypt`) with the secret key `capture keygen` wrote, to the same bytes the Rust
+/// side opens: a `CaptureSample` frame of the request served. Another key's `decrypt` fails, so
+/// the check is not vacuous. PyNaCl comes from `cargo xtask install`; without it this fails
+/// naming that command.
+#[test]
+fn libsodium_opens_a_sample_the_agent_sealed() {
+    const OPEN: &str = "import sys\n\
+        from nacl.public import PrivateKey, SealedBox\n\
+        key = PrivateKey(bytes.fromhex(open(sys.argv[1]).read().strip()))\n\
+        sealed = open(sys.argv[2], 'rb').read()\n\
+        print(SealedBox(key).decrypt(sealed).hex())\n";
+    let python = venv_python();
+    let found = Run::of(Command::new(&python).args(["-c", "import nacl.public"]));
+    assert!(
+        found.success,
+        "PyNaCl is missing from {}: `cargo xtask install` installs it\n{}",
+        python.display(),
+        found.stderr
+    );
+    let libsodium_open = |key: &Path, sample: &Path| {
+        Run::of(
+            Command::new(&python)
+                .args(["-c", OPEN])
+                .arg(key.join("capture.key"))
+                .arg(sample),
+        )
+    };
+
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    let agent = serving_agent(&hub, &fleet, None);
+    let keys = hub.dir().join("capture-keys");
+    keygen(&hub, &keys);
+    allow_every_request(&hub, &fleet, &agent, &keys, 1, &[]);
+    let row = [1.5f32, -2.25, 0.5, 2.0];
+    let (code, body) = agent.infer(&http(), row);
+    assert_eq!(code, 200, "{body}");
+    let stored = wait_for_captures(&hub, 1);
+    let sample = download(&hub, stored[0].id);
+
+    let opened = libsodium_open(&keys, &sample).ok();
+    let plaintext = hex::decode(opened.stdout.trim()).unwrap();
+    let mut secret = [0u8; 32];
+    let secret_hex = std::fs::read_to_string(keys.join("capture.key")).unwrap();
+    hex::decode_to_slice(secret_hex.trim(), &mut secret).unwrap();
+    let sealed = std::fs::read(&sample).unwrap();
+    assert_eq!(
+        plaintext,
+        outpost_protocol::capture::open(&secret, &sealed).unwrap(),
+        "libsodium and the hub's CLI open the sample to other bytes"
+    );
+    let decoded: CaptureSample = outpost_protocol::decode(&plaintext).unwrap();
+    assert_eq!((decoded.model.as_str(), decoded.version), ("demo", 1));
+    let served: Vec<u8> = row.iter().flat_map(|value| value.to_le_bytes()).collect();
+    assert_eq!(decoded.inputs[0].name, "x");
+    assert_eq!(decoded.inputs[0].data, served);
+    let cli = open_sample(&hub, &keys, &sample);
+    assert_eq!(first_input(&cli), row.map(f64::from));
+
+    let other = hub.dir().join("other-keys");
+    keygen(&hub, &other);
+    let refused = libsodium_open(&other, &sample);
+    assert!(
+        !refused.success && refused.stderr.contains("CryptoError"),
+        "libsodium opened a sample with another key: {refused:?}"
     );
 }

