@@ -459,26 +459,27 @@ fn allowances_are_asked_for_once_an_interval_not_every_cycle() {
 }
 
 /// How far the drifted requests' x1 and x3 are shifted: three standard deviations, so the device
-/// flags ALERT on any flushed part of its window holding more than a few of them.
+/// flags ALERT once its hour holds enough values to judge.
 const SHIFT: f32 = 3.0;
 
-/// Issue 26: `trigger = while-drift-alert` over real processes. The agent judges each flushed
-/// part of its telemetry window against the model's signed profile (`note_drift` in
-/// `agent/src/sync/capture_sync.rs`) and captures a request only while the latest part of its
-/// model version was flagged ALERT.
+/// Issue 26: `trigger = while-drift-alert` over real processes. The agent merges the flushed parts
+/// of its hour's telemetry window and judges the merge against the model's signed profile, taking
+/// an ALERT only once the hour holds about 200 values (`note_drift` and `enough_values` in
+/// `agent/src/sync/capture_sync.rs`); it captures a request only while that holds.
 ///
-/// First, in-profile rows, each sent alone and waited for at the hub (counted in its drift
-/// report), so every flushed part holds one row. One row is never flagged, whatever it is: with
-/// the profile's 21 bins PSI's noise bound at n = 1 is 31.4, above the PSI any single row gives
-/// (under 16), and the class output's JS bound is above 1. That holds the device's summary out
-/// of ALERT by construction; parts of a few dozen in-profile rows are often flagged, so a test
-/// sending them in bursts would see samples (`docs/operations.md`, "Data capture"). After a
-/// cycle that finished past the last row's telemetry (which seals and uploads what the requests
-/// before it captured), the hub has no sample. Then rows with x1 and x3 shifted by [`SHIFT`]
-/// until samples arrive: exactly the day's cap of them, each of a drifted row.
+/// First, in-profile traffic in the two shapes that used to be flagged: rows each sent alone and
+/// waited for at the hub (counted in its drift report), so every flushed part holds one row, then
+/// bursts of 15 rows, each flushed as a part of its own. Judged part by part, bursts like these
+/// were flagged ALERT by PSI's empty bins and captured. After a cycle that finished past the last
+/// row's telemetry (which seals and uploads what the requests before it captured), the hub has no
+/// sample. Then rows with x1 and x3 shifted by [`SHIFT`] until samples arrive: exactly the day's
+/// cap of them, each of a drifted row.
 #[test]
 fn a_drift_triggered_allowance_captures_only_once_the_devices_own_summary_alerts() {
     const IN_PROFILE_ROWS: usize = 12;
+    // 132 in-profile rows in all: below the 200 or so the device needs to judge its hour.
+    const BURSTS: usize = 8;
+    const BURST_ROWS: usize = 15;
     let hub = TestHub::start();
     let fleet = Fleet::new(&hub);
     fleet.publish_example_with_profile(&hub, "demo", 1, 1);
@@ -507,6 +508,14 @@ fn a_drift_triggered_allowance_captures_only_once_the_devices_own_summary_alerts
         serve_row(row);
         // Its telemetry reached the hub: the part it was flushed in holds it alone.
         hub.drift_report_of("demo", &["--version", "1"], index as u64 + 1);
+    }
+    let mut served = IN_PROFILE_ROWS;
+    for burst in 0..BURSTS {
+        for row in normal_rows(4, BURST_ROWS, 50 + burst as u64, 0.0).chunks(4) {
+            serve_row(row);
+        }
+        served += BURST_ROWS;
+        hub.drift_report_of("demo", &["--version", "1"], served as u64);
     }
     agent.next_status();
     agent.next_status();

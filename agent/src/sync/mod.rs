@@ -21,6 +21,7 @@
 //! `telemetry_upload` moves telemetry to the cache and the hub, `capture_sync` fetches capture
 //! allowances, seals captured samples and uploads them.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use outpost_protocol::device::{
     AgentState, CheckIn, CheckInResponse, HeldCheckIn, HeldCheckInResponse, ModelAnswer,
     ModelCheckIn, ModelRuntime, ModelsCheckIn, ModelsCheckInResponse, RunningModel,
 };
+use outpost_protocol::drift::DriftSummary;
 use outpost_protocol::trust::{ManifestRef, Slot};
 use outpost_protocol::{Sha256, TimeFloor, VerifiedManifest, VerifiedRoot};
 use serde::Serialize;
@@ -222,6 +224,9 @@ pub struct Syncer {
     /// False once the hub answered `/device/v3/capture` with 404 (a hub older than data
     /// capture): no allowances asked for and no samples sent until the agent restarts.
     hub_knows_capture: bool,
+    /// Each served version's drift summary of the current hour so far (its window's start and
+    /// the flushed parts merged), judged for `while-drift-alert` allowances.
+    drift_hours: HashMap<(String, u64), (u64, DriftSummary)>,
     /// Allowances refused (by digest), so each refusal is reported once.
     capture_refused: std::collections::HashSet<Sha256>,
     /// The models the hub was last asked about for capture allowances, and when it answered:
@@ -389,6 +394,7 @@ impl Syncer {
             runtimes_reported: None,
             capturer,
             hub_knows_capture: true,
+            drift_hours: HashMap::new(),
             capture_refused: std::collections::HashSet::new(),
             capture_asked: None,
             config,
