@@ -7,10 +7,9 @@
 //!
 //! A rule watches one model (every published version of it, each its own alert) in one label
 //! group (a selector; every device when empty) and fires when its condition has held for
-//! `hold_secs`. Drift and data-quality conditions judge the model version's hourly drift
-//! aggregates of the last `window_secs`; error-rate and latency conditions judge the inference
-//! counters devices reported for the version, which the hub keeps summed since the version's
-//! first report.
+//! `hold_secs`. Every condition judges the last `window_secs` of the label group: drift and
+//! data-quality conditions the model version's hourly drift aggregates, error-rate and latency
+//! conditions its hourly inference counters (both added up at ingest per label group and hour).
 
 use std::fmt;
 
@@ -24,8 +23,8 @@ pub mod webhook;
 pub const MAX_NAME: usize = 64;
 /// Longest a condition may have to hold: 30 days.
 pub const MAX_HOLD_SECS: u64 = 30 * 86_400;
-/// Shortest and longest look-back of drift and quality conditions: an hour (the drift windows'
-/// length) to 30 days.
+/// Shortest and longest look-back of a condition: an hour (the telemetry windows' length, and the
+/// aggregates' grain) to 30 days.
 pub const MIN_WINDOW_SECS: u64 = 3600;
 pub const MAX_WINDOW_SECS: u64 = 30 * 86_400;
 /// Most webhooks one rule notifies.

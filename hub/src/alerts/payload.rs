@@ -62,7 +62,7 @@ pub struct PayloadRule {
     pub condition: String,
     /// How long the condition had to hold, seconds.
     pub hold_secs: u64,
-    /// How far back drift and quality conditions look, seconds.
+    /// How far back the condition looks, seconds.
     pub window_secs: u64,
     /// `warning` or `critical` (a `drift>=alert` rule).
     pub severity: String,

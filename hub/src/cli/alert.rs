@@ -50,8 +50,8 @@ pub struct CreateArgs {
     /// How long the condition must hold before the alert fires.
     #[arg(long = "for", default_value = "0s", value_parser = signed_secs, allow_hyphen_values = true)]
     pub hold: i64,
-    /// How far back drift and quality conditions look (1h to 30d); error rate and latency are
-    /// judged on every inference reported for the version.
+    /// How far back the condition looks (1h to 30d): the hourly drift aggregates or inference
+    /// counters of the hours ending in it.
     #[arg(long, default_value = "1h", value_parser = signed_secs, allow_hyphen_values = true)]
     pub window: i64,
     /// A webhook to notify (see `outpost-hub webhook create`); repeat for several.

@@ -106,7 +106,8 @@ pub struct ServeArgs {
     /// How long the hourly drift aggregates (each model version's summaries merged per label
     /// group and hour, whatever the number of devices) are kept after their hour ends; removed
     /// on the engine's tick. Fleet-wide drift (`/metrics`, the dashboard, reports over a label
-    /// group) reads them, so reports reach back this far.
+    /// group) reads them, so reports reach back this far. The hourly inference counters that
+    /// error-rate and latency alert rules judge are kept as long.
     #[arg(long, default_value = "400d", value_parser = parse_duration)]
     pub retain_drift_aggregates: Duration,
     /// Serve `/metrics` to anyone who can reach the hub. By default a scrape needs an admin token

@@ -71,15 +71,18 @@ pub async fn evaluator(hub: SharedHub) {
 
 /// Evaluates every rule of `model` (of every model when None) at this moment.
 pub async fn evaluate(hub: &SharedHub, model: Option<&str>) -> anyhow::Result<()> {
+    evaluate_at(hub, model, unix_now()).await
+}
+
+/// [`evaluate`] as at `now`, which the tests move forward.
+async fn evaluate_at(hub: &SharedHub, model: Option<&str>, now: u64) -> anyhow::Result<()> {
     let rules = hub.store.alert_rules(model).await?;
     if rules.is_empty() {
         return Ok(());
     }
-    let now = unix_now();
     let mut sent = false;
-    let mut devices = None;
     for rule in rules {
-        match evaluate_rule(hub, &rule, now, &mut devices).await {
+        match evaluate_rule(hub, &rule, now).await {
             Ok(events) => sent |= events,
             Err(error) => log::error!("alert rule {}: {error:#}", rule.name),
         }
@@ -154,18 +157,9 @@ struct Observation {
     summary: String,
 }
 
-/// Every device's (revoked ones aside) labels and id, read once per evaluation for the
-/// conditions that sum inference counters.
-type Devices = Vec<([u8; 16], Vec<Label>)>;
-
 /// Evaluates one rule on every published version of its model; true when it queued a
 /// notification.
-async fn evaluate_rule(
-    hub: &SharedHub,
-    rule: &AlertRuleRecord,
-    now: u64,
-    devices: &mut Option<Devices>,
-) -> anyhow::Result<bool> {
+async fn evaluate_rule(hub: &SharedHub, rule: &AlertRuleRecord, now: u64) -> anyhow::Result<bool> {
     let condition = condition_of(rule)?;
     let versions = published_versions(hub, &rule.model).await?;
     let states: HashMap<String, AlertStateRecord> = hub
@@ -182,19 +176,7 @@ async fn evaluate_rule(
                 observe_drift(hub, rule, &condition, version, now).await?
             }
             Condition::ErrorRate(_) | Condition::LatencyP95(_) => {
-                if devices.is_none() {
-                    *devices = Some(
-                        hub.store
-                            .devices()
-                            .await?
-                            .iter()
-                            .filter(|device| !device.revoked)
-                            .map(|device| (device.id, super::fleet::labels_of(device)))
-                            .collect(),
-                    );
-                }
-                let all = devices.as_deref().unwrap_or_default();
-                observe_stats(hub, rule, &condition, version, all).await?
+                observe_stats(hub, rule, &condition, version, now).await?
             }
         };
         let key = alert_key(&rule.model, version);
@@ -319,26 +301,31 @@ async fn observe_drift(
     })
 }
 
-/// An error-rate or latency condition on one version: the inference counters of the rule's
-/// label group's devices, summed (each device's since its first report of the version).
+/// An error-rate or latency condition on one version: the hourly inference counters of the label
+/// groups the rule's selector matches, summed over its window (the hours ending after `now -
+/// window_secs`, as for drift). Errors that have left the window no longer count, so an alert
+/// resolves once a burst of them is older than the window, whatever the all-time rate.
 async fn observe_stats(
     hub: &SharedHub,
     rule: &AlertRuleRecord,
     condition: &Condition,
     version: u64,
-    devices: &[([u8; 16], Vec<Label>)],
+    now: u64,
 ) -> anyhow::Result<Observation> {
-    let selector = selector_of(rule);
+    let scope = scope_of(rule, now);
     let mut stats = InferenceStats::default();
-    for (id, labels) in devices {
-        if !selector_matches(&selector, labels) {
+    for hourly in hub
+        .store
+        .stats_hourly(&rule.model, version, scope.since)
+        .await?
+    {
+        if !selector_matches(&scope.selector, &hourly.labels()) {
             continue;
         }
-        let record = hub.store.stats(id, &rule.model, version).await?;
         stats.merge(&InferenceStats {
-            count: record.count,
-            errors: record.errors,
-            latency_buckets: record.latency_buckets,
+            count: hourly.stats.count,
+            errors: hourly.stats.errors,
+            latency_buckets: hourly.stats.latency_buckets,
         });
     }
     let name = format!("{}@{version}", rule.model);
@@ -484,4 +471,132 @@ async fn notifications(
         });
     }
     Ok(outbox)
+}
+
+#[cfg(test)]
+mod tests {
+    // Helpers outside `#[test]` functions unwrap too: any failure there is a test failure.
+    #![allow(clippy::unwrap_used)]
+
+    use outpost_protocol::keys::SecretKey;
+    use outpost_protocol::trust::{AgentVersion, ManifestBody, Signed};
+
+    use super::*;
+    use crate::server::{Hub, ServerConfig};
+    use crate::store::{DeviceRecord, ManifestRecord, WindowInput};
+
+    const HOUR: u64 = 3600;
+
+    /// `demo@1` published, as far as evaluation reads it: a manifest without a profile.
+    async fn publish_demo(hub: &SharedHub, now: u64) {
+        let mut signed = Signed::new(&ManifestBody {
+            name: "demo".into(),
+            version: 1,
+            created: now,
+            expires: now + 365 * 24 * HOUR,
+            artifacts: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            archs: Vec::new(),
+            min_agent_version: AgentVersion::parse("0.1.0").unwrap(),
+        })
+        .unwrap();
+        signed.sign(&SecretKey::from_seed([1; 32]));
+        let signed = outpost_protocol::encode(&signed).unwrap();
+        let record = ManifestRecord {
+            sha256: outpost_protocol::sha256(&signed).0,
+            signed,
+            published_at: now,
+        };
+        hub.store.put_manifest("demo", 1, &record).await.unwrap();
+    }
+
+    /// An enrolled device labelled `site=<site>`.
+    async fn enroll(hub: &SharedHub, id: [u8; 16], site: &str) {
+        let key = SecretKey::from_seed([id[0]; 32]).public().0;
+        let labels = vec![("site".to_owned(), site.to_owned())];
+        hub.store
+            .put_device(&DeviceRecord::enrolled_for_tests(id, key, labels))
+            .await
+            .unwrap();
+    }
+
+    /// Stores one hourly window of `demo@1` ending at `end`, as batch `sequence` of `id`.
+    async fn report(hub: &SharedHub, id: [u8; 16], sequence: u64, end: u64, counts: (u64, u64)) {
+        let device = hub.store.device(&id).await.unwrap().unwrap();
+        let window = WindowInput {
+            model: "demo".to_owned(),
+            version: 1,
+            start: end - HOUR,
+            end,
+            count: counts.0,
+            errors: counts.1,
+            latency_buckets: Vec::new(),
+            drift: None,
+            shadow: None,
+        };
+        let labels = crate::server::fleet::labels_of(&device);
+        hub.store
+            .ingest_telemetry(&id, &labels, sequence, &[window], 0, end)
+            .await
+            .unwrap();
+    }
+
+    async fn phase(hub: &SharedHub) -> String {
+        let states = hub.store.alert_states_of("lab-errors").await.unwrap();
+        states.first().map(|state| state.phase.clone()).unwrap()
+    }
+
+    /// Issue 26: an error-rate rule judged every inference its label group reported since the
+    /// version's first report, whatever its `--window`, so after a burst of errors it stayed
+    /// firing long after they stopped. It judges the hours of its window: once the errors are
+    /// older than the window it resolves, though the all-time rate is still above the limit.
+    /// Errors of devices outside its selector, in the window, do not hold it.
+    #[tokio::test]
+    async fn an_error_rate_alert_resolves_once_its_errors_leave_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::open(ServerConfig::for_tests(dir.path(), 300, 30))
+            .await
+            .unwrap();
+        let start = 480_000 * HOUR;
+        publish_demo(&hub, start).await;
+        let (lab, other) = ([1; 16], [2; 16]);
+        enroll(&hub, lab, "lab").await;
+        enroll(&hub, other, "other").await;
+        hub.store
+            .add_alert_rule(&AlertRuleRecord {
+                name: "lab-errors".to_owned(),
+                model: "demo".to_owned(),
+                selector: vec![("site".to_owned(), "lab".to_owned())],
+                condition: "error-rate>0.05".to_owned(),
+                hold_secs: 0,
+                window_secs: HOUR,
+                webhooks: Vec::new(),
+                created: start,
+                created_by: "ops".to_owned(),
+            })
+            .await
+            .unwrap();
+
+        // A burst: half of the lab's inferences of the first hour fail.
+        report(&hub, lab, 1, start + HOUR, (200, 100)).await;
+        evaluate_at(&hub, Some("demo"), start + HOUR + 60)
+            .await
+            .unwrap();
+        assert_eq!(phase(&hub).await, "firing");
+
+        // Then clean hours in the lab, and a burst elsewhere.
+        for hour in 2..=4 {
+            report(&hub, lab, hour, start + hour * HOUR, (300, 0)).await;
+        }
+        report(&hub, other, 1, start + 4 * HOUR, (1000, 500)).await;
+        let all_time = hub.store.stats(&lab, "demo", 1).await.unwrap();
+        assert_eq!((all_time.count, all_time.errors), (1100, 100));
+        // Three hours on, the one-hour window holds the fourth hour alone: 300 inferences, no
+        // errors, though 100 of the lab's 1,100 failed in all (9%, above the 5% limit).
+        evaluate_at(&hub, Some("demo"), start + 4 * HOUR + 60)
+            .await
+            .unwrap();
+        assert_eq!(phase(&hub).await, "inactive");
+    }
 }

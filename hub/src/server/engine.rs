@@ -364,16 +364,19 @@ pub(super) async fn prune(hub: &SharedHub) -> anyhow::Result<()> {
         super::Metrics::bump(&hub.metrics.pruned_records, samples);
     }
     let kept = hub.config.retention.drift_aggregate_secs;
-    let aggregates = hub
+    let hourly = hub
         .store
-        .prune_drift_hourly(unix_now().saturating_sub(kept))
+        .prune_hourly(unix_now().saturating_sub(kept))
         .await?;
-    if aggregates > 0 {
+    if hourly.drift + hourly.stats > 0 {
         log::info!(
-            "removed {aggregates} hourly drift aggregates of hours that ended over {} ago",
+            "removed {} hourly drift aggregates and {} hourly inference counters of hours that \
+             ended over {} ago",
+            hourly.drift,
+            hourly.stats,
             humantime::format_duration(std::time::Duration::from_secs(kept))
         );
-        super::Metrics::bump(&hub.metrics.pruned_records, aggregates);
+        super::Metrics::bump(&hub.metrics.pruned_records, hourly.drift + hourly.stats);
     }
     if hub.store.shared() {
         hub.store.prune_nonces(unix_now()).await?;

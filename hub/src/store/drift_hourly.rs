@@ -18,8 +18,8 @@
 //!   into its aggregate (counts that would overflow, a summary of another profile) is left out of
 //!   it, counted in the row's `left_out` and logged, and the batch is stored all the same.
 //! - A group of batches costs one read-modify-write per (model, version, hour, label group) it
-//!   touches, whatever its number of batches and windows, done last in its transaction and in key
-//!   order: on PostgreSQL the row is locked (`FOR UPDATE`) from then to the commit, and every
+//!   touches, whatever its number of batches and windows, done last in its transaction (but for
+//!   the hourly inference counters of `stats_hourly`, which come after) and in key order: on PostgreSQL the row is locked (`FOR UPDATE`) from then to the commit, and every
 //!   device of a label group writes the same row, so it is held as briefly as the group allows and
 //!   taken in one order by all.
 //! - A store made before the table existed starts with it empty: aggregates begin at the upgrade
@@ -28,7 +28,8 @@
 
 use outpost_protocol::drift::DriftError;
 use outpost_protocol::Label;
-use sqlx::AnyConnection;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AnyPool};
 
 use super::sql::for_update;
 use super::*;
@@ -283,24 +284,59 @@ pub(super) async fn merge_hourly(
     Ok(())
 }
 
+/// One row of an hourly table (`drift_hourly`, `stats_hourly`) by its key, read by `query`
+/// (binding model, version, hour and label group in that order), locked until the transaction
+/// ends on PostgreSQL; none when it is not stored.
+pub(super) async fn read_hour_locked(
+    connection: &mut AnyConnection,
+    dialect: Dialect,
+    query: (&'static str, &'static str),
+    (model, version, hour): &HourKey,
+    label_group: &str,
+) -> Result<Option<AnyRow>> {
+    Ok(sqlx::query(dialect.locking(query))
+        .bind(model.clone())
+        .bind(*version)
+        .bind(*hour)
+        .bind(label_group.to_owned())
+        .fetch_optional(&mut *connection)
+        .await?)
+}
+
+/// The rows of an hourly table for one model version's hours ending after `since`, read by
+/// `query` (binding model, version and `since` in that order); none for a version above what
+/// the store keeps.
+pub(super) async fn hours_since(
+    pool: &AnyPool,
+    query: &'static str,
+    name: &str,
+    version: u64,
+    since: u64,
+) -> Result<Vec<AnyRow>> {
+    let Ok(version) = i64::try_from(version) else {
+        return Ok(Vec::new());
+    };
+    Ok(sqlx::query(query)
+        .bind(name.to_owned())
+        .bind(version)
+        .bind(bound(since))
+        .fetch_all(pool)
+        .await?)
+}
+
 /// An aggregate's record, devices and uploads left out, locked until the transaction ends on
 /// PostgreSQL; none when it is not stored.
 async fn read_locked(
     connection: &mut AnyConnection,
     dialect: Dialect,
-    (model, version, hour): &HourKey,
+    key: &HourKey,
     label_group: &str,
 ) -> Result<Option<(Vec<u8>, u64, u64)>> {
-    let row = sqlx::query(dialect.locking(for_update!(
+    let query = for_update!(
         "SELECT record, devices, left_out FROM drift_hourly WHERE model = $1 AND version = $2 \
          AND hour = $3 AND label_group = $4"
-    )))
-    .bind(model.clone())
-    .bind(*version)
-    .bind(*hour)
-    .bind(label_group.to_owned())
-    .fetch_optional(&mut *connection)
-    .await?;
+    );
+    let row = read_hour_locked(connection, dialect, query, key, label_group).await?;
     row.map(|row| {
         Ok((
             blob(&row, 0)?,
@@ -320,40 +356,23 @@ impl Store {
         version: u64,
         since: u64,
     ) -> Result<Vec<StoredHourly>> {
-        let Ok(version) = i64::try_from(version) else {
-            return Ok(Vec::new());
-        };
-        sqlx::query(
-            "SELECT hour, label_group, record, devices, left_out FROM drift_hourly \
-             WHERE model = $1 AND version = $2 AND hour > $3 ORDER BY hour, label_group",
-        )
-        .bind(name.to_owned())
-        .bind(version)
-        .bind(bound(since))
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|row| {
-            let (summary, uploads) = decode_hourly(&blob(row, 2)?)?;
-            Ok(StoredHourly {
-                hour: column_u64("drift_hourly", row, 0)?,
-                label_group: row.try_get::<String, _>(1)?,
-                devices: column_u64("drift_hourly", row, 3)?,
-                uploads,
-                left_out: column_u64("drift_hourly", row, 4)?,
-                summary,
-            })
-        })
-        .collect()
-    }
-
-    /// Removes the drift aggregates of hours that ended before `cutoff`. Returns how many went.
-    pub async fn prune_drift_hourly(&self, cutoff: u64) -> Result<u64> {
-        Ok(sqlx::query("DELETE FROM drift_hourly WHERE hour < $1")
-            .bind(bound(cutoff))
-            .execute(&self.writer)
+        let query = "SELECT hour, label_group, record, devices, left_out FROM drift_hourly \
+                     WHERE model = $1 AND version = $2 AND hour > $3 ORDER BY hour, label_group";
+        hours_since(&self.pool, query, name, version, since)
             .await?
-            .rows_affected())
+            .iter()
+            .map(|row| {
+                let (summary, uploads) = decode_hourly(&blob(row, 2)?)?;
+                Ok(StoredHourly {
+                    hour: column_u64("drift_hourly", row, 0)?,
+                    label_group: row.try_get::<String, _>(1)?,
+                    devices: column_u64("drift_hourly", row, 3)?,
+                    uploads,
+                    left_out: column_u64("drift_hourly", row, 4)?,
+                    summary,
+                })
+            })
+            .collect()
     }
 }
 

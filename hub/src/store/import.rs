@@ -73,6 +73,10 @@ impl Store {
     /// Copies the sled store of release 0.1 in `dir` into this store, which must hold no
     /// devices, tokens, models or audit entries yet. One transaction: on any error nothing is
     /// written.
+    ///
+    /// Release 0.1 kept no hourly aggregates, so `drift_hourly` and `stats_hourly` start empty:
+    /// fleet-wide drift, and error-rate and latency alert rules, see what arrives after the
+    /// import. The per-device drift rows and all-time counters (`drift`, `stats`) are copied.
     pub async fn import_sled(&self, dir: &Path) -> Result<Imported> {
         if !has_sled_store(dir) {
             return Err(StoreError::Import(format!(

@@ -43,6 +43,7 @@ mod retirements;
 mod rollouts;
 mod runtimes;
 pub mod sql;
+mod stats_hourly;
 mod telemetry;
 #[cfg(test)]
 mod tests;
@@ -54,8 +55,9 @@ pub use devices::{LatestRequests, SignedRequest};
 pub use drift_hourly::{group_labels, label_group, StoredHourly};
 pub use records::*;
 pub use replicas::{NonceNote, RolloutLock, ENGINE_LEASE};
-pub use retention::{Pruned, Retention};
+pub use retention::{Pruned, PrunedHourly, Retention};
 pub use sql::{Database, Dialect};
+pub use stats_hourly::StoredHourlyStats;
 pub use telemetry::*;
 
 /// Why the store failed. Distinct from refusals, which operations return as values.

@@ -102,6 +102,33 @@ pub struct DeviceRecord {
 }
 
 impl DeviceRecord {
+    /// A device as enrollment leaves it (x86_64, agent 0.3.0, steady, running nothing), for the
+    /// tests of the store and the server.
+    #[cfg(test)]
+    pub fn enrolled_for_tests(
+        id: [u8; 16],
+        public_key: [u8; 32],
+        labels: Vec<(String, String)>,
+    ) -> DeviceRecord {
+        DeviceRecord {
+            id,
+            public_key,
+            arch: "x86_64".to_owned(),
+            agent_version: "0.3.0".to_owned(),
+            labels,
+            enrolled_at: 1,
+            revoked: false,
+            last_checkin: None,
+            state: "steady".to_owned(),
+            active: None,
+            plan_sequence: None,
+            dropped_records: 0,
+            queue_bytes: 0,
+            models: Vec::new(),
+            several_models: false,
+        }
+    }
+
     /// Every model the device runs, sorted by name: `models`, or, for a record written before
     /// hubs kept that list, `active` alone.
     pub fn running(&self) -> &[RunningRecord] {
@@ -182,7 +209,8 @@ pub enum OutcomeKind {
     Shadowing,
 }
 
-/// Inference counters of one device on one model version.
+/// Inference counters of one model version: one device's since its first report (`stats`), or one
+/// label group's in one hour (`stats_hourly`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsRecord {
     pub count: u64,

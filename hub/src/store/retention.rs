@@ -7,11 +7,12 @@
 //!   on its tick, and never stored by ingest in the first place.
 //! - A device's batch markers (the idempotency keys of telemetry batches) older than that time
 //!   go at its next batch, except its newest, which keeps its sequences increasing.
-//! - Hourly drift aggregates (one per model version, label group and hour, whatever the number
-//!   of devices) are kept for a time of their own, much longer: [`Store::prune_drift_hourly`]
-//!   removes the hours that ended before it, on the same tick.
+//! - Hourly drift aggregates and hourly inference counters (each one row per model version, label
+//!   group and hour, whatever the number of devices) are kept for a time of their own, much
+//!   longer: [`Store::prune_hourly`] removes the hours that ended before it from both, on the same
+//!   tick.
 //!
-//! Inference counters are one record per device and published model version, and outcomes one
+//! Each device's inference counters are one record per published model version, and outcomes one
 //! per device and plan, so neither grows with time.
 
 use super::*;
@@ -23,7 +24,8 @@ pub struct Retention {
     pub events_per_device: usize,
     /// Seconds telemetry windows and batch markers are kept after their end.
     pub telemetry_secs: u64,
-    /// Seconds hourly drift aggregates are kept after their hour ends.
+    /// Seconds hourly drift aggregates and hourly inference counters are kept after their hour
+    /// ends.
     pub drift_aggregate_secs: u64,
 }
 
@@ -44,7 +46,32 @@ pub struct Pruned {
     pub shadow: u64,
 }
 
+/// What one [`Store::prune_hourly`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrunedHourly {
+    /// Rows of `drift_hourly`.
+    pub drift: u64,
+    /// Rows of `stats_hourly`.
+    pub stats: u64,
+}
+
 impl Store {
+    /// Removes the hourly drift aggregates and hourly inference counters of hours that ended
+    /// before `cutoff`.
+    pub async fn prune_hourly(&self, cutoff: u64) -> Result<PrunedHourly> {
+        let drift = sqlx::query("DELETE FROM drift_hourly WHERE hour < $1")
+            .bind(bound(cutoff))
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        let stats = sqlx::query("DELETE FROM stats_hourly WHERE hour < $1")
+            .bind(bound(cutoff))
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        Ok(PrunedHourly { drift, stats })
+    }
+
     /// Removes `device`'s events beyond the newest `keep`. Returns how many went.
     pub async fn prune_events(&self, device: &[u8; 16], keep: usize) -> Result<u64> {
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);

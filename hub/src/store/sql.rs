@@ -319,6 +319,15 @@ const MIGRATIONS: &[&str] = &[
          UNIQUE (device, sample_id));
      CREATE INDEX captures_by_model ON captures (model, version, id);
      CREATE INDEX captures_by_received ON captures (received_at)",
+    // 7: inference counters added at ingest per model version, label group and hour (the hour
+    // its window ends), which error-rate and latency alert rules judge over their window (see
+    // `stats_hourly`); pruned with the drift aggregates. A store made before this step gets the
+    // table empty: its hourly counters start at the upgrade.
+    "CREATE TABLE stats_hourly (
+         model TEXT NOT NULL, version BIGINT NOT NULL, hour BIGINT NOT NULL,
+         label_group TEXT NOT NULL, record {bytes} NOT NULL,
+         PRIMARY KEY (model, version, hour, label_group));
+     CREATE INDEX stats_hourly_by_hour ON stats_hourly (hour)",
 ];
 
 /// The newest schema this hub writes.

@@ -5,6 +5,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use outpost_protocol::drift::{FeatureSource, NumericProfile, Profile, TensorSide, Thresholds};
 use outpost_protocol::{Label, Sha256};
 use outpost_testkit::postgres::Postgres;
@@ -74,9 +75,11 @@ on_both_engines!(
     ingest_prunes_its_devices_markers_past_their_retention,
     drift_aggregates_merge_a_label_group_once_per_batch,
     a_summary_that_does_not_merge_into_its_aggregate_is_left_out_of_it_only,
-    drift_aggregates_are_pruned_by_their_own_retention,
+    hourly_aggregates_are_pruned_by_their_own_retention,
     concurrent_devices_of_a_label_group_lose_no_merge,
     drift_storage_per_row_is_measured,
+    hourly_counters_add_each_batch_once_per_label_group_and_hour,
+    hourly_counters_storage_per_row_is_measured,
     a_stale_read_written_back_loses_nobody_elses_change,
     the_latest_requests_of_a_device_refuse_their_replays_and_older_ones_only,
     a_committed_report_updates_its_own_model_only,
@@ -616,20 +619,27 @@ fn hourly_of(stored: &[StoredHourly]) -> Vec<(u64, &str, u64, u64, u64, u64)> {
         .collect()
 }
 
+/// Stores a batch of `device`'s, labelled `labels`, as [`Store::ingest_telemetry`] at time 10.
+fn ingester(
+    store: &Store,
+) -> impl Fn([u8; 16], Vec<Label>, u64, Vec<WindowInput>) -> BoxFuture<'static, Ingested> {
+    let store = store.clone();
+    move |device, labels, sequence, windows| {
+        let store = store.clone();
+        Box::pin(async move {
+            store
+                .ingest_telemetry(&device, &labels, sequence, &windows, 0, 10)
+                .await
+                .unwrap()
+        })
+    }
+}
+
 async fn drift_aggregates_merge_a_label_group_once_per_batch(store: &Store) {
     let profile = profile();
     let lab = labels(&["tier=canary", "site=lab"]);
     let (a, b, c, d) = ([1; 16], [2; 16], [3; 16], [4; 16]);
-    let ingest =
-        |device: [u8; 16], labels: Vec<Label>, sequence: u64, windows: Vec<WindowInput>| {
-            let store = store.clone();
-            async move {
-                store
-                    .ingest_telemetry(&device, &labels, sequence, &windows, 0, 10)
-                    .await
-                    .unwrap()
-            }
-        };
+    let ingest = ingester(store);
     let first = vec![
         window(summary(&profile, 3600, &[1.0, 2.0])),
         window(summary(&profile, 7200, &[3.0])),
@@ -774,7 +784,9 @@ async fn a_summary_that_does_not_merge_into_its_aggregate_is_left_out_of_it_only
     );
 }
 
-async fn drift_aggregates_are_pruned_by_their_own_retention(store: &Store) {
+/// Drift aggregates and hourly inference counters outlive the per-device rows, and go with
+/// their own retention.
+async fn hourly_aggregates_are_pruned_by_their_own_retention(store: &Store) {
     let profile = profile();
     for (sequence, start) in [(1, 3600), (2, 7200), (3, 10_800)] {
         let windows = [window(summary(&profile, start, &[1.0]))];
@@ -792,13 +804,27 @@ async fn drift_aggregates_are_pruned_by_their_own_retention(store: &Store) {
             .map(|hourly| hourly.hour)
             .collect::<Vec<u64>>()
     };
+    let counted = |store: Store| async move {
+        store
+            .stats_hourly("demo", 1, 0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|hourly| hourly.hour)
+            .collect::<Vec<u64>>()
+    };
     // The telemetry retention removes the devices' rows and leaves the aggregates.
     assert_eq!(store.prune_telemetry(u64::MAX).await.unwrap().drift, 3);
     assert_eq!(hours(store.clone()).await, [7200, 10_800, 14_400]);
-    // Theirs removes the hours that ended before its cutoff.
-    assert_eq!(store.prune_drift_hourly(10_800).await.unwrap(), 1);
-    assert_eq!(store.prune_drift_hourly(10_800).await.unwrap(), 0);
+    assert_eq!(counted(store.clone()).await, [7200, 10_800, 14_400]);
+    // Theirs removes the hours that ended before its cutoff, from both tables.
+    let pruned = |drift, stats| PrunedHourly { drift, stats };
+    assert_eq!(store.prune_hourly(10_800).await.unwrap(), pruned(1, 1));
+    assert_eq!(store.prune_hourly(10_800).await.unwrap(), pruned(0, 0));
     assert_eq!(hours(store.clone()).await, [10_800, 14_400]);
+    assert_eq!(counted(store.clone()).await, [10_800, 14_400]);
+    // The per-device counters are all-time, and stay.
+    assert_eq!(store.stats(&DEVICE, "demo", 1).await.unwrap().count, 3);
 }
 
 /// Every device of a label group writes the same aggregates. Batches of different devices
@@ -837,6 +863,113 @@ async fn concurrent_devices_of_a_label_group_lose_no_merge(store: &Store) {
             (10_800, "site=lab", all, devices, all, 0),
         ]
     );
+    // The hourly counters' rows too (each window counts one inference).
+    assert_eq!(
+        counters_of(&store.stats_hourly("demo", 1, 0).await.unwrap()),
+        [
+            (7200, "site=lab", all, 0, Vec::new()),
+            (10_800, "site=lab", all, 0, Vec::new()),
+        ]
+    );
+}
+
+/// Each hourly counters row's hour, label group, inferences, errors and latency histogram.
+fn counters_of(stored: &[StoredHourlyStats]) -> Vec<(u64, &str, u64, u64, Vec<u64>)> {
+    stored
+        .iter()
+        .map(|s| {
+            (
+                s.hour,
+                s.label_group.as_str(),
+                s.stats.count,
+                s.stats.errors,
+                s.stats.latency_buckets.clone(),
+            )
+        })
+        .collect()
+}
+
+/// A window of `demo@version` from `start` to `end` with these counters and no drift summary.
+fn counted(version: u64, start: u64, end: u64, counts: (u64, u64), latency: &[u64]) -> WindowInput {
+    WindowInput {
+        model: "demo".to_owned(),
+        version,
+        start,
+        end,
+        count: counts.0,
+        errors: counts.1,
+        latency_buckets: latency.to_vec(),
+        drift: None,
+        shadow: None,
+    }
+}
+
+/// Issue 26: every stored window's counters are added to its label group's hour (the hour it
+/// ends at), once per batch, beside the device's all-time counters.
+async fn hourly_counters_add_each_batch_once_per_label_group_and_hour(store: &Store) {
+    let lab = labels(&["tier=canary", "site=lab"]);
+    let (a, b, c, d) = ([1; 16], [2; 16], [3; 16], [4; 16]);
+    let ingest = ingester(store);
+    let first = vec![
+        counted(1, 3600, 7200, (10, 1), &[4, 6]),
+        counted(1, 7200, 10_800, (5, 0), &[5]),
+        counted(2, 3600, 7200, (3, 3), &[]),
+    ];
+    assert_eq!(
+        ingest(a, lab.clone(), 1, first.clone()).await,
+        Ingested::Stored
+    );
+    // A replayed batch is not counted again.
+    assert_eq!(ingest(a, lab.clone(), 1, first).await, Ingested::Duplicate);
+    // A roll-up of the first hour and its second half in one batch: both end in that hour.
+    let more = vec![
+        counted(1, 0, 7200, (7, 2), &[0, 0, 7]),
+        counted(1, 5400, 7200, (1, 0), &[1]),
+    ];
+    assert_eq!(ingest(a, lab, 2, more).await, Ingested::Stored);
+    // The same labels in another order are the same group; other labels, or none, another.
+    let one = |counts: (u64, u64)| vec![counted(1, 3600, 7200, counts, &[])];
+    let same = labels(&["site=lab", "tier=canary"]);
+    assert_eq!(ingest(b, same, 1, one((20, 2))).await, Ingested::Stored);
+    assert_eq!(
+        ingest(c, labels(&["tier=main"]), 1, one((30, 3))).await,
+        Ingested::Stored
+    );
+    // A window of a day lands whole in its last hour.
+    let day = vec![counted(1, 0, 86_400, (40, 4), &[])];
+    assert_eq!(ingest(d, Vec::new(), 1, day).await, Ingested::Stored);
+
+    let hours = store.stats_hourly("demo", 1, 0).await.unwrap();
+    assert_eq!(
+        counters_of(&hours),
+        [
+            (7200, "site=lab,tier=canary", 38, 5, vec![5, 6, 7]),
+            (7200, "tier=main", 30, 3, Vec::new()),
+            (10_800, "site=lab,tier=canary", 5, 0, vec![5]),
+            (86_400, "", 40, 4, Vec::new()),
+        ]
+    );
+    assert_eq!(hours[0].labels(), labels(&["site=lab", "tier=canary"]));
+    // Hours ending after `since` only, of the version asked for.
+    assert_eq!(
+        counters_of(&store.stats_hourly("demo", 1, 7200).await.unwrap()),
+        [
+            (10_800, "site=lab,tier=canary", 5, 0, vec![5]),
+            (86_400, "", 40, 4, Vec::new()),
+        ]
+    );
+    assert_eq!(
+        counters_of(&store.stats_hourly("demo", 2, 0).await.unwrap()),
+        [(7200, "site=lab,tier=canary", 3, 3, Vec::new())]
+    );
+    assert!(store
+        .stats_hourly("demo", u64::MAX, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    // The device's own counters are all-time, whatever the hour.
+    let all_time = store.stats(&a, "demo", 1).await.unwrap();
+    assert_eq!((all_time.count, all_time.errors), (23, 3));
 }
 
 /// Rows, record bytes and bytes on disk (its indexes included) of `table`. On PostgreSQL the
@@ -1002,24 +1135,47 @@ async fn drift_storage_per_row_is_measured(store: &Store) {
     assert!(record < 16 * 1024 && on_disk < 16 * 1024, "{fleet:?}");
 }
 
-fn device_record() -> DeviceRecord {
-    DeviceRecord {
-        id: DEVICE,
-        public_key: [1; 32],
-        arch: "x86_64".to_owned(),
-        agent_version: "0.1.0".to_owned(),
-        labels: Vec::new(),
-        enrolled_at: 1,
-        revoked: false,
-        last_checkin: None,
-        state: "steady".to_owned(),
-        active: None,
-        plan_sequence: None,
-        dropped_records: 0,
-        queue_bytes: 0,
-        models: Vec::new(),
-        several_models: false,
+/// What a row of hourly inference counters takes in the store: the figure of "Drift storage at
+/// fleet scale" in docs/operations.md (run with `--nocapture` to see it). Ten label groups report
+/// ten days of hours, each hour with the counts of a million devices of one inference a second
+/// and every latency bucket filled, so every count is as wide as it gets in practice.
+async fn hourly_counters_storage_per_row_is_measured(store: &Store) {
+    const GROUPS: u8 = 10;
+    const HOURS: u64 = 240;
+    let count = 3600 * 1_000_000;
+    let latency = vec![count / 17; 17];
+    for group in 0..GROUPS {
+        let windows: Vec<WindowInput> = (1..=HOURS)
+            .map(|hour| {
+                counted(
+                    1,
+                    hour * 3600,
+                    (hour + 1) * 3600,
+                    (count, count / 1000),
+                    &latency,
+                )
+            })
+            .collect();
+        let labels = labels(&[&format!("site=lab-{group:02}"), "tier=canary"]);
+        let stored = store
+            .ingest_telemetry(&[group; 16], &labels, 1, &windows, 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(stored, Ingested::Stored);
     }
+    let (rows, record, on_disk) = table_size(store, "stats_hourly").await;
+    assert_eq!(rows, u64::from(GROUPS) * HOURS);
+    let (record, on_disk) = (record / rows, on_disk / rows);
+    println!(
+        "{:?}: hourly counters: {rows} rows, {record} record bytes and {on_disk} bytes on disk a row",
+        store.dialect
+    );
+    // The bounds docs/operations.md's arithmetic stands on.
+    assert!(record <= 100 && on_disk <= 320, "{record} {on_disk}");
+}
+
+fn device_record() -> DeviceRecord {
+    DeviceRecord::enrolled_for_tests(DEVICE, [1; 32], Vec::new())
 }
 
 async fn a_stale_read_written_back_loses_nobody_elses_change(store: &Store) {
@@ -1605,31 +1761,33 @@ async fn captures_are_stored_once_listed_by_filter_and_pruned(store: &Store) {
     assert_eq!(store.capture_allowances().await.unwrap().len(), 3);
 }
 
-/// Schema 6 (data capture) is added to a store an earlier hub made: a store at schema 5 with rows
-/// in it opens at the newest schema with its rows, and takes samples.
+/// Schemas 6 (data capture) and 7 (hourly inference counters) are added to a store an earlier
+/// hub made: a store at schema 5 with rows in it opens at the newest schema with its rows, takes
+/// samples and counts telemetry by the hour.
 #[tokio::test]
-async fn a_store_of_schema_5_gains_the_capture_tables() {
+async fn a_store_of_schema_5_gains_the_capture_and_hourly_counter_tables() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = Store::open(dir.path()).await.unwrap();
         store.put_root(1, b"root").await.unwrap();
-        // As a hub of schema 5 left it: without the step of schema 6 and its tables.
+        // As a hub of schema 5 left it: without the steps of schemas 6 and 7 and their tables.
         for statement in [
+            "DROP TABLE stats_hourly",
             "DROP TABLE captures",
             "DROP TABLE capture_allowances",
-            "DELETE FROM outpost_schema WHERE version = 6",
+            "DELETE FROM outpost_schema WHERE version >= 6",
         ] {
             sqlx::query(statement).execute(&store.writer).await.unwrap();
         }
         store.close().await.unwrap();
     }
     let store = reopen(dir.path()).await.unwrap();
-    assert_eq!(sql::SCHEMA_VERSION, 6);
+    assert_eq!(sql::SCHEMA_VERSION, 7);
     let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM outpost_schema")
         .fetch_one(&store.pool)
         .await
         .unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
     assert_eq!(store.roots().await.unwrap(), [(1, b"root".to_vec())]);
     let sample = CaptureInsert {
         sample_id: [1; 16],
@@ -1642,6 +1800,15 @@ async fn a_store_of_schema_5_gains_the_capture_tables() {
     assert_eq!(
         store.insert_captures(&DEVICE, 1, &[sample]).await.unwrap(),
         1
+    );
+    let window = counted(1, 3600, 7200, (5, 1), &[]);
+    store
+        .ingest_telemetry(&DEVICE, &[], 1, &[window], 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        counters_of(&store.stats_hourly("demo", 1, 0).await.unwrap()),
+        [(7200, "", 5, 1, Vec::new())]
     );
 }
 

@@ -51,24 +51,13 @@ impl Fixture {
         .await
         .unwrap();
         let key = SecretKey::from_seed([9; 32]);
+        let labels = vec![("site".to_owned(), "lab".to_owned())];
         hub.store
-            .put_device(&DeviceRecord {
-                id: DEVICE,
-                public_key: key.public().0,
-                arch: "x86_64".to_owned(),
-                agent_version: "0.3.0".to_owned(),
-                labels: vec![("site".to_owned(), "lab".to_owned())],
-                enrolled_at: 1,
-                revoked: false,
-                last_checkin: None,
-                state: "steady".to_owned(),
-                active: None,
-                plan_sequence: None,
-                dropped_records: 0,
-                queue_bytes: 0,
-                models: Vec::new(),
-                several_models: false,
-            })
+            .put_device(&DeviceRecord::enrolled_for_tests(
+                DEVICE,
+                key.public().0,
+                labels,
+            ))
             .await
             .unwrap();
         Fixture {
