@@ -450,7 +450,7 @@ fn previous_agent() -> Result<(), String> {
     let kept = target.join("debug/outpost-agent.xtask-kept");
     let had_todays = std::fs::rename(&todays, &kept).is_ok();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = Command::new(&cargo)
+    let built = crate::cargo(&cargo)
         .args(["build", "--locked", "-p", "outpost-agent", "--target-dir"])
         .arg(&target)
         .current_dir(&source)
@@ -518,7 +518,7 @@ fn garage() -> Result<(), String> {
          keep artifacts in a real S3-compatible server"
     );
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = Command::new(&cargo)
+    let built = crate::cargo(&cargo)
         .args([
             "install",
             "garage",

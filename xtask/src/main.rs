@@ -7,7 +7,7 @@
 mod install;
 mod test;
 
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -21,6 +21,27 @@ commands:
                           ONNX Runtime and two published models' wheels from PyPI, and the
                           Garage S3 server built from crates.io)
 ";
+
+/// A command running `program` (cargo) without the variables cargo set for running xtask itself
+/// (`CARGO_PKG_NAME=xtask`, `CARGO_MANIFEST_DIR`, ...). Build scripts that rerun when those change
+/// (ring's does, and with it rustls and everything above) would otherwise see xtask's values in
+/// the builds xtask starts and none in the builds the tests start themselves
+/// (`outpost_tests::bin`), and each build would redo them for the other: 18 crates and about two
+/// minutes in each later step of `cargo xtask test`.
+fn cargo(program: &str) -> Command {
+    let mut command = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || key.starts_with("CARGO_BIN_")
+            || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE"].contains(&key.as_ref())
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
+    command
+}
 
 /// What the test run covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,5 +89,30 @@ fn main() -> ExitCode {
             eprintln!("xtask: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Cargo runs this test with its package's variables set, as it runs xtask: the commands
+    /// [`super::cargo`] makes start without them.
+    #[test]
+    fn cargo_commands_start_without_the_variables_cargo_set_for_xtask() {
+        assert!(
+            std::env::var_os("CARGO_PKG_NAME").is_some(),
+            "run under cargo"
+        );
+        let output = super::cargo("env").output().unwrap();
+        let printed = String::from_utf8(output.stdout).unwrap();
+        let left: Vec<&str> = printed
+            .lines()
+            .filter(|line| {
+                ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_NAME="]
+                    .iter()
+                    .any(|prefix| line.starts_with(prefix))
+            })
+            .collect();
+        assert!(left.is_empty(), "still set: {left:?}");
+        assert!(printed.lines().any(|line| line.starts_with("PATH=")));
     }
 }

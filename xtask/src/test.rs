@@ -119,7 +119,7 @@ pub fn run(scope: Scope) -> Result<(), String> {
         }
         heading(&step.title);
         let step_started = Instant::now();
-        let status = Command::new(&cargo)
+        let status = crate::cargo(&cargo)
             .args(&step.args)
             .envs(step.env.iter().copied())
             .current_dir(root)
@@ -175,7 +175,7 @@ fn start_arm_builds(cargo: &str, root: &Path) -> Result<ArmBuilds, String> {
     println!(
         "xtask: building the ARM suites in the background, one job at a time, into {ARM_BUILD_LOG}"
     );
-    let child = Command::new(cargo)
+    let child = crate::cargo(cargo)
         .args(&args)
         .current_dir(root)
         .stdin(Stdio::null())
