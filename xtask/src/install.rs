@@ -376,12 +376,6 @@ const PREVIOUS_AGENT: &str = "target/previous-agent";
 /// out of git with `git archive` (no checkout is touched) and built with its own lock file, so
 /// the mixed-fleet test (tests/tests/mixed_fleet.rs) runs that release's agent as released. Only
 /// the binary is kept.
-///
-/// It is built in the workspace's own target directory. Its dependencies are the versions
-/// today's lock file pins, with the same features, so the workspace's build that follows reuses
-/// them instead of compiling them a second time (about 190 of its 210 units, a few minutes of a
-/// fresh machine's install). The one file they would share, `target/debug/outpost-agent`, is put
-/// back as it was.
 fn previous_agent() -> Result<(), String> {
     let (version, commit) = PREVIOUS_RELEASE;
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -445,36 +439,25 @@ fn previous_agent() -> Result<(), String> {
             "unpacking release {version}'s source failed with {unpacked}"
         ));
     }
-    let target = workspace.join("target");
-    let todays = target.join("debug/outpost-agent");
-    let kept = target.join("debug/outpost-agent.xtask-kept");
-    let had_todays = std::fs::rename(&todays, &kept).is_ok();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = crate::cargo(&cargo)
         .args(["build", "--locked", "-p", "outpost-agent", "--target-dir"])
-        .arg(&target)
+        .arg(root.join("target"))
         .current_dir(&source)
-        .status();
-    let copied = match built {
-        Ok(status) if status.success() => std::fs::copy(&todays, &binary)
-            .map(drop)
-            .map_err(|error| format!("copying release {version}'s agent: {error}")),
-        Ok(status) => Err(format!(
-            "building release {version}'s agent failed with {status}"
-        )),
-        Err(error) => Err(format!("running {cargo}: {error}")),
-    };
-    let put_back = if had_todays {
-        std::fs::rename(&kept, &todays)
-    } else {
-        std::fs::remove_file(&todays).or_else(|error| match error.kind() {
-            std::io::ErrorKind::NotFound => Ok(()),
-            _ => Err(error),
-        })
+        .status()
+        .map_err(|error| format!("running {cargo}: {error}"))?;
+    if !built.success() {
+        return Err(format!(
+            "building release {version}'s agent failed with {built}"
+        ));
     }
-    .map_err(|error| format!("putting {} back: {error}", todays.display()));
-    let _ = std::fs::remove_dir_all(source);
-    copied.and(put_back)
+    std::fs::copy(root.join("target/debug/outpost-agent"), &binary)
+        .map_err(|error| format!("copying release {version}'s agent: {error}"))?;
+    // The binary is all the test needs; the build's gigabyte goes.
+    for dir in [root.join("target"), source] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
 }
 
 /// The release of Garage, the S3-compatible server the object-store tests keep artifacts in, and

@@ -19,9 +19,10 @@
 //!   it, counted in the row's `left_out` and logged, and the batch is stored all the same.
 //! - A group of batches costs one read-modify-write per (model, version, hour, label group) it
 //!   touches, whatever its number of batches and windows, done last in its transaction (but for
-//!   the hourly inference counters of `stats_hourly`, which come after) and in key order: on PostgreSQL the row is locked (`FOR UPDATE`) from then to the commit, and every
-//!   device of a label group writes the same row, so it is held as briefly as the group allows and
-//!   taken in one order by all.
+//!   the hourly inference counters of `stats_hourly`, which come after) and in key order: on
+//!   PostgreSQL the row is locked (`FOR UPDATE`) from then to the commit, and every device of a
+//!   label group writes the same row, so it is held as briefly as the group allows and taken in
+//!   one order by all.
 //! - A store made before the table existed starts with it empty: aggregates begin at the upgrade
 //!   (and at `admin migrate` for a store of release 0.1), and the hours before it are only in the
 //!   per-device rows, for as long as the telemetry retention keeps them.

@@ -102,21 +102,23 @@ pub struct DeviceRecord {
 }
 
 impl DeviceRecord {
-    /// A device as enrollment leaves it (x86_64, agent 0.3.0, steady, running nothing), for the
-    /// tests of the store and the server.
-    #[cfg(test)]
-    pub fn enrolled_for_tests(
+    /// A device as enrollment leaves it: steady, running nothing yet, its labels sorted.
+    pub fn enrolled(
         id: [u8; 16],
         public_key: [u8; 32],
-        labels: Vec<(String, String)>,
+        arch: String,
+        agent_version: String,
+        mut labels: Vec<(String, String)>,
+        enrolled_at: u64,
     ) -> DeviceRecord {
+        labels.sort();
         DeviceRecord {
             id,
             public_key,
-            arch: "x86_64".to_owned(),
-            agent_version: "0.3.0".to_owned(),
+            arch,
+            agent_version,
             labels,
-            enrolled_at: 1,
+            enrolled_at,
             revoked: false,
             last_checkin: None,
             state: "steady".to_owned(),
@@ -127,6 +129,24 @@ impl DeviceRecord {
             models: Vec::new(),
             several_models: false,
         }
+    }
+
+    /// [`DeviceRecord::enrolled`] for the tests of the store and the server: an x86_64 agent
+    /// 0.3.0 enrolled at second 1.
+    #[cfg(test)]
+    pub fn enrolled_for_tests(
+        id: [u8; 16],
+        public_key: [u8; 32],
+        labels: Vec<(String, String)>,
+    ) -> DeviceRecord {
+        DeviceRecord::enrolled(
+            id,
+            public_key,
+            "x86_64".to_owned(),
+            "0.3.0".to_owned(),
+            labels,
+            1,
+        )
     }
 
     /// Every model the device runs, sorted by name: `models`, or, for a record written before

@@ -217,7 +217,10 @@ pub(super) async fn sync(writer: &AnyPool) -> Result<()> {
 /// the pool, and the pool opens a new one in `NORMAL`.
 pub(super) async fn back_to_normal_sync(connection: &mut PoolConnection<Any>) {
     if let Err(error) = connection.execute("PRAGMA synchronous = NORMAL").await {
-        log::warn!("setting synchronous = NORMAL back after a durable commit: {error}; closing the connection");
+        log::warn!(
+            "setting synchronous = NORMAL back after a durable commit: {error}; closing the \
+             connection"
+        );
         connection.close_on_drop();
     }
 }

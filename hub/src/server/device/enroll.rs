@@ -70,25 +70,14 @@ pub(super) async fn enroll(
             &token_hash,
             now,
             |token| {
-                let mut labels: Vec<(String, String)> = token.labels.clone();
-                labels.sort();
-                DeviceRecord {
-                    id: device_id,
-                    public_key: request.public_key.0,
-                    arch: request.arch.to_string(),
-                    agent_version: request.agent_version.to_string(),
-                    labels,
-                    enrolled_at: now,
-                    revoked: false,
-                    last_checkin: None,
-                    state: "steady".into(),
-                    active: None,
-                    plan_sequence: None,
-                    dropped_records: 0,
-                    queue_bytes: 0,
-                    models: Vec::new(),
-                    several_models: false,
-                }
+                DeviceRecord::enrolled(
+                    device_id,
+                    request.public_key.0,
+                    request.arch.to_string(),
+                    request.agent_version.to_string(),
+                    token.labels.clone(),
+                    now,
+                )
             },
             enrolled_event,
         )
