@@ -27,15 +27,56 @@ const IR_VERSION: i64 = 7;
 /// A two-layer perceptron classifier: `x` `[N, n_inputs]` f32 → Gemm → Relu → Gemm → Softmax →
 /// `y` `[N, n_outputs]` f32, each row of `y` a probability distribution.
 pub fn mlp(n_inputs: usize, hidden: usize, n_outputs: usize, seed: u64) -> Vec<u8> {
+    mlp_split(n_inputs, 1, hidden, n_outputs, seed)
+}
+
+/// The perceptron of [`mlp`] with its `n_inputs` columns taken as `input_tensors` inputs
+/// `x0`..`x{input_tensors - 1}`, each `[N, width]` f32 with the widths of [`split_widths`],
+/// joined by a `Concat` on axis 1 before the first layer: a model whose features arrive in
+/// several tensors, as many real ones do. The weights are [`mlp`]'s for the same seed, so the
+/// concatenation of the parts gives the outputs [`mlp`] gives for the whole row. With one tensor
+/// this is [`mlp`] itself, byte for byte: one input named `x` and no `Concat`.
+///
+/// `input_tensors` must be between 1 and `n_inputs` (see [`split_widths`]).
+pub fn mlp_split(
+    n_inputs: usize,
+    input_tensors: usize,
+    hidden: usize,
+    n_outputs: usize,
+    seed: u64,
+) -> Vec<u8> {
     let initializers = mlp_weights(n_inputs, hidden, n_outputs, seed);
-    let nodes = vec![
+    let (inputs, outputs) = mlp_split_specs(n_inputs, input_tensors, n_outputs);
+    let mut nodes = Vec::with_capacity(5);
+    if inputs.len() > 1 {
+        let parts: Vec<&str> = inputs.iter().map(|spec| spec.name.as_str()).collect();
+        // The joined tensor takes the name the single input has, so the layers are the same nodes.
+        nodes.push(node("Concat", &parts, "x", vec![int_attribute("axis", 1)]));
+    }
+    nodes.extend([
         node("Gemm", &["x", "w1", "b1"], "hidden", vec![]),
         node("Relu", &["hidden"], "activated", vec![]),
         node("Gemm", &["activated", "w2", "b2"], "logits", vec![]),
         node("Softmax", &["logits"], "y", vec![int_attribute("axis", -1)]),
-    ];
-    let (inputs, outputs) = mlp_specs(n_inputs, n_outputs);
+    ]);
     encode("mlp", nodes, initializers, &inputs, &outputs)
+}
+
+/// The widths of `parts` tensors that share `n_inputs` columns as evenly as whole columns allow,
+/// the first ones a column wider: 10 in 3 is `[4, 3, 3]`.
+///
+/// # Panics
+///
+/// When `parts` is 0 or more than `n_inputs`, which would leave a tensor with no columns: the
+/// callers check their arguments first (`outpost-hub example-model --input-tensors`).
+pub fn split_widths(n_inputs: usize, parts: usize) -> Vec<usize> {
+    assert!(
+        (1..=n_inputs.max(1)).contains(&parts),
+        "{n_inputs} input columns cannot be split into {parts} tensors"
+    );
+    (0..parts)
+        .map(|part| n_inputs / parts + usize::from(part < n_inputs % parts))
+        .collect()
 }
 
 /// The perceptron of [`mlp`] (MatMul and Add in place of Gemm, which takes only matrices),
@@ -81,18 +122,30 @@ fn mlp_weights(n_inputs: usize, hidden: usize, n_outputs: usize, seed: u64) -> V
 
 /// The specs [`mlp`] declares.
 pub fn mlp_specs(n_inputs: usize, n_outputs: usize) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
-    (
-        vec![TensorSpec {
-            name: "x".to_owned(),
-            dtype: DType::F32,
-            shape: vec![Dim::Batch, Dim::Fixed(n_inputs as u64)],
-        }],
-        vec![TensorSpec {
-            name: "y".to_owned(),
-            dtype: DType::F32,
-            shape: vec![Dim::Batch, Dim::Fixed(n_outputs as u64)],
-        }],
-    )
+    mlp_split_specs(n_inputs, 1, n_outputs)
+}
+
+/// The specs [`mlp_split`] declares: inputs `x0`.. in order (`x` alone for one tensor), then `y`.
+pub fn mlp_split_specs(
+    n_inputs: usize,
+    input_tensors: usize,
+    n_outputs: usize,
+) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
+    let f32_rows = |name: String, width: usize| TensorSpec {
+        name,
+        dtype: DType::F32,
+        shape: vec![Dim::Batch, Dim::Fixed(width as u64)],
+    };
+    let inputs = if input_tensors == 1 {
+        vec![f32_rows("x".to_owned(), n_inputs)]
+    } else {
+        split_widths(n_inputs, input_tensors)
+            .into_iter()
+            .enumerate()
+            .map(|(part, width)| f32_rows(format!("x{part}"), width))
+            .collect()
+    };
+    (inputs, vec![f32_rows("y".to_owned(), n_outputs)])
 }
 
 /// A model that touches every [`DType`]: inputs `pixels` `[N, width]` u8 and `offset` `[N, 1]`
@@ -458,4 +511,111 @@ pub fn installed_onnxruntime(folder: &str) -> std::path::PathBuf {
         path.display()
     );
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `rows` rows of `values` cut into tensors of `widths` columns, named as `specs`.
+    fn column_parts(specs: &[TensorSpec], widths: &[usize], values: &[f32]) -> Vec<Tensor> {
+        let n_inputs: usize = widths.iter().sum();
+        let rows = values.len() / n_inputs;
+        let mut first = 0;
+        specs
+            .iter()
+            .zip(widths)
+            .map(|(spec, &width)| {
+                let data = values
+                    .chunks(n_inputs)
+                    .flat_map(|row| &row[first..first + width])
+                    .flat_map(|value| value.to_le_bytes())
+                    .collect();
+                first += width;
+                Tensor {
+                    name: spec.name.clone(),
+                    dtype: DType::F32,
+                    shape: vec![rows as u64, width as u64],
+                    data,
+                }
+            })
+            .collect()
+    }
+
+    fn f32s(tensor: &Tensor) -> Vec<f32> {
+        tensor
+            .data
+            .chunks_exact(4)
+            .map(|bytes| f32::from_le_bytes(bytes.try_into().expect("4 bytes")))
+            .collect()
+    }
+
+    #[test]
+    fn split_widths_are_as_even_as_whole_columns_allow() {
+        assert_eq!(split_widths(10, 3), [4, 3, 3]);
+        assert_eq!(split_widths(100, 4), [25, 25, 25, 25]);
+        assert_eq!(split_widths(5, 5), [1, 1, 1, 1, 1]);
+        assert_eq!(split_widths(7, 1), [7]);
+    }
+
+    #[test]
+    fn one_input_tensor_is_the_plain_mlp() {
+        assert_eq!(mlp_split(6, 1, 5, 3, 9), mlp(6, 5, 3, 9));
+        assert_eq!(mlp_split_specs(6, 1, 3), mlp_specs(6, 3));
+        let (inputs, _) = mlp_specs(6, 3);
+        assert_eq!(inputs[0].name, "x");
+    }
+
+    /// The split model sees the same columns as the whole one, so for one seed it is the same
+    /// function of a row: what lets `example-model --input-tensors` profile the same data.
+    #[test]
+    fn a_split_mlp_gives_the_outputs_of_the_whole_one() {
+        let (n_inputs, hidden, n_outputs, seed) = (10, 16, 3, 5);
+        for input_tensors in [2, 3, 10] {
+            let (inputs, outputs) = mlp_split_specs(n_inputs, input_tensors, n_outputs);
+            let widths = split_widths(n_inputs, input_tensors);
+            let names: Vec<&str> = inputs.iter().map(|spec| spec.name.as_str()).collect();
+            let expected_names: Vec<String> =
+                (0..input_tensors).map(|part| format!("x{part}")).collect();
+            assert_eq!(names, expected_names);
+            let declared: Vec<Vec<Dim>> = inputs.iter().map(|spec| spec.shape.clone()).collect();
+            let expected_shapes: Vec<Vec<Dim>> = widths
+                .iter()
+                .map(|&width| vec![Dim::Batch, Dim::Fixed(width as u64)])
+                .collect();
+            assert_eq!(declared, expected_shapes);
+
+            let split = LoadedModel::load(
+                &mlp_split(n_inputs, input_tensors, hidden, n_outputs, seed),
+                &inputs,
+                &outputs,
+                1,
+            )
+            .expect("the split mlp loads");
+            let (whole_inputs, whole_outputs) = mlp_specs(n_inputs, n_outputs);
+            let whole = LoadedModel::load(
+                &mlp(n_inputs, hidden, n_outputs, seed),
+                &whole_inputs,
+                &whole_outputs,
+                1,
+            )
+            .expect("the mlp loads");
+
+            let values = normal_rows(n_inputs, 7, 3, 0.0);
+            let from_parts = split
+                .run(&column_parts(&inputs, &widths, &values))
+                .expect("the split mlp runs");
+            let from_rows = whole
+                .run(&column_parts(&whole_inputs, &[n_inputs], &values))
+                .expect("the mlp runs");
+            assert_eq!(from_parts[0].shape, [7, n_outputs as u64]);
+            assert_eq!(from_parts[0].shape, from_rows[0].shape);
+            for (part, row) in f32s(&from_parts[0]).iter().zip(f32s(&from_rows[0])) {
+                assert!(
+                    (part - row).abs() <= 1e-6,
+                    "{input_tensors} tensors: {part} from the parts, {row} from the rows"
+                );
+            }
+        }
+    }
 }

@@ -53,8 +53,15 @@ use outpost_tests::hub::Fleet;
 
 /// The model the bench publishes and rolls out.
 const MODEL: &str = "bench-model";
-/// Input features of the published model, each a numeric feature of its drift profile.
+/// Input features of the published model, each a numeric feature of its drift profile: the
+/// project's goal is 5k drift batches/s of 100 features.
 const MODEL_INPUTS: usize = 100;
+/// Input tensors the [`MODEL_INPUTS`] columns come in: 4 of 25, built the way an agent summarises
+/// a real model of four inputs. A tensor over `MAX_COLUMN_FEATURES` (32) columns is profiled as
+/// spans, a mean and a standard deviation each (issue 20): one 100-column input gave 30 features,
+/// and the bench sent 2,649-byte batches instead of 7,362-byte ones of 100 features. At 25 columns
+/// a tensor every column is a feature.
+const INPUT_TENSORS: usize = 4;
 /// Outputs of the published model.
 const MODEL_OUTPUTS: usize = 3;
 /// Inference rows summarised in each telemetry batch's drift summary.
@@ -256,6 +263,8 @@ impl BenchHub {
                 &version.to_string(),
                 "--inputs",
                 &MODEL_INPUTS.to_string(),
+                "--input-tensors",
+                &INPUT_TENSORS.to_string(),
                 "--outputs",
                 &MODEL_OUTPUTS.to_string(),
             ]);
@@ -428,19 +437,22 @@ fn check_in_body(plan_sequence: Option<u64>) -> Vec<u8> {
 fn drift_window(profile: &Profile, profile_sha256: outpost_protocol::Sha256) -> InferenceWindow {
     let start = unix_now() / 3600 * 3600;
     let mut summary = DriftSummary::new(MODEL, 1, profile_sha256, profile, start, start + 3600);
-    let rows = normal_rows(profile.features.len(), ROWS_PER_SUMMARY, 7, 0.0);
-    for row in rows.chunks(profile.features.len()) {
-        for (index, (feature, counts)) in profile
+    let columns = row_columns(profile);
+    let width = columns
+        .iter()
+        .map(|column| column + 1)
+        .max()
+        .unwrap_or(0)
+        .max(profile.features.len());
+    let rows = normal_rows(width, ROWS_PER_SUMMARY, 7, 0.0);
+    for row in rows.chunks(width) {
+        for ((feature, counts), &column) in profile
             .features
             .iter()
             .zip(summary.features.iter_mut())
-            .enumerate()
+            .zip(&columns)
         {
-            let value = match (feature.side, &feature.source) {
-                (TensorSide::Input, FeatureSource::Column { index, .. }) => row[*index as usize],
-                _ => row[index],
-            };
-            counts.observe(f64::from(value), &feature.edges);
+            counts.observe(f64::from(row[column]), &feature.edges);
         }
     }
     let count = ROWS_PER_SUMMARY as u64;
@@ -457,6 +469,42 @@ fn drift_window(profile: &Profile, profile_sha256: outpost_protocol::Sha256) -> 
         drift: Some(summary),
         shadow: None,
     }
+}
+
+/// The column of a [`drift_window`] row each feature of `profile` reads: an input column feature
+/// reads its column of the model's inputs side by side (the input tensors in the order the
+/// profile first names them, each as wide as its highest column), as the model's `Concat` joins
+/// them; any other feature reads the column at its own index.
+fn row_columns(profile: &Profile) -> Vec<usize> {
+    let mut widths: Vec<(&str, usize)> = Vec::new();
+    for feature in &profile.features {
+        if let (TensorSide::Input, FeatureSource::Column { tensor, index }) =
+            (feature.side, &feature.source)
+        {
+            let width = *index as usize + 1;
+            match widths.iter_mut().find(|(name, _)| name == tensor) {
+                Some((_, known)) => *known = (*known).max(width),
+                None => widths.push((tensor, width)),
+            }
+        }
+    }
+    let first_column = |tensor: &str| -> usize {
+        widths
+            .iter()
+            .take_while(|(name, _)| *name != tensor)
+            .map(|(_, width)| width)
+            .sum()
+    };
+    let mut columns = Vec::with_capacity(profile.features.len());
+    for (position, feature) in profile.features.iter().enumerate() {
+        columns.push(match (feature.side, &feature.source) {
+            (TensorSide::Input, FeatureSource::Column { tensor, index }) => {
+                first_column(tensor) + *index as usize
+            }
+            _ => position,
+        });
+    }
+    columns
 }
 
 /// One HTTP/1.1 request as it goes on the wire.
@@ -1003,6 +1051,13 @@ fn main() {
         .collect();
 
     let (profile, profile_sha256) = hub.profile();
+    // The goal is stated for 100-feature batches: a profile that summarises the inputs otherwise
+    // (spans of a wide tensor) would measure something else.
+    assert_eq!(
+        profile.features.len(),
+        MODEL_INPUTS,
+        "the profile should have a numeric feature per input column"
+    );
     let window = drift_window(&profile, profile_sha256);
     println!(
         "drift summary: {} numeric features, {} class outputs, {} rows",

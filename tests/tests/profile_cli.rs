@@ -6,7 +6,8 @@
 
 use std::path::Path;
 
-use outpost_protocol::drift::{ClassSource, FeatureSource, Profile, TensorSide};
+use outpost_protocol::drift::{ClassSource, FeatureSource, NumericProfile, Profile, TensorSide};
+use outpost_tests::hub::{Fleet, TestHub};
 use outpost_tests::{run, Run};
 
 fn hub(dir: &Path, args: &[&str]) -> Run {
@@ -15,6 +16,11 @@ fn hub(dir: &Path, args: &[&str]) -> Run {
 
 /// `example-model` into `dir/name` with `inputs` input columns.
 fn example(dir: &Path, name: &str, inputs: usize) {
+    example_split(dir, name, inputs, 1);
+}
+
+/// `example-model` into `dir/name` with `inputs` input columns in `tensors` input tensors.
+fn example_split(dir: &Path, name: &str, inputs: usize, tensors: usize) {
     hub(
         dir,
         &[
@@ -23,6 +29,8 @@ fn example(dir: &Path, name: &str, inputs: usize) {
             name,
             "--inputs",
             &inputs.to_string(),
+            "--input-tensors",
+            &tensors.to_string(),
             "--reference-rows",
             "500",
         ],
@@ -122,6 +130,142 @@ fn a_profile_summarises_every_column_and_the_class_output() {
     assert_eq!(
         std::fs::read(dir.path().join("again.bin")).unwrap(),
         std::fs::read(dir.path().join("ex/profile.bin")).unwrap()
+    );
+}
+
+/// `example-model --input-tensors`: the same columns in several inputs, each with its reference
+/// data and a feature per column, named after its tensor; the same model and data otherwise, so
+/// the same reference distributions as the example with one input.
+#[test]
+fn an_example_of_split_inputs_profiles_every_column_of_every_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    example_split(dir.path(), "split", 10, 3);
+    example(dir.path(), "whole", 10);
+    assert!(!dir.path().join("split/reference.csv").exists());
+    let header = |tensor: &str| {
+        let csv = std::fs::read_to_string(dir.path().join(format!("split/reference-{tensor}.csv")))
+            .unwrap();
+        assert_eq!(csv.lines().count(), 501, "{tensor}: a header and 500 rows");
+        csv.lines().next().unwrap().to_owned()
+    };
+    assert_eq!(header("x0"), "x0[0],x0[1],x0[2],x0[3]");
+    assert_eq!(header("x1"), "x1[0],x1[1],x1[2]");
+    assert_eq!(header("x2"), "x2[0],x2[1],x2[2]");
+
+    let split = profile_of(&dir.path().join("split/profile.bin"));
+    let whole = profile_of(&dir.path().join("whole/profile.bin"));
+    let sources: Vec<(&str, FeatureSource)> = split
+        .features
+        .iter()
+        .map(|feature| (feature.name.as_str(), feature.source.clone()))
+        .collect();
+    let column = |tensor: &str, index| FeatureSource::Column {
+        tensor: tensor.to_owned(),
+        index,
+    };
+    assert_eq!(
+        sources,
+        [
+            ("x0[0]", column("x0", 0)),
+            ("x0[1]", column("x0", 1)),
+            ("x0[2]", column("x0", 2)),
+            ("x0[3]", column("x0", 3)),
+            ("x1[0]", column("x1", 0)),
+            ("x1[1]", column("x1", 1)),
+            ("x1[2]", column("x1", 2)),
+            ("x2[0]", column("x2", 0)),
+            ("x2[1]", column("x2", 1)),
+            ("x2[2]", column("x2", 2)),
+        ]
+    );
+    assert_eq!(split.features.len(), whole.features.len());
+    for (part, row) in split.features.iter().zip(&whole.features) {
+        assert_eq!(part.side, TensorSide::Input);
+        let bins = |feature: &NumericProfile| (feature.edges.clone(), feature.reference.clone());
+        assert_eq!(bins(part), bins(row), "{} and {}", part.name, row.name);
+    }
+    assert_eq!(split.classes, whole.classes, "the class output is still y");
+
+    // `outpost-hub profile` makes the same profile from the files, one per input.
+    hub(
+        dir.path(),
+        &[
+            "profile",
+            "--model",
+            "split/model.onnx",
+            "--data",
+            "x0=split/reference-x0.csv",
+            "--data",
+            "x1=split/reference-x1.csv",
+            "--data",
+            "x2=split/reference-x2.csv",
+            "--classes",
+            "y",
+            "--out",
+            "again.bin",
+        ],
+    )
+    .ok();
+    assert_eq!(
+        std::fs::read(dir.path().join("again.bin")).unwrap(),
+        std::fs::read(dir.path().join("split/profile.bin")).unwrap()
+    );
+
+    let refused = |tensors: &str| {
+        hub(
+            dir.path(),
+            &[
+                "example-model",
+                "--out",
+                "refused",
+                "--inputs",
+                "4",
+                "--input-tensors",
+                tensors,
+            ],
+        )
+    };
+    refused("0").fails_with("--input-tensors 0 must be between 1 and --inputs 4");
+    refused("5").fails_with("--input-tensors 5 must be between 1 and --inputs 4");
+    assert!(!dir.path().join("refused").exists());
+}
+
+/// Regression: the load bench (`tests/benches/hub_load.rs`) publishes 100 inputs to measure
+/// 100-feature drift batches, but since wide tensors are profiled as spans (issue 20) one
+/// 100-column input gave a 30-feature profile, and the bench measured 30-feature batches. In 4
+/// tensors of 25 every column is a feature again, and `model publish` takes the model with its
+/// profile.
+#[test]
+fn a_model_of_100_inputs_in_4_tensors_publishes_a_profile_of_100_features() {
+    let dir = tempfile::tempdir().unwrap();
+    example_split(dir.path(), "wide", 100, 4);
+    let profile = profile_of(&dir.path().join("wide/profile.bin"));
+    assert_eq!(profile.features.len(), 100);
+    for (index, feature) in profile.features.iter().enumerate() {
+        let tensor = format!("x{}", index / 25);
+        assert_eq!(
+            feature.source,
+            FeatureSource::Column {
+                tensor: tensor.clone(),
+                index: (index % 25) as u32
+            }
+        );
+        assert_eq!(feature.name, format!("{tensor}[{}]", index % 25));
+    }
+    assert_eq!(profile.classes.len(), 1);
+
+    let hub_under_test = TestHub::start();
+    let fleet = Fleet::new(&hub_under_test);
+    let bundle = dir.path().join("wide");
+    let mut publish = fleet.publish_args(&bundle, "wide", 1);
+    publish.push("--profile".into());
+    publish.push(bundle.join("profile.bin").to_string_lossy().into_owned());
+    let publish: Vec<&str> = publish.iter().map(String::as_str).collect();
+    let published = hub_under_test.cli(&publish).ok();
+    assert!(
+        published.stderr.contains("validation passed: 8 case(s)"),
+        "{}",
+        published.stderr
     );
 }
 

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use outpost_model::drift::{build_profile, ProfileOptions};
 use outpost_model::example;
 use outpost_model::inference::LoadedModel;
@@ -27,6 +27,14 @@ pub struct Args {
     pub validation_seed: Option<u64>,
     #[arg(long, default_value_t = 4)]
     pub inputs: usize,
+    /// Input tensors the --inputs columns come in. With 1, one input `x` whose reference data is
+    /// `reference.csv` with columns `x0`, `x1`, ...; with P > 1, inputs `x0` to `x{P-1}` of
+    /// widths as even as possible, joined inside the model, each with its reference data in
+    /// `reference-x{t}.csv`, its columns named `x{t}[0]`, `x{t}[1]`, ... after the tensor they
+    /// are in. A tensor over 32 columns is profiled as spans: split a wide input to keep a drift
+    /// feature per column.
+    #[arg(long, default_value_t = 1)]
+    pub input_tensors: usize,
     #[arg(long, default_value_t = 16)]
     pub hidden: usize,
     #[arg(long, default_value_t = 3)]
@@ -34,24 +42,39 @@ pub struct Args {
     /// Cases in the validation set.
     #[arg(long, default_value_t = 8)]
     pub cases: usize,
-    /// Rows of reference data (standard normal inputs) in `reference.csv`, which `profile.bin`
-    /// summarises.
+    /// Rows of reference data (standard normal inputs) in `reference.csv` (one file per input
+    /// tensor with --input-tensors), which `profile.bin` summarises.
     #[arg(long, default_value_t = 2000)]
     pub reference_rows: usize,
 }
 
 impl Args {
     pub fn run(self) -> anyhow::Result<()> {
+        if self.inputs == 0 {
+            bail!("--inputs must be at least 1");
+        }
+        if self.input_tensors == 0 || self.input_tensors > self.inputs {
+            bail!(
+                "--input-tensors {} must be between 1 and --inputs {}: every tensor needs a column",
+                self.input_tensors,
+                self.inputs
+            );
+        }
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
-        let model = example::mlp(self.inputs, self.hidden, self.outputs, self.seed);
-        let reference = example::mlp(
-            self.inputs,
-            self.hidden,
-            self.outputs,
-            self.validation_seed.unwrap_or(self.seed),
-        );
-        let (inputs, outputs) = example::mlp_specs(self.inputs, self.outputs);
+        let build = |seed| {
+            example::mlp_split(
+                self.inputs,
+                self.input_tensors,
+                self.hidden,
+                self.outputs,
+                seed,
+            )
+        };
+        let model = build(self.seed);
+        let reference = build(self.validation_seed.unwrap_or(self.seed));
+        let (inputs, outputs) =
+            example::mlp_split_specs(self.inputs, self.input_tensors, self.outputs);
         let validation = example::validation_set_for(
             &reference, &inputs, &outputs, self.cases, self.seed, 1e-5, 1e-4,
         )
@@ -67,53 +90,76 @@ impl Args {
             0o644,
         )?;
 
-        // Reference data and its profile, made the way `outpost-hub profile` makes one.
-        let reference_path = self.out.join("reference.csv");
-        let profile_path = self.out.join("profile.bin");
+        // Reference data and its profile, made the way `outpost-hub profile` makes one. The rows
+        // are the same whatever the split: each input tensor takes its columns of them.
         let rows = example::normal_rows(self.inputs, self.reference_rows.max(1), self.seed, 0.0);
-        let mut csv = (0..self.inputs)
-            .map(|column| format!("x{column}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        csv.push('\n');
-        for row in rows.chunks(self.inputs.max(1)) {
-            let fields: Vec<String> = row.iter().map(f32::to_string).collect();
-            csv.push_str(&fields.join(","));
+        let n_rows = rows.len() / self.inputs;
+        let mut written = vec![model_path, validation_path];
+        let mut data = Vec::with_capacity(inputs.len());
+        let mut column_names = Vec::with_capacity(inputs.len());
+        let mut first_column = 0;
+        for (spec, width) in inputs
+            .iter()
+            .zip(example::split_widths(self.inputs, self.input_tensors))
+        {
+            let columns = first_column..first_column + width;
+            first_column += width;
+            let (names, path): (Vec<String>, _) = if self.input_tensors == 1 {
+                (
+                    columns.clone().map(|column| format!("x{column}")).collect(),
+                    self.out.join("reference.csv"),
+                )
+            } else {
+                (
+                    (0..width)
+                        .map(|column| format!("{}[{column}]", spec.name))
+                        .collect(),
+                    self.out.join(format!("reference-{}.csv", spec.name)),
+                )
+            };
+            let mut csv = names.join(",");
             csv.push('\n');
+            for row in rows.chunks(self.inputs) {
+                let fields: Vec<String> = row[columns.clone()].iter().map(f32::to_string).collect();
+                csv.push_str(&fields.join(","));
+                csv.push('\n');
+            }
+            fsutil::write_atomic(&path, csv.as_bytes(), 0o644)?;
+            written.push(path);
+            data.push(Tensor {
+                name: spec.name.clone(),
+                dtype: DType::F32,
+                shape: vec![n_rows as u64, width as u64],
+                data: rows
+                    .chunks(self.inputs)
+                    .flat_map(|row| &row[columns.clone()])
+                    .flat_map(|value| value.to_le_bytes())
+                    .collect(),
+            });
+            column_names.push((spec.name.clone(), names));
         }
-        fsutil::write_atomic(&reference_path, csv.as_bytes(), 0o644)?;
         let loaded =
             LoadedModel::load(&model, &inputs, &outputs, 1).context("loading the example model")?;
-        let data = Tensor {
-            name: "x".to_owned(),
-            dtype: DType::F32,
-            shape: vec![(rows.len() / self.inputs.max(1)) as u64, self.inputs as u64],
-            data: rows.iter().flat_map(|value| value.to_le_bytes()).collect(),
-        };
         let options = ProfileOptions {
-            column_names: vec![(
-                "x".to_owned(),
-                (0..self.inputs)
-                    .map(|column| format!("x{column}"))
-                    .collect(),
-            )],
+            column_names,
             class_outputs: vec!["y".to_owned()],
             ..ProfileOptions::default()
         };
         let profile =
-            build_profile(&loaded, &[data], &options).context("profiling the example model")?;
+            build_profile(&loaded, &data, &options).context("profiling the example model")?;
+        let profile_path = self.out.join("profile.bin");
         fsutil::write_atomic(
             &profile_path,
             &outpost_protocol::encode(&profile).context("encoding the profile")?,
             0o644,
         )?;
-        println!(
-            "wrote {}, {}, {} and {}",
-            model_path.display(),
-            validation_path.display(),
-            reference_path.display(),
-            profile_path.display()
-        );
+        written.push(profile_path);
+        let mut written: Vec<String> = written
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect();
+        let last = written.pop().unwrap_or_default();
+        println!("wrote {} and {last}", written.join(", "));
         Ok(())
     }
 }
