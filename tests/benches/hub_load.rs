@@ -18,6 +18,9 @@
 //! The client shares the machine with the hub, so the bench also reads both processes' CPU time
 //! from `/proc/<pid>/stat` and reports the hub's CPU cost per request, which does not depend on
 //! how much of the machine the client took.
+//! It reads the hub's `write_bytes` from `/proc/<pid>/io` too, and reports what the hub had
+//! written to storage per request (its database and log, checkpoints included), which depends on
+//! neither.
 //!
 //! ```sh
 //! cargo bench -p outpost-tests --bench hub_load
@@ -342,6 +345,18 @@ fn cpu_seconds(pid: &str) -> f64 {
     let ticks: u64 = fields[11].parse::<u64>().expect("utime is a number")
         + fields[12].parse::<u64>().expect("stime is a number");
     ticks as f64 / CLOCK_TICKS_PER_SEC
+}
+
+/// Bytes a process has had written to storage so far (`write_bytes` of `/proc/<pid>/io`: counted
+/// when it dirties the page cache, so it includes what the kernel writes back later, and not
+/// what it sends on sockets).
+fn written_bytes(pid: &str) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_else(|error| panic!("reading /proc/{pid}/io: {error}"));
+    io.lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap_or_else(|| panic!("/proc/{pid}/io has no write_bytes"))
 }
 
 /// The hub's signature-verifier counters from `/metrics`, read with the admin `token`:
@@ -797,6 +812,8 @@ struct Measurement {
     response_bytes: usize,
     /// Hub CPU time per request, in microseconds.
     hub_cpu_us: f64,
+    /// Bytes the hub had written to storage per request (its database and log), in kB.
+    hub_written_kb: f64,
     /// Signatures the hub checked per batch over the window, when it reports them.
     signatures_per_batch: Option<f64>,
     /// Shares of the machine's CPU time over the measured window.
@@ -883,6 +900,7 @@ fn measure(
             cpu_seconds("self"),
             machine_cpu_seconds(),
             signed,
+            written_bytes(&hub_pid),
         );
         std::thread::sleep(stop_at.saturating_duration_since(Instant::now()));
         let after = (
@@ -890,6 +908,7 @@ fn measure(
             cpu_seconds("self"),
             machine_cpu_seconds(),
             signature_counters(host, &hub.token),
+            written_bytes(&hub_pid),
         );
         let results: Vec<ClientResult> = handles
             .into_iter()
@@ -897,8 +916,10 @@ fn measure(
             .collect();
         (results, before, after)
     });
-    let ((hub0, client0, (busy0, total0), signed0), (hub1, client1, (busy1, total1), signed1)) =
-        (before, after);
+    let (
+        (hub0, client0, (busy0, total0), signed0, written0),
+        (hub1, client1, (busy1, total1), signed1, written1),
+    ) = (before, after);
     let signatures_per_batch = signed0.zip(signed1).map(|((b0, s0), (b1, s1))| {
         (s1.saturating_sub(s0)) as f64 / (b1.saturating_sub(b0)).max(1) as f64
     });
@@ -944,6 +965,9 @@ fn measure(
         request_bytes,
         response_bytes,
         hub_cpu_us: hub_cpu * 1e6 / (requests.max(1) as f64),
+        hub_written_kb: written1.saturating_sub(written0) as f64
+            / 1000.0
+            / (requests.max(1) as f64),
         signatures_per_batch,
         hub_share: hub_cpu / total,
         client_share: client_cpu / total,
@@ -983,16 +1007,16 @@ fn print_table(measurements: &[Measurement]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "| Scenario | Clients | Requests | Errors | Per second | p50 | p99 | max | Request / response bytes | Hub CPU per request | Signatures per batch | CPU share hub / client / other | Hub RSS (peak so far) |"
+        "| Scenario | Clients | Requests | Errors | Per second | p50 | p99 | max | Request / response bytes | Hub CPU per request | Hub disk writes per request | Signatures per batch | CPU share hub / client / other | Hub RSS (peak so far) |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for row in measurements {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} ms | {} / {} | {:.0} µs | {} | {:.0}% / {:.0}% / {:.0}% | {:.0} MiB ({:.0}) |",
+            "| {} | {} | {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} ms | {} / {} | {:.0} µs | {:.1} kB | {} | {:.0}% / {:.0}% / {:.0}% | {:.0} MiB ({:.0}) |",
             row.scenario.name(),
             row.clients,
             row.requests,
@@ -1004,6 +1028,7 @@ fn print_table(measurements: &[Measurement]) {
             row.request_bytes,
             row.response_bytes,
             row.hub_cpu_us,
+            row.hub_written_kb,
             row.signatures_per_batch
                 .map_or("-".to_owned(), |ratio| format!("{ratio:.1}")),
             row.hub_share * 100.0,
