@@ -79,6 +79,32 @@ pub fn split_widths(n_inputs: usize, parts: usize) -> Vec<usize> {
         .collect()
 }
 
+/// Rows of `values` (each as wide as `widths` together) cut by columns into one f32 tensor per
+/// width, named as `specs` in order: the inputs of [`mlp_split`] for the rows [`mlp`] takes whole.
+pub fn column_tensors(specs: &[TensorSpec], widths: &[usize], values: &[f32]) -> Vec<Tensor> {
+    let row_width: usize = widths.iter().sum();
+    let rows = values.len().checked_div(row_width).unwrap_or(0);
+    let mut first = 0;
+    specs
+        .iter()
+        .zip(widths)
+        .map(|(spec, &width)| {
+            let columns = first..first + width;
+            first += width;
+            Tensor {
+                name: spec.name.clone(),
+                dtype: DType::F32,
+                shape: vec![rows as u64, width as u64],
+                data: values
+                    .chunks(row_width)
+                    .flat_map(|row| &row[columns.clone()])
+                    .flat_map(|value| value.to_le_bytes())
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
 /// The perceptron of [`mlp`] (MatMul and Add in place of Gemm, which takes only matrices),
 /// declaring `lead` as the first axis of `x` and `y`, or no batch axis at all: `Some(Dim::Fixed(1))`
 /// is a model exported with a fixed batch of 1, as many published models are; `None` one that
@@ -517,31 +543,6 @@ pub fn installed_onnxruntime(folder: &str) -> std::path::PathBuf {
 mod tests {
     use super::*;
 
-    /// `rows` rows of `values` cut into tensors of `widths` columns, named as `specs`.
-    fn column_parts(specs: &[TensorSpec], widths: &[usize], values: &[f32]) -> Vec<Tensor> {
-        let n_inputs: usize = widths.iter().sum();
-        let rows = values.len() / n_inputs;
-        let mut first = 0;
-        specs
-            .iter()
-            .zip(widths)
-            .map(|(spec, &width)| {
-                let data = values
-                    .chunks(n_inputs)
-                    .flat_map(|row| &row[first..first + width])
-                    .flat_map(|value| value.to_le_bytes())
-                    .collect();
-                first += width;
-                Tensor {
-                    name: spec.name.clone(),
-                    dtype: DType::F32,
-                    shape: vec![rows as u64, width as u64],
-                    data,
-                }
-            })
-            .collect()
-    }
-
     fn f32s(tensor: &Tensor) -> Vec<f32> {
         tensor
             .data
@@ -603,10 +604,10 @@ mod tests {
 
             let values = normal_rows(n_inputs, 7, 3, 0.0);
             let from_parts = split
-                .run(&column_parts(&inputs, &widths, &values))
+                .run(&column_tensors(&inputs, &widths, &values))
                 .expect("the split mlp runs");
             let from_rows = whole
-                .run(&column_parts(&whole_inputs, &[n_inputs], &values))
+                .run(&column_tensors(&whole_inputs, &[n_inputs], &values))
                 .expect("the mlp runs");
             assert_eq!(from_parts[0].shape, [7, n_outputs as u64]);
             assert_eq!(from_parts[0].shape, from_rows[0].shape);

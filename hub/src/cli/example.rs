@@ -8,8 +8,6 @@ use anyhow::{bail, Context};
 use outpost_model::drift::{build_profile, ProfileOptions};
 use outpost_model::example;
 use outpost_model::inference::LoadedModel;
-use outpost_protocol::device::Tensor;
-use outpost_protocol::trust::DType;
 
 use outpost_model::fsutil;
 
@@ -93,15 +91,11 @@ impl Args {
         // Reference data and its profile, made the way `outpost-hub profile` makes one. The rows
         // are the same whatever the split: each input tensor takes its columns of them.
         let rows = example::normal_rows(self.inputs, self.reference_rows.max(1), self.seed, 0.0);
-        let n_rows = rows.len() / self.inputs;
+        let widths = example::split_widths(self.inputs, self.input_tensors);
         let mut written = vec![model_path, validation_path];
-        let mut data = Vec::with_capacity(inputs.len());
         let mut column_names = Vec::with_capacity(inputs.len());
         let mut first_column = 0;
-        for (spec, width) in inputs
-            .iter()
-            .zip(example::split_widths(self.inputs, self.input_tensors))
-        {
+        for (spec, &width) in inputs.iter().zip(&widths) {
             let columns = first_column..first_column + width;
             first_column += width;
             let (names, path): (Vec<String>, _) = if self.input_tensors == 1 {
@@ -126,18 +120,9 @@ impl Args {
             }
             fsutil::write_atomic(&path, csv.as_bytes(), 0o644)?;
             written.push(path);
-            data.push(Tensor {
-                name: spec.name.clone(),
-                dtype: DType::F32,
-                shape: vec![n_rows as u64, width as u64],
-                data: rows
-                    .chunks(self.inputs)
-                    .flat_map(|row| &row[columns.clone()])
-                    .flat_map(|value| value.to_le_bytes())
-                    .collect(),
-            });
             column_names.push((spec.name.clone(), names));
         }
+        let data = example::column_tensors(&inputs, &widths, &rows);
         let loaded =
             LoadedModel::load(&model, &inputs, &outputs, 1).context("loading the example model")?;
         let options = ProfileOptions {
