@@ -374,15 +374,23 @@ impl Store {
 }
 
 impl Store {
-    /// Keeps each device's telemetry batch markers (the idempotency keys of its batches) for
-    /// `secs` after they were stored, and its newest for good, which keeps its sequences
-    /// increasing: from now on, each group of batches removes its devices' older markers. Until
-    /// this is called, markers are kept for good.
+    /// Keeps each device's telemetry batch markers (the idempotency keys of its batches) for at
+    /// least `secs` after they were stored, and its newest for good, which keeps its sequences
+    /// increasing: from now on, each group of batches removes its devices' older markers (see
+    /// [`Store::prune_markers`] for "at least"). Until this is called, markers are kept for good.
     pub fn keep_batch_markers_for(&self, secs: u64) {
         self.markers_kept_for.store(secs, Ordering::Relaxed);
     }
 
     /// Removes the markers of `batches`' devices past [`Store::keep_batch_markers_for`].
+    ///
+    /// A device's markers are stored in the order of its sequences (it sends batch n+1 once n
+    /// is acknowledged), so those past their time are the device's lowest sequences. Each device's
+    /// bound is found from its lowest sequence up, and what is below it goes by the key's range:
+    /// the cost is the markers removed, not the markers kept, which a month of retention makes
+    /// thousands per device. The bound is the first marker stored at or after the cutoff, or the
+    /// newest marker when none was. A marker stored out of time order (by a hub whose clock ran
+    /// behind) is kept until the markers before it have gone: kept longer, never shorter.
     async fn prune_markers(
         &self,
         connection: &mut AnyConnection,
@@ -397,10 +405,11 @@ impl Store {
         }
         for chunk in batches.chunks(KEYS_PER_STATEMENT) {
             let sql = format!(
-                "DELETE FROM telemetry_seen WHERE stored_at < $1 AND device IN ({}) AND sequence < \
-                 (SELECT MAX(newest.sequence) FROM telemetry_seen AS newest \
-                 WHERE newest.device = telemetry_seen.device)",
-                placeholders(2, chunk.len())
+                "DELETE FROM telemetry_seen WHERE {}",
+                (0..chunk.len())
+                    .map(|term| prune_term(2 + term))
+                    .collect::<Vec<_>>()
+                    .join(" OR ")
             );
             let mut query =
                 sqlx::query(AssertSqlSafe(sql)).bind(bound(now.saturating_sub(kept_for)));
@@ -411,6 +420,20 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// One device's term of [`Store::prune_markers`]'s `DELETE`: the device is parameter `device`,
+/// the cutoff `$1`. The bound is a subquery of parameters alone, so it runs once per statement,
+/// not once per row.
+fn prune_term(device: usize) -> String {
+    format!(
+        "(device = ${device} AND sequence < (SELECT COALESCE(\
+         (SELECT kept.sequence FROM telemetry_seen AS kept \
+         WHERE kept.device = ${device} AND kept.stored_at >= $1 \
+         ORDER BY kept.sequence LIMIT 1), \
+         (SELECT MAX(newest.sequence) FROM telemetry_seen AS newest \
+         WHERE newest.device = ${device}))))"
+    )
 }
 
 /// What one batch adds to: its windows by counters record, drift record and shadow record, and

@@ -73,6 +73,7 @@ on_both_engines!(
     a_summary_that_does_not_merge_refuses_the_whole_batch,
     each_batch_of_a_group_keeps_its_own_verdict,
     ingest_prunes_its_devices_markers_past_their_retention,
+    a_marker_stored_out_of_time_order_is_kept_until_those_before_it_go,
     drift_aggregates_merge_a_label_group_once_per_batch,
     a_summary_that_does_not_merge_into_its_aggregate_is_left_out_of_it_only,
     hourly_aggregates_are_pruned_by_their_own_retention,
@@ -563,20 +564,20 @@ async fn each_batch_of_a_group_keeps_its_own_verdict(store: &Store) {
     assert_eq!(one(&good, 1, &[2.0]).await, Ingested::Duplicate);
 }
 
+/// [`DEVICE`]'s batch `sequence`, one window of hour `sequence`, stored at `now`: its verdict.
+async fn ingest_hour(store: &Store, sequence: u64, now: u64) -> Ingested {
+    let windows = [window(summary(&profile(), 3600 * sequence, &[1.0]))];
+    store
+        .ingest_telemetry(&DEVICE, &[], sequence, &windows, 0, now)
+        .await
+        .unwrap()
+}
+
 /// With a marker retention set, each batch stored removes its device's markers older than it,
 /// except the newest: a batch resent after its marker went is refused as out of order, not stored
 /// again.
 async fn ingest_prunes_its_devices_markers_past_their_retention(store: &Store) {
-    let profile = profile();
-    let ingest = |sequence: u64, now: u64| {
-        let windows = [window(summary(&profile, 3600 * sequence, &[1.0]))];
-        async move {
-            store
-                .ingest_telemetry(&DEVICE, &[], sequence, &windows, 0, now)
-                .await
-                .unwrap()
-        }
-    };
+    let ingest = |sequence: u64, now: u64| ingest_hour(store, sequence, now);
     assert_eq!(ingest(1, 100).await, Ingested::Stored);
     assert_eq!(ingest(2, 200).await, Ingested::Stored);
     store.keep_batch_markers_for(1000);
@@ -592,6 +593,32 @@ async fn ingest_prunes_its_devices_markers_past_their_retention(store: &Store) {
         .await
         .unwrap();
     assert_eq!(markers, 1);
+}
+
+/// A device's markers go from its lowest sequence up, to the first stored since the cutoff: one
+/// stored with an earlier time than a marker before it (a hub whose clock ran behind) is kept
+/// while that one is, so markers are kept longer than their retention, never shorter.
+async fn a_marker_stored_out_of_time_order_is_kept_until_those_before_it_go(store: &Store) {
+    let ingest = |sequence: u64, now: u64| ingest_hour(store, sequence, now);
+    store.keep_batch_markers_for(1000);
+    assert_eq!(ingest(1, 100).await, Ingested::Stored);
+    assert_eq!(ingest(2, 3000).await, Ingested::Stored);
+    // Stored "at 50" by a clock behind: its group's cutoff is 0, so nothing went.
+    assert_eq!(ingest(3, 50).await, Ingested::Stored);
+    // Cutoff 2100: marker 1 goes; marker 2 (3000) bounds the range, so marker 3 (50) stays.
+    assert_eq!(ingest(4, 3100).await, Ingested::Stored);
+    assert_eq!(ingest(1, 3110).await, Ingested::OutOfOrder { highest: 4 });
+    assert_eq!(ingest(3, 3120).await, Ingested::Duplicate);
+    // Cutoff 3200: markers 2, 3 and 4 go together; the newest, 5, stays.
+    assert_eq!(ingest(5, 4200).await, Ingested::Stored);
+    let markers: Vec<i64> = sqlx::query_scalar(
+        "SELECT sequence FROM telemetry_seen WHERE device = $1 ORDER BY sequence",
+    )
+    .bind(DEVICE.to_vec())
+    .fetch_all(&store.pool)
+    .await
+    .unwrap();
+    assert_eq!(markers, [5]);
 }
 
 fn labels(texts: &[&str]) -> Vec<Label> {
