@@ -2343,3 +2343,20 @@ async fn a_notification_is_claimed_by_one_hub_and_sent_in_order_until_delivered_
     assert_eq!(dead[0].last_error, "its webhook was deleted");
     assert!(!store.retry_dead(second, later).await.unwrap());
 }
+
+/// The bundled SQLite keeps its query plans whatever values are bound (`LIBSQLITE3_FLAGS` in
+/// `.cargo/config.toml`): without that, the writer's group statements were compiled again on
+/// every run, since sqlx clears their bindings before each.
+#[tokio::test]
+async fn sqlite_keeps_its_query_plans_across_bindings() {
+    let engine = sqlite().await;
+    let options: Vec<String> =
+        sqlx::query_scalar("SELECT compile_options FROM pragma_compile_options")
+            .fetch_all(&engine.store.writer)
+            .await
+            .unwrap();
+    assert!(
+        options.iter().any(|option| option == "ENABLE_QPSG"),
+        "SQLite was built without ENABLE_QPSG: {options:?}"
+    );
+}
