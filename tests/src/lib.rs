@@ -203,3 +203,39 @@ pub fn poll_until<T>(
         std::thread::sleep(every);
     }
 }
+
+/// A loopback port nothing answers on for as long as this lives: bound but never listening, so
+/// every connection to it is refused, and no other test's server can take it meanwhile (a port
+/// merely bound and let go can be handed to the next server that binds port 0).
+#[derive(Debug)]
+pub struct RefusedPort {
+    _socket: socket2::Socket,
+    /// The port.
+    pub port: u16,
+}
+
+impl RefusedPort {
+    /// Binds a fresh loopback port without listening on it.
+    pub fn bind() -> RefusedPort {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("creating a TCP socket");
+        socket
+            .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("binding a loopback port");
+        let port = socket
+            .local_addr()
+            .ok()
+            .and_then(|address| address.as_socket())
+            .expect("reading the bound port")
+            .port();
+        RefusedPort {
+            _socket: socket,
+            port,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}

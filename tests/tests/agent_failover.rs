@@ -17,7 +17,7 @@ use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::hub::{Fleet, TestHub};
 use outpost_tests::postgres::Postgres;
 use outpost_tests::proxy::{Proxy, Response, Verdict};
-use outpost_tests::wait_until;
+use outpost_tests::{wait_until, RefusedPort};
 use serde_json::{json, Value};
 
 /// A PostgreSQL server with one database, and two hub replicas on it. The server is returned
@@ -28,12 +28,6 @@ fn replicas() -> (Postgres, TestHub, TestHub) {
     let first = TestHub::start_on_database(&database);
     let second = first.replica();
     (postgres, first, second)
-}
-
-/// A loopback URL nothing listens on: a port bound and let go.
-fn dead_url() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://{}", listener.local_addr().unwrap())
 }
 
 /// Asserts the agent's inference API answers with demo@`version`.
@@ -53,7 +47,8 @@ fn an_agent_moves_to_the_surviving_replica_and_keeps_rolling_out_and_serving() {
     let fleet = Fleet::new(&first);
     fleet.publish_example(&first, "demo", 1, 1);
     fleet.first_rollout(&first, "demo", 1);
-    let dead = dead_url();
+    let nobody = RefusedPort::bind();
+    let dead = nobody.url();
     let (first_url, second_url) = (first.url(), second.url());
     // Enrollment fails over like any request: the token reaches the first replica.
     let mut agent = TestAgent::enroll_at_all(

@@ -23,7 +23,7 @@ use outpost_protocol::drift::Profile;
 use outpost_protocol::{sha256, Sha256};
 use outpost_tests::device_sim::{drift_window, unix_now, SimDevice};
 use outpost_tests::hub::{Fleet, TestHub};
-use outpost_tests::wait_until;
+use outpost_tests::{wait_until, RefusedPort};
 
 /// Long enough for any delivery on a loaded machine, a restart included; only a hang reaches it.
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -515,14 +515,9 @@ fn bad_rules_and_webhooks_are_refused_by_name_and_change_nothing() {
     setup.fleet.publish_example(&setup.hub, "plain", 1, 2);
     let receiver = TestReceiver::start();
     setup.webhook(&receiver, "pipeline", "/outpost", "outpost");
-    // A receiver that is not there: a port that was free a moment ago.
-    let gone = {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        format!(
-            "http://127.0.0.1:{}/hook",
-            listener.local_addr().unwrap().port()
-        )
-    };
+    // A receiver that is not there.
+    let unreachable = RefusedPort::bind();
+    let gone = format!("{}/hook", unreachable.url());
     setup
         .hub
         .cli(&["webhook", "create", "gone", "--url", &gone])
