@@ -15,7 +15,6 @@
 //! process killed outright leaves its server running: nothing in the process outlives it to stop it.
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -157,14 +156,6 @@ fn run(command: &mut Command, what: &str) -> Result<String, String> {
     }
 }
 
-/// A port of 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .map_err(|error| format!("finding a free port on 127.0.0.1: {error}"))
-}
-
 /// A PostgreSQL server of its own in a temporary directory, stopped (immediate mode) and removed
 /// on drop.
 #[derive(Debug)]
@@ -224,7 +215,7 @@ impl Postgres {
         )?;
         let mut attempt = 1;
         loop {
-            server.port = free_port()?;
+            server.port = crate::ports::free_port()?;
             match server.pg_ctl_start() {
                 Ok(()) => return Ok(server),
                 Err(error)

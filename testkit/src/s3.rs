@@ -19,7 +19,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -85,14 +85,6 @@ fn random_hex(bytes: usize) -> Result<String, String> {
         .and_then(|mut urandom| urandom.read_exact(&mut buffer))
         .map_err(|error| format!("reading /dev/urandom: {error}"))?;
     Ok(buffer.iter().map(|byte| format!("{byte:02x}")).collect())
-}
-
-/// A port of 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .map_err(|error| format!("finding a free port on 127.0.0.1: {error}"))
 }
 
 /// Whether an HTTP server answers on `port` of 127.0.0.1: a request gets any status line back.
@@ -176,8 +168,8 @@ impl S3 {
         let rpc_secret = random_hex(32)?;
         let mut attempt = 1;
         loop {
-            server.s3_port = free_port()?;
-            server.rpc_port = free_port()?;
+            server.s3_port = crate::ports::free_port()?;
+            server.rpc_port = crate::ports::free_port()?;
             server.write_config(&rpc_secret)?;
             match server.run_server() {
                 Ok(()) => return Ok(server),

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use outpost_hub::api::DeviceDetail;
+use outpost_testkit::ports::free_port;
 use serde_json::Value;
 
 use crate::device_sim::unix_now;
@@ -139,14 +140,6 @@ fn split_sync(extra: &str) -> (String, String) {
     (defaults + &sync, rest)
 }
 
-/// A free loopback port, found by binding port 0 and letting it go.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("finding a free port")
-}
-
 impl TestAgent {
     /// Writes a config pointing at `hub` (with `extra` TOML appended to its sections; keys of its
     /// own `[sync]` table replace the test defaults) and the fleet's root, with `labels`
@@ -208,7 +201,10 @@ impl TestAgent {
         };
         let dir = tempfile::tempdir().expect("creating the agent's temporary directory");
         std::fs::write(dir.path().join("root.bin"), &fleet.root).expect("writing the trust root");
-        let listen = format!("127.0.0.1:{}", free_port());
+        let listen = format!(
+            "127.0.0.1:{}",
+            free_port().unwrap_or_else(|error| panic!("{error}"))
+        );
         let config = dir.path().join("agent.toml");
         let (sync, extra) = split_sync(extra);
         // The device holds its labels in its own config, as plans are checked against them, and

@@ -7,12 +7,12 @@
 //! Without `chromium` or `chromedriver` on the machine it panics naming the command that installs
 //! them (`cargo xtask install`).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
+use outpost_testkit::ports::free_port;
 use serde_json::{json, Value};
 
 use crate::wait_until;
@@ -53,13 +53,6 @@ fn find_program(name: &str) -> Option<PathBuf> {
     })
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("binding a free loopback port")
-        .port()
-}
-
 impl Browser {
     /// Starts chromedriver and a headless Chromium session in it.
     pub fn start() -> Browser {
@@ -74,7 +67,7 @@ impl Browser {
             "{CHROMIUM} is missing: `cargo xtask install` installs it (Debian's `chromium` \
              and `chromium-driver`)"
         );
-        let port = free_port();
+        let port = free_port().unwrap_or_else(|error| panic!("{error}"));
         let driver = Command::new(driver_path)
             .arg(format!("--port={port}"))
             .stdin(Stdio::null())
