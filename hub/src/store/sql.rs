@@ -157,6 +157,18 @@ pub(super) async fn connect(database: &Database) -> Result<(AnyPool, AnyPool, Op
             // The writer first: it sets the file's journal mode before readers open it.
             let writer = options().max_connections(1).connect(&url).await?;
             let readers = options().max_connections(4).connect(&url).await?;
+            let compiled: std::result::Result<Vec<String>, _> =
+                sqlx::query_scalar("SELECT compile_options FROM pragma_compile_options")
+                    .fetch_all(&writer)
+                    .await;
+            match compiled {
+                Ok(options) => {
+                    if let Some(warning) = plan_stability_warning(&options) {
+                        log::warn!("{warning}");
+                    }
+                }
+                Err(error) => log::warn!("reading SQLite's compile options: {error}"),
+            }
             Ok((readers, writer, Some(FileLock { _file: lock })))
         }
         Database::Postgres(url) => {
@@ -168,6 +180,22 @@ pub(super) async fn connect(database: &Database) -> Result<(AnyPool, AnyPool, Op
             Ok((pool.clone(), pool, None))
         }
     }
+}
+
+/// What to say when SQLite was built without `SQLITE_ENABLE_QPSG` (its `compile_options`):
+/// the workspace's `.cargo/config.toml` sets it for the SQLite that `libsqlite3-sys` bundles, but
+/// a hub built from outside the workspace does not get it. Without it, SQLite compiles again on
+/// every run each statement whose plan noted a bound value, because sqlx clears a cached
+/// statement's bindings before each run, and that expires it; drift ingest then costs about a
+/// fifth more.
+fn plan_stability_warning(options: &[String]) -> Option<String> {
+    (!options.iter().any(|option| option == "ENABLE_QPSG")).then(|| {
+        "this hub's SQLite was built without SQLITE_ENABLE_QPSG, so it compiles many statements \
+         again on every run (drift ingest costs about a fifth more): build the hub from its \
+         workspace, whose .cargo/config.toml sets LIBSQLITE3_FLAGS, or set \
+         LIBSQLITE3_FLAGS=SQLITE_ENABLE_QPSG when building it"
+            .to_owned()
+    })
 }
 
 /// Write-ahead logging, so readers never wait on the writer; commits that do not wait for the
@@ -385,4 +413,23 @@ pub(super) async fn migrate(writer: &AnyPool, dialect: Dialect) -> Result<()> {
     }
     transaction.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sqlite_without_plan_stability_is_warned_of_by_its_flag() {
+        let built = |options: &[&str]| -> Vec<String> {
+            options.iter().map(|option| option.to_string()).collect()
+        };
+        assert_eq!(
+            plan_stability_warning(&built(&["ENABLE_FTS5", "ENABLE_QPSG", "THREADSAFE=1"])),
+            None
+        );
+        let warning = plan_stability_warning(&built(&["ENABLE_FTS5", "THREADSAFE=1"])).unwrap();
+        assert!(warning.contains("SQLITE_ENABLE_QPSG"), "{warning}");
+        assert!(warning.contains("LIBSQLITE3_FLAGS"), "{warning}");
+    }
 }
