@@ -223,13 +223,15 @@ fn the_shadow_gate_holds_promotes_and_pauses_over_http() {
             .then_some(())
     });
 
-    // A target that disagrees: the next plan's shadow stage pauses the rollout.
+    // A target that disagrees: the next plan's shadow stage pauses the rollout, once every
+    // device has reported (160 comparisons: the engine may evaluate between any two reports, and
+    // three devices' 120 must not be enough to decide on).
     let breached = fleet.create_rollout(
         &hub,
         "demo",
         3,
         1,
-        &shadow_flags("100", &["--on-breach", "pause"]),
+        &shadow_flags("160", &["--on-breach", "pause"]),
     );
     let target = devices.iter_mut().map(start_shadowing).last().unwrap();
     assert_eq!(target.version, 3);
