@@ -16,10 +16,12 @@
 //!   encoding.
 //!
 //! `cargo bench -p outpost-bench --bench api_fixed_cost`; `OUTPOST_BENCH_BLOCKS` (default 40) and
-//! `OUTPOST_BENCH_BLOCK` (calls per block, default 500) tune it, `OUTPOST_BENCH_THREADS` (default
-//! 1) sets the model's threads. Where the kernel puts the client's and the API's threads moves the
-//! figures more than anything the API does: run the built bench under `taskset -c 0` as well, to
-//! measure them on one core (see `docs/BENCHMARKS.md`).
+//! `OUTPOST_BENCH_BLOCK` (calls per block, default 500) tune it, and `OUTPOST_BENCH_THREADS`
+//! (default 1) sets the model's threads.
+//!
+//! Where the kernel puts the client's and the API's threads moves the figures more than anything
+//! the API does: run the built bench under `taskset -c 0` as well, to measure them on one core
+//! (see `docs/BENCHMARKS.md`).
 //!
 //! [`LoadedModel::run`]: outpost_model::inference::LoadedModel::run
 
