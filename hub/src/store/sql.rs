@@ -157,16 +157,9 @@ pub(super) async fn connect(database: &Database) -> Result<(AnyPool, AnyPool, Op
             // The writer first: it sets the file's journal mode before readers open it.
             let writer = options().max_connections(1).connect(&url).await?;
             let readers = options().max_connections(4).connect(&url).await?;
-            let compiled: std::result::Result<Vec<String>, _> =
-                sqlx::query_scalar("SELECT compile_options FROM pragma_compile_options")
-                    .fetch_all(&writer)
-                    .await;
-            match compiled {
-                Ok(options) => {
-                    if let Some(warning) = plan_stability_warning(&options) {
-                        log::warn!("{warning}");
-                    }
-                }
+            match plan_stability(&writer).await {
+                Ok(None) => {}
+                Ok(Some(warning)) => log::warn!("{warning}"),
                 Err(error) => log::warn!("reading SQLite's compile options: {error}"),
             }
             Ok((readers, writer, Some(FileLock { _file: lock })))
@@ -182,12 +175,24 @@ pub(super) async fn connect(database: &Database) -> Result<(AnyPool, AnyPool, Op
     }
 }
 
-/// What to say when SQLite was built without `SQLITE_ENABLE_QPSG` (its `compile_options`):
+/// What to say when the SQLite of `sqlite` (a pool of SQLite connections) was built without
+/// `SQLITE_ENABLE_QPSG`, by its `compile_options`:
 /// the workspace's `.cargo/config.toml` sets it for the SQLite that `libsqlite3-sys` bundles, but
 /// a hub built from outside the workspace does not get it. Without it, SQLite compiles again on
 /// every run each statement whose plan noted a bound value, because sqlx clears a cached
 /// statement's bindings before each run, and that expires it; drift ingest then costs about a
 /// fifth more.
+pub(super) async fn plan_stability(
+    sqlite: &AnyPool,
+) -> std::result::Result<Option<String>, sqlx::Error> {
+    let options: Vec<String> =
+        sqlx::query_scalar("SELECT compile_options FROM pragma_compile_options")
+            .fetch_all(sqlite)
+            .await?;
+    Ok(plan_stability_warning(&options))
+}
+
+/// [`plan_stability`]'s judgement of `options`.
 fn plan_stability_warning(options: &[String]) -> Option<String> {
     (!options.iter().any(|option| option == "ENABLE_QPSG")).then(|| {
         "this hub's SQLite was built without SQLITE_ENABLE_QPSG, so it compiles many statements \
