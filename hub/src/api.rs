@@ -585,6 +585,12 @@ pub struct FeatureDriftInfo {
     pub value: f64,
     /// The flag threshold that applied to `value` at this sample size.
     pub threshold: f64,
+    /// Whether the counts differ from the reference's more than chance allows at the profile's
+    /// confidence (Pearson's test of homogeneity of the bins below). A feature is flagged only
+    /// when they do: at small samples a `value` over `threshold` can be chance alone. Absent
+    /// from a hub older than this field: read as `false`.
+    #[serde(default)]
+    pub significant: bool,
     /// `ok`, `warn` or `alert`.
     pub status: String,
     /// Values (numeric) or outputs (class) counted.

@@ -6,10 +6,11 @@
 mod samples;
 
 use outpost_protocol::drift::{
-    assess, assess_class, assess_feature, chi_square, chi_square_quantile, hellinger, js_distance,
-    ks_from_bins, psi, quantile_edges, ClassProfile, ClassSource, ClassSummary, DriftError,
-    DriftStatus, DriftSummary, FeatureSummary, NumericProfile, Profile, QualityIssue, Thresholds,
-    CLASS_KIND, CONFIDENCE_BINS, EPSILON, MAX_WINDOW_SECS, NUMERIC_KIND, PROFILE_EDGES,
+    assess, assess_class, assess_feature, chi_square, chi_square_quantile, hellinger, homogeneity,
+    js_distance, ks_from_bins, psi, quantile_edges, ClassProfile, ClassSource, ClassSummary,
+    DriftError, DriftStatus, DriftSummary, FeatureDrift, FeatureSummary, NumericProfile, Profile,
+    QualityIssue, Thresholds, CLASS_KIND, CONFIDENCE_BINS, EPSILON, MAX_WINDOW_SECS, NUMERIC_KIND,
+    PROFILE_EDGES,
 };
 use outpost_protocol::{decode, encode, DecodeError, DecodeReason, Message, Sha256};
 use proptest::collection::vec;
@@ -228,6 +229,32 @@ fn metrics_follow_their_definitions_at_the_extremes() {
         1e-12,
         "psi of disjoint histograms",
     );
+}
+
+/// The test of homogeneity on tables worked by hand: every count of a side expected in
+/// proportion to its side's total, bins empty on both sides left out of the sum and of the
+/// degrees of freedom, and no `EPSILON` anywhere.
+#[test]
+fn homogeneity_follows_its_definition() {
+    // Each bin expects 20 a side, so each of the four corner cells adds 10² / 20.
+    assert_eq!(homogeneity(&[10, 20, 30], &[30, 20, 10]), (20.0, 2));
+    assert_eq!(homogeneity(&[10, 0, 20, 30], &[30, 0, 20, 10]), (20.0, 2));
+    // Only the shape matters to the statistic's scale when the sides are alike.
+    let (same, dof) = homogeneity(&[10, 20, 30, 40], &[1, 2, 3, 4]);
+    assert!(same.abs() < 1e-12 && dof == 3, "{same} {dof}");
+    // An empty bin of the current side adds what it was expected to hold, not a logarithm of
+    // EPSILON: 100 a side over two bins, the current all in one.
+    let (statistic, dof) = homogeneity(&[50, 50], &[100, 0]);
+    assert_close(
+        statistic,
+        2.0 * 25.0_f64.powi(2) / 75.0 + 2.0 * 25.0_f64.powi(2) / 25.0,
+        1e-12,
+        "one bin empty",
+    );
+    assert_eq!(dof, 1);
+    assert_eq!(homogeneity(&[10, 20], &[0, 0]), (0.0, 0));
+    assert_eq!(homogeneity(&[], &[]), (0.0, 0));
+    assert!(homogeneity(&[10, 20], &[1, 2, 3]).0.is_nan());
 }
 
 #[test]
@@ -499,6 +526,83 @@ fn the_flag_rule_holds_its_false_positive_rate_and_catches_a_half_sigma_shift() 
     assert!(
         detections * 100 >= 95 * shifted,
         "only {detections} of {shifted} half-sigma shifts flagged"
+    );
+}
+
+/// A device that serves a few requests an hour sends small windows, and a quiet label group's
+/// hour merges few. Windows of 15 to 200 values drawn from the reference distribution itself are
+/// flagged for their distribution about as often as the thresholds' confidence allows (5%; at
+/// most 8% of 400 windows, three standard deviations of chance), and a one-sigma shift still is,
+/// from 50 values on. Before the homogeneity test, PSI's `EPSILON` for a bin a small window left
+/// empty (about 0.3 for a nineteenth of the reference) flagged 397 of 400 windows of 15. Class
+/// outputs likewise. Values past the reference's range are left to their own rule here.
+#[test]
+fn small_windows_from_the_reference_are_rarely_flagged_and_a_shift_still_is() {
+    const WINDOWS: usize = 400;
+    const MOST: usize = WINDOWS * 8 / 100;
+    let profile = drift_profile_with(6, 1_000);
+    let thresholds = Thresholds::default();
+    let mut rng = SplitMix::new(0x5a11);
+    // Flagged for its distribution; the status says so too whenever no quality issue raises it.
+    let by_distribution = |drift: &FeatureDrift| {
+        let flagged = drift.significant && drift.value >= drift.threshold;
+        if drift.quality.is_empty() {
+            assert_eq!(drift.status != DriftStatus::Ok, flagged, "{drift:?}");
+        }
+        flagged
+    };
+    let mut flagged = |index: usize, n: usize, shift: f64| {
+        let feature = &profile.features[index];
+        (0..WINDOWS)
+            .filter(|_| {
+                let values = to_f32(&feature_values(&mut rng, index, n, shift));
+                let current = summarise(&values, &feature.edges);
+                by_distribution(&assess_feature(feature, &current, &thresholds))
+            })
+            .count()
+    };
+    for n in [15, 30, 50, 100, 200] {
+        for index in 0..profile.features.len() {
+            let false_alarms = flagged(index, n, 0.0);
+            assert!(
+                false_alarms <= MOST,
+                "{false_alarms} of {WINDOWS} windows of {n} values from feature {index}'s \
+                 reference flagged"
+            );
+        }
+    }
+    for n in [50, 100, 200] {
+        let detections = flagged(0, n, 1.0);
+        assert!(
+            detections * 100 >= 95 * WINDOWS,
+            "only {detections} of {WINDOWS} one-sigma shifts of {n} values flagged"
+        );
+    }
+
+    let argmax = &profile.classes[0];
+    let mut outputs = |weights: &[u64], n: usize| {
+        (0..WINDOWS)
+            .filter(|_| {
+                let mut current = ClassSummary::new(argmax.classes.len());
+                for _ in 0..n {
+                    let (class, confidence) = draw_class(&mut rng, weights);
+                    current.observe(class, Some(confidence), &argmax.classes);
+                }
+                by_distribution(&assess_class(argmax, &current, &thresholds))
+            })
+            .count()
+    };
+    for n in [5, 20, 50] {
+        let false_alarms = outputs(&ARGMAX_WEIGHTS, n);
+        assert!(
+            false_alarms <= MOST,
+            "{false_alarms} of {WINDOWS} windows of {n} outputs as the reference's flagged"
+        );
+    }
+    let flipped = outputs(&[5, 10, 20, 25, 40], 50);
+    assert!(
+        flipped * 100 >= 95 * WINDOWS,
+        "only {flipped} of {WINDOWS} flipped windows of 50 outputs flagged"
     );
 }
 

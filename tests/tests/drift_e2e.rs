@@ -252,6 +252,62 @@ fn hostile_summaries_are_refused_whole_and_change_nothing() {
     );
 }
 
+/// Devices that serve a few requests an hour send small windows. Ten devices each send one
+/// window of 15 rows drawn from demo@1's own profile, and each device's drift report, through
+/// the hub's CLI, flags few of their 40 feature verdicts (about one in twenty by chance). Before
+/// the flag rule tested for chance, PSI's `EPSILON` for each bin such a window leaves empty
+/// flagged nearly all of them; most still have a PSI over the threshold, and are reported not
+/// significant.
+#[test]
+fn small_windows_of_ordinary_traffic_are_not_reported_as_drift() {
+    const DEVICES: u64 = 10;
+    const ROWS: usize = 15;
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    let dir = fleet.publish_example_with_profile(&hub, "demo", 1, 1);
+    let (profile, profile_sha256) = load_profile(&dir);
+    let token = hub.enroll_token("site=lab", DEVICES as u32);
+    let start = unix_now() / 3600 * 3600;
+    let mut verdicts = Vec::new();
+    for seed in 1..=DEVICES {
+        let device = SimDevice::enroll(&hub.url(), &token, &[], &fleet.root);
+        let drift = summary(&profile, profile_sha256, start, ROWS, 1_000 + seed);
+        let ack: TelemetryAck = send(&device, 1, vec![window("demo", 1, start, drift)]).decode();
+        assert!(!ack.duplicate);
+        let id = device.id.to_hex();
+        let report = report(&hub, &["--version", "1", "--device", &id]);
+        // The four inputs; the class output, which this window leaves empty, is not judged.
+        let numeric: Vec<FeatureDriftInfo> = report
+            .features
+            .iter()
+            .filter(|feature| feature.kind == "numeric")
+            .cloned()
+            .collect();
+        assert_eq!(numeric.len(), 4, "{report:#?}");
+        verdicts.extend(numeric);
+    }
+    for feature in &verdicts {
+        assert_eq!(feature.n, ROWS as u64, "{feature:#?}");
+        if feature.status != "ok" {
+            assert!(feature.significant, "{feature:#?}");
+        }
+    }
+    let flagged = verdicts.iter().filter(|f| f.status != "ok").count();
+    assert!(
+        flagged <= 6,
+        "{flagged} of {} verdicts on ordinary traffic flagged: {verdicts:#?}",
+        verdicts.len()
+    );
+    let saved = verdicts
+        .iter()
+        .filter(|f| f.status == "ok" && f.value >= f.threshold && !f.significant)
+        .count();
+    assert!(
+        saved * 2 >= verdicts.len(),
+        "only {saved} verdicts over their threshold by chance: {verdicts:#?}"
+    );
+}
+
 /// Sends `rows` standard normal rows from `seed` to the agent's model, with x1 and x3 shifted by
 /// [`SHIFT`] when `shifted`.
 fn feed(agent: &TestAgent, rows: usize, seed: u64, shifted: bool) {

@@ -254,8 +254,8 @@ impl Syncer {
     ///
     /// The flushed parts of an hour's window are merged and the merge judged, so the verdict does
     /// not hang on how often telemetry is flushed. A numeric feature's ALERT counts only once the
-    /// hour holds enough values ([`enough_values`], about 200): below that, empty bins alone make
-    /// PSI cross its threshold on traffic drawn from the profile itself.
+    /// hour holds enough values ([`enough_values`], about 200): below that, the many looks at one
+    /// hour's features would flag some by chance on traffic drawn from the profile itself.
     pub(super) fn note_drift(&mut self, windows: &[InferenceWindow]) {
         for window in windows {
             let Some(summary) = &window.drift else {
@@ -310,17 +310,20 @@ impl Syncer {
 /// Expected values per reference bin below which a feature's status is not trusted.
 const MIN_EXPECTED_PER_BIN: f64 = 10.0;
 
-/// Whether `feature`'s status rests on enough values. The flag rule reads `n · PSI` as roughly
-/// chi-square, which needs every bin the reference fills to expect several values. With few, bins
-/// left empty by chance each add `p · ln(p / EPSILON)` (about 0.3 for a nineteenth of the
-/// reference), far more than the approximation allows for. Measured on one feature of 1,000
-/// standard-normal reference values with the default thresholds (the test below), samples drawn
-/// from the reference itself were flagged ALERT in 197 of 200 trials at 15 values, 102 at 50, 28
-/// at 100 (five expected per bin, the textbook minimum), 8 at 150 and 1 at 200: hence ten expected
-/// per bin, about 200 values for the profile's quantile bins. The same holds a class output (its
-/// Jensen–Shannon distance also replaces an empty proportion by `EPSILON`) until its rarest class
-/// the reference saw expects ten: stricter for a skewed output, which only makes the trigger
-/// slower to capture, never quicker.
+/// Whether `feature`'s status rests on enough values for the trigger. Each status is a test at
+/// the profile's confidence (95% by default), and the trigger asks it again at every flushed part
+/// of the hour, for every feature of the model: on small samples, where any PSI that passes the
+/// test also passes `psi_alert`, chance alone would flag some feature of some part of a quiet
+/// hour. With every bin the reference fills expecting ten values (about 200 for the profile's
+/// quantile bins), a sample of the profile itself shows a PSI of about `χ²(B - 1) / n`, well below
+/// `psi_alert`, so the alert's magnitude guards what the test alone does not. Measured on one
+/// feature of 1,000 standard-normal reference values with the default thresholds (the test
+/// below), when the statuses still took PSI's `EPSILON` for an empty bin as drift, samples drawn
+/// from the reference itself were flagged ALERT in 197 of 200 trials at 15 values and 28 at 100;
+/// with `assess`'s test of homogeneity, 2 and 11 (the test's 5%, chance), and none once there
+/// are enough values. The
+/// same holds a class output until its rarest class the reference saw expects ten: stricter for
+/// a skewed output, which only makes the trigger slower to capture, never quicker.
 fn enough_values(feature: &FeatureDrift) -> bool {
     let total: u64 = feature.reference_bins.iter().sum();
     let Some(smallest) = feature
@@ -379,8 +382,9 @@ mod tests {
     }
 
     /// Issue 26: a device judged its flushed parts of 10 to 100 requests on their own, and PSI's
-    /// empty bins flagged traffic drawn from the profile itself. A feature's ALERT now counts
-    /// only with about 200 values or more; real drift still does.
+    /// empty bins flagged traffic drawn from the profile itself. The statuses now test for chance
+    /// first, and a feature's ALERT counts only with about 200 values or more; real drift still
+    /// does.
     #[test]
     fn small_samples_from_the_profile_raise_no_trusted_alert_and_drift_still_does() {
         let column = FeatureSource::Column {
@@ -392,12 +396,15 @@ mod tests {
 
         let (by_status, trusted) = alerts(&profile, 15, 0.0);
         assert!(
-            by_status > 100,
-            "PSI alone flags most samples of 15 ({by_status} of 200): the case this guards"
+            by_status <= 16,
+            "{by_status} of 200 samples of 15 from the profile alerted"
         );
         assert_eq!(trusted, 0, "a sample of 15 is never enough");
         let (by_status, trusted) = alerts(&profile, 100, 0.0);
-        assert!(by_status > 10, "{by_status} of 200 samples of 100 alerted");
+        assert!(
+            by_status <= 16,
+            "{by_status} of 200 samples of 100 from the profile alerted"
+        );
         assert_eq!(trusted, 0, "a sample of 100 is not enough");
 
         let (_, trusted) = alerts(&profile, 250, 0.0);

@@ -125,6 +125,7 @@ pub fn render_report(report: &DriftReport, now: u64) -> String {
         "METRIC",
         "VALUE",
         "THRESHOLD",
+        "SIGNIFICANT",
         "STATUS",
         "N",
         "QUALITY",
@@ -136,6 +137,7 @@ pub fn render_report(report: &DriftReport, now: u64) -> String {
             feature.metric.clone(),
             table::number(feature.value),
             table::number(feature.threshold),
+            if feature.significant { "yes" } else { "no" }.to_owned(),
             feature.status.to_uppercase(),
             feature.n.to_string(),
             feature.quality.join("; "),
@@ -196,6 +198,7 @@ mod tests {
             metric: "psi".into(),
             value,
             threshold: 0.1,
+            significant: status != "ok",
             status: status.into(),
             n: 400,
             psi: value,
@@ -267,9 +270,9 @@ mod tests {
         );
         assert!(
             text.contains(
-                "FEATURE  KIND     METRIC  VALUE  THRESHOLD  STATUS  N    QUALITY\n\
-                 x1       numeric  psi     2.5    0.1        ALERT   400\n\
-                 x0       numeric  psi     0.01   0.1        OK      400\n"
+                "FEATURE  KIND     METRIC  VALUE  THRESHOLD  SIGNIFICANT  STATUS  N    QUALITY\n\
+                 x1       numeric  psi     2.5    0.1        yes          ALERT   400\n\
+                 x0       numeric  psi     0.01   0.1        no           OK      400\n"
             ),
             "{text}"
         );

@@ -460,6 +460,7 @@ fn feature_info(drift: &FeatureDrift) -> FeatureDriftInfo {
         metric: drift.metric.clone(),
         value: drift.value,
         threshold: drift.threshold,
+        significant: drift.significant,
         status: status_name(drift.status).to_owned(),
         n: drift.n,
         psi: drift.psi,

@@ -6,7 +6,9 @@ use std::f64::consts::LN_2;
 
 use serde::{Deserialize, Serialize};
 
-use super::metrics::{chi_square, chi_square_quantile, hellinger, js_distance, ks_from_bins, psi};
+use super::metrics::{
+    chi_square, chi_square_quantile, hellinger, homogeneity, js_distance, ks_from_bins, psi,
+};
 use super::{
     ClassProfile, ClassSummary, DriftSummary, FeatureSummary, NumericProfile, Profile, Thresholds,
 };
@@ -58,6 +60,10 @@ pub struct FeatureDrift {
     pub n: u64,
     /// The flag threshold that applied to `value`.
     pub threshold: f64,
+    /// Whether the current counts differ from the reference's more than chance allows at the
+    /// thresholds' confidence (Pearson's test of homogeneity over the bins below): a feature is
+    /// flagged only when they do, whatever `value`.
+    pub significant: bool,
     pub status: DriftStatus,
     pub quality: Vec<QualityIssue>,
     /// The histograms every metric is computed from, so anyone can recompute the figures: the
@@ -104,7 +110,12 @@ pub fn assess_feature(
     let reference_bins = profile.reference.metric_bins();
     let metrics = Metrics::between(&reference_bins, &bins);
     let threshold = psi_threshold(bins.len(), current.n, thresholds);
-    let status = if current.n == 0 {
+    let significant = significant(
+        &outside_folded(&reference_bins),
+        &outside_folded(&bins),
+        thresholds,
+    );
+    let status = if current.n == 0 || !significant {
         DriftStatus::Ok
     } else {
         judge(metrics.psi, threshold, thresholds.psi_alert)
@@ -122,6 +133,7 @@ pub fn assess_feature(
         ks: metrics.ks,
         n: current.n,
         threshold,
+        significant,
         status: with_quality(status, &quality),
         quality,
         reference_bins,
@@ -142,7 +154,8 @@ pub fn assess_class(
     let metrics = Metrics::between(&reference_bins, &bins);
     let n = current.total();
     let threshold = js_threshold(bins.len(), n, thresholds);
-    let status = if n == 0 {
+    let significant = significant(&reference_bins, &bins, thresholds);
+    let status = if n == 0 || !significant {
         DriftStatus::Ok
     } else {
         judge(metrics.js, threshold, 2.0 * thresholds.js_flag)
@@ -165,6 +178,7 @@ pub fn assess_class(
         ks: metrics.ks,
         n,
         threshold,
+        significant,
         status: with_quality(status, &quality),
         quality,
         reference_bins,
@@ -207,6 +221,30 @@ fn judge(value: f64, threshold: f64, alert: f64) -> DriftStatus {
     } else {
         DriftStatus::Ok
     }
+}
+
+/// Whether `current` differs from `reference` beyond chance at the thresholds' confidence, by
+/// Pearson's test of homogeneity (see [`homogeneity`]). NaN (bins of different lengths) never is.
+fn significant(reference: &[u64], current: &[u64], thresholds: &Thresholds) -> bool {
+    let (statistic, dof) = homogeneity(reference, current);
+    dof > 0 && statistic >= chi_square_quantile(dof, thresholds.confidence)
+}
+
+/// A numeric feature's metric bins with `below` counted in the first interior bin and `above` in
+/// the last. The reference's edges are its own smallest and largest values, so it has nothing
+/// outside them by construction, not by evidence: a test that read its zeros as such would take
+/// every value past an edge for drift, where a sample of the reference falls outside with
+/// probability `2 / (n_ref + 1)`. Values outside have their own rule (`unexpectedly_out_of_range`).
+fn outside_folded(bins: &[u64]) -> Vec<u64> {
+    let mut folded = bins.to_vec();
+    if folded.len() >= 4 {
+        let (below, above) = (folded.remove(0), folded.pop().unwrap_or(0));
+        folded[0] = folded[0].saturating_add(below);
+        if let Some(last) = folded.last_mut() {
+            *last = last.saturating_add(above);
+        }
+    }
+    folded
 }
 
 /// The chi-square quantile for `bins` metric bins at the thresholds' confidence.

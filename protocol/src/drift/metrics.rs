@@ -6,7 +6,7 @@
 //! proportions or divide by them, so there each zero proportion is replaced by [`EPSILON`] first,
 //! without renormalising; Hellinger and KS use plain proportions. If either histogram is empty the
 //! metric is 0 (no evidence of drift); if the lengths differ it is NaN, which no threshold
-//! comparison flags.
+//! comparison flags. [`homogeneity`] is the test the flag rules add to the distances.
 
 use std::f64::consts::{LN_2, PI};
 
@@ -100,6 +100,38 @@ pub fn chi_square(reference: &[u64], current: &[u64]) -> f64 {
             })
             .sum()
     })
+}
+
+/// Pearson's chi-square test of homogeneity between two histograms over the same bins: the
+/// statistic of their 2 × B table of counts, `Σ (observed - expected)² / expected` with each
+/// count expected in proportion to its histogram's total and its bin's, over the bins where
+/// either has a count, and its degrees of freedom (those bins less one). Unlike [`chi_square`],
+/// it needs no [`EPSILON`]: a bin the current histogram left empty adds what the counts expected
+/// there, so small samples are judged at their size, and the reference's own sampling is counted.
+/// Either histogram empty gives `(0.0, 0)`; lengths that differ give NaN.
+pub fn homogeneity(reference: &[u64], current: &[u64]) -> (f64, u64) {
+    if reference.len() != current.len() {
+        return (f64::NAN, 0);
+    }
+    let total = |bins: &[u64]| bins.iter().map(|count| *count as f64).sum::<f64>();
+    let (m, n) = (total(reference), total(current));
+    if m <= 0.0 || n <= 0.0 {
+        return (0.0, 0);
+    }
+    let mut statistic = 0.0;
+    let mut filled = 0u64;
+    for (r, c) in reference.iter().zip(current) {
+        let bin = *r as f64 + *c as f64;
+        if bin <= 0.0 {
+            continue;
+        }
+        filled += 1;
+        for (count, side) in [(*r as f64, m), (*c as f64, n)] {
+            let expected = side * bin / (m + n);
+            statistic += (count - expected).powi(2) / expected;
+        }
+    }
+    (statistic, filled.saturating_sub(1))
 }
 
 /// Kolmogorov–Smirnov statistic on binned data: the largest difference between the two cumulative
