@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use outpost_hub::api::{CreatedToken, DriftReport, ModelVersionInfo, RolloutInfo};
 use outpost_protocol::trust::{Signed, SignedBody};
 use outpost_protocol::{Message, SecretKey};
+use outpost_testkit::ports::free_port;
 use serde::de::DeserializeOwned;
 
 use crate::{bin, wait_until, Run};
@@ -283,7 +284,34 @@ impl TestHub {
     }
 
     /// Starts `serve` listening on `listen` and waits until it wrote the address it bound.
+    /// Starts `serve` listening on `listen`. A hub's first start on `127.0.0.1:0` gets a port of
+    /// [`free_port`] instead, below the kernel's ephemeral range: a port the kernel handed out
+    /// could be taken, while the hub is down, by any outgoing connection's local port (the
+    /// agents' retries, for one), and [`TestHub::restart_at_same_address`] would then fail or,
+    /// worse, reach another server. If another process took that port first, the start is
+    /// tried again on the next one.
     fn spawn(&mut self, listen: &str) {
+        if listen != "127.0.0.1:0" || !self.address.is_empty() {
+            if let Err(log) = self.spawn_once(listen) {
+                panic!("outpost-hub serve exited before listening; its log:\n{log}");
+            }
+            return;
+        }
+        let mut attempts = 0;
+        loop {
+            let port = free_port().unwrap_or_else(|error| panic!("{error}"));
+            match self.spawn_once(&format!("127.0.0.1:{port}")) {
+                Ok(()) => return,
+                Err(log) if attempts < 3 && log.contains("Address already in use") => {
+                    attempts += 1;
+                }
+                Err(log) => panic!("outpost-hub serve exited before listening; its log:\n{log}"),
+            }
+        }
+    }
+
+    /// One start of `serve` on `listen`: `Err` with the hub's log if it exited before listening.
+    fn spawn_once(&mut self, listen: &str) -> Result<(), String> {
         assert!(self.child.is_none(), "the hub is already running");
         let address_file = self.address_file();
         match std::fs::remove_file(&address_file) {
@@ -342,7 +370,7 @@ impl TestHub {
             if let Ok(text) = std::fs::read_to_string(&address_file) {
                 if !text.trim().is_empty() {
                     self.address = text.trim().to_owned();
-                    return;
+                    return Ok(());
                 }
             }
             if let Some(status) = self
@@ -351,10 +379,7 @@ impl TestHub {
                 .expect("polling the hub process")
             {
                 self.child = None;
-                panic!(
-                    "outpost-hub serve exited with {status} before listening; its log:\n{}",
-                    self.log()
-                );
+                return Err(format!("(exited with {status})\n{}", self.log()));
             }
             assert!(
                 started.elapsed() < START_TIMEOUT,
@@ -587,7 +612,8 @@ impl TestHub {
 
     /// Starts `serve` again on the same data directory and the same address, so running agents
     /// find it again without a change of config. The port was freed by the kill, and the hub
-    /// binds with `SO_REUSEADDR`, so connections left in `TIME_WAIT` do not hold it.
+    /// binds with `SO_REUSEADDR`, so connections left in `TIME_WAIT` do not hold it; it is below
+    /// the ephemeral range (see [`TestHub::spawn`]), so no outgoing connection takes it meanwhile.
     pub fn restart_at_same_address(&mut self) {
         let address = self.address.clone();
         self.spawn(&address);

@@ -275,3 +275,28 @@ fn a_second_hub_on_the_same_data_refuses_and_writes_no_address() {
     // The first hub is untouched.
     hub.cli(&["device", "list"]).ok();
 }
+
+/// A hub restarted at its address (as `crash_e2e` does under agents that keep connecting) finds
+/// the port free: the tests' hubs listen below the kernel's ephemeral range, where no outgoing
+/// connection's local port is taken from. Here a hundred outgoing connections are open while the
+/// hub is down.
+#[test]
+fn a_hub_restarted_at_its_address_finds_its_port_free() {
+    let mut hub = TestHub::start();
+    let port: u16 = hub.url().rsplit_once(':').unwrap().1.parse().unwrap();
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let ephemeral: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(port < ephemeral, "port {port}, ephemeral from {ephemeral}");
+
+    assert!(hub.sigterm().success());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let clients: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap())
+        .collect();
+    assert!(clients
+        .iter()
+        .all(|client| client.local_addr().unwrap().port() != port));
+    hub.restart_at_same_address();
+    let models: Value = hub.cli_json(&["model", "list"]);
+    assert_eq!(models, serde_json::json!([]));
+}
