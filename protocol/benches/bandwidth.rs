@@ -10,7 +10,9 @@
 //! gets them in full once per change, which this leaves out. Telemetry windows are an hour
 //! (`telemetry::WINDOW_SECS`), and only closed windows are uploaded, so one batch an hour however
 //! often `sync.telemetry_flush` (60 s) looks; it goes out in a check-in's cycle, on its
-//! connection.
+//! connection. The device asks for its models' capture allowances once an hour too
+//! (`sync.capture_interval`), in a check-in's cycle: with none signed the answer is empty, and
+//! with one the hub sends it again each time (counted apart, as a day with capture on).
 //!
 //! `cargo bench -p outpost-protocol --bench bandwidth`
 
@@ -18,6 +20,7 @@
 mod samples;
 
 use outpost_protocol::auth::{HEADER_DEVICE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use outpost_protocol::capture::{CaptureAllowances, CaptureRequest};
 use outpost_protocol::device::{
     InferenceWindow, ModelAnswer, ModelCheckIn, ModelsCheckIn, ModelsCheckInResponse,
     TelemetryBatch, LATENCY_BUCKETS_US,
@@ -29,6 +32,7 @@ const DAY_SECS: u64 = 86_400;
 const POLL_SECS: u64 = 300;
 const ROLLOUT_POLL_SECS: u64 = 30;
 const WINDOW_SECS: u64 = 3_600;
+const CAPTURE_INTERVAL_SECS: u64 = 3_600;
 const DRIFT_FEATURES: usize = 20;
 /// TLS 1.3 with an AEAD: 5 header bytes, 1 inner content type and a 16-byte tag per record.
 const TLS_RECORD_OVERHEAD: u64 = 22;
@@ -119,6 +123,11 @@ fn main() {
         shadow: None,
     }]);
 
+    // The device's one model, as the agent asks.
+    let asked = CaptureRequest {
+        models: vec!["keyword-spotter".to_owned()],
+    };
+
     let profile = drift_profile_with(DRIFT_FEATURES, 10_000);
     let summary = drift_summary_of(&profile, 3_000, 0, 2);
     let batch = TelemetryBatch {
@@ -160,6 +169,23 @@ fn main() {
             batches,
         ),
         (
+            "capture allowances asked, none signed (1 h)",
+            exchange(
+                CAPTURE,
+                &asked,
+                &CaptureAllowances {
+                    allowances: Vec::new(),
+                },
+                false,
+            ),
+            DAY_SECS / CAPTURE_INTERVAL_SECS,
+        ),
+        (
+            "capture allowances asked, one signed 2-of-3 (1 h)",
+            exchange(CAPTURE, &asked, &capture_allowances(), false),
+            DAY_SECS / CAPTURE_INTERVAL_SECS,
+        ),
+        (
             "check-in with plan + manifest in full (once per change)",
             exchange(CHECK_IN, &held, &full, true),
             1,
@@ -171,12 +197,16 @@ fn main() {
         rows.push(daily);
     }
     let (idle, rollout, telemetry) = (rows[0], rows[1], rows[2]);
+    let (no_capture, capture) = (rows[3], rows[4]);
     println!();
     println!(
         "per device per day: {:.3} MB outside a rollout, {:.3} MB on a day spent in one \
-         (1 MB = 10^6 bytes), each plus one full answer per change of plan or slot",
-        (idle + telemetry) as f64 / 1e6,
-        (rollout + telemetry) as f64 / 1e6
+         (1 MB = 10^6 bytes), each plus one full answer per change of plan or slot; with a \
+         capture allowance signed, {:.3} and {:.3} MB before the samples themselves",
+        (idle + telemetry + no_capture) as f64 / 1e6,
+        (rollout + telemetry + no_capture) as f64 / 1e6,
+        (idle + telemetry + capture) as f64 / 1e6,
+        (rollout + telemetry + capture) as f64 / 1e6
     );
     println!(
         "a connection costs {RESUMED_HANDSHAKE} B of resumed TLS 1.3 handshake (measured, see \
@@ -186,6 +216,7 @@ fn main() {
 
 const CHECK_IN: &str = "/device/v3/checkin";
 const TELEMETRY: &str = "/device/v1/telemetry";
+const CAPTURE: &str = "/device/v3/capture";
 
 /// Measured, once, by hand (see docs/BENCHMARKS.md): a resumed TLS 1.3 connection to
 /// `outpost-hub serve` (rustls) from `openssl s_client -sess_in`, counted by a relay between them:
