@@ -448,7 +448,8 @@ fn check_in_body(plan_sequence: Option<u64>) -> Vec<u8> {
 
 /// The window an agent serving version 1 sends: [`ROWS_PER_SUMMARY`] inference rows of standard
 /// normal inputs summarised over every feature of the profile (inputs observed, numeric outputs
-/// filled with the same kind of values), in the current hour, with its latency histogram.
+/// filled with the same kind of values, class outputs answered in turn), in the current hour,
+/// with its latency histogram.
 fn drift_window(profile: &Profile, profile_sha256: outpost_protocol::Sha256) -> InferenceWindow {
     let start = unix_now() / 3600 * 3600;
     let mut summary = DriftSummary::new(MODEL, 1, profile_sha256, profile, start, start + 3600);
@@ -460,7 +461,7 @@ fn drift_window(profile: &Profile, profile_sha256: outpost_protocol::Sha256) -> 
         .unwrap_or(0)
         .max(profile.features.len());
     let rows = normal_rows(width, ROWS_PER_SUMMARY, 7, 0.0);
-    for row in rows.chunks(width) {
+    for (index, row) in rows.chunks(width).enumerate() {
         for ((feature, counts), &column) in profile
             .features
             .iter()
@@ -468,6 +469,15 @@ fn drift_window(profile: &Profile, profile_sha256: outpost_protocol::Sha256) -> 
             .zip(&columns)
         {
             counts.observe(f64::from(row[column]), &feature.edges);
+        }
+        // Every class output answers each row too: its classes in turn, a confidence from the
+        // row's first value, so the counts and the confidence histogram fill as an agent's do.
+        for (class, counts) in profile.classes.iter().zip(summary.classes.iter_mut()) {
+            let Some(answer) = class.classes.get(index % class.classes.len().max(1)) else {
+                continue;
+            };
+            let confidence = 0.5 + 0.5 * (row[0].abs() / 4.0).min(1.0);
+            counts.observe(*answer, Some(confidence), &class.classes);
         }
     }
     let count = ROWS_PER_SUMMARY as u64;
