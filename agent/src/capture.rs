@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Mutex, MutexGuard};
 
@@ -42,6 +42,10 @@ const MAX_STATE_FILE: u64 = 4 * 1024 * 1024;
 pub struct Capturer {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// Whether any allowance is held. Until one is (most devices never hold one), the request
+    /// path returns before it takes `inner`'s lock. Allowances are replaced, never removed, so
+    /// once set it stays set.
+    holds_allowance: AtomicBool,
     queue: SyncSender<Taken>,
     queued: Mutex<Receiver<Taken>>,
     /// Captured requests dropped because the queue was full, not yet handed to the cache.
@@ -145,6 +149,7 @@ impl Capturer {
         let (queue, queued) = sync_channel(QUEUE_CAPACITY);
         Ok(Capturer {
             path,
+            holds_allowance: AtomicBool::new(!inner.rules.is_empty()),
             inner: Mutex::new(inner),
             queue,
             queued: Mutex::new(queued),
@@ -170,6 +175,8 @@ impl Capturer {
     pub fn install(&self, verified: &VerifiedCapture) -> anyhow::Result<()> {
         let mut inner = lock(&self.inner);
         inner.install(verified);
+        self.holds_allowance
+            .store(!inner.rules.is_empty(), Ordering::Release);
         self.save(&inner)
     }
 
@@ -187,6 +194,9 @@ impl Capturer {
     /// On the request path: decides whether this request is captured and, if so, queues a copy
     /// of its tensors less the dropped ones. Never waits.
     pub fn offer(&self, active: &ActiveModel, inputs: &[Tensor], outputs: &[Tensor], now: u64) {
+        if !self.holds_allowance.load(Ordering::Acquire) {
+            return;
+        }
         let Some(decided) = lock(&self.inner).decide(&active.name, active.version, now) else {
             return;
         };
@@ -446,9 +456,14 @@ mod tests {
         let key = SecretKey::from_seed([1; 32]);
         let root = root(&key);
         let capturer = Capturer::open(dir.path(), &root, &floor()).unwrap();
+        assert!(
+            !capturer.holds_allowance.load(Ordering::Acquire),
+            "nothing installed: the request path returns before the lock"
+        );
         capturer
             .install(&allowance(&key, &root, body(2, 1_000_000, 3)))
             .unwrap();
+        assert!(capturer.holds_allowance.load(Ordering::Acquire));
         assert!(!decide(&capturer, 2, NOW), "version 2 is not covered");
         let taken: Vec<bool> = (0..5).map(|_| decide(&capturer, 1, NOW)).collect();
         assert_eq!(taken, [true, true, true, false, false]);
@@ -456,6 +471,7 @@ mod tests {
         drop(capturer);
 
         let capturer = Capturer::open(dir.path(), &root, &floor()).unwrap();
+        assert!(capturer.holds_allowance.load(Ordering::Acquire));
         assert_eq!(capturer.highest("demo"), Some(2));
         assert!(
             !decide(&capturer, 1, NOW),
