@@ -69,6 +69,7 @@ fn a_profile_summarises_every_column_and_the_class_output() {
         "{}",
         made.stderr
     );
+    assert!(!made.stderr.contains("warning"), "{}", made.stderr);
     let profile = profile_of(&dir.path().join("profile.bin"));
     let names: Vec<&str> = profile.features.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(
@@ -130,6 +131,54 @@ fn a_profile_summarises_every_column_and_the_class_output() {
     assert_eq!(
         std::fs::read(dir.path().join("again.bin")).unwrap(),
         std::fs::read(dir.path().join("ex/profile.bin")).unwrap()
+    );
+}
+
+/// A reference of 100 rows cannot tell a shift of PSI 0.1 from chance (the flag rule's test of
+/// homogeneity counts the reference's sampling): `profile` writes the profile and warns, naming
+/// the PSI a shift must reach.
+#[test]
+fn a_profile_of_few_rows_warns_what_drift_it_cannot_see() {
+    let dir = tempfile::tempdir().unwrap();
+    hub(
+        dir.path(),
+        &[
+            "example-model",
+            "--out",
+            "small",
+            "--inputs",
+            "4",
+            "--reference-rows",
+            "100",
+        ],
+    )
+    .ok();
+    let made = hub(
+        dir.path(),
+        &[
+            "profile",
+            "--model",
+            "small/model.onnx",
+            "--data",
+            "small/reference.csv",
+            "--out",
+            "profile.bin",
+        ],
+    )
+    .ok();
+    // chi-square's 95% quantile at 18 degrees of freedom is 28.87: about 0.29 over 100 values.
+    assert!(
+        made.stderr.contains(
+            "warning: with 100 reference values a feature's shift differs from the reference \
+             beyond chance only from a PSI of about 0.29, above --psi-warn 0.1"
+        ),
+        "{}",
+        made.stderr
+    );
+    // Written all the same: the four inputs and, without `--classes`, the output's 3 columns.
+    assert_eq!(
+        profile_of(&dir.path().join("profile.bin")).features.len(),
+        7
     );
 }
 
