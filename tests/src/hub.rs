@@ -284,12 +284,12 @@ impl TestHub {
     }
 
     /// Starts `serve` listening on `listen` and waits until it wrote the address it bound.
-    /// Starts `serve` listening on `listen`. A hub's first start on `127.0.0.1:0` gets a port of
-    /// [`free_port`] instead, below the kernel's ephemeral range: a port the kernel handed out
-    /// could be taken, while the hub is down, by any outgoing connection's local port (the
-    /// agents' retries, for one), and [`TestHub::restart_at_same_address`] would then fail or,
-    /// worse, reach another server. If another process took that port first, the start is
-    /// tried again on the next one.
+    ///
+    /// A hub's first start on `127.0.0.1:0` gets a port of [`free_port`] instead, below the
+    /// kernel's ephemeral range: a port the kernel handed out could be taken, while the hub is
+    /// down, by any outgoing connection's local port (the agents' retries, for one), and
+    /// [`TestHub::restart_at_same_address`] would then fail or, worse, reach another server. If
+    /// another process took that port first, the start is tried again on the next one.
     fn spawn(&mut self, listen: &str) {
         if listen != "127.0.0.1:0" || !self.address.is_empty() {
             if let Err(log) = self.spawn_once(listen) {

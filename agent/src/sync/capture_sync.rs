@@ -321,9 +321,9 @@ const MIN_EXPECTED_PER_BIN: f64 = 10.0;
 /// below), when the statuses still took PSI's `EPSILON` for an empty bin as drift, samples drawn
 /// from the reference itself were flagged ALERT in 197 of 200 trials at 15 values and 28 at 100;
 /// with `assess`'s test of homogeneity, 2 and 11 (the test's 5%, chance), and none once there
-/// are enough values. The
-/// same holds a class output until its rarest class the reference saw expects ten: stricter for
-/// a skewed output, which only makes the trigger slower to capture, never quicker.
+/// are enough values. The same holds a class output until its rarest class the reference saw
+/// expects ten: stricter for a skewed output, which only makes the trigger slower to capture,
+/// never quicker.
 fn enough_values(feature: &FeatureDrift) -> bool {
     let total: u64 = feature.reference_bins.iter().sum();
     let Some(smallest) = feature
