@@ -6,7 +6,7 @@
 //! Kept in `DATA/state.bin` (postcard) and `DATA/trust/root.bin`, each replaced atomically
 //! (temp → fsync → rename → fsync dir), so a crash leaves the old or the new state, never neither.
 //! `state.bin` is the [`DeviceState`] fields as the first agents wrote them, then a
-//! [`StateTail`] with what later agents added: an older agent reads the fields it knows and
+//! `StateTail` with what later agents added: an older agent reads the fields it knows and
 //! ignores the tail, and a state without a tail reads as one with an empty tail.
 
 use std::path::{Path, PathBuf};

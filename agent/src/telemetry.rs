@@ -497,7 +497,7 @@ impl Recorder {
     ///
     /// The summary is added to later, off the request's path (see the module's documentation):
     /// here a small request's tensors the profile reads are copied, a large one's values read
-    /// ([`COPIED_BYTES`]), and queued. Windows taken hold them.
+    /// (`COPIED_BYTES`), and queued. Windows taken hold them.
     #[allow(clippy::too_many_arguments)]
     pub fn record_with_drift(
         &self,

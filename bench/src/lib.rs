@@ -233,7 +233,7 @@ pub struct AgentPath {
 
 impl AgentPath {
     /// Loads `model` at `threads` with a drift profile if the agent can build one (see
-    /// [`drift_profile`]; printed either way).
+    /// `drift_profile`; printed either way).
     pub fn load(model: &BenchModel, threads: usize) -> anyhow::Result<AgentPath> {
         let loaded = LoadedModel::load(&model.onnx, &model.inputs, &model.outputs, threads)?;
         AgentPath::with(model, loaded)

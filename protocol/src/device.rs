@@ -1,6 +1,6 @@
 //! Bodies of the device API: enrollment, check-in, status reports and telemetry.
 //!
-//! Every type here is a [`Message`](crate::Message) with its own frame cap. Signed documents
+//! Every type here is a [`Message`] with its own frame cap. Signed documents
 //! travel inside these messages as opaque byte strings and are verified by [`crate::trust`], never
 //! trusted because of the message that carried them.
 
@@ -683,7 +683,7 @@ pub struct ValidationCase {
 
 /// The validation-set artifact. Its hash is signed in the manifest, so its checks are too.
 ///
-/// Frames of kind [`MessageKind::ValidationSet`](crate::MessageKind::ValidationSet); the first
+/// Frames of kind [`MessageKind::ValidationSet`]; the first
 /// form, [`ValidationSetV1`], is still read by [`ValidationSet::decode`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ValidationSet {

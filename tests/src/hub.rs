@@ -613,7 +613,7 @@ impl TestHub {
     /// Starts `serve` again on the same data directory and the same address, so running agents
     /// find it again without a change of config. The port was freed by the kill, and the hub
     /// binds with `SO_REUSEADDR`, so connections left in `TIME_WAIT` do not hold it; it is below
-    /// the ephemeral range (see [`TestHub::spawn`]), so no outgoing connection takes it meanwhile.
+    /// the ephemeral range (see `TestHub::spawn`), so no outgoing connection takes it meanwhile.
     pub fn restart_at_same_address(&mut self) {
         let address = self.address.clone();
         self.spawn(&address);

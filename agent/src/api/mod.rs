@@ -13,7 +13,8 @@
 //! `tritonclient` sends inputs that way unless told otherwise. `GET /v2/models` lists the models
 //! served, and Triton's `POST /v2/repository/index` indexes them in the form its clients expect.
 //!
-//! What is counted: only requests that reached the model. A request the API or [`LoadedModel::run`]
+//! What is counted: only requests that reached the model. A request the API or
+//! [`LoadedModel::run`](outpost_model::inference::LoadedModel::run)
 //! refuses for its own content (malformed JSON, an unknown input, a wrong shape or type) is a
 //! client's mistake, answered with 400 and counted only as `rejected` in `/metrics`; it is not
 //! passed to the [`Recorder`], whose error rate gates rollouts and must not be moved by a

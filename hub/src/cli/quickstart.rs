@@ -6,7 +6,7 @@
 //! percentages while sending inference requests through each agent's local API (one agent sees
 //! shifted inputs), and prints the fleet, the rollout and the drift report. Every step is the
 //! command an operator would type, run as a child process; the agents are real `outpost-agent`
-//! processes (see [`agent_binary`] for where that binary comes from). Everything stops at the end
+//! processes (see `agent_binary` for where that binary comes from). Everything stops at the end
 //! unless `--keep`.
 
 use std::fs::File;

@@ -377,7 +377,7 @@ impl Store {
     /// Keeps each device's telemetry batch markers (the idempotency keys of its batches) for at
     /// least `secs` after they were stored, and its newest for good, which keeps its sequences
     /// increasing: from now on, each group of batches removes its devices' older markers (see
-    /// [`Store::prune_markers`] for "at least"). Until this is called, markers are kept for good.
+    /// `Store::prune_markers` for "at least"). Until this is called, markers are kept for good.
     pub fn keep_batch_markers_for(&self, secs: u64) {
         self.markers_kept_for.store(secs, Ordering::Relaxed);
     }

@@ -4,7 +4,7 @@
 use super::*;
 
 /// An admin API token, stored under the SHA-256 of its secret: the fields the first hubs wrote,
-/// then an [`AdminTokenTail`].
+/// then an `AdminTokenTail`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminTokenRecord {
     pub id: String,

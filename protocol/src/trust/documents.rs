@@ -291,7 +291,7 @@ pub struct TensorSpec {
 /// A signed model version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestBody {
-    /// Checked with [`ModelName::new`] during verification.
+    /// Checked with [`ModelName::new`](crate::ModelName::new) during verification.
     pub name: String,
     /// Only ever increases for a given name.
     pub version: u64,
