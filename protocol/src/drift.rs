@@ -74,8 +74,8 @@ use crate::trust::message;
 use crate::{Message, MessageKind};
 
 pub use assess::{
-    assess, assess_class, assess_feature, DriftStatus, FeatureDrift, QualityIssue, CLASS_KIND,
-    NUMERIC_KIND,
+    assess, assess_class, assess_feature, least_significant_psi, DriftStatus, FeatureDrift,
+    QualityIssue, CLASS_KIND, NUMERIC_KIND,
 };
 pub use metrics::{
     chi_square, chi_square_quantile, hellinger, homogeneity, js_distance, ks_from_bins, psi,

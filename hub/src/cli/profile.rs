@@ -10,7 +10,7 @@ use outpost_model::inference::LoadedModel;
 use outpost_model::samples::Samples;
 use outpost_protocol::dataset::{parse_csv, parse_npy, NdArray, Table};
 use outpost_protocol::device::Tensor;
-use outpost_protocol::drift::{chi_square_quantile, Profile, Thresholds};
+use outpost_protocol::drift::{least_significant_psi, Profile, Thresholds};
 use outpost_protocol::trust::{DType, TensorSpec};
 use outpost_protocol::Message;
 
@@ -60,21 +60,15 @@ pub struct Args {
 }
 
 /// A warning when the profile's reference is too small for a shift of `psi_warn` to differ from
-/// it beyond chance. The flag rule's test of homogeneity counts the reference's own sampling, so
-/// however many values devices send, a numeric feature of `B` interior bins over `m` reference
-/// values differs beyond chance only from a PSI of about `chi_square_quantile(B - 1, confidence)
-/// / m`; below that, drift goes unflagged.
+/// it beyond chance ([`least_significant_psi`]): below that, drift goes unflagged.
 fn few_rows_warning(profile: &Profile) -> Option<String> {
     let thresholds = &profile.thresholds;
     let (smallest, rows) = profile
         .features
         .iter()
-        .filter(|feature| feature.reference.n > 0)
-        .map(|feature| {
-            let bins = feature.edges.len().saturating_sub(1) as u64;
-            let rows = feature.reference.n;
-            let bound = chi_square_quantile(bins.saturating_sub(1), thresholds.confidence);
-            (bound / rows as f64, rows)
+        .filter_map(|feature| {
+            let psi = least_significant_psi(feature, thresholds.confidence)?;
+            Some((psi, feature.reference.n))
         })
         .max_by(|a, b| a.0.total_cmp(&b.0))?;
     (smallest > thresholds.psi_warn).then(|| {

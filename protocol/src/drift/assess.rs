@@ -230,6 +230,20 @@ fn significant(reference: &[u64], current: &[u64], thresholds: &Thresholds) -> b
     dof > 0 && statistic >= chi_square_quantile(dof, thresholds.confidence)
 }
 
+/// The smallest PSI at which a numeric feature's shift can differ from its reference beyond chance
+/// at `confidence`, however many values are judged: the test of homogeneity counts the
+/// reference's own sampling, so over `m` reference values in `B` bins a shift shows only from
+/// about `chi_square_quantile(B - 1, confidence) / m` (for small shifts the statistic is about
+/// `m · PSI` once the current sample dwarfs the reference). `None` for an empty reference.
+pub fn least_significant_psi(profile: &NumericProfile, confidence: f64) -> Option<f64> {
+    let bins = outside_folded(&profile.reference.metric_bins());
+    let filled = bins.iter().filter(|count| **count > 0).count() as u64;
+    let values: u64 = bins
+        .iter()
+        .fold(0u64, |sum, count| sum.saturating_add(*count));
+    (values > 0).then(|| chi_square_quantile(filled.saturating_sub(1), confidence) / values as f64)
+}
+
 /// A numeric feature's metric bins with `below` counted in the first interior bin and `above` in
 /// the last. The reference's edges are its own smallest and largest values, so it has nothing
 /// outside them by construction, not by evidence: a test that read its zeros as such would take
