@@ -314,17 +314,21 @@ impl Store {
             overflowed: false,
         };
         for chunk in group.chunks(KEYS_PER_STATEMENT) {
-            // The rows exist before they are locked, so two first requests of a device at once
-            // (on two hubs) take turns rather than both writing over nothing.
-            let sql = format!(
-                "INSERT INTO signed_at (device, latest) VALUES {} ON CONFLICT (device) DO NOTHING",
-                rows(chunk.len(), 2)
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for signed in chunk {
-                query = query.bind(signed.device.to_vec()).bind(empty.encode());
+            // On PostgreSQL the rows exist before they are locked, so two first requests of a
+            // device at once (on two hubs) take turns rather than both writing over nothing.
+            // SQLite has one writer, which this transaction is.
+            if self.dialect == Dialect::Postgres {
+                let sql = format!(
+                    "INSERT INTO signed_at (device, latest) VALUES {} \
+                     ON CONFLICT (device) DO NOTHING",
+                    rows(chunk.len(), 2)
+                );
+                let mut query = sqlx::query(AssertSqlSafe(sql));
+                for signed in chunk {
+                    query = query.bind(signed.device.to_vec()).bind(empty.encode());
+                }
+                query.execute(&mut *transaction).await?;
             }
-            query.execute(&mut *transaction).await?;
 
             let sql = self.dialect.locking((
                 "SELECT device, latest FROM signed_at WHERE device IN ({}) ORDER BY device",

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use outpost_protocol::Label;
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
-use sqlx::{Any, AnyConnection, AssertSqlSafe, Connection, Executor};
+use sqlx::{Any, AnyConnection, AssertSqlSafe, Connection};
 
 use super::drift_hourly::{hour_of, label_group, merge_hourly, HourKey, HourParts};
 use super::group::{matching, placeholders, rows, GroupQueue, Queued, KEYS_PER_STATEMENT};
@@ -101,10 +101,9 @@ impl Store {
     }
 
     /// [`Store::ingest_telemetry`] of the batch `request` carried, noting the request as
-    /// [`Store::note_signed_at`] does in the same transaction, which on SQLite commits with
-    /// `synchronous = FULL`: the batch and the note are durable when this returns, with no
-    /// [`Store::flush`]. One pass through the writer where a note, a group and a flush took
-    /// three.
+    /// [`Store::note_signed_at`] does in the same transaction. The batch and the note are durable
+    /// when this returns, with no [`Store::flush`] of the caller's: one pass through the writer
+    /// where a note, a group and a flush took three.
     pub async fn ingest_signed_telemetry(
         &self,
         request: &SignedRequest,
@@ -127,30 +126,27 @@ impl Store {
     }
 
     async fn ingest_batch(&self, batch: Batch) -> Result<Ingested> {
-        self.ingest
+        let verdict = self
+            .ingest
             .run(
                 self,
                 |store| &store.ingest,
                 batch,
                 |store, batches| Box::pin(store.store_group(batches)),
             )
-            .await
+            .await?;
+        // Outside the group: the writer is on to the next group while this waits for the disk,
+        // and the batches of groups that committed meanwhile share one sync.
+        self.flush().await?;
+        Ok(verdict)
     }
 
     /// Stores `batches` (at most one per device) in one transaction and returns each one's
-    /// verdict, in their order. On SQLite the transaction commits with `synchronous = FULL`, so
-    /// that it and every commit before it are durable when this returns.
+    /// verdict, in their order. On SQLite the commit is durable once a [`Store::flush`] begun
+    /// after it has finished.
     async fn store_group(&self, batches: &[&Batch]) -> Result<Vec<Ingested>> {
         let mut connection = self.writer.acquire().await?;
-        let sqlite = self.dialect == Dialect::Sqlite;
-        if sqlite {
-            connection.execute("PRAGMA synchronous = FULL").await?;
-        }
-        let stored = self.store_group_on(&mut connection, batches).await;
-        if sqlite {
-            super::sql::back_to_normal_sync(&mut connection).await;
-        }
-        let (verdicts, counted) = stored?;
+        let (verdicts, counted) = self.store_group_on(&mut connection, batches).await?;
         for device in counted {
             self.device_written(&device);
         }

@@ -89,6 +89,9 @@ pub enum StoreError {
     GroupStopped,
     #[error("the store is in use: cannot lock {path} ({reason}); is another hub running on it?")]
     Locked { path: String, reason: String },
+    /// Syncing an SQLite store's log failed, now or earlier (see `sql::WalSync`).
+    #[error("{0}; writes since the hub started may not be on disk: restart the hub")]
+    Unsynced(String),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -158,6 +161,10 @@ pub struct Store {
     /// would wait on its lock instead of in the pool's queue; on PostgreSQL, `pool` again.
     writer: AnyPool,
     dialect: Dialect,
+    /// What syncs an SQLite store's log; see [`Store::flush`].
+    wal: Option<Arc<sql::WalSync>>,
+    /// An SQLite store's checkpoints; see `sql::Checkpoints`.
+    checkpoints: Option<Arc<sql::Checkpoints>>,
     /// Serialises flushes; see [`Store::flush`].
     flush_lock: Arc<tokio::sync::Mutex<()>>,
     /// Flushes begun so far, and the number of the last one that finished.
@@ -208,13 +215,17 @@ impl Store {
 
     /// Connects to `database`, bringing its schema up to date.
     pub async fn connect(database: &Database) -> Result<Store> {
-        let (pool, writer, lock) = sql::connect(database).await?;
+        let connected = sql::connect(database).await?;
         let dialect = database.dialect();
-        sql::migrate(&writer, dialect).await?;
+        sql::migrate(&connected.writer, dialect).await?;
+        let checkpoints = (dialect == Dialect::Sqlite)
+            .then(|| Arc::new(sql::Checkpoints::start(connected.readers.clone())));
         let store = Store {
-            pool,
-            writer,
+            pool: connected.readers,
+            writer: connected.writer,
             dialect,
+            wal: connected.wal.map(Arc::new),
+            checkpoints,
             flush_lock: Arc::new(tokio::sync::Mutex::new(())),
             flushes_begun: Arc::new(AtomicU64::new(0)),
             flush_done: Arc::new(AtomicU64::new(0)),
@@ -224,7 +235,7 @@ impl Store {
             markers_kept_for: Arc::new(AtomicU64::new(u64::MAX)),
             signed: Arc::default(),
             rollout_lock: Arc::default(),
-            _lock: lock.map(Arc::new),
+            _lock: connected.lock.map(Arc::new),
         };
         store.refresh().await?;
         Ok(store)
@@ -239,20 +250,28 @@ impl Store {
     ///
     /// PostgreSQL makes each commit durable before it returns, so this does nothing there. SQLite
     /// commits to its write-ahead log without waiting for the disk (`synchronous = NORMAL`), and
-    /// a flush syncs that log: every commit before it is then durable. One flush runs at a time,
-    /// and a caller that finds a flush begun after it arrived, and finished, is covered by it.
+    /// a flush syncs that log on a blocking thread, outside the writer: every commit that
+    /// returned before it began is then durable (see `sql::WalSync`). One flush runs at a time,
+    /// and a caller that finds a flush begun after it arrived, and finished, is covered by it, so
+    /// callers arriving during one sync share the next.
     pub async fn flush(&self) -> Result<()> {
-        if self.dialect == Dialect::Postgres {
+        let Some(wal) = &self.wal else {
             return Ok(());
-        }
+        };
         let begun_before_arrival = self.flushes_begun.load(Ordering::SeqCst);
         let _guard = self.flush_lock.lock().await;
         if self.flush_done.load(Ordering::SeqCst) > begun_before_arrival {
             return Ok(());
         }
         let number = self.flushes_begun.fetch_add(1, Ordering::SeqCst) + 1;
-        sql::sync(&self.writer).await?;
+        let wal = Arc::clone(wal);
+        tokio::task::spawn_blocking(move || wal.sync())
+            .await
+            .map_err(|error| StoreError::Unsynced(format!("the sync stopped: {error}")))??;
         self.flush_done.store(number, Ordering::SeqCst);
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.request();
+        }
         Ok(())
     }
 
