@@ -103,7 +103,7 @@ impl Store {
     /// [`Store::ingest_telemetry`] of the batch `request` carried, noting the request as
     /// [`Store::note_signed_at`] does in the same transaction. The batch and the note are durable
     /// when this returns, with no [`Store::flush`] of the caller's: one pass through the writer
-    /// where a note, a group and a flush took three.
+    /// where a note and a group took two, and the sync is shared with other callers.
     pub async fn ingest_signed_telemetry(
         &self,
         request: &SignedRequest,

@@ -383,6 +383,8 @@ impl WalSync {
         let failed = |what: &std::path::Path, error: std::io::Error| {
             format!("syncing {} to disk failed: {error}", what.display())
         };
+        // Opened by name each time, not kept open: SQLite deletes the log when its last
+        // connection closes and makes a new file when one opens again.
         let wal = match std::fs::File::open(&self.wal) {
             Ok(wal) => Some(wal),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
