@@ -167,7 +167,7 @@ pub(super) async fn connect(database: &Database) -> Result<Connected> {
             // The writer first: it sets the file's journal mode before readers open it.
             let writer = options().max_connections(1).connect(&url).await?;
             let readers = options().max_connections(4).connect(&url).await?;
-            match plan_stability(&writer).await {
+            match build_options(&writer).await {
                 Ok(None) => {}
                 Ok(Some(warning)) => log::warn!("{warning}"),
                 Err(error) => log::warn!("reading SQLite's compile options: {error}"),
@@ -195,31 +195,58 @@ pub(super) async fn connect(database: &Database) -> Result<Connected> {
     }
 }
 
+/// The options the workspace's `.cargo/config.toml` compiles the bundled SQLite with
+/// (`LIBSQLITE3_FLAGS`), as `compile_options` names each, and what a hub pays without it. A hub
+/// built from outside the workspace does not get them.
+/// - `ENABLE_QPSG`: without it, SQLite compiles again on every run each statement whose plan
+///   noted a bound value, because sqlx clears a cached statement's bindings before each run, and
+///   that expires it.
+/// - `STMTJRNL_SPILL`: a statement that may fail half-way through a transaction (an insert of
+///   many rows) keeps the pages it changes in a statement journal, in memory up to this many
+///   bytes and in a temporary file past them. A group's statements change more than SQLite's
+///   default of 64 KiB; with 4 MiB they stay in memory, where each group opened, wrote and
+///   dropped a file in the temporary directory.
+const BUILD_OPTIONS: [(&str, &str, &str); 2] = [
+    (
+        "ENABLE_QPSG",
+        "SQLITE_ENABLE_QPSG",
+        "it compiles many statements again on every run (drift ingest costs about a fifth more)",
+    ),
+    (
+        "STMTJRNL_SPILL=4194304",
+        "SQLITE_STMTJRNL_SPILL=4194304",
+        "its groups of writes write their statement journals to temporary files",
+    ),
+];
+
 /// What to say when the SQLite of `sqlite` (a pool of SQLite connections) was built without
-/// `SQLITE_ENABLE_QPSG`, by its `compile_options`:
-/// the workspace's `.cargo/config.toml` sets it for the SQLite that `libsqlite3-sys` bundles, but
-/// a hub built from outside the workspace does not get it. Without it, SQLite compiles again on
-/// every run each statement whose plan noted a bound value, because sqlx clears a cached
-/// statement's bindings before each run, and that expires it; drift ingest then costs about a
-/// fifth more.
-pub(super) async fn plan_stability(
+/// one of [`BUILD_OPTIONS`], by its `compile_options`.
+pub(super) async fn build_options(
     sqlite: &AnyPool,
 ) -> std::result::Result<Option<String>, sqlx::Error> {
     let options: Vec<String> =
         sqlx::query_scalar("SELECT compile_options FROM pragma_compile_options")
             .fetch_all(sqlite)
             .await?;
-    Ok(plan_stability_warning(&options))
+    Ok(build_options_warning(&options))
 }
 
-/// [`plan_stability`]'s judgement of `options`.
-fn plan_stability_warning(options: &[String]) -> Option<String> {
-    (!options.iter().any(|option| option == "ENABLE_QPSG")).then(|| {
-        "this hub's SQLite was built without SQLITE_ENABLE_QPSG, so it compiles many statements \
-         again on every run (drift ingest costs about a fifth more): build the hub from its \
-         workspace, whose .cargo/config.toml sets LIBSQLITE3_FLAGS, or set \
-         LIBSQLITE3_FLAGS=SQLITE_ENABLE_QPSG when building it"
-            .to_owned()
+/// [`build_options`]'s judgement of `options`.
+fn build_options_warning(options: &[String]) -> Option<String> {
+    let missing: Vec<String> = BUILD_OPTIONS
+        .iter()
+        .filter(|(option, _, _)| !options.iter().any(|built| built == option))
+        .map(|(_, flag, cost)| format!("without {flag}, so {cost}"))
+        .collect();
+    let flags: Vec<&str> = BUILD_OPTIONS.iter().map(|(_, flag, _)| *flag).collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "this hub's SQLite was built {}: build the hub from its workspace, whose \
+             .cargo/config.toml sets LIBSQLITE3_FLAGS, or set LIBSQLITE3_FLAGS=\"{}\" when \
+             building it",
+            missing.join(", and "),
+            flags.join(" ")
+        )
     })
 }
 
@@ -645,16 +672,32 @@ mod tests {
     }
 
     #[test]
-    fn a_sqlite_without_plan_stability_is_warned_of_by_its_flag() {
+    fn a_sqlite_built_without_the_workspaces_options_is_warned_of_by_its_flags() {
         let built = |options: &[&str]| -> Vec<String> {
             options.iter().map(|option| option.to_string()).collect()
         };
         assert_eq!(
-            plan_stability_warning(&built(&["ENABLE_FTS5", "ENABLE_QPSG", "THREADSAFE=1"])),
+            build_options_warning(&built(&[
+                "ENABLE_FTS5",
+                "ENABLE_QPSG",
+                "STMTJRNL_SPILL=4194304",
+                "THREADSAFE=1"
+            ])),
             None
         );
-        let warning = plan_stability_warning(&built(&["ENABLE_FTS5", "THREADSAFE=1"])).unwrap();
-        assert!(warning.contains("SQLITE_ENABLE_QPSG"), "{warning}");
+        let warning = build_options_warning(&built(&["ENABLE_FTS5", "THREADSAFE=1"])).unwrap();
+        assert!(warning.contains("without SQLITE_ENABLE_QPSG"), "{warning}");
+        assert!(
+            warning.contains("without SQLITE_STMTJRNL_SPILL"),
+            "{warning}"
+        );
         assert!(warning.contains("LIBSQLITE3_FLAGS"), "{warning}");
+        let warning = build_options_warning(&built(&["ENABLE_QPSG", "STMTJRNL_SPILL=65536"]));
+        let warning = warning.unwrap();
+        assert!(!warning.contains("without SQLITE_ENABLE_QPSG"), "{warning}");
+        assert!(
+            warning.contains("without SQLITE_STMTJRNL_SPILL"),
+            "{warning}"
+        );
     }
 }

@@ -2344,15 +2344,16 @@ async fn a_notification_is_claimed_by_one_hub_and_sent_in_order_until_delivered_
     assert!(!store.retry_dead(second, later).await.unwrap());
 }
 
-/// The bundled SQLite keeps its query plans whatever values are bound (`LIBSQLITE3_FLAGS` in
-/// `.cargo/config.toml`): without that, the writer's group statements were compiled again on
-/// every run, since sqlx clears their bindings before each.
+/// The bundled SQLite is built with the workspace's options (`LIBSQLITE3_FLAGS` in
+/// `.cargo/config.toml`): it keeps its query plans whatever values are bound (without that, the
+/// writer's group statements were compiled again on every run, since sqlx clears their bindings
+/// before each), and keeps a group's statement journals in memory.
 #[tokio::test]
-async fn sqlite_keeps_its_query_plans_across_bindings() {
+async fn sqlite_is_built_with_the_workspaces_options() {
     let engine = sqlite().await;
     // What the store's open reads and warns of.
     assert_eq!(
-        super::sql::plan_stability(&engine.store.writer)
+        super::sql::build_options(&engine.store.writer)
             .await
             .unwrap(),
         None
