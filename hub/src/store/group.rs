@@ -9,6 +9,13 @@
 //! on a task of its own, so a caller that goes away cannot cancel it half-way: its transaction
 //! either commits or rolls back. A database error fails the whole group, and every caller in it
 //! gets that error; nothing of the group was written.
+//!
+//! On SQLite the groups run on a thread of their own ([`GroupThread`]), not on the runtime's
+//! workers. A group is a dozen statements in turn, each a hand-off to sqlx's thread for the one
+//! connection and back, and nothing else writes meanwhile. Woken from outside the runtime, a task
+//! waits in the runtime's shared queue behind the request handlers on the workers' own queues,
+//! so under load each statement's answer waited there before the next statement went out. A
+//! thread that only waits on those answers runs as soon as one comes.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -117,9 +124,13 @@ impl<W: Queued + Send + Sync + 'static, V: Send + 'static> GroupQueue<W, V> {
             !std::mem::replace(&mut state.running, true)
         };
         if start {
+            let runtime = match &store.groups {
+                Some(thread) => thread.runtime.clone(),
+                None => tokio::runtime::Handle::current(),
+            };
             let store = store.clone();
             let run = Arc::new(run);
-            tokio::spawn(async move {
+            runtime.clone().spawn(async move {
                 loop {
                     let group = queue(&store).next_group();
                     if group.is_empty() {
@@ -127,7 +138,7 @@ impl<W: Queued + Send + Sync + 'static, V: Send + 'static> GroupQueue<W, V> {
                     }
                     // Each group on a task of its own: one that panics (a bug) drops its callers'
                     // senders, so they get an error, and the groups after it still run.
-                    let one = tokio::spawn(run_group(store.clone(), Arc::clone(&run), group));
+                    let one = runtime.spawn(run_group(store.clone(), Arc::clone(&run), group));
                     if let Err(error) = one.await {
                         log::error!("a group of writes stopped: {error}");
                     }
@@ -157,6 +168,41 @@ impl<W: Queued + Send + Sync + 'static, V: Send + 'static> GroupQueue<W, V> {
             state.running = false;
         }
         group
+    }
+}
+
+/// A thread of its own running an SQLite store's groups, on a runtime of its own (see the
+/// module's notes). It ends once the store's last clone is gone: a group running holds a clone,
+/// so no group is stopped half-way by it.
+///
+/// PostgreSQL's groups stay on the hub's runtime: there a group waits on the server, and a
+/// connection a pool opens is driven by the runtime that opened it, which must outlive it.
+#[derive(Debug)]
+pub(super) struct GroupThread {
+    runtime: tokio::runtime::Handle,
+    /// Dropped with the store's last clone, which ends the thread.
+    _stop: oneshot::Sender<()>,
+}
+
+impl GroupThread {
+    pub(super) fn start() -> std::io::Result<GroupThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("outpost-groups".to_owned())
+            .spawn(move || {
+                runtime.block_on(async {
+                    // Either way the store is gone: its sender was dropped.
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(GroupThread {
+            runtime: handle,
+            _stop: stop,
+        })
     }
 }
 

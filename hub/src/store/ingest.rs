@@ -745,6 +745,7 @@ async fn count_dropped(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
 
     fn batch(device: u8) -> Batch {
         Batch {
@@ -797,5 +798,49 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(verdict, Ingested::Stored);
+    }
+
+    /// An SQLite store's groups run on its thread for writes (see `group`), not on the runtime's
+    /// workers, and the thread ends once the store is dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_sqlite_stores_groups_run_on_a_thread_that_ends_with_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let seen = Arc::new(Mutex::new(None));
+        let verdict = store
+            .ingest
+            .run(&store, |store| &store.ingest, batch(1), {
+                let seen = Arc::clone(&seen);
+                move |_, batches| {
+                    let thread = std::thread::current().name().map(str::to_owned);
+                    // `<pid>/task/<tid>`: where /proc shows this thread while it lives.
+                    let task = std::fs::read_link("/proc/thread-self").unwrap();
+                    *seen.lock().unwrap() = Some((thread, task));
+                    let verdicts = vec![Ingested::Stored; batches.len()];
+                    Box::pin(async move { Ok(verdicts) })
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(verdict, Ingested::Stored);
+        let (thread, task) = seen.lock().unwrap().take().expect("the group ran");
+        assert_eq!(thread.as_deref(), Some("outpost-groups"));
+        let task = Path::new("/proc").join(task);
+        assert!(
+            task.exists(),
+            "{} is there while the store is",
+            task.display()
+        );
+
+        drop(store);
+        // (Bounded, so a thread left running fails the test instead of hanging it.)
+        let ended = async {
+            while task.exists() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), ended)
+            .await
+            .expect("the thread for writes ends with the store");
     }
 }

@@ -92,6 +92,9 @@ pub enum StoreError {
     /// Syncing an SQLite store's log failed, now or earlier (see `sql::WalSync`).
     #[error("{0}; writes since the hub started may not be on disk: restart the hub")]
     Unsynced(String),
+    /// The thread an SQLite store's groups of writes run on could not start (see `group`).
+    #[error("cannot start the store's thread for writes: {0}")]
+    GroupThread(std::io::Error),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -182,6 +185,8 @@ pub struct Store {
     markers_kept_for: Arc<AtomicU64>,
     /// Devices' latest signed requests waiting to be noted in a group; see `devices`.
     signed: Arc<devices::SignedQueue>,
+    /// The thread an SQLite store's groups run on; see `group`.
+    groups: Option<Arc<group::GroupThread>>,
     /// This process's side of [`Store::lock_rollouts`].
     rollout_lock: Arc<tokio::sync::Mutex<()>>,
     /// An embedded store's lock on its file, held while any clone of the store lives.
@@ -234,6 +239,12 @@ impl Store {
             ingest: Arc::default(),
             markers_kept_for: Arc::new(AtomicU64::new(u64::MAX)),
             signed: Arc::default(),
+            groups: match dialect {
+                Dialect::Sqlite => Some(Arc::new(
+                    group::GroupThread::start().map_err(StoreError::GroupThread)?,
+                )),
+                Dialect::Postgres => None,
+            },
             rollout_lock: Arc::default(),
             _lock: connected.lock.map(Arc::new),
         };
