@@ -321,7 +321,7 @@ impl Store {
                 let sql = format!(
                     "INSERT INTO signed_at (device, latest) VALUES {} \
                      ON CONFLICT (device) DO NOTHING",
-                    rows(chunk.len(), 2)
+                    rows(self.dialect, chunk.len(), 2)
                 );
                 let mut query = sqlx::query(AssertSqlSafe(sql));
                 for signed in chunk {
@@ -335,7 +335,7 @@ impl Store {
                 "SELECT device, latest FROM signed_at WHERE device IN ({}) ORDER BY device \
                  FOR UPDATE",
             ));
-            let sql = sql.replace("{}", &placeholders(1, chunk.len()));
+            let sql = sql.replace("{}", &placeholders(self.dialect, 1, chunk.len()));
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for signed in chunk {
                 query = query.bind(signed.device.to_vec());
@@ -363,7 +363,7 @@ impl Store {
             let sql = format!(
                 "INSERT INTO signed_at (device, latest) VALUES {} \
                  ON CONFLICT (device) DO UPDATE SET latest = excluded.latest",
-                rows(changed.len(), 2)
+                rows(self.dialect, changed.len(), 2)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for (device, latest) in changed {

@@ -20,7 +20,9 @@ use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, AssertSqlSafe, Connection};
 
 use super::drift_hourly::{hour_of, label_group, merge_hourly, HourKey, HourParts};
-use super::group::{matching, placeholders, rows, GroupQueue, Queued, KEYS_PER_STATEMENT};
+use super::group::{
+    matching, parameter, placeholders, rows, GroupQueue, Queued, KEYS_PER_STATEMENT,
+};
 use super::stats_hourly::add_hourly_stats;
 use super::telemetry::{encode_applied, merge_drift, DriftKey, ShadowKey};
 use super::*;
@@ -35,6 +37,11 @@ pub(super) struct Batch {
     now: u64,
     /// The request that carried the batch, noted with it (see [`Store::ingest_signed_telemetry`]).
     signed: Option<SignedRequest>,
+    /// Each window's drift summary as a protocol frame, encoded by the caller, for a window new to
+    /// the store in one part, whose record is that frame: the groups run one at a time, and
+    /// encoding a 100-feature summary was a fifth of a group's own work. `None` for a window
+    /// without a summary, or one that does not encode (the group says why).
+    frames: Vec<Option<Vec<u8>>>,
 }
 
 impl Batch {
@@ -54,6 +61,13 @@ impl Batch {
             dropped_records,
             now,
             signed: None,
+            frames: windows
+                .iter()
+                .map(|window| {
+                    let summary = window.drift.as_ref()?;
+                    outpost_protocol::encode(summary).ok()
+                })
+                .collect(),
         }
     }
 }
@@ -168,7 +182,7 @@ impl Store {
             for chunk in ids.chunks(KEYS_PER_STATEMENT) {
                 let sql = format!(
                     "SELECT id FROM devices WHERE id IN ({}) ORDER BY id FOR UPDATE",
-                    placeholders(1, chunk.len())
+                    placeholders(self.dialect, 1, chunk.len())
                 );
                 let mut query = sqlx::query(AssertSqlSafe(sql));
                 for id in chunk {
@@ -196,7 +210,7 @@ impl Store {
             let sql = format!(
                 "INSERT INTO telemetry_seen (device, sequence, stored_at) VALUES {} \
                  ON CONFLICT (device, sequence) DO NOTHING RETURNING device, sequence",
-                rows(chunk.len(), 3)
+                rows(self.dialect, chunk.len(), 3)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for &(index, sequence) in chunk {
@@ -229,7 +243,7 @@ impl Store {
         for chunk in fresh.chunks(KEYS_PER_STATEMENT) {
             let sql = format!(
                 "SELECT device, MAX(sequence) FROM telemetry_seen WHERE {} GROUP BY device",
-                matching(chunk.len(), &["device = ", "sequence > "])
+                matching(self.dialect, chunk.len(), &["device = ", "sequence > "])
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for &(index, sequence) in chunk {
@@ -264,7 +278,7 @@ impl Store {
             .filter_map(|(plan, batch)| Some((plan.as_ref()?, batch)))
             .flat_map(|(plan, batch)| plan.drift.keys().map(|key| (key, batch.device)))
             .collect();
-        let stored_drift = read_drift(&mut transaction, &drift_keys).await?;
+        let stored_drift = read_drift(&mut transaction, self.dialect, &drift_keys).await?;
         let mut drift_rows: Vec<DriftRow> = Vec::new();
         for (index, slot) in plans.iter_mut().enumerate() {
             let Some(plan) = slot else { continue };
@@ -273,7 +287,13 @@ impl Store {
             let mut refused = None;
             for (key, parts) in &plan.drift {
                 let stored = stored_drift.get(&(key.clone(), batch.device));
-                match merge_drift(stored.map(Vec::as_slice), parts, batch.now)? {
+                // A window new to the store, in one part: its record is the frame encoded
+                // with the batch.
+                let encoded = match (stored, parts.as_slice()) {
+                    (None, [(window, _)]) => batch.frames.get(*window).and_then(Option::as_deref),
+                    _ => None,
+                };
+                match merge_drift(stored.map(Vec::as_slice), parts, encoded, batch.now)? {
                     Ok(record) => {
                         if stored.is_none() {
                             plan.created.insert(key.clone());
@@ -306,7 +326,7 @@ impl Store {
             for chunk in left_out.chunks(KEYS_PER_STATEMENT) {
                 let sql = format!(
                     "DELETE FROM telemetry_seen WHERE {}",
-                    matching(chunk.len(), &["device = ", "sequence = "])
+                    matching(self.dialect, chunk.len(), &["device = ", "sequence = "])
                 );
                 let mut query = sqlx::query(AssertSqlSafe(sql));
                 for &index in chunk {
@@ -317,15 +337,15 @@ impl Store {
                 query.execute(&mut *transaction).await?;
             }
         }
-        write_drift(&mut transaction, &drift_rows).await?;
+        write_drift(&mut transaction, self.dialect, &drift_rows).await?;
 
         let stored: Vec<(&Plan<'_>, &Batch)> = plans
             .iter()
             .zip(batches)
             .filter_map(|(plan, batch)| Some((plan.as_ref()?, *batch)))
             .collect();
-        write_stats(&mut transaction, &stored).await?;
-        write_shadow(&mut transaction, &stored).await?;
+        write_stats(&mut transaction, self.dialect, &stored).await?;
+        write_shadow(&mut transaction, self.dialect, &stored).await?;
         let counted = count_dropped(&mut transaction, &stored).await?;
 
         self.prune_markers(&mut transaction, batches).await?;
@@ -399,18 +419,23 @@ impl Store {
         if kept_for == u64::MAX {
             return Ok(());
         }
+        let cutoff = bound(now.saturating_sub(kept_for));
         for chunk in batches.chunks(KEYS_PER_STATEMENT) {
             let sql = format!(
                 "DELETE FROM telemetry_seen WHERE {}",
                 (0..chunk.len())
-                    .map(|term| prune_term(2 + term))
+                    .map(|term| prune_term(self.dialect, 1 + 4 * term))
                     .collect::<Vec<_>>()
                     .join(" OR ")
             );
-            let mut query =
-                sqlx::query(AssertSqlSafe(sql)).bind(bound(now.saturating_sub(kept_for)));
+            let mut query = sqlx::query(AssertSqlSafe(sql));
             for batch in chunk {
-                query = query.bind(batch.device.to_vec());
+                let device = batch.device.to_vec();
+                query = query
+                    .bind(device.clone())
+                    .bind(device.clone())
+                    .bind(cutoff)
+                    .bind(device);
             }
             query.execute(&mut *connection).await?;
         }
@@ -418,17 +443,19 @@ impl Store {
     }
 }
 
-/// One device's term of [`Store::prune_markers`]'s `DELETE`: the device is parameter `device`,
-/// the cutoff `$1`. The bound is a subquery of parameters alone, so it runs once per statement,
-/// not once per row.
-fn prune_term(device: usize) -> String {
+/// One device's term of [`Store::prune_markers`]'s `DELETE`, its four parameters numbered from
+/// `first` (see `group::parameter`): the device, the device, the cutoff and the device. The bound
+/// is a subquery of parameters alone, so it runs once per statement, not once per row.
+fn prune_term(dialect: Dialect, first: usize) -> String {
+    let [device, kept_device, cutoff, newest_device] =
+        [0, 1, 2, 3].map(|n| parameter(dialect, first + n));
     format!(
-        "(device = ${device} AND sequence < (SELECT COALESCE(\
+        "(device = {device} AND sequence < (SELECT COALESCE(\
          (SELECT kept.sequence FROM telemetry_seen AS kept \
-         WHERE kept.device = ${device} AND kept.stored_at >= $1 \
+         WHERE kept.device = {kept_device} AND kept.stored_at >= {cutoff} \
          ORDER BY kept.sequence LIMIT 1), \
          (SELECT MAX(newest.sequence) FROM telemetry_seen AS newest \
-         WHERE newest.device = ${device}))))"
+         WHERE newest.device = {newest_device}))))"
     )
 }
 
@@ -488,6 +515,7 @@ type DriftRow = (DriftKey, [u8; 16], Vec<u8>);
 /// The stored drift records of `keys`, by key and device.
 async fn read_drift(
     connection: &mut AnyConnection,
+    dialect: Dialect,
     keys: &[(&DriftKey, [u8; 16])],
 ) -> Result<HashMap<(DriftKey, [u8; 16]), Vec<u8>>> {
     let mut stored = HashMap::new();
@@ -495,6 +523,7 @@ async fn read_drift(
         let sql = format!(
             "SELECT model, version, window_end, window_start, device, record FROM drift WHERE {}",
             matching(
+                dialect,
                 chunk.len(),
                 &[
                     "model = ",
@@ -531,13 +560,14 @@ async fn read_drift(
 /// `items` in chunks, each item's columns bound by `bind`.
 async fn upsert<T>(
     connection: &mut AnyConnection,
+    dialect: Dialect,
     insert: &str,
     width: usize,
     items: &[T],
     bind: impl for<'q> Fn(Query<'q, Any, AnyArguments>, &T) -> Result<Query<'q, Any, AnyArguments>>,
 ) -> Result<()> {
     for chunk in items.chunks(KEYS_PER_STATEMENT) {
-        let sql = insert.replace("{}", &rows(chunk.len(), width));
+        let sql = insert.replace("{}", &rows(dialect, chunk.len(), width));
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for item in chunk {
             query = bind(query, item)?;
@@ -547,9 +577,14 @@ async fn upsert<T>(
     Ok(())
 }
 
-async fn write_drift(connection: &mut AnyConnection, rows: &[DriftRow]) -> Result<()> {
+async fn write_drift(
+    connection: &mut AnyConnection,
+    dialect: Dialect,
+    rows: &[DriftRow],
+) -> Result<()> {
     upsert(
         connection,
+        dialect,
         "INSERT INTO drift (model, version, window_end, window_start, device, record) VALUES {} \
          ON CONFLICT (model, version, window_end, window_start, device) \
          DO UPDATE SET record = excluded.record",
@@ -569,7 +604,11 @@ async fn write_drift(connection: &mut AnyConnection, rows: &[DriftRow]) -> Resul
 }
 
 /// Adds each stored batch's windows to its device's counters.
-async fn write_stats(connection: &mut AnyConnection, stored: &[(&Plan<'_>, &Batch)]) -> Result<()> {
+async fn write_stats(
+    connection: &mut AnyConnection,
+    dialect: Dialect,
+    stored: &[(&Plan<'_>, &Batch)],
+) -> Result<()> {
     let keys: Vec<([u8; 16], &(String, i64))> = stored
         .iter()
         .flat_map(|(plan, batch)| plan.stats.keys().map(|key| (batch.device, key)))
@@ -578,7 +617,11 @@ async fn write_stats(connection: &mut AnyConnection, stored: &[(&Plan<'_>, &Batc
     for chunk in keys.chunks(KEYS_PER_STATEMENT) {
         let sql = format!(
             "SELECT device, model, version, record FROM stats WHERE {}",
-            matching(chunk.len(), &["device = ", "model = ", "version = "])
+            matching(
+                dialect,
+                chunk.len(),
+                &["device = ", "model = ", "version = "]
+            )
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for (device, (model, version)) in chunk {
@@ -611,6 +654,7 @@ async fn write_stats(connection: &mut AnyConnection, stored: &[(&Plan<'_>, &Batc
     }
     upsert(
         connection,
+        dialect,
         "INSERT INTO stats (device, model, version, record) VALUES {} \
          ON CONFLICT (device, model, version) DO UPDATE SET record = excluded.record",
         4,
@@ -629,6 +673,7 @@ async fn write_stats(connection: &mut AnyConnection, stored: &[(&Plan<'_>, &Batc
 /// Adds each stored batch's shadow comparisons to its device's shadow records.
 async fn write_shadow(
     connection: &mut AnyConnection,
+    dialect: Dialect,
     stored: &[(&Plan<'_>, &Batch)],
 ) -> Result<()> {
     let keys: Vec<([u8; 16], &ShadowKey)> = stored
@@ -644,6 +689,7 @@ async fn write_shadow(
             "SELECT device, target, window_end, window_start, active_model, active_version, \
              record FROM shadow WHERE {}",
             matching(
+                dialect,
                 chunk.len(),
                 &[
                     "target = ",
@@ -693,6 +739,7 @@ async fn write_shadow(
     }
     upsert(
         connection,
+        dialect,
         "INSERT INTO shadow (target, window_end, window_start, device, active_model, \
          active_version, record) VALUES {} ON CONFLICT \
          (target, window_end, window_start, device, active_model, active_version) \
@@ -756,6 +803,7 @@ mod tests {
             dropped_records: 0,
             now: 10,
             signed: None,
+            frames: Vec::new(),
         }
     }
 

@@ -88,12 +88,21 @@ pub(super) fn encode_applied<T: Serialize>(
 }
 
 /// Merges the batch's `parts` of one window into the drift record `current` (none for a new
-/// window): the merged record, or why a part does not merge, naming its window.
+/// window): the merged record, or why a part does not merge, naming its window. `encoded` is the
+/// frame of the one part of a new window, when the caller has it: the record is then that frame.
 pub(super) fn merge_drift(
     current: Option<&[u8]>,
     parts: &[(usize, &DriftSummary)],
+    encoded: Option<&[u8]>,
     now: u64,
 ) -> Result<std::result::Result<DriftRecord, (usize, String)>> {
+    if let (None, [_], Some(frame)) = (current, parts, encoded) {
+        return Ok(Ok(DriftRecord {
+            frame: frame.to_vec(),
+            parts: 1,
+            updated: now,
+        }));
+    }
     let mut merged: Option<(DriftSummary, u64)> = match current {
         None => None,
         Some(bytes) => {
