@@ -206,15 +206,15 @@ pub(super) async fn connect(database: &Database) -> Result<Connected> {
 ///   bytes and in a temporary file past them. A group's statements change more than SQLite's
 ///   default of 64 KiB; with 4 MiB they stay in memory, where each group opened, wrote and
 ///   dropped a file in the temporary directory.
-const BUILD_OPTIONS: [(&str, &str, &str); 2] = [
+///
+/// The flag that sets each is its name with `SQLITE_` before it.
+const BUILD_OPTIONS: [(&str, &str); 2] = [
     (
         "ENABLE_QPSG",
-        "SQLITE_ENABLE_QPSG",
         "it compiles many statements again on every run (drift ingest costs about a fifth more)",
     ),
     (
         "STMTJRNL_SPILL=4194304",
-        "SQLITE_STMTJRNL_SPILL=4194304",
         "its groups of writes write their statement journals to temporary files",
     ),
 ];
@@ -235,10 +235,13 @@ pub(super) async fn build_options(
 fn build_options_warning(options: &[String]) -> Option<String> {
     let missing: Vec<String> = BUILD_OPTIONS
         .iter()
-        .filter(|(option, _, _)| !options.iter().any(|built| built == option))
-        .map(|(_, flag, cost)| format!("without {flag}, so {cost}"))
+        .filter(|(option, _)| !options.iter().any(|built| built == option))
+        .map(|(option, cost)| format!("without SQLITE_{option}, so {cost}"))
         .collect();
-    let flags: Vec<&str> = BUILD_OPTIONS.iter().map(|(_, flag, _)| *flag).collect();
+    let flags: Vec<String> = BUILD_OPTIONS
+        .iter()
+        .map(|(option, _)| format!("SQLITE_{option}"))
+        .collect();
     (!missing.is_empty()).then(|| {
         format!(
             "this hub's SQLite was built {}: build the hub from its workspace, whose \
