@@ -2,10 +2,9 @@
 
 use std::collections::HashMap;
 
-use sqlx::{AnyConnection, AssertSqlSafe};
-
 use super::group::{placeholders, rows, GroupQueue, Queued, KEYS_PER_STATEMENT};
 use super::sql::for_update;
+use super::statements::{Param, Statements};
 use super::*;
 
 /// A signed request of a device that was accepted, to note; see [`Store::note_signed_at`].
@@ -292,17 +291,26 @@ impl Store {
 
     /// Notes a group of signed requests, at most one per device, in one transaction.
     async fn note_signed_group(&self, group: &[&SignedRequest]) -> Result<Vec<()>> {
-        let mut transaction = self.writer.begin().await?;
-        self.write_signed(&mut transaction, group).await?;
-        transaction.commit().await?;
+        match &self.groups {
+            Some(groups) => {
+                let mut lease = groups.lease(&self.writer).await?;
+                let written = self.write_signed(lease.connection(), group).await;
+                lease.finish(written)?;
+            }
+            None => {
+                let mut transaction = self.writer.begin().await?;
+                self.write_signed(&mut *transaction, group).await?;
+                transaction.commit().await?;
+            }
+        }
         Ok(vec![(); group.len()])
     }
 
     /// Writes what [`Store::note_signed_at`] keeps of `group` (at most one request per device)
     /// in the caller's transaction.
-    pub(super) async fn write_signed(
+    pub(super) async fn write_signed<S: Statements>(
         &self,
-        transaction: &mut AnyConnection,
+        transaction: &mut S,
         group: &[&SignedRequest],
     ) -> Result<()> {
         let mut group: Vec<&SignedRequest> = group.to_vec();
@@ -323,11 +331,12 @@ impl Store {
                      ON CONFLICT (device) DO NOTHING",
                     rows(self.dialect, chunk.len(), 2)
                 );
-                let mut query = sqlx::query(AssertSqlSafe(sql));
-                for signed in chunk {
-                    query = query.bind(signed.device.to_vec()).bind(empty.encode());
-                }
-                query.execute(&mut *transaction).await?;
+                let encoded = empty.encode();
+                let params: Vec<Param<'_>> = chunk
+                    .iter()
+                    .flat_map(|signed| [Param::from(&signed.device), Param::from(&encoded)])
+                    .collect();
+                transaction.execute(&sql, &params).await?;
             }
 
             let sql = self.dialect.locking((
@@ -336,14 +345,14 @@ impl Store {
                  FOR UPDATE",
             ));
             let sql = sql.replace("{}", &placeholders(self.dialect, 1, chunk.len()));
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for signed in chunk {
-                query = query.bind(signed.device.to_vec());
-            }
+            let params: Vec<Param<'_>> = chunk
+                .iter()
+                .map(|signed| Param::from(&signed.device))
+                .collect();
             let mut stored: HashMap<[u8; 16], LatestRequests> = HashMap::new();
-            for row in query.fetch_all(&mut *transaction).await? {
-                if let Some(latest) = LatestRequests::decode(&blob(&row, 1)?) {
-                    stored.insert(fixed("signed_at", &blob(&row, 0)?)?, latest);
+            for row in transaction.fetch(&sql, &params).await? {
+                if let Some(latest) = LatestRequests::decode(&row.blob(1)?) {
+                    stored.insert(fixed("signed_at", &row.blob(0)?)?, latest);
                 }
             }
             let mut changed: Vec<([u8; 16], Vec<u8>)> = Vec::new();
@@ -365,11 +374,11 @@ impl Store {
                  ON CONFLICT (device) DO UPDATE SET latest = excluded.latest",
                 rows(self.dialect, changed.len(), 2)
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for (device, latest) in changed {
-                query = query.bind(device.to_vec()).bind(latest);
-            }
-            query.execute(&mut *transaction).await?;
+            let params: Vec<Param<'_>> = changed
+                .iter()
+                .flat_map(|(device, latest)| [Param::from(device), Param::from(latest)])
+                .collect();
+            transaction.execute(&sql, &params).await?;
         }
         Ok(())
     }

@@ -30,7 +30,9 @@
 use outpost_protocol::drift::DriftError;
 use outpost_protocol::Label;
 use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, AnyPool};
+use sqlx::AnyPool;
+
+use super::statements::{Fetched, Param, Statements};
 
 use super::sql::for_update;
 use super::*;
@@ -150,8 +152,8 @@ fn decode_hourly(bytes: &[u8]) -> Result<(DriftSummary, u64)> {
 /// Merges a group of batches' drift summaries into their aggregates, one read-modify-write per
 /// entry of `hours` (an aggregate's key and label group), in their order, within the group's
 /// transaction `connection`.
-pub(super) async fn merge_hourly(
-    connection: &mut AnyConnection,
+pub(super) async fn merge_hourly<S: Statements>(
+    connection: &mut S,
     dialect: Dialect,
     hours: BTreeMap<(HourKey, &str), HourParts<'_>>,
     now: u64,
@@ -200,21 +202,23 @@ pub(super) async fn merge_hourly(
                         continue;
                     }
                 };
-                let inserted = sqlx::query(
-                    "INSERT INTO drift_hourly (model, version, hour, label_group, record, devices, \
-                     left_out) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                     ON CONFLICT (model, version, hour, label_group) DO NOTHING",
-                )
-                .bind(key.0.clone())
-                .bind(key.1)
-                .bind(key.2)
-                .bind(label_group.to_owned())
-                .bind(record)
-                .bind(int("drift aggregate devices", share.devices)?)
-                .bind(int("drift aggregate left out", share.left_out)?)
-                .execute(&mut *connection)
-                .await?;
-                if inserted.rows_affected() == 1 {
+                let inserted = connection
+                    .execute(
+                        "INSERT INTO drift_hourly (model, version, hour, label_group, record, \
+                         devices, left_out) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (model, version, hour, label_group) DO NOTHING",
+                        &with_hour_key(
+                            &key,
+                            label_group,
+                            [
+                                Param::from(&record),
+                                Param::Int(int("drift aggregate devices", share.devices)?),
+                                Param::Int(int("drift aggregate left out", share.left_out)?),
+                            ],
+                        ),
+                    )
+                    .await?;
+                if inserted == 1 {
                     continue;
                 }
                 // Another batch of the group created it meanwhile (on PostgreSQL this insert
@@ -268,19 +272,23 @@ pub(super) async fn merge_hourly(
                  WHERE model = $1 AND version = $2 AND hour = $3 AND label_group = $4"
             }
         };
-        let update = sqlx::query(query)
-            .bind(key.0)
-            .bind(key.1)
-            .bind(key.2)
-            .bind(label_group.to_owned());
-        let update = match record {
-            Some(record) => update
-                .bind(record)
-                .bind(int("drift aggregate devices", devices)?)
-                .bind(int("drift aggregate left out", left_out)?),
-            None => update.bind(int("drift aggregate left out", left_out)?),
+        let params = match &record {
+            Some(record) => with_hour_key(
+                &key,
+                label_group,
+                [
+                    Param::from(record),
+                    Param::Int(int("drift aggregate devices", devices)?),
+                    Param::Int(int("drift aggregate left out", left_out)?),
+                ],
+            ),
+            None => with_hour_key(
+                &key,
+                label_group,
+                [Param::Int(int("drift aggregate left out", left_out)?)],
+            ),
         };
-        update.execute(&mut *connection).await?;
+        connection.execute(query, &params).await?;
     }
     Ok(())
 }
@@ -288,20 +296,33 @@ pub(super) async fn merge_hourly(
 /// One row of an hourly table (`drift_hourly`, `stats_hourly`) by its key, read by `query`
 /// (binding model, version, hour and label group in that order), locked until the transaction
 /// ends on PostgreSQL; none when it is not stored.
-pub(super) async fn read_hour_locked(
-    connection: &mut AnyConnection,
+pub(super) async fn read_hour_locked<S: Statements>(
+    connection: &mut S,
     dialect: Dialect,
     query: (&'static str, &'static str),
-    (model, version, hour): &HourKey,
+    key: &HourKey,
     label_group: &str,
-) -> Result<Option<AnyRow>> {
-    Ok(sqlx::query(dialect.locking(query))
-        .bind(model.clone())
-        .bind(*version)
-        .bind(*hour)
-        .bind(label_group.to_owned())
-        .fetch_optional(&mut *connection)
-        .await?)
+) -> Result<Option<Fetched>> {
+    let params = with_hour_key(key, label_group, []);
+    let rows = connection.fetch(dialect.locking(query), &params).await?;
+    Ok(rows.into_iter().next())
+}
+
+/// The parameters of an hourly row's key (model, version, hour and label group, `$1` to `$4`),
+/// then `rest`.
+pub(super) fn with_hour_key<'a, const N: usize>(
+    (model, version, hour): &'a HourKey,
+    label_group: &'a str,
+    rest: [Param<'a>; N],
+) -> Vec<Param<'a>> {
+    let mut params = vec![
+        Param::from(model),
+        Param::Int(*version),
+        Param::Int(*hour),
+        Param::from(label_group),
+    ];
+    params.extend(rest);
+    params
 }
 
 /// The rows of an hourly table for one model version's hours ending after `since`, read by
@@ -327,8 +348,8 @@ pub(super) async fn hours_since(
 
 /// An aggregate's record, devices and uploads left out, locked until the transaction ends on
 /// PostgreSQL; none when it is not stored.
-async fn read_locked(
-    connection: &mut AnyConnection,
+async fn read_locked<S: Statements>(
+    connection: &mut S,
     dialect: Dialect,
     key: &HourKey,
     label_group: &str,
@@ -340,9 +361,9 @@ async fn read_locked(
     let row = read_hour_locked(connection, dialect, query, key, label_group).await?;
     row.map(|row| {
         Ok((
-            blob(&row, 0)?,
-            column_u64("drift_hourly", &row, 1)?,
-            column_u64("drift_hourly", &row, 2)?,
+            row.blob(0)?,
+            row.uint("drift_hourly", 1)?,
+            row.uint("drift_hourly", 2)?,
         ))
     })
     .transpose()

@@ -11,17 +11,22 @@
 //! gets that error; nothing of the group was written.
 //!
 //! On SQLite the groups run on a thread of their own ([`GroupThread`]), not on the runtime's
-//! workers. A group is a dozen statements in turn, each a hand-off to sqlx's thread for the one
-//! connection and back, and nothing else writes meanwhile. Woken from outside the runtime, a task
-//! waits in the runtime's shared queue behind the request handlers on the workers' own queues,
-//! so under load each statement's answer waited there before the next statement went out. A
-//! thread that only waits on those answers runs as soon as one comes.
+//! workers, and run their statements there, on a connection of the thread's own (see
+//! `statements`), while their [`Lease`] holds sqlx's one write connection, so SQLite's writes
+//! still run one at a time. A group is a dozen statements in turn, and nothing else writes
+//! meanwhile: run through sqlx, each was a hand-off to sqlx's thread for the connection and
+//! back, and woken from outside the runtime, a task waits in the runtime's shared queue behind
+//! the request handlers, so under load each statement's answer waited there before the next
+//! statement went out.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::future::BoxFuture;
+use sqlx::AnyPool;
 use tokio::sync::oneshot;
+
+use super::statements::DirectConnection;
 
 use super::*;
 
@@ -172,23 +177,29 @@ impl<W: Queued + Send + Sync + 'static, V: Send + 'static> GroupQueue<W, V> {
 }
 
 /// A thread of its own running an SQLite store's groups, on a runtime of its own (see the
-/// module's notes). It ends once the store's last clone is gone: a group running holds a clone,
-/// so no group is stopped half-way by it.
+/// module's notes), and the connection they run their statements on (see `statements`). It
+/// ends once the store's last clone is gone: a group running holds a clone, so no group is
+/// stopped half-way by it.
 ///
 /// PostgreSQL's groups stay on the hub's runtime: there a group waits on the server, and a
 /// connection a pool opens is driven by the runtime that opened it, which must outlive it.
 #[derive(Debug)]
 pub(super) struct GroupThread {
     runtime: tokio::runtime::Handle,
+    /// The groups' connection; `None` once the store is closed.
+    connection: tokio::sync::Mutex<Option<DirectConnection>>,
     /// Dropped with the store's last clone, which ends the thread.
     _stop: oneshot::Sender<()>,
 }
 
 impl GroupThread {
-    pub(super) fn start() -> std::io::Result<GroupThread> {
+    /// Starts the thread, with a connection of its own to the SQLite file `path`.
+    pub(super) fn start(path: &Path) -> Result<GroupThread> {
+        let connection = DirectConnection::open(path)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?;
+            .build()
+            .map_err(StoreError::GroupThread)?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -198,11 +209,53 @@ impl GroupThread {
                     // Either way the store is gone: its sender was dropped.
                     let _ = stopped.await;
                 });
-            })?;
+            })
+            .map_err(StoreError::GroupThread)?;
         Ok(GroupThread {
             runtime: handle,
+            connection: tokio::sync::Mutex::new(Some(connection)),
             _stop: stop,
         })
+    }
+
+    /// The groups' connection, in a transaction begun for a group, with `writer` (sqlx's one
+    /// write connection) held until the lease ends, so that no other write runs meanwhile.
+    pub(super) async fn lease(&self, writer: &AnyPool) -> Result<Lease<'_>> {
+        let writer = writer.acquire().await?;
+        let connection =
+            tokio::sync::MutexGuard::try_map(self.connection.lock().await, Option::as_mut)
+                .map_err(|_| StoreError::Closed)?;
+        let mut lease = Lease {
+            connection,
+            _writer: writer,
+        };
+        lease.connection().begin()?;
+        Ok(lease)
+    }
+
+    /// Closes the groups' connection, waiting for a group running on it to end.
+    pub(super) async fn close(&self) {
+        self.connection.lock().await.take();
+    }
+}
+
+/// A group's hold on an SQLite store's writes: see [`GroupThread::lease`].
+pub(super) struct Lease<'t> {
+    connection: tokio::sync::MappedMutexGuard<'t, DirectConnection>,
+    _writer: sqlx::pool::PoolConnection<sqlx::Any>,
+}
+
+impl Lease<'_> {
+    /// The connection, in the group's transaction.
+    pub(super) fn connection(&mut self) -> &mut DirectConnection {
+        &mut self.connection
+    }
+
+    /// Commits the group's transaction when `group` succeeded, and rolls it back otherwise. A
+    /// lease dropped without this (a group that panicked) leaves its transaction to be rolled
+    /// back by the next.
+    pub(super) fn finish<T>(mut self, group: Result<T>) -> Result<T> {
+        self.connection().finish(group)
     }
 }
 

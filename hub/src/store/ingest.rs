@@ -15,14 +15,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use outpost_protocol::Label;
-use sqlx::any::AnyArguments;
-use sqlx::query::Query;
-use sqlx::{Any, AnyConnection, AssertSqlSafe, Connection};
+use sqlx::Connection;
 
 use super::drift_hourly::{hour_of, label_group, merge_hourly, HourKey, HourParts};
 use super::group::{
     matching, parameter, placeholders, rows, GroupQueue, Queued, KEYS_PER_STATEMENT,
 };
+use super::statements::{Param, Statements};
 use super::stats_hourly::add_hourly_stats;
 use super::telemetry::{encode_applied, merge_drift, DriftKey, ShadowKey};
 use super::*;
@@ -159,23 +158,34 @@ impl Store {
     /// verdict, in their order. On SQLite the commit is durable once a [`Store::flush`] begun
     /// after it has finished.
     async fn store_group(&self, batches: &[&Batch]) -> Result<Vec<Ingested>> {
-        let mut connection = self.writer.acquire().await?;
-        let (verdicts, counted) = self.store_group_on(&mut connection, batches).await?;
+        let (verdicts, counted) = match &self.groups {
+            Some(groups) => {
+                let mut lease = groups.lease(&self.writer).await?;
+                let group = self.store_group_on(lease.connection(), batches).await;
+                lease.finish(group)?
+            }
+            None => {
+                let mut connection = self.writer.acquire().await?;
+                let mut transaction = connection.begin().await?;
+                let group = self.store_group_on(&mut *transaction, batches).await?;
+                transaction.commit().await?;
+                group
+            }
+        };
         for device in counted {
             self.device_written(&device);
         }
         Ok(verdicts)
     }
 
-    /// [`Store::store_group`]'s transaction on `connection`: each batch's verdict, and the
-    /// devices whose records it changed.
-    async fn store_group_on(
+    /// [`Store::store_group`]'s writes, in the transaction it began on `transaction`: each
+    /// batch's verdict, and the devices whose records it changed.
+    async fn store_group_on<S: Statements>(
         &self,
-        connection: &mut AnyConnection,
+        transaction: &mut S,
         batches: &[&Batch],
     ) -> Result<(Vec<Ingested>, Vec<[u8; 16]>)> {
         let mut verdicts = vec![Ingested::Stored; batches.len()];
-        let mut transaction = connection.begin().await?;
         if self.dialect == Dialect::Postgres {
             let mut ids: Vec<[u8; 16]> = batches.iter().map(|batch| batch.device).collect();
             ids.sort_unstable();
@@ -184,11 +194,8 @@ impl Store {
                     "SELECT id FROM devices WHERE id IN ({}) ORDER BY id FOR UPDATE",
                     placeholders(self.dialect, 1, chunk.len())
                 );
-                let mut query = sqlx::query(AssertSqlSafe(sql));
-                for id in chunk {
-                    query = query.bind(id.to_vec());
-                }
-                query.fetch_all(&mut *transaction).await?;
+                let params: Vec<Param<'_>> = chunk.iter().map(Param::from).collect();
+                transaction.fetch(&sql, &params).await?;
             }
         }
         let notes: Vec<&SignedRequest> = batches
@@ -196,7 +203,7 @@ impl Store {
             .filter_map(|batch| batch.signed.as_ref())
             .collect();
         if !notes.is_empty() {
-            self.write_signed(&mut transaction, &notes).await?;
+            self.write_signed(transaction, &notes).await?;
         }
 
         // The idempotency keys, and which were new.
@@ -212,19 +219,17 @@ impl Store {
                  ON CONFLICT (device, sequence) DO NOTHING RETURNING device, sequence",
                 rows(self.dialect, chunk.len(), 3)
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
+            let mut params = Vec::with_capacity(3 * chunk.len());
             for &(index, sequence) in chunk {
                 let batch = batches[index];
-                query = query
-                    .bind(batch.device.to_vec())
-                    .bind(sequence)
-                    .bind(int("time", batch.now)?);
+                params.extend([
+                    Param::from(&batch.device),
+                    Param::Int(sequence),
+                    Param::Int(int("time", batch.now)?),
+                ]);
             }
-            for row in query.fetch_all(&mut *transaction).await? {
-                taken.insert((
-                    fixed("telemetry_seen", &blob(&row, 0)?)?,
-                    row.try_get::<i64, _>(1)?,
-                ));
+            for row in transaction.fetch(&sql, &params).await? {
+                taken.insert((fixed("telemetry_seen", &row.blob(0)?)?, row.int(1)?));
             }
         }
         let mut left_out: Vec<usize> = Vec::new();
@@ -245,13 +250,15 @@ impl Store {
                 "SELECT device, MAX(sequence) FROM telemetry_seen WHERE {} GROUP BY device",
                 matching(self.dialect, chunk.len(), &["device = ", "sequence > "])
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for &(index, sequence) in chunk {
-                query = query.bind(batches[index].device.to_vec()).bind(sequence);
-            }
-            for row in query.fetch_all(&mut *transaction).await? {
-                let device: [u8; 16] = fixed("telemetry_seen", &blob(&row, 0)?)?;
-                let highest = column_u64("telemetry_seen", &row, 1)?;
+            let params: Vec<Param<'_>> = chunk
+                .iter()
+                .flat_map(|&(index, sequence)| {
+                    [Param::from(&batches[index].device), Param::Int(sequence)]
+                })
+                .collect();
+            for row in transaction.fetch(&sql, &params).await? {
+                let device: [u8; 16] = fixed("telemetry_seen", &row.blob(0)?)?;
+                let highest = row.uint("telemetry_seen", 1)?;
                 if let Some(&(index, _)) = chunk
                     .iter()
                     .find(|&&(index, _)| batches[index].device == device)
@@ -278,7 +285,7 @@ impl Store {
             .filter_map(|(plan, batch)| Some((plan.as_ref()?, batch)))
             .flat_map(|(plan, batch)| plan.drift.keys().map(|key| (key, batch.device)))
             .collect();
-        let stored_drift = read_drift(&mut transaction, self.dialect, &drift_keys).await?;
+        let stored_drift = read_drift(transaction, self.dialect, &drift_keys).await?;
         let mut drift_rows: Vec<DriftRow> = Vec::new();
         for (index, slot) in plans.iter_mut().enumerate() {
             let Some(plan) = slot else { continue };
@@ -328,27 +335,30 @@ impl Store {
                     "DELETE FROM telemetry_seen WHERE {}",
                     matching(self.dialect, chunk.len(), &["device = ", "sequence = "])
                 );
-                let mut query = sqlx::query(AssertSqlSafe(sql));
-                for &index in chunk {
-                    query = query
-                        .bind(batches[index].device.to_vec())
-                        .bind(keys[index].1);
-                }
-                query.execute(&mut *transaction).await?;
+                let params: Vec<Param<'_>> = chunk
+                    .iter()
+                    .flat_map(|&index| {
+                        [
+                            Param::from(&batches[index].device),
+                            Param::Int(keys[index].1),
+                        ]
+                    })
+                    .collect();
+                transaction.execute(&sql, &params).await?;
             }
         }
-        write_drift(&mut transaction, self.dialect, &drift_rows).await?;
+        write_drift(transaction, self.dialect, &drift_rows).await?;
 
         let stored: Vec<(&Plan<'_>, &Batch)> = plans
             .iter()
             .zip(batches)
             .filter_map(|(plan, batch)| Some((plan.as_ref()?, *batch)))
             .collect();
-        write_stats(&mut transaction, self.dialect, &stored).await?;
-        write_shadow(&mut transaction, self.dialect, &stored).await?;
-        let counted = count_dropped(&mut transaction, &stored).await?;
+        write_stats(transaction, self.dialect, &stored).await?;
+        write_shadow(transaction, self.dialect, &stored).await?;
+        let counted = count_dropped(transaction, &stored).await?;
 
-        self.prune_markers(&mut transaction, batches).await?;
+        self.prune_markers(transaction, batches).await?;
 
         // Last, so that on PostgreSQL the aggregates' rows, which every device of a label group
         // writes, stay locked for as short a time as the group allows.
@@ -367,7 +377,7 @@ impl Store {
         }
         if !hours.is_empty() {
             let now = stored.iter().map(|(_, batch)| batch.now).max().unwrap_or(0);
-            merge_hourly(&mut transaction, self.dialect, hours, now).await?;
+            merge_hourly(transaction, self.dialect, hours, now).await?;
         }
         // After the drift aggregates, so that every group takes the shared rows' locks in one
         // order.
@@ -383,8 +393,7 @@ impl Store {
                 }
             }
         }
-        add_hourly_stats(&mut transaction, self.dialect, stats_hours).await?;
-        transaction.commit().await?;
+        add_hourly_stats(transaction, self.dialect, stats_hours).await?;
         Ok((verdicts, counted))
     }
 }
@@ -407,9 +416,9 @@ impl Store {
     /// thousands per device. The bound is the first marker stored at or after the cutoff, or the
     /// newest marker when none was. A marker stored out of time order (by a hub whose clock ran
     /// behind) is kept until the markers before it have gone: kept longer, never shorter.
-    async fn prune_markers(
+    async fn prune_markers<S: Statements>(
         &self,
-        connection: &mut AnyConnection,
+        connection: &mut S,
         batches: &[&Batch],
     ) -> Result<()> {
         let kept_for = self.markers_kept_for.load(Ordering::Relaxed);
@@ -428,16 +437,14 @@ impl Store {
                     .collect::<Vec<_>>()
                     .join(" OR ")
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for batch in chunk {
-                let device = batch.device.to_vec();
-                query = query
-                    .bind(device.clone())
-                    .bind(device.clone())
-                    .bind(cutoff)
-                    .bind(device);
-            }
-            query.execute(&mut *connection).await?;
+            let params: Vec<Param<'_>> = chunk
+                .iter()
+                .flat_map(|batch| {
+                    let device = Param::from(&batch.device);
+                    [device, device, Param::Int(cutoff), device]
+                })
+                .collect();
+            connection.execute(&sql, &params).await?;
         }
         Ok(())
     }
@@ -513,8 +520,8 @@ type DeviceRow<'a, K> = ([u8; 16], &'a K, Vec<u8>);
 type DriftRow = (DriftKey, [u8; 16], Vec<u8>);
 
 /// The stored drift records of `keys`, by key and device.
-async fn read_drift(
-    connection: &mut AnyConnection,
+async fn read_drift<S: Statements>(
+    connection: &mut S,
     dialect: Dialect,
     keys: &[(&DriftKey, [u8; 16])],
 ) -> Result<HashMap<(DriftKey, [u8; 16]), Vec<u8>>> {
@@ -534,51 +541,45 @@ async fn read_drift(
                 ]
             )
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for ((model, version, end, start), device) in chunk {
-            query = query
-                .bind(model.clone())
-                .bind(*version)
-                .bind(*end)
-                .bind(*start)
-                .bind(device.to_vec());
-        }
-        for row in query.fetch_all(&mut *connection).await? {
-            let key = (
-                row.try_get::<String, _>(0)?,
-                row.try_get::<i64, _>(1)?,
-                row.try_get::<i64, _>(2)?,
-                row.try_get::<i64, _>(3)?,
-            );
-            stored.insert((key, fixed("drift", &blob(&row, 4)?)?), blob(&row, 5)?);
+        let params: Vec<Param<'_>> = chunk
+            .iter()
+            .flat_map(|((model, version, end, start), device)| {
+                [
+                    Param::from(model),
+                    Param::Int(*version),
+                    Param::Int(*end),
+                    Param::Int(*start),
+                    Param::from(device),
+                ]
+            })
+            .collect();
+        for row in connection.fetch(&sql, &params).await? {
+            let key = (row.text(0)?, row.int(1)?, row.int(2)?, row.int(3)?);
+            stored.insert((key, fixed("drift", &row.blob(4)?)?), row.blob(5)?);
         }
     }
     Ok(stored)
 }
 
 /// Runs `insert` (an `INSERT … VALUES {}` with `width` columns and its `ON CONFLICT` clause) over
-/// `items` in chunks, each item's columns bound by `bind`.
-async fn upsert<T>(
-    connection: &mut AnyConnection,
+/// `items` in chunks, each item's `width` columns given by `columns`.
+async fn upsert<S: Statements, T, const WIDTH: usize>(
+    connection: &mut S,
     dialect: Dialect,
     insert: &str,
-    width: usize,
     items: &[T],
-    bind: impl for<'q> Fn(Query<'q, Any, AnyArguments>, &T) -> Result<Query<'q, Any, AnyArguments>>,
+    columns: impl for<'t> Fn(&'t T) -> [Param<'t>; WIDTH],
 ) -> Result<()> {
     for chunk in items.chunks(KEYS_PER_STATEMENT) {
-        let sql = insert.replace("{}", &rows(dialect, chunk.len(), width));
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for item in chunk {
-            query = bind(query, item)?;
-        }
-        query.execute(&mut *connection).await?;
+        let sql = insert.replace("{}", &rows(dialect, chunk.len(), WIDTH));
+        let params: Vec<Param<'_>> = chunk.iter().flat_map(&columns).collect();
+        connection.execute(&sql, &params).await?;
     }
     Ok(())
 }
 
-async fn write_drift(
-    connection: &mut AnyConnection,
+async fn write_drift<S: Statements>(
+    connection: &mut S,
     dialect: Dialect,
     rows: &[DriftRow],
 ) -> Result<()> {
@@ -588,24 +589,24 @@ async fn write_drift(
         "INSERT INTO drift (model, version, window_end, window_start, device, record) VALUES {} \
          ON CONFLICT (model, version, window_end, window_start, device) \
          DO UPDATE SET record = excluded.record",
-        6,
         rows,
-        |query, ((model, version, end, start), device, record)| {
-            Ok(query
-                .bind(model.clone())
-                .bind(*version)
-                .bind(*end)
-                .bind(*start)
-                .bind(device.to_vec())
-                .bind(record.clone()))
+        |((model, version, end, start), device, record)| {
+            [
+                Param::from(model),
+                Param::Int(*version),
+                Param::Int(*end),
+                Param::Int(*start),
+                Param::from(device),
+                Param::from(record),
+            ]
         },
     )
     .await
 }
 
 /// Adds each stored batch's windows to its device's counters.
-async fn write_stats(
-    connection: &mut AnyConnection,
+async fn write_stats<S: Statements>(
+    connection: &mut S,
     dialect: Dialect,
     stored: &[(&Plan<'_>, &Batch)],
 ) -> Result<()> {
@@ -623,20 +624,20 @@ async fn write_stats(
                 &["device = ", "model = ", "version = "]
             )
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for (device, (model, version)) in chunk {
-            query = query
-                .bind(device.to_vec())
-                .bind(model.clone())
-                .bind(*version);
-        }
-        for row in query.fetch_all(&mut *connection).await? {
+        let params: Vec<Param<'_>> = chunk
+            .iter()
+            .flat_map(|(device, (model, version))| {
+                [
+                    Param::from(device),
+                    Param::from(model),
+                    Param::Int(*version),
+                ]
+            })
+            .collect();
+        for row in connection.fetch(&sql, &params).await? {
             records.insert(
-                (
-                    fixed("stats", &blob(&row, 0)?)?,
-                    (row.try_get::<String, _>(1)?, row.try_get::<i64, _>(2)?),
-                ),
-                decode_applied_record::<StatsRecord>("stats", &blob(&row, 3)?)?,
+                (fixed("stats", &row.blob(0)?)?, (row.text(1)?, row.int(2)?)),
+                decode_applied_record::<StatsRecord>("stats", &row.blob(3)?)?,
             );
         }
     }
@@ -657,22 +658,22 @@ async fn write_stats(
         dialect,
         "INSERT INTO stats (device, model, version, record) VALUES {} \
          ON CONFLICT (device, model, version) DO UPDATE SET record = excluded.record",
-        4,
         &rows,
-        |query, (device, (model, version), record)| {
-            Ok(query
-                .bind(device.to_vec())
-                .bind(model.clone())
-                .bind(*version)
-                .bind(record.clone()))
+        |(device, (model, version), record)| {
+            [
+                Param::from(device),
+                Param::from(model),
+                Param::Int(*version),
+                Param::from(record),
+            ]
         },
     )
     .await
 }
 
 /// Adds each stored batch's shadow comparisons to its device's shadow records.
-async fn write_shadow(
-    connection: &mut AnyConnection,
+async fn write_shadow<S: Statements>(
+    connection: &mut S,
     dialect: Dialect,
     stored: &[(&Plan<'_>, &Batch)],
 ) -> Result<()> {
@@ -701,27 +702,21 @@ async fn write_shadow(
                 ]
             )
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for (device, (target, end, start, model, version)) in chunk {
-            query = query
-                .bind(target.clone())
-                .bind(*end)
-                .bind(*start)
-                .bind(device.to_vec())
-                .bind(model.clone())
-                .bind(*version);
-        }
-        for row in query.fetch_all(&mut *connection).await? {
+        let params: Vec<Param<'_>> = chunk
+            .iter()
+            .flat_map(|(device, key)| shadow_key(device, key))
+            .collect();
+        for row in connection.fetch(&sql, &params).await? {
             let key = (
-                blob(&row, 1)?,
-                row.try_get::<i64, _>(2)?,
-                row.try_get::<i64, _>(3)?,
-                row.try_get::<String, _>(4)?,
-                row.try_get::<i64, _>(5)?,
+                row.blob(1)?,
+                row.int(2)?,
+                row.int(3)?,
+                row.text(4)?,
+                row.int(5)?,
             );
             records.insert(
-                (fixed("shadow", &blob(&row, 0)?)?, key),
-                decode_applied_record::<ShadowRecord>("shadow", &blob(&row, 6)?)?,
+                (fixed("shadow", &row.blob(0)?)?, key),
+                decode_applied_record::<ShadowRecord>("shadow", &row.blob(6)?)?,
             );
         }
     }
@@ -744,26 +739,43 @@ async fn write_shadow(
          active_version, record) VALUES {} ON CONFLICT \
          (target, window_end, window_start, device, active_model, active_version) \
          DO UPDATE SET record = excluded.record",
-        7,
         &rows,
-        |query, (device, (target, end, start, model, version), record)| {
-            Ok(query
-                .bind(target.clone())
-                .bind(*end)
-                .bind(*start)
-                .bind(device.to_vec())
-                .bind(model.clone())
-                .bind(*version)
-                .bind(record.clone()))
+        |(device, key, record)| {
+            let [target, end, start, device, model, version] = shadow_key(device, key);
+            [
+                target,
+                end,
+                start,
+                device,
+                model,
+                version,
+                Param::from(record),
+            ]
         },
     )
     .await
 }
 
+/// The columns of a shadow row's key, in the table's order: target, window end, window start,
+/// device, active model, active version.
+fn shadow_key<'a>(
+    device: &'a [u8; 16],
+    (target, end, start, model, version): &'a ShadowKey,
+) -> [Param<'a>; 6] {
+    [
+        Param::from(target),
+        Param::Int(*end),
+        Param::Int(*start),
+        Param::from(device),
+        Param::from(model),
+        Param::Int(*version),
+    ]
+}
+
 /// Adds each stored batch's dropped records to its device's count, and returns the devices whose
 /// records changed. A batch of a device no longer stored has nowhere to count its drops.
-async fn count_dropped(
-    connection: &mut AnyConnection,
+async fn count_dropped<S: Statements>(
+    connection: &mut S,
     stored: &[(&Plan<'_>, &Batch)],
 ) -> Result<Vec<[u8; 16]>> {
     let mut counted = Vec::new();
@@ -771,18 +783,19 @@ async fn count_dropped(
         if batch.dropped_records == 0 {
             continue;
         }
-        let id = batch.device.to_vec();
-        let row = sqlx::query("SELECT record FROM devices WHERE id = $1")
-            .bind(id.clone())
-            .fetch_optional(&mut *connection)
+        let id = Param::from(&batch.device);
+        let rows = connection
+            .fetch("SELECT record FROM devices WHERE id = $1", &[id])
             .await?;
-        let Some(row) = row else { continue };
-        let (mut record, applied) = super::devices::decode_device(&blob(&row, 0)?)?;
+        let Some(row) = rows.first() else { continue };
+        let (mut record, applied) = super::devices::decode_device(&row.blob(0)?)?;
         record.dropped_records = record.dropped_records.saturating_add(batch.dropped_records);
-        sqlx::query("UPDATE devices SET record = $1 WHERE id = $2")
-            .bind(super::devices::encode_device(&record, applied)?)
-            .bind(id)
-            .execute(&mut *connection)
+        let record = super::devices::encode_device(&record, applied)?;
+        connection
+            .execute(
+                "UPDATE devices SET record = $1 WHERE id = $2",
+                &[Param::from(&record), id],
+            )
             .await?;
         counted.push(batch.device);
     }
@@ -890,5 +903,38 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(60), ended)
             .await
             .expect("the thread for writes ends with the store");
+    }
+
+    /// While a group of an SQLite store runs on its own connection, no other write of the
+    /// store's runs: the group's lease holds sqlx's one write connection until it ends. A
+    /// transaction of sqlx's that read before a group committed would otherwise have its write
+    /// refused (the snapshot it read is stale: "database is locked").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_sqlite_groups_lease_holds_the_stores_other_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let groups = store
+            .groups
+            .as_ref()
+            .expect("an SQLite store has a group thread");
+        let lease = groups.lease(&store.writer).await.unwrap();
+        assert!(
+            store.writer.try_acquire().is_none(),
+            "sqlx's write connection is held while a group runs"
+        );
+        lease.finish(Ok(())).unwrap();
+        // The pool takes its connection back on a task of its own. (Bounded, so a connection
+        // never given back fails the test instead of hanging it.)
+        let given_back = async {
+            loop {
+                if store.writer.try_acquire().is_some() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), given_back)
+            .await
+            .expect("the write connection is given back when the group ends");
     }
 }

@@ -43,6 +43,7 @@ mod retirements;
 mod rollouts;
 mod runtimes;
 pub mod sql;
+mod statements;
 mod stats_hourly;
 mod telemetry;
 #[cfg(test)]
@@ -95,6 +96,11 @@ pub enum StoreError {
     /// The thread an SQLite store's groups of writes run on could not start (see `group`).
     #[error("cannot start the store's thread for writes: {0}")]
     GroupThread(std::io::Error),
+    /// An SQLite store's connection for its groups of writes failed (see `statements`).
+    #[error("database error: {0}")]
+    Direct(String),
+    #[error("the store is closed")]
+    Closed,
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -239,11 +245,9 @@ impl Store {
             ingest: Arc::default(),
             markers_kept_for: Arc::new(AtomicU64::new(u64::MAX)),
             signed: Arc::default(),
-            groups: match dialect {
-                Dialect::Sqlite => Some(Arc::new(
-                    group::GroupThread::start().map_err(StoreError::GroupThread)?,
-                )),
-                Dialect::Postgres => None,
+            groups: match database {
+                Database::Sqlite(path) => Some(Arc::new(group::GroupThread::start(path)?)),
+                Database::Postgres(_) => None,
             },
             rollout_lock: Arc::default(),
             _lock: connected.lock.map(Arc::new),
@@ -289,6 +293,9 @@ impl Store {
     /// Closes the store's connections, after a last flush.
     pub async fn close(&self) -> Result<()> {
         self.flush().await?;
+        if let Some(groups) = &self.groups {
+            groups.close().await;
+        }
         self.writer.close().await;
         self.pool.close().await;
         Ok(())

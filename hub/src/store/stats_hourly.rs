@@ -23,10 +23,10 @@
 //! [`label_group`]: super::drift_hourly::label_group
 //! [`hour_of`]: super::drift_hourly::hour_of
 
+use super::statements::{Param, Statements};
 use outpost_protocol::Label;
-use sqlx::AnyConnection;
 
-use super::drift_hourly::{group_labels, hours_since, read_hour_locked, HourKey};
+use super::drift_hourly::{group_labels, hours_since, read_hour_locked, with_hour_key, HourKey};
 use super::sql::for_update;
 use super::*;
 
@@ -51,8 +51,8 @@ impl StoredHourlyStats {
 /// Adds a group of batches' counters to their hourly rows, one read-modify-write per entry of
 /// `hours` (a row's key and label group, with what the group adds to it), in their order, within
 /// the group's transaction `connection`.
-pub(super) async fn add_hourly_stats(
-    connection: &mut AnyConnection,
+pub(super) async fn add_hourly_stats<S: Statements>(
+    connection: &mut S,
     dialect: Dialect,
     hours: BTreeMap<(HourKey, &str), StatsRecord>,
 ) -> Result<()> {
@@ -60,19 +60,16 @@ pub(super) async fn add_hourly_stats(
         let stored = match read_locked(connection, dialect, &key, label_group).await? {
             Some(stored) => stored,
             None => {
-                let inserted = sqlx::query(
-                    "INSERT INTO stats_hourly (model, version, hour, label_group, record) \
-                     VALUES ($1, $2, $3, $4, $5) \
-                     ON CONFLICT (model, version, hour, label_group) DO NOTHING",
-                )
-                .bind(key.0.clone())
-                .bind(key.1)
-                .bind(key.2)
-                .bind(label_group.to_owned())
-                .bind(encode("stats_hourly", &added)?)
-                .execute(&mut *connection)
-                .await?;
-                if inserted.rows_affected() == 1 {
+                let record = encode("stats_hourly", &added)?;
+                let inserted = connection
+                    .execute(
+                        "INSERT INTO stats_hourly (model, version, hour, label_group, record) \
+                         VALUES ($1, $2, $3, $4, $5) \
+                         ON CONFLICT (model, version, hour, label_group) DO NOTHING",
+                        &with_hour_key(&key, label_group, [Param::from(&record)]),
+                    )
+                    .await?;
+                if inserted == 1 {
                     continue;
                 }
                 // Another batch of the group created it meanwhile (on PostgreSQL this insert
@@ -91,24 +88,21 @@ pub(super) async fn add_hourly_stats(
         };
         let mut record: StatsRecord = decode("stats_hourly", &stored)?;
         record.add(added.count, added.errors, &added.latency_buckets);
-        sqlx::query(
-            "UPDATE stats_hourly SET record = $5 \
-             WHERE model = $1 AND version = $2 AND hour = $3 AND label_group = $4",
-        )
-        .bind(key.0)
-        .bind(key.1)
-        .bind(key.2)
-        .bind(label_group.to_owned())
-        .bind(encode("stats_hourly", &record)?)
-        .execute(&mut *connection)
-        .await?;
+        let record = encode("stats_hourly", &record)?;
+        connection
+            .execute(
+                "UPDATE stats_hourly SET record = $5 \
+                 WHERE model = $1 AND version = $2 AND hour = $3 AND label_group = $4",
+                &with_hour_key(&key, label_group, [Param::from(&record)]),
+            )
+            .await?;
     }
     Ok(())
 }
 
 /// A row's record, locked until the transaction ends on PostgreSQL; none when it is not stored.
-async fn read_locked(
-    connection: &mut AnyConnection,
+async fn read_locked<S: Statements>(
+    connection: &mut S,
     dialect: Dialect,
     key: &HourKey,
     label_group: &str,
@@ -118,7 +112,7 @@ async fn read_locked(
          AND label_group = $4"
     );
     let row = read_hour_locked(connection, dialect, query, key, label_group).await?;
-    row.map(|row| blob(&row, 0)).transpose()
+    row.map(|row| row.blob(0)).transpose()
 }
 
 impl Store {

@@ -84,6 +84,7 @@ on_both_engines!(
     a_stale_read_written_back_loses_nobody_elses_change,
     the_latest_requests_of_a_device_refuse_their_replays_and_older_ones_only,
     a_committed_report_updates_its_own_model_only,
+    writes_beside_groups_take_turns_and_lose_nothing,
     a_token_with_one_use_left_enrolls_one_device_of_many_at_once,
     audit_entries_appended_at_once_form_one_chain,
     roots_manifests_rollouts_and_retirements_read_back_in_order,
@@ -493,7 +494,17 @@ async fn each_batch_of_a_group_keeps_its_own_verdict(store: &Store) {
     );
     let before = hourly_of(&store.drift_hourly("demo", 1, 0).await.unwrap())[0].4;
 
-    let writer = store.writer.acquire().await.unwrap();
+    // Holds up the first batch's group: its key, written and not yet committed, which the
+    // group's own insert of it waits for (on SQLite, for the one writer; on PostgreSQL, for the
+    // key's row), so the group stays running while the rest queue.
+    let mut holding = store.writer.begin().await.unwrap();
+    sqlx::query("INSERT INTO telemetry_seen (device, sequence, stored_at) VALUES ($1, $2, $3)")
+        .bind(vec![36u8; 16])
+        .bind(1i64)
+        .bind(10i64)
+        .execute(&mut *holding)
+        .await
+        .unwrap();
     let taken = store.ingest.taken();
     let first = tokio::spawn({
         let store = store.clone();
@@ -504,7 +515,7 @@ async fn each_batch_of_a_group_keeps_its_own_verdict(store: &Store) {
                 .await
         }
     });
-    // The first batch's group is waiting on the writer; the rest queue behind it as one group.
+    // The first batch's group is held up; the rest queue behind it as one group.
     while store.ingest.taken() == taken {
         tokio::task::yield_now().await;
     }
@@ -521,7 +532,7 @@ async fn each_batch_of_a_group_keeps_its_own_verdict(store: &Store) {
         while store.ingest.waiting() < 5 {
             tokio::task::yield_now().await;
         }
-        drop(writer);
+        holding.rollback().await.unwrap();
     };
     let ((dup_v, late_v, bad_v, good_v, also_v), ()) = tokio::join!(rest, release);
     assert_eq!(first.await.unwrap().unwrap(), Ingested::Stored);
@@ -1300,6 +1311,66 @@ fn running(name: &str, version: u64) -> RunningRecord {
         name: name.to_owned(),
         version,
         manifest_sha256: [version as u8; 32],
+    }
+}
+
+/// The store's other writes and its groups of writes take turns: devices report their status and
+/// send telemetry at once, and nothing fails, and every write counts. (On SQLite the groups run
+/// on a connection of their own, and a status report's transaction reads the device's record,
+/// then writes it: a group committed in between would fail it. `ingest`'s test of the groups'
+/// lease proves the turns are kept; this, that the writes of both kinds add up.)
+async fn writes_beside_groups_take_turns_and_lose_nothing(store: &Store) {
+    const DEVICES: u8 = 8;
+    const ROUNDS: u64 = 40;
+    let mut tasks = Vec::new();
+    for device in 0..DEVICES {
+        let id = [device; 16];
+        store
+            .put_device(&DeviceRecord::enrolled_for_tests(id, [1; 32], Vec::new()))
+            .await
+            .unwrap();
+        let telemetry = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for sequence in 1..=ROUNDS {
+                let verdict = telemetry
+                    .ingest_telemetry(&id, &[], sequence, &[], 1, 10)
+                    .await
+                    .unwrap();
+                assert_eq!(verdict, Ingested::Stored);
+            }
+        }));
+        let reports = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for version in 1..=ROUNDS {
+                let event = EventRecord {
+                    at: version,
+                    kind: "committed".to_owned(),
+                    plan_sequence: None,
+                    model: None,
+                    detail: String::new(),
+                };
+                let model = running("iris", version);
+                reports
+                    .record_status(&id, None, None, &event, Some(&model))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for device in 0..DEVICES {
+        let record = store.device(&[device; 16]).await.unwrap().unwrap();
+        assert_eq!(
+            (record.dropped_records, record.models.as_slice()),
+            (ROUNDS, [running("iris", ROUNDS)].as_slice()),
+            "device {device}"
+        );
+        assert_eq!(
+            store.events(&[device; 16], 1000).await.unwrap().len(),
+            ROUNDS as usize
+        );
     }
 }
 
