@@ -464,6 +464,20 @@ fn a_fallback_below_a_version_committed_under_an_earlier_plan_is_refused() {
 #[test]
 fn status_reports_refused_as_stale_are_kept_and_delivered_later() {
     let (hub, fleet, proxy, agent) = serving_v1_via_proxy("");
+    // demo@1's reports reach the hub first: the agent serves demo@1 before its "committed"
+    // report is out, and a report kept waiting holds each sync back before its check-in, so
+    // one refused from here on would keep demo@2 from ever being learnt of.
+    wait_until(AGENT_WAIT, "demo@1's reports to reach the hub", || {
+        agent
+            .hub_detail(&hub)
+            .events
+            .into_iter()
+            .any(|event| {
+                event.kind == "committed"
+                    && event.model.as_ref().is_some_and(|model| model.version == 1)
+            })
+            .then_some(())
+    });
     let refusing = Arc::new(AtomicBool::new(true));
     {
         let refusing = refusing.clone();
