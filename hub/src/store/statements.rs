@@ -32,12 +32,6 @@ pub(super) enum Param<'a> {
     Blob(&'a [u8]),
 }
 
-impl From<i64> for Param<'_> {
-    fn from(value: i64) -> Self {
-        Param::Int(value)
-    }
-}
-
 impl<'a> From<&'a str> for Param<'a> {
     fn from(value: &'a str) -> Self {
         Param::Text(value)
@@ -47,12 +41,6 @@ impl<'a> From<&'a str> for Param<'a> {
 impl<'a> From<&'a String> for Param<'a> {
     fn from(value: &'a String) -> Self {
         Param::Text(value)
-    }
-}
-
-impl<'a> From<&'a [u8]> for Param<'a> {
-    fn from(value: &'a [u8]) -> Self {
-        Param::Blob(value)
     }
 }
 
