@@ -183,25 +183,58 @@ impl Store {
         .bind(record.model.clone())
         .bind(encode("alert_rules", record)?)
         .execute(&self.writer)
-        .await?;
-        Ok(written.rows_affected() == 1)
+        .await;
+        // Forgotten whatever the answer: an error may come after the row is in.
+        self.rules_written();
+        Ok(written?.rows_affected() == 1)
     }
 
-    /// Every rule, by name; of one model only when `model` is given.
+    /// Every rule, by name; of one model only when `model` is given. On a store no other hub
+    /// shares, from memory once read (see `cache`).
     pub async fn alert_rules(&self, model: Option<&str>) -> Result<Vec<AlertRuleRecord>> {
-        let query = match model {
-            Some(model) => {
-                sqlx::query("SELECT record FROM alert_rules WHERE model = $1 ORDER BY name")
-                    .bind(model.to_owned())
-            }
-            None => sqlx::query("SELECT record FROM alert_rules ORDER BY name"),
+        let Some(cache) = &self.rules_cache else {
+            let query = match model {
+                Some(model) => {
+                    sqlx::query("SELECT record FROM alert_rules WHERE model = $1 ORDER BY name")
+                        .bind(model.to_owned())
+                }
+                None => sqlx::query("SELECT record FROM alert_rules ORDER BY name"),
+            };
+            return query
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|row| decode("alert_rules", &blob(row, 0)?))
+                .collect();
         };
-        query
-            .fetch_all(&self.pool)
-            .await?
+        let rules = match cache.get() {
+            Some(rules) => rules,
+            None => {
+                let generation = cache.generation();
+                let rules: Vec<AlertRuleRecord> =
+                    sqlx::query("SELECT record FROM alert_rules ORDER BY name")
+                        .fetch_all(&self.pool)
+                        .await?
+                        .iter()
+                        .map(|row| decode("alert_rules", &blob(row, 0)?))
+                        .collect::<Result<_>>()?;
+                let rules = Arc::new(rules);
+                cache.fill(rules.clone(), generation);
+                rules
+            }
+        };
+        Ok(rules
             .iter()
-            .map(|row| decode("alert_rules", &blob(row, 0)?))
-            .collect()
+            .filter(|rule| model.is_none_or(|model| rule.model == model))
+            .cloned()
+            .collect())
+    }
+
+    /// Forgets the cached rules after a write of one committed.
+    fn rules_written(&self) {
+        if let Some(cache) = &self.rules_cache {
+            cache.written();
+        }
     }
 
     /// Removes a rule and its alerts' states, in one transaction; false when there is none.
@@ -216,7 +249,9 @@ impl Store {
             .bind(name.to_owned())
             .execute(&mut *transaction)
             .await?;
-        transaction.commit().await?;
+        let committed = transaction.commit().await;
+        self.rules_written();
+        committed?;
         Ok(deleted.rows_affected() == 1)
     }
 

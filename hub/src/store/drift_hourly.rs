@@ -149,12 +149,92 @@ fn decode_hourly(bytes: &[u8]) -> Result<(DriftSummary, u64)> {
     Ok((summary, record.parts))
 }
 
+/// Aggregates kept at most by [`DecodedHours`]: past the hours of many model versions and label
+/// groups that one hub's groups merge into at a time.
+const DECODED_HOURS: usize = 64;
+
+/// The aggregates this store last wrote, with their summaries decoded: under load each group
+/// reads back, byte for byte, what the group before it wrote, and decoding a 100-feature summary
+/// again was a tenth of a group's work. A row read is used decoded only when its bytes are the
+/// ones kept, so one another hub wrote, or a group rolled back, is decoded as read.
+#[derive(Debug, Default)]
+pub(super) struct DecodedHours {
+    entries: std::sync::Mutex<std::collections::HashMap<(HourKey, String), Decoded>>,
+}
+
+#[derive(Debug)]
+struct Decoded {
+    record: Vec<u8>,
+    summary: DriftSummary,
+    uploads: u64,
+}
+
+impl DecodedHours {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(HourKey, String), Decoded>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The summary and uploads of the aggregate `key` whose stored record is `record`: taken
+    /// from what was kept when it is that record, decoded otherwise.
+    fn take_or_decode(
+        &self,
+        key: &HourKey,
+        label_group: &str,
+        record: &[u8],
+    ) -> Result<(DriftSummary, u64)> {
+        let kept = {
+            let mut entries = self.lock();
+            let entry = (key.clone(), label_group.to_owned());
+            match entries.get(&entry) {
+                Some(kept) if kept.record == record => entries.remove(&entry),
+                _ => None,
+            }
+        };
+        match kept {
+            Some(kept) => Ok((kept.summary, kept.uploads)),
+            None => decode_hourly(record),
+        }
+    }
+
+    /// Keeps `summary` as what `record`, just written for `key`, decodes to.
+    fn keep(
+        &self,
+        key: &HourKey,
+        label_group: &str,
+        record: Vec<u8>,
+        summary: DriftSummary,
+        uploads: u64,
+    ) {
+        let mut entries = self.lock();
+        let entry = (key.clone(), label_group.to_owned());
+        if entries.len() >= DECODED_HOURS && !entries.contains_key(&entry) {
+            // Any one goes: this only saves decoding.
+            if let Some(evicted) = entries.keys().next().cloned() {
+                entries.remove(&evicted);
+            }
+        }
+        entries.insert(
+            entry,
+            Decoded {
+                record,
+                summary,
+                uploads,
+            },
+        );
+    }
+}
+
 /// Merges a group of batches' drift summaries into their aggregates, one read-modify-write per
 /// entry of `hours` (an aggregate's key and label group), in their order, within the group's
-/// transaction `connection`.
+/// transaction `connection`, decoding only what `decoded` does not hold.
 pub(super) async fn merge_hourly<S: Statements>(
     connection: &mut S,
     dialect: Dialect,
+    decoded: &DecodedHours,
     hours: BTreeMap<(HourKey, &str), HourParts<'_>>,
     now: u64,
 ) -> Result<()> {
@@ -185,10 +265,10 @@ pub(super) async fn merge_hourly<S: Statements>(
         let stored = match read_locked(connection, dialect, &key, label_group).await? {
             Some(stored) => Some(stored),
             None => {
-                let Some(merged) = &share.merged else {
+                let Some(merged) = share.merged.take() else {
                     continue;
                 };
-                let record = match encode_hourly(merged, share.uploads, now) {
+                let record = match encode_hourly(&merged, share.uploads, now) {
                     Ok(record) => record,
                     Err(reason) => {
                         log::warn!(
@@ -219,8 +299,10 @@ pub(super) async fn merge_hourly<S: Statements>(
                     )
                     .await?;
                 if inserted == 1 {
+                    decoded.keep(&key, label_group, record, merged, share.uploads);
                     continue;
                 }
+                share.merged = Some(merged);
                 // Another batch of the group created it meanwhile (on PostgreSQL this insert
                 // waited for that batch to commit): merge into what it wrote.
                 read_locked(connection, dialect, &key, label_group).await?
@@ -235,7 +317,8 @@ pub(super) async fn merge_hourly<S: Statements>(
                 ),
             });
         };
-        let (mut summary, uploads) = decode_hourly(&bytes)?;
+        let (mut summary, uploads) = decoded.take_or_decode(&key, label_group, &bytes)?;
+        let uploads = uploads.saturating_add(share.uploads);
         let mut left_out = left_out.saturating_add(share.left_out);
         let mut record = None;
         let mut devices = devices;
@@ -243,7 +326,7 @@ pub(super) async fn merge_hourly<S: Statements>(
             let merged = summary
                 .merge(merged)
                 .map_err(|error| error.to_string())
-                .and_then(|()| encode_hourly(&summary, uploads.saturating_add(share.uploads), now));
+                .and_then(|()| encode_hourly(&summary, uploads, now));
             match merged {
                 Ok(bytes) => {
                     record = Some(bytes);
@@ -289,6 +372,11 @@ pub(super) async fn merge_hourly<S: Statements>(
             ),
         };
         connection.execute(query, &params).await?;
+        drop(params);
+        // A summary whose merge failed may be half-merged: only a written one is kept.
+        if let Some(record) = record {
+            decoded.keep(&key, label_group, record, summary, uploads);
+        }
     }
     Ok(())
 }

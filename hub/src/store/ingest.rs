@@ -48,25 +48,26 @@ impl Batch {
         device: &[u8; 16],
         labels: &[Label],
         sequence: u64,
-        windows: &[WindowInput],
+        windows: Vec<WindowInput>,
         dropped_records: u64,
         now: u64,
     ) -> Batch {
+        let frames = windows
+            .iter()
+            .map(|window| {
+                let summary = window.drift.as_ref()?;
+                outpost_protocol::encode(summary).ok()
+            })
+            .collect();
         Batch {
             device: *device,
             label_group: label_group(labels),
             sequence,
-            windows: windows.to_vec(),
+            windows,
             dropped_records,
             now,
             signed: None,
-            frames: windows
-                .iter()
-                .map(|window| {
-                    let summary = window.drift.as_ref()?;
-                    outpost_protocol::encode(summary).ok()
-                })
-                .collect(),
+            frames,
         }
     }
 }
@@ -109,20 +110,28 @@ impl Store {
         dropped_records: u64,
         now: u64,
     ) -> Result<Ingested> {
-        let batch = Batch::new(device, labels, sequence, windows, dropped_records, now);
+        let batch = Batch::new(
+            device,
+            labels,
+            sequence,
+            windows.to_vec(),
+            dropped_records,
+            now,
+        );
         self.ingest_batch(batch).await
     }
 
     /// [`Store::ingest_telemetry`] of the batch `request` carried, noting the request as
     /// [`Store::note_signed_at`] does in the same transaction. The batch and the note are durable
     /// when this returns, with no [`Store::flush`] of the caller's: one pass through the writer
-    /// where a note and a group took two, and the sync is shared with other callers.
+    /// where a note and a group took two, and the sync is shared with other callers. The windows
+    /// are taken, not copied: their summaries are most of a batch.
     pub async fn ingest_signed_telemetry(
         &self,
         request: &SignedRequest,
         labels: &[Label],
         sequence: u64,
-        windows: &[WindowInput],
+        windows: Vec<WindowInput>,
         dropped_records: u64,
         now: u64,
     ) -> Result<Ingested> {
@@ -377,7 +386,7 @@ impl Store {
         }
         if !hours.is_empty() {
             let now = stored.iter().map(|(_, batch)| batch.now).max().unwrap_or(0);
-            merge_hourly(transaction, self.dialect, hours, now).await?;
+            merge_hourly(transaction, self.dialect, &self.decoded_hours, hours, now).await?;
         }
         // After the drift aggregates, so that every group takes the shared rows' locks in one
         // order.

@@ -184,6 +184,10 @@ pub struct Store {
     newest_root: Arc<AtomicU64>,
     /// Recently read device records, on a store no other hub shares; see `cache`.
     devices_cache: Option<Arc<cache::DeviceCache>>,
+    /// The alert rules, on a store no other hub shares; see `cache`.
+    rules_cache: Option<Arc<cache::RulesCache>>,
+    /// The drift aggregates last written, decoded; see `drift_hourly`.
+    decoded_hours: Arc<drift_hourly::DecodedHours>,
     /// Telemetry batches waiting to be stored in a group; see `ingest`.
     ingest: Arc<ingest::IngestQueue>,
     /// Seconds a device's telemetry batch markers are kept (`u64::MAX`: for good); see
@@ -242,6 +246,8 @@ impl Store {
             flush_done: Arc::new(AtomicU64::new(0)),
             newest_root: Arc::default(),
             devices_cache: (dialect == Dialect::Sqlite).then(Arc::default),
+            rules_cache: (dialect == Dialect::Sqlite).then(Arc::default),
+            decoded_hours: Arc::default(),
             ingest: Arc::default(),
             markers_kept_for: Arc::new(AtomicU64::new(u64::MAX)),
             signed: Arc::default(),

@@ -2114,20 +2114,48 @@ async fn rollout_changes_take_turns(store: &Store) {
     drop(store.lock_rollouts().await.unwrap());
 }
 
+/// Two stores on one PostgreSQL database, as two hubs, merging into one drift aggregate in
+/// turns: each merges into what the other wrote, not into what it wrote itself last (which it
+/// keeps decoded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_sharing_a_database_merge_into_each_others_aggregates() {
+    let engine = postgres().await;
+    let other = second_hub(&engine).await;
+    let profile = profile();
+    let (this, that) = (ingester(&engine.store), ingester(&other));
+    for (ingest, device) in [(&this, 1), (&this, 2), (&that, 3), (&this, 4), (&that, 5)] {
+        let windows = vec![window(summary(&profile, 3600, &[f64::from(device)]))];
+        assert_eq!(
+            ingest([device; 16], Vec::new(), 1, windows).await,
+            Ingested::Stored
+        );
+    }
+    for store in [&engine.store, &other] {
+        assert_eq!(
+            hourly_of(&store.drift_hourly("demo", 1, 0).await.unwrap()),
+            [(7200, "", 5, 5, 5, 0)]
+        );
+    }
+}
+
+/// A second store on the PostgreSQL database `postgres()` made for `engine`'s, as a second hub.
+async fn second_hub(engine: &Engine) -> Store {
+    let server = engine._server.as_ref().unwrap();
+    Store::connect(&Database::Postgres(format!(
+        "postgres://outpost@127.0.0.1:{}/hub",
+        server.port()
+    )))
+    .await
+    .unwrap()
+}
+
 /// Two stores on one PostgreSQL database, as two hubs: a root one stores reaches the other's
 /// check-ins once it refreshes (every tick), and a device record one writes is what the other
 /// reads next (nothing of them is cached on a shared store).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hubs_sharing_a_database_see_each_others_roots_and_devices() {
     let engine = postgres().await;
-    let server = engine._server.as_ref().unwrap();
-    // The database `postgres()` made for the first store.
-    let other = Store::connect(&Database::Postgres(format!(
-        "postgres://outpost@127.0.0.1:{}/hub",
-        server.port()
-    )))
-    .await
-    .unwrap();
+    let other = second_hub(&engine).await;
     let store = &engine.store;
     store.put_root(1, b"one").await.unwrap();
     other.refresh().await.unwrap();
@@ -2200,6 +2228,82 @@ async fn a_cached_device_record_is_never_read_stale() {
         .unwrap();
     assert!(written.revoked && written.dropped_records == 4);
     assert_eq!(store.device(&DEVICE).await.unwrap().unwrap(), written);
+}
+
+fn alert_rule(name: &str, model: &str) -> AlertRuleRecord {
+    AlertRuleRecord {
+        name: name.to_owned(),
+        model: model.to_owned(),
+        selector: Vec::new(),
+        condition: "psi > 0.2".to_owned(),
+        hold_secs: 0,
+        window_secs: 3600,
+        webhooks: Vec::new(),
+        created: 1,
+        created_by: "admin".to_owned(),
+    }
+}
+
+on_both_engines!(alert_rules_read_after_a_write_are_what_it_left);
+
+/// Reads of the rules, all or a model's, see every add and removal before them (on SQLite they
+/// are served from memory once read).
+async fn alert_rules_read_after_a_write_are_what_it_left(store: &Store) {
+    let names = |rules: Vec<AlertRuleRecord>| -> Vec<String> {
+        rules.into_iter().map(|rule| rule.name).collect()
+    };
+    assert!(store.alert_rules(Some("iris")).await.unwrap().is_empty());
+    assert!(store
+        .add_alert_rule(&alert_rule("b", "iris"))
+        .await
+        .unwrap());
+    assert_eq!(names(store.alert_rules(Some("iris")).await.unwrap()), ["b"]);
+    assert!(store.add_alert_rule(&alert_rule("c", "vad")).await.unwrap());
+    assert!(store
+        .add_alert_rule(&alert_rule("a", "iris"))
+        .await
+        .unwrap());
+    assert!(!store.add_alert_rule(&alert_rule("a", "vad")).await.unwrap());
+    assert_eq!(
+        names(store.alert_rules(Some("iris")).await.unwrap()),
+        ["a", "b"]
+    );
+    assert_eq!(names(store.alert_rules(Some("vad")).await.unwrap()), ["c"]);
+    assert_eq!(
+        names(store.alert_rules(None).await.unwrap()),
+        ["a", "b", "c"]
+    );
+    assert!(store.delete_alert_rule("b").await.unwrap());
+    assert!(!store.delete_alert_rule("b").await.unwrap());
+    assert_eq!(names(store.alert_rules(Some("iris")).await.unwrap()), ["a"]);
+    assert_eq!(
+        store.alert_rules(None).await.unwrap(),
+        [alert_rule("a", "iris"), alert_rule("c", "vad")]
+    );
+}
+
+/// On SQLite, the rules are read once until a rule is written; a read that began before a write
+/// does not put what it read back after it.
+#[tokio::test]
+async fn cached_alert_rules_are_never_read_stale() {
+    let engine = sqlite().await;
+    let store = &engine.store;
+    let cache = store.rules_cache.as_ref().unwrap();
+    store.alert_rules(Some("iris")).await.unwrap();
+    assert_eq!(cache.get().as_deref(), Some(&Vec::new()));
+    assert!(store
+        .add_alert_rule(&alert_rule("a", "iris"))
+        .await
+        .unwrap());
+    assert!(cache.get().is_none());
+    // A read begun before the write, answering after it.
+    let before = cache.generation();
+    store.alert_rules(None).await.unwrap();
+    assert!(cache.get().is_some());
+    assert!(store.delete_alert_rule("a").await.unwrap());
+    cache.fill(Arc::new(vec![alert_rule("a", "iris")]), before);
+    assert!(cache.get().is_none());
+    assert!(store.alert_rules(Some("iris")).await.unwrap().is_empty());
 }
 
 on_both_engines!(

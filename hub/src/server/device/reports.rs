@@ -2,7 +2,7 @@
 //! rollout and its events, runtime reports (`/device/v3/runtimes`), which inference runtime
 //! serves each model it runs, and telemetry batches (`/device/v1/telemetry`) of inference windows.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -263,13 +263,15 @@ pub(super) async fn telemetry(
             shadow: window.shadow.clone(),
         });
     }
+    let stored_windows = windows.len() as u64;
+    let models: BTreeSet<String> = windows.iter().map(|window| window.model.clone()).collect();
     let ingested = hub
         .store
         .ingest_signed_telemetry(
             &signed,
             &crate::server::fleet::labels_of(&device),
             batch.sequence,
-            &windows,
+            windows,
             batch.dropped_records,
             now,
         )
@@ -306,11 +308,10 @@ pub(super) async fn telemetry(
         Metrics::bump(&hub.metrics.telemetry_duplicates, 1);
     } else {
         Metrics::bump(&hub.metrics.telemetry_batches, 1);
-        Metrics::bump(&hub.metrics.telemetry_windows, windows.len() as u64);
+        Metrics::bump(&hub.metrics.telemetry_windows, stored_windows);
         Metrics::bump(&hub.metrics.telemetry_windows_skipped, skipped);
         // The models' alert rules are evaluated off this request, on what is now stored.
-        hub.alerts
-            .touch(windows.iter().map(|window| window.model.clone()));
+        hub.alerts.touch(models);
     }
     reply(&TelemetryAck {
         sequence: batch.sequence,
