@@ -155,8 +155,8 @@ const DECODED_HOURS: usize = 64;
 
 /// The aggregates this store last wrote, with their summaries decoded: under load each group
 /// reads back, byte for byte, what the group before it wrote, and decoding a 100-feature summary
-/// again was a tenth of a group's work. A row read is used decoded only when its bytes are the
-/// ones kept, so one another hub wrote, or a group rolled back, is decoded as read.
+/// again was about a twelfth of a group's work. A row read is used decoded only when its bytes
+/// are the ones kept, so one another hub wrote, or a group rolled back, is decoded as read.
 #[derive(Debug, Default)]
 pub(super) struct DecodedHours {
     entries: std::sync::Mutex<std::collections::HashMap<(HourKey, String), Decoded>>,
