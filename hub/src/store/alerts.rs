@@ -200,25 +200,16 @@ impl Store {
                 }
                 None => sqlx::query("SELECT record FROM alert_rules ORDER BY name"),
             };
-            return query
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|row| decode("alert_rules", &blob(row, 0)?))
-                .collect();
+            return decode_rules(&query.fetch_all(&self.pool).await?);
         };
         let rules = match cache.get() {
             Some(rules) => rules,
             None => {
                 let generation = cache.generation();
-                let rules: Vec<AlertRuleRecord> =
-                    sqlx::query("SELECT record FROM alert_rules ORDER BY name")
-                        .fetch_all(&self.pool)
-                        .await?
-                        .iter()
-                        .map(|row| decode("alert_rules", &blob(row, 0)?))
-                        .collect::<Result<_>>()?;
-                let rules = Arc::new(rules);
+                let rows = sqlx::query("SELECT record FROM alert_rules ORDER BY name")
+                    .fetch_all(&self.pool)
+                    .await?;
+                let rules = Arc::new(decode_rules(&rows)?);
                 cache.fill(rules.clone(), generation);
                 rules
             }
@@ -537,4 +528,11 @@ impl Store {
         .await?;
         Ok(moved.rows_affected() == 1)
     }
+}
+
+/// The alert rules the rows of a query of `alert_rules`' records hold.
+fn decode_rules(rows: &[AnyRow]) -> Result<Vec<AlertRuleRecord>> {
+    rows.iter()
+        .map(|row| decode("alert_rules", &blob(row, 0)?))
+        .collect()
 }
