@@ -10,7 +10,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use outpost_protocol::auth::RequestToSign;
 use outpost_protocol::device::{CheckIn, CheckInResponse, TelemetryBatch};
-use outpost_protocol::drift::{assess, FeatureSummary};
+use outpost_protocol::drift::{assess, DriftSummary, FeatureSummary};
 use outpost_protocol::keys::SignatureBytes;
 use outpost_protocol::{decode, encode, verify_batch, BatchItem, Message, PreparedKey, SecretKey};
 
@@ -63,6 +63,15 @@ fn envelope(c: &mut Criterion) {
     response.roots.clear();
     framing::<CheckInResponse>(c, "check_in_response_plan_manifest", &response);
     framing::<TelemetryBatch>(c, "telemetry_batch_100", &telemetry_batch(100));
+    // The summary a device sends with each window and the hub stores and merges: 100 numeric
+    // features, the shape of the hub's load benchmark.
+    let mut profile = drift_profile_with(100, 1_000);
+    profile.classes.clear();
+    framing::<DriftSummary>(
+        c,
+        "drift_summary_100",
+        &drift_summary_of(&profile, 1_000, 0, 2),
+    );
 }
 
 /// A device summarises every value its model sees, so `observe_f32` must keep up with inference

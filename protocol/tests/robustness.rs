@@ -472,10 +472,10 @@ fn huge_length_prefixes_are_refused_without_large_allocations() {
         "decoding hostile frames requested a single allocation of {peak} bytes"
     );
 
-    // A length that still fits in the bytes left is never taken as a capacity hint (envelope's
-    // `NoPreallocation` flavor withholds it), so a 48 KiB frame claiming ~48,000 keys allocates
-    // only as the keys actually present decode: at most about twice the frame, never serde's
-    // 1 MiB pre-allocation ceiling.
+    // A length past 128 elements is never taken as a capacity hint, even when it fits in the
+    // bytes left (envelope's `CautiousHints` flavor withholds it), so a 48 KiB frame claiming
+    // ~48,000 keys allocates only as the keys actually present decode: at most about twice the
+    // frame, never serde's 1 MiB pre-allocation ceiling.
     let mut keys_claimed = header(MessageKind::RootBody);
     keys_claimed.extend_from_slice(&[1, 1, 2, 1, 0xc0, 0xb8, 0x02]);
     keys_claimed.resize(RootBody::MAX_FRAME, 0x07);
