@@ -38,7 +38,9 @@ macro_rules! fuzz_decode {
     };
 }
 
-/// Decodes a telemetry batch and checks each window's shadow report as the hub does.
+/// Decodes a telemetry batch, checks each window's shadow report as the hub does, and cuts its
+/// drift summaries' frames out of it as the hub does: a frame cut must be the summary's own
+/// encoding, byte for byte, or the hub would store a record that is not the summary it checked.
 pub fn decode_telemetry_batch(frame: &[u8]) {
     if let Ok(batch) = outpost_protocol::decode::<outpost_protocol::device::TelemetryBatch>(frame) {
         for report in batch
@@ -47,6 +49,25 @@ pub fn decode_telemetry_batch(frame: &[u8]) {
             .filter_map(|window| window.shadow.as_ref())
         {
             let _ = report.validate();
+        }
+        if let Some(cut) = batch.drift_frames(frame) {
+            assert_eq!(cut.len(), batch.windows.len());
+            for (window, cut) in batch.windows.iter().zip(cut) {
+                match (&window.drift, cut) {
+                    (None, None) => {}
+                    (Some(summary), Some(cut)) => {
+                        // A summary over its own cap does not encode; the hub refuses it.
+                        if let Ok(own) = encode(summary) {
+                            assert_eq!(own, cut, "a drift frame cut from a batch");
+                        }
+                    }
+                    (drift, cut) => panic!(
+                        "summary {} but frame {}",
+                        drift.is_some(),
+                        cut.is_some()
+                    ),
+                }
+            }
         }
     }
 }

@@ -265,6 +265,52 @@ fn telemetry_batch_round_trips() {
     assert_round_trip(&telemetry_batch(0));
 }
 
+/// The hub stores each window's drift summary as its own frame, cut from the batch's frame: the
+/// cut must be exactly the summary's encoding, wherever the summary sits among the windows.
+#[test]
+fn drift_frames_cut_from_a_batch_are_the_summaries_own_frames() {
+    let profile = drift_profile();
+    let mut batch = telemetry_batch(7);
+    // Summaries on the first and last windows, on shadow windows (2 and 5) and not on others,
+    // one of them empty.
+    for (index, hour) in [(0, 0), (2, 1), (3, 2), (5, 3), (6, 4)] {
+        let rows = if index == 3 { 0 } else { 300 };
+        batch.windows[index].drift = Some(drift_summary_of(&profile, rows, hour, index as u64));
+    }
+    let frame = encode(&batch).expect("sample batch encodes");
+    let decoded: TelemetryBatch = decode(&frame).expect("own frame decodes");
+    let expected: Vec<Option<Vec<u8>>> = decoded
+        .windows
+        .iter()
+        .map(|window| {
+            let summary = window.drift.as_ref()?;
+            Some(encode(summary).expect("sample summary encodes"))
+        })
+        .collect();
+    assert_eq!(decoded.drift_frames(&frame), Some(expected));
+    assert_eq!(
+        telemetry_batch(0).drift_frames(&encode(&telemetry_batch(0)).unwrap()),
+        Some(vec![])
+    );
+
+    // The sequence's varint written a byte longer than it needs: postcard reads it as the same
+    // batch, but the positions no longer hold, so there is nothing to cut.
+    let body = &frame[HEADER_LEN..];
+    assert_eq!(&body[..2], &[0xd2, 0x09], "sequence 1,234 as a varint");
+    let mut longer = frame[..HEADER_LEN].to_vec();
+    longer.extend_from_slice(&[0xd2, 0x89, 0x00]);
+    longer.extend_from_slice(&body[2..]);
+    let read: TelemetryBatch = decode(&longer).expect("postcard reads a longer varint too");
+    assert_eq!(read, decoded);
+    assert_eq!(decoded.drift_frames(&longer), None);
+    // Nor from another message's frame, or a truncated one.
+    assert_eq!(decoded.drift_frames(&frame[..frame.len() - 1]), None);
+    assert_eq!(
+        decoded.drift_frames(&encode(&telemetry_ack()).unwrap()),
+        None
+    );
+}
+
 #[test]
 fn telemetry_ack_round_trips() {
     assert_round_trip(&telemetry_ack());

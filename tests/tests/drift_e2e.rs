@@ -8,8 +8,9 @@
 
 use outpost_hub::api::{CreatedToken, DeviceDetail, DriftReport, FeatureDriftInfo, RolloutState};
 use outpost_model::example::normal_rows;
-use outpost_protocol::device::{InferenceWindow, TelemetryAck};
+use outpost_protocol::device::{InferenceWindow, TelemetryAck, TelemetryBatch};
 use outpost_protocol::drift::{DriftSummary, FeatureSource, Profile, TensorSide};
+use outpost_protocol::envelope::HEADER_LEN;
 use outpost_protocol::{sha256, Sha256};
 use outpost_tests::agent::{http, TestAgent, AGENT_WAIT};
 use outpost_tests::device_sim::{summary_window, unix_now, Reply, SimDevice};
@@ -250,6 +251,59 @@ fn hostile_summaries_are_refused_whole_and_change_nothing() {
         text.contains("outpost_hub_drift_samples{model=\"demo\",version=\"1\",feature=\"x0\"} 200"),
         "{text}"
     );
+}
+
+/// The hub keeps each summary as its own frame, cut from the batch's frame where postcard put it.
+/// A device may write a varint longer than it needs, which postcard reads as the same batch; the
+/// cut would then be off by the extra bytes, so the hub must encode the summaries instead. Two
+/// devices send the same two windows, one of them with the batch's sequence written a byte
+/// longer, and their reports read back the same.
+#[test]
+fn a_batch_with_a_longer_varint_stores_the_same_summaries() {
+    let hub = TestHub::start();
+    let fleet = Fleet::new(&hub);
+    let dir = fleet.publish_example_with_profile(&hub, "demo", 1, 1);
+    let (profile, profile_sha256) = load_profile(&dir);
+    let token = hub.enroll_token("site=lab", 2);
+    let start = unix_now() / 3600 * 3600;
+    // Two windows: where the second summary sits depends on the first's length.
+    let windows: Vec<InferenceWindow> = [(start - 3600, 150, 7), (start, 250, 8)]
+        .into_iter()
+        .map(|(from, rows, seed)| {
+            let drift = summary(&profile, profile_sha256, from, rows, seed);
+            window("demo", 1, from, drift)
+        })
+        .collect();
+    let batch = TelemetryBatch {
+        sequence: 1,
+        windows,
+        dropped_records: 0,
+    };
+    let shortest = outpost_protocol::encode(&batch).unwrap();
+    assert_eq!(shortest[HEADER_LEN], 1, "sequence 1 as a one-byte varint");
+    let mut longer = shortest[..HEADER_LEN].to_vec();
+    longer.extend_from_slice(&[0x81, 0x00]);
+    longer.extend_from_slice(&shortest[HEADER_LEN + 1..]);
+    let read: TelemetryBatch = outpost_protocol::decode(&longer).unwrap();
+    assert_eq!(
+        read, batch,
+        "postcard reads the longer varint as the same batch"
+    );
+
+    let mut reports = Vec::new();
+    for frame in [&shortest, &longer] {
+        let device = SimDevice::enroll(&hub.url(), &token, &[], &fleet.root);
+        let reply = device.signed_request("POST", "/device/v1/telemetry", Some(frame));
+        let ack: TelemetryAck = reply.decode();
+        assert!(!ack.duplicate);
+        let id = device.id.to_hex();
+        let report = report(&hub, &["--version", "1", "--device", &id, "--since", "1d"]);
+        assert_eq!(report.summaries, 2, "{report:#?}");
+        reports.push(report.features);
+    }
+    assert_eq!(reports[0], reports[1]);
+    let x0 = reports[0].iter().find(|feature| feature.name == "x0");
+    assert_eq!(x0.map(|feature| feature.n), Some(400), "{:#?}", reports[0]);
 }
 
 /// Devices that serve a few requests an hour send small windows. Ten devices each send one

@@ -22,7 +22,7 @@ use outpost_protocol::drift::{
 };
 use outpost_protocol::name::selector_matches;
 use outpost_protocol::trust::{Artifact, ArtifactRole, ManifestBody, Signed};
-use outpost_protocol::{Label, Message, Sha256};
+use outpost_protocol::{EncodeError, Label, Message, Sha256};
 
 use super::Hub;
 use crate::api::{DeviceDriftInfo, DriftReport, FeatureDriftInfo};
@@ -162,10 +162,16 @@ pub enum SummaryError {
 /// Checks the drift summary of a telemetry window, if it has one: it is of the window's model
 /// version and within its window, that version is published with a profile, and the summary
 /// passes [`DriftSummary::validate`] against it (profile hash, counts that add up, finite moments,
-/// shapes) and fits its frame.
-pub async fn check_summary(hub: &Hub, window: &InferenceWindow) -> Result<(), SummaryError> {
+/// shapes) and fits its frame. Answers the summary's frame, which the store keeps: `cut`, when
+/// the caller cut it from the request ([`outpost_protocol::device::TelemetryBatch::drift_frames`]),
+/// or encoded here.
+pub async fn check_summary(
+    hub: &Hub,
+    window: &InferenceWindow,
+    cut: Option<Vec<u8>>,
+) -> Result<Option<Vec<u8>>, SummaryError> {
     let Some(summary) = &window.drift else {
-        return Ok(());
+        return Ok(None);
     };
     let refuse = |message: String| Err(SummaryError::Refused(message));
     if summary.model != window.model || summary.version != window.version {
@@ -198,10 +204,19 @@ pub async fn check_summary(hub: &Hub, window: &InferenceWindow) -> Result<(), Su
     if let Err(error) = summary.validate(&loaded.profile, &loaded.sha256) {
         return refuse(format!("drift summary refused: {error}"));
     }
-    if let Err(error) = outpost_protocol::encoded_len(summary) {
-        return refuse(format!("drift summary refused: {error}"));
+    let frame = match cut {
+        Some(frame) if frame.len() > DriftSummary::MAX_FRAME => Err(EncodeError::TooLarge {
+            message: DriftSummary::NAME,
+            len: frame.len(),
+            max: DriftSummary::MAX_FRAME,
+        }),
+        Some(frame) => Ok(frame),
+        None => outpost_protocol::encode(summary),
+    };
+    match frame {
+        Ok(frame) => Ok(Some(frame)),
+        Err(error) => refuse(format!("drift summary refused: {error}")),
     }
-    Ok(())
 }
 
 /// Which devices' summaries a report merges.

@@ -36,7 +36,7 @@ pub(super) struct Batch {
     now: u64,
     /// The request that carried the batch, noted with it (see [`Store::ingest_signed_telemetry`]).
     signed: Option<SignedRequest>,
-    /// Each window's drift summary as a protocol frame, encoded by the caller, for a window new to
+    /// Each window's drift summary as a protocol frame, given by the caller, for a window new to
     /// the store in one part, whose record is that frame: the groups run one at a time, and
     /// encoding a 100-feature summary was a fifth of a group's own work. `None` for a window
     /// without a summary, or one that does not encode (the group says why).
@@ -44,21 +44,23 @@ pub(super) struct Batch {
 }
 
 impl Batch {
+    /// The batch of `windows`, whose summaries' frames are `frames` (see [`Batch::frames`]); any
+    /// frame missing is encoded here.
     fn new(
         device: &[u8; 16],
         labels: &[Label],
         sequence: u64,
         windows: Vec<WindowInput>,
+        mut frames: Vec<Option<Vec<u8>>>,
         dropped_records: u64,
         now: u64,
     ) -> Batch {
-        let frames = windows
-            .iter()
-            .map(|window| {
-                let summary = window.drift.as_ref()?;
-                outpost_protocol::encode(summary).ok()
-            })
-            .collect();
+        frames.resize(windows.len(), None);
+        for (frame, window) in frames.iter_mut().zip(&windows) {
+            if let (None, Some(summary)) = (&frame, &window.drift) {
+                *frame = outpost_protocol::encode(summary).ok();
+            }
+        }
         Batch {
             device: *device,
             label_group: label_group(labels),
@@ -115,6 +117,7 @@ impl Store {
             labels,
             sequence,
             windows.to_vec(),
+            Vec::new(),
             dropped_records,
             now,
         );
@@ -125,21 +128,25 @@ impl Store {
     /// [`Store::note_signed_at`] does in the same transaction. The batch and the note are durable
     /// when this returns, with no [`Store::flush`] of the caller's: one pass through the writer
     /// where a note and a group took two, and the sync is shared with other callers. The windows
-    /// are taken, not copied: their summaries are most of a batch.
+    /// are taken, not copied: their summaries are most of a batch. Each comes with its summary's
+    /// frame, as `outpost_protocol::encode` gives it, where the caller has it (say, cut from the
+    /// request by `TelemetryBatch::drift_frames`); a frame missing is encoded here.
     pub async fn ingest_signed_telemetry(
         &self,
         request: &SignedRequest,
         labels: &[Label],
         sequence: u64,
-        windows: Vec<WindowInput>,
+        windows: Vec<(WindowInput, Option<Vec<u8>>)>,
         dropped_records: u64,
         now: u64,
     ) -> Result<Ingested> {
+        let (windows, frames) = windows.into_iter().unzip();
         let mut batch = Batch::new(
             &request.device,
             labels,
             sequence,
             windows,
+            frames,
             dropped_records,
             now,
         );

@@ -191,10 +191,13 @@ pub(super) async fn telemetry(
             batch.windows.len()
         )));
     }
+    // Each summary's frame, which the store keeps, cut from the request rather than encoded again.
+    let mut cut = batch.drift_frames(&body).unwrap_or_default();
     let now = unix_now();
     let cutoff = now.saturating_sub(hub.config.retention.telemetry_secs);
     let mut published: HashMap<(String, u64), bool> = HashMap::new();
     let mut skipped = 0;
+    // Each window stored, with its summary's frame.
     let mut windows = Vec::with_capacity(batch.windows.len());
     // The index in the batch of each window in `windows`.
     let mut indices = Vec::with_capacity(batch.windows.len());
@@ -222,7 +225,8 @@ pub(super) async fn telemetry(
         }
         // A summary the hub would not store refuses the whole batch, so that nothing of it is
         // stored and the device learns which window is wrong.
-        check_summary(&hub, window)
+        let frame = cut.get_mut(index).and_then(Option::take);
+        let frame = check_summary(&hub, window, frame)
             .await
             .map_err(|error| match error {
                 SummaryError::Refused(reason) => DeviceError::bad_request(format!(
@@ -250,7 +254,7 @@ pub(super) async fn telemetry(
             continue;
         }
         indices.push(index);
-        windows.push(WindowInput {
+        let input = WindowInput {
             model: window.model.clone(),
             version: window.version,
             start: window.start,
@@ -261,10 +265,14 @@ pub(super) async fn telemetry(
             // Moved, not copied: a summary is most of a batch. The window keeps what names it.
             drift: window.drift.take(),
             shadow: window.shadow.clone(),
-        });
+        };
+        windows.push((input, frame));
     }
     let stored_windows = windows.len() as u64;
-    let models: BTreeSet<String> = windows.iter().map(|window| window.model.clone()).collect();
+    let models: BTreeSet<String> = windows
+        .iter()
+        .map(|(window, _)| window.model.clone())
+        .collect();
     let ingested = hub
         .store
         .ingest_signed_telemetry(
