@@ -287,10 +287,10 @@ const HINTED_ELEMENTS: usize = 128;
 /// postcard input over a byte slice whose size hints are cautious. postcard passes a sequence's
 /// length, read off the wire, to serde as a capacity hint whenever the bytes left could hold it;
 /// reporting at most [`HINTED_ELEMENTS`] bytes left makes it withhold any longer hint. So a `Vec`
-/// is allocated at once only for a short sequence that the bytes present could hold (at most a
-/// few KiB for the protocol's largest element), and a claimed length never costs more: a
-/// summary's 100 features and their bins decode without regrowing, and a frame claiming 48,000
-/// keys allocates only as keys decode.
+/// is allocated at once only for a short sequence that the bytes present could hold (128 times
+/// its element's size at most: 44 KiB for a batch's telemetry windows, 352 bytes each), and a
+/// claimed length never costs more: a summary's 100 features and their bins decode without
+/// regrowing, and a frame claiming 48,000 keys allocates only as keys decode.
 struct CautiousHints<'de>(&'de [u8]);
 
 impl<'de> postcard::de_flavors::Flavor<'de> for CautiousHints<'de> {

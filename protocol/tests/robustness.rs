@@ -488,6 +488,24 @@ fn huge_length_prefixes_are_refused_without_large_allocations() {
         peak <= 2 * RootBody::MAX_FRAME,
         "a 48 KiB root frame requested {peak} bytes at once"
     );
+
+    // Up to 128 elements a length that the bytes left could hold is taken as the capacity: a
+    // batch claiming 128 telemetry windows costs at most 128 windows at once, one claiming 129
+    // nothing past what decodes (here, not one window: the junk is no valid window).
+    let window = std::mem::size_of::<outpost_protocol::device::InferenceWindow>();
+    for (claim, most) in [([0x80, 0x01], 128 * window), ([0x81, 0x01], window)] {
+        let mut windows_claimed = header(MessageKind::TelemetryBatch);
+        windows_claimed.push(1);
+        windows_claimed.extend_from_slice(&claim);
+        windows_claimed.resize(windows_claimed.len() + 300, 0x07);
+        let (result, peak) =
+            largest_allocation_during(|| decode::<TelemetryBatch>(&windows_claimed));
+        assert!(result.is_err(), "{claim:?}");
+        assert!(
+            peak <= most,
+            "a batch claiming windows {claim:?} requested {peak} bytes at once"
+        );
+    }
 }
 
 /// Regression: a document stuffed with repeated bad signatures by one trusted key used to cost one
