@@ -620,14 +620,11 @@ impl TelemetryBatch {
         fn size<T: Serialize + ?Sized>(value: &T) -> Option<usize> {
             postcard::experimental::serialized_size(value).ok()
         }
-        let (header, body) = frame.split_first_chunk::<{ crate::envelope::HEADER_LEN }>()?;
-        let [m0, m1, version, kind] = *header;
-        if [m0, m1] != crate::envelope::MAGIC
-            || version != crate::envelope::PROTOCOL_VERSION
-            || kind != TelemetryBatch::KIND as u8
-        {
+        if crate::envelope::kind_of(frame) != Some(TelemetryBatch::KIND) {
             return None;
         }
+        let (header, body) = frame.split_first_chunk::<{ crate::envelope::HEADER_LEN }>()?;
+        let [m0, m1, version, _] = *header;
         let summary_header = [m0, m1, version, DriftSummary::KIND as u8];
         // The fields in their declared order: a reordering fails the tests, which compare every
         // cut frame with the summary's own encoding.
